@@ -1,0 +1,1 @@
+"""Switchboard: an OpenAI-compatible LLM gateway."""

@@ -1,0 +1,176 @@
+"""The application: routes, lifespan, and the wiring of injected services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.asgi import (
+    RequestContextMiddleware,
+    read_body,
+    request_headers,
+    send_json,
+    send_reply,
+    send_stream,
+)
+from gateway.auth import authenticate
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
+from gateway.policy import Policy
+from gateway.policy_store import PolicyStore
+from gateway.tokens import TokenCounter
+from gateway.upstream import UpstreamPools
+from gateway.usage import AccessLogSink, UsageRecorder, UsageSink
+from providers.base import Endpoint
+
+log = logging.getLogger("switchboard.server")
+
+POLICY_ENV = "SWITCHBOARD_POLICY"
+
+
+class InferenceRoute:
+    """ASGI endpoint for one inference operation; the pipeline does the work."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        services: Services = scope["app"].state.services
+        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+        try:
+            body = await read_body(scope, receive, services.policy().server.max_body_bytes)
+        except GatewayError as error:
+            await send_reply(send, Reply(*render(error)))
+            return
+        reply = await handle_inference(services, self.endpoint, exchange, request_headers(scope), body)
+        if isinstance(reply, StreamReply):
+            await send_stream(send, receive, reply)
+        else:
+            await send_reply(send, reply)
+
+
+class ModelsRoute:
+    """GET /v1/models and /v1/models/{model}: only what the caller's team may use."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        services: Services = scope["app"].state.services
+        policy = services.policy()
+        try:
+            caller = authenticate(policy, request_headers(scope))
+        except GatewayError as error:
+            await send_reply(send, Reply(*render(error)))
+            return
+        created = scope["app"].state.started_at
+        visible = [m for name, m in policy.models.items() if caller.team.may_use(name)]
+        entries = {m.name: {"id": m.name, "object": "model", "created": created, "owned_by": m.owned_by}
+                   for m in visible}
+        wanted = scope.get("path_params", {}).get("model")
+        if wanted is None:
+            await send_json(send, 200, {"object": "list", "data": list(entries.values())})
+        elif wanted in entries:
+            await send_json(send, 200, entries[wanted])
+        else:
+            error = GatewayError(ErrorKind.NOT_FOUND, f"The model `{wanted}` does not exist or you do not have "
+                                 "access to it.", param="model", code="model_not_found")
+            await send_reply(send, Reply(*render(error)))
+
+
+async def _healthz(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def _readyz(request: Request) -> Response:
+    state = request.app.state
+    if not state.ready:
+        return Response(b'{"status":"starting"}', status_code=503, media_type="application/json")
+    policy: Policy = state.services.policy()
+    body = f'{{"status":"ready","policy":"{policy.fingerprint}"}}'.encode()
+    return Response(body, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        error = GatewayError(ErrorKind.BAD_REQUEST, f"Method {request.method} is not allowed on {request.url.path}.",
+                             code="method_not_allowed", status=405)
+    else:
+        error = GatewayError(ErrorKind.NOT_FOUND, f"Unknown endpoint: {request.method} {request.url.path}",
+                             code="unknown_url", status=exc.status_code)
+    status, body, headers = render(error)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def create_app(
+    store: PolicyStore,
+    *,
+    counter: TokenCounter | None = None,
+    sinks: Sequence[UsageSink] | None = None,
+) -> Starlette:
+    """Build the gateway around a policy store; everything that talks to the world is injected here."""
+    counter = counter or TokenCounter()
+    pools = UpstreamPools(counter)
+    recorder = UsageRecorder(sinks if sinks is not None else [AccessLogSink()])
+    services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.ready = False
+        await asyncio.to_thread(counter.preload)
+        pools.prepare(store.current)
+        background: set[asyncio.Task[Any]] = set()
+
+        def applied(policy: Policy) -> None:
+            pools.prepare(policy)
+            grace = max(p.total_timeout_s for p in policy.providers.values())
+            task = asyncio.create_task(pools.retire_unused(policy, grace))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        store.on_change(applied)
+        store.install_sighup(asyncio.get_running_loop())
+        watcher = asyncio.create_task(store.watch())
+        app.state.ready = True
+        log.info("serving policy %s (%s)", store.current.fingerprint, store.path)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            watcher.cancel()
+            for task in background:
+                task.cancel()
+            await pools.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", InferenceRoute(Endpoint.CHAT), methods=["POST"]),
+            Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS), methods=["POST"]),
+            Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS), methods=["POST"]),
+            Route("/v1/models", ModelsRoute(), methods=["GET"]),
+            Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
+            Route("/healthz", _healthz, methods=["GET"]),
+            Route("/readyz", _readyz, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.ready = False
+    app.state.started_at = int(time.time())
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """Factory for `uvicorn --factory` worker processes: the CLI passes the policy path in the environment."""
+    return create_app(PolicyStore(os.environ[POLICY_ENV]))

@@ -1,0 +1,156 @@
+"""ASGI plumbing: request ids, reading bodies, sending replies, noticing disconnects.
+
+Written as plain ASGI rather than Starlette's Request/Response classes because
+this is the hot path: streams in particular need prompt cancellation on
+disconnect without a task group per response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.pipeline import Reply, StreamReply
+
+Scope = dict[str, Any]
+log = logging.getLogger("switchboard.server")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id and a start time, and every failure an OpenAI-shaped body.
+
+    The request id honours a well-formed incoming `x-request-id` and is echoed
+    on every response. An unexpected exception is logged with its stack and
+    answered with a 500 that carries only the request id.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope["switchboard.started"] = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else "req_" + uuid.uuid4().hex
+        scope["switchboard.request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error serving request %s", request_id)
+            if not started:
+                error = GatewayError(ErrorKind.INTERNAL,
+                                     f"The gateway failed to process the request (request id {request_id}).",
+                                     code="internal_error")
+                await send_reply(send_with_id, Reply(*render(error)))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """Header names lowercased (ASGI already does), values decoded."""
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+
+
+async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
+    """The request body, refusing anything over `limit` bytes with a 413."""
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(ErrorKind.PAYLOAD_TOO_LARGE, f"The request body exceeds the limit of {limit} bytes.",
+                        code="request_too_large")
+
+
+def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def send_reply(send: Any, reply: Reply) -> None:
+    headers = _encoded(reply.headers)
+    headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(reply.body)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def send_json(send: Any, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+    await send_reply(send, Reply(status, orjson.dumps(payload), headers or {}))
+
+
+async def send_stream(send: Any, receive: Any, reply: StreamReply) -> None:
+    """Relay a stream, and stop it promptly if the client goes away.
+
+    uvicorn drops writes to a closed connection silently, and a stalled
+    upstream would never reach a write, so a watcher waits on `receive()` for
+    the disconnect and cancels this task; the stream's own cleanup then closes
+    the upstream connection and settles usage.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = finished = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # uvicorn also reports a disconnect once the response is complete.
+        if not finished:
+            disconnected = True
+            task.cancel()
+
+    await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers)})
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async for event in reply.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise
+        task.uncancel()
+    finally:
+        watcher.cancel()
+        await reply.events.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,122 @@
+"""The `switchboard` command: serve, policy validate|schema, keys new."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+from collections.abc import Sequence
+
+from gateway.auth import new_key
+from gateway.policy import PolicyError, load_policy
+from gateway.policy_schema import json_schema
+
+DEFAULT_PORT = 8080
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchboard", description="An OpenAI-compatible LLM gateway.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policy", required=True, help="policy YAML file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help=f"default: $PORT or {DEFAULT_PORT}")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the policy)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    serve.set_defaults(run=_serve)
+
+    policy = commands.add_parser("policy", help="check or describe policy files").add_subparsers(
+        required=True, metavar="ACTION")
+    validate = policy.add_parser("validate", help="check a policy file; exit 1 listing every problem")
+    validate.add_argument("file")
+    validate.set_defaults(run=_validate)
+    schema = policy.add_parser("schema", help="print the policy file's JSON Schema")
+    schema.set_defaults(run=_schema)
+
+    keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(required=True, metavar="ACTION")
+    new = keys.add_parser("new", help="print a new virtual key and the hash to put in the policy")
+    new.add_argument("--team", required=True)
+    new.add_argument("--id", default=None, help="key id (default: <team>-<random>)")
+    new.set_defaults(run=_new_key)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import POLICY_ENV, create_app
+    from gateway.policy_store import PolicyStore
+
+    configure_logging(args.log_level, access_log=not args.no_access_log)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        logging.getLogger("switchboard").error("%s", exc)
+        return 1
+    port = args.port if args.port is not None else int(os.environ.get("PORT", DEFAULT_PORT))
+    common = dict(host=args.host, port=port, log_config=None, access_log=False, server_header=False,
+                  timeout_graceful_shutdown=policy.server.shutdown_grace_s, loop="auto", http="auto")
+    if args.workers > 1:
+        os.environ[POLICY_ENV] = os.path.abspath(args.policy)
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(create_app(PolicyStore(args.policy, policy)), **common)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    sys.stdout.write(f"{args.file}: ok ({len(policy.providers)} providers, {len(policy.models)} models, "
+                     f"{len(policy.teams)} teams, {len(policy.keys)} keys)\n")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key, digest = new_key()
+    key_id = args.id or f"{args.team}-{key[-6:].lower()}"
+    sys.stdout.write(
+        f"New key for team {args.team} (shown once; store it in your secret manager):\n\n  {key}\n\n"
+        f"Add this under teams.{args.team}.keys in the policy:\n\n"
+        f"  - id: {key_id}\n    hash: \"{digest}\"\n"
+    )
+    return 0
+
+
+def configure_logging(level: str, *, access_log: bool = True) -> None:
+    """Log through a queue so the event loop never blocks writing to a terminal or pipe."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    atexit.register(listener.stop)
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level.upper())
+    logging.getLogger("switchboard.access").setLevel(logging.INFO if access_log else logging.WARNING)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

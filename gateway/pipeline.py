@@ -1,0 +1,312 @@
+"""A request's journey through the gateway, as a sequence of named steps.
+
+    authenticate -> parse -> resolve model -> route -> call upstream
+                 -> relay (whole body or stream) -> settle usage
+
+Each step is a plain function with explicit inputs; the policy snapshot taken
+at the start is the one the whole request uses, so a reload never changes a
+request halfway. Limits and budgets (admission), routing strategies with
+retries and fallback, caching and tracing plug in between these steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.auth import authenticate
+from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
+from gateway.policy import KeyEntry, Model, Policy, Target
+from gateway.tokens import TokenCounter
+from gateway.upstream import UpstreamPools, UpstreamResponse
+from gateway.usage import UsageRecord, UsageRecorder
+from providers.base import Call, Endpoint, StreamChunk, UpstreamFailed, Usage
+from providers.sse import DONE_EVENT, encode_event, iter_sse_data
+
+_REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input"}
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the pipeline needs from the app, injected once at startup."""
+
+    policy: Callable[[], Policy]
+    pools: UpstreamPools
+    counter: TokenCounter
+    recorder: UsageRecorder
+    clock: Callable[[], float] = time.perf_counter
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request bookkeeping: identity and where the time went."""
+
+    request_id: str
+    started: float
+    upstream_wait_s: float = 0.0
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    def overhead_ms(self, now: float) -> float:
+        return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    headers: Mapping[str, str]
+    events: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    endpoint: Endpoint
+    body: Mapping[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+
+
+@dataclass(slots=True)
+class _Settlement:
+    """The facts of a request gathered for its usage record."""
+
+    caller: KeyEntry | None = None
+    request: InferenceRequest | None = None
+    target: Target | None = None
+
+
+async def handle_inference(
+    services: Services, endpoint: Endpoint, exchange: Exchange, headers: Mapping[str, str], body: bytes
+) -> Reply | StreamReply:
+    """Serve one chat, completions or embeddings request."""
+    policy = services.policy()
+    facts = _Settlement()
+    try:
+        facts.caller = authenticate(policy, headers)
+        facts.request = parse_request(endpoint, body)
+        model = resolve_model(policy, facts.caller, facts.request.model)
+        facts.target = choose_target(model)
+        call = Call(endpoint, facts.request.body, facts.target.upstream_model, facts.request.stream,
+                    facts.request.client_wants_usage)
+        response = await call_upstream(services, facts.target, call, exchange)
+        if call.stream:
+            return _stream_reply(services, exchange, facts, call, response)
+        return await _complete_reply(services, exchange, facts, call, response)
+    except GatewayError as error:
+        return _error_reply(services, exchange, facts, error)
+
+
+def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
+    """Decode and minimally validate the client's JSON; the upstream validates the rest."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(ErrorKind.BAD_REQUEST, f"The request body is not valid JSON: {exc}",
+                           code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(ErrorKind.BAD_REQUEST, "You must provide a model parameter.", param="model",
+                           code="missing_required_parameter")
+    required = _REQUIRED_FIELD[endpoint]
+    if payload.get(required) is None:
+        raise GatewayError(ErrorKind.BAD_REQUEST, f"Missing required parameter: '{required}'.", param=required,
+                           code="missing_required_parameter")
+    stream = payload.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise GatewayError(ErrorKind.BAD_REQUEST, "'stream' must be a boolean.", param="stream",
+                           code="invalid_type")
+    if stream and endpoint is Endpoint.EMBEDDINGS:
+        raise GatewayError(ErrorKind.BAD_REQUEST, "Embeddings cannot be streamed.", param="stream")
+    options = payload.get("stream_options")
+    wants_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
+    return InferenceRequest(endpoint, payload, model, bool(stream), wants_usage)
+
+
+def resolve_model(policy: Policy, caller: KeyEntry, name: str) -> Model:
+    """The public model, if it exists and the caller's team may use it.
+
+    Both failures get the same answer, so a caller cannot learn which models
+    other teams have.
+    """
+    model = policy.models.get(name)
+    if model is None or not caller.team.may_use(name):
+        raise GatewayError(ErrorKind.NOT_FOUND,
+                           f"The model `{name}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+    return model
+
+
+def choose_target(model: Model) -> Target:
+    """The deployment that serves this request: the model's first target."""
+    return model.targets[0]
+
+
+async def call_upstream(services: Services, target: Target, call: Call, exchange: Exchange) -> UpstreamResponse:
+    """Send the call and return a successful response; upstream errors become `GatewayError`s."""
+    provider = target.provider
+    if call.endpoint not in provider.adapter.capabilities.endpoints:
+        raise GatewayError(ErrorKind.BAD_REQUEST,
+                           f"The model `{call.body.get('model')}` does not support this endpoint.",
+                           code="unsupported_endpoint")
+    request = provider.adapter.build_request(provider.settings, call)
+    request.headers["x-request-id"] = exchange.request_id
+    secrets = (provider.settings.api_key or "",)
+    clock = services.clock
+    waited_from = clock()
+    try:
+        response = await services.pools.client_for(provider).open(request)
+        if response.status >= 400:
+            error_body = await response.read()
+            failure = provider.adapter.classify_error(response.status, response.headers, error_body)
+            raise from_upstream(failure, secrets)
+    except UpstreamFailed as exc:
+        raise from_upstream(exc.failure, secrets) from exc
+    finally:
+        exchange.upstream_wait_s += clock() - waited_from
+    return response
+
+
+async def _complete_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
+                          response: UpstreamResponse) -> Reply:
+    target = facts.target
+    assert target is not None
+    clock = services.clock
+    waited_from = clock()
+    try:
+        raw = await response.read()
+    except UpstreamFailed as exc:
+        raise from_upstream(exc.failure, (target.provider.settings.api_key or "",)) from exc
+    finally:
+        exchange.upstream_wait_s += clock() - waited_from
+    try:
+        parsed = target.provider.adapter.parse_response(call, raw)
+    except UpstreamFailed as exc:
+        raise from_upstream(exc.failure) from exc
+    headers = _success_headers(exchange, clock())
+    _settle(services, exchange, facts, 200, parsed.usage)
+    return Reply(200, parsed.body, headers)
+
+
+def _stream_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
+                  response: UpstreamResponse) -> StreamReply:
+    headers = _success_headers(exchange, services.clock())
+    headers["content-type"] = "text/event-stream; charset=utf-8"
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    return StreamReply(headers, _relay_stream(services, exchange, facts, call, response))
+
+
+async def _relay_stream(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
+                        response: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Pass the upstream's stream through chunk by chunk, then settle its usage.
+
+    Runs in the task serving the client: when the client goes away the task is
+    cancelled, the upstream connection is closed in `finally`, and the usage
+    seen so far (or estimated from the chunks relayed) is still settled.
+    """
+    target = facts.target
+    assert target is not None
+    clock = services.clock
+    seen: list[StreamChunk] = []
+    usage: Usage | None = None
+    outcome = "client_disconnected"
+    first_token_at: float | None = None
+    events = iter_sse_data(_timed(response.chunks(), exchange, clock))
+    try:
+        async for chunk in target.provider.adapter.translate_stream(call, events):
+            if chunk.usage is not None:
+                usage = chunk.usage
+                if chunk.usage_only and not call.client_wants_usage:
+                    continue
+            if first_token_at is None:
+                first_token_at = clock()
+            seen.append(chunk)
+            yield encode_event(chunk.data)
+        outcome = "completed"
+        yield DONE_EVENT
+    except UpstreamFailed as exc:
+        # Content may already be on the wire: end with an in-band error and no
+        # [DONE], so no client mistakes half an answer for a whole one.
+        outcome = "upstream_error"
+        error = from_upstream(exc.failure, (target.provider.settings.api_key or "",))
+        yield encode_event(render_stream_error(error))
+    finally:
+        response.close()
+        if usage is None:
+            usage = _estimate_stream_usage(services.counter, call, target, seen)
+        ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None
+        _settle(services, exchange, facts, 200, usage, outcome=outcome, time_to_first_token_ms=ttft)
+
+
+async def _timed(chunks: AsyncIterator[bytes], exchange: Exchange, clock: Callable[[], float]) -> AsyncIterator[bytes]:
+    """Count the time spent waiting on the upstream, which is not gateway overhead."""
+    iterator = chunks.__aiter__()
+    while True:
+        waited_from = clock()
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            exchange.upstream_wait_s += clock() - waited_from
+        yield chunk
+
+
+def _estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, seen: list[StreamChunk]) -> Usage:
+    model = target.upstream_model
+    if call.endpoint is Endpoint.CHAT:
+        prompt = counter.count_chat_prompt(call.body, model)
+    else:
+        prompt = counter.count_completion_prompt(call.body, model)
+    completion = counter.count_stream_output([c.data for c in seen], model)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+
+def _success_headers(exchange: Exchange, now: float) -> dict[str, str]:
+    headers = exchange.response_headers
+    headers["x-switchboard-overhead-ms"] = f"{exchange.overhead_ms(now):.3f}"
+    return headers
+
+
+def _error_reply(services: Services, exchange: Exchange, facts: _Settlement, error: GatewayError) -> Reply:
+    status, body, headers = render(error)
+    headers.update(exchange.response_headers)
+    headers["x-switchboard-overhead-ms"] = f"{exchange.overhead_ms(services.clock()):.3f}"
+    if facts.caller is not None:
+        _settle(services, exchange, facts, status, None, outcome=error.code or error.kind.name.lower())
+    return Reply(status, body, headers)
+
+
+def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: int, usage: Usage | None, *,
+            outcome: str = "completed", time_to_first_token_ms: float | None = None) -> None:
+    now = services.clock()
+    caller, request, target = facts.caller, facts.request, facts.target
+    assert caller is not None
+    services.recorder.settle(UsageRecord(
+        request_id=exchange.request_id,
+        team=caller.team.name,
+        key_id=caller.key_id,
+        endpoint=request.endpoint.value if request else "unknown",
+        public_model=request.model if request else "",
+        provider=target.provider.name if target else None,
+        upstream_model=target.upstream_model if target else None,
+        stream=request.stream if request else False,
+        status=status,
+        usage=usage,
+        duration_ms=(now - exchange.started) * 1000,
+        overhead_ms=exchange.overhead_ms(now),
+        time_to_first_token_ms=time_to_first_token_ms,
+        outcome=outcome,
+    ))

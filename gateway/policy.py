@@ -1,0 +1,268 @@
+"""Loading a policy: YAML -> validated document -> immutable runtime policy.
+
+Loading happens in two phases. The YAML is parsed, `${ENV}` references are
+interpolated and the result is validated strictly against `policy_schema`;
+then cross-references are resolved into a `Policy` the request path reads
+without any further parsing. Every problem found is reported as
+`path.to.field: message (line N)`, all of them at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from gateway.policy_schema import PolicyDocument, ProviderBase, ServerPolicy
+from providers import adapter_for
+from providers.base import Adapter, ProviderSettings
+
+
+class PolicyError(Exception):
+    """A policy that cannot be loaded; `problems` lists each one as `path: message`."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: invalid policy\n" + "\n".join(f"  {p}" for p in problems))
+        self.source = source
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A configured provider, resolved: its adapter and connection settings."""
+
+    settings: ProviderSettings
+    adapter: Adapter
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    total_timeout_s: float
+    max_connections: int
+    keepalive_s: float
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def pool_identity(self) -> tuple[Any, ...]:
+        """Settings that require a new connection pool when they change."""
+        return (self.settings.kind, self.settings.base_url, self.max_connections, self.keepalive_s,
+                self.connect_timeout_s, self.settings.options)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    upstream_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    targets: tuple[Target, ...]
+    owned_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    allowed_models: frozenset[str]
+    all_models: bool
+
+    def may_use(self, model: str) -> bool:
+        return self.all_models or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    key_id: str
+    team: Team
+    digest: bytes
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The runtime policy: everything a request needs, resolved and immutable."""
+
+    source: str
+    fingerprint: str
+    server: ServerPolicy
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    teams: Mapping[str, Team]
+    keys: Mapping[bytes, KeyEntry]
+
+
+def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
+    """Read, validate and build the policy at `path`; raises `PolicyError`."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    return parse_policy(text, source, environ)
+
+
+def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str] | None = None) -> Policy:
+    environ = os.environ if environ is None else environ
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise PolicyError(source, [f"not valid YAML: {getattr(exc, 'problem', exc)}{where}"]) from exc
+    if not isinstance(raw, dict):
+        raise PolicyError(source, ["the policy must be a mapping with providers, models and teams"])
+    problems: list[str] = []
+    raw = _interpolate(raw, environ, (), problems, root)
+    if problems:
+        raise PolicyError(source, problems)
+    try:
+        document = PolicyDocument.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(source, [_describe(error, root) for error in exc.errors()]) from exc
+    problems = _cross_reference_problems(document, root)
+    if problems:
+        raise PolicyError(source, problems)
+    return _build(document, source, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], problems: list[str],
+                 root: yaml.Node) -> Any:
+    # Interpolating parsed scalars (not the raw text) means a variable's value can
+    # never change the document's structure.
+    if isinstance(value, dict):
+        return {k: _interpolate(v, environ, (*path, k), problems, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, environ, (*path, i), problems, root) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ and environ[name] != "":
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(_at(path, root, f"environment variable {name} is not set (write ${{{name}:-default}} "
+                                         "to give a default)"))
+        return ""
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+def _describe(error: Mapping[str, Any], root: yaml.Node) -> str:
+    # Discriminated unions add the tag (e.g. `openai`) as a path element; drop it
+    # so the path reads as it does in the file.
+    loc = tuple(error["loc"])
+    if len(loc) >= 3 and loc[0] == "providers":
+        loc = loc[:2] + loc[3:]
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling; `switchboard policy schema` lists the fields)"
+    elif error["type"] == "union_tag_invalid":
+        message = f"unknown provider kind {error['input'].get('kind')!r}; known kinds: " + ", ".join(
+            sorted(error["ctx"]["expected_tags"].replace("'", "").split(", "))
+        )
+    elif error["type"] == "union_tag_not_found":
+        message = "missing `kind` (the provider type, e.g. openai, vllm, mock)"
+    return _at(loc, root, message)
+
+
+def _at(loc: tuple[Any, ...], root: yaml.Node, message: str) -> str:
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    line = _line_of(root, loc)
+    return f"{path}: {message}" + (f" (line {line})" if line else "")
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The YAML line of the deepest node along `loc` that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            match = node.value[part]
+        else:
+            match = None
+        if match is None:
+            break
+        node, line = match, match.start_mark.line + 1
+    return line
+
+
+def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
+    problems: list[str] = []
+    for name, provider in document.providers.items():
+        adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
+        if provider.base_url is None and adapter.capabilities.default_base_url is None:
+            problems.append(_at(("providers", name, "base_url"), root,
+                                f"required for kind {provider.kind!r}"))  # type: ignore[attr-defined]
+        if adapter.capabilities.requires_api_key and not provider.api_key:
+            problems.append(_at(("providers", name, "api_key"), root,
+                                f"required for kind {provider.kind!r} (e.g. api_key: ${{OPENAI_API_KEY}})"))  # type: ignore[attr-defined]
+    for model_name, model in document.models.items():
+        for index, target in enumerate(model.targets):
+            if target.provider not in document.providers:
+                problems.append(_at(("models", model_name, "targets", index, "provider"), root,
+                                    f"unknown provider {target.provider!r}; defined: "
+                                    + ", ".join(sorted(document.providers))))
+    key_owner: dict[str, str] = {}
+    for team_name, team in document.teams.items():
+        for index, model_name in enumerate(team.models):
+            if model_name != "*" and model_name not in document.models:
+                problems.append(_at(("teams", team_name, "models", index), root,
+                                    f"unknown model {model_name!r}; defined: " + ", ".join(sorted(document.models))))
+        for index, key in enumerate(team.keys):
+            for field_name, value in (("id", "id:" + key.id), ("hash", key.hash)):
+                if value in key_owner:
+                    problems.append(_at(("teams", team_name, "keys", index, field_name), root,
+                                        f"duplicate key {field_name}; already used by team {key_owner[value]!r}"))
+                key_owner[value] = team_name
+    return problems
+
+
+def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
+    providers = {name: _build_provider(name, config) for name, config in document.providers.items()}
+    models = {
+        name: Model(name, tuple(Target(providers[t.provider], t.model) for t in model.targets), model.owned_by)
+        for name, model in document.models.items()
+    }
+    teams: dict[str, Team] = {}
+    keys: dict[bytes, KeyEntry] = {}
+    for name, config in document.teams.items():
+        team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models)
+        teams[name] = team
+        for key in config.keys:
+            digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
+            keys[digest] = KeyEntry(key.id, team, digest, key.disabled)
+    return Policy(source, fingerprint, document.server, providers, models, teams, keys)
+
+
+def _build_provider(name: str, config: ProviderBase) -> Provider:
+    kind: str = config.kind  # type: ignore[attr-defined]
+    adapter = adapter_for(kind)
+    settings = ProviderSettings(
+        name=name,
+        kind=kind,
+        base_url=config.base_url or adapter.capabilities.default_base_url or "",
+        api_key=config.api_key,
+        extra_headers=dict(config.headers),
+        options=config.options,  # type: ignore[attr-defined]
+    )
+    return Provider(
+        settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
+        config.pool.max_connections, config.pool.keepalive_s,
+    )

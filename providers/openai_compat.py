@@ -1,0 +1,287 @@
+"""The OpenAI-compatible family: OpenAI itself, Groq, Mistral, Together, vLLM, SGLang, TGI, llama.cpp.
+
+They share one wire format, so one adapter serves them all; what differs
+between them is data (`CompatSpec`): default URL, parameter renames, dropped
+parameters, finish reasons to normalise. The client's JSON is forwarded with
+only what must change patched, and responses are passed through byte for byte
+unless a spec needs to rewrite them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from providers.base import (
+    Call,
+    Capabilities,
+    Endpoint,
+    FailureKind,
+    NoOptions,
+    ParsedResponse,
+    ProviderSettings,
+    StreamChunk,
+    UpstreamFailed,
+    UpstreamFailure,
+    UpstreamRequest,
+    Usage,
+)
+from providers.sse import DONE
+
+PATHS = {
+    Endpoint.CHAT: "/chat/completions",
+    Endpoint.COMPLETIONS: "/completions",
+    Endpoint.EMBEDDINGS: "/embeddings",
+}
+ALL_ENDPOINTS = frozenset(Endpoint)
+
+
+@dataclass(frozen=True)
+class CompatSpec:
+    """How one OpenAI-compatible upstream differs from OpenAI, as data."""
+
+    kind: str
+    default_base_url: str | None = None
+    endpoints: frozenset[Endpoint] = ALL_ENDPOINTS
+    requires_api_key: bool = False
+    # Request fields renamed on the way out, e.g. Mistral's `seed` -> `random_seed`.
+    renames: Mapping[str, str] = field(default_factory=dict)
+    # Request fields the upstream rejects; removed rather than failing the call.
+    drops: frozenset[str] = frozenset()
+    # Non-standard finish reasons mapped to OpenAI's.
+    finish_reasons: Mapping[str, str] = field(default_factory=dict)
+    options_model: type[BaseModel] = NoOptions
+
+
+class OpenAICompatAdapter:
+    """Adapter for any upstream that speaks OpenAI's wire format."""
+
+    def __init__(self, spec: CompatSpec) -> None:
+        self.spec = spec
+        self.kind = spec.kind
+        self.options_model = spec.options_model
+        self.capabilities = Capabilities(
+            endpoints=spec.endpoints,
+            default_base_url=spec.default_base_url,
+            requires_api_key=spec.requires_api_key,
+        )
+        self._rewrites_responses = bool(spec.finish_reasons)
+
+    def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:
+        body = dict(call.body)
+        body["model"] = call.upstream_model
+        if call.stream and call.endpoint is not Endpoint.EMBEDDINGS:
+            # Always ask for usage so every stream can be settled; the gateway
+            # strips the usage chunk again if the client did not ask for it.
+            stream_options = dict(body.get("stream_options") or {})
+            stream_options["include_usage"] = True
+            body["stream_options"] = stream_options
+        for old, new in self.spec.renames.items():
+            if old in body:
+                body[new] = body.pop(old)
+        for name in self.spec.drops:
+            body.pop(name, None)
+        headers = {"content-type": "application/json", **provider.extra_headers}
+        if provider.api_key:
+            headers["authorization"] = "Bearer " + provider.api_key
+        if call.stream:
+            headers["accept"] = "text/event-stream"
+        return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, orjson.dumps(body))
+
+    def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamFailed(_malformed("response body is not JSON")) from exc
+        if not isinstance(payload, dict):
+            raise UpstreamFailed(_malformed("response body is not a JSON object"))
+        choices = payload.get("choices") or ()
+        reasons = tuple(str(c.get("finish_reason")) for c in choices if isinstance(c, dict))
+        if self._rewrites_responses and any(r in self.spec.finish_reasons for r in reasons):
+            for choice in choices:
+                choice["finish_reason"] = self.spec.finish_reasons.get(
+                    choice.get("finish_reason"), choice.get("finish_reason")
+                )
+            reasons = tuple(self.spec.finish_reasons.get(r, r) for r in reasons)
+            body = orjson.dumps(payload)
+        return ParsedResponse(
+            body=body,
+            usage=usage_from_openai(payload.get("usage")),
+            response_model=payload.get("model"),
+            finish_reasons=reasons,
+        )
+
+    async def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
+        async for data in events:
+            if data == DONE:
+                return
+            # Parsing every chunk would dominate a stream's CPU cost; only the
+            # chunks that carry something the gateway needs are decoded.
+            if data.startswith(b'{"error"') or _has_value(data, b'"usage"') or _has_value(
+                data, b'"finish_reason"'
+            ):
+                yield self._decoded_chunk(data)
+            else:
+                yield StreamChunk(data)
+        # OpenAI-compatible streams always end with [DONE]; without it the
+        # answer may be incomplete, and the client must not be told otherwise.
+        raise UpstreamFailed(
+            UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
+        )
+
+    def _decoded_chunk(self, data: bytes) -> StreamChunk:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamFailed(_malformed("stream event is not JSON")) from exc
+        if not isinstance(payload, dict):
+            raise UpstreamFailed(_malformed("stream event is not a JSON object"))
+        if "error" in payload and "choices" not in payload:
+            raise UpstreamFailed(failure_from_openai_error(502, payload, {}))
+        choices = payload.get("choices") or []
+        finish_reason = None
+        for choice in choices:
+            reason = choice.get("finish_reason")
+            if reason:
+                mapped = self.spec.finish_reasons.get(reason, reason)
+                if mapped != reason:
+                    choice["finish_reason"] = mapped
+                    data = orjson.dumps(payload)
+                finish_reason = mapped
+        usage = usage_from_openai(payload.get("usage"))
+        return StreamChunk(data, usage=usage, usage_only=usage is not None and not choices,
+                           finish_reason=finish_reason)
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+        try:
+            payload = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            payload = {}
+        if not isinstance(payload, dict):
+            payload = {}
+        return failure_from_openai_error(status, payload, headers)
+
+
+def _has_value(data: bytes, key: bytes) -> bool:
+    """Whether `key` appears in the JSON text with a value other than null."""
+    at = data.find(key)
+    while at >= 0:
+        rest = data[at + len(key) :].lstrip(b" ")
+        if rest.startswith(b":"):
+            return not rest[1:].lstrip(b" ").startswith(b"null")
+        at = data.find(key, at + 1)
+    return False
+
+
+def usage_from_openai(raw: Any) -> Usage | None:
+    """Canonical usage from an OpenAI-shaped `usage` object."""
+    if not isinstance(raw, dict):
+        return None
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
+        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+    )
+
+
+_STATUS_KINDS = {
+    400: FailureKind.BAD_REQUEST,
+    401: FailureKind.AUTHENTICATION,
+    403: FailureKind.PERMISSION,
+    404: FailureKind.NOT_FOUND,
+    408: FailureKind.TIMEOUT,
+    413: FailureKind.BAD_REQUEST,
+    422: FailureKind.BAD_REQUEST,
+    429: FailureKind.RATE_LIMITED,
+    503: FailureKind.OVERLOADED,
+    504: FailureKind.TIMEOUT,
+    529: FailureKind.OVERLOADED,
+}
+_CODE_KINDS = {
+    "context_length_exceeded": FailureKind.CONTEXT_LENGTH,
+    "content_filter": FailureKind.CONTENT_FILTER,
+    "content_policy_violation": FailureKind.CONTENT_FILTER,
+}
+
+
+def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> UpstreamFailure:
+    """Classify an OpenAI-shaped error body (`{"error": {message, type, code, param}}`)."""
+    error = payload.get("error")
+    if isinstance(error, str):
+        # vLLM and llama.cpp sometimes answer `{"error": "..."}` or `{"message": ...}`.
+        error = {"message": error}
+    elif not isinstance(error, dict):
+        error = {"message": payload.get("message") or payload.get("detail")}
+    code = error.get("code")
+    code = str(code) if code is not None else None
+    kind = _CODE_KINDS.get(code or "") or _STATUS_KINDS.get(status)
+    if kind is None:
+        kind = FailureKind.UPSTREAM_ERROR if status >= 500 else FailureKind.BAD_REQUEST
+    message = error.get("message")
+    return UpstreamFailure(
+        kind=kind,
+        status=status,
+        message=str(message) if message else f"upstream returned HTTP {status}",
+        code=code,
+        param=error.get("param") if isinstance(error.get("param"), str) else None,
+        error_type=error.get("type") if isinstance(error.get("type"), str) else None,
+        retry_after=retry_after_seconds(headers),
+    )
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+def _malformed(detail: str) -> UpstreamFailure:
+    return UpstreamFailure(FailureKind.UPSTREAM_ERROR, 502, f"the upstream sent a malformed response: {detail}")
+
+
+OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True)
+OPENAI_COMPATIBLE = CompatSpec(kind="openai_compatible")
+GROQ = CompatSpec(
+    kind="groq",
+    default_base_url="https://api.groq.com/openai/v1",
+    requires_api_key=True,
+    drops=frozenset({"logit_bias"}),
+)
+MISTRAL = CompatSpec(
+    kind="mistral",
+    default_base_url="https://api.mistral.ai/v1",
+    requires_api_key=True,
+    renames={"seed": "random_seed"},
+    finish_reasons={"model_length": "length"},
+)
+TOGETHER = CompatSpec(kind="together", default_base_url="https://api.together.xyz/v1", requires_api_key=True)
+VLLM = CompatSpec(kind="vllm")
+SGLANG = CompatSpec(kind="sglang")
+TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}))
+LLAMACPP = CompatSpec(kind="llamacpp")
+
+SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)
