@@ -26,6 +26,7 @@ class PolicyStore:
         self._current = initial if initial is not None else load_policy(self.path)
         self._stamp = _stamp(self.path)
         self._listeners: list[Callable[[Policy], None]] = []
+        self._refusal_listeners: list[Callable[[PolicyError], None]] = []
         self._lock = asyncio.Lock()
 
     @property
@@ -36,6 +37,10 @@ class PolicyStore:
         """Call `listener` with each newly applied policy."""
         self._listeners.append(listener)
 
+    def on_refusal(self, listener: Callable[[PolicyError], None]) -> None:
+        """Call `listener` with the errors of each policy refused on reload."""
+        self._refusal_listeners.append(listener)
+
     async def reload(self) -> bool:
         """Load the file again; swap it in if valid. Returns whether it was applied."""
         async with self._lock:
@@ -45,6 +50,8 @@ class PolicyStore:
             except PolicyError as exc:
                 self._stamp = stamp
                 log.error("policy reload refused, still serving %s:\n%s", self._current.fingerprint, exc)
+                for refusal_listener in self._refusal_listeners:
+                    refusal_listener(exc)
                 return False
             self._stamp = stamp
             if policy.fingerprint == self._current.fingerprint:

@@ -1,0 +1,54 @@
+# Quick start: `make run` (serve the demo policy) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+POLICY ?= policies/demo.yaml
+# Offline machines: tiktoken encodings shipped beside the checkout (the gateway
+# falls back to an estimate, and says so, when none can be loaded).
+SHARED_TIKTOKEN := $(abspath ../shared/tiktoken)
+ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
+endif
+REDIS_PORT ?= 6379
+
+.PHONY: run test test-slow lint bench redis install install-dev clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,load]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	PORT=$(PORT) $(VENV)/bin/switchboard serve --policy $(POLICY)
+
+# Make sure a Redis answers on 127.0.0.1:$(REDIS_PORT); start one if not.
+redis:
+	@redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 \
+	  || redis-server --daemonize yes --bind 127.0.0.1 --port $(REDIS_PORT) --save "" --appendonly no >/dev/null
+	@for i in $$(seq 50); do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && exit 0; sleep 0.1; done; \
+	  echo "no Redis answers on 127.0.0.1:$(REDIS_PORT)"; exit 1
+
+test: install-dev redis
+	$(PY) -m pytest -n 2 -m "not slow"
+
+# Multi-process and soak tests; exit code 5 means none are collected.
+test-slow: install-dev redis
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+bench: install-dev
+	$(PY) loadtests/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

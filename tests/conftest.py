@@ -1,0 +1,162 @@
+"""Shared fixtures: a real gateway on an ephemeral loopback port, fake upstreams, policies."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.policy_store import PolicyStore
+from gateway.tokens import TokenCounter
+from gateway.usage import UsageRecord
+from tests.fakes import FakeOpenAIUpstream
+
+SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def standard_policy(upstream_base_url: str, *, upstream_key: str = "sk-upstream-secret", extra: str = "") -> str:
+    """Two teams over one OpenAI-compatible upstream; `extra` is appended verbatim (more YAML)."""
+    return f"""
+version: 1
+server:
+  max_body_bytes: 65536
+  reload: {{watch: true, poll_interval_s: 0.05}}
+providers:
+  upstream:
+    kind: openai_compatible
+    base_url: {upstream_base_url}
+    api_key: {upstream_key}
+    timeouts: {{connect_s: 2, first_byte_s: 2, total_s: 10}}
+models:
+  chat-model:
+    targets:
+      - provider: upstream
+        model: upstream-chat
+  embed-model:
+    targets:
+      - provider: upstream
+        model: upstream-embed
+  beta-model:
+    targets:
+      - provider: upstream
+        model: upstream-beta
+teams:
+  alpha:
+    keys:
+      - id: alpha-key
+        hash: "{key_hash('sk-alpha')}"
+    models: [chat-model, embed-model]
+  beta:
+    keys:
+      - id: beta-key
+        hash: "{key_hash('sk-beta')}"
+    models: [beta-model]
+{extra}
+"""
+
+
+class RecordingSink:
+    """Collects usage records; tests wait on it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+        self._changed = threading.Condition()
+
+    def record(self, record: UsageRecord) -> None:
+        with self._changed:
+            self.records.append(record)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[UsageRecord]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.records) >= count, timeout):
+                raise AssertionError(f"expected {count} usage records, got {len(self.records)}")
+            return list(self.records)
+
+
+@dataclass
+class RunningGateway:
+    base_url: str
+    policy_path: Path
+    store: PolicyStore
+    usage: RecordingSink
+    _server: uvicorn.Server = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def client(self, key: str = "sk-alpha", **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.v1, api_key=key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+
+
+def run_gateway(policy_path: Path) -> RunningGateway:
+    """Start the real app under uvicorn in a thread, on an ephemeral port."""
+    store = PolicyStore(policy_path)
+    usage = RecordingSink()
+    app = create_app(store, counter=TokenCounter(), sinks=[usage])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = threading.Event()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("gateway failed to start")
+        deadline.wait(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningGateway(f"http://127.0.0.1:{port}", policy_path, store, usage, server, thread)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeOpenAIUpstream]:
+    with FakeOpenAIUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def upstream(fake_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
+    """The shared fake, reset for this test."""
+    fake_upstream.reset()
+    return fake_upstream
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[[str], RunningGateway]]:
+    started: list[RunningGateway] = []
+
+    def start(policy_text: str) -> RunningGateway:
+        path = tmp_path / f"policy-{len(started)}.yaml"
+        path.write_text(policy_text)
+        gateway = run_gateway(path)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> RunningGateway:
+    """A gateway with the standard two-team policy in front of the fake OpenAI upstream."""
+    return start_gateway(standard_policy(upstream.base_url))

@@ -1,0 +1,126 @@
+"""The `switchboard` command as an operator uses it: validate, schema, keys, and a served process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "policies" / "demo.yaml"
+INVALID = Path(__file__).parent / "policies" / "invalid"
+
+
+def _switchboard(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_validate_accepts_the_demo_policy() -> None:
+    result = _switchboard("policy", "validate", str(DEMO))
+    assert result.returncode == 0 and "ok" in result.stdout
+
+
+def test_validate_lists_every_problem_with_paths_and_lines(tmp_path: Path) -> None:
+    result = _switchboard("policy", "validate", str(INVALID / "unknown_field.yaml"))
+    assert result.returncode == 1
+    assert "teams.demo.budgte: unknown field" in result.stderr and "(line 14)" in result.stderr
+
+
+def test_schema_is_json_schema_of_the_policy() -> None:
+    result = _switchboard("policy", "schema")
+    schema = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert {"providers", "models", "teams"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_keys_new_prints_a_key_whose_hash_authenticates(tmp_path: Path) -> None:
+    result = _switchboard("keys", "new", "--team", "demo")
+    key = re.search(r"(sk-sb-\S+)", result.stdout).group(1)  # type: ignore[union-attr]
+    digest = re.search(r'hash: "(sha256:[0-9a-f]{64})"', result.stdout).group(1)  # type: ignore[union-attr]
+    policy_file = tmp_path / "p.yaml"
+    new_team = f'models: ["*"]\n  new:\n    keys: [{{id: fresh, hash: "{digest}"}}]\n    models: ["*"]'
+    policy_file.write_text(DEMO.read_text().replace('models: ["*"]', new_team))
+    assert load_policy(policy_file).keys[hashlib.sha256(key.encode()).digest()].team.name == "new"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """`switchboard serve` as a real process, on the demo policy with a slower mock stream."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DEMO.read_text().replace("token_interval_ms: 5", "token_interval_ms: 20")
+                      .replace("first_token_ms: 20", "first_token_ms: 1"))
+    port = _free_port()
+    env = {**os.environ, "PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--policy", str(policy)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "Application startup complete" in line:
+            break
+    else:
+        raise AssertionError("gateway did not start")
+    threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
+    yield process, f"http://127.0.0.1:{port}", policy
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+
+
+Served = tuple[subprocess.Popen[str], str, Path]
+
+
+def test_served_process_answers_the_openai_sdk_on_port_from_env(served: Served) -> None:
+    _, base, _ = served
+    client = openai.OpenAI(base_url=base + "/v1", api_key="sk-switchboard-demo", max_retries=0)
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content.startswith("Mock reply:")
+
+
+def test_sighup_reloads_the_policy(served: Served) -> None:
+    process, base, policy = served
+    policy.write_text(policy.read_text().replace("watch: true", "watch: false")
+                      .replace("  gpt-4o:\n", "  gpt-4.1:\n"))
+    process.send_signal(signal.SIGHUP)
+    headers = {"authorization": "Bearer sk-switchboard-demo"}
+    with httpx.Client(timeout=5) as client:
+        for _ in range(500):
+            ids = {m["id"] for m in client.get(base + "/v1/models", headers=headers).json()["data"]}
+            if "gpt-4.1" in ids:
+                break
+        assert "gpt-4.1" in ids and "gpt-4o" not in ids
+
+
+def test_sigterm_drains_an_in_flight_stream(served: Served) -> None:
+    process, base, _ = served
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "drain me"}]}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": "Bearer sk-switchboard-demo"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    # uvicorn re-raises the signal once drained, as supervisors expect.
+    assert process.wait(10) in (0, -signal.SIGTERM)
