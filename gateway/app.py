@@ -37,6 +37,7 @@ from providers.base import Endpoint
 log = logging.getLogger("switchboard.server")
 
 POLICY_ENV = "SWITCHBOARD_POLICY"
+ACCESS_LOG_ENV = "SWITCHBOARD_ACCESS_LOG"
 
 
 class InferenceRoute:
@@ -150,6 +151,7 @@ def create_app(
             for task in background:
                 task.cancel()
             await pools.close()
+            recorder.close()
 
     app = Starlette(
         routes=[
@@ -173,4 +175,5 @@ def create_app(
 
 def app_from_environment() -> Starlette:
     """Factory for `uvicorn --factory` worker processes: the CLI passes the policy path in the environment."""
-    return create_app(PolicyStore(os.environ[POLICY_ENV]))
+    sinks = [AccessLogSink()] if os.environ.get(ACCESS_LOG_ENV, "1") == "1" else []
+    return create_app(PolicyStore(os.environ[POLICY_ENV]), sinks=sinks)

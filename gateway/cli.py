@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help=f"default: $PORT or {DEFAULT_PORT}")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the policy)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not write the JSON line per request to stdout")
     serve.set_defaults(run=_serve)
 
     policy = commands.add_parser("policy", help="check or describe policy files").add_subparsers(
@@ -57,10 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import POLICY_ENV, create_app
+    from gateway.app import ACCESS_LOG_ENV, POLICY_ENV, create_app
     from gateway.policy_store import PolicyStore
+    from gateway.usage import AccessLogSink
 
-    configure_logging(args.log_level, access_log=not args.no_access_log)
+    configure_logging(args.log_level)
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
@@ -71,9 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
                   timeout_graceful_shutdown=policy.server.shutdown_grace_s, loop="auto", http="auto")
     if args.workers > 1:
         os.environ[POLICY_ENV] = os.path.abspath(args.policy)
+        os.environ[ACCESS_LOG_ENV] = "0" if args.no_access_log else "1"
         uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)
     else:
-        uvicorn.run(create_app(PolicyStore(args.policy, policy)), **common)
+        sinks = [] if args.no_access_log else [AccessLogSink()]
+        uvicorn.run(create_app(PolicyStore(args.policy, policy), sinks=sinks), **common)
     return 0
 
 
@@ -104,7 +108,7 @@ def _new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_logging(level: str, *, access_log: bool = True) -> None:
+def configure_logging(level: str) -> None:
     """Log through a queue so the event loop never blocks writing to a terminal or pipe."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = logging.StreamHandler(sys.stderr)
@@ -115,7 +119,6 @@ def configure_logging(level: str, *, access_log: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level.upper())
-    logging.getLogger("switchboard.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
 
 if __name__ == "__main__":
