@@ -25,10 +25,19 @@ from gateway.asgi import (
     send_stream,
 )
 from gateway.auth import authenticate
+from gateway.cache import ResponseCache
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.front_doors.messages import MessagesRoute
+from gateway.front_doors.responses import ResponsesRoute
+from gateway.health import Monitor, TargetsRoute
+from gateway.ledger import Ledger, SpendRoute
+from gateway.limits import Limiter, UsageRoute
+from gateway.metrics import Metrics, MetricsRoute
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
+from gateway.state import open_store
+from gateway.telemetry import SpanExporter, Telemetry, TracerProvider
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools
 from gateway.usage import AccessLogSink, UsageRecorder, UsageSink
@@ -117,17 +126,35 @@ def create_app(
     *,
     counter: TokenCounter | None = None,
     sinks: Sequence[UsageSink] | None = None,
+    limiter: Limiter | None = None,
+    span_exporter: SpanExporter | None = None,
+    tracer_provider: TracerProvider | None = None,
+    cache: ResponseCache | None = None,
 ) -> Starlette:
     """Build the gateway around a policy store; everything that talks to the world is injected here."""
     counter = counter or TokenCounter()
     pools = UpstreamPools(counter)
-    recorder = UsageRecorder(sinks if sinks is not None else [AccessLogSink()])
-    services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder)
+    # Metrics and the ledger are usage sinks too; tracing follows the policy on every reload.
+    observed = store.current
+    metrics = Metrics() if observed.telemetry.metrics.enabled else None
+    ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
+    telemetry = Telemetry(span_exporter=span_exporter, tracer_provider=tracer_provider, metrics=metrics)
+    telemetry.configure(observed)
+    recorder = UsageRecorder([*(sinks if sinks is not None else [AccessLogSink()]),
+                              *(sink for sink in (metrics, ledger) if sink is not None)])
+    if limiter is None:
+        limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
+            store.current.rules and store.current.rules.any)), counter, started_with=store.current)
+    if metrics is not None:
+        limiter.attach_metrics(metrics)
+    services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
+                        limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         await asyncio.to_thread(counter.preload)
+        await limiter.start()
         pools.prepare(store.current)
         background: set[asyncio.Task[Any]] = set()
 
@@ -139,6 +166,11 @@ def create_app(
             task.add_done_callback(background.discard)
 
         store.on_change(applied)
+        store.on_change(telemetry.configure)
+        store.on_change(limiter.policy_applied)
+        monitor = Monitor(services.routes, services.policy)  # health checks and load scrapes
+        monitor.apply(store.current)
+        store.on_change(monitor.apply)
         store.install_sighup(asyncio.get_running_loop())
         watcher = asyncio.create_task(store.watch())
         app.state.ready = True
@@ -150,18 +182,28 @@ def create_app(
             watcher.cancel()
             for task in background:
                 task.cancel()
+            await monitor.close()
             await pools.close()
+            await limiter.close()
+            await services.cache.close()
             recorder.close()
+            await asyncio.to_thread(telemetry.shutdown)
 
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", InferenceRoute(Endpoint.CHAT), methods=["POST"]),
             Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS), methods=["POST"]),
             Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS), methods=["POST"]),
+            Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+            Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),
             Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/readyz", _readyz, methods=["GET"]),
+            Route("/admin/usage", UsageRoute(), methods=["GET"]),
+            Route("/admin/targets", TargetsRoute(), methods=["GET"]),
+            Route("/admin/spend", SpendRoute(ledger), methods=["GET"]),
+            Route("/metrics", MetricsRoute(metrics), methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,

@@ -46,12 +46,33 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_validate)
     schema = policy.add_parser("schema", help="print the policy file's JSON Schema")
     schema.set_defaults(run=_schema)
+    explain = policy.add_parser("explain", help="print the route a request would take")
+    explain.add_argument("file")
+    explain.add_argument("--model", required=True, help="public model name")
+    explain.add_argument("--team", default=None, help="show whether the team may use it and its limits")
+    explain.add_argument("--prompt-file", default=None,
+                         help="a request body (JSON with messages or prompt) or plain text sent as one user message")
+    explain.set_defaults(run=_explain)
 
     keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(required=True, metavar="ACTION")
     new = keys.add_parser("new", help="print a new virtual key and the hash to put in the policy")
     new.add_argument("--team", required=True)
     new.add_argument("--id", default=None, help="key id (default: <team>-<random>)")
     new.set_defaults(run=_new_key)
+
+    usage = commands.add_parser("usage", help="print a team's usage, limits and budgets (JSON)")
+    usage.add_argument("--policy", required=True, help="policy YAML file (its state: block says where to read)")
+    usage.add_argument("--team", required=True)
+    usage.add_argument("--period", default="current", choices=["current", "previous"])
+    usage.set_defaults(run=_usage)
+
+    spend = commands.add_parser("spend", help="report spend from the usage ledger (gateway/ledger.py)")
+    spend.add_argument("--policy", required=True, help="policy YAML file (its ledger.path says where to read)")
+    spend.add_argument("--by", default="team", choices=["team", "model", "key", "day"])
+    spend.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d, 4w")
+    spend.add_argument("--until", default=None, help="same forms as --since; default: now")
+    spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    spend.set_defaults(run=_spend)
     return parser
 
 
@@ -92,6 +113,41 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from gateway.routing import explain_route
+    from gateway.tokens import TokenCounter
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    body = None
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            text = handle.read()
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            body = {"messages": [{"role": "user", "content": text}]}
+    counter = TokenCounter()
+
+    def count(request: dict, model: str) -> int:
+        if "messages" in request:
+            return counter.count_chat_prompt(request, model)
+        return counter.count_completion_prompt(request, model)
+
+    try:
+        lines = explain_route(policy, args.model, team=args.team, body=body, count_prompt=count)
+    except KeyError as exc:
+        sys.stderr.write(f"{exc.args[0]}\n")
+        return 1
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
     return 0
@@ -106,6 +162,18 @@ def _new_key(args: argparse.Namespace) -> int:
         f"  - id: {key_id}\n    hash: \"{digest}\"\n"
     )
     return 0
+
+
+def _spend(args: argparse.Namespace) -> int:
+    from gateway.ledger import print_spend
+
+    return print_spend(args.policy, args.by, args.since, args.until, args.format)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from gateway.limits import print_usage
+
+    return print_usage(args.policy, args.team, args.period)
 
 
 def configure_logging(level: str) -> None:

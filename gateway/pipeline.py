@@ -19,8 +19,14 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate
+from gateway.cache import ResponseCache, Ticket, remember, usage_fields, watch_stream
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
+from gateway.limits import Admission, Limiter, admit
 from gateway.policy import KeyEntry, Model, Policy, Target
+from gateway.pricing import COST_HEADER, charge, format_usd, stamp_cost
+from gateway.resilience import route_and_call
+from gateway.routing import RouteState
+from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
 from gateway.usage import UsageRecord, UsageRecorder
@@ -39,6 +45,14 @@ class Services:
     counter: TokenCounter
     recorder: UsageRecorder
     clock: Callable[[], float] = time.perf_counter
+    # Target state (in-flight, latency, breakers) for the app's lifetime, across policy reloads.
+    routes: RouteState = field(default_factory=RouteState)
+    # Traces (gateway/telemetry.py); off unless the policy or the app factory turns them on.
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    # Rate limits and budgets (gateway/limits.py); None when the app runs without a state store.
+    limiter: Limiter | None = None
+    # Response caching (gateway/cache/): stores and in-flight requests, across policy reloads.
+    cache: ResponseCache = field(default_factory=ResponseCache)
 
 
 @dataclass(slots=True)
@@ -49,6 +63,8 @@ class Exchange:
     started: float
     upstream_wait_s: float = 0.0
     response_headers: dict[str, str] = field(default_factory=dict)
+    # The request's spans (gateway/telemetry.py); NO_TRACE when tracing is off.
+    trace: Trace = NO_TRACE
 
     def overhead_ms(self, now: float) -> float:
         return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
@@ -83,6 +99,8 @@ class _Settlement:
     caller: KeyEntry | None = None
     request: InferenceRequest | None = None
     target: Target | None = None
+    admission: Admission | None = None
+    cache: Ticket | None = None
 
 
 async def handle_inference(
@@ -91,14 +109,22 @@ async def handle_inference(
     """Serve one chat, completions or embeddings request."""
     policy = services.policy()
     facts = _Settlement()
+    exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
         facts.caller = authenticate(policy, headers)
         facts.request = parse_request(endpoint, body)
         model = resolve_model(policy, facts.caller, facts.request.model)
-        facts.target = choose_target(model)
-        call = Call(endpoint, facts.request.body, facts.target.upstream_model, facts.request.stream,
+        facts.admission = await admit(services.limiter, policy, facts.caller, endpoint, facts.request.body, model,
+                                      exchange.response_headers)
+        model = facts.admission.model if facts.admission else model
+        facts.cache = await services.cache.lookup(services, policy, facts.caller, model, facts.request, headers,
+                                                  exchange, call_upstream)
+        if facts.cache is not None and facts.cache.hit:
+            return _cached_reply(services, exchange, facts)
+        call = Call(endpoint, facts.request.body, model.targets[0].upstream_model, facts.request.stream,
                     facts.request.client_wants_usage)
-        response = await call_upstream(services, facts.target, call, exchange)
+        routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream)
+        facts.target, call, response = routed.target, routed.call, routed.response
         if call.stream:
             return _stream_reply(services, exchange, facts, call, response)
         return await _complete_reply(services, exchange, facts, call, response)
@@ -160,17 +186,21 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
         raise GatewayError(ErrorKind.BAD_REQUEST,
                            f"The model `{call.body.get('model')}` does not support this endpoint.",
                            code="unsupported_endpoint")
-    request = provider.adapter.build_request(provider.settings, call)
+    try:
+        request = provider.adapter.build_request(provider.settings, call)
+    except UpstreamFailed as exc:  # a translating adapter met something it cannot express upstream
+        raise from_upstream(exc.failure) from exc
     request.headers["x-request-id"] = exchange.request_id
     secrets = (provider.settings.api_key or "",)
     clock = services.clock
     waited_from = clock()
     try:
-        response = await services.pools.client_for(provider).open(request)
+        response = await exchange.trace.send(services.pools.client_for(provider), request, target, call)
         if response.status >= 400:
             error_body = await response.read()
             failure = provider.adapter.classify_error(response.status, response.headers, error_body)
-            raise from_upstream(failure, secrets)
+            # Chained to the classified failure so retries can tell what kind it was.
+            raise from_upstream(failure, secrets) from UpstreamFailed(failure)
     except UpstreamFailed as exc:
         raise from_upstream(exc.failure, secrets) from exc
     finally:
@@ -195,8 +225,17 @@ async def _complete_reply(services: Services, exchange: Exchange, facts: _Settle
     except UpstreamFailed as exc:
         raise from_upstream(exc.failure) from exc
     headers = _success_headers(exchange, clock())
+    remember(facts.cache, parsed)
+    exchange.trace.responded(parsed.body, parsed.response_model, parsed.finish_reasons)
     _settle(services, exchange, facts, 200, parsed.usage)
     return Reply(200, parsed.body, headers)
+
+
+def _cached_reply(services: Services, exchange: Exchange, facts: _Settlement) -> Reply | StreamReply:
+    """Answer from the cache: no upstream call, nothing billed, the hit recorded."""
+    assert facts.cache is not None
+    return facts.cache.reply(_success_headers(exchange, services.clock()),
+                             lambda: _settle(services, exchange, facts, 200, Usage(), outcome="cache_hit"))
 
 
 def _stream_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
@@ -225,11 +264,13 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
     first_token_at: float | None = None
     events = iter_sse_data(_timed(response.chunks(), exchange, clock))
     try:
-        async for chunk in target.provider.adapter.translate_stream(call, events):
+        async for chunk in watch_stream(facts.cache, target.provider.adapter.translate_stream(call, events)):
             if chunk.usage is not None:
                 usage = chunk.usage
                 if chunk.usage_only and not call.client_wants_usage:
                     continue
+                if call.client_wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
+                    chunk.data = stamp_cost(chunk.data, services.policy().prices, target, usage)
             if first_token_at is None:
                 first_token_at = clock()
             seen.append(chunk)
@@ -247,6 +288,7 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
         if usage is None:
             usage = _estimate_stream_usage(services.counter, call, target, seen)
         ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None
+        exchange.trace.streamed(seen)
         _settle(services, exchange, facts, 200, usage, outcome=outcome, time_to_first_token_ms=ttft)
 
 
@@ -284,6 +326,7 @@ def _error_reply(services: Services, exchange: Exchange, facts: _Settlement, err
     status, body, headers = render(error)
     headers.update(exchange.response_headers)
     headers["x-switchboard-overhead-ms"] = f"{exchange.overhead_ms(services.clock()):.3f}"
+    exchange.trace.failed(error, settled=facts.caller is not None)
     if facts.caller is not None:
         _settle(services, exchange, facts, status, None, outcome=error.code or error.kind.name.lower())
     return Reply(status, body, headers)
@@ -294,7 +337,12 @@ def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: 
     now = services.clock()
     caller, request, target = facts.caller, facts.request, facts.target
     assert caller is not None
-    services.recorder.settle(UsageRecord(
+    if services.limiter is not None:
+        services.limiter.settle(facts.admission, usage, status, target)
+    cost_usd, price_version = charge(services.policy().prices, target, usage)
+    if cost_usd is not None:
+        exchange.response_headers[COST_HEADER] = format_usd(cost_usd)
+    record = UsageRecord(
         request_id=exchange.request_id,
         team=caller.team.name,
         key_id=caller.key_id,
@@ -309,4 +357,10 @@ def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: 
         overhead_ms=exchange.overhead_ms(now),
         time_to_first_token_ms=time_to_first_token_ms,
         outcome=outcome,
-    ))
+        cost_usd=cost_usd,
+        price_version=price_version,
+        trace_id=exchange.trace.trace_id,
+        **usage_fields(facts.cache),
+    )
+    services.recorder.settle(record)
+    exchange.trace.finish(record)

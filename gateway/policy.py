@@ -9,20 +9,39 @@ without any further parsing. Every problem found is reported as
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from gateway.policy_schema import PolicyDocument, ProviderBase, ServerPolicy
+from gateway.policy_schema import (
+    HealthCheckPolicy,
+    MetricsScrapePolicy,
+    ModelPolicy,
+    PolicyDocument,
+    ProviderBase,
+    ServerPolicy,
+    TargetPolicy,
+)
+from gateway.policy_schema import LedgerPolicy, TelemetryPolicy
+from gateway.limits import Rules, build_rules, rules_problems
+from gateway.policy_schema import StatePolicy
+from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
+from gateway.routing import RoutePlan, build_plan, fallback_problems
+from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
+
+
+_NO_TARGET = TargetPolicy(provider="", model="-")
 
 
 class PolicyError(Exception):
@@ -45,6 +64,8 @@ class Provider:
     total_timeout_s: float
     max_connections: int
     keepalive_s: float
+    health_check: HealthCheckPolicy | None = None
+    metrics: MetricsScrapePolicy | None = None
 
     @property
     def name(self) -> str:
@@ -61,6 +82,9 @@ class Provider:
 class Target:
     provider: Provider
     upstream_model: str
+    weight: float = 1.0
+    tags: frozenset[tuple[str, str]] = frozenset()
+    cost: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +92,9 @@ class Model:
     name: str
     targets: tuple[Target, ...]
     owned_by: str
+    # Strategy and resilience settings (gateway/routing.py); the default is plain failover.
+    plan: RoutePlan = field(default_factory=lambda: build_plan("", ModelPolicy(targets=[_NO_TARGET])),
+                            repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +126,18 @@ class Policy:
     models: Mapping[str, Model]
     teams: Mapping[str, Team]
     keys: Mapping[bytes, KeyEntry]
+    # SHA-256 digests of the keys that may call /admin endpoints.
+    admin_keys: frozenset[bytes] = frozenset()
+    # Cost attribution and observability (gateway/pricing.py, telemetry.py, ledger.py).
+    prices: PriceBook = EMPTY_PRICE_BOOK
+    telemetry: TelemetryPolicy = TelemetryPolicy()
+    ledger: LedgerPolicy = LedgerPolicy()
+    ledger_path: Path | None = None
+    # Response caching rules per (team, model) (gateway/cache/).
+    cache: CachePlan = EMPTY_CACHE_PLAN
+    # Rate limits and budgets by scope (gateway/limits.py) and where their counters live.
+    rules: Rules | None = None
+    state: StatePolicy = StatePolicy()
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -133,7 +172,9 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     problems = _cross_reference_problems(document, root)
     if problems:
         raise PolicyError(source, problems)
-    return _build(document, source, hashlib.sha256(text.encode()).hexdigest()[:16])
+    policy = _build(document, source, hashlib.sha256(text.encode()).hexdigest()[:16])
+    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state)
+    return _with_accounting(policy, document, root)
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -204,7 +245,9 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 
 def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = [_at(loc, root, message) for loc, message in (*price_problems(document),
+                                                                        *telemetry_problems(document),
+                                                                        *cache_problems(document))]
     for name, provider in document.providers.items():
         adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
         if provider.base_url is None and adapter.capabilities.default_base_url is None:
@@ -219,6 +262,8 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                 problems.append(_at(("models", model_name, "targets", index, "provider"), root,
                                     f"unknown provider {target.provider!r}; defined: "
                                     + ", ".join(sorted(document.providers))))
+    problems.extend(_at(loc, root, message) for loc, message in fallback_problems(document))
+    problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():
         for index, model_name in enumerate(team.models):
@@ -237,7 +282,8 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
 def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
     providers = {name: _build_provider(name, config) for name, config in document.providers.items()}
     models = {
-        name: Model(name, tuple(Target(providers[t.provider], t.model) for t in model.targets), model.owned_by)
+        name: Model(name, tuple(Target(providers[t.provider], t.model, t.weight, frozenset(t.tags.items()), t.cost)
+                                for t in model.targets), model.owned_by, build_plan(name, model))
         for name, model in document.models.items()
     }
     teams: dict[str, Team] = {}
@@ -248,7 +294,23 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
         for key in config.keys:
             digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
             keys[digest] = KeyEntry(key.id, team, digest, key.disabled)
-    return Policy(source, fingerprint, document.server, providers, models, teams, keys)
+    admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
+    return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
+                  cache=build_cache_plan(document))
+
+
+def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:
+    """The policy with its price book, telemetry and ledger settings (paths relative to the policy file)."""
+    base_dir = Path(policy.source).parent if os.path.isfile(policy.source) else Path.cwd()
+    kinds = {name: provider.settings.kind for name, provider in policy.providers.items()}
+    try:
+        prices = build_price_book(document.prices, kinds, base_dir)
+    except ValueError as exc:
+        raise PolicyError(policy.source, [_at(("prices", "table"), root, str(exc))]) from exc
+    prices.warm([(t.provider.name, t.upstream_model) for m in policy.models.values() for t in m.targets])
+    ledger_path = base_dir / document.ledger.path if document.ledger.path else None
+    return dataclasses.replace(policy, prices=prices, telemetry=document.telemetry, ledger=document.ledger,
+                               ledger_path=ledger_path)
 
 
 def _build_provider(name: str, config: ProviderBase) -> Provider:
@@ -264,5 +326,5 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
     )
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
-        config.pool.max_connections, config.pool.keepalive_s,
+        config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
     )

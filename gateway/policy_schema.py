@@ -8,9 +8,10 @@ silently ignored setting. Provider entries are a union discriminated by
 
 from __future__ import annotations
 
+import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from providers import ADAPTERS
 
@@ -36,6 +37,24 @@ class Pool(Strict):
     keepalive_s: float = Field(30.0, ge=0, description="How long an idle connection is kept for reuse.")
 
 
+class HealthCheckPolicy(Strict):
+    """An active health check: GET `path` on the provider's server root."""
+
+    path: str = Field("/health", description="Relative to base_url without its /v1 suffix; e.g. /health "
+                      "(vLLM, SGLang, TGI, llama.cpp) or /v1/models (hosted APIs).")
+    interval_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+    unhealthy_after: int = Field(2, ge=1, description="Consecutive failed checks before the targets are skipped.")
+
+
+class MetricsScrapePolicy(Strict):
+    """A Prometheus endpoint reporting the replica's running/waiting requests and KV-cache usage."""
+
+    path: str = Field("/metrics", description="Relative to base_url without its /v1 suffix.")
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+
+
 class ProviderBase(Strict):
     base_url: str | None = Field(
         None, description="Upstream base URL including the version prefix, e.g. https://api.openai.com/v1. "
@@ -45,6 +64,10 @@ class ProviderBase(Strict):
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent on every upstream call.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
     pool: Pool = Field(default_factory=Pool)
+    health_check: HealthCheckPolicy | None = Field(None, description="Probe the provider in the background; "
+                                                   "its targets are skipped while it fails (gateway/health.py).")
+    metrics: MetricsScrapePolicy | None = Field(None, description="Scrape a vLLM/SGLang Prometheus endpoint for "
+                                                "load, used by `prefix-affinity` and `least-busy`.")
 
     @field_validator("base_url")
     @classmethod
@@ -76,6 +99,104 @@ class TargetPolicy(Strict):
 
     provider: str = Field(description="Name of an entry under `providers`.")
     model: str = Field(min_length=1, description="The model name the upstream knows.")
+    weight: float = Field(1.0, gt=0, description="Share of traffic under `weighted`; tie-break under `least-busy`.")
+    tags: dict[str, str] = Field(default_factory=dict,
+                                 description="Labels such as region or tier, matched by `x-switchboard-tags`.")
+    cost: float | None = Field(None, ge=0, description="Relative price used by the `cost` strategy (lower first).")
+
+
+class PrefixAffinityPolicy(Strict):
+    """Settings of the `prefix-affinity` strategy."""
+
+    spill_margin: int = Field(8, ge=0, description="Leave the affine replica when its load exceeds the "
+                              "least-loaded replica's by more than this many requests.")
+    table_size: int = Field(100_000, ge=100, description="Prefix blocks remembered (LRU).")
+    block_chars: int = Field(1024, ge=16, description="Block size for plain-text (completions) prompts.")
+    min_blocks: int = Field(2, ge=1, description="Shortest shared prefix (in blocks) worth following; 2 means "
+                            "more than a shared system prompt, so new conversations spread by load.")
+
+
+class RoutingPolicy(Strict):
+    """How a request picks among the model's targets."""
+
+    strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity"] = Field(
+        "priority", description="priority = targets in listed order (failover only).")
+    allow_tag_pinning: bool = Field(False, description="Honour `x-switchboard-tags: k=v,...` request headers.")
+    latency_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest latency sample.")
+    exploration: float = Field(0.05, ge=0, le=1, description="Share of `latency` requests sent to a random "
+                               "target so a recovered one is noticed.")
+    prefix_affinity: PrefixAffinityPolicy = Field(default_factory=PrefixAffinityPolicy)
+
+
+class BackoffPolicy(Strict):
+    """Exponential backoff with full jitter between attempts."""
+
+    initial_s: float = Field(0.1, ge=0, description="Cap of the first wait; doubles per attempt.")
+    max_s: float = Field(5.0, ge=0, description="Largest wait between two attempts.")
+
+
+class FallbackPolicy(Strict):
+    """Other public models to try, in order, when this one cannot answer."""
+
+    default: list[str] = Field(default_factory=list, description="When every target failed.")
+    context_window: list[str] = Field(default_factory=list, description="When the prompt is too long.")
+    content_policy: list[str] = Field(default_factory=list, description="When the upstream refused the content.")
+
+
+class CircuitBreakerPolicy(Strict):
+    """Per-target ejection after repeated failures."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(5, ge=1, description="Open after this many failures in a row.")
+    failure_rate: float = Field(0.5, gt=0, le=1, description="...or at this failure share over the window.")
+    window_s: float = Field(30.0, gt=0)
+    min_requests: int = Field(20, ge=1, description="Requests in the window before the rate is judged.")
+    cooldown_s: float = Field(5.0, gt=0, description="First ejection; doubles on each repeated trip.")
+    max_cooldown_s: float = Field(300.0, gt=0)
+
+
+class SemanticCachePolicy(Strict):
+    """Semantic matching (gateway/cache/semantic.py): the nearest cached question above a similarity threshold."""
+
+    embedding_model: str = Field(min_length=1, description="Public model (under `models`) that embeds the last "
+                                 "user turn; called through the gateway's own providers.")
+    threshold: float = Field(0.95, gt=0, le=1, description="Least cosine similarity that counts as the same question.")
+    max_entries: int = Field(1000, ge=1, le=100_000, description="Vectors kept in the in-process index (LRU); a "
+                             "lookup compares against every vector of the same partition.")
+
+
+class CachePolicy(Strict):
+    """Response caching for a model (or for every model of a team), gateway/cache/. Off by default."""
+
+    mode: Literal["off", "exact", "semantic"] = Field("off", description="exact: identical requests; semantic: "
+                                                      "also near-identical last user turns (opt-in, see risks).")
+    ttl_s: float = Field(3600.0, gt=0, description="How long an answer is served from the cache.")
+    scope: Literal["key", "team", "global"] = Field(
+        "team", description="Who shares entries: one virtual key, one team, or every team (global must be chosen "
+        "explicitly and needs the same cache settings for every team that uses the model).")
+    only_deterministic: bool = Field(False, description="Cache only requests with temperature 0 or a seed.")
+    backend: Literal["memory", "redis"] = Field("memory", description="memory: in-process LRU bounded by "
+                                                "max_bytes; redis: shared by replicas, expired by Redis.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bound of the in-process store of this block.")
+    url: str | None = Field(None, description="redis:// URL of the redis backend (default: state.url).")
+    key_prefix: str = Field("switchboard:cache:", description="Prefix of every Redis key the cache writes.")
+    timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a lookup waits on Redis before it counts "
+                             "as a miss.")
+    coalesce: bool = Field(True, description="Identical requests in flight at once share one upstream call.")
+    semantic: SemanticCachePolicy | None = Field(None, description="Settings of mode: semantic (required by it).")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _semantic_settings(self) -> CachePolicy:
+        if (self.mode == "semantic") != (self.semantic is not None):
+            raise ValueError("`semantic` settings are required with mode: semantic and only allowed with it")
+        return self
 
 
 class ModelPolicy(Strict):
@@ -83,6 +204,82 @@ class ModelPolicy(Strict):
 
     targets: list[TargetPolicy] = Field(min_length=1, description="Deployments serving this model, in order.")
     owned_by: str = Field("switchboard", description="Shown in GET /v1/models.")
+    # Routing and resilience (gateway/routing.py, gateway/resilience.py); the
+    # defaults keep a single-target model behaving as a plain proxy.
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    retries: int = Field(0, ge=0, le=10, description="Extra attempts after a retryable failure, across targets.")
+    backoff: BackoffPolicy = Field(default_factory=BackoffPolicy)
+    deadline_s: float | None = Field(None, gt=0, description="Bounds all attempts and fallbacks of one request "
+                                     "(for streams: until the first content byte).")
+    ttft_timeout_s: float | None = Field(None, gt=0, description="A stream must send content within this, "
+                                         "or the attempt fails over.")
+    stream_idle_timeout_s: float | None = Field(None, gt=0, description="Longest silence allowed mid-stream.")
+    context_window: int | None = Field(None, ge=1, description="Prompt tokens (+ max_tokens) this model accepts; "
+                                       "longer prompts go straight to `fallbacks.context_window`.")
+    fallbacks: FallbackPolicy = Field(default_factory=FallbackPolicy)
+    circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
+    cache: CachePolicy | None = Field(None, description="Response caching (default: off).")
+
+
+class RateLimitsPolicy(Strict):
+    """Request and token rate limits for one scope (team, key, or team x model); unset means unlimited.
+
+    Windows are fixed and aligned to the clock (each minute, each UTC day). Token
+    limits reserve the prompt (counted with tiktoken) plus `max_tokens` at
+    admission and settle to actual usage. A request that reaches a limit
+    exactly is admitted; one that would pass it is refused with 429.
+    """
+
+    rpm: int | None = Field(None, ge=0, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=0, description="Tokens (prompt + completion) per minute.")
+    rpd: int | None = Field(None, ge=0, description="Requests per UTC day.")
+    tpd: int | None = Field(None, ge=0, description="Tokens per UTC day.")
+
+
+class BudgetPolicy(Strict):
+    """A spend budget per period, in tokens and/or USD (gateway/budgets.py)."""
+
+    period: Literal["daily", "weekly", "monthly", "rolling"] = Field(
+        "monthly", description="Calendar periods start at midnight (weeks on Monday, months on the 1st) in "
+        "`timezone`; `rolling` counts the last `window_s` seconds.")
+    timezone: str = Field("UTC", description="IANA time zone of the calendar periods, e.g. Europe/Berlin.")
+    window_s: int | None = Field(None, ge=60, description="Length of a `rolling` window (required for it).")
+    tokens: int | None = Field(None, ge=0, description="Tokens (prompt + completion) per period.")
+    usd: float | None = Field(None, ge=0, description="US dollars per period; needs prices for the models.")
+    on_exhaust: Literal["reject", "downgrade"] = Field(
+        "reject", description="reject: 429 `budget_exceeded`; downgrade: serve `downgrade_to` instead.")
+    downgrade_to: str | None = Field(None, description="Public model served once the budget is spent.")
+    soft_thresholds: list[float] = Field(
+        default_factory=list, description="Fractions (e.g. 0.8, 0.95) that log a `budget_threshold` event once "
+        "per period when crossed.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("soft_thresholds")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v < 1 for v in value):
+            raise ValueError("each threshold is a fraction between 0 and 1, e.g. 0.8")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetPolicy:
+        if self.tokens is None and self.usd is None:
+            raise ValueError("set `tokens`, `usd` or both")
+        if (self.period == "rolling") != (self.window_s is not None):
+            raise ValueError("`window_s` is required with period: rolling and only allowed with it")
+        if (self.on_exhaust == "downgrade") != (self.downgrade_to is not None):
+            raise ValueError("`downgrade_to` is required with on_exhaust: downgrade and only allowed with it")
+        return self
 
 
 class KeyPolicy(Strict):
@@ -92,6 +289,8 @@ class KeyPolicy(Strict):
                     description="A name for the key that is safe to log and trace.")
     hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<hex digest of the key>.")
     disabled: bool = Field(False, description="Refuse this key without deleting it.")
+    limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
+    budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
 
 
 class TeamPolicy(Strict):
@@ -99,6 +298,12 @@ class TeamPolicy(Strict):
     models: list[str] = Field(
         default_factory=list, description='Public models this team may use; "*" allows every model.'
     )
+    limits: RateLimitsPolicy | None = Field(None, description="Rate limits shared by all the team's keys.")
+    model_limits: dict[str, RateLimitsPolicy] = Field(default_factory=dict,
+                                                      description="Rate limits per public model for this team.")
+    budget: BudgetPolicy | None = Field(None, description="The team's spend budget.")
+    cache: CachePolicy | None = Field(None, description="Replaces the models' `cache` settings for this "
+                                      "team's requests.")
 
 
 class ReloadPolicy(Strict):
@@ -112,6 +317,157 @@ class ServerPolicy(Strict):
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
 
+class AdminPolicy(Strict):
+    """Keys for the operator endpoints under /admin (separate from team keys)."""
+
+    keys: list[KeyPolicy] = Field(default_factory=list, description="Admin keys, hashed like team keys.")
+
+
+class StatePolicy(Strict):
+    """Where rate-limit and budget counters live (gateway/state/). Changes apply on restart."""
+
+    backend: Literal["auto", "memory", "durable", "redis"] = Field(
+        "auto", description="auto: redis when `url` is set, else durable when any limit or budget is set, "
+        "else memory.")
+    path: str | None = Field(None, description="SQLite file of the durable store, relative to the policy "
+                             "file; default <policy name>.state.sqlite next to it.")
+    flush_interval_s: float = Field(1.0, gt=0, le=60, description="Durable store: snapshot period, the most "
+                                    "spend a kill -9 can lose.")
+    url: str | None = Field(None, description="redis:// or rediss:// URL (with /db index); shared by replicas.")
+    key_prefix: str = Field("switchboard:", pattern=r"^[^{}]*$", description="Prefix of every Redis key.")
+    failure_mode: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="When Redis is unreachable: serve counting locally and reconcile later, or "
+        "refuse with 503.")
+    timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a request waits on Redis.")
+    retry_interval_s: float = Field(0.5, gt=0, le=60, description="How often an unreachable Redis is probed.")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StatePolicy:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("backend: redis needs `url`")
+        return self
+
+
+class AdmissionPolicy(Strict):
+    """How admission estimates a request's tokens before it runs."""
+
+    default_completion_tokens: int = Field(
+        1024, ge=0, description="Completion tokens reserved when a request sets no max_tokens / "
+        "max_completion_tokens; settlement corrects it to actual usage.")
+
+
+class GpuCost(Strict):
+    """A self-hosted deployment's running cost, turned into per-token prices by its measured throughput.
+
+    Price per 1M input tokens = hourly_usd x count / (input_tokens_per_s x 3600) x 1e6, and the same
+    for output; measure the throughputs at your typical load (e.g. with vLLM's benchmark_serving).
+    """
+
+    hourly_usd: float = Field(gt=0, description="USD per hour of one GPU (or one node, with count: 1).")
+    count: int = Field(1, ge=1, description="GPUs serving this deployment.")
+    input_tokens_per_s: float = Field(gt=0, description="Sustained prompt (prefill) tokens/s of the deployment.")
+    output_tokens_per_s: float = Field(gt=0, description="Sustained generated tokens/s of the deployment.")
+
+
+class PriceSpec(Strict):
+    """One model's price in USD per 1M tokens: list prices, or `gpu` for a self-hosted deployment."""
+
+    input: float | None = Field(None, ge=0, description="Uncached prompt tokens.")
+    cached_input: float | None = Field(None, ge=0, description="Prompt tokens read from the provider's cache "
+                                       "(default: the input price).")
+    cache_write: float | None = Field(None, ge=0, description="Prompt tokens written to the cache, where billed "
+                                      "(default: the input price).")
+    output: float | None = Field(None, ge=0, description="Completion tokens, reasoning tokens included.")
+    gpu: GpuCost | None = Field(None, description="Derive input and output prices from a GPU's hourly cost.")
+    effective_date: datetime.date | None = Field(None, description="When this price took effect (default: today).")
+    version: str | None = Field(None, description="Recorded with every request this price bills "
+                                "(default: prices.version).")
+    source: str | None = Field(None, description="Where the figure comes from (a pricing page, a contract).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PriceSpec:
+        if self.gpu is None and (self.input is None or self.output is None):
+            raise ValueError("give `input` and `output` (USD per 1M tokens), or `gpu` for a self-hosted model")
+        if self.gpu is not None and (self.input is not None or self.output is not None):
+            raise ValueError("give either `input`/`output` or `gpu`, not both")
+        return self
+
+
+class PricesPolicy(Strict):
+    """Cost attribution: the price table and this policy's overrides (gateway/pricing.py)."""
+
+    table: str | None = Field(None, description="Price table file relative to the policy file (default: the "
+                              "shipped policies/prices.yaml).")
+    version: str | None = Field(None, description="Version recorded for prices set here without their own.")
+    families: dict[str, str] = Field(default_factory=dict, description="Provider name -> price family of the "
+                                     "table, e.g. an openai_compatible proxy billed as `openai`.")
+    models: dict[str, dict[str, PriceSpec]] = Field(default_factory=dict, description="Price family -> model "
+                                                    "-> price: overrides or extends the table.")
+    targets: dict[str, dict[str, PriceSpec]] = Field(default_factory=dict, description="Provider name -> "
+                                                     "upstream model (or \"*\") -> price, e.g. self-hosted models.")
+
+
+class BatchExportPolicy(Strict):
+    """The batch span processor: spans are queued and exported off the request path."""
+
+    max_queue_size: int = Field(2048, ge=1, description="Spans held for export; beyond it new spans are dropped.")
+    schedule_delay_ms: int = Field(2000, ge=1, description="Longest a span waits before its batch is sent.")
+    max_export_batch_size: int = Field(512, ge=1)
+    export_timeout_ms: int = Field(10_000, ge=1, description="Gives up on one export after this long.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> BatchExportPolicy:
+        if self.max_export_batch_size > self.max_queue_size:
+            raise ValueError("max_export_batch_size must not exceed max_queue_size")
+        return self
+
+
+class TracesPolicy(Strict):
+    """OpenTelemetry traces (gateway/telemetry.py): a SERVER span per request, a CLIENT span per upstream attempt."""
+
+    exporter: Literal["none", "console", "otlp_http", "otlp_grpc"] = Field(
+        "none", description="none records nothing (and costs nothing); console prints spans (debugging).")
+    endpoint: str | None = Field(None, description="OTLP endpoint; otlp_http: the full traces URL (default "
+                                 "http://localhost:4318/v1/traces), otlp_grpc: host:port (default localhost:4317).")
+    headers: dict[str, str] = Field(default_factory=dict, description="Sent with every export, e.g. an API key "
+                                    "as ${ENV_VAR}.")
+    service_name: str = Field("switchboard", min_length=1, description="The `service.name` resource attribute.")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of traces kept; traces with an error are "
+                                "always kept. An incoming sampled traceparent is honoured.")
+    batch: BatchExportPolicy = Field(default_factory=BatchExportPolicy)
+    openinference: bool = Field(False, description="Also set OpenInference `llm.*` attributes (Arize Phoenix).")
+    record_content: list[str] = Field(default_factory=list, description="Teams whose prompts and completions "
+                                      "are recorded on spans; \"*\" for all. Off by default: content is sensitive.")
+    redact_content: bool = Field(True, description="Mask API keys, bearer tokens, emails and card numbers in "
+                                 "recorded content.")
+
+
+class MetricsPolicy(Strict):
+    enabled: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+
+
+class TelemetryPolicy(Strict):
+    """Traces and metrics. Exporter changes apply on reload."""
+
+    traces: TracesPolicy = Field(default_factory=TracesPolicy)
+    metrics: MetricsPolicy = Field(default_factory=MetricsPolicy)
+
+
+class LedgerPolicy(Strict):
+    """The durable usage ledger (gateway/ledger.py): one row per request, written off the request path."""
+
+    path: str | None = Field(None, description="SQLite file relative to the policy file; unset: no ledger. "
+                             "Changes apply on restart.")
+    flush_interval_s: float = Field(0.5, gt=0, le=60, description="Longest a settled request waits to be written.")
+
+
 class PolicyDocument(Strict):
     """The whole policy file."""
 
@@ -120,6 +476,12 @@ class PolicyDocument(Strict):
     providers: dict[str, ProviderPolicy] = Field(min_length=1)
     models: dict[str, ModelPolicy] = Field(min_length=1)
     teams: dict[str, TeamPolicy] = Field(min_length=1)
+    admin: AdminPolicy = Field(default_factory=AdminPolicy)
+    state: StatePolicy = Field(default_factory=StatePolicy)
+    admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
+    prices: PricesPolicy = Field(default_factory=PricesPolicy)
+    telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
+    ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
 
 
 def json_schema() -> dict[str, Any]:

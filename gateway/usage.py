@@ -36,6 +36,18 @@ class UsageRecord:
     time_to_first_token_ms: float | None = None
     # Why a stream ended early: "client_disconnected", "upstream_error", ...
     outcome: str = "completed"
+    # What the usage cost in USD and which price version billed it (gateway/pricing.py);
+    # None when the target has no price or nothing was used.
+    cost_usd: float | None = None
+    price_version: str | None = None
+    # The W3C trace id (32 hex digits) when the request was traced.
+    trace_id: str | None = None
+    # Response cache (gateway/cache/): "hit", "miss" or "bypass" when the model caches, else None. A hit
+    # is answered without an upstream call and bills nothing (`usage` is zero); `cache_tokens` are the
+    # tokens it served and `cost_saved_usd` what they cost when the answer was first bought.
+    cache: str | None = None
+    cache_tokens: int = 0
+    cost_saved_usd: float | None = None
 
 
 class UsageSink(Protocol):

@@ -6,13 +6,19 @@ policy loader refuses any kind not listed here.
 
 from __future__ import annotations
 
+from providers.anthropic import AnthropicAdapter
+from providers.azure import AzureOpenAIAdapter
 from providers.base import Adapter
+from providers.gemini import GeminiAdapter
 from providers.mock import MockAdapter
 from providers.openai_compat import SPECS, OpenAICompatAdapter
 
 ADAPTERS: dict[str, Adapter] = {
     **{spec.kind: OpenAICompatAdapter(spec) for spec in SPECS},
     "mock": MockAdapter(),
+    "anthropic": AnthropicAdapter(),
+    "gemini": GeminiAdapter(),
+    "azure_openai": AzureOpenAIAdapter(),
 }
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -109,11 +110,11 @@ class RunningGateway:
         self._thread.join(timeout=15)
 
 
-def run_gateway(policy_path: Path) -> RunningGateway:
+def run_gateway(policy_path: Path, **app_options: Any) -> RunningGateway:
     """Start the real app under uvicorn in a thread, on an ephemeral port."""
     store = PolicyStore(policy_path)
     usage = RecordingSink()
-    app = create_app(store, counter=TokenCounter(), sinks=[usage])
+    app = create_app(store, counter=TokenCounter(), sinks=[usage], **app_options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -144,10 +145,10 @@ def upstream(fake_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
 def start_gateway(tmp_path: Path) -> Iterator[Callable[[str], RunningGateway]]:
     started: list[RunningGateway] = []
 
-    def start(policy_text: str) -> RunningGateway:
+    def start(policy_text: str, **app_options: Any) -> RunningGateway:
         path = tmp_path / f"policy-{len(started)}.yaml"
         path.write_text(policy_text)
-        gateway = run_gateway(path)
+        gateway = run_gateway(path, **app_options)
         started.append(gateway)
         return gateway
 

@@ -1,0 +1,203 @@
+"""Budgets: token and USD spend per team or key over calendar or rolling periods.
+
+A budget is two counters at most (tokens, micro-USD) per period. Calendar
+periods (`daily`, `weekly` from Monday, `monthly` from the 1st) start at
+midnight in the budget's IANA time zone and are named by their start date, so
+a counter survives policy edits and restarts; a `rolling` window is the sum of
+24 slices of `window_s / 24` seconds each. Reaching the budget exactly is
+allowed; a request whose reservation would pass it is not.
+
+USD is counted in integer micro-dollars from whatever price function the
+limiter is given (gateway/pricing.py); a request without a known price counts
+no USD.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.errors import ErrorKind, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.policy import Policy, Target
+    from gateway.policy_schema import BudgetPolicy
+    from providers.base import Usage
+
+log = logging.getLogger("switchboard.budget")
+
+MICROS = 1_000_000
+ROLLING_SLICES = 24
+# Counters outlive their period by this much, so "previous period" stays readable.
+_KEEP_AFTER_END_S = 35 * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The current period: the counter slices to sum and when it resets."""
+
+    slices: tuple[str, ...]
+    start: float
+    resets_at: float
+    expires_at: int
+
+
+class Period:
+    """Maps a time to its period; caches the current one until it ends."""
+
+    def __init__(self, kind: str, timezone: str = "UTC", window_s: int | None = None) -> None:
+        self.kind = kind
+        self.zone = zoneinfo.ZoneInfo(timezone)
+        self.window_s = window_s
+        self._cached: Window | None = None
+
+    def window(self, now: float) -> Window:
+        cached = self._cached
+        if cached is not None and cached.start <= now < cached.resets_at:
+            return cached
+        window = self._rolling(now) if self.kind == "rolling" else self._calendar(now)
+        self._cached = window
+        return window
+
+    def previous(self, now: float) -> Window:
+        """The period before the current one (usage reports)."""
+        current = self.window(now)
+        if self.kind == "rolling":
+            return self._rolling(now - (self.window_s or 0))
+        return self._calendar(current.start - 1)
+
+    def describe(self) -> str:
+        if self.kind == "rolling":
+            return f"rolling {_duration_words(self.window_s or 0)}"
+        return self.kind
+
+    def _calendar(self, now: float) -> Window:
+        local = dt.datetime.fromtimestamp(now, self.zone)
+        day = local.date()
+        if self.kind == "daily":
+            start, end, name = day, day + dt.timedelta(days=1), f"d{day.isoformat()}"
+        elif self.kind == "weekly":
+            start = day - dt.timedelta(days=day.weekday())
+            end, name = start + dt.timedelta(days=7), f"w{start.isoformat()}"
+        else:
+            start = day.replace(day=1)
+            end = (start + dt.timedelta(days=32)).replace(day=1)
+            name = f"m{start.isoformat()[:7]}"
+        start_ts = dt.datetime.combine(start, dt.time(), self.zone).timestamp()
+        end_ts = dt.datetime.combine(end, dt.time(), self.zone).timestamp()
+        return Window((name,), start_ts, end_ts, int(end_ts) + _KEEP_AFTER_END_S)
+
+    def _rolling(self, now: float) -> Window:
+        length = self.window_s or 86_400
+        slice_s = max(1, length // ROLLING_SLICES)
+        current = int(now // slice_s)
+        count = -(-length // slice_s)
+        slices = tuple(f"r{slice_s}:{index}" for index in range(current - count + 1, current + 1))
+        start, end = current * slice_s, (current + 1) * slice_s
+        return Window(slices, start, end, end + length)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One scope's budget, built at policy load."""
+
+    scope: str  # "team" or "key"
+    owner: str  # team name or key id
+    team: str
+    base: str  # counter key prefix, hash-tagged by team
+    period: Period
+    tokens: int | None
+    usd_micros: int | None
+    on_exhaust: str
+    downgrade_to: str | None
+    soft_thresholds: tuple[float, ...]
+
+    @property
+    def who(self) -> str:
+        return f"team {self.team}" if self.scope == "team" else f"key {self.owner} (team {self.team})"
+
+    def slices(self, unit: str, window: Window) -> tuple[str, ...]:
+        return tuple(f"{self.base}:{unit}:{name}" for name in window.slices)
+
+
+def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: str) -> Budget:
+    return Budget(
+        scope=scope, owner=owner, team=team, base=base,
+        period=Period(config.period, config.timezone, config.window_s),
+        tokens=config.tokens,
+        usd_micros=None if config.usd is None else round(config.usd * MICROS),
+        on_exhaust=config.on_exhaust, downgrade_to=config.downgrade_to,
+        soft_thresholds=tuple(config.soft_thresholds),
+    )
+
+
+def policy_cost(policy: Policy, target: Target, usage: Usage) -> float | None:
+    """USD for `usage` on `target`, from the policy's price book (gateway/pricing.py); None when unpriced."""
+    price = policy.prices.price_for(target.provider.name, target.upstream_model)
+    return price.cost(usage) if price is not None else None
+
+
+CostFunction = Callable[["Policy", "Target", "Usage"], "float | None"]
+
+
+def exceeded(budget: Budget, unit: str, limit: int, used: int, amount: int, window: Window,
+             now: float) -> GatewayError:
+    """429 `budget_exceeded`: not retryable until the period resets, and the body says which budget."""
+    resets = dt.datetime.fromtimestamp(window.resets_at, budget.period.zone).isoformat()
+    what = "USD" if unit == "usd" else "token"
+    shown = (lambda v: f"${v / MICROS:.6f}".rstrip("0").rstrip(".")) if unit == "usd" else str
+    message = (f"Budget exceeded for {budget.who}: {budget.period.describe()} {what} budget limit "
+               f"{shown(limit)}, used {shown(used)}, this request needs up to {shown(amount)}. "
+               f"It resets at {resets}.")
+    return GatewayError(ErrorKind.BUDGET_EXCEEDED, message, code="budget_exceeded",
+                        retry_after=max(1.0, window.resets_at - now), headers={"x-should-retry": "false"})
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdEvent:
+    """A soft threshold crossed, reported once per period per budget."""
+
+    scope: str
+    owner: str
+    team: str
+    unit: str
+    threshold: float
+    limit: int
+    used: int
+    period_start: float
+
+    def as_log(self) -> dict[str, Any]:
+        return {"event": "budget_threshold", "scope": self.scope, "owner": self.owner, "team": self.team,
+                "unit": self.unit, "threshold": self.threshold, "limit": self.limit, "used": self.used,
+                "period_start": dt.datetime.fromtimestamp(self.period_start, dt.UTC).isoformat()}
+
+
+def log_threshold(event: ThresholdEvent) -> None:
+    log.warning(orjson.dumps(event.as_log()).decode())
+
+
+def crossed(budget: Budget, limit: int, before: int, after: int) -> list[float]:
+    """Soft thresholds passed going from `before` to `after`."""
+    return [t for t in budget.soft_thresholds if before < math.ceil(t * limit) <= after]
+
+
+@dataclass(slots=True)
+class ThresholdMarks:
+    """In-process memory of thresholds already reported, so the store is asked at most once each."""
+
+    seen: set[str] = field(default_factory=set)
+
+
+def _duration_words(seconds: int) -> str:
+    if seconds % 86_400 == 0:
+        return f"{seconds // 86_400}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    return f"{seconds}s"

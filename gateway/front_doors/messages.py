@@ -1,0 +1,324 @@
+"""`POST /v1/messages`: an Anthropic-compatible front door onto any provider the policy routes to.
+
+Anthropic SDK clients and tools built on it (coding agents) send Messages API
+requests; the virtual key may come as `x-api-key` or `Authorization: Bearer`.
+Replies, streams (Anthropic's event sequence) and errors (Anthropic's error
+shape) go back in Anthropic's format whichever provider served the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from gateway.asgi import read_body, request_headers, send_reply, send_stream
+from gateway.errors import GatewayError, render
+from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
+from providers.base import Endpoint
+from providers.sse import encode_named_event, iter_sse_data
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                 "function_call": "tool_use", "content_filter": "refusal"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+class TranslationError(Exception):
+    """A Messages request that has no chat equivalent; the client gets a 400."""
+
+
+class MessagesRoute:
+    """ASGI endpoint for POST /v1/messages."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        services: Services = scope["app"].state.services
+        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+        try:
+            raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
+        except GatewayError as error:
+            await send_reply(send, _anthropic_error(*render(error)))
+            return
+        try:
+            chat = chat_request(_load(raw))
+        except TranslationError as exc:
+            await send_reply(send, Reply(400, _error_body("invalid_request_error", str(exc)), {}))
+            return
+        reply = await handle_inference(services, Endpoint.CHAT, exchange, request_headers(scope),
+                                       orjson.dumps(chat))
+        if isinstance(reply, StreamReply):
+            await send_stream(send, receive, StreamReply(reply.headers, message_events(reply.events)))
+        elif reply.status >= 400:
+            await send_reply(send, _anthropic_error(reply.status, reply.body, dict(reply.headers)))
+        else:
+            await send_reply(send, Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers))
+
+
+def _load(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise TranslationError(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise TranslationError("The request body must be a JSON object.")
+    return body
+
+
+# --- request: Messages -> chat -----------------------------------------------------------------
+
+
+def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI chat request for a Messages API request."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise TranslationError("messages: Field required")
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": []}
+    system = body.get("system")
+    if isinstance(system, str) and system:
+        chat["messages"].append({"role": "system", "content": system})
+    elif isinstance(system, list) and system:
+        chat["messages"].append({"role": "system", "content": [_text_part(b) for b in system]})
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
+            raise TranslationError(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        chat["messages"].extend(_user(turn["content"], i) if turn["role"] == "user" else [_assistant(turn, i)])
+    if body.get("max_tokens") is not None:
+        chat["max_tokens"] = body["max_tokens"]
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if body.get("stop_sequences"):
+        chat["stop"] = body["stop_sequences"]
+    user_id = (body.get("metadata") or {}).get("user_id")
+    if user_id:
+        chat["user"] = user_id
+    if body.get("stream"):
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}  # message_delta carries the final usage
+    tools = body.get("tools") or []
+    if tools:
+        chat["tools"] = [_tool(t) for t in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        mapped = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type"))
+        chat["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name")}}
+        if choice.get("disable_parallel_tool_use"):
+            chat["parallel_tool_calls"] = False
+    fmt = (body.get("output_config") or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": fmt.get("schema") or {}}}
+    return chat
+
+
+def _text_part(block: Mapping[str, Any]) -> dict[str, Any]:
+    part = {"type": "text", "text": block.get("text") or ""}
+    if block.get("cache_control"):
+        part["cache_control"] = block["cache_control"]
+    return part
+
+
+def _user(content: Any, i: int) -> list[dict[str, Any]]:
+    """One user turn: tool results become tool messages (first, as Anthropic orders them), the rest one message."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    out: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for block in content:
+        kind = block.get("type")
+        if kind == "tool_result":
+            result = block.get("content")
+            text = result if isinstance(result, str) else "".join(
+                b.get("text", "") for b in result or () if b.get("type") == "text")
+            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+        elif kind == "text":
+            parts.append(_text_part(block))
+        elif kind in ("image", "document"):
+            source = block.get("source") or {}
+            if source.get("type") == "base64":
+                url = f"data:{source.get('media_type')};base64,{source.get('data')}"
+            elif source.get("type") == "url":
+                url = source.get("url")
+            else:
+                raise TranslationError(f"messages.{i}: {kind} source type {source.get('type')!r} is not supported")
+            parts.append({"type": "image_url", "image_url": {"url": url}} if kind == "image"
+                         else {"type": "file", "file": {"file_data": url}})
+        else:
+            raise TranslationError(f"messages.{i}: content block type {kind!r} is not supported")
+    if parts:
+        out.append({"role": "user", "content": parts})
+    return out
+
+
+def _assistant(turn: Mapping[str, Any], i: int) -> dict[str, Any]:
+    content = turn.get("content")
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    texts = [b.get("text") or "" for b in content if b.get("type") == "text"]
+    calls = [{"id": b.get("id"), "type": "function",
+              "function": {"name": b.get("name"), "arguments": orjson.dumps(b.get("input") or {}).decode()}}
+             for b in content if b.get("type") == "tool_use"]
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if not tool.get("name") or tool.get("type") not in (None, "custom"):
+        raise TranslationError(f"tool type {tool.get('type')!r} is not supported")
+    function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    out: dict[str, Any] = {"type": "function", "function": function}
+    if tool.get("cache_control"):
+        out["cache_control"] = tool["cache_control"]
+    return out
+
+
+# --- response: chat -> Messages ----------------------------------------------------------------
+
+
+def message(chat: Mapping[str, Any]) -> dict[str, Any]:
+    """The Messages API response for a chat.completion."""
+    choice = (chat.get("choices") or [{}])[0]
+    reply = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if reply.get("content"):
+        content.append({"type": "text", "text": reply["content"]})
+    for call in reply.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                        "input": _arguments(function.get("arguments"))})
+    return {"id": _message_id(chat.get("id")), "type": "message", "role": "assistant", "model": chat.get("model"),
+            "content": content, "stop_reason": _STOP_REASONS.get(choice.get("finish_reason"), "end_turn"),
+            "stop_sequence": None, "usage": usage(chat.get("usage"))}
+
+
+def usage(raw: Any) -> dict[str, int]:
+    """Anthropic usage: `input_tokens` excludes the cached and cache-written tokens OpenAI counts in the prompt."""
+    raw = raw if isinstance(raw, dict) else {}
+    details = raw.get("prompt_tokens_details") or {}
+    cached = int(details.get("cached_tokens") or 0)
+    written = int(details.get("cache_write_tokens") or 0)
+    return {"input_tokens": max(0, int(raw.get("prompt_tokens") or 0) - cached - written),
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached,
+            "output_tokens": int(raw.get("completion_tokens") or 0)}
+
+
+def _arguments(arguments: Any) -> Any:
+    try:
+        return orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+
+
+def _message_id(chat_id: Any) -> str:
+    text = str(chat_id or "")
+    return text if text.startswith("msg_") else "msg_" + text
+
+
+async def message_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Anthropic stream events for the pipeline's chat stream.
+
+    Text and each tool call become content blocks in order; the finish reason
+    and usage (which OpenAI sends last) go into `message_delta` before
+    `message_stop`. An in-band error becomes an `error` event.
+    """
+    open_block: int | None = None
+    blocks = 0
+    tool_blocks: dict[int, int] = {}  # OpenAI tool_calls index -> block index
+    started = False
+    finish = None
+    final_usage: Any = None
+    source = iter_sse_data(chunks)
+    try:
+        async for data in source:
+            if data == b"[DONE]":
+                break
+            chunk = orjson.loads(data)
+            if "error" in chunk and "choices" not in chunk:
+                error = chunk["error"] or {}
+                yield _event("error", {"type": "error", "error": {
+                    "type": _ERROR_TYPES.get(_status_of(error), "api_error"), "message": error.get("message")}})
+                return
+            if not started:
+                started = True
+                yield _event("message_start", {"type": "message_start", "message": {
+                    "id": _message_id(chunk.get("id")), "type": "message", "role": "assistant", "content": [],
+                    "model": chunk.get("model"), "stop_reason": None, "stop_sequence": None,
+                    "usage": {"input_tokens": 0, "output_tokens": 0}}})
+            if chunk.get("usage"):
+                final_usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    if open_block is None or open_block in tool_blocks.values():
+                        if open_block is not None:
+                            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
+                        open_block, blocks = blocks, blocks + 1
+                        yield _event("content_block_start", {"type": "content_block_start", "index": open_block,
+                                                             "content_block": {"type": "text", "text": ""}})
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": open_block,
+                                                         "delta": {"type": "text_delta", "text": delta["content"]}})
+                for call in delta.get("tool_calls") or ():
+                    function = call.get("function") or {}
+                    if call.get("index") not in tool_blocks:
+                        if open_block is not None:
+                            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
+                        open_block, blocks = blocks, blocks + 1
+                        tool_blocks[call.get("index")] = open_block
+                        yield _event("content_block_start", {
+                            "type": "content_block_start", "index": open_block, "content_block": {
+                                "type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": {}}})
+                    if function.get("arguments"):
+                        yield _event("content_block_delta", {
+                            "type": "content_block_delta", "index": tool_blocks[call.get("index")],
+                            "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
+                finish = choice.get("finish_reason") or finish
+        else:
+            return  # the stream ended without [DONE] or an error event: leave it unterminated, as it is
+        if open_block is not None:
+            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
+        yield _event("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": _STOP_REASONS.get(finish, "end_turn"),
+                                                 "stop_sequence": None},
+                                       "usage": usage(final_usage)})
+        yield _event("message_stop", {"type": "message_stop"})
+    finally:
+        await source.aclose()
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _status_of(error: Mapping[str, Any]) -> int:
+    code = error.get("code")
+    if code in ("upstream_overloaded",):
+        return 503
+    if code in ("upstream_timeout",):
+        return 504
+    if error.get("type") == "rate_limit_error":
+        return 429
+    return 500
+
+
+def _event(name: str, payload: Mapping[str, Any]) -> bytes:
+    return encode_named_event(name, orjson.dumps(payload))
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _error_body(error_type: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def _anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:
+    """The gateway's OpenAI-shaped error, reshaped as Anthropic's (status and headers kept)."""
+    try:
+        message_text = orjson.loads(body)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message_text = "error"
+    error_type = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return Reply(status, _error_body(error_type, message_text), headers)

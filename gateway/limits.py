@@ -1,0 +1,618 @@
+"""Admission: rate limits and budgets, checked and reserved before a request runs.
+
+Every request of a team with limits is admitted in one store operation: the
+request and its token estimate (prompt counted with tiktoken, plus
+`max_tokens`) are reserved against every scope that applies — team, key,
+team x model rate limits, team and key budgets — all or nothing. When the
+response or stream ends the reservation is settled to actual usage.
+
+Rate limits use fixed windows aligned to the clock (minute, UTC day).
+Boundaries are exact for every scope: `used + requested <= limit` is admitted.
+Successful responses and 429s carry OpenAI's `x-ratelimit-*` headers for the
+tightest request and token limit that applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from gateway.budgets import (
+    MICROS,
+    Budget,
+    CostFunction,
+    ThresholdEvent,
+    Window,
+    build_budget,
+    exceeded,
+    log_threshold,
+    policy_cost,
+)
+from gateway.errors import ErrorKind, GatewayError
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
+from providers.base import Endpoint, Usage
+
+if TYPE_CHECKING:
+    from gateway.policy import KeyEntry, Model, Policy, Target
+    from gateway.policy_schema import PolicyDocument, RateLimitsPolicy
+
+log = logging.getLogger("switchboard.limits")
+
+_WINDOWS = (("rpm", "requests", 60), ("tpm", "tokens", 60), ("rpd", "requests", 86_400), ("tpd", "tokens", 86_400))
+_LABELS = {("requests", 60): "requests per minute", ("tokens", 60): "tokens per minute",
+           ("requests", 86_400): "requests per day", ("tokens", 86_400): "tokens per day"}
+
+
+# --- rules, built once per policy ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """One rate limit of one scope: `limit` requests or tokens per fixed window."""
+
+    scope: str  # "team", "key" or "model"
+    owner: str  # team name, key id or model name
+    team: str
+    unit: str  # "requests" or "tokens"
+    window_s: int
+    limit: int
+    base: str  # counter key prefix, hash-tagged by team
+
+    @property
+    def label(self) -> str:
+        return _LABELS[(self.unit, self.window_s)]
+
+    @property
+    def who(self) -> str:
+        if self.scope == "team":
+            return f"team {self.team}"
+        if self.scope == "key":
+            return f"key {self.owner} (team {self.team})"
+        return f"model {self.owner} for team {self.team}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything that applies to one (key, model): what admission checks."""
+
+    rates: tuple[RateRule, ...]
+    budgets: tuple[Budget, ...]
+    needs_tokens: bool
+    needs_usd: bool
+
+
+class Rules:
+    """A policy's limits and budgets by scope; `plan` is memoised per (key, model)."""
+
+    def __init__(self) -> None:
+        self.team_rates: dict[str, tuple[RateRule, ...]] = {}
+        self.key_rates: dict[str, tuple[RateRule, ...]] = {}
+        self.model_rates: dict[tuple[str, str], tuple[RateRule, ...]] = {}
+        self.team_budgets: dict[str, Budget] = {}
+        self.key_budgets: dict[str, Budget] = {}
+        self.team_keys: dict[str, tuple[str, ...]] = {}
+        self.default_completion_tokens = 1024
+        self._plans: dict[tuple[str, str], Plan | None] = {}
+
+    @property
+    def any(self) -> bool:
+        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets)
+
+    def plan(self, team: str, key_id: str, model: str) -> Plan | None:
+        memo = (key_id, model)
+        try:
+            return self._plans[memo]
+        except KeyError:
+            pass
+        rates = (*self.team_rates.get(team, ()), *self.key_rates.get(key_id, ()),
+                 *self.model_rates.get((team, model), ()))
+        budgets = tuple(b for b in (self.team_budgets.get(team), self.key_budgets.get(key_id)) if b is not None)
+        plan = None
+        if rates or budgets:
+            plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
+                b.tokens is not None or b.usd_micros is not None for b in budgets),
+                any(b.usd_micros is not None for b in budgets))
+        self._plans[memo] = plan
+        return plan
+
+
+def build_rules(document: PolicyDocument) -> Rules:
+    """The runtime limits of a validated policy document."""
+    rules = Rules()
+    rules.default_completion_tokens = document.admission.default_completion_tokens
+    for team, config in document.teams.items():
+        tag = "{" + _safe(team) + "}"
+        rules.team_keys[team] = tuple(k.id for k in config.keys)
+        if config.limits is not None:
+            rules.team_rates[team] = _rates(config.limits, "team", team, team, f"{tag}:r:team")
+        for model, limits in config.model_limits.items():
+            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{_safe(model)}")
+        if config.budget is not None:
+            rules.team_budgets[team] = build_budget(config.budget, "team", team, team, f"{tag}:b:team")
+        for key in config.keys:
+            if key.limits is not None:
+                rules.key_rates[key.id] = _rates(key.limits, "key", key.id, team, f"{tag}:r:key:{key.id}")
+            if key.budget is not None:
+                rules.key_budgets[key.id] = build_budget(key.budget, "key", key.id, team, f"{tag}:b:key:{key.id}")
+    return rules
+
+
+def rules_problems(document: PolicyDocument, at: Callable[[tuple[Any, ...], str], str]) -> list[str]:
+    """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
+    problems = []
+    for team, config in document.teams.items():
+        allowed = set(config.models)
+        for model in config.model_limits:
+            if model not in document.models:
+                problems.append(at(("teams", team, "model_limits", model), f"unknown model {model!r}"))
+        budgets = [(("teams", team, "budget"), config.budget)]
+        budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
+        for path, budget in budgets:
+            target = budget.downgrade_to if budget is not None else None
+            if target is not None and target not in document.models:
+                problems.append(at((*path, "downgrade_to"), f"unknown model {target!r}"))
+            elif target is not None and "*" not in allowed and target not in allowed:
+                problems.append(at((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
+                                   f"to teams.{team}.models"))
+    for index, key in enumerate(document.admin.keys):
+        if key.limits is not None or key.budget is not None:
+            problems.append(at(("admin", "keys", index), "admin keys take no limits or budget"))
+    return problems
+
+
+def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: str) -> tuple[RateRule, ...]:
+    rules = []
+    for name, unit, window in _WINDOWS:
+        limit = getattr(config, name)
+        if limit is not None:
+            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}"))
+    return tuple(rules)
+
+
+def _safe(name: str) -> str:
+    # Braces would change the Redis Cluster hash tag; colons the key structure.
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
+
+
+# --- admission -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Meter:
+    """What one check of an admission measures."""
+
+    unit: str  # "requests", "tokens" or "usd"
+    limit: int
+    resets_at: float
+    rule: RateRule | None = None
+    budget: Budget | None = None
+    window: Window | None = None
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's reservation, settled once when it ends."""
+
+    model: Model
+    policy: Policy
+    checks: tuple[Check, ...]
+    meters: tuple[_Meter, ...]
+    used: tuple[int, ...]
+    prompt_tokens: int
+    reserved_tokens: int
+    reserved_usd: int
+    downgraded_from: str | None = None
+    settled: bool = False
+
+
+class Limiter:
+    """Admits and settles requests against a `StateStore`; owned by the app lifespan."""
+
+    def __init__(self, store: StateStore, counter: Any, *, clock: Callable[[], float] = time.time,
+                 cost: CostFunction = policy_cost,
+                 on_threshold: Callable[[ThresholdEvent], None] = log_threshold,
+                 started_with: Policy | None = None) -> None:
+        self.store = store
+        self._counter = counter
+        self._clock = clock
+        self._cost = cost
+        self._on_threshold = on_threshold
+        self._on_reject: Callable[[str, str, str], None] | None = None
+        self._threshold_metric: Any = None
+        self._marks: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state = _state_wanted(started_with) if started_with is not None else None
+
+    def attach_metrics(self, metrics: Any) -> None:
+        """Count refusals and soft thresholds in the gateway's Prometheus registry (gateway/metrics.py)."""
+        from prometheus_client import Counter
+
+        self._on_reject = metrics.rejected
+        self._threshold_metric = Counter(
+            "switchboard_budget_thresholds", "Budget soft thresholds crossed (once per period and budget).",
+            ("team", "scope", "owner", "unit", "threshold"), registry=metrics.registry)
+
+    def policy_applied(self, policy: Policy) -> None:
+        """Warn when a reloaded policy wants another state store: the store is chosen at startup."""
+        wanted = _state_wanted(policy)
+        if self._state is not None and wanted != self._state:
+            log.warning("the reloaded policy's state store (%s) differs from the one in use (%s); limits keep "
+                        "counting in the one in use until the gateway restarts", wanted[1], self._state[1])
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def close(self) -> None:
+        await self.flush()
+        await self.store.close()
+
+    async def flush(self) -> None:
+        """Wait for pending threshold checks and settlements (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.store.flush()
+
+    async def admit(self, policy: Policy, caller: KeyEntry, endpoint: Endpoint, body: Mapping[str, Any],
+                    model: Model, headers: MutableMapping[str, str]) -> Admission | None:
+        """Reserve this request against every limit and budget that applies; raise 429/503 if refused.
+
+        A budget with `on_exhaust: downgrade` that refuses switches the request
+        to its cheaper model, which still counts against (but is not refused by)
+        that budget.
+        """
+        rules = policy.rules
+        if rules is None:
+            return None
+        team = caller.team.name
+        plan = rules.plan(team, caller.key_id, model.name)
+        if plan is None:
+            return None
+        now = self._clock()
+        prompt = completion = 0
+        if plan.needs_tokens:
+            prompt, completion = self._estimate(endpoint, body, model, rules.default_completion_tokens)
+        relaxed: set[int] = set()
+        downgraded_from = None
+        while True:
+            usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
+            checks, meters = _checks(plan, now, prompt + completion, usd, relaxed)
+            try:
+                verdict = await self.store.admit(checks)
+            except StoreUnavailable as exc:
+                raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                                   "the state store is unreachable and the policy says to fail closed. Retry "
+                                   "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            headers.update(_rate_headers(meters, checks, verdict, now))
+            if verdict.admitted:
+                return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
+                                 downgraded_from)
+            assert verdict.denied is not None
+            meter = meters[verdict.denied]
+            budget = meter.budget
+            if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
+                cheaper = policy.models.get(budget.downgrade_to or "")
+                if cheaper is not None:
+                    log.info("budget of %s spent: %s downgraded to %s", budget.who, model.name, cheaper.name)
+                    downgraded_from = downgraded_from or model.name
+                    relaxed.add(id(budget))
+                    model = cheaper
+                    plan = rules.plan(team, caller.key_id, model.name) or plan
+                    headers["x-switchboard-downgraded-from"] = downgraded_from
+                    continue
+            if self._on_reject is not None:
+                self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
+                                "budget_exceeded" if meter.budget else "rate_limited")
+            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+
+    def settle(self, admission: Admission | None, usage: Usage | None, status: int,
+               target: Target | None = None) -> None:
+        """Reconcile the reservation with what the request used: refund or charge the difference.
+
+        `target` is the deployment that actually served the request (it may
+        differ from the model's first after a fallback); USD is priced on it.
+        """
+        if admission is None or admission.settled:
+            return
+        admission.settled = True
+        if usage is not None:
+            tokens = usage.total_tokens
+            priced = any(m.unit == "usd" for m in admission.meters)
+            cost = self._cost(admission.policy, target or admission.model.targets[0], usage) if priced else None
+            usd = math.ceil(cost * MICROS) if cost else 0
+        elif status >= 400:
+            tokens = usd = 0  # refused or failed before anything was generated: full refund
+        else:
+            tokens, usd = admission.prompt_tokens, admission.reserved_usd
+        deltas = []
+        for index, (check, meter) in enumerate(zip(admission.checks, admission.meters, strict=True)):
+            if meter.unit == "requests":
+                continue
+            actual = tokens if meter.unit == "tokens" else usd
+            if actual != check.amount:
+                deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
+            if meter.budget is not None and meter.budget.soft_thresholds:
+                self._thresholds(meter, admission.used[index] + actual)
+        if deltas:
+            self.store.settle(deltas)
+
+    def _estimate(self, endpoint: Endpoint, body: Mapping[str, Any], model: Model, default: int) -> tuple[int, int]:
+        upstream = model.targets[0].upstream_model
+        counter = self._counter
+        if endpoint is Endpoint.CHAT:
+            prompt = counter.count_chat_prompt(body, upstream)
+        elif endpoint is Endpoint.COMPLETIONS:
+            prompt = counter.count_completion_prompt(body, upstream)
+        elif endpoint is Endpoint.EMBEDDINGS:
+            return counter.count_embedding_input(body, upstream), 0
+        else:
+            prompt = counter.count_text(str(body.get("input") or body.get("messages") or ""), upstream)
+        return prompt, completion_reservation(body, default)
+
+    def _usd(self, policy: Policy, model: Model, prompt: int, completion: int) -> int:
+        cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
+        return math.ceil(cost * MICROS) if cost else 0
+
+    def _thresholds(self, meter: _Meter, after: int) -> None:
+        budget, window = meter.budget, meter.window
+        assert budget is not None and window is not None
+        for threshold in budget.soft_thresholds:
+            if after < math.ceil(threshold * meter.limit):
+                break
+            mark = f"{budget.base}:{meter.unit}:soft{threshold:g}:{window.slices[-1]}"
+            if mark in self._marks:
+                continue
+            if len(self._marks) > 100_000:  # marks of past periods; the store still answers once per period
+                self._marks.clear()
+            self._marks.add(mark)
+            event = ThresholdEvent(budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit,
+                                   after, window.start)
+            task = asyncio.get_running_loop().create_task(self._fire_once(mark, window.expires_at, event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fire_once(self, mark: str, expires_at: int, event: ThresholdEvent) -> None:
+        # The store decides, so several replicas report a threshold once between them.
+        try:
+            verdict = await self.store.admit([Check((mark,), 1, 1, expires_at)])
+        except StoreUnavailable:
+            verdict = Verdict(True, (0,))
+        if verdict.admitted:
+            self._on_threshold(event)
+            if self._threshold_metric is not None:
+                self._threshold_metric.labels(event.team, event.scope, event.owner, event.unit,
+                                              f"{event.threshold:g}").inc()
+
+    async def report(self, policy: Policy, team: str, period: str = "current") -> dict[str, Any]:
+        """Usage, limits and what remains for a team, its keys and its models."""
+        rules = policy.rules
+        if rules is None or team not in policy.teams:
+            raise KeyError(team)
+        now = self._clock()
+        rows: list[dict[str, Any]] = []
+        slices: list[tuple[str, ...]] = []
+        rates = [*rules.team_rates.get(team, ())]
+        for key_id in rules.team_keys.get(team, ()):
+            rates += rules.key_rates.get(key_id, ())
+        rates += [r for (t, _), group in rules.model_rates.items() if t == team for r in group]
+        for rule in rates:
+            index = int(now // rule.window_s) - (1 if period == "previous" else 0)
+            slices.append((f"{rule.base}:{index}",))
+            rows.append({"scope": rule.scope, "owner": rule.owner, "limit_type": rule.label, "unit": rule.unit,
+                         "limit": rule.limit, "resets_at": _iso((index + 1) * rule.window_s, dt.UTC)})
+        budgets = [rules.team_budgets.get(team)] + [rules.key_budgets.get(k) for k in rules.team_keys.get(team, ())]
+        for budget in (b for b in budgets if b is not None):
+            window = budget.period.previous(now) if period == "previous" else budget.period.window(now)
+            for unit, limit in (("tokens", budget.tokens), ("usd", budget.usd_micros)):
+                if limit is None:
+                    continue
+                slices.append(budget.slices("tok" if unit == "tokens" else "usd", window))
+                rows.append({"scope": budget.scope, "owner": budget.owner,
+                             "limit_type": f"{budget.period.describe()} budget", "unit": unit, "limit": limit,
+                             "resets_at": _iso(window.resets_at, budget.period.zone),
+                             "on_exhaust": budget.on_exhaust})
+        values = await self.store.read(slices)
+        for row, used in zip(rows, values, strict=True):
+            row["used"] = used
+            row["remaining"] = max(0, row["limit"] - used)
+            if row["unit"] == "usd":
+                for field in ("limit", "used", "remaining"):
+                    row[field] = row[field] / MICROS
+        return {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
+
+
+def _state_wanted(policy: Policy) -> tuple[Any, str]:
+    from gateway.state import backend_for
+
+    return policy.state, backend_for(policy.state, bool(policy.rules and policy.rules.any))
+
+
+def completion_reservation(body: Mapping[str, Any], default: int) -> int:
+    """Completion tokens to reserve: the request's own cap times `n`, else the policy default."""
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        value = default
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        value *= choices
+    return value
+
+
+def _checks(plan: Plan, now: float, tokens: int, usd: int,
+            relaxed: set[int]) -> tuple[tuple[Check, ...], tuple[_Meter, ...]]:
+    checks: list[Check] = []
+    meters: list[_Meter] = []
+    for rule in plan.rates:
+        index = int(now // rule.window_s)
+        end = (index + 1) * rule.window_s
+        checks.append(Check((f"{rule.base}:{index}",), rule.limit, 1 if rule.unit == "requests" else tokens,
+                            end + rule.window_s))
+        meters.append(_Meter(rule.unit, rule.limit, end, rule=rule))
+    for budget in plan.budgets:
+        window = budget.period.window(now)
+        for unit, limit, amount, short in (("tokens", budget.tokens, tokens, "tok"),
+                                           ("usd", budget.usd_micros, usd, "usd")):
+            if limit is None:
+                continue
+            checks.append(Check(budget.slices(short, window), UNLIMITED if id(budget) in relaxed else limit,
+                                amount, window.expires_at))
+            meters.append(_Meter(unit, limit, window.resets_at, budget=budget, window=window))
+    return tuple(checks), tuple(meters)
+
+
+def _refusal(meter: _Meter, check: Check, used: int, now: float) -> GatewayError:
+    if meter.budget is not None:
+        assert meter.window is not None
+        return exceeded(meter.budget, meter.unit, meter.limit, used, check.amount, meter.window, now)
+    rule = meter.rule
+    assert rule is not None
+    wait = max(0.001, meter.resets_at - now)
+    if check.amount > rule.limit:
+        # Never admissible, however long the client waits.
+        return GatewayError(ErrorKind.RATE_LIMITED, f"Request too large for {rule.who} on {rule.label}: limit "
+                            f"{rule.limit}, requested {check.amount}. Lower max_tokens or the prompt.",
+                            code="rate_limit_exceeded", retry_after=wait, headers={"x-should-retry": "false"})
+    return GatewayError(ErrorKind.RATE_LIMITED, f"Rate limit reached for {rule.who} on {rule.label}: limit "
+                        f"{rule.limit}, used {used}, requested {check.amount}. Resets in {go_duration(wait)} "
+                        f"(at {_iso(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
+
+
+def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
+                  now: float) -> dict[str, str]:
+    """`x-ratelimit-*` for the request and token rate limits with the least room left."""
+    headers: dict[str, str] = {}
+    for unit, suffix in (("requests", "requests"), ("tokens", "tokens")):
+        tightest: tuple[int, int, float] | None = None
+        for index, meter in enumerate(meters):
+            if meter.rule is None or meter.unit != unit:
+                continue
+            taken = checks[index].amount if verdict.admitted else 0
+            remaining = max(0, meter.limit - verdict.used[index] - taken)
+            if tightest is None or remaining < tightest[1]:
+                tightest = (meter.limit, remaining, meter.resets_at)
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest[0])
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest[1])
+            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest[2] - now)
+    return headers
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go prints it, the format of OpenAI's reset headers: `6m0s`, `1.5s`, `12ms`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    millis = math.ceil(seconds * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _iso(timestamp: float, zone: dt.tzinfo) -> str:
+    return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
+
+
+# --- GET /admin/usage ----------------------------------------------------------------------
+
+
+class UsageRoute:
+    """GET /admin/usage?team=T[&period=current|previous] with an admin key (`admin.keys`)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from gateway.asgi import request_headers, send_json, send_reply
+        from gateway.errors import render
+        from gateway.pipeline import Reply
+
+        services = scope["app"].state.services
+        policy = services.policy()
+        try:
+            _authenticate_admin(policy.admin_keys, request_headers(scope))
+            query = parse_qs(scope.get("query_string", b"").decode())
+            team = (query.get("team") or [""])[0]
+            period = (query.get("period") or ["current"])[0]
+            if period not in ("current", "previous"):
+                raise GatewayError(ErrorKind.BAD_REQUEST, "period must be `current` or `previous`.", param="period")
+            if team not in policy.teams:
+                raise GatewayError(ErrorKind.NOT_FOUND, f"Unknown team {team!r}.", param="team",
+                                   code="team_not_found")
+            limiter: Limiter | None = getattr(services, "limiter", None)
+            if limiter is None:
+                raise GatewayError(ErrorKind.NOT_FOUND, "Limits are not enabled on this gateway.")
+            try:
+                report = await limiter.report(policy, team, period)
+            except StoreUnavailable as exc:
+                raise GatewayError(ErrorKind.UNAVAILABLE, f"The state store is unreachable: {exc}",
+                                   code="state_store_unavailable", retry_after=1.0) from exc
+        except GatewayError as error:
+            await send_reply(send, Reply(*render(error)))
+            return
+        await send_json(send, 200, report)
+
+
+def _authenticate_admin(digests: frozenset[bytes], headers: Mapping[str, str]) -> None:
+    authorization = headers.get("authorization", "")
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
+                           code="missing_api_key")
+    digest = hashlib.sha256(presented.strip().encode()).digest()
+    if not any(hmac.compare_digest(digest, known) for known in digests):
+        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
+
+
+async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
+                body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str]) -> Admission | None:
+    """The pipeline's admission step: None when this gateway or request has no limits."""
+    if limiter is None:
+        return None
+    return await limiter.admit(policy, caller, endpoint, body, model, headers)
+
+
+def print_usage(policy_path: str, team: str, period: str = "current") -> int:
+    """`switchboard usage`: read the counters the policy's `state:` block points at and print the report."""
+    import json
+    import sys
+
+    from gateway.policy import PolicyError, load_policy
+    from gateway.state import open_store
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    if team not in policy.teams:
+        sys.stderr.write(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}\n")
+        return 1
+    needed = bool(policy.rules and policy.rules.any)
+    store = open_store(policy.state, policy_path=policy_path, needed=needed, read_only=True)
+    if type(store).__name__ == "MemoryStore":
+        sys.stderr.write("note: this policy keeps its counters in process memory (state.backend: memory); "
+                         "ask the running gateway instead: GET /admin/usage?team=...\n")
+
+    async def read() -> dict[str, Any]:
+        await store.start()
+        try:
+            return await Limiter(store, None).report(policy, team, period)
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(read())
+    except StoreUnavailable as exc:
+        sys.stderr.write(f"cannot read usage: {exc}\n")
+        return 1
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0

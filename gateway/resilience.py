@@ -1,0 +1,410 @@
+"""Resilience: retries, fallbacks, deadlines and the streaming contract.
+
+`route_and_call` is the pipeline's route step. For the requested model it
+ranks the targets (gateway/routing.py), sends one attempt at a time through
+the pipeline's single-attempt function, and on a retryable failure backs off
+(exponential, full jitter, at least an upstream's Retry-After when only the
+same target is left) and tries again, up to the model's `retries`. When the
+model cannot answer it moves along the requested model's fallback list for
+that kind of failure: `default`, `context_window` or `content_policy`. Every
+attempt is kept in the trail sent back as `x-switchboard-route`.
+
+An attempt only succeeds once nothing can go wrong that another target could
+fix: a whole body has been read, or a stream has produced its first content
+chunk (the role-only preamble does not count) within `ttft_timeout_s`. Until
+then nothing has reached the client, so a stream that opens and dies or stalls
+is retried invisibly. After that, the relay owns the stream; a failure there
+ends it with an in-band error and no `[DONE]` (see gateway/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway.errors import ErrorKind, GatewayError, from_upstream
+from gateway.policy import Model, Policy, Target
+from gateway.policy_schema import ModelPolicy
+from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
+from gateway.upstream import UpstreamResponse
+from providers.base import Call, Endpoint, FailureKind, UpstreamFailed, UpstreamFailure
+from providers.sse import iter_sse_data
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Exchange, Services
+
+ROUTE_HEADER = "x-switchboard-route"
+MODEL_HEADER = "x-switchboard-model"
+
+Attempt = Callable[["Services", Target, Call, "Exchange"], Awaitable[UpstreamResponse]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Routed:
+    """The attempt that succeeded: its response (body read, or stream primed), target and call."""
+
+    response: UpstreamResponse
+    target: Target
+    call: Call
+    model: Model
+
+
+class _ModelFailed(Exception):
+    """Every allowed attempt at one model failed; `reason` picks the fallback list."""
+
+    def __init__(self, reason: str, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.reason = reason
+        self.error = error
+
+
+async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
+                         headers: Mapping[str, str], attempt: Attempt) -> Routed:
+    """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could."""
+    run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
+    fallbacks = model.plan.config.fallbacks
+    lists = {"default": fallbacks.default, "context_window": fallbacks.context_window,
+             "content_policy": fallbacks.content_policy}
+    tried = {model.name}
+    current = model
+    try:
+        while True:
+            try:
+                return await run.serve(current, call)
+            except _ModelFailed as failed:
+                following = next((name for name in lists[failed.reason]
+                                  if name not in tried and name in policy.models), None)
+                if following is None or run.expired():
+                    raise failed.error from None
+                tried.add(following)
+                current = policy.models[following]
+    finally:
+        exchange.response_headers[ROUTE_HEADER] = ",".join(run.trail)
+
+
+class _Run:
+    """One request's attempts across models and targets."""
+
+    def __init__(self, services: Services, exchange: Exchange, headers: Mapping[str, str], attempt: Attempt,
+                 deadline_s: float | None) -> None:
+        self.services = services
+        self.states: RouteState = services.routes
+        self.exchange = exchange
+        self.headers = headers
+        self.attempt = attempt
+        self.clock = services.clock
+        self.deadline = None if deadline_s is None else self.clock() + deadline_s
+        self.trail: list[str] = []
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def expired(self) -> bool:
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+    async def serve(self, model: Model, call: Call) -> Routed:
+        config = model.plan.config
+        if config.context_window is not None and not self._fits(model, call):
+            self.trail.append(f"{model.name}:context_window")
+            raise _ModelFailed("context_window", GatewayError(
+                ErrorKind.CONTEXT_LENGTH, f"This model's maximum context length is {config.context_window} tokens; "
+                "the request is longer.", param="messages", code="context_length_exceeded"))
+        targets = pinned_targets(model.plan, model.targets, self.headers)
+        if not targets:
+            raise GatewayError(ErrorKind.BAD_REQUEST, f"No deployment of `{model.name}` matches the "
+                               f"{self.headers.get('x-switchboard-tags')!r} tags.", code="no_matching_target")
+        request = RouteRequest(call.body)
+        error: GatewayError | None = None
+        previous: Target | None = None
+        for number in range(config.retries + 1):
+            now = self.states.clock()
+            available = [t for t in targets if self.states.available(t, now)]
+            if not available:
+                self.trail.append(f"{model.name}:no_healthy_target")
+                wait = min(self.states.state(t).breaker.reopens_in(now) for t in targets)
+                raise _ModelFailed("default", error or GatewayError(
+                    ErrorKind.UNAVAILABLE, f"Every deployment of `{model.name}` is failing; retry later.",
+                    code="no_healthy_target", retry_after=wait or None))
+            # Held targets (Retry-After) go last; a retry prefers a target other than the one that just failed.
+            ranked = sorted(model.plan.strategy.rank(available, self.states, request),
+                            key=lambda t: (self.states.state(t).hold_until > now, t is previous))
+            target = ranked[0]
+            model.plan.strategy.on_attempt(target, self.states, request)
+            sent = dataclasses.replace(call, upstream_model=target.upstream_model)
+            try:
+                response = await self._attempt(model, target, sent)
+            except _AttemptFailed as failed:
+                error, previous = failed.error, target
+                reason = _FALLBACK_REASON.get(failed.failure.kind)
+                if reason is not None:
+                    raise _ModelFailed(reason, failed.error) from None
+                if not failed.failure.retryable:
+                    raise failed.error from None
+                if number == config.retries or not await self._back_off(model, number, failed.failure, ranked):
+                    break
+                continue
+            self.exchange.response_headers[MODEL_HEADER] = model.name
+            return Routed(response, target, sent, model)
+        assert error is not None
+        raise _ModelFailed("default", error)
+
+    async def _back_off(self, model: Model, number: int, failure: UpstreamFailure, ranked: list[Target]) -> bool:
+        """Wait before the next attempt; False when the deadline leaves no room for it."""
+        backoff = model.plan.config.backoff
+        delay = self.states.rng.uniform(0, min(backoff.max_s, backoff.initial_s * 2 ** number))
+        if failure.retry_after is not None and len(ranked) == 1:
+            # Only the target that asked us to wait is left: honour it.
+            delay = max(delay, failure.retry_after)
+        remaining = self.remaining()
+        if remaining is not None and delay >= remaining:
+            return False
+        if delay > 0:
+            await asyncio.sleep(delay)
+            self.exchange.upstream_wait_s += delay
+        return True
+
+    def _fits(self, model: Model, call: Call) -> bool:
+        counter = self.services.counter
+        body = call.body
+        name = model.targets[0].upstream_model
+        if call.endpoint is Endpoint.CHAT:
+            tokens = counter.count_chat_prompt(body, name)
+        elif call.endpoint is Endpoint.COMPLETIONS:
+            tokens = counter.count_completion_prompt(body, name)
+        else:
+            tokens = counter.count_embedding_input(body, name)
+        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        window = model.plan.config.context_window
+        assert window is not None
+        return tokens + (reserve if isinstance(reserve, int) else 0) <= window
+
+    async def _attempt(self, model: Model, target: Target, call: Call) -> UpstreamResponse:
+        """One try at one target with `call` already aimed at it; raises `_AttemptFailed`."""
+        config = model.plan.config
+        states, clock = self.states, self.clock
+        state = states.state(target)
+        timeout = self.remaining()
+        if call.stream and config.ttft_timeout_s is not None:
+            timeout = config.ttft_timeout_s if timeout is None else min(timeout, config.ttft_timeout_s)
+        label = f"{model.name}@{target.provider.name}"
+        started = clock()
+        state.in_flight += 1
+        state.requests += 1
+        state.breaker.on_attempt(states.clock())
+        response: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(timeout if timeout is None else max(timeout, 0.0)):
+                response = await self.attempt(self.services, target, call, self.exchange)
+                read_from = clock()
+                try:
+                    if call.stream:
+                        response = await _prime(response, target, call, config.stream_idle_timeout_s,
+                                                _Outcome(states, target, config))
+                    else:
+                        response = _ReadResponse(response.status, response.headers, await response.read())
+                finally:
+                    self.exchange.upstream_wait_s += clock() - read_from
+        except BaseException as exc:
+            state.in_flight -= 1
+            if response is not None:
+                response.close()
+            failure, error = _classify(exc, target, timeout)
+            if failure is None:
+                state.breaker.on_abandon()
+                raise
+            if failure.retryable:
+                _record_failure(states, target, config, failure)
+            else:
+                # The upstream answered: it is alive, whatever it thought of the request.
+                state.breaker.on_success(states.clock(), config.circuit_breaker)
+            self.trail.append(f"{label}:{failure.status if failure.kind is not FailureKind.TIMEOUT else 'timeout'}")
+            raise _AttemptFailed(failure, error) from exc
+        states.observe_latency(target, clock() - started, config.routing.latency_alpha)
+        state.breaker.on_success(states.clock(), config.circuit_breaker)
+        if not call.stream:
+            state.in_flight -= 1  # a stream stays in flight until the relay closes it
+        self.trail.append(f"{label}:ok")
+        return response
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, failure: UpstreamFailure, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.failure = failure
+        self.error = error
+
+
+_FALLBACK_REASON = {FailureKind.CONTEXT_LENGTH: "context_window", FailureKind.CONTENT_FILTER: "content_policy"}
+
+
+def _classify(exc: BaseException, target: Target, timeout: float | None
+              ) -> tuple[UpstreamFailure, GatewayError] | tuple[None, None]:
+    secrets = (target.provider.settings.api_key or "",)
+    if isinstance(exc, UpstreamFailed):
+        return exc.failure, from_upstream(exc.failure, secrets)
+    if isinstance(exc, GatewayError):
+        cause = exc.__cause__
+        if isinstance(cause, UpstreamFailed):
+            return cause.failure, exc
+        # Refused by the gateway before sending (e.g. unsupported endpoint): not the target's fault.
+        return UpstreamFailure(FailureKind.BAD_REQUEST, exc.http_status, exc.message), exc
+    if isinstance(exc, TimeoutError):
+        failure = UpstreamFailure(FailureKind.TIMEOUT, 504, f"the upstream sent no content within {timeout:.3g}s")
+        return failure, from_upstream(failure)
+    return None, None
+
+
+def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure) -> None:
+    state = states.state(target)
+    now = states.clock()
+    state.failures += 1
+    state.last_error = f"{failure.kind.value}: {failure.message}"[:200]
+    if failure.retry_after:
+        state.hold_until = now + failure.retry_after
+    breaker = config.circuit_breaker
+    if breaker.enabled:
+        state.breaker.on_failure(now, breaker)
+
+
+class _Outcome:
+    """How a primed stream reports its end: in-flight released once, a mid-stream failure recorded."""
+
+    __slots__ = ("config", "done", "states", "target")
+
+    def __init__(self, states: RouteState, target: Target, config: ModelPolicy) -> None:
+        self.states, self.target, self.config, self.done = states, target, config, False
+
+    def finish(self, failure: UpstreamFailure | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        state: TargetState = self.states.state(self.target)
+        state.in_flight -= 1
+        if failure is not None and failure.retryable:
+            _record_failure(self.states, self.target, self.config, failure)
+
+
+class _ReadResponse:
+    """A non-streamed response whose body was already read (so a cut-short body could be retried)."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self._body = status, headers, body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def close(self) -> None:
+        pass
+
+
+async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s: float | None,
+                 outcome: _Outcome) -> UpstreamResponse:
+    """Read the stream until its first content chunk; return a response that replays what was read.
+
+    The adapter's own translator judges the events, so this works for every
+    wire format; the relay translates the replayed bytes again from scratch
+    (only the first few events are translated twice).
+    """
+    raw = response.chunks().__aiter__()
+    buffered: list[bytes] = []
+
+    async def recording() -> AsyncIterator[bytes]:
+        while True:
+            try:
+                chunk = await raw.__anext__()
+            except StopAsyncIteration:
+                return
+            buffered.append(chunk)
+            yield chunk
+
+    source = recording()
+    events = iter_sse_data(source)
+    translated = target.provider.adapter.translate_stream(call, events)
+    try:
+        async for chunk in translated:
+            if not _is_preamble(chunk.data):
+                break
+    finally:
+        await translated.aclose()
+        await events.aclose()
+        await source.aclose()
+    return _PrimedResponse(response, buffered, raw, idle_s, outcome)
+
+
+def _is_preamble(data: bytes) -> bool:
+    """A canonical chunk that carries no content yet: the role announcement, empty deltas, filter results."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(payload, dict):
+        return False
+    choices = payload.get("choices")
+    if not choices:
+        return payload.get("usage") is None
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") or choice.get("text"):
+            return False
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(v not in ("", None, [], {}) for k, v in delta.items() if k != "role"):
+            return False
+    return True
+
+
+class _PrimedResponse:
+    """A stream that has shown content: replays the bytes read while priming, then the rest.
+
+    Enforces the stream idle timeout and reports the stream's end to the target's state.
+    """
+
+    __slots__ = ("_buffered", "_idle_s", "_outcome", "_raw", "_response", "headers", "status")
+
+    def __init__(self, response: UpstreamResponse, buffered: list[bytes], raw: AsyncIterator[bytes],
+                 idle_s: float | None, outcome: _Outcome) -> None:
+        self._response, self._buffered, self._raw, self._idle_s, self._outcome = (
+            response, buffered, raw, idle_s, outcome)
+        self.status, self.headers = response.status, response.headers
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        failure = None
+        try:
+            buffered, self._buffered = self._buffered, []
+            for chunk in buffered:
+                yield chunk
+            raw, idle_s = self._raw, self._idle_s
+            while True:
+                try:
+                    if idle_s is None:
+                        chunk = await raw.__anext__()
+                    else:
+                        async with asyncio.timeout(idle_s):
+                            chunk = await raw.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    failure = UpstreamFailure(FailureKind.TIMEOUT, 504,
+                                              f"the upstream stream stalled for more than {idle_s:g}s")
+                    raise UpstreamFailed(failure) from None
+                yield chunk
+        except UpstreamFailed as exc:
+            failure = exc.failure
+            raise
+        finally:
+            self._outcome.finish(failure)
+
+    def close(self) -> None:
+        self._response.close()
+        self._outcome.finish(None)

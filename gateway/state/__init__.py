@@ -1,0 +1,134 @@
+"""Counters that admission reserves against, behind one small interface.
+
+A `StateStore` keeps integer counters named by stable strings (team, key,
+model, window), never by policy version, so editing the policy never resets
+usage. It has three operations, each atomic:
+
+- `admit(checks)`: test every check and reserve all of them, or none;
+- `settle(deltas)`: add signed amounts (a refund or an extra charge) — never
+  blocks the caller and never raises;
+- `read(slices)`: current sums, for usage reports.
+
+Backends: `memory` (one process, for tests and the demo), `durable` (memory
+authoritative, snapshotted to SQLite off the request path), `redis` (shared by
+replicas; one round trip per admission). `open_store` builds one from the
+policy's `state:` block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gateway.policy_schema import StatePolicy
+
+UNLIMITED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One counter an admission tests and reserves against.
+
+    The counter's value is the sum of `slices` (one key for a fixed window,
+    several for a rolling one); the reservation is added to the last slice.
+    Admitted when `used + amount <= limit`: reaching the limit exactly is
+    allowed, one past it is not. `limit == UNLIMITED` only counts.
+    """
+
+    slices: tuple[str, ...]
+    limit: int
+    amount: int
+    expires_at: int  # unix seconds after which the newest slice may be dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A signed amount to add to one counter key at settlement."""
+
+    key: str
+    amount: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to an admission: `used` holds each check's value before it."""
+
+    admitted: bool
+    used: tuple[int, ...]
+    denied: int | None = None  # index of the first check that refused
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached and the policy says to fail closed."""
+
+
+class StateStore(Protocol):
+    """The counters behind rate limits and budgets. Implementations must be safe on the event loop."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def admit(self, checks: Sequence[Check]) -> Verdict: ...
+
+    def settle(self, deltas: Sequence[Delta]) -> None: ...
+
+    async def read(self, slices: Sequence[Sequence[str]]) -> list[int]: ...
+
+    async def flush(self) -> None:
+        """Wait until every settlement made so far is applied (tests, shutdown)."""
+        ...
+
+
+def decide(checks: Sequence[Check], used: Sequence[int]) -> int | None:
+    """Index of the first check that refuses, given each counter's current value."""
+    for index, check in enumerate(checks):
+        if check.limit != UNLIMITED and used[index] + check.amount > check.limit:
+            return index
+    return None
+
+
+def open_store(config: StatePolicy, *, policy_path: str | Path | None = None, needed: bool = True,
+               clock: Callable[[], float] = time.time, read_only: bool = False) -> StateStore:
+    """The store a policy's `state:` block describes.
+
+    `backend: auto` is the durable store when the policy sets any limit or
+    budget (`needed`), and memory otherwise, so a gateway without limits
+    writes no file.
+    """
+    backend = backend_for(config, needed)
+    if backend == "memory":
+        from gateway.state.memory import MemoryStore
+
+        return MemoryStore(clock=clock)
+    if backend == "durable":
+        from gateway.state.durable import DurableStore
+
+        return DurableStore(durable_path(config, policy_path), flush_interval_s=config.flush_interval_s,
+                            clock=clock, read_only=read_only)
+    from gateway.state.redis import RedisStore
+
+    assert config.url is not None
+    return RedisStore(config.url, key_prefix=config.key_prefix, timeout_s=config.timeout_s,
+                      failure_mode=config.failure_mode, retry_interval_s=config.retry_interval_s, clock=clock)
+
+
+def backend_for(config: StatePolicy, needed: bool) -> str:
+    """The backend `state.backend` names, with `auto` resolved."""
+    if config.backend != "auto":
+        return config.backend
+    return "redis" if config.url else ("durable" if needed else "memory")
+
+
+def durable_path(config: StatePolicy, policy_path: str | Path | None) -> Path:
+    """Where the durable store lives: `state.path`, relative to the policy file's directory."""
+    base = Path(policy_path).resolve().parent if policy_path is not None else Path.cwd()
+    if config.path:
+        return base / config.path
+    stem = Path(policy_path).stem if policy_path is not None else "switchboard"
+    return base / f"{stem}.state.sqlite"

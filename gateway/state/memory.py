@@ -1,0 +1,111 @@
+"""The in-process store: a dict of counters with absolute expiry times.
+
+Authoritative for one process only; the durable store builds on it. Every
+operation is a few dict lookups done synchronously on the event loop, so it
+is atomic with respect to other requests without any lock on the hot path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from gateway.state import Check, Delta, Verdict, decide
+
+_SWEEP_EVERY = 4096  # admissions between sweeps of expired counters
+
+
+class MemoryStore:
+    """Counters in a dict: `key -> [value, expires_at]`."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._values: dict[str, list[int]] = {}
+        # Keys changed since the last snapshot; only the durable store reads it,
+        # from its flusher thread, hence the lock (uncontended on the request path).
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+        self._until_sweep = _SWEEP_EVERY
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def admit(self, checks: Sequence[Check]) -> Verdict:
+        return self.admit_now(checks)
+
+    def settle(self, deltas: Sequence[Delta]) -> None:
+        now = self._clock()
+        with self._lock:
+            for delta in deltas:
+                self._add(delta.key, delta.amount, delta.expires_at, now)
+
+    async def read(self, slices: Sequence[Sequence[str]]) -> list[int]:
+        return self.read_now(slices)
+
+    def admit_now(self, checks: Sequence[Check]) -> Verdict:
+        """Test and reserve every check, or none of them."""
+        now = self._clock()
+        with self._lock:
+            used = tuple(self._sum(check.slices, now) for check in checks)
+            denied = decide(checks, used)
+            if denied is None:
+                for check in checks:
+                    self._add(check.slices[-1], check.amount, check.expires_at, now)
+            self._until_sweep -= 1
+            if self._until_sweep <= 0:
+                self._sweep(now)
+        return Verdict(denied is None, used, denied)
+
+    def read_now(self, slices: Sequence[Sequence[str]]) -> list[int]:
+        now = self._clock()
+        with self._lock:
+            return [self._sum(keys, now) for keys in slices]
+
+    def snapshot_changes(self) -> list[tuple[str, int, int]]:
+        """Rows changed since the last call, as `(key, value, expires_at)`; value 0 means deleted."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            return [(key, *self._values.get(key, (0, 0))) for key in dirty]  # type: ignore[misc]
+
+    def load(self, rows: Sequence[tuple[str, int, int]]) -> None:
+        """Replace the counters with `rows` (at startup, before serving)."""
+        now = self._clock()
+        with self._lock:
+            self._values = {key: [value, expires] for key, value, expires in rows if expires > now}
+
+    def _sum(self, keys: Sequence[str], now: float) -> int:
+        total = 0
+        for key in keys:
+            entry = self._values.get(key)
+            if entry is not None:
+                if entry[1] <= now:
+                    del self._values[key]
+                    self._dirty.add(key)
+                else:
+                    total += entry[0]
+        return total
+
+    def _add(self, key: str, amount: int, expires_at: int, now: float) -> None:
+        if amount == 0 or expires_at <= now:
+            return
+        entry = self._values.get(key)
+        if entry is None or entry[1] <= now:
+            self._values[key] = [amount, expires_at]
+        else:
+            entry[0] += amount
+            entry[1] = max(entry[1], expires_at)
+        self._dirty.add(key)
+
+    def _sweep(self, now: float) -> None:
+        self._until_sweep = _SWEEP_EVERY
+        expired = [key for key, (_, expires) in self._values.items() if expires <= now]
+        for key in expired:
+            del self._values[key]
+            self._dirty.add(key)

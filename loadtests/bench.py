@@ -1,0 +1,340 @@
+"""Gateway overhead benchmark: direct vs bare pass-through baselines vs the gateway, one run, as ratios.
+
+    .venv/bin/python loadtests/bench.py            # ~10 s per cell, ~5 minutes
+    .venv/bin/python loadtests/bench.py --quick    # ~1 minute smoke run
+
+Layout on a 2-core box: the system under test (SUT) alone on core 0; the fake upstreams and the load
+generator share core 1, and their CPU is reported so harness saturation is visible, not hidden.
+Systems: direct (load generator -> upstream), baseline-aiohttp, baseline-httpx, gateway (skipped if
+`python -m gateway` is not importable or does not become healthy). See loadtests/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import report
+from procs import Child, core_busy_seconds, cpu_seconds, free_port, install_cleanup, machine_busy_seconds, stop, track
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+SUT_CORE, HARNESS_CORE = 0, 1
+BENCH_KEY = "sk-bench"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    loop: str  # "closed" | "open"
+    stream: bool
+
+
+@dataclass
+class Upstream:
+    child: Child
+    base_url: str  # ends in /v1
+
+
+@dataclass
+class Target:
+    """A running system under test: where to send requests and which pid to bill CPU to."""
+
+    url: str
+    key: str
+    model: str
+    child: Child | None  # None for direct (no SUT process)
+
+
+# A system starts itself against one upstream and returns a Target, or None to be skipped.
+Starter = Callable[[Upstream, argparse.Namespace, Path], Target | None]
+
+
+def start_upstream(name: str, latency_ms: float, args: argparse.Namespace, tmp: Path) -> Upstream:
+    port = free_port()
+    argv = [
+        PY,
+        "-m",
+        args.upstream_module,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+        "--stream-chunks",
+        str(args.stream_chunks),
+        "--chunk-delay-ms",
+        "0",
+    ]
+    child = Child(name, argv, tmp, HARNESS_CORE, REPO)
+    child.wait_http_ok(f"http://127.0.0.1:{port}/health")
+    return Upstream(child, f"http://127.0.0.1:{port}/v1")
+
+
+def start_direct(upstream: Upstream, _args: argparse.Namespace, _tmp: Path) -> Target:
+    return Target(upstream.base_url + "/chat/completions", "sk-anything", "fake-model", None)
+
+
+def baseline_starter(client: str) -> Starter:
+    def start(upstream: Upstream, _args: argparse.Namespace, tmp: Path) -> Target:
+        port = free_port()
+        argv = [
+            PY,
+            str(HERE / "baseline_passthrough.py"),
+            "--upstream",
+            upstream.base_url,
+            "--port",
+            str(port),
+            "--client",
+            client,
+        ]
+        child = Child(f"baseline-{client}-{port}", argv, tmp, SUT_CORE, REPO)
+        child.wait_http_ok(f"http://127.0.0.1:{port}/health")
+        return Target(f"http://127.0.0.1:{port}/v1/chat/completions", "sk-anything", "fake-model", child)
+
+    return start
+
+
+def policy_yaml(upstream_base: str) -> str:
+    key_hash = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+    return f"""version: 1
+providers:
+  upstream:
+    kind: openai_compatible
+    base_url: {upstream_base}
+    api_key: sk-upstream-secret
+models:
+  bench-model:
+    targets:
+      - provider: upstream
+        model: fake-model
+teams:
+  bench:
+    keys:
+      - id: bench
+        hash: "sha256:{key_hash}"
+    models: ["bench-model"]
+"""
+
+
+def gateway_available() -> bool:
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('gateway.__main__') is None)"
+    return subprocess.run([PY, "-c", probe], cwd=REPO, capture_output=True).returncode == 0
+
+
+def start_gateway(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+    port = free_port()
+    policy = tmp / f"policy-{port}.yaml"
+    policy.write_text(policy_yaml(upstream.base_url))
+    argv = [PY, "-m", "gateway", "serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port)]
+    if args.gateway_workers > 1:
+        argv += ["--workers", str(args.gateway_workers)]
+    argv += shlex.split(args.gateway_args)
+    child = Child(f"gateway-{port}", argv, tmp, SUT_CORE, REPO)
+    try:
+        child.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
+    except RuntimeError as exc:  # a half-built gateway must not sink the baseline figures
+        report.note(f"gateway skipped: {exc}")
+        child.stop()
+        return None
+    return Target(f"http://127.0.0.1:{port}/v1/chat/completions", BENCH_KEY, "bench-model", child)
+
+
+def systems(args: argparse.Namespace) -> dict[str, Starter]:
+    chosen: dict[str, Starter] = {
+        "direct": start_direct,
+        "baseline-aiohttp": baseline_starter("aiohttp"),
+        "baseline-httpx": baseline_starter("httpx"),
+    }
+    if args.no_gateway:
+        report.note("gateway skipped: --no-gateway")
+    elif gateway_available():
+        chosen["gateway"] = start_gateway
+    else:
+        report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
+    return {name: start for name, start in chosen.items() if not args.only or name in args.only}
+
+
+def loadgen_argv(target: Target, mode: Mode, args: argparse.Namespace) -> list[str]:
+    argv = [
+        PY,
+        str(HERE / "loadgen.py"),
+        "--url",
+        target.url,
+        "--key",
+        target.key,
+        "--model",
+        target.model,
+        "--mode",
+        mode.loop,
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--concurrency",
+        str(args.concurrency),
+        "--rate",
+        str(args.rate),
+    ]
+    return ["taskset", "-c", str(HARNESS_CORE), *argv, *(["--stream"] if mode.stream else [])]
+
+
+def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float]:
+    snapshot = {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
+    snapshot["machine"] = machine_busy_seconds()
+    snapshot["core0"] = core_busy_seconds(SUT_CORE)
+    snapshot["core1"] = core_busy_seconds(HARNESS_CORE)
+    return snapshot
+
+
+def run_cell(target: Target, upstream: Upstream, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
+    """One load-generator run; CPU counters are sampled exactly at its MARK start/end lines."""
+    proc = subprocess.Popen(loadgen_argv(target, mode, args), stdout=subprocess.PIPE, cwd=REPO, start_new_session=True)
+    track(proc)
+    pids = {
+        "sut": target.child.pid if target.child else None,
+        "upstream": upstream.child.pid,
+        "loadgen": proc.pid,
+    }
+    marks: dict[str, dict[str, float]] = {}
+    result: dict[str, Any] = {}
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode().strip()
+        if line.startswith("MARK "):
+            marks[line[5:]] = cpu_snapshot(pids)
+        elif line.startswith("{"):
+            result = orjson.loads(line)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)  # let it exit on its own; stop() below only mops up a hung one
+    stop(proc)
+    if "start" not in marks or "end" not in marks or not result:
+        raise RuntimeError(f"load generator failed (exit {proc.returncode}) for {target.url}")
+    cpu = {name: marks["end"][name] - marks["start"][name] for name in marks["end"]}
+    return {**result, **cpu_figures(cpu, result["completed"], args.duration)}
+
+
+def cpu_figures(cpu: dict[str, float], completed: int, duration: float) -> dict[str, float | None]:
+    ours = {name: sec for name, sec in cpu.items() if name in ("sut", "upstream", "loadgen")}
+    per_req = {f"{name}_cpu_us": 1e6 * sec / completed if completed else None for name, sec in ours.items()}
+    harness = ours.get("upstream", 0.0) + ours.get("loadgen", 0.0)
+    return {
+        **per_req,
+        "sut_busy": ours["sut"] / duration if "sut" in ours else None,
+        "harness_busy": harness / duration,
+        "core0_busy": cpu["core0"] / duration,
+        "core1_busy": cpu["core1"] / duration,
+        # Everything else on the box (other engineers' tests, this script): in cores, 0..nproc.
+        "foreign_busy": max(0.0, cpu["machine"] - sum(ours.values())) / duration,
+    }
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.2) -> None:
+    """Between cells our processes idle, so machine CPU is other people's: wait for it to drop."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(0.5)
+        if (machine_busy_seconds() - before) / 0.5 < threshold:
+            return
+    report.progress(f"(machine still busy after {max_wait:g} s, measuring anyway) ")
+
+
+def run_modes(
+    name: str, target: Target, upstream: Upstream, modes: list[Mode], args: argparse.Namespace
+) -> Iterator[dict[str, Any]]:
+    for mode in modes:
+        if args.quiet_wait > 0:
+            wait_for_quiet(args.quiet_wait)
+        report.progress(f"{name:17} {mode.name:24}")
+        cell = run_cell(target, upstream, mode, args)
+        p50 = report.fmt(cell["p50_ms"])
+        report.progress(f" {cell['rps']:7.0f} req/s  p50 {p50} ms  errors {cell['errors']}\n")
+        yield {"system": name, "mode": mode.name, "loop": mode.loop, "stream": mode.stream, **cell}
+
+
+def run_phase(
+    upstream: Upstream, modes: list[Mode], starters: dict[str, Starter], args: argparse.Namespace, tmp: Path
+) -> list[dict[str, Any]]:
+    """Start each system against this upstream, run every mode against it, stop it."""
+    rows = []
+    for name, start in starters.items():
+        target = start(upstream, args, tmp)
+        if target is None:
+            continue
+        try:
+            rows.extend(run_modes(name, target, upstream, modes, args))
+        finally:
+            if target.child:
+                target.child.stop()
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2.5 s cells, 1 s warm-up (~1 min)")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop in-flight requests")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrivals per second")
+    parser.add_argument("--open-latency-ms", type=float, default=50.0, help="upstream latency, open loop")
+    parser.add_argument("--stream-chunks", type=int, default=20)
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0, metavar="S", help="before each cell, wait up to S s for other load"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the report shows medians and ranges")
+    parser.add_argument("--gateway-workers", type=int, default=1)
+    parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
+    parser.add_argument("--no-gateway", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="SYSTEM", help="subset, e.g. direct baseline-aiohttp")
+    parser.add_argument("--upstream-module", default="tests.fakes.openai_upstream")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup = 2.5, 1.0
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    install_cleanup()
+    closed = [
+        Mode(f"closed c={args.concurrency} chat", "closed", False),
+        Mode(f"closed c={args.concurrency} stream", "closed", True),
+    ]
+    opened = [
+        Mode(f"open {args.rate:g}/s chat", "open", False),
+        Mode(f"open {args.rate:g}/s stream", "open", True),
+    ]
+    facts = report.machine_facts(args)
+    starters = systems(args)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        fast = start_upstream("upstream-fast", 0, args, tmp)
+        slow = start_upstream("upstream-slow", args.open_latency_ms, args, tmp)
+        rows = []
+        for round_no in range(args.repeat):  # whole-matrix rounds, so slow drift hits every system alike
+            for row in run_phase(fast, closed, starters, args, tmp) + run_phase(slow, opened, starters, args, tmp):
+                rows.append({**row, "round": round_no})
+        fast.child.stop()
+        slow.child.stop()
+    facts["wall_seconds"] = round(time.monotonic() - started, 1)
+    report.write(rows, facts, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Single-core async load generator for OpenAI-style chat completions (driven by bench.py).
+
+    python loadtests/loadgen.py --url http://127.0.0.1:9100/v1/chat/completions --mode closed \
+        --concurrency 32 --duration 10 --warmup 2 [--stream]
+    python loadtests/loadgen.py --url ... --mode open --rate 200 --duration 10 --warmup 2 [--stream]
+
+Protocol with the parent: one line `MARK start` when the warm-up ends, `MARK end` when the measured
+window ends (the parent samples /proc CPU counters on each), then one JSON line with the results.
+
+Closed loop: `concurrency` workers each send back-to-back requests; a request counts if it completes
+inside the window. Open loop: request i is due at t0 + i/rate whatever happened before (no
+coordinated omission); its latency is measured from that *scheduled* time, so generator lag or
+queueing shows up as latency instead of silently lowering the offered rate.
+"""
+
+# ruff: noqa: TID251 - a load generator, not gateway code: the single-upstream-client rule does not apply.
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+PROMPT = [{"role": "user", "content": "Say hello in five words."}]
+
+
+@dataclass
+class Window:
+    """The measured interval on the perf_counter clock; set when the warm-up ends."""
+
+    start: float = float("inf")
+    end: float = float("inf")
+
+    def contains(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)
+    ttfbs: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    max_lag: float = 0.0
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(what)
+
+
+def build_body(model: str, stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": PROMPT, "max_tokens": 32, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+async def one_request(
+    session: aiohttp.ClientSession, args: argparse.Namespace, body: bytes, headers: dict[str, str]
+) -> tuple[float, float | None, str | None]:
+    """Send one request, read it to the end. Returns (end time, first-body-byte time, error)."""
+    first: float | None = None
+    async with session.post(args.url, data=body, headers=headers) as resp:
+        if resp.status != 200:
+            await resp.read()
+            return time.perf_counter(), None, f"HTTP {resp.status}"
+        if not args.stream:
+            await resp.read()
+            return time.perf_counter(), None, None
+        tail = b""
+        async for chunk in resp.content.iter_any():
+            if first is None:
+                first = time.perf_counter()  # first SSE event: time to first byte/token
+            tail = (tail + chunk)[-64:]
+        end = time.perf_counter()
+        return end, first, None if b"[DONE]" in tail else "stream ended without [DONE]"
+
+
+async def timed(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    body: bytes,
+    headers: dict[str, str],
+    start: float,
+    stats: Stats,
+    window: Window,
+    count_by_start: bool,
+) -> None:
+    """Run one request and record it if it belongs to the window (by start or by completion)."""
+    try:
+        end, first, err = await one_request(session, args, body, headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        end, first, err = time.perf_counter(), None, f"{type(exc).__name__}: {exc}"
+    if not window.contains(start if count_by_start else end):
+        return
+    if err:
+        stats.error(err)
+        return
+    stats.latencies.append(end - start)
+    if first is not None:
+        stats.ttfbs.append(first - start)
+
+
+async def closed_loop(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    body: bytes,
+    headers: dict[str, str],
+    stats: Stats,
+    window: Window,
+) -> None:
+    async def worker() -> None:
+        while time.perf_counter() < window.end:
+            await timed(session, args, body, headers, time.perf_counter(), stats, window, False)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    await run_window(args, window)
+    for task in tasks:  # in-flight requests finished after the window: they don't count
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def open_loop(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    body: bytes,
+    headers: dict[str, str],
+    stats: Stats,
+    window: Window,
+) -> None:
+    interval = 1.0 / args.rate
+    tasks: set[asyncio.Task[None]] = set()
+    phases = asyncio.create_task(run_window(args, window))
+    t0 = time.perf_counter()
+    for i in range(int((args.warmup + args.duration) * args.rate)):
+        due = t0 + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        stats.max_lag = max(stats.max_lag, time.perf_counter() - due)
+        task = asyncio.create_task(timed(session, args, body, headers, due, stats, window, True))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await phases
+    # Requests scheduled inside the window still count if they complete late (that is the tail).
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
+
+
+async def run_window(args: argparse.Namespace, window: Window) -> None:
+    """Warm up, then mark the measured window for the parent process."""
+    await asyncio.sleep(args.warmup)
+    window.start = time.perf_counter()
+    window.end = window.start + args.duration
+    mark("start")
+    await asyncio.sleep(args.duration)
+    mark("end")
+
+
+def mark(what: str) -> None:
+    sys.stdout.write(f"MARK {what}\n")
+    sys.stdout.flush()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile in milliseconds."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def summarize(args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
+    lat, ttfb = stats.latencies, stats.ttfbs
+    return {
+        "completed": len(lat),
+        "errors": stats.errors,
+        "error_samples": stats.error_samples,
+        "duration_s": args.duration,
+        "rps": len(lat) / args.duration,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": percentile(lat, 100),
+        "ttfb_p50_ms": percentile(ttfb, 50),
+        "ttfb_p99_ms": percentile(ttfb, 99),
+        "max_schedule_lag_ms": 1000 * stats.max_lag if args.mode == "open" else None,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    body = build_body(args.model, args.stream)
+    headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
+    stats, window = Stats(), Window()
+    connector = aiohttp.TCPConnector(limit=0)  # never let the client pool queue requests
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        loop = closed_loop if args.mode == "closed" else open_loop
+        await loop(session, args, body, headers, stats, window)
+    return summarize(args, stats)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="full chat completions URL")
+    parser.add_argument("--key", default="sk-bench")
+    parser.add_argument("--model", default="bench-model")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=200.0, help="open loop arrivals per second")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    result = uvloop.run(run(args))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Building canonical (OpenAI Chat Completions) shapes, for adapters that translate.
+
+Pass-through adapters forward the upstream's own bytes; the native adapters
+(Anthropic, Gemini) build responses and stream chunks from parsed upstream
+data instead, and share these small builders so every translated reply has
+exactly the shape the openai SDK expects (protocols.md 1.5 and 1.6).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from providers.base import FailureKind, StreamChunk, UpstreamFailed, UpstreamFailure, Usage
+
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w=-]+)*;base64,", re.ASCII)
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """The OpenAI `usage` object; `cache_write_tokens` is kept so cost can price cache writes."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                  "cache_write_tokens": usage.cache_write_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def choice(index: int, text: str | None, tool_calls: list[dict[str, Any]], finish_reason: str) -> dict[str, Any]:
+    """One non-streamed choice; `content` is null only when there is no text at all."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion_body(response_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                    usage: Usage | None) -> bytes:
+    body: dict[str, Any] = {"id": response_id, "object": "chat.completion", "created": created, "model": model,
+                            "choices": choices}
+    if usage is not None:
+        body["usage"] = usage_json(usage)
+    return orjson.dumps(body)
+
+
+class ChunkWriter:
+    """Encodes the chunks of one stream; they share `id`, `created` and `model`."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, response_id: str, created: int, model: str) -> None:
+        self._head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def delta(self, index: int, delta: Mapping[str, Any], finish_reason: str | None = None) -> StreamChunk:
+        payload = {**self._head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish_reason}]}
+        return StreamChunk(orjson.dumps(payload), finish_reason=finish_reason)
+
+    def usage(self, usage: Usage) -> StreamChunk:
+        payload = {**self._head, "choices": [], "usage": usage_json(usage)}
+        return StreamChunk(orjson.dumps(payload), usage=usage, usage_only=True)
+
+
+def text_of(content: Any) -> str:
+    """The text of a message `content`: a string, or the text parts of a part list joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 payload) of a `data:` URL, or None for any other URL."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        return None
+    return match.group(1) or "application/octet-stream", url[match.end():]
+
+
+def json_arguments(arguments: Any, where: str) -> Any:
+    """A tool call's `arguments` JSON string, decoded; native APIs want the object."""
+    if isinstance(arguments, (dict, list)):
+        return arguments
+    if not arguments:
+        return {}
+    try:
+        return orjson.loads(arguments)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"{where} is not valid JSON", where) from exc
+
+
+def bad_request(message: str, param: str | None = None) -> UpstreamFailed:
+    """A request the adapter cannot translate: the client gets a 400 and can fix it."""
+    return UpstreamFailed(UpstreamFailure(FailureKind.BAD_REQUEST, 400, message, code="unsupported_value",
+                                          param=param))
+
+
+def malformed(detail: str) -> UpstreamFailed:
+    return UpstreamFailed(UpstreamFailure(FailureKind.UPSTREAM_ERROR, 502,
+                                          f"the upstream sent a malformed response: {detail}"))
+
+
+def stream_cut() -> UpstreamFailed:
+    return UpstreamFailed(UpstreamFailure(FailureKind.CONNECTION, 502,
+                                          "the upstream stream ended before completing"))
+
+
+def load_object(data: bytes, what: str) -> dict[str, Any]:
+    """Decode an upstream JSON object or fail as a malformed response."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise malformed(f"{what} is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise malformed(f"{what} is not a JSON object")
+    return payload

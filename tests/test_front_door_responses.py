@@ -1,0 +1,153 @@
+"""POST /v1/responses: the openai SDK's Responses API against Anthropic-backed and vLLM-backed models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from pydantic import BaseModel
+
+from tests.conftest import RunningGateway, key_hash, run_gateway
+from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.anthropic_upstream import FakeAnthropicUpstream
+from tests.fakes.openai_upstream import Behaviour
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}}
+MODELS = ["claude", "local"]
+
+
+@pytest.fixture(scope="module")
+def claude_fake() -> Iterator[FakeAnthropicUpstream]:
+    with FakeAnthropicUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def module_gateway(claude_fake: FakeAnthropicUpstream, fake_upstream: FakeOpenAIUpstream,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    path = tmp_path_factory.mktemp("responses") / "policy.yaml"
+    path.write_text(f"""
+version: 1
+providers:
+  claude: {{kind: anthropic, base_url: {claude_fake.base_url}, api_key: sk-ant-x}}
+  engine: {{kind: vllm, base_url: {fake_upstream.base_url}}}
+models:
+  claude: {{targets: [{{provider: claude, model: claude-sonnet-4-6}}]}}
+  local: {{targets: [{{provider: engine, model: qwen3}}]}}
+teams:
+  alpha:
+    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
+    models: ["*"]
+""")
+    gateway = run_gateway(path)
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def client(module_gateway: RunningGateway, claude_fake: FakeAnthropicUpstream,
+           upstream: FakeOpenAIUpstream) -> openai.OpenAI:
+    claude_fake.reset()
+    return module_gateway.client()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_string_input_with_instructions(client: openai.OpenAI, claude_fake: FakeAnthropicUpstream,
+                                        upstream: FakeOpenAIUpstream, model: str) -> None:
+    reply = client.responses.create(model=model, input="hello there", instructions="Be brief.",
+                                    max_output_tokens=50)
+    assert reply.status == "completed"
+    assert reply.output_text == "echo: hello there"
+    assert reply.usage is not None and reply.usage.output_tokens == 3
+    assert reply.usage.total_tokens == reply.usage.input_tokens + reply.usage.output_tokens
+    sent = (claude_fake if model == "claude" else upstream).last_request
+    assert sent is not None
+    if model == "claude":
+        assert sent.json["system"] == [{"type": "text", "text": "Be brief."}] and sent.json["max_tokens"] == 50
+    else:
+        assert sent.json["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stream_event_sequence(client: openai.OpenAI, model: str) -> None:
+    whole = client.responses.create(model=model, input="one two three four")
+    events = list(client.responses.create(model=model, input="one two three four", stream=True))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.output_text
+    completed = events[-1].response
+    assert completed.output_text == whole.output_text
+    assert completed.usage is not None and completed.usage.output_tokens == whole.usage.output_tokens
+
+
+class Person(BaseModel):
+    name: str
+    age: int | None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parse_with_text_format(client: openai.OpenAI, model: str) -> None:
+    reply = client.responses.parse(model=model, input="who?", text_format=Person)
+    assert reply.output_parsed == Person(name="x", age=1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_function_call_round_trip(client: openai.OpenAI, model: str, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": model, "tools": [WEATHER], "tool_choice": "required"}
+    if stream:
+        with client.responses.stream(input="weather in Paris?", **kwargs) as events:
+            seen = [e.type for e in events]
+            first = events.get_final_response()
+        assert "response.function_call_arguments.delta" in seen
+        assert "response.function_call_arguments.done" in seen
+    else:
+        first = client.responses.create(input="weather in Paris?", **kwargs)
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_weather" and orjson.loads(call.arguments) == {"city": "x"}
+
+    second = client.responses.create(model=model, tools=[WEATHER], tool_choice="none", input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "weather in Paris?"}]},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "12 degrees"},
+    ])
+    assert second.status == "completed" and second.output_text
+
+
+def test_cached_tokens_in_response_usage(client: openai.OpenAI, claude_fake: FakeAnthropicUpstream) -> None:
+    claude_fake.cache_read_tokens = 300
+    reply = client.responses.create(model="claude", input="a b")
+    assert reply.usage is not None
+    assert reply.usage.input_tokens == 302 and reply.usage.input_tokens_details.cached_tokens == 300
+
+
+def test_length_stop_is_incomplete(client: openai.OpenAI) -> None:
+    reply = client.responses.create(model="local", input="a b c d e", max_output_tokens=2)
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+
+
+def test_stateful_features_are_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="local", input="more", previous_response_id="resp_123")
+    assert caught.value.body["param"] == "previous_response_id"
+
+
+def test_upstream_errors_keep_openai_shape(client: openai.OpenAI, upstream: FakeOpenAIUpstream) -> None:
+    upstream.script(Behaviour.rate_limited(retry_after=2))
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model="local", input="x")
+    upstream.script(Behaviour.error_mid_stream(after_chunks=2))
+    events = list(client.responses.create(model="local", input="a b c d e", stream=True))
+    # A failure after the stream started is the Responses `error` event, and no response.completed follows.
+    assert events[-1].type == "error" and "mid-stream" in events[-1].message
+    assert "response.completed" not in [e.type for e in events]

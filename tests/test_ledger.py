@@ -1,0 +1,140 @@
+"""The usage ledger: durable, idempotent, and its spend reports match what clients were told."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.cli import main
+from gateway.ledger import Ledger, parse_since, spend
+from gateway.usage import UsageRecord
+from providers.base import Usage
+from tests.conftest import RunningGateway, key_hash, standard_policy
+from tests.fakes import FakeOpenAIUpstream
+
+ADMIN_KEY = "sk-admin-ledger"
+EXTRA = f"""
+prices:
+  version: ledger-test
+  targets:
+    upstream:
+      upstream-chat: {{input: 2.50, output: 10.00}}
+      upstream-beta: {{input: 0.50, output: 1.50}}
+ledger:
+  path: ledger.sqlite
+  flush_interval_s: 0.05
+admin:
+  keys:
+    - id: finance
+      hash: "{key_hash(ADMIN_KEY)}"
+"""
+
+
+@pytest.fixture
+def ledgered(upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
+    return start_gateway(standard_policy(upstream.base_url, extra=EXTRA))
+
+
+def _call(gateway: RunningGateway, index: int) -> tuple[str, Decimal]:
+    """One request; returns the team and the cost the client was told (header, or the stream's final chunk)."""
+    team, key, model = ("alpha", "sk-alpha", "chat-model") if index % 3 else ("beta", "sk-beta", "beta-model")
+    client = gateway.client(key)
+    messages = [{"role": "user", "content": " ".join(["word"] * (index % 7 + 1))}]
+    if index % 2:
+        chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}))
+        return team, Decimal(str((chunks[-1].model_extra or {})["switchboard"]["cost_usd"]))
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)
+    return team, Decimal(raw.headers["x-switchboard-cost-usd"])
+
+
+def admin_spend(gateway: RunningGateway, **params: str) -> httpx.Response:
+    return httpx.get(gateway.base_url + "/admin/spend", params=params,
+                     headers={"authorization": f"Bearer {ADMIN_KEY}"})
+
+
+def test_ledger_totals_match_the_costs_clients_were_told_under_concurrent_load(ledgered: RunningGateway) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        told = list(pool.map(lambda i: _call(ledgered, i), range(60)))
+    ledgered.usage.wait_for(60)
+    expected = {team: sum((cost for t, cost in told if t == team), Decimal(0)) for team in ("alpha", "beta")}
+
+    response = admin_spend(ledgered, by="team")
+    assert response.status_code == 200
+    rows = {row["team"]: row for row in response.json()}
+    assert {team: row["requests"] for team, row in rows.items()} == {"alpha": 40, "beta": 20}
+    for team in ("alpha", "beta"):
+        assert Decimal(str(rows[team]["cost_usd"])) == pytest.approx(expected[team], abs=Decimal("1e-9"))
+    prompt = sum(r.usage.prompt_tokens for r in ledgered.usage.records if r.usage)
+    assert sum(row["input_tokens"] for row in rows.values()) == prompt
+
+    csv = admin_spend(ledgered, by="model", format="csv")
+    assert csv.headers["content-type"].startswith("text/csv")
+    lines = csv.text.strip().splitlines()
+    assert lines[0].split(",")[:2] == ["model", "requests"] and len(lines) == 3
+
+
+def test_cli_spend_reads_the_same_ledger(ledgered: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    told = [_call(ledgered, i) for i in range(6)]
+    ledgered.usage.wait_for(6)
+    assert admin_spend(ledgered, by="day").status_code == 200  # flushes the writer
+    assert main(["spend", "--policy", str(ledgered.policy_path), "--by", "key", "--since", "1d",
+                 "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(row["team"], row["key_id"]) for row in rows} == {("alpha", "alpha-key"), ("beta", "beta-key")}
+    total = sum(Decimal(str(row["cost_usd"])) for row in rows)
+    assert total == pytest.approx(sum(cost for _, cost in told), abs=Decimal("1e-9"))
+    assert main(["spend", "--policy", str(ledgered.policy_path), "--by", "team", "--since", "2999-01-01",
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_admin_spend_requires_an_admin_key(ledgered: RunningGateway) -> None:
+    assert httpx.get(ledgered.base_url + "/admin/spend").status_code == 401
+    team_key = httpx.get(ledgered.base_url + "/admin/spend", headers={"authorization": "Bearer sk-alpha"})
+    assert team_key.status_code == 401 and team_key.json()["error"]["code"] == "invalid_api_key"
+    assert admin_spend(ledgered, by="colour").status_code == 400
+    assert admin_spend(ledgered, since="last tuesday").status_code == 400
+
+
+def _record(request_id: str, cost: float, team: str = "t") -> UsageRecord:
+    return UsageRecord(request_id=request_id, team=team, key_id="k", endpoint="chat", public_model="m",
+                       provider="p", upstream_model="u", stream=False, status=200,
+                       usage=Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=2), duration_ms=12.0,
+                       overhead_ms=0.5, cost_usd=cost, price_version="v1", trace_id="ab" * 16)
+
+
+def test_a_replayed_record_is_never_counted_twice(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path, flush_interval_s=0.01)
+    ledger.record(_record("req-1", 0.25))
+    ledger.record(_record("req-1", 0.25))
+    ledger.record(_record("req-2", 0.50))
+    ledger.close()
+    again = Ledger(path)  # a restart that replays a write
+    again.record(_record("req-2", 0.50))
+    assert again.flush()
+    again.close()
+    (row,) = spend(path, "team")
+    assert (row["requests"], row["cost_usd"], row["input_tokens"], row["cached_input_tokens"]) == (2, 0.75, 20, 4)
+
+
+def test_since_accepts_dates_times_and_relative_periods() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("2026-11-01") == 1_793_491_200.0
+    assert parse_since("2026-11-01T01:00:00+01:00") == 1_793_491_200.0
+    assert parse_since("24h", now) == now - 86_400
+    assert parse_since("2w", now) == now - 14 * 86_400
+    with pytest.raises(ValueError, match="7d"):
+        parse_since("yesterday")
+
+
+def test_ledger_not_configured_is_a_clear_error(gateway: RunningGateway) -> None:
+    assert httpx.get(gateway.base_url + "/admin/spend").status_code == 401  # no admin keys in this policy
+    assert main(["spend", "--policy", str(gateway.policy_path)]) == 1

@@ -1,0 +1,87 @@
+"""Three gateway processes sharing Redis hold one team's budget together."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import standard_policy
+from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.state_stores import (
+    SHARED_REDIS,
+    GatewayProcess,
+    drop_prefix,
+    shared_redis_available,
+    unique_prefix,
+)
+
+BUDGET = 4000
+MAX_TOKENS = 20
+WORKERS = 12
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[list[GatewayProcess]]:
+    if not shared_redis_available():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    prefix = unique_prefix()
+    text = standard_policy(upstream.base_url, extra=f"state: {{url: '{SHARED_REDIS}', key_prefix: '{prefix}'}}\n")
+    text = text.replace("    models: [chat-model, embed-model]\n",
+                        "    models: [chat-model, embed-model]\n    limits: {rpm: 1000000}\n"
+                        f"    budget: {{tokens: {BUDGET}}}\n", 1)
+    policy = tmp_path / "shared.yaml"
+    policy.write_text(text)
+    gateways = [GatewayProcess(policy, tmp_path / f"gateway-{i}.log") for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        list(pool.map(GatewayProcess.start, gateways))
+    yield gateways
+    for gateway in gateways:
+        gateway.kill()
+    drop_prefix(SHARED_REDIS, prefix)
+
+
+def report(policy: Path) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-m", "gateway", "usage", "--policy", str(policy), "--team", "alpha"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return {row["unit"]: row["used"] for row in json.loads(out.stdout)["usage"]}
+
+
+def test_three_replicas_never_overspend_and_count_every_request_once(replicas: list[GatewayProcess]) -> None:
+    clients = [openai.OpenAI(base_url=g.base_url + "/v1", api_key="sk-alpha", max_retries=0) for g in replicas]
+
+    def hammer(worker: int) -> tuple[int, int]:
+        client = clients[worker % len(clients)]
+        served = tokens = 0
+        while True:
+            try:
+                reply = client.chat.completions.create(
+                    model="chat-model", messages=[{"role": "user", "content": f"worker {worker} says hello"}],
+                    max_tokens=MAX_TOKENS)
+            except openai.RateLimitError as error:
+                assert error.code == "budget_exceeded"
+                return served, tokens
+            assert reply.usage is not None
+            served += 1
+            tokens += reply.usage.total_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        results = list(pool.map(hammer, range(WORKERS)))
+    served = sum(s for s, _ in results)
+    spent = sum(t for _, t in results)
+    assert served > 50
+    # Settlements are written just after each reply; wait for the counters to catch up.
+    deadline = time.monotonic() + 10
+    while (counted := report(replicas[0].policy)) != {"requests": served, "tokens": spent}:
+        assert time.monotonic() < deadline, f"counted {counted}, served {served} requests using {spent} tokens"
+        time.sleep(0.1)
+    in_flight_bound = WORKERS * (MAX_TOKENS + 30)  # each worker holds at most one reservation
+    assert spent <= BUDGET + in_flight_bound
+    assert spent >= BUDGET - in_flight_bound  # and the budget was actually used, not refused early

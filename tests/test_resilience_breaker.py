@@ -1,0 +1,155 @@
+"""Circuit breakers: the state machine on an injected clock, and ejection through a gateway."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.breaker import BreakerState, CircuitBreaker
+from gateway.policy_schema import CircuitBreakerPolicy
+from tests.conftest import RunningGateway
+from tests.fakes import Behaviour, FakeOpenAIUpstream
+from tests.fakes.routing_policy import ADMIN_KEY, chat, multi_policy
+
+SETTINGS = CircuitBreakerPolicy(consecutive_failures=3, failure_rate=0.5, window_s=10, min_requests=6,
+                                cooldown_s=2, max_cooldown_s=5)
+
+
+def test_opens_after_consecutive_failures_then_half_opens_for_one_probe_and_closes() -> None:
+    breaker = CircuitBreaker()
+    for now in (0.0, 0.1, 0.2):
+        assert breaker.allows(now)
+        breaker.on_failure(now, SETTINGS)
+    assert breaker.state(0.3) is BreakerState.OPEN
+    assert not breaker.allows(2.1)
+    assert breaker.state(2.2) is BreakerState.HALF_OPEN
+    assert breaker.allows(2.2)
+    breaker.on_attempt(2.2)  # the probe
+    assert not breaker.allows(2.3)  # only one probe at a time
+    breaker.on_success(2.4, SETTINGS)
+    assert breaker.state(2.4) is BreakerState.CLOSED
+    assert breaker.allows(2.5)
+
+
+def test_a_failed_probe_reopens_with_a_growing_cooldown_capped_at_the_maximum() -> None:
+    breaker = CircuitBreaker()
+    now = 0.0
+    for _ in range(3):
+        breaker.on_failure(now, SETTINGS)
+    cooldowns = []
+    for _ in range(4):
+        cooldowns.append(breaker.cooldown_s)
+        now += breaker.cooldown_s
+        assert breaker.allows(now)
+        breaker.on_attempt(now)
+        breaker.on_failure(now, SETTINGS)
+    assert cooldowns == [2, 4, 5, 5]
+    assert breaker.state(now) is BreakerState.OPEN
+
+
+def test_opens_on_the_failure_rate_over_the_window() -> None:
+    breaker = CircuitBreaker()
+    outcomes = [False, True, False, True, False, True]  # never 3 in a row, but 50% over 6 requests
+    for index, failed in enumerate(outcomes):
+        (breaker.on_failure if failed else breaker.on_success)(float(index), SETTINGS)
+    assert breaker.state(6.0) is BreakerState.OPEN
+
+
+def test_old_outcomes_leave_the_window() -> None:
+    breaker = CircuitBreaker()
+    for index in range(5):
+        breaker.on_failure(float(index * 20), SETTINGS)  # far apart: each alone in its window
+        breaker.on_success(float(index * 20) + 1, SETTINGS)
+    assert breaker.state(100.0) is BreakerState.CLOSED
+
+
+def test_an_abandoned_probe_gives_its_slot_back() -> None:
+    breaker = CircuitBreaker()
+    for _ in range(3):
+        breaker.on_failure(0.0, SETTINGS)
+    breaker.on_attempt(2.0)
+    breaker.on_abandon()
+    assert breaker.allows(2.0)
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeOpenAIUpstream]]:
+    with FakeOpenAIUpstream() as a, FakeOpenAIUpstream() as b:
+        yield [a, b]
+
+
+def _row(gateway: RunningGateway, model: str) -> dict:
+    rows = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    return next(r for r in rows.json()["data"] if r["model"] == model)
+
+
+def test_a_failing_target_is_ejected_probed_after_cooldown_and_restored(fakes, start_gateway) -> None:
+    models = """
+  m:
+    circuit_breaker: {consecutive_failures: 2, cooldown_s: 0.3}
+    targets:
+      - {provider: p0, model: up-0}
+      - {provider: p1, model: up-1}
+"""
+    gateway = start_gateway(multi_policy({"p0": fakes[0].base_url, "p1": fakes[1].base_url}, models))
+    client = gateway.client()
+    fakes[0].script(Behaviour.error(500), Behaviour.error(500))
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - no retries configured: the client sees each failure
+            client.chat.completions.create(model="m", messages=chat())
+    row = _row(gateway, "up-0")
+    assert (row["state"], row["failures"], row["trips"]) == ("open", 2, 1)
+    # Ejected: traffic goes to the second target without touching the first.
+    assert {client.chat.completions.create(model="m", messages=chat()).model for _ in range(3)} == {"up-1"}
+    assert fakes[0].request_count == 2
+
+    ticker = threading.Event()
+    for _ in range(100):
+        if _row(gateway, "up-0")["state"] == "half_open":
+            break
+        ticker.wait(0.02)
+    assert _row(gateway, "up-0")["state"] == "half_open"
+    assert client.chat.completions.create(model="m", messages=chat()).model == "up-0"  # the probe
+    assert _row(gateway, "up-0")["state"] == "closed"
+
+
+def test_when_every_target_is_ejected_the_client_gets_503_with_retry_after(fakes, start_gateway) -> None:
+    models = """
+  m:
+    circuit_breaker: {consecutive_failures: 1, cooldown_s: 30}
+    targets: [{provider: p0, model: up-0}]
+"""
+    gateway = start_gateway(multi_policy({"p0": fakes[0].base_url}, models))
+    fakes[0].script(Behaviour.error(502))
+    headers = {"authorization": "Bearer sk-alpha"}
+    body = {"model": "m", "messages": chat()}
+    assert httpx.post(gateway.v1 + "/chat/completions", headers=headers, json=body).status_code == 502
+    response = httpx.post(gateway.v1 + "/chat/completions", headers=headers, json=body)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_healthy_target"
+    assert 25 <= int(response.headers["retry-after"]) <= 30
+    assert fakes[0].request_count == 1
+
+
+def test_health_checks_take_a_failing_provider_out_of_rotation(fakes, start_gateway) -> None:
+    models = """
+  m:
+    targets:
+      - {provider: p0, model: up-0}
+      - {provider: p1, model: up-1}
+"""
+    check = "    health_check: {path: /health, interval_s: 0.05, unhealthy_after: 1}\n"
+    text = multi_policy({"p0": fakes[0].base_url, "p1": fakes[1].base_url}, models, provider_extra=check)
+    text = text.replace("path: /health", "path: /v1/missing", 1)  # p0's check gets 404s
+    gateway = start_gateway(text)
+    ticker = threading.Event()
+    for _ in range(100):
+        if not _row(gateway, "up-0")["healthy"]:
+            break
+        ticker.wait(0.02)
+    assert _row(gateway, "up-0")["state"] == "unhealthy"
+    assert _row(gateway, "up-1")["healthy"]
+    assert gateway.client().chat.completions.create(model="m", messages=chat()).model == "up-1"

@@ -1,0 +1,105 @@
+"""The OTLP/HTTP exporter ships real protobuf to a collector; a dead collector costs requests nothing."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import RunningGateway, standard_policy
+from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.otlp_receiver import OtlpReceiver
+
+
+def otlp_policy(upstream: FakeOpenAIUpstream, endpoint: str, timeout_ms: int = 5000) -> str:
+    return standard_policy(upstream.base_url, extra=f"""
+prices:
+  targets:
+    upstream:
+      upstream-chat: {{input: 2.50, output: 10.00, version: otlp-test}}
+telemetry:
+  traces:
+    exporter: otlp_http
+    endpoint: {endpoint}
+    headers: {{x-collector-key: collector-secret}}
+    service_name: switchboard-test
+    batch: {{schedule_delay_ms: 20, export_timeout_ms: {timeout_ms}}}
+""")
+
+
+@pytest.fixture
+def collector() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+def test_spans_reach_a_real_otlp_collector(upstream: FakeOpenAIUpstream, collector: OtlpReceiver,
+                                           start_gateway: Callable[..., RunningGateway]) -> None:
+    gateway = start_gateway(otlp_policy(upstream, collector.traces_url))
+    client = gateway.client()
+    raw = client.chat.completions.with_raw_response.create(model="chat-model",
+                                                           messages=[{"role": "user", "content": "a b c"}])
+    list(client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "d e"}],
+                                        stream=True))
+    records = gateway.usage.wait_for(2)
+    spans = collector.wait_for(lambda s: sum(x.kind == "SERVER" for x in s) >= 2)
+    servers = {s.trace_id: s for s in spans if s.kind == "SERVER"}
+    assert set(servers) == {r.trace_id for r in records}
+    for record in records:
+        server = servers[record.trace_id]
+        (attempt,) = [s for s in spans if s.parent_span_id == server.span_id]
+        assert (server.name, attempt.name, attempt.kind) == ("chat chat-model", "chat upstream-chat", "CLIENT")
+        assert server.attributes["switchboard.team"] == "alpha"
+        assert server.attributes["switchboard.key_id"] == "alpha-key"
+        assert server.attributes["gen_ai.usage.input_tokens"] == record.usage.prompt_tokens  # type: ignore[union-attr]
+        assert server.attributes["switchboard.cost_usd"] == pytest.approx(record.cost_usd)
+        assert server.attributes["switchboard.price_version"] == "otlp-test"
+        assert attempt.attributes["gen_ai.provider.name"] == "openai_compatible"
+        assert attempt.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+        assert server.resource["service.name"] == "switchboard-test"
+    first = next(r for r in records if not r.stream)
+    assert servers[first.trace_id].attributes["switchboard.cost_usd"] == pytest.approx(
+        float(raw.headers["x-switchboard-cost-usd"]))
+    assert collector.headers[0]["x-collector-key"] == "collector-secret"
+    assert collector.headers[0]["content-type"] == "application/x-protobuf"
+
+
+class _Watch(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if "failing" in record.getMessage():
+            self.seen.set()
+
+
+def test_dead_collector_drops_spans_with_one_log_line(upstream: FakeOpenAIUpstream,
+                                                      start_gateway: Callable[..., RunningGateway]) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/traces"
+    watch = _Watch()
+    telemetry_log = logging.getLogger("switchboard.telemetry")
+    telemetry_log.addHandler(watch)
+    telemetry_log.setLevel(logging.INFO)
+    try:
+        gateway = start_gateway(otlp_policy(upstream, dead, timeout_ms=200))
+        client = gateway.client()
+        for _ in range(10):
+            raw = client.chat.completions.with_raw_response.create(
+                model="chat-model", messages=[{"role": "user", "content": "x"}])
+            assert raw.http_response.status_code == 200
+            assert float(raw.headers["x-switchboard-overhead-ms"]) < 100
+        assert watch.seen.wait(10), watch.messages
+        for _ in range(10):
+            client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "y"}])
+        gateway.usage.wait_for(20)
+        assert sum("failing" in m for m in watch.messages) == 1
+    finally:
+        telemetry_log.removeHandler(watch)
