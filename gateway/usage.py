@@ -83,16 +83,21 @@ class AccessLogSink:
             self._writer = None
 
     def _write(self) -> None:
+        # Under load, records arrive faster than one write per record is worth:
+        # drain whatever is queued and write it as one block.
         while True:
-            record = self._queue.get()
-            if record is None:
-                break
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 512:
+                batch.append(self._queue.get_nowait())
+            stop = None in batch
+            lines = b"".join(orjson.dumps(record) + b"\n" for record in batch if record is not None)
             try:
-                self._stream.write(orjson.dumps(record) + b"\n")
-                if self._queue.empty():
-                    self._stream.flush()
+                self._stream.write(lines)
+                self._stream.flush()
             except (OSError, ValueError):
                 access_log.warning("access log stream failed; dropping access log lines", exc_info=True)
+                return
+            if stop:
                 return
 
 
