@@ -12,7 +12,7 @@ export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 REDIS_PORT ?= 6379
 
-.PHONY: run test test-slow lint bench redis install install-dev clean
+.PHONY: run test test-slow conformance lint bench redis install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: install-dev redis
 # Multi-process and soak tests; exit code 5 means none are collected.
 test-slow: install-dev redis
 	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+
+# Run every test that claims a conformance-matrix cell and regenerate docs/conformance.md.
+conformance: install-dev redis
+	$(PY) -m pytest -n 2 -m conformance --conformance-report=docs/conformance.md
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

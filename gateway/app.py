@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.asgi import (
+    ExactRoutes,
     RequestContextMiddleware,
     read_body,
     request_headers,
@@ -31,16 +32,17 @@ from gateway.front_doors.messages import MessagesRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.health import Monitor, TargetsRoute
 from gateway.ledger import Ledger, SpendRoute
-from gateway.limits import Limiter, UsageRoute
+from gateway.limits import Limiter
 from gateway.metrics import Metrics, MetricsRoute
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
 from gateway.state import open_store
-from gateway.telemetry import SpanExporter, Telemetry, TracerProvider
+from gateway.telemetry import SpanExporter, Telemetry
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools
 from gateway.usage import AccessLogSink, UsageRecorder, UsageSink
+from gateway.usage_report import UsageRoute
 from providers.base import Endpoint
 
 log = logging.getLogger("switchboard.server")
@@ -128,7 +130,6 @@ def create_app(
     sinks: Sequence[UsageSink] | None = None,
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
-    tracer_provider: TracerProvider | None = None,
     cache: ResponseCache | None = None,
 ) -> Starlette:
     """Build the gateway around a policy store; everything that talks to the world is injected here."""
@@ -138,7 +139,7 @@ def create_app(
     observed = store.current
     metrics = Metrics() if observed.telemetry.metrics.enabled else None
     ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
-    telemetry = Telemetry(span_exporter=span_exporter, tracer_provider=tracer_provider, metrics=metrics)
+    telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
     recorder = UsageRecorder([*(sinks if sinks is not None else [AccessLogSink()]),
                               *(sink for sink in (metrics, ledger) if sink is not None)])
@@ -211,6 +212,10 @@ def create_app(
     app.state.services = services
     app.state.ready = False
     app.state.started_at = int(time.time())
+    hot = {("POST", route.path): route.app for route in app.routes
+           if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
+           and route.methods == {"POST"}}
+    app.add_middleware(ExactRoutes, routes=hot)
     app.add_middleware(RequestContextMiddleware)
     return app
 

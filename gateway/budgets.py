@@ -118,6 +118,7 @@ class Budget:
     on_exhaust: str
     downgrade_to: str | None
     soft_thresholds: tuple[float, ...]
+    hard_stop_streams: bool = False
 
     @property
     def who(self) -> str:
@@ -135,6 +136,7 @@ def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: 
         usd_micros=None if config.usd is None else round(config.usd * MICROS),
         on_exhaust=config.on_exhaust, downgrade_to=config.downgrade_to,
         soft_thresholds=tuple(config.soft_thresholds),
+        hard_stop_streams=config.hard_stop_streams,
     )
 
 
@@ -201,3 +203,84 @@ def _duration_words(seconds: int) -> str:
     if seconds % 3600 == 0:
         return f"{seconds // 3600}h"
     return f"{seconds}s"
+
+
+# --- hard_stop_streams ---------------------------------------------------------------------------
+
+# The relay's cheap count of generated text: one token per this many UTF-8 bytes, at least one per
+# chunk that carries text. Near tiktoken for English prose (~4 bytes/token); under-counts CJK and code
+# by up to ~25%; settlement recounts exactly, so only where the cut falls depends on it.
+BYTES_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class StreamAllowance:
+    """Completion tokens a stream may relay before it crosses a hard budget (`hard_stop_streams`).
+
+    Computed once at admission from the counters it already read: the budget's
+    limit minus everything counted (in-flight reservations included) minus this
+    request's prompt. The relay then counts generated text locally (see
+    `BYTES_PER_TOKEN`) and stops before the chunk that would pass it: no store
+    access per chunk.
+    """
+
+    tokens: int
+    budget: Budget
+    unit: str
+    limit: int
+    resets_at: float
+    spent: int = 0
+
+    def take(self, data: bytes) -> bool:
+        """Count one chunk's generated text; False if relaying it would pass the allowance."""
+        size = _generated_bytes(data)
+        if not size:
+            return True
+        cost = max(1, size // BYTES_PER_TOKEN)
+        if self.spent + cost > self.tokens:
+            return False
+        self.spent += cost
+        return True
+
+    def error(self) -> GatewayError:
+        """The in-band error that ends the stream: which budget, its limit, when it resets."""
+        budget = self.budget
+        resets = dt.datetime.fromtimestamp(self.resets_at, budget.period.zone).isoformat()
+        limit = f"${self.limit / MICROS:.6f}".rstrip("0").rstrip(".") if self.unit == "usd" else str(self.limit)
+        what = "USD" if self.unit == "usd" else "token"
+        return GatewayError(ErrorKind.BUDGET_EXCEEDED,
+                            f"Budget exceeded for {budget.who} mid-stream: {budget.period.describe()} {what} "
+                            f"budget limit {limit} reached, so the stream was cut after about {self.spent} "
+                            f"completion tokens (hard_stop_streams). It resets at {resets}.",
+                            code="budget_exceeded")
+
+
+def _generated_bytes(data: bytes) -> int:
+    """UTF-8 bytes of generated text in one canonical chunk (chat, completions or Responses event)."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return 0
+    if not isinstance(event, dict):
+        return 0
+    if isinstance(delta := event.get("delta"), str):  # Responses API `*.delta` events
+        return len(delta.encode())
+    size = 0
+    choices = event.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(text := choice.get("text"), str):  # legacy completions
+            size += len(text.encode())
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        for key in ("content", "refusal", "reasoning_content", "reasoning"):
+            if isinstance(value := delta.get(key), str):
+                size += len(value.encode())
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(arguments := function.get("arguments"), str):
+                size += len(arguments.encode())
+    return size

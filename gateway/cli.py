@@ -171,7 +171,7 @@ def _spend(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from gateway.limits import print_usage
+    from gateway.usage_report import print_usage
 
     return print_usage(args.policy, args.team, args.period)
 

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
-import hmac
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+
+import orjson
 
 from gateway.budgets import (
     MICROS,
     Budget,
     CostFunction,
+    StreamAllowance,
     ThresholdEvent,
     Window,
     build_budget,
@@ -39,7 +39,8 @@ from gateway.budgets import (
 )
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
-from providers.base import Endpoint, Usage
+from gateway.usage_report import usage_report
+from providers.base import Endpoint, StreamChunk, Usage
 
 if TYPE_CHECKING:
     from gateway.policy import KeyEntry, Model, Policy, Target
@@ -212,6 +213,8 @@ class Admission:
     reserved_usd: int
     downgraded_from: str | None = None
     settled: bool = False
+    # Set for a stream under a `hard_stop_streams` budget: what it may generate before the relay cuts it.
+    allowance: StreamAllowance | None = None
 
 
 class Limiter:
@@ -293,8 +296,11 @@ class Limiter:
                                    "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
             headers.update(_rate_headers(meters, checks, verdict, now))
             if verdict.admitted:
+                allowance = None
+                if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
+                    allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
-                                 downgraded_from)
+                                 downgraded_from, allowance=allowance)
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             budget = meter.budget
@@ -346,16 +352,47 @@ class Limiter:
 
     def _estimate(self, endpoint: Endpoint, body: Mapping[str, Any], model: Model, default: int) -> tuple[int, int]:
         upstream = model.targets[0].upstream_model
+        # The provider family decides the counting method: exact for OpenAI, a documented estimate elsewhere.
+        family = model.targets[0].provider.adapter.capabilities.tokenizer
         counter = self._counter
         if endpoint is Endpoint.CHAT:
-            prompt = counter.count_chat_prompt(body, upstream)
+            prompt = counter.count_chat_prompt(body, upstream, family)
         elif endpoint is Endpoint.COMPLETIONS:
-            prompt = counter.count_completion_prompt(body, upstream)
+            prompt = counter.count_completion_prompt(body, upstream, family)
         elif endpoint is Endpoint.EMBEDDINGS:
-            return counter.count_embedding_input(body, upstream), 0
-        else:
-            prompt = counter.count_text(str(body.get("input") or body.get("messages") or ""), upstream)
+            return counter.count_embedding_input(body, upstream, family), 0
+        else:  # Responses API and anything newer: the input as JSON text, a deliberate overestimate
+            value = body.get("input")
+            text = value if isinstance(value, str) else orjson.dumps(value).decode() if value is not None else ""
+            prompt = counter.count_text(text + str(body.get("instructions") or ""), upstream, family)
         return prompt, completion_reservation(body, default)
+
+    def _allowance(self, policy: Policy, model: Model, meters: tuple[_Meter, ...], verdict: Verdict, prompt: int,
+                   relaxed: set[int]) -> StreamAllowance | None:
+        """The tightest room left under the plan's hard-stop budgets, in completion tokens.
+
+        Room = limit - counted before this request (other requests' reservations
+        included) - this request's prompt: the stream may always use its own
+        completion reservation, and beyond it what nobody else has reserved.
+        USD room is turned into tokens at the model's output price.
+        """
+        tightest = None
+        for index, meter in enumerate(meters):
+            budget = meter.budget
+            if budget is None or not budget.hard_stop_streams or id(budget) in relaxed:
+                continue
+            room = meter.limit - verdict.used[index]
+            if meter.unit == "tokens":
+                tokens = room - prompt
+            else:
+                # Micro-USD per output token equals USD per 1M output tokens.
+                per_token = self._cost(policy, model.targets[0], Usage(completion_tokens=1_000_000))
+                if not per_token:
+                    continue  # unpriced: USD spend is not counted, so it cannot cut a stream
+                tokens = math.floor((room - self._usd(policy, model, prompt, 0)) / per_token)
+            if tightest is None or tokens < tightest.tokens:
+                tightest = StreamAllowance(max(0, tokens), budget, meter.unit, meter.limit, meter.resets_at)
+        return tightest
 
     def _usd(self, policy: Policy, model: Model, prompt: int, completion: int) -> int:
         cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
@@ -392,42 +429,8 @@ class Limiter:
                                               f"{event.threshold:g}").inc()
 
     async def report(self, policy: Policy, team: str, period: str = "current") -> dict[str, Any]:
-        """Usage, limits and what remains for a team, its keys and its models."""
-        rules = policy.rules
-        if rules is None or team not in policy.teams:
-            raise KeyError(team)
-        now = self._clock()
-        rows: list[dict[str, Any]] = []
-        slices: list[tuple[str, ...]] = []
-        rates = [*rules.team_rates.get(team, ())]
-        for key_id in rules.team_keys.get(team, ()):
-            rates += rules.key_rates.get(key_id, ())
-        rates += [r for (t, _), group in rules.model_rates.items() if t == team for r in group]
-        for rule in rates:
-            index = int(now // rule.window_s) - (1 if period == "previous" else 0)
-            slices.append((f"{rule.base}:{index}",))
-            rows.append({"scope": rule.scope, "owner": rule.owner, "limit_type": rule.label, "unit": rule.unit,
-                         "limit": rule.limit, "resets_at": _iso((index + 1) * rule.window_s, dt.UTC)})
-        budgets = [rules.team_budgets.get(team)] + [rules.key_budgets.get(k) for k in rules.team_keys.get(team, ())]
-        for budget in (b for b in budgets if b is not None):
-            window = budget.period.previous(now) if period == "previous" else budget.period.window(now)
-            for unit, limit in (("tokens", budget.tokens), ("usd", budget.usd_micros)):
-                if limit is None:
-                    continue
-                slices.append(budget.slices("tok" if unit == "tokens" else "usd", window))
-                rows.append({"scope": budget.scope, "owner": budget.owner,
-                             "limit_type": f"{budget.period.describe()} budget", "unit": unit, "limit": limit,
-                             "resets_at": _iso(window.resets_at, budget.period.zone),
-                             "on_exhaust": budget.on_exhaust})
-        values = await self.store.read(slices)
-        for row, used in zip(rows, values, strict=True):
-            row["used"] = used
-            row["remaining"] = max(0, row["limit"] - used)
-            if row["unit"] == "usd":
-                for field in ("limit", "used", "remaining"):
-                    row[field] = row[field] / MICROS
-        return {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
-
+        """Usage, limits and what remains for a team, its keys and its models (gateway/usage_report.py)."""
+        return await usage_report(self.store, policy, team, period, self._clock())
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:
     from gateway.state import backend_for
@@ -524,52 +527,22 @@ def _iso(timestamp: float, zone: dt.tzinfo) -> str:
     return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
 
 
-# --- GET /admin/usage ----------------------------------------------------------------------
+def hard_stop(admission: Admission | None, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    """Pipeline hook: relay `chunks`, cutting the stream with a `budget_exceeded` error when its allowance runs out."""
+    allowance = admission.allowance if admission is not None else None
+    return chunks if allowance is None else _cut_at(allowance, chunks)
 
 
-class UsageRoute:
-    """GET /admin/usage?team=T[&period=current|previous] with an admin key (`admin.keys`)."""
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.asgi import request_headers, send_json, send_reply
-        from gateway.errors import render
-        from gateway.pipeline import Reply
-
-        services = scope["app"].state.services
-        policy = services.policy()
-        try:
-            _authenticate_admin(policy.admin_keys, request_headers(scope))
-            query = parse_qs(scope.get("query_string", b"").decode())
-            team = (query.get("team") or [""])[0]
-            period = (query.get("period") or ["current"])[0]
-            if period not in ("current", "previous"):
-                raise GatewayError(ErrorKind.BAD_REQUEST, "period must be `current` or `previous`.", param="period")
-            if team not in policy.teams:
-                raise GatewayError(ErrorKind.NOT_FOUND, f"Unknown team {team!r}.", param="team",
-                                   code="team_not_found")
-            limiter: Limiter | None = getattr(services, "limiter", None)
-            if limiter is None:
-                raise GatewayError(ErrorKind.NOT_FOUND, "Limits are not enabled on this gateway.")
-            try:
-                report = await limiter.report(policy, team, period)
-            except StoreUnavailable as exc:
-                raise GatewayError(ErrorKind.UNAVAILABLE, f"The state store is unreachable: {exc}",
-                                   code="state_store_unavailable", retry_after=1.0) from exc
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        await send_json(send, 200, report)
-
-
-def _authenticate_admin(digests: frozenset[bytes], headers: Mapping[str, str]) -> None:
-    authorization = headers.get("authorization", "")
-    scheme, _, presented = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
-                           code="missing_api_key")
-    digest = hashlib.sha256(presented.strip().encode()).digest()
-    if not any(hmac.compare_digest(digest, known) for known in digests):
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
+async def _cut_at(allowance: StreamAllowance, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    try:
+        async for chunk in chunks:
+            if not allowance.take(chunk.data):
+                raise allowance.error()
+            yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
@@ -578,41 +551,3 @@ async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpo
     if limiter is None:
         return None
     return await limiter.admit(policy, caller, endpoint, body, model, headers)
-
-
-def print_usage(policy_path: str, team: str, period: str = "current") -> int:
-    """`switchboard usage`: read the counters the policy's `state:` block points at and print the report."""
-    import json
-    import sys
-
-    from gateway.policy import PolicyError, load_policy
-    from gateway.state import open_store
-
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 1
-    if team not in policy.teams:
-        sys.stderr.write(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}\n")
-        return 1
-    needed = bool(policy.rules and policy.rules.any)
-    store = open_store(policy.state, policy_path=policy_path, needed=needed, read_only=True)
-    if type(store).__name__ == "MemoryStore":
-        sys.stderr.write("note: this policy keeps its counters in process memory (state.backend: memory); "
-                         "ask the running gateway instead: GET /admin/usage?team=...\n")
-
-    async def read() -> dict[str, Any]:
-        await store.start()
-        try:
-            return await Limiter(store, None).report(policy, team, period)
-        finally:
-            await store.close()
-
-    try:
-        report = asyncio.run(read())
-    except StoreUnavailable as exc:
-        sys.stderr.write(f"cannot read usage: {exc}\n")
-        return 1
-    sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    return 0

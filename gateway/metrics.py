@@ -20,6 +20,11 @@ from gateway.usage import UsageRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+# The OpenTelemetry GenAI client metrics' buckets (semantic conventions, gen-ai-metrics.md).
+_GENAI_TOKEN_BUCKETS = tuple(4.0 ** i for i in range(14))
+_GENAI_DURATION_BUCKETS = tuple(0.01 * 2 ** i for i in range(14))
+_GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+_OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 _REQUEST_LABELS = ("team", "model", "provider", "status")
 _MODEL_LABELS = ("team", "model", "provider")
 
@@ -52,11 +57,18 @@ class Metrics:
         self.stream_outcomes = Counter("switchboard_stream_outcomes", "How streams ended (completed, "
                                        "client_disconnected, upstream_error).", ("team", "model", "outcome"),
                                        registry=registry)
+        # The GenAI conventions' client metrics, under their Prometheus names.
+        self.genai_tokens = Histogram("gen_ai_client_token_usage", "GenAI semconv: billable tokens per request "
+                                      "(gen_ai.client.token.usage).", (*_GENAI_LABELS, "gen_ai_token_type"),
+                                      buckets=_GENAI_TOKEN_BUCKETS, registry=registry)
+        self.genai_duration = Histogram("gen_ai_client_operation_duration_seconds", "GenAI semconv: operation "
+                                        "duration (gen_ai.client.operation.duration).", (*_GENAI_LABELS, "error_type"),
+                                        buckets=_GENAI_DURATION_BUCKETS, registry=registry)
         self._started = 0
         self._finished = 0
         in_flight = Gauge("switchboard_requests_in_flight", "Inference requests being served.", registry=registry)
         in_flight.set_function(lambda: max(0, self._started - self._finished))
-        self._children: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def started(self) -> None:
         """An inference request began (paired with its usage record, or `finished_unsettled`)."""
@@ -70,11 +82,13 @@ class Metrics:
         """The usage sink: everything about a settled request, in one place."""
         self._finished += 1
         provider = record.provider or "none"
-        key = (record.team, record.public_model, provider, str(record.status))
+        key = (record.team, record.public_model, provider, str(record.status), record.upstream_model or "",
+               record.endpoint)
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = self._new_children(key)
-        requests, duration, ttft, overhead, tokens_in, tokens_cached, tokens_out, cost = children
+            children = self._children[key] = self._new_children(key, record)
+        (requests, duration, ttft, overhead, tokens_in, tokens_cached, tokens_out, cost, genai_in, genai_out,
+         genai_duration) = children
         requests.inc()
         duration.observe(record.duration_ms / 1000)
         overhead.observe(record.overhead_ms / 1000)
@@ -86,6 +100,11 @@ class Metrics:
             tokens_out.inc(usage.completion_tokens)
             if usage.cached_tokens:
                 tokens_cached.inc(usage.cached_tokens)
+        if genai_duration is not None:  # the request reached an upstream: a GenAI client operation
+            genai_duration.observe(record.duration_ms / 1000)
+            if usage is not None:
+                genai_in.observe(usage.prompt_tokens)
+                genai_out.observe(usage.completion_tokens)
         if record.cost_usd:
             cost.inc(record.cost_usd)
         if record.stream:
@@ -103,13 +122,18 @@ class Metrics:
         """The Prometheus text exposition of every metric (blocking: call it in a thread)."""
         return generate_latest(self.registry)
 
-    def _new_children(self, key: tuple[str, str, str, str]) -> tuple[Any, ...]:
-        team, model, provider, _ = key
+    def _new_children(self, key: tuple[str, ...], record: UsageRecord) -> tuple[Any, ...]:
+        team, model, provider, status, upstream_model, endpoint = key
+        genai = (_OPERATION.get(endpoint, endpoint), provider, upstream_model or model)
+        # Requests that reached no upstream are not GenAI client operations.
+        genai_duration = (self.genai_duration.labels(*genai, "" if int(status) < 400 else status)
+                          if upstream_model else None)
         return (
-            self.requests.labels(*key), self.duration.labels(*key), self.ttft.labels(team, model, provider),
+            self.requests.labels(*key[:4]), self.duration.labels(*key[:4]), self.ttft.labels(team, model, provider),
             self.overhead.labels(team, model), self.tokens.labels(team, model, provider, "input"),
             self.tokens.labels(team, model, provider, "cached_input"),
             self.tokens.labels(team, model, provider, "output"), self.cost.labels(team, model, provider),
+            self.genai_tokens.labels(*genai, "input"), self.genai_tokens.labels(*genai, "output"), genai_duration,
         )
 
 

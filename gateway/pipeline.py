@@ -21,7 +21,7 @@ import orjson
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, Ticket, remember, usage_fields, watch_stream
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.limits import Admission, Limiter, admit
+from gateway.limits import Admission, Limiter, admit, hard_stop
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.pricing import COST_HEADER, charge, format_usd, stamp_cost
 from gateway.resilience import route_and_call
@@ -33,7 +33,8 @@ from gateway.usage import UsageRecord, UsageRecorder
 from providers.base import Call, Endpoint, StreamChunk, UpstreamFailed, Usage
 from providers.sse import DONE_EVENT, encode_event, iter_sse_data
 
-_REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input"}
+_REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input",
+                   Endpoint.RESPONSES: "input"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class _Settlement:
 async def handle_inference(
     services: Services, endpoint: Endpoint, exchange: Exchange, headers: Mapping[str, str], body: bytes
 ) -> Reply | StreamReply:
-    """Serve one chat, completions or embeddings request."""
+    """Serve one chat, completions, embeddings or natively passed-through Responses API request."""
     policy = services.policy()
     facts = _Settlement()
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
@@ -264,7 +265,8 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
     first_token_at: float | None = None
     events = iter_sse_data(_timed(response.chunks(), exchange, clock))
     try:
-        async for chunk in watch_stream(facts.cache, target.provider.adapter.translate_stream(call, events)):
+        chunks = hard_stop(facts.admission, target.provider.adapter.translate_stream(call, events))
+        async for chunk in watch_stream(facts.cache, chunks):
             if chunk.usage is not None:
                 usage = chunk.usage
                 if chunk.usage_only and not call.client_wants_usage:
@@ -282,6 +284,9 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
         # [DONE], so no client mistakes half an answer for a whole one.
         outcome = "upstream_error"
         error = from_upstream(exc.failure, (target.provider.settings.api_key or "",))
+        yield encode_event(render_stream_error(error))
+    except GatewayError as error:  # a hard budget crossed mid-stream (gateway/limits.py `hard_stop`)
+        outcome = error.code or "error"
         yield encode_event(render_stream_error(error))
     finally:
         response.close()
@@ -307,12 +312,14 @@ async def _timed(chunks: AsyncIterator[bytes], exchange: Exchange, clock: Callab
 
 
 def _estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, seen: list[StreamChunk]) -> Usage:
-    model = target.upstream_model
+    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
     if call.endpoint is Endpoint.CHAT:
-        prompt = counter.count_chat_prompt(call.body, model)
+        prompt = counter.count_chat_prompt(call.body, model, family)
+    elif call.endpoint is Endpoint.RESPONSES:
+        prompt = counter.count_responses_input(call.body, model, family)
     else:
-        prompt = counter.count_completion_prompt(call.body, model)
-    completion = counter.count_stream_output([c.data for c in seen], model)
+        prompt = counter.count_completion_prompt(call.body, model, family)
+    completion = counter.count_stream_output([c.data for c in seen], model, family)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
 

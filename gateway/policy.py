@@ -137,7 +137,7 @@ class Policy:
     cache: CachePlan = EMPTY_CACHE_PLAN
     # Rate limits and budgets by scope (gateway/limits.py) and where their counters live.
     rules: Rules | None = None
-    state: StatePolicy = StatePolicy()
+    state: StatePolicy = field(default_factory=StatePolicy)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:

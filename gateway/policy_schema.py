@@ -252,6 +252,9 @@ class BudgetPolicy(Strict):
     soft_thresholds: list[float] = Field(
         default_factory=list, description="Fractions (e.g. 0.8, 0.95) that log a `budget_threshold` event once "
         "per period when crossed.")
+    hard_stop_streams: bool = Field(
+        False, description="Cut a stream with an in-band `budget_exceeded` error event (no [DONE]) when it would "
+        "cross this budget mid-stream; needs on_exhaust: reject.")
 
     @field_validator("timezone")
     @classmethod
@@ -279,6 +282,8 @@ class BudgetPolicy(Strict):
             raise ValueError("`window_s` is required with period: rolling and only allowed with it")
         if (self.on_exhaust == "downgrade") != (self.downgrade_to is not None):
             raise ValueError("`downgrade_to` is required with on_exhaust: downgrade and only allowed with it")
+        if self.hard_stop_streams and self.on_exhaust != "reject":
+            raise ValueError("`hard_stop_streams` needs on_exhaust: reject (a downgrading budget never refuses)")
         return self
 
 

@@ -172,13 +172,16 @@ class _Run:
         counter = self.services.counter
         body = call.body
         name = model.targets[0].upstream_model
+        family = model.targets[0].provider.adapter.capabilities.tokenizer
         if call.endpoint is Endpoint.CHAT:
-            tokens = counter.count_chat_prompt(body, name)
+            tokens = counter.count_chat_prompt(body, name, family)
         elif call.endpoint is Endpoint.COMPLETIONS:
-            tokens = counter.count_completion_prompt(body, name)
+            tokens = counter.count_completion_prompt(body, name, family)
+        elif call.endpoint is Endpoint.RESPONSES:
+            tokens = counter.count_responses_input(body, name, family)
         else:
-            tokens = counter.count_embedding_input(body, name)
-        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+            tokens = counter.count_embedding_input(body, name, family)
+        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
         window = model.plan.config.context_window
         assert window is not None
         return tokens + (reserve if isinstance(reserve, int) else 0) <= window
@@ -341,6 +344,11 @@ async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s:
     return _PrimedResponse(response, buffered, raw, idle_s, outcome)
 
 
+# Responses events before the first delta: nothing a client could mistake for an answer yet.
+_RESPONSES_PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued",
+                                 "response.output_item.added", "response.content_part.added"})
+
+
 def _is_preamble(data: bytes) -> bool:
     """A canonical chunk that carries no content yet: the role announcement, empty deltas, filter results."""
     try:
@@ -349,6 +357,8 @@ def _is_preamble(data: bytes) -> bool:
         return False
     if not isinstance(payload, dict):
         return False
+    if isinstance(kind := payload.get("type"), str):  # a Responses API event (native pass-through)
+        return kind in _RESPONSES_PREAMBLE
     choices = payload.get("choices")
     if not choices:
         return payload.get("usage") is None

@@ -2,24 +2,32 @@
 
 Spans follow the OpenTelemetry GenAI semantic conventions (`gen_ai.*`), plus a
 `switchboard.*` namespace for what only the gateway knows (team, key id,
-public model, route, cost; policies/README.md lists every attribute). They are
-exported by a batch processor on its own thread, so a slow or dead collector
-costs dropped spans and one log line, never request latency.
+public model, route, cost; policies/README.md lists every attribute). They go
+to the SDK's batch span processor, which exports on its own thread, so a slow
+or dead collector costs dropped spans and one log line, never request latency.
 
 How the pipeline uses it (the whole surface)::
 
-    exchange.trace = services.telemetry.start(endpoint, headers, exchange)  # SERVER span
-    response = await exchange.trace.send(client, request, target, call)     # CLIENT span + traceparent
+    exchange.trace = services.telemetry.start(endpoint, headers, exchange)  # the request begins
+    response = await exchange.trace.send(client, request, target, call)     # one upstream attempt + traceparent
     exchange.trace.decision("switchboard.route", {"chosen": "..."})         # an event on the SERVER span
     exchange.trace.finish(record)                                           # attributes from the usage record
 
 When tracing is off `start` returns `NO_TRACE`, a shared object whose methods
-do nothing, so the request path allocates no span objects at all. Callers
-that would build costly event attributes can check `exchange.trace.recording`.
+do nothing, so the request path allocates nothing for tracing. Callers that
+would build costly event attributes can check `exchange.trace.recording`.
 
-Sampling keeps `sample_ratio` of traces (an incoming sampled `traceparent`
-is honoured) and always keeps a trace with an error: unsampled traces are
-recorded but only exported when one of their spans failed.
+Why spans are not built with the SDK's `Tracer`: a request's facts are only
+known when it settles, and the SDK's live `Span` objects (attribute cleaning
+and locking per attribute, a sampler call per span) cost about twice as much
+CPU as building each span's attributes once and handing the finished
+`ReadableSpan`s to the processor. The same `ReadableSpan` type goes to every
+exporter (OTLP, console, the in-memory exporter in tests).
+
+Sampling: `sample_ratio` of new traces (by trace id, like the SDK's
+TraceIdRatioBased) or the incoming `traceparent`'s sampled flag. A trace with
+a failed upstream attempt or a 5xx is exported regardless; unsampled healthy
+traces cost a few ids and timestamps.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import random
 import re
 import threading
 import time
@@ -36,10 +45,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
-from opentelemetry import trace as trace_api
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -47,9 +54,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from gateway.policy_schema import PolicyDocument, TracesPolicy
 from providers.base import Call, StreamChunk, UpstreamFailed, UpstreamRequest
@@ -74,7 +80,11 @@ _REQUEST_PARAMS = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen
                    ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
 _ROUTE_HEADER = "x-switchboard-route"
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"]{1,128})"')
-_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*$")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SCOPE = InstrumentationScope("switchboard")
+_ERROR = Status(StatusCode.ERROR)
+_UNSET = Status(StatusCode.UNSET)
 
 
 # --- the request-side handles -----------------------------------------------------------------
@@ -137,32 +147,47 @@ class _Untraced(_NoTrace):
             self._metrics.finished_unsettled()
 
 
-class RequestTrace:
-    """One traced request: its SERVER span and the CLIENT span of each upstream attempt."""
+class _Attempt:
+    """One upstream attempt: becomes a CLIENT span when the trace is exported."""
 
-    __slots__ = ("_attempts", "_body", "_chunks", "_error", "_exchange", "_finish_reasons", "_finished",
-                 "_metrics", "_open_attempt", "_operation", "_params", "_response_body", "_response_model",
-                 "_span", "_target", "_tracing", "context", "trace_id")
+    __slots__ = ("attributes", "end_ns", "error_type", "span_id", "start_ns")
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+        self.span_id = random.getrandbits(64) or 1
+        self.start_ns = time.time_ns()
+        self.end_ns = 0
+        self.error_type: str | None = None
+
+
+class RequestTrace:
+    """One traced request: the facts for its SERVER span and the CLIENT span of each upstream attempt."""
+
+    __slots__ = ("_attempts", "_body", "_chunks", "_error", "_events", "_exchange", "_finish_reasons",
+                 "_finished", "_metrics", "_open_attempt", "_operation", "_params", "_parent", "_response_body",
+                 "_response_model", "_sampled", "_span_id", "_start_ns", "_trace_int", "_tracing", "trace_id")
     recording = True
 
     def __init__(self, tracing: _Tracing, endpoint: str, headers: Mapping[str, str], exchange: Any,
                  metrics: Metrics | None = None) -> None:
         self._tracing = tracing
-        self._metrics = metrics
         self._exchange = exchange
+        self._metrics = metrics
         self._operation = _OPERATION.get(endpoint, endpoint)
-        parent = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
+        parent = _remote_parent(headers) if "traceparent" in headers else None
+        self._parent = parent
+        if parent is not None:
+            self._trace_int, self._sampled = parent.trace_id, parent.trace_flags.sampled
+        else:
+            self._trace_int = random.getrandbits(128) or 1
+            self._sampled = tracing.samples(self._trace_int)
+        self.trace_id = f"{self._trace_int:032x}"
+        self._span_id = random.getrandbits(64) or 1
         # The request started before the pipeline did (body read, middleware): back-date the span.
-        started_ns = time.time_ns() - int((time.perf_counter() - exchange.started) * 1e9)
-        self._span = tracing.tracer.start_span(
-            self._operation, context=parent, kind=SpanKind.SERVER, start_time=started_ns,
-            attributes={"gen_ai.operation.name": self._operation, "switchboard.request_id": exchange.request_id},
-        )
-        self.context = trace_api.set_span_in_context(self._span)
-        self.trace_id = format(self._span.get_span_context().trace_id, "032x")
-        self._attempts = 0
-        self._open_attempt: trace_api.Span | None = None
-        self._target: Target | None = None
+        self._start_ns = time.time_ns() - int((time.perf_counter() - exchange.started) * 1e9)
+        self._attempts: list[_Attempt] = []
+        self._open_attempt: _Attempt | None = None
+        self._events: list[Event] | None = None
         self._params: dict[str, Any] | None = None
         self._body: Mapping[str, Any] | None = None
         self._response_body: bytes | None = None
@@ -174,13 +199,11 @@ class RequestTrace:
 
     async def send(self, client: UpstreamClient, request: UpstreamRequest, target: Target,
                    call: Call) -> UpstreamResponse:
-        """Open the upstream call inside a CLIENT span, propagating the trace context to the upstream."""
+        """Open the upstream call as one attempt, propagating the trace context to the upstream."""
         if self._open_attempt is not None:
             # The previous attempt got a response but failed afterwards (e.g. a stream that died
             # before its first token) and is being retried.
-            self._end_attempt(self._open_attempt, "_OTHER")
-        self._attempts += 1
-        self._target = target
+            self._close(self._open_attempt, "_OTHER")
         if self._params is None:
             self._body = call.body
             self._params = _request_params(call.body)
@@ -192,33 +215,33 @@ class RequestTrace:
             "gen_ai.request.model": call.upstream_model,
             "server.address": host,
             "switchboard.provider": provider.name,
-            "switchboard.attempt": self._attempts,
+            "switchboard.attempt": len(self._attempts) + 1,
             **self._params,
         }
         if port is not None:
             attributes["server.port"] = port
-        span = self._tracing.tracer.start_span(f"{self._operation} {call.upstream_model}", context=self.context,
-                                               kind=SpanKind.CLIENT, attributes=attributes)
-        context = span.get_span_context()
-        request.headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-" \
-                                         f"{int(context.trace_flags):02x}"
-        if context.trace_state:
-            request.headers["tracestate"] = context.trace_state.to_header()
+        if call.stream:
+            attributes["gen_ai.request.stream"] = True
+        attempt = _Attempt(attributes)
+        self._attempts.append(attempt)
+        request.headers["traceparent"] = f"00-{self.trace_id}-{attempt.span_id:016x}-{'01' if self._sampled else '00'}"
+        if self._parent is not None and self._parent.trace_state:
+            request.headers["tracestate"] = self._parent.trace_state.to_header()
         try:
             response = await client.open(request)
         except BaseException as exc:
             error_type = _error_type(exc)
-            self._end_attempt(span, error_type)
+            self._close(attempt, error_type)
             if self._metrics is not None:
                 self._metrics.upstream_error(provider.name, error_type)
             raise
         if response.status >= 400:
-            span.set_attribute("http.response.status_code", response.status)
-            self._end_attempt(span, str(response.status))
+            attributes["http.response.status_code"] = response.status
+            self._close(attempt, str(response.status))
             if self._metrics is not None:
                 self._metrics.upstream_error(provider.name, str(response.status))
         else:
-            self._open_attempt = span
+            self._open_attempt = attempt
         return response
 
     def decision(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
@@ -226,12 +249,16 @@ class RequestTrace:
 
         Attribute values must be str, bool, int, float or sequences of one of them.
         """
-        self._span.add_event(name, attributes)
+        if self._events is None:
+            self._events = []
+        # Attribute values are immutable in OpenTelemetry: lists become tuples, as the SDK would make them.
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()} if attributes else None
+        self._events.append(Event(name, frozen, time.time_ns()))
 
     def attempt_failed(self, error_type: str) -> None:
         """The current attempt failed after its response began (retry layers call this)."""
         if self._open_attempt is not None:
-            self._end_attempt(self._open_attempt, error_type)
+            self._close(self._open_attempt, error_type)
 
     def responded(self, body: bytes, response_model: str | None, finish_reasons: Sequence[str]) -> None:
         """What the upstream answered, for a complete (non-streamed) reply."""
@@ -252,86 +279,135 @@ class RequestTrace:
             self.finish(None)
 
     def finish(self, record: UsageRecord | None) -> None:
-        """End the spans, with every attribute built once from the settled usage record."""
+        """End the trace: build every attribute once, from the settled usage record, and export."""
         if self._finished:
             return
         self._finished = True
-        span, tracing = self._span, self._tracing
+        status = record.status if record is not None else (self._error.http_status if self._error else 500)
+        error_type = self._error_type(record)
+        server_failed = status >= 500 or (record is not None and record.outcome == "upstream_error")
+        final = self._open_attempt
+        if final is not None:
+            self._close(final, error_type if error_type is not None and (server_failed or status >= 400) else None)
+        if not self._sampled and not server_failed and not any(a.error_type for a in self._attempts):
+            return  # unsampled and healthy: nothing is built
+        tracing = self._tracing
         response_id, response_model, reasons, output = self._response_facts(record)
-        attributes: dict[str, Any] = {}
+        attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation,
+                                      "switchboard.request_id": self._exchange.request_id}
+        name = self._operation
         if record is not None:
-            attributes = _record_attributes(record)
-            span.update_name(f"{self._operation} {record.public_model}" if record.public_model else self._operation)
+            attributes.update(_record_attributes(record))
+            if record.public_model:
+                name = f"{self._operation} {record.public_model}"
             route = self._exchange.response_headers.get(_ROUTE_HEADER)
             if route:
                 attributes["switchboard.route"] = route
-            if self._params:
-                attributes.update(self._params)
             if tracing.records_content(record.team):
                 attributes.update(_content_attributes(self._body, output, tracing.redactor))
-        if response_id:
-            attributes["gen_ai.response.id"] = response_id
-        if response_model:
-            attributes["gen_ai.response.model"] = response_model
-        if reasons:
-            attributes["gen_ai.response.finish_reasons"] = reasons
-        attributes["switchboard.attempts"] = self._attempts
-        status = record.status if record is not None else (self._error.http_status if self._error else 500)
-        error_type = self._error_type(record)
-        attempt = self._open_attempt
-        if attempt is not None:
-            self._open_attempt = None
-            attempt.set_attributes({k: v for k, v in attributes.items() if k in _ATTEMPT_SWITCHBOARD
-                                    or (k.startswith("gen_ai.") and k != "gen_ai.request.model")})
-            if tracing.openinference and record is not None:
-                attempt.set_attributes(_openinference_attributes(record, self._params, response_model))
-            self._end_attempt(attempt, error_type if record is None or record.outcome != "completed"
-                              or status >= 400 else None)
-        span.set_attributes(attributes)
-        span.set_attribute("http.response.status_code", status)
+        attributes["switchboard.attempts"] = len(self._attempts)
+        attributes["http.response.status_code"] = status
         if error_type is not None:
-            span.set_attribute("error.type", error_type)
-            if status >= 500 or (record is not None and record.outcome == "upstream_error"):
-                span.set_status(Status(StatusCode.ERROR))
-        span.end()
+            attributes["error.type"] = error_type
+        if final is not None and final.error_type is None:
+            final_attributes = final.attributes
+            if response_id:
+                final_attributes["gen_ai.response.id"] = response_id
+            if response_model:
+                final_attributes["gen_ai.response.model"] = response_model
+            if reasons:
+                final_attributes["gen_ai.response.finish_reasons"] = reasons
+            if record is not None:
+                final_attributes.update(_attempt_usage_attributes(record))
+                if tracing.openinference:
+                    final_attributes.update(_openinference_attributes(record, self._params, response_model))
+        tracing.export(self, name, attributes, _ERROR if server_failed else _UNSET)
+
+    def spans(self, name: str, attributes: dict[str, Any], status: Status) -> list[ReadableSpan]:
+        """The finished spans: every attempt (CLIENT), then the request (SERVER)."""
+        resource = self._tracing.resource
+        server = SpanContext(self._trace_int, self._span_id, False, _SAMPLED,
+                             self._parent.trace_state if self._parent is not None else None)
+        spans = [
+            ReadableSpan(name=f"{self._operation} {a.attributes['gen_ai.request.model']}",
+                         context=SpanContext(self._trace_int, a.span_id, False, _SAMPLED),
+                         parent=server, resource=resource, attributes=a.attributes, kind=SpanKind.CLIENT,
+                         status=_ERROR if a.error_type is not None else _UNSET, start_time=a.start_ns,
+                         end_time=a.end_ns, instrumentation_scope=_SCOPE)
+            for a in self._attempts
+        ]
+        spans.append(ReadableSpan(name=name, context=server, parent=self._parent, resource=resource,
+                                  attributes=attributes, events=self._events or (), kind=SpanKind.SERVER,
+                                  status=status, start_time=self._start_ns, end_time=time.time_ns(),
+                                  instrumentation_scope=_SCOPE))
+        return spans
 
     def _error_type(self, record: UsageRecord | None) -> str | None:
         if self._error is not None:
             return self._error.code or self._error.kind.name.lower()
-        if record is not None and (record.status >= 400 or record.outcome not in ("completed", "")):
+        # Other outcomes (cache_hit, client_disconnected) are not errors of the gateway or the upstream.
+        if record is not None and (record.status >= 400 or record.outcome == "upstream_error"):
             return record.outcome
         return None
 
-    def _response_facts(self, record: UsageRecord | None) -> tuple[str | None, str | None, list[str], Any]:
+    def _response_facts(self, record: UsageRecord | None) -> tuple[str | None, str | None, tuple[str, ...], Any]:
         """Response id, model, finish reasons and (only when content is recorded) the output."""
         wants_output = record is not None and self._tracing.records_content(record.team)
         if self._response_body is not None:
             found = _RESPONSE_ID.search(self._response_body, 0, 512)
             output = _output_of_body(self._response_body) if wants_output else None
             return (found.group(1).decode() if found else None, self._response_model,
-                    list(self._finish_reasons), output)
+                    tuple(self._finish_reasons), output)
         chunks = self._chunks
         if not chunks:
-            return None, None, [], None
+            return None, None, (), None
         first: Any = {}
         with contextlib.suppress(orjson.JSONDecodeError):
             first = orjson.loads(chunks[0].data)
-        reasons = [c.finish_reason for c in chunks if c.finish_reason]
+        reasons = tuple(c.finish_reason for c in chunks if c.finish_reason)
         output = _output_of_chunks(chunks) if wants_output else None
         return (first.get("id") if isinstance(first, dict) else None,
                 first.get("model") if isinstance(first, dict) else None, reasons, output)
 
-    def _end_attempt(self, span: trace_api.Span, error_type: str | None) -> None:
-        if span is self._open_attempt:
+    def _close(self, attempt: _Attempt, error_type: str | None) -> None:
+        if attempt is self._open_attempt:
             self._open_attempt = None
+        attempt.end_ns = time.time_ns()
         if error_type is not None:
-            span.set_attribute("error.type", error_type)
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
+            attempt.error_type = error_type
+            attempt.attributes["error.type"] = error_type
 
 
-# Switchboard attributes repeated on the attempt span (the rest stay on the SERVER span).
-_ATTEMPT_SWITCHBOARD = frozenset({"switchboard.cost_usd", "switchboard.price_version", "switchboard.ttft_ms"})
+def _remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
+    """The caller's span from a W3C `traceparent` (and `tracestate`); None when absent or malformed."""
+    match = _TRACEPARENT.match(headers.get("traceparent", ""))
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    state = headers.get("tracestate")
+    return SpanContext(trace_id, span_id, True, TraceFlags(int(flags, 16) & 0xFF),
+                       TraceState.from_header([state]) if state else None)
+
+
+def _attempt_usage_attributes(record: UsageRecord) -> dict[str, Any]:
+    """What the successful attempt's CLIENT span repeats from the record: usage, TTFT and cost."""
+    attributes: dict[str, Any] = {}
+    usage = record.usage
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+    if record.time_to_first_token_ms is not None:
+        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
+    if record.cost_usd is not None:
+        attributes["switchboard.cost_usd"] = record.cost_usd
+        attributes["switchboard.price_version"] = record.price_version
+    return attributes
 
 
 def _record_attributes(record: UsageRecord) -> dict[str, Any]:
@@ -368,6 +444,9 @@ def _record_attributes(record: UsageRecord) -> dict[str, Any]:
         attributes["gen_ai.usage.cost_usd"] = record.cost_usd
     if record.price_version is not None:
         attributes["switchboard.price_version"] = record.price_version
+    cache = getattr(record, "cache", None)  # set by the response cache (gateway/cache/) when it is in use
+    if cache:
+        attributes["switchboard.cache"] = cache
     return attributes
 
 
@@ -382,9 +461,9 @@ def _request_params(body: Mapping[str, Any]) -> dict[str, Any]:
         params["gen_ai.request.max_tokens"] = max_tokens
     stop = body.get("stop")
     if isinstance(stop, str):
-        params["gen_ai.request.stop_sequences"] = [stop]
+        params["gen_ai.request.stop_sequences"] = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        params["gen_ai.request.stop_sequences"] = stop
+        params["gen_ai.request.stop_sequences"] = tuple(stop)
     choices = body.get("n")
     if isinstance(choices, int) and choices != 1:
         params["gen_ai.request.choice.count"] = choices
@@ -503,23 +582,26 @@ def _output_of_chunks(chunks: Sequence[StreamChunk]) -> Any:
     return [{"role": "assistant", "parts": [{"type": "text", "content": "".join(texts)}]}]
 
 
-# --- the tracer provider, built from the policy -------------------------------------------------
+# --- the exporting side, built from the policy --------------------------------------------------
 
 
 class _Tracing:
-    """A tracer and what the request handles need from the policy, for one telemetry configuration."""
+    """What traced requests need from one telemetry configuration: sampling, the processor, content rules."""
 
-    def __init__(self, settings: TracesPolicy, provider: TracerProvider, owned: bool,
-                 redactor: Callable[[str], str] | None) -> None:
+    def __init__(self, settings: TracesPolicy, processor: SpanProcessor, redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
-        self.provider = provider
-        self.owned = owned
-        self.tracer = provider.get_tracer("switchboard")
+        self.processor = processor
+        self.resource = Resource.create({"service.name": settings.service_name})
+        # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
+        self._bound = round(settings.sample_ratio * (1 << 64))
         self.openinference = settings.openinference
         self._content_all = "*" in settings.record_content
         self._content_teams = frozenset(settings.record_content)
         self.redactor = redactor if settings.redact_content else None
         self._addresses: dict[str, tuple[str, int | None]] = {}
+
+    def samples(self, trace_id: int) -> bool:
+        return trace_id & 0xFFFFFFFFFFFFFFFF < self._bound
 
     def records_content(self, team: str) -> bool:
         return self._content_all or team in self._content_teams
@@ -531,20 +613,23 @@ class _Tracing:
             address = self._addresses[base_url] = (parts.hostname or base_url, parts.port)
         return address
 
+    def export(self, trace: RequestTrace, name: str, attributes: dict[str, Any], status: Status) -> None:
+        for span in trace.spans(name, attributes, status):
+            self.processor.on_end(span)
+
 
 class Telemetry:
-    """The app's tracing, (re)built from the policy's `telemetry.traces` section.
+    """The app's tracing, (re)built from the policy's `telemetry.traces` section, and its metrics hooks.
 
-    `span_exporter` (tests) replaces the policy's exporter and turns tracing on;
-    `tracer_provider` replaces the whole provider (the caller owns it).
+    `span_exporter` (tests) replaces the policy's exporter, is called synchronously
+    as each request finishes, and turns tracing on even when the policy says `none`.
     """
 
-    def __init__(self, *, span_exporter: SpanExporter | None = None, tracer_provider: TracerProvider | None = None,
+    def __init__(self, *, span_exporter: SpanExporter | None = None,
                  redactor: Callable[[str], str] = redact_content, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
         self._untraced: _NoTrace = NO_TRACE if metrics is None else _Untraced(metrics)
         self._span_exporter = span_exporter
-        self._tracer_provider = tracer_provider
         self._redactor = redactor
         self._tracing: _Tracing | None = None
         self._configured: TracesPolicy | None = None
@@ -554,18 +639,18 @@ class Telemetry:
         return self._tracing is not None
 
     def configure(self, policy: Policy) -> None:
-        """Apply the policy's settings; a change replaces the provider (the old one drains in the background)."""
+        """Apply the policy's settings; a change replaces the exporter (the old one drains in the background)."""
         settings = policy.telemetry.traces
         if self._configured is not None and settings == self._configured:
             return
         previous = self._tracing
         self._configured = settings
         self._tracing = self._build(settings)
-        if previous is not None and previous.owned:
-            threading.Thread(target=previous.provider.shutdown, name="otel-shutdown", daemon=True).start()
+        if previous is not None:
+            threading.Thread(target=previous.processor.shutdown, name="otel-shutdown", daemon=True).start()
 
     def start(self, endpoint: str, headers: Mapping[str, str], exchange: Any) -> RequestTrace | _NoTrace:
-        """The request's trace handle: a SERVER span when tracing is on, else `NO_TRACE`."""
+        """The request's trace handle: a `RequestTrace` when tracing is on, else a no-op one."""
         metrics = self.metrics
         if metrics is not None:
             metrics.started()
@@ -576,49 +661,40 @@ class Telemetry:
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         tracing = self._tracing
-        return tracing.provider.force_flush(int(timeout_s * 1000)) if tracing is not None else True
+        return tracing.processor.force_flush(int(timeout_s * 1000)) if tracing is not None else True
 
     def shutdown(self) -> None:
         """Flush and stop the exporter (blocking; call it off the event loop)."""
         tracing, self._tracing = self._tracing, None
-        if tracing is not None and tracing.owned:
-            tracing.provider.shutdown()
+        if tracing is not None:
+            tracing.processor.shutdown()
 
     def _build(self, settings: TracesPolicy) -> _Tracing | None:
-        if self._tracer_provider is not None:
-            return _Tracing(settings, self._tracer_provider, False, self._redactor)
-        if self._span_exporter is None and settings.exporter == "none":
-            return None
-        provider = TracerProvider(sampler=KeepErrorsSampler(settings.sample_ratio),
-                                  resource=Resource.create({"service.name": settings.service_name}),
-                                  shutdown_on_exit=False)
         if self._span_exporter is not None:
-            processor: SpanProcessor = SimpleSpanProcessor(self._span_exporter)
-        else:
-            batch = settings.batch
-            processor = BatchSpanProcessor(
-                _LoggedExporter(_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
-                schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
-                export_timeout_millis=batch.export_timeout_ms)
-        provider.add_span_processor(ErrorRescueProcessor(processor))
+            return _Tracing(settings, SimpleSpanProcessor(self._span_exporter), self._redactor)
+        if settings.exporter == "none":
+            return None
+        batch = settings.batch
+        processor = BatchSpanProcessor(
+            _LoggedExporter(_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
+            schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
+            export_timeout_millis=batch.export_timeout_ms)
         log.info("tracing on: exporter %s, sample ratio %s", settings.exporter, settings.sample_ratio)
-        return _Tracing(settings, provider, True, self._redactor)
+        return _Tracing(settings, processor, self._redactor)
 
 
 def _exporter(settings: TracesPolicy) -> SpanExporter:
     timeout_s = settings.batch.export_timeout_ms / 1000
     if settings.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from gateway.otlp import OtlpHttpExporter
 
-        # The exporter logs every failed batch itself; _LoggedExporter logs once per outage instead.
-        logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter").setLevel(logging.CRITICAL)
-        return OTLPSpanExporter(endpoint=settings.endpoint or "http://localhost:4318/v1/traces",
-                                headers=dict(settings.headers), timeout=timeout_s)
+        return OtlpHttpExporter(settings.endpoint or "http://localhost:4318/v1/traces", settings.headers, timeout_s)
     if settings.exporter == "otlp_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
             OTLPSpanExporter as GrpcSpanExporter,
         )
 
+        # The exporter logs every failed batch itself; _LoggedExporter logs once per outage instead.
         logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
         endpoint = settings.endpoint or "localhost:4317"
         return GrpcSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"),  # type: ignore[no-any-return]
@@ -638,6 +714,7 @@ class _LoggedExporter(SpanExporter):
         try:
             result = self._inner.export(spans)
         except Exception:  # an exporter bug must not kill the export thread
+            log.debug("span exporter raised", exc_info=True)
             result = SpanExportResult.FAILURE
         if result is SpanExportResult.FAILURE and not self._failing:
             self._failing = True
@@ -654,85 +731,6 @@ class _LoggedExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
-class KeepErrorsSampler(Sampler):
-    """Samples `ratio` of new traces and follows a parent's decision; everything else is still
-    recorded (not exported) so `ErrorRescueProcessor` can keep a trace that turns out to fail."""
-
-    def __init__(self, ratio: float) -> None:
-        self._ratio = TraceIdRatioBased(ratio)
-        self._all = ratio >= 1.0
-
-    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
-                      kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
-                      trace_state: Any = None) -> SamplingResult:
-        parent = trace_api.get_current_span(parent_context).get_span_context() if parent_context else None
-        if parent is not None and parent.is_valid:
-            sampled = parent.trace_flags.sampled
-            state = parent.trace_state
-        else:
-            sampled = self._all or self._ratio.should_sample(parent_context, trace_id, name).decision.is_sampled()
-            state = None
-        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.RECORD_ONLY, attributes, state)
-
-    def get_description(self) -> str:
-        return f"KeepErrorsSampler({self._ratio.rate})"
-
-
-class ErrorRescueProcessor(SpanProcessor):
-    """Exports sampled spans; holds an unsampled trace's spans until its local root ends and
-    exports them (marked sampled) only if one of them failed."""
-
-    _MAX_PENDING = 10_000
-
-    def __init__(self, inner: SpanProcessor) -> None:
-        self._inner = inner
-        self._pending: dict[int, list[ReadableSpan]] = {}
-
-    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
-        self._inner.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None:
-            return
-        if context.trace_flags.sampled:
-            self._inner.on_end(span)
-            return
-        held = self._pending.get(context.trace_id)
-        if held is None:
-            if len(self._pending) >= self._MAX_PENDING:  # roots that never ended; forget the oldest
-                self._pending.pop(next(iter(self._pending)))
-            held = self._pending[context.trace_id] = []
-        held.append(span)
-        if span.parent is not None and not span.parent.is_remote:
-            return  # not the local root yet
-        del self._pending[context.trace_id]
-        if any(_failed(s) for s in held):
-            for kept in held:
-                self._inner.on_end(_as_sampled(kept))
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-def _failed(span: ReadableSpan) -> bool:
-    return span.status.status_code is StatusCode.ERROR or "error.type" in (span.attributes or {})
-
-
-def _as_sampled(span: ReadableSpan) -> ReadableSpan:
-    context = span.context
-    assert context is not None
-    sampled = trace_api.SpanContext(context.trace_id, context.span_id, context.is_remote,
-                                    TraceFlags(TraceFlags.SAMPLED), context.trace_state)
-    return ReadableSpan(name=span.name, context=sampled, parent=span.parent, resource=span.resource,
-                        attributes=span.attributes, events=span.events, links=span.links, kind=span.kind,
-                        status=span.status, start_time=span.start_time, end_time=span.end_time,
-                        instrumentation_scope=span.instrumentation_scope)
-
-
 def telemetry_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...], str]]:
     """Cross-references of the `telemetry:` section, as (YAML path, message) pairs for the policy loader."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
@@ -744,6 +742,8 @@ def telemetry_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, 
     if traces.exporter == "otlp_grpc" and not _importable("opentelemetry.exporter.otlp.proto.grpc"):
         problems.append((("telemetry", "traces", "exporter"),
                          "otlp_grpc needs the package opentelemetry-exporter-otlp-proto-grpc (or use otlp_http)"))
+    if traces.exporter == "otlp_http" and traces.endpoint and not traces.endpoint.startswith(("http://", "https://")):
+        problems.append((("telemetry", "traces", "endpoint"), "must be an http:// or https:// URL"))
     return problems
 
 
@@ -755,4 +755,4 @@ def _importable(module: str) -> bool:
 
 
 Trace = RequestTrace | _NoTrace
-"""What `Exchange.trace` holds: a live request trace, or `NO_TRACE`."""
+"""What `Exchange.trace` holds: a live request trace, or a no-op one."""

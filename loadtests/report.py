@@ -156,9 +156,9 @@ def closed_table(rows: list[dict[str, Any]]) -> str:
             spread(r, "sut_cpu_us"),
             fmt(r["cpu_vs_ref"], 2),
             fmt(_div(1e6, r.get("sut_cpu_us")), 0),
-            pct(r["sut_busy"]),
-            f"{pct(r['core0_busy'])} / {pct(r['core1_busy'])}",
-            pct(r["foreign_busy"]),
+            pct(r.get("sut_busy")),
+            f"{pct(r.get('core0_busy'))} / {pct(r.get('core1_busy'))}",
+            pct(r.get("foreign_busy")),
             fmt(r["p50_ms"]),
             fmt(r["p99_ms"]),
             str(r["errors"]),
@@ -245,3 +245,16 @@ def write(rounds: list[dict[str, Any]], facts: dict[str, Any], out_dir: Path) ->
     (out_dir / f"{stem}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     sys.stdout.write(text)
     sys.stdout.write(f"\nwritten: {out_dir / stem}.md and .json\n")
+
+
+def main() -> None:
+    """Re-render a saved run with the current report code: python loadtests/report.py results/X.json"""
+    saved = orjson.loads(Path(sys.argv[1]).read_bytes())
+    _notes.extend(n for n in saved["notes"] if not n.startswith("* ="))
+    rows = aggregate(saved["rounds"])
+    derive(rows)
+    sys.stdout.write(markdown(rows, saved["facts"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,11 @@
 
     .venv/bin/python loadtests/telemetry_bench.py              # ~2 minutes
     .venv/bin/python loadtests/telemetry_bench.py --quick      # 4 s cells, 1 round
+    .venv/bin/python loadtests/telemetry_bench.py --micro      # in-process figures only, ~10 s
+
+Micro (deterministic, process CPU time): per request, the trace hooks on the event loop (two spans'
+facts, built once at settle), the OTLP protobuf encoding the export thread does for those spans (in
+batches of 512, as the batch processor sends them), and the metrics sink.
 
 Four gateway configurations against the same fake upstream (50 ms latency) at an open-loop 200 req/s,
 non-streamed chat and 20-chunk streamed chat: everything off; metrics only; tracing only (100% sampled,
@@ -41,9 +46,87 @@ def configs(collector: str) -> dict[str, str]:
     }
 
 
+def micro(iterations: int) -> None:
+    import asyncio
+    import time
+
+    from opentelemetry.sdk.trace.export import SpanExportResult
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.metrics import Metrics
+    from gateway.otlp import encode_request
+    from gateway.pipeline import Exchange
+    from gateway.policy import parse_policy
+    from gateway.telemetry import Telemetry
+    from gateway.usage import UsageRecord
+    from providers.base import Call, Endpoint, UpstreamRequest, Usage
+
+    policy = parse_policy(bench.policy_yaml("http://127.0.0.1:9/v1"))
+    target = policy.models["bench-model"].targets[0]
+    call = Call(Endpoint.CHAT, {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}],
+                                "temperature": 0.5, "max_tokens": 64}, "fake-model", False)
+    body = b'{"id":"chatcmpl-1","object":"chat.completion","model":"fake-model","choices":[]}'
+
+    class Response:
+        status = 200
+
+    class Client:
+        async def open(self, request: UpstreamRequest) -> Response:
+            return Response()
+
+    def record(trace_id: str | None) -> UsageRecord:
+        return UsageRecord(request_id="req_1", team="bench", key_id="bench", endpoint="chat",
+                           public_model="bench-model", provider="upstream", upstream_model="fake-model", stream=False,
+                           status=200, usage=Usage(120, 40, 16), duration_ms=55.0, overhead_ms=0.4,
+                           cost_usd=0.00042, price_version="v1", trace_id=trace_id)
+
+    async def requests(telemetry: Telemetry, count: int, sink: Metrics | None) -> float:
+        client = Client()
+        started = time.process_time()
+        for _ in range(count):
+            exchange = Exchange("req_1", time.perf_counter())
+            trace = telemetry.start("chat", {}, exchange)
+            await trace.send(client, UpstreamRequest("POST", "http://x/v1", {}, b""), target, call)  # type: ignore[arg-type]
+            trace.responded(body, "fake-model", ("stop",))
+            settled = record(trace.trace_id)
+            if sink is not None:
+                sink.record(settled)
+            trace.finish(settled)
+        return (time.process_time() - started) / count * 1e6
+
+    class Discard(InMemorySpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            return SpanExportResult.SUCCESS
+
+    figures = {}
+    for name, exporter, sink in (("tracing off", None, None), ("metrics sink", None, Metrics()),
+                                 ("tracing hooks", Discard(), None), ("tracing + metrics", Discard(), Metrics())):
+        telemetry = Telemetry(span_exporter=exporter, metrics=sink)
+        telemetry.configure(policy)
+        asyncio.run(requests(telemetry, iterations // 10, sink))
+        figures[name] = asyncio.run(requests(telemetry, iterations, sink))
+    keep = InMemorySpanExporter()
+    telemetry = Telemetry(span_exporter=keep)
+    telemetry.configure(policy)
+    asyncio.run(requests(telemetry, 256, None))
+    spans = keep.get_finished_spans()
+    started = time.process_time()
+    for _ in range(50):
+        encode_request(spans)
+    encode_us = (time.process_time() - started) / 50 / 256 * 1e6
+    base = figures["tracing off"]
+    for name, value in figures.items():
+        print(f"micro {name:18} {value:6.1f} µs/request on the loop ({value - base:+6.1f} vs off)")  # noqa: T201
+    print(f"micro OTLP encoding    {encode_us:6.1f} µs/request on the export thread (2 spans)")  # noqa: T201
+    total = figures["tracing + metrics"] - base + encode_us
+    print(f"micro tracing+metrics  {total:6.1f} µs CPU/request in all (target <= 150)")  # noqa: T201
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--micro", action="store_true", help="in-process figures only")
+    parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=2)
@@ -53,6 +136,9 @@ def main() -> None:
     parser.add_argument("--stream-chunks", type=int, default=20)
     parser.add_argument("--upstream-module", default="tests.fakes.openai_upstream")
     args = parser.parse_args()
+    micro(args.iterations)
+    if args.micro:
+        return
     if args.quick:
         args.duration, args.warmup, args.repeat = 4.0, 1.0, 1
     install_cleanup()

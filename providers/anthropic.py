@@ -120,6 +120,7 @@ class AnthropicAdapter:
         endpoints=frozenset({Endpoint.CHAT}),
         default_base_url="https://api.anthropic.com/v1",
         requires_api_key=True,
+        tokenizer="anthropic",
     )
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:

@@ -23,6 +23,9 @@ class Endpoint(StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    # OpenAI's Responses API, passed through natively to upstreams that declare it;
+    # /v1/responses is translated to CHAT for every other provider.
+    RESPONSES = "responses"
 
 
 class FailureKind(StrEnum):
@@ -166,6 +169,9 @@ class Capabilities:
     # Served by an engine inside the gateway process (the mock) instead of over HTTP;
     # such an adapter also provides `engine(options, token_counter)`.
     in_process: bool = False
+    # The tokenizer family that limits and budgets count prompts with (gateway/tokens.py
+    # FAMILIES): "openai" counts exactly with tiktoken; the others are documented estimates.
+    tokenizer: str = "openai"
 
 
 class UpstreamFailed(Exception):

@@ -107,6 +107,7 @@ class GeminiAdapter:
         endpoints=frozenset({Endpoint.CHAT}),
         default_base_url="https://generativelanguage.googleapis.com/v1beta",
         requires_api_key=True,
+        tokenizer="gemini",
     )
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from providers import responses_api
 from providers.base import (
     Call,
     Capabilities,
@@ -38,8 +39,11 @@ PATHS = {
     Endpoint.CHAT: "/chat/completions",
     Endpoint.COMPLETIONS: "/completions",
     Endpoint.EMBEDDINGS: "/embeddings",
+    Endpoint.RESPONSES: "/responses",
 }
-ALL_ENDPOINTS = frozenset(Endpoint)
+# What every OpenAI-compatible server speaks; the Responses API only where a spec adds it.
+ALL_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+WITH_RESPONSES = ALL_ENDPOINTS | {Endpoint.RESPONSES}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class CompatSpec:
     # Non-standard finish reasons mapped to OpenAI's.
     finish_reasons: Mapping[str, str] = field(default_factory=dict)
     options_model: type[BaseModel] = NoOptions
+    # How limits count prompts for it (gateway/tokens.py FAMILIES).
+    tokenizer: str = "openai"
 
 
 class OpenAICompatAdapter:
@@ -70,13 +76,14 @@ class OpenAICompatAdapter:
             endpoints=spec.endpoints,
             default_base_url=spec.default_base_url,
             requires_api_key=spec.requires_api_key,
+            tokenizer=spec.tokenizer,
         )
         self._rewrites_responses = bool(spec.finish_reasons)
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:
         body = dict(call.body)
         body["model"] = call.upstream_model
-        if call.stream and call.endpoint is not Endpoint.EMBEDDINGS:
+        if call.stream and call.endpoint in _CHAT_LIKE:
             # Always ask for usage so every stream can be settled; the gateway
             # strips the usage chunk again if the client did not ask for it.
             stream_options = dict(body.get("stream_options") or {})
@@ -95,6 +102,8 @@ class OpenAICompatAdapter:
         return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, orjson.dumps(body))
 
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
+        if call.endpoint is Endpoint.RESPONSES:
+            return responses_api.parse_response(body)
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -118,6 +127,10 @@ class OpenAICompatAdapter:
         )
 
     async def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
+        if call.endpoint is Endpoint.RESPONSES:
+            async for chunk in responses_api.translate_stream(events):
+                yield chunk
+            return
         async for data in events:
             if data == DONE:
                 return
@@ -166,6 +179,9 @@ class OpenAICompatAdapter:
         if not isinstance(payload, dict):
             payload = {}
         return failure_from_openai_error(status, payload, headers)
+
+
+_CHAT_LIKE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # take stream_options.include_usage
 
 
 def _has_value(data: bytes, key: bytes) -> bool:
@@ -263,13 +279,15 @@ def _malformed(detail: str) -> UpstreamFailure:
     return UpstreamFailure(FailureKind.UPSTREAM_ERROR, 502, f"the upstream sent a malformed response: {detail}")
 
 
-OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True)
+OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True,
+                    endpoints=WITH_RESPONSES)
 OPENAI_COMPATIBLE = CompatSpec(kind="openai_compatible")
 GROQ = CompatSpec(
     kind="groq",
     default_base_url="https://api.groq.com/openai/v1",
     requires_api_key=True,
     drops=frozenset({"logit_bias"}),
+    tokenizer="open_weights",
 )
 MISTRAL = CompatSpec(
     kind="mistral",
@@ -277,11 +295,14 @@ MISTRAL = CompatSpec(
     requires_api_key=True,
     renames={"seed": "random_seed"},
     finish_reasons={"model_length": "length"},
+    tokenizer="open_weights",
 )
-TOGETHER = CompatSpec(kind="together", default_base_url="https://api.together.xyz/v1", requires_api_key=True)
-VLLM = CompatSpec(kind="vllm")
-SGLANG = CompatSpec(kind="sglang")
-TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}))
-LLAMACPP = CompatSpec(kind="llamacpp")
+TOGETHER = CompatSpec(kind="together", default_base_url="https://api.together.xyz/v1", requires_api_key=True,
+                      tokenizer="open_weights")
+# vLLM serves POST /v1/responses itself (protocols.md 8.1), so Responses requests pass through.
+VLLM = CompatSpec(kind="vllm", endpoints=WITH_RESPONSES, tokenizer="open_weights")
+SGLANG = CompatSpec(kind="sglang", tokenizer="open_weights")
+TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}), tokenizer="open_weights")
+LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights")
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)

@@ -20,6 +20,8 @@ from gateway.tokens import TokenCounter
 from gateway.usage import UsageRecord
 from tests.fakes import FakeOpenAIUpstream
 
+pytest_plugins = ["tests.conformance_plugin"]  # `--conformance-report`: docs/conformance.md from this run
+
 SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)

@@ -117,3 +117,41 @@ def test_followers_call_the_upstream_themselves_when_the_leader_fails(upstream: 
     assert len(failures) == 1  # the leader's own error is not passed on to its followers
     assert answers == [EXPECTED, EXPECTED]
     assert upstream.request_count == 2  # one of them led a new flight, the other followed it
+
+
+def test_a_stream_that_breaks_midway_ends_its_followers_with_an_error_and_is_not_stored(
+        upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    cache = ResponseCache()
+    gateway = start_gateway(cache_policy(upstream.base_url, "mode: exact"), cache=cache)
+    upstream.script(Behaviour(stream_chunks=10, chunk_delay_ms=100, drop_after_chunks=6))
+    leader = iter(gateway.client().chat.completions.create(model="chat-model", messages=ASK, stream=True))
+    next(leader)
+    errors: list[Exception] = []
+
+    def follow() -> None:
+        try:
+            list(gateway.client().chat.completions.create(model="chat-model", messages=ASK, stream=True))
+        except openai.APIError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    _until(lambda: cache.followers() == 1)
+    with pytest.raises(openai.APIError):
+        list(leader)
+    thread.join(timeout=10)
+    assert len(errors) == 1 and "ended before completing" in str(errors[0])
+    raw = gateway.client().chat.completions.with_raw_response.create(model="chat-model", messages=ASK)
+    assert raw.headers["x-switchboard-cache"] == "miss"
+    assert upstream.request_count == 2
+
+
+def test_a_client_leaving_mid_stream_stores_nothing(upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    gateway = start_gateway(cache_policy(upstream.base_url, "mode: exact"), cache=ResponseCache())
+    upstream.script(Behaviour(stream_chunks=20, chunk_delay_ms=50))
+    stream = gateway.client().chat.completions.create(model="chat-model", messages=ASK, stream=True)
+    next(iter(stream))
+    stream.close()
+    assert upstream.wait_for_disconnect()
+    raw = gateway.client().chat.completions.with_raw_response.create(model="chat-model", messages=ASK)
+    assert raw.headers["x-switchboard-cache"] == "miss"

@@ -338,3 +338,49 @@ def test_models_without_a_cache_behave_as_before(upstream: FakeOpenAIUpstream, s
         assert "x-switchboard-cache" not in headers
     assert upstream.request_count == 2
     assert gateway.usage.wait_for(2)[1].cache is None
+
+
+def test_completions_and_embeddings_are_cached_too(upstream: FakeOpenAIUpstream, start_gateway: Start,
+                                                   backend: str) -> None:
+    text = cache_policy(upstream.base_url, f"mode: exact\n      {backend}").replace(
+        "    targets:\n      - provider: upstream\n        model: upstream-embed\n",
+        f"    targets:\n      - provider: upstream\n        model: upstream-embed\n    cache:\n      mode: exact\n"
+        f"      {backend}\n")
+    gateway = start_gateway(text, cache=ResponseCache())
+    client = gateway.client()
+    pieces = "".join(c.choices[0].text for c in client.completions.create(model="chat-model", prompt="say hi",
+                                                                          stream=True))
+    raw = client.completions.with_raw_response.create(model="chat-model", prompt="say hi")
+    assert raw.headers["x-switchboard-cache"] == "hit"
+    assert raw.parse().choices[0].text == pieces == "echo: say hi"
+    first = client.embeddings.create(model="embed-model", input="a sentence")
+    raw = client.embeddings.with_raw_response.create(model="embed-model", input="a sentence")
+    assert raw.headers["x-switchboard-cache"] == "hit"
+    assert raw.parse().data[0].embedding == first.data[0].embedding
+    assert upstream.request_count == 2
+
+
+def test_an_unreachable_redis_is_a_miss_not_an_error(upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gateway = _gateway(upstream, start_gateway, f'mode: exact\n      backend: redis\n      url: "redis://127.0.0.1:{port}/0"'
+                       "\n      timeout_s: 0.2")
+    for _ in range(2):
+        reply, headers = ask(gateway)
+        assert headers["x-switchboard-cache"] == "miss"
+        assert reply.choices[0].message.content == "echo: what is the capital of France"
+    assert upstream.request_count == 2
+
+
+def test_hits_count_as_requests_but_not_as_tokens_against_limits(upstream: FakeOpenAIUpstream,
+                                                                 start_gateway: Start) -> None:
+    gateway = _gateway(upstream, start_gateway, "mode: exact", team_cache="    limits: {rpm: 12, tpm: 60}")
+    for _ in range(12):  # one miss of ~20 tokens, then hits that would be ~200 tokens if they were billed
+        _, headers = ask(gateway, max_tokens=10)
+    assert headers["x-switchboard-cache"] == "hit"
+    with pytest.raises(openai.RateLimitError):
+        ask(gateway, max_tokens=10)
+    assert upstream.request_count == 1

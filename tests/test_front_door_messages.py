@@ -16,6 +16,8 @@ from tests.fakes.openai_upstream import Behaviour
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
+LOCAL_OR_CLAUDE = {"claude": "anthropic", "local": "vllm"}  # conformance matrix rows
+
 
 @pytest.fixture(scope="module")
 def claude_fake() -> Iterator[FakeAnthropicUpstream]:
@@ -52,6 +54,7 @@ def client(module_gateway: RunningGateway, claude_fake: FakeAnthropicUpstream,
     return anthropic.Anthropic(base_url=module_gateway.base_url, api_key="sk-alpha", max_retries=0)
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="messages", feature="text", stream=False)
 @pytest.mark.parametrize("model", ["claude", "local"])
 def test_text_reply(client: anthropic.Anthropic, model: str) -> None:
     reply = client.messages.create(model=model, max_tokens=100, system="Be brief.",
@@ -62,6 +65,7 @@ def test_text_reply(client: anthropic.Anthropic, model: str) -> None:
     assert reply.usage.output_tokens == 3 and reply.usage.input_tokens > 0
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="messages", feature="text", stream="both")
 @pytest.mark.parametrize("model", ["claude", "local"])
 def test_streamed_reply_matches(client: anthropic.Anthropic, model: str) -> None:
     messages = [{"role": "user", "content": "one two three four"}]
@@ -76,6 +80,7 @@ def test_streamed_reply_matches(client: anthropic.Anthropic, model: str) -> None
     assert final.usage.input_tokens == whole.usage.input_tokens
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="messages", feature="tools")
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("model", ["claude", "local"])
 def test_tool_use_round_trip(client: anthropic.Anthropic, model: str, stream: bool) -> None:
@@ -98,6 +103,7 @@ def test_tool_use_round_trip(client: anthropic.Anthropic, model: str, stream: bo
     assert second.stop_reason == "end_turn" and second.content[0].type == "text"
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="messages", feature="cached_usage", stream=False)
 def test_cached_tokens_come_back_in_anthropic_terms(client: anthropic.Anthropic,
                                                     claude_fake: FakeAnthropicUpstream) -> None:
     claude_fake.cache_read_tokens, claude_fake.cache_write_tokens = 500, 50

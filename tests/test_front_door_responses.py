@@ -1,4 +1,5 @@
-"""POST /v1/responses: the openai SDK's Responses API against Anthropic-backed and vLLM-backed models."""
+"""POST /v1/responses translated to chat: the openai SDK's Responses API against Anthropic-backed and
+chat-only OpenAI-compatible models."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
                           "additionalProperties": False}}
 MODELS = ["claude", "local"]
 
+LOCAL_OR_CLAUDE = {"claude": "anthropic", "local": "openai-compatible"}  # conformance matrix rows
+
 
 @pytest.fixture(scope="module")
 def claude_fake() -> Iterator[FakeAnthropicUpstream]:
@@ -35,7 +38,9 @@ def module_gateway(claude_fake: FakeAnthropicUpstream, fake_upstream: FakeOpenAI
 version: 1
 providers:
   claude: {{kind: anthropic, base_url: {claude_fake.base_url}, api_key: sk-ant-x}}
-  engine: {{kind: vllm, base_url: {fake_upstream.base_url}}}
+  # A chat-only OpenAI-compatible server, so this file covers the translation; vLLM's native
+  # /v1/responses is passed through instead (tests/test_responses_passthrough.py).
+  engine: {{kind: openai_compatible, base_url: {fake_upstream.base_url}}}
 models:
   claude: {{targets: [{{provider: claude, model: claude-sonnet-4-6}}]}}
   local: {{targets: [{{provider: engine, model: qwen3}}]}}
@@ -56,6 +61,7 @@ def client(module_gateway: RunningGateway, claude_fake: FakeAnthropicUpstream,
     return module_gateway.client()
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="responses", feature="text", stream=False)
 @pytest.mark.parametrize("model", MODELS)
 def test_string_input_with_instructions(client: openai.OpenAI, claude_fake: FakeAnthropicUpstream,
                                         upstream: FakeOpenAIUpstream, model: str) -> None:
@@ -73,6 +79,7 @@ def test_string_input_with_instructions(client: openai.OpenAI, claude_fake: Fake
         assert sent.json["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="responses", feature="text", stream=True)
 @pytest.mark.parametrize("model", MODELS)
 def test_stream_event_sequence(client: openai.OpenAI, model: str) -> None:
     whole = client.responses.create(model=model, input="one two three four")
@@ -95,12 +102,14 @@ class Person(BaseModel):
     age: int | None
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="responses", feature="json_schema", stream=False)
 @pytest.mark.parametrize("model", MODELS)
 def test_parse_with_text_format(client: openai.OpenAI, model: str) -> None:
     reply = client.responses.parse(model=model, input="who?", text_format=Person)
     assert reply.output_parsed == Person(name="x", age=1)
 
 
+@pytest.mark.conformance(provider=LOCAL_OR_CLAUDE, endpoint="responses", feature="tools")
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("model", MODELS)
 def test_function_call_round_trip(client: openai.OpenAI, model: str, stream: bool) -> None:
@@ -124,6 +133,7 @@ def test_function_call_round_trip(client: openai.OpenAI, model: str, stream: boo
     assert second.status == "completed" and second.output_text
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="responses", feature="cached_usage", stream=False)
 def test_cached_tokens_in_response_usage(client: openai.OpenAI, claude_fake: FakeAnthropicUpstream) -> None:
     claude_fake.cache_read_tokens = 300
     reply = client.responses.create(model="claude", input="a b")

@@ -309,3 +309,18 @@ def test_no_limits_means_no_admission_work(harness: Callable[..., Harness]) -> N
                                                (59.9999, "1m0s")])
 def test_reset_durations_are_go_style(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
+
+
+def test_a_key_budget_applies_on_top_of_the_team_budget(harness: Callable[..., Harness]) -> None:
+    prompt = prompt_tokens()
+    h = harness(policy_text(key_extra=f"        budget: {{period: daily, tokens: {prompt + 10}}}",
+                            team_extra="    budget: {tokens: 1000000}"))
+    admission, _ = h.admit(max_tokens=10)
+    h.settle(admission, prompt, 10)
+    error = h.refused(max_tokens=1)
+    assert error.code == "budget_exceeded" and "key alpha-key (team alpha)" in error.message
+    assert "daily token budget" in error.message
+    h.admit(key_id="alpha-other", max_tokens=10)  # the team's other key still has the team budget
+    rows = {(row["scope"], row["owner"]): row["used"] for row in h.report()}
+    assert rows[("key", "alpha-key")] == prompt + 10
+    assert rows[("team", "alpha")] == 2 * prompt + 20  # settled + the other key's open reservation

@@ -101,3 +101,16 @@ def test_metrics_can_be_disabled(upstream: FakeOpenAIUpstream, start_gateway: Ca
     gateway = start_gateway(standard_policy(upstream.base_url, extra="telemetry: {metrics: {enabled: false}}"))
     response = httpx.get(gateway.base_url + "/metrics")
     assert response.status_code == 404 and response.json()["error"]["code"] == "metrics_disabled"
+
+
+def test_genai_semconv_client_metrics(metered: RunningGateway) -> None:
+    metered.client().chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "a b c"}])
+    record = metered.usage.wait_for(1)[0]
+    samples = scrape(metered)
+    genai = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "upstream",
+             "gen_ai_request_model": "upstream-chat"}
+    assert value(samples, "gen_ai_client_token_usage_count", **genai, gen_ai_token_type="input") == 1
+    assert record.usage is not None
+    assert value(samples, "gen_ai_client_token_usage_sum", **genai, gen_ai_token_type="input") == \
+        record.usage.prompt_tokens
+    assert value(samples, "gen_ai_client_operation_duration_seconds_count", **genai, error_type="") == 1

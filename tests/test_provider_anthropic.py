@@ -106,6 +106,7 @@ def _sent(fake: FakeAnthropicUpstream) -> dict[str, Any]:
 # --- chat and streaming ------------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="text", stream=False)
 def test_plain_chat_is_translated_both_ways(client: openai.OpenAI, fake: FakeAnthropicUpstream) -> None:
     reply = client.chat.completions.create(model="claude", messages=[
         {"role": "system", "content": "Be brief."},
@@ -129,6 +130,7 @@ def test_plain_chat_is_translated_both_ways(client: openai.OpenAI, fake: FakeAnt
     }
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="text", stream="both")
 def test_streamed_text_matches_the_whole_reply(client: openai.OpenAI, module_gateway: RunningGateway,
                                                fake: FakeAnthropicUpstream) -> None:
     messages = [{"role": "user", "content": "one two three four five six"}]
@@ -162,6 +164,7 @@ def test_max_tokens_maps_to_length(client: openai.OpenAI, fake: FakeAnthropicUps
 # --- tools -------------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="tools", stream=False)
 def test_tool_call_round_trip(client: openai.OpenAI, fake: FakeAnthropicUpstream) -> None:
     messages: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
     first = client.chat.completions.create(model="claude", messages=messages, tools=[WEATHER_TOOL],
@@ -186,6 +189,7 @@ def test_tool_call_round_trip(client: openai.OpenAI, fake: FakeAnthropicUpstream
         {"type": "tool_result", "tool_use_id": TOOL_USE_ID, "content": "12 degrees"}]}
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="tools", stream="both")
 def test_streamed_tool_call_has_indexed_deltas(client: openai.OpenAI, fake: FakeAnthropicUpstream) -> None:
     fake.stream_chunks = 4
     messages = [{"role": "user", "content": "weather?"}]
@@ -213,6 +217,7 @@ class Person(BaseModel):
     age: int | None
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="json_schema", stream=False)
 def test_parse_with_native_structured_output(client: openai.OpenAI, fake: FakeAnthropicUpstream) -> None:
     reply = client.chat.completions.parse(model="claude", response_format=Person,
                                           messages=[{"role": "user", "content": "who?"}])
@@ -221,6 +226,7 @@ def test_parse_with_native_structured_output(client: openai.OpenAI, fake: FakeAn
     assert schema["type"] == "json_schema" and schema["schema"]["required"] == ["name", "age"]
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="json_schema")
 @pytest.mark.parametrize("stream", [False, True])
 def test_parse_through_a_forced_tool(client: openai.OpenAI, fake: FakeAnthropicUpstream, stream: bool) -> None:
     messages = [{"role": "user", "content": "who?"}]
@@ -242,6 +248,7 @@ def test_parse_through_a_forced_tool(client: openai.OpenAI, fake: FakeAnthropicU
 # --- images and caching ------------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="images", stream=False)
 def test_image_parts_become_image_blocks(client: openai.OpenAI, fake: FakeAnthropicUpstream) -> None:
     reply = client.chat.completions.create(model="claude", messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this"},
@@ -255,6 +262,7 @@ def test_image_parts_become_image_blocks(client: openai.OpenAI, fake: FakeAnthro
     assert blocks[2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}
 
 
+@pytest.mark.conformance(provider="anthropic", endpoint="chat", feature="cached_usage")
 @pytest.mark.parametrize("stream", [False, True])
 def test_cached_tokens_reach_usage(client: openai.OpenAI, module_gateway: RunningGateway,
                                    fake: FakeAnthropicUpstream, stream: bool) -> None:

@@ -73,6 +73,7 @@ def client(module_gateway: RunningGateway, fake: FakeAzureUpstream) -> openai.Op
     return module_gateway.client()
 
 
+@pytest.mark.conformance(provider="azure_openai", endpoint="chat", feature="text", stream=False)
 def test_chat_goes_to_the_deployment_url_with_api_key(client: openai.OpenAI, fake: FakeAzureUpstream) -> None:
     reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hello"}])
     assert reply.choices[0].message.content == "echo: hello"
@@ -92,6 +93,7 @@ def test_entra_token_from_provider_headers(client: openai.OpenAI, fake: FakeAzur
     assert request.header("authorization") == "Bearer entra-token" and request.header("api-key") is None
 
 
+@pytest.mark.conformance(provider="azure_openai", endpoint="chat", feature="tools", stream=True)
 def test_streaming_tools_and_usage(client: openai.OpenAI, fake: FakeAzureUpstream) -> None:
     messages = [{"role": "user", "content": "weather?"}]
     whole = client.chat.completions.create(model="gpt-4o", messages=messages, tools=[WEATHER_TOOL])
@@ -103,6 +105,8 @@ def test_streaming_tools_and_usage(client: openai.OpenAI, fake: FakeAzureUpstrea
     assert same_message(streamed, from_completion(whole.model_dump()))
 
 
+@pytest.mark.conformance(provider="azure_openai", endpoint="chat", feature="json_schema", stream=False)
+@pytest.mark.conformance(provider="azure_openai", endpoint="embeddings", feature="text", stream=False)
 def test_parse_and_embeddings(client: openai.OpenAI, fake: FakeAzureUpstream) -> None:
     class City(BaseModel):
         name: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,6 +24,7 @@ from tests.fakes.gemini_upstream import FakeGeminiUpstream, gemini_error, prompt
 from tests.fakes.openai_upstream import Behaviour
 
 UPSTREAM_KEY = "gm-upstream-secret"
+FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -101,6 +103,7 @@ def _stream(client: openai.OpenAI, **kwargs: Any) -> list[dict[str, Any]]:
 # --- chat and streaming ------------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="text", stream=False)
 def test_plain_chat_is_translated_both_ways(client: openai.OpenAI, fake: FakeGeminiUpstream) -> None:
     reply = client.chat.completions.create(model="flash", messages=[
         {"role": "system", "content": "Be brief."},
@@ -126,6 +129,7 @@ def test_plain_chat_is_translated_both_ways(client: openai.OpenAI, fake: FakeGem
     }
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="text", stream="both")
 def test_streamed_text_matches_the_whole_reply(client: openai.OpenAI, module_gateway: RunningGateway,
                                                fake: FakeGeminiUpstream) -> None:
     messages = [{"role": "user", "content": "one two three four five six"}]
@@ -154,6 +158,7 @@ def test_max_tokens_maps_to_length(client: openai.OpenAI, fake: FakeGeminiUpstre
 # --- tools -------------------------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="tools")
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_call_round_trip(client: openai.OpenAI, fake: FakeGeminiUpstream, stream: bool) -> None:
     messages: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
@@ -211,6 +216,7 @@ class Person(BaseModel):
     age: int | None
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="json_schema", stream=False)
 @pytest.mark.parametrize("model", ["flash", "flash-openapi"])
 def test_parse_with_response_schema(client: openai.OpenAI, fake: FakeGeminiUpstream, model: str) -> None:
     reply = client.chat.completions.parse(model=model, response_format=Person,
@@ -241,6 +247,7 @@ def test_openapi_schema_inlines_refs_and_drops_what_gemini_rejects() -> None:
 # --- images, usage, safety ---------------------------------------------------------------------
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="images", stream=False)
 def test_image_parts_become_inline_and_file_data(client: openai.OpenAI, fake: FakeGeminiUpstream) -> None:
     reply = client.chat.completions.create(model="flash", messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this"},
@@ -254,6 +261,7 @@ def test_image_parts_become_inline_and_file_data(client: openai.OpenAI, fake: Fa
     ]
 
 
+@pytest.mark.conformance(provider="gemini", endpoint="chat", feature="cached_usage")
 @pytest.mark.parametrize("stream", [False, True])
 def test_cached_and_thought_tokens_reach_usage(client: openai.OpenAI, module_gateway: RunningGateway,
                                                fake: FakeGeminiUpstream, stream: bool) -> None:
@@ -401,6 +409,20 @@ async def _translate(chunks: list[bytes]) -> list[dict[str, Any]]:
         for chunk in chunks:
             yield chunk
     return [orjson.loads(c.data) async for c in ADAPTER.translate_stream(CALL, iter_sse_data(source()))]
+
+
+def test_golden_stream_matches_golden_response() -> None:
+    """Recorded-shape stream (text, then a whole functionCall, CRLF framing) against the matching whole response."""
+    stream = (FIXTURES / "stream_function_call.sse").read_bytes()
+    whole = ADAPTER.parse_response(CALL, (FIXTURES / "generate_content_function_call.json").read_bytes())
+    streamed = accumulate(asyncio.run(_translate([stream])))
+    assert streamed["content"] == "Let me check the weather."
+    assert streamed["tool_calls"] == [{"id": "call_abc123_0", "name": "get_weather", "arguments": '{"city":"Paris"}'}]
+    assert streamed["finish_reason"] == "tool_calls"
+    assert same_message(streamed, from_completion(orjson.loads(whole.body)))
+    assert whole.usage is not None
+    assert (whole.usage.prompt_tokens, whole.usage.cached_tokens, whole.usage.completion_tokens,
+            whole.usage.reasoning_tokens) == (1034, 1024, 84, 64)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,10 +27,9 @@ def check(amount: int = 1, limit: int = 100) -> Check:
     return Check(("{t}:n",), limit, amount, int(time.time()) + 600)
 
 
-async def wait_healthy(store: RedisStore, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not store.healthy:
-            await asyncio.sleep(0.01)
+async def wait_healthy(store: RedisStore) -> None:
+    async with asyncio.timeout(10):
+        await store.wait_until_healthy()
 
 
 def test_fail_open_serves_locally_and_reconciles_when_redis_returns(server: PrivateRedis) -> None:

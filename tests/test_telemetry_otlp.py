@@ -103,3 +103,29 @@ def test_dead_collector_drops_spans_with_one_log_line(upstream: FakeOpenAIUpstre
         assert sum("failing" in m for m in watch.messages) == 1
     finally:
         telemetry_log.removeHandler(watch)
+
+
+def test_encoder_output_decodes_with_the_official_protobuf_classes() -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    from gateway.otlp import encode_request
+    from tests.fakes.otlp_receiver import decode
+
+    parent = SpanContext(0xABC, 0x123, True, TraceFlags(1))
+    span = ReadableSpan(
+        name="chat m", context=SpanContext(0xABC, 0x456, False, TraceFlags(1)), parent=parent,
+        resource=Resource.create({"service.name": "svc"}), kind=SpanKind.SERVER,
+        attributes={"s": "ünïcode " * 40, "i": -5, "big": 2**40, "f": 0.25, "b": False, "t": ("a", "b"),
+                    "n": (1, 2)},
+        events=[Event("switchboard.route", {"chosen": "b"}, 1_000)], status=Status(StatusCode.ERROR, "boom"),
+        start_time=10, end_time=20, instrumentation_scope=InstrumentationScope("switchboard"))
+    (decoded,) = decode(encode_request([span, ]))
+    assert (decoded.name, decoded.kind, decoded.status) == ("chat m", "SERVER", "ERROR")
+    assert (decoded.trace_id, decoded.span_id, decoded.parent_span_id) == (
+        f"{0xABC:032x}", f"{0x456:016x}", f"{0x123:016x}")
+    assert decoded.attributes == {"s": "ünïcode " * 40, "i": -5, "big": 2**40, "f": 0.25, "b": False,
+                                  "t": ("a", "b"), "n": (1, 2)}
+    assert decoded.events == ["switchboard.route"] and decoded.resource["service.name"] == "svc"

@@ -247,3 +247,46 @@ def test_telemetry_off_builds_no_span_objects() -> None:
 ])
 def test_redaction_masks_obvious_secrets(text: str, hidden: str) -> None:
     assert hidden not in redact_content(text) and "[redacted]" in redact_content(text)
+
+
+def test_rate_limited_request_is_traced_and_counted_as_a_rejection(
+        upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
+        start_gateway: Callable[..., RunningGateway]) -> None:
+    policy = standard_policy(upstream.base_url).replace(
+        "    models: [chat-model, embed-model]\n", "    models: [chat-model, embed-model]\n    limits: {rpm: 1}\n", 1)
+    gateway = start_gateway(policy, span_exporter=exporter)
+    client = gateway.client()
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "y"}])
+    spans = exporter.wait_for_servers(2)
+    rejected = next(s for s in spans if s.kind is SpanKind.SERVER
+                    and (s.attributes or {})["http.response.status_code"] == 429)
+    assert (rejected.attributes or {})["error.type"] == "rate_limit_exceeded"
+    assert (rejected.attributes or {})["switchboard.outcome"] == "rate_limit_exceeded"
+    assert (rejected.attributes or {})["switchboard.attempts"] == 0  # the upstream was never called
+    assert len(upstream.requests) == 1
+    metrics = httpx.get(gateway.base_url + "/metrics").text
+    assert 'switchboard_rejections_total{reason="rate_limited",scope="team",team="alpha"} 1.0' in metrics
+
+
+def test_fallback_attempts_are_siblings_and_the_answering_target_is_billed(
+        upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
+        start_gateway: Callable[..., RunningGateway]) -> None:
+    policy = standard_policy(upstream.base_url, extra=PRICES + "      upstream-backup: {input: 1.00, output: 2.00}\n")
+    policy = policy.replace("models:\n  chat-model:\n", "models:\n  backup-model:\n    targets:\n"
+                            "      - provider: upstream\n        model: upstream-backup\n  chat-model:\n"
+                            "    fallbacks: {default: [backup-model]}\n", 1)
+    gateway = start_gateway(policy, span_exporter=exporter)
+    upstream.script(Behaviour.error(503))
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="chat-model", messages=[{"role": "user", "content": "one two"}])
+    usage = raw.parse().usage
+    assert usage is not None
+    server, (failed, answered) = tree(exporter.wait_for_servers(1))
+    assert (failed.name, (failed.attributes or {})["error.type"]) == ("chat upstream-chat", "503")
+    assert answered.name == "chat upstream-backup" and answered.status.status_code is StatusCode.UNSET
+    assert (server.attributes or {})["switchboard.route"].endswith("backup-model@upstream:ok")
+    expected = (Decimal(usage.prompt_tokens) * 1 + Decimal(usage.completion_tokens) * 2) / 1_000_000
+    assert Decimal(raw.headers["x-switchboard-cost-usd"]) == pytest.approx(expected)
+    assert (answered.attributes or {})["switchboard.cost_usd"] == pytest.approx(float(expected))

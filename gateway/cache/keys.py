@@ -41,6 +41,8 @@ def cacheable(rule: CacheRule, endpoint: Endpoint, body: Mapping[str, Any]) -> b
     """Whether this request's answer may be served from, or stored in, the cache."""
     if endpoint is Endpoint.EMBEDDINGS:
         return True  # embeddings are deterministic
+    if endpoint is Endpoint.RESPONSES:
+        return False  # entries are assembled in chat shape; native Responses bodies are not
     # Log probabilities are not kept when a stream is assembled into an entry.
     if body.get("logprobs") or body.get("top_logprobs"):
         return False

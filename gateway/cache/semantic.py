@@ -12,7 +12,7 @@ import logging
 import math
 import operator
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,10 +22,8 @@ from providers.base import Call, Endpoint, UpstreamFailed
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Services
-    from gateway.policy import Policy, Target
-    from gateway.upstream import UpstreamResponse
-
-    Attempt = Callable[[Services, Target, Call, Exchange], Awaitable[UpstreamResponse]]
+    from gateway.policy import Policy
+    from gateway.resilience import Attempt
 
 log = logging.getLogger("switchboard.cache")
 

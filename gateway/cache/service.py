@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.pipeline import Exchange, InferenceRequest, Reply, Services, StreamReply
     from gateway.policy import KeyEntry, Model, Policy, Target
     from gateway.pricing import PriceBook
+    from gateway.resilience import Attempt
 
 CACHE_HEADER = "x-switchboard-cache"
 SIMILARITY_HEADER = "x-switchboard-cache-similarity"
@@ -60,7 +61,7 @@ class ResponseCache:
 
     async def lookup(self, services: Services, policy: Policy, caller: KeyEntry, model: Model,
                      request: InferenceRequest, headers: Mapping[str, str], exchange: Exchange,
-                     attempt: Any) -> Ticket | None:
+                     attempt: Attempt) -> Ticket | None:
         """This request's ticket: a hit to answer with, or a miss to record; None when caching does not apply."""
         team_rules = policy.cache.rules.get(caller.team.name)
         rule = team_rules.get(model.name) if team_rules is not None else None
@@ -89,7 +90,7 @@ class ResponseCache:
         return await self._read(ticket, services, policy, scope, exchange, attempt)
 
     async def _read(self, ticket: Ticket, services: Services, policy: Policy, scope: bytes, exchange: Exchange,
-                    attempt: Any) -> Ticket:
+                    attempt: Attempt) -> Ticket:
         rule, key, request = ticket.rule, ticket.key, ticket.request
         for _ in range(2):
             entry = await ticket.store.get(key)
@@ -110,7 +111,7 @@ class ResponseCache:
         return ticket
 
     async def _read_semantic(self, ticket: Ticket, services: Services, policy: Policy, scope: bytes,
-                             exchange: Exchange, attempt: Any) -> None:
+                             exchange: Exchange, attempt: Attempt) -> None:
         rule = ticket.rule
         assert rule.semantic is not None
         parts = semantic_parts(scope, ticket.request.endpoint, ticket.request.body, ticket.model_name)

@@ -1,5 +1,9 @@
 """`POST /v1/responses`: the OpenAI Responses API, served by translating to chat for any provider.
 
+Models served only by upstreams with the Responses API (OpenAI, vLLM) are passed
+through natively instead (responses_passthrough.py); everything below is the
+translation for the rest.
+
 String or item input, `instructions`, `text.format` (json_schema / json_object),
 function tools and `tool_choice` map onto a chat request; the chat reply or
 stream comes back as a Response object or the Responses event sequence
@@ -18,6 +22,7 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from providers.base import Endpoint
 from providers.sse import encode_named_event, iter_sse_data
@@ -36,13 +41,20 @@ class ResponsesRoute:
         try:
             raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
             request = _load(raw)
-            chat = chat_request(request)
+            native = serves_natively(services.policy(), request)  # OpenAI, vLLM: passed through as is
+            if native:
+                refuse_stateful(request)
+            body = raw if native else orjson.dumps(chat_request(request))
         except GatewayError as error:
             await send_reply(send, Reply(*render(error)))
             return
-        reply = await handle_inference(services, Endpoint.CHAT, exchange, request_headers(scope),
-                                       orjson.dumps(chat))
-        if isinstance(reply, StreamReply):
+        reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
+                                       request_headers(scope), body)
+        if native and isinstance(reply, StreamReply):
+            await send_stream(send, receive, StreamReply(reply.headers, relay_events(reply.events)))
+        elif native:
+            await send_reply(send, reply)
+        elif isinstance(reply, StreamReply):
             await send_stream(send, receive, StreamReply(reply.headers, response_events(reply.events, request)))
         elif reply.status >= 400:
             await send_reply(send, reply)

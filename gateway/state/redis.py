@@ -119,10 +119,16 @@ class RedisStore:
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._skew_s = 0.0
+        self._up = asyncio.Event()
+        self._up.set()
 
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    async def wait_until_healthy(self) -> None:
+        """Return once Redis is in use again (after an outage, when the journal is replayed)."""
+        await self._up.wait()
 
     async def start(self) -> None:
         try:
@@ -218,11 +224,15 @@ class RedisStore:
         return result
 
     async def _measure_skew(self) -> None:
-        """How far Redis's clock is ahead of ours, so script deadlines are in Redis time."""
-        before = time.time()
+        """How far Redis's clock is ahead of ours, so script deadlines are in Redis time.
+
+        Redis read its clock somewhere between our `before` and `after`; taking
+        `after` errs towards deadlines that pass early, never late, so Redis
+        never runs a call its caller has already given up on.
+        """
         seconds, micros = await self._client.call("TIME")
         after = time.time()
-        self._skew_s = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        self._skew_s = int(seconds) + int(micros) / 1e6 - after
 
     def _send_outbox(self) -> None:
         if self._timer is not None:
@@ -264,6 +274,7 @@ class RedisStore:
         self._client.abort()
         if self._healthy:
             self._healthy = False
+            self._up.clear()
             self._outage_started = self._clock()
             mode = "serving with local per-process counters (fail_open)" if self._fail_open else \
                 "refusing requests with 503 (fail_closed)"
@@ -288,6 +299,7 @@ class RedisStore:
                 continue
             break
         self._healthy = True
+        self._up.set()
         self._local = MemoryStore(clock=self._clock)
         log.warning("rate-limit state store back: Redis %s reachable again after %.1fs; local counts reconciled",
                     _safe_url(self.url), self._clock() - self._outage_started)
