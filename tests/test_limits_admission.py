@@ -103,7 +103,7 @@ def prompt_tokens(content: str = "hello there", model: str = "gpt-4o") -> int:
 @pytest.fixture(params=["memory", "durable", "redis"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     if request.param == "redis" and not shared_redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
     prefix = unique_prefix()
     runner = asyncio.Runner()
     stores: list[StateStore] = []

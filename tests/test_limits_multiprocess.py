@@ -31,7 +31,7 @@ WORKERS = 12
 @pytest.fixture
 def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[list[GatewayProcess]]:
     if not shared_redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
     prefix = unique_prefix()
     text = standard_policy(upstream.base_url, extra=f"state: {{url: '{SHARED_REDIS}', key_prefix: '{prefix}'}}\n")
     text = text.replace("    models: [chat-model, embed-model]\n",

@@ -23,7 +23,7 @@ Factory = Callable[[FakeClock], StateStore]
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     prefix = unique_prefix()
     if request.param == "redis" and not shared_redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
 
     def make(clock: FakeClock) -> StateStore:
         if request.param == "memory":
