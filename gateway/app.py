@@ -150,6 +150,8 @@ def create_app(
         limiter.attach_metrics(metrics)
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
+    if metrics is not None:
+        metrics.watch_routes(services.routes)  # breaker states, read at scrape time
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -30,6 +30,26 @@ def authenticate(policy: Policy, headers: Mapping[str, str]) -> KeyEntry:
     return entry
 
 
+def authenticate_admin(policy: Policy, headers: Mapping[str, str]) -> None:
+    """Pass when `Authorization: Bearer` carries one of the policy's `admin.keys`; 401 otherwise.
+
+    Admin endpoints (/admin/usage, /admin/targets, /admin/spend) all call this.
+    Every admin key is compared, in constant time, so timing says nothing about
+    which one nearly matched.
+    """
+    scheme, _, presented = headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
+                           code="missing_api_key")
+    digest = hashlib.sha256(presented.encode()).digest()
+    matched = False
+    for known in policy.admin_keys:
+        matched |= hmac.compare_digest(digest, known)
+    if not matched:
+        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
+
+
 def _presented_key(headers: Mapping[str, str]) -> str:
     authorization = headers.get("authorization")
     if authorization:

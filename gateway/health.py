@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from gateway.errors import ErrorKind, GatewayError, render
+from gateway.errors import GatewayError, render
 from gateway.policy import Policy, Provider
 from gateway.routing import RouteState, TargetState, target_key
 
@@ -153,16 +151,14 @@ class TargetsRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from gateway.asgi import request_headers, send_json, send_reply
+        from gateway.auth import authenticate_admin
         from gateway.pipeline import Reply
 
         services = scope["app"].state.services
         policy: Policy = services.policy()
-        headers = request_headers(scope)
-        scheme, _, presented = headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(presented.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, k) for k in policy.admin_keys):
-            error = GatewayError(ErrorKind.AUTHENTICATION, "An admin key is required (Authorization: Bearer "
-                                 "<admin key>).", code="invalid_api_key")
+        try:
+            authenticate_admin(policy, request_headers(scope))
+        except GatewayError as error:
             await send_reply(send, Reply(*render(error)))
             return
         states: RouteState = services.routes

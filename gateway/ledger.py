@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
-import hmac
 import io
 import logging
 import queue
@@ -29,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError
 from gateway.usage import UsageRecord
 
@@ -58,11 +57,20 @@ CREATE TABLE IF NOT EXISTS usage (
     price_version TEXT,
     duration_ms REAL NOT NULL,
     ttft_ms REAL,
-    trace_id TEXT
+    trace_id TEXT,
+    cache TEXT,
+    cache_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_saved_usd REAL
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
-_INSERT = "INSERT OR IGNORE INTO usage VALUES (" + ",".join("?" * 23) + ")"
+# Columns added after the first release: a ledger file written by an older gateway gets them on open.
+_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"))
+_COLUMNS = ("request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider", "upstream_model",
+            "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
+            "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
+            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd")
+_INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _GROUPS = {"team": "team", "model": "public_model", "key": "team, key_id", "day": "day"}
 _MAX_BATCH = 2000
 
@@ -173,6 +181,11 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.executescript(_SCHEMA)
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    for name, declaration in _ADDED_COLUMNS:
+        if name not in present:
+            with connection:
+                connection.execute(f"ALTER TABLE usage ADD COLUMN {name} {declaration}")
     return connection
 
 
@@ -186,6 +199,7 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         usage.cached_tokens if usage else 0, usage.cache_write_tokens if usage else 0,
         usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
+        record.cache, record.cache_tokens, record.cost_saved_usd,
     )
 
 
@@ -218,7 +232,9 @@ def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = N
         raise ValueError(f"--by must be one of {', '.join(_GROUPS)}")
     columns = _GROUPS[by]
     query = (f"SELECT {columns}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
-             f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400) FROM usage "
+             f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400), "
+             f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)) "
+             f"FROM usage "
              f"WHERE ts >= ? AND ts < ? GROUP BY {columns} ORDER BY {6 + columns.count(',')} DESC")
     connection = open_ledger(path)
     try:
@@ -227,10 +243,11 @@ def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = N
         connection.close()
     groups = (c.strip().replace("public_model", "model") for c in columns.split(","))
     keys = [*groups, "requests", "input_tokens", "cached_input_tokens",
-            "output_tokens", "cost_usd", "unpriced_requests"]
+            "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd"]
     report = [dict(zip(keys, row, strict=True)) for row in rows]
     for entry in report:
         entry["cost_usd"] = round(entry["cost_usd"], 10)
+        entry["cost_saved_usd"] = round(entry["cost_saved_usd"], 10)
     return report
 
 
@@ -273,7 +290,7 @@ class SpendRoute:
 
         policy = scope["app"].state.services.policy()
         try:
-            _authenticate_admin(policy.admin_keys, request_headers(scope))
+            authenticate_admin(policy, request_headers(scope))
             ledger = self._ledger
             if ledger is None:
                 raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
@@ -303,16 +320,6 @@ class SpendRoute:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-def _authenticate_admin(digests: frozenset[bytes], headers: Mapping[str, str]) -> None:
-    scheme, _, presented = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
-                           code="missing_api_key")
-    digest = hashlib.sha256(presented.strip().encode()).digest()
-    if not any(hmac.compare_digest(digest, known) for known in digests):
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
 
 
 def print_spend(policy_path: str, by: str, since: str | None, until: str | None, fmt: str) -> int:

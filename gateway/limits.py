@@ -9,7 +9,9 @@ response or stream ends the reservation is settled to actual usage.
 Rate limits use fixed windows aligned to the clock (minute, UTC day).
 Boundaries are exact for every scope: `used + requested <= limit` is admitted.
 Successful responses and 429s carry OpenAI's `x-ratelimit-*` headers for the
-tightest request and token limit that applied.
+tightest request and token limit that applied. A stream under a budget with
+`hard_stop_streams` gets an allowance at admission and is cut by `hard_stop`
+when it runs out; usage reports live in gateway/usage_report.py.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from gateway.budgets import (
 )
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
+from gateway.telemetry import NO_TRACE, Trace
+from gateway.telemetry_decisions import admission_event, settlement_event
 from gateway.usage_report import usage_report
 from providers.base import Endpoint, StreamChunk, Usage
 
@@ -215,6 +219,8 @@ class Admission:
     settled: bool = False
     # Set for a stream under a `hard_stop_streams` budget: what it may generate before the relay cuts it.
     allowance: StreamAllowance | None = None
+    # The request's trace when it is recording, for the reconciliation event at settlement.
+    trace: Trace | None = None
 
 
 class Limiter:
@@ -265,7 +271,7 @@ class Limiter:
         await self.store.flush()
 
     async def admit(self, policy: Policy, caller: KeyEntry, endpoint: Endpoint, body: Mapping[str, Any],
-                    model: Model, headers: MutableMapping[str, str]) -> Admission | None:
+                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE) -> Admission | None:
         """Reserve this request against every limit and budget that applies; raise 429/503 if refused.
 
         A budget with `on_exhaust: downgrade` that refuses switches the request
@@ -296,17 +302,24 @@ class Limiter:
                                    "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
             headers.update(_rate_headers(meters, checks, verdict, now))
             if verdict.admitted:
+                if trace.recording:
+                    trace.decision("switchboard.admission", admission_event(
+                        "admitted", model.name, meters, checks, verdict, prompt + completion, usd))
                 allowance = None
                 if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
-                                 downgraded_from, allowance=allowance)
+                                 downgraded_from, allowance=allowance, trace=trace if trace.recording else None)
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             budget = meter.budget
             if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
                 cheaper = policy.models.get(budget.downgrade_to or "")
                 if cheaper is not None:
+                    if trace.recording:
+                        trace.decision("switchboard.admission", {**admission_event(
+                            "downgraded", model.name, meters, checks, verdict, prompt + completion, usd),
+                            "switchboard.admission.downgraded_to": cheaper.name})
                     log.info("budget of %s spent: %s downgraded to %s", budget.who, model.name, cheaper.name)
                     downgraded_from = downgraded_from or model.name
                     relaxed.add(id(budget))
@@ -314,22 +327,29 @@ class Limiter:
                     plan = rules.plan(team, caller.key_id, model.name) or plan
                     headers["x-switchboard-downgraded-from"] = downgraded_from
                     continue
+            if trace.recording:
+                trace.decision("switchboard.admission", admission_event(
+                    "refused", model.name, meters, checks, verdict, prompt + completion, usd))
             if self._on_reject is not None:
                 self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
                                 "budget_exceeded" if meter.budget else "rate_limited")
             raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
 
     def settle(self, admission: Admission | None, usage: Usage | None, status: int,
-               target: Target | None = None) -> None:
+               target: Target | None = None, *, served: Usage | None = None) -> None:
         """Reconcile the reservation with what the request used: refund or charge the difference.
 
         `target` is the deployment that actually served the request (it may
         differ from the model's first after a fallback); USD is priced on it.
+        `served` is a cache hit's usage when its tokens count (gateway/cache/):
+        tokens, but no USD.
         """
         if admission is None or admission.settled:
             return
         admission.settled = True
-        if usage is not None:
+        if served is not None:
+            tokens, usd = served.total_tokens, 0
+        elif usage is not None:
             tokens = usage.total_tokens
             priced = any(m.unit == "usd" for m in admission.meters)
             cost = self._cost(admission.policy, target or admission.model.targets[0], usage) if priced else None
@@ -349,6 +369,9 @@ class Limiter:
                 self._thresholds(meter, admission.used[index] + actual)
         if deltas:
             self.store.settle(deltas)
+        if admission.trace is not None:
+            admission.trace.decision("switchboard.admission.settled", settlement_event(
+                admission.reserved_tokens, tokens, admission.reserved_usd, usd))
 
     def _estimate(self, endpoint: Endpoint, body: Mapping[str, Any], model: Model, default: int) -> tuple[int, int]:
         upstream = model.targets[0].upstream_model
@@ -546,8 +569,9 @@ async def _cut_at(allowance: StreamAllowance, chunks: AsyncIterator[StreamChunk]
 
 
 async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
-                body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str]) -> Admission | None:
+                body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str],
+                trace: Trace = NO_TRACE) -> Admission | None:
     """The pipeline's admission step: None when this gateway or request has no limits."""
     if limiter is None:
         return None
-    return await limiter.admit(policy, caller, endpoint, body, model, headers)
+    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace)

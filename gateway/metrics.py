@@ -6,17 +6,24 @@ have explicit hooks: `upstream_error` (per failed upstream attempt, called by
 the trace handle around each upstream call), `rejected` (for admission: rate
 limits and budgets) and the in-flight count. Label children are cached per
 label combination, so a request costs a dict lookup and a handful of
-increments.
+increments. Circuit-breaker state is not updated per request at all: a
+collector reads it from the routing state when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from gateway.usage import UsageRecord
+
+if TYPE_CHECKING:
+    from gateway.routing import RouteState
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -27,6 +34,8 @@ _GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_reques
 _OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 _REQUEST_LABELS = ("team", "model", "provider", "status")
 _MODEL_LABELS = ("team", "model", "provider")
+# switchboard_circuit_breaker_state values.
+_BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
 class Metrics:
@@ -64,6 +73,13 @@ class Metrics:
         self.genai_duration = Histogram("gen_ai_client_operation_duration_seconds", "GenAI semconv: operation "
                                         "duration (gen_ai.client.operation.duration).", (*_GENAI_LABELS, "error_type"),
                                         buckets=_GENAI_DURATION_BUCKETS, registry=registry)
+        self.cache_requests = Counter("switchboard_cache_requests", "Requests to models with caching on, by "
+                                      "result: hit, miss or bypass.", ("team", "model", "result"), registry=registry)
+        self.cache_tokens = Counter("switchboard_cache_tokens", "Tokens served from the response cache (what the "
+                                    "hits would have used).", ("team", "model"), registry=registry)
+        self.cache_saved = Counter("switchboard_cache_cost_saved_usd", "What cache hits would have cost in USD, "
+                                   "at the price of the model's first target.", ("team", "model"), registry=registry)
+        self._cache_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._started = 0
         self._finished = 0
         in_flight = Gauge("switchboard_requests_in_flight", "Inference requests being served.", registry=registry)
@@ -109,6 +125,26 @@ class Metrics:
             cost.inc(record.cost_usd)
         if record.stream:
             self.stream_outcomes.labels(record.team, record.public_model, record.outcome).inc()
+        if record.cache is not None:
+            self._cached(record)
+
+    def _cached(self, record: UsageRecord) -> None:
+        key = (record.team, record.public_model, record.cache or "")
+        children = self._cache_children.get(key)
+        if children is None:
+            children = self._cache_children[key] = (self.cache_requests.labels(*key),
+                                                    self.cache_tokens.labels(*key[:2]),
+                                                    self.cache_saved.labels(*key[:2]))
+        requests, tokens, saved = children
+        requests.inc()
+        if record.cache_tokens:
+            tokens.inc(record.cache_tokens)
+        if record.cost_saved_usd:
+            saved.inc(record.cost_saved_usd)
+
+    def watch_routes(self, routes: RouteState) -> None:
+        """Expose every target's circuit-breaker state, read from `routes` at scrape time."""
+        self.registry.register(_BreakerCollector(routes))
 
     def upstream_error(self, provider: str, error_type: str) -> None:
         """One failed upstream attempt."""
@@ -135,6 +171,36 @@ class Metrics:
             self.tokens.labels(team, model, provider, "output"), self.cost.labels(team, model, provider),
             self.genai_tokens.labels(*genai, "input"), self.genai_tokens.labels(*genai, "output"), genai_duration,
         )
+
+
+class _BreakerCollector(Collector):
+    """switchboard_circuit_breaker_state per target (0 closed, 1 half-open, 2 open), read when scraped.
+
+    Runs in the scrape's worker thread: it only reads the routing state (a
+    list copy of the targets, then each breaker's state), never changes it.
+    """
+
+    def __init__(self, routes: RouteState) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        routes = self._routes
+        now = routes.clock()
+        states = GaugeMetricFamily("switchboard_circuit_breaker_state", "Circuit breaker of each target: 0 closed, "
+                                   "1 half-open, 2 open.", labels=("provider", "model", "base_url"))
+        healthy = GaugeMetricFamily("switchboard_target_healthy", "1 when the target passes its active health "
+                                    "checks (or has none), 0 when they fail.", labels=("provider", "model", "base_url"))
+        trips = GaugeMetricFamily("switchboard_circuit_breaker_trips", "Trips of each target's breaker since it "
+                                  "last recovered.", labels=("provider", "model", "base_url"))
+        for state in routes.states():
+            provider, base_url, model = state.key
+            labels = (provider, model, base_url)
+            states.add_metric(labels, _BREAKER_VALUE[state.breaker.state(now).value])
+            healthy.add_metric(labels, 1.0 if state.healthy else 0.0)
+            trips.add_metric(labels, float(state.breaker.trips))
+        yield states
+        yield healthy
+        yield trips
 
 
 class MetricsRoute:

@@ -69,6 +69,13 @@ _REPEATING = frozenset({
     "switchboard.route", "switchboard.attempts", "switchboard.attempt", "switchboard.usage_estimated",
     "http.response.status_code", "error.type", "gen_ai.request.temperature", "gen_ai.request.max_tokens",
     "gen_ai.request.top_p", "openinference.span.kind", "llm.model_name", "llm.provider",
+    # Decision events (gateway/telemetry_decisions.py): the same few candidates and verdicts recur.
+    "switchboard.route.model", "switchboard.route.strategy", "switchboard.route.attempt",
+    "switchboard.route.candidates", "switchboard.route.weights", "switchboard.route.states",
+    "switchboard.route.order", "switchboard.route.chosen", "switchboard.route.reason",
+    "switchboard.cache.result", "switchboard.cache.mode", "switchboard.cache.scope", "switchboard.cache.backend",
+    "switchboard.cache.source", "switchboard.admission.verdict", "switchboard.admission.model",
+    "switchboard.admission.checks", "switchboard.admission.limits",
 })
 
 

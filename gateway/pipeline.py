@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate
-from gateway.cache import ResponseCache, Ticket, remember, usage_fields, watch_stream
+from gateway.cache import ResponseCache, Ticket, hit_tokens, remember, usage_fields, watch_stream
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
 from gateway.limits import Admission, Limiter, admit, hard_stop
 from gateway.policy import KeyEntry, Model, Policy, Target
@@ -116,7 +116,7 @@ async def handle_inference(
         facts.request = parse_request(endpoint, body)
         model = resolve_model(policy, facts.caller, facts.request.model)
         facts.admission = await admit(services.limiter, policy, facts.caller, endpoint, facts.request.body, model,
-                                      exchange.response_headers)
+                                      exchange.response_headers, exchange.trace)
         model = facts.admission.model if facts.admission else model
         facts.cache = await services.cache.lookup(services, policy, facts.caller, model, facts.request, headers,
                                                   exchange, call_upstream)
@@ -345,7 +345,7 @@ def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: 
     caller, request, target = facts.caller, facts.request, facts.target
     assert caller is not None
     if services.limiter is not None:
-        services.limiter.settle(facts.admission, usage, status, target)
+        services.limiter.settle(facts.admission, usage, status, target, served=hit_tokens(facts.cache))
     cost_usd, price_version = charge(services.policy().prices, target, usage)
     if cost_usd is not None:
         exchange.response_headers[COST_HEADER] = format_usd(cost_usd)

@@ -21,25 +21,25 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_schema import (
     HealthCheckPolicy,
+    LedgerPolicy,
     MetricsScrapePolicy,
     ModelPolicy,
     PolicyDocument,
     ProviderBase,
     ServerPolicy,
+    StatePolicy,
     TargetPolicy,
+    TelemetryPolicy,
 )
-from gateway.policy_schema import LedgerPolicy, TelemetryPolicy
-from gateway.limits import Rules, build_rules, rules_problems
-from gateway.policy_schema import StatePolicy
-from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
 from gateway.routing import RoutePlan, build_plan, fallback_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
-
 
 _NO_TARGET = TargetPolicy(provider="", model="-")
 
@@ -130,8 +130,8 @@ class Policy:
     admin_keys: frozenset[bytes] = frozenset()
     # Cost attribution and observability (gateway/pricing.py, telemetry.py, ledger.py).
     prices: PriceBook = EMPTY_PRICE_BOOK
-    telemetry: TelemetryPolicy = TelemetryPolicy()
-    ledger: LedgerPolicy = LedgerPolicy()
+    telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
+    ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     ledger_path: Path | None = None
     # Response caching rules per (team, model) (gateway/cache/).
     cache: CachePlan = EMPTY_CACHE_PLAN

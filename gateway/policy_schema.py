@@ -163,6 +163,8 @@ class SemanticCachePolicy(Strict):
     threshold: float = Field(0.95, gt=0, le=1, description="Least cosine similarity that counts as the same question.")
     max_entries: int = Field(1000, ge=1, le=100_000, description="Vectors kept in the in-process index (LRU); a "
                              "lookup compares against every vector of the same partition.")
+    candidates: int = Field(64, ge=1, le=10_000, description="backend: redis — vectors kept per partition in Redis "
+                            "(the newest); a lookup fetches and compares all of them in-process.")
 
 
 class CachePolicy(Strict):
@@ -183,6 +185,8 @@ class CachePolicy(Strict):
     timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a lookup waits on Redis before it counts "
                              "as a miss.")
     coalesce: bool = Field(True, description="Identical requests in flight at once share one upstream call.")
+    hits_count_tokens: bool = Field(False, description="Whether a hit's tokens count against token rate limits "
+                                    "and token budgets (it always counts as a request, and never costs USD).")
     semantic: SemanticCachePolicy | None = Field(None, description="Settings of mode: semantic (required by it).")
 
     @field_validator("url")

@@ -20,6 +20,7 @@ ends it with an in-band error and no `[DONE]` (see gateway/pipeline.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from gateway.errors import ErrorKind, GatewayError, from_upstream
 from gateway.policy import Model, Policy, Target
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
+from gateway.telemetry_decisions import fallback_event, no_route_event, retry_event, route_event
 from gateway.upstream import UpstreamResponse
 from providers.base import Call, Endpoint, FailureKind, UpstreamFailed, UpstreamFailure
 from providers.sse import iter_sse_data
@@ -81,6 +83,9 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
                 if following is None or run.expired():
                     raise failed.error from None
                 tried.add(following)
+                if exchange.trace.recording:
+                    exchange.trace.decision("switchboard.fallback", fallback_event(
+                        current.name, following, failed.reason, failed.error.code or failed.error.kind.name.lower()))
                 current = policy.models[following]
     finally:
         exchange.response_headers[ROUTE_HEADER] = ",".join(run.trail)
@@ -125,6 +130,9 @@ class _Run:
             now = self.states.clock()
             available = [t for t in targets if self.states.available(t, now)]
             if not available:
+                if self.exchange.trace.recording:
+                    self.exchange.trace.decision("switchboard.route", no_route_event(model, targets, self.states,
+                                                                                     now, number + 1))
                 self.trail.append(f"{model.name}:no_healthy_target")
                 wait = min(self.states.state(t).breaker.reopens_in(now) for t in targets)
                 raise _ModelFailed("default", error or GatewayError(
@@ -134,6 +142,9 @@ class _Run:
             ranked = sorted(model.plan.strategy.rank(available, self.states, request),
                             key=lambda t: (self.states.state(t).hold_until > now, t is previous))
             target = ranked[0]
+            if self.exchange.trace.recording:
+                self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
+                                                                              now, number + 1, previous))
             model.plan.strategy.on_attempt(target, self.states, request)
             sent = dataclasses.replace(call, upstream_model=target.upstream_model)
             try:
@@ -163,6 +174,8 @@ class _Run:
         remaining = self.remaining()
         if remaining is not None and delay >= remaining:
             return False
+        if self.exchange.trace.recording:
+            self.exchange.trace.decision("switchboard.retry", retry_event(model, ranked[0], number + 1, failure, delay))
         if delay > 0:
             await asyncio.sleep(delay)
             self.exchange.upstream_wait_s += delay
@@ -201,7 +214,8 @@ class _Run:
         state.breaker.on_attempt(states.clock())
         response: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(timeout if timeout is None else max(timeout, 0.0)):
+            # asyncio.timeout(None) still costs a timer handle per request; skip it when unbounded.
+            async with asyncio.timeout(max(timeout, 0.0)) if timeout is not None else _UNBOUNDED:
                 response = await self.attempt(self.services, target, call, self.exchange)
                 read_from = clock()
                 try:
@@ -220,6 +234,10 @@ class _Run:
             if failure is None:
                 state.breaker.on_abandon()
                 raise
+            if response is not None or isinstance(exc, TimeoutError):
+                # Failed after the upstream answered (or the TTFT timeout cut the call): the trace's attempt
+                # span and the upstream-error metric learn why here.
+                self.exchange.trace.attempt_failed(failure.kind.value, target.provider.name)
             if failure.retryable:
                 _record_failure(states, target, config, failure)
             else:
@@ -233,6 +251,9 @@ class _Run:
             state.in_flight -= 1  # a stream stays in flight until the relay closes it
         self.trail.append(f"{label}:ok")
         return response
+
+
+_UNBOUNDED = contextlib.nullcontext()
 
 
 class _AttemptFailed(Exception):

@@ -10,8 +10,15 @@ How the pipeline uses it (the whole surface)::
 
     exchange.trace = services.telemetry.start(endpoint, headers, exchange)  # the request begins
     response = await exchange.trace.send(client, request, target, call)     # one upstream attempt + traceparent
-    exchange.trace.decision("switchboard.route", {"chosen": "..."})         # an event on the SERVER span
+    if exchange.trace.recording:                                            # an event on the SERVER span
+        exchange.trace.decision("switchboard.route", route_event(...))
+    exchange.trace.attempt_failed("timeout", provider)                      # an attempt failed after it began
     exchange.trace.finish(record)                                           # attributes from the usage record
+
+The pieces, one job each: telemetry_attributes (span attributes from the
+request's facts), telemetry_content (opt-in prompt/completion content and its
+redaction), telemetry_decisions (the decision events' attributes),
+telemetry_export (exporters and the policy's cross-checks), otlp (OTLP/HTTP).
 
 When tracing is off `start` returns `NO_TRACE`, a shared object whose methods
 do nothing, so the request path allocates nothing for tracing. Callers that
@@ -34,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import random
 import re
@@ -47,18 +53,23 @@ from urllib.parse import urlsplit
 import orjson
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from gateway.policy_schema import PolicyDocument, TracesPolicy
-from providers.base import Call, StreamChunk, UpstreamFailed, UpstreamRequest
+from gateway.policy_schema import TracesPolicy
+from gateway.telemetry_attributes import (
+    GENAI_PROVIDER,
+    OPERATION,
+    attempt_usage_attributes,
+    error_type_of,
+    openinference_attributes,
+    record_attributes,
+    request_params,
+)
+from gateway.telemetry_content import content_attributes, output_of_body, output_of_chunks, redact_content
+from gateway.telemetry_export import LoggedExporter, build_exporter, telemetry_problems
+from providers.base import Call, StreamChunk, UpstreamRequest
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
@@ -69,15 +80,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.telemetry")
 
-_OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings",
-              "responses": "chat"}
-# gen_ai.provider.name values from the GenAI conventions; self-hosted kinds use their own name.
-_GENAI_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
-                   "vertex_ai": "gcp.vertex_ai", "azure": "azure.ai.openai", "azure_openai": "azure.ai.openai",
-                   "mistral": "mistral_ai", "groq": "groq", "together": "together_ai", "bedrock": "aws.bedrock"}
-_REQUEST_PARAMS = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
-                   ("top_k", "gen_ai.request.top_k"), ("frequency_penalty", "gen_ai.request.frequency_penalty"),
-                   ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
+# Re-exported: the policy loader, the app and tests import them from here.
+__all__ = ["NO_TRACE", "RequestTrace", "SpanExporter", "Telemetry", "Trace", "redact_content", "telemetry_problems"]
+
 _ROUTE_HEADER = "x-switchboard-route"
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"]{1,128})"')
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*$")
@@ -104,7 +109,7 @@ class _NoTrace:
     def decision(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
         pass
 
-    def attempt_failed(self, error_type: str) -> None:
+    def attempt_failed(self, error_type: str, provider: str | None = None) -> None:
         pass
 
     def responded(self, body: bytes, response_model: str | None, finish_reasons: Sequence[str]) -> None:
@@ -135,12 +140,18 @@ class _Untraced(_NoTrace):
                    call: Call) -> UpstreamResponse:
         try:
             response = await client.open(request)
+        except asyncio.CancelledError:
+            raise  # a timeout (reported by `attempt_failed`) or the client going away: not an upstream error
         except BaseException as exc:
-            self._metrics.upstream_error(target.provider.name, _error_type(exc))
+            self._metrics.upstream_error(target.provider.name, error_type_of(exc))
             raise
         if response.status >= 400:
             self._metrics.upstream_error(target.provider.name, str(response.status))
         return response
+
+    def attempt_failed(self, error_type: str, provider: str | None = None) -> None:
+        if provider is not None:
+            self._metrics.upstream_error(provider, error_type)
 
     def failed(self, error: GatewayError, *, settled: bool) -> None:
         if not settled:
@@ -173,7 +184,7 @@ class RequestTrace:
         self._tracing = tracing
         self._exchange = exchange
         self._metrics = metrics
-        self._operation = _OPERATION.get(endpoint, endpoint)
+        self._operation = OPERATION.get(endpoint, endpoint)
         parent = _remote_parent(headers) if "traceparent" in headers else None
         self._parent = parent
         if parent is not None:
@@ -206,12 +217,12 @@ class RequestTrace:
             self._close(self._open_attempt, "_OTHER")
         if self._params is None:
             self._body = call.body
-            self._params = _request_params(call.body)
+            self._params = request_params(call.body)
         provider = target.provider
         host, port = self._tracing.server_address(provider.settings.base_url)
         attributes = {
             "gen_ai.operation.name": self._operation,
-            "gen_ai.provider.name": _GENAI_PROVIDER.get(provider.settings.kind, provider.settings.kind),
+            "gen_ai.provider.name": GENAI_PROVIDER.get(provider.settings.kind, provider.settings.kind),
             "gen_ai.request.model": call.upstream_model,
             "server.address": host,
             "switchboard.provider": provider.name,
@@ -230,9 +241,10 @@ class RequestTrace:
         try:
             response = await client.open(request)
         except BaseException as exc:
-            error_type = _error_type(exc)
+            error_type = error_type_of(exc)
             self._close(attempt, error_type)
-            if self._metrics is not None:
+            # A cancelled call is a timeout (relabelled by `attempt_failed`) or a client gone: not counted here.
+            if self._metrics is not None and error_type != "cancelled":
                 self._metrics.upstream_error(provider.name, error_type)
             raise
         if response.status >= 400:
@@ -252,13 +264,23 @@ class RequestTrace:
         if self._events is None:
             self._events = []
         # Attribute values are immutable in OpenTelemetry: lists become tuples, as the SDK would make them.
-        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()} if attributes else None
-        self._events.append(Event(name, frozen, time.time_ns()))
+        # (The builders in gateway/telemetry_decisions.py already give tuples: no copy then.)
+        if attributes and any(type(v) is list for v in attributes.values()):
+            attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
+        self._events.append(Event(name, attributes or None, time.time_ns()))
 
-    def attempt_failed(self, error_type: str) -> None:
-        """The current attempt failed after its response began (retry layers call this)."""
-        if self._open_attempt is not None:
-            self._close(self._open_attempt, error_type)
+    def attempt_failed(self, error_type: str, provider: str | None = None) -> None:
+        """The current attempt failed after its response began, or was cut by a timeout (resilience calls this)."""
+        attempt = self._open_attempt
+        if attempt is not None:
+            self._close(attempt, error_type)
+        elif self._attempts and self._attempts[-1].error_type == "cancelled":
+            attempt = self._attempts[-1]  # the timeout cancelled the call: say so instead of "cancelled"
+            attempt.error_type = attempt.attributes["error.type"] = error_type
+        else:
+            return
+        if self._metrics is not None and provider is not None:
+            self._metrics.upstream_error(provider, error_type)
 
     def responded(self, body: bytes, response_model: str | None, finish_reasons: Sequence[str]) -> None:
         """What the upstream answered, for a complete (non-streamed) reply."""
@@ -297,14 +319,14 @@ class RequestTrace:
                                       "switchboard.request_id": self._exchange.request_id}
         name = self._operation
         if record is not None:
-            attributes.update(_record_attributes(record))
+            attributes.update(record_attributes(record))
             if record.public_model:
                 name = f"{self._operation} {record.public_model}"
             route = self._exchange.response_headers.get(_ROUTE_HEADER)
             if route:
                 attributes["switchboard.route"] = route
             if tracing.records_content(record.team):
-                attributes.update(_content_attributes(self._body, output, tracing.redactor))
+                attributes.update(content_attributes(self._body, output, tracing.redactor))
         attributes["switchboard.attempts"] = len(self._attempts)
         attributes["http.response.status_code"] = status
         if error_type is not None:
@@ -318,9 +340,9 @@ class RequestTrace:
             if reasons:
                 final_attributes["gen_ai.response.finish_reasons"] = reasons
             if record is not None:
-                final_attributes.update(_attempt_usage_attributes(record))
+                final_attributes.update(attempt_usage_attributes(record))
                 if tracing.openinference:
-                    final_attributes.update(_openinference_attributes(record, self._params, response_model))
+                    final_attributes.update(openinference_attributes(record, self._params, response_model))
         tracing.export(self, name, attributes, _ERROR if server_failed else _UNSET)
 
     def spans(self, name: str, attributes: dict[str, Any], status: Status) -> list[ReadableSpan]:
@@ -355,7 +377,7 @@ class RequestTrace:
         wants_output = record is not None and self._tracing.records_content(record.team)
         if self._response_body is not None:
             found = _RESPONSE_ID.search(self._response_body, 0, 512)
-            output = _output_of_body(self._response_body) if wants_output else None
+            output = output_of_body(self._response_body) if wants_output else None
             return (found.group(1).decode() if found else None, self._response_model,
                     tuple(self._finish_reasons), output)
         chunks = self._chunks
@@ -365,7 +387,7 @@ class RequestTrace:
         with contextlib.suppress(orjson.JSONDecodeError):
             first = orjson.loads(chunks[0].data)
         reasons = tuple(c.finish_reason for c in chunks if c.finish_reason)
-        output = _output_of_chunks(chunks) if wants_output else None
+        output = output_of_chunks(chunks) if wants_output else None
         return (first.get("id") if isinstance(first, dict) else None,
                 first.get("model") if isinstance(first, dict) else None, reasons, output)
 
@@ -392,194 +414,6 @@ def _remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
     state = headers.get("tracestate")
     return SpanContext(trace_id, span_id, True, TraceFlags(int(flags, 16) & 0xFF),
                        TraceState.from_header([state]) if state else None)
-
-
-def _attempt_usage_attributes(record: UsageRecord) -> dict[str, Any]:
-    """What the successful attempt's CLIENT span repeats from the record: usage, TTFT and cost."""
-    attributes: dict[str, Any] = {}
-    usage = record.usage
-    if usage is not None:
-        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
-    if record.time_to_first_token_ms is not None:
-        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
-    if record.cost_usd is not None:
-        attributes["switchboard.cost_usd"] = record.cost_usd
-        attributes["switchboard.price_version"] = record.price_version
-    return attributes
-
-
-def _record_attributes(record: UsageRecord) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "gen_ai.request.model": record.public_model,
-        "switchboard.team": record.team,
-        "switchboard.key_id": record.key_id,
-        "switchboard.model": record.public_model,
-        "switchboard.outcome": record.outcome,
-        "switchboard.stream": record.stream,
-        "switchboard.overhead_ms": round(record.overhead_ms, 3),
-    }
-    if record.stream:
-        attributes["gen_ai.request.stream"] = True
-    if record.provider is not None:
-        attributes["switchboard.provider"] = record.provider
-    if record.upstream_model is not None:
-        attributes["switchboard.upstream_model"] = record.upstream_model
-    usage = record.usage
-    if usage is not None:
-        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
-        if usage.cache_write_tokens:
-            attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
-        if usage.reasoning_tokens:
-            attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
-        attributes["switchboard.usage_estimated"] = usage.estimated
-    if record.time_to_first_token_ms is not None:
-        attributes["switchboard.ttft_ms"] = round(record.time_to_first_token_ms, 3)
-        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
-    if record.cost_usd is not None:
-        attributes["switchboard.cost_usd"] = record.cost_usd
-        attributes["gen_ai.usage.cost_usd"] = record.cost_usd
-    if record.price_version is not None:
-        attributes["switchboard.price_version"] = record.price_version
-    cache = getattr(record, "cache", None)  # set by the response cache (gateway/cache/) when it is in use
-    if cache:
-        attributes["switchboard.cache"] = cache
-    return attributes
-
-
-def _request_params(body: Mapping[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for key, attribute in _REQUEST_PARAMS:
-        value = body.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            params[attribute] = value
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(max_tokens, int):
-        params["gen_ai.request.max_tokens"] = max_tokens
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        params["gen_ai.request.stop_sequences"] = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        params["gen_ai.request.stop_sequences"] = tuple(stop)
-    choices = body.get("n")
-    if isinstance(choices, int) and choices != 1:
-        params["gen_ai.request.choice.count"] = choices
-    return params
-
-
-def _openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | None,
-                              response_model: str | None) -> dict[str, Any]:
-    """OpenInference (`llm.*`) attributes, so Arize Phoenix shows model, tokens and cost natively."""
-    attributes: dict[str, Any] = {"openinference.span.kind": "LLM",
-                                  "llm.model_name": response_model or record.upstream_model or record.public_model}
-    if record.provider:
-        attributes["llm.provider"] = record.provider
-    if params:
-        attributes["llm.invocation_parameters"] = orjson.dumps(
-            {k.removeprefix("gen_ai.request."): v for k, v in params.items()}).decode()
-    usage = record.usage
-    if usage is not None:
-        attributes["llm.token_count.prompt"] = usage.prompt_tokens
-        attributes["llm.token_count.completion"] = usage.completion_tokens
-        attributes["llm.token_count.total"] = usage.total_tokens
-        attributes["llm.token_count.prompt_details.cache_read"] = usage.cached_tokens
-    if record.cost_usd is not None:
-        attributes["llm.cost.total"] = record.cost_usd
-    return attributes
-
-
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, UpstreamFailed):
-        return exc.failure.kind.value
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    return type(exc).__qualname__
-
-
-# --- content (opt-in per team) ---------------------------------------------------------------
-
-_SECRETS = re.compile(
-    r"sk-[A-Za-z0-9_\-]{8,}"                       # OpenAI-style API keys
-    r"|AIza[0-9A-Za-z_\-]{20,}"                     # Google API keys
-    r"|AKIA[0-9A-Z]{16}"                            # AWS access key ids
-    r"|(?i:bearer)\s+[A-Za-z0-9._\-~+/=]{8,}"       # bearer tokens
-    r"|[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"  # email addresses
-    r"|\b(?:\d[ \-]?){12,18}\d\b"                   # card-like numbers (13-19 digits)
-)
-
-
-def redact_content(text: str) -> str:
-    """The default redaction hook: masks API keys, bearer tokens, emails and card numbers."""
-    return _SECRETS.sub("[redacted]", text)
-
-
-def _content_attributes(body: Mapping[str, Any] | None, output: Any,
-                        redactor: Callable[[str], str] | None) -> dict[str, str]:
-    attributes: dict[str, str] = {}
-    if body is not None:
-        messages = body.get("messages")
-        source = _semconv_messages(messages) if isinstance(messages, list) else body.get("prompt", body.get("input"))
-        if source is not None:
-            attributes["gen_ai.input.messages"] = orjson.dumps(source).decode()
-    if output is not None:
-        attributes["gen_ai.output.messages"] = orjson.dumps(output).decode()
-    if redactor is not None:
-        attributes = {key: redactor(value) for key, value in attributes.items()}
-    return attributes
-
-
-def _semconv_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    converted = []
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        parts: list[dict[str, Any]] = []
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append({"type": "text", "content": content})
-        elif isinstance(content, list):
-            parts.extend({"type": "text", "content": p.get("text", "")} for p in content
-                         if isinstance(p, dict) and p.get("type") == "text")
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            parts.append({"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
-                          "arguments": function.get("arguments")})
-        converted.append({"role": message.get("role"), "parts": parts})
-    return converted
-
-
-def _output_of_body(body: bytes) -> Any:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    outputs = []
-    for choice in payload.get("choices") or ():
-        message = choice.get("message") or {}
-        text = message.get("content") if message else choice.get("text")
-        outputs.append({"role": "assistant", "parts": [{"type": "text", "content": text or ""}],
-                        "finish_reason": choice.get("finish_reason")})
-    return outputs
-
-
-def _output_of_chunks(chunks: Sequence[StreamChunk]) -> Any:
-    texts: list[str] = []
-    for chunk in chunks:
-        try:
-            payload = orjson.loads(chunk.data)
-        except orjson.JSONDecodeError:
-            continue
-        for choice in payload.get("choices") or ():
-            delta = choice.get("delta") or {}
-            piece = delta.get("content") if delta else choice.get("text")
-            if piece:
-                texts.append(piece)
-    return [{"role": "assistant", "parts": [{"type": "text", "content": "".join(texts)}]}]
 
 
 # --- the exporting side, built from the policy --------------------------------------------------
@@ -676,82 +510,11 @@ class Telemetry:
             return None
         batch = settings.batch
         processor = BatchSpanProcessor(
-            _LoggedExporter(_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
+            LoggedExporter(build_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
             schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
             export_timeout_millis=batch.export_timeout_ms)
         log.info("tracing on: exporter %s, sample ratio %s", settings.exporter, settings.sample_ratio)
         return _Tracing(settings, processor, self._redactor)
-
-
-def _exporter(settings: TracesPolicy) -> SpanExporter:
-    timeout_s = settings.batch.export_timeout_ms / 1000
-    if settings.exporter == "otlp_http":
-        from gateway.otlp import OtlpHttpExporter
-
-        return OtlpHttpExporter(settings.endpoint or "http://localhost:4318/v1/traces", settings.headers, timeout_s)
-    if settings.exporter == "otlp_grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-            OTLPSpanExporter as GrpcSpanExporter,
-        )
-
-        # The exporter logs every failed batch itself; _LoggedExporter logs once per outage instead.
-        logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
-        endpoint = settings.endpoint or "localhost:4317"
-        return GrpcSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"),  # type: ignore[no-any-return]
-                                headers=tuple(settings.headers.items()), timeout=timeout_s)
-    return ConsoleSpanExporter()
-
-
-class _LoggedExporter(SpanExporter):
-    """Wraps an exporter so an unreachable collector is one log line per outage, not one per batch."""
-
-    def __init__(self, inner: SpanExporter, name: str) -> None:
-        self._inner = inner
-        self._name = name
-        self._failing = False
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self._inner.export(spans)
-        except Exception:  # an exporter bug must not kill the export thread
-            log.debug("span exporter raised", exc_info=True)
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.FAILURE and not self._failing:
-            self._failing = True
-            log.warning("span export (%s) is failing; spans are being dropped until it recovers", self._name)
-        elif result is SpanExportResult.SUCCESS and self._failing:
-            self._failing = False
-            log.info("span export (%s) recovered", self._name)
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-def telemetry_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...], str]]:
-    """Cross-references of the `telemetry:` section, as (YAML path, message) pairs for the policy loader."""
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    traces = document.telemetry.traces
-    for index, team in enumerate(traces.record_content):
-        if team != "*" and team not in document.teams:
-            problems.append((("telemetry", "traces", "record_content", index),
-                             f"unknown team {team!r}; defined: " + ", ".join(sorted(document.teams))))
-    if traces.exporter == "otlp_grpc" and not _importable("opentelemetry.exporter.otlp.proto.grpc"):
-        problems.append((("telemetry", "traces", "exporter"),
-                         "otlp_grpc needs the package opentelemetry-exporter-otlp-proto-grpc (or use otlp_http)"))
-    if traces.exporter == "otlp_http" and traces.endpoint and not traces.endpoint.startswith(("http://", "https://")):
-        problems.append((("telemetry", "traces", "endpoint"), "must be an http:// or https:// URL"))
-    return problems
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 Trace = RequestTrace | _NoTrace

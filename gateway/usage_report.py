@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
-import hmac
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -71,13 +68,14 @@ class UsageRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from gateway.asgi import request_headers, send_json, send_reply
+        from gateway.auth import authenticate_admin  # auth needs gateway.policy, which imports this module
         from gateway.errors import render
         from gateway.pipeline import Reply
 
         services = scope["app"].state.services
         policy = services.policy()
         try:
-            _authenticate_admin(policy.admin_keys, request_headers(scope))
+            authenticate_admin(policy, request_headers(scope))
             query = parse_qs(scope.get("query_string", b"").decode())
             team = (query.get("team") or [""])[0]
             period = (query.get("period") or ["current"])[0]
@@ -98,17 +96,6 @@ class UsageRoute:
             await send_reply(send, Reply(*render(error)))
             return
         await send_json(send, 200, report)
-
-
-def _authenticate_admin(digests: frozenset[bytes], headers: Mapping[str, str]) -> None:
-    authorization = headers.get("authorization", "")
-    scheme, _, presented = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
-                           code="missing_api_key")
-    digest = hashlib.sha256(presented.strip().encode()).digest()
-    if not any(hmac.compare_digest(digest, known) for known in digests):
-        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
 
 
 def print_usage(policy_path: str, team: str, period: str = "current") -> int:

@@ -1,6 +1,6 @@
 """Gateway overhead benchmark: direct vs bare pass-through baselines vs the gateway, one run, as ratios.
 
-    .venv/bin/python loadtests/bench.py            # ~10 s per cell, ~5 minutes
+    .venv/bin/python loadtests/bench.py            # 10 s cells, ~3.5 minutes per round
     .venv/bin/python loadtests/bench.py --quick    # ~1 minute smoke run
 
 Layout on a 2-core box: the system under test (SUT) alone on core 0; the fake upstreams and the load

@@ -251,7 +251,7 @@ def main() -> None:
     """Re-render a saved run with the current report code: python loadtests/report.py results/X.json"""
     saved = orjson.loads(Path(sys.argv[1]).read_bytes())
     _notes.extend(n for n in saved["notes"] if not n.startswith("* ="))
-    rows = aggregate(saved["rounds"])
+    rows = aggregate(saved.get("rounds") or saved["rows"])  # early files had no rounds
     derive(rows)
     sys.stdout.write(markdown(rows, saved["facts"]))
 

@@ -1,18 +1,21 @@
 """Cost of tracing and metrics: gateway CPU per request and added latency, in one run.
 
-    .venv/bin/python loadtests/telemetry_bench.py              # ~2 minutes
+    .venv/bin/python loadtests/telemetry_bench.py              # ~4 minutes
     .venv/bin/python loadtests/telemetry_bench.py --quick      # 4 s cells, 1 round
     .venv/bin/python loadtests/telemetry_bench.py --micro      # in-process figures only, ~10 s
 
 Micro (deterministic, process CPU time): per request, the trace hooks on the event loop (two spans'
-facts, built once at settle), the OTLP protobuf encoding the export thread does for those spans (in
-batches of 512, as the batch processor sends them), and the metrics sink.
+facts, built once at settle, plus the route decision event every request records), the OTLP protobuf
+encoding the export thread does for those spans (in batches of 512, as the batch processor sends
+them), and the metrics sink.
 
 Four gateway configurations against the same fake upstream (50 ms latency) at an open-loop 200 req/s,
 non-streamed chat and 20-chunk streamed chat: everything off; metrics only; tracing only (100% sampled,
 batch OTLP/HTTP export to a local collector process that decodes the protobuf); tracing + metrics.
 Gateway CPU is the whole process (so the batch exporter's thread is billed too). The gateway runs on
-core 0, the upstream, collector and load generator on core 1 (see README.md, Methodology).
+core 0, the upstream, collector and load generator on core 1 (see README.md, Methodology). The four
+gateways run side by side and each round visits all of them, so drift in the machine's other load
+hits every configuration alike; figures are medians over `--repeat` rounds.
 """
 
 from __future__ import annotations
@@ -57,12 +60,16 @@ def micro(iterations: int) -> None:
     from gateway.otlp import encode_request
     from gateway.pipeline import Exchange
     from gateway.policy import parse_policy
+    from gateway.routing import RouteState
     from gateway.telemetry import Telemetry
+    from gateway.telemetry_decisions import route_event
     from gateway.usage import UsageRecord
     from providers.base import Call, Endpoint, UpstreamRequest, Usage
 
     policy = parse_policy(bench.policy_yaml("http://127.0.0.1:9/v1"))
-    target = policy.models["bench-model"].targets[0]
+    model = policy.models["bench-model"]
+    target = model.targets[0]
+    routes = RouteState()
     call = Call(Endpoint.CHAT, {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}],
                                 "temperature": 0.5, "max_tokens": 64}, "fake-model", False)
     body = b'{"id":"chatcmpl-1","object":"chat.completion","model":"fake-model","choices":[]}'
@@ -86,6 +93,9 @@ def micro(iterations: int) -> None:
         for _ in range(count):
             exchange = Exchange("req_1", time.perf_counter())
             trace = telemetry.start("chat", {}, exchange)
+            if trace.recording:  # as gateway/resilience.py records each attempt's route
+                trace.decision("switchboard.route", route_event(model, model.targets, model.targets, routes,
+                                                                routes.clock(), 1, None))
             await trace.send(client, UpstreamRequest("POST", "http://x/v1", {}, b""), target, call)  # type: ignore[arg-type]
             trace.responded(body, "fake-model", ("stop",))
             settled = record(trace.trace_id)
@@ -117,7 +127,7 @@ def micro(iterations: int) -> None:
     base = figures["tracing off"]
     for name, value in figures.items():
         print(f"micro {name:18} {value:6.1f} µs/request on the loop ({value - base:+6.1f} vs off)")  # noqa: T201
-    print(f"micro OTLP encoding    {encode_us:6.1f} µs/request on the export thread (2 spans)")  # noqa: T201
+    print(f"micro OTLP encoding    {encode_us:6.1f} µs/request on the export thread (2 spans, 1 event)")  # noqa: T201
     total = figures["tracing + metrics"] - base + encode_us
     print(f"micro tracing+metrics  {total:6.1f} µs CPU/request in all (target <= 150)")  # noqa: T201
 
@@ -129,7 +139,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--open-latency-ms", type=float, default=50.0)
@@ -152,7 +162,10 @@ def main() -> None:
         collector = Child("collector", [sys.executable, "-m", "tests.fakes.otlp_receiver", "--port",
                                         str(collector_port)], tmp, bench.HARNESS_CORE, bench.REPO)
         collector.wait_http_ok(f"http://127.0.0.1:{collector_port}/health")
+        gateways: dict[str, bench.Target] = {}
         try:
+            # Every configuration runs side by side (idle ones cost nothing) and the rounds interleave
+            # them, so drift in the machine's other load hits every configuration alike.
             for name, extra in configs(f"http://127.0.0.1:{collector_port}/v1/traces").items():
                 port = free_port()
                 policy = tmp / f"policy-{port}.yaml"
@@ -160,23 +173,33 @@ def main() -> None:
                 argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port),
                         "--no-access-log"]
                 child = Child(f"gateway-{port}", argv, tmp, bench.SUT_CORE, bench.REPO)
-                try:
-                    child.wait_http_ok(f"http://127.0.0.1:{port}/readyz", timeout=60)
-                    target = bench.Target(f"http://127.0.0.1:{port}/v1/chat/completions", bench.BENCH_KEY,
-                                          "bench-model", child)
-                    for mode in modes:
-                        cells = [bench.run_cell(target, upstream, mode, args) for _ in range(args.repeat)]
-                        row = {"config": name, "mode": mode.name, "errors": sum(c["errors"] for c in cells),
-                               **{k: statistics.median(c[k] for c in cells)
-                                  for k in ("rps", "p50_ms", "p99_ms", "sut_cpu_us")}}
-                        rows.append(row)
+                child.wait_http_ok(f"http://127.0.0.1:{port}/readyz", timeout=60)
+                gateways[name] = bench.Target(f"http://127.0.0.1:{port}/v1/chat/completions", bench.BENCH_KEY,
+                                              "bench-model", child)
+            cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for round_number in range(args.repeat):
+                for mode in modes:
+                    for name, target in gateways.items():
+                        cell = bench.run_cell(target, upstream, mode, args)
+                        cells.setdefault((name, mode.name), []).append(cell)
                         print(  # noqa: T201
-                            f"{name:16} {mode.name:22} {row['rps']:6.0f} req/s  p50 {row['p50_ms']:6.2f} ms  "
-                            f"p99 {row['p99_ms']:6.2f} ms  gateway CPU {row['sut_cpu_us']:6.0f} µs/req  "
-                            f"errors {row['errors']}", flush=True)
-                finally:
-                    child.stop()
+                            f"round {round_number + 1} {name:16} {mode.name:22} p50 {cell['p50_ms']:6.2f} ms  "
+                            f"gateway CPU {cell['sut_cpu_us']:6.0f} µs/req", flush=True)
+            for mode in modes:
+                for name in gateways:
+                    runs = cells[(name, mode.name)]
+                    row = {"config": name, "mode": mode.name, "errors": sum(c["errors"] for c in runs),
+                           **{k: statistics.median(c[k] for c in runs)
+                              for k in ("rps", "p50_ms", "p99_ms", "sut_cpu_us")}}
+                    rows.append(row)
+                    print(  # noqa: T201
+                        f"{name:16} {mode.name:22} {row['rps']:6.0f} req/s  p50 {row['p50_ms']:6.2f} ms  "
+                        f"p99 {row['p99_ms']:6.2f} ms  gateway CPU {row['sut_cpu_us']:6.0f} µs/req (median of "
+                        f"{len(runs)})  errors {row['errors']}", flush=True)
         finally:
+            for target in gateways.values():
+                assert target.child is not None
+                target.child.stop()
             collector.stop()
             upstream.child.stop()
     for mode in modes:

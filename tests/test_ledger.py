@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -12,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.cli import main
-from gateway.ledger import Ledger, parse_since, spend
+from gateway.ledger import _SCHEMA, Ledger, parse_since, render_report, spend
 from gateway.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, key_hash, standard_policy
@@ -138,3 +140,62 @@ def test_since_accepts_dates_times_and_relative_periods() -> None:
 def test_ledger_not_configured_is_a_clear_error(gateway: RunningGateway) -> None:
     assert httpx.get(gateway.base_url + "/admin/spend").status_code == 401  # no admin keys in this policy
     assert main(["spend", "--policy", str(gateway.policy_path)]) == 1
+
+
+def test_cache_hits_are_ledgered_with_tokens_served_and_cost_saved(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path, flush_interval_s=0.01)
+    ledger.record(dataclasses.replace(_record("req-miss", 0.30), cache="miss"))
+    hit = dataclasses.replace(_record("req-hit", 0.0), usage=Usage(), cost_usd=None, outcome="cache_hit",
+                              cache="hit", cache_tokens=15, cost_saved_usd=0.30)
+    ledger.record(hit)
+    ledger.record(_record("req-uncached", 0.10))
+    assert ledger.flush()
+    ledger.close()
+    (row,) = spend(path, "team")
+    assert (row["requests"], row["cache_hits"], row["cache_tokens"]) == (3, 1, 15)
+    assert row["cost_saved_usd"] == pytest.approx(0.30)
+    assert row["cost_usd"] == pytest.approx(0.40)
+    connection = sqlite3.connect(path)
+    stored = connection.execute("SELECT request_id, cache, cache_tokens, cost_saved_usd FROM usage "
+                                "ORDER BY request_id").fetchall()
+    connection.close()
+    assert stored == [("req-hit", "hit", 15, 0.30), ("req-miss", "miss", 0, None), ("req-uncached", None, 0, None)]
+    table = render_report(spend(path, "model"), "table")
+    assert "cache_hits" in table.splitlines()[0] and "cost_saved_usd" in table.splitlines()[0]
+
+
+def test_a_ledger_from_before_the_cache_columns_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    connection = sqlite3.connect(path)
+    old_schema = _SCHEMA.split("    cache TEXT,")[0].rstrip().rstrip(",") + "\n);"
+    connection.executescript(old_schema)
+    connection.execute("INSERT INTO usage VALUES (" + ",".join("?" * 23) + ")",
+                       ("old-1", 1.0, "1970-01-01", "t", "k", "chat", "m", "p", "u", 0, 200, "completed",
+                        10, 5, 0, 0, 0, 0, 0.5, "v0", 3.0, None, None))
+    connection.commit()
+    connection.close()
+    ledger = Ledger(path, flush_interval_s=0.01)
+    ledger.record(dataclasses.replace(_record("new-1", 0.25), cache="hit", cache_tokens=7, cost_saved_usd=0.1))
+    assert ledger.flush()
+    ledger.close()
+    (row,) = spend(path, "team")
+    assert (row["requests"], row["cost_usd"], row["cache_hits"], row["cache_tokens"]) == (2, 0.75, 1, 7)
+
+
+def test_cli_spend_shows_cache_columns(upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    ledgered = start_gateway(standard_policy(upstream.base_url, extra=EXTRA).replace(
+        "        model: upstream-chat\n", "        model: upstream-chat\n    cache: {mode: exact}\n", 1))
+    client = ledgered.client()
+    ask = [{"role": "user", "content": "same question twice"}]
+    raw = client.chat.completions.with_raw_response.create(model="chat-model", messages=ask)
+    again = client.chat.completions.with_raw_response.create(model="chat-model", messages=ask)
+    assert (raw.headers["x-switchboard-cache"], again.headers["x-switchboard-cache"]) == ("miss", "hit")
+    ledgered.usage.wait_for(2)
+    assert admin_spend(ledgered).status_code == 200  # flushes the writer
+    assert main(["spend", "--policy", str(ledgered.policy_path), "--by", "model", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["model"], row["requests"], row["cache_hits"]) == ("chat-model", 2, 1)
+    assert Decimal(str(row["cost_usd"])) == pytest.approx(Decimal(raw.headers["x-switchboard-cost-usd"]))
+    assert Decimal(str(row["cost_saved_usd"])) == pytest.approx(Decimal(raw.headers["x-switchboard-cost-usd"]))

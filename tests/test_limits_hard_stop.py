@@ -77,6 +77,23 @@ def test_a_stream_crossing_the_budget_is_cut_with_an_in_band_error_and_settled(
     assert refused.value.code == "budget_exceeded"
 
 
+def test_legacy_completion_streams_are_cut_too(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> None:
+    policy = hard_stop_policy(upstream, f"{{tokens: {BUDGET}, period: daily, hard_stop_streams: true}}")
+    gateway = start_gateway(policy.replace("[chat-model, embed-model]", "[chat-model, embed-model, completion-model]")
+                            .replace("models:\n", "models:\n  completion-model:\n    targets:\n"
+                                     "      - provider: upstream\n        model: upstream-instruct\n", 1))
+    upstream.script(Behaviour(content=LONG_ANSWER, stream_chunks=100, chunk_delay_ms=2))
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in gateway.client().completions.create(model="completion-model", prompt="go on", stream=True):
+            received.append(chunk.choices[0].text)
+    assert caught.value.code == "budget_exceeded"
+    assert 0 < len("".join(received)) < len(LONG_ANSWER) // 2
+    record = gateway.usage.wait_for(1)[0]
+    assert record.outcome == "budget_exceeded" and record.usage.total_tokens <= BUDGET  # type: ignore[union-attr]
+
+
 def test_a_stream_inside_the_budget_finishes_normally(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> None:
     gateway = start_gateway(hard_stop_policy(upstream, "{tokens: 5000, period: daily, hard_stop_streams: true}"))

@@ -114,3 +114,100 @@ def test_genai_semconv_client_metrics(metered: RunningGateway) -> None:
     assert value(samples, "gen_ai_client_token_usage_sum", **genai, gen_ai_token_type="input") == \
         record.usage.prompt_tokens
     assert value(samples, "gen_ai_client_operation_duration_seconds_count", **genai, error_type="") == 1
+
+
+def test_cache_hits_tokens_and_saved_cost(upstream: FakeOpenAIUpstream,
+                                          start_gateway: Callable[..., RunningGateway]) -> None:
+    policy = standard_policy(upstream.base_url, extra=PRICES).replace(
+        "        model: upstream-chat\n", "        model: upstream-chat\n    cache: {mode: exact}\n", 1)
+    gateway = start_gateway(policy)
+    client = gateway.client()
+    ask = [{"role": "user", "content": "cache me if you can"}]
+    first = client.chat.completions.create(model="chat-model", messages=ask)
+    for _ in range(2):
+        client.chat.completions.create(model="chat-model", messages=ask)
+    client.chat.completions.create(model="chat-model", messages=ask, extra_headers={"x-switchboard-cache": "bypass"})
+    records = gateway.usage.wait_for(4)
+    assert first.usage is not None
+    samples = scrape(gateway)
+    where = {"team": "alpha", "model": "chat-model"}
+    assert value(samples, "switchboard_cache_requests_total", **where, result="hit") == 2
+    assert value(samples, "switchboard_cache_requests_total", **where, result="miss") == 1
+    assert value(samples, "switchboard_cache_requests_total", **where, result="bypass") == 1
+    assert value(samples, "switchboard_cache_tokens_total", **where) == 2 * first.usage.total_tokens
+    saved = sum(r.cost_saved_usd or 0 for r in records)
+    expected = 2 * (first.usage.prompt_tokens * 2.50 + first.usage.completion_tokens * 10.00) / 1_000_000
+    assert saved == pytest.approx(expected)
+    assert value(samples, "switchboard_cache_cost_saved_usd_total", **where) == pytest.approx(expected)
+    # Hits are requests the upstream never saw: no tokens billed for them.
+    assert upstream.request_count == 2
+
+
+def test_circuit_breaker_state_is_read_at_scrape_time(upstream: FakeOpenAIUpstream,
+                                                       start_gateway: Callable[..., RunningGateway]) -> None:
+    policy = standard_policy(upstream.base_url).replace(
+        "        model: upstream-chat\n",
+        "        model: upstream-chat\n    circuit_breaker: {consecutive_failures: 2, cooldown_s: 600}\n", 1)
+    gateway = start_gateway(policy)
+    client = gateway.client()
+    where = {"provider": "upstream", "model": "upstream-chat", "base_url": upstream.base_url}
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "fine"}])
+    samples = scrape(gateway)
+    assert samples[("switchboard_circuit_breaker_state", frozenset(where.items()))] == 0  # closed
+    assert value(samples, "switchboard_target_healthy", **where) == 1
+
+    upstream.script(Behaviour.error(502), Behaviour.error(502))
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])
+    samples = scrape(gateway)
+    assert value(samples, "switchboard_circuit_breaker_state", **where) == 2  # open
+    assert value(samples, "switchboard_circuit_breaker_trips", **where) == 1
+    assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="502") == 2
+
+
+def test_breaker_collector_follows_the_routing_clock() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import Metrics
+    from gateway.policy import parse_policy
+    from gateway.policy_schema import CircuitBreakerPolicy
+    from gateway.routing import RouteState
+
+    now = [100.0]
+    routes = RouteState(clock=lambda: now[0])
+    metrics = Metrics()
+    metrics.watch_routes(routes)
+    target = parse_policy(standard_policy("http://127.0.0.1:9/v1")).models["chat-model"].targets[0]
+    breaker = routes.state(target).breaker
+    settings = CircuitBreakerPolicy(consecutive_failures=1, cooldown_s=10)
+
+    def breaker_value() -> float:
+        families = text_string_to_metric_families(metrics.render().decode())
+        (sample,) = [s for f in families if f.name == "switchboard_circuit_breaker_state" for s in f.samples]
+        assert sample.labels["model"] == "upstream-chat"
+        return sample.value
+
+    assert breaker_value() == 0
+    breaker.on_failure(now[0], settings)
+    assert breaker_value() == 2
+    now[0] += 10  # cooled down: the next request would be the probe
+    assert breaker_value() == 1
+
+
+def test_attempts_that_fail_after_they_began_are_counted_without_tracing(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    policy = standard_policy(upstream.base_url).replace(
+        "        model: upstream-chat\n",
+        "        model: upstream-chat\n    retries: 2\n    backoff: {initial_s: 0, max_s: 0}\n"
+        "    ttft_timeout_s: 0.2\n", 1)
+    gateway = start_gateway(policy)
+    upstream.script(Behaviour.slow_first_byte(2000), Behaviour.die_mid_stream(after_chunks=1))
+    chunks = list(gateway.client().chat.completions.create(
+        model="chat-model", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    gateway.usage.wait_for(1)
+    samples = scrape(gateway)
+    assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="timeout") == 1
+    assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="connection") == 1
+    assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="cancelled") == 0

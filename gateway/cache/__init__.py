@@ -10,7 +10,15 @@
 """
 
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, CacheRule, build_cache_plan, cache_problems
-from gateway.cache.service import CACHE_HEADER, ResponseCache, Ticket, remember, usage_fields, watch_stream
+from gateway.cache.service import (
+    CACHE_HEADER,
+    ResponseCache,
+    Ticket,
+    hit_tokens,
+    remember,
+    usage_fields,
+    watch_stream,
+)
 
 __all__ = [
     "CACHE_HEADER",
@@ -21,6 +29,7 @@ __all__ = [
     "Ticket",
     "build_cache_plan",
     "cache_problems",
+    "hit_tokens",
     "remember",
     "usage_fields",
     "watch_stream",

@@ -96,6 +96,11 @@ class RedisBackend:
         self._writes: set[asyncio.Task[None]] = set()
         self._warned = False
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool, shared with this store's semantic index."""
+        return self._client
+
     async def get(self, key: bytes) -> Entry | None:
         try:
             async with asyncio.timeout(self._timeout):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -25,7 +26,9 @@ IGNORED_FIELDS = frozenset({
     "prompt_cache_options", "prompt_cache_retention", "store",
 })
 CACHEABLE_FINISH = frozenset({"stop", "tool_calls", "length"})
+KEY_BYTES = 20  # length of an exact key (a blake2b digest)
 _SORTED = orjson.OPT_SORT_KEYS
+_PERSON = {endpoint: endpoint.value.encode() for endpoint in Endpoint}  # Enum.value is slow on a hot path
 
 
 def scope_id(rule: CacheRule, team: str, key_id: str) -> bytes:
@@ -62,8 +65,14 @@ def exact_key(scope: bytes, endpoint: Endpoint, body: Mapping[str, Any], model: 
     except TypeError:
         return None
     # Keyed by the scope's digest, so no request body can collide into another scope.
-    return hashlib.blake2b(canonical, digest_size=20, person=endpoint.value.encode(),
-                           key=hashlib.sha256(scope).digest()).digest()
+    return hashlib.blake2b(canonical, digest_size=KEY_BYTES, person=_PERSON[endpoint],
+                           key=_scope_digest(scope)).digest()
+
+
+@lru_cache(maxsize=4096)
+def _scope_digest(scope: bytes) -> bytes:
+    # Scopes are few (keys and teams of the policy) and hashed on every lookup.
+    return hashlib.sha256(scope).digest()
 
 
 def semantic_parts(scope: bytes, endpoint: Endpoint, body: Mapping[str, Any], model: str
@@ -98,5 +107,5 @@ def semantic_parts(scope: bytes, endpoint: Endpoint, body: Mapping[str, Any], mo
     except TypeError:
         return None
     partition = hashlib.blake2b(canonical, digest_size=20, person=b"semantic" + endpoint.value.encode()[:8],
-                                key=hashlib.sha256(scope).digest()).digest()
+                                key=_scope_digest(scope)).digest()
     return partition, text

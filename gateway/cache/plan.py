@@ -36,6 +36,7 @@ class CacheRule:
     coalesce: bool
     store: StoreSpec
     semantic: SemanticCachePolicy | None = None
+    hits_count_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ def build_cache_plan(document: PolicyDocument) -> CachePlan:
                 store = StoreSpec("memory", owner=owner, max_bytes=block.max_bytes)
             rules.setdefault(team, {})[model] = CacheRule(block.mode, block.ttl_s, block.scope,
                                                           block.only_deterministic, block.coalesce, store,
-                                                          block.semantic)
+                                                          block.semantic, block.hits_count_tokens)
     return CachePlan(rules)
 
 

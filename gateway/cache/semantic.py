@@ -85,6 +85,14 @@ class SemanticIndex:
         self._where.move_to_end(best)
         return best, best_score
 
+    async def find(self, partition: bytes, vector: list[float], threshold: float, now: float
+                   ) -> tuple[bytes, float] | None:
+        """`nearest`, behind the same awaitable interface as the Redis index (gateway/cache/shared_index.py)."""
+        return self.nearest(partition, vector, threshold, now)
+
+    async def close(self) -> None:
+        pass
+
 
 async def embed(services: Services, policy: Policy, model_name: str, text: str, exchange: Exchange,
                 attempt: Attempt) -> list[float] | None:

@@ -19,14 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.cache.backends import Backend, open_backend
+from gateway.cache.backends import Backend, RedisBackend, open_backend
 from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.flight import COMPLETED, RUNNING, Flight
 from gateway.cache.keys import CACHEABLE_FINISH, cacheable, exact_key, scope_id, semantic_parts
 from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
 from gateway.cache.semantic import SemanticIndex, embed
+from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
 from gateway.pricing import charge
+from gateway.telemetry_decisions import cache_event
 from providers.base import Endpoint, ParsedResponse, StreamChunk, Usage
 from providers.sse import DONE_EVENT, encode_event
 
@@ -55,7 +57,7 @@ class ResponseCache:
         self.clock = clock
         self._plan: CachePlan | None = None
         self._stores: dict[StoreSpec, Backend] = {}
-        self._indexes: dict[tuple[StoreSpec, int], SemanticIndex] = {}
+        self._indexes: dict[tuple[StoreSpec, int], SemanticIndex | SharedSemanticIndex] = {}
         self._flights: dict[bytes, Flight] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -80,14 +82,21 @@ class ResponseCache:
             key = exact_key(scope, endpoint, body, model.name)
         if key is None:
             exchange.response_headers[CACHE_HEADER] = "bypass"
+            if exchange.trace.recording:
+                exchange.trace.decision("switchboard.cache", cache_event(None, reason=directive or "not cacheable"))
             return None
         if policy.cache is not self._plan:
             self._adopt(policy.cache)
         ticket = Ticket(self, rule, self._store(rule.store), key, request, model.name, policy.prices,
                         model.targets[0])
         if directive is not None:  # bypass or refresh: don't read, do write
-            return ticket.record(exchange, "bypass", replace=directive == "refresh", shared=False)
-        return await self._read(ticket, services, policy, scope, exchange, attempt)
+            ticket.record(exchange, "bypass", replace=directive == "refresh", shared=False)
+        else:
+            await self._read(ticket, services, policy, scope, exchange, attempt)
+        if exchange.trace.recording:
+            exchange.trace.decision("switchboard.cache", cache_event(
+                ticket, directive=directive, similarity=exchange.response_headers.get(SIMILARITY_HEADER)))
+        return ticket
 
     async def _read(self, ticket: Ticket, services: Services, policy: Policy, scope: bytes, exchange: Exchange,
                     attempt: Attempt) -> Ticket:
@@ -123,7 +132,7 @@ class ResponseCache:
             return
         index = self._index(rule)
         ticket.vector, ticket.partition, ticket.index = vector, partition, index
-        match = index.nearest(partition, vector, rule.semantic.threshold, self.clock())
+        match = await index.find(partition, vector, rule.semantic.threshold, self.clock())
         if match is None:
             return
         entry = await ticket.store.get(match[0])
@@ -142,12 +151,20 @@ class ResponseCache:
             store = self._stores[spec] = open_backend(spec, self.clock)
         return store
 
-    def _index(self, rule: CacheRule) -> SemanticIndex:
+    def _index(self, rule: CacheRule) -> SemanticIndex | SharedSemanticIndex:
+        """In Redis when the entries are (replicas share it), else in this process."""
         assert rule.semantic is not None
-        slot = (rule.store, rule.semantic.max_entries)
+        store = self._store(rule.store)
+        shared = isinstance(store, RedisBackend)
+        slot = (rule.store, rule.semantic.candidates if shared else rule.semantic.max_entries)
         index = self._indexes.get(slot)
         if index is None:
-            index = self._indexes[slot] = SemanticIndex(rule.semantic.max_entries)
+            if isinstance(store, RedisBackend):
+                index = SharedSemanticIndex(store.client, rule.store.key_prefix, rule.semantic.candidates,
+                                            rule.store.timeout_s, self.clock)
+            else:
+                index = SemanticIndex(rule.semantic.max_entries)
+            self._indexes[slot] = index
         return index
 
     def _adopt(self, plan: CachePlan) -> None:
@@ -167,6 +184,9 @@ class ResponseCache:
 
     async def close(self) -> None:
         """Release every store (Redis connections); pending Redis writes get a moment to land."""
+        indexes, self._indexes = list(self._indexes.values()), {}
+        for index in indexes:
+            await index.close()
         stores, self._stores = list(self._stores.values()), {}
         for store in stores:
             await store.close()
@@ -192,7 +212,7 @@ class Ticket:
         self.replace = True
         self.vector: list[float] | None = None
         self.partition = b""
-        self.index: SemanticIndex | None = None
+        self.index: SemanticIndex | SharedSemanticIndex | None = None
 
     # -- outcomes of the lookup --
 
@@ -224,8 +244,7 @@ class Ticket:
 
     def reply(self, headers: dict[str, str], settle: Callable[[], None]) -> Reply | StreamReply:
         """The answer to a hit; `settle` records the request once it has been served."""
-        from gateway.pipeline import Reply, StreamReply  # the pipeline imports this module
-
+        Reply, StreamReply = _reply_types()
         entry = self.entry
         if not self.request.stream:
             assert entry is not None
@@ -337,6 +356,20 @@ class Ticket:
         return {"cache": "hit", "cache_tokens": usage.total_tokens, "cost_saved_usd": saved}
 
 
+def _reply_types() -> tuple[type[Reply], type[StreamReply]]:
+    """The pipeline's reply classes: imported on first use (the pipeline imports this module), then remembered,
+    since an import statement on every hit costs more than the rest of `Ticket.reply`."""
+    global _REPLY_TYPES
+    if _REPLY_TYPES is None:
+        from gateway.pipeline import Reply, StreamReply
+
+        _REPLY_TYPES = (Reply, StreamReply)
+    return _REPLY_TYPES
+
+
+_REPLY_TYPES: tuple[type[Reply], type[StreamReply]] | None = None
+
+
 def _finished_well(reasons: tuple[str, ...] | list[str]) -> bool:
     return bool(reasons) and all(reason in CACHEABLE_FINISH for reason in reasons)
 
@@ -362,6 +395,13 @@ def watch_stream(ticket: Ticket | None, chunks: AsyncIterator[StreamChunk]) -> A
     if ticket is None or ticket.flight is None or ticket.hit:
         return chunks
     return ticket.watch(chunks)
+
+
+def hit_tokens(ticket: Ticket | None) -> Usage | None:
+    """Pipeline hook: the usage of a hit that counts against token limits (`hits_count_tokens`), else None."""
+    if ticket is None or not ticket.hit or not ticket.rule.hits_count_tokens:
+        return None
+    return ticket.entry.usage if ticket.entry is not None else None
 
 
 def usage_fields(ticket: Ticket | None) -> dict[str, Any]:

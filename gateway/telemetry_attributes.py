@@ -1,0 +1,142 @@
+"""Span attributes: GenAI semantic conventions, the `switchboard.*` namespace and OpenInference.
+
+Pure functions from the request's facts (its body, its settled usage record)
+to attribute dicts, each built once per request when its trace finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from providers.base import UpstreamFailed
+
+if TYPE_CHECKING:
+    from gateway.usage import UsageRecord
+
+OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat"}
+# gen_ai.provider.name values from the GenAI conventions; self-hosted kinds use their own name.
+GENAI_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
+                  "vertex_ai": "gcp.vertex_ai", "azure": "azure.ai.openai", "azure_openai": "azure.ai.openai",
+                  "mistral": "mistral_ai", "groq": "groq", "together": "together_ai", "bedrock": "aws.bedrock"}
+_REQUEST_PARAMS = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
+                   ("top_k", "gen_ai.request.top_k"), ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+                   ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
+
+
+def attempt_usage_attributes(record: UsageRecord) -> dict[str, Any]:
+    """What the successful attempt's CLIENT span repeats from the record: usage, TTFT and cost."""
+    attributes: dict[str, Any] = {}
+    usage = record.usage
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+    if record.time_to_first_token_ms is not None:
+        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
+    if record.cost_usd is not None:
+        attributes["switchboard.cost_usd"] = record.cost_usd
+        attributes["switchboard.price_version"] = record.price_version
+    return attributes
+
+
+def record_attributes(record: UsageRecord) -> dict[str, Any]:
+    """The SERVER span's attributes from the settled usage record."""
+    attributes: dict[str, Any] = {
+        "gen_ai.request.model": record.public_model,
+        "switchboard.team": record.team,
+        "switchboard.key_id": record.key_id,
+        "switchboard.model": record.public_model,
+        "switchboard.outcome": record.outcome,
+        "switchboard.stream": record.stream,
+        "switchboard.overhead_ms": round(record.overhead_ms, 3),
+    }
+    if record.stream:
+        attributes["gen_ai.request.stream"] = True
+    if record.provider is not None:
+        attributes["switchboard.provider"] = record.provider
+    if record.upstream_model is not None:
+        attributes["switchboard.upstream_model"] = record.upstream_model
+    usage = record.usage
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+        if usage.cache_write_tokens:
+            attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
+        if usage.reasoning_tokens:
+            attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+        attributes["switchboard.usage_estimated"] = usage.estimated
+    if record.time_to_first_token_ms is not None:
+        attributes["switchboard.ttft_ms"] = round(record.time_to_first_token_ms, 3)
+        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
+    if record.cost_usd is not None:
+        attributes["switchboard.cost_usd"] = record.cost_usd
+        attributes["gen_ai.usage.cost_usd"] = record.cost_usd
+    if record.price_version is not None:
+        attributes["switchboard.price_version"] = record.price_version
+    cache = record.cache  # set by the response cache (gateway/cache/) when the model caches
+    if cache is not None:
+        attributes["switchboard.cache"] = cache
+        attributes["switchboard.cache.hit"] = cache == "hit"
+        if record.cache_tokens:
+            attributes["switchboard.cache.tokens"] = record.cache_tokens
+        if record.cost_saved_usd is not None:
+            attributes["switchboard.cache.cost_saved_usd"] = record.cost_saved_usd
+    return attributes
+
+
+def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's sampling parameters as `gen_ai.request.*` attributes."""
+    params: dict[str, Any] = {}
+    for key, attribute in _REQUEST_PARAMS:
+        value = body.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            params[attribute] = value
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(max_tokens, int):
+        params["gen_ai.request.max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        params["gen_ai.request.stop_sequences"] = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        params["gen_ai.request.stop_sequences"] = tuple(stop)
+    choices = body.get("n")
+    if isinstance(choices, int) and choices != 1:
+        params["gen_ai.request.choice.count"] = choices
+    return params
+
+
+def openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | None,
+                              response_model: str | None) -> dict[str, Any]:
+    """OpenInference (`llm.*`) attributes, so Arize Phoenix shows model, tokens and cost natively."""
+    attributes: dict[str, Any] = {"openinference.span.kind": "LLM",
+                                  "llm.model_name": response_model or record.upstream_model or record.public_model}
+    if record.provider:
+        attributes["llm.provider"] = record.provider
+    if params:
+        attributes["llm.invocation_parameters"] = orjson.dumps(
+            {k.removeprefix("gen_ai.request."): v for k, v in params.items()}).decode()
+    usage = record.usage
+    if usage is not None:
+        attributes["llm.token_count.prompt"] = usage.prompt_tokens
+        attributes["llm.token_count.completion"] = usage.completion_tokens
+        attributes["llm.token_count.total"] = usage.total_tokens
+        attributes["llm.token_count.prompt_details.cache_read"] = usage.cached_tokens
+    if record.cost_usd is not None:
+        attributes["llm.cost.total"] = record.cost_usd
+    return attributes
+
+
+def error_type_of(exc: BaseException) -> str:
+    """`error.type` for an exception raised by an upstream call."""
+    if isinstance(exc, UpstreamFailed):
+        return exc.failure.kind.value
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return type(exc).__qualname__
