@@ -11,11 +11,21 @@ from __future__ import annotations
 import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from providers import ADAPTERS
 
 KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
+# The cache and the state store both take a Redis URL, validated alike.
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
 class Strict(BaseModel):
@@ -180,7 +190,7 @@ class CachePolicy(Strict):
     backend: Literal["memory", "redis"] = Field("memory", description="memory: in-process LRU bounded by "
                                                 "max_bytes; redis: shared by replicas, expired by Redis.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bound of the in-process store of this block.")
-    url: str | None = Field(None, description="redis:// URL of the redis backend (default: state.url).")
+    url: RedisUrl | None = Field(None, description="redis:// URL of the redis backend (default: state.url).")
     key_prefix: str = Field("switchboard:cache:", description="Prefix of every Redis key the cache writes.")
     timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a lookup waits on Redis before it counts "
                              "as a miss.")
@@ -188,13 +198,6 @@ class CachePolicy(Strict):
     hits_count_tokens: bool = Field(False, description="Whether a hit's tokens count against token rate limits "
                                     "and token budgets (it always counts as a request, and never costs USD).")
     semantic: SemanticCachePolicy | None = Field(None, description="Settings of mode: semantic (required by it).")
-
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
 
     @model_validator(mode="after")
     def _semantic_settings(self) -> CachePolicy:
@@ -342,20 +345,13 @@ class StatePolicy(Strict):
                              "file; default <policy name>.state.sqlite next to it.")
     flush_interval_s: float = Field(1.0, gt=0, le=60, description="Durable store: snapshot period, the most "
                                     "spend a kill -9 can lose.")
-    url: str | None = Field(None, description="redis:// or rediss:// URL (with /db index); shared by replicas.")
+    url: RedisUrl | None = Field(None, description="redis:// or rediss:// URL (with /db index); shared by replicas.")
     key_prefix: str = Field("switchboard:", pattern=r"^[^{}]*$", description="Prefix of every Redis key.")
     failure_mode: Literal["fail_open", "fail_closed"] = Field(
         "fail_open", description="When Redis is unreachable: serve counting locally and reconcile later, or "
         "refuse with 503.")
     timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a request waits on Redis.")
     retry_interval_s: float = Field(0.5, gt=0, le=60, description="How often an unreachable Redis is probed.")
-
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StatePolicy:
