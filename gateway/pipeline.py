@@ -1,12 +1,12 @@
 """A request's journey through the gateway, as a sequence of named steps.
 
-    authenticate -> parse -> resolve model -> route -> call upstream
-                 -> relay (whole body or stream) -> settle usage
+    authenticate -> parse -> resolve model -> admit (limits, budgets) -> cache lookup
+                 -> route and call (strategy, retries, fallbacks) -> relay (body or stream)
+                 -> settle (usage, cost, limits, sinks, trace)
 
-Each step is a plain function with explicit inputs; the policy snapshot taken
-at the start is the one the whole request uses, so a reload never changes a
-request halfway. Limits and budgets (admission), routing strategies with
-retries and fallback, caching and tracing plug in between these steps.
+Each step is a plain function with explicit inputs, most of them in a module
+of its own; the policy snapshot taken at the start is the one the whole
+request uses, so a reload never changes a request halfway.
 """
 
 from __future__ import annotations
