@@ -135,13 +135,7 @@ async def handle_inference(
 
 def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
     """Decode and minimally validate the client's JSON; the upstream validates the rest."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(ErrorKind.BAD_REQUEST, f"The request body is not valid JSON: {exc}",
-                           code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
+    payload = decode_object(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise GatewayError(ErrorKind.BAD_REQUEST, "You must provide a model parameter.", param="model",
@@ -159,6 +153,18 @@ def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
     options = payload.get("stream_options")
     wants_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
     return InferenceRequest(endpoint, payload, model, bool(stream), wants_usage)
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying why it is not one."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(ErrorKind.BAD_REQUEST, f"The request body is not valid JSON: {exc}",
+                           code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
+    return payload
 
 
 def resolve_model(policy: Policy, caller: KeyEntry, name: str) -> Model:

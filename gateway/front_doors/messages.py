@@ -15,7 +15,7 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import GatewayError, render
-from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
+from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
 from providers.sse import encode_named_event, iter_sse_data
 
@@ -58,12 +58,9 @@ class MessagesRoute:
 
 def _load(raw: bytes) -> dict[str, Any]:
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise TranslationError(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise TranslationError("The request body must be a JSON object.")
-    return body
+        return decode_object(raw)
+    except GatewayError as exc:  # answered in Anthropic's error shape, like every other bad request here
+        raise TranslationError(exc.message) from exc
 
 
 # --- request: Messages -> chat -----------------------------------------------------------------

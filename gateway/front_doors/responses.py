@@ -23,7 +23,7 @@ import orjson
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
-from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
+from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
 from providers.sse import encode_named_event, iter_sse_data
 
@@ -40,7 +40,7 @@ class ResponsesRoute:
         exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
         try:
             raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
-            request = _load(raw)
+            request = decode_object(raw)
             native = serves_natively(services.policy(), request)  # OpenAI, vLLM: passed through as is
             if native:
                 refuse_stateful(request)
@@ -65,17 +65,6 @@ class ResponsesRoute:
 
 def _bad(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.BAD_REQUEST, message, param=param, code="unsupported_parameter" if param else None)
-
-
-def _load(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(ErrorKind.BAD_REQUEST, f"The request body is not valid JSON: {exc}",
-                           code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
-    return body
 
 
 # --- request: Responses -> chat ----------------------------------------------------------------
