@@ -17,8 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.asgi import (
-    ExactRoutes,
-    RequestContextMiddleware,
+    GatewayApp,
     read_body,
     request_headers,
     send_json,
@@ -131,7 +130,7 @@ def create_app(
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
     cache: ResponseCache | None = None,
-) -> Starlette:
+) -> GatewayApp:
     """Build the gateway around a policy store; everything that talks to the world is injected here."""
     counter = counter or TokenCounter()
     pools = UpstreamPools(counter)
@@ -217,12 +216,10 @@ def create_app(
     hot = {("POST", route.path): route.app for route in app.routes
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
            and route.methods == {"POST"}}
-    app.add_middleware(ExactRoutes, routes=hot)
-    app.add_middleware(RequestContextMiddleware)
-    return app
+    return GatewayApp(app, hot)
 
 
-def app_from_environment() -> Starlette:
+def app_from_environment() -> GatewayApp:
     """Factory for `uvicorn --factory` worker processes: the CLI passes the policy path in the environment."""
     sinks = [AccessLogSink()] if os.environ.get(ACCESS_LOG_ENV, "1") == "1" else []
     return create_app(PolicyStore(os.environ[POLICY_ENV]), sinks=sinks)

@@ -27,33 +27,20 @@ log = logging.getLogger("switchboard.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-class ExactRoutes:
-    """Dispatches the hot endpoints by exact (method, path) before Starlette's router.
+class GatewayApp:
+    """The ASGI entry point: request ids, hot-route dispatch, and an OpenAI-shaped body for any failure.
 
-    Starlette's exception middleware and regex router cost a few percent of a
-    proxied request's CPU; the inference endpoints need neither, as they
-    render their own errors. Everything else falls through to the app.
+    Every request gets an id (a well-formed incoming `x-request-id` is honoured) echoed on its response.
+    The inference endpoints are dispatched by exact (method, path) straight from here: Starlette's
+    error middleware and regex router cost a few percent of a proxied request's CPU and they need
+    neither, as they render their own errors. Everything else, lifespan included, goes to `app`. An
+    unexpected exception is logged with its stack and answered with a 500 carrying only the request id.
     """
 
-    def __init__(self, app: Any, routes: Mapping[tuple[str, str], Any]) -> None:
+    def __init__(self, app: Any, hot_routes: Mapping[tuple[str, str], Any]) -> None:
         self.app = app
-        self.routes = dict(routes)
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        route = self.routes.get((scope.get("method", ""), scope["path"])) if scope["type"] == "http" else None
-        await (route or self.app)(scope, receive, send)
-
-
-class RequestContextMiddleware:
-    """Gives every request an id and a start time, and every failure an OpenAI-shaped body.
-
-    The request id honours a well-formed incoming `x-request-id` and is echoed
-    on every response. An unexpected exception is logged with its stack and
-    answered with a 500 that carries only the request id.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
+        self.state = app.state
+        self._hot = dict(hot_routes)
         # A random per-process prefix and a counter: unique across replicas and
         # restarts without a uuid4 (a syscall and an object) per request.
         self._id_prefix = "req_" + secrets.token_hex(6)
@@ -80,8 +67,11 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
+        route = self._hot.get((scope["method"], scope["path"]))
+        if route is not None:
+            scope["app"] = self.app  # where routes find the app's services, as under Starlette
         try:
-            await self.app(scope, receive, send_with_id)
+            await (route or self.app)(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error serving request %s", request_id)
             if not started:

@@ -269,7 +269,7 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
     usage: Usage | None = None
     outcome = "client_disconnected"
     first_token_at: float | None = None
-    events = iter_sse_data(_timed(response.chunks(), exchange, clock))
+    events = iter_sse_data(response.chunks())  # resilience's primed response counts the upstream wait
     try:
         chunks = hard_stop(facts.admission, target.provider.adapter.translate_stream(call, events))
         async for chunk in watch_stream(facts.cache, chunks):
@@ -301,20 +301,6 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
         ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None
         exchange.trace.streamed(seen)
         _settle(services, exchange, facts, 200, usage, outcome=outcome, time_to_first_token_ms=ttft)
-
-
-async def _timed(chunks: AsyncIterator[bytes], exchange: Exchange, clock: Callable[[], float]) -> AsyncIterator[bytes]:
-    """Count the time spent waiting on the upstream, which is not gateway overhead."""
-    iterator = chunks.__aiter__()
-    while True:
-        waited_from = clock()
-        try:
-            chunk = await iterator.__anext__()
-        except StopAsyncIteration:
-            return
-        finally:
-            exchange.upstream_wait_s += clock() - waited_from
-        yield chunk
 
 
 def _estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, seen: list[StreamChunk]) -> Usage:
