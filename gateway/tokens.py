@@ -166,8 +166,9 @@ class TokenCounter:
                 # Whatever went wrong (ConnectionError, hash mismatch, unknown name),
                 # counting must degrade to the estimate, never take the gateway down.
                 except Exception as exc:
-                    msg = "tiktoken encoding %s unavailable (%r); estimating ~%d chars per token"
-                    logger.warning(msg, name, exc, CHARS_PER_TOKEN)
+                    msg = ("tiktoken encoding %s unavailable (%s); token counts are estimated at ~%d characters "
+                           "per token. Point TIKTOKEN_CACHE_DIR at a directory holding the encoding to count exactly.")
+                    logger.warning(msg, name, type(exc).__name__, CHARS_PER_TOKEN)
                     codec = _Codec(None)
                 self._codecs[name] = codec
             return codec
