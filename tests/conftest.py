@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -128,6 +129,24 @@ def run_gateway(policy_path: Path, **app_options: Any) -> RunningGateway:
         deadline.wait(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     return RunningGateway(f"http://127.0.0.1:{port}", policy_path, store, usage, server, thread)
+
+
+ALPHA_TEAM_ALL_MODELS = f"""teams:
+  alpha:
+    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
+    models: ["*"]
+"""
+
+
+@contextlib.contextmanager
+def serving(path: Path, providers_and_models: str) -> Iterator[RunningGateway]:
+    """A gateway on `providers_and_models` (policy YAML) plus team alpha, key sk-alpha, allowed every model."""
+    path.write_text(providers_and_models + ALPHA_TEAM_ALL_MODELS)
+    gateway = run_gateway(path)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.conftest import RunningGateway, key_hash, run_gateway
+from tests.conftest import RunningGateway, serving
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream, rate_limited
 from tests.fakes.openai_upstream import Behaviour
@@ -29,7 +29,7 @@ def claude_fake() -> Iterator[FakeAnthropicUpstream]:
 def module_gateway(claude_fake: FakeAnthropicUpstream, fake_upstream: FakeOpenAIUpstream,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     path = tmp_path_factory.mktemp("messages") / "policy.yaml"
-    path.write_text(f"""
+    with serving(path, f"""
 version: 1
 providers:
   claude: {{kind: anthropic, base_url: {claude_fake.base_url}, api_key: sk-ant-x}}
@@ -37,14 +37,8 @@ providers:
 models:
   claude: {{targets: [{{provider: claude, model: claude-sonnet-4-6}}]}}
   local: {{targets: [{{provider: engine, model: qwen3}}]}}
-teams:
-  alpha:
-    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
-    models: ["*"]
-""")
-    gateway = run_gateway(path)
-    yield gateway
-    gateway.stop()
+""") as gateway:
+        yield gateway
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests import conformance_report
-from tests.conftest import RunningGateway, key_hash, run_gateway
+from tests.conftest import RunningGateway, serving
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream
 from tests.fakes.azure_upstream import FakeAzureUpstream
 from tests.fakes.gemini_upstream import FakeGeminiUpstream
@@ -94,7 +94,7 @@ def fakes() -> Iterator[Fakes]:
 def module_gateway(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     up = fakes.upstreams
     path = tmp_path_factory.mktemp("conformance") / "policy.yaml"
-    path.write_text(f"""
+    with serving(path, f"""
 version: 1
 providers:
   openai-compatible: {{kind: openai_compatible, base_url: {up['openai-compatible'].base_url}}}
@@ -114,14 +114,8 @@ models:
   embed-vllm: {{targets: [{{provider: vllm, model: e5}}]}}
   embed-azure_openai: {{targets: [{{provider: azure_openai, model: my-embedding}}]}}
   embed-mock: {{targets: [{{provider: mock, model: mock-embedding}}]}}
-teams:
-  alpha:
-    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
-    models: ["*"]
-""")
-    gateway = run_gateway(path)
-    yield gateway
-    gateway.stop()
+""") as gateway:
+        yield gateway
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from tests.conftest import RunningGateway, key_hash, run_gateway
+from tests.conftest import RunningGateway, serving
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream
 from tests.fakes.openai_upstream import Behaviour
 from tests.fakes.responses_upstream import RESPONSES, FakeResponsesUpstream
@@ -52,7 +52,7 @@ def claude_fake() -> Iterator[FakeAnthropicUpstream]:
 def module_gateway(vllm: FakeResponsesUpstream, openai_fake: FakeResponsesUpstream, claude_fake: FakeAnthropicUpstream,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     path = tmp_path_factory.mktemp("responses-native") / "policy.yaml"
-    path.write_text(f"""
+    with serving(path, f"""
 version: 1
 providers:
   engine: {{kind: vllm, base_url: {vllm.base_url}}}
@@ -67,14 +67,8 @@ models:
   local-or-claude:
     targets: [{{provider: engine, model: qwen3}}]
     fallbacks: {{default: [claude]}}
-teams:
-  alpha:
-    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
-    models: ["*"]
-""")
-    gateway = run_gateway(path)
-    yield gateway
-    gateway.stop()
+""") as gateway:
+        yield gateway
 
 
 @pytest.fixture
