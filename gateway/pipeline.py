@@ -97,6 +97,8 @@ class InferenceRequest:
 class _Settlement:
     """The facts of a request gathered for its usage record."""
 
+    # The policy snapshot the request started on: its prices bill the request even if a reload lands mid-stream.
+    policy: Policy
     caller: KeyEntry | None = None
     request: InferenceRequest | None = None
     target: Target | None = None
@@ -109,7 +111,7 @@ async def handle_inference(
 ) -> Reply | StreamReply:
     """Serve one chat, completions, embeddings or natively passed-through Responses API request."""
     policy = services.policy()
-    facts = _Settlement()
+    facts = _Settlement(policy)
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
         facts.caller = authenticate(policy, headers)
@@ -278,7 +280,7 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
                 if chunk.usage_only and not call.client_wants_usage:
                     continue
                 if call.client_wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
-                    chunk.data = stamp_cost(chunk.data, services.policy().prices, target, usage)
+                    chunk.data = stamp_cost(chunk.data, facts.policy.prices, target, usage)
             if first_token_at is None:
                 first_token_at = clock()
             seen.append(chunk)
@@ -338,7 +340,7 @@ def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: 
     assert caller is not None
     if services.limiter is not None:
         services.limiter.settle(facts.admission, usage, status, target, served=hit_tokens(facts.cache))
-    cost_usd, price_version = charge(services.policy().prices, target, usage)
+    cost_usd, price_version = charge(facts.policy.prices, target, usage)
     if cost_usd is not None:
         exchange.response_headers[COST_HEADER] = format_usd(cost_usd)
     record = UsageRecord(
