@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +128,35 @@ def test_policy_swap_is_atomic_under_concurrent_requests(
     client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])
     assert upstream.last_request is not None and upstream.last_request.json["model"] == "upstream-chat-v2"
     assert seen <= {"upstream-chat", "upstream-chat-v2"}
+
+
+def _schema_fields() -> set[str]:
+    from gateway.policy_schema import json_schema
+
+    schema = json_schema()
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for name, child in (node.get("properties") or {}).items():
+                names.add(name)
+                walk(child)
+            for key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf"):
+                child = node.get(key)
+                for item in child if isinstance(child, list) else [child]:
+                    walk(item)
+
+    walk(schema)
+    for definition in schema.get("$defs", {}).values():
+        walk(definition)
+    return names
+
+
+def test_every_policy_field_is_documented_and_shown_in_an_example() -> None:
+    readme = (ROOT / "policies" / "README.md").read_text()
+    # policies/prices.yaml is the shipped price table, written in the policy's `prices:` format.
+    examples = "".join(path.read_text() for path in [*EXAMPLES, ROOT / "policies" / "prices.yaml"])
+    fields = _schema_fields()
+    assert len(fields) > 100
+    assert sorted(f for f in fields if not re.search(rf"\b{re.escape(f)}\b", readme)) == []
+    assert sorted(f for f in fields if not re.search(rf"\b{re.escape(f)}\s*:", examples)) == []
