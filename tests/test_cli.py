@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import openai
 import pytest
 
 from gateway.policy import load_policy
+from tests.fakes.state_stores import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "policies" / "demo.yaml"
@@ -59,10 +59,6 @@ def test_keys_new_prints_a_key_whose_hash_authenticates(tmp_path: Path) -> None:
     assert load_policy(policy_file).keys[hashlib.sha256(key.encode()).digest()].team.name == "new"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -71,7 +67,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(DEMO.read_text().replace("token_interval_ms: 5", "token_interval_ms: 20")
                       .replace("first_token_ms: 20", "first_token_ms: 1"))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PORT": str(port)}
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--policy", str(policy)], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

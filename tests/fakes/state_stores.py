@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -51,9 +52,22 @@ def drop_prefix(url: str, prefix: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port for a server a test starts as a child process.
+
+    Taken below Linux's ephemeral range (32768-60999): a port from bind(0) is
+    one the kernel may hand to any outgoing connection as its source port
+    before the child binds it, which under a parallel suite happens.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 class PrivateRedis:
