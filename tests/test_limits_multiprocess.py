@@ -33,7 +33,10 @@ def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[list[Gate
     if not shared_redis_available():
         pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
     prefix = unique_prefix()
-    text = standard_policy(upstream.base_url, extra=f"state: {{url: '{SHARED_REDIS}', key_prefix: '{prefix}'}}\n")
+    # A generous Redis timeout: this test is about counting across replicas, and on a loaded 2-core CI box a
+    # 250 ms round trip would take the configured failure path instead of the one under test.
+    text = standard_policy(upstream.base_url, extra=f"state: {{url: '{SHARED_REDIS}', key_prefix: '{prefix}', "
+                                                    "timeout_s: 5}\n")
     text = text.replace("    models: [chat-model, embed-model]\n",
                         "    models: [chat-model, embed-model]\n    limits: {rpm: 1000000}\n"
                         f"    budget: {{tokens: {BUDGET}}}\n", 1)
