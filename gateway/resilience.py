@@ -172,7 +172,7 @@ class _Run:
             # Only the target that asked us to wait is left: honour it.
             delay = max(delay, failure.retry_after)
         remaining = self.remaining()
-        if remaining is not None and delay >= remaining:
+        if remaining is not None and delay + _MIN_ATTEMPT_S >= remaining:
             return False
         if self.exchange.trace.recording:
             self.exchange.trace.decision("switchboard.retry", retry_event(model, ranked[0], number + 1, failure, delay))
@@ -254,6 +254,9 @@ class _Run:
 
 
 _UNBOUNDED = contextlib.nullcontext()
+# No retry is started with less time than this left before the deadline: it could not get an answer, and the
+# event loop's timers fire up to a millisecond early, so a deadline-bounded attempt can end just short of it.
+_MIN_ATTEMPT_S = 0.01
 
 
 class _AttemptFailed(Exception):
