@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import sys
@@ -59,45 +60,67 @@ class UsageSink(Protocol):
 class AccessLogSink:
     """Writes one JSON line per settled request (to stdout by default).
 
-    The event loop only enqueues the record; a writer thread serializes and
-    writes it, so a slow terminal or pipe never stalls requests. Going through
-    the logging module instead cost ~45 µs of event-loop CPU per request.
+    The event loop only appends the record to a list; every `flush_interval_s`
+    (or sooner, once `batch_size` records wait) the list goes to a writer
+    thread in one hand-over, and the thread serializes and writes it. A slow
+    terminal or pipe never stalls requests, and the loop pays for one thread
+    wake-up per batch instead of one per request: waking the writer per record
+    cost ~14 µs of CPU per request at 4,000 req/s and ~300 µs at 200 req/s
+    (loadtests/README.md). Going through the logging module cost ~45 µs.
     """
 
-    def __init__(self, stream: BinaryIO | None = None) -> None:
+    def __init__(self, stream: BinaryIO | None = None, *, flush_interval_s: float = 0.1,
+                 batch_size: int = 512) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
-        self._queue: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
+        self._interval = flush_interval_s
+        self._batch_size = batch_size
+        self._pending: list[UsageRecord] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._queue: queue.SimpleQueue[list[UsageRecord] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
 
     def record(self, record: UsageRecord) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write, name="switchboard-access-log", daemon=True)
-            self._writer.start()
-        self._queue.put(record)
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= self._batch_size:
+            self._hand_over()
+        elif self._flush_timer is None:
+            try:
+                self._flush_timer = asyncio.get_running_loop().call_later(self._interval, self._hand_over)
+            except RuntimeError:  # settled outside an event loop (a CLI tool, a test): write it now
+                self._hand_over()
 
     def close(self) -> None:
-        """Write what is queued and stop the writer."""
+        """Write what is pending and stop the writer."""
+        self._hand_over()
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=5)
             self._writer = None
 
+    def _hand_over(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="switchboard-access-log", daemon=True)
+            self._writer.start()
+        self._queue.put(batch)
+
     def _write(self) -> None:
-        # Under load, records arrive faster than one write per record is worth:
-        # drain whatever is queued and write it as one block.
         while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty() and len(batch) < 512:
-                batch.append(self._queue.get_nowait())
-            stop = None in batch
-            lines = b"".join(orjson.dumps(record) + b"\n" for record in batch if record is not None)
+            batch = self._queue.get()
+            if batch is None:
+                return
+            lines = b"".join([orjson.dumps(record) + b"\n" for record in batch])
             try:
                 self._stream.write(lines)
                 self._stream.flush()
             except (OSError, ValueError):
                 access_log.warning("access log stream failed; dropping access log lines", exc_info=True)
-                return
-            if stop:
                 return
 
 

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.policy_store import PolicyStore
 from gateway.tokens import TokenCounter
-from gateway.usage import UsageRecord
+from gateway.usage import UsageRecord, UsageSink
 from tests.fakes import FakeOpenAIUpstream
 
 pytest_plugins = ["tests.conformance_plugin"]  # `--conformance-report`: docs/conformance.md from this run
@@ -113,11 +113,11 @@ class RunningGateway:
         self._thread.join(timeout=15)
 
 
-def run_gateway(policy_path: Path, **app_options: Any) -> RunningGateway:
-    """Start the real app under uvicorn in a thread, on an ephemeral port."""
+def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), **app_options: Any) -> RunningGateway:
+    """Start the real app under uvicorn in a thread, on an ephemeral port; `sinks` get records besides `usage`."""
     store = PolicyStore(policy_path)
     usage = RecordingSink()
-    app = create_app(store, counter=TokenCounter(), sinks=[usage], **app_options)
+    app = create_app(store, counter=TokenCounter(), sinks=[usage, *sinks], **app_options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

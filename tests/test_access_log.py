@@ -1,0 +1,87 @@
+"""The access log: one JSON line per settled request, written off the event loop in batches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.usage import AccessLogSink
+from tests.conftest import RunningGateway, standard_policy
+from tests.fakes import FakeOpenAIUpstream
+
+
+class _Capture:
+    """A binary stream the writer thread writes to; tests wait on its line count."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._changed = threading.Condition()
+
+    def write(self, data: bytes) -> int:
+        with self._changed:
+            self.data += data
+            self._changed.notify_all()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.data.splitlines()]
+
+    def wait_for_lines(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.data.count(b"\n") >= count, timeout)
+        return self.lines()
+
+
+def _chat(gateway: RunningGateway, request_id: str, key: str = "sk-alpha") -> httpx.Response:
+    return httpx.post(gateway.v1 + "/chat/completions", headers={"authorization": f"Bearer {key}",
+                      "x-request-id": request_id},
+                      json={"model": "chat-model", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_every_request_gets_one_json_line(upstream: FakeOpenAIUpstream,
+                                          start_gateway: Callable[..., RunningGateway]) -> None:
+    capture = _Capture()
+    gateway = start_gateway(standard_policy(upstream.base_url), sinks=[AccessLogSink(capture, flush_interval_s=0.01)])
+    sent = [f"log-{n}" for n in range(25)]
+    for request_id in sent:
+        assert _chat(gateway, request_id).status_code == 200
+    assert _chat(gateway, "log-bad-key", key="sk-nobody").status_code == 401  # never authenticated: not settled
+
+    lines = capture.wait_for_lines(len(sent))
+    assert [line["request_id"] for line in lines] == sent
+    first = lines[0]
+    assert (first["team"], first["public_model"], first["status"], first["outcome"]) == (
+        "alpha", "chat-model", 200, "completed")
+    assert first["usage"]["prompt_tokens"] > 0 and first["duration_ms"] >= first["overhead_ms"] >= 0
+
+
+def test_records_waiting_for_their_batch_are_written_at_shutdown(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    capture = _Capture()
+    # An interval no test outlives: only shutdown can write these lines.
+    gateway = start_gateway(standard_policy(upstream.base_url), sinks=[AccessLogSink(capture, flush_interval_s=3600)])
+    for n in range(5):
+        assert _chat(gateway, f"late-{n}").status_code == 200
+    gateway.usage.wait_for(5)
+    assert capture.data == b""
+
+    gateway.stop()
+    assert [line["request_id"] for line in capture.lines()] == [f"late-{n}" for n in range(5)]
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_timer(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    capture = _Capture()
+    gateway = start_gateway(standard_policy(upstream.base_url),
+                            sinks=[AccessLogSink(capture, flush_interval_s=3600, batch_size=4)])
+    for n in range(9):
+        assert _chat(gateway, f"batch-{n}").status_code == 200
+    lines = capture.wait_for_lines(8)
+    assert [line["request_id"] for line in lines] == [f"batch-{n}" for n in range(8)]  # the ninth waits its turn
