@@ -30,6 +30,7 @@ from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.messages import MessagesRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.health import Monitor, TargetsRoute
+from gateway.heap import settle_for_serving
 from gateway.ledger import Ledger, SpendRoute
 from gateway.limits import Limiter
 from gateway.metrics import Metrics, MetricsRoute
@@ -130,8 +131,13 @@ def create_app(
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
     cache: ResponseCache | None = None,
+    serving_process: bool = False,
 ) -> GatewayApp:
-    """Build the gateway around a policy store; everything that talks to the world is injected here."""
+    """Build the gateway around a policy store; everything that talks to the world is injected here.
+
+    `serving_process`: this app owns its process (the CLI), so it may tune process-wide settings such
+    as the garbage collector (gateway/heap.py); apps embedded in another process leave them alone.
+    """
     counter = counter or TokenCounter()
     pools = UpstreamPools(counter)
     # Metrics and the ledger are usage sinks too; tracing follows the policy on every reload.
@@ -176,6 +182,8 @@ def create_app(
         store.install_sighup(asyncio.get_running_loop())
         watcher = asyncio.create_task(store.watch())
         app.state.ready = True
+        if serving_process:
+            settle_for_serving()
         log.info("serving policy %s (%s)", store.current.fingerprint, store.path)
         try:
             yield
@@ -222,4 +230,4 @@ def create_app(
 def app_from_environment() -> GatewayApp:
     """Factory for `uvicorn --factory` worker processes: the CLI passes the policy path in the environment."""
     sinks = [AccessLogSink()] if os.environ.get(ACCESS_LOG_ENV, "1") == "1" else []
-    return create_app(PolicyStore(os.environ[POLICY_ENV]), sinks=sinks)
+    return create_app(PolicyStore(os.environ[POLICY_ENV]), sinks=sinks, serving_process=True)

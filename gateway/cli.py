@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)
     else:
         sinks = [] if args.no_access_log else [AccessLogSink()]
-        uvicorn.run(create_app(PolicyStore(args.policy, policy), sinks=sinks), **common)
+        uvicorn.run(create_app(PolicyStore(args.policy, policy), sinks=sinks, serving_process=True), **common)
     return 0
 
 

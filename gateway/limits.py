@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable,
 from gateway.telemetry import NO_TRACE, Trace
 from gateway.telemetry_decisions import admission_event, settlement_event
 from gateway.usage_report import usage_report
-from providers.base import Endpoint, StreamChunk, Usage
+from providers.base import Endpoint, Usage
 
 if TYPE_CHECKING:
     from gateway.policy import KeyEntry, Model, Policy, Target
@@ -550,22 +550,9 @@ def _iso(timestamp: float, zone: dt.tzinfo) -> str:
     return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
 
 
-def hard_stop(admission: Admission | None, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
-    """Pipeline hook: relay `chunks`, cutting the stream with a `budget_exceeded` error when its allowance runs out."""
-    allowance = admission.allowance if admission is not None else None
-    return chunks if allowance is None else _cut_at(allowance, chunks)
-
-
-async def _cut_at(allowance: StreamAllowance, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
-    try:
-        async for chunk in chunks:
-            if not allowance.take(chunk.data):
-                raise allowance.error()
-            yield chunk
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
+    """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
+    return admission.allowance if admission is not None else None
 
 
 async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,

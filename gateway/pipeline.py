@@ -21,17 +21,17 @@ import orjson
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, Ticket, hit_tokens, remember, usage_fields, watch_stream
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.limits import Admission, Limiter, admit, hard_stop
+from gateway.limits import Admission, Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.pricing import COST_HEADER, charge, format_usd, stamp_cost
-from gateway.resilience import route_and_call
+from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
 from gateway.usage import UsageRecord, UsageRecorder
 from providers.base import Call, Endpoint, StreamChunk, UpstreamFailed, Usage
-from providers.sse import DONE_EVENT, encode_event, iter_sse_data
+from providers.sse import DONE_EVENT, encode_event
 
 _REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input",
                    Endpoint.RESPONSES: "input"}
@@ -248,56 +248,73 @@ def _cached_reply(services: Services, exchange: Exchange, facts: _Settlement) ->
 
 
 def _stream_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
-                  response: UpstreamResponse) -> StreamReply:
+                  stream: PrimedStream) -> StreamReply:
     headers = _success_headers(exchange, services.clock())
     headers["content-type"] = "text/event-stream; charset=utf-8"
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return StreamReply(headers, _relay_stream(services, exchange, facts, call, response))
+    return StreamReply(headers, _relay_stream(services, exchange, facts, call, stream))
 
 
 async def _relay_stream(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
-                        response: UpstreamResponse) -> AsyncIterator[bytes]:
-    """Pass the upstream's stream through chunk by chunk, then settle its usage.
+                        stream: PrimedStream) -> AsyncIterator[bytes]:
+    """Pass the upstream's stream through as it arrives, then settle its usage.
 
-    Runs in the task serving the client: when the client goes away the task is
-    cancelled, the upstream connection is closed in `finally`, and the usage
-    seen so far (or estimated from the chunks relayed) is still settled.
+    Each batch is what one upstream read delivered, encoded as one write: no
+    event waits for another. Runs in the task serving the client: when the
+    client goes away the task is cancelled, the upstream connection is closed
+    in `finally`, and the usage seen so far (or estimated from the chunks
+    relayed) is still settled.
     """
     target = facts.target
     assert target is not None
     clock = services.clock
+    wants_usage = call.client_wants_usage
     seen: list[StreamChunk] = []
     usage: Usage | None = None
     outcome = "client_disconnected"
     first_token_at: float | None = None
-    events = iter_sse_data(response.chunks())  # resilience's primed response counts the upstream wait
+    done_sent = False
+    allowance = stream_allowance(facts.admission)
+    batches = watch_stream(facts.cache, stream.batches())
     try:
-        chunks = hard_stop(facts.admission, target.provider.adapter.translate_stream(call, events))
-        async for chunk in watch_stream(facts.cache, chunks):
-            if chunk.usage is not None:
-                usage = chunk.usage
-                if chunk.usage_only and not call.client_wants_usage:
-                    continue
-                if call.client_wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
-                    chunk.data = stamp_cost(chunk.data, facts.policy.prices, target, usage)
-            if first_token_at is None:
-                first_token_at = clock()
-            seen.append(chunk)
-            yield encode_event(chunk.data)
+        async for batch in batches:
+            out: list[bytes] = []
+            for chunk in batch:
+                if allowance is not None and not allowance.take(chunk.data):
+                    if out:  # what fitted the budget still reaches the client, then the in-band error
+                        yield b"".join(out)
+                    raise allowance.error()
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                    if chunk.usage_only and not wants_usage:
+                        continue
+                    if wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
+                        chunk.data = stamp_cost(chunk.data, facts.policy.prices, target, usage)
+                seen.append(chunk)
+                out += (b"data: ", chunk.data, b"\n\n")
+            if stream.finished:  # the upstream's last batch: end the client's stream in the same write
+                out.append(DONE_EVENT)
+                done_sent = True
+            if out:
+                if first_token_at is None:
+                    first_token_at = clock()
+                yield b"".join(out)
         outcome = "completed"
-        yield DONE_EVENT
+        if not done_sent:
+            yield DONE_EVENT
     except UpstreamFailed as exc:
         # Content may already be on the wire: end with an in-band error and no
         # [DONE], so no client mistakes half an answer for a whole one.
         outcome = "upstream_error"
         error = from_upstream(exc.failure, (target.provider.settings.api_key or "",))
         yield encode_event(render_stream_error(error))
-    except GatewayError as error:  # a hard budget crossed mid-stream (gateway/limits.py `hard_stop`)
+    except GatewayError as error:  # a hard budget crossed mid-stream (gateway/budgets.py `StreamAllowance`)
         outcome = error.code or "error"
         yield encode_event(render_stream_error(error))
     finally:
-        response.close()
+        await batches.aclose()  # type: ignore[attr-defined]
+        stream.close()
         if usage is None:
             usage = _estimate_stream_usage(services.counter, call, target, seen)
         ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None

@@ -33,8 +33,8 @@ from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
 from gateway.telemetry_decisions import fallback_event, no_route_event, retry_event, route_event
 from gateway.upstream import UpstreamResponse
-from providers.base import Call, Endpoint, FailureKind, UpstreamFailed, UpstreamFailure
-from providers.sse import iter_sse_data
+from providers.base import Call, Endpoint, FailureKind, StreamChunk, StreamTranslator, UpstreamFailed, UpstreamFailure
+from providers.sse import SseDecoder
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Services
@@ -49,7 +49,7 @@ Attempt = Callable[["Services", Target, Call, "Exchange"], Awaitable[UpstreamRes
 class Routed:
     """The attempt that succeeded: its response (body read, or stream primed), target and call."""
 
-    response: UpstreamResponse
+    response: UpstreamResponse | PrimedStream
     target: Target
     call: Call
     model: Model
@@ -199,7 +199,7 @@ class _Run:
         assert window is not None
         return tokens + (reserve if isinstance(reserve, int) else 0) <= window
 
-    async def _attempt(self, model: Model, target: Target, call: Call) -> UpstreamResponse:
+    async def _attempt(self, model: Model, target: Target, call: Call) -> UpstreamResponse | PrimedStream:
         """One try at one target with `call` already aimed at it; raises `_AttemptFailed`."""
         config = model.plan.config
         states, clock = self.states, self.clock
@@ -212,7 +212,7 @@ class _Run:
         state.in_flight += 1
         state.requests += 1
         state.breaker.on_attempt(states.clock())
-        response: UpstreamResponse | None = None
+        response: UpstreamResponse | PrimedStream | None = None
         try:
             # asyncio.timeout(None) still costs a timer handle per request; skip it when unbounded.
             async with asyncio.timeout(max(timeout, 0.0)) if timeout is not None else _UNBOUNDED:
@@ -335,37 +335,25 @@ class _ReadResponse:
 
 
 async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s: float | None,
-                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> UpstreamResponse:
-    """Read the stream until its first content chunk; return a response that replays what was read.
+                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> PrimedStream:
+    """Read and translate the stream until its first content chunk; return it ready to relay the rest.
 
     The adapter's own translator judges the events, so this works for every
-    wire format; the relay translates the replayed bytes again from scratch
-    (only the first few events are translated twice).
+    wire format; the chunks translated while priming are relayed first, and
+    whatever the network delivered with them goes out in the same batch.
     """
-    raw = response.chunks().__aiter__()
-    buffered: list[bytes] = []
-
-    async def recording() -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await raw.__anext__()
-            except StopAsyncIteration:
-                return
-            buffered.append(chunk)
-            yield chunk
-
-    source = recording()
-    events = iter_sse_data(source)
-    translated = target.provider.adapter.translate_stream(call, events)
-    try:
-        async for chunk in translated:
-            if not _is_preamble(chunk.data):
-                break
-    finally:
-        await translated.aclose()
-        await events.aclose()
-        await source.aclose()
-    return _PrimedResponse(response, buffered, raw, idle_s, outcome, exchange, clock)
+    stream = PrimedStream(response, target.provider.adapter.stream_translator(call), idle_s, outcome, exchange,
+                          clock)
+    raw = stream.raw  # on failure the attempt closes `response`, which ends `raw` too
+    while not stream.finished:
+        try:
+            chunk = await raw.__anext__()
+        except StopAsyncIteration:
+            stream.pending.extend(stream.drain())
+            break
+        if stream.prime(chunk):
+            break
+    return stream
 
 
 # Responses events before the first delta: nothing a client could mistake for an answer yet.
@@ -395,35 +383,88 @@ def _is_preamble(data: bytes) -> bool:
     return True
 
 
-class _PrimedResponse:
-    """A stream that has shown content: replays the bytes read while priming, then the rest.
+class PrimedStream:
+    """A stream that has shown content, relayed as batches of canonical chunks: one batch per network read.
 
-    Enforces the stream idle timeout, reports the stream's end to the target's state, and counts the time
-    spent waiting on the upstream (not gateway overhead) here, where the bytes are read, rather than in
-    one more generator layer per chunk.
+    Every event of one read is translated in a plain loop and handed on as one
+    batch, which the relay writes to the client in one send; nothing waits for
+    more bytes than the upstream already delivered. Enforces the stream idle
+    timeout, reports the stream's end to the target's state, and counts the
+    time spent waiting on the upstream (not gateway overhead) where the bytes
+    are read.
     """
 
-    __slots__ = ("_buffered", "_clock", "_exchange", "_idle_s", "_outcome", "_raw", "_response", "headers",
-                 "status")
+    __slots__ = ("_clock", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response", "_translator",
+                 "pending", "raw")
 
-    def __init__(self, response: UpstreamResponse, buffered: list[bytes], raw: AsyncIterator[bytes],
-                 idle_s: float | None, outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
-        self._response, self._buffered, self._raw, self._idle_s, self._outcome = (
-            response, buffered, raw, idle_s, outcome)
+    def __init__(self, response: UpstreamResponse, translator: StreamTranslator, idle_s: float | None,
+                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
+        self._response, self._translator, self._idle_s, self._outcome = response, translator, idle_s, outcome
         self._exchange, self._clock = exchange, clock
-        self.status, self.headers = response.status, response.headers
+        self._decoder = SseDecoder()
+        self.raw = response.chunks().__aiter__()
+        # Chunks translated while priming, relayed as the first batch.
+        self.pending: list[StreamChunk] = []
+        # Payloads that arrived with the first content chunk, translated when the relay starts: a failure
+        # among them comes after content, so it is the relay's in-band error, not a retry.
+        self._leftover: list[bytes] = []
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+    @property
+    def finished(self) -> bool:
+        """The upstream has said everything: the batch that made this true is the stream's last."""
+        return self._translator.finished
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def prime(self, chunk: bytes) -> bool:
+        """Translate `chunk` up to its first content chunk; True once content (or the end) was seen."""
+        payloads = self._decoder.feed(chunk)
+        translator, pending = self._translator, self.pending
+        for position, data in enumerate(payloads):
+            translated = translator.feed(data)
+            pending.extend(translated)
+            if translator.finished:
+                return True
+            if any(not _is_preamble(c.data) for c in translated):
+                self._leftover = payloads[position + 1:]
+                return True
+        return False
+
+    def translate(self, chunk: bytes) -> list[StreamChunk]:
+        return self._translate(self._decoder.feed(chunk))
+
+    def _translate(self, payloads: list[bytes]) -> list[StreamChunk]:
+        translator = self._translator
+        out: list[StreamChunk] = []
+        for data in payloads:
+            out.extend(translator.feed(data))
+            if translator.finished:
+                break
+        return out
+
+    def drain(self) -> list[StreamChunk]:
+        """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
+        translator = self._translator
+        out: list[StreamChunk] = []
+        for data in self._decoder.end():
+            out.extend(translator.feed(data))
+            if translator.finished:
+                return out
+        out.extend(translator.end())
+        return out
+
+    async def batches(self) -> AsyncIterator[list[StreamChunk]]:
         failure = None
         try:
-            buffered, self._buffered = self._buffered, []
-            for chunk in buffered:
-                yield chunk
-            raw, idle_s, exchange, clock = self._raw, self._idle_s, self._exchange, self._clock
-            while True:
+            batch, self.pending = self.pending, []
+            if self._leftover:
+                try:
+                    batch += self._translate(self._leftover)
+                except UpstreamFailed:
+                    yield batch  # the content before the failure, then the failure
+                    raise
+            if batch:
+                yield batch
+            raw, idle_s, exchange, clock = self.raw, self._idle_s, self._exchange, self._clock
+            while not self._translator.finished:
                 waited_from = clock()
                 try:
                     if idle_s is None:
@@ -432,6 +473,9 @@ class _PrimedResponse:
                         async with asyncio.timeout(idle_s):
                             chunk = await raw.__anext__()
                 except StopAsyncIteration:
+                    batch = self.drain()
+                    if batch:
+                        yield batch
                     return
                 except TimeoutError:
                     failure = UpstreamFailure(FailureKind.TIMEOUT, 504,
@@ -439,7 +483,9 @@ class _PrimedResponse:
                     raise UpstreamFailed(failure) from None
                 finally:
                     exchange.upstream_wait_s += clock() - waited_from
-                yield chunk
+                batch = self.translate(chunk)
+                if batch:
+                    yield batch
         except UpstreamFailed as exc:
             failure = exc.failure
             raise

@@ -25,6 +25,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from gateway.heap import settle_for_serving
+
 # Both clients get the same large pool so the comparison is about the client, not pool sizing
 # (httpx's default keeps only 20 idle connections, which would reconnect under c=32).
 POOL = 1000
@@ -89,7 +91,7 @@ class ChatRoute:
         await self.relay(body, send)
 
 
-def build_app(upstream: str, client: str) -> Starlette:
+def build_app(upstream: str, client: str, tune_gc: bool) -> Starlette:
     chat = ChatRoute()
     url = upstream.rstrip("/") + "/chat/completions"
 
@@ -99,11 +101,15 @@ def build_app(upstream: str, client: str) -> Starlette:
             limits = httpx.Limits(max_connections=POOL, max_keepalive_connections=POOL)
             async with httpx.AsyncClient(limits=limits, timeout=60) as http:
                 chat.relay = httpx_relay(http, url)
+                if tune_gc:
+                    settle_for_serving()
                 yield
         else:
             connector = aiohttp.TCPConnector(limit=POOL)
             async with aiohttp.ClientSession(connector=connector) as session:
                 chat.relay = aiohttp_relay(session, url)
+                if tune_gc:
+                    settle_for_serving()
                 yield
 
     async def health(_request: Any) -> Response:
@@ -119,8 +125,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--gc", choices=["default", "serving"], default="serving",
+                        help="'serving': the garbage-collector settings the gateway's server process uses")
     args = parser.parse_args()
-    app = build_app(args.upstream, args.client)
+    app = build_app(args.upstream, args.client, args.gc == "serving")
     uvicorn.run(
         app,
         host=args.host,

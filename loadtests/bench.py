@@ -89,7 +89,7 @@ def start_direct(upstream: Upstream, _args: argparse.Namespace, _tmp: Path) -> T
 
 
 def baseline_starter(client: str) -> Starter:
-    def start(upstream: Upstream, _args: argparse.Namespace, tmp: Path) -> Target:
+    def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target:
         port = free_port()
         argv = [
             PY,
@@ -100,6 +100,8 @@ def baseline_starter(client: str) -> Starter:
             str(port),
             "--client",
             client,
+            "--gc",
+            args.baseline_gc,
         ]
         child = Child(f"baseline-{client}-{port}", argv, tmp, SUT_CORE, REPO)
         child.wait_http_ok(f"http://127.0.0.1:{port}/health")
@@ -297,9 +299,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the report shows medians and ranges")
     parser.add_argument("--gateway-workers", type=int, default=1)
+    parser.add_argument("--baseline-gc", choices=["serving", "default"], default="serving",
+                        help="baselines' garbage-collector settings: the gateway's (default) or CPython's")
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
     parser.add_argument("--only", nargs="+", metavar="SYSTEM", help="subset, e.g. direct baseline-aiohttp")
+    parser.add_argument("--loops", nargs="+", choices=["closed", "open"], default=["closed", "open"],
+                        help="which halves of the matrix to run (default both)")
     parser.add_argument("--upstream-module", default="tests.fakes.openai_upstream")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -314,11 +320,11 @@ def main() -> None:
     closed = [
         Mode(f"closed c={args.concurrency} chat", "closed", False),
         Mode(f"closed c={args.concurrency} stream", "closed", True),
-    ]
+    ] if "closed" in args.loops else []
     opened = [
         Mode(f"open {args.rate:g}/s chat", "open", False),
         Mode(f"open {args.rate:g}/s stream", "open", True),
-    ]
+    ] if "open" in args.loops else []
     facts = report.machine_facts(args)
     starters = systems(args)
     started = time.monotonic()

@@ -11,7 +11,7 @@ stream events come back as OpenAI shapes (protocols.md 5.7).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -25,6 +25,7 @@ from providers.base import (
     ParsedResponse,
     ProviderSettings,
     StreamChunk,
+    StreamTranslator,
     UpstreamFailed,
     UpstreamFailure,
     UpstreamRequest,
@@ -159,61 +160,8 @@ class AnthropicAdapter:
                               [choice(0, "".join(texts) if texts else None, calls, finish)], usage)
         return ParsedResponse(out, usage, model, (finish,))
 
-    async def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
-        structured = _wants_json(call.body)
-        writer = ChunkWriter("msg", int(time.time()), call.upstream_model)
-        raw_usage: dict[str, Any] = {}
-        # Anthropic block index -> OpenAI tool_calls index; _AS_TEXT marks the structured-output tool.
-        tool_index: dict[int, int] = {}
-        tools_seen = 0
-        async for data in events:
-            event = load_object(data, "stream event")
-            kind = event.get("type")
-            if kind == "content_block_delta":  # the hot path: one per token batch
-                delta = event.get("delta") or {}
-                delta_type = delta.get("type")
-                if delta_type == "text_delta":
-                    if delta.get("text"):
-                        yield writer.delta(0, {"content": delta["text"]})
-                elif delta_type == "input_json_delta" and delta.get("partial_json"):
-                    index = tool_index.get(event.get("index", -1))
-                    if index == _AS_TEXT:
-                        yield writer.delta(0, {"content": delta["partial_json"]})
-                    elif index is not None:
-                        yield writer.delta(0, {"tool_calls": [
-                            {"index": index, "function": {"arguments": delta["partial_json"]}}]})
-            elif kind == "message_start":
-                message = event.get("message") or {}
-                writer = ChunkWriter(message.get("id") or "msg", int(time.time()),
-                                     message.get("model") or call.upstream_model)
-                raw_usage.update(message.get("usage") or {})
-                yield writer.delta(0, {"role": "assistant", "content": ""})
-            elif kind == "content_block_start":
-                block = event.get("content_block") or {}
-                if block.get("type") == "tool_use":
-                    if structured and block.get("name") == STRUCTURED_TOOL:
-                        tool_index[event.get("index", -1)] = _AS_TEXT
-                        continue
-                    tool_index[event.get("index", -1)] = tools_seen
-                    yield writer.delta(0, {"tool_calls": [{
-                        "index": tools_seen, "id": block.get("id") or "", "type": "function",
-                        "function": {"name": block.get("name") or "", "arguments": ""}}]})
-                    tools_seen += 1
-                elif block.get("type") == "text" and block.get("text"):
-                    yield writer.delta(0, {"content": block["text"]})
-            elif kind == "message_delta":
-                raw_usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-                stop_reason = (event.get("delta") or {}).get("stop_reason")
-                yield writer.delta(0, {}, _finish_reason(stop_reason, tools_seen > 0))
-            elif kind == "message_stop":
-                usage = usage_from_anthropic(raw_usage)
-                if usage is not None:
-                    yield writer.usage(usage)
-                return
-            elif kind == "error":
-                raise UpstreamFailed(_failure(_status_of(event), event, {}))
-            # ping, content_block_stop and unknown future events carry nothing to relay.
-        raise stream_cut()
+    def stream_translator(self, call: Call) -> StreamTranslator:
+        return _MessagesStream(call)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         try:
@@ -224,6 +172,74 @@ class AnthropicAdapter:
 
 
 _AS_TEXT = -1
+
+
+class _MessagesStream:
+    """A Messages API stream as OpenAI chat chunks."""
+
+    __slots__ = ("_raw_usage", "_structured", "_tool_index", "_tools_seen", "_upstream_model", "_writer", "finished")
+
+    def __init__(self, call: Call) -> None:
+        self._structured = _wants_json(call.body)
+        self._upstream_model = call.upstream_model
+        self._writer = ChunkWriter("msg", int(time.time()), call.upstream_model)
+        self._raw_usage: dict[str, Any] = {}
+        # Anthropic block index -> OpenAI tool_calls index; _AS_TEXT marks the structured-output tool.
+        self._tool_index: dict[int, int] = {}
+        self._tools_seen = 0
+        self.finished = False
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        event = load_object(data, "stream event")
+        kind = event.get("type")
+        writer = self._writer
+        if kind == "content_block_delta":  # the hot path: one per token batch
+            delta = event.get("delta") or {}
+            delta_type = delta.get("type")
+            if delta_type == "text_delta":
+                if delta.get("text"):
+                    return (writer.delta(0, {"content": delta["text"]}),)
+            elif delta_type == "input_json_delta" and delta.get("partial_json"):
+                index = self._tool_index.get(event.get("index", -1))
+                if index == _AS_TEXT:
+                    return (writer.delta(0, {"content": delta["partial_json"]}),)
+                if index is not None:
+                    return (writer.delta(0, {"tool_calls": [
+                        {"index": index, "function": {"arguments": delta["partial_json"]}}]}),)
+        elif kind == "message_start":
+            message = event.get("message") or {}
+            self._writer = writer = ChunkWriter(message.get("id") or "msg", int(time.time()),
+                                                message.get("model") or self._upstream_model)
+            self._raw_usage.update(message.get("usage") or {})
+            return (writer.delta(0, {"role": "assistant", "content": ""}),)
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                if self._structured and block.get("name") == STRUCTURED_TOOL:
+                    self._tool_index[event.get("index", -1)] = _AS_TEXT
+                    return ()
+                self._tool_index[event.get("index", -1)] = index = self._tools_seen
+                self._tools_seen += 1
+                return (writer.delta(0, {"tool_calls": [{
+                    "index": index, "id": block.get("id") or "", "type": "function",
+                    "function": {"name": block.get("name") or "", "arguments": ""}}]}),)
+            if block.get("type") == "text" and block.get("text"):
+                return (writer.delta(0, {"content": block["text"]}),)
+        elif kind == "message_delta":
+            self._raw_usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            return (writer.delta(0, {}, _finish_reason(stop_reason, self._tools_seen > 0)),)
+        elif kind == "message_stop":
+            self.finished = True
+            usage = usage_from_anthropic(self._raw_usage)
+            return () if usage is None else (writer.usage(usage),)
+        elif kind == "error":
+            raise UpstreamFailed(_failure(_status_of(event), event, {}))
+        # ping, content_block_stop and unknown future events carry nothing to relay.
+        return ()
+
+    def end(self) -> Sequence[StreamChunk]:
+        raise stream_cut()
 
 
 # --- request -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ data, testable against recorded fixtures.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -182,14 +182,37 @@ class UpstreamFailed(Exception):
         self.failure = failure
 
 
+class StreamTranslator(Protocol):
+    """One stream's translation state, fed one SSE `data:` payload at a time.
+
+    Synchronous on purpose: the gateway decodes every event of one network
+    read and translates them in a plain loop, then relays the whole batch in
+    one write. A generator per stream layer per event cost more CPU than the
+    rest of the relay (loadtests/README.md).
+
+    - `feed` translates one payload into zero or more canonical chunks; it
+      raises `UpstreamFailed` for an error event inside the stream.
+    - `finished` turns true once the upstream has said everything (OpenAI's
+      `[DONE]`, Anthropic's `message_stop`, ...): the gateway reads no further.
+    - `end` is called when the upstream closed the stream without `finished`:
+      it returns any last chunks (Gemini ends streams by closing them), or
+      raises `UpstreamFailed` when the answer was cut short.
+    """
+
+    finished: bool
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]: ...
+
+    def end(self) -> Sequence[StreamChunk]: ...
+
+
 class Adapter(Protocol):
     """The contract every provider module implements.
 
     - `build_request` turns a canonical call into the upstream's HTTP request.
     - `parse_response` turns a successful upstream body into canonical bytes + usage.
-    - `translate_stream` turns the upstream's SSE `data:` payloads into canonical
-      chunks; an async generator, so per-stream state lives in local variables.
-      It raises `UpstreamFailed` for an error event inside the stream.
+    - `stream_translator` returns a fresh `StreamTranslator`: the per-stream
+      state that turns the upstream's SSE `data:` payloads into canonical chunks.
     - `classify_error` turns an upstream error response into an `UpstreamFailure`.
     """
 
@@ -201,6 +224,6 @@ class Adapter(Protocol):
 
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse: ...
 
-    def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]: ...
+    def stream_translator(self, call: Call) -> StreamTranslator: ...
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure: ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -28,6 +28,7 @@ from providers.base import (
     ParsedResponse,
     ProviderSettings,
     StreamChunk,
+    StreamTranslator,
     UpstreamFailed,
     UpstreamFailure,
     UpstreamRequest,
@@ -142,47 +143,8 @@ class GeminiAdapter:
         out = completion_body(response_id, int(time.time()), model, choices, usage)
         return ParsedResponse(out, usage, model, tuple(c["finish_reason"] for c in choices))
 
-    async def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
-        writer: ChunkWriter | None = None
-        tools_seen: dict[int, int] = {}  # candidate index -> tool calls so far (their `index`)
-        finished: set[int] = set()
-        usage_metadata = None
-        async for data in events:
-            payload = load_object(data, "stream event")
-            if "error" in payload:
-                error = payload["error"] if isinstance(payload["error"], dict) else {}
-                raise UpstreamFailed(_failure(int(error.get("code") or 502), payload, {}))
-            if writer is None:
-                writer = ChunkWriter(payload.get("responseId") or "gemini", int(time.time()),
-                                     payload.get("modelVersion") or call.upstream_model)
-            candidates = payload.get("candidates") or ()
-            if not candidates and (payload.get("promptFeedback") or {}).get("blockReason"):
-                yield writer.delta(0, {"role": "assistant", "content": ""})
-                yield writer.delta(0, {}, "content_filter")
-                finished.add(0)
-            for position, candidate in enumerate(candidates):
-                index = candidate.get("index", position)
-                if index not in tools_seen:
-                    tools_seen[index] = 0
-                    yield writer.delta(index, {"role": "assistant", "content": ""})
-                for part in (candidate.get("content") or {}).get("parts") or ():
-                    if "functionCall" in part:
-                        call_ = _tool_call(part, payload.get("responseId") or "gemini", tools_seen[index])
-                        yield writer.delta(index, {"tool_calls": [{"index": tools_seen[index], **call_}]})
-                        tools_seen[index] += 1
-                    elif part.get("text") and not part.get("thought"):
-                        yield writer.delta(index, {"content": part["text"]})
-                if candidate.get("finishReason"):
-                    finished.add(index)
-                    yield writer.delta(index, {}, _finish_reason(candidate["finishReason"], tools_seen[index] > 0))
-            if payload.get("usageMetadata"):
-                usage_metadata = payload["usageMetadata"]  # cumulative: the last one counts
-        # Gemini ends a stream by closing it; without a finishReason the answer was cut short.
-        if writer is None or not finished:
-            raise stream_cut()
-        usage = usage_from_gemini(usage_metadata)
-        if usage is not None:
-            yield writer.usage(usage)
+    def stream_translator(self, call: Call) -> StreamTranslator:
+        return _GenerateContentStream(call.upstream_model)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         try:
@@ -190,6 +152,62 @@ class GeminiAdapter:
         except orjson.JSONDecodeError:
             payload = {}
         return _failure(status, payload if isinstance(payload, dict) else {}, headers)
+
+
+class _GenerateContentStream:
+    """A streamGenerateContent stream as OpenAI chat chunks; Gemini ends it by closing the connection."""
+
+    __slots__ = ("_finished_candidates", "_tools_seen", "_upstream_model", "_usage_metadata", "_writer", "finished")
+
+    def __init__(self, upstream_model: str) -> None:
+        self._upstream_model = upstream_model
+        self._writer: ChunkWriter | None = None
+        self._tools_seen: dict[int, int] = {}  # candidate index -> tool calls so far (their `index`)
+        self._finished_candidates: set[int] = set()
+        self._usage_metadata: Any = None
+        self.finished = False  # only the connection closing ends a Gemini stream
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        payload = load_object(data, "stream event")
+        if "error" in payload:
+            error = payload["error"] if isinstance(payload["error"], dict) else {}
+            raise UpstreamFailed(_failure(int(error.get("code") or 502), payload, {}))
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = ChunkWriter(payload.get("responseId") or "gemini", int(time.time()),
+                                                payload.get("modelVersion") or self._upstream_model)
+        out: list[StreamChunk] = []
+        tools_seen = self._tools_seen
+        candidates = payload.get("candidates") or ()
+        if not candidates and (payload.get("promptFeedback") or {}).get("blockReason"):
+            out.append(writer.delta(0, {"role": "assistant", "content": ""}))
+            out.append(writer.delta(0, {}, "content_filter"))
+            self._finished_candidates.add(0)
+        for position, candidate in enumerate(candidates):
+            index = candidate.get("index", position)
+            if index not in tools_seen:
+                tools_seen[index] = 0
+                out.append(writer.delta(index, {"role": "assistant", "content": ""}))
+            for part in (candidate.get("content") or {}).get("parts") or ():
+                if "functionCall" in part:
+                    call_ = _tool_call(part, payload.get("responseId") or "gemini", tools_seen[index])
+                    out.append(writer.delta(index, {"tool_calls": [{"index": tools_seen[index], **call_}]}))
+                    tools_seen[index] += 1
+                elif part.get("text") and not part.get("thought"):
+                    out.append(writer.delta(index, {"content": part["text"]}))
+            if candidate.get("finishReason"):
+                self._finished_candidates.add(index)
+                out.append(writer.delta(index, {}, _finish_reason(candidate["finishReason"], tools_seen[index] > 0)))
+        if payload.get("usageMetadata"):
+            self._usage_metadata = payload["usageMetadata"]  # cumulative: the last one counts
+        return out
+
+    def end(self) -> Sequence[StreamChunk]:
+        # Without a finishReason the answer was cut short.
+        if self._writer is None or not self._finished_candidates:
+            raise stream_cut()
+        usage = usage_from_gemini(self._usage_metadata)
+        return () if usage is None else (self._writer.usage(usage),)
 
 
 # --- request -----------------------------------------------------------------------------------

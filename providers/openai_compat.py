@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from providers.base import (
     ParsedResponse,
     ProviderSettings,
     StreamChunk,
+    StreamTranslator,
     UpstreamFailed,
     UpstreamFailure,
     UpstreamRequest,
@@ -126,29 +127,55 @@ class OpenAICompatAdapter:
             finish_reasons=reasons,
         )
 
-    async def translate_stream(self, call: Call, events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
+    def stream_translator(self, call: Call) -> StreamTranslator:
         if call.endpoint is Endpoint.RESPONSES:
-            async for chunk in responses_api.translate_stream(events):
-                yield chunk
-            return
-        async for data in events:
-            if data == DONE:
-                return
-            # Parsing every chunk would dominate a stream's CPU cost; only the
-            # chunks that carry something the gateway needs are decoded.
-            if data.startswith(b'{"error"') or _has_value(data, b'"usage"') or _has_value(
-                data, b'"finish_reason"'
-            ):
-                yield self._decoded_chunk(data)
-            else:
-                yield StreamChunk(data)
+            return responses_api.ResponsesStream()
+        return _CompatStream(self.spec.finish_reasons)
+
+    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+        try:
+            payload = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            payload = {}
+        if not isinstance(payload, dict):
+            payload = {}
+        return failure_from_openai_error(status, payload, headers)
+
+
+class _CompatStream:
+    """An OpenAI-compatible stream: chunks relayed byte for byte, only the ones that matter decoded.
+
+    Parsing every chunk would dominate a stream's CPU cost; only chunks that
+    carry usage, a finish reason or an error are decoded (found by byte search).
+    """
+
+    __slots__ = ("_finish_reasons", "finished")
+
+    def __init__(self, finish_reasons: Mapping[str, str]) -> None:
+        self._finish_reasons = finish_reasons
+        self.finished = False
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        if data == DONE:
+            self.finished = True
+            return ()
+        # Quotes inside JSON strings are escaped, so these byte counts see keys only: a chunk whose every
+        # `finish_reason` and `usage` is null carries nothing the gateway reads, and is relayed undecoded.
+        if (not data.startswith(b'{"error"')
+                and data.count(b'"finish_reason"') == data.count(b'"finish_reason":null')
+                + data.count(b'"finish_reason": null')
+                and data.count(b'"usage"') == data.count(b'"usage":null') + data.count(b'"usage": null')):
+            return (StreamChunk(data),)
+        return (self._decoded(data),)
+
+    def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the
         # answer may be incomplete, and the client must not be told otherwise.
         raise UpstreamFailed(
             UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
         )
 
-    def _decoded_chunk(self, data: bytes) -> StreamChunk:
+    def _decoded(self, data: bytes) -> StreamChunk:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -162,7 +189,7 @@ class OpenAICompatAdapter:
         for choice in choices:
             reason = choice.get("finish_reason")
             if reason:
-                mapped = self.spec.finish_reasons.get(reason, reason)
+                mapped = self._finish_reasons.get(reason, reason)
                 if mapped != reason:
                     choice["finish_reason"] = mapped
                     data = orjson.dumps(payload)
@@ -171,28 +198,8 @@ class OpenAICompatAdapter:
         return StreamChunk(data, usage=usage, usage_only=usage is not None and not choices,
                            finish_reason=finish_reason)
 
-    def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            payload = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        return failure_from_openai_error(status, payload, headers)
-
 
 _CHAT_LIKE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # take stream_options.include_usage
-
-
-def _has_value(data: bytes, key: bytes) -> bool:
-    """Whether `key` appears in the JSON text with a value other than null."""
-    at = data.find(key)
-    while at >= 0:
-        rest = data[at + len(key) :].lstrip(b" ")
-        if rest.startswith(b":"):
-            return not rest[1:].lstrip(b" ").startswith(b"null")
-        at = data.find(key, at + 1)
-    return False
 
 
 def usage_from_openai(raw: Any) -> Usage | None:

@@ -10,7 +10,7 @@ complete answer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -70,26 +70,34 @@ def parse_response(body: bytes) -> ParsedResponse:
     )
 
 
-async def translate_stream(events: AsyncIterator[bytes]) -> AsyncIterator[StreamChunk]:
+class ResponsesStream:
     """Relay Responses events; decode only the terminal one (usage) and `error` (raised).
 
     Event types are found by byte search: inside JSON strings quotes are escaped,
     so `"type":"response.completed"` can only be a key and its value.
     """
-    async for data in events:
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]:
         if data == DONE:  # not sent by OpenAI, harmless if an engine sends it
-            break
+            return self.end()
         if any(marker in data for marker in _TERMINAL):
             response = _object(data, "stream event").get("response") or {}
-            yield StreamChunk(data, usage=usage_from_responses(response.get("usage")),
-                              finish_reason=finish_reason(response))
-            return  # the terminal event ends the answer; nothing after it matters
+            self.finished = True  # the terminal event ends the answer; nothing after it matters
+            return (StreamChunk(data, usage=usage_from_responses(response.get("usage")),
+                                finish_reason=finish_reason(response)),)
         if _ERROR in data:
             raise UpstreamFailed(_stream_failure(_object(data, "stream event")))
-        yield StreamChunk(data)
-    raise UpstreamFailed(
-        UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
-    )
+        return (StreamChunk(data),)
+
+    def end(self) -> Sequence[StreamChunk]:
+        raise UpstreamFailed(
+            UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
+        )
 
 
 def _stream_failure(event: Mapping[str, Any]) -> UpstreamFailure:

@@ -7,32 +7,51 @@ from collections.abc import AsyncIterator
 DONE = b"[DONE]"
 
 
-async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield the `data` payload of each event in a byte stream, as it completes.
+class SseDecoder:
+    """Splits a byte stream into the `data` payloads of its events, as they complete.
 
     Network chunk boundaries fall anywhere, so bytes are buffered until a blank
     line ends an event. Multi-line data is joined with newlines, per the SSE
     spec; `event:`, `id:`, `retry:` and comment lines carry nothing the adapters
     need (Anthropic and Gemini repeat the event type inside the JSON).
     """
-    buffer = b""
-    async for chunk in chunks:
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The payloads of the events this chunk completes (often several, sometimes none)."""
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer += chunk
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            block, buffer = buffer[:end], buffer[end + 2 :]
-            data = _data_of(block)
-            if data is not None:
-                yield data
-    if buffer.strip():
-        # A stream that ends without the final blank line still delivered its event.
-        data = _data_of(buffer)
-        if data is not None:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        payloads = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            if buffer.startswith(b"data: ", start) and buffer.find(b"\n", start, end) < 0:
+                payloads.append(buffer[start + 6 : end])  # the common case: one `data: ` line per event
+            elif (data := _data_of(buffer[start:end])) is not None:
+                payloads.append(data)
+            start = end + 2
+        self._buffer = buffer[start:] if start else buffer
+        return payloads
+
+    def end(self) -> list[bytes]:
+        """The stream closed: an event that lacked only its final blank line still counts."""
+        rest, self._buffer = self._buffer, b""
+        data = _data_of(rest.rstrip(b"\n")) if rest.strip() else None
+        return [] if data is None else [data]
+
+
+async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`SseDecoder` over an async byte stream, one payload at a time (for the front doors' re-encoding)."""
+    decoder = SseDecoder()
+    async for chunk in chunks:
+        for data in decoder.feed(chunk):
             yield data
+    for data in decoder.end():
+        yield data
 
 
 def _data_of(block: bytes) -> bytes | None:

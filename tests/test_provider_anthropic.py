@@ -17,7 +17,6 @@ from pydantic import BaseModel
 
 from providers.anthropic import STRUCTURED_TOOL, AnthropicAdapter
 from providers.base import Call, Endpoint
-from providers.sse import iter_sse_data
 from tests.chat_accumulator import accumulate, from_completion, same_message
 from tests.conftest import RunningGateway, key_hash, run_gateway
 from tests.fakes.anthropic_upstream import (
@@ -29,6 +28,7 @@ from tests.fakes.anthropic_upstream import (
     rate_limited,
 )
 from tests.fakes.openai_upstream import Behaviour
+from tests.stream_translation import translate_bytes
 
 UPSTREAM_KEY = "sk-ant-upstream-secret"
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic"
@@ -384,10 +384,7 @@ CALL = Call(Endpoint.CHAT, {"model": "m", "messages": []}, "claude-sonnet-4-6", 
 
 
 async def _translate(chunks: list[bytes], call: Call = CALL) -> list[dict[str, Any]]:
-    async def source() -> Any:
-        for chunk in chunks:
-            yield chunk
-    return [orjson.loads(c.data) async for c in ADAPTER.translate_stream(call, iter_sse_data(source()))]
+    return [orjson.loads(c.data) for c in translate_bytes(ADAPTER, call, chunks)]
 
 
 def test_golden_stream_matches_golden_message() -> None:

@@ -17,11 +17,11 @@ from pydantic import BaseModel
 
 from providers.base import Call, Endpoint
 from providers.gemini import GeminiAdapter, GeminiOptions, gemini_request, openapi_schema
-from providers.sse import iter_sse_data
 from tests.chat_accumulator import accumulate, from_completion, same_message
 from tests.conftest import RunningGateway, key_hash, run_gateway
 from tests.fakes.gemini_upstream import FakeGeminiUpstream, gemini_error, prompt_blocked
 from tests.fakes.openai_upstream import Behaviour
+from tests.stream_translation import translate_bytes
 
 UPSTREAM_KEY = "gm-upstream-secret"
 FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
@@ -405,10 +405,7 @@ def _exchange(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 
 async def _translate(chunks: list[bytes]) -> list[dict[str, Any]]:
-    async def source() -> Any:
-        for chunk in chunks:
-            yield chunk
-    return [orjson.loads(c.data) async for c in ADAPTER.translate_stream(CALL, iter_sse_data(source()))]
+    return [orjson.loads(c.data) for c in translate_bytes(ADAPTER, CALL, chunks)]
 
 
 def test_golden_stream_matches_golden_response() -> None:

@@ -284,7 +284,7 @@ class Ticket:
             return
         self.finish(entry, store=good)
 
-    async def watch(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    async def watch(self, batches: AsyncIterator[list[StreamChunk]]) -> AsyncIterator[list[StreamChunk]]:
         flight = self.flight
         assert flight is not None
         usage: Usage | None = None
@@ -292,16 +292,17 @@ class Ticket:
         finishes: list[str] = []
         completed = False
         try:
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                    if chunk.usage_only:
-                        usage_data = chunk.data
-                if not chunk.usage_only:
-                    flight.publish(chunk.data)
-                if chunk.finish_reason is not None:
-                    finishes.append(chunk.finish_reason)
-                yield chunk
+            async for batch in batches:
+                for chunk in batch:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                        if chunk.usage_only:
+                            usage_data = chunk.data
+                    if not chunk.usage_only:
+                        flight.publish(chunk.data)
+                    if chunk.finish_reason is not None:
+                        finishes.append(chunk.finish_reason)
+                yield batch
             completed = True
         finally:
             if completed:
@@ -390,11 +391,12 @@ def remember(ticket: Ticket | None, parsed: ParsedResponse) -> None:
         ticket.remember(parsed)
 
 
-def watch_stream(ticket: Ticket | None, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
-    """Pipeline hook: the relay's canonical chunks, recorded on the way when this request is cacheable."""
+def watch_stream(ticket: Ticket | None, batches: AsyncIterator[list[StreamChunk]]
+                 ) -> AsyncIterator[list[StreamChunk]]:
+    """Pipeline hook: the relay's batches of canonical chunks, recorded on the way when this request is cacheable."""
     if ticket is None or ticket.flight is None or ticket.hit:
-        return chunks
-    return ticket.watch(chunks)
+        return batches
+    return ticket.watch(batches)
 
 
 def hit_tokens(ticket: Ticket | None) -> Usage | None:

@@ -21,7 +21,7 @@ import orjson
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy import Policy
 from providers.base import Endpoint
-from providers.sse import DONE_EVENT, encode_named_event
+from providers.sse import DONE, SseDecoder, encode_named_event
 
 # Stored conversation state is refused whichever way the request is served: the
 # gateway routes across deployments, so a stored response may live on another one.
@@ -59,21 +59,27 @@ def refuse_stateful(request: Mapping[str, Any]) -> None:
 
 
 async def relay_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Re-frame the pipeline's `data:` events of a native stream as Responses SSE events."""
+    """Re-frame the pipeline's `data:` events of a native stream as Responses SSE events, batch for batch."""
+    decoder = SseDecoder()
     sequence = 0
     try:
-        async for event in events:
-            if event == DONE_EVENT:
-                continue
-            data = event[6:-2]  # b"data: " + payload + b"\n\n", as the pipeline encodes each event
-            if data.startswith(b'{"error"'):  # the pipeline's own in-band failure, after the stream began
-                error = orjson.loads(data).get("error") or {}
-                payload = {"type": "error", "sequence_number": sequence, "code": error.get("code") or error.get("type"),
-                           "message": error.get("message"), "param": error.get("param")}
-                yield encode_named_event("error", orjson.dumps(payload))
-                return
-            sequence += 1
-            yield encode_named_event(event_type(data), data)
+        async for batch in events:
+            out: list[bytes] = []
+            for data in decoder.feed(batch):
+                if data == DONE:
+                    continue
+                if data.startswith(b'{"error"'):  # the pipeline's own in-band failure, after the stream began
+                    error = orjson.loads(data).get("error") or {}
+                    payload = {"type": "error", "sequence_number": sequence,
+                               "code": error.get("code") or error.get("type"), "message": error.get("message"),
+                               "param": error.get("param")}
+                    out.append(encode_named_event("error", orjson.dumps(payload)))
+                    yield b"".join(out)
+                    return
+                sequence += 1
+                out.append(encode_named_event(event_type(data), data))
+            if out:
+                yield b"".join(out)
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
