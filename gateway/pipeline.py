@@ -71,7 +71,7 @@ class Exchange:
         return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     status: int
     body: bytes
@@ -84,7 +84,7 @@ class StreamReply:
     events: AsyncIterator[bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceRequest:
     endpoint: Endpoint
     body: Mapping[str, Any]

@@ -66,16 +66,18 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
+    # Settings that require a new connection pool when they change. Computed once: it holds the
+    # options model, whose hash is too slow to recompute on every request.
+    pool_identity: tuple[Any, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_identity", (
+            self.settings.kind, self.settings.base_url, self.max_connections, self.keepalive_s,
+            self.connect_timeout_s, self.settings.options))
 
     @property
     def name(self) -> str:
         return self.settings.name
-
-    @property
-    def pool_identity(self) -> tuple[Any, ...]:
-        """Settings that require a new connection pool when they change."""
-        return (self.settings.kind, self.settings.base_url, self.max_connections, self.keepalive_s,
-                self.connect_timeout_s, self.settings.options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,11 @@ class Target:
     weight: float = 1.0
     tags: frozenset[tuple[str, str]] = frozenset()
     cost: float | None = None
+    # Identity across reloads, which routing state is kept by: provider name, its URL, the upstream model.
+    key: tuple[str, str, str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.provider.name, self.provider.settings.base_url, self.upstream_model))
 
 
 @dataclass(frozen=True, slots=True)

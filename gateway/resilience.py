@@ -45,7 +45,7 @@ MODEL_HEADER = "x-switchboard-model"
 Attempt = Callable[["Services", Target, Call, "Exchange"], Awaitable[UpstreamResponse]]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Routed:
     """The attempt that succeeded: its response (body read, or stream primed), target and call."""
 
@@ -146,7 +146,8 @@ class _Run:
                 self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
                                                                               now, number + 1, previous))
             model.plan.strategy.on_attempt(target, self.states, request)
-            sent = dataclasses.replace(call, upstream_model=target.upstream_model)
+            sent = call if call.upstream_model == target.upstream_model else dataclasses.replace(
+                call, upstream_model=target.upstream_model)
             try:
                 response = await self._attempt(model, target, sent)
             except _AttemptFailed as failed:

@@ -34,8 +34,7 @@ _SCRAPE_FRESHNESS = 3.0
 
 def target_key(target: Target) -> TargetKey:
     """A target's identity across reloads: provider name, its URL and the upstream model."""
-    provider = target.provider
-    return (provider.name, provider.settings.base_url, target.upstream_model)
+    return target.key
 
 
 @dataclass(slots=True)
@@ -76,7 +75,7 @@ class RouteState:
         self._affinity: dict[str, AffinityTable] = {}
 
     def state(self, target: Target) -> TargetState:
-        key = target_key(target)
+        key = target.key
         state = self._targets.get(key)
         if state is None:
             state = self._targets[key] = TargetState(key)

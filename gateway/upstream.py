@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from importlib import metadata
 from typing import Any, Protocol
 
 import aiohttp
+from yarl import URL
 
 from gateway.policy import Policy, Provider
 from providers.base import FailureKind, UpstreamFailed, UpstreamFailure, UpstreamRequest
@@ -24,6 +26,16 @@ from providers.mock import MockEngine, MockReply, TokenCounting
 from providers.sse import encode_event
 
 log = logging.getLogger("switchboard.upstream")
+
+
+def _user_agent() -> str:
+    try:
+        return f"switchboard/{metadata.version('switchboard')}"
+    except metadata.PackageNotFoundError:
+        return "switchboard"
+
+
+USER_AGENT = _user_agent()
 
 
 class UpstreamResponse(Protocol):
@@ -110,9 +122,14 @@ class AiohttpClient:
             force_close=provider.keepalive_s == 0,
             ttl_dns_cache=300,
         )
+        # A default User-Agent rather than `skip_auto_headers`, which made aiohttp copy and extend the
+        # headers of every request to find what to skip.
         self._session = aiohttp.ClientSession(  # noqa: TID251 - this module is the one place for it
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
+            connector=connector, auto_decompress=True, headers={"user-agent": USER_AGENT},
         )
+        # Parsed URLs by string: an adapter builds the same few URLs again and again, and parsing one
+        # cost more than the rest of aiohttp's request setup. Bounded, as a URL may carry a model name.
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=provider.total_timeout_s, connect=provider.connect_timeout_s,
             sock_read=provider.first_byte_timeout_s,
@@ -121,7 +138,8 @@ class AiohttpClient:
     async def open(self, request: UpstreamRequest) -> UpstreamResponse:
         try:
             response = await self._session.request(
-                request.method, request.url, data=request.body, headers=request.headers, timeout=self._timeout,
+                request.method, self._url(request.url), data=request.body, headers=request.headers,
+                timeout=self._timeout,
             )
         except _NETWORK_ERRORS as exc:
             raise _translate(exc) from exc
@@ -129,6 +147,17 @@ class AiohttpClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+    def _url(self, url: str) -> URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_CACHED_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
+        return parsed
+
+
+_MAX_CACHED_URLS = 256
 
 
 class _InProcessResponse:

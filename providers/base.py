@@ -62,7 +62,7 @@ class ProviderSettings:
     options: BaseModel
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One upstream call: the canonical request and how it is to be made.
 
@@ -79,7 +79,7 @@ class Call:
     client_wants_usage: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamRequest:
     method: str
     url: str
