@@ -51,7 +51,7 @@ class GatewayApp:
             await self.app(scope, receive, send)
             return
         scope["switchboard.started"] = time.perf_counter()
-        incoming = _header(scope, b"x-request-id")
+        incoming = request_headers(scope).get("x-request-id")
         if incoming and _REQUEST_ID.match(incoming):
             request_id = incoming
         else:
@@ -81,21 +81,18 @@ class GatewayApp:
                 await send_reply(send_with_id, Reply(*render(error)))
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def request_headers(scope: Scope) -> dict[str, str]:
-    """Header names lowercased (ASGI already does), values decoded."""
-    return {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+    """Header names lowercased (ASGI already does), values decoded; decoded once per request."""
+    headers = scope.get("switchboard.headers")
+    if headers is None:
+        headers = scope["switchboard.headers"] = {key.decode("latin-1"): value.decode("latin-1")
+                                                  for key, value in scope["headers"]}
+    return headers
 
 
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     """The request body, refusing anything over `limit` bytes with a 413."""
-    declared = _header(scope, b"content-length")
+    declared = request_headers(scope).get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []

@@ -139,8 +139,10 @@ class _Run:
                     ErrorKind.UNAVAILABLE, f"Every deployment of `{model.name}` is failing; retry later.",
                     code="no_healthy_target", retry_after=wait or None))
             # Held targets (Retry-After) go last; a retry prefers a target other than the one that just failed.
-            ranked = sorted(model.plan.strategy.rank(available, self.states, request),
-                            key=lambda t: (self.states.state(t).hold_until > now, t is previous))
+            # A lone target needs no ranking (no strategy's ranking changes anything for one).
+            ranked = available if len(available) == 1 else sorted(
+                model.plan.strategy.rank(available, self.states, request),
+                key=lambda t: (self.states.state(t).hold_until > now, t is previous))
             target = ranked[0]
             if self.exchange.trace.recording:
                 self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
