@@ -77,7 +77,7 @@ def start_upstream(name: str, latency_ms: float, args: argparse.Namespace, tmp: 
         "--stream-chunks",
         str(args.stream_chunks),
         "--chunk-delay-ms",
-        "0",
+        str(args.chunk_delay_ms),
     ]
     child = Child(name, argv, tmp, HARNESS_CORE, REPO)
     child.wait_http_ok(f"http://127.0.0.1:{port}/health")
@@ -294,6 +294,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrivals per second")
     parser.add_argument("--open-latency-ms", type=float, default=50.0, help="upstream latency, open loop")
     parser.add_argument("--stream-chunks", type=int, default=20)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                        help="gap between a stream's events (0: back to back, so one read often carries several)")
     parser.add_argument(
         "--quiet-wait", type=float, default=0, metavar="S", help="before each cell, wait up to S s for other load"
     )
