@@ -20,7 +20,6 @@ ends it with an in-band error and no `[DONE]` (see gateway/pipeline.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -68,9 +67,6 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
                          headers: Mapping[str, str], attempt: Attempt) -> Routed:
     """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could."""
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
-    fallbacks = model.plan.config.fallbacks
-    lists = {"default": fallbacks.default, "context_window": fallbacks.context_window,
-             "content_policy": fallbacks.content_policy}
     tried = {model.name}
     current = model
     try:
@@ -78,7 +74,7 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
             try:
                 return await run.serve(current, call)
             except _ModelFailed as failed:
-                following = next((name for name in lists[failed.reason]
+                following = next((name for name in _fallbacks(model, failed.reason)
                                   if name not in tried and name in policy.models), None)
                 if following is None or run.expired():
                     raise failed.error from None
@@ -89,6 +85,14 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
                 current = policy.models[following]
     finally:
         exchange.response_headers[ROUTE_HEADER] = ",".join(run.trail)
+
+
+def _fallbacks(model: Model, reason: str) -> list[str]:
+    """The requested model's fallback list for this kind of failure."""
+    fallbacks = model.plan.config.fallbacks
+    if reason == "context_window":
+        return fallbacks.context_window
+    return fallbacks.content_policy if reason == "content_policy" else fallbacks.default
 
 
 class _Run:
@@ -210,25 +214,19 @@ class _Run:
         timeout = self.remaining()
         if call.stream and config.ttft_timeout_s is not None:
             timeout = config.ttft_timeout_s if timeout is None else min(timeout, config.ttft_timeout_s)
-        label = f"{model.name}@{target.provider.name}"
         started = clock()
         state.in_flight += 1
         state.requests += 1
         state.breaker.on_attempt(states.clock())
         response: UpstreamResponse | PrimedStream | None = None
         try:
-            # asyncio.timeout(None) still costs a timer handle per request; skip it when unbounded.
-            async with asyncio.timeout(max(timeout, 0.0)) if timeout is not None else _UNBOUNDED:
+            if timeout is None:  # no timer at all: even asyncio.timeout(None) costs a handle per request
                 response = await self.attempt(self.services, target, call, self.exchange)
-                read_from = clock()
-                try:
-                    if call.stream:
-                        response = await _prime(response, target, call, config.stream_idle_timeout_s,
-                                                _Outcome(states, target, config), self.exchange, clock)
-                    else:
-                        response = _ReadResponse(response.status, response.headers, await response.read())
-                finally:
-                    self.exchange.upstream_wait_s += clock() - read_from
+                response = await self._read(response, target, call, config)
+            else:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    response = await self.attempt(self.services, target, call, self.exchange)
+                    response = await self._read(response, target, call, config)
         except BaseException as exc:
             state.in_flight -= 1
             if response is not None:
@@ -246,17 +244,30 @@ class _Run:
             else:
                 # The upstream answered: it is alive, whatever it thought of the request.
                 state.breaker.on_success(states.clock(), config.circuit_breaker)
-            self.trail.append(f"{label}:{failure.status if failure.kind is not FailureKind.TIMEOUT else 'timeout'}")
+            outcome = failure.status if failure.kind is not FailureKind.TIMEOUT else "timeout"
+            self.trail.append(f"{model.name}@{target.provider.name}:{outcome}")
             raise _AttemptFailed(failure, error) from exc
         states.observe_latency(target, clock() - started, config.routing.latency_alpha)
         state.breaker.on_success(states.clock(), config.circuit_breaker)
         if not call.stream:
             state.in_flight -= 1  # a stream stays in flight until the relay closes it
-        self.trail.append(f"{label}:ok")
+        self.trail.append(f"{model.name}@{target.provider.name}:ok")
         return response
 
+    async def _read(self, response: UpstreamResponse, target: Target, call: Call, config: ModelPolicy
+                    ) -> UpstreamResponse | PrimedStream:
+        """The whole body, or a stream primed up to its first content; time spent waiting is the upstream's."""
+        clock = self.clock
+        read_from = clock()
+        try:
+            if call.stream:
+                return await _prime(response, target, call, config.stream_idle_timeout_s,
+                                    _Outcome(self.states, target, config), self.exchange, clock)
+            return _ReadResponse(response.status, response.headers, await response.read())
+        finally:
+            self.exchange.upstream_wait_s += clock() - read_from
 
-_UNBOUNDED = contextlib.nullcontext()
+
 # No retry is started with less time than this left before the deadline: it could not get an answer, and the
 # event loop's timers fire up to a millisecond early, so a deadline-bounded attempt can end just short of it.
 _MIN_ATTEMPT_S = 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.usage import AccessLogSink
+from gateway.usage import AccessLogSink, UsageRecord, access_line
+from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import FakeOpenAIUpstream
 
@@ -85,3 +87,15 @@ def test_a_full_batch_is_written_without_waiting_for_the_timer(
         assert _chat(gateway, f"batch-{n}").status_code == 200
     lines = capture.wait_for_lines(8)
     assert [line["request_id"] for line in lines] == [f"batch-{n}" for n in range(8)]  # the ninth waits its turn
+
+
+def test_access_line_carries_every_record_field_as_the_dataclass_would() -> None:
+    """`access_line` spells the record out for speed; it must stay the record, field for field."""
+    record = UsageRecord(request_id="r", team="t", key_id="k", endpoint="chat", public_model="m", provider="p",
+                         upstream_model="u", stream=True, status=200,
+                         usage=Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=1, reasoning_tokens=2),
+                         duration_ms=1.5, overhead_ms=0.25, time_to_first_token_ms=0.75, outcome="completed",
+                         cost_usd=0.01, price_version="v1", trace_id="ab" * 16, cache="miss", cache_tokens=0,
+                         cost_saved_usd=None)
+    assert orjson.loads(orjson.dumps(access_line(record))) == orjson.loads(orjson.dumps(record))
+    assert access_line(dataclasses.replace(record, usage=None))["usage"] is None
