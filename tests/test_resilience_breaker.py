@@ -66,6 +66,20 @@ def test_old_outcomes_leave_the_window() -> None:
     assert breaker.state(100.0) is BreakerState.CLOSED
 
 
+def test_the_rate_window_judges_recent_traffic_only() -> None:
+    settings = CircuitBreakerPolicy(consecutive_failures=100, failure_rate=0.5, window_s=10, min_requests=6,
+                                    cooldown_s=2, max_cooldown_s=5)
+    breaker = CircuitBreaker()
+    for index in range(10_000):
+        breaker.on_success(index / 1000, settings)  # 10 s of healthy traffic
+    for index in range(6):
+        breaker.on_failure(10.0 + index / 100, settings)  # 6 failures among ~9,000 recent successes
+    assert breaker.state(10.1) is BreakerState.CLOSED
+    for index in range(6):
+        breaker.on_failure(30.0 + index / 100, settings)  # 20 s later the old traffic has left the window
+    assert breaker.state(30.1) is BreakerState.OPEN
+
+
 def test_an_abandoned_probe_gives_its_slot_back() -> None:
     breaker = CircuitBreaker()
     for _ in range(3):
