@@ -128,7 +128,7 @@ async def handle_inference(
                     facts.request.client_wants_usage)
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream)
         facts.target, call, response = routed.target, routed.call, routed.response
-        if call.stream:
+        if isinstance(response, PrimedStream):  # what a streamed call's attempt returns
             return _stream_reply(services, exchange, facts, call, response)
         return await _complete_reply(services, exchange, facts, call, response)
     except GatewayError as error:
