@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import orjson
@@ -60,12 +60,14 @@ class GatewayApp:
         id_header = (b"x-request-id", request_id.encode())
         started = False
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        # A plain function returning the server's awaitable: no coroutine of its own per message, which
+        # matters for streams (one message per upstream read).
+        def send_with_id(message: dict[str, Any]) -> Awaitable[None]:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
+            return send(message)
 
         route = self._hot.get((scope["method"], scope["path"]))
         if route is not None:
