@@ -43,6 +43,7 @@ from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
 from gateway.telemetry import NO_TRACE, Trace
 from gateway.telemetry_decisions import admission_event, settlement_event
+from gateway.tokens import PromptCount
 from gateway.usage_report import usage_report
 from providers.base import Endpoint, Usage
 
@@ -221,6 +222,13 @@ class Admission:
     allowance: StreamAllowance | None = None
     # The request's trace when it is recording, for the reconciliation event at settlement.
     trace: Trace | None = None
+    # The prompt as admission counted it, for the context-window check to reuse (None: not counted that way).
+    prompt_count: PromptCount | None = None
+
+
+# Endpoints whose prompt `_estimate` counts exactly as the context-window check does (not the Responses API,
+# whose input admission deliberately overestimates).
+_EXACT_PROMPT_COUNT = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 
 
 class Limiter:
@@ -287,8 +295,13 @@ class Limiter:
             return None
         now = self._clock()
         prompt = completion = 0
+        counted = None
         if plan.needs_tokens:
             prompt, completion = self._estimate(endpoint, body, model, rules.default_completion_tokens)
+            if endpoint in _EXACT_PROMPT_COUNT:
+                first = model.targets[0]
+                counted = PromptCount(prompt, endpoint.value, first.upstream_model,
+                                      first.provider.adapter.capabilities.tokenizer)
         relaxed: set[int] = set()
         downgraded_from = None
         while True:
@@ -309,7 +322,8 @@ class Limiter:
                 if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
-                                 downgraded_from, allowance=allowance, trace=trace if trace.recording else None)
+                                 downgraded_from, allowance=allowance, trace=trace if trace.recording else None,
+                                 prompt_count=counted)
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             budget = meter.budget

@@ -31,6 +31,7 @@ from gateway.policy import Model, Policy, Target
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
 from gateway.telemetry_decisions import fallback_event, no_route_event, retry_event, route_event
+from gateway.tokens import PromptCount
 from gateway.upstream import UpstreamResponse
 from providers.base import Call, Endpoint, FailureKind, StreamChunk, StreamTranslator, UpstreamFailed, UpstreamFailure
 from providers.sse import SseDecoder
@@ -64,9 +65,13 @@ class _ModelFailed(Exception):
 
 
 async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
-                         headers: Mapping[str, str], attempt: Attempt) -> Routed:
-    """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could."""
+                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None) -> Routed:
+    """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could.
+
+    `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
+    """
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
+    run.prompt = prompt
     tried = {model.name}
     current = model
     try:
@@ -108,6 +113,7 @@ class _Run:
         self.clock = services.clock
         self.deadline = None if deadline_s is None else self.clock() + deadline_s
         self.trail: list[str] = []
+        self.prompt: PromptCount | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -193,7 +199,11 @@ class _Run:
         body = call.body
         name = model.targets[0].upstream_model
         family = model.targets[0].provider.adapter.capabilities.tokenizer
-        if call.endpoint is Endpoint.CHAT:
+        known = self.prompt
+        if (known is not None and known.endpoint == call.endpoint.value and known.upstream_model == name
+                and known.family == family):
+            tokens = known.tokens
+        elif call.endpoint is Endpoint.CHAT:
             tokens = counter.count_chat_prompt(body, name, family)
         elif call.endpoint is Endpoint.COMPLETIONS:
             tokens = counter.count_completion_prompt(body, name, family)

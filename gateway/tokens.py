@@ -100,6 +100,20 @@ class _Codec:
         self.roles = {role: self.count(role) for role in _ROLES}  # one per message
 
 
+@dataclass(frozen=True, slots=True)
+class PromptCount:
+    """A request's prompt tokens as counted for one upstream model and tokenizer family.
+
+    Admission counts the prompt; the context-window check reuses the figure when it
+    would count the same way, so a request is not tokenized twice.
+    """
+
+    tokens: int
+    endpoint: str
+    upstream_model: str
+    family: str
+
+
 class TokenCounter:
     """Counts tokens for OpenAI-shaped request bodies and stream chunks.
 

@@ -117,7 +117,8 @@ def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), **app_opt
     """Start the real app under uvicorn in a thread, on an ephemeral port; `sinks` get records besides `usage`."""
     store = PolicyStore(policy_path)
     usage = RecordingSink()
-    app = create_app(store, counter=TokenCounter(), sinks=[usage, *sinks], **app_options)
+    counter = app_options.pop("counter", None) or TokenCounter()
+    app = create_app(store, counter=counter, sinks=[usage, *sinks], **app_options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

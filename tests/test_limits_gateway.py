@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from gateway.tokens import TokenCounter
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 
@@ -148,3 +150,29 @@ def test_editing_the_policy_file_keeps_counted_usage(
     assert gateway.store.current.fingerprint != fingerprint
     with pytest.raises(openai.RateLimitError, match="limit 2, used 2"):
         chat(gateway)
+
+
+class _CountingCounter(TokenCounter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chat_prompts_counted = 0
+
+    def count_chat_prompt(self, body: Mapping[str, Any], model: str, family: str = "openai") -> int:
+        self.chat_prompts_counted += 1
+        return super().count_chat_prompt(body, model, family)
+
+
+def test_admission_and_the_context_window_check_count_the_prompt_once(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    counter = _CountingCounter()
+    policy = limited_policy(upstream, "    limits: {tpm: 100000}\n").replace(
+        "  chat-model:\n    targets:", "  chat-model:\n    context_window: 1000\n    targets:", 1)
+    gateway = start_gateway(policy, counter=counter)
+    assert chat(gateway).choices[0].message.content
+    assert counter.chat_prompts_counted == 1
+    # A prompt over the window is still refused on admission's count.
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().chat.completions.create(model="chat-model", max_tokens=5,
+                                                 messages=[{"role": "user", "content": "word " * 1200}])
+    assert caught.value.code == "context_length_exceeded"
+    assert counter.chat_prompts_counted == 2
