@@ -476,6 +476,7 @@ class PrimedStream:
         return out
 
     async def batches(self) -> AsyncIterator[list[StreamChunk]]:
+        """What priming translated, then one batch per network read until the upstream has finished."""
         failure = None
         try:
             batch, self.pending = self.pending, []
