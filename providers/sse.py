@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 DONE = b"[DONE]"
 
 
@@ -42,16 +40,6 @@ class SseDecoder:
         rest, self._buffer = self._buffer, b""
         data = _data_of(rest.rstrip(b"\n")) if rest.strip() else None
         return [] if data is None else [data]
-
-
-async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """`SseDecoder` over an async byte stream, one payload at a time (for the front doors' re-encoding)."""
-    decoder = SseDecoder()
-    async for chunk in chunks:
-        for data in decoder.feed(chunk):
-            yield data
-    for data in decoder.end():
-        yield data
 
 
 def _data_of(block: bytes) -> bytes | None:

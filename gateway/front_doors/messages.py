@@ -15,9 +15,10 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import GatewayError, render
+from gateway.front_doors.reframing import reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
-from providers.sse import encode_named_event, iter_sse_data
+from providers.sse import encode_named_event
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                  "function_call": "tool_use", "content_filter": "refusal"}
@@ -217,76 +218,86 @@ def _message_id(chat_id: Any) -> str:
     return text if text.startswith("msg_") else "msg_" + text
 
 
-async def message_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Anthropic stream events for the pipeline's chat stream.
+def message_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Anthropic stream events for the pipeline's chat stream."""
+    return reframed(chunks, _MessageStream())
+
+
+class _MessageStream:
+    """Turns chat chunks into Messages API events, one `data:` payload at a time.
 
     Text and each tool call become content blocks in order; the finish reason
     and usage (which OpenAI sends last) go into `message_delta` before
     `message_stop`. An in-band error becomes an `error` event.
     """
-    open_block: int | None = None
-    blocks = 0
-    tool_blocks: dict[int, int] = {}  # OpenAI tool_calls index -> block index
-    started = False
-    finish = None
-    final_usage: Any = None
-    source = iter_sse_data(chunks)
-    try:
-        async for data in source:
-            if data == b"[DONE]":
-                break
-            chunk = orjson.loads(data)
-            if "error" in chunk and "choices" not in chunk:
-                error = chunk["error"] or {}
-                yield _event("error", {"type": "error", "error": {
-                    "type": _ERROR_TYPES.get(_status_of(error), "api_error"), "message": error.get("message")}})
-                return
-            if not started:
-                started = True
-                yield _event("message_start", {"type": "message_start", "message": {
-                    "id": _message_id(chunk.get("id")), "type": "message", "role": "assistant", "content": [],
-                    "model": chunk.get("model"), "stop_reason": None, "stop_sequence": None,
-                    "usage": {"input_tokens": 0, "output_tokens": 0}}})
-            if chunk.get("usage"):
-                final_usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    if open_block is None or open_block in tool_blocks.values():
-                        if open_block is not None:
-                            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
-                        open_block, blocks = blocks, blocks + 1
-                        yield _event("content_block_start", {"type": "content_block_start", "index": open_block,
-                                                             "content_block": {"type": "text", "text": ""}})
-                    yield _event("content_block_delta", {"type": "content_block_delta", "index": open_block,
-                                                         "delta": {"type": "text_delta", "text": delta["content"]}})
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") or {}
-                    if call.get("index") not in tool_blocks:
-                        if open_block is not None:
-                            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
-                        open_block, blocks = blocks, blocks + 1
-                        tool_blocks[call.get("index")] = open_block
-                        yield _event("content_block_start", {
-                            "type": "content_block_start", "index": open_block, "content_block": {
-                                "type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": {}}})
-                    if function.get("arguments"):
-                        yield _event("content_block_delta", {
-                            "type": "content_block_delta", "index": tool_blocks[call.get("index")],
-                            "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
-                finish = choice.get("finish_reason") or finish
-        else:
-            return  # the stream ended without [DONE] or an error event: leave it unterminated, as it is
-        if open_block is not None:
-            yield _event("content_block_stop", {"type": "content_block_stop", "index": open_block})
-        yield _event("message_delta", {"type": "message_delta",
-                                       "delta": {"stop_reason": _STOP_REASONS.get(finish, "end_turn"),
-                                                 "stop_sequence": None},
-                                       "usage": usage(final_usage)})
-        yield _event("message_stop", {"type": "message_stop"})
-    finally:
-        await source.aclose()
-        await chunks.aclose()  # type: ignore[attr-defined]
+
+    def __init__(self) -> None:
+        self.done = False
+        self._open_block: int | None = None
+        self._blocks = 0
+        self._tool_blocks: dict[int, int] = {}  # OpenAI tool_calls index -> block index
+        self._started = False
+        self._finish: str | None = None
+        self._usage: Any = None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if data == b"[DONE]":
+            self.done = True
+            return self._closing()
+        chunk = orjson.loads(data)
+        if "error" in chunk and "choices" not in chunk:
+            self.done = True
+            error = chunk["error"] or {}
+            return [_event("error", {"type": "error", "error": {
+                "type": _ERROR_TYPES.get(_status_of(error), "api_error"), "message": error.get("message")}})]
+        out: list[bytes] = []
+        if not self._started:
+            self._started = True
+            out.append(_event("message_start", {"type": "message_start", "message": {
+                "id": _message_id(chunk.get("id")), "type": "message", "role": "assistant", "content": [],
+                "model": chunk.get("model"), "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}}))
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self._open_block is None or self._open_block in self._tool_blocks.values():
+                    self._open(out, {"type": "text", "text": ""})
+                out.append(_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self._open_block,
+                    "delta": {"type": "text_delta", "text": delta["content"]}}))
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                if call.get("index") not in self._tool_blocks:
+                    self._open(out, {"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                                     "input": {}})
+                    self._tool_blocks[call.get("index")] = self._blocks - 1
+                if function.get("arguments"):
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": self._tool_blocks[call.get("index")],
+                        "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}))
+            self._finish = choice.get("finish_reason") or self._finish
+        return out
+
+    def _open(self, out: list[bytes], block: dict[str, Any]) -> None:
+        """Close the open content block, if any, and start the next one."""
+        if self._open_block is not None:
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": self._open_block}))
+        self._open_block, self._blocks = self._blocks, self._blocks + 1
+        out.append(_event("content_block_start", {"type": "content_block_start", "index": self._open_block,
+                                                  "content_block": block}))
+
+    def _closing(self) -> list[bytes]:
+        out: list[bytes] = []
+        if self._open_block is not None:
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": self._open_block}))
+        out.append(_event("message_delta", {"type": "message_delta",
+                                            "delta": {"stop_reason": _STOP_REASONS.get(self._finish, "end_turn"),
+                                                      "stop_sequence": None},
+                                            "usage": usage(self._usage)}))
+        out.append(_event("message_stop", {"type": "message_stop"}))
+        return out
 
 
 def _status_of(error: Mapping[str, Any]) -> int:

@@ -22,10 +22,11 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.front_doors.reframing import reframed
 from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
-from providers.sse import encode_named_event, iter_sse_data
+from providers.sse import encode_named_event
 
 _UNSUPPORTED = ("previous_response_id", "conversation", "background")
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key",
@@ -252,81 +253,89 @@ class _Events:
         return encode_named_event(kind, orjson.dumps(payload))
 
 
-async def response_events(chunks: AsyncIterator[bytes], request: Mapping[str, Any]) -> AsyncIterator[bytes]:
-    """The Responses event sequence for the pipeline's chat stream.
+def response_events(chunks: AsyncIterator[bytes], request: Mapping[str, Any]) -> AsyncIterator[bytes]:
+    """The Responses event sequence for the pipeline's chat stream."""
+    return reframed(chunks, _ResponseStream(request))
+
+
+class _ResponseStream:
+    """Turns chat chunks into Responses events, one `data:` payload at a time.
 
     Text becomes a message item, each tool call a function_call item, in the
     order they start; every item is closed with its `done` events before
     `response.completed`, which carries the full output and the usage.
     """
-    event = _Events()
-    source = iter_sse_data(chunks)
-    head: dict[str, Any] = {}
-    output: list[dict[str, Any]] = []  # items in output order; open ones are still growing
-    text_at: int | None = None  # output index of the open message item
-    calls: dict[int, int] = {}  # chat tool_calls index -> output index
-    finish = None
-    usage = None
-    try:
-        async for data in source:
-            if data == b"[DONE]":
-                break
-            chunk = orjson.loads(data)
-            if "error" in chunk and "choices" not in chunk:
-                error = chunk["error"] or {}
-                yield event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))
-                return
-            if not head:
-                head = {"id": chunk.get("id"), "created": chunk.get("created"), "model": chunk.get("model")}
-                started = _envelope(head, request, [], None, None, status="in_progress")
-                yield event("response.created", response=started)
-                yield event("response.in_progress", response=started)
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                finish = choice.get("finish_reason") or finish
-                if delta.get("content"):
-                    if text_at is None:
-                        text_at = len(output)
-                        item = _message_item(f"{head['id']}_{text_at}", None, status="in_progress")
-                        output.append(item)
-                        yield event("response.output_item.added", output_index=text_at, item=item)
-                        item["content"].append({"type": "output_text", "text": "", "annotations": [],
-                                                "logprobs": []})
-                        yield event("response.content_part.added", item_id=item["id"], output_index=text_at,
-                                    content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-                    item = output[text_at]
-                    item["content"][0]["text"] += delta["content"]
-                    yield event("response.output_text.delta", item_id=item["id"], output_index=text_at,
-                                content_index=0, delta=delta["content"], logprobs=[])
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") or {}
-                    if call.get("index") not in calls:
-                        if text_at is not None:
-                            for closing in _close(event, output, text_at):
-                                yield closing
-                            text_at = None
-                        calls[call.get("index")] = len(output)
-                        item = _call_item(call.get("id"), function.get("name"), "", status="in_progress")
-                        output.append(item)
-                        yield event("response.output_item.added", output_index=len(output) - 1, item=dict(item))
-                    at = calls[call.get("index")]
-                    if function.get("arguments"):
-                        output[at]["arguments"] += function["arguments"]
-                        yield event("response.function_call_arguments.delta", item_id=output[at]["id"],
-                                    output_index=at, delta=function["arguments"])
-        else:
-            return  # cut short without [DONE] or an error event: no terminal event, as it is incomplete
-        for at, item in enumerate(output):
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        self.done = False
+        self._request = request
+        self._event = _Events()
+        self._head: dict[str, Any] = {}
+        self._output: list[dict[str, Any]] = []  # items in output order; open ones are still growing
+        self._text_at: int | None = None  # output index of the open message item
+        self._calls: dict[int, int] = {}  # chat tool_calls index -> output index
+        self._finish: str | None = None
+        self._usage: Any = None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        event, output = self._event, self._output
+        if data == b"[DONE]":
+            self.done = True
+            return self._completed()
+        chunk = orjson.loads(data)
+        if "error" in chunk and "choices" not in chunk:
+            self.done = True
+            error = chunk["error"] or {}
+            return [event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))]
+        out: list[bytes] = []
+        if not self._head:
+            self._head = {"id": chunk.get("id"), "created": chunk.get("created"), "model": chunk.get("model")}
+            started = _envelope(self._head, self._request, [], None, None, status="in_progress")
+            out.append(event("response.created", response=started))
+            out.append(event("response.in_progress", response=started))
+        self._usage = chunk.get("usage") or self._usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            self._finish = choice.get("finish_reason") or self._finish
+            if delta.get("content"):
+                if self._text_at is None:
+                    self._text_at = text_at = len(output)
+                    item = _message_item(f"{self._head['id']}_{text_at}", None, status="in_progress")
+                    output.append(item)
+                    out.append(event("response.output_item.added", output_index=text_at, item=item))
+                    item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                    out.append(event("response.content_part.added", item_id=item["id"], output_index=text_at,
+                                     content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+                item = output[self._text_at]
+                item["content"][0]["text"] += delta["content"]
+                out.append(event("response.output_text.delta", item_id=item["id"], output_index=self._text_at,
+                                 content_index=0, delta=delta["content"], logprobs=[]))
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                if call.get("index") not in self._calls:
+                    if self._text_at is not None:
+                        out += _close(event, output, self._text_at)
+                        self._text_at = None
+                    self._calls[call.get("index")] = len(output)
+                    item = _call_item(call.get("id"), function.get("name"), "", status="in_progress")
+                    output.append(item)
+                    out.append(event("response.output_item.added", output_index=len(output) - 1, item=dict(item)))
+                at = self._calls[call.get("index")]
+                if function.get("arguments"):
+                    output[at]["arguments"] += function["arguments"]
+                    out.append(event("response.function_call_arguments.delta", item_id=output[at]["id"],
+                                     output_index=at, delta=function["arguments"]))
+        return out
+
+    def _completed(self) -> list[bytes]:
+        out: list[bytes] = []
+        for at, item in enumerate(self._output):
             if item["status"] == "in_progress":
-                for closing in _close(event, output, at):
-                    yield closing
-        final = _envelope(head, request, output, finish, usage)
-        yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                    response=final)
-    finally:
-        await source.aclose()
-        await chunks.aclose()  # type: ignore[attr-defined]
+                out += _close(self._event, self._output, at)
+        final = _envelope(self._head, self._request, self._output, self._finish, self._usage)
+        out.append(self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                               response=final))
+        return out
 
 
 def _close(event: _Events, output: list[dict[str, Any]], at: int) -> list[bytes]:

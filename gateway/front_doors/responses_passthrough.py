@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError
+from gateway.front_doors.reframing import reframed
 from gateway.policy import Policy
 from providers.base import Endpoint
-from providers.sse import DONE, SseDecoder, encode_named_event
+from providers.sse import DONE, encode_named_event
 
 # Stored conversation state is refused whichever way the request is served: the
 # gateway routes across deployments, so a stored response may live on another one.
@@ -58,30 +59,30 @@ def refuse_stateful(request: Mapping[str, Any]) -> None:
                                param=name, code="unsupported_parameter")
 
 
-async def relay_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Re-frame the pipeline's `data:` events of a native stream as Responses SSE events, batch for batch."""
-    decoder = SseDecoder()
-    sequence = 0
-    try:
-        async for batch in events:
-            out: list[bytes] = []
-            for data in decoder.feed(batch):
-                if data == DONE:
-                    continue
-                if data.startswith(b'{"error"'):  # the pipeline's own in-band failure, after the stream began
-                    error = orjson.loads(data).get("error") or {}
-                    payload = {"type": "error", "sequence_number": sequence,
-                               "code": error.get("code") or error.get("type"), "message": error.get("message"),
-                               "param": error.get("param")}
-                    out.append(encode_named_event("error", orjson.dumps(payload)))
-                    yield b"".join(out)
-                    return
-                sequence += 1
-                out.append(encode_named_event(event_type(data), data))
-            if out:
-                yield b"".join(out)
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
+def relay_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Re-frame the pipeline's `data:` events of a native stream as Responses SSE events."""
+    return reframed(events, _NativeStream())
+
+
+class _NativeStream:
+    """Names each native Responses event for its SSE frame; the pipeline's in-band failure becomes `error`."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._sequence = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if data == DONE:
+            return []
+        if data.startswith(b'{"error"'):  # the pipeline's own in-band failure, after the stream began
+            self.done = True
+            error = orjson.loads(data).get("error") or {}
+            payload = {"type": "error", "sequence_number": self._sequence,
+                       "code": error.get("code") or error.get("type"), "message": error.get("message"),
+                       "param": error.get("param")}
+            return [encode_named_event("error", orjson.dumps(payload))]
+        self._sequence += 1
+        return [encode_named_event(event_type(data), data)]
 
 
 def event_type(data: bytes) -> str:
