@@ -37,6 +37,7 @@ from providers.canonical import (
     choice,
     completion_body,
     data_url,
+    error_object,
     json_arguments,
     load_object,
     stream_cut,
@@ -164,11 +165,7 @@ class AnthropicAdapter:
         return _MessagesStream(call)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            payload = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            payload = {}
-        return _failure(status, payload if isinstance(payload, dict) else {}, headers)
+        return _failure(status, error_object(body), headers)
 
 
 _AS_TEXT = -1

@@ -115,6 +115,15 @@ def stream_cut() -> UpstreamFailed:
                                           "the upstream stream ended before completing"))
 
 
+def error_object(body: bytes) -> dict[str, Any]:
+    """An upstream error body as a JSON object: {} when it is empty, not JSON or not an object."""
+    try:
+        payload = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
 def load_object(data: bytes, what: str) -> dict[str, Any]:
     """Decode an upstream JSON object or fail as a malformed response."""
     try:

@@ -40,6 +40,7 @@ from providers.canonical import (
     choice,
     completion_body,
     data_url,
+    error_object,
     json_arguments,
     load_object,
     stream_cut,
@@ -147,11 +148,7 @@ class GeminiAdapter:
         return _GenerateContentStream(call.upstream_model)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            payload = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            payload = {}
-        return _failure(status, payload if isinstance(payload, dict) else {}, headers)
+        return _failure(status, error_object(body), headers)
 
 
 class _GenerateContentStream:

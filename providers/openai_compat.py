@@ -34,6 +34,7 @@ from providers.base import (
     UpstreamRequest,
     Usage,
 )
+from providers.canonical import error_object, load_object
 from providers.sse import DONE
 
 PATHS = {
@@ -105,12 +106,7 @@ class OpenAICompatAdapter:
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
         if call.endpoint is Endpoint.RESPONSES:
             return responses_api.parse_response(body)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamFailed(_malformed("response body is not JSON")) from exc
-        if not isinstance(payload, dict):
-            raise UpstreamFailed(_malformed("response body is not a JSON object"))
+        payload = load_object(body, "response body")
         choices = payload.get("choices") or ()
         reasons = tuple(str(c.get("finish_reason")) for c in choices if isinstance(c, dict))
         if self._rewrites_responses and any(r in self.spec.finish_reasons for r in reasons):
@@ -133,13 +129,7 @@ class OpenAICompatAdapter:
         return _CompatStream(self.spec.finish_reasons)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            payload = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        return failure_from_openai_error(status, payload, headers)
+        return failure_from_openai_error(status, error_object(body), headers)
 
 
 class _CompatStream:
@@ -176,12 +166,7 @@ class _CompatStream:
         )
 
     def _decoded(self, data: bytes) -> StreamChunk:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamFailed(_malformed("stream event is not JSON")) from exc
-        if not isinstance(payload, dict):
-            raise UpstreamFailed(_malformed("stream event is not a JSON object"))
+        payload = load_object(data, "stream event")
         if "error" in payload and "choices" not in payload:
             raise UpstreamFailed(failure_from_openai_error(502, payload, {}))
         choices = payload.get("choices") or []
@@ -280,10 +265,6 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         if parsed is None:
             return None
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
-
-
-def _malformed(detail: str) -> UpstreamFailure:
-    return UpstreamFailure(FailureKind.UPSTREAM_ERROR, 502, f"the upstream sent a malformed response: {detail}")
 
 
 OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True,

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
-
 from providers.base import FailureKind, ParsedResponse, StreamChunk, UpstreamFailed, UpstreamFailure, Usage
+from providers.canonical import load_object
 from providers.sse import DONE
 
 # Terminal events carry the full Response, usage included; `response.failed` is a
@@ -61,7 +60,7 @@ def finish_reason(response: Mapping[str, Any]) -> str:
 
 def parse_response(body: bytes) -> ParsedResponse:
     """A Response object, passed through untouched with its usage read."""
-    payload = _object(body, "response body")
+    payload = load_object(body, "response body")
     return ParsedResponse(
         body=body,
         usage=usage_from_responses(payload.get("usage")),
@@ -86,12 +85,12 @@ class ResponsesStream:
         if data == DONE:  # not sent by OpenAI, harmless if an engine sends it
             return self.end()
         if any(marker in data for marker in _TERMINAL):
-            response = _object(data, "stream event").get("response") or {}
+            response = load_object(data, "stream event").get("response") or {}
             self.finished = True  # the terminal event ends the answer; nothing after it matters
             return (StreamChunk(data, usage=usage_from_responses(response.get("usage")),
                                 finish_reason=finish_reason(response)),)
         if _ERROR in data:
-            raise UpstreamFailed(_stream_failure(_object(data, "stream event")))
+            raise UpstreamFailed(_stream_failure(load_object(data, "stream event")))
         return (StreamChunk(data),)
 
     def end(self) -> Sequence[StreamChunk]:
@@ -111,17 +110,3 @@ def _stream_failure(event: Mapping[str, Any]) -> UpstreamFailure:
         code=code,
         param=event.get("param") if isinstance(event.get("param"), str) else None,
     )
-
-
-def _object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise UpstreamFailed(_malformed(f"{what} is not JSON")) from exc
-    if not isinstance(payload, dict):
-        raise UpstreamFailed(_malformed(f"{what} is not a JSON object"))
-    return payload
-
-
-def _malformed(detail: str) -> UpstreamFailure:
-    return UpstreamFailure(FailureKind.UPSTREAM_ERROR, 502, f"the upstream sent a malformed response: {detail}")
