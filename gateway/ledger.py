@@ -82,6 +82,17 @@ class _Flush:
         self.done = threading.Event()
 
 
+def _sort(item: tuple[Any, ...] | _Flush | None, batch: list[tuple[Any, ...]], markers: list[_Flush]) -> bool:
+    """File one queued item: a row into `batch`, a flush request into `markers`; True for the stop signal."""
+    if item is None:
+        return True
+    if isinstance(item, _Flush):
+        markers.append(item)
+    else:
+        batch.append(item)
+    return False
+
+
 class Ledger:
     """A usage sink that appends every settled request to a SQLite file, off the event loop."""
 
@@ -126,25 +137,16 @@ class Ledger:
         try:
             stopping = False
             while not stopping:
-                first = self._queue.get()
                 batch: list[tuple[Any, ...]] = []
                 markers: list[_Flush] = []
+                stopping = _sort(self._queue.get(), batch, markers)
                 deadline = time.monotonic() + self._interval
-                item = first
-                while True:
-                    if item is None:
-                        stopping = True
-                    elif isinstance(item, _Flush):
-                        markers.append(item)
-                    else:
-                        batch.append(item)
-                    if stopping or markers or len(batch) >= _MAX_BATCH:
-                        break
+                while not (stopping or markers or len(batch) >= _MAX_BATCH):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     try:
-                        item = self._queue.get(timeout=remaining)
+                        stopping = _sort(self._queue.get(timeout=remaining), batch, markers)
                     except queue.Empty:
                         break
                 if stopping or markers:  # take whatever else is already queued
@@ -153,12 +155,7 @@ class Ledger:
                             item = self._queue.get_nowait()
                         except queue.Empty:
                             break
-                        if item is None:
-                            stopping = True
-                        elif isinstance(item, _Flush):
-                            markers.append(item)
-                        else:
-                            batch.append(item)
+                        stopping = _sort(item, batch, markers) or stopping
                 if batch:
                     self._commit(connection, batch)
                 for marker in markers:
