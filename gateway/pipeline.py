@@ -293,7 +293,7 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
                     if wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
                         chunk.data = stamp_cost(chunk.data, facts.policy.prices, target, usage)
                 seen.append(chunk)
-                out += (b"data: ", chunk.data, b"\n\n")
+                out.append(encode_event(chunk.data))
             if stream.finished:  # the upstream's last batch: end the client's stream in the same write
                 out.append(DONE_EVENT)
                 done_sent = True

@@ -466,13 +466,9 @@ class PrimedStream:
 
     def drain(self) -> list[StreamChunk]:
         """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
-        translator = self._translator
-        out: list[StreamChunk] = []
-        for data in self._decoder.end():
-            out.extend(translator.feed(data))
-            if translator.finished:
-                return out
-        out.extend(translator.end())
+        out = self._translate(self._decoder.end())
+        if not self._translator.finished:
+            out.extend(self._translator.end())
         return out
 
     async def batches(self) -> AsyncIterator[list[StreamChunk]]:
