@@ -20,6 +20,7 @@ from gateway.policy_store import PolicyStore
 from gateway.tokens import TokenCounter
 from gateway.usage import UsageRecord, UsageSink
 from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.embeddings_upstream import WordEmbeddingsUpstream
 
 pytest_plugins = ["tests.conformance_plugin"]  # `--conformance-report`: docs/conformance.md from this run
 
@@ -161,6 +162,19 @@ def upstream(fake_upstream: FakeOpenAIUpstream) -> FakeOpenAIUpstream:
     """The shared fake, reset for this test."""
     fake_upstream.reset()
     return fake_upstream
+
+
+@pytest.fixture(scope="module")
+def words_server() -> Iterator[WordEmbeddingsUpstream]:
+    """An embeddings upstream whose vectors make sentences with shared words similar (semantic caching)."""
+    with WordEmbeddingsUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def words(words_server: WordEmbeddingsUpstream) -> WordEmbeddingsUpstream:
+    words_server.reset()
+    return words_server
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -15,18 +15,6 @@ Start = Callable[..., RunningGateway]
 ASKED = "what is the capital city of France"
 CLOSE = "what is the capital city of France please"  # same words plus one
 FAR = "what is the largest city of Spain"
-
-
-@pytest.fixture(scope="module")
-def words_server() -> Iterator[WordEmbeddingsUpstream]:
-    with WordEmbeddingsUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def words(words_server: WordEmbeddingsUpstream) -> WordEmbeddingsUpstream:
-    words_server.reset()
-    return words_server
 
 
 def semantic_policy(base_url: str, threshold: float, backend: str = "backend: memory") -> str:

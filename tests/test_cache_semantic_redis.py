@@ -32,18 +32,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def words_server() -> Iterator[WordEmbeddingsUpstream]:
-    with WordEmbeddingsUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def words(words_server: WordEmbeddingsUpstream) -> WordEmbeddingsUpstream:
-    words_server.reset()
-    return words_server
-
-
 @pytest.fixture
 def prefix() -> Iterator[str]:
     prefix = f"sbtest:semantic:{uuid.uuid4().hex}:"
