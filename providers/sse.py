@@ -24,6 +24,20 @@ class SseDecoder:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
+        last = buffer.rfind(b"\n\n")
+        if last < 0:
+            self._buffer = buffer
+            return []
+        # The common case, checked by a few scans in C rather than per event: every complete event is one
+        # `data: ` line, so the only newlines before the last blank line are the blank lines between events.
+        if buffer.startswith(b"data: "):
+            events = buffer.count(b"\n\ndata: ", 0, last) + 1
+            if buffer.count(b"\n", 0, last) == 2 * (events - 1):
+                self._buffer = buffer[last + 2:]
+                return buffer[6:last].split(b"\n\ndata: ")
+        return self._feed_event_by_event(buffer)
+
+    def _feed_event_by_event(self, buffer: bytes) -> list[bytes]:
         payloads = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
