@@ -453,20 +453,11 @@ class PrimedStream:
         return False
 
     def translate(self, chunk: bytes) -> list[StreamChunk]:
-        return self._translate(self._decoder.feed(chunk))
-
-    def _translate(self, payloads: list[bytes]) -> list[StreamChunk]:
-        translator = self._translator
-        out: list[StreamChunk] = []
-        for data in payloads:
-            out.extend(translator.feed(data))
-            if translator.finished:
-                break
-        return out
+        return self._translator.feed_all(self._decoder.feed(chunk))
 
     def drain(self) -> list[StreamChunk]:
         """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
-        out = self._translate(self._decoder.end())
+        out = self._translator.feed_all(self._decoder.end())
         if not self._translator.finished:
             out.extend(self._translator.end())
         return out
@@ -478,7 +469,7 @@ class PrimedStream:
             batch, self.pending = self.pending, []
             if self._leftover:
                 try:
-                    batch += self._translate(self._leftover)
+                    batch += self._translator.feed_all(self._leftover)
                 except UpstreamFailed:
                     yield batch  # the content before the failure, then the failure
                     raise

@@ -23,6 +23,7 @@ from providers.base import (
     Endpoint,
     FailureKind,
     ParsedResponse,
+    PayloadTranslator,
     ProviderSettings,
     StreamChunk,
     StreamTranslator,
@@ -171,7 +172,7 @@ class AnthropicAdapter:
 _AS_TEXT = -1
 
 
-class _MessagesStream:
+class _MessagesStream(PayloadTranslator):
     """A Messages API stream as OpenAI chat chunks."""
 
     __slots__ = ("_raw_usage", "_structured", "_tool_index", "_tools_seen", "_upstream_model", "_writer", "finished")

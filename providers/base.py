@@ -192,6 +192,8 @@ class StreamTranslator(Protocol):
 
     - `feed` translates one payload into zero or more canonical chunks; it
       raises `UpstreamFailed` for an error event inside the stream.
+    - `feed_all` translates the payloads of one network read, stopping once
+      `finished`; `PayloadTranslator` gives every translator the plain loop.
     - `finished` turns true once the upstream has said everything (OpenAI's
       `[DONE]`, Anthropic's `message_stop`, ...): the gateway reads no further.
     - `end` is called when the upstream closed the stream without `finished`:
@@ -203,7 +205,31 @@ class StreamTranslator(Protocol):
 
     def feed(self, data: bytes) -> Sequence[StreamChunk]: ...
 
+    def feed_all(self, payloads: Sequence[bytes]) -> list[StreamChunk]: ...
+
     def end(self) -> Sequence[StreamChunk]: ...
+
+
+class PayloadTranslator:
+    """What every stream translator shares: a read's payloads translated one at a time.
+
+    A translator that can judge a whole read at once overrides `feed_all` (the
+    OpenAI-compatible one relays most reads byte for byte after one scan).
+    """
+
+    __slots__ = ()
+    finished: bool
+
+    def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        raise NotImplementedError
+
+    def feed_all(self, payloads: Sequence[bytes]) -> list[StreamChunk]:
+        out: list[StreamChunk] = []
+        for data in payloads:
+            out.extend(self.feed(data))
+            if self.finished:  # nothing after the end of the answer counts
+                break
+        return out
 
 
 class Adapter(Protocol):

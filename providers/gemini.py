@@ -26,6 +26,7 @@ from providers.base import (
     Endpoint,
     FailureKind,
     ParsedResponse,
+    PayloadTranslator,
     ProviderSettings,
     StreamChunk,
     StreamTranslator,
@@ -151,7 +152,7 @@ class GeminiAdapter:
         return _failure(status, error_object(body), headers)
 
 
-class _GenerateContentStream:
+class _GenerateContentStream(PayloadTranslator):
     """A streamGenerateContent stream as OpenAI chat chunks; Gemini ends it by closing the connection."""
 
     __slots__ = ("_finished_candidates", "_tools_seen", "_upstream_model", "_usage_metadata", "_writer", "finished")

@@ -26,6 +26,7 @@ from providers.base import (
     FailureKind,
     NoOptions,
     ParsedResponse,
+    PayloadTranslator,
     ProviderSettings,
     StreamChunk,
     StreamTranslator,
@@ -132,7 +133,7 @@ class OpenAICompatAdapter:
         return failure_from_openai_error(status, error_object(body), headers)
 
 
-class _CompatStream:
+class _CompatStream(PayloadTranslator):
     """An OpenAI-compatible stream: chunks relayed byte for byte, only the ones that matter decoded.
 
     Parsing every chunk would dominate a stream's CPU cost; only chunks that
@@ -151,12 +152,25 @@ class _CompatStream:
             return ()
         # Quotes inside JSON strings are escaped, so these byte counts see keys only: a chunk whose every
         # `finish_reason` and `usage` is null carries nothing the gateway reads, and is relayed undecoded.
+        # Compact JSON (`"key":null`, as OpenAI and vLLM send it) is counted first, so one count usually settles it.
+        finishes = data.count(b'"finish_reason"')
         if (not data.startswith(b'{"error"')
-                and data.count(b'"finish_reason"') == data.count(b'"finish_reason":null')
-                + data.count(b'"finish_reason": null')
-                and data.count(b'"usage"') == data.count(b'"usage":null') + data.count(b'"usage": null')):
+                and (finishes == data.count(b'"finish_reason":null')
+                     or finishes == data.count(b'"finish_reason":null') + data.count(b'"finish_reason": null'))
+                and (b'"usage"' not in data
+                     or data.count(b'"usage"') == data.count(b'"usage":null') + data.count(b'"usage": null'))):
             return (StreamChunk(data),)
         return (self._decoded(data),)
+
+    def feed_all(self, payloads: Sequence[bytes]) -> list[StreamChunk]:
+        # Most reads carry only content deltas: one scan of the whole read finds that, and its payloads are
+        # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event.
+        joined = b"".join(payloads)
+        if (DONE not in joined and b'{"error"' not in joined
+                and joined.count(b'"finish_reason"') == joined.count(b'"finish_reason":null')
+                and joined.count(b'"usage"') == joined.count(b'"usage":null')):
+            return [StreamChunk(data) for data in payloads]
+        return super().feed_all(payloads)
 
     def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the

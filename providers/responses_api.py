@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from providers.base import FailureKind, ParsedResponse, StreamChunk, UpstreamFailed, UpstreamFailure, Usage
+from providers.base import (
+    FailureKind,
+    ParsedResponse,
+    PayloadTranslator,
+    StreamChunk,
+    UpstreamFailed,
+    UpstreamFailure,
+    Usage,
+)
 from providers.canonical import load_object
 from providers.sse import DONE
 
@@ -69,7 +77,7 @@ def parse_response(body: bytes) -> ParsedResponse:
     )
 
 
-class ResponsesStream:
+class ResponsesStream(PayloadTranslator):
     """Relay Responses events; decode only the terminal one (usage) and `error` (raised).
 
     Event types are found by byte search: inside JSON strings quotes are escaped,

@@ -12,14 +12,12 @@ def translate_bytes(adapter: Adapter, call: Call, chunks: Iterable[bytes]) -> li
     """Every canonical chunk the adapter makes of `chunks`; raises what the translator raises."""
     decoder, translator = SseDecoder(), adapter.stream_translator(call)
     out: list[StreamChunk] = []
-    for chunk in chunks:
-        for data in decoder.feed(chunk):
-            out.extend(translator.feed(data))
-            if translator.finished:
-                return out
-    for data in decoder.end():
-        out.extend(translator.feed(data))
+    for chunk in chunks:  # one network read at a time
+        out.extend(translator.feed_all(decoder.feed(chunk)))
         if translator.finished:
             return out
+    out.extend(translator.feed_all(decoder.end()))
+    if translator.finished:
+        return out
     out.extend(translator.end())
     return out

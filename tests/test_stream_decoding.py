@@ -86,3 +86,36 @@ def test_error_event_and_missing_done_are_failures() -> None:
     assert "boom" in error.value.failure.message
     with pytest.raises(UpstreamFailed, match="ended before completing"):
         translate_bytes(ADAPTER, CALL, [_sse({"choices": [_chunk(0, "hi", None)]})])
+
+
+PLAIN = [{"choices": [_chunk(0, f"word{n} ", None)], "usage": None} for n in range(6)]
+ENDING = [{"choices": [_chunk(0, None, "stop")], "usage": None},
+          {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}}, b"[DONE]"]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(_sse(*PLAIN, *ENDING))), max_size=5))
+def test_reads_translate_as_the_same_chunks_however_the_events_are_grouped(cuts: list[int]) -> None:
+    """Reads of content deltas only are relayed after one scan; the rest event by event: same chunks either way."""
+    wire = _sse(*PLAIN, *ENDING)
+    bounds = [0, *sorted(cuts), len(wire)]
+    by_read = translate_bytes(ADAPTER, CALL, [wire[a:b] for a, b in itertools.pairwise(bounds)])
+    translator = ADAPTER.stream_translator(CALL)
+    one_by_one = [chunk for data in _decode([wire]) for chunk in translator.feed(data)]
+    assert [(c.data, c.finish_reason, c.usage, c.usage_only) for c in by_read] == [
+        (c.data, c.finish_reason, c.usage, c.usage_only) for c in one_by_one]
+    assert [c.finish_reason for c in by_read][-2:] == ["stop", None] and by_read[-1].usage_only
+
+
+def test_an_error_event_among_content_deltas_in_one_read_is_a_failure() -> None:
+    wire = _sse(*PLAIN[:3], {"error": {"message": "overloaded", "type": "server_error"}})
+    with pytest.raises(UpstreamFailed) as error:
+        translate_bytes(ADAPTER, CALL, [wire])
+    assert "overloaded" in error.value.failure.message
+
+
+def test_many_single_line_events_in_one_read_keep_a_partial_event_for_the_next() -> None:
+    wire = _sse(*PLAIN)
+    decoder = SseDecoder()
+    first = decoder.feed(wire[:-10])
+    assert first == [orjson.dumps(p) for p in PLAIN[:-1]]
+    assert decoder.feed(wire[-10:]) == [orjson.dumps(PLAIN[-1])]
