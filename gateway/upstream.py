@@ -123,9 +123,11 @@ class AiohttpClient:
             ttl_dns_cache=300,
         )
         # A default User-Agent rather than `skip_auto_headers`, which made aiohttp copy and extend the
-        # headers of every request to find what to skip.
+        # headers of every request to find what to skip. No cookie jar: every team shares this session, and
+        # a cookie an upstream set for one caller would otherwise be sent with everyone's later requests.
         self._session = aiohttp.ClientSession(  # noqa: TID251 - this module is the one place for it
             connector=connector, auto_decompress=True, headers={"user-agent": USER_AGENT},
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         # Parsed URLs by string: an adapter builds the same few URLs again and again, and parsing one
         # cost more than the rest of aiohttp's request setup. Bounded, as a URL may carry a model name.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.conftest import RunningGateway
-from tests.fakes import FakeOpenAIUpstream
+from tests.conftest import RunningGateway, standard_policy
+from tests.fakes import Behaviour, FakeOpenAIUpstream
 
 WEATHER_TOOL = {
     "type": "function",
@@ -46,6 +48,28 @@ def test_chat_is_forwarded_with_the_model_rewritten_and_the_upstream_key(
                         "max_completion_tokens": 60}.items():
         assert sent.json[name] == value, name
     assert sent.json["messages"][0] == {"role": "system", "content": "be brief"}
+
+
+def test_cookies_an_upstream_sets_are_neither_kept_nor_passed_on(
+    upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]
+) -> None:
+    """Every team shares a provider's connection pool: a cookie kept from one caller's answer would ride on the next."""
+    # By host name: an HTTP client's cookie jar may ignore cookies from bare IP addresses.
+    gateway = start_gateway(standard_policy(upstream.base_url.replace("127.0.0.1", "localhost")))
+    answer = {"id": "chatcmpl-c", "object": "chat.completion", "created": 1, "model": "upstream-chat",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    upstream.script(Behaviour(status=200, body=answer, headers={"set-cookie": "session=first-caller; Path=/"}))
+    client = gateway.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat-model", messages=[{"role": "user", "content": "first"}])
+    assert raw.parse().choices[0].message.content == "hi"
+    assert "set-cookie" not in raw.headers
+
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "second"}])
+    sent = upstream.last_request
+    assert sent is not None and sent.json["messages"][0]["content"] == "second"
+    assert sent.header("cookie") is None
 
 
 def test_usage_is_settled_for_every_request(gateway: RunningGateway) -> None:
