@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,34 +255,39 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.2) -> None:
     report.progress(f"(machine still busy after {max_wait:g} s, measuring anyway) ")
 
 
-def run_modes(
-    name: str, target: Target, upstream: Upstream, modes: list[Mode], args: argparse.Namespace
-) -> Iterator[dict[str, Any]]:
-    for mode in modes:
-        if args.quiet_wait > 0:
-            wait_for_quiet(args.quiet_wait)
-        report.progress(f"{name:17} {mode.name:24}")
-        cell = run_cell(target, upstream, mode, args)
-        p50 = report.fmt(cell["p50_ms"])
-        report.progress(f" {cell['rps']:7.0f} req/s  p50 {p50} ms  errors {cell['errors']}\n")
-        yield {"system": name, "mode": mode.name, "loop": mode.loop, "stream": mode.stream, **cell}
+def run_cell_logged(
+    name: str, target: Target, upstream: Upstream, mode: Mode, args: argparse.Namespace
+) -> dict[str, Any]:
+    if args.quiet_wait > 0:
+        wait_for_quiet(args.quiet_wait)
+    report.progress(f"{name:17} {mode.name:24}")
+    cell = run_cell(target, upstream, mode, args)
+    p50 = report.fmt(cell["p50_ms"])
+    report.progress(f" {cell['rps']:7.0f} req/s  p50 {p50} ms  errors {cell['errors']}\n")
+    return {"system": name, "mode": mode.name, "loop": mode.loop, "stream": mode.stream, **cell}
 
 
 def run_phase(
     upstream: Upstream, modes: list[Mode], starters: dict[str, Starter], args: argparse.Namespace, tmp: Path
 ) -> list[dict[str, Any]]:
-    """Start each system against this upstream, run every mode against it, stop it."""
-    rows = []
-    for name, start in starters.items():
-        target = start(upstream, args, tmp)
-        if target is None:
-            continue
-        try:
-            rows.extend(run_modes(name, target, upstream, modes, args))
-        finally:
+    """Start every system against this upstream, then run each mode on each system in turn, then stop them.
+
+    Systems take turns mode by mode, so the cells compared in a ratio run within a minute or two of each
+    other: on a shared machine the speed drifts over minutes, and whole-system blocks let that drift land on
+    one system. Idle systems wait on core 0 without using it.
+    """
+    targets: dict[str, Target] = {}
+    try:
+        for name, start in starters.items():
+            target = start(upstream, args, tmp)
+            if target is not None:
+                targets[name] = target
+        return [run_cell_logged(name, target, upstream, mode, args)
+                for mode in modes for name, target in targets.items()]
+    finally:
+        for target in targets.values():
             if target.child:
                 target.child.stop()
-    return rows
 
 
 def parse_args() -> argparse.Namespace:
