@@ -35,7 +35,7 @@ from providers.base import (
     UpstreamRequest,
     Usage,
 )
-from providers.canonical import error_object, load_object
+from providers.canonical import error_object, load_object, stream_cut
 from providers.sse import DONE
 
 PATHS = {
@@ -150,15 +150,7 @@ class _CompatStream(PayloadTranslator):
         if data == DONE:
             self.finished = True
             return ()
-        # Quotes inside JSON strings are escaped, so these byte counts see keys only: a chunk whose every
-        # `finish_reason` and `usage` is null carries nothing the gateway reads, and is relayed undecoded.
-        # Compact JSON (`"key":null`, as OpenAI and vLLM send it) is counted first, so one count usually settles it.
-        finishes = data.count(b'"finish_reason"')
-        if (not data.startswith(b'{"error"')
-                and (finishes == data.count(b'"finish_reason":null')
-                     or finishes == data.count(b'"finish_reason":null') + data.count(b'"finish_reason": null'))
-                and (b'"usage"' not in data
-                     or data.count(b'"usage"') == data.count(b'"usage":null') + data.count(b'"usage": null'))):
+        if _nothing_to_read(data):
             return (StreamChunk(data),)
         return (self._decoded(data),)
 
@@ -166,18 +158,14 @@ class _CompatStream(PayloadTranslator):
         # Most reads carry only content deltas: one scan of the whole read finds that, and its payloads are
         # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event.
         joined = b"".join(payloads)
-        if (DONE not in joined and b'{"error"' not in joined
-                and joined.count(b'"finish_reason"') == joined.count(b'"finish_reason":null')
-                and joined.count(b'"usage"') == joined.count(b'"usage":null')):
+        if DONE not in joined and _nothing_to_read(joined):
             return [StreamChunk(data) for data in payloads]
         return super().feed_all(payloads)
 
     def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the
         # answer may be incomplete, and the client must not be told otherwise.
-        raise UpstreamFailed(
-            UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
-        )
+        raise stream_cut()
 
     def _decoded(self, data: bytes) -> StreamChunk:
         payload = load_object(data, "stream event")
@@ -196,6 +184,18 @@ class _CompatStream(PayloadTranslator):
         usage = usage_from_openai(payload.get("usage"))
         return StreamChunk(data, usage=usage, usage_only=usage is not None and not choices,
                            finish_reason=finish_reason)
+
+
+def _nothing_to_read(data: bytes) -> bool:
+    """Whether stream bytes (one event or a whole read) carry no error object and no non-null finish reason or usage.
+
+    Quotes inside JSON strings are escaped, so these byte counts see keys only; an event for which this holds
+    is relayed undecoded.
+    """
+    return (b'{"error"' not in data
+            and data.count(b'"finish_reason"') == data.count(b'"finish_reason":null')
+            + data.count(b'"finish_reason": null')
+            and data.count(b'"usage"') == data.count(b'"usage":null') + data.count(b'"usage": null'))
 
 
 _CHAT_LIKE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # take stream_options.include_usage

@@ -22,7 +22,7 @@ from providers.base import (
     UpstreamFailure,
     Usage,
 )
-from providers.canonical import load_object
+from providers.canonical import load_object, stream_cut
 from providers.sse import DONE
 
 # Terminal events carry the full Response, usage included; `response.failed` is a
@@ -102,9 +102,7 @@ class ResponsesStream(PayloadTranslator):
         return (StreamChunk(data),)
 
     def end(self) -> Sequence[StreamChunk]:
-        raise UpstreamFailed(
-            UpstreamFailure(FailureKind.CONNECTION, 502, "the upstream stream ended before completing")
-        )
+        raise stream_cut()
 
 
 def _stream_failure(event: Mapping[str, Any]) -> UpstreamFailure:
