@@ -41,9 +41,7 @@ class SseDecoder:
         payloads = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
-            if buffer.startswith(b"data: ", start) and buffer.find(b"\n", start, end) < 0:
-                payloads.append(buffer[start + 6 : end])  # the common case: one `data: ` line per event
-            elif (data := _data_of(buffer[start:end])) is not None:
+            if (data := _data_of(buffer[start:end])) is not None:
                 payloads.append(data)
             start = end + 2
         self._buffer = buffer[start:] if start else buffer
