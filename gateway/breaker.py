@@ -2,12 +2,14 @@
 
 The breaker trips after `consecutive_failures` failures in a row, or when the
 failure share over the last `window_s` reaches `failure_rate` (once at least
-`min_requests` were seen). The window is counted in tenths of `window_s`:
-constant work and memory per request, where keeping every outcome held
-150,000 entries at 5,000 req/s and summed them on each failure. It then stays open for a cooldown that doubles on
+`min_requests` were seen). It then stays open for a cooldown that doubles on
 each trip that follows without a recovery in between, and finally lets exactly
 one probe through (half-open): its success closes the breaker, its failure
 re-opens it with the longer cooldown.
+
+The window is counted in tenths of `window_s`: constant work and memory per
+request, where keeping every outcome held 150,000 entries at 5,000 req/s and
+summed them all on each failure.
 
 Time comes from the caller (`now`), so tests drive it with a plain number.
 """
