@@ -19,7 +19,7 @@ import orjson
 from providers.base import Endpoint, Usage
 from providers.canonical import usage_json
 from providers.openai_compat import usage_from_openai
-from providers.sse import DONE_EVENT
+from providers.sse import DONE_EVENT, encode_event
 
 # Content is replayed in pieces of this many characters: a valid stream of
 # chunked deltas without one event per token.
@@ -71,7 +71,7 @@ class Entry:
 
 
 def _event(payload: Mapping[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return encode_event(orjson.dumps(payload))
 
 
 def from_response(endpoint: Endpoint, body: bytes, usage: Usage | None, created: float) -> Entry:
@@ -128,8 +128,8 @@ def _pieces(text: str) -> list[str]:
 def from_stream(endpoint: Endpoint, chunks: Sequence[bytes], usage: Usage | None, usage_data: bytes | None,
                 created: float) -> Entry:
     """An entry from a completed stream's canonical chunks (without its usage-only chunk)."""
-    events = b"".join(b"data: " + data + b"\n\n" for data in chunks)
-    usage_event = b"data: " + usage_data + b"\n\n" if usage_data is not None else b""
+    events = b"".join(map(encode_event, chunks))
+    usage_event = encode_event(usage_data) if usage_data is not None else b""
     raw_usage: Any = None
     if usage_data is not None:
         raw_usage = orjson.loads(usage_data).get("usage")

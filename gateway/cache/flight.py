@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from gateway.cache.entry import Entry
+from providers.sse import encode_event
 
 RUNNING, COMPLETED, FAILED = 0, 1, 2
 
@@ -76,7 +77,7 @@ class Flight:
             if sent < len(chunks):
                 batch = chunks[sent:]
                 sent = len(chunks)
-                yield b"".join(b"data: " + data + b"\n\n" for data in batch)
+                yield b"".join(map(encode_event, batch))
             elif self.state != RUNNING:
                 return
             else:
