@@ -357,6 +357,9 @@ class _ReadResponse:
     def close(self) -> None:
         pass
 
+    def finish(self) -> None:
+        pass
+
 
 async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s: float | None,
                  outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> PrimedStream:
@@ -505,5 +508,9 @@ class PrimedStream:
             self._outcome.finish(failure)
 
     def close(self) -> None:
-        self._response.close()
+        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped."""
+        if self.finished:
+            self._response.finish()
+        else:
+            self._response.close()
         self._outcome.finish(None)

@@ -46,7 +46,11 @@ class UpstreamResponse(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Abandon the response: the connection is dropped, which tells the upstream to stop."""
+
+    def finish(self) -> None:
+        """The caller has all it wanted (a stream's end event): keep the connection for the next call if it can."""
 
 
 class UpstreamClient(Protocol):
@@ -56,10 +60,11 @@ class UpstreamClient(Protocol):
 
 
 class _AiohttpResponse:
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_client", "_response", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, client: AiohttpClient) -> None:
         self._response = response
+        self._client = client
         self.status = response.status
         self.headers = response.headers
 
@@ -79,6 +84,14 @@ class _AiohttpResponse:
         # upstream learns that a stream was abandoned and stops generating.
         if not self._response.closed:
             self._response.close()
+
+    def finish(self) -> None:
+        # A stream's end event usually comes a read before the end of the HTTP body (the chunked
+        # terminator): closing there would cost the next call a new connection, and over TLS a handshake.
+        if self._response.content.is_eof():
+            self._response.release()
+        elif not self._response.closed:
+            self._client.drain_later(self._response)
 
 
 class _AiohttpChunks:
@@ -136,6 +149,7 @@ class AiohttpClient:
             total=provider.total_timeout_s, connect=provider.connect_timeout_s,
             sock_read=provider.first_byte_timeout_s,
         )
+        self._draining: set[asyncio.Task[None]] = set()
 
     async def open(self, request: UpstreamRequest) -> UpstreamResponse:
         try:
@@ -145,9 +159,17 @@ class AiohttpClient:
             )
         except _NETWORK_ERRORS as exc:
             raise _translate(exc) from exc
-        return _AiohttpResponse(response)
+        return _AiohttpResponse(response, self)
+
+    def drain_later(self, response: aiohttp.ClientResponse) -> None:
+        """Read what is left of a finished response off the request path, then pool its connection."""
+        task = asyncio.get_running_loop().create_task(_drain(response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def close(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         await self._session.close()
 
     def _url(self, url: str) -> URL:
@@ -160,6 +182,22 @@ class AiohttpClient:
 
 
 _MAX_CACHED_URLS = 256
+# How long a finished stream's last bytes may take to arrive before its connection is dropped instead of pooled.
+_DRAIN_S = 1.0
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(_DRAIN_S):
+            while await response.content.readany():
+                pass  # anything after the end event carries nothing the caller wanted
+    except _NETWORK_ERRORS:  # a timeout included: the connection is not worth keeping
+        response.close()
+    except BaseException:
+        response.close()
+        raise
+    else:
+        response.release()
 
 
 class _InProcessResponse:
@@ -182,6 +220,9 @@ class _InProcessResponse:
         yield b"data: [DONE]\n\n"
 
     def close(self) -> None:
+        pass
+
+    def finish(self) -> None:
         pass
 
 

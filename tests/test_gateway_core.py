@@ -100,6 +100,41 @@ def test_stream_relays_chunks_and_strips_the_usage_chunk_nobody_asked_for(
     assert record.time_to_first_token_ms is not None
 
 
+def test_a_finished_stream_leaves_its_upstream_connection_to_the_next_call(
+    gateway: RunningGateway, upstream: FakeOpenAIUpstream
+) -> None:
+    """The body's end often trails `[DONE]`; dropping the connection there cost the next call a connect (over TLS,
+    a handshake)."""
+    upstream.script(Behaviour(end_delay_ms=100))
+    client = gateway.client()
+    stream = client.chat.completions.create(
+        model="chat-model", messages=[{"role": "user", "content": "first stream"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "echo: first stream"
+    # The next call goes out once the upstream has ended the body; until then the connection is not free.
+    assert upstream.wait_for_streams_ended(1)
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "next"}])
+
+    first, second = upstream.requests
+    assert first.peer is not None and second.peer == first.peer, "the second call opened a new connection"
+    assert upstream.disconnects == []
+
+
+def test_a_stream_whose_body_never_ends_after_done_is_answered_and_its_connection_dropped(
+    gateway: RunningGateway, upstream: FakeOpenAIUpstream
+) -> None:
+    upstream.script(Behaviour(end_delay_ms=30_000))
+    client = gateway.client()
+    stream = client.chat.completions.create(
+        model="chat-model", messages=[{"role": "user", "content": "lingering"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "echo: lingering"
+    assert upstream.disconnects == [], "the client's stream must not wait for the upstream's end of body"
+
+    assert upstream.wait_for_disconnect(timeout=10), "the gateway kept waiting on a body that never ended"
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "next"}])
+    first, second = upstream.requests
+    assert second.peer != first.peer
+
+
 def test_stream_with_include_usage_ends_with_the_usage_chunk(gateway: RunningGateway) -> None:
     stream = gateway.client().chat.completions.create(
         model="chat-model", messages=[{"role": "user", "content": "count me"}], stream=True,

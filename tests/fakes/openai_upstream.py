@@ -73,7 +73,8 @@ class RecordedRequest:
     """One request as the fake received it.
 
     ``headers`` has lowercase keys (a repeated header keeps its last value); ``json`` is the parsed
-    body or None when the body is empty or not JSON; ``received_at`` is ``time.monotonic()``.
+    body or None when the body is empty or not JSON; ``received_at`` is ``time.monotonic()``;
+    ``peer`` is the client's (host, port): requests with the same peer came over the same connection.
     """
 
     method: str
@@ -83,6 +84,7 @@ class RecordedRequest:
     body: bytes
     json: Any
     received_at: float
+    peer: tuple[str, int] | None = None
 
     def header(self, name: str) -> str | None:
         """Return a header's value, matching the name case-insensitively."""
@@ -125,6 +127,8 @@ class Behaviour:
         drop_after_chunks: send this many SSE events (the role chunk counts), then close the
             connection without ``[DONE]``. A non-streamed reply sends its headers and half its body.
         stream_error: with ``drop_after_chunks``, send ``data: {"error": stream_error}`` before closing.
+        end_delay_ms: after a stream's last event, wait this long before ending the response body, as a
+            server does whose end of body trails its ``[DONE]``.
         content: replace the generated text content.
     """
 
@@ -139,6 +143,7 @@ class Behaviour:
     chunk_delay_ms: float | None = None
     drop_after_chunks: int | None = None
     stream_error: Mapping[str, Any] | None = None
+    end_delay_ms: float = 0.0
     content: str | None = None
 
     @classmethod
@@ -546,6 +551,7 @@ class FakeOpenAIUpstream:
         self._changed = threading.Condition(self._lock)
         self._requests: list[RecordedRequest] = []
         self._request_count = 0
+        self._streams_ended = 0
         self._script: collections.deque[Behaviour] = collections.deque()
         self._disconnects: list[ClientDisconnect] = []
         self._ids = itertools.count(1)
@@ -691,6 +697,7 @@ class FakeOpenAIUpstream:
         with self._lock:
             self._requests.clear()
             self._request_count = 0
+            self._streams_ended = 0
             self._script.clear()
             self._disconnects.clear()
         self.release()
@@ -731,6 +738,11 @@ class FakeOpenAIUpstream:
         """Block until ``count`` requests have arrived; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._request_count >= count, timeout)
+
+    def wait_for_streams_ended(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Block until ``count`` streamed responses were written to their end of body; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._streams_ended >= count, timeout)
 
     def wait_for_disconnect(self, timeout: float = 5.0, count: int = 1) -> bool:
         """Block until ``count`` client disconnects have been noticed; False on timeout."""
@@ -804,6 +816,7 @@ class FakeOpenAIUpstream:
                 body=body,
                 json=parsed,
                 received_at=time.monotonic(),
+                peer=request.transport.get_extra_info("peername") if request.transport is not None else None,
             )
         with self._changed:
             self._request_count += 1
@@ -860,6 +873,12 @@ class FakeOpenAIUpstream:
                 await asyncio.sleep(delay)
             await response.write(frame)
             exchange.chunks_sent += 1
+        if behaviour.end_delay_ms:
+            await asyncio.sleep(behaviour.end_delay_ms / 1000)
+        await response.write_eof()
+        with self._changed:
+            self._streams_ended += 1
+            self._changed.notify_all()
         return response
 
     async def _respond_json(self, request: web.Request, payload: Any, behaviour: Behaviour) -> web.StreamResponse:
