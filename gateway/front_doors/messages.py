@@ -15,7 +15,7 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import GatewayError, render
-from gateway.front_doors.reframing import reframed
+from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
 from providers.sse import encode_named_event
@@ -223,7 +223,7 @@ def message_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     return reframed(chunks, _MessageStream())
 
 
-class _MessageStream:
+class _MessageStream(ChatStream):
     """Turns chat chunks into Messages API events, one `data:` payload at a time.
 
     Text and each tool call become content blocks in order; the finish reason
@@ -232,7 +232,7 @@ class _MessageStream:
     """
 
     def __init__(self) -> None:
-        self.done = False
+        super().__init__()
         self._open_block: int | None = None
         self._blocks = 0
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool_calls index -> block index
@@ -240,16 +240,11 @@ class _MessageStream:
         self._finish: str | None = None
         self._usage: Any = None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        if data == b"[DONE]":
-            self.done = True
-            return self._closing()
-        chunk = orjson.loads(data)
-        if "error" in chunk and "choices" not in chunk:
-            self.done = True
-            error = chunk["error"] or {}
-            return [_event("error", {"type": "error", "error": {
-                "type": _ERROR_TYPES.get(_status_of(error), "api_error"), "message": error.get("message")}})]
+    def failed(self, error: Mapping[str, Any]) -> list[bytes]:
+        return [_event("error", {"type": "error", "error": {
+            "type": _ERROR_TYPES.get(_status_of(error), "api_error"), "message": error.get("message")}})]
+
+    def chunk(self, chunk: Mapping[str, Any]) -> list[bytes]:
         out: list[bytes] = []
         if not self._started:
             self._started = True
@@ -288,7 +283,7 @@ class _MessageStream:
         out.append(_event("content_block_start", {"type": "content_block_start", "index": self._open_block,
                                                   "content_block": block}))
 
-    def _closing(self) -> list[bytes]:
+    def closing(self) -> list[bytes]:
         out: list[bytes] = []
         if self._open_block is not None:
             out.append(_event("content_block_stop", {"type": "content_block_stop", "index": self._open_block}))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
 
-from providers.sse import SseDecoder
+import orjson
+
+from providers.sse import DONE, SseDecoder
 
 
 class EventStream(Protocol):
@@ -15,6 +17,33 @@ class EventStream(Protocol):
     done: bool
 
     def feed(self, data: bytes) -> list[bytes]: ...
+
+
+class ChatStream:
+    """An `EventStream` over the pipeline's chat stream: `[DONE]` closes it, an in-band error object ends it
+    (`failed`), and every other payload is a chat chunk (`chunk`). Subclasses render the other API's events."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if data == DONE:
+            self.done = True
+            return self.closing()
+        chunk = orjson.loads(data)
+        if "error" in chunk and "choices" not in chunk:
+            self.done = True
+            return self.failed(chunk["error"] or {})
+        return self.chunk(chunk)
+
+    def chunk(self, chunk: Mapping[str, Any]) -> list[bytes]:
+        raise NotImplementedError
+
+    def closing(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def failed(self, error: Mapping[str, Any]) -> list[bytes]:
+        raise NotImplementedError
 
 
 async def reframed(chunks: AsyncIterator[bytes], stream: EventStream) -> AsyncIterator[bytes]:

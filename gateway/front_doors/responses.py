@@ -22,7 +22,7 @@ import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
 from gateway.errors import ErrorKind, GatewayError, render
-from gateway.front_doors.reframing import reframed
+from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
@@ -258,7 +258,7 @@ def response_events(chunks: AsyncIterator[bytes], request: Mapping[str, Any]) ->
     return reframed(chunks, _ResponseStream(request))
 
 
-class _ResponseStream:
+class _ResponseStream(ChatStream):
     """Turns chat chunks into Responses events, one `data:` payload at a time.
 
     Text becomes a message item, each tool call a function_call item, in the
@@ -267,7 +267,7 @@ class _ResponseStream:
     """
 
     def __init__(self, request: Mapping[str, Any]) -> None:
-        self.done = False
+        super().__init__()
         self._request = request
         self._event = _Events()
         self._head: dict[str, Any] = {}
@@ -277,16 +277,11 @@ class _ResponseStream:
         self._finish: str | None = None
         self._usage: Any = None
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def failed(self, error: Mapping[str, Any]) -> list[bytes]:
+        return [self._event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))]
+
+    def chunk(self, chunk: Mapping[str, Any]) -> list[bytes]:
         event, output = self._event, self._output
-        if data == b"[DONE]":
-            self.done = True
-            return self._completed()
-        chunk = orjson.loads(data)
-        if "error" in chunk and "choices" not in chunk:
-            self.done = True
-            error = chunk["error"] or {}
-            return [event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))]
         out: list[bytes] = []
         if not self._head:
             self._head = {"id": chunk.get("id"), "created": chunk.get("created"), "model": chunk.get("model")}
@@ -327,7 +322,7 @@ class _ResponseStream:
                                      output_index=at, delta=function["arguments"]))
         return out
 
-    def _completed(self) -> list[bytes]:
+    def closing(self) -> list[bytes]:
         out: list[bytes] = []
         for at, item in enumerate(self._output):
             if item["status"] == "in_progress":
