@@ -37,7 +37,8 @@ class Timeouts(Strict):
 
     connect_s: float = Field(5.0, gt=0, description="Getting a connection: waiting for a free one in the pool "
                              "(`max_connections`) and establishing TCP/TLS.")
-    first_byte_s: float = Field(60.0, gt=0, description="From sending the request to the response headers.")
+    first_byte_s: float = Field(60.0, gt=0, description="From sending the request to the response headers; also "
+                                "the longest silence allowed between stream chunks.")
     total_s: float = Field(600.0, gt=0, description="The whole call, including reading a stream to its end.")
 
 
