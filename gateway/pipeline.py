@@ -24,6 +24,7 @@ from gateway.errors import ErrorKind, GatewayError, from_upstream, render, rende
 from gateway.limits import Admission, Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.pricing import COST_HEADER, charge, format_usd, stamp_cost
+from gateway.request_ids import explain_silent_refusal, stamp_request_id
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
@@ -200,7 +201,7 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
         request = provider.adapter.build_request(provider.settings, call)
     except UpstreamFailed as exc:  # a translating adapter met something it cannot express upstream
         raise from_upstream(exc.failure) from exc
-    request.headers["x-request-id"] = exchange.request_id
+    stamp_request_id(provider, request.headers, exchange.request_id)
     secrets = (provider.settings.api_key or "",)
     clock = services.clock
     waited_from = clock()
@@ -208,7 +209,8 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
         response = await exchange.trace.send(services.pools.client_for(provider), request, target, call)
         if response.status >= 400:
             error_body = await response.read()
-            failure = provider.adapter.classify_error(response.status, response.headers, error_body)
+            failure = explain_silent_refusal(provider.adapter.classify_error(response.status, response.headers,
+                                                                             error_body), error_body, provider, call)
             # Chained to the classified failure so retries can tell what kind it was.
             raise from_upstream(failure, secrets) from UpstreamFailed(failure)
     except UpstreamFailed as exc:

@@ -66,6 +66,9 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
+    # Where the request id goes upstream (gateway/request_ids.py): header name or None, and whether as a UUID.
+    request_id_header: str | None = "x-request-id"
+    request_id_uuid: bool = True
     # Settings that require a new connection pool when they change. Computed once: it holds the
     # options model, whose hash is too slow to recompute on every request.
     pool_identity: tuple[Any, ...] = field(init=False, compare=False, repr=False)
@@ -331,7 +334,11 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
         extra_headers=dict(config.headers),
         options=config.options,  # type: ignore[attr-defined]
     )
+    capabilities, request_id = adapter.capabilities, config.request_id
+    header = (request_id.header or capabilities.request_id_header) if request_id.send else None
+    as_uuid = capabilities.request_id_uuid if request_id.format is None else request_id.format == "uuid"
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
         config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
+        header.lower() if header else None, as_uuid,
     )

@@ -67,6 +67,18 @@ class MetricsScrapePolicy(Strict):
     timeout_s: float = Field(1.0, gt=0)
 
 
+class RequestIdPolicy(Strict):
+    """How the request id travels to the upstream (gateway/request_ids.py); unset fields take the kind's default."""
+
+    send: bool = Field(True, description="Send the request id upstream at all.")
+    header: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9-]+$", description="Header name "
+                               "(default per kind: x-request-id for self-hosted servers, x-client-request-id "
+                               "for openai, x-ms-client-request-id for azure_openai; none for other hosted APIs).")
+    format: Literal["uuid", "as_is"] | None = Field(None, description="uuid: the id if it is one, else a UUID "
+                                                   "derived from it (uuid5); as_is: the id unchanged (default: as_is "
+                                                   "for openai, uuid otherwise).")
+
+
 class ProviderBase(Strict):
     base_url: str | None = Field(
         None, description="Upstream base URL including the version prefix, e.g. https://api.openai.com/v1. "
@@ -80,6 +92,8 @@ class ProviderBase(Strict):
                                                    "its targets are skipped while it fails (gateway/health.py).")
     metrics: MetricsScrapePolicy | None = Field(None, description="Scrape a vLLM/SGLang Prometheus endpoint for "
                                                 "load, used by `prefix-affinity` and `least-busy`.")
+    request_id: RequestIdPolicy = Field(default_factory=RequestIdPolicy,
+                                        description="The request id header sent upstream.")
 
     @field_validator("base_url")
     @classmethod

@@ -66,6 +66,15 @@ class CompatSpec:
     options_model: type[BaseModel] = NoOptions
     # How limits count prompts for it (gateway/tokens.py FAMILIES).
     tokenizer: str = "openai"
+    # The one chat field the upstream reads as the completion cap: a client's `max_tokens` or
+    # `max_completion_tokens` is sent under this name (None: forwarded as sent). llama.cpp reads only
+    # `max_tokens` and otherwise generates until its context is full.
+    token_cap: str | None = None
+    # Model-name prefixes that take the other cap field instead (OpenAI's reasoning models refuse `max_tokens`).
+    token_cap_exceptions: tuple[tuple[str, str], ...] = ()
+    # Where the request id goes upstream (Capabilities.request_id_header, request_id_uuid).
+    request_id_header: str | None = "x-request-id"
+    request_id_uuid: bool = True
 
 
 class OpenAICompatAdapter:
@@ -80,6 +89,8 @@ class OpenAICompatAdapter:
             default_base_url=spec.default_base_url,
             requires_api_key=spec.requires_api_key,
             tokenizer=spec.tokenizer,
+            request_id_header=spec.request_id_header,
+            request_id_uuid=spec.request_id_uuid,
         )
         self._rewrites_responses = bool(spec.finish_reasons)
 
@@ -92,6 +103,10 @@ class OpenAICompatAdapter:
             stream_options = dict(body.get("stream_options") or {})
             stream_options["include_usage"] = True
             body["stream_options"] = stream_options
+        if call.endpoint is Endpoint.CHAT:
+            cap_field = token_cap_field(self.spec, call.upstream_model)
+            if cap_field is not None:
+                move_token_cap(body, cap_field)
         for old, new in self.spec.renames.items():
             if old in body:
                 body[new] = body.pop(old)
@@ -199,6 +214,25 @@ def _nothing_to_read(data: bytes) -> bool:
 
 
 _CHAT_LIKE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # take stream_options.include_usage
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def token_cap_field(spec: CompatSpec, upstream_model: str) -> str | None:
+    """The chat cap field `upstream_model` reads on this kind, or None when it reads both."""
+    for prefix, name in spec.token_cap_exceptions:
+        if upstream_model.startswith(prefix):
+            return name
+    return spec.token_cap
+
+
+def move_token_cap(body: dict[str, Any], name: str) -> None:
+    """Send the client's cap under `name` only; `max_completion_tokens` wins if both are set, as in admission."""
+    cap = next((body[n] for n in _CAP_FIELDS if body.get(n) is not None), None)
+    for other in _CAP_FIELDS:
+        body.pop(other, None)
+    if cap is not None:
+        body[name] = cap
+
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
@@ -281,8 +315,12 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
+# Request ids: OpenAI takes any ASCII id up to 512 characters as `X-Client-Request-Id`; the hosted
+# APIs below document none, so none is sent; self-hosted servers get `x-request-id` as a UUID.
 OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True,
-                    endpoints=WITH_RESPONSES)
+                    endpoints=WITH_RESPONSES, request_id_header="x-client-request-id", request_id_uuid=False,
+                    # o-series and gpt-5 models refuse `max_tokens` ("use max_completion_tokens instead").
+                    token_cap_exceptions=tuple((p, "max_completion_tokens") for p in ("o1", "o3", "o4", "gpt-5")))
 OPENAI_COMPATIBLE = CompatSpec(kind="openai_compatible")
 GROQ = CompatSpec(
     kind="groq",
@@ -290,6 +328,7 @@ GROQ = CompatSpec(
     requires_api_key=True,
     drops=frozenset({"logit_bias"}),
     tokenizer="open_weights",
+    request_id_header=None,
 )
 MISTRAL = CompatSpec(
     kind="mistral",
@@ -298,13 +337,18 @@ MISTRAL = CompatSpec(
     renames={"seed": "random_seed"},
     finish_reasons={"model_length": "length"},
     tokenizer="open_weights",
+    token_cap="max_tokens",
+    request_id_header=None,
 )
 TOGETHER = CompatSpec(kind="together", default_base_url="https://api.together.xyz/v1", requires_api_key=True,
-                      tokenizer="open_weights")
+                      tokenizer="open_weights", token_cap="max_tokens", request_id_header=None)
 # vLLM serves POST /v1/responses itself (protocols.md 8.1), so Responses requests pass through.
 VLLM = CompatSpec(kind="vllm", endpoints=WITH_RESPONSES, tokenizer="open_weights")
 SGLANG = CompatSpec(kind="sglang", tokenizer="open_weights")
-TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}), tokenizer="open_weights")
-LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights")
+TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}), tokenizer="open_weights",
+                 token_cap="max_tokens")
+# llama-cpp-python's server reads only `max_tokens` (2,032 tokens generated under max_completion_tokens: 5)
+# and validates `x-request-id` as a UUID.
+LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens")
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)
