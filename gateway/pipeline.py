@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from gateway.answer_contract import estimate_stream_usage, fill_usage, guard_stream
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, Ticket, hit_tokens, remember, usage_fields, watch_stream
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
@@ -236,6 +237,7 @@ async def _complete_reply(services: Services, exchange: Exchange, facts: _Settle
         parsed = target.provider.adapter.parse_response(call, raw)
     except UpstreamFailed as exc:
         raise from_upstream(exc.failure) from exc
+    parsed = fill_usage(parsed, call, target, services.counter)
     headers = _success_headers(exchange, clock())
     remember(facts.cache, parsed)
     exchange.trace.responded(parsed.body, parsed.response_model, parsed.finish_reasons)
@@ -279,7 +281,7 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
     first_token_at: float | None = None
     done_sent = False
     allowance = stream_allowance(facts.admission)
-    batches = watch_stream(facts.cache, stream.batches())
+    batches = watch_stream(facts.cache, guard_stream(stream, call, target, services.counter))
     try:
         async for batch in batches:
             out: list[bytes] = []
@@ -319,22 +321,10 @@ async def _relay_stream(services: Services, exchange: Exchange, facts: _Settleme
         await batches.aclose()  # type: ignore[attr-defined]
         stream.close()
         if usage is None:
-            usage = _estimate_stream_usage(services.counter, call, target, seen)
+            usage = estimate_stream_usage(services.counter, call, target, [c.data for c in seen])
         ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None
         exchange.trace.streamed(seen)
         _settle(services, exchange, facts, 200, usage, outcome=outcome, time_to_first_token_ms=ttft)
-
-
-def _estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, seen: list[StreamChunk]) -> Usage:
-    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
-    if call.endpoint is Endpoint.CHAT:
-        prompt = counter.count_chat_prompt(call.body, model, family)
-    elif call.endpoint is Endpoint.RESPONSES:
-        prompt = counter.count_responses_input(call.body, model, family)
-    else:
-        prompt = counter.count_completion_prompt(call.body, model, family)
-    completion = counter.count_stream_output([c.data for c in seen], model, family)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
 
 def _success_headers(exchange: Exchange, now: float) -> dict[str, str]:

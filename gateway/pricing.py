@@ -214,9 +214,12 @@ def charge(prices: PriceBook, target: Target | None, usage: Usage | None) -> tup
 
 
 def stamp_cost(data: bytes, prices: PriceBook, target: Target | None, usage: Usage) -> bytes:
-    """The final usage chunk of a stream with its cost added (unchanged when the target has no price)."""
+    """The final usage chunk of a stream with its cost added (unchanged when the target has no price and the
+    usage is the upstream's)."""
     cost, version = charge(prices, target, usage)
-    return data if cost is None or version is None else with_cost(data, cost, version)
+    if cost is None or version is None:
+        return _with_extension(data, b'{"usage_estimated":true}') if usage.estimated else data
+    return with_cost(data, cost, version, estimated=usage.estimated)
 
 
 def format_usd(cost: float) -> str:
@@ -225,18 +228,23 @@ def format_usd(cost: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
-def with_cost(data: bytes, cost: float, version: str) -> bytes:
+def with_cost(data: bytes, cost: float, version: str, *, estimated: bool = False) -> bytes:
     """A stream chunk's JSON with the `switchboard` extension object added next to `usage`.
 
     OpenAI clients ignore unknown fields, so the final usage chunk can carry
-    the same authoritative cost a non-streamed reply sends as a header.
+    the same authoritative cost a non-streamed reply sends as a header, and
+    `usage_estimated` when the gateway counted the usage itself.
     """
+    extension = b'{"cost_usd":' + format_usd(cost).encode() + b',"price_version":' + orjson.dumps(version) \
+        + (b',"usage_estimated":true}' if estimated else b"}")
+    return _with_extension(data, extension)
+
+
+def _with_extension(data: bytes, extension: bytes) -> bytes:
     body = data.rstrip()
     if not body.endswith(b"}"):
         return data
-    extension = b'"switchboard":{"cost_usd":' + format_usd(cost).encode() + b',"price_version":' \
-        + orjson.dumps(version) + b"}}"
-    return body[:-1] + (b"," if len(body) > 2 else b"") + extension
+    return body[:-1] + (b"," if len(body) > 2 else b"") + b'"switchboard":' + extension + b"}"
 
 
 def price_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...], str]]:
