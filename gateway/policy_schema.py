@@ -179,6 +179,10 @@ class CircuitBreakerPolicy(Strict):
     min_requests: int = Field(20, ge=1, description="Requests in the window before the rate is judged.")
     cooldown_s: float = Field(5.0, gt=0, description="First ejection; doubles on each repeated trip.")
     max_cooldown_s: float = Field(300.0, gt=0)
+    min_callers: int = Field(2, ge=1, le=64, description="An answered 5xx may be the upstream's verdict on one bad "
+                             "request: such failures open the breaker only once they came from this many teams "
+                             "within window_s, or a request that failed here succeeded on another target. "
+                             "Connection errors, timeouts, 429/503 count whoever sent the request.")
 
 
 class SemanticCachePolicy(Strict):

@@ -65,13 +65,16 @@ class _ModelFailed(Exception):
 
 
 async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
-                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None) -> Routed:
+                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None,
+                         caller: str | None = None) -> Routed:
     """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could.
 
     `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
+    `caller` (the team) is who an answered 5xx is counted against in the breakers (gateway/breaker.py).
     """
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
     run.prompt = prompt
+    run.caller = caller
     tried = {model.name}
     current = model
     try:
@@ -114,6 +117,9 @@ class _Run:
         self.deadline = None if deadline_s is None else self.clock() + deadline_s
         self.trail: list[str] = []
         self.prompt: PromptCount | None = None
+        self.caller: str | None = None
+        # Targets whose answered 5xx this request may have caused; confirmed theirs if another target serves it.
+        self.suspects: list[Target] = []
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -173,9 +179,16 @@ class _Run:
                     break
                 continue
             self.exchange.response_headers[MODEL_HEADER] = model.name
+            self._confirm_suspects(target, config)
             return Routed(response, target, sent, model)
         assert error is not None
         raise _ModelFailed("default", error)
+
+    def _confirm_suspects(self, served: Target, config: ModelPolicy) -> None:
+        now = self.states.clock()
+        for suspect in self.suspects:
+            if suspect.key != served.key and config.circuit_breaker.enabled:
+                self.states.state(suspect).breaker.confirm(now, config.circuit_breaker)
 
     async def _back_off(self, model: Model, number: int, failure: UpstreamFailure, ranked: list[Target]) -> bool:
         """Wait before the next attempt; False when the deadline leaves no room for it."""
@@ -250,7 +263,10 @@ class _Run:
                 # span and the upstream-error metric learn why here.
                 self.exchange.trace.attempt_failed(failure.kind.value, target.provider.name)
             if failure.retryable:
-                _record_failure(states, target, config, failure)
+                caller = self.caller if _maybe_the_requests_fault(failure) else None
+                if caller is not None:
+                    self.suspects.append(target)
+                _record_failure(states, target, config, failure, caller)
             else:
                 # The upstream answered: it is alive, whatever it thought of the request.
                 state.breaker.on_success(states.clock(), config.circuit_breaker)
@@ -310,7 +326,13 @@ def _classify(exc: BaseException, target: Target, timeout: float | None
     return None, None
 
 
-def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure) -> None:
+def _maybe_the_requests_fault(failure: UpstreamFailure) -> bool:
+    """An answered 5xx: some servers answer a request they cannot parse that way (not overload, not a timeout)."""
+    return failure.kind is FailureKind.UPSTREAM_ERROR and failure.status >= 500
+
+
+def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure,
+                    caller: str | None = None) -> None:
     state = states.state(target)
     now = states.clock()
     state.failures += 1
@@ -319,7 +341,7 @@ def _record_failure(states: RouteState, target: Target, config: ModelPolicy, fai
         state.hold_until = now + failure.retry_after
     breaker = config.circuit_breaker
     if breaker.enabled:
-        state.breaker.on_failure(now, breaker)
+        state.breaker.on_failure(now, breaker, caller)
 
 
 class _Outcome:
