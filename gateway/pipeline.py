@@ -33,6 +33,7 @@ from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
 from gateway.usage import UsageRecord, UsageRecorder
 from providers.base import Call, Endpoint, StreamChunk, UpstreamFailed, Usage
+from providers.canonical import load_exact, lost_integers
 from providers.sse import DONE_EVENT, encode_event
 
 _REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input",
@@ -147,6 +148,8 @@ def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
         raise GatewayError(ErrorKind.BAD_REQUEST, "You must provide a model parameter.", param="model",
                            code="missing_required_parameter")
     required = _REQUIRED_FIELD[endpoint]
+    if endpoint is Endpoint.COMPLETIONS and "prompt" in payload and payload["prompt"] is None:
+        payload["prompt"] = ""  # OpenAI's spec makes `prompt` nullable; servers take the empty prompt it means
     if payload.get(required) is None:
         raise GatewayError(ErrorKind.BAD_REQUEST, f"Missing required parameter: '{required}'.", param=required,
                            code="missing_required_parameter")
@@ -170,7 +173,7 @@ def decode_object(body: bytes) -> dict[str, Any]:
                            code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
-    return payload
+    return load_exact(body) if lost_integers(payload) else payload
 
 
 def resolve_model(policy: Policy, caller: KeyEntry, name: str) -> Model:

@@ -35,7 +35,7 @@ from providers.base import (
     UpstreamRequest,
     Usage,
 )
-from providers.canonical import error_object, load_object, stream_cut
+from providers.canonical import dump_object, error_object, load_object, stream_cut
 from providers.sse import DONE
 
 PATHS = {
@@ -117,7 +117,7 @@ class OpenAICompatAdapter:
             headers["authorization"] = "Bearer " + provider.api_key
         if call.stream:
             headers["accept"] = "text/event-stream"
-        return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, orjson.dumps(body))
+        return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, dump_object(body))
 
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
         if call.endpoint is Endpoint.RESPONSES:
@@ -272,6 +272,8 @@ _CODE_KINDS = {
 
 def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> UpstreamFailure:
     """Classify an OpenAI-shaped error body (`{"error": {message, type, code, param}}`)."""
+    if status == 422 and isinstance(payload.get("detail"), list):
+        return _validation_failure(payload["detail"], headers)
     error = payload.get("error")
     if isinstance(error, str):
         # vLLM and llama.cpp sometimes answer `{"error": "..."}` or `{"message": ...}`.
@@ -293,6 +295,22 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         retry_after=retry_after_seconds(headers),
     )
+
+
+def _validation_failure(detail: list[Any], headers: Mapping[str, str]) -> UpstreamFailure:
+    """FastAPI's 422 (`{"detail": [{"loc": ["body", "messages", 0], "msg": ...}]}`, llama-cpp-python, TGI's
+    router...) as OpenAI reports a malformed request: a 400 naming the parameter, e.g. `messages.[0].role`."""
+    first = next((d for d in detail if isinstance(d, dict)), {})
+    loc = [part for part in first.get("loc") or () if part != "body"]
+    param = ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc) or None
+    message = str(first.get("msg") or "the request failed validation")
+    extra = len(detail) - 1
+    if param:
+        message = f"{param}: {message}"
+    if extra > 0:
+        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+    return UpstreamFailure(kind=FailureKind.BAD_REQUEST, status=400, message=message, code="invalid_request",
+                           param=param, error_type="invalid_request_error", retry_after=retry_after_seconds(headers))
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
