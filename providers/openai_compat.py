@@ -72,6 +72,9 @@ class CompatSpec:
     token_cap: str | None = None
     # Model-name prefixes that take the other cap field instead (OpenAI's reasoning models refuse `max_tokens`).
     token_cap_exceptions: tuple[tuple[str, str], ...] = ()
+    # A stream that ends before any content and without a finish reason means the prompt did not fit the
+    # context window (llama-cpp-python fails that way once the stream has started), not a dropped connection.
+    empty_stream_is_overflow: bool = False
     # Where the request id goes upstream (Capabilities.request_id_header, request_id_uuid).
     request_id_header: str | None = "x-request-id"
     request_id_uuid: bool = True
@@ -142,7 +145,7 @@ class OpenAICompatAdapter:
     def stream_translator(self, call: Call) -> StreamTranslator:
         if call.endpoint is Endpoint.RESPONSES:
             return responses_api.ResponsesStream()
-        return _CompatStream(self.spec.finish_reasons)
+        return _CompatStream(self.spec.finish_reasons, self.spec.empty_stream_is_overflow)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         return failure_from_openai_error(status, error_object(body), headers)
@@ -155,13 +158,16 @@ class _CompatStream(PayloadTranslator):
     carry usage, a finish reason or an error are decoded (found by byte search).
     """
 
-    __slots__ = ("_finish_reasons", "finished")
+    __slots__ = ("_events", "_finish_reasons", "_overflow_if_empty", "finished")
 
-    def __init__(self, finish_reasons: Mapping[str, str]) -> None:
+    def __init__(self, finish_reasons: Mapping[str, str], overflow_if_empty: bool = False) -> None:
         self._finish_reasons = finish_reasons
+        self._overflow_if_empty = overflow_if_empty
+        self._events = 0
         self.finished = False
 
     def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        self._events += 1
         if data == DONE:
             self.finished = True
             return ()
@@ -174,12 +180,18 @@ class _CompatStream(PayloadTranslator):
         # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event.
         joined = b"".join(payloads)
         if DONE not in joined and _nothing_to_read(joined):
+            self._events += len(payloads)
             return [StreamChunk(data) for data in payloads]
         return super().feed_all(payloads)
 
     def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the
         # answer may be incomplete, and the client must not be told otherwise.
+        if self._overflow_if_empty and self._events <= 1:  # at most the role announcement
+            raise UpstreamFailed(UpstreamFailure(
+                FailureKind.CONTEXT_LENGTH, 400, "the upstream ended the stream before any content and without a "
+                "finish reason, as it does when the prompt does not fit its context window",
+                code="context_length_exceeded", param="messages", error_type="invalid_request_error"))
         raise stream_cut()
 
     def _decoded(self, data: bytes) -> StreamChunk:
@@ -270,6 +282,10 @@ _CODE_KINDS = {
 }
 
 
+# llama.cpp's server reports a prompt longer than its context as `type: exceed_context_size_error` (code 400).
+_OVERFLOW_TYPES = frozenset({"exceed_context_size_error"})
+
+
 def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> UpstreamFailure:
     """Classify an OpenAI-shaped error body (`{"error": {message, type, code, param}}`)."""
     if status == 422 and isinstance(payload.get("detail"), list):
@@ -281,7 +297,9 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
     elif not isinstance(error, dict):
         error = {"message": payload.get("message") or payload.get("detail")}
     code = error.get("code")
-    code = str(code) if code is not None else None
+    code = str(code) if code is not None and code != status else None  # llama.cpp repeats the status as `code`
+    if error.get("type") in _OVERFLOW_TYPES:
+        code = "context_length_exceeded"
     kind = _CODE_KINDS.get(code or "") or _STATUS_KINDS.get(status)
     if kind is None:
         kind = FailureKind.UPSTREAM_ERROR if status >= 500 else FailureKind.BAD_REQUEST
@@ -367,6 +385,7 @@ TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLE
                  token_cap="max_tokens")
 # llama-cpp-python's server reads only `max_tokens` (2,032 tokens generated under max_completion_tokens: 5)
 # and validates `x-request-id` as a UUID.
-LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens")
+LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens",
+                      empty_stream_is_overflow=True)
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)
