@@ -203,7 +203,7 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
                            f"The model `{call.body.get('model')}` does not support this endpoint.",
                            code="unsupported_endpoint")
     try:
-        request = provider.adapter.build_request(provider.settings, call)
+        request = provider.adapter.build_request(target.settings or provider.settings, call)
     except UpstreamFailed as exc:  # a translating adapter met something it cannot express upstream
         raise from_upstream(exc.failure) from exc
     stamp_request_id(provider, request.headers, exchange.request_id)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from providers import ADAPTERS
+from providers.anthropic import PromptCaching
 
 KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
@@ -246,6 +247,12 @@ class ModelPolicy(Strict):
     fallbacks: FallbackPolicy = Field(default_factory=FallbackPolicy)
     circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
     cache: CachePolicy | None = Field(None, description="Response caching (default: off).")
+    price: PriceSpec | None = Field(None, description="What a request to this public model costs, whichever "
+                                    "deployment serves it; over prices.targets and the price table. Two public "
+                                    "models on one deployment can so be billed differently.")
+    prompt_caching: PromptCaching | None = Field(None, description="Anthropic's automatic cache breakpoints for "
+                                                 "this model's `kind: anthropic` targets, over the provider's "
+                                                 "options.prompt_caching.")
 
 
 class RateLimitsPolicy(Strict):
