@@ -400,6 +400,12 @@ async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s:
         except StopAsyncIteration:
             stream.pending.extend(stream.drain())
             break
+        except UpstreamFailed as exc:
+            if exc.failure.kind is FailureKind.CONNECTION:
+                # Cut before any content: the adapter may know what that means (llama-cpp-python ends a stream
+                # this way on a context overflow); its `end` raises the failure it sees, if any.
+                stream.drain()
+            raise
         if stream.prime(chunk):
             break
     return stream

@@ -69,3 +69,38 @@ def test_completions_take_a_null_prompt_as_the_empty_prompt(gateway: RunningGate
     missing = httpx.post(gateway.v1 + "/completions", json={"model": "llama"},
                          headers={"authorization": "Bearer sk-alpha"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+
+
+def test_a_llamacpp_stream_ending_empty_is_a_context_error_that_falls_back(upstream: FakeOpenAIUpstream,
+                                                                          tmp_path: Path) -> None:
+    """llama-cpp-python ends a started stream with nothing when the prompt overflows its context window."""
+    policy = f"""
+providers:
+  llama: {{kind: llamacpp, base_url: {upstream.base_url}}}
+  other: {{kind: vllm, base_url: {upstream.base_url}}}
+models:
+  llama:
+    targets: [{{provider: llama, model: tiny}}]
+    fallbacks: {{context_window: [long]}}
+  long: {{targets: [{{provider: other, model: long-context}}]}}
+  only: {{targets: [{{provider: llama, model: tiny}}]}}
+"""
+    with serving(tmp_path / "policy.yaml", policy) as gateway:
+        upstream.script(Behaviour.die_mid_stream(after_chunks=1))
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="llama", stream=True, messages=[{"role": "user", "content": "a long prompt"}])
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        assert text == "echo: a long prompt"
+        assert raw.headers["x-switchboard-route"] == "llama@llama:400,long@other:ok"
+
+        upstream.script(Behaviour.die_mid_stream(after_chunks=1))
+        with pytest.raises(openai.BadRequestError) as caught:
+            list(gateway.client().chat.completions.create(model="only", stream=True,
+                                                          messages=[{"role": "user", "content": "x"}]))
+        assert caught.value.code == "context_length_exceeded"
+        # A stream cut after content is no context error: the client sees the in-band error.
+        upstream.script(Behaviour.die_mid_stream(after_chunks=3))
+        with pytest.raises(openai.APIError) as cut:
+            list(gateway.client().chat.completions.create(model="only", stream=True,
+                                                          messages=[{"role": "user", "content": "x y z"}]))
+        assert not isinstance(cut.value, openai.BadRequestError)
