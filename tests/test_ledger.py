@@ -169,6 +169,8 @@ def test_a_ledger_from_before_the_cache_columns_is_upgraded_in_place(tmp_path: P
     path = tmp_path / "old.sqlite"
     connection = sqlite3.connect(path)
     old_schema = _SCHEMA.split("    cache TEXT,")[0].rstrip().rstrip(",") + "\n);"
+    old_schema = old_schema.replace("    gateway_id TEXT PRIMARY KEY,\n    request_id TEXT NOT NULL,",
+                                    "    request_id TEXT PRIMARY KEY,")
     connection.executescript(old_schema)
     connection.execute("INSERT INTO usage VALUES (" + ",".join("?" * 23) + ")",
                        ("old-1", 1.0, "1970-01-01", "t", "k", "chat", "m", "p", "u", 0, 200, "completed",
