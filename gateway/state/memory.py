@@ -31,7 +31,7 @@ class MemoryStore:
     async def start(self) -> None:
         return None
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
         return None
 
     async def flush(self) -> None:

@@ -142,6 +142,39 @@ class RespClient:
         protocol.transport.write(encode(args))
         return await waiter
 
+    async def call_within(self, timeout_s: float, *args: Any) -> Any:
+        """`call`, given up after `timeout_s` (TimeoutError) unless its reply is already here by then.
+
+        A stalled event loop can run a timeout's callback in the same turn as
+        the read that carries the reply, or before it; `asyncio.timeout` would
+        then throw the reply away and report a timeout for a command Redis
+        did run. This waits without cancelling the reply's future, and when
+        the time is up lets the loop take one more turn to read what is
+        already in the socket before deciding.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            async with asyncio.timeout(timeout_s):
+                protocol = await self._connect()
+        waiter = loop.create_future()
+        protocol.waiters.append(waiter)
+        assert protocol.transport is not None
+        protocol.transport.write(encode(args))
+        try:
+            if not waiter.done():
+                await asyncio.wait((waiter,), timeout=max(0.0, deadline - loop.time()))
+            if not waiter.done():
+                await asyncio.sleep(0)  # one more turn: a reply already received is read in it
+        except asyncio.CancelledError:
+            waiter.cancel()
+            raise
+        if not waiter.done():
+            waiter.cancel()  # its reply, if it ever comes, is skipped (data_received keeps the order)
+            raise TimeoutError(f"Redis did not answer within {timeout_s}s")
+        return waiter.result()
+
     def abort(self) -> None:
         """Reset the connection at once; waiting commands fail with `ConnectionLost`."""
         if self._protocol is not None and self._protocol.transport is not None:
