@@ -142,7 +142,9 @@ class Ledger:
         False when that did not happen within `timeout_s`, or SQLite refused the rows (they wait in the spill).
         """
         if self._writer is None:
-            return not self._spill.rows
+            if not self._spill.rows:
+                return True
+            self._start()  # rows spilled before a restart: write them now, not at the first request
         marker = _Flush()
         self._queue.put(marker)
         return marker.done.wait(timeout_s) and marker.stored

@@ -181,6 +181,8 @@ def test_rows_spilled_at_shutdown_are_written_at_the_next_start(tmp_path: Path) 
     assert len(_rows(path)) == 1 and ledger.lost == 0
     again = Ledger(path, flush_interval_s=0.01)
     assert again.waiting == 5
+    assert again.flush()  # a report flushes: the spilled rows are written without waiting for a request
+    assert len(_rows(path)) == 6 and again.waiting == 0
     again.record(_record("after-restart"))
     assert again.flush()
     again.close()

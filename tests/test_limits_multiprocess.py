@@ -46,7 +46,8 @@ def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[tuple[lis
     policy.write_text(text)
     gateways = [GatewayProcess(policy, tmp_path / f"gateway-{i}.log") for i in range(3)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        list(pool.map(GatewayProcess.start, gateways))
+        # Three processes loading tiktoken at once on a shared 2-core box can take well over 30 s.
+        list(pool.map(lambda gateway: gateway.start(timeout=120), gateways))
     yield gateways, prefix
     for gateway in gateways:
         gateway.kill()
