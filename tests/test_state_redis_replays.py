@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 
+import openai
 import pytest
 import redis
 
 from gateway.state import Check, Delta, StoreUnavailable
 from gateway.state.redis import EPOCH_OPS, OP_MEMORY_S, RedisStore
+from tests.conftest import RunningGateway, standard_policy
 from tests.fakes.redis_proxy import ReplyCuttingProxy
 from tests.fakes.state_stores import PrivateRedis, private_redis
 
@@ -238,3 +241,50 @@ def test_close_replays_the_journal_when_redis_is_back_in_time(server: PrivateRed
 
     asyncio.run(main())
     assert counter(server) == 15
+
+
+def test_a_gateway_that_saw_99_of_100_dollars_spent_admits_nothing_more_while_redis_is_down(
+        server: PrivateRedis, upstream: object, start_gateway: Callable[..., RunningGateway]) -> None:
+    """The issue's case through the gateway: $99 of $100 spent, Redis down, 20 x $5 -> none admitted, $99 in Redis."""
+    prefix = "sbfailopen:"
+    extra = f"""
+state: {{url: '{server.url}', key_prefix: '{prefix}', timeout_s: 0.2, retry_interval_s: 0.05}}
+prices:
+  version: fail-open-test
+  targets:
+    upstream:
+      upstream-chat: {{input: 0, output: 1000000}}
+"""
+    text = standard_policy(upstream.base_url, extra=extra).replace(  # type: ignore[attr-defined]
+        "    models: [chat-model, embed-model]\n", "    models: [chat-model, embed-model]\n    budget: {usd: 100}\n", 1)
+    gateway = start_gateway(text)
+    client = gateway.client()
+    words = [{"role": "user", "content": " ".join(f"word{n}" for n in range(150))}]
+    first = client.chat.completions.with_raw_response.create(model="chat-model", messages=words, max_tokens=99)
+    spent = round(Decimal(first.headers["x-switchboard-cost-usd"]) * DOLLAR)  # $1 per output token
+    assert 95 * DOLLAR < spent <= 99 * DOLLAR
+
+    def budget_counter() -> int:
+        client = redis.Redis(port=server.port)
+        try:
+            return sum(int(client.get(key) or 0) for key in client.keys(prefix + "{alpha}:b:team:usd:*"))
+        finally:
+            client.close()
+
+    deadline = time.monotonic() + 5
+    while budget_counter() != spent:  # the settlement is sent within 20 ms
+        assert time.monotonic() < deadline, budget_counter()
+        time.sleep(0.02)
+    server.stop()
+    admitted = 0
+    for _ in range(20):
+        try:
+            client.chat.completions.create(model="chat-model", messages=words, max_tokens=5)
+            admitted += 1
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded"
+    assert admitted == 0
+    server.start()
+    with pytest.raises(openai.RateLimitError):  # back on Redis, still spent
+        client.chat.completions.create(model="chat-model", messages=words, max_tokens=5)
+    assert budget_counter() == spent <= 100 * DOLLAR

@@ -176,6 +176,7 @@ class RedisStore:
         self._seen: dict[str, list[int]] = {}
         self._until_sweep = _SWEEP_EVERY
         self._healthy = True
+        self._closing = False
         self._outage_started = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -206,8 +207,9 @@ class RedisStore:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send every pending settlement and replay the journal, within `timeout_s`; log what is left."""
+        self._closing = True  # no new probe: close replays itself, below
         if self._probe is not None:
-            self._probe.cancel()  # close replays itself, below
+            self._probe.cancel()
         with contextlib.suppress(TimeoutError, *_FAILURES):
             async with asyncio.timeout(timeout_s):
                 await self.flush()
@@ -392,7 +394,7 @@ class RedisStore:
             log.error("RATE-LIMIT STATE STORE DOWN: Redis %s unreachable (%s: %s); %s until it returns",
                       _safe_url(self.url), type(exc).__name__, exc, mode)
         self._journal_outbox()
-        if self._probe is None or self._probe.done():
+        if not self._closing and (self._probe is None or self._probe.done()):
             with contextlib.suppress(RuntimeError):
                 self._probe = asyncio.get_running_loop().create_task(self._recover())
 
