@@ -113,6 +113,21 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_exception(ConnectionLost(f"connection to Redis lost: {exc or 'closed'}"))
 
 
+def _expire_after_a_poll(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], timeout_s: float,
+                         hops: int) -> None:
+    """Fail `waiter` with a timeout, unless a reply completes it first.
+
+    Called `hops` more times through the ready queue: each hop is a loop turn, and one of them polls the
+    sockets, whatever the loop's order of timers, ready callbacks and I/O within a turn.
+    """
+    if waiter.done():
+        return
+    if hops:
+        loop.call_soon(_expire_after_a_poll, loop, waiter, timeout_s, hops - 1)
+        return
+    waiter.set_exception(TimeoutError(f"Redis did not answer within {timeout_s}s"))
+
+
 class RespClient:
     """One multiplexed connection to the Redis at `url`, opened on first use and reopened after a loss."""
 
@@ -146,11 +161,10 @@ class RespClient:
         """`call`, given up after `timeout_s` (TimeoutError) unless its reply is already here by then.
 
         A stalled event loop can run a timeout's callback in the same turn as
-        the read that carries the reply, or before it; `asyncio.timeout` would
-        then throw the reply away and report a timeout for a command Redis
-        did run. This waits without cancelling the reply's future, and when
-        the time is up lets the loop take one more turn to read what is
-        already in the socket before deciding.
+        the read that carries the reply, or before it (uvloop runs timers
+        before polling sockets); `asyncio.timeout` would then throw the reply
+        away and report a timeout for a command Redis did run. Here the timer
+        only gives up after the loop has polled its sockets once more.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -162,18 +176,11 @@ class RespClient:
         protocol.waiters.append(waiter)
         assert protocol.transport is not None
         protocol.transport.write(encode(args))
+        timer = loop.call_at(deadline, _expire_after_a_poll, loop, waiter, timeout_s, 2)
         try:
-            if not waiter.done():
-                await asyncio.wait((waiter,), timeout=max(0.0, deadline - loop.time()))
-            if not waiter.done():
-                await asyncio.sleep(0)  # one more turn: a reply already received is read in it
-        except asyncio.CancelledError:
-            waiter.cancel()
-            raise
-        if not waiter.done():
-            waiter.cancel()  # its reply, if it ever comes, is skipped (data_received keeps the order)
-            raise TimeoutError(f"Redis did not answer within {timeout_s}s")
-        return waiter.result()
+            return await waiter  # a cancelled caller cancels it: its reply, when it comes, is skipped
+        finally:
+            timer.cancel()
 
     def abort(self) -> None:
         """Reset the connection at once; waiting commands fail with `ConnectionLost`."""
