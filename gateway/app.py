@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -16,14 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.asgi import (
-    GatewayApp,
-    read_body,
-    request_headers,
-    send_json,
-    send_reply,
-    send_stream,
-)
+from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
 from gateway.errors import ErrorKind, GatewayError, render
@@ -59,17 +52,13 @@ class InferenceRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
-        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
-        try:
-            body = await read_body(scope, receive, services.policy().server.max_body_bytes)
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        reply = await handle_inference(services, self.endpoint, exchange, request_headers(scope), body)
-        if isinstance(reply, StreamReply):
-            await send_stream(send, receive, reply)
-        else:
-            await send_reply(send, reply)
+        headers = request_headers(scope)
+        endpoint = self.endpoint
+
+        def serve(exchange: Exchange, body: bytes) -> Awaitable[Reply | StreamReply]:
+            return handle_inference(services, endpoint, exchange, headers, body)
+
+        await respond(scope, receive, send, serve)
 
 
 class ModelsRoute:

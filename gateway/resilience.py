@@ -421,13 +421,14 @@ class PrimedStream:
     are read.
     """
 
-    __slots__ = ("_clock", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response", "_translator",
-                 "pending", "raw")
+    __slots__ = ("_clock", "_closed", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response",
+                 "_translator", "pending", "raw")
 
     def __init__(self, response: UpstreamResponse, translator: StreamTranslator, idle_s: float | None,
                  outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
         self._response, self._translator, self._idle_s, self._outcome = response, translator, idle_s, outcome
         self._exchange, self._clock = exchange, clock
+        self._closed = False
         self._decoder = SseDecoder()
         self.raw = response.chunks().__aiter__()
         # Chunks translated while priming, relayed as the first batch.
@@ -508,7 +509,11 @@ class PrimedStream:
             self._outcome.finish(failure)
 
     def close(self) -> None:
-        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped."""
+        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped. Idempotent:
+        the relay closes it when it ends, and the request's settlement again in case the relay never ran."""
+        if self._closed:
+            return
+        self._closed = True
         if self.finished:
             self._response.finish()
         else:
