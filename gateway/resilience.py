@@ -182,7 +182,10 @@ class _Run:
         backoff = model.plan.config.backoff
         delay = self.states.rng.uniform(0, min(backoff.max_s, backoff.initial_s * 2 ** number))
         if failure.retry_after is not None and len(ranked) == 1:
-            # Only the target that asked us to wait is left: honour it.
+            # Only the target that asked us to wait is left: honour it, but never past the longest backoff. A
+            # request waiting holds its reservation and a connection; the client can wait as well as we can.
+            if failure.retry_after > backoff.max_s:
+                return False
             delay = max(delay, failure.retry_after)
         remaining = self.remaining()
         if remaining is not None and delay + _MIN_ATTEMPT_S >= remaining:
