@@ -30,6 +30,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -322,9 +323,11 @@ def _rekey(connection: sqlite3.Connection, present: set[str]) -> None:
 
 
 def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
+    """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
+    the client's request id is never a key."""
     usage = record.usage
     return (
-        getattr(record, "gateway_id", None) or record.request_id, record.request_id, now,
+        record.gateway_id or uuid.uuid4().hex, record.request_id, now,
         dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat(), record.team,
         record.key_id, record.endpoint, record.public_model, record.provider, record.upstream_model,
         int(record.stream), record.status, record.outcome,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -205,11 +207,16 @@ class UsageRecorder:
     def __init__(self, sinks: Sequence[UsageSink]) -> None:
         self._sinks = tuple(sinks)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close every sink that has a `close`, within `timeout_s` in all (each gets what is left)."""
+        deadline = time.monotonic() + timeout_s
         for sink in self._sinks:
             close = getattr(sink, "close", None)
             if close is not None:
-                close()
+                if "timeout_s" in inspect.signature(close).parameters:
+                    close(timeout_s=max(0.1, deadline - time.monotonic()))
+                else:
+                    close()
 
     def settle(self, record: UsageRecord) -> None:
         for sink in self._sinks:

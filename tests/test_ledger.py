@@ -109,7 +109,8 @@ def _record(request_id: str, cost: float, team: str = "t") -> UsageRecord:
     return UsageRecord(request_id=request_id, team=team, key_id="k", endpoint="chat", public_model="m",
                        provider="p", upstream_model="u", stream=False, status=200,
                        usage=Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=2), duration_ms=12.0,
-                       overhead_ms=0.5, cost_usd=cost, price_version="v1", trace_id="ab" * 16)
+                       overhead_ms=0.5, cost_usd=cost, price_version="v1", trace_id="ab" * 16,
+                       gateway_id=f"gw-{request_id}")  # the same request recorded twice keeps its gateway id
 
 
 def test_a_replayed_record_is_never_counted_twice(tmp_path: Path) -> None:

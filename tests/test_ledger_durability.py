@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sqlite3
 import threading
 import time
@@ -37,13 +36,10 @@ CREATE INDEX usage_ts ON usage (ts);
 
 
 def _record(request_id: str, cost: float = 0.25, team: str = "t") -> UsageRecord:
-    record = UsageRecord(request_id=request_id, team=team, key_id="k", endpoint="chat", public_model="m",
-                         provider="p", upstream_model="u", stream=False, status=200,
-                         usage=Usage(prompt_tokens=10, completion_tokens=5), duration_ms=12.0, overhead_ms=0.5,
-                         cost_usd=cost, price_version="v1")
-    if any(f.name == "gateway_id" for f in dataclasses.fields(UsageRecord)):
-        record = dataclasses.replace(record, gateway_id=str(uuid.uuid4()))  # type: ignore[call-arg]
-    return record
+    return UsageRecord(request_id=request_id, team=team, key_id="k", endpoint="chat", public_model="m",
+                       provider="p", upstream_model="u", stream=False, status=200,
+                       usage=Usage(prompt_tokens=10, completion_tokens=5), duration_ms=12.0, overhead_ms=0.5,
+                       cost_usd=cost, price_version="v1", gateway_id=str(uuid.uuid4()))
 
 
 def _rows(path: Path) -> list[tuple[str, str]]:

@@ -218,6 +218,26 @@ def test_one_process_that_saw_the_budget_spent_never_exceeds_it_during_an_outage
     asyncio.run(main())
 
 
+def test_a_budget_known_only_from_an_outage_is_still_known_in_the_next_one(server: PrivateRedis) -> None:
+    """The $99 admission's reply is lost, so it is served locally and replayed; then Redis goes down again."""
+    limit = 100 * DOLLAR
+
+    async def main() -> None:
+        async with through_proxy(server) as (store, proxy):
+            proxy.cut_next_reply()
+            assert (await store.admit([reserve(99 * DOLLAR, USD_KEY, limit)])).admitted  # locally
+            await recovered(store)
+            assert counter(server, USD_KEY) == 99 * DOLLAR
+            server.stop()
+            assert not any([(await store.admit([reserve(5 * DOLLAR, USD_KEY, limit)])).admitted
+                            for _ in range(20)])
+            server.start()
+            await recovered(store)
+        assert counter(server, USD_KEY) == 99 * DOLLAR
+
+    asyncio.run(main())
+
+
 def test_close_gives_up_within_its_timeout_and_says_what_redis_never_got(
         server: PrivateRedis, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:

@@ -73,9 +73,14 @@ class DurableStore(MemoryStore):
         try:
             await asyncio.wait_for(asyncio.shield(finished), timeout_s)
         except TimeoutError:
-            log.error("durable state store %s: the final snapshot did not finish within %.1fs; counters changed "
-                      "since the last snapshot (at most %.1fs of spend) may be missing from the file",
-                      self.path, timeout_s, self._interval)
+            self._unfinished(f"within {timeout_s:.1f}s")
+        except asyncio.CancelledError:  # the caller's own deadline came first
+            self._unfinished("before the shutdown deadline")
+            raise
+
+    def _unfinished(self, when: str) -> None:
+        log.error("durable state store %s: the final snapshot did not finish %s; counters changed since the last "
+                  "snapshot (at most %.1fs of spend) may be missing from the file", self.path, when, self._interval)
 
     def open(self) -> None:
         """Take the file, load the last snapshot and start the flusher (blocking; call off the loop)."""

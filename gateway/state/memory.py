@@ -74,6 +74,12 @@ class MemoryStore:
             dirty, self._dirty = self._dirty, set()
             return [(key, *self._values.get(key, (0, 0))) for key in dirty]  # type: ignore[misc]
 
+    def rows(self) -> list[tuple[str, int, int]]:
+        """Every live counter as `(key, value, expires_at)`."""
+        now = self._clock()
+        with self._lock:
+            return [(key, value, expires) for key, (value, expires) in self._values.items() if expires > now]
+
     def load(self, rows: Sequence[tuple[str, int, int]]) -> None:
         """Replace the counters with `rows` (at startup, before serving)."""
         now = self._clock()

@@ -206,26 +206,35 @@ class RedisStore:
             self._went_down(exc)
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Send every pending settlement and replay the journal, within `timeout_s`; log what is left."""
+        """Send every pending settlement and replay the journal, within `timeout_s`; log what is left.
+
+        Also logs when the caller's own deadline cancels it first.
+        """
         self._closing = True  # no new probe: close replays itself, below
         if self._probe is not None:
             self._probe.cancel()
-        with contextlib.suppress(TimeoutError, *_FAILURES):
-            async with asyncio.timeout(timeout_s):
-                await self.flush()
-                if self._journal or self._uncertain:
-                    await self._measure_skew()
-                    await self._replay()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._journal_outbox()
-        if self._journal or self._uncertain:
-            keys = {*self._journal, *(key for op in self._uncertain for key in op.deltas),
-                    *(c.slices[-1] for op in self._uncertain for c in op.checks)}
-            log.error("closing with counter updates Redis never received or may not have applied: %d journalled "
-                      "increments and %d unconfirmed calls, on keys %s", len(self._journal), len(self._uncertain),
-                      ", ".join(sorted(keys)[:20]) + (" ..." if len(keys) > 20 else ""))
-        await self._client.close()
+        try:
+            with contextlib.suppress(TimeoutError, *_FAILURES):
+                async with asyncio.timeout(timeout_s):
+                    await self.flush()
+                    if self._journal or self._uncertain:
+                        await self._measure_skew()
+                        await self._replay()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._journal_outbox()
+            self._log_unsent()
+            self._client.abort()
+
+    def _log_unsent(self) -> None:
+        if not (self._journal or self._uncertain):
+            return
+        keys = {*self._journal, *(key for op in self._uncertain for key in op.deltas),
+                *(c.slices[-1] for op in self._uncertain for c in op.checks)}
+        log.error("closing with counter updates Redis never received or may not have applied: %d journalled "
+                  "increments and %d unconfirmed calls, on keys %s", len(self._journal), len(self._uncertain),
+                  ", ".join(sorted(keys)[:20]) + (" ..." if len(keys) > 20 else ""))
 
     async def flush(self) -> None:
         self._send_outbox()
@@ -411,6 +420,10 @@ class RedisStore:
             break
         self._healthy = True
         self._up.set()
+        # What this process counted during the outage is the latest it knows of those counters (its seed plus
+        # its own increments, now replayed): the next outage starts from there.
+        for key, value, expires in self._local.rows():
+            self._seen[key] = [value, expires]
         self._local = MemoryStore(clock=self._clock)
         log.warning("rate-limit state store back: Redis %s reachable again after %.1fs; local counts reconciled",
                     _safe_url(self.url), self._clock() - self._outage_started)
