@@ -150,6 +150,23 @@ def test_a_reply_that_arrived_while_the_loop_was_stalled_is_used_not_timed_out(
     run(main())
 
 
+def test_an_admission_whose_caller_gave_up_mid_call_gives_its_reservation_back(server: PrivateRedis) -> None:
+    """A client that leaves while its admission is in flight: Redis reserved, nobody will settle."""
+    async def main() -> None:
+        store = await warmed(store_at(server.url))
+        store.settle([Delta(KEY, 7, expiry())])  # waits in the outbox, rides on the next admission
+        admission = asyncio.create_task(store.admit([reserve(1000)]))
+        await asyncio.sleep(0)  # the admission is written to Redis and waits for its reply
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+        await store.flush()
+        assert counter(server) == 7 and store.healthy
+        await store.close()
+
+    asyncio.run(main())
+
+
 def test_operation_ids_cost_two_bits_each_and_expire(server: PrivateRedis) -> None:
     async def main() -> None:
         store = store_at(server.url)

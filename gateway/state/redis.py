@@ -248,6 +248,13 @@ class RedisStore:
             op = self._new_op(tag, riders or {}, tuple(checks))
             try:
                 result = await self._run(op)
+            except asyncio.CancelledError:
+                # The caller gave up (its client left) after the call may have reached Redis, and will settle
+                # nothing: replay it at once as refused, so whatever it reserved is given back (its riders
+                # still count). Sent after it on the same connection, Redis runs it after the original.
+                op.hold = 0
+                self._send_op(op)
+                raise
             except _FAILURES as exc:
                 # Redis may have run it: journal it under its id, with what this process does instead.
                 self._went_down(exc)
@@ -357,11 +364,13 @@ class RedisStore:
             self._timer.cancel()
             self._timer = None
         outbox, self._outbox = self._outbox, {}
-        loop = asyncio.get_running_loop()
         for tag, amounts in outbox.items():
-            task = loop.create_task(self._send(self._new_op(tag, amounts)))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            self._send_op(self._new_op(tag, amounts))
+
+    def _send_op(self, op: _Op) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(op))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, op: _Op) -> None:
         try:
