@@ -161,7 +161,7 @@ class Ledger:
             return
         self._stop_by = time.monotonic() + timeout_s
         self._queue.put(None)
-        writer.join(timeout=timeout_s + 0.5)
+        writer.join(timeout=timeout_s)
         if writer.is_alive():
             log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
                       self.path, timeout_s, self.waiting)
@@ -215,8 +215,9 @@ class Ledger:
                 if stopping:
                     # One last try within the grace close() gave; what SQLite refuses stays spilled.
                     retry.at = 0.0
-                    remaining = self._stop_by - time.monotonic()
-                    connection.execute(f"PRAGMA busy_timeout = {int(max(0.0, min(_BUSY_TIMEOUT_S, remaining)) * 1000)}")
+                    # Leave a fifth of the grace for spilling what SQLite will not take.
+                    wait_s = max(0.0, min(_BUSY_TIMEOUT_S, (self._stop_by - time.monotonic()) * 0.8))
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
                 stored = self._store(connection, batch, retry) if batch or self._spill.rows else True
                 for marker in markers:
                     marker.stored = stored
