@@ -129,6 +129,8 @@ async def handle_inference(
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
                                       settlement.admission.prompt_count if settlement.admission else None)
         settlement.target, call, response = routed.target, routed.call, routed.response
+        if settlement.cache is not None:
+            settlement.cache.served_by(routed.model.name, routed.target)
         if isinstance(response, PrimedStream):  # what a streamed call's attempt returns
             return _stream_reply(services, exchange, call, response)
         return await _complete_reply(services, exchange, call, response)

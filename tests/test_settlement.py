@@ -290,3 +290,59 @@ def test_every_refusal_path_settles_once(harness: Harness, upstream: FakeOpenAIU
     assert sorted(r.status for r in records) == [400, 404, 502]
     assert harness.held_tokens() == 0
     assert harness.in_flight() == 0
+
+
+FALLBACK_POLICY = """
+version: 1
+providers:
+  first:
+    kind: openai_compatible
+    base_url: {first}
+    timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}
+  second:
+    kind: openai_compatible
+    base_url: {second}
+    timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}
+prices:
+  targets:
+    first:
+      "*": {{input: 1.0, output: 2.0}}
+    second:
+      "*": {{input: 10.0, output: 20.0}}
+models:
+  primary:
+    retries: 0
+    fallbacks: {{default: [backup]}}
+    targets: [{{provider: first, model: up-primary}}]
+    cache: {{mode: exact}}
+  backup:
+    targets: [{{provider: second, model: up-backup}}]
+    cache: {{mode: exact}}
+teams:
+  alpha:
+    keys: [{{id: alpha-key, hash: "{alpha}"}}]
+    models: [primary, backup]
+"""
+
+
+def test_a_fallbacks_answer_is_cached_as_the_fallbacks_and_never_replayed_for_the_requested_model(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    with FakeOpenAIUpstream() as second:
+        gateway = start_gateway(FALLBACK_POLICY.format(first=upstream.base_url, second=second.base_url,
+                                                       alpha=key_hash("sk-alpha")))
+        client = gateway.client()
+
+        def ask(model: str) -> httpx.Headers:
+            return client.chat.completions.with_raw_response.create(model=model, messages=HELLO).headers
+
+        upstream.script(Behaviour.error(500))
+        headers = ask("primary")
+        assert headers["x-switchboard-model"] == "backup" and second.request_count == 1
+        headers = ask("primary")  # the primary is back: its own answer, not the fallback's cached one
+        assert headers["x-switchboard-cache"] == "miss" and headers["x-switchboard-model"] == "primary"
+        assert upstream.request_count == 2
+        headers = ask("backup")  # the fallback's answer was stored as the backup model's
+        assert headers["x-switchboard-cache"] == "hit" and second.request_count == 1
+        hit = gateway.usage.wait_for(3)[-1]
+        original = gateway.usage.records[0]
+        assert hit.cost_saved_usd == pytest.approx(original.cost_usd)  # priced where it was produced
