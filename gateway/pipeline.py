@@ -24,7 +24,6 @@ from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
 from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
-from gateway.pricing import stamp_cost
 from gateway.request_checks import check_request
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
@@ -295,7 +294,7 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
                     if chunk.usage_only and not wants_usage:
                         continue
                     if wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
-                        chunk.data = stamp_cost(chunk.data, settlement.policy.prices, target, chunk.usage)
+                        chunk.data = settlement.stamped(chunk.data, chunk.usage)
                 seen.append(chunk)
                 out.append(encode_event(chunk.data))
             if stream.finished:  # the upstream's last batch: end the client's stream in the same write

@@ -346,3 +346,17 @@ def test_a_fallbacks_answer_is_cached_as_the_fallbacks_and_never_replayed_for_th
         hit = gateway.usage.wait_for(3)[-1]
         original = gateway.usage.records[0]
         assert hit.cost_saved_usd == pytest.approx(original.cost_usd)  # priced where it was produced
+
+
+def test_an_attempt_the_upstream_started_answering_is_billed_even_when_it_fails(
+        harness: Harness, upstream: FakeOpenAIUpstream) -> None:
+    upstream.script(Behaviour.die_mid_stream(after_chunks=1))  # the role chunk, then the connection drops
+    with pytest.raises(openai.InternalServerError) as failed:  # no retries configured: the client gets a 502
+        list(harness.gateway.client().chat.completions.create(model="chat-model", messages=HELLO, stream=True))
+    assert failed.value.status_code == 502
+    [record] = harness.gateway.usage.wait_for(1)
+    assert record.status == 502 and record.usage is None
+    assert record.failed_attempt_tokens > 0  # the upstream had started answering: it bills the prompt
+    assert record.cost_usd == record.failed_attempt_cost_usd == pytest.approx(record.failed_attempt_tokens / 1e6)
+    assert harness.held_tokens() == record.failed_attempt_tokens
+    assert harness.in_flight() == 0
