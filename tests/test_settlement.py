@@ -9,13 +9,17 @@ that shows only the request id).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.cache import ResponseCache
 from gateway.limits import Limiter
@@ -360,3 +364,26 @@ def test_an_attempt_the_upstream_started_answering_is_billed_even_when_it_fails(
     assert record.cost_usd == record.failed_attempt_cost_usd == pytest.approx(record.failed_attempt_tokens / 1e6)
     assert harness.held_tokens() == record.failed_attempt_tokens
     assert harness.in_flight() == 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.integers(min_value=0, max_value=9), stream=st.booleans(), door=st.sampled_from(["chat", "messages"]))
+def test_wherever_a_client_hangs_up_nothing_stays_reserved(harness: Harness, upstream: FakeOpenAIUpstream,
+                                                          pieces: int, stream: bool, door: str) -> None:
+    """A client that reads `pieces` network reads of the answer and hangs up: the request settles all the same."""
+    upstream.script(Behaviour(chunk_delay_ms=15, delay_ms=5 * pieces))
+    before = len(harness.gateway.usage.records)
+    path, headers = ("/chat/completions", AUTH) if door == "chat" else ("/messages", {"x-api-key": "sk-alpha"})
+    body = {"model": "chat-model", "max_tokens": 50, "messages": HELLO, "stream": stream}
+    timeout = 0.02 + 0.01 * pieces if not stream else 5
+    with (httpx.Client(timeout=timeout) as client, contextlib.suppress(httpx.TimeoutException),
+          client.stream("POST", harness.gateway.v1 + path, headers=headers, json=body) as response):
+        for number, _ in enumerate(response.iter_raw()):
+            if number >= pieces:
+                break
+    harness.gateway.usage.wait_for(before + 1)
+    assert harness.held_tokens() == harness.settled_tokens()
+    deadline = time.monotonic() + 5
+    while harness.in_flight() != 0:
+        assert time.monotonic() < deadline, "in-flight gauge stuck above 0"
+        time.sleep(0.02)
