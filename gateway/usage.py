@@ -58,6 +58,10 @@ class UsageRecord:
     # The gateway's own id for the request (a UUIDv7, gateway/settlement.py): the ledger's key. `request_id` is
     # the client's when it sent one, so it identifies nothing on its own.
     gateway_id: str = ""
+    # Attempts that failed after an upstream had started answering (a stream cut before its first content, a
+    # deadline): their prompts, estimated, and what they cost. Included in `cost_usd` and in the limits.
+    failed_attempt_tokens: int = 0
+    failed_attempt_cost_usd: float | None = None
 
 
 class UsageSink(Protocol):
@@ -198,6 +202,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "time_to_first_token_ms": record.time_to_first_token_ms, "outcome": record.outcome,
         "cost_usd": record.cost_usd, "price_version": record.price_version, "trace_id": record.trace_id,
         "cache": record.cache, "cache_tokens": record.cache_tokens, "cost_saved_usd": record.cost_saved_usd,
+        "failed_attempt_tokens": record.failed_attempt_tokens,
+        "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
     }
 
 
