@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.policy import Target
+from gateway.settlement import prompt_tokens
 from gateway.tokens import TokenCounter
 from providers.base import Call, Endpoint, ParsedResponse, StreamChunk, Usage
 
@@ -141,18 +142,6 @@ def _usage_chunk(call: Call, target: Target, counter: TokenCounter, relayed: Seq
 def usage_object(usage: Usage) -> dict[str, int]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens}
-
-
-def prompt_tokens(counter: TokenCounter, call: Call, target: Target) -> int:
-    """The request's prompt as the target's tokenizer family counts it."""
-    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
-    if call.endpoint is Endpoint.CHAT:
-        return counter.count_chat_prompt(call.body, model, family)
-    if call.endpoint is Endpoint.RESPONSES:
-        return counter.count_responses_input(call.body, model, family)
-    if call.endpoint is Endpoint.EMBEDDINGS:
-        return counter.count_embedding_input(call.body, model, family)
-    return counter.count_completion_prompt(call.body, model, family)
 
 
 def estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, relayed: Sequence[bytes]) -> Usage:

@@ -225,13 +225,9 @@ def charge(prices: PriceBook, target: Target | None, usage: Usage | None) -> tup
     return price.cost(usage), price.version
 
 
-def stamp_cost(data: bytes, prices: PriceBook, target: Target | None, usage: Usage) -> bytes:
-    """The final usage chunk of a stream with its cost added (unchanged when the target has no price and the
-    usage is the upstream's)."""
-    cost, version = charge(prices, target, usage)
-    if cost is None or version is None:
-        return _with_extension(data, b'{"usage_estimated":true}') if usage.estimated else data
-    return with_cost(data, cost, version, estimated=usage.estimated)
+def mark_estimated(data: bytes) -> bytes:
+    """A usage chunk the gateway counted itself, marked so in the `switchboard` extension (no price to add)."""
+    return _with_extension(data, b'{"usage_estimated":true}')
 
 
 def format_usd(cost: float) -> str:

@@ -132,6 +132,9 @@ class Behaviour:
         content: replace the generated text content.
         overrun: ignore the request's token caps, as a server that reads another cap field does.
         no_usage: report no usage, streamed or not, as llama-cpp-python ignores `stream_options`.
+        tail_in_one_write: write a stream's last three events (the last content chunk, the usage chunk when
+            asked for, ``[DONE]``) in one write, as servers that buffer their output do, so the gateway reads
+            the end of the answer and its terminator in one read.
     """
 
     path: str | None = None
@@ -149,6 +152,7 @@ class Behaviour:
     content: str | None = None
     overrun: bool = False
     no_usage: bool = False
+    tail_in_one_write: bool = False
 
     @classmethod
     def error(
@@ -870,6 +874,9 @@ class FakeOpenAIUpstream:
         delay_ms = self.chunk_delay_ms if behaviour.chunk_delay_ms is None else behaviour.chunk_delay_ms
         delay = delay_ms / 1000
         drop_after = behaviour.drop_after_chunks
+        if behaviour.tail_in_one_write:
+            listed = list(frames)
+            frames = iter([*listed[:-3], b"".join(listed[-3:])])
         for frame in frames:
             if drop_after is not None and exchange.chunks_sent >= drop_after:
                 if behaviour.stream_error is not None:
