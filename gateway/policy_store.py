@@ -12,7 +12,9 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.policy import Policy, PolicyError, load_policy
@@ -20,10 +22,21 @@ from gateway.policy import Policy, PolicyError, load_policy
 log = logging.getLogger("switchboard.policy")
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What the last load of the policy file did, for the admin console."""
+
+    at: float  # unix time
+    result: str  # "loaded" (at start), "applied", "unchanged" or "refused"
+    fingerprint: str  # the policy serving afterwards
+    problems: tuple[str, ...] = ()  # why a refused file was refused
+
+
 class PolicyStore:
     def __init__(self, path: str | Path, initial: Policy | None = None) -> None:
         self.path = Path(path)
         self._current = initial if initial is not None else load_policy(self.path)
+        self.last_reload = ReloadOutcome(time.time(), "loaded", self._current.fingerprint)
         self._stamp = _stamp(self.path)
         self._listeners: list[Callable[[Policy], None]] = []
         self._refusal_listeners: list[Callable[[PolicyError], None]] = []
@@ -49,14 +62,19 @@ class PolicyStore:
                 policy = await asyncio.to_thread(load_policy, self.path)
             except PolicyError as exc:
                 self._stamp = stamp
+                self.last_reload = ReloadOutcome(time.time(), "refused", self._current.fingerprint,
+                                                 tuple(exc.problems))
                 log.error("policy reload refused, still serving %s:\n%s", self._current.fingerprint, exc)
                 for refusal_listener in self._refusal_listeners:
                     refusal_listener(exc)
                 return False
             self._stamp = stamp
             if policy.fingerprint == self._current.fingerprint:
+                self.last_reload = ReloadOutcome(time.time(), "unchanged", policy.fingerprint)
+                log.info("policy %s reloaded: unchanged, still serving %s", self.path, policy.fingerprint)
                 return False
             previous, self._current = self._current, policy
+            self.last_reload = ReloadOutcome(time.time(), "applied", policy.fingerprint)
             log.info("policy reloaded from %s: %s -> %s", self.path, previous.fingerprint, policy.fingerprint)
             for listener in self._listeners:
                 listener(policy)
