@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
 from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_schema import (
+    ConsolePolicy,
     HealthCheckPolicy,
     LedgerPolicy,
     MetricsScrapePolicy,
@@ -135,6 +136,7 @@ class Policy:
     keys: Mapping[bytes, KeyEntry]
     # SHA-256 digests of the keys that may call /admin endpoints.
     admin_keys: frozenset[bytes] = frozenset()
+    console: ConsolePolicy = field(default_factory=ConsolePolicy)
     # Cost attribution and observability (gateway/pricing.py, telemetry.py, ledger.py).
     prices: PriceBook = EMPTY_PRICE_BOOK
     telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
@@ -303,7 +305,7 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
             keys[digest] = KeyEntry(key.id, team, digest, key.disabled)
     admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
     return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
-                  cache=build_cache_plan(document))
+                  console=document.admin.console, cache=build_cache_plan(document))
 
 
 def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:

@@ -331,10 +331,27 @@ class ServerPolicy(Strict):
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
 
+class ConsolePolicy(Strict):
+    """The read-only admin console at /ui (gateway/console/), behind the admin keys."""
+
+    enabled: bool = Field(True, description="Serve the console at /ui (it still needs an admin key).")
+    trace_url: str | None = Field(None, description="Link from each ledger row to its trace: a URL template "
+                                  "with `{trace_id}`, e.g. http://jaeger:16686/trace/{trace_id}.")
+    recent_requests: int = Field(50, ge=1, le=1000, description="Ledger rows shown under Requests.")
+
+    @field_validator("trace_url")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith(("http://", "https://")) or "{trace_id}" not in value):
+            raise ValueError("must be an http(s) URL containing {trace_id}, e.g. http://jaeger:16686/trace/{trace_id}")
+        return value
+
+
 class AdminPolicy(Strict):
-    """Keys for the operator endpoints under /admin (separate from team keys)."""
+    """Keys for the operator endpoints under /admin and the console at /ui (separate from team keys)."""
 
     keys: list[KeyPolicy] = Field(default_factory=list, description="Admin keys, hashed like team keys.")
+    console: ConsolePolicy = Field(default_factory=ConsolePolicy)
 
 
 class StatePolicy(Strict):
