@@ -12,7 +12,7 @@ export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 REDIS_PORT ?= 6379
 
-.PHONY: run test test-slow conformance lint bench redis install install-dev clean
+.PHONY: run test test-slow conformance lint bench redis install install-dev clean screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test-slow: install-dev redis
 # Run every test that claims a conformance-matrix cell and regenerate docs/conformance.md.
 conformance: install-dev redis
 	$(PY) -m pytest -n 2 -m conformance --conformance-report=docs/conformance.md
+
+# Refresh docs/console-*.png from the console's browser test (needs chromium and chromium-driver).
+screenshots: install-dev
+	SWITCHBOARD_SCREENSHOTS=docs $(PY) -m pytest -n 0 -m slow tests/test_console_browser.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

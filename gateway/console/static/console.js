@@ -39,7 +39,7 @@ function table(target, columns, rows, empty) {
   const body = rows.length
     ? rows.map((row) => el("tr", row.__attrs || {}, ...columns.map((c) => {
         const raw = c.value ? c.value(row) : row[c.key];
-        const shown = c.render ? c.render(raw, row) : (c.format || String)(raw ?? "—");
+        const shown = c.render ? c.render(raw, row) : c.format ? c.format(raw) : String(raw ?? "—");
         return el("td", {"data-key": c.key, "data-value": raw === null || raw === undefined ? "" : raw,
                          class: [c.num ? "num" : "", c.cls ? c.cls(raw, row) : ""].join(" ").trim() || null},
                   shown);
