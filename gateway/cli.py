@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description="An OpenAI-compatible LLM gateway.")
+    parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -74,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
     spend.set_defaults(run=_spend)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("switchboard")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
 from gateway.limits import Rules, build_rules, rules_problems
+from gateway.policy_diagnosis import file_path, stand_in_document, suggestion
 from gateway.policy_schema import (
     ConsolePolicy,
     HealthCheckPolicy,
@@ -177,7 +178,13 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     try:
         document = PolicyDocument.model_validate(raw)
     except ValidationError as exc:
-        raise PolicyError(source, [_describe(error, root) for error in exc.errors()]) from exc
+        errors = exc.errors()
+        problems = [_describe(error, root, raw) for error in errors]
+        # The reference and cross-field problems too, checked on stand-ins for the invalid entries.
+        stand_in = stand_in_document(raw, errors)
+        if stand_in is not None:
+            problems += [p for p in _cross_reference_problems(stand_in, root) if p not in problems]
+        raise PolicyError(source, problems) from exc
     problems = _cross_reference_problems(document, root)
     if problems:
         raise PolicyError(source, problems)
@@ -213,15 +220,14 @@ def _interpolate(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], 
     return _ENV_REFERENCE.sub(substitute, value)
 
 
-def _describe(error: Mapping[str, Any], root: yaml.Node) -> str:
+def _describe(error: Mapping[str, Any], root: yaml.Node, raw: Mapping[str, Any]) -> str:
     # Discriminated unions add the tag (e.g. `openai`) as a path element; drop it
     # so the path reads as it does in the file.
-    loc = tuple(error["loc"])
-    if len(loc) >= 3 and loc[0] == "providers":
-        loc = loc[:2] + loc[3:]
+    loc = file_path(error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown field (check the spelling; `switchboard policy schema` lists the fields)"
+        message = "unknown field" + (suggestion(loc, raw) or
+                                     " (check the spelling; `switchboard policy schema` lists the fields)")
     elif error["type"] == "union_tag_invalid":
         message = f"unknown provider kind {error['input'].get('kind')!r}; known kinds: " + ", ".join(
             sorted(error["ctx"]["expected_tags"].replace("'", "").split(", "))
