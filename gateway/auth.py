@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Mapping
 
 from gateway.errors import ErrorKind, GatewayError
@@ -29,6 +30,8 @@ def authenticate(policy: Policy, headers: Mapping[str, str]) -> KeyEntry:
     entry = policy.keys.get(digest)
     if entry is None or not hmac.compare_digest(entry.digest, digest) or entry.disabled:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect API key provided.", code="invalid_api_key")
+    if entry.expires_at is not None and time.time() >= entry.expires_at:  # rotated: the overlap is over
+        raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.", code="invalid_api_key")
     return entry
 
 

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from gateway.policy_schema import PolicyDocument
@@ -71,6 +72,22 @@ def _stand_in(section: str, document: Mapping[str, Any]) -> dict[str, Any]:
         provider = next(iter(providers), "-") if isinstance(providers, dict) and providers else "-"
         return {"targets": [{"provider": provider, "model": "-"}]}
     return {}
+
+
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The YAML line of the deepest node along `loc` that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            match = node.value[part]
+        else:
+            match = None
+        if match is None:
+            break
+        node, line = match, match.start_mark.line + 1
+    return line
 
 
 def suggestion(loc: Sequence[Any], raw: Mapping[str, Any]) -> str:

@@ -303,6 +303,9 @@ class KeyPolicy(Strict):
                     description="A name for the key that is safe to log and trace.")
     hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<hex digest of the key>.")
     disabled: bool = Field(False, description="Refuse this key without deleting it.")
+    expires_at: datetime.datetime | None = Field(None, description="Refuse this key from this time on (ISO 8601, "
+                                                 "UTC unless it has an offset); `switchboard keys rotate` sets it "
+                                                 "on the old key so both work during the overlap.")
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
     budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
 
@@ -501,11 +504,20 @@ class PolicyDocument(Strict):
     models: dict[str, ModelPolicy] = Field(min_length=1)
     teams: dict[str, TeamPolicy] = Field(min_length=1)
     admin: AdminPolicy = Field(default_factory=AdminPolicy)
+    keys_file: str | None = Field(None, description="A YAML file of more team keys (`teams: {team: [key, ...]}`), "
+                                  "relative to this file; written by `switchboard keys`, watched like this file.")
     state: StatePolicy = Field(default_factory=StatePolicy)
     admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
     prices: PricesPolicy = Field(default_factory=PricesPolicy)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
+
+
+class KeysFileDocument(Strict):
+    """A keys file (`keys_file`): team name -> its keys, merged into the policy's teams on load."""
+
+    version: Literal[1] = Field(1, description="Schema version of this file.")
+    teams: dict[str, list[KeyPolicy]] = Field(default_factory=dict, description="Keys per team of the policy.")
 
 
 def json_schema() -> dict[str, Any]:

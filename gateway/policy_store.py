@@ -37,7 +37,7 @@ class PolicyStore:
         self.path = Path(path)
         self._current = initial if initial is not None else load_policy(self.path)
         self.last_reload = ReloadOutcome(time.time(), "loaded", self._current.fingerprint)
-        self._stamp = _stamp(self.path)
+        self._stamp = self._stamps()
         self._listeners: list[Callable[[Policy], None]] = []
         self._refusal_listeners: list[Callable[[PolicyError], None]] = []
         self._lock = asyncio.Lock()
@@ -57,7 +57,7 @@ class PolicyStore:
     async def reload(self) -> bool:
         """Load the file again; swap it in if valid. Returns whether it was applied."""
         async with self._lock:
-            stamp = await asyncio.to_thread(_stamp, self.path)
+            stamp = await asyncio.to_thread(self._stamps)
             try:
                 policy = await asyncio.to_thread(load_policy, self.path)
             except PolicyError as exc:
@@ -75,6 +75,7 @@ class PolicyStore:
                 return False
             previous, self._current = self._current, policy
             self.last_reload = ReloadOutcome(time.time(), "applied", policy.fingerprint)
+            self._stamp = await asyncio.to_thread(self._stamps)  # the new policy may name another keys file
             log.info("policy reloaded from %s: %s -> %s", self.path, previous.fingerprint, policy.fingerprint)
             for listener in self._listeners:
                 listener(policy)
@@ -86,9 +87,14 @@ class PolicyStore:
             await asyncio.sleep(self._current.server.reload.poll_interval_s)
             if not self._current.server.reload.watch:
                 continue
-            stamp = await asyncio.to_thread(_stamp, self.path)
+            stamp = await asyncio.to_thread(self._stamps)
             if stamp != self._stamp:
                 await self.reload()
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """The policy file's stamp, and its keys file's: a revoked key applies when either changes."""
+        keys = self._current.keys_path
+        return (_stamp(self.path), *((_stamp(keys),) if keys is not None else ()))
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Reload on SIGHUP; only possible from the main thread."""
