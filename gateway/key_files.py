@@ -45,6 +45,18 @@ def keys_file_path(policy_path: str | Path, raw: Mapping[str, Any]) -> Path | No
     return base / name
 
 
+Stamp = tuple[int, int, int] | None
+
+
+def file_stamp(path: Path) -> Stamp:
+    """What tells a changed file: modification time, size, inode (None when it does not exist)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
 def read_keys_file(path: Path) -> tuple[str, dict[str, list[dict[str, Any]]]]:
     """The file's text and its keys per team, validated; raises KeysFileError quoting the file."""
     try:

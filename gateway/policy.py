@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
-from gateway.key_files import KeysFileError, keys_file_path, merge_keys, read_keys_file
+from gateway.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_diagnosis import file_path, line_of, stand_in_document, suggestion
 from gateway.policy_schema import (
@@ -153,6 +153,7 @@ class Policy:
     state: StatePolicy = field(default_factory=StatePolicy)
     # The keys file merged into the teams (`keys_file`); the policy store watches it too.
     keys_path: Path | None = None
+    keys_stamp: tuple[int, int, int] | None = None  # the keys file as it was read
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -181,8 +182,9 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     if problems:
         raise PolicyError(source, problems)
     keys_path = keys_file_path(source, raw)
-    keys_text = ""
+    keys_text, keys_stamp = "", None
     if keys_path is not None:  # team keys kept beside the policy (gateway/key_files.py)
+        keys_stamp = file_stamp(keys_path)  # before reading: a write after it is seen as a change
         try:
             keys_text, file_keys = read_keys_file(keys_path)
         except KeysFileError as exc:
@@ -204,7 +206,8 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     if problems:
         raise PolicyError(source, problems)
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
-    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path)
+    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
+                                 keys_stamp=keys_stamp)
     return _with_accounting(policy, document, root)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.key_files import Stamp, file_stamp
 from gateway.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger("switchboard.policy")
@@ -37,7 +37,7 @@ class PolicyStore:
         self.path = Path(path)
         self._current = initial if initial is not None else load_policy(self.path)
         self.last_reload = ReloadOutcome(time.time(), "loaded", self._current.fingerprint)
-        self._stamp = self._stamps()
+        self._stamp = self._loaded_stamps(file_stamp(self.path), self._current)
         self._listeners: list[Callable[[Policy], None]] = []
         self._refusal_listeners: list[Callable[[PolicyError], None]] = []
         self._lock = asyncio.Lock()
@@ -68,14 +68,13 @@ class PolicyStore:
                 for refusal_listener in self._refusal_listeners:
                     refusal_listener(exc)
                 return False
-            self._stamp = stamp
+            self._stamp = self._loaded_stamps(stamp[0], policy)
             if policy.fingerprint == self._current.fingerprint:
                 self.last_reload = ReloadOutcome(time.time(), "unchanged", policy.fingerprint)
                 log.info("policy %s reloaded: unchanged, still serving %s", self.path, policy.fingerprint)
                 return False
             previous, self._current = self._current, policy
             self.last_reload = ReloadOutcome(time.time(), "applied", policy.fingerprint)
-            self._stamp = await asyncio.to_thread(self._stamps)  # the new policy may name another keys file
             log.info("policy reloaded from %s: %s -> %s", self.path, previous.fingerprint, policy.fingerprint)
             for listener in self._listeners:
                 listener(policy)
@@ -91,10 +90,14 @@ class PolicyStore:
             if stamp != self._stamp:
                 await self.reload()
 
-    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+    def _stamps(self) -> tuple[Stamp, ...]:
         """The policy file's stamp, and its keys file's: a revoked key applies when either changes."""
         keys = self._current.keys_path
-        return (_stamp(self.path), *((_stamp(keys),) if keys is not None else ()))
+        return (file_stamp(self.path), *((file_stamp(keys),) if keys is not None else ()))
+
+    def _loaded_stamps(self, policy_stamp: Stamp, policy: Policy) -> tuple[Stamp, ...]:
+        # The keys file as the loader read it, so a write that raced the load still counts as a change.
+        return (policy_stamp, *((policy.keys_stamp,) if policy.keys_path is not None else ()))
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Reload on SIGHUP; only possible from the main thread."""
@@ -102,11 +105,3 @@ class PolicyStore:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             return True
         return False
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)

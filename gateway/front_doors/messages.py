@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import request_headers, respond
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
