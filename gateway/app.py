@@ -89,6 +89,12 @@ class ModelsRoute:
             await send_reply(send, Reply(*render(error)))
 
 
+async def _root(request: Request) -> Response:
+    # A person who opens the gateway's address sees where to go instead of a 404.
+    body = b'{"service":"switchboard","api":"/v1","console":"/ui/","health":"/healthz"}'
+    return Response(body, media_type="application/json")
+
+
 async def _healthz(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -211,6 +217,7 @@ def create_app(
             Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),
             Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
+            Route("/", _root, methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/readyz", _readyz, methods=["GET"]),
             Route("/admin/usage", UsageRoute(), methods=["GET"]),

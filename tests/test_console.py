@@ -170,3 +170,8 @@ def test_policy_feed_reports_the_last_reload(demo: RunningGateway) -> None:
     refused = _eventually(policy, lambda body: body["last_reload"]["result"] == "refused")
     assert refused["last_reload"]["result"] == "refused" and refused["fingerprint"] == first["fingerprint"]
     assert any(p.startswith("not_a_field: unknown field") for p in refused["last_reload"]["problems"])
+
+
+def test_the_root_path_says_where_things_are(demo: RunningGateway) -> None:
+    response = httpx.get(demo.base_url + "/")
+    assert response.status_code == 200 and response.json()["console"] == "/ui/" and response.json()["api"] == "/v1"
