@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.admin_surface import AdminSurfaces
 from gateway.asgi import (
     GatewayApp,
     read_body,
@@ -27,8 +28,9 @@ from gateway.asgi import (
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
 from gateway.errors import ErrorKind, GatewayError, render
-from gateway.front_doors.messages import MessagesRoute
+from gateway.front_doors.messages import MessagesRoute, anthropic_error
 from gateway.front_doors.responses import ResponsesRoute
+from gateway.gate import Gate
 from gateway.health import Monitor, TargetsRoute
 from gateway.heap import settle_for_serving
 from gateway.ledger import Ledger, SpendRoute
@@ -142,7 +144,7 @@ def create_app(
     pools = UpstreamPools(counter)
     # Metrics and the ledger are usage sinks too; tracing follows the policy on every reload.
     observed = store.current
-    metrics = Metrics() if observed.telemetry.metrics.enabled else None
+    metrics = Metrics(lambda: store.current) if observed.telemetry.metrics.enabled else None
     ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
     telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
@@ -224,7 +226,8 @@ def create_app(
     hot = {("POST", route.path): route.app for route in app.routes
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
            and route.methods == {"POST"}}
-    return GatewayApp(app, hot)
+    gate = Gate(services.policy, telemetry, metrics, {"/v1/messages": anthropic_error})
+    return GatewayApp(app, hot, gate, AdminSurfaces(services.policy))
 
 
 def app_from_environment() -> GatewayApp:

@@ -109,6 +109,7 @@ class Team:
     name: str
     allowed_models: frozenset[str]
     all_models: bool
+    max_concurrent: int | None = None
 
     def may_use(self, model: str) -> bool:
         return self.all_models or model in self.allowed_models
@@ -120,6 +121,7 @@ class KeyEntry:
     team: Team
     digest: bytes
     disabled: bool
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,11 +298,12 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
     teams: dict[str, Team] = {}
     keys: dict[bytes, KeyEntry] = {}
     for name, config in document.teams.items():
-        team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models)
+        team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models,
+                    config.max_concurrent)
         teams[name] = team
         for key in config.keys:
             digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
-            keys[digest] = KeyEntry(key.id, team, digest, key.disabled)
+            keys[digest] = KeyEntry(key.id, team, digest, key.disabled, key.max_concurrent)
     admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
     return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
                   cache=build_cache_plan(document))

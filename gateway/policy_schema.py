@@ -303,6 +303,8 @@ class KeyPolicy(Strict):
                     description="A name for the key that is safe to log and trace.")
     hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<hex digest of the key>.")
     disabled: bool = Field(False, description="Refuse this key without deleting it.")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests this key may have in flight at once "
+                                       "(per gateway process); more get 429 before their body is read.")
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
     budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
 
@@ -313,6 +315,8 @@ class TeamPolicy(Strict):
         default_factory=list, description='Public models this team may use; "*" allows every model.'
     )
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits shared by all the team's keys.")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests all the team's keys may have in flight "
+                                       "at once (per gateway process); more get 429 before their body is read.")
     model_limits: dict[str, RateLimitsPolicy] = Field(default_factory=dict,
                                                       description="Rate limits per public model for this team.")
     budget: BudgetPolicy | None = Field(None, description="The team's spend budget.")
@@ -325,8 +329,33 @@ class ReloadPolicy(Strict):
     poll_interval_s: float = Field(1.0, gt=0, le=3600)
 
 
+class AdminListenerPolicy(Strict):
+    """A second listener for the operator's surfaces: /metrics, /admin/* and /ui* (gateway/admin_surface.py).
+
+    With it, the tenant port answers those paths with 404 and this one serves
+    only them. Bind it to an address tenants cannot reach (loopback, a private
+    network); it needs `--workers 1`. Changes apply on restart.
+    """
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address of the admin listener.")
+    port: int = Field(ge=1, le=65535, description="Port of the admin listener (not the tenant port).")
+    metrics_need_key: bool = Field(False, description="Also require an admin key for /metrics on this listener "
+                                   "(/admin/* always requires one).")
+
+
 class ServerPolicy(Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A request line and headers must arrive "
+                                    "within this from the connection's first byte (or the previous response); "
+                                    "slower clients are disconnected.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="The whole request body must arrive within "
+                                  "this after its headers; slower clients are disconnected.")
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024, description="Request line plus headers; "
+                                  "larger heads get 431 and the connection is closed.")
+    max_connections: int = Field(1024, ge=1, le=1_000_000, description="Open client connections per process; "
+                                 "connections beyond it are closed as soon as they are accepted.")
+    admin: AdminListenerPolicy | None = Field(None, description="Serve /metrics, /admin/* and /ui* on a separate "
+                                              "listener only (default: on the tenant port, admin key required).")
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 

@@ -40,7 +40,7 @@ class MessagesRoute:
         try:
             raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
         except GatewayError as error:
-            await send_reply(send, _anthropic_error(*render(error)))
+            await send_reply(send, anthropic_error(*render(error)))
             return
         try:
             chat = chat_request(_load(raw))
@@ -52,7 +52,7 @@ class MessagesRoute:
         if isinstance(reply, StreamReply):
             await send_stream(send, receive, StreamReply(reply.headers, message_events(reply.events)))
         elif reply.status >= 400:
-            await send_reply(send, _anthropic_error(reply.status, reply.body, dict(reply.headers)))
+            await send_reply(send, anthropic_error(reply.status, reply.body, dict(reply.headers)))
         else:
             await send_reply(send, Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers))
 
@@ -317,7 +317,7 @@ def _error_body(error_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
-def _anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:
+def anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:
     """The gateway's OpenAI-shaped error, reshaped as Anthropic's (status and headers kept)."""
     try:
         message_text = orjson.loads(body)["error"]["message"]

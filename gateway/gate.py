@@ -1,0 +1,118 @@
+"""The gate: what happens to an inference request between its headers and its body.
+
+The caller is authenticated from the headers alone, and its key's and team's
+concurrency limits are taken, before a single byte of the body is read: an
+unauthenticated or over-limit request never gets its body buffered, and its
+refusal closes the connection (`connection: close`) so the unread body is not
+waited for either. The pipeline authenticates again from the same headers
+(cheap: one SHA-256); the gate only decides whether the body is worth reading.
+
+Slow or endless request heads and bodies are the server protocol's business
+(gateway/connections.py); this module needs a decoded head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.asgi import request_headers, send_reply
+from gateway.auth import authenticate
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.pipeline import Exchange, Reply
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.policy import KeyEntry, Policy
+    from gateway.telemetry import Telemetry
+
+# Turns a rendered OpenAI error (status, body, headers) into the endpoint's own error shape.
+ErrorShape = Callable[[int, bytes, dict[str, str]], Reply]
+Route = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+# The operation a refused request's trace is named after, by path (as the pipeline would have named it).
+_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
+               "/v1/responses": "responses", "/v1/messages": "chat"}
+
+
+def _openai_shape(status: int, body: bytes, headers: dict[str, str]) -> Reply:
+    return Reply(status, body, headers)
+
+
+class ConcurrencySlots:
+    """In-flight requests per key and per team, against `max_concurrent` in the policy (per process).
+
+    Counters exist only while a request holds them, so the table is bounded by
+    the requests in flight, never by the keys a client tries.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], int] = {}
+
+    def take(self, caller: KeyEntry) -> tuple[tuple[str, str], ...]:
+        """Hold a slot of the key and of its team, or raise 429 holding neither."""
+        wanted = []
+        if caller.max_concurrent is not None:
+            wanted.append((("key", f"{caller.team.name}/{caller.key_id}"), caller.max_concurrent, "key"))
+        if caller.team.max_concurrent is not None:
+            wanted.append((("team", caller.team.name), caller.team.max_concurrent, "team"))
+        for slot, limit, scope in wanted:
+            if self._held.get(slot, 0) >= limit:
+                raise GatewayError(ErrorKind.RATE_LIMITED, f"Too many concurrent requests for this {scope} "
+                                   f"(limit {limit}); retry when one finishes.",
+                                   code="concurrency_limit_exceeded", retry_after=1)
+        for slot, _, _ in wanted:
+            self._held[slot] = self._held.get(slot, 0) + 1
+        return tuple(slot for slot, _, _ in wanted)
+
+    def give_back(self, slots: tuple[tuple[str, str], ...]) -> None:
+        for slot in slots:
+            left = self._held[slot] - 1
+            if left:
+                self._held[slot] = left
+            else:
+                del self._held[slot]
+
+    def held(self, slot: tuple[str, str]) -> int:
+        return self._held.get(slot, 0)
+
+
+class Gate:
+    """Admits an inference request to its route once its headers show a valid key with a free slot."""
+
+    def __init__(self, policy: Callable[[], Policy], telemetry: Telemetry, metrics: Metrics | None = None,
+                 error_shapes: Mapping[str, ErrorShape] | None = None) -> None:
+        self._policy = policy
+        self._telemetry = telemetry
+        self._metrics = metrics
+        self._shapes = dict(error_shapes or {})
+        self.slots = ConcurrencySlots()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, route: Route) -> None:
+        headers = request_headers(scope)
+        try:
+            caller = authenticate(self._policy(), headers)
+        except GatewayError as error:
+            if self._metrics is not None:
+                self._metrics.unauthenticated(error.code or "invalid_api_key")
+            # The refusal is traced like any failed request (an error span, no usage record).
+            exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+            self._telemetry.start(_OPERATIONS.get(scope["path"], "chat"), headers, exchange).failed(
+                error, settled=False)
+            await self._refuse(scope, send, error)
+            return
+        try:
+            slots = self.slots.take(caller)
+        except GatewayError as error:
+            await self._refuse(scope, send, error)
+            return
+        try:
+            await route(scope, receive, send)
+        finally:
+            self.slots.give_back(slots)
+
+    async def _refuse(self, scope: dict[str, Any], send: Any, error: GatewayError) -> None:
+        status, body, headers = render(error)
+        # The body was never read: close the connection rather than wait for (and discard) it.
+        headers["connection"] = "close"
+        shape = self._shapes.get(scope["path"], _openai_shape)
+        await send_reply(send, shape(status, body, headers))
