@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.errors import ErrorKind, GatewayError, from_upstream
+from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
 from gateway.policy import Model, Policy, Target
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
@@ -314,7 +314,9 @@ def _record_failure(states: RouteState, target: Target, config: ModelPolicy, fai
     state = states.state(target)
     now = states.clock()
     state.failures += 1
-    state.last_error = f"{failure.kind.value}: {failure.message}"[:200]
+    # Shown on /admin/targets: scrubbed like a client's copy (credentials, the operator's account).
+    secrets = (target.provider.settings.api_key or "",)
+    state.last_error = redact(f"{failure.kind.value}: {failure.message}", secrets)[:200]
     if failure.retry_after:
         state.hold_until = now + failure.retry_after
     breaker = config.circuit_breaker

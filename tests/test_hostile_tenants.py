@@ -244,3 +244,32 @@ def test_a_key_over_its_concurrency_limit_is_refused_and_other_teams_are_not(ups
         upstream.release()
         assert first.result(timeout=10).choices
     assert beta.chat.completions.create(model="beta-model", messages=ASK).choices  # the slot came back
+
+
+# --- 6. upstream text is the operator's, not the tenant's ----------------------------------------------------
+
+OPERATOR_429 = ("Rate limit reached for gpt-4o in organization org-OperatorsOrg1234567 on tokens per min (TPM): "
+                "Limit 30000, Used 29796, Requested 1146. Please try again in 1.884s.")
+OPERATOR_TEXT = ("org-OperatorsOrg1234567", "30000", "29796", "1146")
+
+
+def test_upstream_errors_reach_tenants_without_the_operators_account(upstream: FakeOpenAIUpstream,
+                                                                      start_gateway: Start) -> None:
+    gateway = start_gateway(standard_policy(upstream.base_url, extra=ADMIN_POLICY))
+    upstream.script(Behaviour.error(429, OPERATOR_429, code="rate_limit_exceeded", type="tokens"))
+    with pytest.raises(openai.RateLimitError) as limited:
+        gateway.client("sk-beta").chat.completions.create(model="beta-model", messages=ASK)
+    error = limited.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"  # what a client acts on stays
+    assert "Rate limit reached" in error["message"]
+    assert not any(text in error["message"] for text in OPERATOR_TEXT)
+
+    upstream.script(Behaviour.error_mid_stream(after_chunks=1, message=OPERATOR_429))
+    with pytest.raises(openai.APIError) as midway:
+        list(gateway.client("sk-beta").chat.completions.create(model="beta-model", messages=ASK, stream=True))
+    assert not any(text in str(midway.value) for text in OPERATOR_TEXT)
+
+    targets = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert targets.status_code == 200 and "Rate limit reached" in targets.text
+    assert not any(text in targets.text for text in OPERATOR_TEXT)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, redact
 from providers.base import Call, Endpoint, UpstreamFailed
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ async def embed(services: Services, policy: Policy, model_name: str, text: str, 
         parsed = target.provider.adapter.parse_response(call, raw)
         vector: Any = orjson.loads(parsed.body)["data"][0]["embedding"]
     except (GatewayError, UpstreamFailed, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-        log.warning("response cache: embedding with %s failed (%s); exact matching only", model_name, exc)
+        log.warning("response cache: embedding with %s failed (%s); exact matching only", model_name,
+                    redact(str(exc), (target.provider.settings.api_key or "",)))
         return None
     if not isinstance(vector, list) or not all(isinstance(x, int | float) for x in vector):
         return None
