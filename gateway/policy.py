@@ -66,14 +66,15 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
-    # Settings that require a new connection pool when they change. Computed once: it holds the
-    # options model, whose hash is too slow to recompute on every request.
+    # Settings that require a new connection pool when they change: everything the pooled client is
+    # built from (gateway/upstream.py), its timeouts included. Computed once: it holds the options
+    # model, whose hash is too slow to recompute on every request.
     pool_identity: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_identity", (
             self.settings.kind, self.settings.base_url, self.max_connections, self.keepalive_s,
-            self.connect_timeout_s, self.settings.options))
+            self.connect_timeout_s, self.first_byte_timeout_s, self.total_timeout_s, self.settings.options))
 
     @property
     def name(self) -> str:
