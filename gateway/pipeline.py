@@ -127,7 +127,8 @@ async def handle_inference(
         call = Call(endpoint, facts.request.body, model.targets[0].upstream_model, facts.request.stream,
                     facts.request.client_wants_usage)
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
-                                      facts.admission.prompt_count if facts.admission else None)
+                                      facts.admission.prompt_count if facts.admission else None,
+                                      facts.caller.team)
         facts.target, call, response = routed.target, routed.call, routed.response
         if isinstance(response, PrimedStream):  # what a streamed call's attempt returns
             return _stream_reply(services, exchange, facts, call, response)

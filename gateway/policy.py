@@ -111,9 +111,14 @@ class Team:
     allowed_models: frozenset[str]
     all_models: bool
     max_concurrent: int | None = None
+    # Models the team may be served as a fallback only (teams.<t>.fallback_models).
+    fallback_models: frozenset[str] = frozenset()
 
     def may_use(self, model: str) -> bool:
         return self.all_models or model in self.allowed_models
+
+    def may_fall_back_to(self, model: str) -> bool:
+        return self.may_use(model) or model in self.fallback_models
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +281,11 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():
-        for index, model_name in enumerate(team.models):
-            if model_name != "*" and model_name not in document.models:
-                problems.append(_at(("teams", team_name, "models", index), root,
-                                    f"unknown model {model_name!r}; defined: " + ", ".join(sorted(document.models))))
+        for field_name, names in (("models", team.models), ("fallback_models", team.fallback_models)):
+            for index, model_name in enumerate(names):
+                if model_name != "*" and model_name not in document.models:
+                    problems.append(_at(("teams", team_name, field_name, index), root, f"unknown model "
+                                        f"{model_name!r}; defined: " + ", ".join(sorted(document.models))))
         for index, key in enumerate(team.keys):
             for field_name, value in (("id", "id:" + key.id), ("hash", key.hash)):
                 if value in key_owner:
@@ -300,7 +306,7 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
     keys: dict[bytes, KeyEntry] = {}
     for name, config in document.teams.items():
         team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models,
-                    config.max_concurrent)
+                    config.max_concurrent, frozenset(config.fallback_models))
         teams[name] = team
         for key in config.keys:
             digest = bytes.fromhex(key.hash.removeprefix("sha256:"))

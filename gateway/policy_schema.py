@@ -317,6 +317,9 @@ class TeamPolicy(Strict):
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits shared by all the team's keys.")
     max_concurrent: int | None = Field(None, ge=1, description="Requests all the team's keys may have in flight "
                                        "at once (per gateway process); more get 429 before their body is read.")
+    fallback_models: list[str] = Field(default_factory=list, description="Models this team may be served as a "
+                                       "fallback (`models.<m>.fallbacks`) without being allowed to request them; "
+                                       "any other fallback the team may not use is skipped.")
     model_limits: dict[str, RateLimitsPolicy] = Field(default_factory=dict,
                                                       description="Rate limits per public model for this team.")
     budget: BudgetPolicy | None = Field(None, description="The team's spend budget.")

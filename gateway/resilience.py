@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
-from gateway.policy import Model, Policy, Target
+from gateway.policy import Model, Policy, Target, Team
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
 from gateway.telemetry_decisions import fallback_event, no_route_event, retry_event, route_event
@@ -65,10 +65,12 @@ class _ModelFailed(Exception):
 
 
 async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
-                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None) -> Routed:
+                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None,
+                         team: Team | None = None) -> Routed:
     """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could.
 
     `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
+    A fallback the caller's `team` may not use (nor is allowed as a fallback) is skipped.
     """
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
     run.prompt = prompt
@@ -80,7 +82,8 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
                 return await run.serve(current, call)
             except _ModelFailed as failed:
                 following = next((name for name in _fallbacks(model, failed.reason)
-                                  if name not in tried and name in policy.models), None)
+                                  if name not in tried and name in policy.models
+                                  and (team is None or team.may_fall_back_to(name))), None)
                 if following is None or run.expired():
                     raise failed.error from None
                 tried.add(following)

@@ -273,3 +273,34 @@ def test_upstream_errors_reach_tenants_without_the_operators_account(upstream: F
     targets = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert targets.status_code == 200 and "Rate limit reached" in targets.text
     assert not any(text in targets.text for text in OPERATOR_TEXT)
+
+
+# --- 8. fallbacks respect the caller's access ----------------------------------------------------------------
+
+FALLBACK_POLICY = """
+  shared-model:
+    fallbacks: {default: [premium-model, cheap-model]}
+    targets: [{provider: upstream, model: upstream-shared}]
+  premium-model:
+    targets: [{provider: upstream, model: upstream-premium}]
+  cheap-model:
+    targets: [{provider: upstream, model: upstream-cheap}]
+"""
+
+
+def test_a_fallback_the_team_may_not_use_is_skipped(upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    policy = standard_policy(upstream.base_url).replace("models:\n", "models:\n" + FALLBACK_POLICY, 1)
+    policy = policy.replace("    models: [beta-model]\n", "    models: [beta-model, shared-model]\n"
+                            "    fallback_models: [cheap-model]\n", 1)
+    policy = policy.replace("    models: [chat-model, embed-model]\n",
+                            "    models: [chat-model, embed-model, shared-model, premium-model]\n", 1)
+    gateway = start_gateway(policy)
+    upstream.script(Behaviour.error(500))  # shared-model fails once
+    answer = gateway.client("sk-beta").chat.completions.with_raw_response.create(model="shared-model", messages=ASK)
+    # beta may not use premium-model and the policy does not allow it as beta's fallback: cheap-model answers.
+    assert answer.headers["x-switchboard-model"] == "cheap-model"
+    assert [r.json["model"] for r in upstream.requests] == ["upstream-shared", "upstream-cheap"]
+    upstream.reset()
+    upstream.script(Behaviour.error(500))
+    answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK)
+    assert answer.headers["x-switchboard-model"] == "premium-model"  # alpha may use it
