@@ -226,7 +226,7 @@ def create_app(
     hot = {("POST", route.path): route.app for route in app.routes
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
            and route.methods == {"POST"}}
-    gate = Gate(services.policy, telemetry, metrics, {"/v1/messages": anthropic_error})
+    gate = Gate(services.policy, telemetry, counter, metrics, {"/v1/messages": anthropic_error})
     return GatewayApp(app, hot, gate, AdminSurfaces(services.policy))
 
 

@@ -7,19 +7,31 @@ refusal closes the connection (`connection: close`) so the unread body is not
 waited for either. The pipeline authenticates again from the same headers
 (cheap: one SHA-256); the gate only decides whether the body is worth reading.
 
+Once the body is in, and before the route sees its last chunk, a body long
+enough to hold a long prompt has its long strings counted in a worker thread
+(`TokenCounter.count_large_texts`) for the targets the request will use, so
+the pipeline's token counts (admission, the context-window check, usage
+estimates) find the figures remembered instead of tokenizing megabytes on the
+event loop, where they would stall every other tenant's requests.
+
 Slow or endless request heads and bodies are the server protocol's business
 (gateway/connections.py); this module needs a decoded head.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from gateway.asgi import request_headers, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.pipeline import Exchange, Reply
+from gateway.tokens import LARGE_TEXT_CHARS, TokenCounter
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -29,6 +41,7 @@ if TYPE_CHECKING:
 # Turns a rendered OpenAI error (status, body, headers) into the endpoint's own error shape.
 ErrorShape = Callable[[int, bytes, dict[str, str]], Reply]
 Route = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+log = logging.getLogger("switchboard.server")
 # The operation a refused request's trace is named after, by path (as the pipeline would have named it).
 _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
                "/v1/responses": "responses", "/v1/messages": "chat"}
@@ -79,9 +92,10 @@ class ConcurrencySlots:
 class Gate:
     """Admits an inference request to its route once its headers show a valid key with a free slot."""
 
-    def __init__(self, policy: Callable[[], Policy], telemetry: Telemetry, metrics: Metrics | None = None,
-                 error_shapes: Mapping[str, ErrorShape] | None = None) -> None:
+    def __init__(self, policy: Callable[[], Policy], telemetry: Telemetry, counter: TokenCounter,
+                 metrics: Metrics | None = None, error_shapes: Mapping[str, ErrorShape] | None = None) -> None:
         self._policy = policy
+        self._counter = counter
         self._telemetry = telemetry
         self._metrics = metrics
         self._shapes = dict(error_shapes or {})
@@ -106,9 +120,45 @@ class Gate:
             await self._refuse(scope, send, error)
             return
         try:
-            await route(scope, receive, send)
+            await route(scope, self._counting_long_prompts(receive, caller), send)
         finally:
             self.slots.give_back(slots)
+
+    def _counting_long_prompts(self, receive: Any, caller: KeyEntry) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """`receive`, which counts a long body's long strings in a thread before handing over its last chunk."""
+        chunks: list[bytes] = []
+
+        async def receive_body() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body = b"".join(chunks)
+                    chunks.clear()
+                    if len(body) >= LARGE_TEXT_CHARS:
+                        await self._count_off_loop(body, caller)
+            return message
+
+        return receive_body
+
+    async def _count_off_loop(self, body: bytes, caller: KeyEntry) -> None:
+        policy = self._policy()
+
+        def count() -> None:
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return  # the pipeline answers it with a 400
+            name = payload.get("model") if isinstance(payload, dict) else None
+            model = policy.models.get(name) if isinstance(name, str) and caller.team.may_use(name) else None
+            if model is not None:
+                self._counter.count_large_texts(payload, [
+                    (t.upstream_model, t.provider.adapter.capabilities.tokenizer) for t in model.targets])
+
+        try:
+            await asyncio.to_thread(count)
+        except Exception:  # an optimisation: the pipeline counts on the loop if this failed
+            log.exception("counting a long prompt off the event loop failed")
 
     async def _refuse(self, scope: dict[str, Any], send: Any, error: GatewayError) -> None:
         status, body, headers = render(error)
