@@ -47,6 +47,12 @@ class MessagesRoute:
         except TranslationError as exc:
             await send_reply(send, Reply(400, _error_body("invalid_request_error", str(exc)), {}))
             return
+        except (AttributeError, TypeError, KeyError, ValueError):
+            # A field of the wrong JSON type somewhere the translation reads it (found by fuzzing,
+            # tests/test_fuzz_endpoints.py): the client's mistake, not a gateway failure.
+            await send_reply(send, Reply(400, _error_body("invalid_request_error", "The request body does not follow "
+                                                          "the Messages API: a field has the wrong type."), {}))
+            return
         reply = await handle_inference(services, Endpoint.CHAT, exchange, request_headers(scope),
                                        orjson.dumps(chat))
         if isinstance(reply, StreamReply):
