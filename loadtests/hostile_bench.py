@@ -14,6 +14,11 @@ load generator on core 1. Two teams:
 
 Phases: `alone` (light probes, nothing else running) and `attacked` (light probes during the attack).
 Reported: the light tenant's p50/p99/max latency in each phase, and how many heavy requests ran.
+
+    .venv/bin/python loadtests/hostile_bench.py --index [--src DIR]   # the semantic index alone, ~1 minute
+
+times `SemanticIndex.nearest` of the source tree over one partition of 1,000 and 10,000 1,536-dim vectors
+(median of 20 lookups, in a child process that imports `gateway` from --src).
 """
 
 # ruff: noqa: TID251 - a load generator, not gateway code: the single-upstream-client rule does not apply.
@@ -142,6 +147,31 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, object]:
         "alone": alone_failures, "attacked": attacked_failures, "heavy": heavy_failures}}
 
 
+INDEX_PROBE = """
+import random, statistics, sys, time
+from gateway.cache.semantic import SemanticIndex, normalized
+rng = random.Random(3)
+for entries in (1000, 10000):
+    index = SemanticIndex(entries)
+    for i in range(entries):
+        index.add(b"p", str(i).encode(), normalized([rng.gauss(0, 1) for _ in range(1536)]), 1e12)
+    query = normalized([rng.gauss(0, 1) for _ in range(1536)])
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        index.nearest(b"p", query, 0.99, 0.0)
+        times.append(time.perf_counter() - started)
+    sys.stdout.write(f"{entries} entries x 1536 dims: {statistics.median(times) * 1000:.2f} ms per lookup\\n")
+"""
+
+
+def index_only(src: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(src.resolve())}
+    subprocess.run([PY, "-c", INDEX_PROBE], cwd=src.resolve(), env=env, check=True)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -152,7 +182,11 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=REPO, help="gateway source tree to run (default: this one)")
     parser.add_argument("--entries", type=int, default=1000, help="semantic-cache entries in the heavy partition")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each probe phase")
+    parser.add_argument("--index", action="store_true", help="time the semantic index alone")
     args = parser.parse_args()
+    if args.index:
+        index_only(args.src)
+        return
     args.run = time.time_ns()
     install_cleanup()
     logs = Path(tempfile.mkdtemp(prefix="hostile-bench-"))

@@ -12,9 +12,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -341,3 +343,79 @@ def test_a_huge_prompt_does_not_stall_another_teams_requests(upstream: FakeOpenA
     # 0.4-1.5 s, the rest being the 4 MB JSON parsed and re-sent and this process's own threads sharing a GIL.
     assert len(latencies) >= 3, latencies
     assert max(latencies) < 3.0, latencies
+
+
+# --- the whole class at once: memory stays bounded --------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.slow  # 11,000 requests against a gateway process: ~1-2 minutes on 2 busy cores
+def test_rss_stays_flat_over_ten_thousand_hostile_requests(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.conftest import key_hash
+    from tests.fakes.state_stores import GatewayProcess
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"""
+version: 1
+server: {{max_body_bytes: 65536}}
+providers:
+  mock: {{kind: mock, options: {{first_token_ms: 0, token_interval_ms: 0}}}}
+models:
+  chat: {{targets: [{{provider: mock, model: mock-gpt-4o}}]}}
+  secret: {{targets: [{{provider: mock, model: mock-secret}}]}}
+teams:
+  alpha:
+    keys: [{{id: alpha, hash: "{key_hash('sk-alpha')}"}}]
+    models: [chat, secret]
+  beta:
+    keys: [{{id: beta, hash: "{key_hash('sk-beta')}", max_concurrent: 2}}]
+    models: [chat]
+""")
+    gateway = GatewayProcess(policy, tmp_path / "gateway.log").start()
+    assert gateway.process is not None
+    rng = __import__("random").Random(14)
+
+    def hostile(i: int) -> tuple[str, dict[str, str], bytes]:
+        beta = {"authorization": "Bearer sk-beta"}
+        kind = i % 6
+        if kind == 0:  # an invented model name, a new one every time
+            return "/v1/chat/completions", beta, orjson.dumps({"model": f"m-{i}-{rng.random()}" * 1600,
+                                                              "messages": ASK})
+        if kind == 1:  # a guessed key, a new one every time
+            return "/v1/chat/completions", {"authorization": f"Bearer sk-{i}-{rng.random()}"}, b"{}"
+        if kind == 2:  # another team's model
+            return "/v1/chat/completions", beta, orjson.dumps({"model": "secret", "messages": ASK})
+        if kind == 3:  # not JSON
+            return "/v1/embeddings", beta, os.urandom(64)
+        if kind == 4:  # too large
+            return "/v1/completions", beta, b'{"model": "chat", "prompt": "' + b"a" * 70_000 + b'"}'
+        return "/v1/chat/completions", beta, orjson.dumps({"model": "chat", "messages": ASK, "max_tokens": 4})
+
+    async def attack(first: int, count: int) -> None:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+            async def worker(offset: int) -> None:
+                for i in range(first + offset, first + count, 8):
+                    path, headers, body = hostile(i)
+                    response = await client.post(path, headers=headers, content=body)
+                    assert response.status_code < 500, response.text
+
+            await asyncio.gather(*(worker(offset) for offset in range(8)))
+
+    try:
+        asyncio.run(attack(0, 1_000))  # warm: first-use allocations, arenas, caches
+        before = _rss_bytes(gateway.process.pid)
+        asyncio.run(attack(1_000, 10_000))
+        grown = _rss_bytes(gateway.process.pid) - before
+        assert grown < 50 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+        alpha = httpx.post(gateway.base_url + "/v1/chat/completions", headers={"authorization": "Bearer sk-alpha"},
+                           json={"model": "secret", "messages": ASK})
+        assert alpha.status_code == 200  # team alpha is still served
+    finally:
+        gateway.terminate()
