@@ -378,7 +378,7 @@ teams:
     keys: [{{id: beta, hash: "{key_hash('sk-beta')}", max_concurrent: 2}}]
     models: [chat]
 """)
-    gateway = GatewayProcess(policy, tmp_path / "gateway.log").start()
+    gateway = GatewayProcess(policy, tmp_path / "gateway.log").start(timeout=120)  # a loaded 2-core box
     assert gateway.process is not None
     rng = __import__("random").Random(14)
 

@@ -277,6 +277,8 @@ def test_fallback_attempts_are_siblings_and_the_answering_target_is_billed(
     policy = policy.replace("models:\n  chat-model:\n", "models:\n  backup-model:\n    targets:\n"
                             "      - provider: upstream\n        model: upstream-backup\n  chat-model:\n"
                             "    fallbacks: {default: [backup-model]}\n", 1)
+    policy = policy.replace("    models: [chat-model, embed-model]\n",  # alpha may be served backup-model as a fallback
+                            "    models: [chat-model, embed-model]\n    fallback_models: [backup-model]\n", 1)
     gateway = start_gateway(policy, span_exporter=exporter)
     upstream.script(Behaviour.error(503))
     raw = gateway.client().chat.completions.with_raw_response.create(
