@@ -28,6 +28,7 @@ from gateway.auth import authenticate
 from gateway.cache import ResponseCache
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.messages import MessagesRoute
+from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.health import Monitor, TargetsRoute
 from gateway.heap import settle_for_serving
@@ -37,6 +38,7 @@ from gateway.metrics import Metrics, MetricsRoute
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
+from gateway.response_store import ResponseStore, open_response_store
 from gateway.state import open_store
 from gateway.telemetry import SpanExporter, Telemetry
 from gateway.tokens import TokenCounter
@@ -131,6 +133,7 @@ def create_app(
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
     cache: ResponseCache | None = None,
+    response_store: ResponseStore | None = None,
     serving_process: bool = False,
 ) -> GatewayApp:
     """Build the gateway around a policy store; everything that talks to the world is injected here.
@@ -157,12 +160,14 @@ def create_app(
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
+    responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         await asyncio.to_thread(counter.preload)
         await limiter.start()
+        await responses.start()
         pools.prepare(store.current)
         background: set[asyncio.Task[Any]] = set()
 
@@ -195,6 +200,7 @@ def create_app(
             await monitor.close()
             await pools.close()
             await limiter.close()
+            await responses.close()
             await services.cache.close()
             recorder.close()
             await asyncio.to_thread(telemetry.shutdown)
@@ -206,6 +212,8 @@ def create_app(
             Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS), methods=["POST"]),
             Route("/v1/messages", MessagesRoute(), methods=["POST"]),
             Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+            Route("/v1/responses/{response_id}/input_items", InputItemsRoute(), methods=["GET"]),
+            Route("/v1/responses/{response_id}", ResponseObjectRoute(), methods=["GET", "DELETE"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),
             Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
@@ -219,6 +227,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.response_store = responses
     app.state.ready = False
     app.state.started_at = int(time.time())
     hot = {("POST", route.path): route.app for route in app.routes

@@ -30,12 +30,14 @@ from gateway.policy_schema import (
     ModelPolicy,
     PolicyDocument,
     ProviderBase,
+    ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,
     TargetPolicy,
     TelemetryPolicy,
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
+from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, fallback_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
@@ -145,6 +147,9 @@ class Policy:
     # Rate limits and budgets by scope (gateway/limits.py) and where their counters live.
     rules: Rules | None = None
     state: StatePolicy = field(default_factory=StatePolicy)
+    # Stored Responses API state per team (gateway/response_store/) and where it lives.
+    responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
+    response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -180,7 +185,8 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     if problems:
         raise PolicyError(source, problems)
     policy = _build(document, source, hashlib.sha256(text.encode()).hexdigest()[:16])
-    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state)
+    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state,
+                                 responses=build_response_rules(document), response_store=document.response_store)
     return _with_accounting(policy, document, root)
 
 

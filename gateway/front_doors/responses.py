@@ -7,9 +7,14 @@ translation for the rest.
 String or item input, `instructions`, `text.format` (json_schema / json_object),
 function tools and `tool_choice` map onto a chat request; the chat reply or
 stream comes back as a Response object or the Responses event sequence
-(protocols.md 2.3-2.5). Stored conversation state is not kept, so
-`previous_response_id`, `conversation` and `background` are refused with a 400.
-Errors are OpenAI-shaped already and pass through unchanged.
+(protocols.md 2.3-2.5). `previous_response_id` and storing are served from the
+gateway's own response store on both paths (conversation.py); `conversation`
+and `background` are refused with a 400. Errors are OpenAI-shaped already and
+pass through unchanged.
+
+Nothing model-specific happens before the caller is known to be allowed the
+model: an unknown and a forbidden model get the pipeline's one answer, so the
+body's validation cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -21,16 +26,39 @@ from typing import Any
 import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
+from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.front_doors.conversation import (
+    Turn,
+    keep,
+    kept_events,
+    open_turn,
+    rules_for,
+    upstream_input,
+    with_identity,
+)
+from gateway.front_doors.org_resources import refuse_unlisted
 from gateway.front_doors.reframing import ChatStream, reframed
-from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
+from gateway.front_doors.responses_passthrough import (
+    NativeStream,
+    refuse_stateful,
+    relay_events,
+    served_only_by,
+    serves_natively,
+)
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
+from gateway.policy import KeyEntry, Policy
+from gateway.response_store import ResponseStore
 from providers.base import Endpoint
 from providers.sse import encode_named_event
 
-_UNSUPPORTED = ("previous_response_id", "conversation", "background")
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key",
            "service_tier", "top_logprobs")
+# Provider kinds whose prompt caching the gateway steers for chained turns: Anthropic by cache_control
+# breakpoints, OpenAI by a prompt_cache_key shared by the conversation's turns.
+_BREAKPOINT_KINDS = frozenset({"anthropic"})
+_CACHE_KEY_KINDS = frozenset({"openai"})
+_BREAKPOINT = {"type": "ephemeral"}
 
 
 class ResponsesRoute:
@@ -38,30 +66,99 @@ class ResponsesRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
+        store: ResponseStore = scope["app"].state.response_store
         exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+        headers = request_headers(scope)
+        policy = services.policy()
         try:
-            raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
+            raw = await read_body(scope, receive, policy.server.max_body_bytes)
+            caller = authenticate(policy, headers)  # 401 before anything about the body is said
             request = decode_object(raw)
-            native = serves_natively(services.policy(), request)  # OpenAI, vLLM: passed through as is
-            if native:
-                refuse_stateful(request)
-            body = raw if native else orjson.dumps(chat_request(request))
         except GatewayError as error:
             await send_reply(send, Reply(*render(error)))
             return
-        reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
-                                       request_headers(scope), body)
-        if native and isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, relay_events(reply.events)))
-        elif native:
+        if not _may_use(policy, caller, request.get("model")):
+            # The pipeline's own 400 (missing field) or 404, the same for an unknown and a forbidden model.
+            reply = await handle_inference(services, Endpoint.RESPONSES, exchange, headers, raw)
+            assert isinstance(reply, Reply)
             await send_reply(send, reply)
-        elif isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, response_events(reply.events, request)))
+            return
+        try:
+            turn, native, body = await _prepare(policy, store, caller, request)
+        except GatewayError as error:
+            status, error_body, error_headers = render(error)
+            await send_reply(send, Reply(status, error_body, {**exchange.response_headers, **error_headers}))
+            return
+        reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
+                                       headers, body)
+        if isinstance(reply, StreamReply):
+            await send_stream(send, receive, StreamReply(reply.headers, _events(reply, request, turn, store, native)))
         elif reply.status >= 400:
             await send_reply(send, reply)
         else:
-            body = orjson.dumps(response(orjson.loads(reply.body), request))
-            await send_reply(send, Reply(reply.status, body, reply.headers))
+            await send_reply(send, await _finished(reply, request, turn, store, native))
+
+
+def _may_use(policy: Policy, caller: KeyEntry, model: Any) -> bool:
+    return isinstance(model, str) and model in policy.models and caller.team.may_use(model)
+
+
+async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry,
+                   request: Mapping[str, Any]) -> tuple[Turn, bool, bytes]:
+    """The turn, whether it is served natively, and the body for the pipeline."""
+    rules = rules_for(policy.responses, caller)
+    refuse_stateful(request)
+    refuse_unlisted(request, rules)
+    native = serves_natively(policy, request)
+    turn = await open_turn(store, rules, caller, request)
+    outgoing = {k: v for k, v in request.items() if k != "previous_response_id"}
+    stored = 0
+    if turn.previous_id is not None:
+        outgoing["input"], stored = upstream_input(turn, native)
+    model = request.get("model")
+    if native:
+        if not rules.upstream_store:  # kept on the operator's account only where the policy says so
+            outgoing["store"] = False
+        if turn.stateful and "prompt_cache_key" not in outgoing and served_only_by(policy, model, _CACHE_KEY_KINDS):
+            outgoing["prompt_cache_key"] = turn.cache_key()
+        return turn, True, orjson.dumps(outgoing)
+    breakpoints = turn.keep and served_only_by(policy, model, _BREAKPOINT_KINDS)
+    chat = chat_request(outgoing, (stored if turn.previous_id else None) if breakpoints else None,
+                        mark_end=breakpoints)
+    return turn, False, orjson.dumps(chat)
+
+
+async def _finished(reply: Reply, request: Mapping[str, Any], turn: Turn, store: ResponseStore,
+                    native: bool) -> Reply:
+    """The Response for a successful non-streamed reply, kept first when the turn is stored."""
+    if native and not turn.stateful:
+        return reply  # passed through byte for byte
+    result = with_identity(orjson.loads(reply.body), turn) if native else \
+        response(orjson.loads(reply.body), request, turn.identity())
+    if turn.keep:
+        try:
+            await keep(store, turn, result)
+        except GatewayError as error:
+            status, body, headers = render(error)
+            return Reply(status, body, {**reply.headers, **headers})
+    return Reply(reply.status, orjson.dumps(result), reply.headers)
+
+
+def _events(reply: StreamReply, request: Mapping[str, Any], turn: Turn, store: ResponseStore,
+            native: bool) -> AsyncIterator[bytes]:
+    async def keeper(final: dict[str, Any]) -> None:
+        await keep(store, turn, final)
+
+    if native and not turn.stateful:
+        return relay_events(reply.events)
+    stream: NativeStream | _ResponseStream
+    if native:
+        stream = NativeStream(turn.identity())
+        events = relay_events(reply.events, stream)
+    else:
+        stream = _ResponseStream(request, turn.identity())
+        events = reframed(reply.events, stream)
+    return kept_events(events, stream, keeper if turn.keep else None)
 
 
 def _bad(message: str, param: str | None = None) -> GatewayError:
@@ -71,12 +168,15 @@ def _bad(message: str, param: str | None = None) -> GatewayError:
 # --- request: Responses -> chat ----------------------------------------------------------------
 
 
-def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The chat request for a Responses API request."""
-    for name in _UNSUPPORTED:
-        if body.get(name):
-            raise _bad(f"'{name}' is not supported by this gateway: it keeps no response state; "
-                       "send the whole conversation as `input` instead.", name)
+def chat_request(body: Mapping[str, Any], cached_items: int | None = None, *,
+                 mark_end: bool = False) -> dict[str, Any]:
+    """The chat request for a Responses API request.
+
+    `cached_items`: the first input items were sent in the previous turn, so the
+    message that ends them gets a prompt-cache breakpoint (the provider reads
+    that prefix from its cache); `mark_end` puts one at the end too, where the
+    next turn will find it.
+    """
     messages: list[dict[str, Any]] = []
     if body.get("instructions"):
         messages.append({"role": "system", "content": body["instructions"]})
@@ -86,6 +186,8 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     elif isinstance(source, list):
         for i, item in enumerate(source):
             _add_item(messages, item, i)
+            if cached_items and i == cached_items - 1 and messages:
+                messages[-1]["cache_control"] = _BREAKPOINT
     else:
         raise GatewayError(ErrorKind.BAD_REQUEST, "Missing required parameter: 'input'.", param="input",
                            code="missing_required_parameter")
@@ -115,6 +217,8 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     if body.get("stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}  # response.completed carries the usage
+    if mark_end and messages:
+        messages[-1]["cache_control"] = _BREAKPOINT
     return chat
 
 
@@ -181,25 +285,31 @@ def _tool(tool: Any, i: int) -> dict[str, Any]:
 # --- response: chat -> Responses ---------------------------------------------------------------
 
 
-def response(chat: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
-    """The Response object for a chat.completion."""
+def response(chat: Mapping[str, Any], request: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The Response object for a chat.completion; `identity` has the gateway's id, store and previous id."""
     choice = (chat.get("choices") or [{}])[0]
     reply = choice.get("message") or {}
     output: list[dict[str, Any]] = []
     if reply.get("content") or reply.get("refusal"):
-        output.append(_message_item(chat.get("id"), reply.get("content"), reply.get("refusal")))
+        output.append(_message_item(_item_id(identity, 0), reply.get("content"), reply.get("refusal")))
     for call in reply.get("tool_calls") or ():
         function = call.get("function") or {}
         output.append(_call_item(call.get("id"), function.get("name"), function.get("arguments") or ""))
-    return _envelope(chat, request, output, choice.get("finish_reason"), chat.get("usage"))
+    return _envelope(chat, request, output, choice.get("finish_reason"), chat.get("usage"), identity)
+
+
+def _item_id(identity: Mapping[str, Any], index: int) -> str:
+    """An output item id unique to this response (input_items pages by id)."""
+    return f"{str(identity['id']).removeprefix('resp_')}_{index}"
 
 
 def _envelope(chat: Mapping[str, Any], request: Mapping[str, Any], output: list[dict[str, Any]],
-              finish_reason: Any, chat_usage: Any, status: str | None = None) -> dict[str, Any]:
+              finish_reason: Any, chat_usage: Any, identity: Mapping[str, Any],
+              status: str | None = None) -> dict[str, Any]:
     incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
     tools = request.get("tools") or []
     return {
-        "id": "resp_" + str(chat.get("id") or ""), "object": "response",
+        "id": identity["id"], "object": "response",
         "created_at": chat.get("created") or int(time.time()), "model": chat.get("model"),
         "status": status or ("incomplete" if incomplete else "completed"),
         "incomplete_details": {"reason": incomplete} if incomplete and not status else None,
@@ -209,7 +319,8 @@ def _envelope(chat: Mapping[str, Any], request: Mapping[str, Any], output: list[
         "text": request.get("text") or {"format": {"type": "text"}},
         "temperature": request.get("temperature"), "top_p": request.get("top_p"),
         "max_output_tokens": request.get("max_output_tokens"), "metadata": request.get("metadata") or {},
-        "store": False, "usage": _usage(chat_usage),
+        "store": identity["store"], "previous_response_id": identity["previous_response_id"],
+        "usage": _usage(chat_usage),
     }
 
 
@@ -253,11 +364,6 @@ class _Events:
         return encode_named_event(kind, orjson.dumps(payload))
 
 
-def response_events(chunks: AsyncIterator[bytes], request: Mapping[str, Any]) -> AsyncIterator[bytes]:
-    """The Responses event sequence for the pipeline's chat stream."""
-    return reframed(chunks, _ResponseStream(request))
-
-
 class _ResponseStream(ChatStream):
     """Turns chat chunks into Responses events, one `data:` payload at a time.
 
@@ -266,9 +372,11 @@ class _ResponseStream(ChatStream):
     `response.completed`, which carries the full output and the usage.
     """
 
-    def __init__(self, request: Mapping[str, Any]) -> None:
+    def __init__(self, request: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
         super().__init__()
         self._request = request
+        self._identity = identity
+        self.final: dict[str, Any] | None = None
         self._event = _Events()
         self._head: dict[str, Any] = {}
         self._output: list[dict[str, Any]] = []  # items in output order; open ones are still growing
@@ -280,12 +388,15 @@ class _ResponseStream(ChatStream):
     def failed(self, error: Mapping[str, Any]) -> list[bytes]:
         return [self._event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))]
 
+    def failure(self, error: GatewayError) -> bytes:
+        return self.failed({"code": error.code, "message": error.message, "param": error.param})[0]
+
     def chunk(self, chunk: Mapping[str, Any]) -> list[bytes]:
         event, output = self._event, self._output
         out: list[bytes] = []
         if not self._head:
             self._head = {"id": chunk.get("id"), "created": chunk.get("created"), "model": chunk.get("model")}
-            started = _envelope(self._head, self._request, [], None, None, status="in_progress")
+            started = _envelope(self._head, self._request, [], None, None, self._identity, status="in_progress")
             out.append(event("response.created", response=started))
             out.append(event("response.in_progress", response=started))
         self._usage = chunk.get("usage") or self._usage
@@ -295,7 +406,7 @@ class _ResponseStream(ChatStream):
             if delta.get("content"):
                 if self._text_at is None:
                     self._text_at = text_at = len(output)
-                    item = _message_item(f"{self._head['id']}_{text_at}", None, status="in_progress")
+                    item = _message_item(_item_id(self._identity, text_at), None, status="in_progress")
                     output.append(item)
                     out.append(event("response.output_item.added", output_index=text_at, item=item))
                     item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
@@ -323,14 +434,19 @@ class _ResponseStream(ChatStream):
         return out
 
     def closing(self) -> list[bytes]:
+        """Every open item closed; the terminal event waits in `final` for `terminal()`."""
         out: list[bytes] = []
         for at, item in enumerate(self._output):
             if item["status"] == "in_progress":
                 out += _close(self._event, self._output, at)
-        final = _envelope(self._head, self._request, self._output, self._finish, self._usage)
-        out.append(self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                               response=final))
+        self.final = _envelope(self._head, self._request, self._output, self._finish, self._usage, self._identity)
         return out
+
+    def terminal(self) -> bytes:
+        final = self.final
+        assert final is not None
+        return self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                           response=final)
 
 
 def _close(event: _Events, output: list[dict[str, Any]], at: int) -> list[bytes]:
