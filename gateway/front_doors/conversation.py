@@ -65,9 +65,11 @@ class Turn:
     rules: TeamResponseRules
     keep: bool
     previous_id: str | None = None
-    # Input items of this turn, earlier turns first; `stored` of them came from the store.
+    # Input items of this turn, earlier turns first; `stored` of them came from the store, and the
+    # first `sent_before` of those were the previous turn's prompt (the rest is its output).
     items: list[dict[str, Any]] = field(default_factory=list)
     stored: int = 0
+    sent_before: int = 0
 
     @property
     def stateful(self) -> bool:
@@ -109,8 +111,9 @@ async def open_turn(store: ResponseStore, rules: TeamResponseRules, caller: KeyE
         raise unavailable()
     if previous_id:
         previous = await _load(store, turn, previous_id)
-        turn.items = [*orjson.loads(previous.context), *orjson.loads(previous.response).get("output", ())]
-        turn.stored = len(turn.items)
+        context = orjson.loads(previous.context)
+        turn.items = [*context, *orjson.loads(previous.response).get("output", ())]
+        turn.stored, turn.sent_before = len(turn.items), len(context)
     turn.items.extend(_normalized(request.get("input")))
     _unique_ids(turn.items)
     return turn
@@ -129,7 +132,8 @@ async def _load(store: ResponseStore, turn: Turn, response_id: str) -> StoredRes
 
 
 def upstream_input(turn: Turn, native: bool) -> tuple[list[dict[str, Any]], int]:
-    """The conversation as input items for the upstream, and how many of them came from the store.
+    """The conversation as input items for the upstream, and how many of them were the previous turn's prompt
+    (the prefix an upstream may still have in its prompt cache).
 
     Item ids are the gateway's bookkeeping and are left out (an upstream that
     keeps nothing could not resolve them), except on reasoning items, which a
@@ -138,7 +142,7 @@ def upstream_input(turn: Turn, native: bool) -> tuple[list[dict[str, Any]], int]
     native upstreams.
     """
     out: list[dict[str, Any]] = []
-    stored = 0
+    sent_before = 0
     for index, item in enumerate(turn.items):
         kind = item.get("type", "message")
         if kind == "reasoning":
@@ -147,8 +151,8 @@ def upstream_input(turn: Turn, native: bool) -> tuple[list[dict[str, Any]], int]
         elif index < turn.stored and kind not in _PORTABLE and not native:
             continue
         out.append(_without_id(item) if kind in _PORTABLE and kind != "reasoning" else item)
-        stored += index < turn.stored
-    return out, stored
+        sent_before += index < turn.sent_before
+    return out, sent_before
 
 
 async def keep(store: ResponseStore, turn: Turn, response: dict[str, Any]) -> None:

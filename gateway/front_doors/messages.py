@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import read_body, request_headers, send_reply, send_stream
+from gateway.auth import authenticate
 from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
@@ -39,6 +40,7 @@ class MessagesRoute:
         exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
         try:
             raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
+            authenticate(services.policy(), request_headers(scope))  # 401 before anything is said of the body
         except GatewayError as error:
             await send_reply(send, _anthropic_error(*render(error)))
             return

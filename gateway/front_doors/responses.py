@@ -112,9 +112,9 @@ async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry,
     native = serves_natively(policy, request)
     turn = await open_turn(store, rules, caller, request)
     outgoing = {k: v for k, v in request.items() if k != "previous_response_id"}
-    stored = 0
+    sent_before = 0
     if turn.previous_id is not None:
-        outgoing["input"], stored = upstream_input(turn, native)
+        outgoing["input"], sent_before = upstream_input(turn, native)
     model = request.get("model")
     if native:
         if not rules.upstream_store:  # kept on the operator's account only where the policy says so
@@ -123,8 +123,7 @@ async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry,
             outgoing["prompt_cache_key"] = turn.cache_key()
         return turn, True, orjson.dumps(outgoing)
     breakpoints = turn.keep and served_only_by(policy, model, _BREAKPOINT_KINDS)
-    chat = chat_request(outgoing, (stored if turn.previous_id else None) if breakpoints else None,
-                        mark_end=breakpoints)
+    chat = chat_request(outgoing, sent_before if breakpoints else None, mark_end=breakpoints)
     return turn, False, orjson.dumps(chat)
 
 
@@ -172,10 +171,10 @@ def chat_request(body: Mapping[str, Any], cached_items: int | None = None, *,
                  mark_end: bool = False) -> dict[str, Any]:
     """The chat request for a Responses API request.
 
-    `cached_items`: the first input items were sent in the previous turn, so the
-    message that ends them gets a prompt-cache breakpoint (the provider reads
-    that prefix from its cache); `mark_end` puts one at the end too, where the
-    next turn will find it.
+    `cached_items`: the first input items were the previous turn's prompt, which
+    that turn marked, so the message that ends them gets a prompt-cache
+    breakpoint too (the provider reads that prefix from its cache); `mark_end`
+    puts one at the end, where the next turn will find it.
     """
     messages: list[dict[str, Any]] = []
     if body.get("instructions"):
