@@ -203,12 +203,11 @@ def test_store_false_keeps_nothing(gateway: RunningGateway, model: str) -> None:
 
 def _not_found(gateway: RunningGateway, key: str, response_id: str) -> list[tuple[int, Any]]:
     """What every way of using `response_id` answers `key` (status and body)."""
-    headers = {"authorization": f"Bearer {key}"}
-    url = f"{gateway.v1}/responses/{response_id}"
-    answers = [httpx.get(url, headers=headers), httpx.delete(url, headers=headers),
-               httpx.get(url + "/input_items", headers=headers),
-               httpx.post(gateway.v1 + "/responses", headers=headers,
-                          json={"model": "claude", "input": "x", "previous_response_id": response_id})]
+    url = f"/v1/responses/{response_id}"
+    with httpx.Client(base_url=gateway.base_url, headers={"authorization": f"Bearer {key}"}) as http:
+        answers = [http.get(url), http.delete(url), http.get(url + "/input_items"),
+                   http.post("/v1/responses", json={"model": "claude", "input": "x",
+                                                    "previous_response_id": response_id})]
     return [(a.status_code, a.json()) for a in answers]
 
 
