@@ -60,6 +60,10 @@ teams:
       allowed_vector_stores: [vs_ok]
       allowed_files: [file-ok]
       allowed_containers: [cntr_ok]
+  metered:
+    keys: [{{id: metered-key, hash: "{key_hash('sk-metered')}"}}]
+    models: ["*"]
+    budget: {{period: rolling, window_s: 3600, tokens: 600}}
 {extra_teams}
 """
 
@@ -277,6 +281,17 @@ def test_chained_turns_count_their_context_and_steer_prompt_caches(
     assert oai.last_request.json["prompt_cache_key"] == key
     client.responses.create(model="gpt", input="conversation two")
     assert oai.last_request.json["prompt_cache_key"] != key
+
+
+def test_re_sent_context_counts_against_token_budgets(gateway: RunningGateway, claude: FakeAnthropicUpstream) -> None:
+    client = gateway.client("sk-metered")
+    first = client.responses.create(model="claude", input=" ".join(f"w{i}" for i in range(120)), max_output_tokens=130)
+    used = first.usage.input_tokens + first.usage.output_tokens
+    assert 150 < used < 300, used  # room left for a short new prompt, not for the stored context again
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.responses.create(model="claude", previous_response_id=first.id, input="more", max_output_tokens=5)
+    assert caught.value.body["code"] == "budget_exceeded"
+    assert client.responses.create(model="claude", input="more", max_output_tokens=5).output_text == "echo: more"
 
 
 def test_expiry_and_the_size_cap(oai: FakeResponsesUpstream, claude: FakeAnthropicUpstream, tmp_path: Path) -> None:

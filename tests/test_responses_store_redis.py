@@ -4,7 +4,7 @@ Redis; and the store going down on a private redis-server: a clear 503, no upstr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,29 +12,20 @@ import openai
 import pytest
 
 from gateway.response_store.redis import RedisResponseStore
+from tests import test_responses_state
 from tests.conftest import key_hash, run_gateway
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream
 from tests.fakes.responses_upstream import FakeResponsesUpstream
 from tests.fakes.state_stores import SHARED_REDIS, drop_prefix, private_redis, unique_prefix
 from tests.test_responses_state import policy
 
+# The same fake upstreams (module fixtures) as the SQLite store's tests.
+oai, claude = test_responses_state.oai, test_responses_state.claude
 SMALL_TEAM = f"""  short:
     keys: [{{id: short-key, hash: "{key_hash('sk-short')}"}}]
     models: ["*"]
     responses: {{max_bytes: 4000}}
 """
-
-
-@pytest.fixture(scope="module")
-def oai() -> Iterator[FakeResponsesUpstream]:
-    with FakeResponsesUpstream(require_api_key="sk-openai-upstream") as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def claude() -> Iterator[FakeAnthropicUpstream]:
-    with FakeAnthropicUpstream() as fake:
-        yield fake
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
