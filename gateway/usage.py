@@ -53,6 +53,9 @@ class UsageRecord:
     cache: str | None = None
     cache_tokens: int = 0
     cost_saved_usd: float | None = None
+    # The gateway's own id for the request (a UUIDv7, gateway/settlement.py): the ledger's key. `request_id` is
+    # the client's when it sent one, so it identifies nothing on its own.
+    gateway_id: str = ""
 
 
 class UsageSink(Protocol):
@@ -134,7 +137,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
     """
     usage = record.usage
     return {
-        "request_id": record.request_id, "team": record.team, "key_id": record.key_id, "endpoint": record.endpoint,
+        "request_id": record.request_id, "gateway_id": record.gateway_id, "team": record.team,
+        "key_id": record.key_id, "endpoint": record.endpoint,
         "public_model": record.public_model, "provider": record.provider, "upstream_model": record.upstream_model,
         "stream": record.stream, "status": record.status,
         "usage": None if usage is None else {

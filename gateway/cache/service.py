@@ -3,7 +3,8 @@
     ticket = await cache.lookup(...)        # None: caching is off for this request
     ticket.hit                              # answer with ticket.reply(...), no upstream call
     remember(ticket, parsed)                # a whole response arrived: store it, release followers
-    watch_stream(ticket, chunks)            # a stream is relayed: fan it out, store it when complete
+    recording_stream(ticket).observe(chunk) # a stream is relayed: fan it out chunk by chunk
+    ticket.settled(completed)               # the request settled: store a whole stream, drop anything else
 
 A request that misses leads a flight; identical requests that arrive while it
 runs follow it instead of calling the upstream. A leader's flight is always
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.policy import KeyEntry, Model, Policy, Target
     from gateway.pricing import PriceBook
     from gateway.resilience import Attempt
+    from gateway.settlement import Settlement
 
 CACHE_HEADER = "x-switchboard-cache"
 SIMILARITY_HEADER = "x-switchboard-cache-similarity"
@@ -197,8 +199,9 @@ class ResponseCache:
 class Ticket:
     """One request's dealings with the cache."""
 
-    __slots__ = ("cache", "entry", "flight", "hit", "index", "key", "model_name", "partition", "prices", "replace",
-                 "request", "rule", "status", "store", "target", "vector")
+    __slots__ = ("cache", "entry", "finishes", "flight", "hit", "index", "key", "model_name", "partition", "prices",
+                 "recording", "replace", "request", "rule", "status", "store", "target", "usage", "usage_data",
+                 "vector")
 
     def __init__(self, cache: ResponseCache, rule: CacheRule, store: Backend, key: bytes, request: InferenceRequest,
                  model_name: str, prices: PriceBook, target: Target) -> None:
@@ -213,6 +216,11 @@ class Ticket:
         self.vector: list[float] | None = None
         self.partition = b""
         self.index: SemanticIndex | SharedSemanticIndex | None = None
+        # A stream this request leads, as the relay observes it (`observe`), stored at settlement if whole.
+        self.recording = False
+        self.usage: Usage | None = None
+        self.usage_data: bytes | None = None
+        self.finishes: list[str] = []
 
     # -- outcomes of the lookup --
 
@@ -242,34 +250,31 @@ class Ticket:
 
     # -- replies for hits --
 
-    def reply(self, headers: dict[str, str], settle: Callable[[], None]) -> Reply | StreamReply:
-        """The answer to a hit; `settle` records the request once it has been served."""
+    def reply(self, headers: dict[str, str], settlement: Settlement) -> Reply | StreamReply:
+        """The answer to a hit; a follower's stream that fails is marked on `settlement`."""
         Reply, StreamReply = _reply_types()
         entry = self.entry
         if not self.request.stream:
             assert entry is not None
-            settle()
             return Reply(200, entry.body, headers)
         headers.update(_SSE_HEADERS)
         if entry is not None:
-            return StreamReply(headers, _once(entry.stream_bytes(self.request.client_wants_usage), settle))
-        return StreamReply(headers, self._follow(settle))
+            return StreamReply(headers, _once(entry.stream_bytes(self.request.client_wants_usage)))
+        return StreamReply(headers, self._follow(settlement))
 
-    async def _follow(self, settle: Callable[[], None]) -> AsyncIterator[bytes]:
+    async def _follow(self, settlement: Settlement) -> AsyncIterator[bytes]:
         flight = self.flight
         assert flight is not None
-        try:
-            async for events in flight.replay():
-                yield events
-            if flight.state == COMPLETED:
-                self.entry = flight.entry
-                yield (flight.tail if self.request.client_wants_usage else b"") + DONE_EVENT
-            else:
-                error = GatewayError(ErrorKind.UPSTREAM_ERROR, "The upstream stream this request was sharing "
-                                     "ended before completing.", code="upstream_stream_failed")
-                yield encode_event(render_stream_error(error))
-        finally:
-            settle()
+        async for events in flight.replay():
+            yield events
+        if flight.state == COMPLETED:
+            self.entry = flight.entry
+            yield (flight.tail if self.request.client_wants_usage else b"") + DONE_EVENT
+        else:
+            error = GatewayError(ErrorKind.UPSTREAM_ERROR, "The upstream stream this request was sharing "
+                                 "ended before completing.", code="upstream_stream_failed")
+            settlement.error, settlement.outcome = error, "upstream_error"
+            yield encode_event(render_stream_error(error))
 
     # -- recording a miss --
 
@@ -284,37 +289,35 @@ class Ticket:
             return
         self.finish(entry, store=good)
 
-    async def watch(self, batches: AsyncIterator[list[StreamChunk]]) -> AsyncIterator[list[StreamChunk]]:
-        flight = self.flight
-        assert flight is not None
-        usage: Usage | None = None
-        usage_data: bytes | None = None
-        finishes: list[str] = []
-        completed = False
+    def observe(self, chunk: StreamChunk) -> None:
+        """One canonical chunk of the stream this request leads: published to followers, kept for the entry."""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+            if chunk.usage_only:
+                self.usage_data = chunk.data
+        if not chunk.usage_only:
+            self.flight.publish(chunk.data)  # type: ignore[union-attr]
+        if chunk.finish_reason is not None:
+            self.finishes.append(chunk.finish_reason)
+
+    def settled(self, completed: bool) -> None:
+        """The request's settlement: a recorded stream that completed is stored; anything unfinished is dropped.
+
+        A stream is stored only when its terminal event was seen, never because a loop over it ended.
+        """
+        if self.hit or self.flight is None or self.flight.state != RUNNING:
+            return
+        if not (completed and self.recording):
+            self.abandon()  # truncated, failed or abandoned by the client: never stored
+            return
         try:
-            async for batch in batches:
-                for chunk in batch:
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                        if chunk.usage_only:
-                            usage_data = chunk.data
-                    if not chunk.usage_only:
-                        flight.publish(chunk.data)
-                    if chunk.finish_reason is not None:
-                        finishes.append(chunk.finish_reason)
-                yield batch
-            completed = True
-        finally:
-            if completed:
-                try:
-                    entry = from_stream(self.request.endpoint, flight.chunks, usage, usage_data, self.cache.clock())
-                except Exception:
-                    log.warning("response cache: could not assemble a stream", exc_info=True)
-                    self.abandon()
-                else:
-                    self.finish(entry, store=_finished_well(finishes))
-            else:
-                self.abandon()  # truncated, failed or abandoned by the client: never stored
+            entry = from_stream(self.request.endpoint, self.flight.chunks, self.usage, self.usage_data,
+                                self.cache.clock())
+        except Exception:
+            log.warning("response cache: could not assemble a stream", exc_info=True)
+            self.abandon()
+        else:
+            self.finish(entry, store=_finished_well(self.finishes))
 
     def finish(self, entry: Entry, *, store: bool) -> None:
         """The answer is known: release the followers, and store it if it may be."""
@@ -375,11 +378,8 @@ def _finished_well(reasons: tuple[str, ...] | list[str]) -> bool:
     return bool(reasons) and all(reason in CACHEABLE_FINISH for reason in reasons)
 
 
-async def _once(data: bytes, settle: Callable[[], None]) -> AsyncIterator[bytes]:
-    try:
-        yield data
-    finally:
-        settle()
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 _NOTHING: dict[str, Any] = {}
@@ -391,12 +391,12 @@ def remember(ticket: Ticket | None, parsed: ParsedResponse) -> None:
         ticket.remember(parsed)
 
 
-def watch_stream(ticket: Ticket | None, batches: AsyncIterator[list[StreamChunk]]
-                 ) -> AsyncIterator[list[StreamChunk]]:
-    """Pipeline hook: the relay's batches of canonical chunks, recorded on the way when this request is cacheable."""
+def recording_stream(ticket: Ticket | None) -> Ticket | None:
+    """Pipeline hook: the ticket to `observe` each relayed chunk with, when this request leads a cacheable stream."""
     if ticket is None or ticket.flight is None or ticket.hit:
-        return batches
-    return ticket.watch(batches)
+        return None
+    ticket.recording = True
+    return ticket
 
 
 def hit_tokens(ticket: Ticket | None) -> Usage | None:

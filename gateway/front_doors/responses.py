@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import read_body, request_headers, send_reply, send_stream
+from gateway.asgi import request_headers, respond
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.conversation import (
@@ -67,36 +67,35 @@ class ResponsesRoute:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
         store: ResponseStore = scope["app"].state.response_store
-        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
         headers = request_headers(scope)
-        policy = services.policy()
-        try:
-            raw = await read_body(scope, receive, policy.server.max_body_bytes)
-            caller = authenticate(policy, headers)  # 401 before anything about the body is said
-            request = decode_object(raw)
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        if not _may_use(policy, caller, request.get("model")):
-            # The pipeline's own 400 (missing field) or 404, the same for an unknown and a forbidden model.
-            reply = await handle_inference(services, Endpoint.RESPONSES, exchange, headers, raw)
-            assert isinstance(reply, Reply)
-            await send_reply(send, reply)
-            return
-        try:
-            turn, native, body = await _prepare(policy, store, caller, request)
-        except GatewayError as error:
-            status, error_body, error_headers = render(error)
-            await send_reply(send, Reply(status, error_body, {**exchange.response_headers, **error_headers}))
-            return
-        reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
-                                       headers, body)
-        if isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, _events(reply, request, turn, store, native)))
-        elif reply.status >= 400:
-            await send_reply(send, reply)
-        else:
-            await send_reply(send, await _finished(reply, request, turn, store, native))
+
+        async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
+            policy = services.policy()
+            try:
+                caller = authenticate(policy, headers)  # 401 before anything about the body is said
+                request = decode_object(raw)
+            except GatewayError as error:
+                return Reply(*render(error))
+            if not _may_use(policy, caller, request.get("model")):
+                # The pipeline's own 400 (missing field) or 404, the same for an unknown and a forbidden model.
+                return await handle_inference(services, Endpoint.RESPONSES, exchange, headers, raw)
+            try:
+                turn, native, body = await _prepare(policy, store, caller, request)
+            except GatewayError as error:
+                status, error_body, error_headers = render(error)
+                return Reply(status, error_body, {**exchange.response_headers, **error_headers})
+            except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
+                return Reply(*render(GatewayError(ErrorKind.BAD_REQUEST, "The request is nested too deeply.",
+                                                  param="input", code="nesting_too_deep")))
+            reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
+                                           headers, body)
+            if isinstance(reply, StreamReply):
+                return StreamReply(reply.headers, _events(reply, request, turn, store, native))
+            if reply.status >= 400:
+                return reply
+            return await _finished(reply, request, turn, store, native)
+
+        await respond(scope, receive, send, serve)
 
 
 def _may_use(policy: Policy, caller: KeyEntry, model: Any) -> bool:
@@ -158,6 +157,8 @@ def _events(reply: StreamReply, request: Mapping[str, Any], turn: Turn, store: R
         stream = _ResponseStream(request, turn.identity())
         events = reframed(reply.events, stream)
     return kept_events(events, stream, keeper if turn.keep else None)
+
+
 
 
 def _bad(message: str, param: str | None = None) -> GatewayError:
