@@ -148,6 +148,22 @@ def test_a_chain_with_tools_moves_between_a_native_and_a_translated_provider(
     assert client.responses.retrieve(third.id).output_text == "echo: thanks"
 
 
+def test_reasoning_items_are_replayed_only_natively_and_only_with_their_encrypted_content(
+        gateway: RunningGateway, oai: FakeResponsesUpstream, claude: FakeAnthropicUpstream) -> None:
+    client = gateway.client()
+    sealed = {"type": "reasoning", "id": "rs_sealed", "summary": [], "encrypted_content": "opaque-blob"}
+    bare = {"type": "reasoning", "id": "rs_bare", "summary": [{"type": "summary_text", "text": "thought"}]}
+    first = client.responses.create(model="gpt", input=[{"role": "user", "content": "hi"}, sealed, bare])
+    second = client.responses.create(model="gpt", previous_response_id=first.id, input="go on")
+    replayed = [item for item in oai.last_request.json["input"] if item.get("type") == "reasoning"]
+    assert replayed == [sealed]  # with its id: the upstream needs both to use it
+    client.responses.create(model="claude", previous_response_id=second.id, input="and now?")
+    assert "opaque-blob" not in orjson.dumps(claude.last_request.json).decode()
+    assert [m["role"] for m in claude.last_request.json["messages"]] == ["user", "assistant"] * 2 + ["user"]
+    kept = [item.type for item in client.responses.input_items.list(second.id, order="asc")]
+    assert kept == ["message", "reasoning", "reasoning", "message", "message"]
+
+
 def test_a_fallback_in_the_middle_of_a_chain_continues_the_conversation_elsewhere(
         gateway: RunningGateway, oai: FakeResponsesUpstream, claude: FakeAnthropicUpstream) -> None:
     client = gateway.client()
