@@ -208,6 +208,17 @@ def test_retrieve_input_items_pages_and_delete(gateway: RunningGateway) -> None:
 
 
 @pytest.mark.parametrize("model", ["gpt", "claude"])
+def test_a_chained_turn_still_validates_its_own_fields(gateway: RunningGateway, model: str) -> None:
+    client = gateway.client()
+    first = client.responses.create(model=model, input="hi")
+    for bad, param in (({"input": 5}, "input"), ({"input": ["not an item"]}, "input"), ({"store": "yes"}, "store"),
+                       ({"input": "x", "previous_response_id": 7}, "previous_response_id")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(**{"model": model, "previous_response_id": first.id, **bad})
+        assert caught.value.body["param"] == param
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
 def test_store_false_keeps_nothing(gateway: RunningGateway, model: str) -> None:
     client = gateway.client()
     reply = client.responses.create(model=model, input="not for keeping", store=False)

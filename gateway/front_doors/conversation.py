@@ -205,8 +205,11 @@ def _normalized(source: Any) -> list[dict[str, Any]]:
     """The request's `input` as a list of items, each message with its content as a list of parts."""
     if isinstance(source, str):
         return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": source}]}]
+    if source is not None and not isinstance(source, list):
+        raise GatewayError(ErrorKind.BAD_REQUEST, "'input' must be a string or a list of items.", param="input",
+                           code="invalid_type")
     items: list[dict[str, Any]] = []
-    for item in source if isinstance(source, list) else ():
+    for item in source or ():
         if not isinstance(item, dict):
             raise GatewayError(ErrorKind.BAD_REQUEST, "Each input item must be an object.", param="input")
         item = dict(item)
