@@ -358,3 +358,25 @@ def test_expiry_and_the_size_cap(oai: FakeResponsesUpstream, claude: FakeAnthrop
             client.responses.retrieve(big.id)
     finally:
         gateway.stop()
+
+
+def test_an_unusable_sqlite_file_is_a_503_and_keeps_nothing(oai: FakeResponsesUpstream, claude: FakeAnthropicUpstream,
+                                                           tmp_path: Path) -> None:
+    claude.reset()
+    (tmp_path / "not-a-directory").write_text("")
+    store = SqliteResponseStore(tmp_path / "not-a-directory" / "responses.sqlite", retry_interval_s=60)
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy(oai.base_url, claude.base_url))
+    gateway = run_gateway(path, response_store=store)
+    try:
+        client = gateway.client()
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.responses.create(model="claude", input="to keep")
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "response_store_unavailable"
+        assert len(claude.requests) == 1  # bought before the store failed; not returned as if it were kept
+        with pytest.raises(openai.InternalServerError):
+            client.responses.create(model="claude", input="again")
+        assert len(claude.requests) == 1  # the known outage refuses before any upstream call
+        assert client.responses.create(model="claude", input="no need", store=False).output_text == "echo: no need"
+    finally:
+        gateway.stop()
