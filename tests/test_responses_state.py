@@ -179,6 +179,17 @@ def test_a_fallback_in_the_middle_of_a_chain_continues_the_conversation_elsewher
         sent[1]).decode()
 
 
+def test_a_long_conversation_chains_alike(gateway: RunningGateway, claude: FakeAnthropicUpstream) -> None:
+    client = gateway.client()
+    long_text = "lorem " * 60_000  # 360 kB: the stored record is (de)serialized off the event loop
+    first = client.responses.create(model="claude", input=long_text)
+    second = client.responses.create(model="claude", previous_response_id=first.id, input="tl;dr?")
+    third = client.responses.create(model="claude", previous_response_id=second.id, input="thanks")
+    assert claude.last_request.json["messages"][0]["content"][0]["text"] == long_text
+    assert [m["role"] for m in claude.last_request.json["messages"]] == ["user", "assistant"] * 2 + ["user"]
+    assert client.responses.retrieve(third.id).output_text == "echo: thanks"
+
+
 def test_retrieve_input_items_pages_and_delete(gateway: RunningGateway) -> None:
     client = gateway.client()
     first = client.responses.create(model="claude", input=[{"role": "user", "content": "one"},

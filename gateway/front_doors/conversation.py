@@ -16,6 +16,7 @@ nothing is kept.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -40,6 +41,8 @@ from gateway.response_store.rules import DEFAULT_RULES, TeamResponseRules
 _PORTABLE = frozenset({"message", "function_call", "function_call_output", "reasoning"})
 _ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 _TEXT_PART = {"assistant": "output_text"}  # other roles' string content becomes input_text
+# Larger JSON is (de)serialized on a worker thread: a long conversation takes milliseconds the loop must not wait.
+_OFF_LOOP_BYTES = 256 * 1024
 
 
 def unavailable(exc: ResponseStoreUnavailable | None = None) -> GatewayError:
@@ -70,6 +73,7 @@ class Turn:
     items: list[dict[str, Any]] = field(default_factory=list)
     stored: int = 0
     sent_before: int = 0
+    stored_bytes: int = 0  # the JSON size of what came from the store
 
     @property
     def stateful(self) -> bool:
@@ -111,9 +115,10 @@ async def open_turn(store: ResponseStore, rules: TeamResponseRules, caller: KeyE
         raise unavailable()
     if previous_id:
         previous = await _load(store, turn, previous_id)
-        context = orjson.loads(previous.context)
-        turn.items = [*context, *orjson.loads(previous.response).get("output", ())]
+        context = await _loads(previous.context)
+        turn.items = [*context, *(await _loads(previous.response)).get("output", ())]
         turn.stored, turn.sent_before = len(turn.items), len(context)
+        turn.stored_bytes = len(previous.context) + len(previous.response)
     turn.items.extend(_normalized(request.get("input")))
     _unique_ids(turn.items)
     return turn
@@ -157,8 +162,10 @@ def upstream_input(turn: Turn, native: bool) -> tuple[list[dict[str, Any]], int]
 
 async def keep(store: ResponseStore, turn: Turn, response: dict[str, Any]) -> None:
     """Put the finished `response` (its identity already applied) in the store; 503 if that fails."""
+    context = orjson.dumps(turn.items) if turn.stored_bytes < _OFF_LOOP_BYTES else \
+        await asyncio.to_thread(orjson.dumps, turn.items)
     record = StoredResponse(turn.response_id, turn.team, turn.owner, float(response.get("created_at") or time.time()),
-                            orjson.dumps(response), orjson.dumps(turn.items))
+                            orjson.dumps(response), context)
     try:
         kept = await store.put(record, turn.rules.ttl_s, turn.rules.max_bytes)
     except ResponseStoreUnavailable as exc:
@@ -199,6 +206,10 @@ async def kept_events(events: AsyncIterator[bytes], stream: FinishingStream,
             yield stream.failure(error)
             return
     yield stream.terminal()
+
+
+async def _loads(data: bytes) -> Any:
+    return orjson.loads(data) if len(data) < _OFF_LOOP_BYTES else await asyncio.to_thread(orjson.loads, data)
 
 
 def _normalized(source: Any) -> list[dict[str, Any]]:
