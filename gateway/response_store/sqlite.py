@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS responses (
     response BLOB NOT NULL,
     context BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS responses_team_age ON responses (team, created_at);
+CREATE INDEX IF NOT EXISTS responses_team ON responses (team);
 CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_at);
 """
 
@@ -77,10 +77,10 @@ class SqliteResponseStore:
                 used = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses WHERE team = ?",
                                   (record.team,)).fetchone()[0]
                 excess = used + size - max_bytes
-                if excess > 0:  # the team's oldest responses make room, oldest first
+                if excess > 0:  # the team's responses make room in the order they were kept (rowid)
                     evicted: list[tuple[str]] = []
                     for response_id, evicted_size in db.execute(
-                            "SELECT id, size FROM responses WHERE team = ? ORDER BY created_at", (record.team,)):
+                            "SELECT id, size FROM responses WHERE team = ? ORDER BY rowid", (record.team,)):
                         evicted.append((response_id,))
                         excess -= evicted_size
                         if excess <= 0:
