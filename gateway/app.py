@@ -138,8 +138,8 @@ def create_app(
     ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
     telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
-    recorder = UsageRecorder([*(sinks if sinks is not None else [AccessLogSink()]),
-                              *(sink for sink in (metrics, ledger) if sink is not None)])
+    front_sinks = sinks if sinks is not None else [AccessLogSink()]
+    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None)])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
@@ -149,6 +149,7 @@ def create_app(
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
+        metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
     responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
 
     @contextlib.asynccontextmanager

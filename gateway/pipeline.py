@@ -24,7 +24,6 @@ from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
 from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
-from gateway.pricing import stamp_cost
 from gateway.request_checks import check_request
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
@@ -129,6 +128,8 @@ async def handle_inference(
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
                                       settlement.admission.prompt_count if settlement.admission else None)
         settlement.target, call, response = routed.target, routed.call, routed.response
+        if settlement.cache is not None:
+            settlement.cache.served_by(routed.model.name, routed.target)
         if isinstance(response, PrimedStream):  # what a streamed call's attempt returns
             return _stream_reply(services, exchange, call, response)
         return await _complete_reply(services, exchange, call, response)
@@ -293,7 +294,7 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
                     if chunk.usage_only and not wants_usage:
                         continue
                     if wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
-                        chunk.data = stamp_cost(chunk.data, settlement.policy.prices, target, chunk.usage)
+                        chunk.data = settlement.stamped(chunk.data, chunk.usage)
                 seen.append(chunk)
                 out.append(encode_event(chunk.data))
             if stream.finished:  # the upstream's last batch: end the client's stream in the same write

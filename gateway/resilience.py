@@ -252,6 +252,8 @@ class _Run:
                 # Failed after the upstream answered (or the TTFT timeout cut the call): the trace's attempt
                 # span and the upstream-error metric learn why here.
                 self.exchange.trace.attempt_failed(failure.kind.value, target.provider.name)
+            if response is not None:  # it had started answering: it bills the prompt whatever happens next
+                self.exchange.settlement.attempt_billed(target, call)
             if failure.retryable:
                 _record_failure(states, target, config, failure)
             else:

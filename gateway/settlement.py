@@ -18,6 +18,7 @@ second call is a no-op.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.budgets import MICROS
 from gateway.cache import hit_tokens, usage_fields
-from gateway.pricing import COST_HEADER, charge, format_usd
+from gateway.pricing import COST_HEADER, charge, format_usd, with_cost
 from gateway.usage import UsageRecord
 from providers.base import Endpoint, StreamChunk, Usage
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.limits import Admission
     from gateway.pipeline import Exchange, InferenceRequest, Services
     from gateway.policy import KeyEntry, Policy, Target
+    from gateway.tokens import TokenCounter
     from providers.base import Call
 
 log = logging.getLogger("switchboard.settlement")
@@ -77,8 +79,9 @@ class _Stream:
 class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
-    __slots__ = ("_closed", "_held", "_services", "admission", "cache", "caller", "cost_usd", "error", "exchange",
-                 "outcome", "policy", "price_version", "record", "request", "status", "stream", "target", "usage")
+    __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "admission", "cache", "caller",
+                 "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "record", "request", "status",
+                 "stream", "target", "usage")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -100,6 +103,9 @@ class Settlement:
         self.cost_usd: float | None = None
         self.price_version: str | None = None
         self.record: UsageRecord | None = None
+        # Attempts that failed after the upstream had started answering: it billed at least their prompt.
+        self._billed_attempts: list[tuple[Target, Call]] = []
+        self._wasted: tuple[Usage, float | None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -133,16 +139,50 @@ class Settlement:
         if self.stream is not None and self.stream.first_token_at is None:
             self.stream.first_token_at = now
 
+    def attempt_billed(self, target: Target, call: Call) -> None:
+        """An attempt failed after `target` had answered (a stream that died or stalled before its first
+        content, a body cut short): the upstream bills its prompt, so the request is charged for it too."""
+        self._billed_attempts.append((target, call))
+        self._wasted = None
+
     def priced(self, usage: Usage) -> str | None:
-        """Price `usage` now (for a header or the final stream chunk); the same figure is billed at close."""
-        if self.policy is None:
-            return None
-        self.cost_usd, self.price_version = charge(self.policy.prices, self.target, usage)
+        """Price `usage` now (for a header); the same figure, failed attempts included, is billed at close."""
+        self._price(usage)
         if self.cost_usd is None:
             return None
         text = format_usd(self.cost_usd)
         self.exchange.response_headers[COST_HEADER] = text
         return text
+
+    def stamped(self, data: bytes, usage: Usage) -> bytes:
+        """A stream's usage chunk with the cost the request is billed, failed attempts included."""
+        self._price(usage)
+        if self.cost_usd is None or self.price_version is None:
+            return data
+        return with_cost(data, self.cost_usd, self.price_version)
+
+    def _price(self, usage: Usage) -> None:
+        if self.policy is None:
+            return
+        cost, self.price_version = charge(self.policy.prices, self.target, usage)
+        _, wasted_cost = self._failed_attempts()
+        if wasted_cost is not None:
+            cost = (cost or 0.0) + wasted_cost
+        self.cost_usd = cost
+
+    def _failed_attempts(self) -> tuple[Usage, float | None]:
+        """Prompt tokens and cost of the attempts the upstreams billed without giving an answer (estimated)."""
+        if self._wasted is None:
+            prompt, cost = 0, None
+            for target, call in self._billed_attempts:
+                tokens = prompt_tokens(self._services.counter, call, target)
+                prompt += tokens
+                if self.policy is not None:
+                    priced, _ = charge(self.policy.prices, target, Usage(prompt_tokens=tokens))
+                    if priced is not None:
+                        cost = (cost or 0.0) + priced
+            self._wasted = (Usage(prompt_tokens=prompt, estimated=True), cost)
+        return self._wasted
 
     # -- the one close --
 
@@ -180,12 +220,16 @@ class Settlement:
         usage = self.usage
         if usage is None and self.stream is not None and self.target is not None:
             usage = _estimate_stream_usage(services, self.stream, self.target)
+        wasted, wasted_cost = self._failed_attempts()
+        if self.cost_usd is None and (usage is not None or wasted_cost is not None):
+            self._price(usage or Usage())
         cost_usd, price_version = self.cost_usd, self.price_version
-        if usage is not None and cost_usd is None and self.policy is not None:
-            cost_usd, price_version = charge(self.policy.prices, self.target, usage)
         if services.limiter is not None:
             micros = math.ceil(cost_usd * MICROS) if cost_usd else 0
-            services.limiter.settle(self.admission, usage, self.status, self.target, served=hit_tokens(self.cache),
+            billed = usage
+            if wasted.prompt_tokens:  # the limits count what the upstreams billed, answered or not
+                billed = _plus(usage, wasted)
+            services.limiter.settle(self.admission, billed, self.status, self.target, served=hit_tokens(self.cache),
                                     usd_micros=micros)
         if self.cache is not None:
             self.cache.settled(outcome == COMPLETED)
@@ -213,6 +257,8 @@ class Settlement:
             cost_usd=cost_usd,
             price_version=price_version,
             trace_id=exchange.trace.trace_id,
+            failed_attempt_tokens=wasted.prompt_tokens,
+            failed_attempt_cost_usd=wasted_cost,
             **usage_fields(self.cache),
         )
         self.record = record
@@ -226,16 +272,28 @@ class Settlement:
 
 def _estimate_stream_usage(services: Services, stream: _Stream, target: Target) -> Usage:
     """What a stream used when the upstream never said: its prompt, and the completion text relayed."""
-    call, counter = stream.call, services.counter
+    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
+    prompt = prompt_tokens(services.counter, stream.call, target)
+    completion = services.counter.count_stream_output([c.data for c in stream.seen], model, family)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+
+def prompt_tokens(counter: TokenCounter, call: Call, target: Target) -> int:
+    """The prompt of `call` as `target`'s tokenizer family counts it."""
     model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
     if call.endpoint is Endpoint.CHAT:
-        prompt = counter.count_chat_prompt(call.body, model, family)
-    elif call.endpoint is Endpoint.RESPONSES:
-        prompt = counter.count_responses_input(call.body, model, family)
-    else:
-        prompt = counter.count_completion_prompt(call.body, model, family)
-    completion = counter.count_stream_output([c.data for c in stream.seen], model, family)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+        return counter.count_chat_prompt(call.body, model, family)
+    if call.endpoint is Endpoint.RESPONSES:
+        return counter.count_responses_input(call.body, model, family)
+    if call.endpoint is Endpoint.EMBEDDINGS:
+        return counter.count_embedding_input(call.body, model, family)
+    return counter.count_completion_prompt(call.body, model, family)
+
+
+def _plus(usage: Usage | None, wasted: Usage) -> Usage:
+    if usage is None:
+        return wasted
+    return dataclasses.replace(usage, prompt_tokens=usage.prompt_tokens + wasted.prompt_tokens)
 
 
 def _unsettled() -> Any:

@@ -9,13 +9,17 @@ that shows only the request id).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.cache import ResponseCache
 from gateway.limits import Limiter
@@ -290,3 +294,96 @@ def test_every_refusal_path_settles_once(harness: Harness, upstream: FakeOpenAIU
     assert sorted(r.status for r in records) == [400, 404, 502]
     assert harness.held_tokens() == 0
     assert harness.in_flight() == 0
+
+
+FALLBACK_POLICY = """
+version: 1
+providers:
+  first:
+    kind: openai_compatible
+    base_url: {first}
+    timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}
+  second:
+    kind: openai_compatible
+    base_url: {second}
+    timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}
+prices:
+  targets:
+    first:
+      "*": {{input: 1.0, output: 2.0}}
+    second:
+      "*": {{input: 10.0, output: 20.0}}
+models:
+  primary:
+    retries: 0
+    fallbacks: {{default: [backup]}}
+    targets: [{{provider: first, model: up-primary}}]
+    cache: {{mode: exact}}
+  backup:
+    targets: [{{provider: second, model: up-backup}}]
+    cache: {{mode: exact}}
+teams:
+  alpha:
+    keys: [{{id: alpha-key, hash: "{alpha}"}}]
+    models: [primary, backup]
+"""
+
+
+def test_a_fallbacks_answer_is_cached_as_the_fallbacks_and_never_replayed_for_the_requested_model(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    with FakeOpenAIUpstream() as second:
+        gateway = start_gateway(FALLBACK_POLICY.format(first=upstream.base_url, second=second.base_url,
+                                                       alpha=key_hash("sk-alpha")))
+        client = gateway.client()
+
+        def ask(model: str) -> httpx.Headers:
+            return client.chat.completions.with_raw_response.create(model=model, messages=HELLO).headers
+
+        upstream.script(Behaviour.error(500))
+        headers = ask("primary")
+        assert headers["x-switchboard-model"] == "backup" and second.request_count == 1
+        headers = ask("primary")  # the primary is back: its own answer, not the fallback's cached one
+        assert headers["x-switchboard-cache"] == "miss" and headers["x-switchboard-model"] == "primary"
+        assert upstream.request_count == 2
+        headers = ask("backup")  # the fallback's answer was stored as the backup model's
+        assert headers["x-switchboard-cache"] == "hit" and second.request_count == 1
+        hit = gateway.usage.wait_for(3)[-1]
+        original = gateway.usage.records[0]
+        assert hit.cost_saved_usd == pytest.approx(original.cost_usd)  # priced where it was produced
+
+
+def test_an_attempt_the_upstream_started_answering_is_billed_even_when_it_fails(
+        harness: Harness, upstream: FakeOpenAIUpstream) -> None:
+    upstream.script(Behaviour.die_mid_stream(after_chunks=1))  # the role chunk, then the connection drops
+    with pytest.raises(openai.InternalServerError) as failed:  # no retries configured: the client gets a 502
+        list(harness.gateway.client().chat.completions.create(model="chat-model", messages=HELLO, stream=True))
+    assert failed.value.status_code == 502
+    [record] = harness.gateway.usage.wait_for(1)
+    assert record.status == 502 and record.usage is None
+    assert record.failed_attempt_tokens > 0  # the upstream had started answering: it bills the prompt
+    assert record.cost_usd == record.failed_attempt_cost_usd == pytest.approx(record.failed_attempt_tokens / 1e6)
+    assert harness.held_tokens() == record.failed_attempt_tokens
+    assert harness.in_flight() == 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.integers(min_value=0, max_value=9), stream=st.booleans(), door=st.sampled_from(["chat", "messages"]))
+def test_wherever_a_client_hangs_up_nothing_stays_reserved(harness: Harness, upstream: FakeOpenAIUpstream,
+                                                          pieces: int, stream: bool, door: str) -> None:
+    """A client that reads `pieces` network reads of the answer and hangs up: the request settles all the same."""
+    upstream.script(Behaviour(chunk_delay_ms=15, delay_ms=5 * pieces))
+    before = len(harness.gateway.usage.records)
+    path, headers = ("/chat/completions", AUTH) if door == "chat" else ("/messages", {"x-api-key": "sk-alpha"})
+    body = {"model": "chat-model", "max_tokens": 50, "messages": HELLO, "stream": stream}
+    timeout = 0.02 + 0.01 * pieces if not stream else 5
+    with (httpx.Client(timeout=timeout) as client, contextlib.suppress(httpx.TimeoutException),
+          client.stream("POST", harness.gateway.v1 + path, headers=headers, json=body) as response):
+        for number, _ in enumerate(response.iter_raw()):
+            if number >= pieces:
+                break
+    harness.gateway.usage.wait_for(before + 1)
+    assert harness.held_tokens() == harness.settled_tokens()
+    deadline = time.monotonic() + 5
+    while harness.in_flight() != 0:
+        assert time.monotonic() < deadline, "in-flight gauge stuck above 0"
+        time.sleep(0.02)

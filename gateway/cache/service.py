@@ -15,6 +15,7 @@ cancelled or crashed leader never strands its followers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -90,7 +91,7 @@ class ResponseCache:
         if policy.cache is not self._plan:
             self._adopt(policy.cache)
         ticket = Ticket(self, rule, self._store(rule.store), key, request, model.name, policy.prices,
-                        model.targets[0])
+                        model.targets[0], (caller.team.name, caller.key_id), team_rules)
         if directive is not None:  # bypass or refresh: don't read, do write
             ticket.record(exchange, "bypass", replace=directive == "refresh", shared=False)
         else:
@@ -200,12 +201,17 @@ class Ticket:
     """One request's dealings with the cache."""
 
     __slots__ = ("cache", "entry", "finishes", "flight", "hit", "index", "key", "model_name", "partition", "prices",
-                 "recording", "replace", "request", "rule", "status", "store", "target", "usage", "usage_data",
-                 "vector")
+                 "recording", "replace", "request", "rule", "scope", "status", "store", "store_key", "target",
+                 "team_rules", "usage", "usage_data", "vector")
 
     def __init__(self, cache: ResponseCache, rule: CacheRule, store: Backend, key: bytes, request: InferenceRequest,
-                 model_name: str, prices: PriceBook, target: Target) -> None:
+                 model_name: str, prices: PriceBook, target: Target, scope: tuple[str, str],
+                 team_rules: Mapping[str, CacheRule]) -> None:
         self.cache, self.rule, self.store, self.key, self.request = cache, rule, store, key, request
+        # Where the answer is stored: the requested model's key, unless another model (a fallback) served it;
+        # None when that model caches nothing for this team.
+        self.store_key: bytes | None = key
+        self.scope, self.team_rules = scope, team_rules
         self.model_name = model_name
         self.prices, self.target = prices, target
         self.status = "miss"
@@ -319,19 +325,35 @@ class Ticket:
         else:
             self.finish(entry, store=_finished_well(self.finishes))
 
+    def served_by(self, model_name: str, target: Target) -> None:
+        """The deployment routing chose. A fallback model's answer is stored as that model's, never as the
+        requested one's: once the requested model recovers, its askers must get its own answers."""
+        self.target = target
+        if model_name == self.model_name:
+            return
+        self.vector = None  # the semantic index holds the requested model's questions only
+        rule = self.team_rules.get(model_name)
+        if rule is None or not cacheable(rule, self.request.endpoint, self.request.body):
+            self.store_key = None
+            return
+        scope = scope_id(rule, *self.scope)
+        self.store_key = exact_key(scope, self.request.endpoint, self.request.body, model_name)
+        self.rule, self.store = rule, self.cache._store(rule.store)
+
     def finish(self, entry: Entry, *, store: bool) -> None:
         """The answer is known: release the followers, and store it if it may be."""
         flight = self.flight
         assert flight is not None
+        entry = dataclasses.replace(entry, served_by=(self.target.provider.name, self.target.upstream_model))
         flight.complete(entry)
-        if not store:
+        if not store or self.store_key is None:
             self._release()
             return
         ttl = self.rule.ttl_s
         if self.vector is not None and self.index is not None:
-            self.index.add(self.partition, self.key, self.vector, entry.created + ttl)
+            self.index.add(self.partition, self.store_key, self.vector, entry.created + ttl)
         # The flight stays findable until the entry can be read back from the store.
-        self.store.put(self.key, entry, ttl, self.replace, self._release)
+        self.store.put(self.store_key, entry, ttl, self.replace, self._release)
 
     def abandon(self) -> None:
         if self.flight is not None and self.flight.state == RUNNING:
@@ -353,10 +375,15 @@ class Ticket:
         """The cache's part of the usage record: what was served from it and what that saved."""
         if not self.hit:
             return {"cache": self.status}
-        usage = self.entry.usage if self.entry is not None else None
+        entry = self.entry
+        usage = entry.usage if entry is not None else None
         if usage is None:
             return {"cache": "hit"}
-        saved, _ = charge(self.prices, self.target, usage)
+        if entry is not None and entry.served_by is not None:  # priced at the deployment that produced it
+            price = self.prices.price_for(*entry.served_by)
+            saved = price.cost(usage) if price is not None else None
+        else:
+            saved, _ = charge(self.prices, self.target, usage)
         return {"cache": "hit", "cache_tokens": usage.total_tokens, "cost_saved_usd": saved}
 
 
