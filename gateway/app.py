@@ -192,13 +192,13 @@ def create_app(
             # what remains of one more grace period, and a step that cannot finish is logged, never waited on
             # forever: a process that will not stop is killed, and then loses everything.
             await _shut_down(store.current.server.shutdown_grace_s, [
-                ("health monitor", monitor.close),
-                ("upstream pools", pools.close),
+                ("health monitor", lambda left: monitor.close()),
+                ("upstream pools", lambda left: pools.close()),
                 ("state store (settlements)", limiter.close),
-                ("response store", responses.close),
-                ("response cache", services.cache.close),
-                ("usage sinks (ledger, access log)", lambda: asyncio.to_thread(recorder.close)),
-                ("span export", lambda: asyncio.to_thread(telemetry.shutdown)),
+                ("response store", lambda left: responses.close()),
+                ("response cache", lambda left: services.cache.close()),
+                ("usage sinks (ledger, access log)", lambda left: asyncio.to_thread(recorder.close, left)),
+                ("span export", lambda left: asyncio.to_thread(telemetry.shutdown)),
             ])
 
     app = Starlette(
@@ -232,13 +232,15 @@ def create_app(
     return GatewayApp(app, hot)
 
 
-async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
-    """Run each shutdown step in order within `grace_s` in all; log the ones that fail or run out of time."""
+async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[float], Awaitable[Any]]]]) -> None:
+    """Run each shutdown step in order within `grace_s` in all, giving each the seconds left; log the ones that
+    fail or run out of time."""
     deadline = time.monotonic() + max(grace_s, 1.0)
     for name, step in steps:
+        left = max(0.1, deadline - time.monotonic())
         try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                await step()
+            async with asyncio.timeout(left + 0.5):  # the step's own timeout first, so it can say what it lost
+                await step(left)
         except TimeoutError:
             log.error("shutdown: %s did not finish within the grace period; its pending work is lost", name)
         except Exception:
