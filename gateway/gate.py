@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from gateway.policy import KeyEntry, Policy
     from gateway.telemetry import Telemetry
 
-# Turns a rendered OpenAI error (status, body, headers) into the endpoint's own error shape.
-ErrorShape = Callable[[int, bytes, dict[str, str]], Reply]
+# Renders a gateway error in the endpoint's own error shape (e.g. Anthropic's under /v1/messages).
+ErrorShape = Callable[[GatewayError], Reply]
 Route = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 log = logging.getLogger("switchboard.server")
 # The operation a refused request's trace is named after, by path (as the pipeline would have named it).
@@ -47,8 +47,8 @@ _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                "/v1/responses": "responses", "/v1/messages": "chat"}
 
 
-def _openai_shape(status: int, body: bytes, headers: dict[str, str]) -> Reply:
-    return Reply(status, body, headers)
+def _openai_shape(error: GatewayError) -> Reply:
+    return Reply(*render(error))
 
 
 class ConcurrencySlots:
@@ -161,8 +161,6 @@ class Gate:
             log.exception("counting a long prompt off the event loop failed")
 
     async def _refuse(self, scope: dict[str, Any], send: Any, error: GatewayError) -> None:
-        status, body, headers = render(error)
+        reply = self._shapes.get(scope["path"], _openai_shape)(error)
         # The body was never read: close the connection rather than wait for (and discard) it.
-        headers["connection"] = "close"
-        shape = self._shapes.get(scope["path"], _openai_shape)
-        await send_reply(send, shape(status, body, headers))
+        await send_reply(send, Reply(reply.status, reply.body, {**reply.headers, "connection": "close"}))

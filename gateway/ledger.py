@@ -167,7 +167,7 @@ class Ledger:
             return
         self._stop_by = time.monotonic() + timeout_s
         self._queue.put(None)
-        writer.join(timeout=timeout_s + 0.5)
+        writer.join(timeout=timeout_s)
         if writer.is_alive():
             log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
                       self.path, timeout_s, self.waiting)
@@ -181,6 +181,7 @@ class Ledger:
     def _start(self) -> None:
         with self._lock:
             if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. the demo's .switchboard/
                 open_ledger(self.path).close()  # create the file and table up front, so a bad path fails loudly
                 self._writer = threading.Thread(target=self._write, name="switchboard-ledger", daemon=True)
                 self._writer.start()
@@ -221,8 +222,9 @@ class Ledger:
                 if stopping:
                     # One last try within the grace close() gave; what SQLite refuses stays spilled.
                     retry.at = 0.0
-                    remaining = self._stop_by - time.monotonic()
-                    connection.execute(f"PRAGMA busy_timeout = {int(max(0.0, min(_BUSY_TIMEOUT_S, remaining)) * 1000)}")
+                    # Leave a fifth of the grace for spilling what SQLite will not take.
+                    wait_s = max(0.0, min(_BUSY_TIMEOUT_S, (self._stop_by - time.monotonic()) * 0.8))
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
                 stored = self._store(connection, batch, retry) if batch or self._spill.rows else True
                 for marker in markers:
                     marker.stored = stored

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from gateway.asgi import request_headers, respond
-from gateway.errors import GatewayError
+from gateway.auth import authenticate
+from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
@@ -40,6 +41,10 @@ class MessagesRoute:
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
             try:
+                authenticate(services.policy(), headers)  # 401 before anything is said of the body
+            except GatewayError as error:
+                return _anthropic_error(*render(error))
+            try:
                 chat = orjson.dumps(chat_request(_load(raw)))
             except TranslationError as exc:
                 return Reply(400, _error_body("invalid_request_error", str(exc)), {})
@@ -54,10 +59,10 @@ class MessagesRoute:
             if isinstance(reply, StreamReply):
                 return StreamReply(reply.headers, message_events(reply.events))
             if reply.status >= 400:
-                return anthropic_error(reply.status, reply.body, dict(reply.headers))
+                return _anthropic_error(reply.status, reply.body, dict(reply.headers))
             return Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers)
 
-        await respond(scope, receive, send, serve, refused=lambda reply: anthropic_error(
+        await respond(scope, receive, send, serve, refused=lambda reply: _anthropic_error(
             reply.status, reply.body, dict(reply.headers)))
 
 
@@ -76,6 +81,8 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise TranslationError("messages: Field required")
+    if not messages:
+        raise TranslationError("messages: at least one message is required")
     chat: dict[str, Any] = {"model": body.get("model"), "messages": []}
     system = body.get("system")
     if isinstance(system, str) and system:
@@ -346,7 +353,17 @@ def _error_body(error_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
-def anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:
+def anthropic_reply(error: GatewayError) -> Reply:
+    """A gateway error as Anthropic's error shape, for routes under the Anthropic front door."""
+    return _anthropic_error(*render(error))
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Whether a path is under the Anthropic front door, where even a 404 must be in Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def _anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:
     """The gateway's OpenAI-shaped error, reshaped as Anthropic's (status and headers kept)."""
     try:
         message_text = orjson.loads(body)["error"]["message"]
