@@ -25,6 +25,7 @@ from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, ca
 from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_schema import (
     HealthCheckPolicy,
+    KVEventsPolicy,
     LedgerPolicy,
     MetricsScrapePolicy,
     ModelPolicy,
@@ -66,6 +67,7 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
+    kv_events: KVEventsPolicy | None = None
     # Settings that require a new connection pool when they change. Computed once: it holds the
     # options model, whose hash is too slow to recompute on every request.
     pool_identity: tuple[Any, ...] = field(init=False, compare=False, repr=False)
@@ -334,4 +336,5 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
         config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
+        config.kv_events,
     )
