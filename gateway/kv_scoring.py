@@ -158,16 +158,25 @@ class KVAwareStrategy:
 
     def _learned(self, targets: Sequence[Target], states: RouteState, hashes: Sequence[bytes],
                  sizes: Sequence[int], seed: bytes) -> list[float]:
-        """Bytes of the prompt each candidate holds, as far as this gateway's own routing tells."""
+        """Bytes of the prompt each candidate holds, as far as this gateway's own routing tells.
+
+        A chat turn's prompt is the previous turn's prompt (blocks up to n-3), its reply (n-2) and the new
+        message (n-1); the replica that served the previous prompt also holds the reply.
+        """
         table = self.table(states)
         depths = table.depths(hashes)
-        held = [float(sizes[depths[t.key]]) if t.key in depths else 0.0 for t in targets]
-        previous = len(hashes) - 2  # the previous turn's prompt and reply end here
-        if previous >= 0 and targets and (previous < self.config.home_blocks - 1 or not table.knows(hashes[previous])):
-            # Not routed by this gateway (or shorter than the home key, so shared with other conversations):
-            # assume it went home, as every gateway computes home alike.
+        count = len(hashes)
+        reply = count - 2
+        held = [0.0] * len(targets)
+        for index, target in enumerate(targets):
+            depth = depths.get(target.key)
+            if depth is not None:
+                held[index] = float(sizes[reply if depth == reply - 1 else depth])
+        # A first turn (its system block is shared with other conversations), or a later one whose previous
+        # prompt this gateway did not route: assume the previous turn went home, as every gateway computes it.
+        if reply >= 0 and targets and (reply == 0 or not table.knows(hashes[reply - 1])):
             home = min(range(len(targets)), key=lambda i: rendezvous(seed, targets[i]))
-            held[home] = max(held[home], float(sizes[previous]))
+            held[home] = max(held[home], float(sizes[reply]))
         return held
 
     def on_attempt(self, target: Target, states: RouteState, request: RouteRequest) -> None:

@@ -124,7 +124,10 @@ def test_a_long_queue_or_full_kv_cache_outweighs_a_cache_hit(replicas, start_gat
     elsewhere = _ask(gateway, messages)
     assert elsewhere != owner
 
-    home.reported_waiting = 0
+    home.reported_waiting = 0  # the queue is gone, but the conversation's longer prefix now lives elsewhere
+    _wait_for_target(gateway, owner, lambda row: row["scraped_waiting"] == 0)
+    assert _ask(gateway, _next_turn(messages, elsewhere, "do you remember?")) == elsewhere
+
     home.reported_kv_usage = 0.97  # nearly full: the request would wait for KV memory
     _wait_for_target(gateway, owner, lambda row: row["scraped_waiting"] == 0 and row["kv_cache_usage"] == 0.97)
     fresh = [SYSTEM, {"role": "user", "content": "a new conversation, whose home may be the full replica"}]
