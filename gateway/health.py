@@ -23,6 +23,7 @@ import aiohttp
 from gateway.errors import GatewayError, render
 from gateway.kv_events import KVEventSubscriber, ReplicaBlocks
 from gateway.policy import Policy, Provider
+from gateway.prefix_sharing import SHARE_KEY, SharedOwnership, wanted_url
 from gateway.routing import RouteState, TargetState, target_key
 
 log = logging.getLogger("switchboard.health")
@@ -74,6 +75,8 @@ class Monitor:
         self._tasks: dict[tuple[Any, ...], asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None  # noqa: TID251 - see _client
         self._kv_events = KVEventSubscriber(states, policy)
+        self._sharing: SharedOwnership | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def apply(self, policy: Policy) -> None:
         """Start loops for newly configured providers and stop those no longer wanted."""
@@ -92,12 +95,22 @@ class Monitor:
                 loop = self._health_loop if what == "health" else self._metrics_loop
                 self._tasks[key] = asyncio.create_task(loop(provider.name))
         self._kv_events.apply(policy.providers.values())
+        url = wanted_url(policy)
+        if self._sharing is not None and self._sharing.url != url:
+            closing = asyncio.create_task(self._sharing.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            self._sharing = None
+        if url is not None and self._sharing is None:
+            self._sharing = SharedOwnership(self._states, self._policy, url, policy.state.key_prefix)
 
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
         await self._kv_events.close()
+        if self._sharing is not None:
+            await self._sharing.close()
         if self._session is not None:
             await self._session.close()
 
@@ -185,4 +198,8 @@ class TargetsRoute:
                 row["kv_blocks"] = len(blocks)
                 row["kv_events_age_s"] = None if blocks.last_event_at < 0 else round(now - blocks.last_event_at, 3)
                 row["kv_events_gaps"] = blocks.gaps
-        await send_json(send, 200, {"object": "list", "data": rows})
+        body: dict[str, Any] = {"object": "list", "data": rows}
+        sharer = states.tables.get(SHARE_KEY)
+        if isinstance(sharer, SharedOwnership):
+            body["shared_ownership"] = {"received": sharer.received}
+        await send_json(send, 200, body)

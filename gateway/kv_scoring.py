@@ -7,8 +7,7 @@ each giving a candidate 0-1 (higher is better):
   cache. Precise when the replica publishes KV-cache events
   (gateway/kv_events.py), else approximate: learned from where this gateway sent
   earlier prompts, plus a rendezvous-hashed *home* per leading prefix.
-- queue: scraped waiting requests, relative to the longest queue among the
-  candidates.
+- queue: scraped waiting requests, relative to the policy's `max_waiting`.
 - kv_usage: 1 - the scraped KV-cache usage.
 - in_flight: this gateway's own requests in flight, relative to the busiest
   candidate.
@@ -33,7 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.kv_events import ReplicaBlocks, replica_blocks, request_block_keys
-from gateway.policy_schema import KVAwarePolicy
+from gateway.policy_schema import KVAwarePolicy, PolicyDocument
+from gateway.prefix_sharing import SHARE_KEY
 from gateway.routing import RouteRequest, RouteState, TargetKey, rendezvous
 
 if TYPE_CHECKING:
@@ -77,6 +77,15 @@ class HolderTable:
             holders.popitem(last=False)
 
 
+def holder_table(states: RouteState, model: str, size: int) -> HolderTable:
+    """The model's learned table in the app's routing state (kept across reloads unless resized)."""
+    key = ("kv-aware", model)
+    table = states.tables.get(key)
+    if not isinstance(table, HolderTable) or table.size != size:
+        table = states.tables[key] = HolderTable(size)
+    return table
+
+
 @dataclass(frozen=True, slots=True)
 class Scores:
     """One candidate's scorer values (0-1) and weighted total; `filtered` if left out before scoring."""
@@ -103,11 +112,7 @@ class KVAwareStrategy:
         self.last_scores: dict[int, Scores] = {}
 
     def table(self, states: RouteState) -> HolderTable:
-        key = ("kv-aware", self.model)
-        table = states.tables.get(key)
-        if not isinstance(table, HolderTable) or table.size != self.config.table_size:
-            table = states.tables[key] = HolderTable(self.config.table_size)
-        return table
+        return holder_table(states, self.model, self.config.table_size)
 
     def rank(self, targets: Sequence[Target], states: RouteState, request: RouteRequest) -> list[Target]:
         config, weights = self.config, self.config.weights
@@ -126,10 +131,12 @@ class KVAwareStrategy:
         if all(over):
             over = [False] * len(targets)
         prefix, precise = self._prefix(targets, states, request, hashes, seed, now)
-        most_waiting, most_flights = max(waiting), max(flights)
+        most_flights = max(flights)
         scores: dict[int, Scores] = {}
         for index, target in enumerate(targets):
-            queue = 1.0 - waiting[index] / most_waiting if most_waiting > 0 else 1.0
+            # Against max_waiting, not the longest queue: one waiting request more is not a reason to
+            # give up a cache hit, half the limit is.
+            queue = 1.0 - min(waiting[index], config.max_waiting) / config.max_waiting if config.max_waiting else 1.0
             free = 1.0 - min(1.0, max(0.0, usage[index]))
             idle = 1.0 - flights[index] / most_flights if most_flights > 0 else 1.0
             total = (weights.prefix * prefix[index] + weights.queue * queue + weights.kv_usage * free
@@ -181,7 +188,12 @@ class KVAwareStrategy:
 
     def on_attempt(self, target: Target, states: RouteState, request: RouteRequest) -> None:
         # Claimed at send time, so concurrent turns of one conversation follow each other.
-        self.table(states).record(request.prefix_hashes(self.config.block_chars), target.key)
+        hashes = request.prefix_hashes(self.config.block_chars)
+        self.table(states).record(hashes, target.key)
+        if self.config.shared_table:
+            sharer = states.tables.get(SHARE_KEY)
+            if sharer is not None:  # gateway/prefix_sharing.py, running while the policy asks for it
+                sharer.offer(self.model, hashes, target.key)
 
     def score_attributes(self, considered: Sequence[Target]) -> dict[str, Any]:
         """Span attributes of the latest ranking: every scorer's value per candidate, in candidate order."""
@@ -205,10 +217,19 @@ class KVAwareStrategy:
         return [
             "scorers (0-1 each, higher is better) and weights: "
             + ", ".join(f"{name} x{getattr(weights, name):g}" for name in SCORERS),
-            f"prefix index: {config.index}; home: rendezvous on the first {config.home_blocks} prompt block(s)",
+            f"prefix index: {config.index}; home: rendezvous on the first {config.home_blocks} prompt block(s)"
+            + ("; learned ownership shared through Redis" if config.shared_table else ""),
             f"filter: skip replicas with >= {config.max_waiting:g} waiting or KV cache >= {config.max_kv_usage:.0%} "
             "full (unless all are)",
         ]
+
+
+def kv_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
+    """`kv-aware` settings that need another section of the policy, as (YAML path, message)."""
+    return [(("models", name, "routing", "kv_aware", "shared_table"),
+             "needs a Redis to share through: set state.url (redis://...)")
+            for name, model in document.models.items()
+            if model.routing.strategy == "kv-aware" and model.routing.kv_aware.shared_table and not document.state.url]
 
 
 def _precise_share(blocks: ReplicaBlocks, request: RouteRequest) -> float:

@@ -37,7 +37,7 @@ from gateway.policy_schema import (
     TelemetryPolicy,
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
-from gateway.routing import RoutePlan, build_plan, fallback_problems
+from gateway.routing import RoutePlan, build_plan, routing_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
@@ -271,7 +271,7 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                 problems.append(_at(("models", model_name, "targets", index, "provider"), root,
                                     f"unknown provider {target.provider!r}; defined: "
                                     + ", ".join(sorted(document.providers))))
-    problems.extend(_at(loc, root, message) for loc, message in fallback_problems(document))
+    problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():

@@ -147,8 +147,8 @@ class KVScorerWeights(Strict):
     """Weights of the `kv-aware` scorers; each scorer gives every candidate 0-1, higher is better."""
 
     prefix: float = Field(3.0, ge=0, description="Share of the prompt the replica is known to hold in its KV cache.")
-    queue: float = Field(2.0, ge=0, description="Scraped waiting requests (vllm:num_requests_waiting, "
-                         "sglang:num_queue_reqs), relative to the longest queue among the candidates.")
+    queue: float = Field(2.0, ge=0, description="1 - scraped waiting requests (vllm:num_requests_waiting, "
+                         "sglang:num_queue_reqs) / max_waiting.")
     kv_usage: float = Field(1.0, ge=0, description="1 - scraped KV-cache usage (vllm:kv_cache_usage_perc).")
     in_flight: float = Field(1.0, ge=0, description="This gateway's own requests in flight, relative to the "
                              "busiest candidate.")
@@ -163,10 +163,13 @@ class KVAwarePolicy(Strict):
         "KV-cache events (providers.<name>.kv_events), falling back to approximate while a replica's events stop.")
     home_blocks: int = Field(1, ge=1, description="Leading prompt blocks hashed (rendezvous) to pick a prefix's "
                              "home replica, the same on every gateway replica; 1 = tools + system prompt.")
-    max_waiting: float = Field(32, ge=0, description="Replicas with at least this many scraped waiting requests "
-                               "are left out (unless all are).")
+    max_waiting: float = Field(64, ge=0, description="Replicas with at least this many scraped waiting requests "
+                               "are left out (unless all are); also the queue scorer's scale.")
     max_kv_usage: float = Field(0.95, gt=0, le=1, description="Replicas whose scraped KV-cache usage is at least "
                                 "this are left out (unless all are).")
+    shared_table: bool = Field(False, description="Share learned prefix ownership with the other gateway "
+                               "replicas through the state store's Redis (state.url), for conversations that load "
+                               "moved away from their home.")
     table_size: int = Field(100_000, ge=100, description="Prefix blocks remembered (LRU).")
     block_chars: int = Field(1024, ge=16, description="Block size for plain-text (completions) prompts.")
 

@@ -399,9 +399,12 @@ def pinned_targets(plan: RoutePlan, targets: Sequence[Target], headers: Mapping[
     return [t for t in targets if wanted <= t.tags]
 
 
-def fallback_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
-    """Fallback lists naming unknown models or the model itself, as (YAML path, message)."""
-    problems = []
+def routing_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
+    """Fallback lists naming unknown models or the model itself, and strategy settings needing other
+    sections, as (YAML path, message)."""
+    from gateway.kv_scoring import kv_problems  # the scorers build on this module's state
+
+    problems = kv_problems(document)
     for name, model in document.models.items():
         for kind in ("default", "context_window", "content_policy"):
             for index, other in enumerate(getattr(model.fallbacks, kind)):

@@ -3,13 +3,16 @@ the precise index fed by vLLM-format KV-cache events, and what explain / the rou
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from opentelemetry.trace import SpanKind
 
 from gateway.cli import main
@@ -19,7 +22,9 @@ from tests.fakes.routing_policy import ADMIN_KEY, multi_policy
 from tests.fakes.vllm_replica import FakeVLLMReplica
 
 Start = Callable[..., RunningGateway]
-STALE_S = 2.0  # kv_events.stale_after_s: long enough for a loaded CI machine, short enough to wait out
+STALE_S = 30.0  # kv_events.stale_after_s: events never go stale by accident on a loaded CI machine
+# Scrapes are trusted for three intervals: 1 s leaves a loaded machine room, and a test waits ~1 s per change.
+SCRAPE = "    metrics: {interval_s: 1}\n"
 SYSTEM = {"role": "system", "content": "You answer questions about the quarterly report in detail. " * 8}
 
 
@@ -39,7 +44,7 @@ def publishing() -> Iterator[list[FakeVLLMReplica]]:
         yield [a, b, c]
 
 
-def _policy(replicas: list[FakeVLLMReplica], strategy: str, provider_extra: str = "") -> str:
+def _policy(replicas: list[FakeVLLMReplica], strategy: str, provider_extra: str = "", stale_s: float = STALE_S) -> str:
     targets = "\n".join(f"      - {{provider: r{i}, model: up-{i}}}" for i in range(len(replicas)))
     models = f"  m:\n    routing: {strategy}\n    targets:\n{targets}"
     policy = multi_policy({f"r{i}": r.base_url for i, r in enumerate(replicas)}, models, kind="vllm",
@@ -49,7 +54,7 @@ def _policy(replicas: list[FakeVLLMReplica], strategy: str, provider_extra: str 
             policy = policy.replace(
                 f"  r{index}:\n    kind: vllm\n",
                 f"  r{index}:\n    kind: vllm\n    kv_events: {{endpoint: '{replica.events.endpoint}', "
-                f"replay_endpoint: '{replica.events.replay_endpoint}', stale_after_s: {STALE_S}}}\n", 1)
+                f"replay_endpoint: '{replica.events.replay_endpoint}', stale_after_s: {stale_s}}}\n", 1)
     return policy
 
 
@@ -107,7 +112,7 @@ def test_prefix_affinity_tie_break_agrees_across_gateway_replicas(replicas, star
 
 def test_a_long_queue_or_full_kv_cache_outweighs_a_cache_hit(replicas, start_gateway: Start) -> None:
     policy = _policy(replicas, "{strategy: kv-aware, kv_aware: {max_waiting: 8, max_kv_usage: 0.9}}",
-                     provider_extra="    metrics: {interval_s: 0.05}\n")
+                     provider_extra=SCRAPE)
     gateway = start_gateway(policy)
     messages = [SYSTEM, {"role": "user", "content": "where is the conversation's cache?"}]
     owner = _ask(gateway, messages)
@@ -228,7 +233,7 @@ def test_precise_index_follows_the_engines_events_not_the_gateways_guess(publish
 
 
 def test_stale_events_fall_back_to_the_approximate_index(publishing, start_gateway: Start) -> None:
-    gateway = start_gateway(_policy(publishing, "{strategy: kv-aware, kv_aware: {index: precise}}"))
+    gateway = start_gateway(_policy(publishing, "{strategy: kv-aware, kv_aware: {index: precise}}", stale_s=1.0))
     _subscribed(gateway, publishing)
     messages = [SYSTEM, {"role": "user", "content": "where did my first turn go?"}]
     first = _ask(gateway, messages)
@@ -241,7 +246,7 @@ def test_stale_events_fall_back_to_the_approximate_index(publishing, start_gatew
         assert replica.events is not None
         replica.events.paused = True  # ...but every publisher goes silent
     for index in range(3):
-        _wait_for_target(gateway, f"up-{index}", lambda row: row["kv_events_age_s"] > STALE_S)
+        _wait_for_target(gateway, f"up-{index}", lambda row: row["kv_events_age_s"] > 1.0)
     # Past stale_after_s the events are not trusted: the gateway's own history (the owner) decides.
     assert _ask(gateway, messages) == first
 
@@ -270,3 +275,51 @@ def test_a_cleared_engine_and_evictions_leave_the_index(publishing, start_gatewa
         _wait_for_target(gateway, "up-0", lambda row: row["kv_blocks"] == 8)
         small.clear_kv()
         _wait_for_target(gateway, "up-0", lambda row: row["kv_blocks"] == 0)
+
+
+# --- learned ownership shared through Redis ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_conversation_moved_by_load_is_followed_by_the_other_gateway_through_redis(
+        replicas, start_gateway: Start, shared: bool) -> None:
+    prefix = f"sb-test-kv-{uuid.uuid4().hex}:"
+    routing = f"{{strategy: kv-aware, kv_aware: {{max_waiting: 8, shared_table: {str(shared).lower()}}}}}"
+    policy = _policy(replicas, routing, provider_extra=SCRAPE)
+    state = f"state: {{url: 'redis://127.0.0.1:6379/0', key_prefix: '{prefix}'}}\n"
+    policy = policy.replace("teams:\n", state + "teams:\n", 1)
+    first_gateway, second_gateway = start_gateway(policy), start_gateway(policy)
+    try:
+        messages = [SYSTEM, {"role": "user", "content": "a conversation that will have to move"}]
+        home = _ask(first_gateway, messages)
+        replicas[_index(home)].reported_waiting = 20  # its home gets busy: the first gateway moves it
+        _wait_for_target(first_gateway, home, lambda row: row["scraped_waiting"] == 20)
+        messages = _next_turn(messages, home, "second question")
+        moved = _ask(first_gateway, messages)
+        assert moved != home
+        replicas[_index(home)].reported_waiting = 0
+        _wait_for_target(second_gateway, home, lambda row: row["scraped_waiting"] == 0)
+        if shared:
+            deadline = time.monotonic() + 5
+            while _shared_received(second_gateway) < 2:
+                assert time.monotonic() < deadline, "the second gateway never read the first one's records"
+                threading.Event().wait(0.02)
+        # The third turn reaches the other gateway, which never routed this conversation.
+        third = _ask(second_gateway, _next_turn(messages, moved, "third question"))
+        assert third == (moved if shared else home)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis().delete(prefix + "kv-owners")
+
+
+def _shared_received(gateway: RunningGateway) -> int:
+    response = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    return response.json()["shared_ownership"]["received"]
+
+
+def test_shared_table_needs_a_redis(replicas, tmp_path) -> None:
+    from gateway.policy import PolicyError, parse_policy
+
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(_policy(replicas, "{strategy: kv-aware, kv_aware: {shared_table: true}}"))
+    assert "models.m.routing.kv_aware.shared_table: needs a Redis to share through: set state.url" in str(raised.value)
