@@ -96,8 +96,9 @@ def test_gateway_replicas_agree_on_each_conversations_replica(replicas, start_ga
     # Every turn reached a different gateway than the last, none of which had seen the conversation before.
     assert all(len(set(s)) == 1 for s in served)
     assert _hit_rate(replicas) == 1.0
-    # Homes spread the conversations instead of piling them onto one replica.
-    assert min(r.requests for r in replicas) >= 12
+    # Homes spread the conversations instead of piling them onto one replica (each gets ~8 of 24 by
+    # rendezvous hashing; none getting any would happen by chance once in ~5,000 runs).
+    assert min(r.requests for r in replicas) >= 4
 
 
 def test_prefix_affinity_tie_break_agrees_across_gateway_replicas(replicas, start_gateway: Start) -> None:
