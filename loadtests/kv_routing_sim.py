@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         f"KV-routing simulation: {args.replicas} replicas x {args.kv_tokens} KV tokens (blocks of {args.block}), "
         f"{args.tenants} tenants x {args.context}-token contexts, {args.turns} turns, {args.requests} requests per "
         f"run ({args.warmup:.0%} warm-up not counted), prefill {args.prefill_tps:g} tok/s, {args.tpot_ms:g} ms/token "
-        f"decode; {time.perf_counter() - started:.0f} s of CPU",
+        f"decode; {time.perf_counter() - started:.0f} s wall clock",
         "",
         "| req/s offered | strategy | gateways | cache hit rate | TTFT p50 | TTFT p90 | req/s completed |",
         "|---|---|---|---|---|---|---|",
