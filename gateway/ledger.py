@@ -72,17 +72,23 @@ CREATE TABLE IF NOT EXISTS usage (
     trace_id TEXT,
     cache TEXT,
     cache_tokens INTEGER NOT NULL DEFAULT 0,
-    cost_saved_usd REAL
+    cost_saved_usd REAL,
+    failed_attempt_tokens INTEGER NOT NULL DEFAULT 0,
+    failed_attempt_cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 """
 # Columns added after the first release: a ledger file written by an older gateway gets them on open.
-_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"))
+_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
+                  ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"))
 _COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
             "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
-            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd")
+            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
+            "failed_attempt_cost_usd")
+# A row spilled by an older gateway has fewer columns: the newer ones take these values.
+_LATER_DEFAULTS = (0, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _GROUPS = {"team": "team", "model": "public_model", "key": "team, key_id", "day": "day"}
 _MAX_BATCH = 2000
@@ -161,7 +167,7 @@ class Ledger:
             return
         self._stop_by = time.monotonic() + timeout_s
         self._queue.put(None)
-        writer.join(timeout=timeout_s + 0.5)
+        writer.join(timeout=timeout_s)
         if writer.is_alive():
             log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
                       self.path, timeout_s, self.waiting)
@@ -175,6 +181,7 @@ class Ledger:
     def _start(self) -> None:
         with self._lock:
             if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. the demo's .switchboard/
                 open_ledger(self.path).close()  # create the file and table up front, so a bad path fails loudly
                 self._writer = threading.Thread(target=self._write, name="switchboard-ledger", daemon=True)
                 self._writer.start()
@@ -215,8 +222,9 @@ class Ledger:
                 if stopping:
                     # One last try within the grace close() gave; what SQLite refuses stays spilled.
                     retry.at = 0.0
-                    remaining = self._stop_by - time.monotonic()
-                    connection.execute(f"PRAGMA busy_timeout = {int(max(0.0, min(_BUSY_TIMEOUT_S, remaining)) * 1000)}")
+                    # Leave a fifth of the grace for spilling what SQLite will not take.
+                    wait_s = max(0.0, min(_BUSY_TIMEOUT_S, (self._stop_by - time.monotonic()) * 0.8))
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
                 stored = self._store(connection, batch, retry) if batch or self._spill.rows else True
                 for marker in markers:
                     marker.stored = stored
@@ -230,7 +238,7 @@ class Ledger:
         if spilled and time.monotonic() < retry.at:
             self._to_spill(batch)
             return False
-        rows = [*self._spill.read(), *batch] if spilled else batch
+        rows = [*map(_complete, self._spill.read()), *batch] if spilled else batch
         if not rows:
             return True
         try:
@@ -322,6 +330,12 @@ def _rekey(connection: sqlite3.Connection, present: set[str]) -> None:
     log.warning("usage ledger upgraded: rows are now keyed by the gateway's own request id (gateway_id)")
 
 
+def _complete(row: Any) -> tuple[Any, ...]:
+    missing = len(_COLUMNS) - len(row)
+    return (*row, *_LATER_DEFAULTS[len(_LATER_DEFAULTS) - missing:]) if 0 < missing <= len(_LATER_DEFAULTS) \
+        else tuple(row)
+
+
 def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
     """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
     the client's request id is never a key."""
@@ -335,7 +349,8 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         usage.cached_tokens if usage else 0, usage.cache_write_tokens if usage else 0,
         usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
-        record.cache, record.cache_tokens, record.cost_saved_usd,
+        record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
+        record.failed_attempt_cost_usd,
     )
 
 

@@ -351,6 +351,9 @@ class KeyPolicy(Strict):
                     description="A name for the key that is safe to log and trace.")
     hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<hex digest of the key>.")
     disabled: bool = Field(False, description="Refuse this key without deleting it.")
+    expires_at: datetime.datetime | None = Field(None, description="Refuse this key from this time on (ISO 8601, "
+                                                 "UTC unless it has an offset); `switchboard keys rotate` sets it "
+                                                 "on the old key so both work during the overlap.")
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
     budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
 
@@ -379,10 +382,27 @@ class ServerPolicy(Strict):
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
 
+class ConsolePolicy(Strict):
+    """The read-only admin console at /ui (gateway/console/), behind the admin keys."""
+
+    enabled: bool = Field(True, description="Serve the console at /ui (it still needs an admin key).")
+    trace_url: str | None = Field(None, description="Link from each ledger row to its trace: a URL template "
+                                  "with `{trace_id}`, e.g. http://jaeger:16686/trace/{trace_id}.")
+    recent_requests: int = Field(50, ge=1, le=1000, description="Ledger rows shown under Requests.")
+
+    @field_validator("trace_url")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith(("http://", "https://")) or "{trace_id}" not in value):
+            raise ValueError("must be an http(s) URL containing {trace_id}, e.g. http://jaeger:16686/trace/{trace_id}")
+        return value
+
+
 class AdminPolicy(Strict):
-    """Keys for the operator endpoints under /admin (separate from team keys)."""
+    """Keys for the operator endpoints under /admin and the console at /ui (separate from team keys)."""
 
     keys: list[KeyPolicy] = Field(default_factory=list, description="Admin keys, hashed like team keys.")
+    console: ConsolePolicy = Field(default_factory=ConsolePolicy)
 
 
 class StatePolicy(Strict):
@@ -532,11 +552,20 @@ class PolicyDocument(Strict):
     models: dict[str, ModelPolicy] = Field(min_length=1)
     teams: dict[str, TeamPolicy] = Field(min_length=1)
     admin: AdminPolicy = Field(default_factory=AdminPolicy)
+    keys_file: str | None = Field(None, description="A YAML file of more team keys (`teams: {team: [key, ...]}`), "
+                                  "relative to this file; written by `switchboard keys`, watched like this file.")
     state: StatePolicy = Field(default_factory=StatePolicy)
     admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
     prices: PricesPolicy = Field(default_factory=PricesPolicy)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
+
+
+class KeysFileDocument(Strict):
+    """A keys file (`keys_file`): team name -> its keys, merged into the policy's teams on load."""
+
+    version: Literal[1] = Field(1, description="Schema version of this file.")
+    teams: dict[str, list[KeyPolicy]] = Field(default_factory=dict, description="Keys per team of the policy.")
 
 
 def json_schema() -> dict[str, Any]:

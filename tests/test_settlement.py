@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 from gateway.cache import ResponseCache
 from gateway.limits import Limiter
 from gateway.state.memory import MemoryStore
+from gateway.telemetry_attributes import record_attributes
 from gateway.tokens import TokenCounter
+from gateway.usage import access_line
 from providers.openai_compat import OpenAICompatAdapter
 from tests.conftest import RunningGateway, key_hash, run_gateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream
@@ -364,6 +366,8 @@ def test_an_attempt_the_upstream_started_answering_is_billed_even_when_it_fails(
     assert record.cost_usd == record.failed_attempt_cost_usd == pytest.approx(record.failed_attempt_tokens / 1e6)
     assert harness.held_tokens() == record.failed_attempt_tokens
     assert harness.in_flight() == 0
+    assert access_line(record)["failed_attempt_tokens"] == record.failed_attempt_tokens
+    assert record_attributes(record)["switchboard.failed_attempt_tokens"] == record.failed_attempt_tokens
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
