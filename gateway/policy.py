@@ -35,12 +35,14 @@ from gateway.policy_schema import (
     ModelPolicy,
     PolicyDocument,
     ProviderBase,
+    ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,
     TargetPolicy,
     TelemetryPolicy,
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
+from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, routing_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
@@ -156,6 +158,9 @@ class Policy:
     # The keys file merged into the teams (`keys_file`); the policy store watches it too.
     keys_path: Path | None = None
     keys_stamp: tuple[int, int, int] | None = None  # the keys file as it was read
+    # Stored Responses API state per team (gateway/response_store/) and where it lives.
+    responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
+    response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -209,7 +214,8 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
         raise PolicyError(source, problems)
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
-                                 keys_stamp=keys_stamp)
+                                 keys_stamp=keys_stamp, responses=build_response_rules(document),
+                                 response_store=document.response_store)
     return _with_accounting(policy, document, root)
 
 

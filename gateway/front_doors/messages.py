@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import request_headers, respond
+from gateway.auth import authenticate
 from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
@@ -39,6 +40,10 @@ class MessagesRoute:
         headers = request_headers(scope)
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
+            try:
+                authenticate(services.policy(), headers)  # 401 before anything is said of the body
+            except GatewayError as error:
+                return _anthropic_error(*render(error))
             try:
                 chat = orjson.dumps(chat_request(_load(raw)))
             except TranslationError as exc:
