@@ -29,6 +29,7 @@ from gateway.policy_diagnosis import file_path, line_of, stand_in_document, sugg
 from gateway.policy_schema import (
     ConsolePolicy,
     HealthCheckPolicy,
+    KVEventsPolicy,
     LedgerPolicy,
     MetricsScrapePolicy,
     ModelPolicy,
@@ -42,7 +43,7 @@ from gateway.policy_schema import (
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
 from gateway.response_store.rules import TeamResponseRules, build_response_rules
-from gateway.routing import RoutePlan, build_plan, fallback_problems
+from gateway.routing import RoutePlan, build_plan, routing_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
@@ -72,6 +73,7 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
+    kv_events: KVEventsPolicy | None = None
     # Settings that require a new connection pool when they change: everything the pooled client is
     # built from (gateway/upstream.py), its timeouts included. Computed once: it holds the options
     # model, whose hash is too slow to recompute on every request.
@@ -293,7 +295,7 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                 problems.append(_at(("models", model_name, "targets", index, "provider"), root,
                                     f"unknown provider {target.provider!r}; defined: "
                                     + ", ".join(sorted(document.providers))))
-    problems.extend(_at(loc, root, message) for loc, message in fallback_problems(document))
+    problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
                         "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
@@ -367,4 +369,5 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
         config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
+        config.kv_events,
     )

@@ -67,6 +67,19 @@ class MetricsScrapePolicy(Strict):
     timeout_s: float = Field(1.0, gt=0)
 
 
+class KVEventsPolicy(Strict):
+    """A vLLM replica's KV-cache event publisher (`--kv-events-config`), read by `kv-aware` routing's precise index."""
+
+    endpoint: str = Field(pattern=r"^tcp://", description="The engine's ZMQ PUB socket, e.g. tcp://10.0.0.11:5557.")
+    replay_endpoint: str | None = Field(None, pattern=r"^tcp://", description="Its replay (ROUTER) socket, "
+                                        "e.g. tcp://10.0.0.11:5558: batches missed after a gap are asked for there.")
+    topic: str = Field("", description="The publisher's topic (vLLM's `topic`, default empty).")
+    stale_after_s: float = Field(10.0, gt=0, description="Without a batch for this long the replica's block list "
+                                 "is not trusted and routing falls back to the approximate index.")
+    encoding: str = Field("o200k_base", description="tiktoken encoding the gateway tokenizes prompts with to hash "
+                          "them as the engine does; must match the served model's tokenizer.")
+
+
 class ProviderBase(Strict):
     base_url: str | None = Field(
         None, description="Upstream base URL including the version prefix, e.g. https://api.openai.com/v1. "
@@ -80,6 +93,8 @@ class ProviderBase(Strict):
                                                    "its targets are skipped while it fails (gateway/health.py).")
     metrics: MetricsScrapePolicy | None = Field(None, description="Scrape a vLLM/SGLang Prometheus endpoint for "
                                                 "load, used by `prefix-affinity` and `least-busy`.")
+    kv_events: KVEventsPolicy | None = Field(None, description="Subscribe to the replica's KV-cache events "
+                                             "(vLLM), used by `kv-aware` routing with `index: precise`.")
 
     @field_validator("base_url")
     @classmethod
@@ -128,16 +143,48 @@ class PrefixAffinityPolicy(Strict):
                             "more than a shared system prompt, so new conversations spread by load.")
 
 
+class KVScorerWeights(Strict):
+    """Weights of the `kv-aware` scorers; each scorer gives every candidate 0-1, higher is better."""
+
+    prefix: float = Field(3.0, ge=0, description="Share of the prompt the replica is known to hold in its KV cache.")
+    queue: float = Field(2.0, ge=0, description="1 - scraped waiting requests (vllm:num_requests_waiting, "
+                         "sglang:num_queue_reqs) / max_waiting.")
+    kv_usage: float = Field(1.0, ge=0, description="1 - scraped KV-cache usage (vllm:kv_cache_usage_perc).")
+    in_flight: float = Field(1.0, ge=0, description="This gateway's own requests in flight, relative to the "
+                             "busiest candidate.")
+
+
+class KVAwarePolicy(Strict):
+    """Settings of the `kv-aware` strategy (gateway/kv_scoring.py): filter -> weighted score -> pick."""
+
+    weights: KVScorerWeights = Field(default_factory=KVScorerWeights)
+    index: Literal["approximate", "precise"] = Field(
+        "approximate", description="approximate = learn from where requests were sent; precise = the replicas' "
+        "KV-cache events (providers.<name>.kv_events), falling back to approximate while a replica's events stop.")
+    home_blocks: int = Field(1, ge=1, description="Leading prompt blocks hashed (rendezvous) to pick a prefix's "
+                             "home replica, the same on every gateway replica; 1 = tools + system prompt.")
+    max_waiting: float = Field(64, ge=0, description="Replicas with at least this many scraped waiting requests "
+                               "are left out (unless all are); also the queue scorer's scale.")
+    max_kv_usage: float = Field(0.95, gt=0, le=1, description="Replicas whose scraped KV-cache usage is at least "
+                                "this are left out (unless all are).")
+    shared_table: bool = Field(False, description="Share learned prefix ownership with the other gateway "
+                               "replicas through the state store's Redis (state.url), for conversations that load "
+                               "moved away from their home.")
+    table_size: int = Field(100_000, ge=100, description="Prefix blocks remembered (LRU).")
+    block_chars: int = Field(1024, ge=16, description="Block size for plain-text (completions) prompts.")
+
+
 class RoutingPolicy(Strict):
     """How a request picks among the model's targets."""
 
-    strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity"] = Field(
+    strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity", "kv-aware"] = Field(
         "priority", description="priority = targets in listed order (failover only).")
     allow_tag_pinning: bool = Field(False, description="Honour `x-switchboard-tags: k=v,...` request headers.")
     latency_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest latency sample.")
     exploration: float = Field(0.05, ge=0, le=1, description="Share of `latency` requests sent to a random "
                                "target so a recovered one is noticed.")
     prefix_affinity: PrefixAffinityPolicy = Field(default_factory=PrefixAffinityPolicy)
+    kv_aware: KVAwarePolicy = Field(default_factory=KVAwarePolicy)
 
 
 class BackoffPolicy(Strict):
