@@ -393,3 +393,11 @@ def test_wherever_a_client_hangs_up_nothing_stays_reserved(harness: Harness, ups
     while harness.in_flight() != 0:
         assert time.monotonic() < deadline, "in-flight gauge stuck above 0"
         time.sleep(0.02)
+
+
+def test_a_client_invented_model_name_is_bounded_in_every_sink(harness: Harness) -> None:
+    response = httpx.post(harness.gateway.v1 + "/chat/completions", headers=AUTH,
+                          json={"model": "m" * 200_000, "messages": HELLO})
+    assert response.status_code == 404
+    [record] = harness.gateway.usage.wait_for(1)
+    assert len(record.public_model) <= 65 and record.public_model.startswith("mmm")
