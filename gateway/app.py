@@ -16,14 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.admin_surface import AdminSurfaces
 from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
 from gateway.console import RecentActivity, console_routes
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anthropic_path
+from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
+from gateway.gate import Gate
 from gateway.health import Monitor, TargetsRoute
 from gateway.heap import settle_for_serving
 from gateway.ledger import Ledger, SpendRoute
@@ -32,6 +35,7 @@ from gateway.metrics import Metrics, MetricsRoute
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
+from gateway.response_store import ResponseStore, open_response_store
 from gateway.state import open_store
 from gateway.telemetry import SpanExporter, Telemetry
 from gateway.tokens import TokenCounter
@@ -132,6 +136,7 @@ def create_app(
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
     cache: ResponseCache | None = None,
+    response_store: ResponseStore | None = None,
     serving_process: bool = False,
 ) -> GatewayApp:
     """Build the gateway around a policy store; everything that talks to the world is injected here.
@@ -143,7 +148,7 @@ def create_app(
     pools = UpstreamPools(counter)
     # Metrics and the ledger are usage sinks too; tracing follows the policy on every reload.
     observed = store.current
-    metrics = Metrics() if observed.telemetry.metrics.enabled else None
+    metrics = Metrics(lambda: store.current) if observed.telemetry.metrics.enabled else None
     ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
     telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
@@ -160,12 +165,14 @@ def create_app(
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
         metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
+    responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         await asyncio.to_thread(counter.preload)
         await limiter.start()
+        await responses.start()
         pools.prepare(store.current)
         background: set[asyncio.Task[Any]] = set()
 
@@ -203,6 +210,7 @@ def create_app(
                 ("health monitor", lambda left: monitor.close()),
                 ("upstream pools", lambda left: pools.close()),
                 ("state store (settlements)", limiter.close),
+                ("response store", lambda left: responses.close()),
                 ("response cache", lambda left: services.cache.close()),
                 ("usage sinks (ledger, access log)", lambda left: asyncio.to_thread(recorder.close, left)),
                 ("span export", lambda left: asyncio.to_thread(telemetry.shutdown)),
@@ -216,6 +224,8 @@ def create_app(
             Route("/v1/messages", MessagesRoute(), methods=["POST"]),
             Route("/v1/messages/count_tokens", CountTokensRoute(), methods=["POST"]),
             Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+            Route("/v1/responses/{response_id}/input_items", InputItemsRoute(), methods=["GET"]),
+            Route("/v1/responses/{response_id}", ResponseObjectRoute(), methods=["GET", "DELETE"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),
             Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
             Route("/", _root, methods=["GET"]),
@@ -232,12 +242,15 @@ def create_app(
     )
     app.state.services = services
     app.state.policy_store = store  # the console shows the last reload's result
+    app.state.response_store = responses
     app.state.ready = False
     app.state.started_at = int(time.time())
     hot = {("POST", route.path): route.app for route in app.routes
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
            and route.methods == {"POST"}}
-    return GatewayApp(app, hot)
+    gate = Gate(services.policy, telemetry, counter, metrics,
+                {path: anthropic_reply for _, path in hot if is_anthropic_path(path)})
+    return GatewayApp(app, hot, gate, AdminSurfaces(services.policy))
 
 
 async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[float], Awaitable[Any]]]]) -> None:

@@ -38,10 +38,15 @@ class GatewayApp:
     unexpected exception is logged with its stack and answered with a 500 carrying only the request id.
     """
 
-    def __init__(self, app: Any, hot_routes: Mapping[tuple[str, str], Any]) -> None:
+    def __init__(self, app: Any, hot_routes: Mapping[tuple[str, str], Any], gate: Any = None,
+                 surfaces: Any = None) -> None:
         self.app = app
         self.state = app.state
         self._hot = dict(hot_routes)
+        # Request side (gateway/gate.py, gateway/admin_surface.py): who may reach a route, decided from the
+        # headers before any body is read.
+        self._gate = gate
+        self._surfaces = surfaces
         # A random per-process prefix and a counter: unique across replicas and
         # restarts without a uuid4 (a syscall and an object) per request.
         self._id_prefix = "req_" + secrets.token_hex(6)
@@ -74,7 +79,13 @@ class GatewayApp:
         if route is not None:
             scope["app"] = self.app  # where routes find the app's services, as under Starlette
         try:
-            await (route or self.app)(scope, receive, send_with_id)
+            refusal = self._surfaces.refusal(scope) if self._surfaces is not None else None
+            if refusal is not None:
+                await self._surfaces.refuse(send_with_id, refusal)
+            elif route is not None and self._gate is not None:
+                await self._gate(scope, receive, send_with_id, route)
+            else:
+                await (route or self.app)(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error serving request %s", request_id)
             if not started:

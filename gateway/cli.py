@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import queue
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.auth import new_key
 from gateway.key_files import KeyBook, KeysFileError
@@ -18,6 +20,9 @@ from gateway.policy import PolicyError, load_policy
 from gateway.policy_schema import json_schema
 
 DEFAULT_PORT = 8080
+# uvicorn's httptools protocol with connection, head and body bounds (gateway/connections.py); named by
+# import path so that worker processes can load it.
+GUARDED_PROTOCOL = "gateway.connections:GuardedHttpToolsProtocol"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +110,7 @@ def _version() -> str:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.admin_surface import AdminListener
     from gateway.app import ACCESS_LOG_ENV, POLICY_ENV, create_app
     from gateway.policy_store import PolicyStore
     from gateway.usage import AccessLogSink
@@ -116,19 +122,49 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("switchboard").error("%s", exc)
         return 1
     port = args.port if args.port is not None else int(os.environ.get("PORT", DEFAULT_PORT))
+    admin = policy.server.admin
+    if admin is not None and args.workers > 1:
+        logging.getLogger("switchboard").error(
+            "server.admin: the admin listener needs --workers 1 (one process serves both ports); run one gateway "
+            "per core behind a load balancer, or leave server.admin out and scrape /metrics with the admin key")
+        return 1
     # proxy_headers off: nothing in the gateway reads the client address, and uvicorn's
     # X-Forwarded-For middleware measured ~2.5% of a proxied request's CPU.
-    common = dict(host=args.host, port=port, log_config=None, access_log=False, server_header=False,
-                  proxy_headers=False, timeout_graceful_shutdown=policy.server.shutdown_grace_s, loop="auto",
-                  http="auto")
+    common = dict(log_config=None, access_log=False, server_header=False, proxy_headers=False,
+                  timeout_graceful_shutdown=policy.server.shutdown_grace_s, loop="auto", http=GUARDED_PROTOCOL)
     if args.workers > 1:
         os.environ[POLICY_ENV] = os.path.abspath(args.policy)
         os.environ[ACCESS_LOG_ENV] = "0" if args.no_access_log else "1"
-        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)
-    else:
-        sinks = [] if args.no_access_log else [AccessLogSink()]
-        uvicorn.run(create_app(PolicyStore(args.policy, policy), sinks=sinks, serving_process=True), **common)
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                    port=port, **common)
+        return 0
+    sinks = [] if args.no_access_log else [AccessLogSink()]
+    app = create_app(PolicyStore(args.policy, policy), sinks=sinks, serving_process=True)
+    if admin is None:
+        uvicorn.run(app, host=args.host, port=port, **common)
+        return 0
+    tenant = uvicorn.Config(app, host=args.host, port=port, **common)
+    admin_side = uvicorn.Config(AdminListener(app), host=admin.host, port=admin.port, lifespan="off", **common)
+    with asyncio.Runner(loop_factory=tenant.get_loop_factory()) as runner:
+        runner.run(serve_with_admin_listener(tenant, admin_side))
     return 0
+
+
+async def serve_with_admin_listener(tenant: Any, admin: Any) -> None:
+    """The tenant and admin listeners (uvicorn configs; gateway/admin_surface.py) in one event loop.
+
+    The admin server starts first and runs no lifespan (the tenant server's runs the app's); the tenant
+    server installs its signal handlers last, so SIGTERM drains it, and the admin server stops with it.
+    """
+    import uvicorn
+
+    admin_server = uvicorn.Server(admin)
+    admin_task = asyncio.create_task(admin_server.serve())
+    try:
+        await uvicorn.Server(tenant).serve()
+    finally:
+        admin_server.should_exit = True
+        await admin_task
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -2,7 +2,10 @@
 
 Every failure a client can see is a `GatewayError` of one `ErrorKind`; the
 kind alone decides the HTTP status and OpenAI error `type`. Messages that come
-from upstreams pass through `redact` first, so no credential reaches a client.
+from upstreams pass through `redact` first, so no credential reaches a client,
+and neither does the operator's account: upstream text is about the
+operator's organization (its ids, its org-wide limits and usage), not the
+caller's. The same `redact` guards /admin/targets and the logs.
 """
 
 from __future__ import annotations
@@ -135,9 +138,26 @@ _SECRET_PATTERNS = re.compile(
 )
 
 
+# The operator's account in upstream messages. OpenAI's 429: "Rate limit reached for gpt-4o in organization
+# org-XXXX on tokens per min (TPM): Limit 30000, Used 29796, Requested 1146."; Anthropic's: "...would exceed
+# your organization's (UUID) rate limit of 400,000 input tokens per minute"; Google's: "...for consumer
+# 'project_number:1234'". Ids and figures go; the sentence, and the error's code, type and param, stay.
+_ACCOUNT_IDS = re.compile(
+    r"\b(?:project_number:|projects/)\d+"  # Google Cloud projects
+    r"|\b(?:org|proj|user)[-_](?=[A-Za-z0-9]*\d)[A-Za-z0-9]{12,}\b"  # OpenAI organization, project, user ids
+    r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"  # UUIDs (Anthropic orgs)
+)
+_ACCOUNT_FIGURES = re.compile(
+    r"(?i)\b(limit|used|requested|current|remaining|quota|usage|rate limit of|limit of|quota of)(\s*[:=]?\s*)"
+    r"\$?\d+(?:[,._]\d+)*(?:\s*[kmb](?![a-z]))?"
+)
+
+
 def redact(message: str, secrets: Iterable[str] = ()) -> str:
-    """Remove credentials from a message that may have come from an upstream."""
+    """Remove credentials and the operator's account ids and figures from a message that came from an upstream."""
     for secret in secrets:
         if secret and len(secret) >= 4:
             message = message.replace(secret, "[redacted]")
-    return _SECRET_PATTERNS.sub("[redacted]", message)
+    message = _SECRET_PATTERNS.sub("[redacted]", message)
+    message = _ACCOUNT_IDS.sub("[redacted]", message)
+    return _ACCOUNT_FIGURES.sub(r"\1\2[redacted]", message)

@@ -5,7 +5,9 @@
 `RouteState`: a provider failing `unhealthy_after` checks in a row has its
 targets skipped by routing; scraped running + waiting requests feed the
 targets' load (vLLM `vllm:num_requests_*`, SGLang `sglang:num_running_reqs`
-/ `sglang:num_queue_reqs`, llama.cpp `llamacpp:requests_*`).
+/ `sglang:num_queue_reqs`, llama.cpp `llamacpp:requests_*`), their queue alone
+and KV-cache usage. Providers with `kv_events` get a KV-cache event subscriber
+(gateway/kv_events.py), started and stopped here with the other loops.
 """
 
 from __future__ import annotations
@@ -19,23 +21,26 @@ from typing import Any
 import aiohttp
 
 from gateway.errors import GatewayError, render
+from gateway.kv_events import KVEventSubscriber, ReplicaBlocks
 from gateway.policy import Policy, Provider
+from gateway.prefix_sharing import SHARE_KEY, SharedOwnership, wanted_url
 from gateway.routing import RouteState, TargetState, target_key
 
 log = logging.getLogger("switchboard.health")
 
-# Metric name -> what it counts. Running and waiting add up to the replica's load.
+# Metric name -> what it counts. Running and waiting add up to the replica's load; waiting is its queue.
 _LOAD_METRICS = {
-    b"vllm:num_requests_running": "load", b"vllm:num_requests_waiting": "load",
-    b"sglang:num_running_reqs": "load", b"sglang:num_queue_reqs": "load",
-    b"llamacpp:requests_processing": "load", b"llamacpp:requests_deferred": "load",
-    b"vllm:kv_cache_usage_perc": "kv", b"sglang:token_usage": "kv",
+    b"vllm:num_requests_running": "load", b"vllm:num_requests_waiting": "waiting",
+    b"sglang:num_running_reqs": "load", b"sglang:num_queue_reqs": "waiting",
+    b"llamacpp:requests_processing": "load", b"llamacpp:requests_deferred": "waiting",
+    # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); both are read.
+    b"vllm:kv_cache_usage_perc": "kv", b"vllm:gpu_cache_usage_perc": "kv", b"sglang:token_usage": "kv",
 }
 
 
-def parse_load(text: bytes) -> tuple[float | None, float | None]:
-    """Running + waiting requests and KV-cache usage (0-1) from a Prometheus text page."""
-    load = kv = None
+def parse_load(text: bytes) -> tuple[float | None, float | None, float | None]:
+    """Running + waiting requests, waiting alone, and KV-cache usage (0-1) from a Prometheus text page."""
+    load = waiting = kv = None
     for line in text.splitlines():
         if not line or line.startswith(b"#"):
             continue
@@ -47,11 +52,13 @@ def parse_load(text: bytes) -> tuple[float | None, float | None]:
             value = float(line.rsplit(b" ", 1)[1])
         except (IndexError, ValueError):
             continue
-        if what == "load":
-            load = (load or 0.0) + value
-        else:
+        if what == "kv":
             kv = max(kv or 0.0, value)
-    return load, kv
+            continue
+        load = (load or 0.0) + value
+        if what == "waiting":
+            waiting = (waiting or 0.0) + value
+    return load, waiting, kv
 
 
 def _server_root(provider: Provider) -> str:
@@ -67,6 +74,9 @@ class Monitor:
         self._policy = policy
         self._tasks: dict[tuple[Any, ...], asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None  # noqa: TID251 - see _client
+        self._kv_events = KVEventSubscriber(states, policy)
+        self._sharing: SharedOwnership | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def apply(self, policy: Policy) -> None:
         """Start loops for newly configured providers and stop those no longer wanted."""
@@ -84,11 +94,23 @@ class Monitor:
             if key not in self._tasks:
                 loop = self._health_loop if what == "health" else self._metrics_loop
                 self._tasks[key] = asyncio.create_task(loop(provider.name))
+        self._kv_events.apply(policy.providers.values())
+        url = wanted_url(policy)
+        if self._sharing is not None and self._sharing.url != url:
+            closing = asyncio.create_task(self._sharing.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            self._sharing = None
+        if url is not None and self._sharing is None:
+            self._sharing = SharedOwnership(self._states, self._policy, url, policy.state.key_prefix)
 
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+        await self._kv_events.close()
+        if self._sharing is not None:
+            await self._sharing.close()
         if self._session is not None:
             await self._session.close()
 
@@ -134,14 +156,14 @@ class Monitor:
             if provider is None or provider.metrics is None:
                 return
             scrape = provider.metrics
-            load = kv = None
+            load = waiting = kv = None
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 status, text = await self._get(_server_root(provider) + scrape.path, scrape.timeout_s)
                 if status == 200:
-                    load, kv = parse_load(text)
+                    load, waiting, kv = parse_load(text)
             now = self._states.clock()
             for state in self._targets_of(name):
-                state.scraped_load, state.kv_cache_usage = load, kv
+                state.scraped_load, state.scraped_waiting, state.kv_cache_usage = load, waiting, kv
                 state.scraped_at, state.scrape_interval_s = now, scrape.interval_s
             await asyncio.sleep(scrape.interval_s)
 
@@ -168,6 +190,16 @@ class TargetsRoute:
                 states.state(target)  # list configured targets even before their first request
                 models.setdefault(target_key(target), []).append(model.name)
         rows = states.snapshot()
+        now = states.clock()
         for row in rows:
             row["models"] = models.get((row["provider"], row["base_url"], row["model"]), [])
-        await send_json(send, 200, {"object": "list", "data": rows})
+            blocks = states.tables.get(("kv-blocks", row["provider"], row["base_url"]))
+            if isinstance(blocks, ReplicaBlocks):  # KV-cache events: blocks held, seconds since the last batch
+                row["kv_blocks"] = len(blocks)
+                row["kv_events_age_s"] = None if blocks.last_event_at < 0 else round(now - blocks.last_event_at, 3)
+                row["kv_events_gaps"] = blocks.gaps
+        body: dict[str, Any] = {"object": "list", "data": rows}
+        sharer = states.tables.get(SHARE_KEY)
+        if isinstance(sharer, SharedOwnership):
+            body["shared_ownership"] = {"received": sharer.received}
+        await send_json(send, 200, body)

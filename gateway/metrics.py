@@ -4,7 +4,13 @@ Almost everything is updated in one place: `Metrics.record`, the usage sink
 that sees every settled request. The few facts a usage record cannot carry
 have explicit hooks: `upstream_error` (per failed upstream attempt, called by
 the trace handle around each upstream call), `rejected` (for admission: rate
-limits and budgets) and the in-flight count. Label children are cached per
+limits and budgets), `unauthenticated` (keys refused, by reason) and the
+in-flight count.
+
+Label values come only from the policy (its teams, models, providers and
+targets) or from small closed vocabularies (statuses, outcomes): a model name
+a client invents is counted as `other`, so no client can grow the registry.
+Token and cost series exist only for requests that used tokens. Label children are cached per
 label combination, so a request costs a dict lookup and a handful of
 increments. Circuit-breaker state is not updated per request at all: a
 collector reads it from the routing state when Prometheus scrapes.
@@ -14,7 +20,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,8 +33,16 @@ from gateway.usage import UsageRecord
 
 if TYPE_CHECKING:
     from gateway.ledger import Ledger
+    from gateway.policy import Policy
     from gateway.routing import RouteState
     from gateway.usage import AccessLogSink
+
+# The one label value for anything a client named that the policy does not know.
+OTHER = "other"
+# Outcomes and error codes are the gateway's or an upstream's words; anything else, or more distinct
+# values than a dashboard could use, is `other`.
+_WORD = re.compile(r"^[a-z0-9_.\-]{1,48}$")
+_MAX_OUTCOMES = 64
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -47,8 +62,10 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, policy: Callable[[], Policy], registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = registry or CollectorRegistry(auto_describe=False)
+        self._policy = policy
+        self._outcomes: set[str] = set()
         self.upstream_errors = Counter("switchboard_upstream_errors", "Failed upstream attempts (retried ones "
                                        "included), by provider and type (HTTP status or failure kind).",
                                        ("provider", "type"), registry=registry)
@@ -70,6 +87,9 @@ class Metrics:
         self._cache_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._started = 0
         self._finished = 0
+        self.auth_rejections = Counter("switchboard_auth_rejections", "Requests refused before their body was "
+                                       "read because the key was missing, unknown or disabled, by reason.",
+                                       ("reason",), registry=registry)
         in_flight = Gauge("switchboard_requests_in_flight", "Inference requests being served.", registry=registry)
         in_flight.set_function(lambda: max(0, self._started - self._finished))
 
@@ -81,10 +101,29 @@ class Metrics:
         """A request ended without a usage record (e.g. refused before authentication)."""
         self._finished += 1
 
+    def model_label(self, name: str) -> str:
+        """`name` when the live policy defines that public model, else `other`."""
+        return name if name in self._policy().models else OTHER
+
+    def outcome_label(self, outcome: str) -> str:
+        """A bounded vocabulary of outcomes: the first `_MAX_OUTCOMES` well-formed words seen, then `other`."""
+        if outcome in self._outcomes:
+            return outcome
+        if _WORD.match(outcome) is None or len(self._outcomes) >= _MAX_OUTCOMES:
+            return OTHER
+        self._outcomes.add(outcome)
+        return outcome
+
+    def unauthenticated(self, reason: str) -> None:
+        """A request refused for its key (never labelled by the key itself)."""
+        self.auth_rejections.labels(self.outcome_label(reason)).inc()
+
     def record(self, record: UsageRecord) -> None:
         """The usage sink: everything about a settled request, in one place."""
         self._finished += 1
-        key = (record.team, record.public_model, record.provider or "none", str(record.status),
+        model = self.model_label(record.public_model)
+        # team, provider and upstream model come from the policy the request was served on.
+        key = (record.team, model, record.provider or "none", str(record.status),
                record.upstream_model or "", record.endpoint)
         series = self._series.get(key)
         if series is None:
@@ -97,6 +136,7 @@ class Metrics:
             series.ttft.observe(record.time_to_first_token_ms / 1000)
         usage = record.usage
         if usage is not None:
+            series.billed = True
             series.input_tokens += usage.prompt_tokens
             series.cached_tokens += usage.cached_tokens
             series.output_tokens += usage.completion_tokens
@@ -105,13 +145,13 @@ class Metrics:
         if record.cost_usd:
             series.cost_usd += record.cost_usd
         if record.stream:
-            outcome = (record.team, record.public_model, record.outcome)
+            outcome = (record.team, model, self.outcome_label(record.outcome))
             self._stream_outcomes[outcome] = self._stream_outcomes.get(outcome, 0) + 1
         if record.cache is not None:
-            self._cached(record)
+            self._cached(record, model)
 
-    def _cached(self, record: UsageRecord) -> None:
-        key = (record.team, record.public_model, record.cache or "")
+    def _cached(self, record: UsageRecord, model: str) -> None:
+        key = (record.team, model, record.cache or "")
         children = self._cache_children.get(key)
         if children is None:
             children = self._cache_children[key] = (self.cache_requests.labels(*key),
@@ -168,11 +208,12 @@ class _Histogram:
 class _Series:
     """Everything counted for one (team, model, provider, status, upstream model, endpoint)."""
 
-    __slots__ = ("cached_tokens", "cost_usd", "duration", "genai_input", "genai_output", "input_tokens",
+    __slots__ = ("billed", "cached_tokens", "cost_usd", "duration", "genai_input", "genai_output", "input_tokens",
                  "output_tokens", "overhead", "requests", "ttft")
 
     def __init__(self) -> None:
         self.requests = 0
+        self.billed = False  # some request of this series reported usage: only then has it token/cost series
         self.input_tokens = self.cached_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
         self.duration = _Histogram(_LATENCY_BUCKETS)
@@ -211,19 +252,22 @@ class _UsageCollector(Collector):
         for (team, model, provider, status, upstream_model, endpoint), one in series:
             request_labels, model_labels = (team, model, provider, status), (team, model, provider)
             counts[request_labels] = counts.get(request_labels, 0) + one.requests
+            duration.setdefault(request_labels, []).append(one.duration)
+            overhead.setdefault((team, model), []).append(one.overhead)
+            genai = (_OPERATION.get(endpoint, endpoint), provider, upstream_model)
+            if upstream_model:  # requests that reached no upstream are not GenAI client operations
+                genai_duration.setdefault((*genai, "" if int(status) < 400 else status), []).append(one.duration)
+            if not one.billed:  # a failed request creates no zero-valued token, cost or token-usage series
+                continue
             for kind, value in (("input", one.input_tokens), ("cached_input", one.cached_tokens),
                                 ("output", one.output_tokens)):
                 token_counts[(*model_labels, kind)] = token_counts.get((*model_labels, kind), 0) + value
             costs[model_labels] = costs.get(model_labels, 0.0) + one.cost_usd
-            duration.setdefault(request_labels, []).append(one.duration)
             if one.ttft.total or any(one.ttft.counts):
                 ttft.setdefault(model_labels, []).append(one.ttft)
-            overhead.setdefault((team, model), []).append(one.overhead)
-            if upstream_model:  # requests that reached no upstream are not GenAI client operations
-                genai = (_OPERATION.get(endpoint, endpoint), provider, upstream_model)
+            if upstream_model:
                 genai_tokens.setdefault((*genai, "input"), []).append(one.genai_input)
                 genai_tokens.setdefault((*genai, "output"), []).append(one.genai_output)
-                genai_duration.setdefault((*genai, "" if int(status) < 400 else status), []).append(one.duration)
         for labels, value in counts.items():
             requests.add_metric(labels, value)
         for labels, value in token_counts.items():
@@ -331,7 +375,7 @@ class _WriterCollector(Collector):
 
 
 class MetricsRoute:
-    """GET /metrics: the Prometheus text format (unauthenticated, like most scrape targets; 404 when disabled)."""
+    """GET /metrics: the Prometheus text format (404 when disabled); who may read it: gateway/admin_surface.py."""
 
     def __init__(self, metrics: Metrics | None) -> None:
         self._metrics = metrics

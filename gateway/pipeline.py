@@ -130,7 +130,7 @@ async def handle_inference(
                     request.client_wants_usage)
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
                                       settlement.admission.prompt_count if settlement.admission else None,
-                                      settlement.caller.team.name)
+                                      settlement.caller.team)
         settlement.target, call, response = routed.target, routed.call, routed.response
         if settlement.cache is not None:
             settlement.cache.served_by(routed.model.name, routed.target)

@@ -29,18 +29,21 @@ from gateway.policy_diagnosis import file_path, line_of, stand_in_document, sugg
 from gateway.policy_schema import (
     ConsolePolicy,
     HealthCheckPolicy,
+    KVEventsPolicy,
     LedgerPolicy,
     MetricsScrapePolicy,
     ModelPolicy,
     PolicyDocument,
     ProviderBase,
+    ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,
     TargetPolicy,
     TelemetryPolicy,
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
-from gateway.routing import RoutePlan, build_plan, fallback_problems
+from gateway.response_store.rules import TeamResponseRules, build_response_rules
+from gateway.routing import RoutePlan, build_plan, routing_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
@@ -70,17 +73,19 @@ class Provider:
     keepalive_s: float
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
+    kv_events: KVEventsPolicy | None = None
     # Where the request id goes upstream (gateway/request_ids.py): header name or None, and whether as a UUID.
     request_id_header: str | None = "x-request-id"
     request_id_uuid: bool = True
-    # Settings that require a new connection pool when they change. Computed once: it holds the
-    # options model, whose hash is too slow to recompute on every request.
+    # Settings that require a new connection pool when they change: everything the pooled client is
+    # built from (gateway/upstream.py), its timeouts included. Computed once: it holds the options
+    # model, whose hash is too slow to recompute on every request.
     pool_identity: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_identity", (
             self.settings.kind, self.settings.base_url, self.max_connections, self.keepalive_s,
-            self.connect_timeout_s, self.settings.options))
+            self.connect_timeout_s, self.first_byte_timeout_s, self.total_timeout_s, self.settings.options))
 
     @property
     def name(self) -> str:
@@ -121,9 +126,15 @@ class Team:
     name: str
     allowed_models: frozenset[str]
     all_models: bool
+    max_concurrent: int | None = None
+    # Models the team may be served as a fallback only (teams.<t>.fallback_models).
+    fallback_models: frozenset[str] = frozenset()
 
     def may_use(self, model: str) -> bool:
         return self.all_models or model in self.allowed_models
+
+    def may_fall_back_to(self, model: str) -> bool:
+        return self.may_use(model) or model in self.fallback_models
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +144,7 @@ class KeyEntry:
     digest: bytes
     disabled: bool
     expires_at: float | None = None  # unix time from which the key is refused
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +174,9 @@ class Policy:
     # The keys file merged into the teams (`keys_file`); the policy store watches it too.
     keys_path: Path | None = None
     keys_stamp: tuple[int, int, int] | None = None  # the keys file as it was read
+    # Stored Responses API state per team (gateway/response_store/) and where it lives.
+    responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
+    response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -215,7 +230,8 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
         raise PolicyError(source, problems)
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
-                                 keys_stamp=keys_stamp)
+                                 keys_stamp=keys_stamp, responses=build_response_rules(document),
+                                 response_store=document.response_store)
     return _with_accounting(policy, document, root)
 
 
@@ -291,17 +307,18 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                 problems.append(_at(("models", model_name, "targets", index, "provider"), root,
                                     f"unknown provider {target.provider!r}; defined: "
                                     + ", ".join(sorted(document.providers))))
-    problems.extend(_at(loc, root, message) for loc, message in fallback_problems(document))
+    problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
                         "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
                     if key.expires_at is not None)
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():
-        for index, model_name in enumerate(team.models):
-            if model_name != "*" and model_name not in document.models:
-                problems.append(_at(("teams", team_name, "models", index), root,
-                                    f"unknown model {model_name!r}; defined: " + ", ".join(sorted(document.models))))
+        for field_name, names in (("models", team.models), ("fallback_models", team.fallback_models)):
+            for index, model_name in enumerate(names):
+                if model_name != "*" and model_name not in document.models:
+                    problems.append(_at(("teams", team_name, field_name, index), root, f"unknown model "
+                                        f"{model_name!r}; defined: " + ", ".join(sorted(document.models))))
         for index, key in enumerate(team.keys):
             for field_name, value in (("id", "id:" + key.id), ("hash", key.hash)):
                 if value in key_owner:
@@ -322,7 +339,8 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
     teams: dict[str, Team] = {}
     keys: dict[bytes, KeyEntry] = {}
     for name, config in document.teams.items():
-        team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models)
+        team = Team(name, frozenset(m for m in config.models if m != "*"), "*" in config.models,
+                    config.max_concurrent, frozenset(config.fallback_models))
         teams[name] = team
         for key in config.keys:
             digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
@@ -330,7 +348,7 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
             if expires is not None and expires.tzinfo is None:
                 expires = expires.replace(tzinfo=datetime.UTC)
             keys[digest] = KeyEntry(key.id, team, digest, key.disabled,
-                                    expires.timestamp() if expires is not None else None)
+                                    expires.timestamp() if expires is not None else None, key.max_concurrent)
     admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
     return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
                   console=document.admin.console, cache=build_cache_plan(document))
@@ -377,5 +395,6 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
         config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
+        config.kv_events,
         header.lower() if header else None, as_uuid,
     )

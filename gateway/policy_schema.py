@@ -78,6 +78,17 @@ class RequestIdPolicy(Strict):
     format: Literal["uuid", "as_is"] | None = Field(None, description="uuid: the id if it is one, else a UUID "
                                                    "derived from it (uuid5); as_is: the id unchanged (default: as_is "
                                                    "for openai, uuid otherwise).")
+class KVEventsPolicy(Strict):
+    """A vLLM replica's KV-cache event publisher (`--kv-events-config`), read by `kv-aware` routing's precise index."""
+
+    endpoint: str = Field(pattern=r"^tcp://", description="The engine's ZMQ PUB socket, e.g. tcp://10.0.0.11:5557.")
+    replay_endpoint: str | None = Field(None, pattern=r"^tcp://", description="Its replay (ROUTER) socket, "
+                                        "e.g. tcp://10.0.0.11:5558: batches missed after a gap are asked for there.")
+    topic: str = Field("", description="The publisher's topic (vLLM's `topic`, default empty).")
+    stale_after_s: float = Field(10.0, gt=0, description="Without a batch for this long the replica's block list "
+                                 "is not trusted and routing falls back to the approximate index.")
+    encoding: str = Field("o200k_base", description="tiktoken encoding the gateway tokenizes prompts with to hash "
+                          "them as the engine does; must match the served model's tokenizer.")
 
 
 class ProviderBase(Strict):
@@ -95,6 +106,8 @@ class ProviderBase(Strict):
                                                 "load, used by `prefix-affinity` and `least-busy`.")
     request_id: RequestIdPolicy = Field(default_factory=RequestIdPolicy,
                                         description="The request id header sent upstream.")
+    kv_events: KVEventsPolicy | None = Field(None, description="Subscribe to the replica's KV-cache events "
+                                             "(vLLM), used by `kv-aware` routing with `index: precise`.")
 
     @field_validator("base_url")
     @classmethod
@@ -143,16 +156,48 @@ class PrefixAffinityPolicy(Strict):
                             "more than a shared system prompt, so new conversations spread by load.")
 
 
+class KVScorerWeights(Strict):
+    """Weights of the `kv-aware` scorers; each scorer gives every candidate 0-1, higher is better."""
+
+    prefix: float = Field(3.0, ge=0, description="Share of the prompt the replica is known to hold in its KV cache.")
+    queue: float = Field(2.0, ge=0, description="1 - scraped waiting requests (vllm:num_requests_waiting, "
+                         "sglang:num_queue_reqs) / max_waiting.")
+    kv_usage: float = Field(1.0, ge=0, description="1 - scraped KV-cache usage (vllm:kv_cache_usage_perc).")
+    in_flight: float = Field(1.0, ge=0, description="This gateway's own requests in flight, relative to the "
+                             "busiest candidate.")
+
+
+class KVAwarePolicy(Strict):
+    """Settings of the `kv-aware` strategy (gateway/kv_scoring.py): filter -> weighted score -> pick."""
+
+    weights: KVScorerWeights = Field(default_factory=KVScorerWeights)
+    index: Literal["approximate", "precise"] = Field(
+        "approximate", description="approximate = learn from where requests were sent; precise = the replicas' "
+        "KV-cache events (providers.<name>.kv_events), falling back to approximate while a replica's events stop.")
+    home_blocks: int = Field(1, ge=1, description="Leading prompt blocks hashed (rendezvous) to pick a prefix's "
+                             "home replica, the same on every gateway replica; 1 = tools + system prompt.")
+    max_waiting: float = Field(64, ge=0, description="Replicas with at least this many scraped waiting requests "
+                               "are left out (unless all are); also the queue scorer's scale.")
+    max_kv_usage: float = Field(0.95, gt=0, le=1, description="Replicas whose scraped KV-cache usage is at least "
+                                "this are left out (unless all are).")
+    shared_table: bool = Field(False, description="Share learned prefix ownership with the other gateway "
+                               "replicas through the state store's Redis (state.url), for conversations that load "
+                               "moved away from their home.")
+    table_size: int = Field(100_000, ge=100, description="Prefix blocks remembered (LRU).")
+    block_chars: int = Field(1024, ge=16, description="Block size for plain-text (completions) prompts.")
+
+
 class RoutingPolicy(Strict):
     """How a request picks among the model's targets."""
 
-    strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity"] = Field(
+    strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity", "kv-aware"] = Field(
         "priority", description="priority = targets in listed order (failover only).")
     allow_tag_pinning: bool = Field(False, description="Honour `x-switchboard-tags: k=v,...` request headers.")
     latency_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest latency sample.")
     exploration: float = Field(0.05, ge=0, le=1, description="Share of `latency` requests sent to a random "
                                "target so a recovered one is noticed.")
     prefix_affinity: PrefixAffinityPolicy = Field(default_factory=PrefixAffinityPolicy)
+    kv_aware: KVAwarePolicy = Field(default_factory=KVAwarePolicy)
 
 
 class BackoffPolicy(Strict):
@@ -332,8 +377,32 @@ class KeyPolicy(Strict):
     expires_at: datetime.datetime | None = Field(None, description="Refuse this key from this time on (ISO 8601, "
                                                  "UTC unless it has an offset); `switchboard keys rotate` sets it "
                                                  "on the old key so both work during the overlap.")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests this key may have in flight at once "
+                                       "(per gateway process); more get 429 before their body is read.")
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
     budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
+
+
+class TeamResponsesPolicy(Strict):
+    """The team's Responses API state (gateway/response_store/) and what its native requests may reach upstream."""
+
+    store: bool = Field(True, description="Keep the team's responses (unless a request sends store: false), so "
+                        "previous_response_id, GET, DELETE and input_items work; false keeps nothing.")
+    scope: Literal["team", "key"] = Field("team", description="Who may use a stored response: any key of the "
+                                          "team, or only the key that created it.")
+    ttl_s: float = Field(30 * 86400, gt=0, description="How long a stored response is kept (default 30 days).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="The team's share of the store; the oldest "
+                           "responses are evicted to make room for a new one.")
+    upstream_store: bool = Field(False, description="Let `store` reach a native Responses upstream (it keeps "
+                                 "the response on the operator's account); otherwise the gateway sends store: false.")
+    allowed_prompts: list[str] = Field(default_factory=list, description="Stored prompt ids (`prompt.id`) this "
+                                       "team may reference on the operator's account.")
+    allowed_vector_stores: list[str] = Field(default_factory=list, description="Vector store ids this team's "
+                                             "file_search tools may search.")
+    allowed_files: list[str] = Field(default_factory=list, description="File ids this team may reference "
+                                     "(input_file, input_image, code_interpreter file_ids).")
+    allowed_containers: list[str] = Field(default_factory=list, description="code_interpreter container ids "
+                                          "this team may use.")
 
 
 class TeamPolicy(Strict):
@@ -342,11 +411,18 @@ class TeamPolicy(Strict):
         default_factory=list, description='Public models this team may use; "*" allows every model.'
     )
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits shared by all the team's keys.")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests all the team's keys may have in flight "
+                                       "at once (per gateway process); more get 429 before their body is read.")
+    fallback_models: list[str] = Field(default_factory=list, description="Models this team may be served as a "
+                                       "fallback (`models.<m>.fallbacks`) without being allowed to request them; "
+                                       "any other fallback the team may not use is skipped.")
     model_limits: dict[str, RateLimitsPolicy] = Field(default_factory=dict,
                                                       description="Rate limits per public model for this team.")
     budget: BudgetPolicy | None = Field(None, description="The team's spend budget.")
     cache: CachePolicy | None = Field(None, description="Replaces the models' `cache` settings for this "
                                       "team's requests.")
+    responses: TeamResponsesPolicy = Field(default_factory=TeamResponsesPolicy,
+                                           description="Stored Responses API state and upstream resources.")
 
 
 class ReloadPolicy(Strict):
@@ -354,8 +430,33 @@ class ReloadPolicy(Strict):
     poll_interval_s: float = Field(1.0, gt=0, le=3600)
 
 
+class AdminListenerPolicy(Strict):
+    """A second listener for the operator's surfaces: /metrics, /admin/* and /ui* (gateway/admin_surface.py).
+
+    With it, the tenant port answers those paths with 404 and this one serves
+    only them. Bind it to an address tenants cannot reach (loopback, a private
+    network); it needs `--workers 1`. Changes apply on restart.
+    """
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address of the admin listener.")
+    port: int = Field(ge=1, le=65535, description="Port of the admin listener (not the tenant port).")
+    metrics_need_key: bool = Field(False, description="Also require an admin key for /metrics on this listener "
+                                   "(/admin/* always requires one).")
+
+
 class ServerPolicy(Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A request line and headers must arrive "
+                                    "within this from the connection's first byte (or the previous response); "
+                                    "slower clients are disconnected.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="The whole request body must arrive within "
+                                  "this after its headers; slower clients are disconnected.")
+    max_header_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024, description="Request line plus headers; "
+                                  "larger heads get 431 and the connection is closed.")
+    max_connections: int = Field(1024, ge=1, le=1_000_000, description="Open client connections per process; "
+                                 "connections beyond it are closed as soon as they are accepted.")
+    admin: AdminListenerPolicy | None = Field(None, description="Serve /metrics, /admin/* and /ui* on a separate "
+                                              "listener only (default: on the tenant port, admin key required).")
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
@@ -406,6 +507,22 @@ class StatePolicy(Strict):
         if self.backend == "redis" and not self.url:
             raise ValueError("backend: redis needs `url`")
         return self
+
+
+class ResponseStorePolicy(Strict):
+    """Where stored Responses API responses live (gateway/response_store/). Changes apply on restart."""
+
+    backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: an embedded file, nothing to "
+                                                "install; redis: shared by replicas.")
+    path: str | None = Field(None, description="SQLite file relative to the policy file; default "
+                             "<policy name>.responses.sqlite next to it.")
+    url: RedisUrl | None = Field(None, description="redis:// URL of the redis backend (default: state.url).")
+    key_prefix: str = Field("switchboard:responses:", pattern=r"^[^{}]*$",
+                            description="Prefix of every Redis key the store writes.")
+    timeout_s: float = Field(1.0, gt=0, le=30, description="Longest a request waits on the store before it "
+                             "gets 503 response_store_unavailable.")
+    retry_interval_s: float = Field(1.0, gt=0, le=60, description="After a store failure, requests that need "
+                                    "the store get 503 at once (no upstream call) for this long.")
 
 
 class AdmissionPolicy(Strict):
@@ -537,6 +654,13 @@ class PolicyDocument(Strict):
     prices: PricesPolicy = Field(default_factory=PricesPolicy)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
+    response_store: ResponseStorePolicy = Field(default_factory=ResponseStorePolicy)
+
+    @model_validator(mode="after")
+    def _response_store_url(self) -> PolicyDocument:
+        if self.response_store.backend == "redis" and not (self.response_store.url or self.state.url):
+            raise ValueError("response_store: backend: redis needs `url` (or state.url)")
+        return self
 
 
 class KeysFileDocument(Strict):

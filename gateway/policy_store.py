@@ -3,6 +3,9 @@
 A request reads `current` once and keeps that object, so in-flight requests
 finish on the policy they started with while new ones see the new policy.
 A policy that fails to load is refused and logged; the old one keeps serving.
+So is one that changes a setting read only at startup (`RESTART_ONLY`): its
+refusal says which setting needs a restart, rather than the edit being
+silently half-applied.
 """
 
 from __future__ import annotations
@@ -20,6 +23,23 @@ from gateway.key_files import Stamp, file_stamp
 from gateway.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger("switchboard.policy")
+
+# Settings read once when the process starts (listeners, the state store, the ledger, the metrics
+# registry, uvicorn's shutdown grace). Every other field is read from the live policy or re-applied by
+# an `on_change` listener. tests/test_policy_reload.py holds every schema field to one of the two.
+RESTART_ONLY: dict[str, Callable[[Policy], object]] = {
+    "server.admin": lambda policy: policy.server.admin,
+    "server.shutdown_grace_s": lambda policy: policy.server.shutdown_grace_s,
+    "state": lambda policy: policy.state,
+    "ledger.path": lambda policy: policy.ledger_path,
+    "telemetry.metrics.enabled": lambda policy: policy.telemetry.metrics.enabled,
+}
+
+
+def restart_needed(running: Policy, edited: Policy) -> list[str]:
+    """The restart-only settings `edited` changes, as refusal messages."""
+    return [f"{path}: changed, but it is read only at startup; restart the gateway to apply it (the running "
+            "policy keeps serving)" for path, read in RESTART_ONLY.items() if read(running) != read(edited)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +80,9 @@ class PolicyStore:
             stamp = await asyncio.to_thread(self._stamps)
             try:
                 policy = await asyncio.to_thread(load_policy, self.path)
+                needs_restart = restart_needed(self._current, policy)
+                if needs_restart:
+                    raise PolicyError(str(self.path), needs_restart)
             except PolicyError as exc:
                 self._stamp = stamp
                 self.last_reload = ReloadOutcome(time.time(), "refused", self._current.fingerprint,

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.errors import ErrorKind, GatewayError, from_upstream
-from gateway.policy import Model, Policy, Target
+from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
+from gateway.policy import Model, Policy, Target, Team
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
 from gateway.telemetry_decisions import fallback_event, no_route_event, retry_event, route_event
@@ -66,15 +66,16 @@ class _ModelFailed(Exception):
 
 async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
                          headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None,
-                         caller: str | None = None) -> Routed:
+                         team: Team | None = None) -> Routed:
     """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could.
 
     `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
-    `caller` (the team) is who an answered 5xx is counted against in the breakers (gateway/breaker.py).
+    A fallback the caller's `team` may not use (nor is allowed as a fallback) is skipped.
+    `team` is also who an answered 5xx is counted against in the breakers (gateway/breaker.py).
     """
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
     run.prompt = prompt
-    run.caller = caller
+    run.caller = team.name if team is not None else None
     tried = {model.name}
     current = model
     try:
@@ -83,7 +84,8 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
                 return await run.serve(current, call)
             except _ModelFailed as failed:
                 following = next((name for name in _fallbacks(model, failed.reason)
-                                  if name not in tried and name in policy.models), None)
+                                  if name not in tried and name in policy.models
+                                  and (team is None or team.may_fall_back_to(name))), None)
                 if following is None or run.expired():
                     raise failed.error from None
                 tried.add(following)
@@ -341,7 +343,9 @@ def _record_failure(states: RouteState, target: Target, config: ModelPolicy, fai
     state = states.state(target)
     now = states.clock()
     state.failures += 1
-    state.last_error = f"{failure.kind.value}: {failure.message}"[:200]
+    # Shown on /admin/targets: scrubbed like a client's copy (credentials, the operator's account).
+    secrets = (target.provider.settings.api_key or "",)
+    state.last_error = redact(f"{failure.kind.value}: {failure.message}", secrets)[:200]
     if failure.retry_after:
         state.hold_until = now + failure.retry_after
     breaker = config.circuit_breaker

@@ -52,17 +52,22 @@ class TargetState:
     hold_until: float = 0.0
     # Set by active health checks (gateway/health.py).
     healthy: bool = True
-    # Scraped from the replica's /metrics: running + waiting requests, KV-cache usage.
+    # Scraped from the replica's /metrics: running + waiting requests, the waiting ones alone, KV-cache usage.
     scraped_load: float | None = None
+    scraped_waiting: float | None = None
     kv_cache_usage: float | None = None
     scraped_at: float = 0.0
     scrape_interval_s: float = 0.0
 
     def load(self, now: float) -> float:
         """Requests this target is busy with: ours, or the replica's own count when freshly scraped."""
-        if self.scraped_load is not None and now - self.scraped_at <= _SCRAPE_FRESHNESS * self.scrape_interval_s:
+        if self.scraped_load is not None and self.fresh(now):
             return max(float(self.in_flight), self.scraped_load)
         return float(self.in_flight)
+
+    def fresh(self, now: float) -> bool:
+        """Whether the scraped numbers are recent enough to trust."""
+        return self.scraped_at > 0 and now - self.scraped_at <= _SCRAPE_FRESHNESS * self.scrape_interval_s
 
 
 class RouteState:
@@ -73,6 +78,8 @@ class RouteState:
         self.rng = rng or random.Random()
         self._targets: dict[TargetKey, TargetState] = {}
         self._affinity: dict[str, AffinityTable] = {}
+        # Per-model tables of other strategies (gateway/kv_scoring.py), kept across reloads like the above.
+        self.tables: dict[tuple[str, str], Any] = {}
 
     def state(self, target: Target) -> TargetState:
         key = target.key
@@ -114,7 +121,8 @@ class RouteState:
                 "in_flight": state.in_flight,
                 "latency_ewma_ms": None if state.ewma_s is None else round(state.ewma_s * 1000, 3),
                 "requests": state.requests, "failures": state.failures, "last_error": state.last_error,
-                "scraped_load": state.scraped_load, "kv_cache_usage": state.kv_cache_usage,
+                "scraped_load": state.scraped_load, "scraped_waiting": state.scraped_waiting,
+                "kv_cache_usage": state.kv_cache_usage,
             })
         return rows
 
@@ -150,16 +158,35 @@ class AffinityTable:
 class RouteRequest:
     """What strategies may look at in a request; prefix hashes are computed only if asked for."""
 
-    __slots__ = ("_hashes", "body")
+    __slots__ = ("_blocks", "_hashes", "_sizes", "body", "memo")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
+        self._blocks: list[bytes] | None = None
         self._hashes: list[bytes] | None = None
+        self._sizes: list[int] | None = None
+        # What a strategy derived from the body and may need again on a retry (e.g. token block keys).
+        self.memo: dict[Any, Any] = {}
 
     def prefix_hashes(self, block_chars: int) -> list[bytes]:
         if self._hashes is None:
-            self._hashes = prefix_hashes(self.body, block_chars)
+            self._hashes = _chain(self._prompt_blocks(block_chars))
         return self._hashes
+
+    def prefix_sizes(self, block_chars: int) -> list[int]:
+        """Cumulative length in bytes of the prompt up to and including each block (a proxy for tokens)."""
+        if self._sizes is None:
+            total, sizes = 0, []
+            for block in self._prompt_blocks(block_chars):
+                total += len(block)
+                sizes.append(total)
+            self._sizes = sizes
+        return self._sizes
+
+    def _prompt_blocks(self, block_chars: int) -> list[bytes]:
+        if self._blocks is None:
+            self._blocks = _prompt_blocks(self.body, block_chars)
+        return self._blocks
 
 
 def prefix_hashes(body: Mapping[str, Any], block_chars: int = 1024) -> list[bytes]:
@@ -170,6 +197,10 @@ def prefix_hashes(body: Mapping[str, Any], block_chars: int = 1024) -> list[byte
     hashes and finds the replica holding that KV prefix. A plain-text prompt
     is cut into `block_chars` blocks.
     """
+    return _chain(_prompt_blocks(body, block_chars))
+
+
+def _prompt_blocks(body: Mapping[str, Any], block_chars: int) -> list[bytes]:
     blocks: list[bytes] = []
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -186,6 +217,10 @@ def prefix_hashes(body: Mapping[str, Any], block_chars: int = 1024) -> list[byte
         prompt = body.get("prompt")
         text = prompt.encode() if isinstance(prompt, str) else orjson.dumps(prompt)
         blocks.extend(text[i:i + block_chars] for i in range(0, max(len(text), 1), block_chars))
+    return blocks
+
+
+def _chain(blocks: Sequence[bytes]) -> list[bytes]:
     hashes, previous = [], b""
     for block in blocks:
         previous = hashlib.blake2b(previous + block, digest_size=16).digest()
@@ -296,10 +331,11 @@ class PrefixAffinityStrategy(_Base):
         hashes = request.prefix_hashes(self.block_chars)
         owner = states.affinity(self.model, self.table_size).lookup(hashes, self.min_blocks)
         loads = {id(t): states.state(t).load(now) for t in targets}
-        # Ties between equally loaded replicas go by rendezvous hashing of the whole prompt:
-        # new conversations spread out instead of piling onto the first replica.
-        seed = hashes[-1] if hashes else b""
-        by_load = sorted(targets, key=lambda t: (loads[id(t)], _rendezvous(seed, t)))
+        # Ties between equally loaded replicas go by rendezvous hashing of the conversation's leading
+        # blocks, which stay the same from turn to turn: new conversations spread out instead of piling
+        # onto the first replica, and a later turn's tie-break picks where its first turn went.
+        seed = hashes[min(len(hashes), self.min_blocks) - 1] if hashes else b""
+        by_load = sorted(targets, key=lambda t: (loads[id(t)], rendezvous(seed, t)))
         least = loads[id(by_load[0])]
         chosen = next((t for t in targets if target_key(t) == owner), None)
         if chosen is None or loads[id(chosen)] > least + self.spill_margin:
@@ -312,7 +348,8 @@ class PrefixAffinityStrategy(_Base):
                                                               target_key(target))
 
 
-def _rendezvous(seed: bytes, target: Target) -> bytes:
+def rendezvous(seed: bytes, target: Target) -> bytes:
+    """Highest-random-weight hashing: every gateway ranks the targets the same way for the same seed."""
     return hashlib.blake2b(seed + repr(target_key(target)).encode(), digest_size=8).digest()
 
 
@@ -336,6 +373,10 @@ def build_plan(name: str, config: ModelPolicy) -> RoutePlan:
         strategy = LatencyStrategy(routing.exploration)
     elif routing.strategy == "cost":
         strategy = CostStrategy()
+    elif routing.strategy == "kv-aware":
+        from gateway.kv_scoring import KVAwareStrategy  # the scorers build on this module's state
+
+        strategy = KVAwareStrategy(name, routing.kv_aware)
     elif routing.strategy == "prefix-affinity":
         affinity = routing.prefix_affinity
         strategy = PrefixAffinityStrategy(name, affinity.spill_margin, affinity.table_size, affinity.block_chars,
@@ -358,9 +399,12 @@ def pinned_targets(plan: RoutePlan, targets: Sequence[Target], headers: Mapping[
     return [t for t in targets if wanted <= t.tags]
 
 
-def fallback_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
-    """Fallback lists naming unknown models or the model itself, as (YAML path, message)."""
-    problems = []
+def routing_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
+    """Fallback lists naming unknown models or the model itself, and strategy settings needing other
+    sections, as (YAML path, message)."""
+    from gateway.kv_scoring import kv_problems  # the scorers build on this module's state
+
+    problems = kv_problems(document)
     for name, model in document.models.items():
         for kind in ("default", "context_window", "content_policy"):
             for index, other in enumerate(getattr(model.fallbacks, kind)):
@@ -398,6 +442,9 @@ def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
         ("deadline", config.deadline_s), ("ttft timeout", config.ttft_timeout_s),
         ("stream idle timeout", config.stream_idle_timeout_s)) if value is not None) or "no deadline"
     lines.append(f"{indent}model {model.name}: strategy {config.routing.strategy}, retries {config.retries}, {timing}")
+    describe = getattr(model.plan.strategy, "describe", None)
+    if describe is not None:
+        lines.extend(f"{indent}  {line}" for line in describe())
     if config.routing.strategy == "weighted":
         # Which target goes first rotates from request to request; the shares are what is stable.
         ranked = sorted(model.targets, key=lambda t: -t.weight)
@@ -414,6 +461,8 @@ def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
             extras.append(f"cost {target.cost:g}")
         if config.routing.strategy == "weighted":
             extras.append(f"share {target.weight / total:.0%}")
+        if describe is not None:
+            extras.append(f"score {model.plan.strategy.total(target):g}")  # type: ignore[attr-defined]
         lines.append(f"{indent}    {number}. {target.provider.name} ({target.provider.settings.kind}) "
                      f"model {target.upstream_model}; " + ", ".join(extras))
     breaker = config.circuit_breaker

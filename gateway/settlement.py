@@ -244,7 +244,7 @@ class Settlement:
             team=self.caller.team.name,
             key_id=self.caller.key_id,
             endpoint=request.endpoint.value if request else "unknown",
-            public_model=request.model if request else "",
+            public_model=_bounded_model_name(request.model, self.policy) if request else "",
             provider=target.provider.name if target else None,
             upstream_model=target.upstream_model if target else None,
             stream=request.stream if request else False,
@@ -288,6 +288,17 @@ def prompt_tokens(counter: TokenCounter, call: Call, target: Target) -> int:
     if call.endpoint is Endpoint.EMBEDDINGS:
         return counter.count_embedding_input(call.body, model, family)
     return counter.count_completion_prompt(call.body, model, family)
+
+
+# A model name the policy does not define is the client's text: kept for the operator (a typo, a probe), but
+# bounded, since it lands in every sink (access log, ledger, spans) once per request.
+_UNKNOWN_MODEL_CHARS = 64
+
+
+def _bounded_model_name(name: str, policy: Policy | None) -> str:
+    if (policy is not None and name in policy.models) or len(name) <= _UNKNOWN_MODEL_CHARS:
+        return name
+    return name[:_UNKNOWN_MODEL_CHARS] + "…"
 
 
 def _plus(usage: Usage | None, wasted: Usage) -> Usage:

@@ -46,6 +46,7 @@ _REASONS = {
     "latency": "lowest latency EWMA",
     "cost": "cheapest target",
     "prefix-affinity": "holds the conversation's prefix, or least loaded",
+    "kv-aware": "highest weighted score (prefix, queue, KV-cache usage, in flight)",
 }
 
 
@@ -87,13 +88,17 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
     }
     if scores is not None:
         attributes["switchboard.route.scores"] = tuple(scores)
+    per_scorer = getattr(model.plan.strategy, "score_attributes", None)
+    if per_scorer is not None:  # kv-aware: each scorer's value per candidate (gateway/kv_scoring.py)
+        attributes.update(per_scorer(considered))
+        attributes["switchboard.route.scores"] = tuple(model.plan.strategy.total(t) for t in considered)
     if len(ranked) > 1 and any(a is not b for a, b in zip(ranked, considered, strict=False)):
         attributes["switchboard.route.order"] = tuple([by_id.get(id(t)) or target_label(t) for t in ranked])
     return attributes
 
 
 # Strategies whose ranking depends on live numbers (shown as `scores`); the others rank by the policy alone.
-_DYNAMIC = frozenset({"least-busy", "latency", "cost", "prefix-affinity"})
+_DYNAMIC = frozenset({"least-busy", "latency", "cost", "prefix-affinity", "kv-aware"})
 _CANDIDATES: dict[int, tuple[Sequence[Target], tuple[str, ...], tuple[float, ...], dict[int, str]]] = {}
 
 

@@ -14,7 +14,7 @@ import binascii
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,18 +86,59 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-class _Codec:
-    """One loaded encoding, or the estimator when ``encoding`` is None."""
+# Texts this long are counted piece by piece and remembered (see _Codec.count).
+LARGE_TEXT_CHARS = 32 * 1024
+_PIECE_CHARS = 64 * 1024
+_MEMO_ENTRIES = 64
 
-    __slots__ = ("count", "roles")
+
+def _pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most _PIECE_CHARS, cut before a space where there is one (a BPE word starts there)."""
+    start, end_of_text = 0, len(text)
+    while start < end_of_text:
+        end = min(end_of_text, start + _PIECE_CHARS)
+        if end < end_of_text:
+            cut = text.rfind(" ", start + _PIECE_CHARS // 2, end)
+            end = cut if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+class _Codec:
+    """One loaded encoding, or the estimator when ``encoding`` is None.
+
+    A long text (a pasted document, a 4 MB prompt) is counted in pieces of 64K
+    characters, cut before a space, and its count remembered by content: tiktoken
+    releases the GIL while it encodes but builds the token list holding it, so
+    pieces keep every GIL hold short when the count runs in a thread
+    (`TokenCounter.count_large_texts`, called off the event loop before the
+    pipeline counts), and the pipeline's own counts then find the figure here.
+    """
+
+    __slots__ = ("_count", "_lock", "_memo", "roles")
 
     def __init__(self, encoding: tiktoken.Encoding | None) -> None:
-        self.count: Callable[[str], int] = estimate_tokens
+        self._count: Callable[[str], int] = estimate_tokens
         if encoding is not None:
             # encode_ordinary: prompts may contain "<|endoftext|>", on which encode() raises.
             encode = encoding.encode_ordinary
-            self.count = lambda text: len(encode(text))
+            self._count = lambda text: len(encode(text))
+        self._memo: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
         self.roles = {role: self.count(role) for role in _ROLES}  # one per message
+
+    def count(self, text: str) -> int:
+        if len(text) < LARGE_TEXT_CHARS:
+            return self._count(text)
+        key = (len(text), hash(text))
+        found = self._memo.get(key)
+        if found is None:
+            found = sum(map(self._count, _pieces(text)))
+            with self._lock:
+                if len(self._memo) >= _MEMO_ENTRIES:
+                    del self._memo[next(iter(self._memo))]
+                self._memo[key] = found
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +227,18 @@ class TokenCounter:
                     codec = _Codec(None)
                 self._codecs[name] = codec
             return codec
+
+    def count_large_texts(self, payload: Any, targets: Iterable[tuple[str, str]]) -> int:
+        """Count (and remember) every long string in a request `payload` for each (upstream model, family).
+
+        Blocking, seconds for a 4 MB prompt: run it in a thread (`asyncio.to_thread`) before the
+        pipeline, whose counts of the same strings then cost a lookup. Returns how many strings it counted.
+        """
+        texts = list(_long_strings(payload))
+        for codec in {id(c): c for c in (self._codec(model, family) for model, family in targets)}.values():
+            for text in texts:
+                codec.count(text)
+        return len(texts)
 
     def count_text(self, text: str, model: str, family: str = "openai") -> int:
         """Tokens in ``text`` for ``model``'s encoding (special tokens count as plain text).
@@ -332,6 +385,19 @@ class StreamUsageEstimator:
         count, model, family = self._counter.count_text, self._model, self._family
         total = sum(count("".join(pieces), model, family) for pieces in self._text.values() if pieces)
         return total + sum(TOOL_CALL_OVERHEAD + count("".join(p), model, family) for p in self._tools.values())
+
+
+def _long_strings(value: Any) -> Iterator[str]:
+    pending = [value]  # a stack, not recursion: client JSON may nest a thousand levels deep
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if len(item) >= LARGE_TEXT_CHARS:
+                yield item
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def _scaled(count: int, family: str) -> int:

@@ -109,8 +109,11 @@ def micro(iterations: int) -> None:
             return SpanExportResult.SUCCESS
 
     figures = {}
-    for name, exporter, sink in (("tracing off", None, None), ("metrics sink", None, Metrics()),
-                                 ("tracing hooks", Discard(), None), ("tracing + metrics", Discard(), Metrics())):
+    def metrics() -> Metrics:
+        return Metrics(lambda: policy)
+
+    for name, exporter, sink in (("tracing off", None, None), ("metrics sink", None, metrics()),
+                                 ("tracing hooks", Discard(), None), ("tracing + metrics", Discard(), metrics())):
         telemetry = Telemetry(span_exporter=exporter, metrics=sink)
         telemetry.configure(policy)
         asyncio.run(requests(telemetry, iterations // 10, sink))

@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import uvicorn
 
+from gateway.admin_surface import AdminListener
 from gateway.app import create_app
+from gateway.connections import GuardedHttpToolsProtocol
 from gateway.policy_store import PolicyStore
 from gateway.tokens import TokenCounter
 from gateway.usage import UsageRecord, UsageSink
@@ -74,6 +78,21 @@ teams:
 """
 
 
+# An admin key for tests that read /metrics on the tenant port, where it needs one (gateway/admin_surface.py).
+ADMIN_KEY = "sk-admin-metrics"
+ADMIN_POLICY = f"""
+admin:
+  keys: [{{id: ops, hash: "{key_hash(ADMIN_KEY)}"}}]
+"""
+
+
+def metrics_text(gateway: RunningGateway) -> str:
+    """GET /metrics with the admin key of ADMIN_POLICY; asserts it answered 200."""
+    response = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
 class RecordingSink:
     """Collects usage records; tests wait on it instead of sleeping."""
 
@@ -101,6 +120,9 @@ class RunningGateway:
     usage: RecordingSink
     _server: uvicorn.Server = field(repr=False)
     _thread: threading.Thread = field(repr=False)
+    # The admin listener's URL when the policy has `server.admin` (gateway/admin_surface.py).
+    admin_url: str | None = None
+    _admin: tuple[uvicorn.Server, threading.Thread] | None = field(default=None, repr=False)
 
     @property
     def v1(self) -> str:
@@ -112,6 +134,9 @@ class RunningGateway:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=15)
+        if self._admin is not None:
+            self._admin[0].should_exit = True
+            self._admin[1].join(timeout=15)
 
 
 def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), **app_options: Any) -> RunningGateway:
@@ -120,7 +145,20 @@ def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), **app_opt
     usage = RecordingSink()
     counter = app_options.pop("counter", None) or TokenCounter()
     app = create_app(store, counter=counter, sinks=[usage, *sinks], **app_options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+    server, thread, port = _serve_in_thread(uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on",
+        http=GuardedHttpToolsProtocol))
+    gateway = RunningGateway(f"http://127.0.0.1:{port}", policy_path, store, usage, server, thread)
+    admin = store.current.server.admin
+    if admin is not None:  # the admin listener, as `switchboard serve` runs it: same app, no second lifespan
+        admin_server, admin_thread, admin_port = _serve_in_thread(uvicorn.Config(
+            AdminListener(app), host=admin.host, port=admin.port, log_config=None, access_log=False,
+            lifespan="off", http=GuardedHttpToolsProtocol))
+        gateway.admin_url, gateway._admin = f"http://{admin.host}:{admin_port}", (admin_server, admin_thread)
+    return gateway
+
+
+def _serve_in_thread(config: uvicorn.Config) -> tuple[uvicorn.Server, threading.Thread, int]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -129,8 +167,14 @@ def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), **app_opt
         if not thread.is_alive():
             raise RuntimeError("gateway failed to start")
         deadline.wait(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningGateway(f"http://127.0.0.1:{port}", policy_path, store, usage, server, thread)
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for policies that name a port, e.g. server.admin)."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 ALPHA_TEAM_ALL_MODELS = f"""teams:

@@ -12,7 +12,7 @@ import orjson
 
 from gateway.usage import AccessLogSink, UsageRecord, access_line
 from providers.base import Usage
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream
 
 
@@ -137,11 +137,11 @@ def test_a_closed_stdout_pipe_drops_lines_counts_them_and_the_log_resumes_when_i
         upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
     stream = _Switchable()
     sink = AccessLogSink(stream, flush_interval_s=0.01)  # type: ignore[arg-type]
-    gateway = start_gateway(standard_policy(upstream.base_url), sinks=[sink])
+    gateway = start_gateway(standard_policy(upstream.base_url, extra=ADMIN_POLICY), sinks=[sink])
     for n in range(6):
         assert _chat(gateway, f"broken-{n}").status_code == 200  # the gateway serves on
     _wait(lambda: sink.dropped == 6)
-    metrics = httpx.get(gateway.base_url + "/metrics").text
+    metrics = metrics_text(gateway)
     assert "switchboard_access_log_lines_dropped_total 6.0" in metrics
     stream.mend()
     for n in range(3):

@@ -120,3 +120,28 @@ def test_the_index_finds_the_nearest_above_the_threshold_within_its_bound() -> N
     index.add(b"p", b"b", b, expires_at=100)
     index.add(b"p", b"c", b, expires_at=100)
     assert len(index) == 2
+
+
+def test_a_big_partition_is_scored_off_the_loop_with_the_same_answer() -> None:
+    import random
+
+    from gateway.cache.semantic import OFF_LOOP_ELEMENTS
+
+    rng = random.Random(7)
+    dims, count = 1536, OFF_LOOP_ELEMENTS // 1536 + 50  # past the threshold: find() scores in a thread
+    index = SemanticIndex(max_entries=count)
+    vectors = []
+    for i in range(count):
+        vector = normalized([rng.gauss(0, 1) for _ in range(dims)])
+        assert vector is not None
+        vectors.append(vector)
+        index.add(b"p", f"k{i}".encode(), vector, expires_at=100 if i != 3 else 10)
+    query = normalized([x + rng.gauss(0, 0.01) for x in vectors[42]])
+    assert query is not None
+    found = asyncio.run(index.find(b"p", query, 0.9, now=0))
+    assert found is not None and found[0] == b"k42" and found[1] > 0.9
+    assert found == index.nearest(b"p", query, 0.9, now=0)
+    expired = normalized([x + rng.gauss(0, 0.01) for x in vectors[3]])
+    assert expired is not None
+    assert asyncio.run(index.find(b"p", expired, 0.9, now=50)) is None  # k3 expired at 10, and is forgotten
+    assert len(index) == count - 1

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 
 PRICES = """
@@ -22,11 +22,8 @@ prices:
 
 
 def scrape(gateway: RunningGateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    response = httpx.get(gateway.base_url + "/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
     samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(metrics_text(gateway)):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
@@ -38,7 +35,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 @pytest.fixture
 def metered(upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
-    return start_gateway(standard_policy(upstream.base_url, extra=PRICES))
+    return start_gateway(standard_policy(upstream.base_url, extra=PRICES + ADMIN_POLICY))
 
 
 def test_metrics_count_requests_tokens_cost_and_errors(metered: RunningGateway, upstream: FakeOpenAIUpstream) -> None:
@@ -98,8 +95,9 @@ def test_rejections_counter_is_exposed_for_admission(metered: RunningGateway) ->
 
 
 def test_metrics_can_be_disabled(upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
-    gateway = start_gateway(standard_policy(upstream.base_url, extra="telemetry: {metrics: {enabled: false}}"))
-    response = httpx.get(gateway.base_url + "/metrics")
+    gateway = start_gateway(standard_policy(upstream.base_url,
+                                            extra="telemetry: {metrics: {enabled: false}}" + ADMIN_POLICY))
+    response = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "metrics_disabled"
 
 
@@ -118,7 +116,7 @@ def test_genai_semconv_client_metrics(metered: RunningGateway) -> None:
 
 def test_cache_hits_tokens_and_saved_cost(upstream: FakeOpenAIUpstream,
                                           start_gateway: Callable[..., RunningGateway]) -> None:
-    policy = standard_policy(upstream.base_url, extra=PRICES).replace(
+    policy = standard_policy(upstream.base_url, extra=PRICES + ADMIN_POLICY).replace(
         "        model: upstream-chat\n", "        model: upstream-chat\n    cache: {mode: exact}\n", 1)
     gateway = start_gateway(policy)
     client = gateway.client()
@@ -145,7 +143,7 @@ def test_cache_hits_tokens_and_saved_cost(upstream: FakeOpenAIUpstream,
 
 def test_circuit_breaker_state_is_read_at_scrape_time(upstream: FakeOpenAIUpstream,
                                                        start_gateway: Callable[..., RunningGateway]) -> None:
-    policy = standard_policy(upstream.base_url).replace(
+    policy = standard_policy(upstream.base_url, extra=ADMIN_POLICY).replace(
         "        model: upstream-chat\n",
         "        model: upstream-chat\n"
         "    circuit_breaker: {consecutive_failures: 2, cooldown_s: 600, min_callers: 1}\n", 1)
@@ -177,7 +175,7 @@ def test_breaker_collector_follows_the_routing_clock() -> None:
 
     now = [100.0]
     routes = RouteState(clock=lambda: now[0])
-    metrics = Metrics()
+    metrics = Metrics(lambda: parse_policy(standard_policy("http://127.0.0.1:9/v1")))
     metrics.watch_routes(routes)
     target = parse_policy(standard_policy("http://127.0.0.1:9/v1")).models["chat-model"].targets[0]
     breaker = routes.state(target).breaker
@@ -198,7 +196,7 @@ def test_breaker_collector_follows_the_routing_clock() -> None:
 
 def test_attempts_that_fail_after_they_began_are_counted_without_tracing(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
-    policy = standard_policy(upstream.base_url).replace(
+    policy = standard_policy(upstream.base_url, extra=ADMIN_POLICY).replace(
         "        model: upstream-chat\n",
         "        model: upstream-chat\n    retries: 2\n    backoff: {initial_s: 0, max_s: 0}\n"
         "    ttft_timeout_s: 0.2\n", 1)

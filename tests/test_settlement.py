@@ -28,7 +28,7 @@ from gateway.telemetry_attributes import record_attributes
 from gateway.tokens import TokenCounter
 from gateway.usage import access_line
 from providers.openai_compat import OpenAICompatAdapter
-from tests.conftest import RunningGateway, key_hash, run_gateway
+from tests.conftest import ADMIN_KEY, RunningGateway, key_hash, metrics_text, run_gateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 
 POLICY = """
@@ -60,6 +60,8 @@ teams:
         hash: "{alpha}"
     models: [chat-model]
     budget: {{tokens: 1000000, usd: 100, period: daily}}
+admin:
+  keys: [{{id: ops, hash: "{admin}"}}]
 """
 
 
@@ -76,7 +78,7 @@ class Harness:
             return sum(value for key, (value, _) in self.store._values.items() if ":tok:" in key)
 
     def in_flight(self) -> float:
-        text = httpx.get(self.gateway.base_url + "/metrics").text
+        text = metrics_text(self.gateway)
         line = next(line for line in text.splitlines() if line.startswith("switchboard_requests_in_flight "))
         return float(line.split()[1])
 
@@ -87,7 +89,7 @@ class Harness:
 @pytest.fixture
 def harness(upstream: FakeOpenAIUpstream, tmp_path: Any) -> Iterator[Harness]:
     path = tmp_path / "policy.yaml"
-    path.write_text(POLICY.format(base_url=upstream.base_url, alpha=key_hash("sk-alpha")))
+    path.write_text(POLICY.format(base_url=upstream.base_url, alpha=key_hash("sk-alpha"), admin=key_hash(ADMIN_KEY)))
     store = MemoryStore()
     counter = TokenCounter()
     gateway = run_gateway(path, limiter=Limiter(store, counter), counter=counter, cache=ResponseCache())
@@ -391,3 +393,11 @@ def test_wherever_a_client_hangs_up_nothing_stays_reserved(harness: Harness, ups
     while harness.in_flight() != 0:
         assert time.monotonic() < deadline, "in-flight gauge stuck above 0"
         time.sleep(0.02)
+
+
+def test_a_client_invented_model_name_is_bounded_in_every_sink(harness: Harness) -> None:
+    response = httpx.post(harness.gateway.v1 + "/chat/completions", headers=AUTH,
+                          json={"model": "m" * 200_000, "messages": HELLO})
+    assert response.status_code == 404
+    [record] = harness.gateway.usage.wait_for(1)
+    assert len(record.public_model) <= 65 and record.public_model.startswith("mmm")

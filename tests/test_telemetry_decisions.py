@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter
 
@@ -35,7 +34,7 @@ def exporter() -> WaitingSpanExporter:
 
 def policy(upstream: FakeOpenAIUpstream, chat_block: str = CHAT_BLOCK, alpha_lines: str = "",
            alpha_models: str = ALPHA_MODELS) -> str:
-    text = standard_policy(upstream.base_url, extra=PRICES).replace(CHAT_BLOCK, chat_block, 1)
+    text = standard_policy(upstream.base_url, extra=PRICES + ADMIN_POLICY).replace(CHAT_BLOCK, chat_block, 1)
     return text.replace(ALPHA_MODELS, alpha_models + alpha_lines, 1)
 
 
@@ -140,7 +139,7 @@ def test_an_attempt_that_fails_after_it_began_gets_the_right_error_type(
     assert [(a.attributes or {}).get("error.type") for a in attempts] == [error_type, None]
     (retry,) = named(server, "switchboard.retry")
     assert retry["switchboard.retry.cause"] == error_type
-    metrics = httpx.get(gateway.base_url + "/metrics").text
+    metrics = metrics_text(gateway)
     assert f'switchboard_upstream_errors_total{{provider="upstream",type="{error_type}"}} 1.0' in metrics
 
 

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway.pipeline import Exchange
 from gateway.policy import parse_policy
 from gateway.telemetry import NO_TRACE, Telemetry, redact_content
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter
 
@@ -252,7 +252,7 @@ def test_redaction_masks_obvious_secrets(text: str, hidden: str) -> None:
 def test_rate_limited_request_is_traced_and_counted_as_a_rejection(
         upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
         start_gateway: Callable[..., RunningGateway]) -> None:
-    policy = standard_policy(upstream.base_url).replace(
+    policy = standard_policy(upstream.base_url, extra=ADMIN_POLICY).replace(
         "    models: [chat-model, embed-model]\n", "    models: [chat-model, embed-model]\n    limits: {rpm: 1}\n", 1)
     gateway = start_gateway(policy, span_exporter=exporter)
     client = gateway.client()
@@ -266,7 +266,7 @@ def test_rate_limited_request_is_traced_and_counted_as_a_rejection(
     assert (rejected.attributes or {})["switchboard.outcome"] == "rate_limit_exceeded"
     assert (rejected.attributes or {})["switchboard.attempts"] == 0  # the upstream was never called
     assert len(upstream.requests) == 1
-    metrics = httpx.get(gateway.base_url + "/metrics").text
+    metrics = metrics_text(gateway)
     assert 'switchboard_rejections_total{reason="rate_limited",scope="team",team="alpha"} 1.0' in metrics
 
 
@@ -277,6 +277,8 @@ def test_fallback_attempts_are_siblings_and_the_answering_target_is_billed(
     policy = policy.replace("models:\n  chat-model:\n", "models:\n  backup-model:\n    targets:\n"
                             "      - provider: upstream\n        model: upstream-backup\n  chat-model:\n"
                             "    fallbacks: {default: [backup-model]}\n", 1)
+    policy = policy.replace("    models: [chat-model, embed-model]\n",  # alpha may be served backup-model as a fallback
+                            "    models: [chat-model, embed-model]\n    fallback_models: [backup-model]\n", 1)
     gateway = start_gateway(policy, span_exporter=exporter)
     upstream.script(Behaviour.error(503))
     raw = gateway.client().chat.completions.with_raw_response.create(

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.asgi import request_headers, respond
+from gateway.auth import authenticate
 from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
@@ -40,11 +41,20 @@ class MessagesRoute:
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
             try:
+                authenticate(services.policy(), headers)  # 401 before anything is said of the body
+            except GatewayError as error:
+                return _anthropic_error(*render(error))
+            try:
                 chat = orjson.dumps(chat_request(_load(raw)))
             except TranslationError as exc:
                 return Reply(400, _error_body("invalid_request_error", str(exc)), {})
             except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
                 return Reply(400, _error_body("invalid_request_error", "The request is nested too deeply."), {})
+            except (AttributeError, TypeError, KeyError, ValueError):
+                # A field of the wrong JSON type where the translation reads it (found by fuzzing,
+                # tests/test_fuzz_endpoints.py): the client's mistake, not a gateway failure.
+                return Reply(400, _error_body("invalid_request_error", "The request body does not follow the "
+                                              "Messages API: a field has the wrong type."), {})
             reply = await handle_inference(services, Endpoint.CHAT, exchange, headers, chat)
             if isinstance(reply, StreamReply):
                 return StreamReply(reply.headers, message_events(reply.events))

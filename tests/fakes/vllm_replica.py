@@ -11,6 +11,16 @@ gateway's scraper and the load test can read them::
         ...                              # point a vllm provider at replica.base_url
         replica.hold()                   # later requests wait until release()
         assert replica.hits / replica.queries > 0.9
+
+With ``kv_events=True`` it also publishes KV-cache events as vLLM 0.11 does
+(``--kv-events-config`` with the zmq publisher): a PUB socket sending
+``[topic, 8-byte seq, msgpack KVEventBatch]``, encoded by msgspec from the same
+struct definitions as ``vllm/distributed/kv_events.py``, and a ROUTER replay
+socket. Prompts are tokenized with tiktoken and cut into ``block_size`` token
+blocks, hashed by sha256 of the parent hash and the tokens (one of vLLM's
+``prefix_caching_hash_algo`` choices); blocks are evicted LRU past
+``kv_blocks``. It renders chat prompts as gateway/kv_events.render_prompt does:
+it plays an engine whose chat template the gateway reproduces.
 """
 
 from __future__ import annotations
@@ -24,8 +34,140 @@ import time
 from types import TracebackType
 from typing import Any, Self
 
+import msgspec
 import orjson
+import tiktoken
+import zmq
 from aiohttp import web
+
+from gateway.kv_events import render_prompt
+
+
+# vLLM 0.11's event types (vllm/distributed/kv_events.py): array-like, tagged msgspec structs.
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base class of the KV-cache events."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[bytes]
+    medium: str | None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+class KVEventBatch(EventBatch):
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]  # type: ignore[assignment]
+
+
+class KVEventPublisher:
+    """vLLM's ZMQ publisher: PUB [topic, seq, payload]; a ROUTER answering replays of buffered batches."""
+
+    def __init__(self, block_size: int, kv_blocks: int, encoding: str) -> None:
+        self.block_size, self.kv_blocks = block_size, kv_blocks
+        self._encoding = tiktoken.get_encoding(encoding)
+        self._context = zmq.Context()
+        self._pub = self._context.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.bind("tcp://127.0.0.1:*")
+        self._replay = self._context.socket(zmq.ROUTER)
+        self._replay.setsockopt(zmq.LINGER, 0)
+        self._replay.bind("tcp://127.0.0.1:*")
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+        self._blocks: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._buffer: list[tuple[int, bytes]] = []
+        self._seq = 0
+        self.dropping = 0  # batches still to leave out of the PUB stream (they stay replayable)
+        self.paused = False  # a dead publisher: nothing is sent nor buffered
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve_replay, name="fake-vllm-replay", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pub.close(0)
+        self._context.term()
+
+    def store(self, messages: list[Any]) -> None:
+        """The engine computed this prompt: its full blocks are cached, new ones announced."""
+        tokens = self._encoding.encode_ordinary(render_prompt({"messages": messages}))
+        size = self.block_size
+        digests, parent = [], b""
+        for start in range(0, len(tokens) - size + 1, size):
+            parent = hashlib.sha256(parent + orjson.dumps(tokens[start:start + size])).digest()
+            digests.append(parent)
+        removed: list[bytes] = []
+        with self._lock:
+            first = next((i for i, d in enumerate(digests) if d not in self._blocks), len(digests))
+            for digest in digests:
+                self._blocks[digest] = None
+                self._blocks.move_to_end(digest)
+            while len(self._blocks) > self.kv_blocks:
+                removed.append(self._blocks.popitem(last=False)[0])
+        events: list[Any] = []
+        if first < len(digests):
+            events.append(BlockStored(digests[first:], digests[first - 1] if first else None,
+                                      tokens[first * size:len(digests) * size], size, None, "GPU"))
+        if removed:
+            events.append(BlockRemoved(removed, "GPU"))
+        if events:
+            self.publish(events)
+
+    @property
+    def held(self) -> int:
+        """Blocks in the engine's cache now."""
+        with self._lock:
+            return len(self._blocks)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+        self.publish([AllBlocksCleared()])
+
+    def publish(self, events: list[Any]) -> None:
+        if self.paused:
+            return
+        payload = msgspec.msgpack.encode(KVEventBatch(ts=time.time(), events=events))
+        with self._lock:
+            seq, self._seq = self._seq, self._seq + 1
+            self._buffer.append((seq, payload))
+            dropped = self.dropping > 0
+            self.dropping -= dropped
+        if not dropped:
+            self._pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
+
+    def _serve_replay(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._replay.poll(20):
+                    continue
+                client, _, start = self._replay.recv_multipart()
+                first = int.from_bytes(start, "big")
+                with self._lock:
+                    batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
+                for seq, payload in batches:
+                    self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+                self._replay.send_multipart((client, b"", (-1).to_bytes(8, "big", signed=True), b""))
+        finally:
+            self._replay.close(0)
 
 
 def _digest(messages: list[Any]) -> bytes:
@@ -36,7 +178,8 @@ class FakeVLLMReplica:
     """One replica; thread-safe counters, sync lifecycle for tests and load tests."""
 
     def __init__(self, name: str, *, hit_ms: float = 2.0, miss_ms: float = 20.0, cache_size: int = 10_000,
-                 stream_chunks: int = 4) -> None:
+                 stream_chunks: int = 4, kv_events: bool = False, block_size: int = 16, kv_blocks: int = 10_000,
+                 encoding: str = "o200k_base") -> None:
         self.name = name
         self.hit_ms, self.miss_ms = hit_ms, miss_ms
         self.cache_size = cache_size
@@ -49,6 +192,8 @@ class FakeVLLMReplica:
         self.hits = 0
         self.running = 0
         self.reported_waiting = 0  # extra queue reported on /metrics (load from "other gateways")
+        self.reported_kv_usage: float | None = None  # KV-cache usage on /metrics instead of the cache's fill
+        self.events = KVEventPublisher(block_size, kv_blocks, encoding) if kv_events else None
         self._held = False
         self._release: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +249,8 @@ class FakeVLLMReplica:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop = self._thread = None
+        if self.events is not None:
+            self.events.close()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -133,6 +280,20 @@ class FakeVLLMReplica:
         assert self._release is not None
         released, self._release = self._release, asyncio.Event()
         released.set()
+
+    def preload(self, messages: list[Any]) -> None:
+        """Cache a prompt as if another gateway had sent it here (announced by KV events when enabled)."""
+        with self._lock:
+            self._cache[_digest(messages)] = None
+        if self.events is not None:
+            self.events.store(messages)
+
+    def clear_kv(self) -> None:
+        """Drop every cached prefix (vLLM's reset_prefix_cache): AllBlocksCleared when events are on."""
+        with self._lock:
+            self._cache.clear()
+        if self.events is not None:
+            self.events.clear()
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -164,12 +325,15 @@ class FakeVLLMReplica:
                 await self._release.wait()
             await asyncio.sleep((self.hit_ms if hit else self.miss_ms) / 1000)
             text = f"reply {user_turns} from {self.name}"
+            reply = [*messages, {"role": "assistant", "content": text}]
             with self._lock:
-                for key in (_digest(messages), _digest([*messages, {"role": "assistant", "content": text}])):
+                for key in (_digest(messages), _digest(reply)):
                     self._cache[key] = None
                     self._cache.move_to_end(key)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
+            if self.events is not None:
+                self.events.store(reply)
             prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 4, "total_tokens": prompt_tokens + 4,
                      "prompt_tokens_details": {"cached_tokens": prompt_tokens if hit else 0}}
@@ -207,6 +371,8 @@ class FakeVLLMReplica:
         with self._lock:
             running, waiting = self.running, self.reported_waiting
             queries, hits, used = self.queries, self.hits, len(self._cache) / self.cache_size
+            if self.reported_kv_usage is not None:
+                used = self.reported_kv_usage
         label = '{model_name="fake"}'
         text = (
             f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{label} {running}\n"
