@@ -63,7 +63,7 @@ class PolicyStore:
             return True
 
     async def watch(self) -> None:
-        """Reload whenever the file's modification stamp changes; runs until cancelled."""
+        """Reload whenever the file's stamp changes (an edit, a rename over it, a ConfigMap swap); until cancelled."""
         while True:
             await asyncio.sleep(self._current.server.reload.poll_interval_s)
             if not self._current.server.reload.watch:
@@ -80,9 +80,17 @@ class PolicyStore:
         return False
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _stamp(path: Path) -> tuple[str, int, int, int] | None:
+    """What changes when the policy does: the file's target, modification time, size and inode.
+
+    A Kubernetes ConfigMap volume never rewrites the file: kubelet writes a new timestamped
+    directory and swaps the `..data` symlink the file's own symlink goes through. The resolved
+    path changes with every swap, so the swap is seen even when the new file happens to match
+    the old one's size and time and reuses a freed inode.
+    """
     try:
         stat = os.stat(path)
+        target = os.path.realpath(path)
     except OSError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return (target, stat.st_mtime_ns, stat.st_size, stat.st_ino)
