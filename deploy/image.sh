@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds deploy/Dockerfile with podman on a machine without a container registry or Docker engine
+# (deploy/README.md, "Image"): the base comes from Debian's mirror (deploy/local-base.sh), layers in
+# vfs storage, runc as the runtime, and lowered rlimits (an unprivileged sandbox may not raise them).
+# On a normal Docker host: docker build -f deploy/Dockerfile -t switchboard .
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TAG=${TAG:-localhost/switchboard:dev}
+BASE=${BASE:-localhost/switchboard-base:bookworm}
+export PODMAN="podman --storage-driver vfs --runtime runc"
+deploy/local-base.sh "$BASE" >/dev/null
+$PODMAN build --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+  --build-arg BASE_IMAGE="$BASE" -f deploy/Dockerfile -t "$TAG" .

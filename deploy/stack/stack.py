@@ -1,0 +1,176 @@
+"""`make stack` / `make stack-down`: Switchboard's multi-replica topology as processes on one machine.
+
+HAProxy on $STACK_PORT load-balancing over three `switchboard serve` replicas, a private Redis they
+share for limits and budgets, Prometheus scraping every replica with deploy/prometheus/prometheus.yml
+(its targets rewritten to the replicas' ports), and Arize Phoenix receiving traces. The same topology
+as deploy/compose.yaml, without containers. Everything runs from the run directory (default .stack/);
+`down` stops exactly the processes `up` recorded there.
+
+    python deploy/stack/stack.py up [--dir .stack] [--phoenix .venv-phoenix/bin/phoenix]
+    python deploy/stack/stack.py down [--dir .stack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DEPLOY = HERE.parent
+PORTS = {"lb": 8180, "gw1": 8181, "gw2": 8182, "gw3": 8183, "redis": 6399, "prometheus": 9190, "phoenix": 6016,
+         "phoenix_grpc": 4327}
+REPLICAS = ("gw1", "gw2", "gw3")
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"stack: {what} did not come up within {timeout_s:.0f}s (logs in the run directory)")
+        time.sleep(0.2)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class Stack:
+    def __init__(self, directory: Path, ports: dict[str, int]) -> None:
+        self.dir = directory
+        self.ports = ports
+        self.pids_file = directory / "pids.json"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return json.loads(self.pids_file.read_text()) if self.pids_file.exists() else {}
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{self.ports['redis']}/0",
+                "PHOENIX_TRACES_URL": f"http://127.0.0.1:{self.ports['phoenix']}/v1/traces",
+                "STACK_PORT": str(self.ports["lb"]),
+                **{f"{name.upper()}_PORT": str(self.ports[name]) for name in REPLICAS}}
+
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> int:
+        log = (self.dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(argv, cwd=cwd or self.dir, env=self.environment(), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pids_file.write_text(json.dumps({**self.pids, name: process.pid}))
+        return process.pid
+
+    def start_replica(self, name: str, switchboard: str) -> int:
+        home = self.dir / name
+        home.mkdir(exist_ok=True)
+        shutil.copy(HERE / "policy.yaml", home / "policy.yaml")
+        return self.start(name, [switchboard, "serve", "--policy", str(home / "policy.yaml"), "--host", "127.0.0.1",
+                                 "--port", str(self.ports[name])], cwd=home)
+
+    def up(self, switchboard: str, phoenix: str | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.pids:
+            raise SystemExit(f"stack: already running ({self.pids_file}); `make stack-down` first")
+        if phoenix:
+            phoenix_home = self.dir / "phoenix"
+            phoenix_home.mkdir(exist_ok=True)
+            os.environ.update(PHOENIX_WORKING_DIR=str(phoenix_home), PHOENIX_PORT=str(self.ports["phoenix"]),
+                              PHOENIX_HOST="127.0.0.1", PHOENIX_GRPC_PORT=str(self.ports["phoenix_grpc"]))
+            self.start("phoenix", [phoenix, "serve"])
+        self.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
+                             "--save", "", "--appendonly", "no"])
+        _wait("redis", lambda: subprocess.run(["redis-cli", "-p", str(self.ports["redis"]), "ping"],
+                                              capture_output=True).stdout.strip() == b"PONG")
+        for name in REPLICAS:
+            self.start_replica(name, switchboard)
+        for name in REPLICAS:
+            _wait(name, lambda name=name: _answers(f"http://127.0.0.1:{self.ports[name]}/readyz"))
+        self.start("haproxy", ["haproxy", "-db", "-f", str(HERE / "haproxy.cfg")])
+        _wait("haproxy", lambda: _answers(f"http://127.0.0.1:{self.ports['lb']}/healthz"))
+        self.start("prometheus", ["prometheus", f"--config.file={self.prometheus_config()}",
+                                  f"--storage.tsdb.path={self.dir / 'prometheus-data'}",
+                                  f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}", "--log.level=warn"])
+        _wait("prometheus", lambda: _answers(f"http://127.0.0.1:{self.ports['prometheus']}/-/ready"))
+        if phoenix:
+            _wait("phoenix", lambda: _answers(f"http://127.0.0.1:{self.ports['phoenix']}/healthz"), 180)
+        _say(f"stack up: http://127.0.0.1:{self.ports['lb']}/v1 (key sk-switchboard-demo); "
+             f"Prometheus http://127.0.0.1:{self.ports['prometheus']}"
+             + (f"; Phoenix http://127.0.0.1:{self.ports['phoenix']}" if phoenix else "; Phoenix not started"))
+
+    def prometheus_config(self) -> Path:
+        """deploy/prometheus/prometheus.yml with the replicas' addresses as targets."""
+        config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="2s", evaluation_interval="2s")
+        (job,) = config["scrape_configs"]
+        job["scrape_interval"] = "2s"
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{self.ports[name]}" for name in REPLICAS]}]
+        shutil.copy(DEPLOY / "prometheus" / "alerts.yaml", self.dir / "alerts.yaml")
+        path = self.dir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        """Stop one recorded process (its whole session: --workers N children too)."""
+        pids = self.pids
+        pid = pids.pop(name, None)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                os.kill(pid, 0)  # raises ProcessLookupError once it is gone
+                time.sleep(0.1)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+        self.pids_file.write_text(json.dumps(pids))
+
+    def down(self) -> None:
+        for name in reversed(list(self.pids)):
+            self.stop(name)
+        self.pids_file.unlink(missing_ok=True)
+        _say("stack down")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", default=".stack", type=Path)
+    parser.add_argument("--switchboard", default=shutil.which("switchboard") or "switchboard")
+    parser.add_argument("--phoenix", default=None, help="the `phoenix` executable (arize-phoenix); none: no trace UI")
+    args = parser.parse_args()
+    stack = Stack(args.dir.resolve(), PORTS)
+    if args.command == "up":
+        phoenix = str(Path(args.phoenix).resolve()) if args.phoenix else None
+        try:
+            stack.up(str(Path(args.switchboard).resolve()), phoenix)
+        except BaseException:
+            stack.down()
+            raise
+    else:
+        stack.down()
+
+
+if __name__ == "__main__":
+    main()
