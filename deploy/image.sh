@@ -9,5 +9,7 @@ TAG=${TAG:-localhost/switchboard:dev}
 BASE=${BASE:-localhost/switchboard-base:bookworm}
 export PODMAN="podman --storage-driver vfs --runtime runc"
 deploy/local-base.sh "$BASE" >/dev/null
+# PIP_CA: the CA bundle pip trusts here (a proxy between this machine and PyPI may re-sign TLS).
 $PODMAN build --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+  --secret id=pip-ca,src="${PIP_CA:-/etc/ssl/certs/ca-certificates.crt}" \
   --build-arg BASE_IMAGE="$BASE" -f deploy/Dockerfile -t "$TAG" .

@@ -6,7 +6,8 @@ share for limits and budgets, Prometheus scraping every replica with deploy/prom
 as deploy/compose.yaml, without containers. Everything runs from the run directory (default .stack/);
 `down` stops exactly the processes `up` recorded there.
 
-    python deploy/stack/stack.py up [--dir .stack] [--phoenix .venv-phoenix/bin/phoenix]
+    python deploy/stack/stack.py up [--dir .stack] [--phoenix .venv-phoenix/bin/phoenix] [--port-base 8180]
+    python deploy/stack/stack.py restart gw2 [--dir .stack]   # SIGTERM (drain), then start it again
     python deploy/stack/stack.py down [--dir .stack]
 """
 
@@ -29,8 +30,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEPLOY = HERE.parent
-PORTS = {"lb": 8180, "gw1": 8181, "gw2": 8182, "gw3": 8183, "redis": 6399, "prometheus": 9190, "phoenix": 6016,
-         "phoenix_grpc": 4327}
+# Offsets from --port-base (default 8180): the load balancer, the replicas, Redis, Prometheus, Phoenix.
+OFFSETS = {"lb": 0, "gw1": 1, "gw2": 2, "gw3": 3, "redis": 4, "prometheus": 5, "phoenix": 6, "phoenix_grpc": 7}
 REPLICAS = ("gw1", "gw2", "gw3")
 
 
@@ -56,10 +57,14 @@ def _answers(url: str) -> bool:
 
 
 class Stack:
-    def __init__(self, directory: Path, ports: dict[str, int]) -> None:
+    def __init__(self, directory: Path, port_base: int | None = None) -> None:
         self.dir = directory
-        self.ports = ports
         self.pids_file = directory / "pids.json"
+        ports_file = directory / "ports.json"
+        if port_base is None and ports_file.exists():
+            self.ports = json.loads(ports_file.read_text())  # restart/down use the ports `up` chose
+        else:
+            self.ports = {name: (port_base or 8180) + offset for name, offset in OFFSETS.items()}
 
     @property
     def pids(self) -> dict[str, int]:
@@ -89,6 +94,8 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.pids:
             raise SystemExit(f"stack: already running ({self.pids_file}); `make stack-down` first")
+        (self.dir / "ports.json").write_text(json.dumps(self.ports))
+        (self.dir / "switchboard").write_text(switchboard)
         if phoenix:
             phoenix_home = self.dir / "phoenix"
             phoenix_home.mkdir(exist_ok=True)
@@ -146,6 +153,12 @@ class Stack:
                 os.killpg(pid, signal.SIGKILL)
         self.pids_file.write_text(json.dumps(pids))
 
+    def restart(self, name: str) -> None:
+        """Stop a replica with SIGTERM (it drains in-flight requests), then start it again and wait for it."""
+        self.stop(name)
+        self.start_replica(name, (self.dir / "switchboard").read_text())
+        _wait(name, lambda: _answers(f"http://127.0.0.1:{self.ports[name]}/readyz"))
+
     def down(self) -> None:
         for name in reversed(list(self.pids)):
             self.stop(name)
@@ -155,12 +168,14 @@ class Stack:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "restart", "down"])
+    parser.add_argument("replica", nargs="?", choices=REPLICAS, help="restart: which replica")
+    parser.add_argument("--port-base", type=int, default=None, help="up: first of 8 consecutive ports (8180)")
     parser.add_argument("--dir", default=".stack", type=Path)
     parser.add_argument("--switchboard", default=shutil.which("switchboard") or "switchboard")
     parser.add_argument("--phoenix", default=None, help="the `phoenix` executable (arize-phoenix); none: no trace UI")
     args = parser.parse_args()
-    stack = Stack(args.dir.resolve(), PORTS)
+    stack = Stack(args.dir.resolve(), args.port_base)
     if args.command == "up":
         phoenix = str(Path(args.phoenix).resolve()) if args.phoenix else None
         try:
@@ -168,6 +183,8 @@ def main() -> None:
         except BaseException:
             stack.down()
             raise
+    elif args.command == "restart":
+        stack.restart(args.replica or parser.error("restart needs a replica: gw1, gw2 or gw3"))
     else:
         stack.down()
 
