@@ -11,6 +11,9 @@ ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 REDIS_PORT ?= 6379
+# make stack's trace UI (arize-phoenix) lives in a venv of its own: its pins are not the gateway's.
+PHOENIX_VENV ?= .venv-phoenix
+STACK_DIR ?= .stack
 
 .PHONY: run test test-slow conformance lint bench redis install install-dev clean stack stack-down stack-tools image
 
@@ -41,8 +44,8 @@ test: install-dev redis
 	$(PY) -m pytest -n 2 -m "not slow"
 
 # Multi-process and soak tests; exit code 5 means none are collected.
-test-slow: install-dev redis
-	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+test-slow: install-dev redis stack-tools $(PHOENIX_VENV)/.installed
+	SWITCHBOARD_PHOENIX=$(abspath $(PHOENIX_VENV))/bin/phoenix $(PY) -m pytest -m slow || [ $$? -eq 5 ]
 
 # Run every test that claims a conformance-matrix cell and regenerate docs/conformance.md.
 conformance: install-dev redis
@@ -59,8 +62,6 @@ bench: install-dev
 # (9190) and Arize Phoenix (6016). Debian's haproxy, prometheus and redis-server come from apt;
 # Phoenix from PyPI into a venv of its own (~1 GB, several minutes the first time; its pins are not
 # the gateway's). deploy/README.md describes it.
-PHOENIX_VENV ?= .venv-phoenix
-STACK_DIR ?= .stack
 
 stack-tools:
 	@missing=""; for tool in haproxy:haproxy prometheus:prometheus redis-server:redis-server; do \

@@ -152,6 +152,8 @@ def openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | No
         attributes["llm.token_count.completion"] = usage.completion_tokens
         attributes["llm.token_count.total"] = usage.total_tokens
         attributes["llm.token_count.prompt_details.cache_read"] = usage.cached_tokens
+        if usage.cache_write_tokens:  # Phoenix prices these at its `cache_write` rate, as the ledger does
+            attributes["llm.token_count.prompt_details.cache_write"] = usage.cache_write_tokens
     if record.cost_usd is not None:
         attributes["llm.cost.total"] = record.cost_usd
     return attributes

@@ -28,6 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from gateway.policy import load_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from phoenix_prices import load_prices  # a sibling script, not a package
+
 HERE = Path(__file__).resolve().parent
 DEPLOY = HERE.parent
 # Offsets from --port-base (default 8180): the load balancer, the replicas, Redis, Prometheus, Phoenix.
@@ -117,7 +122,11 @@ class Stack:
                                   f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}", "--log.level=warn"])
         _wait("prometheus", lambda: _answers(f"http://127.0.0.1:{self.ports['prometheus']}/-/ready"))
         if phoenix:
-            _wait("phoenix", lambda: _answers(f"http://127.0.0.1:{self.ports['phoenix']}/healthz"), 180)
+            phoenix_url = f"http://127.0.0.1:{self.ports['phoenix']}"
+            _wait("phoenix", lambda: _answers(f"{phoenix_url}/healthz"), 300)
+            # Phoenix prices spans itself: give it the policy's prices, so its costs are the ledger's.
+            os.environ.update(self.environment())
+            load_prices(phoenix_url, load_policy(self.dir / REPLICAS[0] / "policy.yaml"))
         _say(f"stack up: http://127.0.0.1:{self.ports['lb']}/v1 (key sk-switchboard-demo); "
              f"Prometheus http://127.0.0.1:{self.ports['prometheus']}"
              + (f"; Phoenix http://127.0.0.1:{self.ports['phoenix']}" if phoenix else "; Phoenix not started"))
