@@ -45,9 +45,13 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-def _wait(what: str, ready: Callable[[], bool], timeout_s: float = 60.0) -> None:
+def _wait(what: str, ready: Callable[[], bool], timeout_s: float = 60.0, pid: int | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
+        if pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    raise SystemExit(f"stack: {what} exited while starting (its log is in the run directory)")
         if time.monotonic() > deadline:
             raise SystemExit(f"stack: {what} did not come up within {timeout_s:.0f}s (logs in the run directory)")
         time.sleep(0.2)
@@ -106,7 +110,7 @@ class Stack:
             phoenix_home.mkdir(exist_ok=True)
             os.environ.update(PHOENIX_WORKING_DIR=str(phoenix_home), PHOENIX_PORT=str(self.ports["phoenix"]),
                               PHOENIX_HOST="127.0.0.1", PHOENIX_GRPC_PORT=str(self.ports["phoenix_grpc"]))
-            self.start("phoenix", [phoenix, "serve"])
+            phoenix_pid = self.start("phoenix", [phoenix, "serve"])
         self.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
                              "--save", "", "--appendonly", "no"])
         _wait("redis", lambda: subprocess.run(["redis-cli", "-p", str(self.ports["redis"]), "ping"],
@@ -123,7 +127,7 @@ class Stack:
         _wait("prometheus", lambda: _answers(f"http://127.0.0.1:{self.ports['prometheus']}/-/ready"))
         if phoenix:
             phoenix_url = f"http://127.0.0.1:{self.ports['phoenix']}"
-            _wait("phoenix", lambda: _answers(f"{phoenix_url}/healthz"), 300)
+            _wait("phoenix", lambda: _answers(f"{phoenix_url}/healthz"), 300, phoenix_pid)
             # Phoenix prices spans itself: give it the policy's prices, so its costs are the ledger's.
             os.environ.update(self.environment())
             load_prices(phoenix_url, load_policy(self.dir / REPLICAS[0] / "policy.yaml"))
