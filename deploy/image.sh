@@ -10,6 +10,7 @@ BASE=${BASE:-localhost/switchboard-base:bookworm}
 export PODMAN="podman --storage-driver vfs --runtime runc"
 deploy/local-base.sh "$BASE" >/dev/null
 # PIP_CA: the CA bundle pip trusts here (a proxy between this machine and PyPI may re-sign TLS).
-$PODMAN build --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+# --format docker: the OCI image format has no HEALTHCHECK, and podman drops it from OCI builds.
+$PODMAN build --format docker --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
   --secret id=pip-ca,src="${PIP_CA:-/etc/ssl/certs/ca-certificates.crt}" \
   --build-arg BASE_IMAGE="$BASE" -f deploy/Dockerfile -t "$TAG" .
