@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -16,14 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.asgi import (
-    GatewayApp,
-    read_body,
-    request_headers,
-    send_json,
-    send_reply,
-    send_stream,
-)
+from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
 from gateway.errors import ErrorKind, GatewayError, render
@@ -60,17 +53,13 @@ class InferenceRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
-        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
-        try:
-            body = await read_body(scope, receive, services.policy().server.max_body_bytes)
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        reply = await handle_inference(services, self.endpoint, exchange, request_headers(scope), body)
-        if isinstance(reply, StreamReply):
-            await send_stream(send, receive, reply)
-        else:
-            await send_reply(send, reply)
+        headers = request_headers(scope)
+        endpoint = self.endpoint
+
+        def serve(exchange: Exchange, body: bytes) -> Awaitable[Reply | StreamReply]:
+            return handle_inference(services, endpoint, exchange, headers, body)
+
+        await respond(scope, receive, send, serve)
 
 
 class ModelsRoute:
@@ -147,8 +136,8 @@ def create_app(
     ledger = Ledger(observed.ledger_path, observed.ledger.flush_interval_s) if observed.ledger_path else None
     telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
-    recorder = UsageRecorder([*(sinks if sinks is not None else [AccessLogSink()]),
-                              *(sink for sink in (metrics, ledger) if sink is not None)])
+    front_sinks = sinks if sinks is not None else [AccessLogSink()]
+    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None)])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
@@ -159,6 +148,7 @@ def create_app(
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
+        metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -194,12 +184,18 @@ def create_app(
             watcher.cancel()
             for task in background:
                 task.cancel()
-            await monitor.close()
-            await pools.close()
-            await limiter.close()
-            await services.cache.close()
-            recorder.close()
-            await asyncio.to_thread(telemetry.shutdown)
+            # In-flight requests have drained (uvicorn waited up to shutdown_grace_s for them). What is left is
+            # flushing: settlements to the state store, ledger rows, access-log lines, spans. Each step gets
+            # what remains of one more grace period, and a step that cannot finish is logged, never waited on
+            # forever: a process that will not stop is killed, and then loses everything.
+            await _shut_down(store.current.server.shutdown_grace_s, [
+                ("health monitor", monitor.close),
+                ("upstream pools", pools.close),
+                ("state store (settlements)", limiter.close),
+                ("response cache", services.cache.close),
+                ("usage sinks (ledger, access log)", lambda: asyncio.to_thread(recorder.close)),
+                ("span export", lambda: asyncio.to_thread(telemetry.shutdown)),
+            ])
 
     app = Starlette(
         routes=[
@@ -227,6 +223,19 @@ def create_app(
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")
            and route.methods == {"POST"}}
     return GatewayApp(app, hot)
+
+
+async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
+    """Run each shutdown step in order within `grace_s` in all; log the ones that fail or run out of time."""
+    deadline = time.monotonic() + max(grace_s, 1.0)
+    for name, step in steps:
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                await step()
+        except TimeoutError:
+            log.error("shutdown: %s did not finish within the grace period; its pending work is lost", name)
+        except Exception:
+            log.exception("shutdown: %s failed", name)
 
 
 def app_from_environment() -> GatewayApp:

@@ -13,13 +13,14 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError, render
-from gateway.pipeline import Reply, StreamReply
+from gateway.pipeline import Exchange, Reply, Services, StreamReply
+from gateway.settlement import Settlement
 
 Scope = dict[str, Any]
 log = logging.getLogger("switchboard.server")
@@ -133,38 +134,86 @@ async def send_json(send: Any, status: int, payload: Any, headers: Mapping[str, 
     await send_reply(send, Reply(status, orjson.dumps(payload), headers or {}))
 
 
-async def send_stream(send: Any, receive: Any, reply: StreamReply) -> None:
-    """Relay a stream, and stop it promptly if the client goes away.
+def _as_sent(reply: Reply) -> Reply:
+    return reply
 
-    uvicorn drops writes to a closed connection silently, and a stalled
-    upstream would never reach a write, so a watcher waits on `receive()` for
-    the disconnect and cancels this task; the stream's own cleanup then closes
-    the upstream connection and settles usage.
+
+async def respond(scope: Scope, receive: Any, send: Any,
+                  serve: Callable[[Exchange, bytes], Awaitable[Reply | StreamReply]],
+                  refused: Callable[[Reply], Reply] = _as_sent) -> None:
+    """Serve one inference request and send its reply; the one owner of the request's settlement.
+
+    Reads the body (within `server.max_body_bytes`; a refusal goes out through
+    `refused`, so a front door can reshape it), then runs `serve` while a
+    watcher waits on `receive()`: uvicorn drops writes to a closed connection
+    silently and a stalled upstream would never reach a write, so a client
+    that goes away cancels this task at whatever step it is in. Whatever
+    ends the request (a reply, a stream's end, a disconnect, an exception),
+    the settlement closes exactly once, here: before the last byte of a
+    whole reply goes out, after the last event of a stream.
     """
+    services: Services = scope["app"].state.services
+    exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+    settlement = exchange.settlement = Settlement(services, exchange)
+    try:
+        body = await read_body(scope, receive, services.policy().server.max_body_bytes)
+    except GatewayError as error:
+        settlement.close()
+        await send_reply(send, refused(Reply(*render(error))))
+        return
     task = asyncio.current_task()
     assert task is not None
-    disconnected = finished = False
+    watch = _DisconnectWatch(receive, task)
+    events: AsyncIterator[bytes] | None = None
+    try:
+        reply = await serve(exchange, body)
+        if isinstance(reply, StreamReply):
+            events = reply.events
+            await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers)})
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await events.aclose()  # type: ignore[attr-defined]
+            settlement.close()
+            watch.answered()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            settlement.close()
+            watch.answered()
+            await send_reply(send, reply)
+    except asyncio.CancelledError:
+        if not watch.disconnected:
+            raise
+        task.uncancel()  # the client left: nothing more to send, and nothing to propagate
+    except Exception as exc:
+        settlement.close(crashed=exc)
+        raise  # GatewayApp answers a 500 with the request id, if the response has not started
+    finally:
+        watch.stop()
+        if events is not None:
+            await events.aclose()  # type: ignore[attr-defined]
+        settlement.close()
 
-    async def watch() -> None:
-        nonlocal disconnected
+
+class _DisconnectWatch:
+    """Cancels the serving task when the client disconnects before its answer is complete."""
+
+    __slots__ = ("_answered", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive: Any, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._answered = False  # uvicorn also reports a disconnect once the response is complete
+        self.disconnected = False
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        # uvicorn also reports a disconnect once the response is complete.
-        if not finished:
-            disconnected = True
-            task.cancel()
+        if not self._answered:
+            self.disconnected = True
+            self._task.cancel()
 
-    await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers)})
-    watcher = asyncio.ensure_future(watch())
-    try:
-        async for event in reply.events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        finished = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except asyncio.CancelledError:
-        if not disconnected:
-            raise
-        task.uncancel()
-    finally:
-        watcher.cancel()
-        await reply.events.aclose()  # type: ignore[attr-defined]
+    def answered(self) -> None:
+        self._answered = True
+
+    def stop(self) -> None:
+        self._watcher.cancel()

@@ -3,8 +3,17 @@
 `Ledger` is a usage sink. The event loop only puts a tuple on a queue; a
 writer thread batches rows into one transaction every `flush_interval_s`
 (WAL journal), so the request path never touches the disk. Rows are keyed by
-request id and inserted with `INSERT OR IGNORE`: a retried or replayed write
-never counts twice. A `kill -9` loses at most the rows of the last interval.
+the gateway's own id for the request (`gateway_id`, unguessable: no client can
+name, and so overwrite or suppress, another request's row) and inserted with
+`INSERT OR IGNORE`: a retried or replayed write never counts twice. The
+client's `x-request-id` is data in its own column. A `kill -9` loses at most
+the rows of the last interval.
+
+A batch SQLite refuses (a lock held by another process, a disk error) is not
+dropped: it goes to a bounded spill file beside the ledger
+(`<ledger>.spill.jsonl`, gateway/spill.py) and is retried with backoff,
+before newer rows, until it is stored; a restart replays it too. `waiting`
+and `lost` (rows the full spill could not take) are exported as metrics.
 
 Reports (`switchboard spend`, `GET /admin/spend`) group the rows by team,
 model, key or UTC day and sum tokens and cost.
@@ -21,6 +30,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +39,15 @@ import orjson
 
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError
+from gateway.spill import Spill
 from gateway.usage import UsageRecord
 
 log = logging.getLogger("switchboard.ledger")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
-    request_id TEXT PRIMARY KEY,
+    gateway_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
     ts REAL NOT NULL,
     day TEXT NOT NULL,
     team TEXT NOT NULL,
@@ -60,26 +72,38 @@ CREATE TABLE IF NOT EXISTS usage (
     trace_id TEXT,
     cache TEXT,
     cache_tokens INTEGER NOT NULL DEFAULT 0,
-    cost_saved_usd REAL
+    cost_saved_usd REAL,
+    failed_attempt_tokens INTEGER NOT NULL DEFAULT 0,
+    failed_attempt_cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 """
 # Columns added after the first release: a ledger file written by an older gateway gets them on open.
-_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"))
-_COLUMNS = ("request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider", "upstream_model",
-            "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
+_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
+                  ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"))
+_COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
+            "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
-            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd")
+            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
+            "failed_attempt_cost_usd")
+# A row spilled by an older gateway has fewer columns: the newer ones take these values.
+_LATER_DEFAULTS = (0, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _GROUPS = {"team": "team", "model": "public_model", "key": "team, key_id", "day": "day"}
 _MAX_BATCH = 2000
+# How long one write waits for another connection's lock before the batch is spilled and retried later.
+_BUSY_TIMEOUT_S = 2.0
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 2.0
 
 
 class _Flush:
-    __slots__ = ("done",)
+    __slots__ = ("done", "stored")
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.stored = False
 
 
 def _sort(item: tuple[Any, ...] | _Flush | None, batch: list[tuple[Any, ...]], markers: list[_Flush]) -> bool:
@@ -102,7 +126,16 @@ class Ledger:
         self._queue: queue.SimpleQueue[tuple[Any, ...] | _Flush | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._spill = Spill(self.path.with_name(self.path.name + ".spill.jsonl"))
+        self._held = 0  # rows the writer has taken off the queue and not yet stored or spilled
+        self._stop_by = float("inf")  # monotonic time by which close() wants the writer gone
         self.written = 0
+        self.lost = 0  # rows neither SQLite nor the spill file took (logged; a metric that should stay 0)
+
+    @property
+    def waiting(self) -> int:
+        """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
+        return self._queue.qsize() + self._held + self._spill.rows
 
     def record(self, record: UsageRecord) -> None:
         """Enqueue the record's row; never blocks."""
@@ -111,19 +144,39 @@ class Ledger:
         self._queue.put(_row(record, time.time()))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Block until everything recorded so far is committed (call it off the event loop)."""
+        """Block until everything recorded so far is committed (call it off the event loop).
+
+        False when that did not happen within `timeout_s`, or SQLite refused the rows (they wait in the spill).
+        """
         if self._writer is None:
-            return True
+            if not self._spill.rows:
+                return True
+            self._start()  # rows spilled before a restart: write them now, not at the first request
         marker = _Flush()
         self._queue.put(marker)
-        return marker.done.wait(timeout_s)
+        return marker.done.wait(timeout_s) and marker.stored
 
-    def close(self) -> None:
-        """Commit what is queued and stop the writer."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Commit what is queued and stop the writer within `timeout_s` (blocking: call it off the loop).
+
+        Rows SQLite will not take in time stay in the spill file for the next start; the log says how many,
+        and how many could not even be spilled.
+        """
         writer, self._writer = self._writer, None
-        if writer is not None:
-            self._queue.put(None)
-            writer.join(timeout=10)
+        if writer is None:
+            return
+        self._stop_by = time.monotonic() + timeout_s
+        self._queue.put(None)
+        writer.join(timeout=timeout_s)
+        if writer.is_alive():
+            log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
+                      self.path, timeout_s, self.waiting)
+        elif self._spill.rows:
+            log.error("usage ledger %s: %d rows could not be written before shutdown; they are kept in %s and "
+                      "written at the next start", self.path, self._spill.rows, self._spill.path)
+        if self.lost:
+            log.error("usage ledger %s: %d rows were lost (the spill file was full or unwritable)",
+                      self.path, self.lost)
 
     def _start(self) -> None:
         with self._lock:
@@ -133,13 +186,21 @@ class Ledger:
                 self._writer.start()
 
     def _write(self) -> None:
-        connection = open_ledger(self.path)
+        connection = open_ledger(self.path, busy_timeout_s=_BUSY_TIMEOUT_S)
+        retry = _Retry()
         try:
+            self._store(connection, [], retry)  # rows spilled before the last shutdown
             stopping = False
             while not stopping:
                 batch: list[tuple[Any, ...]] = []
                 markers: list[_Flush] = []
-                stopping = _sort(self._queue.get(), batch, markers)
+                try:
+                    # With rows spilled, wake up to retry them even when nothing new comes.
+                    wait = max(0.01, retry.at - time.monotonic()) if self._spill.rows else None
+                    stopping = _sort(self._queue.get(timeout=wait), batch, markers)
+                except queue.Empty:
+                    self._store(connection, [], retry)
+                    continue
                 deadline = time.monotonic() + self._interval
                 while not (stopping or markers or len(batch) >= _MAX_BATCH):
                     remaining = deadline - time.monotonic()
@@ -156,27 +217,84 @@ class Ledger:
                         except queue.Empty:
                             break
                         stopping = _sort(item, batch, markers) or stopping
-                if batch:
-                    self._commit(connection, batch)
+                self._held = len(batch)
+                if stopping:
+                    # One last try within the grace close() gave; what SQLite refuses stays spilled.
+                    retry.at = 0.0
+                    # Leave a fifth of the grace for spilling what SQLite will not take.
+                    wait_s = max(0.0, min(_BUSY_TIMEOUT_S, (self._stop_by - time.monotonic()) * 0.8))
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                stored = self._store(connection, batch, retry) if batch or self._spill.rows else True
                 for marker in markers:
+                    marker.stored = stored
                     marker.done.set()
         finally:
             connection.close()
 
-    def _commit(self, connection: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+    def _store(self, connection: sqlite3.Connection, batch: list[tuple[Any, ...]], retry: _Retry) -> bool:
+        """Commit the spilled rows and `batch`, or spill `batch`; True when nothing is left waiting."""
+        spilled = self._spill.rows
+        if spilled and time.monotonic() < retry.at:
+            self._to_spill(batch)
+            return False
+        rows = [*map(_complete, self._spill.read()), *batch] if spilled else batch
+        if not rows:
+            return True
         try:
             with connection:
-                connection.executemany(_INSERT, batch)
-            self.written += len(batch)
-        except sqlite3.Error:
-            log.exception("usage ledger %s: could not write %d rows", self.path, len(batch))
+                connection.executemany(_INSERT, rows)
+        except sqlite3.Error as exc:
+            retry.failed()
+            if retry.failures == 1:
+                log.error("usage ledger %s: could not write %d rows (%s); keeping them in %s and retrying",
+                          self.path, len(rows), exc, self._spill.path)
+            self._to_spill(batch)
+            return False
+        if spilled:
+            self._spill.clear()
+            if retry.failures:
+                log.warning("usage ledger %s: writing again; %d held-back rows stored", self.path, spilled)
+        retry.reset()
+        self.written += len(rows)
+        self._held = 0
+        return True
+
+    def _to_spill(self, batch: list[tuple[Any, ...]]) -> None:
+        lost = self._spill.append(batch)
+        self._held = 0
+        if lost:
+            self.lost += lost
+            log.error("usage ledger %s: %d rows lost: the spill file %s is full (%d bytes) or unwritable",
+                      self.path, lost, self._spill.path, self._spill.size)
 
 
-def open_ledger(path: str | Path) -> sqlite3.Connection:
-    """A connection to the ledger file, creating it (and its table) if needed."""
-    connection = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+class _Retry:
+    """When the writer may next try SQLite after a failure (exponential backoff, capped)."""
+
+    __slots__ = ("at", "delay", "failures")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.at = 0.0
+        self.delay = _FIRST_BACKOFF_S
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, _MAX_BACKOFF_S)
+
+
+def open_ledger(path: str | Path, busy_timeout_s: float = 10.0) -> sqlite3.Connection:
+    """A connection to the ledger file, creating it (and its table) if needed, upgrading an older one."""
+    connection = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    if present and "gateway_id" not in present:
+        _rekey(connection, present)
     connection.executescript(_SCHEMA)
     present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
     for name, declaration in _ADDED_COLUMNS:
@@ -186,17 +304,52 @@ def open_ledger(path: str | Path) -> sqlite3.Connection:
     return connection
 
 
+def _rekey(connection: sqlite3.Connection, present: set[str]) -> None:
+    """Rebuild a ledger keyed by the client's request id into one keyed by `gateway_id`, in one transaction.
+
+    Old rows keep their request id as their gateway id (it was their key, so it is unique among them).
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+        if "gateway_id" not in present:  # another process may have upgraded it while we waited for the lock
+            connection.execute("ALTER TABLE usage RENAME TO usage_before_gateway_id")
+            connection.execute("DROP INDEX IF EXISTS usage_ts")
+            for statement in _SCHEMA.split(";"):  # not executescript: it would commit the open transaction
+                if statement.strip():
+                    connection.execute(statement)
+            copied = [c for c in _COLUMNS[1:] if c in present]
+            connection.execute(f"INSERT INTO usage (gateway_id, {', '.join(copied)}) "
+                               f"SELECT request_id, {', '.join(copied)} FROM usage_before_gateway_id")
+            connection.execute("DROP TABLE usage_before_gateway_id")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    log.warning("usage ledger upgraded: rows are now keyed by the gateway's own request id (gateway_id)")
+
+
+def _complete(row: Any) -> tuple[Any, ...]:
+    missing = len(_COLUMNS) - len(row)
+    return (*row, *_LATER_DEFAULTS[len(_LATER_DEFAULTS) - missing:]) if 0 < missing <= len(_LATER_DEFAULTS) \
+        else tuple(row)
+
+
 def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
+    """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
+    the client's request id is never a key."""
     usage = record.usage
     return (
-        record.request_id, now, dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat(), record.team,
+        record.gateway_id or uuid.uuid4().hex, record.request_id, now,
+        dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat(), record.team,
         record.key_id, record.endpoint, record.public_model, record.provider, record.upstream_model,
         int(record.stream), record.status, record.outcome,
         usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         usage.cached_tokens if usage else 0, usage.cache_write_tokens if usage else 0,
         usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
-        record.cache, record.cache_tokens, record.cost_saved_usd,
+        record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
+        record.failed_attempt_cost_usd,
     )
 
 

@@ -350,11 +350,13 @@ class Limiter:
             raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
 
     def settle(self, admission: Admission | None, usage: Usage | None, status: int,
-               target: Target | None = None, *, served: Usage | None = None) -> None:
+               target: Target | None = None, *, served: Usage | None = None, usd_micros: int | None = None) -> None:
         """Reconcile the reservation with what the request used: refund or charge the difference.
 
         `target` is the deployment that actually served the request (it may
-        differ from the model's first after a fallback); USD is priced on it.
+        differ from the model's first after a fallback); USD is priced on it,
+        unless `usd_micros` says what the request was billed (the settlement
+        passes the figure it puts on the ledger, so the two cannot disagree).
         `served` is a cache hit's usage when its tokens count (gateway/cache/):
         tokens, but no USD.
         """
@@ -365,9 +367,12 @@ class Limiter:
             tokens, usd = served.total_tokens, 0
         elif usage is not None:
             tokens = usage.total_tokens
-            priced = any(m.unit == "usd" for m in admission.meters)
-            cost = self._cost(admission.policy, target or admission.model.targets[0], usage) if priced else None
-            usd = math.ceil(cost * MICROS) if cost else 0
+            if usd_micros is not None:
+                usd = usd_micros
+            else:
+                priced = any(m.unit == "usd" for m in admission.meters)
+                cost = self._cost(admission.policy, target or admission.model.targets[0], usage) if priced else None
+                usd = math.ceil(cost * MICROS) if cost else 0
         elif status >= 400:
             tokens = usd = 0  # refused or failed before anything was generated: full refund
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -25,7 +25,9 @@ from prometheus_client.registry import Collector
 from gateway.usage import UsageRecord
 
 if TYPE_CHECKING:
+    from gateway.ledger import Ledger
     from gateway.routing import RouteState
+    from gateway.usage import AccessLogSink
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -125,6 +127,10 @@ class Metrics:
     def watch_routes(self, routes: RouteState) -> None:
         """Expose every target's circuit-breaker state, read from `routes` at scrape time."""
         self.registry.register(_BreakerCollector(routes))
+
+    def watch_writers(self, ledger: Ledger | None, access_logs: Sequence[AccessLogSink]) -> None:
+        """Expose the background writers' backlog and losses, read from them at scrape time."""
+        self.registry.register(_WriterCollector(ledger, tuple(access_logs)))
 
     def upstream_error(self, provider: str, error_type: str) -> None:
         """One failed upstream attempt."""
@@ -292,6 +298,36 @@ class _BreakerCollector(Collector):
         yield states
         yield healthy
         yield trips
+
+
+# --- background writers (issue 13: nothing lost silently) -----------------------------------------
+
+
+class _WriterCollector(Collector):
+    """Rows the ledger has not stored yet and has lost; access-log lines waiting and dropped.
+
+    Read from the writers' own counters when scraped (plain ints, read under the GIL), so writing costs
+    nothing extra. `switchboard_ledger_rows_lost_total` should stay 0: a row is only lost when the spill
+    file beside the ledger is full or cannot be written.
+    """
+
+    def __init__(self, ledger: Ledger | None, access_logs: tuple[AccessLogSink, ...]) -> None:
+        self._ledger = ledger
+        self._access_logs = access_logs
+
+    def collect(self) -> Iterator[Metric]:
+        if self._ledger is not None:
+            yield GaugeMetricFamily("switchboard_ledger_rows_waiting", "Settled requests not yet stored in the "
+                                    "usage ledger (queued, being written, or spilled while SQLite refused them).",
+                                    value=self._ledger.waiting)
+            yield CounterMetricFamily("switchboard_ledger_rows_lost", "Usage ledger rows neither SQLite nor the "
+                                      "spill file could take (should stay 0).", value=self._ledger.lost)
+        if self._access_logs:
+            yield GaugeMetricFamily("switchboard_access_log_lines_waiting", "Access-log lines not yet written.",
+                                    value=sum(sink.waiting for sink in self._access_logs))
+            yield CounterMetricFamily("switchboard_access_log_lines_dropped", "Access-log lines dropped: the "
+                                      "stream failed (e.g. a closed pipe) or too many lines waited.",
+                                      value=sum(sink.dropped for sink in self._access_logs))
 
 
 class MetricsRoute:

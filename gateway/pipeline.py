@@ -11,6 +11,7 @@ request uses, so a reload never changes a request halfway.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,19 +20,22 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate
-from gateway.cache import ResponseCache, Ticket, hit_tokens, remember, usage_fields, watch_stream
+from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.limits import Admission, Limiter, admit, stream_allowance
+from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
-from gateway.pricing import COST_HEADER, charge, format_usd, stamp_cost
+from gateway.request_checks import check_request
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
+from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
-from gateway.usage import UsageRecord, UsageRecorder
-from providers.base import Call, Endpoint, StreamChunk, UpstreamFailed, Usage
+from gateway.usage import UsageRecorder
+from providers.base import Call, Endpoint, UpstreamFailed, Usage
 from providers.sse import DONE_EVENT, encode_event
+
+log = logging.getLogger("switchboard.server")
 
 _REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input",
                    Endpoint.RESPONSES: "input"}
@@ -58,14 +62,17 @@ class Services:
 
 @dataclass(slots=True)
 class Exchange:
-    """Per-request bookkeeping: identity and where the time went."""
+    """Per-request bookkeeping: identity, where the time went, and the settlement its owner closes."""
 
-    request_id: str
+    request_id: str  # the client's x-request-id when it sent a well-formed one: echoed and forwarded, never a key
     started: float
     upstream_wait_s: float = 0.0
     response_headers: dict[str, str] = field(default_factory=dict)
     # The request's spans (gateway/telemetry.py); NO_TRACE when tracing is off.
     trace: Trace = NO_TRACE
+    # The gateway's own id for the request: unguessable, the ledger's key (gateway/settlement.py).
+    gateway_id: str = field(default_factory=new_gateway_id)
+    settlement: Settlement = field(init=False)
 
     def overhead_ms(self, now: float) -> float:
         return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
@@ -93,47 +100,44 @@ class InferenceRequest:
     client_wants_usage: bool
 
 
-@dataclass(slots=True)
-class _Settlement:
-    """The facts of a request gathered for its usage record."""
-
-    # The policy snapshot the request started on: its prices bill the request even if a reload lands mid-stream.
-    policy: Policy
-    caller: KeyEntry | None = None
-    request: InferenceRequest | None = None
-    target: Target | None = None
-    admission: Admission | None = None
-    cache: Ticket | None = None
-
-
 async def handle_inference(
     services: Services, endpoint: Endpoint, exchange: Exchange, headers: Mapping[str, str], body: bytes
 ) -> Reply | StreamReply:
-    """Serve one chat, completions, embeddings or natively passed-through Responses API request."""
-    policy = services.policy()
-    facts = _Settlement(policy)
+    """Serve one chat, completions, embeddings or natively passed-through Responses API request.
+
+    Every step records what it learns on the exchange's settlement, which the
+    code sending the response closes exactly once (gateway/settlement.py); no
+    failure, expected or not, leaves this function as anything but a reply.
+    """
+    settlement = exchange.settlement
+    policy = settlement.policy = services.policy()
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
-        facts.caller = authenticate(policy, headers)
-        facts.request = parse_request(endpoint, body)
-        model = resolve_model(policy, facts.caller, facts.request.model)
-        facts.admission = await admit(services.limiter, policy, facts.caller, endpoint, facts.request.body, model,
-                                      exchange.response_headers, exchange.trace)
-        model = facts.admission.model if facts.admission else model
-        facts.cache = await services.cache.lookup(services, policy, facts.caller, model, facts.request, headers,
-                                                  exchange, call_upstream)
-        if facts.cache is not None and facts.cache.hit:
-            return _cached_reply(services, exchange, facts)
-        call = Call(endpoint, facts.request.body, model.targets[0].upstream_model, facts.request.stream,
-                    facts.request.client_wants_usage)
+        settlement.caller = authenticate(policy, headers)
+        request = settlement.request = parse_request(endpoint, body)
+        model = resolve_model(policy, settlement.caller, request.model)
+        settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
+                                           model, exchange.response_headers, exchange.trace)
+        model = settlement.admission.model if settlement.admission else model
+        settlement.cache = await services.cache.lookup(services, policy, settlement.caller, model, request, headers,
+                                                       exchange, call_upstream)
+        if settlement.cache is not None and settlement.cache.hit:
+            return _cached_reply(services, exchange, settlement)
+        call = Call(endpoint, request.body, model.targets[0].upstream_model, request.stream,
+                    request.client_wants_usage)
         routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
-                                      facts.admission.prompt_count if facts.admission else None)
-        facts.target, call, response = routed.target, routed.call, routed.response
+                                      settlement.admission.prompt_count if settlement.admission else None)
+        settlement.target, call, response = routed.target, routed.call, routed.response
+        if settlement.cache is not None:
+            settlement.cache.served_by(routed.model.name, routed.target)
         if isinstance(response, PrimedStream):  # what a streamed call's attempt returns
-            return _stream_reply(services, exchange, facts, call, response)
-        return await _complete_reply(services, exchange, facts, call, response)
+            return _stream_reply(services, exchange, call, response)
+        return await _complete_reply(services, exchange, call, response)
     except GatewayError as error:
-        return _error_reply(services, exchange, facts, error)
+        return _error_reply(services, exchange, error)
+    except Exception:  # a bug, not the client's doing: a 500 that shows only the request id, still settled
+        log.exception("unexpected error serving request %s", exchange.request_id)
+        return _error_reply(services, exchange, internal_error(exchange.request_id))
 
 
 def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
@@ -153,6 +157,7 @@ def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
                            code="invalid_type")
     if stream and endpoint is Endpoint.EMBEDDINGS:
         raise GatewayError(ErrorKind.BAD_REQUEST, "Embeddings cannot be streamed.", param="stream")
+    check_request(endpoint, body, payload)
     options = payload.get("stream_options")
     wants_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
     return InferenceRequest(endpoint, payload, model, bool(stream), wants_usage)
@@ -184,11 +189,6 @@ def resolve_model(policy: Policy, caller: KeyEntry, name: str) -> Model:
     return model
 
 
-def choose_target(model: Model) -> Target:
-    """The deployment that serves this request: the model's first target."""
-    return model.targets[0]
-
-
 async def call_upstream(services: Services, target: Target, call: Call, exchange: Exchange) -> UpstreamResponse:
     """Send the call and return a successful response; upstream errors become `GatewayError`s."""
     provider = target.provider
@@ -218,9 +218,9 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
     return response
 
 
-async def _complete_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
-                          response: UpstreamResponse) -> Reply:
-    target = facts.target
+async def _complete_reply(services: Services, exchange: Exchange, call: Call, response: UpstreamResponse) -> Reply:
+    settlement = exchange.settlement
+    target = settlement.target
     assert target is not None
     clock = services.clock
     waited_from = clock()
@@ -235,104 +235,88 @@ async def _complete_reply(services: Services, exchange: Exchange, facts: _Settle
     except UpstreamFailed as exc:
         raise from_upstream(exc.failure) from exc
     headers = _success_headers(exchange, clock())
-    remember(facts.cache, parsed)
+    remember(settlement.cache, parsed)
     exchange.trace.responded(parsed.body, parsed.response_model, parsed.finish_reasons)
-    _settle(services, exchange, facts, 200, parsed.usage)
+    settlement.completed(parsed.usage)
+    if parsed.usage is not None:
+        settlement.priced(parsed.usage)
     return Reply(200, parsed.body, headers)
 
 
-def _cached_reply(services: Services, exchange: Exchange, facts: _Settlement) -> Reply | StreamReply:
+def _cached_reply(services: Services, exchange: Exchange, settlement: Settlement) -> Reply | StreamReply:
     """Answer from the cache: no upstream call, nothing billed, the hit recorded."""
-    assert facts.cache is not None
-    return facts.cache.reply(_success_headers(exchange, services.clock()),
-                             lambda: _settle(services, exchange, facts, 200, Usage(), outcome="cache_hit"))
+    assert settlement.cache is not None
+    settlement.completed(Usage())
+    settlement.outcome = CACHE_HIT
+    return settlement.cache.reply(_success_headers(exchange, services.clock()), settlement)
 
 
-def _stream_reply(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
-                  stream: PrimedStream) -> StreamReply:
+def _stream_reply(services: Services, exchange: Exchange, call: Call, stream: PrimedStream) -> StreamReply:
     headers = _success_headers(exchange, services.clock())
     headers["content-type"] = "text/event-stream; charset=utf-8"
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return StreamReply(headers, _relay_stream(services, exchange, facts, call, stream))
+    exchange.settlement.holds(stream)  # released at settlement even if the relay below never runs
+    return StreamReply(headers, _relay_stream(services, exchange, call, stream))
 
 
-async def _relay_stream(services: Services, exchange: Exchange, facts: _Settlement, call: Call,
+async def _relay_stream(services: Services, exchange: Exchange, call: Call,
                         stream: PrimedStream) -> AsyncIterator[bytes]:
-    """Pass the upstream's stream through as it arrives, then settle its usage.
+    """Pass the upstream's stream through as it arrives, recording on the settlement what it relays.
 
     Each batch is what one upstream read delivered, encoded as one write: no
-    event waits for another. Runs in the task serving the client: when the
-    client goes away the task is cancelled, the upstream connection is closed
-    in `finally`, and the usage seen so far (or estimated from the chunks
-    relayed) is still settled.
+    event waits for another. The batch that carries the upstream's end also
+    carries `[DONE]`, and the stream counts as completed before that batch is
+    handed on: a consumer that stops reading at `[DONE]` (a front door's
+    re-framer) has still received a whole answer. Settling is not this
+    generator's job; the request's owner settles whether or not it ran to its end.
     """
-    target = facts.target
+    settlement = exchange.settlement
+    target = settlement.target
     assert target is not None
     clock = services.clock
     wants_usage = call.client_wants_usage
-    seen: list[StreamChunk] = []
-    usage: Usage | None = None
-    outcome = "client_disconnected"
-    first_token_at: float | None = None
-    done_sent = False
-    allowance = stream_allowance(facts.admission)
-    batches = watch_stream(facts.cache, stream.batches())
+    seen = settlement.streaming(call)
+    allowance = stream_allowance(settlement.admission)
+    recording = recording_stream(settlement.cache)
     try:
-        async for batch in batches:
+        async for batch in stream.batches():
             out: list[bytes] = []
             for chunk in batch:
                 if allowance is not None and not allowance.take(chunk.data):
                     if out:  # what fitted the budget still reaches the client, then the in-band error
                         yield b"".join(out)
                     raise allowance.error()
+                if recording is not None:
+                    recording.observe(chunk)
                 if chunk.usage is not None:
-                    usage = chunk.usage
+                    settlement.usage = chunk.usage
                     if chunk.usage_only and not wants_usage:
                         continue
                     if wants_usage:  # the same authoritative cost a non-streamed reply gets as a header
-                        chunk.data = stamp_cost(chunk.data, facts.policy.prices, target, usage)
+                        chunk.data = settlement.stamped(chunk.data, chunk.usage)
                 seen.append(chunk)
                 out.append(encode_event(chunk.data))
             if stream.finished:  # the upstream's last batch: end the client's stream in the same write
                 out.append(DONE_EVENT)
-                done_sent = True
+                settlement.completed()
             if out:
-                if first_token_at is None:
-                    first_token_at = clock()
+                settlement.first_token(clock())
                 yield b"".join(out)
-        outcome = "completed"
-        if not done_sent:
+        if settlement.outcome is None:
+            settlement.completed()
             yield DONE_EVENT
     except UpstreamFailed as exc:
         # Content may already be on the wire: end with an in-band error and no
         # [DONE], so no client mistakes half an answer for a whole one.
-        outcome = "upstream_error"
         error = from_upstream(exc.failure, (target.provider.settings.api_key or "",))
+        settlement.failed(error, UPSTREAM_ERROR)
         yield encode_event(render_stream_error(error))
     except GatewayError as error:  # a hard budget crossed mid-stream (gateway/budgets.py `StreamAllowance`)
-        outcome = error.code or "error"
+        settlement.failed(error)
         yield encode_event(render_stream_error(error))
     finally:
-        await batches.aclose()  # type: ignore[attr-defined]
         stream.close()
-        if usage is None:
-            usage = _estimate_stream_usage(services.counter, call, target, seen)
-        ttft = (first_token_at - exchange.started) * 1000 if first_token_at is not None else None
-        exchange.trace.streamed(seen)
-        _settle(services, exchange, facts, 200, usage, outcome=outcome, time_to_first_token_ms=ttft)
-
-
-def _estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, seen: list[StreamChunk]) -> Usage:
-    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
-    if call.endpoint is Endpoint.CHAT:
-        prompt = counter.count_chat_prompt(call.body, model, family)
-    elif call.endpoint is Endpoint.RESPONSES:
-        prompt = counter.count_responses_input(call.body, model, family)
-    else:
-        prompt = counter.count_completion_prompt(call.body, model, family)
-    completion = counter.count_stream_output([c.data for c in seen], model, family)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
 
 def _success_headers(exchange: Exchange, now: float) -> dict[str, str]:
@@ -341,45 +325,15 @@ def _success_headers(exchange: Exchange, now: float) -> dict[str, str]:
     return headers
 
 
-def _error_reply(services: Services, exchange: Exchange, facts: _Settlement, error: GatewayError) -> Reply:
+def _error_reply(services: Services, exchange: Exchange, error: GatewayError) -> Reply:
     status, body, headers = render(error)
     headers.update(exchange.response_headers)
     headers["x-switchboard-overhead-ms"] = f"{exchange.overhead_ms(services.clock()):.3f}"
-    exchange.trace.failed(error, settled=facts.caller is not None)
-    if facts.caller is not None:
-        _settle(services, exchange, facts, status, None, outcome=error.code or error.kind.name.lower())
+    exchange.settlement.failed(error)
     return Reply(status, body, headers)
 
 
-def _settle(services: Services, exchange: Exchange, facts: _Settlement, status: int, usage: Usage | None, *,
-            outcome: str = "completed", time_to_first_token_ms: float | None = None) -> None:
-    now = services.clock()
-    caller, request, target = facts.caller, facts.request, facts.target
-    assert caller is not None
-    if services.limiter is not None:
-        services.limiter.settle(facts.admission, usage, status, target, served=hit_tokens(facts.cache))
-    cost_usd, price_version = charge(facts.policy.prices, target, usage)
-    if cost_usd is not None:
-        exchange.response_headers[COST_HEADER] = format_usd(cost_usd)
-    record = UsageRecord(
-        request_id=exchange.request_id,
-        team=caller.team.name,
-        key_id=caller.key_id,
-        endpoint=request.endpoint.value if request else "unknown",
-        public_model=request.model if request else "",
-        provider=target.provider.name if target else None,
-        upstream_model=target.upstream_model if target else None,
-        stream=request.stream if request else False,
-        status=status,
-        usage=usage,
-        duration_ms=(now - exchange.started) * 1000,
-        overhead_ms=exchange.overhead_ms(now),
-        time_to_first_token_ms=time_to_first_token_ms,
-        outcome=outcome,
-        cost_usd=cost_usd,
-        price_version=price_version,
-        trace_id=exchange.trace.trace_id,
-        **usage_fields(facts.cache),
-    )
-    services.recorder.settle(record)
-    exchange.trace.finish(record)
+def internal_error(request_id: str) -> GatewayError:
+    """The only thing a client learns of a gateway bug: that it happened, and which request to quote."""
+    return GatewayError(ErrorKind.INTERNAL, f"The gateway failed to process the request (request id {request_id}).",
+                        code="internal_error")

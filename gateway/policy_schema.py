@@ -218,8 +218,9 @@ class ModelPolicy(Strict):
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
     retries: int = Field(0, ge=0, le=10, description="Extra attempts after a retryable failure, across targets.")
     backoff: BackoffPolicy = Field(default_factory=BackoffPolicy)
-    deadline_s: float | None = Field(None, gt=0, description="Bounds all attempts and fallbacks of one request "
-                                     "(for streams: until the first content byte).")
+    deadline_s: float = Field(300.0, gt=0, description="Bounds all attempts, backoff waits and fallbacks of one "
+                              "request (for streams: until the first content byte). An upstream Retry-After "
+                              "longer than what is left is not waited for: the error goes back with it.")
     ttft_timeout_s: float | None = Field(None, gt=0, description="A stream must send content within this, "
                                          "or the attempt fails over.")
     stream_idle_timeout_s: float | None = Field(None, gt=0, description="Longest silence allowed mid-stream.")

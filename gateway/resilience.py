@@ -182,7 +182,10 @@ class _Run:
         backoff = model.plan.config.backoff
         delay = self.states.rng.uniform(0, min(backoff.max_s, backoff.initial_s * 2 ** number))
         if failure.retry_after is not None and len(ranked) == 1:
-            # Only the target that asked us to wait is left: honour it.
+            # Only the target that asked us to wait is left: honour it, but never past the longest backoff. A
+            # request waiting holds its reservation and a connection; the client can wait as well as we can.
+            if failure.retry_after > backoff.max_s:
+                return False
             delay = max(delay, failure.retry_after)
         remaining = self.remaining()
         if remaining is not None and delay + _MIN_ATTEMPT_S >= remaining:
@@ -249,6 +252,8 @@ class _Run:
                 # Failed after the upstream answered (or the TTFT timeout cut the call): the trace's attempt
                 # span and the upstream-error metric learn why here.
                 self.exchange.trace.attempt_failed(failure.kind.value, target.provider.name)
+            if response is not None:  # it had started answering: it bills the prompt whatever happens next
+                self.exchange.settlement.attempt_billed(target, call)
             if failure.retryable:
                 _record_failure(states, target, config, failure)
             else:
@@ -421,13 +426,14 @@ class PrimedStream:
     are read.
     """
 
-    __slots__ = ("_clock", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response", "_translator",
-                 "pending", "raw")
+    __slots__ = ("_clock", "_closed", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response",
+                 "_translator", "pending", "raw")
 
     def __init__(self, response: UpstreamResponse, translator: StreamTranslator, idle_s: float | None,
                  outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
         self._response, self._translator, self._idle_s, self._outcome = response, translator, idle_s, outcome
         self._exchange, self._clock = exchange, clock
+        self._closed = False
         self._decoder = SseDecoder()
         self.raw = response.chunks().__aiter__()
         # Chunks translated while priming, relayed as the first batch.
@@ -508,7 +514,11 @@ class PrimedStream:
             self._outcome.finish(failure)
 
     def close(self) -> None:
-        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped."""
+        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped. Idempotent:
+        the relay closes it when it ends, and the request's settlement again in case the relay never ran."""
+        if self._closed:
+            return
+        self._closed = True
         if self.finished:
             self._response.finish()
         else:

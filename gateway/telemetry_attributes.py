@@ -100,6 +100,10 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
         attributes["switchboard.usage.output_tokens"] = usage.completion_tokens
         attributes["switchboard.usage.cached_input_tokens"] = usage.cached_tokens
         attributes["switchboard.usage_estimated"] = usage.estimated
+    if record.failed_attempt_tokens:  # billed by an upstream that failed after it started answering
+        attributes["switchboard.failed_attempt_tokens"] = record.failed_attempt_tokens
+        if record.failed_attempt_cost_usd is not None:
+            attributes["switchboard.failed_attempt_cost_usd"] = record.failed_attempt_cost_usd
     if record.time_to_first_token_ms is not None:
         attributes["switchboard.ttft_ms"] = round(record.time_to_first_token_ms, 3)
     if record.cost_usd is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -53,6 +55,13 @@ class UsageRecord:
     cache: str | None = None
     cache_tokens: int = 0
     cost_saved_usd: float | None = None
+    # The gateway's own id for the request (a UUIDv7, gateway/settlement.py): the ledger's key. `request_id` is
+    # the client's when it sent one, so it identifies nothing on its own.
+    gateway_id: str = ""
+    # Attempts that failed after an upstream had started answering (a stream cut before its first content, a
+    # deadline): their prompts, estimated, and what they cost. Included in `cost_usd` and in the limits.
+    failed_attempt_tokens: int = 0
+    failed_attempt_cost_usd: float | None = None
 
 
 class UsageSink(Protocol):
@@ -72,20 +81,49 @@ class AccessLogSink:
     in the thread instead of the loop cost ~10 µs more in GIL hand-offs than
     the 2 µs the serialization itself takes (loadtests/README.md). Going
     through the logging module cost ~45 µs.
+
+    Nothing here can stall or kill the gateway: at most `max_waiting` lines
+    wait for the writer (a stuck reader of stdout would otherwise grow the
+    queue without bound); lines beyond that, and lines a failing stream
+    refuses (a closed pipe), are dropped and counted in `dropped` (exported
+    as a metric). The writer keeps running after a failed write, so the log
+    resumes when the stream takes writes again.
     """
 
     def __init__(self, stream: BinaryIO | None = None, *, flush_interval_s: float = 0.1,
-                 batch_size: int = 512) -> None:
+                 batch_size: int = 512, max_waiting: int = 100_000) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._interval = flush_interval_s
         self._batch_size = batch_size
+        self._max_waiting = max_waiting
         self._pending: list[bytes] = []
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._queued = 0  # lines handed to the writer: added on the loop, taken off by the writer
+        self._queued_lock = threading.Lock()
+        self._failing = False
+        # Two counters, each added to by one thread only: lines refused because too many wait (the loop)
+        # and lines the stream refused (the writer).
+        self._overflowed = 0
+        self._failed = 0
+        self.written = 0
+
+    @property
+    def dropped(self) -> int:
+        """Lines never written: refused while `max_waiting` lines waited, or refused by the stream."""
+        return self._overflowed + self._failed
+
+    @property
+    def waiting(self) -> int:
+        """Lines recorded and not yet written."""
+        return len(self._pending) + self._queued
 
     def record(self, record: UsageRecord) -> None:
         pending = self._pending
+        if len(pending) + self._queued >= self._max_waiting:
+            self._overflowed += 1
+            return
         # Serialized now: a list of bytes is invisible to the garbage collector, a list of records is not.
         pending.append(orjson.dumps(access_line(record), option=orjson.OPT_APPEND_NEWLINE))
         if len(pending) >= self._batch_size:
@@ -96,13 +134,18 @@ class AccessLogSink:
             except RuntimeError:  # settled outside an event loop (a CLI tool, a test): write it now
                 self._hand_over()
 
-    def close(self) -> None:
-        """Write what is pending and stop the writer."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is pending and stop the writer, waiting at most `timeout_s` (a stuck stream is left)."""
         self._hand_over()
-        if self._writer is not None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
             self._queue.put(None)
-            self._writer.join(timeout=5)
-            self._writer = None
+            writer.join(timeout=timeout_s)
+            if writer.is_alive():
+                access_log.error("access log: the stream did not take %d lines within %.1fs of shutdown; "
+                                 "they are not written", self._queued, timeout_s)
+        if self.dropped:
+            access_log.error("access log: %d lines were dropped (stream failing or too slow)", self.dropped)
 
     def _hand_over(self) -> None:
         if self._flush_timer is not None:
@@ -114,16 +157,29 @@ class AccessLogSink:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write, name="switchboard-access-log", daemon=True)
             self._writer.start()
-        self._queue.put(b"".join(batch))
+        with self._queued_lock:
+            self._queued += len(batch)
+        self._queue.put((b"".join(batch), len(batch)))
 
     def _write(self) -> None:
-        while (block := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            block, lines = item
             try:
                 self._stream.write(block)
                 self._stream.flush()
-            except (OSError, ValueError):
-                access_log.warning("access log stream failed; dropping access log lines", exc_info=True)
-                return
+            except (OSError, ValueError) as exc:
+                self._failed += lines
+                if not self._failing:
+                    self._failing = True
+                    access_log.warning("access log stream failed (%s); dropping lines until it works again", exc)
+            else:
+                self.written += lines
+                if self._failing:
+                    self._failing = False
+                    access_log.warning("access log stream works again (%d lines dropped so far)", self.dropped)
+            finally:
+                with self._queued_lock:
+                    self._queued -= lines
 
 
 def access_line(record: UsageRecord) -> dict[str, Any]:
@@ -134,7 +190,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
     """
     usage = record.usage
     return {
-        "request_id": record.request_id, "team": record.team, "key_id": record.key_id, "endpoint": record.endpoint,
+        "request_id": record.request_id, "gateway_id": record.gateway_id, "team": record.team,
+        "key_id": record.key_id, "endpoint": record.endpoint,
         "public_model": record.public_model, "provider": record.provider, "upstream_model": record.upstream_model,
         "stream": record.stream, "status": record.status,
         "usage": None if usage is None else {
@@ -145,6 +202,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "time_to_first_token_ms": record.time_to_first_token_ms, "outcome": record.outcome,
         "cost_usd": record.cost_usd, "price_version": record.price_version, "trace_id": record.trace_id,
         "cache": record.cache, "cache_tokens": record.cache_tokens, "cost_saved_usd": record.cost_saved_usd,
+        "failed_attempt_tokens": record.failed_attempt_tokens,
+        "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
     }
 
 
@@ -154,11 +213,16 @@ class UsageRecorder:
     def __init__(self, sinks: Sequence[UsageSink]) -> None:
         self._sinks = tuple(sinks)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close every sink that has a `close`, within `timeout_s` in all (each gets what is left)."""
+        deadline = time.monotonic() + timeout_s
         for sink in self._sinks:
             close = getattr(sink, "close", None)
             if close is not None:
-                close()
+                if "timeout_s" in inspect.signature(close).parameters:
+                    close(timeout_s=max(0.1, deadline - time.monotonic()))
+                else:
+                    close()
 
     def settle(self, record: UsageRecord) -> None:
         for sink in self._sinks:

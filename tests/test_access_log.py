@@ -99,3 +99,100 @@ def test_access_line_carries_every_record_field_as_the_dataclass_would() -> None
                          cost_saved_usd=None)
     assert orjson.loads(orjson.dumps(access_line(record))) == orjson.loads(orjson.dumps(record))
     assert access_line(dataclasses.replace(record, usage=None))["usage"] is None
+
+
+class _Switchable:
+    """A stream that writes to a closed pipe (EPIPE on every write) until `mend` points it elsewhere."""
+
+    def __init__(self) -> None:
+        import os
+
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        self._broken = os.fdopen(write_end, "wb", buffering=0)
+        self.target: Any = self._broken
+        self.capture = _Capture()
+
+    def write(self, data: bytes) -> int:
+        return self.target.write(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def mend(self) -> None:
+        self.target = self.capture
+        self._broken.close()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_closed_stdout_pipe_drops_lines_counts_them_and_the_log_resumes_when_it_works(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    stream = _Switchable()
+    sink = AccessLogSink(stream, flush_interval_s=0.01)  # type: ignore[arg-type]
+    gateway = start_gateway(standard_policy(upstream.base_url), sinks=[sink])
+    for n in range(6):
+        assert _chat(gateway, f"broken-{n}").status_code == 200  # the gateway serves on
+    _wait(lambda: sink.dropped == 6)
+    metrics = httpx.get(gateway.base_url + "/metrics").text
+    assert "switchboard_access_log_lines_dropped_total 6.0" in metrics
+    stream.mend()
+    for n in range(3):
+        assert _chat(gateway, f"mended-{n}").status_code == 200
+    lines = stream.capture.wait_for_lines(3)
+    assert [line["request_id"] for line in lines] == [f"mended-{n}" for n in range(3)]
+    assert sink.dropped == 6 and sink.waiting == 0
+
+
+def test_a_stuck_stream_bounds_the_lines_waiting_and_counts_the_rest() -> None:
+    release = threading.Event()
+    written: list[bytes] = []
+
+    class Stuck:
+        def write(self, data: bytes) -> int:
+            release.wait(10)
+            written.append(data)
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    sink = AccessLogSink(Stuck(), max_waiting=10)  # type: ignore[arg-type]
+    record = UsageRecord(request_id="r", team="t", key_id="k", endpoint="chat", public_model="m", provider="p",
+                         upstream_model="u", stream=False, status=200, usage=None, duration_ms=1.0, overhead_ms=0.1)
+    for n in range(25):  # outside an event loop each record is handed to the writer at once
+        sink.record(dataclasses.replace(record, request_id=f"stuck-{n}"))
+    assert sink.waiting == 10 and sink.dropped == 15
+    release.set()
+    sink.close(timeout_s=5)
+    assert b"".join(written).count(b"\n") == 10 and sink.waiting == 0
+
+
+def test_closing_never_waits_longer_than_its_timeout_on_a_stream_that_never_returns() -> None:
+    import time
+
+    never = threading.Event()
+
+    class Hung:
+        def write(self, data: bytes) -> int:
+            never.wait(30)
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    sink = AccessLogSink(Hung())  # type: ignore[arg-type]
+    sink.record(UsageRecord(request_id="r", team="t", key_id="k", endpoint="chat", public_model="m", provider="p",
+                            upstream_model="u", stream=False, status=200, usage=None, duration_ms=1.0,
+                            overhead_ms=0.1))
+    started = time.monotonic()
+    sink.close(timeout_s=0.3)
+    assert time.monotonic() - started < 2
+    never.set()

@@ -109,7 +109,8 @@ def _record(request_id: str, cost: float, team: str = "t") -> UsageRecord:
     return UsageRecord(request_id=request_id, team=team, key_id="k", endpoint="chat", public_model="m",
                        provider="p", upstream_model="u", stream=False, status=200,
                        usage=Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=2), duration_ms=12.0,
-                       overhead_ms=0.5, cost_usd=cost, price_version="v1", trace_id="ab" * 16)
+                       overhead_ms=0.5, cost_usd=cost, price_version="v1", trace_id="ab" * 16,
+                       gateway_id=f"gw-{request_id}")  # the same request recorded twice keeps its gateway id
 
 
 def test_a_replayed_record_is_never_counted_twice(tmp_path: Path) -> None:
@@ -169,6 +170,8 @@ def test_a_ledger_from_before_the_cache_columns_is_upgraded_in_place(tmp_path: P
     path = tmp_path / "old.sqlite"
     connection = sqlite3.connect(path)
     old_schema = _SCHEMA.split("    cache TEXT,")[0].rstrip().rstrip(",") + "\n);"
+    old_schema = old_schema.replace("    gateway_id TEXT PRIMARY KEY,\n    request_id TEXT NOT NULL,",
+                                    "    request_id TEXT PRIMARY KEY,")
     connection.executescript(old_schema)
     connection.execute("INSERT INTO usage VALUES (" + ",".join("?" * 23) + ")",
                        ("old-1", 1.0, "1970-01-01", "t", "k", "chat", "m", "p", "u", 0, 200, "completed",

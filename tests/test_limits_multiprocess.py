@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 
 from tests.conftest import standard_policy
 from tests.fakes import FakeOpenAIUpstream
@@ -29,7 +30,8 @@ WORKERS = 12
 
 
 @pytest.fixture
-def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[list[GatewayProcess]]:
+def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[tuple[list[GatewayProcess], str]]:
+    """Three gateways sharing Redis, and the key prefix they use there."""
     if not shared_redis_available():
         pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
     prefix = unique_prefix()
@@ -44,8 +46,9 @@ def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[list[Gate
     policy.write_text(text)
     gateways = [GatewayProcess(policy, tmp_path / f"gateway-{i}.log") for i in range(3)]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        list(pool.map(GatewayProcess.start, gateways))
-    yield gateways
+        # Three processes loading tiktoken at once on a shared 2-core box can take well over 30 s.
+        list(pool.map(lambda gateway: gateway.start(timeout=120), gateways))
+    yield gateways, prefix
     for gateway in gateways:
         gateway.kill()
     drop_prefix(SHARED_REDIS, prefix)
@@ -57,8 +60,20 @@ def report(policy: Path) -> dict[str, int]:
     return {row["unit"]: row["used"] for row in json.loads(out.stdout)["usage"]}
 
 
-def test_three_replicas_never_overspend_and_count_every_request_once(replicas: list[GatewayProcess]) -> None:
-    clients = [openai.OpenAI(base_url=g.base_url + "/v1", api_key="sk-alpha", max_retries=0) for g in replicas]
+def requests_counted(prefix: str, minutes: range) -> int:
+    """The team's per-minute request counters in Redis, summed over `minutes` (minute numbers since the epoch)."""
+    client = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        values = client.mget([f"{prefix}{{alpha}}:r:team:rpm:{minute}" for minute in minutes])
+    finally:
+        client.close()
+    return sum(int(value) for value in values if value is not None)
+
+
+def test_three_replicas_never_overspend_and_count_every_request_once(
+        replicas: tuple[list[GatewayProcess], str]) -> None:
+    gateways, prefix = replicas
+    clients = [openai.OpenAI(base_url=g.base_url + "/v1", api_key="sk-alpha", max_retries=0) for g in gateways]
 
     def hammer(worker: int) -> tuple[int, int]:
         client = clients[worker % len(clients)]
@@ -75,14 +90,20 @@ def test_three_replicas_never_overspend_and_count_every_request_once(replicas: l
             served += 1
             tokens += reply.usage.total_tokens
 
+    began = time.time()
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(hammer, range(WORKERS)))
+    ended = time.time()
     served = sum(s for s, _ in results)
     spent = sum(t for _, t in results)
     assert served > 50
-    # Settlements are written just after each reply; wait for the counters to catch up.
+    # Settlements are written just after each reply; wait for the counters to catch up. Requests are counted
+    # per clock minute and the run may cross a minute boundary: sum every minute window it touched (the
+    # usage report shows only the current one); a request refused for budget is not counted.
+    minutes = range(int(began // 60), int(ended // 60) + 1)
     deadline = time.monotonic() + 10
-    while (counted := report(replicas[0].policy)) != {"requests": served, "tokens": spent}:
+    while (counted := {"requests": requests_counted(prefix, minutes),
+                       "tokens": report(gateways[0].policy)["tokens"]}) != {"requests": served, "tokens": spent}:
         assert time.monotonic() < deadline, f"counted {counted}, served {served} requests using {spent} tokens"
         time.sleep(0.1)
     in_flight_bound = WORKERS * (MAX_TOKENS + 30)  # each worker holds at most one reservation

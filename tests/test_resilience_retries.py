@@ -59,7 +59,9 @@ def test_client_errors_are_never_retried(fakes, start_gateway, status) -> None:
 
 
 def test_retry_after_is_honoured_within_the_deadline(fakes, start_gateway) -> None:
-    gateway = _start(start_gateway, fakes, ONE_TARGET.format(retries=1, extra="    deadline_s: 5\n"))
+    # Honoured up to the longest backoff (here 1 s): beyond it the error goes back to the client (next test).
+    models = ONE_TARGET.format(retries=1, extra="    deadline_s: 5\n").replace("max_s: 0.02", "max_s: 1")
+    gateway = _start(start_gateway, fakes, models)
     fakes[0].script(Behaviour.rate_limited(retry_after=0.4))
     started = time.monotonic()
     response = _post(gateway, "m")
@@ -78,6 +80,18 @@ def test_retry_after_beyond_the_deadline_is_not_waited_for(fakes, start_gateway)
     assert response.headers["retry-after"] == "30"
     assert fakes[0].request_count == 1
     assert time.monotonic() - started < 0.5
+
+
+def test_retry_after_longer_than_the_longest_backoff_goes_back_to_the_client(fakes, start_gateway) -> None:
+    # No deadline_s in the policy: the default deadline (300 s) would allow the wait, backoff.max_s does not.
+    gateway = _start(start_gateway, fakes, ONE_TARGET.format(retries=2, extra=""))
+    fakes[0].script(Behaviour.rate_limited(retry_after=3600))
+    started = time.monotonic()
+    response = _post(gateway, "m")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3600"
+    assert fakes[0].request_count == 1
+    assert time.monotonic() - started < 2  # not slept on: no reservation held for an hour
 
 
 def test_the_deadline_bounds_a_hanging_upstream(fakes, start_gateway) -> None:

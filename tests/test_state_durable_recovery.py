@@ -93,3 +93,36 @@ def test_kill_9_mid_load_loses_at_most_one_flush_interval(gateway: GatewayProces
     assert durable_before <= recovered <= total + 4 * (20 + 50)
     gateway.start()  # and the gateway restarts on the recovered state
     assert call(gateway) > 0
+
+
+def test_closing_never_hangs_on_a_locked_state_file_and_writes_once_it_is_free(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import sqlite3
+
+    from gateway.state import Check
+    from gateway.state.durable import DurableStore
+
+    path = tmp_path / "state.sqlite"
+    store = DurableStore(path, flush_interval_s=3600)
+    locker = sqlite3.connect(path, isolation_level=None)
+
+    async def main() -> None:
+        await store.start()
+        assert (await store.admit([Check(("{t}:n",), 100, 7, int(time.time()) + 600)])).admitted
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the file
+        started = time.monotonic()
+        await store.close(timeout_s=0.3)
+        assert time.monotonic() - started < 1.5
+
+    asyncio.run(main())
+    assert "final snapshot did not finish within 0.3s" in caplog.text
+    locker.execute("COMMIT")  # the snapshot thread, still waiting on the lock, writes now
+    deadline = time.monotonic() + 10
+    while store._db is not None:
+        assert time.monotonic() < deadline, "the snapshot was never written"
+        time.sleep(0.02)
+    locker.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT value FROM counters").fetchall() == [(7,)]
+    check.close()

@@ -15,9 +15,9 @@ from gateway.cache.service import (
     ResponseCache,
     Ticket,
     hit_tokens,
+    recording_stream,
     remember,
     usage_fields,
-    watch_stream,
 )
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "build_cache_plan",
     "cache_problems",
     "hit_tokens",
+    "recording_stream",
     "remember",
     "usage_fields",
-    "watch_stream",
 ]

@@ -35,6 +35,8 @@ class Entry:
     events: bytes  # the answer's SSE events, without the usage event and [DONE]
     usage_event: bytes  # the final usage chunk as an SSE event (b"" when the upstream reported none)
     usage: Usage | None
+    # The deployment that produced the answer, (provider, upstream model): what a hit saves is priced at it.
+    served_by: tuple[str, str] | None = None
 
     @property
     def size(self) -> int:
@@ -49,7 +51,8 @@ class Entry:
         head = {"v": _VERSION, "created": self.created, "lengths": [len(self.body), len(self.events)],
                 "usage": None if usage is None else [usage.prompt_tokens, usage.completion_tokens,
                                                      usage.cached_tokens, usage.cache_write_tokens,
-                                                     usage.reasoning_tokens]}
+                                                     usage.reasoning_tokens],
+                "served_by": self.served_by}
         # orjson never writes a raw newline, so the first one ends the header.
         return orjson.dumps(head) + b"\n" + self.body + self.events + self.usage_event
 
@@ -64,8 +67,10 @@ class Entry:
             body_len, events_len = head["lengths"]
             start = end + 1
             usage = Usage(*head["usage"]) if head["usage"] is not None else None
+            served_by = head.get("served_by")
             return cls(float(head["created"]), raw[start:start + body_len],
-                       raw[start + body_len:start + body_len + events_len], raw[start + body_len + events_len:], usage)
+                       raw[start + body_len:start + body_len + events_len], raw[start + body_len + events_len:], usage,
+                       tuple(served_by) if served_by else None)  # type: ignore[arg-type]
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             return None
 

@@ -3,7 +3,8 @@
     ticket = await cache.lookup(...)        # None: caching is off for this request
     ticket.hit                              # answer with ticket.reply(...), no upstream call
     remember(ticket, parsed)                # a whole response arrived: store it, release followers
-    watch_stream(ticket, chunks)            # a stream is relayed: fan it out, store it when complete
+    recording_stream(ticket).observe(chunk) # a stream is relayed: fan it out chunk by chunk
+    ticket.settled(completed)               # the request settled: store a whole stream, drop anything else
 
 A request that misses leads a flight; identical requests that arrive while it
 runs follow it instead of calling the upstream. A leader's flight is always
@@ -14,6 +15,7 @@ cancelled or crashed leader never strands its followers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from gateway.policy import KeyEntry, Model, Policy, Target
     from gateway.pricing import PriceBook
     from gateway.resilience import Attempt
+    from gateway.settlement import Settlement
 
 CACHE_HEADER = "x-switchboard-cache"
 SIMILARITY_HEADER = "x-switchboard-cache-similarity"
@@ -88,7 +91,7 @@ class ResponseCache:
         if policy.cache is not self._plan:
             self._adopt(policy.cache)
         ticket = Ticket(self, rule, self._store(rule.store), key, request, model.name, policy.prices,
-                        model.targets[0])
+                        model.targets[0], (caller.team.name, caller.key_id), team_rules)
         if directive is not None:  # bypass or refresh: don't read, do write
             ticket.record(exchange, "bypass", replace=directive == "refresh", shared=False)
         else:
@@ -197,12 +200,18 @@ class ResponseCache:
 class Ticket:
     """One request's dealings with the cache."""
 
-    __slots__ = ("cache", "entry", "flight", "hit", "index", "key", "model_name", "partition", "prices", "replace",
-                 "request", "rule", "status", "store", "target", "vector")
+    __slots__ = ("cache", "entry", "finishes", "flight", "hit", "index", "key", "model_name", "partition", "prices",
+                 "recording", "replace", "request", "rule", "scope", "status", "store", "store_key", "target",
+                 "team_rules", "usage", "usage_data", "vector")
 
     def __init__(self, cache: ResponseCache, rule: CacheRule, store: Backend, key: bytes, request: InferenceRequest,
-                 model_name: str, prices: PriceBook, target: Target) -> None:
+                 model_name: str, prices: PriceBook, target: Target, scope: tuple[str, str],
+                 team_rules: Mapping[str, CacheRule]) -> None:
         self.cache, self.rule, self.store, self.key, self.request = cache, rule, store, key, request
+        # Where the answer is stored: the requested model's key, unless another model (a fallback) served it;
+        # None when that model caches nothing for this team.
+        self.store_key: bytes | None = key
+        self.scope, self.team_rules = scope, team_rules
         self.model_name = model_name
         self.prices, self.target = prices, target
         self.status = "miss"
@@ -213,6 +222,11 @@ class Ticket:
         self.vector: list[float] | None = None
         self.partition = b""
         self.index: SemanticIndex | SharedSemanticIndex | None = None
+        # A stream this request leads, as the relay observes it (`observe`), stored at settlement if whole.
+        self.recording = False
+        self.usage: Usage | None = None
+        self.usage_data: bytes | None = None
+        self.finishes: list[str] = []
 
     # -- outcomes of the lookup --
 
@@ -242,34 +256,31 @@ class Ticket:
 
     # -- replies for hits --
 
-    def reply(self, headers: dict[str, str], settle: Callable[[], None]) -> Reply | StreamReply:
-        """The answer to a hit; `settle` records the request once it has been served."""
+    def reply(self, headers: dict[str, str], settlement: Settlement) -> Reply | StreamReply:
+        """The answer to a hit; a follower's stream that fails is marked on `settlement`."""
         Reply, StreamReply = _reply_types()
         entry = self.entry
         if not self.request.stream:
             assert entry is not None
-            settle()
             return Reply(200, entry.body, headers)
         headers.update(_SSE_HEADERS)
         if entry is not None:
-            return StreamReply(headers, _once(entry.stream_bytes(self.request.client_wants_usage), settle))
-        return StreamReply(headers, self._follow(settle))
+            return StreamReply(headers, _once(entry.stream_bytes(self.request.client_wants_usage)))
+        return StreamReply(headers, self._follow(settlement))
 
-    async def _follow(self, settle: Callable[[], None]) -> AsyncIterator[bytes]:
+    async def _follow(self, settlement: Settlement) -> AsyncIterator[bytes]:
         flight = self.flight
         assert flight is not None
-        try:
-            async for events in flight.replay():
-                yield events
-            if flight.state == COMPLETED:
-                self.entry = flight.entry
-                yield (flight.tail if self.request.client_wants_usage else b"") + DONE_EVENT
-            else:
-                error = GatewayError(ErrorKind.UPSTREAM_ERROR, "The upstream stream this request was sharing "
-                                     "ended before completing.", code="upstream_stream_failed")
-                yield encode_event(render_stream_error(error))
-        finally:
-            settle()
+        async for events in flight.replay():
+            yield events
+        if flight.state == COMPLETED:
+            self.entry = flight.entry
+            yield (flight.tail if self.request.client_wants_usage else b"") + DONE_EVENT
+        else:
+            error = GatewayError(ErrorKind.UPSTREAM_ERROR, "The upstream stream this request was sharing "
+                                 "ended before completing.", code="upstream_stream_failed")
+            settlement.error, settlement.outcome = error, "upstream_error"
+            yield encode_event(render_stream_error(error))
 
     # -- recording a miss --
 
@@ -284,51 +295,65 @@ class Ticket:
             return
         self.finish(entry, store=good)
 
-    async def watch(self, batches: AsyncIterator[list[StreamChunk]]) -> AsyncIterator[list[StreamChunk]]:
-        flight = self.flight
-        assert flight is not None
-        usage: Usage | None = None
-        usage_data: bytes | None = None
-        finishes: list[str] = []
-        completed = False
+    def observe(self, chunk: StreamChunk) -> None:
+        """One canonical chunk of the stream this request leads: published to followers, kept for the entry."""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+            if chunk.usage_only:
+                self.usage_data = chunk.data
+        if not chunk.usage_only:
+            self.flight.publish(chunk.data)  # type: ignore[union-attr]
+        if chunk.finish_reason is not None:
+            self.finishes.append(chunk.finish_reason)
+
+    def settled(self, completed: bool) -> None:
+        """The request's settlement: a recorded stream that completed is stored; anything unfinished is dropped.
+
+        A stream is stored only when its terminal event was seen, never because a loop over it ended.
+        """
+        if self.hit or self.flight is None or self.flight.state != RUNNING:
+            return
+        if not (completed and self.recording):
+            self.abandon()  # truncated, failed or abandoned by the client: never stored
+            return
         try:
-            async for batch in batches:
-                for chunk in batch:
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                        if chunk.usage_only:
-                            usage_data = chunk.data
-                    if not chunk.usage_only:
-                        flight.publish(chunk.data)
-                    if chunk.finish_reason is not None:
-                        finishes.append(chunk.finish_reason)
-                yield batch
-            completed = True
-        finally:
-            if completed:
-                try:
-                    entry = from_stream(self.request.endpoint, flight.chunks, usage, usage_data, self.cache.clock())
-                except Exception:
-                    log.warning("response cache: could not assemble a stream", exc_info=True)
-                    self.abandon()
-                else:
-                    self.finish(entry, store=_finished_well(finishes))
-            else:
-                self.abandon()  # truncated, failed or abandoned by the client: never stored
+            entry = from_stream(self.request.endpoint, self.flight.chunks, self.usage, self.usage_data,
+                                self.cache.clock())
+        except Exception:
+            log.warning("response cache: could not assemble a stream", exc_info=True)
+            self.abandon()
+        else:
+            self.finish(entry, store=_finished_well(self.finishes))
+
+    def served_by(self, model_name: str, target: Target) -> None:
+        """The deployment routing chose. A fallback model's answer is stored as that model's, never as the
+        requested one's: once the requested model recovers, its askers must get its own answers."""
+        self.target = target
+        if model_name == self.model_name:
+            return
+        self.vector = None  # the semantic index holds the requested model's questions only
+        rule = self.team_rules.get(model_name)
+        if rule is None or not cacheable(rule, self.request.endpoint, self.request.body):
+            self.store_key = None
+            return
+        scope = scope_id(rule, *self.scope)
+        self.store_key = exact_key(scope, self.request.endpoint, self.request.body, model_name)
+        self.rule, self.store = rule, self.cache._store(rule.store)
 
     def finish(self, entry: Entry, *, store: bool) -> None:
         """The answer is known: release the followers, and store it if it may be."""
         flight = self.flight
         assert flight is not None
+        entry = dataclasses.replace(entry, served_by=(self.target.provider.name, self.target.upstream_model))
         flight.complete(entry)
-        if not store:
+        if not store or self.store_key is None:
             self._release()
             return
         ttl = self.rule.ttl_s
         if self.vector is not None and self.index is not None:
-            self.index.add(self.partition, self.key, self.vector, entry.created + ttl)
+            self.index.add(self.partition, self.store_key, self.vector, entry.created + ttl)
         # The flight stays findable until the entry can be read back from the store.
-        self.store.put(self.key, entry, ttl, self.replace, self._release)
+        self.store.put(self.store_key, entry, ttl, self.replace, self._release)
 
     def abandon(self) -> None:
         if self.flight is not None and self.flight.state == RUNNING:
@@ -350,10 +375,15 @@ class Ticket:
         """The cache's part of the usage record: what was served from it and what that saved."""
         if not self.hit:
             return {"cache": self.status}
-        usage = self.entry.usage if self.entry is not None else None
+        entry = self.entry
+        usage = entry.usage if entry is not None else None
         if usage is None:
             return {"cache": "hit"}
-        saved, _ = charge(self.prices, self.target, usage)
+        if entry is not None and entry.served_by is not None:  # priced at the deployment that produced it
+            price = self.prices.price_for(*entry.served_by)
+            saved = price.cost(usage) if price is not None else None
+        else:
+            saved, _ = charge(self.prices, self.target, usage)
         return {"cache": "hit", "cache_tokens": usage.total_tokens, "cost_saved_usd": saved}
 
 
@@ -375,11 +405,8 @@ def _finished_well(reasons: tuple[str, ...] | list[str]) -> bool:
     return bool(reasons) and all(reason in CACHEABLE_FINISH for reason in reasons)
 
 
-async def _once(data: bytes, settle: Callable[[], None]) -> AsyncIterator[bytes]:
-    try:
-        yield data
-    finally:
-        settle()
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 _NOTHING: dict[str, Any] = {}
@@ -391,12 +418,12 @@ def remember(ticket: Ticket | None, parsed: ParsedResponse) -> None:
         ticket.remember(parsed)
 
 
-def watch_stream(ticket: Ticket | None, batches: AsyncIterator[list[StreamChunk]]
-                 ) -> AsyncIterator[list[StreamChunk]]:
-    """Pipeline hook: the relay's batches of canonical chunks, recorded on the way when this request is cacheable."""
+def recording_stream(ticket: Ticket | None) -> Ticket | None:
+    """Pipeline hook: the ticket to `observe` each relayed chunk with, when this request leads a cacheable stream."""
     if ticket is None or ticket.flight is None or ticket.hit:
-        return batches
-    return ticket.watch(batches)
+        return None
+    ticket.recording = True
+    return ticket
 
 
 def hit_tokens(ticket: Ticket | None) -> Usage | None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import read_body, request_headers, send_reply, send_stream
-from gateway.errors import GatewayError, render
+from gateway.asgi import request_headers, respond
+from gateway.errors import GatewayError
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
@@ -36,25 +36,24 @@ class MessagesRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
-        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
-        try:
-            raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
-        except GatewayError as error:
-            await send_reply(send, _anthropic_error(*render(error)))
-            return
-        try:
-            chat = chat_request(_load(raw))
-        except TranslationError as exc:
-            await send_reply(send, Reply(400, _error_body("invalid_request_error", str(exc)), {}))
-            return
-        reply = await handle_inference(services, Endpoint.CHAT, exchange, request_headers(scope),
-                                       orjson.dumps(chat))
-        if isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, message_events(reply.events)))
-        elif reply.status >= 400:
-            await send_reply(send, _anthropic_error(reply.status, reply.body, dict(reply.headers)))
-        else:
-            await send_reply(send, Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers))
+        headers = request_headers(scope)
+
+        async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
+            try:
+                chat = orjson.dumps(chat_request(_load(raw)))
+            except TranslationError as exc:
+                return Reply(400, _error_body("invalid_request_error", str(exc)), {})
+            except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
+                return Reply(400, _error_body("invalid_request_error", "The request is nested too deeply."), {})
+            reply = await handle_inference(services, Endpoint.CHAT, exchange, headers, chat)
+            if isinstance(reply, StreamReply):
+                return StreamReply(reply.headers, message_events(reply.events))
+            if reply.status >= 400:
+                return _anthropic_error(reply.status, reply.body, dict(reply.headers))
+            return Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers)
+
+        await respond(scope, receive, send, serve, refused=lambda reply: _anthropic_error(
+            reply.status, reply.body, dict(reply.headers)))
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -77,10 +76,14 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(system, str) and system:
         chat["messages"].append({"role": "system", "content": system})
     elif isinstance(system, list) and system:
+        _check_blocks(system, "system")
         chat["messages"].append({"role": "system", "content": [_text_part(b) for b in system]})
+    elif system is not None and not isinstance(system, str | list):
+        raise TranslationError("system: Input should be a valid string or a list of content blocks")
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
             raise TranslationError(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        _check_blocks(turn.get("content"), f"messages.{i}.content")
         chat["messages"].extend(_user(turn["content"], i) if turn["role"] == "user" else [_assistant(turn, i)])
     if body.get("max_tokens") is not None:
         chat["max_tokens"] = body["max_tokens"]
@@ -96,9 +99,13 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}  # message_delta carries the final usage
     tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise TranslationError("tools: Input should be a valid list")
     if tools:
-        chat["tools"] = [_tool(t) for t in tools]
+        chat["tools"] = [_tool(t, i) for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, dict):
+        raise TranslationError("tool_choice: Input should be a valid dictionary")
     if isinstance(choice, dict):
         mapped = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type"))
         chat["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name")}}
@@ -109,6 +116,19 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
         chat["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": fmt.get("schema") or {}}}
     return chat
+
+
+def _check_blocks(content: Any, where: str) -> None:
+    """Content is a string or a list of blocks, each an object with a string `type`, as Anthropic validates it."""
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise TranslationError(f"{where}: Input should be a valid string or a list of content blocks")
+    for j, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise TranslationError(f"{where}.{j}: Input should be a content block (an object with a 'type')")
+        if block["type"] == "text" and not isinstance(block.get("text"), str):
+            raise TranslationError(f"{where}.{j}.text: Input should be a valid string")
 
 
 def _text_part(block: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,9 +184,13 @@ def _assistant(turn: Mapping[str, Any], i: int) -> dict[str, Any]:
     return message
 
 
-def _tool(tool: Mapping[str, Any]) -> dict[str, Any]:
-    if not tool.get("name") or tool.get("type") not in (None, "custom"):
-        raise TranslationError(f"tool type {tool.get('type')!r} is not supported")
+def _tool(tool: Any, i: int) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise TranslationError(f"tools.{i}: Input should be a valid dictionary")
+    if not isinstance(tool.get("name"), str) or not tool["name"] or tool.get("type") not in (None, "custom"):
+        raise TranslationError(f"tools.{i}: tool type {tool.get('type')!r} is not supported")
+    if tool.get("input_schema") is not None and not isinstance(tool["input_schema"], dict):
+        raise TranslationError(f"tools.{i}.input_schema: Input should be a valid dictionary")
     function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
     if tool.get("description"):
         function["description"] = tool["description"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import read_body, request_headers, send_reply, send_stream
+from gateway.asgi import request_headers, respond
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.front_doors.responses_passthrough import refuse_stateful, relay_events, serves_natively
@@ -38,30 +38,30 @@ class ResponsesRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         services: Services = scope["app"].state.services
-        exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
-        try:
-            raw = await read_body(scope, receive, services.policy().server.max_body_bytes)
-            request = decode_object(raw)
-            native = serves_natively(services.policy(), request)  # OpenAI, vLLM: passed through as is
-            if native:
-                refuse_stateful(request)
-            body = raw if native else orjson.dumps(chat_request(request))
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
-                                       request_headers(scope), body)
-        if native and isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, relay_events(reply.events)))
-        elif native:
-            await send_reply(send, reply)
-        elif isinstance(reply, StreamReply):
-            await send_stream(send, receive, StreamReply(reply.headers, response_events(reply.events, request)))
-        elif reply.status >= 400:
-            await send_reply(send, reply)
-        else:
-            body = orjson.dumps(response(orjson.loads(reply.body), request))
-            await send_reply(send, Reply(reply.status, body, reply.headers))
+        headers = request_headers(scope)
+
+        async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
+            try:
+                request = decode_object(raw)
+                native = serves_natively(services.policy(), request)  # OpenAI, vLLM: passed through as is
+                if native:
+                    refuse_stateful(request)
+                body = raw if native else orjson.dumps(chat_request(request))
+            except GatewayError as error:
+                return Reply(*render(error))
+            except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
+                return Reply(*render(GatewayError(ErrorKind.BAD_REQUEST, "The request is nested too deeply.",
+                                                  param="input", code="nesting_too_deep")))
+            reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
+                                           headers, body)
+            if isinstance(reply, StreamReply):
+                events = relay_events(reply.events) if native else response_events(reply.events, request)
+                return StreamReply(reply.headers, events)
+            if native or reply.status >= 400:
+                return reply
+            return Reply(reply.status, orjson.dumps(response(orjson.loads(reply.body), request)), reply.headers)
+
+        await respond(scope, receive, send, serve)
 
 
 def _bad(message: str, param: str | None = None) -> GatewayError:

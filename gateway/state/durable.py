@@ -13,6 +13,7 @@ other's snapshots. Several workers or replicas need `redis://`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -50,10 +51,36 @@ class DurableStore(MemoryStore):
 
         await asyncio.to_thread(self.open)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write the final snapshot and release the file within `timeout_s` (never hangs on a locked file).
+
+        The snapshot runs in a daemon thread of its own, not the loop's default executor, which
+        `asyncio.run` waits for without a limit when the loop closes.
+        """
         import asyncio
 
-        await asyncio.to_thread(self.shut)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def shut_and_tell() -> None:
+            try:
+                self.shut()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                    loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        threading.Thread(target=shut_and_tell, name="switchboard-state-close", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(finished), timeout_s)
+        except TimeoutError:
+            self._unfinished(f"within {timeout_s:.1f}s")
+        except asyncio.CancelledError:  # the caller's own deadline came first
+            self._unfinished("before the shutdown deadline")
+            raise
+
+    def _unfinished(self, when: str) -> None:
+        log.error("durable state store %s: the final snapshot did not finish %s; counters changed since the last "
+                  "snapshot (at most %.1fs of spend) may be missing from the file", self.path, when, self._interval)
 
     def open(self) -> None:
         """Take the file, load the last snapshot and start the flusher (blocking; call off the loop)."""
@@ -86,7 +113,11 @@ class DurableStore(MemoryStore):
             self._thread.join()
             self._thread = None
         if self._db is not None:
-            self.write_snapshot()
+            try:
+                self.write_snapshot()
+            except sqlite3.Error:
+                log.exception("durable state store %s: the final snapshot failed; %d changed counters are not in "
+                              "the file", self.path, len(self._dirty))
             self._db.close()
             self._db = None
         if self._lock_fd is not None:

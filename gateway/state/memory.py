@@ -31,7 +31,7 @@ class MemoryStore:
     async def start(self) -> None:
         return None
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
         return None
 
     async def flush(self) -> None:
@@ -73,6 +73,12 @@ class MemoryStore:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             return [(key, *self._values.get(key, (0, 0))) for key in dirty]  # type: ignore[misc]
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        """Every live counter as `(key, value, expires_at)`."""
+        now = self._clock()
+        with self._lock:
+            return [(key, value, expires) for key, (value, expires) in self._values.items() if expires > now]
 
     def load(self, rows: Sequence[tuple[str, int, int]]) -> None:
         """Replace the counters with `rows` (at startup, before serving)."""

@@ -16,9 +16,26 @@ When Redis cannot be reached within `timeout_s` the policy decides:
 to replay when Redis returns; `fail_closed` refuses admission (503). Either
 way settlements are journalled and replayed, and a background task probes
 Redis until it answers again; no request waits on Redis longer than the timeout.
-Every script carries a deadline in Redis's clock (the offset is measured at
-each connect): a call that times out is counted locally, and if Redis only
-gets to it later it skips it, so nothing is counted twice.
+
+Nothing is applied twice (docs/accounting.md). Every script call is an
+operation with an id: a bit in a per-process, per-team bitmap
+(`<prefix>{team}:ops:<process id>:<epoch>`), which the script sets, with
+`SETBIT` answering whether it was already set, in the same atomic step that
+applies the call. A call whose reply was lost or came too late (a stalled
+event loop, a connection aborted with other commands in flight) may or may
+not have been applied; it is journalled as it was, under its own id, and
+replayed as it was: Redis skips it if it ran. For an admission the replay
+also carries what the gateway did meanwhile (`hold`: served it from local
+counters, or refused it), and the script leaves its reservation in exactly
+that state, using a second bit that records whether the first run reserved.
+A call that reaches Redis after its deadline (in Redis's clock, measured at
+each connect) is skipped without marking its id, so its replay applies it.
+Increments made while Redis was known down were never sent, so they are
+merged per team into one fresh operation.
+
+`fail_open` does not start from zero: the last value this process saw for
+each counter (admission replies, its own settlements since) seeds the local
+store when Redis goes away.
 """
 
 from __future__ import annotations
@@ -27,8 +44,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
@@ -38,26 +57,54 @@ from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient
 log = logging.getLogger("switchboard.state")
 
 SETTLE_DELAY_S = 0.02
+# How long Redis remembers an operation id after the epoch's last operation: a call replayed later than
+# this after Redis applied it would be applied again. Journals are replayed as soon as Redis answers.
+OP_MEMORY_S = 86_400
+# Operations per bitmap key (2 bits each: 8 KiB at most); a full epoch's key expires on its own.
+EPOCH_OPS = 32_768
+_SWEEP_EVERY = 4096  # remembered counter values between sweeps of expired ones
 
-# KEYS: the deltas' keys, then every check's slices, flattened.
-# ARGV: deadline (Redis time, ms), check count n, delta count d, then per
-#       delta: amount, expires_at; then per check: slice count, limit, amount,
-#       expires_at.
-# Does nothing and returns -1 if it runs after the deadline: its caller has
-# given up on it and counted it elsewhere. Otherwise applies the deltas and
-# returns each check's used value and the 1-based index of the refusing
-# check (0 = admitted, everything reserved).
+# KEYS: the operation's bitmap, the deltas' keys, then every check's slices, flattened.
+# ARGV: deadline (Redis time, ms), the operation's bit, the bitmap's ttl, check count n, delta count d,
+#       hold, then per delta: amount, expires_at; then per check: slice count, limit, amount, expires_at.
+# Does nothing and returns -1 if it runs after the deadline: its caller has given up on it and will
+# replay it (its id is not marked, so the replay applies). Returns -2 if the operation ran before:
+# then it only moves the reservation to `hold` (1 reserved, 0 not) if the first run left it otherwise.
+# Otherwise applies the deltas and returns each check's used value and the 1-based index of the
+# refusing check (0 = admitted, everything reserved). hold -1: reserve if admitted (a live admission);
+# 0 or 1: a replayed admission the gateway meanwhile refused or served, reserved accordingly.
 _SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then return -1 end
-local n, d = tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, d do
-  redis.call('INCRBY', KEYS[i], ARGV[2 + 2 * i])
-  redis.call('EXPIREAT', KEYS[i], ARGV[3 + 2 * i])
+local bit, n, d, hold = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local first = 7 + 2 * d
+local function reserve(sign)
+  local k, a = d + 2, first
+  for c = 1, n do
+    local count, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 2])
+    if amount ~= 0 then
+      redis.call('INCRBY', KEYS[k + count - 1], sign * amount)
+      redis.call('EXPIREAT', KEYS[k + count - 1], ARGV[a + 3])
+    end
+    k = k + count
+    a = a + 4
+  end
 end
-local result, last, denied, k, a = {}, {}, 0, d + 1, 4 + 2 * d
-local first = a
+local seen = redis.call('SETBIT', KEYS[1], bit, 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if seen == 1 then
+  if hold >= 0 and redis.call('GETBIT', KEYS[1], bit + 1) ~= hold then
+    reserve(hold == 1 and 1 or -1)
+    redis.call('SETBIT', KEYS[1], bit + 1, hold)
+  end
+  return -2
+end
+for i = 1, d do
+  redis.call('INCRBY', KEYS[1 + i], ARGV[5 + 2 * i])
+  redis.call('EXPIREAT', KEYS[1 + i], ARGV[6 + 2 * i])
+end
+local result, denied, k, a = {}, 0, d + 2, first
 for c = 1, n do
   local count, limit, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local used = 0
@@ -66,20 +113,15 @@ for c = 1, n do
     if v then used = used + tonumber(v) end
   end
   result[c] = used
-  last[c] = k + count - 1
   if denied == 0 and limit >= 0 and used + amount > limit then denied = c end
   k = k + count
   a = a + 4
 end
-if denied == 0 then
-  a = first
-  for c = 1, n do
-    if tonumber(ARGV[a + 2]) ~= 0 then
-      redis.call('INCRBY', KEYS[last[c]], ARGV[a + 2])
-      redis.call('EXPIREAT', KEYS[last[c]], ARGV[a + 3])
-    end
-    a = a + 4
-  end
+local admitted = denied == 0
+if hold >= 0 then admitted = hold == 1 end
+if admitted then
+  reserve(1)
+  redis.call('SETBIT', KEYS[1], bit + 1, 1)
 end
 result[n + 1] = denied
 return result
@@ -88,11 +130,24 @@ return result
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 _FAILURES = (RedisReplyError, ConnectionLost, OSError, asyncio.TimeoutError)
 _Amounts = dict[str, list[int]]  # key -> [amount, expires_at]
+_ALREADY_APPLIED = -2
 
 
 def _tag(key: str) -> str:
     """The key's `{hash tag}` (its team): keys sent in one script must share it."""
     return key[:key.find("}") + 1]
+
+
+@dataclass(slots=True)
+class _Op:
+    """One script call, with the id Redis knows it by: its deltas, and an admission's checks."""
+
+    tag: str
+    ops_key: str  # the bitmap, without the store's prefix
+    bit: int  # 2 bits: ran, reserved
+    deltas: _Amounts
+    checks: tuple[Check, ...] = ()
+    hold: int = -1  # -1 decide (live admission); 0/1 leave the reservation released/held (replay)
 
 
 class RedisStore:
@@ -112,8 +167,16 @@ class RedisStore:
         self._client = RespClient(url, connect_timeout_s=timeout_s)
         self._local = MemoryStore(clock=clock)
         self._outbox: dict[str, _Amounts] = {}  # settlements not yet sent, by team tag
-        self._journal: _Amounts = {}  # increments Redis has not seen while it was unreachable
+        self._journal: _Amounts = {}  # increments never sent: made while Redis was known to be down
+        self._uncertain: list[_Op] = []  # calls that may or may not have been applied, replayed under their ids
+        # Operation ids: a random process id, and a sequence number per team (dense bitmaps per team).
+        self._process = secrets.token_hex(8)
+        self._sequence: dict[str, int] = {}
+        # The last value seen for each counter (key -> [value, expires_at]), to seed fail_open's local store.
+        self._seen: dict[str, list[int]] = {}
+        self._until_sweep = _SWEEP_EVERY
         self._healthy = True
+        self._closing = False
         self._outage_started = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -126,6 +189,11 @@ class RedisStore:
     def healthy(self) -> bool:
         return self._healthy
 
+    @property
+    def unsent(self) -> int:
+        """Counter updates Redis has not (certainly) received: journalled increments and uncertain calls."""
+        return len(self._journal) + len(self._uncertain)
+
     async def wait_until_healthy(self) -> None:
         """Return once Redis is in use again (after an outage, when the journal is replayed)."""
         await self._up.wait()
@@ -137,14 +205,36 @@ class RedisStore:
         except _FAILURES as exc:
             self._went_down(exc)
 
-    async def close(self) -> None:
-        await self.flush()
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Send every pending settlement and replay the journal, within `timeout_s`; log what is left.
+
+        Also logs when the caller's own deadline cancels it first.
+        """
+        self._closing = True  # no new probe: close replays itself, below
         if self._probe is not None:
             self._probe.cancel()
-        if self._journal:
-            log.error("closing with %d counter updates Redis never received (it was unreachable)",
-                      len(self._journal))
-        await self._client.close()
+        try:
+            with contextlib.suppress(TimeoutError, *_FAILURES):
+                async with asyncio.timeout(timeout_s):
+                    await self.flush()
+                    if self._journal or self._uncertain:
+                        await self._measure_skew()
+                        await self._replay()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._journal_outbox()
+            self._log_unsent()
+            self._client.abort()
+
+    def _log_unsent(self) -> None:
+        if not (self._journal or self._uncertain):
+            return
+        keys = {*self._journal, *(key for op in self._uncertain for key in op.deltas),
+                *(c.slices[-1] for op in self._uncertain for c in op.checks)}
+        log.error("closing with counter updates Redis never received or may not have applied: %d journalled "
+                  "increments and %d unconfirmed calls, on keys %s", len(self._journal), len(self._uncertain),
+                  ", ".join(sorted(keys)[:20]) + (" ..." if len(keys) > 20 else ""))
 
     async def flush(self) -> None:
         self._send_outbox()
@@ -155,25 +245,29 @@ class RedisStore:
         if self._healthy:
             tag = _tag(checks[0].slices[0]) if checks else ""
             riders = self._outbox.pop(tag, None) if all(_tag(c.slices[0]) == tag for c in checks) else None
-            keys: list[str] = []
-            args: list[Any] = [len(checks), len(riders) if riders else 0]  # the deadline goes first in _run
-            if riders:
-                for key, (amount, expires) in riders.items():
-                    keys.append(self._prefix + key)
-                    args.extend((amount, expires))
-            for check in checks:
-                keys.extend(self._prefix + key for key in check.slices)
-                args.extend((len(check.slices), check.limit, check.amount, check.expires_at))
+            op = self._new_op(tag, riders or {}, tuple(checks))
             try:
-                result = await self._run(keys, args)
+                result = await self._run(op)
+            except asyncio.CancelledError:
+                # The caller gave up (its client left) after the call may have reached Redis, and will settle
+                # nothing: replay it at once as refused, so whatever it reserved is given back (its riders
+                # still count). Sent after it on the same connection, Redis runs it after the original.
+                op.hold = 0
+                self._send_op(op)
+                raise
             except _FAILURES as exc:
-                if riders:
-                    self._merge(self._journal, riders.items())
+                # Redis may have run it: journal it under its id, with what this process does instead.
                 self._went_down(exc)
-            else:
-                denied = int(result[-1])
-                used = tuple(int(value) for value in result[:-1])
-                return Verdict(denied == 0, used, denied - 1 if denied else None)
+                verdict = self._local.admit_now(checks) if self._fail_open else None
+                op.hold = 1 if verdict is not None and verdict.admitted else 0
+                self._uncertain.append(op)
+                if verdict is None:
+                    raise StoreUnavailable("the rate-limit state store (Redis) is unreachable") from exc
+                return verdict
+            denied = int(result[-1])
+            used = tuple(int(value) for value in result[:-1])
+            self._remember(checks, used, denied == 0)
+            return Verdict(denied == 0, used, denied - 1 if denied else None)
         if not self._fail_open:
             raise StoreUnavailable("the rate-limit state store (Redis) is unreachable")
         verdict = self._local.admit_now(checks)
@@ -185,6 +279,11 @@ class RedisStore:
         deltas = [d for d in deltas if d.amount]
         if not deltas:
             return
+        seen = self._seen
+        for delta in deltas:
+            entry = seen.get(delta.key)
+            if entry is not None:
+                entry[0] += delta.amount
         if not self._healthy:
             self._local.settle(deltas)
             self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
@@ -207,18 +306,32 @@ class RedisStore:
             index += len(group)
         return totals
 
-    async def _run(self, keys: list[str], args: list[Any], timeout_s: float | None = None) -> Any:
-        """Run the script within `timeout_s`; Redis skips it if it only gets to it later."""
+    def _new_op(self, tag: str, deltas: _Amounts, checks: tuple[Check, ...] = ()) -> _Op:
+        sequence = self._sequence.get(tag, 0)
+        self._sequence[tag] = sequence + 1
+        epoch, index = divmod(sequence, EPOCH_OPS)
+        return _Op(tag, f"{tag}:ops:{self._process}:{epoch}", 2 * index, deltas, checks)
+
+    async def _run(self, op: _Op, timeout_s: float | None = None) -> Any:
+        """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later."""
         timeout_s = timeout_s or self._timeout
+        prefix = self._prefix
+        keys = [prefix + op.ops_key, *(prefix + key for key in op.deltas)]
+        args: list[Any] = [op.bit, OP_MEMORY_S, len(op.checks), len(op.deltas), op.hold]
+        for amount, expires in op.deltas.values():
+            args.extend((amount, expires))
+        for check in op.checks:
+            keys.extend(prefix + key for key in check.slices)
+            args.extend((len(check.slices), check.limit, check.amount, check.expires_at))
         deadline = int((time.time() + self._skew_s + timeout_s) * 1000)
-        async with asyncio.timeout(timeout_s):
-            try:
-                result = await self._client.call("EVALSHA", _SHA, len(keys), *keys, deadline, *args)
-            except RedisReplyError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                # First call on this server (or after a restart or SCRIPT FLUSH): EVAL caches it.
-                result = await self._client.call("EVAL", _SCRIPT, len(keys), *keys, deadline, *args)
+        call = self._client.call_within
+        try:
+            result = await call(timeout_s, "EVALSHA", _SHA, len(keys), *keys, deadline, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # First call on this server (or after a restart or SCRIPT FLUSH): EVAL caches it.
+            result = await call(timeout_s, "EVAL", _SCRIPT, len(keys), *keys, deadline, *args)
         if result == -1:
             raise TimeoutError("Redis ran the call after its deadline and skipped it")
         return result
@@ -234,26 +347,36 @@ class RedisStore:
         after = time.time()
         self._skew_s = int(seconds) + int(micros) / 1e6 - after
 
+    def _remember(self, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
+        """Keep each counter's value as this admission left it (its newest slice holds a rolling sum)."""
+        seen = self._seen
+        for check, value in zip(checks, used, strict=False):
+            seen[check.slices[-1]] = [value + check.amount if admitted else value, check.expires_at]
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._until_sweep = _SWEEP_EVERY
+            now = self._clock()
+            for key in [key for key, (_, expires) in seen.items() if expires <= now]:
+                del seen[key]
+
     def _send_outbox(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         outbox, self._outbox = self._outbox, {}
-        loop = asyncio.get_running_loop()
-        for amounts in outbox.values():
-            task = loop.create_task(self._send(amounts))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        for tag, amounts in outbox.items():
+            self._send_op(self._new_op(tag, amounts))
 
-    async def _send(self, amounts: _Amounts) -> None:
-        keys = [self._prefix + key for key in amounts]
-        args: list[Any] = [0, len(amounts)]
-        for amount, expires in amounts.values():
-            args.extend((amount, expires))
+    def _send_op(self, op: _Op) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(op))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, op: _Op) -> None:
         try:
-            await self._run(keys, args, self._timeout * 4)
+            await self._run(op, self._timeout * 4)
         except _FAILURES as exc:
-            self._merge(self._journal, amounts.items())
+            self._uncertain.append(op)
             self._went_down(exc)
 
     @staticmethod
@@ -268,6 +391,11 @@ class RedisStore:
                 entry[0] += amount
                 entry[1] = max(entry[1], expires)
 
+    def _journal_outbox(self) -> None:
+        for amounts in self._outbox.values():
+            self._merge(self._journal, amounts.items())
+        self._outbox.clear()
+
     def _went_down(self, exc: BaseException) -> None:
         # Drop the connection: commands Redis has not read yet die with it
         # instead of running late, after their callers were told they failed.
@@ -276,14 +404,15 @@ class RedisStore:
             self._healthy = False
             self._up.clear()
             self._outage_started = self._clock()
+            # Start from what this process last saw, not from zero (docs/accounting.md states the bound).
+            now = self._clock()
+            self._local.load([(key, value, expires) for key, (value, expires) in self._seen.items() if expires > now])
             mode = "serving with local per-process counters (fail_open)" if self._fail_open else \
                 "refusing requests with 503 (fail_closed)"
             log.error("RATE-LIMIT STATE STORE DOWN: Redis %s unreachable (%s: %s); %s until it returns",
                       _safe_url(self.url), type(exc).__name__, exc, mode)
-        for amounts in self._outbox.values():
-            self._merge(self._journal, amounts.items())
-        self._outbox.clear()
-        if self._probe is None or self._probe.done():
+        self._journal_outbox()
+        if not self._closing and (self._probe is None or self._probe.done()):
             with contextlib.suppress(RuntimeError):
                 self._probe = asyncio.get_running_loop().create_task(self._recover())
 
@@ -300,26 +429,27 @@ class RedisStore:
             break
         self._healthy = True
         self._up.set()
+        # What this process counted during the outage is the latest it knows of those counters (its seed plus
+        # its own increments, now replayed): the next outage starts from there.
+        for key, value, expires in self._local.rows():
+            self._seen[key] = [value, expires]
         self._local = MemoryStore(clock=self._clock)
         log.warning("rate-limit state store back: Redis %s reachable again after %.1fs; local counts reconciled",
                     _safe_url(self.url), self._clock() - self._outage_started)
 
     async def _replay(self) -> None:
-        while self._journal:
-            journal, self._journal = self._journal, {}
-            by_tag: dict[str, _Amounts] = {}
-            for key, entry in journal.items():
-                by_tag.setdefault(_tag(key), {})[key] = entry
-            try:
-                for tag, amounts in list(by_tag.items()):
-                    await self._run([self._prefix + key for key in amounts],
-                                    [0, len(amounts), *(v for entry in amounts.values() for v in entry)],
-                                    self._timeout * 4)
-                    del by_tag[tag]
-            except _FAILURES:
-                for amounts in by_tag.values():
-                    self._merge(self._journal, amounts.items())
-                raise
+        """Send the journal and the unconfirmed calls, each under its own id, oldest first."""
+        while self._journal or self._uncertain:
+            if self._journal:
+                journal, self._journal = self._journal, {}
+                by_tag: dict[str, _Amounts] = {}
+                for key, entry in journal.items():
+                    by_tag.setdefault(_tag(key), {})[key] = entry
+                # Never sent, so never applied: one fresh operation per team.
+                self._uncertain.extend(self._new_op(tag, amounts) for tag, amounts in by_tag.items())
+            op = self._uncertain[0]
+            await self._run(op, self._timeout * 4)  # a failure leaves it first in line, under the same id
+            self._uncertain.remove(op)
 
 
 def _safe_url(url: str) -> str:

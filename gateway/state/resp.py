@@ -113,6 +113,21 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_exception(ConnectionLost(f"connection to Redis lost: {exc or 'closed'}"))
 
 
+def _expire_after_a_poll(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], timeout_s: float,
+                         hops: int) -> None:
+    """Fail `waiter` with a timeout, unless a reply completes it first.
+
+    Called `hops` more times through the ready queue: each hop is a loop turn, and one of them polls the
+    sockets, whatever the loop's order of timers, ready callbacks and I/O within a turn.
+    """
+    if waiter.done():
+        return
+    if hops:
+        loop.call_soon(_expire_after_a_poll, loop, waiter, timeout_s, hops - 1)
+        return
+    waiter.set_exception(TimeoutError(f"Redis did not answer within {timeout_s}s"))
+
+
 class RespClient:
     """One multiplexed connection to the Redis at `url`, opened on first use and reopened after a loss."""
 
@@ -141,6 +156,31 @@ class RespClient:
         assert protocol.transport is not None
         protocol.transport.write(encode(args))
         return await waiter
+
+    async def call_within(self, timeout_s: float, *args: Any) -> Any:
+        """`call`, given up after `timeout_s` (TimeoutError) unless its reply is already here by then.
+
+        A stalled event loop can run a timeout's callback in the same turn as
+        the read that carries the reply, or before it (uvloop runs timers
+        before polling sockets); `asyncio.timeout` would then throw the reply
+        away and report a timeout for a command Redis did run. Here the timer
+        only gives up after the loop has polled its sockets once more.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            async with asyncio.timeout(timeout_s):
+                protocol = await self._connect()
+        waiter = loop.create_future()
+        protocol.waiters.append(waiter)
+        assert protocol.transport is not None
+        protocol.transport.write(encode(args))
+        timer = loop.call_at(deadline, _expire_after_a_poll, loop, waiter, timeout_s, 2)
+        try:
+            return await waiter  # a cancelled caller cancels it: its reply, when it comes, is skipped
+        finally:
+            timer.cancel()
 
     def abort(self) -> None:
         """Reset the connection at once; waiting commands fail with `ConnectionLost`."""

@@ -130,6 +130,9 @@ class Behaviour:
         end_delay_ms: after a stream's last event, wait this long before ending the response body, as a
             server does whose end of body trails its ``[DONE]``.
         content: replace the generated text content.
+        tail_in_one_write: write a stream's last three events (the last content chunk, the usage chunk when
+            asked for, ``[DONE]``) in one write, as servers that buffer their output do, so the gateway reads
+            the end of the answer and its terminator in one read.
     """
 
     path: str | None = None
@@ -145,6 +148,7 @@ class Behaviour:
     stream_error: Mapping[str, Any] | None = None
     end_delay_ms: float = 0.0
     content: str | None = None
+    tail_in_one_write: bool = False
 
     @classmethod
     def error(
@@ -863,6 +867,9 @@ class FakeOpenAIUpstream:
         delay_ms = self.chunk_delay_ms if behaviour.chunk_delay_ms is None else behaviour.chunk_delay_ms
         delay = delay_ms / 1000
         drop_after = behaviour.drop_after_chunks
+        if behaviour.tail_in_one_write:
+            listed = list(frames)
+            frames = iter([*listed[:-3], b"".join(listed[-3:])])
         for frame in frames:
             if drop_after is not None and exchange.chunks_sent >= drop_after:
                 if behaviour.stream_error is not None:

@@ -71,11 +71,16 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A redis-server of our own on a free port, which a test may stop and start again."""
+    """A redis-server of our own on a free port, which a test may stop and start again.
 
-    def __init__(self, workdir: Path) -> None:
+    `persist`: an append-only file synced on every write, so a `kill -9` and restart keeps every counter
+    (a Redis that comes back with its data, as a production one with AOF does).
+    """
+
+    def __init__(self, workdir: Path, *, persist: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.persist = persist
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,7 +91,8 @@ class PrivateRedis:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed"
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *(("--appendonly", "yes", "--appendfsync", "always") if self.persist else ("--appendonly", "no")),
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_timeout=0.2)
         deadline = time.monotonic() + 10
@@ -107,8 +113,8 @@ class PrivateRedis:
 
 
 @contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(workdir)
+def private_redis(workdir: Path, *, persist: bool = False) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(workdir, persist=persist)
     server.start()
     try:
         yield server

@@ -1,0 +1,113 @@
+"""The gateway's own work per request, driven in process: for instruction counts under callgrind.
+
+No server, no sockets: the app is called as ASGI with a canned receive/send,
+in front of the in-process `mock` provider with no pacing, so what is counted
+is the pipeline (authentication, parsing, admission, routing, relay,
+settlement, metrics) plus the mock's own reply. The mock's part is the same
+for any two versions of the gateway, so the difference between two counts is
+the difference in the gateway's work. Wall-clock time under load is noise;
+instruction counts are not (`valgrind --tool=callgrind` counts the same for
+the same code whatever else the machine does):
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p python loadtests/inprocess.py --requests 300
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p python loadtests/inprocess.py --requests 100
+    # instructions per request = (total at 300 - total at 100) / 200
+
+Run it from another checkout (PYTHONPATH=that/checkout) to compare versions in one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+POLICY = """
+version: 1
+providers:
+  mock:
+    kind: mock
+    options: {first_token_ms: 0, token_interval_ms: 0, reply_words: 24}
+models:
+  gpt-4o-mini:
+    targets: [{provider: mock, model: mock-gpt-4o-mini}]
+teams:
+  demo:
+    keys:
+      - id: demo
+        hash: "sha256:b63e455907cf558f3526e7928ae4568399e5c142f3c34dd804152268985719aa"
+    models: ["*"]
+"""
+
+CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}'
+STREAM = (b'{"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, '
+          b'"messages": [{"role": "user", "content": "Hello there, how are you?"}]}')
+
+
+async def _request(app: Any, body: bytes) -> int:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "headers": [(b"authorization", b"Bearer sk-switchboard-demo"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080), "scheme": "http"}
+    sent = asyncio.Event()
+    received = False
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await sent.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif not message.get("more_body", False):
+            sent.set()
+
+    await app(scope, receive, send)
+    return status
+
+
+async def _run(requests: int, stream: bool) -> None:
+    from gateway.app import create_app
+    from gateway.policy_store import PolicyStore
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(POLICY)
+        app = create_app(PolicyStore(path), sinks=[])
+        startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await startup.put({"type": "lifespan.startup"})
+        done = asyncio.Event()
+
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                done.set()
+
+        lifespan = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, startup.get,
+                                           lifespan_send))
+        await done.wait()
+        body = STREAM if stream else CHAT
+        for _ in range(requests):
+            assert await _request(app, body) == 200
+        await startup.put({"type": "lifespan.shutdown"})
+        await lifespan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(_run(args.requests, args.stream))
+
+
+if __name__ == "__main__":
+    main()
