@@ -15,22 +15,32 @@ REDIS_PORT ?= 6379
 PHOENIX_VENV ?= .venv-phoenix
 STACK_DIR ?= .stack
 
-.PHONY: run test test-slow conformance lint bench redis install install-dev clean stack stack-down stack-tools image
+.PHONY: run test test-slow conformance lint bench redis install install-dev clean screenshots stack stack-down \
+	stack-tools image
+
+# pip prints one line per package it collects and installs (no --quiet), so a first `make run` shows its
+# progress instead of ~30 s of silence; later runs skip these steps.
+PIP := $(PY) -m pip install --disable-pip-version-check --progress-bar off
 
 $(VENV)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) and installing switchboard (first run only, ~30 s)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PIP) --upgrade pip
+	$(PIP) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,load]'
+	@echo "==> installing the test and load-test dependencies"
+	$(PIP) -e '.[dev,load]'
 	touch $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
+	@echo "==> serving $(POLICY) on http://127.0.0.1:$(PORT)  (Ctrl-C stops it)"
+	@echo "    demo key sk-switchboard-demo; console http://127.0.0.1:$(PORT)/ui/ (password sk-switchboard-admin-demo)"
+	@echo "    the switchboard command: $(VENV)/bin/switchboard (or: source $(VENV)/bin/activate)"
 	PORT=$(PORT) $(VENV)/bin/switchboard serve --policy $(POLICY)
 
 # Make sure a Redis answers on 127.0.0.1:$(REDIS_PORT); start one if not.
@@ -50,6 +60,10 @@ test-slow: install-dev redis stack-tools $(PHOENIX_VENV)/.installed
 # Run every test that claims a conformance-matrix cell and regenerate docs/conformance.md.
 conformance: install-dev redis
 	$(PY) -m pytest -n 2 -m conformance --conformance-report=docs/conformance.md
+
+# Refresh docs/console-*.png from the console's browser test (needs chromium and chromium-driver).
+screenshots: install-dev
+	SWITCHBOARD_SCREENSHOTS=docs $(PY) -m pytest -n 0 -m slow tests/test_console_browser.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

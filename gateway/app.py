@@ -19,9 +19,12 @@ from starlette.routing import Route
 from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
+from gateway.console import RecentActivity, console_routes
 from gateway.errors import ErrorKind, GatewayError, render
-from gateway.front_doors.messages import MessagesRoute
+from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anthropic_path
+from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
+from gateway.front_doors.token_count import CountTokensRoute
 from gateway.health import Monitor, TargetsRoute
 from gateway.health_metrics import HealthCollector
 from gateway.heap import settle_for_serving
@@ -31,6 +34,7 @@ from gateway.metrics import Metrics, MetricsRoute
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
+from gateway.response_store import ResponseStore, open_response_store
 from gateway.state import open_store
 from gateway.telemetry import SpanExporter, Telemetry
 from gateway.tokens import TokenCounter
@@ -88,6 +92,12 @@ class ModelsRoute:
             await send_reply(send, Reply(*render(error)))
 
 
+async def _root(request: Request) -> Response:
+    # A person who opens the gateway's address sees where to go instead of a 404.
+    body = b'{"service":"switchboard","api":"/v1","console":"/ui/","health":"/healthz"}'
+    return Response(body, media_type="application/json")
+
+
 async def _healthz(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -109,6 +119,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = GatewayError(ErrorKind.NOT_FOUND, f"Unknown endpoint: {request.method} {request.url.path}",
                              code="unknown_url", status=exc.status_code)
+    if is_anthropic_path(request.url.path):  # Anthropic SDK clients parse only Anthropic's error shape
+        reply = anthropic_reply(error)
+        return Response(reply.body, status_code=reply.status, headers=dict(reply.headers),
+                        media_type="application/json")
     status, body, headers = render(error)
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
@@ -121,6 +135,7 @@ def create_app(
     limiter: Limiter | None = None,
     span_exporter: SpanExporter | None = None,
     cache: ResponseCache | None = None,
+    response_store: ResponseStore | None = None,
     serving_process: bool = False,
 ) -> GatewayApp:
     """Build the gateway around a policy store; everything that talks to the world is injected here.
@@ -137,7 +152,8 @@ def create_app(
     telemetry = Telemetry(span_exporter=span_exporter, metrics=metrics)
     telemetry.configure(observed)
     front_sinks = sinks if sinks is not None else [AccessLogSink()]
-    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None)])
+    activity = RecentActivity()  # the console's overview: recent request rate, errors, overhead
+    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None), activity])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
@@ -149,12 +165,14 @@ def create_app(
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
         metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
+    responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         await asyncio.to_thread(counter.preload)
         await limiter.start()
+        await responses.start()
         pools.prepare(store.current)
         background: set[asyncio.Task[Any]] = set()
 
@@ -189,12 +207,13 @@ def create_app(
             # what remains of one more grace period, and a step that cannot finish is logged, never waited on
             # forever: a process that will not stop is killed, and then loses everything.
             await _shut_down(store.current.server.shutdown_grace_s, [
-                ("health monitor", monitor.close),
-                ("upstream pools", pools.close),
+                ("health monitor", lambda left: monitor.close()),
+                ("upstream pools", lambda left: pools.close()),
                 ("state store (settlements)", limiter.close),
-                ("response cache", services.cache.close),
-                ("usage sinks (ledger, access log)", lambda: asyncio.to_thread(recorder.close)),
-                ("span export", lambda: asyncio.to_thread(telemetry.shutdown)),
+                ("response store", lambda left: responses.close()),
+                ("response cache", lambda left: services.cache.close()),
+                ("usage sinks (ledger, access log)", lambda left: asyncio.to_thread(recorder.close, left)),
+                ("span export", lambda left: asyncio.to_thread(telemetry.shutdown)),
             ])
 
     app = Starlette(
@@ -203,20 +222,27 @@ def create_app(
             Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS), methods=["POST"]),
             Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS), methods=["POST"]),
             Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+            Route("/v1/messages/count_tokens", CountTokensRoute(), methods=["POST"]),
             Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+            Route("/v1/responses/{response_id}/input_items", InputItemsRoute(), methods=["GET"]),
+            Route("/v1/responses/{response_id}", ResponseObjectRoute(), methods=["GET", "DELETE"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),
             Route("/v1/models/{model:path}", ModelsRoute(), methods=["GET"]),
+            Route("/", _root, methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/readyz", _readyz, methods=["GET"]),
             Route("/admin/usage", UsageRoute(), methods=["GET"]),
             Route("/admin/targets", TargetsRoute(), methods=["GET"]),
             Route("/admin/spend", SpendRoute(ledger), methods=["GET"]),
+            *console_routes(ledger, activity),  # /admin/{overview,requests,budgets,policy}, /ui
             Route("/metrics", MetricsRoute(metrics), methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.policy_store = store  # the console shows the last reload's result
+    app.state.response_store = responses
     app.state.ready = False
     app.state.started_at = int(time.time())
     hot = {("POST", route.path): route.app for route in app.routes
@@ -225,13 +251,15 @@ def create_app(
     return GatewayApp(app, hot)
 
 
-async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
-    """Run each shutdown step in order within `grace_s` in all; log the ones that fail or run out of time."""
+async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[float], Awaitable[Any]]]]) -> None:
+    """Run each shutdown step in order within `grace_s` in all, giving each the seconds left; log the ones that
+    fail or run out of time."""
     deadline = time.monotonic() + max(grace_s, 1.0)
     for name, step in steps:
+        left = max(0.1, deadline - time.monotonic())
         try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                await step()
+            async with asyncio.timeout(left + 0.5):  # the step's own timeout first, so it can say what it lost
+                await step(left)
         except TimeoutError:
             log.error("shutdown: %s did not finish within the grace period; its pending work is lost", name)
         except Exception:

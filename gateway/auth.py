@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Mapping
 
 from gateway.errors import ErrorKind, GatewayError
@@ -27,19 +30,23 @@ def authenticate(policy: Policy, headers: Mapping[str, str]) -> KeyEntry:
     entry = policy.keys.get(digest)
     if entry is None or not hmac.compare_digest(entry.digest, digest) or entry.disabled:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect API key provided.", code="invalid_api_key")
+    if entry.expires_at is not None and time.time() >= entry.expires_at:  # rotated: the overlap is over
+        raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.", code="invalid_api_key")
     return entry
 
 
 def authenticate_admin(policy: Policy, headers: Mapping[str, str]) -> None:
     """Pass when `Authorization: Bearer` carries one of the policy's `admin.keys`; 401 otherwise.
 
+    `Authorization: Basic` with the admin key as the password (any user name) is accepted too:
+    it is what a browser sends for the console at /ui after its login prompt.
+
     Admin endpoints (/admin/usage, /admin/targets, /admin/spend) all call this.
     Every admin key is compared, in constant time, so timing says nothing about
     which one nearly matched.
     """
-    scheme, _, presented = headers.get("authorization", "").partition(" ")
-    presented = presented.strip()
-    if scheme.lower() != "bearer" or not presented:
+    presented = _presented_admin_key(headers.get("authorization", ""))
+    if not presented:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Missing admin key (Authorization: Bearer <admin key>).",
                            code="missing_api_key")
     digest = hashlib.sha256(presented.encode()).digest()
@@ -48,6 +55,19 @@ def authenticate_admin(policy: Policy, headers: Mapping[str, str]) -> None:
         matched |= hmac.compare_digest(digest, known)
     if not matched:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect admin key provided.", code="invalid_api_key")
+
+
+def _presented_admin_key(authorization: str) -> str:
+    scheme, _, value = authorization.partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "bearer":
+        return value
+    if scheme == "basic":
+        try:
+            return base64.b64decode(value, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
 
 
 def _presented_key(headers: Mapping[str, str]) -> str:

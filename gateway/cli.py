@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, policy validate|schema, keys new."""
+"""The `switchboard` command: serve, policy validate|schema|explain, keys list|new|revoke|rotate, usage, spend."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import logging.handlers
 import os
 import queue
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.auth import new_key
+from gateway.key_files import KeyBook, KeysFileError
 from gateway.policy import PolicyError, load_policy
 from gateway.policy_schema import json_schema
 
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description="An OpenAI-compatible LLM gateway.")
+    parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -55,10 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
 
     keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(required=True, metavar="ACTION")
-    new = keys.add_parser("new", help="print a new virtual key and the hash to put in the policy")
+    listing = keys.add_parser("list", help="list the keys of a policy and its keys file (ids and state only)")
+    listing.add_argument("--policy", required=True)
+    listing.add_argument("--team", default=None)
+    listing.set_defaults(run=_list_keys)
+    new = keys.add_parser("new", help="create a key: printed once; its hash goes to the policy's keys file")
     new.add_argument("--team", required=True)
     new.add_argument("--id", default=None, help="key id (default: <team>-<random>)")
+    new.add_argument("--policy", default=None, help="add the key to this policy's keys file (created if needed); "
+                     "without it, print the YAML to paste")
     new.set_defaults(run=_new_key)
+    revoke = keys.add_parser("revoke", help="disable a key (applies when the gateway reloads)")
+    revoke.add_argument("--policy", required=True)
+    revoke.add_argument("--id", required=True)
+    revoke.set_defaults(run=_revoke_key)
+    rotate = keys.add_parser("rotate", help="create a successor key; the old one expires after an overlap")
+    rotate.add_argument("--policy", required=True)
+    rotate.add_argument("--id", required=True, help="the key to replace")
+    rotate.add_argument("--overlap", default="24h", help="how long the old key keeps working: 30m, 24h, 7d")
+    rotate.set_defaults(run=_rotate_key)
 
     usage = commands.add_parser("usage", help="print a team's usage, limits and budgets (JSON)")
     usage.add_argument("--policy", required=True, help="policy YAML file (its state: block says where to read)")
@@ -74,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
     spend.set_defaults(run=_spend)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("switchboard")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -159,11 +185,87 @@ def _schema(args: argparse.Namespace) -> int:
 def _new_key(args: argparse.Namespace) -> int:
     key, digest = new_key()
     key_id = args.id or f"{args.team}-{key[-6:].lower()}"
-    sys.stdout.write(
-        f"New key for team {args.team} (shown once; store it in your secret manager):\n\n  {key}\n\n"
-        f"Add this under teams.{args.team}.keys in the policy:\n\n"
-        f"  - id: {key_id}\n    hash: \"{digest}\"\n"
-    )
+    if args.policy is None:
+        sys.stdout.write(
+            f"New key for team {args.team} (shown once; store it in your secret manager):\n\n  {key}\n\n"
+            f"Add this under teams.{args.team}.keys in the policy:\n\n"
+            f"  - id: {key_id}\n    hash: \"{digest}\"\n"
+        )
+        return 0
+    return _keys_edit(args.policy, lambda book: _created(book, args.team, key_id, key, digest))
+
+
+def _created(book: KeyBook, team: str, key_id: str, key: str, digest: str) -> str:
+    where = book.add(team, key_id, digest)
+    return (f"New key {key_id} for team {team} (shown once; store it in your secret manager):\n\n  {key}\n\n"
+            f"Its hash is in {where}; the gateway picks it up when it reloads (file watch or SIGHUP).\n")
+
+
+def _list_keys(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    try:
+        book = KeyBook(args.policy)
+    except (OSError, KeysFileError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    now = dt.datetime.now(dt.UTC)
+    rows = [r for r in book.rows() if args.team is None or r.team == args.team]
+    cells = [("team", "id", "stored in", "state")] + [(r.team, r.key_id, r.where, r.state(now)) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    sys.stdout.write("".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n"
+                             for row in cells))
+    return 0
+
+
+def _revoke_key(args: argparse.Namespace) -> int:
+    def revoke(book: KeyBook) -> str:
+        team = book.team_of(args.id)
+        where = book.set_field(args.id, "disabled", True)
+        return f"Revoked key {args.id} of {team} (in the {where}); refused from the gateway's next reload.\n"
+
+    return _keys_edit(args.policy, revoke)
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import re
+
+    def rotate(book: KeyBook) -> str:
+        team = book.team_of(args.id)
+        if team == "(admin)":
+            raise KeyError("admin keys are not rotated here: add a new admin key, then revoke the old one")
+        overlap = re.fullmatch(r"(\d+)([mhdw])", args.overlap.strip())
+        if overlap is None:
+            raise KeyError(f"--overlap {args.overlap!r}: use 30m, 24h, 7d or 4w")
+        overlap_s = int(overlap.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[overlap.group(2)]
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=overlap_s)).isoformat(timespec="seconds")
+        # The old key's expiry first: a reload between the two writes never sees two keys without one.
+        book.set_field(args.id, "expires_at", expires.replace("+00:00", "Z"))
+        key, digest = new_key()
+        created = _created(book, team, f"{team}-{key[-6:].lower()}", key, digest)
+        return created + f"The old key {args.id} keeps working until {expires.replace('+00:00', 'Z')}.\n"
+
+    return _keys_edit(args.policy, rotate)
+
+
+def _keys_edit(policy_path: str, edit: Callable[[KeyBook], str]) -> int:
+    """Apply an edit to a policy's keys, then check that the policy still loads; print the edit's message."""
+    try:
+        book = KeyBook(policy_path)
+        message = edit(book)
+    except (OSError, KeysFileError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    except KeyError as exc:
+        sys.stderr.write(f"{exc.args[0]}\n")
+        return 1
+    sys.stdout.write(message)
+    try:
+        load_policy(policy_path)
+    except PolicyError as exc:  # e.g. the policy was already invalid: say so now, not at the next reload
+        sys.stderr.write(f"warning: the policy does not load:\n{exc}\n")
+        return 1
     return 0
 
 

@@ -181,6 +181,7 @@ class Ledger:
     def _start(self) -> None:
         with self._lock:
             if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. the demo's .switchboard/
                 open_ledger(self.path).close()  # create the file and table up front, so a bad path fails loudly
                 self._writer = threading.Thread(target=self._write, name="switchboard-ledger", daemon=True)
                 self._writer.start()

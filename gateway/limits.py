@@ -268,9 +268,11 @@ class Limiter:
     async def start(self) -> None:
         await self.store.start()
 
-    async def close(self) -> None:
-        await self.flush()
-        await self.store.close()
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is pending to the store and close it, within `timeout_s` (the store logs what is left)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.store.close(timeout_s)
 
     async def flush(self) -> None:
         """Wait for pending threshold checks and settlements (tests, shutdown)."""

@@ -151,6 +151,9 @@ def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
     if payload.get(required) is None:
         raise GatewayError(ErrorKind.BAD_REQUEST, f"Missing required parameter: '{required}'.", param=required,
                            code="missing_required_parameter")
+    if payload[required] == []:  # OpenAI refuses it too; forwarded, some upstreams answer an empty prompt
+        raise GatewayError(ErrorKind.BAD_REQUEST, f"Invalid '{required}': empty array. Expected an array with "
+                           "minimum length 1, but got an empty array instead.", param=required, code="empty_array")
     stream = payload.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError(ErrorKind.BAD_REQUEST, "'stream' must be a boolean.", param="stream",

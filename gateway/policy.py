@@ -10,6 +10,7 @@ without any further parsing. Every problem found is reported as
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import os
 import re
@@ -22,20 +23,25 @@ import yaml
 from pydantic import ValidationError
 
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.limits import Rules, build_rules, rules_problems
+from gateway.policy_diagnosis import file_path, line_of, stand_in_document, suggestion
 from gateway.policy_schema import (
+    ConsolePolicy,
     HealthCheckPolicy,
     LedgerPolicy,
     MetricsScrapePolicy,
     ModelPolicy,
     PolicyDocument,
     ProviderBase,
+    ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,
     TargetPolicy,
     TelemetryPolicy,
 )
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
+from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, fallback_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
@@ -120,6 +126,7 @@ class KeyEntry:
     team: Team
     digest: bytes
     disabled: bool
+    expires_at: float | None = None  # unix time from which the key is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,7 @@ class Policy:
     keys: Mapping[bytes, KeyEntry]
     # SHA-256 digests of the keys that may call /admin endpoints.
     admin_keys: frozenset[bytes] = frozenset()
+    console: ConsolePolicy = field(default_factory=ConsolePolicy)
     # Cost attribution and observability (gateway/pricing.py, telemetry.py, ledger.py).
     prices: PriceBook = EMPTY_PRICE_BOOK
     telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
@@ -145,6 +153,12 @@ class Policy:
     # Rate limits and budgets by scope (gateway/limits.py) and where their counters live.
     rules: Rules | None = None
     state: StatePolicy = field(default_factory=StatePolicy)
+    # The keys file merged into the teams (`keys_file`); the policy store watches it too.
+    keys_path: Path | None = None
+    keys_stamp: tuple[str, int, int, int] | None = None  # the keys file as it was read
+    # Stored Responses API state per team (gateway/response_store/) and where it lives.
+    responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
+    response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -172,15 +186,34 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     raw = _interpolate(raw, environ, (), problems, root)
     if problems:
         raise PolicyError(source, problems)
+    keys_path = keys_file_path(source, raw)
+    keys_text, keys_stamp = "", None
+    if keys_path is not None:  # team keys kept beside the policy (gateway/key_files.py)
+        keys_stamp = file_stamp(keys_path)  # before reading: a write after it is seen as a change
+        try:
+            keys_text, file_keys = read_keys_file(keys_path)
+        except KeysFileError as exc:
+            raise PolicyError(source, exc.problems) from exc
+        problems = merge_keys(raw, file_keys, keys_path)
+        if problems:
+            raise PolicyError(source, problems)
     try:
         document = PolicyDocument.model_validate(raw)
     except ValidationError as exc:
-        raise PolicyError(source, [_describe(error, root) for error in exc.errors()]) from exc
+        errors = exc.errors()
+        problems = [_describe(error, root, raw) for error in errors]
+        # The reference and cross-field problems too, checked on stand-ins for the invalid entries.
+        stand_in = stand_in_document(raw, errors)
+        if stand_in is not None:
+            problems += [p for p in _cross_reference_problems(stand_in, root) if p not in problems]
+        raise PolicyError(source, problems) from exc
     problems = _cross_reference_problems(document, root)
     if problems:
         raise PolicyError(source, problems)
-    policy = _build(document, source, hashlib.sha256(text.encode()).hexdigest()[:16])
-    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state)
+    policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
+    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
+                                 keys_stamp=keys_stamp, responses=build_response_rules(document),
+                                 response_store=document.response_store)
     return _with_accounting(policy, document, root)
 
 
@@ -211,15 +244,14 @@ def _interpolate(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], 
     return _ENV_REFERENCE.sub(substitute, value)
 
 
-def _describe(error: Mapping[str, Any], root: yaml.Node) -> str:
+def _describe(error: Mapping[str, Any], root: yaml.Node, raw: Mapping[str, Any]) -> str:
     # Discriminated unions add the tag (e.g. `openai`) as a path element; drop it
     # so the path reads as it does in the file.
-    loc = tuple(error["loc"])
-    if len(loc) >= 3 and loc[0] == "providers":
-        loc = loc[:2] + loc[3:]
+    loc = file_path(error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown field (check the spelling; `switchboard policy schema` lists the fields)"
+        message = "unknown field" + (suggestion(loc, raw) or
+                                     " (check the spelling; `switchboard policy schema` lists the fields)")
     elif error["type"] == "union_tag_invalid":
         message = f"unknown provider kind {error['input'].get('kind')!r}; known kinds: " + ", ".join(
             sorted(error["ctx"]["expected_tags"].replace("'", "").split(", "))
@@ -231,24 +263,8 @@ def _describe(error: Mapping[str, Any], root: yaml.Node) -> str:
 
 def _at(loc: tuple[Any, ...], root: yaml.Node, message: str) -> str:
     path = ".".join(str(p) for p in loc) or "(top level)"
-    line = _line_of(root, loc)
+    line = line_of(root, loc)
     return f"{path}: {message}" + (f" (line {line})" if line else "")
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The YAML line of the deepest node along `loc` that exists."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            match = node.value[part]
-        else:
-            match = None
-        if match is None:
-            break
-        node, line = match, match.start_mark.line + 1
-    return line
 
 
 def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
@@ -271,6 +287,9 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                                     + ", ".join(sorted(document.providers))))
     problems.extend(_at(loc, root, message) for loc, message in fallback_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
+    problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
+                        "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
+                    if key.expires_at is not None)
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():
         for index, model_name in enumerate(team.models):
@@ -300,10 +319,14 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
         teams[name] = team
         for key in config.keys:
             digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
-            keys[digest] = KeyEntry(key.id, team, digest, key.disabled)
+            expires = key.expires_at
+            if expires is not None and expires.tzinfo is None:
+                expires = expires.replace(tzinfo=datetime.UTC)
+            keys[digest] = KeyEntry(key.id, team, digest, key.disabled,
+                                    expires.timestamp() if expires is not None else None)
     admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
     return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
-                  cache=build_cache_plan(document))
+                  console=document.admin.console, cache=build_cache_plan(document))
 
 
 def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:

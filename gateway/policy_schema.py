@@ -304,8 +304,33 @@ class KeyPolicy(Strict):
                     description="A name for the key that is safe to log and trace.")
     hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<hex digest of the key>.")
     disabled: bool = Field(False, description="Refuse this key without deleting it.")
+    expires_at: datetime.datetime | None = Field(None, description="Refuse this key from this time on (ISO 8601, "
+                                                 "UTC unless it has an offset); `switchboard keys rotate` sets it "
+                                                 "on the old key so both work during the overlap.")
     limits: RateLimitsPolicy | None = Field(None, description="Rate limits of this key alone.")
     budget: BudgetPolicy | None = Field(None, description="Budget of this key alone (the team's also applies).")
+
+
+class TeamResponsesPolicy(Strict):
+    """The team's Responses API state (gateway/response_store/) and what its native requests may reach upstream."""
+
+    store: bool = Field(True, description="Keep the team's responses (unless a request sends store: false), so "
+                        "previous_response_id, GET, DELETE and input_items work; false keeps nothing.")
+    scope: Literal["team", "key"] = Field("team", description="Who may use a stored response: any key of the "
+                                          "team, or only the key that created it.")
+    ttl_s: float = Field(30 * 86400, gt=0, description="How long a stored response is kept (default 30 days).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="The team's share of the store; the oldest "
+                           "responses are evicted to make room for a new one.")
+    upstream_store: bool = Field(False, description="Let `store` reach a native Responses upstream (it keeps "
+                                 "the response on the operator's account); otherwise the gateway sends store: false.")
+    allowed_prompts: list[str] = Field(default_factory=list, description="Stored prompt ids (`prompt.id`) this "
+                                       "team may reference on the operator's account.")
+    allowed_vector_stores: list[str] = Field(default_factory=list, description="Vector store ids this team's "
+                                             "file_search tools may search.")
+    allowed_files: list[str] = Field(default_factory=list, description="File ids this team may reference "
+                                     "(input_file, input_image, code_interpreter file_ids).")
+    allowed_containers: list[str] = Field(default_factory=list, description="code_interpreter container ids "
+                                          "this team may use.")
 
 
 class TeamPolicy(Strict):
@@ -319,6 +344,8 @@ class TeamPolicy(Strict):
     budget: BudgetPolicy | None = Field(None, description="The team's spend budget.")
     cache: CachePolicy | None = Field(None, description="Replaces the models' `cache` settings for this "
                                       "team's requests.")
+    responses: TeamResponsesPolicy = Field(default_factory=TeamResponsesPolicy,
+                                           description="Stored Responses API state and upstream resources.")
 
 
 class ReloadPolicy(Strict):
@@ -332,10 +359,27 @@ class ServerPolicy(Strict):
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
 
+class ConsolePolicy(Strict):
+    """The read-only admin console at /ui (gateway/console/), behind the admin keys."""
+
+    enabled: bool = Field(True, description="Serve the console at /ui (it still needs an admin key).")
+    trace_url: str | None = Field(None, description="Link from each ledger row to its trace: a URL template "
+                                  "with `{trace_id}`, e.g. http://jaeger:16686/trace/{trace_id}.")
+    recent_requests: int = Field(50, ge=1, le=1000, description="Ledger rows shown under Requests.")
+
+    @field_validator("trace_url")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith(("http://", "https://")) or "{trace_id}" not in value):
+            raise ValueError("must be an http(s) URL containing {trace_id}, e.g. http://jaeger:16686/trace/{trace_id}")
+        return value
+
+
 class AdminPolicy(Strict):
-    """Keys for the operator endpoints under /admin (separate from team keys)."""
+    """Keys for the operator endpoints under /admin and the console at /ui (separate from team keys)."""
 
     keys: list[KeyPolicy] = Field(default_factory=list, description="Admin keys, hashed like team keys.")
+    console: ConsolePolicy = Field(default_factory=ConsolePolicy)
 
 
 class StatePolicy(Strict):
@@ -361,6 +405,22 @@ class StatePolicy(Strict):
         if self.backend == "redis" and not self.url:
             raise ValueError("backend: redis needs `url`")
         return self
+
+
+class ResponseStorePolicy(Strict):
+    """Where stored Responses API responses live (gateway/response_store/). Changes apply on restart."""
+
+    backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: an embedded file, nothing to "
+                                                "install; redis: shared by replicas.")
+    path: str | None = Field(None, description="SQLite file relative to the policy file; default "
+                             "<policy name>.responses.sqlite next to it.")
+    url: RedisUrl | None = Field(None, description="redis:// URL of the redis backend (default: state.url).")
+    key_prefix: str = Field("switchboard:responses:", pattern=r"^[^{}]*$",
+                            description="Prefix of every Redis key the store writes.")
+    timeout_s: float = Field(1.0, gt=0, le=30, description="Longest a request waits on the store before it "
+                             "gets 503 response_store_unavailable.")
+    retry_interval_s: float = Field(1.0, gt=0, le=60, description="After a store failure, requests that need "
+                                    "the store get 503 at once (no upstream call) for this long.")
 
 
 class AdmissionPolicy(Strict):
@@ -492,11 +552,27 @@ class PolicyDocument(Strict):
     models: dict[str, ModelPolicy] = Field(min_length=1)
     teams: dict[str, TeamPolicy] = Field(min_length=1)
     admin: AdminPolicy = Field(default_factory=AdminPolicy)
+    keys_file: str | None = Field(None, description="A YAML file of more team keys (`teams: {team: [key, ...]}`), "
+                                  "relative to this file; written by `switchboard keys`, watched like this file.")
     state: StatePolicy = Field(default_factory=StatePolicy)
     admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
     prices: PricesPolicy = Field(default_factory=PricesPolicy)
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
+    response_store: ResponseStorePolicy = Field(default_factory=ResponseStorePolicy)
+
+    @model_validator(mode="after")
+    def _response_store_url(self) -> PolicyDocument:
+        if self.response_store.backend == "redis" and not (self.response_store.url or self.state.url):
+            raise ValueError("response_store: backend: redis needs `url` (or state.url)")
+        return self
+
+
+class KeysFileDocument(Strict):
+    """A keys file (`keys_file`): team name -> its keys, merged into the policy's teams on load."""
+
+    version: Literal[1] = Field(1, description="Schema version of this file.")
+    teams: dict[str, list[KeyPolicy]] = Field(default_factory=dict, description="Keys per team of the policy.")
 
 
 def json_schema() -> dict[str, Any]:

@@ -10,21 +10,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.key_files import Stamp, file_stamp
 from gateway.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger("switchboard.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What the last load of the policy file did, for the admin console."""
+
+    at: float  # unix time
+    result: str  # "loaded" (at start), "applied", "unchanged" or "refused"
+    fingerprint: str  # the policy serving afterwards
+    problems: tuple[str, ...] = ()  # why a refused file was refused
 
 
 class PolicyStore:
     def __init__(self, path: str | Path, initial: Policy | None = None) -> None:
         self.path = Path(path)
         self._current = initial if initial is not None else load_policy(self.path)
-        self._stamp = _stamp(self.path)
+        self.last_reload = ReloadOutcome(time.time(), "loaded", self._current.fingerprint)
+        self._stamp = self._loaded_stamps(file_stamp(self.path), self._current)
         self._listeners: list[Callable[[Policy], None]] = []
         self._refusal_listeners: list[Callable[[PolicyError], None]] = []
         self._lock = asyncio.Lock()
@@ -44,19 +57,24 @@ class PolicyStore:
     async def reload(self) -> bool:
         """Load the file again; swap it in if valid. Returns whether it was applied."""
         async with self._lock:
-            stamp = await asyncio.to_thread(_stamp, self.path)
+            stamp = await asyncio.to_thread(self._stamps)
             try:
                 policy = await asyncio.to_thread(load_policy, self.path)
             except PolicyError as exc:
                 self._stamp = stamp
+                self.last_reload = ReloadOutcome(time.time(), "refused", self._current.fingerprint,
+                                                 tuple(exc.problems))
                 log.error("policy reload refused, still serving %s:\n%s", self._current.fingerprint, exc)
                 for refusal_listener in self._refusal_listeners:
                     refusal_listener(exc)
                 return False
-            self._stamp = stamp
+            self._stamp = self._loaded_stamps(stamp[0], policy)
             if policy.fingerprint == self._current.fingerprint:
+                self.last_reload = ReloadOutcome(time.time(), "unchanged", policy.fingerprint)
+                log.info("policy %s reloaded: unchanged, still serving %s", self.path, policy.fingerprint)
                 return False
             previous, self._current = self._current, policy
+            self.last_reload = ReloadOutcome(time.time(), "applied", policy.fingerprint)
             log.info("policy reloaded from %s: %s -> %s", self.path, previous.fingerprint, policy.fingerprint)
             for listener in self._listeners:
                 listener(policy)
@@ -68,9 +86,18 @@ class PolicyStore:
             await asyncio.sleep(self._current.server.reload.poll_interval_s)
             if not self._current.server.reload.watch:
                 continue
-            stamp = await asyncio.to_thread(_stamp, self.path)
+            stamp = await asyncio.to_thread(self._stamps)
             if stamp != self._stamp:
                 await self.reload()
+
+    def _stamps(self) -> tuple[Stamp, ...]:
+        """The policy file's stamp, and its keys file's: a revoked key applies when either changes."""
+        keys = self._current.keys_path
+        return (file_stamp(self.path), *((file_stamp(keys),) if keys is not None else ()))
+
+    def _loaded_stamps(self, policy_stamp: Stamp, policy: Policy) -> tuple[Stamp, ...]:
+        # The keys file as the loader read it, so a write that raced the load still counts as a change.
+        return (policy_stamp, *((policy.keys_stamp,) if policy.keys_path is not None else ()))
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Reload on SIGHUP; only possible from the main thread."""
@@ -78,19 +105,3 @@ class PolicyStore:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             return True
         return False
-
-
-def _stamp(path: Path) -> tuple[str, int, int, int] | None:
-    """What changes when the policy does: the file's target, modification time, size and inode.
-
-    A Kubernetes ConfigMap volume never rewrites the file: kubelet writes a new timestamped
-    directory and swaps the `..data` symlink the file's own symlink goes through. The resolved
-    path changes with every swap, so the swap is seen even when the new file happens to match
-    the old one's size and time and reuses a freed inode.
-    """
-    try:
-        stat = os.stat(path)
-        target = os.path.realpath(path)
-    except OSError:
-        return None
-    return (target, stat.st_mtime_ns, stat.st_size, stat.st_ino)

@@ -398,14 +398,22 @@ def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
         ("deadline", config.deadline_s), ("ttft timeout", config.ttft_timeout_s),
         ("stream idle timeout", config.stream_idle_timeout_s)) if value is not None) or "no deadline"
     lines.append(f"{indent}model {model.name}: strategy {config.routing.strategy}, retries {config.retries}, {timing}")
-    ranked = model.plan.strategy.rank(list(model.targets), RouteState(rng=random.Random(0)), RouteRequest(body))
-    lines.append(f"{indent}  targets, in the order a request would try them:")
+    if config.routing.strategy == "weighted":
+        # Which target goes first rotates from request to request; the shares are what is stable.
+        ranked = sorted(model.targets, key=lambda t: -t.weight)
+        total = sum(t.weight for t in ranked)
+        lines.append(f"{indent}  targets, by share of traffic (the first pick rotates by weight):")
+    else:
+        ranked = model.plan.strategy.rank(list(model.targets), RouteState(rng=random.Random(0)), RouteRequest(body))
+        lines.append(f"{indent}  targets, in the order a request would try them:")
     for number, target in enumerate(ranked, 1):
         extras = [f"weight {target.weight:g}"]
         if target.tags:
             extras.append("tags " + ",".join(f"{k}={v}" for k, v in sorted(target.tags)))
         if target.cost is not None:
             extras.append(f"cost {target.cost:g}")
+        if config.routing.strategy == "weighted":
+            extras.append(f"share {target.weight / total:.0%}")
         lines.append(f"{indent}    {number}. {target.provider.name} ({target.provider.settings.kind}) "
                      f"model {target.upstream_model}; " + ", ".join(extras))
     breaker = config.circuit_breaker
@@ -416,9 +424,14 @@ def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
     if config.context_window is not None:
         verdict = ""
         if body and count_prompt is not None:
+            # The gateway's own rule (resilience.py `_fits`): the prompt plus the completion it may ask for.
             tokens = count_prompt(body, model.targets[0].upstream_model)
-            fits = tokens <= config.context_window
-            verdict = f"; this prompt: {tokens} tokens, " + ("fits" if fits else "too long -> context_window fallbacks")
+            cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
+            reserve = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0
+            fits = tokens + reserve <= config.context_window
+            asked = f" + max_tokens {reserve} = {tokens + reserve}" if reserve else ""
+            verdict = f"; this request: {tokens} prompt tokens{asked}, " + (
+                "fits" if fits else "too long -> context_window fallbacks")
         lines.append(f"{indent}  context window: {config.context_window} tokens{verdict}")
     for kind in ("default", "context_window", "content_policy"):
         names = getattr(config.fallbacks, kind)

@@ -117,6 +117,11 @@ class MockEngine:
 
     def _choice(self, body: Mapping[str, Any], model: str, prompt_text: str, index: int) -> _Choice:
         tool = _forced_tool(body)
+        result = _tool_result(body)
+        if result is not None and not _tool_required(body):
+            # A tool loop ends as an agent expects: after a tool result, the model answers in text.
+            text = f"Mock answer from the tool result: {result[:200]}"
+            return _Choice(index, text, None, "stop", self._counter.count_text(text, model))
         if tool is not None:
             arguments = orjson.dumps(schema_instance(tool.get("parameters") or {}, prompt_text)).decode()
             name = str(tool.get("name") or "tool")
@@ -256,6 +261,24 @@ def _forced_tool(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         wanted = (choice.get("function") or {}).get("name")
         return next((t for t in tools if t.get("name") == wanted), tools[0])
     return tools[0]
+
+
+def _tool_result(body: Mapping[str, Any]) -> str | None:
+    """The content of the last message when it is a tool result (role `tool`), else None."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages, list) else None
+    if not isinstance(last, dict) or last.get("role") != "tool":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def _tool_required(body: Mapping[str, Any]) -> bool:
+    """Whether the request forces a tool call (`required` or a named function), even after a tool result."""
+    choice = body.get("tool_choice")
+    return choice == "required" or isinstance(choice, dict)
 
 
 def schema_instance(schema: Mapping[str, Any], text: str, root: Mapping[str, Any] | None = None) -> Any:

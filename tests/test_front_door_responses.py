@@ -140,10 +140,15 @@ def test_length_stop_is_incomplete(client: openai.OpenAI) -> None:
     assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
 
 
-def test_stateful_features_are_refused(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
+def test_conversations_and_background_are_refused_and_unknown_previous_ids_are_not_found(
+        client: openai.OpenAI) -> None:
+    for field, value in (("conversation", "conv_123"), ("background", True)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="local", input="more", **{field: value})
+        assert caught.value.body["param"] == field
+    with pytest.raises(openai.NotFoundError) as missing:
         client.responses.create(model="local", input="more", previous_response_id="resp_123")
-    assert caught.value.body["param"] == "previous_response_id"
+    assert missing.value.body["code"] == "previous_response_not_found"
 
 
 def test_upstream_errors_keep_openai_shape(client: openai.OpenAI, upstream: FakeOpenAIUpstream) -> None:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
 from gateway.tokens import TokenCounter
 from tests.conftest import RunningGateway
-
-DEMO = Path(__file__).resolve().parents[1] / "policies" / "demo.yaml"
+from tests.demo_policy import demo_text
 
 
 @pytest.fixture
 def demo(start_gateway: Callable[[str], RunningGateway]) -> RunningGateway:
-    fast = DEMO.read_text().replace("first_token_ms: 20", "first_token_ms: 0").replace("token_interval_ms: 5",
-                                                                                        "token_interval_ms: 0")
-    return start_gateway(fast)
+    return start_gateway(demo_text())
 
 
 def test_demo_answers_deterministically_with_real_token_counts(demo: RunningGateway) -> None:
@@ -29,8 +25,8 @@ def test_demo_answers_deterministically_with_real_token_counts(demo: RunningGate
     assert first.choices[0].message.content == second.choices[0].message.content
     counter = TokenCounter()
     counter.preload()
-    assert first.usage.prompt_tokens == counter.count_chat_prompt({"messages": messages}, "mock-gpt-4o-mini")
-    assert first.usage.completion_tokens == counter.count_text(first.choices[0].message.content, "mock-gpt-4o-mini")
+    assert first.usage.prompt_tokens == counter.count_chat_prompt({"messages": messages}, "gpt-4o-mini")
+    assert first.usage.completion_tokens == counter.count_text(first.choices[0].message.content, "gpt-4o-mini")
 
 
 def test_demo_streams_the_same_text_with_usage(demo: RunningGateway) -> None:

@@ -196,7 +196,7 @@ def test_models_that_may_fall_back_to_chat_only_providers_are_translated(
 def test_incomplete_and_errors_pass_through(client: openai.OpenAI, vllm: FakeResponsesUpstream) -> None:
     reply = client.responses.create(model="local", input="a b c d e", max_output_tokens=2)
     assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:  # an id the gateway never stored, answered without a call
         client.responses.create(model="local", input="more", previous_response_id="resp_123")
     assert caught.value.body["param"] == "previous_response_id" and vllm.last_request.json["input"] == "a b c d e"
     vllm.script(Behaviour.rate_limited(retry_after=2))

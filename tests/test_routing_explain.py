@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,29 @@ def test_explain_with_a_long_prompt_shows_the_context_window_fallback(tmp_path, 
 def test_explain_an_unknown_model_fails(model, capsys) -> None:
     assert main(["policy", "explain", str(POLICY), "--model", model]) == 1
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_explain_counts_max_tokens_against_the_context_window_as_the_gateway_does(tmp_path, capsys) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"messages": [{"role": "user", "content": "Summarize this."}], "max_tokens": 9000}))
+    assert main(["policy", "explain", str(POLICY), "--model", "chat", "--prompt-file", str(request)]) == 0
+    out = capsys.readouterr().out
+    assert "+ max_tokens 9000 = " in out and "too long -> context_window fallbacks" in out
+    request.write_text(json.dumps({"messages": [{"role": "user", "content": "Summarize this."}], "max_tokens": 100}))
+    assert main(["policy", "explain", str(POLICY), "--model", "chat", "--prompt-file", str(request)]) == 0
+    assert "+ max_tokens 100 = " in (out := capsys.readouterr().out) and ", fits" in out
+
+
+@pytest.mark.parametrize("model", ["chat", "chat-hosted"])
+def test_explain_prints_the_same_order_in_every_process(model) -> None:
+    # Different hash seeds: set and dict iteration orders that leak into the output would differ.
+    outputs = {subprocess.run([sys.executable, "-m", "gateway", "policy", "explain", str(POLICY), "--model", model,
+                               "--team", "product"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1 and "targets" in outputs.pop()
+
+
+def test_explain_lists_weighted_targets_by_share(capsys) -> None:
+    assert main(["policy", "explain", str(POLICY), "--model", "chat-hosted"]) == 0
+    out = capsys.readouterr().out
+    assert "by share of traffic" in out and "weight 3, tags region=us, share 75%" in out

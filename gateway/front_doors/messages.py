@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from gateway.asgi import request_headers, respond
-from gateway.errors import GatewayError
+from gateway.auth import authenticate
+from gateway.errors import GatewayError, render
 from gateway.front_doors.reframing import ChatStream, reframed
 from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
 from providers.base import Endpoint
@@ -39,6 +40,10 @@ class MessagesRoute:
         headers = request_headers(scope)
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:
+            try:
+                authenticate(services.policy(), headers)  # 401 before anything is said of the body
+            except GatewayError as error:
+                return _anthropic_error(*render(error))
             try:
                 chat = orjson.dumps(chat_request(_load(raw)))
             except TranslationError as exc:
@@ -71,6 +76,8 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise TranslationError("messages: Field required")
+    if not messages:
+        raise TranslationError("messages: at least one message is required")
     chat: dict[str, Any] = {"model": body.get("model"), "messages": []}
     system = body.get("system")
     if isinstance(system, str) and system:
@@ -339,6 +346,16 @@ def _event(name: str, payload: Mapping[str, Any]) -> bytes:
 
 def _error_body(error_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def anthropic_reply(error: GatewayError) -> Reply:
+    """A gateway error as Anthropic's error shape, for routes under the Anthropic front door."""
+    return _anthropic_error(*render(error))
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Whether a path is under the Anthropic front door, where even a 404 must be in Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def _anthropic_error(status: int, body: bytes, headers: dict[str, str]) -> Reply:

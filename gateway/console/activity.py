@@ -1,0 +1,58 @@
+"""Recent traffic in process memory: requests/s, error rate and gateway overhead for the console's overview.
+
+A usage sink: the event loop appends one small tuple per settled request to a bounded deque, and the
+figures are computed only when an admin asks for them. Each process reports its own traffic (with
+several workers, each console request is answered by one of them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gateway.usage import UsageRecord
+
+RATE_WINDOW_S = 60.0  # requests/s is averaged over the last minute
+WINDOW_S = 300.0  # error rate and overhead percentiles cover the last five minutes
+_MAX_KEPT = 200_000  # bounds memory (~20 MB) whatever the traffic; past it the window is shorter
+
+
+class RecentActivity:
+    """Keeps (time, status, overhead) of recent requests and summarizes them on demand."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._seen: deque[tuple[float, int, float]] = deque(maxlen=_MAX_KEPT)
+
+    def record(self, record: UsageRecord) -> None:
+        self._seen.append((self._clock(), record.status, record.overhead_ms))
+
+    def summary(self) -> dict[str, Any]:
+        now = self._clock()
+        recent = [entry for entry in self._seen if entry[0] >= now - WINDOW_S]
+        last_minute = sum(1 for entry in recent if entry[0] >= now - RATE_WINDOW_S)
+        overheads = sorted(entry[2] for entry in recent)
+        return {
+            "window_s": WINDOW_S,
+            "requests": len(recent),
+            "requests_per_s": round(last_minute / RATE_WINDOW_S, 3),
+            "error_rate": _share(recent, lambda status: status >= 500),
+            "client_error_rate": _share(recent, lambda status: 400 <= status < 500),
+            "overhead_ms": {"p50": _percentile(overheads, 0.50), "p99": _percentile(overheads, 0.99)},
+        }
+
+
+def _share(entries: list[tuple[float, int, float]], matches: Callable[[int], bool]) -> float | None:
+    if not entries:
+        return None
+    return round(sum(1 for entry in entries if matches(entry[1])) / len(entries), 4)
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an ascending list; None when empty."""
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * fraction // 1))  # ceil(n * fraction), at least the first
+    return round(ordered[int(rank) - 1], 3)
