@@ -30,8 +30,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	@echo "==> installing the test and load-test dependencies"
-	$(PIP) -e '.[dev,load]'
+	@echo "==> installing the test, load-test and self-hosted server dependencies (llama-cpp-python compiles llama.cpp: ~10 min the first time)"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e '.[dev,load,selfhosted]'
 	touch $@
 
 install: $(VENV)/.installed

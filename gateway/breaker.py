@@ -11,6 +11,15 @@ The window is counted in tenths of `window_s`: constant work and memory per
 request, where keeping every outcome held 150,000 entries at 5,000 req/s and
 summed them all on each failure.
 
+Not every failure is the target's. A 5xx the upstream *answered* may be its
+verdict on one malformed request (servers answer bad input with a 500), and one
+team's bad requests must not eject a target for every team. Such failures are
+counted with the team that sent them, and open the breaker only once failures
+in the window came from at least `min_callers` teams, or once a request that
+failed here succeeded on another target (`confirm`: the target's fault after
+all). Connection errors, timeouts, overload and rate-limit answers are the
+target's whatever the request, and count fully.
+
 Time comes from the caller (`now`), so tests drive it with a plain number.
 """
 
@@ -30,7 +39,8 @@ class BreakerState(StrEnum):
 class CircuitBreaker:
     """Failure bookkeeping and ejection state of one target."""
 
-    __slots__ = ("_consecutive", "_open_until", "_outcomes", "_probing", "_state", "cooldown_s", "trips")
+    __slots__ = ("_callers", "_confirmed_until", "_consecutive", "_open_until", "_outcomes", "_probing", "_state",
+                 "cooldown_s", "trips")
 
     def __init__(self) -> None:
         self._state = BreakerState.CLOSED
@@ -38,6 +48,10 @@ class CircuitBreaker:
         self._outcomes = _RateWindow()
         self._open_until = 0.0
         self._probing = False
+        # Teams whose answered failures fall in the window: team -> time of its latest (bounded, see _note_caller).
+        self._callers: dict[str, float] = {}
+        # Until then a failure here counts as the target's own (a failure not tied to a caller, or confirmed).
+        self._confirmed_until = 0.0
         self.cooldown_s = 0.0
         self.trips = 0
 
@@ -78,18 +92,51 @@ class CircuitBreaker:
         self._consecutive = 0
         self._outcomes.note(now, False, settings.window_s)
 
-    def on_failure(self, now: float, settings: CircuitBreakerPolicy) -> None:
+    def on_failure(self, now: float, settings: CircuitBreakerPolicy, caller: str | None = None) -> None:
+        """A failed attempt; `caller` is the team whose request got an answered 5xx (None: the target's fault)."""
+        if caller is None:
+            self._confirmed_until = now + settings.window_s
+        else:
+            self._note_caller(caller, now, settings)
         if self._state is BreakerState.HALF_OPEN:
-            self._trip(now, settings)
+            if self._blames_target(now, settings):
+                self._trip(now, settings)
+            else:  # the probe's own request was bad: the target answered, let the next request probe
+                self._probing = False
             return
         if self._state is BreakerState.OPEN:
             return  # a straggler that started before the trip
         self._consecutive += 1
         self._outcomes.note(now, True, settings.window_s)
+        self._judge(now, settings)
+
+    def confirm(self, now: float, settings: CircuitBreakerPolicy) -> None:
+        """A request that failed here with an answered 5xx succeeded on another target: the failure was ours."""
+        self._confirmed_until = now + settings.window_s
+        if self._state is BreakerState.CLOSED:
+            self._judge(now, settings)
+
+    def _judge(self, now: float, settings: CircuitBreakerPolicy) -> None:
         total, failures = self._outcomes.counts(now)
         by_rate = total >= settings.min_requests and failures / total >= settings.failure_rate
-        if self._consecutive >= settings.consecutive_failures or by_rate:
+        if (self._consecutive >= settings.consecutive_failures or by_rate) and self._blames_target(now, settings):
             self._trip(now, settings)
+
+    def _blames_target(self, now: float, settings: CircuitBreakerPolicy) -> bool:
+        if now < self._confirmed_until:
+            return True
+        horizon = now - settings.window_s
+        return sum(1 for at in self._callers.values() if at >= horizon) >= settings.min_callers
+
+    def _note_caller(self, caller: str, now: float, settings: CircuitBreakerPolicy) -> None:
+        callers = self._callers
+        if caller not in callers and len(callers) >= 64:  # bounded: drop the teams outside the window
+            horizon = now - settings.window_s
+            for name in [n for n, at in callers.items() if at < horizon]:
+                del callers[name]
+            if len(callers) >= 64:
+                return  # 64 distinct teams failing within one window already blame the target
+        callers[caller] = now
 
     def _trip(self, now: float, settings: CircuitBreakerPolicy) -> None:
         self.trips += 1
@@ -99,6 +146,8 @@ class CircuitBreaker:
         self._probing = False
         self._consecutive = 0
         self._outcomes.clear()
+        self._callers.clear()
+        self._confirmed_until = 0.0
 
 
 _BUCKETS = 10

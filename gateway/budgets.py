@@ -142,7 +142,7 @@ def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: 
 
 def policy_cost(policy: Policy, target: Target, usage: Usage) -> float | None:
     """USD for `usage` on `target`, from the policy's price book (gateway/pricing.py); None when unpriced."""
-    price = policy.prices.price_for(target.provider.name, target.upstream_model)
+    price = policy.prices.price_of(target)
     return price.cost(usage) if price is not None else None
 
 

@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 
+from gateway.answer_contract import fill_usage, guard_stream
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
 from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.request_checks import check_request
+from gateway.request_ids import explain_silent_refusal, stamp_request_id
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
@@ -33,6 +35,7 @@ from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
 from gateway.usage import UsageRecorder
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
+from providers.canonical import load_exact, lost_integers
 from providers.sse import DONE_EVENT, encode_event
 
 log = logging.getLogger("switchboard.server")
@@ -149,6 +152,8 @@ def parse_request(endpoint: Endpoint, body: bytes) -> InferenceRequest:
         raise GatewayError(ErrorKind.BAD_REQUEST, "You must provide a model parameter.", param="model",
                            code="missing_required_parameter")
     required = _REQUIRED_FIELD[endpoint]
+    if endpoint is Endpoint.COMPLETIONS and "prompt" in payload and payload["prompt"] is None:
+        payload["prompt"] = ""  # OpenAI's spec makes `prompt` nullable; servers take the empty prompt it means
     if payload.get(required) is None:
         raise GatewayError(ErrorKind.BAD_REQUEST, f"Missing required parameter: '{required}'.", param=required,
                            code="missing_required_parameter")
@@ -176,7 +181,7 @@ def decode_object(body: bytes) -> dict[str, Any]:
                            code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise GatewayError(ErrorKind.BAD_REQUEST, "The request body must be a JSON object.", code="invalid_json")
-    return payload
+    return load_exact(body) if lost_integers(payload) else payload
 
 
 def resolve_model(policy: Policy, caller: KeyEntry, name: str) -> Model:
@@ -201,10 +206,10 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
                            f"The model `{call.body.get('model')}` does not support this endpoint.",
                            code="unsupported_endpoint")
     try:
-        request = provider.adapter.build_request(provider.settings, call)
+        request = provider.adapter.build_request(target.settings or provider.settings, call)
     except UpstreamFailed as exc:  # a translating adapter met something it cannot express upstream
         raise from_upstream(exc.failure) from exc
-    request.headers["x-request-id"] = exchange.request_id
+    stamp_request_id(provider, request.headers, exchange.request_id)
     secrets = (provider.settings.api_key or "",)
     clock = services.clock
     waited_from = clock()
@@ -212,7 +217,8 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
         response = await exchange.trace.send(services.pools.client_for(provider), request, target, call)
         if response.status >= 400:
             error_body = await response.read()
-            failure = provider.adapter.classify_error(response.status, response.headers, error_body)
+            failure = explain_silent_refusal(provider.adapter.classify_error(response.status, response.headers,
+                                                                             error_body), error_body, provider, call)
             # Chained to the classified failure so retries can tell what kind it was.
             raise from_upstream(failure, secrets) from UpstreamFailed(failure)
     except UpstreamFailed as exc:
@@ -238,6 +244,7 @@ async def _complete_reply(services: Services, exchange: Exchange, call: Call, re
         parsed = target.provider.adapter.parse_response(call, raw)
     except UpstreamFailed as exc:
         raise from_upstream(exc.failure) from exc
+    parsed = fill_usage(parsed, call, target, services.counter)
     headers = _success_headers(exchange, clock())
     remember(settlement.cache, parsed)
     exchange.trace.responded(parsed.body, parsed.response_model, parsed.finish_reasons)
@@ -284,7 +291,7 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
     allowance = stream_allowance(settlement.admission)
     recording = recording_stream(settlement.cache)
     try:
-        async for batch in stream.batches():
+        async for batch in guard_stream(stream, call, target, services.counter):
             out: list[bytes] = []
             for chunk in batch:
                 if allowance is not None and not allowance.take(chunk.data):

@@ -74,6 +74,9 @@ class Provider:
     health_check: HealthCheckPolicy | None = None
     metrics: MetricsScrapePolicy | None = None
     kv_events: KVEventsPolicy | None = None
+    # Where the request id goes upstream (gateway/request_ids.py): header name or None, and whether as a UUID.
+    request_id_header: str | None = "x-request-id"
+    request_id_uuid: bool = True
     # Settings that require a new connection pool when they change: everything the pooled client is
     # built from (gateway/upstream.py), its timeouts included. Computed once: it holds the options
     # model, whose hash is too slow to recompute on every request.
@@ -96,6 +99,11 @@ class Target:
     weight: float = 1.0
     tags: frozenset[tuple[str, str]] = frozenset()
     cost: float | None = None
+    # The public model this target serves here (a deployment shared by two models is two targets): its
+    # `price` bills the request (gateway/pricing.py).
+    public_model: str = ""
+    # The provider's settings with this model's overrides (e.g. Anthropic `prompt_caching`); None: the provider's.
+    settings: ProviderSettings | None = None
     # Identity across reloads, which routing state is kept by: provider name, its URL, the upstream model.
     key: tuple[str, str, str] = field(init=False, compare=False, repr=False)
 
@@ -290,6 +298,10 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
             problems.append(_at(("providers", name, "api_key"), root,
                                 f"required for kind {provider.kind!r} (e.g. api_key: ${{OPENAI_API_KEY}})"))  # type: ignore[attr-defined]
     for model_name, model in document.models.items():
+        kinds = {getattr(document.providers.get(t.provider), "kind", None) for t in model.targets}
+        if model.prompt_caching is not None and "anthropic" not in kinds:
+            problems.append(_at(("models", model_name, "prompt_caching"), root,
+                                "applies to kind anthropic targets only, and this model has none"))
         for index, target in enumerate(model.targets):
             if target.provider not in document.providers:
                 problems.append(_at(("models", model_name, "targets", index, "provider"), root,
@@ -319,7 +331,8 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
 def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
     providers = {name: _build_provider(name, config) for name, config in document.providers.items()}
     models = {
-        name: Model(name, tuple(Target(providers[t.provider], t.model, t.weight, frozenset(t.tags.items()), t.cost)
+        name: Model(name, tuple(Target(providers[t.provider], t.model, t.weight, frozenset(t.tags.items()), t.cost,
+                                       name, _model_settings(providers[t.provider], model))
                                 for t in model.targets), model.owned_by, build_plan(name, model))
         for name, model in document.models.items()
     }
@@ -341,12 +354,22 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
                   console=document.admin.console, cache=build_cache_plan(document))
 
 
+def _model_settings(provider: Provider, model: ModelPolicy) -> ProviderSettings | None:
+    """The provider's settings as this model's requests use them, when the model overrides any."""
+    options = provider.settings.options
+    if model.prompt_caching is None or not hasattr(options, "prompt_caching"):
+        return None
+    return dataclasses.replace(provider.settings,
+                               options=options.model_copy(update={"prompt_caching": model.prompt_caching}))
+
+
 def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:
     """The policy with its price book, telemetry and ledger settings (paths relative to the policy file)."""
     base_dir = Path(policy.source).parent if os.path.isfile(policy.source) else Path.cwd()
     kinds = {name: provider.settings.kind for name, provider in policy.providers.items()}
     try:
-        prices = build_price_book(document.prices, kinds, base_dir)
+        prices = build_price_book(document.prices, kinds, base_dir,
+                                  {name: model.price for name, model in document.models.items() if model.price})
     except ValueError as exc:
         raise PolicyError(policy.source, [_at(("prices", "table"), root, str(exc))]) from exc
     prices.warm([(t.provider.name, t.upstream_model) for m in policy.models.values() for t in m.targets])
@@ -366,8 +389,12 @@ def _build_provider(name: str, config: ProviderBase) -> Provider:
         extra_headers=dict(config.headers),
         options=config.options,  # type: ignore[attr-defined]
     )
+    capabilities, request_id = adapter.capabilities, config.request_id
+    header = (request_id.header or capabilities.request_id_header) if request_id.send else None
+    as_uuid = capabilities.request_id_uuid if request_id.format is None else request_id.format == "uuid"
     return Provider(
         settings, adapter, config.timeouts.connect_s, config.timeouts.first_byte_s, config.timeouts.total_s,
         config.pool.max_connections, config.pool.keepalive_s, config.health_check, config.metrics,
         config.kv_events,
+        header.lower() if header else None, as_uuid,
     )

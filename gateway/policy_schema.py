@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from providers import ADAPTERS
+from providers.anthropic import PromptCaching
 
 KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
@@ -67,6 +68,16 @@ class MetricsScrapePolicy(Strict):
     timeout_s: float = Field(1.0, gt=0)
 
 
+class RequestIdPolicy(Strict):
+    """How the request id travels to the upstream (gateway/request_ids.py); unset fields take the kind's default."""
+
+    send: bool = Field(True, description="Send the request id upstream at all.")
+    header: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9-]+$", description="Header name "
+                               "(default per kind: x-request-id for self-hosted servers, x-client-request-id "
+                               "for openai, x-ms-client-request-id for azure_openai; none for other hosted APIs).")
+    format: Literal["uuid", "as_is"] | None = Field(None, description="uuid: the id if it is one, else a UUID "
+                                                   "derived from it (uuid5); as_is: the id unchanged (default: as_is "
+                                                   "for openai, uuid otherwise).")
 class KVEventsPolicy(Strict):
     """A vLLM replica's KV-cache event publisher (`--kv-events-config`), read by `kv-aware` routing's precise index."""
 
@@ -93,6 +104,8 @@ class ProviderBase(Strict):
                                                    "its targets are skipped while it fails (gateway/health.py).")
     metrics: MetricsScrapePolicy | None = Field(None, description="Scrape a vLLM/SGLang Prometheus endpoint for "
                                                 "load, used by `prefix-affinity` and `least-busy`.")
+    request_id: RequestIdPolicy = Field(default_factory=RequestIdPolicy,
+                                        description="The request id header sent upstream.")
     kv_events: KVEventsPolicy | None = Field(None, description="Subscribe to the replica's KV-cache events "
                                              "(vLLM), used by `kv-aware` routing with `index: precise`.")
 
@@ -212,6 +225,10 @@ class CircuitBreakerPolicy(Strict):
     min_requests: int = Field(20, ge=1, description="Requests in the window before the rate is judged.")
     cooldown_s: float = Field(5.0, gt=0, description="First ejection; doubles on each repeated trip.")
     max_cooldown_s: float = Field(300.0, gt=0)
+    min_callers: int = Field(2, ge=1, le=64, description="An answered 5xx may be the upstream's verdict on one bad "
+                             "request: such failures open the breaker only once they came from this many teams "
+                             "within window_s, or a request that failed here succeeded on another target. "
+                             "Connection errors, timeouts, 429/503 count whoever sent the request.")
 
 
 class SemanticCachePolicy(Strict):
@@ -276,6 +293,12 @@ class ModelPolicy(Strict):
     fallbacks: FallbackPolicy = Field(default_factory=FallbackPolicy)
     circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
     cache: CachePolicy | None = Field(None, description="Response caching (default: off).")
+    price: PriceSpec | None = Field(None, description="What a request to this public model costs, whichever "
+                                    "deployment serves it; over prices.targets and the price table. Two public "
+                                    "models on one deployment can so be billed differently.")
+    prompt_caching: PromptCaching | None = Field(None, description="Anthropic's automatic cache breakpoints for "
+                                                 "this model's `kind: anthropic` targets, over the provider's "
+                                                 "options.prompt_caching.")
 
 
 class RateLimitsPolicy(Strict):

@@ -7,7 +7,7 @@ billed it, so a ledger entry can always say which price produced its cost.
 
 The API other modules use (budgets, routing by cost) is deliberately small::
 
-    price = policy.prices.price_for(target.provider.name, target.upstream_model)
+    price = policy.prices.price_of(target)
     cost_usd = price.cost(usage) if price is not None else None
 
 Costs are float USD. Prices are per 1M tokens; per-request costs are exact to
@@ -81,7 +81,7 @@ class Price:
 class PriceBook:
     """Every price a policy knows, looked up by (provider name, upstream model).
 
-    Lookup order: the policy's per-target price (`prices.targets.<provider>`,
+    Lookup order: the public model's `price` (`price_of`), the policy's per-target price (`prices.targets.<provider>`,
     exact model, then `"*"`), then the provider's price family in the merged
     table (policy `prices.models` over the shipped file), exact model name and
     then the undated name of a dated snapshot.
@@ -92,10 +92,12 @@ class PriceBook:
         families: Mapping[str, Mapping[str, Price]],
         provider_family: Mapping[str, str],
         targets: Mapping[str, Mapping[str, Price]],
+        public: Mapping[str, Price] | None = None,
     ) -> None:
         self._families = families
         self._provider_family = dict(provider_family)
         self._targets = targets
+        self._public = dict(public or {})
         self._resolved: dict[tuple[str, str], Price | None] = {}
 
     def price_for(self, provider: str, model: str) -> Price | None:
@@ -109,6 +111,11 @@ class PriceBook:
         if len(self._resolved) < 10_000:  # bounded: model names can come from clients via pass-through routes
             self._resolved[key] = price
         return price
+
+    def price_of(self, target: Target) -> Price | None:
+        """The price billing a request served by `target`: its public model's `price`, else `price_for`."""
+        public = self._public.get(target.public_model) if self._public else None
+        return public if public is not None else self.price_for(target.provider.name, target.upstream_model)
 
     def _resolve(self, provider: str, model: str) -> Price | None:
         per_target = self._targets.get(provider)
@@ -134,8 +141,11 @@ class PriceBook:
 EMPTY_PRICE_BOOK = PriceBook({}, {}, {})
 
 
-def build_price_book(section: PricesPolicy, provider_kinds: Mapping[str, str], base_dir: Path) -> PriceBook:
-    """Merge the shipped (or configured) table with the policy's prices; raises `ValueError` on a bad table."""
+def build_price_book(section: PricesPolicy, provider_kinds: Mapping[str, str], base_dir: Path,
+                     public: Mapping[str, PriceSpec] | None = None) -> PriceBook:
+    """Merge the shipped (or configured) table with the policy's prices; raises `ValueError` on a bad table.
+
+    `public` holds the prices set on public models (`models.<name>.price`), which win over all the rest."""
     table_path = SHIPPED_TABLE if section.table is None else (base_dir / section.table)
     families = {family: dict(models) for family, models in load_price_table(table_path).items()}
     default_version = section.version or "policy"
@@ -150,7 +160,9 @@ def build_price_book(section: PricesPolicy, provider_kinds: Mapping[str, str], b
                    for model, spec in models.items()}
         for provider, models in section.targets.items()
     }
-    return PriceBook(families, provider_family, targets)
+    by_model = {name: price_from_spec(spec, default_version, f"policy models.{name}.price")
+                for name, spec in (public or {}).items()}
+    return PriceBook(families, provider_family, targets, by_model)
 
 
 def load_price_table(path: Path) -> Mapping[str, Mapping[str, Price]]:
@@ -207,16 +219,15 @@ def charge(prices: PriceBook, target: Target | None, usage: Usage | None) -> tup
     """(cost in USD, price version) of a request's usage on its target; (None, None) when unpriced."""
     if target is None or usage is None:
         return None, None
-    price = prices.price_for(target.provider.name, target.upstream_model)
+    price = prices.price_of(target)
     if price is None:
         return None, None
     return price.cost(usage), price.version
 
 
-def stamp_cost(data: bytes, prices: PriceBook, target: Target | None, usage: Usage) -> bytes:
-    """The final usage chunk of a stream with its cost added (unchanged when the target has no price)."""
-    cost, version = charge(prices, target, usage)
-    return data if cost is None or version is None else with_cost(data, cost, version)
+def mark_estimated(data: bytes) -> bytes:
+    """A usage chunk the gateway counted itself, marked so in the `switchboard` extension (no price to add)."""
+    return _with_extension(data, b'{"usage_estimated":true}')
 
 
 def format_usd(cost: float) -> str:
@@ -225,18 +236,23 @@ def format_usd(cost: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
-def with_cost(data: bytes, cost: float, version: str) -> bytes:
+def with_cost(data: bytes, cost: float, version: str, *, estimated: bool = False) -> bytes:
     """A stream chunk's JSON with the `switchboard` extension object added next to `usage`.
 
     OpenAI clients ignore unknown fields, so the final usage chunk can carry
-    the same authoritative cost a non-streamed reply sends as a header.
+    the same authoritative cost a non-streamed reply sends as a header, and
+    `usage_estimated` when the gateway counted the usage itself.
     """
+    extension = b'{"cost_usd":' + format_usd(cost).encode() + b',"price_version":' + orjson.dumps(version) \
+        + (b',"usage_estimated":true}' if estimated else b"}")
+    return _with_extension(data, extension)
+
+
+def _with_extension(data: bytes, extension: bytes) -> bytes:
     body = data.rstrip()
     if not body.endswith(b"}"):
         return data
-    extension = b'"switchboard":{"cost_usd":' + format_usd(cost).encode() + b',"price_version":' \
-        + orjson.dumps(version) + b"}}"
-    return body[:-1] + (b"," if len(body) > 2 else b"") + extension
+    return body[:-1] + (b"," if len(body) > 2 else b"") + b'"switchboard":' + extension + b"}"
 
 
 def price_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...], str]]:

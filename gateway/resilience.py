@@ -71,9 +71,11 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
 
     `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
     A fallback the caller's `team` may not use (nor is allowed as a fallback) is skipped.
+    `team` is also who an answered 5xx is counted against in the breakers (gateway/breaker.py).
     """
     run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
     run.prompt = prompt
+    run.caller = team.name if team is not None else None
     tried = {model.name}
     current = model
     try:
@@ -117,6 +119,9 @@ class _Run:
         self.deadline = None if deadline_s is None else self.clock() + deadline_s
         self.trail: list[str] = []
         self.prompt: PromptCount | None = None
+        self.caller: str | None = None
+        # Targets whose answered 5xx this request may have caused; confirmed theirs if another target serves it.
+        self.suspects: list[Target] = []
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self.clock()
@@ -176,9 +181,16 @@ class _Run:
                     break
                 continue
             self.exchange.response_headers[MODEL_HEADER] = model.name
+            self._confirm_suspects(target, config)
             return Routed(response, target, sent, model)
         assert error is not None
         raise _ModelFailed("default", error)
+
+    def _confirm_suspects(self, served: Target, config: ModelPolicy) -> None:
+        now = self.states.clock()
+        for suspect in self.suspects:
+            if suspect.key != served.key and config.circuit_breaker.enabled:
+                self.states.state(suspect).breaker.confirm(now, config.circuit_breaker)
 
     async def _back_off(self, model: Model, number: int, failure: UpstreamFailure, ranked: list[Target]) -> bool:
         """Wait before the next attempt; False when the deadline leaves no room for it."""
@@ -258,7 +270,10 @@ class _Run:
             if response is not None:  # it had started answering: it bills the prompt whatever happens next
                 self.exchange.settlement.attempt_billed(target, call)
             if failure.retryable:
-                _record_failure(states, target, config, failure)
+                caller = self.caller if _maybe_the_requests_fault(failure) else None
+                if caller is not None:
+                    self.suspects.append(target)
+                _record_failure(states, target, config, failure, caller)
             else:
                 # The upstream answered: it is alive, whatever it thought of the request.
                 state.breaker.on_success(states.clock(), config.circuit_breaker)
@@ -318,7 +333,13 @@ def _classify(exc: BaseException, target: Target, timeout: float | None
     return None, None
 
 
-def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure) -> None:
+def _maybe_the_requests_fault(failure: UpstreamFailure) -> bool:
+    """An answered 5xx: some servers answer a request they cannot parse that way (not overload, not a timeout)."""
+    return failure.kind is FailureKind.UPSTREAM_ERROR and failure.status >= 500
+
+
+def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure,
+                    caller: str | None = None) -> None:
     state = states.state(target)
     now = states.clock()
     state.failures += 1
@@ -329,7 +350,7 @@ def _record_failure(states: RouteState, target: Target, config: ModelPolicy, fai
         state.hold_until = now + failure.retry_after
     breaker = config.circuit_breaker
     if breaker.enabled:
-        state.breaker.on_failure(now, breaker)
+        state.breaker.on_failure(now, breaker, caller)
 
 
 class _Outcome:
@@ -388,6 +409,12 @@ async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s:
         except StopAsyncIteration:
             stream.pending.extend(stream.drain())
             break
+        except UpstreamFailed as exc:
+            if exc.failure.kind is FailureKind.CONNECTION:
+                # Cut before any content: the adapter may know what that means (llama-cpp-python ends a stream
+                # this way on a context overflow); its `end` raises the failure it sees, if any.
+                stream.drain()
+            raise
         if stream.prime(chunk):
             break
     return stream

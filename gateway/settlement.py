@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.budgets import MICROS
 from gateway.cache import hit_tokens, usage_fields
-from gateway.pricing import COST_HEADER, charge, format_usd, with_cost
+from gateway.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.usage import UsageRecord
 from providers.base import Endpoint, StreamChunk, Usage
 
@@ -158,8 +158,8 @@ class Settlement:
         """A stream's usage chunk with the cost the request is billed, failed attempts included."""
         self._price(usage)
         if self.cost_usd is None or self.price_version is None:
-            return data
-        return with_cost(data, self.cost_usd, self.price_version)
+            return mark_estimated(data) if usage.estimated else data
+        return with_cost(data, self.cost_usd, self.price_version, estimated=usage.estimated)
 
     def _price(self, usage: Usage) -> None:
         if self.policy is None:

@@ -124,6 +124,7 @@ class AnthropicAdapter:
         default_base_url="https://api.anthropic.com/v1",
         requires_api_key=True,
         tokenizer="anthropic",
+        request_id_header=None,  # the Messages API documents no client request id
     )
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:

@@ -37,7 +37,9 @@ _CODE_KINDS = {
 
 class AzureOpenAIAdapter(OpenAICompatAdapter):
     def __init__(self) -> None:
-        super().__init__(CompatSpec(kind="azure_openai", options_model=AzureOptions))
+        # Azure takes a client request id as `x-ms-client-request-id`, which must be a GUID.
+        super().__init__(CompatSpec(kind="azure_openai", options_model=AzureOptions,
+                                    request_id_header="x-ms-client-request-id"))
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:
         request = super().build_request(provider, call)

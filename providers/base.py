@@ -172,6 +172,10 @@ class Capabilities:
     # The tokenizer family that limits and budgets count prompts with (gateway/tokens.py
     # FAMILIES): "openai" counts exactly with tiktoken; the others are documented estimates.
     tokenizer: str = "openai"
+    # The header that carries the request id upstream (None: the kind takes none, so none is sent), and
+    # whether it must be a UUID: llama-cpp-python answers any other `x-request-id` with an empty 400.
+    request_id_header: str | None = "x-request-id"
+    request_id_uuid: bool = True
 
 
 class UpstreamFailed(Exception):

@@ -8,6 +8,7 @@ exactly the shape the openai SDK expects (protocols.md 1.5 and 1.6).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -133,3 +134,56 @@ def load_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise malformed(f"{what} is not a JSON object")
     return payload
+
+
+# --- integers beyond 64 bits -----------------------------------------------------------------------
+# orjson reads an integer beyond 64 bits as a float (-29893437512638976000 became -2.9893437512638976e+19 on
+# the way upstream) and refuses to write one. A request that has one is read again with the standard library,
+# which keeps it exact as a `BigInt`, and written with the integer's own digits.
+
+_INT64 = 2**63
+# Fields whose values OpenAI's schema makes strings or token ids; the rest of a request is small to check.
+_UNCHECKED = frozenset({"messages", "input", "prompt", "contents", "instructions"})
+
+
+class BigInt(int):
+    """An integer outside orjson's 64-bit range, kept exact."""
+
+
+def lost_integers(payload: Mapping[str, Any]) -> bool:
+    """Whether orjson may have turned an integer beyond 64 bits of this request into a float."""
+    return any(_has_huge_float(value) for key, value in payload.items() if key not in _UNCHECKED)
+
+
+def _has_huge_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return abs(value) >= _INT64
+    if isinstance(value, dict):
+        return any(_has_huge_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_float(v) for v in value)
+    return False
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    return BigInt(value) if not -_INT64 <= value < 2**64 else value
+
+
+def load_exact(body: bytes) -> Any:
+    """JSON with every integer exact (the slow path, for requests `lost_integers` flagged)."""
+    return json.loads(body, parse_int=_parse_int)
+
+
+def _as_digits(value: Any) -> orjson.Fragment:
+    if isinstance(value, BigInt):
+        return orjson.Fragment(str(int(value)).encode())
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dump_object(value: Any) -> bytes:
+    """JSON bytes of a request body, integers beyond 64 bits written digit for digit."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: only a BigInt gets here from a decoded request
+        return orjson.dumps(value, default=_as_digits, option=orjson.OPT_PASSTHROUGH_SUBCLASS)

@@ -111,6 +111,7 @@ class GeminiAdapter:
         default_base_url="https://generativelanguage.googleapis.com/v1beta",
         requires_api_key=True,
         tokenizer="gemini",
+        request_id_header=None,
     )
 
     def build_request(self, provider: ProviderSettings, call: Call) -> UpstreamRequest:

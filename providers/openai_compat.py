@@ -35,7 +35,7 @@ from providers.base import (
     UpstreamRequest,
     Usage,
 )
-from providers.canonical import error_object, load_object, stream_cut
+from providers.canonical import dump_object, error_object, load_object, stream_cut
 from providers.sse import DONE
 
 PATHS = {
@@ -66,6 +66,18 @@ class CompatSpec:
     options_model: type[BaseModel] = NoOptions
     # How limits count prompts for it (gateway/tokens.py FAMILIES).
     tokenizer: str = "openai"
+    # The one chat field the upstream reads as the completion cap: a client's `max_tokens` or
+    # `max_completion_tokens` is sent under this name (None: forwarded as sent). llama.cpp reads only
+    # `max_tokens` and otherwise generates until its context is full.
+    token_cap: str | None = None
+    # Model-name prefixes that take the other cap field instead (OpenAI's reasoning models refuse `max_tokens`).
+    token_cap_exceptions: tuple[tuple[str, str], ...] = ()
+    # A stream that ends before any content and without a finish reason means the prompt did not fit the
+    # context window (llama-cpp-python fails that way once the stream has started), not a dropped connection.
+    empty_stream_is_overflow: bool = False
+    # Where the request id goes upstream (Capabilities.request_id_header, request_id_uuid).
+    request_id_header: str | None = "x-request-id"
+    request_id_uuid: bool = True
 
 
 class OpenAICompatAdapter:
@@ -80,6 +92,8 @@ class OpenAICompatAdapter:
             default_base_url=spec.default_base_url,
             requires_api_key=spec.requires_api_key,
             tokenizer=spec.tokenizer,
+            request_id_header=spec.request_id_header,
+            request_id_uuid=spec.request_id_uuid,
         )
         self._rewrites_responses = bool(spec.finish_reasons)
 
@@ -92,6 +106,10 @@ class OpenAICompatAdapter:
             stream_options = dict(body.get("stream_options") or {})
             stream_options["include_usage"] = True
             body["stream_options"] = stream_options
+        if call.endpoint is Endpoint.CHAT:
+            cap_field = token_cap_field(self.spec, call.upstream_model)
+            if cap_field is not None:
+                move_token_cap(body, cap_field)
         for old, new in self.spec.renames.items():
             if old in body:
                 body[new] = body.pop(old)
@@ -102,7 +120,7 @@ class OpenAICompatAdapter:
             headers["authorization"] = "Bearer " + provider.api_key
         if call.stream:
             headers["accept"] = "text/event-stream"
-        return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, orjson.dumps(body))
+        return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, dump_object(body))
 
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
         if call.endpoint is Endpoint.RESPONSES:
@@ -127,7 +145,7 @@ class OpenAICompatAdapter:
     def stream_translator(self, call: Call) -> StreamTranslator:
         if call.endpoint is Endpoint.RESPONSES:
             return responses_api.ResponsesStream()
-        return _CompatStream(self.spec.finish_reasons)
+        return _CompatStream(self.spec.finish_reasons, self.spec.empty_stream_is_overflow)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         return failure_from_openai_error(status, error_object(body), headers)
@@ -140,13 +158,16 @@ class _CompatStream(PayloadTranslator):
     carry usage, a finish reason or an error are decoded (found by byte search).
     """
 
-    __slots__ = ("_finish_reasons", "finished")
+    __slots__ = ("_events", "_finish_reasons", "_overflow_if_empty", "finished")
 
-    def __init__(self, finish_reasons: Mapping[str, str]) -> None:
+    def __init__(self, finish_reasons: Mapping[str, str], overflow_if_empty: bool = False) -> None:
         self._finish_reasons = finish_reasons
+        self._overflow_if_empty = overflow_if_empty
+        self._events = 0
         self.finished = False
 
     def feed(self, data: bytes) -> Sequence[StreamChunk]:
+        self._events += 1
         if data == DONE:
             self.finished = True
             return ()
@@ -159,12 +180,18 @@ class _CompatStream(PayloadTranslator):
         # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event.
         joined = b"".join(payloads)
         if DONE not in joined and _nothing_to_read(joined):
+            self._events += len(payloads)
             return [StreamChunk(data) for data in payloads]
         return super().feed_all(payloads)
 
     def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the
         # answer may be incomplete, and the client must not be told otherwise.
+        if self._overflow_if_empty and self._events <= 1:  # at most the role announcement
+            raise UpstreamFailed(UpstreamFailure(
+                FailureKind.CONTEXT_LENGTH, 400, "the upstream ended the stream before any content and without a "
+                "finish reason, as it does when the prompt does not fit its context window",
+                code="context_length_exceeded", param="messages", error_type="invalid_request_error"))
         raise stream_cut()
 
     def _decoded(self, data: bytes) -> StreamChunk:
@@ -199,6 +226,25 @@ def _nothing_to_read(data: bytes) -> bool:
 
 
 _CHAT_LIKE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # take stream_options.include_usage
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def token_cap_field(spec: CompatSpec, upstream_model: str) -> str | None:
+    """The chat cap field `upstream_model` reads on this kind, or None when it reads both."""
+    for prefix, name in spec.token_cap_exceptions:
+        if upstream_model.startswith(prefix):
+            return name
+    return spec.token_cap
+
+
+def move_token_cap(body: dict[str, Any], name: str) -> None:
+    """Send the client's cap under `name` only; `max_completion_tokens` wins if both are set, as in admission."""
+    cap = next((body[n] for n in _CAP_FIELDS if body.get(n) is not None), None)
+    for other in _CAP_FIELDS:
+        body.pop(other, None)
+    if cap is not None:
+        body[name] = cap
+
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
@@ -236,8 +282,14 @@ _CODE_KINDS = {
 }
 
 
+# llama.cpp's server reports a prompt longer than its context as `type: exceed_context_size_error` (code 400).
+_OVERFLOW_TYPES = frozenset({"exceed_context_size_error"})
+
+
 def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> UpstreamFailure:
     """Classify an OpenAI-shaped error body (`{"error": {message, type, code, param}}`)."""
+    if status == 422 and isinstance(payload.get("detail"), list):
+        return _validation_failure(payload["detail"], headers)
     error = payload.get("error")
     if isinstance(error, str):
         # vLLM and llama.cpp sometimes answer `{"error": "..."}` or `{"message": ...}`.
@@ -245,7 +297,9 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
     elif not isinstance(error, dict):
         error = {"message": payload.get("message") or payload.get("detail")}
     code = error.get("code")
-    code = str(code) if code is not None else None
+    code = str(code) if code is not None and code != status else None  # llama.cpp repeats the status as `code`
+    if error.get("type") in _OVERFLOW_TYPES:
+        code = "context_length_exceeded"
     kind = _CODE_KINDS.get(code or "") or _STATUS_KINDS.get(status)
     if kind is None:
         kind = FailureKind.UPSTREAM_ERROR if status >= 500 else FailureKind.BAD_REQUEST
@@ -259,6 +313,22 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         retry_after=retry_after_seconds(headers),
     )
+
+
+def _validation_failure(detail: list[Any], headers: Mapping[str, str]) -> UpstreamFailure:
+    """FastAPI's 422 (`{"detail": [{"loc": ["body", "messages", 0], "msg": ...}]}`, llama-cpp-python, TGI's
+    router...) as OpenAI reports a malformed request: a 400 naming the parameter, e.g. `messages.[0].role`."""
+    first = next((d for d in detail if isinstance(d, dict)), {})
+    loc = [part for part in first.get("loc") or () if part != "body"]
+    param = ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc) or None
+    message = str(first.get("msg") or "the request failed validation")
+    extra = len(detail) - 1
+    if param:
+        message = f"{param}: {message}"
+    if extra > 0:
+        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+    return UpstreamFailure(kind=FailureKind.BAD_REQUEST, status=400, message=message, code="invalid_request",
+                           param=param, error_type="invalid_request_error", retry_after=retry_after_seconds(headers))
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -281,8 +351,12 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
+# Request ids: OpenAI takes any ASCII id up to 512 characters as `X-Client-Request-Id`; the hosted
+# APIs below document none, so none is sent; self-hosted servers get `x-request-id` as a UUID.
 OPENAI = CompatSpec(kind="openai", default_base_url="https://api.openai.com/v1", requires_api_key=True,
-                    endpoints=WITH_RESPONSES)
+                    endpoints=WITH_RESPONSES, request_id_header="x-client-request-id", request_id_uuid=False,
+                    # o-series and gpt-5 models refuse `max_tokens` ("use max_completion_tokens instead").
+                    token_cap_exceptions=tuple((p, "max_completion_tokens") for p in ("o1", "o3", "o4", "gpt-5")))
 OPENAI_COMPATIBLE = CompatSpec(kind="openai_compatible")
 GROQ = CompatSpec(
     kind="groq",
@@ -290,6 +364,7 @@ GROQ = CompatSpec(
     requires_api_key=True,
     drops=frozenset({"logit_bias"}),
     tokenizer="open_weights",
+    request_id_header=None,
 )
 MISTRAL = CompatSpec(
     kind="mistral",
@@ -298,13 +373,19 @@ MISTRAL = CompatSpec(
     renames={"seed": "random_seed"},
     finish_reasons={"model_length": "length"},
     tokenizer="open_weights",
+    token_cap="max_tokens",
+    request_id_header=None,
 )
 TOGETHER = CompatSpec(kind="together", default_base_url="https://api.together.xyz/v1", requires_api_key=True,
-                      tokenizer="open_weights")
+                      tokenizer="open_weights", token_cap="max_tokens", request_id_header=None)
 # vLLM serves POST /v1/responses itself (protocols.md 8.1), so Responses requests pass through.
 VLLM = CompatSpec(kind="vllm", endpoints=WITH_RESPONSES, tokenizer="open_weights")
 SGLANG = CompatSpec(kind="sglang", tokenizer="open_weights")
-TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}), tokenizer="open_weights")
-LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights")
+TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}), tokenizer="open_weights",
+                 token_cap="max_tokens")
+# llama-cpp-python's server reads only `max_tokens` (2,032 tokens generated under max_completion_tokens: 5)
+# and validates `x-request-id` as a UUID.
+LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens",
+                      empty_stream_is_overflow=True)
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)

@@ -21,13 +21,16 @@ from pathlib import Path
 from providers import ADAPTERS
 from providers.base import Endpoint
 
-PROVIDERS = ("openai-compatible", "vllm", "anthropic", "gemini", "azure_openai", "mock")
+PROVIDERS = ("openai-compatible", "vllm", "anthropic", "gemini", "azure_openai", "mock",
+             # Real servers, not fakes (tests/test_selfhosted_servers.py), serving a tiny generated model.
+             "llama-server", "llama-cpp-python")
 ENDPOINTS = ("chat", "responses", "messages", "embeddings")
 FEATURES = ("text", "tools", "json_schema", "images", "cached_usage")
 STREAMS = (False, True)
 # The policy `kind` each matrix row stands for.
 KINDS = {"openai-compatible": "openai_compatible", "vllm": "vllm", "anthropic": "anthropic", "gemini": "gemini",
-         "azure_openai": "azure_openai", "mock": "mock"}
+         "azure_openai": "azure_openai", "mock": "mock", "llama-server": "llamacpp", "llama-cpp-python": "llamacpp"}
+REAL_SERVERS = frozenset({"llama-server", "llama-cpp-python"})
 # Providers that never report cached prompt tokens (the in-process mock has no prompt cache).
 NO_PROMPT_CACHE = frozenset({"mock"})
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
@@ -41,6 +44,8 @@ def applies(provider: str, endpoint: str, feature: str, stream: bool) -> bool:
         endpoints = ADAPTERS[KINDS[provider]].capabilities.endpoints
         return feature == "text" and not stream and Endpoint.EMBEDDINGS in endpoints
     # Chat everywhere; /v1/responses and /v1/messages are served for every chat provider.
+    if provider in REAL_SERVERS and feature == "images":
+        return False  # the generated model is text-only
     return not (feature == "cached_usage" and provider in NO_PROMPT_CACHE)
 
 
@@ -93,7 +98,9 @@ def render(results: Mapping[Cell, Sequence[str]], *, command: str, when: dt.date
         "",
         "Every cell is what an application using only the `openai` SDK (or the `anthropic` SDK for",
         "`messages`) sees through the gateway, against a fake upstream on loopback that speaks the",
-        "provider's wire format: `text` a plain reply, `tools` a tool-call round trip, `json_schema`",
+        "provider's wire format, or, for `llama-server` (llama.cpp's own server, from the xllamacpp wheel)",
+        "and `llama-cpp-python` (its FastAPI server), the real server serving a tiny random-weight model the",
+        "tests generate (tests/real_servers.py): `text` a plain reply, `tools` a tool-call round trip, `json_schema`",
         "structured output parsed by the SDK, `images` an image part delivered in the provider's",
         "format, `cached_usage` cached prompt tokens reaching the client's usage and the usage record.",
         "",
@@ -102,7 +109,8 @@ def render(results: Mapping[Cell, Sequence[str]], *, command: str, when: dt.date
         "- **not tested**: no test claims the cell; nothing is known about it.",
         "- **skipped**: every test claiming it was skipped in the last run.",
         "- **n.a.**: the cell cannot exist (the provider has no such endpoint, embeddings do not",
-        "  stream, the mock has no prompt cache). Rows with no applicable cell are left out.",
+        "  stream, the mock has no prompt cache, the real servers' generated model is text-only). Rows with no",
+        "  applicable cell are left out.",
         "",
         f"Totals: {summary}.",
         "",

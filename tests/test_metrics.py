@@ -145,7 +145,8 @@ def test_circuit_breaker_state_is_read_at_scrape_time(upstream: FakeOpenAIUpstre
                                                        start_gateway: Callable[..., RunningGateway]) -> None:
     policy = standard_policy(upstream.base_url, extra=ADMIN_POLICY).replace(
         "        model: upstream-chat\n",
-        "        model: upstream-chat\n    circuit_breaker: {consecutive_failures: 2, cooldown_s: 600}\n", 1)
+        "        model: upstream-chat\n"
+        "    circuit_breaker: {consecutive_failures: 2, cooldown_s: 600, min_callers: 1}\n", 1)
     gateway = start_gateway(policy)
     client = gateway.client()
     where = {"provider": "upstream", "model": "upstream-chat", "base_url": upstream.base_url}

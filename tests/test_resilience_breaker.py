@@ -6,13 +6,14 @@ import threading
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.policy_schema import CircuitBreakerPolicy
 from tests.conftest import RunningGateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream
-from tests.fakes.routing_policy import ADMIN_KEY, chat, multi_policy
+from tests.fakes.routing_policy import ADMIN_KEY, chat, key_hash, multi_policy
 
 SETTINGS = CircuitBreakerPolicy(consecutive_failures=3, failure_rate=0.5, window_s=10, min_requests=6,
                                 cooldown_s=2, max_cooldown_s=5)
@@ -80,6 +81,40 @@ def test_the_rate_window_judges_recent_traffic_only() -> None:
     assert breaker.state(30.1) is BreakerState.OPEN
 
 
+def test_one_teams_answered_failures_do_not_open_it_two_teams_or_a_confirmation_do() -> None:
+    breaker = CircuitBreaker()
+    for now in range(10):
+        breaker.on_failure(float(now), SETTINGS, caller="beta")  # beta's malformed requests, answered with 500
+    assert breaker.state(10.0) is BreakerState.CLOSED
+    breaker.on_failure(10.0, SETTINGS, caller="alpha")
+    assert breaker.state(10.0) is BreakerState.OPEN
+
+    confirmed = CircuitBreaker()
+    for now in (0.0, 0.1, 0.2):
+        confirmed.on_failure(now, SETTINGS, caller="beta")
+    assert confirmed.state(0.3) is BreakerState.CLOSED
+    confirmed.confirm(0.3, SETTINGS)  # beta's request then succeeded on another target: the failures were ours
+    assert confirmed.state(0.3) is BreakerState.OPEN
+
+
+def test_a_teams_failures_outside_the_window_do_not_join_anothers() -> None:
+    breaker = CircuitBreaker()
+    breaker.on_failure(0.0, SETTINGS, caller="alpha")
+    for now in (20.0, 20.1, 20.2):
+        breaker.on_failure(now, SETTINGS, caller="beta")
+    assert breaker.state(20.3) is BreakerState.CLOSED
+
+
+def test_a_bad_probe_request_does_not_reopen_it() -> None:
+    breaker = CircuitBreaker()
+    for now in (0.0, 0.1, 0.2):
+        breaker.on_failure(now, SETTINGS)  # connection errors: the target's own
+    assert breaker.state(2.5) is BreakerState.HALF_OPEN
+    breaker.on_attempt(2.5)
+    breaker.on_failure(2.6, SETTINGS, caller="beta")  # the probe was a malformed request; the target answered
+    assert breaker.state(2.6) is BreakerState.HALF_OPEN and breaker.allows(2.6)
+
+
 def test_an_abandoned_probe_gives_its_slot_back() -> None:
     breaker = CircuitBreaker()
     for _ in range(3):
@@ -103,7 +138,7 @@ def _row(gateway: RunningGateway, model: str) -> dict:
 def test_a_failing_target_is_ejected_probed_after_cooldown_and_restored(fakes, start_gateway) -> None:
     models = """
   m:
-    circuit_breaker: {consecutive_failures: 2, cooldown_s: 0.3}
+    circuit_breaker: {consecutive_failures: 2, cooldown_s: 0.3, min_callers: 1}  # one team: its 500s count
     targets:
       - {provider: p0, model: up-0}
       - {provider: p1, model: up-1}
@@ -133,7 +168,7 @@ def test_a_failing_target_is_ejected_probed_after_cooldown_and_restored(fakes, s
 def test_when_every_target_is_ejected_the_client_gets_503_with_retry_after(fakes, start_gateway) -> None:
     models = """
   m:
-    circuit_breaker: {consecutive_failures: 1, cooldown_s: 30}
+    circuit_breaker: {consecutive_failures: 1, cooldown_s: 30, min_callers: 1}
     targets: [{provider: p0, model: up-0}]
 """
     gateway = start_gateway(multi_policy({"p0": fakes[0].base_url}, models))
@@ -167,3 +202,68 @@ def test_health_checks_take_a_failing_provider_out_of_rotation(fakes, start_gate
     assert _row(gateway, "up-0")["state"] == "unhealthy"
     assert _row(gateway, "up-1")["healthy"]
     assert gateway.client().chat.completions.create(model="m", messages=chat()).model == "up-1"
+
+
+def _two_teams(base_url: str, models: str) -> str:
+    return f"""
+version: 1
+server: {{reload: {{watch: false}}}}
+providers:
+  p0: {{kind: vllm, base_url: {base_url}, timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}}}
+  p1: {{kind: vllm, base_url: {base_url}, timeouts: {{connect_s: 2, first_byte_s: 5, total_s: 10}}}}
+models:
+{models}
+teams:
+  alpha:
+    keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
+    models: ["*"]
+  beta:
+    keys: [{{id: beta-key, hash: "{key_hash('sk-beta')}"}}]
+    models: ["*"]
+admin:
+  keys: [{{id: ops, hash: "{key_hash(ADMIN_KEY)}"}}]
+"""
+
+
+def test_one_teams_malformed_requests_do_not_eject_the_target_for_every_team(fakes, start_gateway) -> None:
+    """The issue's reproduction: five malformed embeddings requests, answered with 500, had opened the breaker."""
+    gateway = start_gateway(_two_teams(fakes[0].base_url, "  embed: {targets: [{provider: p0, model: up-embed}]}"))
+    fakes[0].script(*[Behaviour.error(500, "Internal Server Error: input must not be empty")] * 5)
+    for _ in range(5):
+        with pytest.raises(openai.InternalServerError):
+            # Well-formed to the gateway (it checks types only), refused by this upstream with a 500.
+            gateway.client("sk-beta").embeddings.create(model="embed", input="x", encoding_format="bogus")  # type: ignore[arg-type]
+    assert _row(gateway, "up-embed")["state"] == "closed"
+    alpha = gateway.client("sk-alpha")
+    for _ in range(20):
+        assert len(alpha.embeddings.create(model="embed", input="valid text").data) == 1
+
+
+def test_answered_failures_from_two_teams_do_eject_it(fakes, start_gateway) -> None:
+    gateway = start_gateway(_two_teams(fakes[0].base_url, "  embed: {targets: [{provider: p0, model: up-embed}]}"))
+    fakes[0].script(*[Behaviour.error(500)] * 6)
+    for key in ("sk-beta", "sk-beta", "sk-beta", "sk-beta", "sk-alpha"):
+        with pytest.raises(openai.InternalServerError):
+            gateway.client(key).embeddings.create(model="embed", input="x")
+    assert _row(gateway, "up-embed")["state"] == "open"
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client("sk-alpha").embeddings.create(model="embed", input="x")
+    assert caught.value.status_code == 503 and caught.value.code == "no_healthy_target"
+
+
+def test_a_500_for_a_request_another_target_serves_counts_against_the_first(fakes, start_gateway) -> None:
+    models = """
+  m:
+    retries: 1
+    backoff: {initial_s: 0, max_s: 0}
+    circuit_breaker: {consecutive_failures: 1, cooldown_s: 30}
+    targets:
+      - {provider: p0, model: up-0}
+      - {provider: p1, model: up-1}
+"""
+    gateway = start_gateway(_two_teams(fakes[0].base_url, models))
+    fakes[0].script(Behaviour.error(500))
+    reply = gateway.client("sk-beta").chat.completions.with_raw_response.create(model="m", messages=chat())
+    assert reply.parse().model == "up-1"
+    assert reply.headers["x-switchboard-route"] == "m@p0:500,m@p1:ok"
+    assert _row(gateway, "up-0")["state"] == "open"

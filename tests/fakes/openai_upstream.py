@@ -130,6 +130,8 @@ class Behaviour:
         end_delay_ms: after a stream's last event, wait this long before ending the response body, as a
             server does whose end of body trails its ``[DONE]``.
         content: replace the generated text content.
+        overrun: ignore the request's token caps, as a server that reads another cap field does.
+        no_usage: report no usage, streamed or not, as llama-cpp-python ignores `stream_options`.
         tail_in_one_write: write a stream's last three events (the last content chunk, the usage chunk when
             asked for, ``[DONE]``) in one write, as servers that buffer their output do, so the gateway reads
             the end of the answer and its terminator in one read.
@@ -148,6 +150,8 @@ class Behaviour:
     stream_error: Mapping[str, Any] | None = None
     end_delay_ms: float = 0.0
     content: str | None = None
+    overrun: bool = False
+    no_usage: bool = False
     tail_in_one_write: bool = False
 
     @classmethod
@@ -398,6 +402,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
             "rejected_prediction_tokens": 0,
         },
     }
+
+
+_CAPS = ("max_tokens", "max_completion_tokens")
 
 
 def _limit(text: str, body: Mapping[str, Any]) -> tuple[str, str]:
@@ -907,16 +914,17 @@ class FakeOpenAIUpstream:
     ) -> web.StreamResponse:
         if not isinstance(body.get("messages"), list):
             return _json_response(400, error_body(400, "'messages' is a required property"))
-        reply = _chat_reply(body, behaviour.content)
+        reply = _chat_reply({k: v for k, v in body.items() if k not in _CAPS} if behaviour.overrun else body,
+                            behaviour.content)
         n = max(int(body.get("n") or 1), 1)
         model = body.get("model", "fake-model")
         response_id = self._new_id("chatcmpl")
         created = int(time.time())
-        usage = _usage(_prompt_tokens(body), reply.tokens * n)
+        usage = None if behaviour.no_usage else _usage(_prompt_tokens(body), reply.tokens * n)
         chunks = self.stream_chunks if behaviour.stream_chunks is None else behaviour.stream_chunks
 
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and usage is not None
             frames = _StreamFrames("chat.completion.chunk", response_id, created, orjson.dumps(model), include_usage)
             return await self._stream(
                 request,
@@ -961,17 +969,19 @@ class FakeOpenAIUpstream:
     ) -> web.StreamResponse:
         prompts = _prompts(body.get("prompt"))
         n = max(int(body.get("n") or 1), 1)
-        texts = [_limit(behaviour.content if behaviour.content is not None else f"echo: {p}", body) for p in prompts]
+        capped = {k: v for k, v in body.items() if k not in _CAPS} if behaviour.overrun else body
+        texts = [_limit(behaviour.content if behaviour.content is not None else f"echo: {p}", capped) for p in prompts]
         # Legacy completions give each prompt n consecutive choices.
         choices = [texts[i // n] for i in range(len(prompts) * n)]
         model = body.get("model", "fake-model")
         response_id = self._new_id("cmpl")
         created = int(time.time())
-        usage = _usage(sum(count_tokens(p) for p in prompts), sum(count_tokens(t) for t, _ in choices))
+        usage = None if behaviour.no_usage else _usage(sum(count_tokens(p) for p in prompts),
+                                                      sum(count_tokens(t) for t, _ in choices))
         chunks = self.stream_chunks if behaviour.stream_chunks is None else behaviour.stream_chunks
 
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and usage is not None
             frames = _StreamFrames("text_completion", response_id, created, orjson.dumps(model), include_usage)
             return await self._stream(
                 request,

@@ -1,0 +1,199 @@
+"""The `llamacpp` kind against real servers nobody here wrote, serving a tiny model the tests generate.
+
+Two implementations of the same kind, started once per module on free ports (tests/real_servers.py):
+`llama-server` (llama.cpp's C++ server, from the xllamacpp wheel) and `llama-cpp-python` (its FastAPI server).
+Through the gateway with the openai SDK: every call had failed on llama-cpp-python (the gateway's request id
+was not a UUID), `max_completion_tokens: 5` had produced 2,032 tokens, and `include_usage` had got no usage
+chunk. The tiny model never emits its end token, so a reply runs exactly to the cap, one token per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from tests import real_servers
+from tests.conftest import RunningGateway, serving
+
+SERVERS = ["llama-server", "llama-cpp-python"]
+_STARTERS = {"llama-server": real_servers.llama_server, "llama-cpp-python": real_servers.llama_cpp_python}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return real_servers.write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest, tiny_model: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[real_servers.RunningServer]:
+    with _STARTERS[request.param](tiny_model, tmp_path_factory.mktemp(request.param)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(server: real_servers.RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    policy = f"""
+providers:
+  local:
+    kind: llamacpp
+    base_url: {server.base_url}
+    timeouts: {{connect_s: 5, first_byte_s: 60, total_s: 120}}
+models:
+  tiny:
+    targets: [{{provider: local, model: tiny}}]
+  tiny-small-window:
+    context_window: 100000
+    fallbacks: {{context_window: [tiny-fallback]}}
+    targets: [{{provider: local, model: tiny}}]
+  tiny-fallback:
+    targets: [{{provider: local, model: tiny}}]
+"""
+    with serving(tmp_path_factory.mktemp("gateway") / "policy.yaml", policy) as running:
+        yield running
+
+
+def _cells(feature: str = "text", endpoint: str = "chat") -> pytest.MarkDecorator:
+    return pytest.mark.conformance(provider={s: s for s in SERVERS}, endpoint=endpoint, feature=feature, by="server")
+
+
+@pytest.fixture
+def server_name(server: real_servers.RunningServer) -> str:
+    return server.name
+
+
+@pytest.fixture
+def sent(gateway: RunningGateway) -> RunningGateway:
+    gateway.usage.records.clear()
+    return gateway
+
+
+@_cells()
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_answers_with_the_clients_own_request_id(sent: RunningGateway, server_name: str, stream: bool) -> None:
+    """A request id that is no UUID (the client's here) reached llama-cpp-python as one, so it answered."""
+    client = sent.client()
+    headers = {"x-request-id": "trace-me-1"}
+    messages = [{"role": "user", "content": "hello world"}]
+    if stream:
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, stream=True,
+                                                     extra_headers=headers))  # type: ignore[arg-type]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                                               max_tokens=6, extra_headers=headers)
+        assert raw.headers["x-request-id"] == "trace-me-1"
+        reply = raw.parse()
+        text = reply.choices[0].message.content or ""
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage is not None and reply.usage.completion_tokens == 6
+    assert text.strip() and set(text.replace(" ", "")) <= set("abcdefghijklmnopqrstuvwxyz,.!?:|<>\n")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_is_the_cap_the_server_applies(sent: RunningGateway, stream: bool) -> None:
+    """max_completion_tokens: 5 had produced 2,032 tokens on llama-cpp-python, all billed, 5 reserved."""
+    client = sent.client()
+    messages = [{"role": "user", "content": "hello"}]
+    if stream:
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                                     max_completion_tokens=5, stream=True))
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 5
+    else:
+        reply = client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                               max_completion_tokens=5)
+        assert reply.usage is not None and reply.usage.completion_tokens == 5
+    record = sent.usage.wait_for(1)[0]
+    assert record.usage is not None and record.usage.completion_tokens == 5
+
+
+def test_include_usage_gets_exactly_one_usage_chunk(sent: RunningGateway, server_name: str) -> None:
+    """llama-cpp-python ignores stream_options: the gateway sends the one usage chunk, marked estimated."""
+    chunks = list(sent.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+    usage = usage_chunks[0].usage
+    assert usage is not None and usage.prompt_tokens > 0
+    estimated = ((usage_chunks[0].model_extra or {}).get("switchboard") or {}).get("usage_estimated", False)
+    record = sent.usage.wait_for(1)[0]
+    assert record.usage is not None and record.usage.estimated is estimated
+    if server_name == "llama-server":
+        assert not estimated and usage.completion_tokens == 4  # the server's own count
+    else:  # the version the issue was found with sent none; either way the client gets exactly one
+        assert usage.completion_tokens == 4 if not estimated else usage.completion_tokens > 0
+
+
+@_cells(endpoint="messages")
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_messages_front_door_serves_it(sent: RunningGateway, server_name: str, stream: bool) -> None:
+    client = anthropic.Anthropic(base_url=sent.base_url, api_key="sk-alpha", max_retries=0)
+    if stream:
+        with client.messages.stream(model="tiny", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hello"}]) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hello"}])
+    assert message.stop_reason == "max_tokens"
+    assert message.content and message.content[0].type == "text" and message.content[0].text.strip()
+
+
+@_cells(endpoint="responses")
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_responses_front_door_serves_it(sent: RunningGateway, server_name: str, stream: bool) -> None:
+    """The model never stops by itself, so the answer is `incomplete` at `max_output_tokens`, as OpenAI's would be."""
+    client = sent.client()
+    if stream:
+        with client.responses.stream(model="tiny", input="hello", max_output_tokens=5) as events:
+            seen = list(events)
+        text = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+        assert seen[-1].type == "response.incomplete"
+        response = seen[-1].response
+    else:
+        response = client.responses.create(model="tiny", input="hello", max_output_tokens=5)
+        text = response.output_text
+    assert text.strip()
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_completions_take_a_null_prompt(sent: RunningGateway) -> None:
+    reply = sent.client().completions.create(model="tiny", prompt=None, max_tokens=3)  # type: ignore[arg-type]
+    assert reply.choices[0].text.strip()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(sent: RunningGateway,
+                                                                             stream: bool) -> None:
+    long = [{"role": "user", "content": "hello world " * 400}]  # ~4,800 tokens; the servers' window is 512
+    with pytest.raises(openai.BadRequestError) as caught:
+        sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
+                                              stream=stream)
+    assert caught.value.code == "context_length_exceeded"
+    record = sent.usage.wait_for(1)[0]
+    assert record.outcome == "context_length_exceeded"
+    # The model's context-window fallback is tried (and fails the same way here: one server behind both).
+    with pytest.raises(openai.BadRequestError) as caught:
+        sent.client().chat.completions.with_raw_response.create(model="tiny-small-window", messages=long,
+                                                                max_tokens=3, stream=stream)  # type: ignore[arg-type]
+    route = caught.value.response.headers["x-switchboard-route"]
+    assert route.startswith("tiny-small-window@local:400,tiny-fallback@local:400"), route
+
+
+def test_a_request_the_server_refuses_gets_an_openai_400(sent: RunningGateway, server_name: str) -> None:
+    """A role the gateway passes on (it checks only that roles are strings) and llama-cpp-python's schema refuses."""
+    messages = [{"role": "robot", "content": "beep"}]
+    if server_name == "llama-server":  # llama.cpp takes any role into its template
+        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+        return
+    with pytest.raises(openai.BadRequestError) as caught:  # FastAPI's 422, translated
+        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+    error = caught.value.body
+    assert isinstance(error, dict) and error["message"]
+    assert error["param"] is not None and error["param"].startswith("messages.[0]")
