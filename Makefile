@@ -11,8 +11,12 @@ ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 REDIS_PORT ?= 6379
+# make stack's trace UI (arize-phoenix) lives in a venv of its own: its pins are not the gateway's.
+PHOENIX_VENV ?= .venv-phoenix
+STACK_DIR ?= .stack
 
-.PHONY: run test test-slow conformance lint bench redis install install-dev clean screenshots
+.PHONY: run test test-slow conformance lint bench redis install install-dev clean screenshots stack stack-down \
+	stack-tools image
 
 # pip prints one line per package it collects and installs (no --quiet), so a first `make run` shows its
 # progress instead of ~30 s of silence; later runs skip these steps.
@@ -50,8 +54,8 @@ test: install-dev redis
 	$(PY) -m pytest -n 2 -m "not slow"
 
 # Multi-process and soak tests; exit code 5 means none are collected.
-test-slow: install-dev redis
-	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+test-slow: install-dev redis stack-tools $(PHOENIX_VENV)/.installed
+	SWITCHBOARD_PHOENIX=$(abspath $(PHOENIX_VENV))/bin/phoenix $(PY) -m pytest -m slow || [ $$? -eq 5 ]
 
 # Run every test that claims a conformance-matrix cell and regenerate docs/conformance.md.
 conformance: install-dev redis
@@ -66,6 +70,35 @@ lint: install-dev
 
 bench: install-dev
 	$(PY) loadtests/bench.py
+
+# --- deploy/: the multi-replica stack as processes, and the container image ---------------------
+# `make stack`: HAProxy on 127.0.0.1:8180 over three replicas, a private Redis (6399), Prometheus
+# (9190) and Arize Phoenix (6016). Debian's haproxy, prometheus and redis-server come from apt;
+# Phoenix from PyPI into a venv of its own (~1 GB, several minutes the first time; its pins are not
+# the gateway's). deploy/README.md describes it.
+
+stack-tools:
+	@missing=""; for tool in haproxy:haproxy prometheus:prometheus redis-server:redis-server; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+$(PHOENIX_VENV)/.installed:
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install --quiet 'arize-phoenix>=12'
+	touch $@
+
+stack: install stack-tools $(PHOENIX_VENV)/.installed
+	$(PY) deploy/stack/stack.py up --dir $(STACK_DIR) --switchboard $(VENV)/bin/switchboard \
+	  --phoenix $(PHOENIX_VENV)/bin/phoenix
+
+stack-down:
+	$(PY) deploy/stack/stack.py down --dir $(STACK_DIR)
+
+# The container image, built with podman where no Docker engine runs (deploy/README.md, "Image").
+image:
+	mkdir -p deploy/tiktoken-seed && { [ -z "$$TIKTOKEN_CACHE_DIR" ] || cp -r "$$TIKTOKEN_CACHE_DIR"/. deploy/tiktoken-seed/; }
+	deploy/image.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -28,6 +28,7 @@ from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
 from gateway.gate import Gate
 from gateway.health import Monitor, TargetsRoute
+from gateway.health_metrics import HealthCollector
 from gateway.heap import settle_for_serving
 from gateway.ledger import Ledger, SpendRoute
 from gateway.limits import Limiter
@@ -160,6 +161,7 @@ def create_app(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
     if metrics is not None:
         limiter.attach_metrics(metrics)
+        metrics.registry.register(HealthCollector(lambda: store.current, limiter.store))
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:

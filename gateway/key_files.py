@@ -45,16 +45,23 @@ def keys_file_path(policy_path: str | Path, raw: Mapping[str, Any]) -> Path | No
     return base / name
 
 
-Stamp = tuple[int, int, int] | None
+Stamp = tuple[str, int, int, int] | None
 
 
 def file_stamp(path: Path) -> Stamp:
-    """What tells a changed file: modification time, size, inode (None when it does not exist)."""
+    """What tells a changed file: its resolved path, modification time, size, inode (None when missing).
+
+    A Kubernetes ConfigMap volume never rewrites a file: kubelet writes a new timestamped directory
+    and swaps the `..data` symlink the file's own symlink goes through. The resolved path changes
+    with every swap, so the swap is seen even if the new file matches the old one's size and time
+    and reuses a freed inode (tests/test_policy_configmap.py).
+    """
     try:
         stat = os.stat(path)
+        target = os.path.realpath(path)
     except OSError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return (target, stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def read_keys_file(path: Path) -> tuple[str, dict[str, list[dict[str, Any]]]]:

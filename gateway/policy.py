@@ -173,7 +173,7 @@ class Policy:
     state: StatePolicy = field(default_factory=StatePolicy)
     # The keys file merged into the teams (`keys_file`); the policy store watches it too.
     keys_path: Path | None = None
-    keys_stamp: tuple[int, int, int] | None = None  # the keys file as it was read
+    keys_stamp: tuple[str, int, int, int] | None = None  # the keys file as it was read
     # Stored Responses API state per team (gateway/response_store/) and where it lives.
     responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
     response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)

@@ -612,7 +612,14 @@ class TracesPolicy(Strict):
     sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of traces kept; traces with an error are "
                                 "always kept. An incoming sampled traceparent is honoured.")
     batch: BatchExportPolicy = Field(default_factory=BatchExportPolicy)
-    openinference: bool = Field(False, description="Also set OpenInference `llm.*` attributes (Arize Phoenix).")
+    openinference: bool = Field(True, description="Also set OpenInference `llm.*` attributes (model, token counts, "
+                                "cost) on LLM-kind attempt spans, which Arize Phoenix counts and prices.")
+    attempt_span_kind: Literal["llm", "chain"] = Field(
+        "llm", description="llm: each upstream attempt's span is the LLM call and carries its usage. chain: "
+        "attempt spans are chains without usage, for clients that already trace their own LLM call.")
+    project: str | None = Field(None, min_length=1, max_length=200, description="Project the traces land in: the "
+                                "`openinference.project.name` resource attribute (Phoenix) and the "
+                                "`x-project-name` and `Langsmith-Project` export headers (Phoenix, LangSmith).")
     record_content: list[str] = Field(default_factory=list, description="Teams whose prompts and completions "
                                       "are recorded on spans; \"*\" for all. Off by default: content is sensitive.")
     redact_content: bool = Field(True, description="Mask API keys, bearer tokens, emails and card numbers in "

@@ -104,7 +104,7 @@ class PolicyStore:
             return True
 
     async def watch(self) -> None:
-        """Reload whenever the file's modification stamp changes; runs until cancelled."""
+        """Reload whenever the file's stamp changes (an edit, a rename over it, a ConfigMap swap); until cancelled."""
         while True:
             await asyncio.sleep(self._current.server.reload.poll_interval_s)
             if not self._current.server.reload.watch:

@@ -61,9 +61,9 @@ from gateway.policy_schema import TracesPolicy
 from gateway.telemetry_attributes import (
     GENAI_PROVIDER,
     OPERATION,
+    attempt_kind_attributes,
     attempt_usage_attributes,
     error_type_of,
-    openinference_attributes,
     record_attributes,
     request_params,
 )
@@ -227,6 +227,7 @@ class RequestTrace:
             "server.address": host,
             "switchboard.provider": provider.name,
             "switchboard.attempt": len(self._attempts) + 1,
+            **self._tracing.attempt_kinds(call.upstream_model, provider.name),
             **self._params,
         }
         if port is not None:
@@ -340,9 +341,7 @@ class RequestTrace:
             if reasons:
                 final_attributes["gen_ai.response.finish_reasons"] = reasons
             if record is not None:
-                final_attributes.update(attempt_usage_attributes(record))
-                if tracing.openinference:
-                    final_attributes.update(openinference_attributes(record, self._params, response_model))
+                final_attributes.update(attempt_usage_attributes(record, tracing.settings, self._params))
         tracing.export(self, name, attributes, _ERROR if server_failed else _UNSET)
 
     def spans(self, name: str, attributes: dict[str, Any], status: Status) -> list[ReadableSpan]:
@@ -425,17 +424,26 @@ class _Tracing:
     def __init__(self, settings: TracesPolicy, processor: SpanProcessor, redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
         self.processor = processor
-        self.resource = Resource.create({"service.name": settings.service_name})
+        resource = {"service.name": settings.service_name}
+        if settings.project:
+            resource["openinference.project.name"] = settings.project  # Phoenix's project
+        self.resource = Resource.create(resource)
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
-        self.openinference = settings.openinference
         self._content_all = "*" in settings.record_content
         self._content_teams = frozenset(settings.record_content)
         self.redactor = redactor if settings.redact_content else None
         self._addresses: dict[str, tuple[str, int | None]] = {}
+        self._attempt_kinds: dict[tuple[str, str], dict[str, Any]] = {}
 
     def samples(self, trace_id: int) -> bool:
         return trace_id & 0xFFFFFFFFFFFFFFFF < self._bound
+
+    def attempt_kinds(self, model: str, provider: str) -> dict[str, Any]:
+        kinds = self._attempt_kinds.get((model, provider))
+        if kinds is None:
+            kinds = self._attempt_kinds[(model, provider)] = attempt_kind_attributes(self.settings, model, provider)
+        return kinds
 
     def records_content(self, team: str) -> bool:
         return self._content_all or team in self._content_teams

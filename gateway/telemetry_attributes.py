@@ -15,6 +15,7 @@ import orjson
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
+    from gateway.policy_schema import TracesPolicy
     from gateway.usage import UsageRecord
 
 OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat"}
@@ -27,39 +28,38 @@ _REQUEST_PARAMS = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen
                    ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
 
 
-def attempt_usage_attributes(record: UsageRecord) -> dict[str, Any]:
-    """What the successful attempt's CLIENT span repeats from the record: usage, TTFT and cost."""
+# Span kinds as each observability tool reads them. Phoenix prices and sums every span whose
+# OpenInference kind is LLM; LangSmith rolls usage up over `llm` runs; so exactly one kind of
+# span - an upstream attempt - may claim to be an LLM call, and the request's span is a chain.
+CHAIN_KINDS = {"openinference.span.kind": "CHAIN", "langsmith.span.kind": "chain"}
+LLM_KINDS = {"openinference.span.kind": "LLM", "langsmith.span.kind": "llm"}
+
+
+def attempt_kind_attributes(settings: TracesPolicy, model: str, provider: str) -> dict[str, Any]:
+    """The kind of an attempt's CLIENT span (LLM, or a chain when the client traces its own LLM call)."""
+    if settings.attempt_span_kind == "chain":
+        return dict(CHAIN_KINDS)
+    attributes: dict[str, Any] = dict(LLM_KINDS)
+    if settings.openinference:
+        attributes["llm.model_name"] = model
+        attributes["llm.provider"] = provider
+    return attributes
+
+
+def attempt_usage_attributes(record: UsageRecord, settings: TracesPolicy,
+                             params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The answering attempt's usage, TTFT and cost, under the GenAI and (optionally) OpenInference names.
+
+    A chain-kind attempt carries none of it: the client's own LLM span already counts those tokens.
+    """
     attributes: dict[str, Any] = {}
-    usage = record.usage
-    if usage is not None:
-        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
     if record.time_to_first_token_ms is not None:
         attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
     if record.cost_usd is not None:
         attributes["switchboard.cost_usd"] = record.cost_usd
         attributes["switchboard.price_version"] = record.price_version
-    return attributes
-
-
-def record_attributes(record: UsageRecord) -> dict[str, Any]:
-    """The SERVER span's attributes from the settled usage record."""
-    attributes: dict[str, Any] = {
-        "gen_ai.request.model": record.public_model,
-        "switchboard.team": record.team,
-        "switchboard.key_id": record.key_id,
-        "switchboard.model": record.public_model,
-        "switchboard.outcome": record.outcome,
-        "switchboard.stream": record.stream,
-        "switchboard.overhead_ms": round(record.overhead_ms, 3),
-    }
-    if record.stream:
-        attributes["gen_ai.request.stream"] = True
-    if record.provider is not None:
-        attributes["switchboard.provider"] = record.provider
-    if record.upstream_model is not None:
-        attributes["switchboard.upstream_model"] = record.upstream_model
+    if settings.attempt_span_kind == "chain":
+        return attributes
     usage = record.usage
     if usage is not None:
         attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
@@ -69,6 +69,36 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
         if usage.reasoning_tokens:
             attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+    if settings.openinference:
+        attributes.update(openinference_attributes(record, params))
+    return attributes
+
+
+def record_attributes(record: UsageRecord) -> dict[str, Any]:
+    """The SERVER span's attributes from the settled usage record.
+
+    The SERVER span is a chain with no model and no usage under any tool's names (`gen_ai.*`,
+    `llm.*`): tools that sum every span would otherwise count the request's tokens twice, once
+    here and once on the attempt that used them. The gateway's own totals stay under `switchboard.*`.
+    """
+    attributes: dict[str, Any] = {
+        **CHAIN_KINDS,
+        "switchboard.team": record.team,
+        "switchboard.key_id": record.key_id,
+        "switchboard.model": record.public_model,
+        "switchboard.outcome": record.outcome,
+        "switchboard.stream": record.stream,
+        "switchboard.overhead_ms": round(record.overhead_ms, 3),
+    }
+    if record.provider is not None:
+        attributes["switchboard.provider"] = record.provider
+    if record.upstream_model is not None:
+        attributes["switchboard.upstream_model"] = record.upstream_model
+    usage = record.usage
+    if usage is not None:
+        attributes["switchboard.usage.input_tokens"] = usage.prompt_tokens
+        attributes["switchboard.usage.output_tokens"] = usage.completion_tokens
+        attributes["switchboard.usage.cached_input_tokens"] = usage.cached_tokens
         attributes["switchboard.usage_estimated"] = usage.estimated
     if record.failed_attempt_tokens:  # billed by an upstream that failed after it started answering
         attributes["switchboard.failed_attempt_tokens"] = record.failed_attempt_tokens
@@ -76,10 +106,8 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["switchboard.failed_attempt_cost_usd"] = record.failed_attempt_cost_usd
     if record.time_to_first_token_ms is not None:
         attributes["switchboard.ttft_ms"] = round(record.time_to_first_token_ms, 3)
-        attributes["gen_ai.response.time_to_first_chunk"] = record.time_to_first_token_ms / 1000
     if record.cost_usd is not None:
         attributes["switchboard.cost_usd"] = record.cost_usd
-        attributes["gen_ai.usage.cost_usd"] = record.cost_usd
     if record.price_version is not None:
         attributes["switchboard.price_version"] = record.price_version
     cache = record.cache  # set by the response cache (gateway/cache/) when the model caches
@@ -114,13 +142,11 @@ def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | None,
-                              response_model: str | None) -> dict[str, Any]:
-    """OpenInference (`llm.*`) attributes, so Arize Phoenix shows model, tokens and cost natively."""
-    attributes: dict[str, Any] = {"openinference.span.kind": "LLM",
-                                  "llm.model_name": response_model or record.upstream_model or record.public_model}
-    if record.provider:
-        attributes["llm.provider"] = record.provider
+def openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """OpenInference (`llm.*`) usage of the answering attempt, so Arize Phoenix counts and prices it."""
+    # `llm.model_name` was set when the attempt began: the upstream model the ledger prices, not the
+    # response's dated variant, so a tool pricing by model name finds the same price row.
+    attributes: dict[str, Any] = {}
     if params:
         attributes["llm.invocation_parameters"] = orjson.dumps(
             {k.removeprefix("gen_ai.request."): v for k, v in params.items()}).decode()
@@ -130,6 +156,8 @@ def openinference_attributes(record: UsageRecord, params: Mapping[str, Any] | No
         attributes["llm.token_count.completion"] = usage.completion_tokens
         attributes["llm.token_count.total"] = usage.total_tokens
         attributes["llm.token_count.prompt_details.cache_read"] = usage.cached_tokens
+        if usage.cache_write_tokens:  # Phoenix prices these at its `cache_write` rate, as the ledger does
+            attributes["llm.token_count.prompt_details.cache_write"] = usage.cache_write_tokens
     if record.cost_usd is not None:
         attributes["llm.cost.total"] = record.cost_usd
     return attributes

@@ -22,10 +22,11 @@ log = logging.getLogger("switchboard.telemetry")
 def build_exporter(settings: TracesPolicy) -> SpanExporter:
     """The span exporter `telemetry.traces.exporter` names (never `none`: no exporter is built then)."""
     timeout_s = settings.batch.export_timeout_ms / 1000
+    headers = export_headers(settings)
     if settings.exporter == "otlp_http":
         from gateway.otlp import OtlpHttpExporter
 
-        return OtlpHttpExporter(settings.endpoint or "http://localhost:4318/v1/traces", settings.headers, timeout_s)
+        return OtlpHttpExporter(settings.endpoint or "http://localhost:4318/v1/traces", headers, timeout_s)
     if settings.exporter == "otlp_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
             OTLPSpanExporter as GrpcSpanExporter,
@@ -35,8 +36,18 @@ def build_exporter(settings: TracesPolicy) -> SpanExporter:
         logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
         endpoint = settings.endpoint or "localhost:4317"
         return GrpcSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"),  # type: ignore[no-any-return]
-                                headers=tuple(settings.headers.items()), timeout=timeout_s)
+                                headers=tuple((k.lower(), v) for k, v in headers.items()), timeout=timeout_s)
     return ConsoleSpanExporter()
+
+
+def export_headers(settings: TracesPolicy) -> dict[str, str]:
+    """Headers sent with every export: the project's, then the policy's own (which win)."""
+    if not settings.project:
+        return dict(settings.headers)
+    # Phoenix reads x-project-name, LangSmith Langsmith-Project; each ignores the other's.
+    project = {"x-project-name": settings.project, "Langsmith-Project": settings.project}
+    given = {name.lower() for name in settings.headers}
+    return {**{k: v for k, v in project.items() if k.lower() not in given}, **settings.headers}
 
 
 class LoggedExporter(SpanExporter):

@@ -80,6 +80,11 @@ def test_shipped_table_has_a_dated_versioned_price_for_the_major_models() -> Non
         assert price.version and price.effective_date <= dt.date.today() and price.source
     assert table["openai"]["gpt-4o"].cached_input == 1.25
     assert table["anthropic"]["claude-haiku-4-5"].cache_write == 1.25
+    # Embeddings are priced too (input tokens only), so an embeddings call is billed, not free.
+    million = Usage(prompt_tokens=1_000_000, completion_tokens=0)
+    for family, model, usd in [("openai", "text-embedding-3-small", 0.02), ("openai", "text-embedding-3-large", 0.13),
+                               ("mistral", "mistral-embed", 0.10), ("gemini", "gemini-embedding-001", 0.15)]:
+        assert table[family][model].cost(million) == pytest.approx(usd)
     # Every entry of the raw file is a mapping with input and output.
     raw = yaml.safe_load(SHIPPED_TABLE.read_text())
     assert all({"input", "output"} <= set(entry) for models in raw["families"].values() for entry in models.values())

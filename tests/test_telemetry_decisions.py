@@ -164,8 +164,8 @@ def test_rate_limit_rejection_shows_the_limit_checked_and_what_remained(
     assert verdict["switchboard.admission.requested"] == (1.0, float(reserved))
     assert verdict["switchboard.admission.remaining"] == (0.0, 100000.0 - reserved)
     (settled,) = named(admitted, "switchboard.admission.settled")
-    actual = (admitted.attributes or {})["gen_ai.usage.input_tokens"] + (admitted.attributes or {})[
-        "gen_ai.usage.output_tokens"]
+    actual = (admitted.attributes or {})["switchboard.usage.input_tokens"] + (admitted.attributes or {})[
+        "switchboard.usage.output_tokens"]
     assert settled["switchboard.admission.reserved_tokens"] == reserved
     assert settled["switchboard.admission.actual_tokens"] == actual
     assert settled["switchboard.admission.refunded_tokens"] == reserved - actual
@@ -237,6 +237,8 @@ def test_cache_miss_then_hit_records_the_decision_and_the_saved_cost(
     expected = (usage.prompt_tokens * 2.0 + usage.completion_tokens * 8.0) / 1_000_000
     assert attributes["switchboard.cache.cost_saved_usd"] == pytest.approx(expected)
     assert "switchboard.cost_usd" not in attributes  # a hit bills nothing
+    # ...and no tool may count tokens for it: no LLM call happened.
+    assert not [name for name in attributes if name.startswith(("gen_ai.usage.", "llm."))]
 
 
 def test_uncacheable_request_is_a_bypass_with_its_reason(

@@ -26,6 +26,7 @@ telemetry:
     endpoint: {endpoint}
     headers: {{x-collector-key: collector-secret}}
     service_name: switchboard-test
+    project: checkout-prod
     batch: {{schedule_delay_ms: 20, export_timeout_ms: {timeout_ms}}}
 """)
 
@@ -54,16 +55,24 @@ def test_spans_reach_a_real_otlp_collector(upstream: FakeOpenAIUpstream, collect
         assert (server.name, attempt.name, attempt.kind) == ("chat chat-model", "chat upstream-chat", "CLIENT")
         assert server.attributes["switchboard.team"] == "alpha"
         assert server.attributes["switchboard.key_id"] == "alpha-key"
-        assert server.attributes["gen_ai.usage.input_tokens"] == record.usage.prompt_tokens  # type: ignore[union-attr]
+        assert "gen_ai.usage.input_tokens" not in server.attributes  # counted once: on the attempt
+        assert attempt.attributes["gen_ai.usage.input_tokens"] == record.usage.prompt_tokens  # type: ignore[union-attr]
+        assert attempt.attributes["llm.token_count.prompt"] == record.usage.prompt_tokens  # type: ignore[union-attr]
+        assert (server.attributes["openinference.span.kind"], attempt.attributes["openinference.span.kind"]) == (
+            "CHAIN", "LLM")
         assert server.attributes["switchboard.cost_usd"] == pytest.approx(record.cost_usd)
         assert server.attributes["switchboard.price_version"] == "otlp-test"
         assert attempt.attributes["gen_ai.provider.name"] == "openai_compatible"
         assert attempt.attributes["gen_ai.response.finish_reasons"] == ("stop",)
         assert server.resource["service.name"] == "switchboard-test"
+        assert server.resource["openinference.project.name"] == "checkout-prod"  # Phoenix's project
     first = next(r for r in records if not r.stream)
     assert servers[first.trace_id].attributes["switchboard.cost_usd"] == pytest.approx(
         float(raw.headers["x-switchboard-cost-usd"]))
     assert collector.headers[0]["x-collector-key"] == "collector-secret"
+    # Phoenix and LangSmith read the project from these export headers.
+    assert collector.headers[0]["x-project-name"] == "checkout-prod"
+    assert collector.headers[0]["langsmith-project"] == "checkout-prod"
     assert collector.headers[0]["content-type"] == "application/x-protobuf"
 
 

@@ -39,6 +39,28 @@ def tree(spans: list[ReadableSpan]) -> tuple[ReadableSpan, list[ReadableSpan]]:
     return server, children
 
 
+def summed_as_tools_do(spans: list[ReadableSpan]) -> dict[str, float]:
+    """A trace's totals the way each tool adds them up: every span of its LLM kind, summed.
+
+    Phoenix: spans with `openinference.span.kind` LLM, `llm.token_count.*` and the cost of those tokens.
+    LangSmith: runs with `langsmith.span.kind` llm, `gen_ai.usage.*`.
+    """
+    totals = {"phoenix_tokens": 0.0, "phoenix_cost": 0.0, "langsmith_tokens": 0.0}
+    for span in spans:
+        attributes = span.attributes or {}
+        if attributes.get("openinference.span.kind") == "LLM":
+            totals["phoenix_tokens"] += attributes.get("llm.token_count.total", 0)  # type: ignore[operator]
+            totals["phoenix_cost"] += attributes.get("llm.cost.total", 0)  # type: ignore[operator]
+        if attributes.get("langsmith.span.kind") == "llm":
+            totals["langsmith_tokens"] += attributes.get("gen_ai.usage.input_tokens", 0)  # type: ignore[operator]
+            totals["langsmith_tokens"] += attributes.get("gen_ai.usage.output_tokens", 0)  # type: ignore[operator]
+    return totals
+
+
+def usage_names(span: ReadableSpan) -> list[str]:
+    return [name for name in span.attributes or {} if name.startswith(("gen_ai.usage.", "llm.token_count."))]
+
+
 @pytest.fixture
 def exporter() -> WaitingSpanExporter:
     return WaitingSpanExporter()
@@ -60,7 +82,10 @@ def test_plain_call_has_a_server_span_and_one_client_span(traced: RunningGateway
     assert client.name == "chat upstream-chat"
     attributes = dict(server.attributes or {})
     assert attributes["gen_ai.operation.name"] == "chat"
-    assert attributes["gen_ai.request.model"] == "chat-model"
+    # The SERVER span is a chain with no model and no usage under any tool's names, so tools that sum
+    # every span (Phoenix, LangSmith, Helicone) count the request's tokens once: on its attempt.
+    assert attributes["openinference.span.kind"] == "CHAIN" and attributes["langsmith.span.kind"] == "chain"
+    assert not [name for name in attributes if name.startswith(("gen_ai.usage.", "gen_ai.request.", "llm."))]
     assert attributes["switchboard.team"] == "alpha"
     assert attributes["switchboard.key_id"] == "alpha-key"
     assert attributes["switchboard.model"] == "chat-model"
@@ -68,9 +93,9 @@ def test_plain_call_has_a_server_span_and_one_client_span(traced: RunningGateway
     assert attributes["http.response.status_code"] == 200
     assert attributes["switchboard.route"] == "chat-model@upstream:ok"
     assert completion.usage is not None
-    assert attributes["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
-    assert attributes["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
-    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 0
+    assert attributes["switchboard.usage.input_tokens"] == completion.usage.prompt_tokens
+    assert attributes["switchboard.usage.output_tokens"] == completion.usage.completion_tokens
+    assert attributes["switchboard.usage.cached_input_tokens"] == 0
     assert Decimal(str(attributes["switchboard.cost_usd"])) == pytest.approx(
         Decimal(raw.headers["x-switchboard-cost-usd"]))
     assert attributes["switchboard.price_version"] == "test-prices-1"
@@ -86,7 +111,16 @@ def test_plain_call_has_a_server_span_and_one_client_span(traced: RunningGateway
     assert upstream_attributes["gen_ai.request.max_tokens"] == 50
     assert upstream_attributes["server.address"] == "127.0.0.1"
     assert upstream_attributes["server.port"] == upstream.port
+    assert upstream_attributes["openinference.span.kind"] == "LLM"
+    assert upstream_attributes["langsmith.span.kind"] == "llm"
+    assert (upstream_attributes["llm.model_name"], upstream_attributes["llm.provider"]) == ("upstream-chat", "upstream")
     assert upstream_attributes["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
+    assert upstream_attributes["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+    assert upstream_attributes["gen_ai.usage.cache_read.input_tokens"] == 0
+    assert upstream_attributes["llm.token_count.prompt"] == completion.usage.prompt_tokens
+    assert upstream_attributes["llm.token_count.completion"] == completion.usage.completion_tokens
+    assert upstream_attributes["llm.token_count.total"] == completion.usage.total_tokens
+    assert upstream_attributes["llm.cost.total"] == attributes["switchboard.cost_usd"]
     assert "switchboard.team" not in upstream_attributes
     # The caller's key never appears anywhere in a span.
     for span in (server, client):
@@ -100,11 +134,14 @@ def test_stream_records_time_to_first_token_and_usage(traced: RunningGateway, ex
         stream_options={"include_usage": True}))
     server, (client,) = tree(exporter.wait_for_servers(1))
     attributes = dict(server.attributes or {})
-    assert attributes["switchboard.stream"] is True and attributes["gen_ai.request.stream"] is True
+    assert attributes["switchboard.stream"] is True
     assert attributes["switchboard.ttft_ms"] > 0
     usage = chunks[-1].usage
-    assert usage is not None and attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    assert usage is not None and attributes["switchboard.usage.output_tokens"] == usage.completion_tokens
     upstream_attributes = dict(client.attributes or {})
+    assert upstream_attributes["gen_ai.request.stream"] is True
+    assert upstream_attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    assert upstream_attributes["llm.token_count.completion"] == usage.completion_tokens
     assert upstream_attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert upstream_attributes["gen_ai.response.id"] == chunks[0].id
     assert 0 < upstream_attributes["gen_ai.response.time_to_first_chunk"] < 5
@@ -138,6 +175,9 @@ def test_retried_call_shows_each_attempt_as_a_sibling(upstream: FakeOpenAIUpstre
     server, attempts = tree(exporter.wait_for_servers(1))
     assert [(a.attributes or {}).get("error.type") for a in attempts] == ["503", "429", None]
     assert [(a.attributes or {})["switchboard.attempt"] for a in attempts] == [1, 2, 3]
+    # Every attempt is an LLM call of its own; the failed ones used (and claim) no tokens.
+    assert [(a.attributes or {})["openinference.span.kind"] for a in attempts] == ["LLM"] * 3
+    assert [usage_names(a) == [] for a in attempts] == [True, True, False]
     assert [a.status.status_code for a in attempts] == [StatusCode.ERROR, StatusCode.ERROR, StatusCode.UNSET]
     assert (server.attributes or {})["switchboard.attempts"] == 3
     assert server.status.status_code is StatusCode.UNSET
@@ -292,3 +332,38 @@ def test_fallback_attempts_are_siblings_and_the_answering_target_is_billed(
     expected = (Decimal(usage.prompt_tokens) * 1 + Decimal(usage.completion_tokens) * 2) / 1_000_000
     assert Decimal(raw.headers["x-switchboard-cost-usd"]) == pytest.approx(expected)
     assert (answered.attributes or {})["switchboard.cost_usd"] == pytest.approx(float(expected))
+    assert usage_names(failed) == [] and usage_names(server) == []
+    # Summed the way Phoenix and LangSmith sum a project, the trace costs what the ledger says, once.
+    totals = summed_as_tools_do([server, failed, answered])
+    assert totals["phoenix_tokens"] == totals["langsmith_tokens"] == usage.total_tokens
+    assert Decimal(str(totals["phoenix_cost"])) == pytest.approx(Decimal(str(gateway.usage.wait_for(1)[0].cost_usd)))
+
+
+def test_chain_attempts_leave_the_llm_call_to_the_client_trace(
+        upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
+        start_gateway: Callable[..., RunningGateway]) -> None:
+    extra = PRICES + "telemetry: {traces: {attempt_span_kind: chain}}\n"
+    gateway = start_gateway(standard_policy(upstream.base_url, extra=extra), span_exporter=exporter)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="chat-model", messages=[{"role": "user", "content": "one two"}])
+    server, (attempt,) = tree(exporter.wait_for_servers(1))
+    attributes = dict(attempt.attributes or {})
+    assert (attributes["openinference.span.kind"], attributes["langsmith.span.kind"]) == ("CHAIN", "chain")
+    # The client's own LLM span counts these tokens: here nothing may count them again.
+    assert usage_names(attempt) == [] and "llm.model_name" not in attributes and "llm.cost.total" not in attributes
+    assert summed_as_tools_do([server, attempt]) == {"phoenix_tokens": 0, "phoenix_cost": 0, "langsmith_tokens": 0}
+    # The gateway's own facts are still there.
+    assert attributes["switchboard.cost_usd"] == pytest.approx(float(raw.headers["x-switchboard-cost-usd"]))
+    assert (server.attributes or {})["switchboard.usage.input_tokens"] == raw.parse().usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_openinference_off_leaves_only_the_genai_names(
+        upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
+        start_gateway: Callable[..., RunningGateway]) -> None:
+    extra = "telemetry: {traces: {openinference: false}}\n"
+    gateway = start_gateway(standard_policy(upstream.base_url, extra=extra), span_exporter=exporter)
+    gateway.client().chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])
+    _, (attempt,) = tree(exporter.wait_for_servers(1))
+    attributes = dict(attempt.attributes or {})
+    assert not [name for name in attributes if name.startswith("llm.")]
+    assert attributes["langsmith.span.kind"] == "llm" and attributes["gen_ai.usage.output_tokens"] > 0
