@@ -315,7 +315,9 @@ def _wait_until(predicate: Any, timeout: float, what: str) -> None:
 def test_money_adds_up_across_three_replicas_under_every_fault(tmp_path: Path) -> None:
     store = DurableRedis(tmp_path)
     store.start()
-    with FakeOpenAIUpstream(stream_chunks=6) as primary, FakeOpenAIUpstream(stream_chunks=4) as spare:
+    with (contextlib.ExitStack() as cleanup, FakeOpenAIUpstream(stream_chunks=6) as primary,
+          FakeOpenAIUpstream(stream_chunks=4) as spare):
+        cleanup.callback(store.stop)  # whatever fails, no child process outlives the test
         processes: list[GatewayProcess] = []
         ledgers: list[Path] = []
         for index in range(3):
@@ -326,6 +328,7 @@ def test_money_adds_up_across_three_replicas_under_every_fault(tmp_path: Path) -
                                             alpha=key_hash(TEAMS["alpha"]), beta=key_hash(TEAMS["beta"])))
             ledgers.append(ledger)
             processes.append(GatewayProcess(policy, tmp_path / f"gateway-{index}.log"))
+            cleanup.callback(processes[-1].kill)
         for process in processes[:2]:
             process.start(timeout=120)
         # The third writes its access log to a pipe the test closes mid-run (a broken stdout).
