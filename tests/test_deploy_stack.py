@@ -81,7 +81,7 @@ class Stack:
         return rows
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # a stack per test: the kill-and-restart test leaves traces and state the next would count
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert PHOENIX.exists(), f"Phoenix is needed at {PHOENIX} (make test-slow installs arize-phoenix)"
     directory = tmp_path_factory.mktemp("stack")
