@@ -32,14 +32,17 @@ def binary(name: str) -> str:
     return path
 
 
-def render_config(directory: Path, targets: list[str], interval_s: float) -> Path:
-    """The shipped prometheus.yml with these targets and a faster scrape and rule evaluation."""
+def render_config(directory: Path, targets: list[str], interval_s: float, admin_key: str | None = None) -> Path:
+    """The shipped prometheus.yml with these targets, a faster scrape and rule evaluation, and the admin key the
+    tenant port asks for on /metrics."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     interval = f"{int(interval_s * 1000)}ms"
     config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
     (job,) = config["scrape_configs"]
     job["scrape_interval"] = interval
     job["static_configs"] = [{"targets": targets}]
+    if admin_key is not None:
+        job["authorization"] = {"type": "Bearer", "credentials": admin_key}
     shutil.copy(SHIPPED_ALERTS, directory / "alerts.yaml")
     path = directory / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
@@ -74,8 +77,9 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(directory: Path, targets: list[str], interval_s: float = 0.5) -> Iterator[Prometheus]:
-    config = render_config(directory, targets, interval_s)
+def running_prometheus(directory: Path, targets: list[str], interval_s: float = 0.5,
+                       admin_key: str | None = None) -> Iterator[Prometheus]:
+    config = render_config(directory, targets, interval_s, admin_key)
     port = free_port()
     process = subprocess.Popen(
         [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import RunningGateway, key_hash, standard_policy
+from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.prometheus_server import ROOT, binary, running_prometheus
 from tests.test_metrics import PRICES
@@ -55,7 +55,7 @@ MONITORED = """    cache: {mode: exact, scope: team}
 @pytest.fixture
 def monitored(upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
     alpha_key = f'        hash: "{key_hash("sk-alpha")}"\n'
-    policy = standard_policy(upstream.base_url, extra=PRICES).replace(
+    policy = standard_policy(upstream.base_url, extra=PRICES + ADMIN_POLICY).replace(
         "        model: upstream-chat\n", "        model: upstream-chat\n" + MONITORED, 1).replace(
         # A team budget far too small for the traffic: it burns at many times its pace (the alert
         # averages over 30 minutes, and this test's traffic lasts seconds).
@@ -87,7 +87,8 @@ def traffic(gateway: RunningGateway, upstream: FakeOpenAIUpstream, round_: int) 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         monitored: RunningGateway, upstream: FakeOpenAIUpstream, tmp_path: Path) -> None:
-    with running_prometheus(tmp_path, [monitored.base_url.removeprefix("http://")]) as prometheus:
+    with running_prometheus(tmp_path, [monitored.base_url.removeprefix("http://")],
+                            admin_key=ADMIN_KEY) as prometheus:
         # A series' first sample is not an increase: a first round creates every series and a second,
         # after Prometheus has scraped them, moves them.
         traffic(monitored, upstream, 1)

@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 import openai
 
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_POLICY, RunningGateway, standard_policy
 from tests.fakes import FakeOpenAIUpstream
 from tests.test_metrics import PRICES, scrape, value
 
 
 def budgeted(upstream: FakeOpenAIUpstream, extra: str = "") -> str:
     """Team alpha with a daily USD and token budget; its key alpha-key with a rolling hourly one."""
-    return standard_policy(upstream.base_url, extra=PRICES + extra).replace(
+    return standard_policy(upstream.base_url, extra=PRICES + ADMIN_POLICY + extra).replace(
         "    models: [chat-model, embed-model]\n",
         "    models: [chat-model, embed-model]\n    budget: {usd: 12.5, tokens: 900000, period: daily}\n", 1).replace(
         "      - id: alpha-key\n",
