@@ -81,6 +81,9 @@ class Stack:
         return rows
 
 
+KILL_TEARDOWN_S = 0.05  # how long after a SIGKILL a replica's listening socket may still accept connections
+
+
 @pytest.fixture  # a stack per test: the kill-and-restart test leaves traces and state the next would count
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert PHOENIX.exists(), f"Phoenix is needed at {PHOENIX} (make test-slow installs arize-phoenix)"
@@ -201,10 +204,13 @@ def test_the_stack_keeps_serving_and_accounting_through_a_kill_and_a_restart(sta
         thread.join(60)
     assert broken.count(0) <= 1 and all(status in (0, 502, 503) for status in broken), broken
 
-    # No request failed except those in flight on the killed replica when it died.
+    # No request failed except those in flight on the killed replica when it died, or sent to it while the
+    # kernel was still tearing down its listening socket: a connection the dead process's backlog had already
+    # accepted is reset after the request was written, which HAProxy must not retry (it could be billed twice).
+    # Seen once here: a request started 7 ms after the kill.
     failed = [o for o in outcomes if o.error]
     assert len(outcomes) > 200, len(outcomes)
-    in_flight_at_kill = [o for o in failed if o.started <= died_at and o.ended >= killed_at]
+    in_flight_at_kill = [o for o in failed if o.started <= died_at + KILL_TEARDOWN_S and o.ended >= killed_at]
     assert failed == in_flight_at_kill, (killed_at, died_at, [o for o in failed if o not in in_flight_at_kill][:5])
     assert len(failed) <= len(workers)  # at most each client's one request in flight there
 
