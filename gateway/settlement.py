@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.budgets import MICROS
 from gateway.cache import hit_tokens, usage_fields
+from gateway.errors import ErrorKind, GatewayError
 from gateway.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.usage import UsageRecord
 from providers.base import Endpoint, StreamChunk, Usage
 
 if TYPE_CHECKING:
     from gateway.cache import Ticket
-    from gateway.errors import GatewayError
     from gateway.limits import Admission
     from gateway.pipeline import Exchange, InferenceRequest, Services
     from gateway.policy import KeyEntry, Policy, Target
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from providers.base import Call
 
 log = logging.getLogger("switchboard.settlement")
+
+# What the trace of a request that never authenticated is ended with, when no error was recorded on it.
+_UNSETTLED = GatewayError(ErrorKind.INTERNAL, "request ended before it was settled", code="internal_error")
 
 # Outcomes a record can carry besides an error's code.
 COMPLETED = "completed"
@@ -80,7 +83,7 @@ class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
     __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "admission", "cache", "caller",
-                 "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "record", "request", "status",
+                 "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request", "status",
                  "stream", "target", "usage")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
@@ -102,14 +105,9 @@ class Settlement:
         self.error: GatewayError | None = None
         self.cost_usd: float | None = None
         self.price_version: str | None = None
-        self.record: UsageRecord | None = None
         # Attempts that failed after the upstream had started answering: it billed at least their prompt.
         self._billed_attempts: list[tuple[Target, Call]] = []
         self._wasted: tuple[Usage, float | None] | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- facts, recorded by the pipeline's steps --
 
@@ -212,7 +210,7 @@ class Settlement:
         if self.error is not None and self.stream is None:
             self.status = self.error.http_status
         if self.caller is None:
-            exchange.trace.failed(self.error or _unsettled(), settled=False)
+            exchange.trace.failed(self.error or _UNSETTLED, settled=False)
             return
         outcome = self.outcome or CLIENT_DISCONNECTED
         if outcome == CLIENT_DISCONNECTED and self.stream is None and self.target is None and self.error is None:
@@ -261,7 +259,6 @@ class Settlement:
             failed_attempt_cost_usd=wasted_cost,
             **usage_fields(self.cache),
         )
-        self.record = record
         if self.stream is not None:
             exchange.trace.streamed(self.stream.seen)
         if self.error is not None:
@@ -305,9 +302,3 @@ def _plus(usage: Usage | None, wasted: Usage) -> Usage:
     if usage is None:
         return wasted
     return dataclasses.replace(usage, prompt_tokens=usage.prompt_tokens + wasted.prompt_tokens)
-
-
-def _unsettled() -> Any:
-    from gateway.errors import ErrorKind, GatewayError
-
-    return GatewayError(ErrorKind.INTERNAL, "request ended before it was settled", code=INTERNAL_ERROR)
