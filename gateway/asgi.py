@@ -27,6 +27,11 @@ log = logging.getLogger("switchboard.server")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+# A scope key a server sets (to None) when it can report a lost connection to the request it serves: the app
+# puts a callable there, and the server calls it if the client goes away before the response is complete
+# (gateway/connections.py). Without it, `respond` watches `receive()` with a task of its own.
+DISCONNECT_HOOK = "switchboard.on_disconnect"
+
 
 class GatewayApp:
     """The ASGI entry point: request ids, hot-route dispatch, and an OpenAI-shaped body for any failure.
@@ -155,10 +160,10 @@ async def respond(scope: Scope, receive: Any, send: Any,
     """Serve one inference request and send its reply; the one owner of the request's settlement.
 
     Reads the body (within `server.max_body_bytes`; a refusal goes out through
-    `refused`, so a front door can reshape it), then runs `serve` while a
-    watcher waits on `receive()`: uvicorn drops writes to a closed connection
-    silently and a stalled upstream would never reach a write, so a client
-    that goes away cancels this task at whatever step it is in. Whatever
+    `refused`, so a front door can reshape it), then runs `serve` watching for
+    a disconnect (`_DisconnectWatch`): uvicorn drops writes to a closed
+    connection silently and a stalled upstream would never reach a write, so a
+    client that goes away cancels this task at whatever step it is in. Whatever
     ends the request (a reply, a stream's end, a disconnect, an exception),
     the settlement closes exactly once, here: before the last byte of a
     whole reply goes out, after the last event of a stream.
@@ -174,7 +179,7 @@ async def respond(scope: Scope, receive: Any, send: Any,
         return
     task = asyncio.current_task()
     assert task is not None
-    watch = _DisconnectWatch(receive, task)
+    watch = _DisconnectWatch(scope, receive, task)
     events: AsyncIterator[bytes] | None = None
     try:
         reply = await serve(exchange, body)
@@ -206,20 +211,32 @@ async def respond(scope: Scope, receive: Any, send: Any,
 
 
 class _DisconnectWatch:
-    """Cancels the serving task when the client disconnects before its answer is complete."""
+    """Cancels the serving task when the client disconnects before its answer is complete.
 
-    __slots__ = ("_answered", "_task", "_watcher", "disconnected")
+    Told by the server through `DISCONNECT_HOOK` where it offers that (no task, no coroutine per request);
+    otherwise a task waits on `receive()`.
+    """
 
-    def __init__(self, receive: Any, task: asyncio.Task[Any]) -> None:
+    __slots__ = ("_answered", "_scope", "_task", "_watcher", "disconnected")
+
+    def __init__(self, scope: Scope, receive: Any, task: asyncio.Task[Any]) -> None:
         self._task = task
         self._answered = False  # uvicorn also reports a disconnect once the response is complete
         self.disconnected = False
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._scope = scope
+        self._watcher: asyncio.Future[None] | None = None
+        if DISCONNECT_HOOK in scope:
+            scope[DISCONNECT_HOOK] = self._lost
+        else:
+            self._watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self._answered:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self._answered and not self.disconnected:
             self.disconnected = True
             self._task.cancel()
 
@@ -227,4 +244,7 @@ class _DisconnectWatch:
         self._answered = True
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        else:
+            self._scope[DISCONNECT_HOOK] = None

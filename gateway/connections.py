@@ -12,6 +12,12 @@ is uvicorn's httptools protocol plus four bounds read from the live policy's
 - `body_timeout_s`: the body must be complete within it of the headers;
 - `max_header_bytes`: a longer head gets 431 and the connection is closed.
 
+It also tells the request being served when its client goes away: uvicorn only
+marks the cycle disconnected and drops later writes, which a request waiting on
+a stalled upstream would never notice. The app sets a callable under
+`DISCONNECT_HOOK` in the scope (gateway/asgi.py) instead of running a task per
+request that waits on `receive()`.
+
 Idle keep-alive connections are closed by uvicorn's own `timeout_keep_alive`.
 """
 
@@ -24,6 +30,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.asgi import DISCONNECT_HOOK
 from gateway.policy_schema import ServerPolicy
 
 log = logging.getLogger("switchboard.server")
@@ -47,14 +54,20 @@ def _server_policy_of(app: Any) -> Callable[[], ServerPolicy]:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a connection cap, head and body deadlines and a head size bound."""
+    """uvicorn's httptools protocol with a connection cap, head and body deadlines, a head size bound, and
+    a lost connection reported to the request being served (`DISCONNECT_HOOK`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits = _server_policy_of(self.app)
-        self._deadline: asyncio.TimerHandle | None = None
+        # One timer per connection, re-armed lazily: a phase sets `_due` (loop time) and only a timer that fires
+        # before it re-arms itself, so a busy keep-alive connection makes a timer per `header_timeout_s`, not two
+        # per request.
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None
         self._head_bytes = 0
-        # "head" (waiting for a complete request head), "body", "serving" or "idle" (between requests).
+        # "head" (waiting for a complete request head), "body", "serving", "idle" (between requests) or
+        # "refused" (a head over the bound was answered 431; nothing more is read).
         self._phase = "head"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -66,32 +79,47 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm(limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # the client left before its response was complete
+            hook = cycle.scope.get(DISCONNECT_HOOK)
+            if hook is not None:
+                hook()
 
     def data_received(self, data: bytes) -> None:
         if self._phase == "idle":  # a keep-alive connection starts its next request
             self._phase = "head"
             self._head_bytes = 0
             self._arm(self._limits().header_timeout_s)
+        if self._phase == "head":
+            # Counted per read, not per header (a Python call each): only a read that takes the head past the
+            # bound is looked into, for where the head ends, and refused before the parser sees it.
+            size = self._head_bytes + len(data)
+            limit = self._limits().max_header_bytes
+            if size > limit:
+                end = data.find(b"\r\n\r\n")
+                if end < 0 or self._head_bytes + end + 4 > limit:
+                    self._refuse_head()
+                    return
+            self._head_bytes = size
+        elif self._phase == "refused":
+            return
         super().data_received(data)
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._phase = "body"
         self._arm(self._limits().body_timeout_s)
+        # Present from here on: the app may set it to a callable that the connection calls if it is lost.
+        self.scope[DISCONNECT_HOOK] = None  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._phase = "serving"
-        self._disarm()
+        self._due = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -99,23 +127,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._phase = "idle"
         super().on_response_complete()
 
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self._limits().max_header_bytes and not self.transport.is_closing():
+    def _refuse_head(self) -> None:
+        self._phase = "refused"
+        if not self.transport.is_closing():
             self.transport.write(_TOO_LARGE % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY))
             self.transport.close()
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._expired)
+        due = self.loop.time() + seconds
+        self._due = due
+        if self._timer is None:
+            self._timer = self.loop.call_at(due, self._check)
+        elif self._timer.when() > due:  # a shorter deadline than the one the timer waits for
+            self._timer.cancel()
+            self._timer = self.loop.call_at(due, self._check)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
+    def _check(self) -> None:
+        self._timer = None
+        due = self._due
+        if due is None:
+            return  # serving or idle: the next request arms it again
+        if self.loop.time() < due:  # the deadline moved on since the timer was set
+            self._timer = self.loop.call_at(due, self._check)
+            return
+        self._due = None
         if not self.transport.is_closing():
             log.info("closing a connection whose request %s did not arrive in time",
                      "headers" if self._phase == "head" else "body")

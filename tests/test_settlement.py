@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.cache import ResponseCache
+from gateway.connections import GuardedHttpToolsProtocol
 from gateway.limits import Limiter
 from gateway.state.memory import MemoryStore
 from gateway.telemetry_attributes import record_attributes
@@ -393,6 +394,30 @@ def test_wherever_a_client_hangs_up_nothing_stays_reserved(harness: Harness, ups
     while harness.in_flight() != 0:
         assert time.monotonic() < deadline, "in-flight gauge stuck above 0"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("http", [GuardedHttpToolsProtocol, "h11"], ids=["switchboard-protocol", "plain-h11"])
+def test_a_client_that_leaves_during_a_stalled_call_cancels_it_on_any_server(
+        upstream: FakeOpenAIUpstream, tmp_path: Any, http: Any) -> None:
+    """Our protocol tells the request its client left; under a server without that hook, a watcher notices."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.format(base_url=upstream.base_url, alpha=key_hash("sk-alpha"), admin=key_hash(ADMIN_KEY)))
+    store = MemoryStore()
+    counter = TokenCounter()
+    gateway = run_gateway(path, limiter=Limiter(store, counter), counter=counter, http=http)
+    harness = Harness(gateway, store)
+    try:
+        upstream.script(Behaviour(delay_ms=30_000))  # answers long after the client has gone
+        body = {"model": "chat-model", "max_tokens": 50, "messages": HELLO}
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gateway.v1 + "/chat/completions", headers=AUTH, json=body, timeout=0.3)
+        [record] = gateway.usage.wait_for(1, timeout=10)
+        assert time.monotonic() - started < 10  # settled when the client left, not when the upstream answered
+        assert record.outcome == "client_disconnected" and record.status == 499
+        assert harness.held_tokens() == 0  # the reservation was refunded
+    finally:
+        gateway.stop()
 
 
 def test_a_client_invented_model_name_is_bounded_in_every_sink(harness: Harness) -> None:
