@@ -8,10 +8,8 @@ disconnect without a task group per response.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -20,12 +18,18 @@ import orjson
 
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.pipeline import Exchange, Reply, Services, StreamReply
-from gateway.settlement import Settlement
+from gateway.settlement import Settlement, new_gateway_id
 
 Scope = dict[str, Any]
 log = logging.getLogger("switchboard.server")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+# Set when the client sent no usable x-request-id and the request id is the gateway's own id.
+OWN_ID = "switchboard.own_id"
+
+# The gate's (policy, caller), authenticated from the headers (gateway/gate.py): the request starts from them.
+AUTHENTICATED = "switchboard.authenticated"
 
 # A scope key a server sets (to None) when it can report a lost connection to the request it serves: the app
 # puts a callable there, and the server calls it if the client goes away before the response is complete
@@ -52,10 +56,6 @@ class GatewayApp:
         # headers before any body is read.
         self._gate = gate
         self._surfaces = surfaces
-        # A random per-process prefix and a counter: unique across replicas and
-        # restarts without a uuid4 (a syscall and an object) per request.
-        self._id_prefix = "req_" + secrets.token_hex(6)
-        self._ids = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -66,7 +66,9 @@ class GatewayApp:
         if incoming and _REQUEST_ID.match(incoming):
             request_id = incoming
         else:
-            request_id = f"{self._id_prefix}{next(self._ids):010x}"
+            # The gateway's own id (a UUIDv7) serves as the request id too: one id to quote, already in the
+            # form every upstream accepts (gateway/request_ids.py), and nothing derived from it per request.
+            request_id = scope[OWN_ID] = new_gateway_id()
         scope["switchboard.request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         started = False
@@ -169,7 +171,8 @@ async def respond(scope: Scope, receive: Any, send: Any,
     whole reply goes out, after the last event of a stream.
     """
     services: Services = scope["app"].state.services
-    exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"])
+    exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
+                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=scope.get(AUTHENTICATED))
     settlement = exchange.settlement = Settlement(services, exchange)
     try:
         body = await read_body(scope, receive, services.policy().server.max_body_bytes)

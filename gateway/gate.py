@@ -4,8 +4,8 @@ The caller is authenticated from the headers alone, and its key's and team's
 concurrency limits are taken, before a single byte of the body is read: an
 unauthenticated or over-limit request never gets its body buffered, and its
 refusal closes the connection (`connection: close`) so the unread body is not
-waited for either. The pipeline authenticates again from the same headers
-(cheap: one SHA-256); the gate only decides whether the body is worth reading.
+waited for either. The pipeline starts from the gate's policy snapshot and
+caller (`AUTHENTICATED` in the scope) instead of authenticating again.
 
 Once the body is in, and before the route sees its last chunk, a body long
 enough to hold a long prompt has its long strings counted in a worker thread
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.asgi import request_headers, send_reply
+from gateway.asgi import AUTHENTICATED, request_headers, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.pipeline import Exchange, Reply
@@ -89,6 +89,12 @@ class ConcurrencySlots:
         return self._held.get(slot, 0)
 
 
+def _may_hold_long_prompts(headers: Mapping[str, str]) -> bool:
+    """Whether the body may be long enough to hold a long prompt (unknown length: it may)."""
+    declared = headers.get("content-length")
+    return declared is None or not declared.isdigit() or int(declared) >= LARGE_TEXT_CHARS
+
+
 class Gate:
     """Admits an inference request to its route once its headers show a valid key with a free slot."""
 
@@ -103,8 +109,9 @@ class Gate:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, route: Route) -> None:
         headers = request_headers(scope)
+        policy = self._policy()
         try:
-            caller = authenticate(self._policy(), headers)
+            caller = authenticate(policy, headers)
         except GatewayError as error:
             if self._metrics is not None:
                 self._metrics.unauthenticated(error.code or "invalid_api_key")
@@ -119,8 +126,11 @@ class Gate:
         except GatewayError as error:
             await self._refuse(scope, send, error)
             return
+        scope[AUTHENTICATED] = (policy, caller)  # the pipeline starts from this policy snapshot and caller
+        long_body = _may_hold_long_prompts(headers)
+        receive_body = self._counting_long_prompts(receive, caller) if long_body else receive
         try:
-            await route(scope, self._counting_long_prompts(receive, caller), send)
+            await route(scope, receive_body, send)
         finally:
             self.slots.give_back(slots)
 

@@ -75,6 +75,8 @@ class Exchange:
     trace: Trace = NO_TRACE
     # The gateway's own id for the request: unguessable, the ledger's key (gateway/settlement.py).
     gateway_id: str = field(default_factory=new_gateway_id)
+    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/gate.py).
+    authenticated: tuple[Policy, KeyEntry] | None = None
     settlement: Settlement = field(init=False)
 
     def overhead_ms(self, now: float) -> float:
@@ -113,10 +115,11 @@ async def handle_inference(
     failure, expected or not, leaves this function as anything but a reply.
     """
     settlement = exchange.settlement
-    policy = settlement.policy = services.policy()
+    authenticated = exchange.authenticated
+    policy = settlement.policy = authenticated[0] if authenticated is not None else services.policy()
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
-        settlement.caller = authenticate(policy, headers)
+        settlement.caller = authenticated[1] if authenticated is not None else authenticate(policy, headers)
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
@@ -209,7 +212,7 @@ async def call_upstream(services: Services, target: Target, call: Call, exchange
         request = provider.adapter.build_request(target.settings or provider.settings, call)
     except UpstreamFailed as exc:  # a translating adapter met something it cannot express upstream
         raise from_upstream(exc.failure) from exc
-    stamp_request_id(provider, request.headers, exchange.request_id)
+    stamp_request_id(provider, request.headers, exchange.request_id, exchange.request_id is exchange.gateway_id)
     secrets = (provider.settings.api_key or "",)
     clock = services.clock
     waited_from = clock()

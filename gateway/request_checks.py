@@ -116,10 +116,10 @@ def check_request(endpoint: Endpoint, body: bytes, payload: Mapping[str, Any]) -
     if body.count(b"[") + body.count(b"{") > _ENCODABLE_BRACKETS:
         _check_depth(payload)
     rules = _RULES[endpoint]
-    for name, (valid, expected) in rules.items():
-        value = payload.get(name)
-        if value is not None and not valid(value):
-            raise invalid(name, f"Invalid type for '{name}': expected {expected}, but got {_kind(value)}.")
+    for name, value in payload.items():  # a request names a few fields; the tables list every checked one
+        rule = rules.get(name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise invalid(name, f"Invalid type for '{name}': expected {rule[1]}, but got {_kind(value)}.")
     if endpoint is Endpoint.CHAT:
         _check_messages(payload.get("messages"))
         _check_tools(payload.get("tools"))

@@ -5,7 +5,8 @@ Each provider sends the request id under its own header, or not at all
 `Capabilities`). Servers differ in what they accept there: llama-cpp-python
 validates `x-request-id` as a UUID and answers anything else with an empty 400,
 which had failed every call through the gateway. So by default an id goes to a
-self-hosted server as a UUID: the id itself when it is one, else a UUID derived
+self-hosted server as a UUID: the id itself when it is one (the gateway's own
+ids are UUIDv7s, used when a client sends none), else a UUID derived
 from it with uuid5, which an operator can recompute from the id in the logs:
 `uuid.uuid5(uuid.NAMESPACE_URL, "switchboard:" + request_id)`.
 """
@@ -36,14 +37,16 @@ def _derived(request_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, _PREFIX + request_id))
 
 
-def stamp_request_id(provider: Provider, headers: MutableMapping[str, str], request_id: str) -> None:
+def stamp_request_id(provider: Provider, headers: MutableMapping[str, str], request_id: str,
+                     is_uuid: bool = False) -> None:
     """Put the request id on an upstream request's headers the way `provider` takes it (or not at all).
 
-    Set last, over the provider's own `headers:`, so a policy cannot end up sending two ids.
+    `is_uuid`: the id is known to be a UUID already (the gateway made it). Set last, over the provider's
+    own `headers:`, so a policy cannot end up sending two ids.
     """
     header = provider.request_id_header
     if header is not None:
-        headers[header] = upstream_request_id(request_id, provider.request_id_uuid)
+        headers[header] = request_id if is_uuid else upstream_request_id(request_id, provider.request_id_uuid)
 
 
 def explain_silent_refusal(failure: UpstreamFailure, body: bytes, provider: Provider, call: Call

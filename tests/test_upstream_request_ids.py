@@ -61,10 +61,16 @@ def _ask(gateway: RunningGateway, model: str, request_id: str | None = None) -> 
 
 def test_a_self_hosted_server_gets_the_id_as_a_uuid_over_the_policys_own_header(
         gateway: RunningGateway, upstream: FakeOpenAIUpstream) -> None:
-    gateways_id = _ask(gateway, "llama")
+    gateways_id = _ask(gateway, "llama")  # no id from the client: the gateway's own, a UUIDv7, goes as it is
     sent = upstream.last_request
     assert sent is not None
-    assert sent.header("x-request-id") == str(uuid.uuid5(uuid.NAMESPACE_URL, "switchboard:" + gateways_id))
+    assert sent.header("x-request-id") == gateways_id and uuid.UUID(gateways_id).version == 7
+
+    clients_id = "order-1234"  # not a UUID: the upstream gets one derived from it, which an operator can recompute
+    assert _ask(gateway, "llama", clients_id) == clients_id
+    assert upstream.last_request is not None
+    assert upstream.last_request.header("x-request-id") == str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                                           "switchboard:" + clients_id))
 
     client_uuid = str(uuid.uuid4())
     assert _ask(gateway, "llama", client_uuid) == client_uuid
