@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class Target:
     key: str
     model: str
     child: Child | None  # None for direct (no SUT process)
+    # What the system needs besides itself (gateway-full: its Redis and OTLP collector), on the harness core.
+    helpers: list[Child] = field(default_factory=list)
 
 
 # A system starts itself against one upstream and returns a Target, or None to be skipped.
@@ -132,15 +134,69 @@ teams:
 """
 
 
+# What a platform team runs (issue #17's "full policy"): hashed-key auth, RPM/TPM limits for the team and the
+# key, a daily token + USD budget, all on Redis; OTLP traces at 100% sampling to a collector; metrics on; the
+# SQLite ledger. Limits are set high enough never to refuse: the benchmark measures their cost, not their effect.
+FULL_POLICY_EXTRA = """\
+    limits: {{rpm: 100000000, tpm: 100000000000}}
+    budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}
+prices:
+  version: bench-2026-12
+  models:
+    upstream:
+      fake-model: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
+state: {{url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "bench-{redis_port}:"}}
+telemetry:
+  traces: {{exporter: otlp_http, endpoint: "http://127.0.0.1:{collector_port}/v1/traces", sample_ratio: 1.0}}
+  metrics: {{enabled: true}}
+ledger:
+  path: {ledger}
+"""
+
+
+def full_policy_yaml(upstream_base: str, redis_port: int, collector_port: int, ledger: Path) -> str:
+    key_limit = '        limits: {rpm: 100000000}\n        hash: "'
+    text = policy_yaml(upstream_base).replace('        hash: "', key_limit, 1)
+    return text + FULL_POLICY_EXTRA.format(redis_port=redis_port, collector_port=collector_port, ledger=ledger)
+
+
+def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+    """The gateway under the full policy, with a private Redis and an OTLP collector on the harness core."""
+    redis_port, collector_port = free_port(), free_port()
+    redis = Child(f"redis-{redis_port}", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no"], tmp, HARNESS_CORE, REPO)
+    collector = Child(f"collector-{collector_port}", [PY, "-m", "tests.fakes.otlp_receiver", "--port",
+                                                      str(collector_port)], tmp, HARNESS_CORE, REPO)
+    helpers = [redis, collector]
+    try:
+        collector.wait_http_ok(f"http://127.0.0.1:{collector_port}/health")
+        target = _start_gateway_with(full_policy_yaml(upstream.base_url, redis_port, collector_port,
+                                                      tmp / f"ledger-{redis_port}.sqlite"), args, tmp)
+    except BaseException:
+        for helper in helpers:
+            helper.stop()
+        raise
+    if target is None:
+        for helper in helpers:
+            helper.stop()
+        return None
+    target.helpers = helpers
+    return target
+
+
 def gateway_available() -> bool:
     probe = "import importlib.util as u, sys; sys.exit(u.find_spec('gateway.__main__') is None)"
     return subprocess.run([PY, "-c", probe], cwd=REPO, capture_output=True).returncode == 0
 
 
 def start_gateway(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+    return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp)
+
+
+def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path) -> Target | None:
     port = free_port()
     policy = tmp / f"policy-{port}.yaml"
-    policy.write_text(policy_yaml(upstream.base_url))
+    policy.write_text(policy_text)
     argv = [PY, "-m", "gateway", "serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port)]
     if args.gateway_workers > 1:
         argv += ["--workers", str(args.gateway_workers)]
@@ -165,6 +221,7 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
         report.note("gateway skipped: --no-gateway")
     elif gateway_available():
         chosen["gateway"] = start_gateway
+        chosen["gateway-full"] = start_gateway_full
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
@@ -288,6 +345,8 @@ def run_phase(
         for target in targets.values():
             if target.child:
                 target.child.stop()
+            for helper in target.helpers:
+                helper.stop()
 
 
 def parse_args() -> argparse.Namespace:

@@ -56,7 +56,10 @@ async def _request(app: Any, body: bytes) -> int:
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
              "headers": [(b"authorization", b"Bearer sk-switchboard-demo"), (b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080), "scheme": "http"}
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080), "scheme": "http",
+             # As `switchboard serve`'s protocol offers it (gateway/connections.py): the request is told of a
+             # disconnect instead of watching receive() with a task of its own. Older checkouts ignore it.
+             "switchboard.on_disconnect": None}
     sent = asyncio.Event()
     received = False
     status = 0
