@@ -508,7 +508,8 @@ class Telemetry:
         previous = self._tracing
         self._configured = settings
         self._tracing = self._build(settings)
-        if previous is not None:
+        # An injected exporter outlives the configurations that use it: shutting the old processor down would stop it.
+        if previous is not None and self._span_exporter is None:
             threading.Thread(target=previous.processor.shutdown, name="otel-shutdown", daemon=True).start()
 
     def start(self, endpoint: str, headers: Mapping[str, str], exchange: Any) -> RequestTrace | _NoTrace:
