@@ -369,6 +369,7 @@ class Limiter:
                 checks += tuple(dataclasses.replace(admission.checks[i], amount=extra) for i in topped)
                 meters += tuple(admission.meters[i] for i in topped)
         if not checks:
+            self._reallow(admission, fallback)
             return
         verdict = await self._reserve(checks)
         if trace.recording:
@@ -390,6 +391,16 @@ class Limiter:
         admission.used = (*admission.used, *verdict.used[:count])
         if topped:
             admission.reserved_usd += extra
+        self._reallow(admission, fallback)
+
+    def _reallow(self, admission: Admission, fallback: Model) -> None:
+        """A hard-stopped stream's allowance at the price of the model that will produce it."""
+        if admission.allowance is None:
+            return
+        relaxed = {id(meter.budget) for meter, check in zip(admission.meters, admission.checks, strict=True)
+                   if meter.budget is not None and check.limit == UNLIMITED}
+        admission.allowance = self._allowance(admission.policy, fallback, admission.meters,
+                                              Verdict(True, admission.used), admission.prompt_tokens, relaxed)
 
     async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
         try:

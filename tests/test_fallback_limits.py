@@ -149,3 +149,19 @@ def test_a_dearer_fallback_within_the_budget_serves_and_is_billed_at_its_own_pri
     headers, record = _priced_fallback(upstream, start_gateway, 5)
     assert headers["x-switchboard-model"] == "premium-model"
     assert record.cost_usd == pytest.approx(record.usage.total_tokens * 1000 / 1e6)  # priced where it was served
+
+
+def test_a_hard_stopped_stream_served_by_a_dearer_fallback_is_cut_at_the_fallbacks_price(
+        upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    # $0.05 left: about 50,000 tokens on shared-model, about 40 (after the prompt) on premium-model.
+    budget = "    budget: {usd: 0.05, period: daily, hard_stop_streams: true}\n"
+    gateway = start_gateway(fallback_policy(upstream, budget, extra=PRICED, fallbacks="[premium-model]"))
+    upstream.script(Behaviour.error(500), Behaviour(content="word " * 400, overrun=True, stream_chunks=100))
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"authorization": "Bearer sk-alpha"},
+                      json={"model": "shared-model", "messages": ASK, "stream": True, "max_tokens": 20},
+                      timeout=10) as response:
+        assert response.headers["x-switchboard-model"] == "premium-model"
+        events = [line for line in response.iter_lines() if line]
+    assert "budget_exceeded" in events[-1] and "data: [DONE]" not in events
+    record = gateway.usage.wait_for(1)[0]
+    assert record.cost_usd is not None and record.cost_usd <= 0.05 + 1e-6  # cut before it passed the budget
