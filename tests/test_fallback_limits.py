@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from opentelemetry.trace import SpanKind
 
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
+from tests.fakes.otlp_receiver import WaitingSpanExporter
 from tests.test_hostile_tenants import FALLBACK_POLICY
 
 Start = Callable[..., RunningGateway]
@@ -74,7 +76,8 @@ def test_a_fallback_over_its_own_rate_limit_is_skipped_and_the_client_gets_the_f
 def test_a_skipped_fallback_gives_way_to_the_next_one_within_its_limits(
         upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     limits = "    model_limits:\n      premium-model: {rpm: 0}\n      cheap-model: {rpm: 5}\n"
-    gateway = start_gateway(fallback_policy(upstream, limits))
+    exporter = WaitingSpanExporter()
+    gateway = start_gateway(fallback_policy(upstream, limits), span_exporter=exporter)
     upstream.script(Behaviour.error(500))
     answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK)
     assert answer.headers["x-switchboard-model"] == "cheap-model"
@@ -85,6 +88,10 @@ def test_a_skipped_fallback_gives_way_to_the_next_one_within_its_limits(
     rows = usage_rows(gateway)
     assert rows[("model", "cheap-model", "requests per minute")]["used"] == 1
     assert rows[("model", "premium-model", "requests per minute")]["used"] == 0
+    (server,) = [s for s in exporter.wait_for_servers(1) if s.kind is SpanKind.SERVER]
+    hops = [(dict(e.attributes or {})["switchboard.fallback.to"], dict(e.attributes or {}).get(
+        "switchboard.fallback.skipped")) for e in server.events if e.name == "switchboard.fallback"]
+    assert hops == [("premium-model", "rate_limit_exceeded"), ("cheap-model", None)]
 
 
 def test_the_fallback_that_serves_is_counted_against_its_own_limits(
