@@ -74,21 +74,24 @@ CREATE TABLE IF NOT EXISTS usage (
     cache_tokens INTEGER NOT NULL DEFAULT 0,
     cost_saved_usd REAL,
     failed_attempt_tokens INTEGER NOT NULL DEFAULT 0,
-    failed_attempt_cost_usd REAL
+    failed_attempt_cost_usd REAL,
+    cache_overhead_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_overhead_cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 """
 # Columns added after the first release: a ledger file written by an older gateway gets them on open.
 _ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
-                  ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"))
+                  ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"),
+                  ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"))
 _COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
             "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
             "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
-            "failed_attempt_cost_usd")
+            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd")
 # A row spilled by an older gateway has fewer columns: the newer ones take these values.
-_LATER_DEFAULTS = (0, None)
+_LATER_DEFAULTS = (0, None, 0, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _GROUPS = {"team": "team", "model": "public_model", "key": "team, key_id", "day": "day"}
 _MAX_BATCH = 2000
@@ -350,7 +353,7 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
         record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
-        record.failed_attempt_cost_usd,
+        record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
     )
 
 
@@ -384,7 +387,8 @@ def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = N
     columns = _GROUPS[by]
     query = (f"SELECT {columns}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
              f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400), "
-             f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)) "
+             f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)), "
+             f"SUM(cache_overhead_tokens), SUM(COALESCE(cache_overhead_cost_usd, 0)) "
              f"FROM usage "
              f"WHERE ts >= ? AND ts < ? GROUP BY {columns} ORDER BY {6 + columns.count(',')} DESC")
     connection = open_ledger(path)
@@ -394,11 +398,12 @@ def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = N
         connection.close()
     groups = (c.strip().replace("public_model", "model") for c in columns.split(","))
     keys = [*groups, "requests", "input_tokens", "cached_input_tokens",
-            "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd"]
+            "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd",
+            "cache_overhead_tokens", "cache_overhead_cost_usd"]
     report = [dict(zip(keys, row, strict=True)) for row in rows]
     for entry in report:
-        entry["cost_usd"] = round(entry["cost_usd"], 10)
-        entry["cost_saved_usd"] = round(entry["cost_saved_usd"], 10)
+        for money in ("cost_usd", "cost_saved_usd", "cache_overhead_cost_usd"):
+            entry[money] = round(entry[money], 10)
     return report
 
 

@@ -17,6 +17,7 @@ when it runs out; usage reports live in gateway/usage_report.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -309,12 +310,7 @@ class Limiter:
         while True:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
             checks, meters = _checks(plan, now, prompt + completion, usd, relaxed)
-            try:
-                verdict = await self.store.admit(checks)
-            except StoreUnavailable as exc:
-                raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
-                                   "the state store is unreachable and the policy says to fail closed. Retry "
-                                   "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            verdict = await self._reserve(checks)
             headers.update(_rate_headers(meters, checks, verdict, now))
             if verdict.admitted:
                 if trace.recording:
@@ -346,13 +342,82 @@ class Limiter:
             if trace.recording:
                 trace.decision("switchboard.admission", admission_event(
                     "refused", model.name, meters, checks, verdict, prompt + completion, usd))
-            if self._on_reject is not None:
-                self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
-                                "budget_exceeded" if meter.budget else "rate_limited")
+            self._rejected(team, meter)
             raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
 
+    async def extend(self, admission: Admission, team: str, fallback: Model, trace: Trace = NO_TRACE) -> None:
+        """A fallback to `fallback`: reserve what it adds to the admission, or raise its refusal (reserving nothing).
+
+        It adds the team's own rate limits of that model (`model_limits`) and,
+        when it costs more than the reservation so far, the difference against
+        every USD budget. The request's token estimate is the admission's (the
+        first model's tokenizer): counting a big prompt again costs more than
+        the difference is worth. Team and key limits already hold this request.
+        """
+        policy = admission.policy
+        rules = policy.rules
+        rates = rules.model_rates.get((team, fallback.name), ()) if rules is not None else ()
+        now = self._clock()
+        tokens = admission.reserved_tokens
+        checks, meters = _checks(Plan(rates, (), True, False), now, tokens, 0, set()) if rates else ((), ())
+        extra, topped = 0, []
+        if any(meter.unit == "usd" for meter in admission.meters):
+            prompt = admission.prompt_tokens
+            extra = self._usd(policy, fallback, prompt, tokens - prompt) - admission.reserved_usd
+            if extra > 0:
+                topped = [i for i, meter in enumerate(admission.meters) if meter.unit == "usd"]
+                checks += tuple(dataclasses.replace(admission.checks[i], amount=extra) for i in topped)
+                meters += tuple(admission.meters[i] for i in topped)
+        if not checks:
+            self._reallow(admission, fallback)
+            return
+        verdict = await self._reserve(checks)
+        if trace.recording:
+            trace.decision("switchboard.admission", {**admission_event(
+                "admitted" if verdict.admitted else "refused", fallback.name, meters, checks, verdict, tokens,
+                max(0, extra)), "switchboard.admission.fallback": True})
+        if not verdict.admitted:
+            assert verdict.denied is not None
+            meter = meters[verdict.denied]
+            self._rejected(team, meter)
+            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+        # A top-up joins its budget's reservation, so settlement reconciles one amount per counter.
+        merged = list(admission.checks)
+        for i in topped:
+            merged[i] = dataclasses.replace(merged[i], amount=merged[i].amount + extra)
+        count = len(rates)
+        admission.checks = (*merged, *checks[:count])
+        admission.meters = (*admission.meters, *meters[:count])
+        admission.used = (*admission.used, *verdict.used[:count])
+        if topped:
+            admission.reserved_usd += extra
+        self._reallow(admission, fallback)
+
+    def _reallow(self, admission: Admission, fallback: Model) -> None:
+        """A hard-stopped stream's allowance at the price of the model that will produce it."""
+        if admission.allowance is None:
+            return
+        relaxed = {id(meter.budget) for meter, check in zip(admission.meters, admission.checks, strict=True)
+                   if meter.budget is not None and check.limit == UNLIMITED}
+        admission.allowance = self._allowance(admission.policy, fallback, admission.meters,
+                                              Verdict(True, admission.used), admission.prompt_tokens, relaxed)
+
+    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+        try:
+            return await self.store.admit(checks)
+        except StoreUnavailable as exc:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                               "the state store is unreachable and the policy says to fail closed. Retry "
+                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+
+    def _rejected(self, team: str, meter: _Meter) -> None:
+        if self._on_reject is not None:
+            self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
+                            "budget_exceeded" if meter.budget else "rate_limited")
+
     def settle(self, admission: Admission | None, usage: Usage | None, status: int,
-               target: Target | None = None, *, served: Usage | None = None, usd_micros: int | None = None) -> None:
+               target: Target | None = None, *, served: Usage | None = None, usd_micros: int | None = None,
+               model_tokens: Mapping[str, int] | None = None) -> None:
         """Reconcile the reservation with what the request used: refund or charge the difference.
 
         `target` is the deployment that actually served the request (it may
@@ -360,13 +425,17 @@ class Limiter:
         unless `usd_micros` says what the request was billed (the settlement
         passes the figure it puts on the ledger, so the two cannot disagree).
         `served` is a cache hit's usage when its tokens count (gateway/cache/):
-        tokens, but no USD.
+        tokens, and the USD of `usd_micros` (a semantic lookup's embedding).
+        `model_tokens` splits the tokens by public model for the team x model
+        limits: after a fallback, each model's counters get what was used on it
+        (a model that only failed gets its reservation back); None: all of it
+        is the admitted model's.
         """
         if admission is None or admission.settled:
             return
         admission.settled = True
         if served is not None:
-            tokens, usd = served.total_tokens, 0
+            tokens, usd = served.total_tokens, usd_micros or 0
         elif usage is not None:
             tokens = usage.total_tokens
             if usd_micros is not None:
@@ -384,6 +453,8 @@ class Limiter:
             if meter.unit == "requests":
                 continue
             actual = tokens if meter.unit == "tokens" else usd
+            if model_tokens is not None and meter.rule is not None and meter.rule.scope == "model":
+                actual = model_tokens.get(meter.rule.owner, 0)
             if actual != check.amount:
                 deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
             if meter.budget is not None and meter.budget.soft_thresholds:

@@ -24,14 +24,16 @@ from gateway.policy import Policy, PolicyError, load_policy
 
 log = logging.getLogger("switchboard.policy")
 
-# Settings read once when the process starts (listeners, the state store, the ledger, the metrics
-# registry, uvicorn's shutdown grace). Every other field is read from the live policy or re-applied by
-# an `on_change` listener. tests/test_policy_reload.py holds every schema field to one of the two.
+# Settings read once when the process starts (listeners, the state store, the ledger, the response
+# store, the metrics registry, uvicorn's shutdown grace). Every other field is read from the live policy or
+# re-applied by an `on_change` listener. tests/test_policy_reload.py holds every schema field to one of the two.
 RESTART_ONLY: dict[str, Callable[[Policy], object]] = {
     "server.admin": lambda policy: policy.server.admin,
     "server.shutdown_grace_s": lambda policy: policy.server.shutdown_grace_s,
     "state": lambda policy: policy.state,
     "ledger.path": lambda policy: policy.ledger_path,
+    "ledger.flush_interval_s": lambda policy: policy.ledger.flush_interval_s,
+    "response_store": lambda policy: policy.response_store,
     "telemetry.metrics.enabled": lambda policy: policy.telemetry.metrics.enabled,
 }
 

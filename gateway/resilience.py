@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
+from gateway.fallback_limits import admit_fallback
 from gateway.policy import Model, Policy, Target, Team
 from gateway.policy_schema import ModelPolicy
 from gateway.routing import RouteRequest, RouteState, TargetState, pinned_targets
@@ -83,18 +84,40 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
             try:
                 return await run.serve(current, call)
             except _ModelFailed as failed:
-                following = next((name for name in _fallbacks(model, failed.reason)
-                                  if name not in tried and name in policy.models
-                                  and (team is None or team.may_fall_back_to(name))), None)
-                if following is None or run.expired():
+                if run.expired():
                     raise failed.error from None
-                tried.add(following)
-                if exchange.trace.recording:
-                    exchange.trace.decision("switchboard.fallback", fallback_event(
-                        current.name, following, failed.reason, failed.error.code or failed.error.kind.name.lower()))
-                current = policy.models[following]
+                following = await _next_fallback(run, policy, model, current, failed, tried, team)
+                if following is None:
+                    raise failed.error from None
+                current = following
     finally:
         exchange.response_headers[ROUTE_HEADER] = ",".join(run.trail)
+
+
+async def _next_fallback(run: _Run, policy: Policy, model: Model, current: Model, failed: _ModelFailed,
+                         tried: set[str], team: Team | None) -> Model | None:
+    """The next fallback the caller may be served, its own limits reserved; None when there is none.
+
+    A fallback the team may not use is passed over silently (its name is not the caller's to learn); one whose
+    limits or budgets refuse the request is skipped and recorded in the route trail as `<model>:<code>`.
+    """
+    trace = run.exchange.trace
+    cause = failed.error.code or failed.error.kind.name.lower()
+    for name in _fallbacks(model, failed.reason):
+        if name in tried or name not in policy.models or (team is not None and not team.may_fall_back_to(name)):
+            continue
+        tried.add(name)
+        fallback = policy.models[name]
+        refusal = await admit_fallback(run.services, run.exchange, fallback)
+        if trace.recording:
+            event = fallback_event(current.name, name, failed.reason, cause)
+            if refusal is not None:
+                event["switchboard.fallback.skipped"] = refusal.code or refusal.kind.name.lower()
+            trace.decision("switchboard.fallback", event)
+        if refusal is None:
+            return fallback
+        run.trail.append(f"{name}:{refusal.code}")
+    return None
 
 
 def _fallbacks(model: Model, reason: str) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.budgets import MICROS
-from gateway.cache import hit_tokens, usage_fields
+from gateway.cache import cache_overhead, hit_tokens, usage_fields
 from gateway.errors import ErrorKind, GatewayError
 from gateway.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.usage import UsageRecord
@@ -35,7 +35,8 @@ from providers.base import Endpoint, StreamChunk, Usage
 
 if TYPE_CHECKING:
     from gateway.cache import Ticket
-    from gateway.limits import Admission
+    from gateway.cache.semantic import Embedded
+    from gateway.limits import Admission, Limiter
     from gateway.pipeline import Exchange, InferenceRequest, Services
     from gateway.policy import KeyEntry, Policy, Target
     from gateway.tokens import TokenCounter
@@ -45,6 +46,9 @@ log = logging.getLogger("switchboard.settlement")
 
 # What the trace of a request that never authenticated is ended with, when no error was recorded on it.
 _UNSETTLED = GatewayError(ErrorKind.INTERNAL, "request ended before it was settled", code="internal_error")
+
+# Shared until an attempt is billed (never written to): no dict per request.
+_NONE_WASTED: dict[str, int] = {}
 
 # Outcomes a record can carry besides an error's code.
 COMPLETED = "completed"
@@ -82,9 +86,9 @@ class _Stream:
 class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
-    __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "admission", "cache", "caller",
-                 "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request", "status",
-                 "stream", "target", "usage")
+    __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
+                 "cache", "caller", "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request",
+                 "status", "stream", "target", "usage")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -108,6 +112,7 @@ class Settlement:
         # Attempts that failed after the upstream had started answering: it billed at least their prompt.
         self._billed_attempts: list[tuple[Target, Call]] = []
         self._wasted: tuple[Usage, float | None] | None = None
+        self._wasted_by_model: dict[str, int] = _NONE_WASTED  # the same prompts by the model that failed them
 
     # -- facts, recorded by the pipeline's steps --
 
@@ -166,15 +171,55 @@ class Settlement:
         _, wasted_cost = self._failed_attempts()
         if wasted_cost is not None:
             cost = (cost or 0.0) + wasted_cost
+        overhead = cache_overhead(self.cache)
+        if overhead is not None and overhead.cost_usd is not None:
+            cost = (cost or 0.0) + overhead.cost_usd
         self.cost_usd = cost
+
+    def _settle_limits(self, limiter: Limiter, usage: Usage | None, wasted: Usage, overhead: Embedded | None) -> None:
+        """Reconcile the admission: the limits count what the upstreams billed (failed attempts and the cache's
+        embedding included), and each model's own limits what was used on it."""
+        admission = self.admission
+        assert admission is not None
+        micros = math.ceil(self.cost_usd * MICROS) if self.cost_usd else 0
+        served = hit_tokens(self.cache)
+        billed = usage
+        if wasted.prompt_tokens:
+            billed = _plus(usage, wasted)
+        by_model = None
+        target = self.target
+        if self._billed_attempts or (target is not None and target.public_model != admission.model.name) or \
+                overhead is not None:
+            by_model = self._tokens_by_model(usage, served, admission.model.name)
+        if overhead is not None and overhead.usage is not None and (billed is not None or self.status >= 400):
+            billed = _plus(billed, overhead.usage)  # the team's and key's limits; not the requested model's
+            served = _plus(served, overhead.usage) if served is not None else None
+        limiter.settle(admission, billed, self.status, target, served=served, usd_micros=micros, model_tokens=by_model)
+
+    def _tokens_by_model(self, usage: Usage | None, served: Usage | None, admitted: str) -> dict[str, int] | None:
+        """Tokens per public model for its team x model limits; None when the limiter's own estimate applies."""
+        if served is not None or (self.cache is not None and self.cache.hit):
+            return {admitted: served.total_tokens if served is not None else 0}
+        if usage is None and not self._billed_attempts and self.status < 400:
+            return None  # no usage known for an answered request: the limiter charges its estimate
+        tokens: dict[str, int] = {}
+        if usage is not None:
+            name = self.target.public_model if self.target is not None else admitted
+            tokens[name] = usage.total_tokens
+        self._failed_attempts()
+        for name, prompt in self._wasted_by_model.items():
+            tokens[name] = tokens.get(name, 0) + prompt
+        return tokens
 
     def _failed_attempts(self) -> tuple[Usage, float | None]:
         """Prompt tokens and cost of the attempts the upstreams billed without giving an answer (estimated)."""
         if self._wasted is None:
             prompt, cost = 0, None
+            self._wasted_by_model = {}
             for target, call in self._billed_attempts:
                 tokens = prompt_tokens(self._services.counter, call, target)
                 prompt += tokens
+                self._wasted_by_model[target.public_model] = self._wasted_by_model.get(target.public_model, 0) + tokens
                 if self.policy is not None:
                     priced, _ = charge(self.policy.prices, target, Usage(prompt_tokens=tokens))
                     if priced is not None:
@@ -219,16 +264,12 @@ class Settlement:
         if usage is None and self.stream is not None and self.target is not None:
             usage = _estimate_stream_usage(services, self.stream, self.target)
         wasted, wasted_cost = self._failed_attempts()
-        if self.cost_usd is None and (usage is not None or wasted_cost is not None):
+        overhead = cache_overhead(self.cache)
+        if self.cost_usd is None and (usage is not None or wasted_cost is not None or overhead is not None):
             self._price(usage or Usage())
         cost_usd, price_version = self.cost_usd, self.price_version
-        if services.limiter is not None:
-            micros = math.ceil(cost_usd * MICROS) if cost_usd else 0
-            billed = usage
-            if wasted.prompt_tokens:  # the limits count what the upstreams billed, answered or not
-                billed = _plus(usage, wasted)
-            services.limiter.settle(self.admission, billed, self.status, self.target, served=hit_tokens(self.cache),
-                                    usd_micros=micros)
+        if services.limiter is not None and self.admission is not None:
+            self._settle_limits(services.limiter, usage, wasted, overhead)
         if self.cache is not None:
             self.cache.settled(outcome == COMPLETED)
         now = services.clock()

@@ -69,7 +69,7 @@ from gateway.telemetry_attributes import (
 )
 from gateway.telemetry_content import content_attributes, output_of_body, output_of_chunks, redact_content
 from gateway.telemetry_export import LoggedExporter, build_exporter, telemetry_problems
-from providers.base import Call, StreamChunk, UpstreamRequest
+from providers.base import Call, StreamChunk, UpstreamRequest, Usage
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
@@ -110,6 +110,9 @@ class _NoTrace:
         pass
 
     def attempt_failed(self, error_type: str, provider: str | None = None) -> None:
+        pass
+
+    def side_call(self, usage: Usage | None, cost_usd: float | None) -> None:
         pass
 
     def responded(self, body: bytes, response_model: str | None, finish_reasons: Sequence[str]) -> None:
@@ -282,6 +285,23 @@ class RequestTrace:
             return
         if self._metrics is not None and provider is not None:
             self._metrics.upstream_error(provider, error_type)
+
+    def side_call(self, usage: Usage | None, cost_usd: float | None) -> None:
+        """The gateway's own call for this request (a semantic-cache embedding) ended, answered or not.
+
+        Its span ends here as a success of its own, marked `switchboard.cache_overhead` with what it used and
+        cost: not the request's answering attempt, and not a failed one the next attempt would close.
+        """
+        attempt = self._open_attempt
+        if attempt is None:  # refused or failed: `send` closed its span with the error
+            return
+        self._close(attempt, None)
+        attributes = attempt.attributes
+        attributes["switchboard.cache_overhead"] = True
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        if cost_usd is not None:
+            attributes["switchboard.cost_usd"] = cost_usd
 
     def responded(self, body: bytes, response_model: str | None, finish_reasons: Sequence[str]) -> None:
         """What the upstream answered, for a complete (non-streamed) reply."""
@@ -488,7 +508,8 @@ class Telemetry:
         previous = self._tracing
         self._configured = settings
         self._tracing = self._build(settings)
-        if previous is not None:
+        # An injected exporter outlives the configurations that use it: shutting the old processor down would stop it.
+        if previous is not None and self._span_exporter is None:
             threading.Thread(target=previous.processor.shutdown, name="otel-shutdown", daemon=True).start()
 
     def start(self, endpoint: str, headers: Mapping[str, str], exchange: Any) -> RequestTrace | _NoTrace:

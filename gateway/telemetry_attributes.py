@@ -118,6 +118,10 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["switchboard.cache.tokens"] = record.cache_tokens
         if record.cost_saved_usd is not None:
             attributes["switchboard.cache.cost_saved_usd"] = record.cost_saved_usd
+        if record.cache_overhead_tokens:  # the semantic lookup's embedding, billed to this request
+            attributes["switchboard.cache.overhead_tokens"] = record.cache_overhead_tokens
+            if record.cache_overhead_cost_usd is not None:
+                attributes["switchboard.cache.overhead_cost_usd"] = record.cache_overhead_cost_usd
     return attributes
 
 

@@ -62,6 +62,10 @@ class UsageRecord:
     # deadline): their prompts, estimated, and what they cost. Included in `cost_usd` and in the limits.
     failed_attempt_tokens: int = 0
     failed_attempt_cost_usd: float | None = None
+    # The semantic cache's embedding of the question (gateway/cache/semantic.py), on a hit or a miss: its
+    # tokens and cost. Included in `cost_usd` and in the limits, like failed attempts.
+    cache_overhead_tokens: int = 0
+    cache_overhead_cost_usd: float | None = None
 
 
 class UsageSink(Protocol):
@@ -204,6 +208,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "cache": record.cache, "cache_tokens": record.cache_tokens, "cost_saved_usd": record.cost_saved_usd,
         "failed_attempt_tokens": record.failed_attempt_tokens,
         "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
+        "cache_overhead_tokens": record.cache_overhead_tokens,
+        "cache_overhead_cost_usd": record.cache_overhead_cost_usd,
     }
 
 

@@ -410,10 +410,12 @@ def _ready(base_url: str) -> bool:
 
 
 def _billed_tokens(row: dict[str, Any]) -> int:
-    """What the budget counts for a row: its usage (a cache hit counts none here) plus failed attempts."""
+    """What the budget counts for a row: its usage (a cache hit counts none here), failed attempts, and a semantic
+    lookup's embedding."""
+    overhead = row.get("cache_overhead_tokens") or 0
     if row["cache"] == "hit":
-        return 0
-    return row["prompt_tokens"] + row["completion_tokens"] + (row.get("failed_attempt_tokens") or 0)
+        return overhead
+    return row["prompt_tokens"] + row["completion_tokens"] + (row.get("failed_attempt_tokens") or 0) + overhead
 
 
 def _ledger_rows(paths: list[Path]) -> list[dict[str, Any]]:

@@ -21,13 +21,15 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from gateway.errors import GatewayError, redact
-from providers.base import Call, Endpoint, UpstreamFailed
+from gateway.pricing import charge
+from providers.base import Call, Endpoint, UpstreamFailed, Usage
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Services
@@ -169,27 +171,52 @@ class SemanticIndex:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """What embedding a question gave and cost: the normalized vector (None: exact matching only), and the
+    usage and USD the upstream billed for it (None when it answered nothing it bills)."""
+
+    vector: list[float] | None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+
+
+_NOT_EMBEDDED = Embedded(None)
+
+
 async def embed(services: Services, policy: Policy, model_name: str, text: str, exchange: Exchange,
-                attempt: Attempt) -> list[float] | None:
+                attempt: Attempt) -> Embedded:
     """The normalized embedding of `text` from the policy's model, through the gateway's own call path.
 
-    Any failure is logged and answered with None: semantic matching is an
-    optimisation and must never fail the request it serves.
+    Any failure is logged and answered without a vector: semantic matching is
+    an optimisation and must never fail the request it serves. An upstream
+    that answered bills the call whatever the body held, so its usage (counted
+    by the gateway when the upstream sent none) and cost come back either way:
+    the request that needed the embedding pays for it (cache overhead).
     """
     model = policy.models.get(model_name)
     if model is None:
-        return None
+        return _NOT_EMBEDDED
     target = model.targets[0]
     call = Call(Endpoint.EMBEDDINGS, {"model": model_name, "input": text}, target.upstream_model, False)
+    usage: Usage | None = None
+    vector: Any = None
+    answered = False
     try:
         response = await attempt(services, target, call, exchange)
         raw = await response.read()
+        answered = True
         parsed = target.provider.adapter.parse_response(call, raw)
-        vector: Any = orjson.loads(parsed.body)["data"][0]["embedding"]
+        usage = parsed.usage
+        vector = orjson.loads(parsed.body)["data"][0]["embedding"]
     except (GatewayError, UpstreamFailed, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
         log.warning("response cache: embedding with %s failed (%s); exact matching only", model_name,
                     redact(str(exc), (target.provider.settings.api_key or "",)))
-        return None
+    if answered and usage is None:  # billed, but the upstream did not say for how much: the gateway's count
+        usage = Usage(prompt_tokens=services.counter.count_embedding_input(
+            call.body, target.upstream_model, target.provider.adapter.capabilities.tokenizer), estimated=True)
+    cost = charge(policy.prices, target, usage)[0] if usage is not None else None
+    exchange.trace.side_call(usage, cost)
     if not isinstance(vector, list) or not all(isinstance(x, int | float) for x in vector):
-        return None
-    return normalized(vector)
+        return Embedded(None, usage, cost)
+    return Embedded(normalized(vector), usage, cost)

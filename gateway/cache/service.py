@@ -26,7 +26,7 @@ from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.flight import COMPLETED, RUNNING, Flight
 from gateway.cache.keys import CACHEABLE_FINISH, cacheable, exact_key, scope_id, semantic_parts
 from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
-from gateway.cache.semantic import SemanticIndex, embed
+from gateway.cache.semantic import Embedded, SemanticIndex, embed
 from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
 from gateway.pricing import charge
@@ -130,7 +130,10 @@ class ResponseCache:
         if parts is None:
             return
         partition, text = parts
-        vector = await embed(services, policy, rule.semantic.embedding_model, text, exchange, attempt)
+        embedded = await embed(services, policy, rule.semantic.embedding_model, text, exchange, attempt)
+        if embedded.usage is not None:  # billed to this request, whatever the lookup finds
+            ticket.overhead = embedded
+        vector = embedded.vector
         if vector is None:
             return
         index = self._index(rule)
@@ -200,9 +203,9 @@ class ResponseCache:
 class Ticket:
     """One request's dealings with the cache."""
 
-    __slots__ = ("cache", "entry", "finishes", "flight", "hit", "index", "key", "model_name", "partition", "prices",
-                 "recording", "replace", "request", "rule", "scope", "status", "store", "store_key", "target",
-                 "team_rules", "usage", "usage_data", "vector")
+    __slots__ = ("cache", "entry", "finishes", "flight", "hit", "index", "key", "model_name", "overhead", "partition",
+                 "prices", "recording", "replace", "request", "rule", "scope", "status", "store", "store_key",
+                 "target", "team_rules", "usage", "usage_data", "vector")
 
     def __init__(self, cache: ResponseCache, rule: CacheRule, store: Backend, key: bytes, request: InferenceRequest,
                  model_name: str, prices: PriceBook, target: Target, scope: tuple[str, str],
@@ -227,6 +230,8 @@ class Ticket:
         self.usage: Usage | None = None
         self.usage_data: bytes | None = None
         self.finishes: list[str] = []
+        # The semantic lookup's embedding call when an upstream billed it: this request pays for it.
+        self.overhead: Embedded | None = None
 
     # -- outcomes of the lookup --
 
@@ -372,7 +377,15 @@ class Ticket:
     # -- accounting --
 
     def usage_fields(self) -> dict[str, Any]:
-        """The cache's part of the usage record: what was served from it and what that saved."""
+        """The cache's part of the usage record: what was served from it, what that saved, what the lookup cost."""
+        fields = self._served_fields()
+        overhead = self.overhead
+        if overhead is not None and overhead.usage is not None:
+            fields["cache_overhead_tokens"] = overhead.usage.prompt_tokens
+            fields["cache_overhead_cost_usd"] = overhead.cost_usd
+        return fields
+
+    def _served_fields(self) -> dict[str, Any]:
         if not self.hit:
             return {"cache": self.status}
         entry = self.entry
@@ -431,6 +444,11 @@ def hit_tokens(ticket: Ticket | None) -> Usage | None:
     if ticket is None or not ticket.hit or not ticket.rule.hits_count_tokens:
         return None
     return ticket.entry.usage if ticket.entry is not None else None
+
+
+def cache_overhead(ticket: Ticket | None) -> Embedded | None:
+    """Pipeline hook: the semantic lookup's billed embedding, which the request pays for (tokens and USD)."""
+    return ticket.overhead if ticket is not None else None
 
 
 def usage_fields(ticket: Ticket | None) -> dict[str, Any]:
