@@ -1,11 +1,14 @@
 """Shadow rules: limits and budgets with `mode: shadow`, judged as if enforced but never refusing.
 
-A shadow rule's check goes to the state store with no limit, so it counts
-exactly what an enforced rule's counter would count for every request that is
-served (and nothing for a request another, enforced rule refuses). After the
-store admits, `would_refuse` compares each shadow counter with its limit the
-way the store would have: `used + amount > limit` is a request enforcement
-would have refused. Such a request is then
+A shadow rule's check goes to the state store with no limit, so it never
+refuses; after the store admits, `would_refuse` compares each shadow counter
+with its limit the way the store would have: `used + amount > limit` is a
+request enforcement would have refused. Such a request is served, and its
+reservation on that rule is taken back (`unreserve`, one settlement), so the
+rule's counter holds exactly what it would hold were the rule enforced (a
+request another, enforced rule refuses is counted by no rule; in the moment
+between admission and that settlement a concurrent request sees the counter
+higher by this one's amount). The request is
 
 - named in `x-switchboard-shadow-reject` (only the caller's own team, key and
   model rules are ever in its plan, so nothing of another team leaks),
@@ -38,13 +41,10 @@ _WINDOW_NAMES = {("requests", 60): "rpm", ("tokens", 60): "tpm", ("requests", 86
                  ("tokens", 86_400): "tpd"}
 
 
-def would_refuse(meters: Sequence[_Meter], checks: Sequence[Check], verdict: Verdict) -> list[int]:
+def would_refuse(meters: Sequence[_Meter], checks: Sequence[Check], verdict: Verdict) -> tuple[int, ...]:
     """Indexes of the shadow checks an enforcing store would have refused this request on."""
-    refused = []
-    for index, meter in enumerate(meters):
-        if meter.shadow and verdict.used[index] + checks[index].amount > meter.limit:
-            refused.append(index)
-    return refused
+    return tuple(index for index, meter in enumerate(meters)
+                 if meter.shadow and verdict.used[index] + checks[index].amount > meter.limit)
 
 
 def rule_name(meter: _Meter) -> str:
@@ -65,9 +65,15 @@ def tally_slices(slices: Sequence[str]) -> tuple[str, ...]:
     return tuple(name + _TALLY for name in slices)
 
 
-def tallies(meters: Sequence[_Meter], checks: Sequence[Check], refused: Sequence[int]) -> list[Delta]:
-    """One more would-refuse for each refusing shadow rule, in its current window."""
-    return [Delta(checks[i].slices[-1] + _TALLY, 1, checks[i].expires_at) for i in refused]
+def unreserve(checks: Sequence[Check], refused: Sequence[int]) -> list[Delta]:
+    """For each shadow rule that would have refused: take back the reservation enforcement would never have
+    made, and count one would-refuse in the rule's current window."""
+    deltas = []
+    for index in refused:
+        check = checks[index]
+        deltas.append(Delta(check.slices[-1], -check.amount, check.expires_at))
+        deltas.append(Delta(check.slices[-1] + _TALLY, 1, check.expires_at))
+    return deltas
 
 
 def shadow_event(meters: Sequence[_Meter], checks: Sequence[Check], verdict: Verdict,

@@ -79,25 +79,30 @@ def test_a_shadow_rpm_limit_lets_the_third_request_through_and_reports_it(
     gateway.usage.wait_for(3)
     row = usage_rows(gateway)[("team", "requests per minute", "requests")]
     assert row["mode"] == "shadow" and row["limit"] == 2
-    assert row["used"] == 3 and row["would_reject"] == 1  # counted as enforcement counts, every request served
+    # Counted as enforcement would have counted: the third request was served, but it is not in `used`.
+    assert row["used"] == 2 and row["would_reject"] == 1
     assert shadow_rejections(gateway, "rpm") == 1
-    ask(gateway)
-    assert usage_rows(gateway)[("team", "requests per minute", "requests")]["would_reject"] == 2
+    assert ask(gateway)[HEADER] == "team:rpm"
+    row = usage_rows(gateway)[("team", "requests per minute", "requests")]
+    assert (row["used"], row["would_reject"]) == (2, 2)
 
 
 def test_a_shadow_budget_serves_what_it_would_refuse_and_reports_it(
         upstream: FakeOpenAIUpstream, start_gateway: Start, state: str) -> None:
     gateway = start_gateway(policy(upstream, "    budget: {tokens: 30, period: daily, mode: shadow}\n", state=state))
     assert HEADER not in ask(gateway)
-    gateway.usage.wait_for(1)
+    (first,) = gateway.usage.wait_for(1)
     served = ask(gateway, "x " * 40)  # an enforced 30-token budget refuses this (tests/test_limits_gateway.py)
     assert served[HEADER] == "team:budget_tokens"
-    records = gateway.usage.wait_for(2)
-    spent = sum(r.usage.total_tokens for r in records)  # type: ignore[union-attr]
+    gateway.usage.wait_for(2)
+    assert upstream.request_count == 2
     row = usage_rows(gateway)[("team", "daily budget", "tokens")]
     assert row["mode"] == "shadow" and row["on_exhaust"] == "reject"
-    assert row["used"] == spent > 30 and row["remaining"] == 0 and row["would_reject"] == 1
+    # The budget holds what enforcement would have let through: only the first request's tokens.
+    assert row["used"] == first.usage.total_tokens < 30 and row["would_reject"] == 1  # type: ignore[union-attr]
     assert shadow_rejections(gateway, "budget_tokens") == 1
+    assert HEADER not in ask(gateway)  # a small request still fits, as it would under enforcement
+    assert usage_rows(gateway)[("team", "daily budget", "tokens")]["would_reject"] == 1
 
 
 def test_an_enforced_rule_beside_a_shadow_one_still_refuses(
@@ -116,9 +121,11 @@ def test_an_enforced_rule_beside_a_shadow_one_still_refuses(
     assert upstream.request_count == 2
     gateway.usage.wait_for(3)
     rows = usage_rows(gateway)
-    # What the enforced rule refused was never served, so the shadow rules did not count it either.
-    assert rows[("team", "requests per minute", "requests")]["used"] == 2
+    # The shadow limit counts the first request only: it would have refused the second, and the enforced
+    # rule refused the third, so no rule counted it.
+    assert rows[("team", "requests per minute", "requests")]["used"] == 1
     assert rows[("team", "requests per minute", "requests")]["would_reject"] == 1
+    assert rows[("key", "requests per minute", "requests")]["used"] == 2
     assert rows[("key", "requests per minute", "requests")]["mode"] == "enforce"
     assert "would_reject" not in rows[("key", "requests per minute", "requests")]
 
