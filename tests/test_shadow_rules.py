@@ -184,3 +184,16 @@ def test_invalid_modes_are_refused_with_their_path(upstream: FakeOpenAIUpstream,
     with pytest.raises(PolicyError) as caught:
         parse_policy(policy(upstream, lines))
     assert any(problem.startswith(message) for problem in caught.value.problems), caught.value.problems
+
+
+def test_model_and_key_shadow_limits_are_named_by_scope_on_streams_too(
+        upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    gateway = start_gateway(policy(upstream, "    model_limits:\n      chat-model: {rpm: 1, mode: shadow}\n",
+                                   key_lines="        limits: {tpm: 1, mode: shadow}\n"))
+    assert ask(gateway)[HEADER] == "key:tpm"
+    with gateway.client().chat.completions.with_streaming_response.create(
+            model="chat-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True) as stream:
+        assert stream.headers[HEADER] == "key:tpm, model:rpm"
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream.parse() if chunk.choices)
+    assert shadow_rejections(gateway, "rpm", scope="model") == 1
+    assert shadow_rejections(gateway, "tpm", scope="key") == 2
