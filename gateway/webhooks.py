@@ -233,6 +233,10 @@ class WebhookDispatcher:
             except (aiohttp.ClientError, OSError) as exc:
                 status, reason = None, "connection"
                 delivery.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            except Exception as exc:  # whatever else: the delivery still ends listed and counted, never stuck
+                log.exception("alert %s to webhook %s: unexpected failure", delivery.key, webhook.name)
+                status, reason = None, "error"
+                delivery.last_error = f"{type(exc).__name__}: {exc}"[:300]
             delivery.last_status = status
             if status is not None and 200 <= status < 300:
                 delivery.last_error = None

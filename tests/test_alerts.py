@@ -151,6 +151,26 @@ def test_a_receiver_that_refuses_the_alert_is_not_retried(
     assert failed["attempts"] == 1 and failed["last_http_status"] == 401
 
 
+def test_delivery_is_off_the_request_path(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 100, notify: [ops]}",
+                                         signed_hook(receiver, secret_file, ", timeout_s: 60")))
+    receiver.hold()  # the receiver takes the alert and never answers while the test runs
+    with pytest.raises(openai.RateLimitError):
+        ask(gateway, "x " * 120)
+    receiver.wait_for(1)
+    began = time.monotonic()
+    for _ in range(3):  # while the delivery hangs, requests are answered as before
+        ask(gateway)
+        with pytest.raises(openai.RateLimitError):
+            ask(gateway, "x " * 120)
+    assert time.monotonic() - began < 5
+    assert admin_alerts(gateway).json()["queue"] == {"queued": 0, "capacity": 1000, "delivering": 1}
+    receiver.release()
+    assert wait_for_delivery(gateway, "delivered")["attempts"] == 1
+    assert len(receiver.received) == 1  # the later refusals were the same exhaustion: no new alert
+
+
 def test_slack_format_posts_a_slack_message(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver) -> None:
     hook = f"{{url: '{receiver.url}', format: slack}}"

@@ -42,6 +42,8 @@ class WebhookReceiver:
         self.received: list[Received] = []
         self._statuses: list[int] = []
         self._changed = threading.Condition()
+        self._open = threading.Event()  # cleared by `hold`: posts wait before they are answered
+        self._open.set()
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,6 +54,7 @@ class WebhookReceiver:
                     receiver.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                                                       body, status, time.time()))
                     receiver._changed.notify_all()
+                receiver._open.wait(30)
                 self.send_response(status)
                 self.send_header("content-length", "2")
                 self.end_headers()
@@ -71,6 +74,13 @@ class WebhookReceiver:
         with self._changed:
             self._statuses.extend(statuses)
 
+    def hold(self) -> None:
+        """Answer nothing until `release` (a receiver that hangs)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """The first `count` posts, once they have arrived."""
         with self._changed:
@@ -83,5 +93,6 @@ class WebhookReceiver:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
