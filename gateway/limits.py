@@ -359,7 +359,7 @@ class Limiter:
             meter = meters[verdict.denied]
             budget = meter.budget
             if budget is not None:
-                self._exhausted(meter, verdict.used[verdict.denied])
+                self._exhausted(meter, checks[verdict.denied], verdict.used[verdict.denied])
             if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
                 cheaper = policy.models.get(budget.downgrade_to or "")
                 if cheaper is not None:
@@ -491,7 +491,7 @@ class Limiter:
                 scope = meter.rule.scope if meter.rule is not None else meter.budget.scope  # type: ignore[union-attr]
                 self._shadow_metric.labels(team, scope, shadow.rule_name(meter)).inc()
             if meter.budget is not None:
-                self._exhausted(meter, verdict.used[index])
+                self._exhausted(meter, checks[index], verdict.used[index])
         log.info("shadow rules would have refused a request of team %s: %s", team,
                  ", ".join(shadow.rule_id(meters[i]) for i in refused))
         return refused
@@ -508,10 +508,16 @@ class Limiter:
                     budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit, after,
                     window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
 
-    def _exhausted(self, meter: _Meter, used: int) -> None:
-        """A budget refused (or, in shadow mode, would have refused) a request: report it once per period."""
+    def _exhausted(self, meter: _Meter, check: Check, used: int) -> None:
+        """A budget refused (or, in shadow mode, would have refused) a request: report it once per period.
+
+        Not for a request larger than the whole budget: that one says nothing about what is left, and reporting
+        it would use up the period's one exhaustion alert before the budget is spent.
+        """
         budget, window = meter.budget, meter.window
         assert budget is not None and window is not None
+        if check.amount > meter.limit:
+            return
         mark = f"{budget.base}:{meter.unit}:exhausted:{window.slices[-1]}"
         if self._first_here(mark):
             self._fire_once(window.expires_at, ThresholdEvent(

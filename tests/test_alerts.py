@@ -52,6 +52,17 @@ def ask(gateway: RunningGateway, content: str = "hi there") -> None:
                                              max_tokens=5)
 
 
+def exhaust(gateway: RunningGateway) -> int:
+    """Small requests until the budget refuses one; how many were served."""
+    served = 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        while served < 100:
+            ask(gateway)
+            served += 1
+    assert refused.value.code == "budget_exceeded"
+    return served
+
+
 def admin_alerts(gateway: RunningGateway, key: str = ADMIN_KEY) -> httpx.Response:
     return httpx.get(gateway.base_url + "/admin/alerts", headers={"authorization": f"Bearer {key}"})
 
@@ -77,12 +88,7 @@ def test_thresholds_and_exhaustion_each_post_one_signed_alert(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
     gateway = start_gateway(alert_policy(upstream, "{tokens: 200, period: daily, soft_thresholds: [0.5, 0.8], "
                                                    "notify: [ops]}", signed_hook(receiver, secret_file)))
-    served = 0
-    with pytest.raises(openai.RateLimitError) as refused:
-        while served < 100:
-            ask(gateway)
-            served += 1
-    assert refused.value.code == "budget_exceeded" and served > 3
+    assert exhaust(gateway) > 3
     for _ in range(3):  # more refusals in the same period report nothing new
         with pytest.raises(openai.RateLimitError):
             ask(gateway)
@@ -107,10 +113,9 @@ def test_thresholds_and_exhaustion_each_post_one_signed_alert(
 
 def test_a_receiver_failing_twice_gets_the_same_idempotency_key_three_times(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
-    gateway = start_gateway(alert_policy(upstream, "{tokens: 30, notify: [ops]}", signed_hook(receiver, secret_file)))
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops]}", signed_hook(receiver, secret_file)))
     receiver.fail_next(503, 503)
-    with pytest.raises(openai.RateLimitError):
-        ask(gateway, "x " * 40)  # the budget refuses it: exhausted
+    exhaust(gateway)
     posts = receiver.wait_for(3)
     assert [p.status for p in posts] == [503, 503, 200]
     assert len({p.headers["idempotency-key"] for p in posts}) == 1
@@ -126,11 +131,10 @@ def test_a_receiver_failing_twice_gets_the_same_idempotency_key_three_times(
 
 def test_failed_deliveries_are_listed_and_counted_and_need_an_admin_key(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
-    gateway = start_gateway(alert_policy(upstream, "{tokens: 30, notify: [ops]}",
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops]}",
                                          signed_hook(receiver, secret_file, ", max_attempts: 2")))
     receiver.fail_next(500, 500, 500)
-    with pytest.raises(openai.RateLimitError):
-        ask(gateway, "x " * 40)
+    exhaust(gateway)
     failed = wait_for_delivery(gateway, "failed")
     assert failed["attempts"] == 2 and failed["last_http_status"] == 500 and failed["last_error"] == "HTTP 500"
     assert "Team alpha has exhausted its token budget" in failed["summary"]
@@ -143,27 +147,26 @@ def test_failed_deliveries_are_listed_and_counted_and_need_an_admin_key(
 
 def test_a_receiver_that_refuses_the_alert_is_not_retried(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
-    gateway = start_gateway(alert_policy(upstream, "{tokens: 30, notify: [ops]}", signed_hook(receiver, secret_file)))
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops]}", signed_hook(receiver, secret_file)))
     receiver.fail_next(401)
-    with pytest.raises(openai.RateLimitError):
-        ask(gateway, "x " * 40)
+    exhaust(gateway)
     failed = wait_for_delivery(gateway, "failed")
     assert failed["attempts"] == 1 and failed["last_http_status"] == 401
 
 
 def test_delivery_is_off_the_request_path(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
-    gateway = start_gateway(alert_policy(upstream, "{tokens: 100, notify: [ops]}",
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops]}",
                                          signed_hook(receiver, secret_file, ", timeout_s: 60")))
     receiver.hold()  # the receiver takes the alert and never answers while the test runs
-    with pytest.raises(openai.RateLimitError):
-        ask(gateway, "x " * 120)
+    exhaust(gateway)
     receiver.wait_for(1)
     began = time.monotonic()
     for _ in range(3):  # while the delivery hangs, requests are answered as before
-        ask(gateway)
         with pytest.raises(openai.RateLimitError):
-            ask(gateway, "x " * 120)
+            ask(gateway)
+        assert gateway.client("sk-beta").chat.completions.create(
+            model="beta-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5).choices
     assert time.monotonic() - began < 5
     assert admin_alerts(gateway).json()["queue"] == {"queued": 0, "capacity": 1000, "delivering": 1}
     receiver.release()
@@ -174,8 +177,13 @@ def test_delivery_is_off_the_request_path(
 def test_slack_format_posts_a_slack_message(
         upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver) -> None:
     hook = f"{{url: '{receiver.url}', format: slack}}"
-    gateway = start_gateway(alert_policy(upstream, "{tokens: 30, notify: [ops], mode: shadow}", hook))
-    ask(gateway, "x " * 40)  # a shadow budget serves it, and reports the exhaustion
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops], mode: shadow}", hook))
+    client = gateway.client()
+    for _ in range(100):  # a shadow budget serves every request, and reports the exhaustion
+        raw = client.chat.completions.with_raw_response.create(
+            model="chat-model", messages=[{"role": "user", "content": "hi there"}], max_tokens=5)
+        if "x-switchboard-shadow-reject" in raw.headers:
+            break
     (post,) = receiver.wait_for(1)
     body = post.json()
     assert set(body) == {"text", "blocks"}
@@ -185,6 +193,16 @@ def test_slack_format_posts_a_slack_message(
     assert "x-switchboard-signature" not in post.headers  # no secret configured: unsigned, as Slack expects
     assert post.headers["idempotency-key"]
     wait_for_delivery(gateway, "delivered")
+
+
+def test_a_request_larger_than_the_whole_budget_is_not_its_exhaustion(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
+    gateway = start_gateway(alert_policy(upstream, "{tokens: 60, notify: [ops]}", signed_hook(receiver, secret_file)))
+    with pytest.raises(openai.RateLimitError):
+        ask(gateway, "x " * 100)  # needs more than 60 tokens on its own
+    exhaust(gateway)  # the period's exhaustion alert was not used up by it
+    (post,) = receiver.wait_for(1)
+    assert post.json()["type"] == "budget.exhausted" and post.json()["used"] > 30
 
 
 def test_a_full_delivery_queue_drops_and_counts(

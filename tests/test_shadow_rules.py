@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def policy(upstream: FakeOpenAIUpstream, team_lines: str, key_lines: str = "", s
     return text
 
 
+def fresh_minute(needed_s: float = 15) -> None:
+    """Start an rpm test with `needed_s` left in the clock minute, so its requests share one window."""
+    left = 60 - time.time() % 60
+    if left < needed_s:
+        time.sleep(left + 0.05)  # not synchronisation: skipping a window boundary the test must not straddle
+
+
 def ask(gateway: RunningGateway, content: str = "hi there") -> httpx.Headers:
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="chat-model", messages=[{"role": "user", "content": content}], max_tokens=5)
@@ -70,6 +78,7 @@ def shadow_rejections(gateway: RunningGateway, rule: str, scope: str = "team") -
 def test_a_shadow_rpm_limit_lets_the_third_request_through_and_reports_it(
         upstream: FakeOpenAIUpstream, start_gateway: Start, state: str) -> None:
     gateway = start_gateway(policy(upstream, "    limits: {rpm: 2, mode: shadow}\n", state=state))
+    fresh_minute()
     first, second, third = ask(gateway), ask(gateway), ask(gateway)
     assert HEADER not in first and HEADER not in second
     assert third[HEADER] == "team:rpm"
@@ -110,6 +119,7 @@ def test_an_enforced_rule_beside_a_shadow_one_still_refuses(
     gateway = start_gateway(policy(upstream, "    limits: {rpm: 1, mode: shadow}\n"
                                              "    budget: {tokens: 1, mode: shadow}\n",
                                    key_lines="        limits: {rpm: 2}\n", state=state))
+    fresh_minute()
     assert ask(gateway)[HEADER] == "team:budget_tokens"
     assert ask(gateway)[HEADER] == "team:rpm, team:budget_tokens"
     with pytest.raises(openai.RateLimitError) as refused:
@@ -134,6 +144,7 @@ def test_shadow_refusals_are_traced_naming_the_rule(
         upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     exporter = WaitingSpanExporter()
     gateway = start_gateway(policy(upstream, "    limits: {rpm: 1, mode: shadow}\n"), span_exporter=exporter)
+    fresh_minute()
     ask(gateway)
     ask(gateway)
     spans = sorted((s for s in exporter.wait_for_servers(2) if s.kind is SpanKind.SERVER),
@@ -151,6 +162,7 @@ def test_shadow_refusals_are_traced_naming_the_rule(
 def test_the_shadow_header_can_be_turned_off(upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     text = policy(upstream, "    limits: {rpm: 1, mode: shadow}\n") + "admission: {shadow_reject_header: false}\n"
     gateway = start_gateway(text)
+    fresh_minute()
     ask(gateway)
     assert HEADER not in ask(gateway)
     assert shadow_rejections(gateway, "rpm") == 1  # still counted for the operator
@@ -158,6 +170,7 @@ def test_the_shadow_header_can_be_turned_off(upstream: FakeOpenAIUpstream, start
 
 def test_other_teams_never_see_a_shadow_header(upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     gateway = start_gateway(policy(upstream, "    limits: {rpm: 1, mode: shadow}\n"))
+    fresh_minute()
     ask(gateway)
     ask(gateway)
     beta = gateway.client("sk-beta").chat.completions.with_raw_response.create(
@@ -190,6 +203,7 @@ def test_model_and_key_shadow_limits_are_named_by_scope_on_streams_too(
         upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     gateway = start_gateway(policy(upstream, "    model_limits:\n      chat-model: {rpm: 1, mode: shadow}\n",
                                    key_lines="        limits: {tpm: 1, mode: shadow}\n"))
+    fresh_minute()
     assert ask(gateway)[HEADER] == "key:tpm"
     with gateway.client().chat.completions.with_streaming_response.create(
             model="chat-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True) as stream:
