@@ -1,4 +1,4 @@
-"""Three gateway processes sharing a private Redis cross a budget threshold together: one alert, not three."""
+"""Three gateway processes sharing a private Redis: one alert per threshold, not three; shadow counts shared."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # three gateway processes loading tiktoken: ~30-6
 
 SECRET = b"whsec-replicas-51d2"
 BUDGET = 600
+SHADOW_RPD = 5
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream, redis_server: Private
              f"alerts:\n  webhooks:\n    ops: {{url: '{receiver.url}', secret_file: hook.secret}}\n")
     text = standard_policy(upstream.base_url, extra=extra).replace(
         "    models: [chat-model, embed-model]\n", "    models: [chat-model, embed-model]\n"
-        f"    budget: {{tokens: {BUDGET}, soft_thresholds: [0.5], notify: [ops]}}\n", 1)
+        f"    budget: {{tokens: {BUDGET}, soft_thresholds: [0.5], notify: [ops]}}\n"
+        f"    limits: {{rpd: {SHADOW_RPD}, mode: shadow}}\n", 1)
     policy = tmp_path / "shared.yaml"
     policy.write_text(text)
     gateways = [GatewayProcess(policy, tmp_path / f"gateway-{i}.log") for i in range(3)]
@@ -69,6 +71,15 @@ def ask(gateway: GatewayProcess) -> bool:
     return True
 
 
+def shadow_row(gateway: GatewayProcess) -> tuple[int, int]:
+    """`used` and `would_reject` of the team's shadow requests-per-day limit, from /admin/usage."""
+    report = httpx.get(gateway.base_url + "/admin/usage", params={"team": "alpha"},
+                       headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    (row,) = [r for r in report["usage"] if r["limit_type"] == "requests per day"]
+    assert row["mode"] == "shadow"
+    return row["used"], row["would_reject"]
+
+
 def decisions(gateway: GatewayProcess, kind: str) -> tuple[int, int]:
     """How often this replica reported the budget event `kind`, and how often it found another had."""
     text = gateway.log.read_text()
@@ -87,20 +98,30 @@ def wait_until_every_replica_decided(gateways: list[GatewayProcess], kind: str) 
         time.sleep(0.05)
 
 
-def test_three_replicas_crossing_a_threshold_fire_exactly_one_alert(
+def test_three_replicas_fire_one_alert_per_threshold_and_share_shadow_counts(
         replicas: list[GatewayProcess], receiver: WebhookReceiver) -> None:
     crossed = threading.Event()
 
-    def hammer(worker: int) -> None:
+    def hammer(worker: int) -> int:
         # Six clients over three replicas, until the threshold's alert arrives: they cross it together.
+        served = 0
         while not crossed.is_set() and not receiver.received:
             assert ask(replicas[worker % 3])
+            served += 1
         crossed.set()
+        return served
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        list(pool.map(hammer, range(6)))
+        served = sum(pool.map(hammer, range(6)))
     for gateway in replicas:  # each replica settles a request above the threshold: each tries to report it
         assert ask(gateway)
+    served += 3
+    # The shadow daily request limit, counted by all three in Redis, holds what enforcement would have let
+    # through, and counts every other request as one it would have refused.
+    deadline = time.monotonic() + 10
+    while (shadow := shadow_row(replicas[0])) != (SHADOW_RPD, served - SHADOW_RPD):
+        assert time.monotonic() < deadline, (shadow, served)
+        time.sleep(0.05)
     threshold = wait_until_every_replica_decided(replicas, "threshold")
     assert sum(fired for fired, _ in threshold) == 1, threshold
     assert sum(deferred for _, deferred in threshold) == 2, threshold
