@@ -14,6 +14,7 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class _Strict(BaseModel):
+    # policy_schema.Strict restated: policy_schema imports this module, so this one cannot import it.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
