@@ -147,7 +147,7 @@ class WebhookDispatcher:
         self._session: aiohttp.ClientSession | None = None  # noqa: TID251 - see _client
         self._outcomes: Any = None
         self._failures: Any = None
-        self.dropped = 0
+        self._dropped = 0
 
     def attach_metrics(self, metrics: Any) -> None:
         """Count deliveries and failed attempts in the gateway's Prometheus registry (gateway/metrics.py)."""
@@ -173,7 +173,7 @@ class WebhookDispatcher:
                 raise asyncio.QueueFull
             self._queue.put_nowait(delivery)
         except asyncio.QueueFull:
-            self.dropped += 1
+            self._dropped += 1
             self._finish(delivery, "dropped")
             log.error("alert %s to webhook %s dropped: the delivery queue is full (%d)", key, webhook.name,
                       self._capacity)
@@ -183,7 +183,7 @@ class WebhookDispatcher:
         """What GET /admin/alerts shows: the queue, drops, and the latest deliveries, newest first."""
         queued = self._queue.qsize() if self._queue is not None else 0
         return {"queue": {"queued": queued, "capacity": self._capacity, "delivering": len(self._running)},
-                "dropped": self.dropped, "deliveries": [d.as_json() for d in reversed(self._recent)]}
+                "dropped": self._dropped, "deliveries": [d.as_json() for d in reversed(self._recent)]}
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what is queued within `timeout_s` (at most `DRAIN_S`), then stop; log what is left undelivered."""
@@ -199,6 +199,10 @@ class WebhookDispatcher:
         await asyncio.gather(*self._running, *(t for t in (self._worker,) if t is not None), return_exceptions=True)
         if left:
             log.error("shutdown: %d alert deliveries were not completed and are lost", left)
+            for delivery in self._recent:
+                if delivery.finished_at is None:  # named, so an operator can tell the people who missed it
+                    log.error("lost alert %s to webhook %s (%s): %s", delivery.key, delivery.webhook.name,
+                              delivery.event, delivery.summary)
         if self._session is not None:
             await self._session.close()
 

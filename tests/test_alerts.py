@@ -206,7 +206,7 @@ def test_a_request_larger_than_the_whole_budget_is_not_its_exhaustion(
 
 
 def test_a_full_delivery_queue_drops_and_counts(
-        upstream: FakeOpenAIUpstream, start_gateway: Start, secret_file: Path) -> None:
+        upstream: FakeOpenAIUpstream, start_gateway: Start, secret_file: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Nothing listens on the receiver's port and the gateway may not start a delivery before shutdown begins:
     # queue_size 1 with concurrency 1 holds one delivery retrying and one queued; the third alert is dropped.
     dead = "http://127.0.0.1:9/unreachable"
@@ -228,6 +228,9 @@ def test_a_full_delivery_queue_drops_and_counts(
     assert [d["status"] for d in listed["deliveries"]].count("dropped") == 2
     assert metric(gateway, "switchboard_alert_deliveries_total", webhook="ops", outcome="dropped") == 2
     assert metric(gateway, "switchboard_alert_delivery_failures_total", webhook="ops", reason="connection") >= 1
+    gateway.stop()  # the retrying and the queued delivery cannot finish: each is named in the log as lost
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lost alert")]
+    assert len(lost) == 2 and all("webhook ops" in line and "Team alpha has used" in line for line in lost), lost
 
 
 @pytest.mark.parametrize(("webhook", "budget", "environ", "message"), [
