@@ -60,7 +60,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
     slices += [tally_slices(slices[index]) for index in tallied]
     values = await store.read(slices)
     for index, refusals in zip(tallied, values[counted:], strict=True):
-        # Requests this shadow rule would have refused in the window (they were served, and counted in `used`).
+        # Requests this shadow rule would have refused in the window: served, but not in `used` (see shadow.py).
         rows[index]["would_reject"] = refusals
     for row, used in zip(rows, values[:counted], strict=True):
         row["used"] = used

@@ -205,10 +205,10 @@ def test_a_request_larger_than_the_whole_budget_is_not_its_exhaustion(
     assert post.json()["type"] == "budget.exhausted" and post.json()["used"] > 30
 
 
-def test_a_full_delivery_queue_drops_and_counts(
-        upstream: FakeOpenAIUpstream, start_gateway: Start, secret_file: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # Nothing listens on the receiver's port and the gateway may not start a delivery before shutdown begins:
-    # queue_size 1 with concurrency 1 holds one delivery retrying and one queued; the third alert is dropped.
+def test_a_full_delivery_queue_drops_and_counts(upstream: FakeOpenAIUpstream, start_gateway: Start,
+                                                secret_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens at the webhook's URL and a retry waits 15-30 s: with queue_size 1 and one delivery at a
+    # time, the first alert is retrying, the second queued, and the next two are dropped.
     dead = "http://127.0.0.1:9/unreachable"
     hook = f"{{url: '{dead}', secret_file: {secret_file.name}, backoff: {{initial_s: 30, max_s: 30}}}}"
     text = alert_policy(upstream, "{tokens: 200, period: daily, soft_thresholds: [0.1, 0.5, 0.8], notify: [ops]}",
