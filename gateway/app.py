@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.admin_surface import AdminSurfaces
+from gateway.alerts import Alerts, AlertsRoute
 from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
@@ -43,6 +44,7 @@ from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools
 from gateway.usage import AccessLogSink, UsageRecorder, UsageSink
 from gateway.usage_report import UsageRoute
+from gateway.webhooks import WebhookDispatcher
 from providers.base import Endpoint
 
 log = logging.getLogger("switchboard.server")
@@ -159,8 +161,11 @@ def create_app(
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
+    webhooks = WebhookDispatcher(observed.alerts)
+    limiter.send_alerts_to(Alerts(webhooks, lambda: store.current))
     if metrics is not None:
         limiter.attach_metrics(metrics)
+        webhooks.attach_metrics(metrics)
         metrics.registry.register(HealthCollector(lambda: store.current, limiter.store))
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
@@ -175,6 +180,7 @@ def create_app(
         await asyncio.to_thread(counter.preload)
         await limiter.start()
         await responses.start()
+        await webhooks.start()
         pools.prepare(store.current)
         background: set[asyncio.Task[Any]] = set()
 
@@ -216,6 +222,8 @@ def create_app(
                 ("response cache", lambda left: services.cache.close()),
                 ("usage sinks (ledger, access log)", lambda left: asyncio.to_thread(recorder.close, left)),
                 ("span export", lambda left: asyncio.to_thread(telemetry.shutdown)),
+                # Last: a receiver that is down would otherwise spend the grace the ledger needs.
+                ("alert webhooks", webhooks.close),
             ])
 
     app = Starlette(
@@ -236,6 +244,7 @@ def create_app(
             Route("/admin/usage", UsageRoute(), methods=["GET"]),
             Route("/admin/targets", TargetsRoute(), methods=["GET"]),
             Route("/admin/spend", SpendRoute(ledger), methods=["GET"]),
+            Route("/admin/alerts", AlertsRoute(webhooks), methods=["GET"]),
             *console_routes(ledger, activity),  # /admin/{overview,requests,budgets,policy}, /ui
             Route("/metrics", MetricsRoute(metrics), methods=["GET"]),
         ],

@@ -119,6 +119,8 @@ class Budget:
     downgrade_to: str | None
     soft_thresholds: tuple[float, ...]
     hard_stop_streams: bool = False
+    shadow: bool = False  # mode: shadow: counted and reported, never refusing (gateway/shadow.py)
+    notify: tuple[str, ...] = ()  # webhooks told of its thresholds and exhaustion (gateway/alerts.py)
 
     @property
     def who(self) -> str:
@@ -137,6 +139,7 @@ def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: 
         on_exhaust=config.on_exhaust, downgrade_to=config.downgrade_to,
         soft_thresholds=tuple(config.soft_thresholds),
         hard_stop_streams=config.hard_stop_streams,
+        shadow=config.mode == "shadow", notify=tuple(config.notify),
     )
 
 
@@ -162,22 +165,33 @@ def exceeded(budget: Budget, unit: str, limit: int, used: int, amount: int, wind
                         retry_after=max(1.0, window.resets_at - now), headers={"x-should-retry": "false"})
 
 
+THRESHOLD = "threshold"
+EXHAUSTED = "exhausted"
+
+
 @dataclass(frozen=True, slots=True)
 class ThresholdEvent:
-    """A soft threshold crossed, reported once per period per budget."""
+    """A soft threshold crossed, or the budget exhausted (a request refused), reported once per period per budget."""
 
     scope: str
     owner: str
     team: str
     unit: str
-    threshold: float
+    threshold: float  # the fraction crossed; 1.0 for exhaustion
     limit: int
     used: int
     period_start: float
+    period_end: float = 0.0
+    kind: str = THRESHOLD  # or EXHAUSTED
+    shadow: bool = False  # the budget is in shadow mode: exhaustion means it would have refused
+    notify: tuple[str, ...] = ()
+    # The claim key of this firing in the state store: the same on every replica, so it names the alert.
+    mark: str = ""
 
     def as_log(self) -> dict[str, Any]:
-        return {"event": "budget_threshold", "scope": self.scope, "owner": self.owner, "team": self.team,
+        return {"event": f"budget_{self.kind}", "scope": self.scope, "owner": self.owner, "team": self.team,
                 "unit": self.unit, "threshold": self.threshold, "limit": self.limit, "used": self.used,
+                "mode": "shadow" if self.shadow else "enforce",
                 "period_start": dt.datetime.fromtimestamp(self.period_start, dt.UTC).isoformat()}
 
 

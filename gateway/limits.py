@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import shadow
 from gateway.budgets import (
+    EXHAUSTED,
     MICROS,
+    THRESHOLD,
     Budget,
     CostFunction,
     StreamAllowance,
@@ -73,6 +76,7 @@ class RateRule:
     window_s: int
     limit: int
     base: str  # counter key prefix, hash-tagged by team
+    shadow: bool = False  # mode: shadow: counted and reported, never refusing (gateway/shadow.py)
 
     @property
     def label(self) -> str:
@@ -95,6 +99,7 @@ class Plan:
     budgets: tuple[Budget, ...]
     needs_tokens: bool
     needs_usd: bool
+    shadowed: bool = False  # some rule is in shadow mode: admission looks for what it would refuse
 
 
 class Rules:
@@ -108,6 +113,7 @@ class Rules:
         self.key_budgets: dict[str, Budget] = {}
         self.team_keys: dict[str, tuple[str, ...]] = {}
         self.default_completion_tokens = 1024
+        self.shadow_header = True
         self._plans: dict[tuple[str, str], Plan | None] = {}
 
     @property
@@ -127,7 +133,8 @@ class Rules:
         if rates or budgets:
             plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
                 b.tokens is not None or b.usd_micros is not None for b in budgets),
-                any(b.usd_micros is not None for b in budgets))
+                any(b.usd_micros is not None for b in budgets),
+                any(r.shadow for r in rates) or any(b.shadow for b in budgets))
         self._plans[memo] = plan
         return plan
 
@@ -136,6 +143,7 @@ def build_rules(document: PolicyDocument) -> Rules:
     """The runtime limits of a validated policy document."""
     rules = Rules()
     rules.default_completion_tokens = document.admission.default_completion_tokens
+    rules.shadow_header = document.admission.shadow_reject_header
     for team, config in document.teams.items():
         tag = "{" + _safe(team) + "}"
         rules.team_keys[team] = tuple(k.id for k in config.keys)
@@ -181,7 +189,7 @@ def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: st
     for name, unit, window in _WINDOWS:
         limit = getattr(config, name)
         if limit is not None:
-            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}"))
+            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}", config.mode == "shadow"))
     return tuple(rules)
 
 
@@ -204,6 +212,11 @@ class _Meter:
     budget: Budget | None = None
     window: Window | None = None
 
+    @property
+    def shadow(self) -> bool:
+        owner = self.rule if self.rule is not None else self.budget
+        return owner is not None and owner.shadow
+
 
 @dataclass(slots=True)
 class Admission:
@@ -225,6 +238,9 @@ class Admission:
     trace: Trace | None = None
     # The prompt as admission counted it, for the context-window check to reuse (None: not counted that way).
     prompt_count: PromptCount | None = None
+    # Checks of shadow rules that would have refused this request: their reservations were taken back at
+    # admission, as enforcement would never have made them, so settlement leaves them alone.
+    unreserved: tuple[int, ...] = ()
 
 
 # Endpoints whose prompt `_estimate` counts exactly as the context-window check does (not the Responses API,
@@ -245,7 +261,9 @@ class Limiter:
         self._cost = cost
         self._on_threshold = on_threshold
         self._on_reject: Callable[[str, str, str], None] | None = None
+        self._alert: Callable[[ThresholdEvent], None] | None = None
         self._threshold_metric: Any = None
+        self._shadow_metric: Any = None
         self._marks: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state = _state_wanted(started_with) if started_with is not None else None
@@ -258,6 +276,13 @@ class Limiter:
         self._threshold_metric = Counter(
             "switchboard_budget_thresholds", "Budget soft thresholds crossed (once per period and budget).",
             ("team", "scope", "owner", "unit", "threshold"), registry=metrics.registry)
+        self._shadow_metric = Counter(
+            "switchboard_shadow_rejections", "Requests a shadow-mode limit or budget would have refused (they were "
+            "served).", ("team", "scope", "rule"), registry=metrics.registry)
+
+    def send_alerts_to(self, alert: Callable[[ThresholdEvent], None]) -> None:
+        """Hand each budget threshold and exhaustion, once fired (claimed in the store), to `alert`."""
+        self._alert = alert
 
     def policy_applied(self, policy: Policy) -> None:
         """Warn when a reloaded policy wants another state store: the store is chosen at startup."""
@@ -313,6 +338,10 @@ class Limiter:
             verdict = await self._reserve(checks)
             headers.update(_rate_headers(meters, checks, verdict, now))
             if verdict.admitted:
+                unreserved = ()
+                if plan.shadowed:
+                    unreserved = self._shadow_refusals(meters, checks, verdict, team, headers, trace,
+                                                       rules.shadow_header)
                 if trace.recording:
                     trace.decision("switchboard.admission", admission_event(
                         "admitted", model.name, meters, checks, verdict, prompt + completion, usd))
@@ -321,10 +350,12 @@ class Limiter:
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
                                  downgraded_from, allowance=allowance, trace=trace if trace.recording else None,
-                                 prompt_count=counted)
+                                 prompt_count=counted, unreserved=unreserved)
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             budget = meter.budget
+            if budget is not None:
+                self._exhausted(meter, checks[verdict.denied], verdict.used[verdict.denied])
             if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
                 cheaper = policy.models.get(budget.downgrade_to or "")
                 if cheaper is not None:
@@ -450,7 +481,7 @@ class Limiter:
             tokens, usd = admission.prompt_tokens, admission.reserved_usd
         deltas = []
         for index, (check, meter) in enumerate(zip(admission.checks, admission.meters, strict=True)):
-            if meter.unit == "requests":
+            if meter.unit == "requests" or index in admission.unreserved:
                 continue
             actual = tokens if meter.unit == "tokens" else usd
             if model_tokens is not None and meter.rule is not None and meter.rule.scope == "model":
@@ -494,7 +525,7 @@ class Limiter:
         tightest = None
         for index, meter in enumerate(meters):
             budget = meter.budget
-            if budget is None or not budget.hard_stop_streams or id(budget) in relaxed:
+            if budget is None or not budget.hard_stop_streams or budget.shadow or id(budget) in relaxed:
                 continue
             room = meter.limit - verdict.used[index]
             if meter.unit == "tokens":
@@ -513,6 +544,29 @@ class Limiter:
         cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
         return math.ceil(cost * MICROS) if cost else 0
 
+    def _shadow_refusals(self, meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
+                         headers: MutableMapping[str, str], trace: Trace, header: bool) -> tuple[int, ...]:
+        """Report what this admitted request's shadow rules would have done (refuse it, or nothing), and undo
+        their reservations for it; returns the indexes of the checks that would have refused."""
+        refused = shadow.would_refuse(meters, checks, verdict)
+        if not refused:
+            return ()
+        if header:
+            headers[shadow.HEADER] = ", ".join(shadow.rule_id(meters[i]) for i in refused)
+        if trace.recording:
+            trace.decision(shadow.EVENT, shadow.shadow_event(meters, checks, verdict, refused))
+        self.store.settle(shadow.unreserve(checks, refused))
+        for index in refused:
+            meter = meters[index]
+            if self._shadow_metric is not None:
+                scope = meter.rule.scope if meter.rule is not None else meter.budget.scope  # type: ignore[union-attr]
+                self._shadow_metric.labels(team, scope, shadow.rule_name(meter)).inc()
+            if meter.budget is not None:
+                self._exhausted(meter, checks[index], verdict.used[index])
+        log.info("shadow rules would have refused a request of team %s: %s", team,
+                 ", ".join(shadow.rule_id(meters[i]) for i in refused))
+        return refused
+
     def _thresholds(self, meter: _Meter, after: int) -> None:
         budget, window = meter.budget, meter.window
         assert budget is not None and window is not None
@@ -520,31 +574,66 @@ class Limiter:
             if after < math.ceil(threshold * meter.limit):
                 break
             mark = f"{budget.base}:{meter.unit}:soft{threshold:g}:{window.slices[-1]}"
-            if mark in self._marks:
-                continue
-            if len(self._marks) > 100_000:  # marks of past periods; the store still answers once per period
-                self._marks.clear()
-            self._marks.add(mark)
-            event = ThresholdEvent(budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit,
-                                   after, window.start)
-            task = asyncio.get_running_loop().create_task(self._fire_once(mark, window.expires_at, event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if self._first_here(mark):
+                self._fire_once(window.expires_at, ThresholdEvent(
+                    budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit, after,
+                    window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
 
-    async def _fire_once(self, mark: str, expires_at: int, event: ThresholdEvent) -> None:
-        # The store decides, so several replicas report a threshold once between them.
+    def _exhausted(self, meter: _Meter, check: Check, used: int) -> None:
+        """A budget refused (or, in shadow mode, would have refused) a request: report it once per period.
+
+        Not for a request larger than the whole budget: that one says nothing about what is left, and reporting
+        it would use up the period's one exhaustion alert before the budget is spent.
+        """
+        budget, window = meter.budget, meter.window
+        assert budget is not None and window is not None
+        if check.amount > meter.limit:
+            return
+        mark = f"{budget.base}:{meter.unit}:exhausted:{window.slices[-1]}"
+        if self._first_here(mark):
+            self._fire_once(window.expires_at, ThresholdEvent(
+                budget.scope, budget.owner, budget.team, meter.unit, 1.0, meter.limit, used, window.start,
+                window.resets_at, EXHAUSTED, budget.shadow, budget.notify, mark))
+
+    def _first_here(self, mark: str) -> bool:
+        """True the first time this process sees `mark`: only then is the store asked whether to report it."""
+        if mark in self._marks:
+            return False
+        if len(self._marks) > 100_000:  # marks of past periods; the store still answers once per period
+            self._marks.clear()
+        self._marks.add(mark)
+        return True
+
+    def _fire_once(self, expires_at: int, event: ThresholdEvent) -> None:
+        """Report `event` unless another replica already did (the store decides), off the request path."""
+        task = asyncio.get_running_loop().create_task(self._claim(event.mark, expires_at, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim(self, mark: str, expires_at: int, event: ThresholdEvent) -> None:
+        # The store decides (one atomic reservation of a 1-limit counter), so replicas report an event once
+        # between them. A store that cannot answer lets every replica report it: an alert twice rather than never.
         try:
             verdict = await self.store.admit([Check((mark,), 1, 1, expires_at)])
         except StoreUnavailable:
             verdict = Verdict(True, (0,))
-        if verdict.admitted:
-            self._on_threshold(event)
-            if self._threshold_metric is not None:
-                self._threshold_metric.labels(event.team, event.scope, event.owner, event.unit,
-                                              f"{event.threshold:g}").inc()
+        if not verdict.admitted:
+            log.info("budget %s %s of %s already reported by another replica", event.kind, event.threshold, mark)
+            return
+        self._on_threshold(event)
+        if self._alert is not None:
+            self._alert(event)
+        if self._threshold_metric is not None:
+            self._threshold_metric.labels(event.team, event.scope, event.owner, event.unit,
+                                          f"{event.threshold:g}" if event.kind == THRESHOLD else event.kind).inc()
 
     async def report(self, policy: Policy, team: str, period: str = "current") -> dict[str, Any]:
-        """Usage, limits and what remains for a team, its keys and its models (gateway/usage_report.py)."""
+        """Usage, limits and what remains for a team, its keys and its models (gateway/usage_report.py).
+
+        Settlements this process has made are sent to the store first, so the report includes them (Redis
+        otherwise receives them within 20 ms, with the team's next admission).
+        """
+        await self.store.flush()
         return await usage_report(self.store, policy, team, period, self._clock())
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:
@@ -571,8 +660,8 @@ def _checks(plan: Plan, now: float, tokens: int, usd: int,
     for rule in plan.rates:
         index = int(now // rule.window_s)
         end = (index + 1) * rule.window_s
-        checks.append(Check((f"{rule.base}:{index}",), rule.limit, 1 if rule.unit == "requests" else tokens,
-                            end + rule.window_s))
+        checks.append(Check((f"{rule.base}:{index}",), UNLIMITED if rule.shadow else rule.limit,
+                            1 if rule.unit == "requests" else tokens, end + rule.window_s))
         meters.append(_Meter(rule.unit, rule.limit, end, rule=rule))
     for budget in plan.budgets:
         window = budget.period.window(now)
@@ -580,8 +669,9 @@ def _checks(plan: Plan, now: float, tokens: int, usd: int,
                                            ("usd", budget.usd_micros, usd, "usd")):
             if limit is None:
                 continue
-            checks.append(Check(budget.slices(short, window), UNLIMITED if id(budget) in relaxed else limit,
-                                amount, window.expires_at))
+            checks.append(Check(budget.slices(short, window),
+                                UNLIMITED if budget.shadow or id(budget) in relaxed else limit, amount,
+                                window.expires_at))
             meters.append(_Meter(unit, limit, window.resets_at, budget=budget, window=window))
     return tuple(checks), tuple(meters)
 
@@ -610,8 +700,8 @@ def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict
     for unit, suffix in (("requests", "requests"), ("tokens", "tokens")):
         tightest: tuple[int, int, float] | None = None
         for index, meter in enumerate(meters):
-            if meter.rule is None or meter.unit != unit:
-                continue
+            if meter.rule is None or meter.unit != unit or meter.rule.shadow:
+                continue  # a shadow limit must not make clients slow down
             taken = checks[index].amount if verdict.admitted else 0
             remaining = max(0, meter.limit - verdict.used[index] - taken)
             if tightest is None or remaining < tightest[1]:

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from gateway.alert_schema import AlertsPolicy
+from gateway.alerts import alert_problems
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
 from gateway.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.limits import Rules, build_rules, rules_problems
@@ -45,6 +47,7 @@ from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price
 from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, routing_problems
 from gateway.telemetry import telemetry_problems
+from gateway.webhooks import Webhook, build_webhooks
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
 
@@ -177,6 +180,9 @@ class Policy:
     # Stored Responses API state per team (gateway/response_store/) and where it lives.
     responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
     response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
+    # Webhooks budget alerts are posted to, secrets read (gateway/alerts.py, gateway/webhooks.py).
+    webhooks: Mapping[str, Webhook] = field(default_factory=dict)
+    alerts: AlertsPolicy = field(default_factory=AlertsPolicy)  # queue settings, read at startup
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -232,7 +238,11 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
                                  keys_stamp=keys_stamp, responses=build_response_rules(document),
                                  response_store=document.response_store)
-    return _with_accounting(policy, document, root)
+    policy = _with_accounting(policy, document, root)
+    webhooks, problems = build_webhooks(document.alerts, _base_dir(policy.source), environ)
+    if problems:
+        raise PolicyError(source, [_at(loc, root, message) for loc, message in problems])
+    return dataclasses.replace(policy, webhooks=webhooks, alerts=document.alerts)
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -309,6 +319,7 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
                                     + ", ".join(sorted(document.providers))))
     problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
+    problems.extend(_at(loc, root, message) for loc, message in alert_problems(document))
     problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
                         "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
                     if key.expires_at is not None)
@@ -365,7 +376,7 @@ def _model_settings(provider: Provider, model: ModelPolicy) -> ProviderSettings 
 
 def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:
     """The policy with its price book, telemetry and ledger settings (paths relative to the policy file)."""
-    base_dir = Path(policy.source).parent if os.path.isfile(policy.source) else Path.cwd()
+    base_dir = _base_dir(policy.source)
     kinds = {name: provider.settings.kind for name, provider in policy.providers.items()}
     try:
         prices = build_price_book(document.prices, kinds, base_dir,
@@ -376,6 +387,11 @@ def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) 
     ledger_path = base_dir / document.ledger.path if document.ledger.path else None
     return dataclasses.replace(policy, prices=prices, telemetry=document.telemetry, ledger=document.ledger,
                                ledger_path=ledger_path)
+
+
+def _base_dir(source: str) -> Path:
+    """Where the policy's relative paths start: its file's directory (the working directory for a string)."""
+    return Path(source).parent if os.path.isfile(source) else Path.cwd()
 
 
 def _build_provider(name: str, config: ProviderBase) -> Provider:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from gateway.alert_schema import AlertsPolicy
 from providers import ADAPTERS
 from providers.anthropic import PromptCaching
 
@@ -301,6 +302,12 @@ class ModelPolicy(Strict):
                                                  "options.prompt_caching.")
 
 
+# Shadow rules (gateway/shadow.py): a limit or budget that is counted, traced and reported but never refuses.
+RuleMode = Literal["enforce", "shadow"]
+_MODE_DOC = ("enforce: refuse what passes the limit; shadow: count, trace and report what it would refuse "
+             "(`x-switchboard-shadow-reject`, switchboard_shadow_rejections, /admin/usage), never refusing.")
+
+
 class RateLimitsPolicy(Strict):
     """Request and token rate limits for one scope (team, key, or team x model); unset means unlimited.
 
@@ -314,6 +321,7 @@ class RateLimitsPolicy(Strict):
     tpm: int | None = Field(None, ge=0, description="Tokens (prompt + completion) per minute.")
     rpd: int | None = Field(None, ge=0, description="Requests per UTC day.")
     tpd: int | None = Field(None, ge=0, description="Tokens per UTC day.")
+    mode: RuleMode = Field("enforce", description=_MODE_DOC)
 
 
 class BudgetPolicy(Strict):
@@ -330,8 +338,11 @@ class BudgetPolicy(Strict):
         "reject", description="reject: 429 `budget_exceeded`; downgrade: serve `downgrade_to` instead.")
     downgrade_to: str | None = Field(None, description="Public model served once the budget is spent.")
     soft_thresholds: list[float] = Field(
-        default_factory=list, description="Fractions (e.g. 0.8, 0.95) that log a `budget_threshold` event once "
-        "per period when crossed.")
+        default_factory=list, description="Fractions (e.g. 0.5, 0.8, 1.0) that log a `budget_threshold` event "
+        "once per period when crossed, and alert the `notify` webhooks.")
+    notify: list[str] = Field(default_factory=list, description="Webhooks (names under `alerts.webhooks`) told "
+                              "of each soft threshold crossed and of the budget's exhaustion, once per period.")
+    mode: RuleMode = Field("enforce", description=_MODE_DOC)
     hard_stop_streams: bool = Field(
         False, description="Cut a stream with an in-band `budget_exceeded` error event (no [DONE]) when it would "
         "cross this budget mid-stream; needs on_exhaust: reject.")
@@ -350,8 +361,8 @@ class BudgetPolicy(Strict):
     @field_validator("soft_thresholds")
     @classmethod
     def _fractions(cls, value: list[float]) -> list[float]:
-        if any(not 0 < v < 1 for v in value):
-            raise ValueError("each threshold is a fraction between 0 and 1, e.g. 0.8")
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError("each threshold is a fraction between 0 and 1, e.g. 0.8 (1 = the whole budget)")
         return sorted(set(value))
 
     @model_validator(mode="after")
@@ -364,6 +375,8 @@ class BudgetPolicy(Strict):
             raise ValueError("`downgrade_to` is required with on_exhaust: downgrade and only allowed with it")
         if self.hard_stop_streams and self.on_exhaust != "reject":
             raise ValueError("`hard_stop_streams` needs on_exhaust: reject (a downgrading budget never refuses)")
+        if self.hard_stop_streams and self.mode == "shadow":
+            raise ValueError("`hard_stop_streams` needs mode: enforce (a shadow budget never cuts a stream)")
         return self
 
 
@@ -531,6 +544,9 @@ class AdmissionPolicy(Strict):
     default_completion_tokens: int = Field(
         1024, ge=0, description="Completion tokens reserved when a request sets no max_tokens / "
         "max_completion_tokens; settlement corrects it to actual usage.")
+    shadow_reject_header: bool = Field(True, description="Name the caller's shadow rules that would have refused "
+                                       "its request in `x-switchboard-shadow-reject` (only the caller's own "
+                                       "team, key and model rules ever appear).")
 
 
 class GpuCost(Strict):
@@ -662,6 +678,8 @@ class PolicyDocument(Strict):
     telemetry: TelemetryPolicy = Field(default_factory=TelemetryPolicy)
     ledger: LedgerPolicy = Field(default_factory=LedgerPolicy)
     response_store: ResponseStorePolicy = Field(default_factory=ResponseStorePolicy)
+    alerts: AlertsPolicy = Field(default_factory=AlertsPolicy, description="Webhooks that budget alerts are "
+                                 "posted to (gateway/alerts.py).")
 
     @model_validator(mode="after")
     def _response_store_url(self) -> PolicyDocument:

@@ -188,7 +188,7 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
     for index, (meter, check) in enumerate(zip(meters, checks, strict=True)):
         scale = _MICROS if meter.unit == "usd" else 1
         taken = check.amount if verdict.admitted else 0
-        labels.append(_meter_label(meter))
+        labels.append(meter_label(meter))
         limits.append(meter.limit / scale)
         used.append(verdict.used[index] / scale)
         requested.append(check.amount / scale)
@@ -209,11 +209,13 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
     return attributes
 
 
-def _meter_label(meter: Any) -> str:
+def meter_label(meter: Any) -> str:
+    """How events name a limit or budget: `team alpha: requests per minute`, `(shadow)` when it never refuses."""
+    shadow = " (shadow)" if meter.shadow else ""
     if meter.rule is not None:
-        return f"{meter.rule.who}: {meter.rule.label}"
+        return f"{meter.rule.who}: {meter.rule.label}{shadow}"
     budget = meter.budget
-    return f"{budget.who}: {budget.period.kind} {meter.unit} budget"
+    return f"{budget.who}: {budget.period.kind} {meter.unit} budget{shadow}"
 
 
 def settlement_event(reserved_tokens: int, actual_tokens: int, reserved_usd_micros: int,

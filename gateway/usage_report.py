@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 
 from gateway.budgets import MICROS
 from gateway.errors import ErrorKind, GatewayError
+from gateway.shadow import tally_slices
 from gateway.state import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         raise KeyError(team)
     rows: list[dict[str, Any]] = []
     slices: list[tuple[str, ...]] = []
+    tallied: list[int] = []  # shadow rows: their would-refuse counters are read after the others
     rates = [*rules.team_rates.get(team, ())]
     for key_id in rules.team_keys.get(team, ()):
         rates += rules.key_rates.get(key_id, ())
@@ -37,7 +39,10 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         index = int(now // rule.window_s) - (1 if period == "previous" else 0)
         slices.append((f"{rule.base}:{index}",))
         rows.append({"scope": rule.scope, "owner": rule.owner, "limit_type": rule.label, "unit": rule.unit,
-                     "limit": rule.limit, "resets_at": _iso((index + 1) * rule.window_s, dt.UTC)})
+                     "limit": rule.limit, "resets_at": _iso((index + 1) * rule.window_s, dt.UTC),
+                     "mode": "shadow" if rule.shadow else "enforce"})
+        if rule.shadow:
+            tallied.append(len(rows) - 1)
     budgets = [rules.team_budgets.get(team)] + [rules.key_budgets.get(k) for k in rules.team_keys.get(team, ())]
     for budget in (b for b in budgets if b is not None):
         window = budget.period.previous(now) if period == "previous" else budget.period.window(now)
@@ -48,9 +53,16 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
             rows.append({"scope": budget.scope, "owner": budget.owner,
                          "limit_type": f"{budget.period.describe()} budget", "unit": unit, "limit": limit,
                          "resets_at": _iso(window.resets_at, budget.period.zone),
-                         "on_exhaust": budget.on_exhaust})
+                         "on_exhaust": budget.on_exhaust, "mode": "shadow" if budget.shadow else "enforce"})
+            if budget.shadow:
+                tallied.append(len(rows) - 1)
+    counted = len(slices)
+    slices += [tally_slices(slices[index]) for index in tallied]
     values = await store.read(slices)
-    for row, used in zip(rows, values, strict=True):
+    for index, refusals in zip(tallied, values[counted:], strict=True):
+        # Requests this shadow rule would have refused in the window: served, but not in `used` (see shadow.py).
+        rows[index]["would_reject"] = refusals
+    for row, used in zip(rows, values[:counted], strict=True):
         row["used"] = used
         row["remaining"] = max(0, row["limit"] - used)
         if row["unit"] == "usd":
