@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +110,24 @@ def test_thresholds_and_exhaustion_each_post_one_signed_alert(
     assert len({p.headers["idempotency-key"] for p in posts}) == 3
     threshold = next(p.json() for p in posts if p.json()["threshold"] == 0.8)
     assert 160 <= threshold["used"] < 200 and "80% of its token budget" in threshold["text"]
+
+
+def test_a_webhook_changed_by_a_reload_gets_the_next_alert(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, receiver: WebhookReceiver, secret_file: Path) -> None:
+    policy = alert_policy(upstream, "{tokens: 200, period: daily, soft_thresholds: [0.5], notify: [ops]}",
+                          signed_hook(receiver, secret_file))
+    gateway = start_gateway(policy)
+    applied = threading.Event()
+    gateway.store.on_change(lambda _: applied.set())
+    with WebhookReceiver() as moved:
+        gateway.policy_path.write_text(policy.replace(receiver.url, moved.url).replace(
+            "max_s: 0.1}", "max_s: 0.1}, format: slack"))
+        assert applied.wait(5)
+        exhaust(gateway)
+        [post, *_] = moved.wait_for(1)
+        assert set(post.json()) == {"text", "blocks"}  # the reloaded format: a Slack message
+        assert post.signed_by(SECRET)
+    assert receiver.received == []  # the old address heard nothing
 
 
 def test_a_receiver_failing_twice_gets_the_same_idempotency_key_three_times(

@@ -90,6 +90,9 @@ def test_server_bounds_and_concurrency_changed_by_a_reload_take_effect(upstream:
      "ledger: {path: spend.sqlite, flush_interval_s: 0.5}\n"),
     ("response_store", lambda text: text + "response_store: {timeout_s: 2}\n", ""),
     ("telemetry.metrics.enabled", lambda text: text + "telemetry: {metrics: {enabled: false}}\n", ""),
+    ("alerts.queue_size", lambda text: text + "alerts: {queue_size: 5}\n", ""),
+    ("alerts.concurrent_deliveries", lambda text: text + "alerts: {concurrent_deliveries: 2}\n", ""),
+    ("alerts.history", lambda text: text + "alerts: {history: 7}\n", ""),
 ])
 def test_a_reload_that_needs_a_restart_is_refused_and_says_so(upstream: FakeOpenAIUpstream, start_gateway: Start,
                                                               path: str, edit: Callable[[str], str], base: str) -> None:
@@ -107,7 +110,8 @@ def test_a_reload_that_needs_a_restart_is_refused_and_says_so(upstream: FakeOpen
 
 def test_every_restart_only_setting_is_tested() -> None:
     tested = {"server.admin", "server.shutdown_grace_s", "state", "ledger.path", "ledger.flush_interval_s",
-              "response_store", "telemetry.metrics.enabled"}
+              "response_store", "telemetry.metrics.enabled", "alerts.queue_size", "alerts.concurrent_deliveries",
+              "alerts.history"}
     assert set(RESTART_ONLY) == tested
 
 
@@ -402,6 +406,8 @@ RELOADED = {
     "admin.console.**": _ADMIN,
     "keys_file": "tests/test_keys.py::test_a_new_key_is_shown_once_and_works_after_the_reload",
     "telemetry.traces.**": _TRACES,
+    # Looked up in the live policy for each alert fired (gateway/alerts.py).
+    "alerts.webhooks.**": "tests/test_alerts.py::test_a_webhook_changed_by_a_reload_gets_the_next_alert",
 }
 # Fields a valid file cannot change.
 FIXED = {"version"}
