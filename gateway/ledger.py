@@ -137,11 +137,11 @@ class Ledger:
         """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
         return self._queue.qsize() + self._held + self._spill.rows
 
-    def record(self, record: UsageRecord) -> None:
-        """Enqueue the record's row; never blocks."""
+    def record(self, record: UsageRecord, at: float | None = None) -> None:
+        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests); never blocks."""
         if self._writer is None:
             self._start()
-        self._queue.put(_row(record, time.time()))
+        self._queue.put(_row(record, time.time() if at is None else at))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far is committed (call it off the event loop).
