@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.ledger import Ledger  # noqa: E402
-from gateway.policy import load_policy  # noqa: E402
-from gateway.pricing import charge  # noqa: E402
-from gateway.simulate import recorded_requests, simulate  # noqa: E402
-from gateway.usage import UsageRecord  # noqa: E402
-from providers.base import Usage  # noqa: E402
+from gateway.ledger import Ledger
+from gateway.policy import load_policy
+from gateway.pricing import charge
+from gateway.simulate import recorded_requests, simulate
+from gateway.usage import UsageRecord
+from providers.base import Usage
 
 
 def write_ledger(policy_path: str, out: Path, requests: int, days: float, seed: int) -> None:
