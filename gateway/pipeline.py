@@ -30,6 +30,7 @@ from gateway.request_ids import explain_silent_refusal, stamp_request_id
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
+from gateway.tags import request_tags
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
@@ -117,6 +118,7 @@ async def handle_inference(
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
         settlement.caller = authenticate(policy, headers)
+        settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,

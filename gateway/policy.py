@@ -44,6 +44,7 @@ from gateway.policy_schema import (
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
 from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, routing_problems
+from gateway.tags import EMPTY_TAG_PLAN, TagPlan, build_tag_plan, tag_problems
 from gateway.telemetry import telemetry_problems
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
@@ -177,6 +178,8 @@ class Policy:
     # Stored Responses API state per team (gateway/response_store/) and where it lives.
     responses: Mapping[str, TeamResponseRules] = field(default_factory=dict)
     response_store: ResponseStorePolicy = field(default_factory=ResponseStorePolicy)
+    # Cost attribution tags per team (gateway/tags.py); header None: attribution off.
+    tags: TagPlan = EMPTY_TAG_PLAN
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -231,7 +234,7 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
                                  keys_stamp=keys_stamp, responses=build_response_rules(document),
-                                 response_store=document.response_store)
+                                 response_store=document.response_store, tags=build_tag_plan(document))
     return _with_accounting(policy, document, root)
 
 
@@ -288,7 +291,8 @@ def _at(loc: tuple[Any, ...], root: yaml.Node, message: str) -> str:
 def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
     problems: list[str] = [_at(loc, root, message) for loc, message in (*price_problems(document),
                                                                         *telemetry_problems(document),
-                                                                        *cache_problems(document))]
+                                                                        *cache_problems(document),
+                                                                        *tag_problems(document))]
     for name, provider in document.providers.items():
         adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
         if provider.base_url is None and adapter.capabilities.default_base_url is None:

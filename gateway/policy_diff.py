@@ -31,7 +31,7 @@ _SECRET_FIELDS = frozenset({"api_key", "headers", "url", "hash", "extra_headers"
 _PERIOD = {"daily": "day", "weekly": "week", "monthly": "month"}
 # What an added or removed subject is summarised by (prices too); the rest is listed only when it changes.
 _HEADLINES = frozenset({"kind", "base_url", "routes", "fallbacks", "models", "keys", "rate limits", "budget",
-                        "state", "expires", "cache"})
+                        "state", "expires", "cache", "tags"})
 _KIND_ORDER = {"settings": 0, "provider": 1, "model": 2, "team": 3, "team model": 4, "key": 5}
 
 
@@ -101,6 +101,7 @@ def describe(policy: Policy) -> dict[Subject, dict[str, Value]]:
     rules = policy.rules
     subjects[("settings", ("admission",))] = {
         "default_completion_tokens": str(rules.default_completion_tokens if rules else 1024)}
+    subjects[("settings", ("tags",))] = {"header": policy.tags.header or "off (no cost attribution tags)"}
     subjects[("settings", ("admin",))] = {"admin keys": Hidden(policy.admin_keys),
                                           "admin key count": str(len(policy.admin_keys))}
     for name, provider in policy.providers.items():
@@ -118,6 +119,7 @@ def describe(policy: Policy) -> dict[Subject, dict[str, Value]]:
             "rate limits": _rates(rules.team_rates.get(name, ()) if rules else ()),
             "budget": _budget(rules.team_budgets.get(name) if rules else None),
             "keys": tuple(sorted(entry.key_id for entry in keys_by_team.get(name, ()))),
+            "tags": tag_rules.describe() if (tag_rules := policy.tags.teams.get(name)) is not None else "off",
         }
         subjects[("team", (name,))] = aspects
         for model_name in sorted(policy.models):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.tags import tag_attributes
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["switchboard.cache.tokens"] = record.cache_tokens
         if record.cost_saved_usd is not None:
             attributes["switchboard.cache.cost_saved_usd"] = record.cost_saved_usd
+    if record.tags:  # allow-listed by the policy (gateway/tags.py), so bounded
+        attributes.update(tag_attributes(record.tags))
     return attributes
 
 

@@ -62,6 +62,8 @@ class UsageRecord:
     # deadline): their prompts, estimated, and what they cost. Included in `cost_usd` and in the limits.
     failed_attempt_tokens: int = 0
     failed_attempt_cost_usd: float | None = None
+    # Cost attribution tags (gateway/tags.py): allow-listed (key, value) pairs sorted by key, or ().
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 class UsageSink(Protocol):
@@ -204,6 +206,7 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "cache": record.cache, "cache_tokens": record.cache_tokens, "cost_saved_usd": record.cost_saved_usd,
         "failed_attempt_tokens": record.failed_attempt_tokens,
         "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
+        "tags": record.tags,
     }
 
 
