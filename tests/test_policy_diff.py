@@ -179,3 +179,17 @@ def test_an_invalid_policy_is_refused_with_the_loaders_message(tmp_path: Path, s
     assert result.returncode == 1 and result.stdout == ""
     assert f"{tmp_path / (side + '.yaml')}: invalid policy" in result.stderr
     assert "teams.beta.models.0: unknown model 'smal'; defined: chat, small (line 34)" in result.stderr
+
+
+def test_tags_providers_and_settings(tmp_path: Path) -> None:
+    new = (BASE.replace("base_url: http://127.0.0.1:10/v1", "base_url: http://127.0.0.1:11/v1\n    "
+                        "timeouts: {total_s: 30}")
+           .replace("models: [small]\n", "models: [small]\n    tags: {allowed: {feature: [batch]}, strict: true}\n")
+           + "tags: {allowed: {feature: [search]}}\nledger: {path: ledger.sqlite}\n")
+    out = _changed(tmp_path, new)
+    assert "settings ledger:\n  path: unset -> ledger.sqlite\n" in out
+    assert "settings tags:\n  header: off (no cost attribution tags) -> x-switchboard-tags\n" in out
+    assert ("provider backup:\n  base_url: http://127.0.0.1:10/v1 -> http://127.0.0.1:11/v1\n"
+            "  timeouts: connect 5s, first byte 60s, total 600s -> connect 5s, first byte 60s, total 30s\n") in out
+    assert "team alpha:\n  tags: off -> feature: search\n" in out
+    assert "team beta:\n  tags: off -> feature: batch, search (strict)\n" in out

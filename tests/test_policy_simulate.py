@@ -205,3 +205,21 @@ def test_an_invalid_policy_or_missing_ledger_is_refused(tmp_path: Path) -> None:
     valid.write_text(MODELS + TEAMS)
     missing = _simulate(valid, tmp_path / "nowhere.sqlite")
     assert missing.returncode == 1 and "nowhere.sqlite: no such ledger file" in missing.stderr
+
+
+def test_a_request_a_fallback_served_stays_there_while_the_fallback_remains(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.sqlite"
+    _write_ledger(ledger, [(0, "alpha", "alpha-key", "chat-model", "upstream-cheap", 1000, 100, 0.0)])
+    with_fallback = tmp_path / "with.yaml"
+    with_fallback.write_text(PRICES + MODELS.replace(
+        "chat-model: {targets: [{provider: upstream, model: upstream-chat}]}",
+        "chat-model: {targets: [{provider: upstream, model: upstream-chat}], fallbacks: {default: [cheap-model]}}")
+        + TEAMS.replace("models: [chat-model, embed-model]",
+                        "models: [chat-model]\n    fallback_models: [cheap-model]"))
+    kept = _by_pair(_report(with_fallback, ledger))[("alpha", "chat-model")]
+    assert (kept["rerouted"], kept["cost_after_usd"]) == (0, pytest.approx(_cost(1000, 100, 0.1, 0.2), abs=1e-12))
+    without = tmp_path / "without.yaml"
+    without.write_text(with_fallback.read_text().replace("    fallback_models: [cheap-model]\n", ""))
+    moved = _by_pair(_report(without, ledger))[("alpha", "chat-model")]
+    assert (moved["rerouted"], moved["rerouted_to"]) == (1, "upstream/upstream-chat")
+    assert moved["cost_after_usd"] == pytest.approx(_cost(1000, 100, 2.0, 8.0), abs=1e-12)
