@@ -18,8 +18,12 @@ order through the gateway's own steps, not a copy of their rules:
 
 Requests are replayed one at a time at their recorded time: two requests that were
 in flight together never hold reservations against each other here, so a limit
-that only concurrency reached is not reported. A refused request costs nothing
-under NEW; the cost difference is new cost minus the ledger's cost.
+that only concurrency reached is not reported. A row without a recorded completion
+(a cache hit, an error) reserves the policy's `default_completion_tokens`, as a
+request without `max_tokens` does, and is refunded at settlement. A request the
+recording refused or failed used nothing, so it costs nothing under NEW either,
+though NEW may admit it. A request NEW refuses costs nothing; the cost difference
+is the new cost minus the ledger's.
 """
 
 from __future__ import annotations
