@@ -118,9 +118,9 @@ async def handle_inference(
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
         settlement.caller = authenticate(policy, headers)
-        settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
+        settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
                                            model, exchange.response_headers, exchange.trace)
         model = settlement.admission.model if settlement.admission else model
