@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d")
     simulate.add_argument("--until", default=None, help="same forms as --since; default: the ledger's end")
     simulate.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    simulate.add_argument("--workers", type=int, default=1, help="processes to replay in, teams split among "
+                          "them (exactly the same result; default 1)")
     simulate.set_defaults(run=_simulate)
 
     keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(required=True, metavar="ACTION")
@@ -247,7 +249,7 @@ def _diff(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from gateway.simulate import print_simulation
 
-    return print_simulation(args.file, args.ledger, args.since, args.until, args.format)
+    return print_simulation(args.file, args.ledger, args.since, args.until, args.format, args.workers)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -6,14 +6,13 @@
 Rows go through the ledger's own writer (gateway/ledger.py, `record(..., at=)`), spread uniformly over
 `--days` ending now, for random (team, key, model) triples the policy allows, with prompts of 50-4000 and
 completions of 10-1000 tokens, priced on the model's first route. With `--simulate NEW` the ledger is then
-replayed against NEW in-process (gateway/simulate.py) and the replay rate is printed.
+replayed against NEW (gateway/simulate.py `replay`, `--workers N` processes) and the rate is printed.
 """
 
 # ruff: noqa: T201 - a benchmark script: prints its report.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.ledger import Ledger
 from gateway.policy import load_policy
 from gateway.pricing import charge
-from gateway.simulate import recorded_requests, simulate
+from gateway.simulate import replay
 from gateway.usage import UsageRecord
 from providers.base import Usage
 
@@ -63,19 +62,20 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--simulate", default=None, help="replay the ledger against this policy and time it")
+    parser.add_argument("--workers", type=int, default=1, help="replay processes (teams split among them)")
     args = parser.parse_args()
     started = time.perf_counter()
     write_ledger(args.policy, args.out, args.requests, args.days, args.seed)
     print(f"wrote {args.requests} rows over {args.days:g} days to {args.out} in "
           f"{time.perf_counter() - started:.1f}s")
     if args.simulate:
-        policy = load_policy(args.simulate)
         started = time.perf_counter()
-        result = asyncio.run(simulate(policy, recorded_requests(args.out)))
+        result = replay(args.simulate, args.out, workers=args.workers)
         elapsed = time.perf_counter() - started
         totals = {name: sum(getattr(t, name) for t in result.tallies.values())
                   for name in ("rate_limited", "over_budget", "downgraded", "rerouted")}
-        print(f"simulated {result.requests} requests against {args.simulate} in {elapsed:.2f}s: "
+        print(f"simulated {result.requests} requests against {args.simulate} with {args.workers} worker(s) "
+              f"in {elapsed:.2f}s: "
               f"{result.requests / elapsed:,.0f} requests/s; {totals}")
 
 

@@ -223,3 +223,9 @@ def test_a_request_a_fallback_served_stays_there_while_the_fallback_remains(tmp_
     moved = _by_pair(_report(without, ledger))[("alpha", "chat-model")]
     assert (moved["rerouted"], moved["rerouted_to"]) == (1, "upstream/upstream-chat")
     assert moved["cost_after_usd"] == pytest.approx(_cost(1000, 100, 2.0, 8.0), abs=1e-12)
+
+
+def test_replaying_teams_in_parallel_gives_the_same_report(tmp_path: Path) -> None:
+    test_rate_limits_budgets_downgrades_reroutes_and_access_exactly(tmp_path)
+    one, two = (_report(tmp_path / "new.yaml", tmp_path / "ledger.sqlite", "--workers", n) for n in ("1", "2"))
+    assert one["requests"] == 10 and one == two
