@@ -15,6 +15,7 @@ as "changed".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from gateway.policy import Model, Policy, Provider
 
 # Field names whose values may be credentials: compared, never printed.
 _SECRET_FIELDS = frozenset({"api_key", "headers", "url", "hash", "extra_headers"})
+# user:password@ in a URL (a base_url, an OTLP endpoint).
+_URL_CREDENTIALS = re.compile(r"//[^/@\s]+@")
 # Subjects print in this order, then by name.
 _PERIOD = {"daily": "day", "weekly": "week", "monthly": "month"}
 # What an added or removed subject is summarised by (prices too); the rest is listed only when it changes.
@@ -141,7 +144,7 @@ def describe(policy: Policy) -> dict[Subject, dict[str, Value]]:
 def _provider(provider: Provider) -> dict[str, Value]:
     settings = provider.settings
     aspects: dict[str, Value] = {
-        "kind": settings.kind, "base_url": settings.base_url,
+        "kind": settings.kind, "base_url": _text(settings.base_url),
         "api_key": Hidden(settings.api_key), "headers": Hidden(tuple(sorted(settings.extra_headers.items()))),
         "timeouts": f"connect {provider.connect_timeout_s:g}s, first byte {provider.first_byte_timeout_s:g}s, "
                     f"total {provider.total_timeout_s:g}s",
@@ -256,7 +259,7 @@ def _text(value: Any) -> str:
         return "unset"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    return _URL_CREDENTIALS.sub("//(credentials not shown)@", str(value))
 
 
 # --- rendering ------------------------------------------------------------------------------

@@ -193,3 +193,10 @@ def test_tags_providers_and_settings(tmp_path: Path) -> None:
             "  timeouts: connect 5s, first byte 60s, total 600s -> connect 5s, first byte 60s, total 30s\n") in out
     assert "team alpha:\n  tags: off -> feature: search\n" in out
     assert "team beta:\n  tags: off -> feature: batch, search (strict)\n" in out
+
+
+def test_credentials_in_urls_are_not_shown(tmp_path: Path) -> None:
+    out = _changed(tmp_path, BASE.replace("http://127.0.0.1:10/v1", "http://proxy-user:hunter2@127.0.0.1:10/v1"))
+    assert ("provider backup:\n  base_url: http://127.0.0.1:10/v1 -> "
+            "http://(credentials not shown)@127.0.0.1:10/v1\n") in out
+    assert "hunter2" not in out and "proxy-user" not in out
