@@ -81,6 +81,10 @@ def test_tags_land_on_ledger_rows_metrics_and_spend_by_tag(
                       headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert spent.status_code == 200
     assert {row["tag:env"]: row["requests"] for row in spent.json()} == {"prod": 2, "(untagged)": 4}
+    bad = httpx.get(gateway.base_url + "/admin/spend", params={"by": "tag:env') --"},
+                    headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "by")
+    assert bad.json()["error"]["message"] == "by must be one of team, model, key, day or tag:<key>."
     by_feature = {row["tag:feature"]: row for row in _spend_cli(gateway.policy_path, "tag:feature")}
     assert {name: row["requests"] for name, row in by_feature.items()} == {name: len(c) for name, c in told.items()}
     for name, costs in told.items():
