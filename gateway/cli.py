@@ -62,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="a request body (JSON with messages or prompt) or plain text sent as one user message")
     explain.set_defaults(run=_explain)
     diff = policy.add_parser("diff", help="say what changes between two policy files, per team and model")
-    diff.add_argument("old")
-    diff.add_argument("new")
-    diff.add_argument("--format", default="text", choices=["text", "json"])
+    diff.add_argument("old", help="the policy file in use")
+    diff.add_argument("new", help="the proposed policy file")
+    diff.add_argument("--format", default="text", choices=["text", "json"], help="text (default) or json")
     diff.set_defaults(run=_diff)
     simulate = policy.add_parser("simulate", help="replay a usage ledger's requests against a policy: who would be "
                                  "limited, downgraded or rerouted, and the cost difference")
