@@ -260,7 +260,10 @@ async def _replay(policy: Policy, limiter: Limiter, keys: dict[str, KeyEntry], p
         caller = usable_key(entry, row.ts)
         model = resolve_model(policy, caller, row.model)
     except GatewayError as error:
-        tally.refused("key_refused" if error.kind is ErrorKind.AUTHENTICATION else "no_access", error.message)
+        if error.kind is ErrorKind.AUTHENTICATION:  # the operator may know why; the client is told less
+            tally.refused("key_refused", f"key {row.key_id}: " + ("disabled" if entry.disabled else error.message))
+        else:
+            tally.refused("no_access", error.message)
         return
     prompt.prompt_tokens = row.prompt_tokens
     # The recorded completion as the request's cap: the reservation is what the request used.
@@ -336,6 +339,8 @@ def print_simulation(policy_path: str, ledger: str, since: str | None, until: st
     if fmt == "json":
         import orjson
 
+        for row in rows:  # what the client would have read, once per kind of refusal
+            row["first_refusals"] = result.tallies[(row["team"], row["model"])].examples
         document = {"policy": policy_path, "ledger": ledger, "requests": result.requests,
                     "from": _iso(result.first_ts), "until": _iso(result.last_ts), "by_team_model": rows,
                     "totals": _totals(rows), "budget_alerts": [_alert(a) for a in result.alerts]}

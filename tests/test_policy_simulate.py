@@ -168,6 +168,11 @@ def test_rate_limits_budgets_downgrades_reroutes_and_access_exactly(tmp_path: Pa
     assert {k: pairs[("alpha", "chat-model")][k] for k in ("requests", "rate_limited", "rerouted", "rerouted_to")} \
         == {"requests": 5, "rate_limited": 1, "rerouted": 4, "rerouted_to": "upstream/upstream-chat-2"}
     assert pairs[("alpha", "chat-model")]["cost_after_usd"] == pytest.approx(4 * _cost(100, 50, 1.0, 4.0), abs=1e-12)
+    assert pairs[("alpha", "chat-model")]["first_refusals"]["rate_limited"].startswith(
+        "Rate limit reached for team alpha on requests per minute: limit 2, used 2, requested 1.")
+    assert pairs[("alpha", "embed-model")]["first_refusals"] == {
+        "no_access": "The model `embed-model` does not exist or you do not have access to it."}
+    assert pairs[("gamma", "beta-model")]["first_refusals"] == {"key_refused": "key gamma-key: disabled"}
     assert pairs[("alpha", "chat-model")]["cost_before_usd"] == pytest.approx(5 * chat, abs=1e-12)
     assert (pairs[("alpha", "embed-model")]["no_access"], pairs[("alpha", "embed-model")]["cost_after_usd"]) == (1, 0)
     beta_row = pairs[("beta", "beta-model")]
