@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -192,3 +193,30 @@ def test_the_tag_header_may_not_also_pin_routes() -> None:
         "name another header for cost attribution, e.g. x-switchboard-metadata (line 37)"]
     moved = pinning.replace("tags: {allowed:", "tags: {header: x-switchboard-metadata, allowed:")
     assert parse_policy(moved).tags.header == "x-switchboard-metadata"
+
+
+def test_tag_rules_apply_on_reload(upstream: FakeOpenAIUpstream,
+                                   start_gateway: Callable[..., RunningGateway]) -> None:
+    """Every `tags` and `teams.*.tags` field is read from the live policy: a reload changes what is recorded."""
+    gateway = start_gateway(_policy(upstream))
+    _ask(gateway, "feature=summarize")
+    edited = _policy(upstream).replace("feature: [search, chat]", "feature: [search, chat, summarize]").replace(
+        "    models: [chat-model, embed-model]\n",
+        "    models: [chat-model, embed-model]\n    tags: {allowed: {region: [eu]}}\n").replace(
+        "tags: {strict: true, allowed: {feature: [batch]}}", "tags: {strict: false, allowed: {feature: [batch]}}")
+    applied = threading.Event()
+    gateway.store.on_change(lambda policy: applied.set())
+    gateway.policy_path.write_text(edited.replace("tags:\n  allowed:",
+                                                  "tags:\n  header: x-team-tags\n  strict: true\n  allowed:"))
+    assert applied.wait(5), "the edited policy was not applied"
+    _ask(gateway, "feature=summarize")  # the old header: no longer read
+    client = gateway.client(default_headers={"x-team-tags": "feature=summarize, region=eu"})
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):  # alpha is strict now (tags.strict)
+        gateway.client(default_headers={"x-team-tags": "region=us"}).chat.completions.create(
+            model="chat-model", messages=[{"role": "user", "content": "hi"}])
+    beta = gateway.client("sk-beta", default_headers={"x-team-tags": "feature=nope"})
+    beta.chat.completions.create(model="beta-model", messages=[{"role": "user", "content": "hi"}])  # its own: not
+    records = gateway.usage.wait_for(5)
+    assert [r.tags for r in records] == [(("feature", "other"),), (), (("feature", "summarize"), ("region", "eu")),
+                                         (), (("feature", "other"),)]
