@@ -28,9 +28,16 @@ def authenticate(policy: Policy, headers: Mapping[str, str]) -> KeyEntry:
     # reveal bits of a hash the caller cannot steer; the final comparison is
     # constant-time all the same.
     entry = policy.keys.get(digest)
-    if entry is None or not hmac.compare_digest(entry.digest, digest) or entry.disabled:
+    if entry is None or not hmac.compare_digest(entry.digest, digest):
         raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect API key provided.", code="invalid_api_key")
-    if entry.expires_at is not None and time.time() >= entry.expires_at:  # rotated: the overlap is over
+    return usable_key(entry, time.time())
+
+
+def usable_key(entry: KeyEntry, now: float) -> KeyEntry:
+    """The entry when it may call at `now`: not disabled, not expired; 401 otherwise (also `policy simulate`)."""
+    if entry.disabled:
+        raise GatewayError(ErrorKind.AUTHENTICATION, "Incorrect API key provided.", code="invalid_api_key")
+    if entry.expires_at is not None and now >= entry.expires_at:  # rotated: the overlap is over
         raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.", code="invalid_api_key")
     return entry
 

@@ -1,4 +1,5 @@
-"""The `switchboard` command: serve, policy validate|schema|explain, keys list|new|revoke|rotate, usage, spend."""
+"""The `switchboard` command: serve, policy validate|schema|explain|diff|simulate, keys list|new|revoke|rotate,
+usage, spend."""
 
 from __future__ import annotations
 
@@ -60,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt-file", default=None,
                          help="a request body (JSON with messages or prompt) or plain text sent as one user message")
     explain.set_defaults(run=_explain)
+    diff = policy.add_parser("diff", help="say what changes between two policy files, per team and model")
+    diff.add_argument("old", help="the policy file in use")
+    diff.add_argument("new", help="the proposed policy file")
+    diff.add_argument("--format", default="text", choices=["text", "json"], help="text (default) or json")
+    diff.set_defaults(run=_diff)
+    simulate = policy.add_parser("simulate", help="replay a usage ledger's requests against a policy: who would be "
+                                 "limited, downgraded or rerouted, and the cost difference")
+    simulate.add_argument("file", help="the policy to try")
+    simulate.add_argument("--ledger", required=True, help="a usage ledger file (ledger.path of the running policy)")
+    simulate.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d")
+    simulate.add_argument("--until", default=None, help="same forms as --since; default: the ledger's end")
+    simulate.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    simulate.add_argument("--workers", type=int, default=1, help="processes to replay in, teams split among "
+                          "them (exactly the same result; default 1)")
+    simulate.set_defaults(run=_simulate)
 
     keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(required=True, metavar="ACTION")
     listing = keys.add_parser("list", help="list the keys of a policy and its keys file (ids and state only)")
@@ -90,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     spend = commands.add_parser("spend", help="report spend from the usage ledger (gateway/ledger.py)")
     spend.add_argument("--policy", required=True, help="policy YAML file (its ledger.path says where to read)")
-    spend.add_argument("--by", default="team", choices=["team", "model", "key", "day"])
+    spend.add_argument("--by", default="team", help="team, model, key, day, or tag:<key> (e.g. tag:feature)")
     spend.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d, 4w")
     spend.add_argument("--until", default=None, help="same forms as --since; default: now")
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
@@ -211,6 +227,29 @@ def _explain(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from gateway.policy_diff import diff_policies, render_json, render_text
+
+    try:
+        old, new = load_policy(args.old), load_policy(args.new)
+    except PolicyError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    changes = diff_policies(old, new)
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"old": args.old, "new": args.new, "changes": render_json(changes)},
+                                    indent=2) + "\n")
+    else:
+        sys.stdout.write(render_text(changes))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gateway.simulate import print_simulation
+
+    return print_simulation(args.file, args.ledger, args.since, args.until, args.format, args.workers)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ import orjson
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError
 from gateway.spill import Spill
+from gateway.tags import tags_json
 from gateway.usage import UsageRecord
 
 log = logging.getLogger("switchboard.ledger")
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS usage (
     failed_attempt_tokens INTEGER NOT NULL DEFAULT 0,
     failed_attempt_cost_usd REAL,
     cache_overhead_tokens INTEGER NOT NULL DEFAULT 0,
-    cache_overhead_cost_usd REAL
+    cache_overhead_cost_usd REAL,
+    tags TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
@@ -84,16 +86,19 @@ CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 # Columns added after the first release: a ledger file written by an older gateway gets them on open.
 _ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
                   ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"),
-                  ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"))
+                  ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"),
+                  ("tags", "TEXT"))
 _COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
             "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
             "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
-            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd")
+            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags")
 # A row spilled by an older gateway has fewer columns: the newer ones take these values.
-_LATER_DEFAULTS = (0, None, 0, None)
+_LATER_DEFAULTS = (0, None, 0, None, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_GROUPS = {"team": "team", "model": "public_model", "key": "team, key_id", "day": "day"}
+_GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_id"), "day": ("day",)}
+_TAG_GROUP = re.compile(r"^tag:([A-Za-z0-9_]{1,64})$")
+GROUPINGS = "team, model, key, day or tag:<key>"
 _MAX_BATCH = 2000
 # How long one write waits for another connection's lock before the batch is spilled and retried later.
 _BUSY_TIMEOUT_S = 2.0
@@ -140,11 +145,11 @@ class Ledger:
         """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
         return self._queue.qsize() + self._held + self._spill.rows
 
-    def record(self, record: UsageRecord) -> None:
-        """Enqueue the record's row; never blocks."""
+    def record(self, record: UsageRecord, at: float | None = None) -> None:
+        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests); never blocks."""
         if self._writer is None:
             self._start()
-        self._queue.put(_row(record, time.time()))
+        self._queue.put(_row(record, time.time() if at is None else at))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far is committed (call it off the event loop).
@@ -354,6 +359,7 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
         record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
         record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
+        tags_json(record.tags),
     )
 
 
@@ -381,22 +387,21 @@ def parse_since(text: str | None, now: float | None = None) -> float:
 
 
 def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
-    """Spend per group (`team`, `model`, `key` or `day`) between two unix times, most expensive first."""
-    if by not in _GROUPS:
-        raise ValueError(f"--by must be one of {', '.join(_GROUPS)}")
-    columns = _GROUPS[by]
+    """Spend per group (`team`, `model`, `key`, `day` or `tag:<key>`) between two unix times, most expensive first.
+
+    By tag, requests without that tag form the group `(untagged)`."""
+    groups, columns, bound = _grouping(by)
     query = (f"SELECT {columns}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
              f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400), "
              f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)), "
              f"SUM(cache_overhead_tokens), SUM(COALESCE(cache_overhead_cost_usd, 0)) "
-             f"FROM usage "
-             f"WHERE ts >= ? AND ts < ? GROUP BY {columns} ORDER BY {6 + columns.count(',')} DESC")
+             f"FROM usage WHERE ts >= ? AND ts < ? GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))} "
+             f"ORDER BY {5 + len(groups)} DESC")
     connection = open_ledger(path)
     try:
-        rows = connection.execute(query, (since, until if until is not None else float("inf"))).fetchall()
+        rows = connection.execute(query, (*bound, since, until if until is not None else float("inf"))).fetchall()
     finally:
         connection.close()
-    groups = (c.strip().replace("public_model", "model") for c in columns.split(","))
     keys = [*groups, "requests", "input_tokens", "cached_input_tokens",
             "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd",
             "cache_overhead_tokens", "cache_overhead_cost_usd"]
@@ -405,6 +410,18 @@ def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = N
         for money in ("cost_usd", "cost_saved_usd", "cache_overhead_cost_usd"):
             entry[money] = round(entry[money], 10)
     return report
+
+
+def _grouping(by: str) -> tuple[list[str], str, tuple[str, ...]]:
+    """The report's group names, their SELECT expressions (aliased g0, g1, ...) and the values they bind."""
+    columns = _GROUPS.get(by)
+    if columns is not None:
+        return ([c.replace("public_model", "model") for c in columns],
+                ", ".join(f"{c} AS g{i}" for i, c in enumerate(columns)), ())
+    tag = _TAG_GROUP.match(by)
+    if tag is None:
+        raise ValueError(f"--by must be one of {GROUPINGS}")
+    return [by], "COALESCE(json_extract(tags, ?), '(untagged)') AS g0", (f"$.{tag.group(1)}",)
 
 
 def render_report(report: Sequence[Mapping[str, Any]], fmt: str) -> str:
@@ -431,7 +448,7 @@ def render_report(report: Sequence[Mapping[str, Any]], fmt: str) -> str:
 
 
 class SpendRoute:
-    """GET /admin/spend?by=team|model|key|day&since=...&until=...&format=json|csv (admin key)."""
+    """GET /admin/spend?by=team|model|key|day|tag:<key>&since=...&until=...&format=json|csv (admin key)."""
 
     def __init__(self, ledger: Ledger | None) -> None:
         self._ledger = ledger
@@ -460,8 +477,8 @@ class SpendRoute:
                 until = parse_since(query["until"]) if query.get("until") else None
             except ValueError as exc:
                 raise GatewayError(ErrorKind.BAD_REQUEST, str(exc), param="since") from exc
-            if by not in _GROUPS:
-                raise GatewayError(ErrorKind.BAD_REQUEST, f"by must be one of {', '.join(_GROUPS)}.", param="by")
+            if by not in _GROUPS and _TAG_GROUP.match(by) is None:
+                raise GatewayError(ErrorKind.BAD_REQUEST, f"by must be one of {GROUPINGS}.", param="by")
 
             def report() -> list[dict[str, Any]]:
                 ledger.flush()

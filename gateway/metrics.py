@@ -77,6 +77,8 @@ class Metrics:
         # of event-loop CPU per request; this costs ~2.
         self._series: dict[tuple[str, ...], _Series] = {}
         self._stream_outcomes: dict[tuple[str, str, str], int] = {}
+        # (team, tag key, tag value) -> [requests, input tokens, output tokens, cost]: values are allow-listed.
+        self._tagged: dict[tuple[str, str, str], list[float]] = {}
         registry.register(_UsageCollector(self))
         self.cache_requests = Counter("switchboard_cache_requests", "Requests to models with caching on, by "
                                       "result: hit, miss or bypass.", ("team", "model", "result"), registry=registry)
@@ -149,6 +151,21 @@ class Metrics:
             self._stream_outcomes[outcome] = self._stream_outcomes.get(outcome, 0) + 1
         if record.cache is not None:
             self._cached(record, model)
+        if record.tags:
+            self._count_tags(record)
+
+    def _count_tags(self, record: UsageRecord) -> None:
+        usage = record.usage
+        for key, value in record.tags:
+            counts = self._tagged.get((record.team, key, value))
+            if counts is None:
+                counts = self._tagged[(record.team, key, value)] = [0, 0, 0, 0.0]
+            counts[0] += 1
+            if usage is not None:
+                counts[1] += usage.prompt_tokens
+                counts[2] += usage.completion_tokens
+            if record.cost_usd:
+                counts[3] += record.cost_usd
 
     def _cached(self, record: UsageRecord, model: str) -> None:
         key = (record.team, model, record.cache or "")
@@ -293,6 +310,25 @@ class _UsageCollector(Collector):
         for labels, value in list(self._metrics._stream_outcomes.items()):
             outcomes.add_metric(labels, value)
         yield outcomes
+        yield from _tag_families(list(self._metrics._tagged.items()))
+
+
+def _tag_families(tagged: list[tuple[tuple[str, str, str], list[float]]]) -> Iterator[Metric]:
+    """Requests, tokens and cost by cost attribution tag (gateway/tags.py); a request counts once per tag."""
+    labels = ("team", "tag", "value")
+    requests = CounterMetricFamily("switchboard_tag_requests", "Requests settled, by team and allow-listed "
+                                   "request tag (unlisted values count as `other`).", labels=labels)
+    tokens = CounterMetricFamily("switchboard_tag_tokens", "Tokens by team, request tag and type (input, output).",
+                                 labels=(*labels, "type"))
+    cost = CounterMetricFamily("switchboard_tag_cost_usd", "Cost in USD by team and request tag.", labels=labels)
+    for key, (count, input_tokens, output_tokens, usd) in tagged:
+        requests.add_metric(key, count)
+        tokens.add_metric((*key, "input"), input_tokens)
+        tokens.add_metric((*key, "output"), output_tokens)
+        cost.add_metric(key, usd)
+    yield requests
+    yield tokens
+    yield cost
 
 
 def _histogram_family(name: str, documentation: str, labels: tuple[str, ...],

@@ -30,6 +30,7 @@ from gateway.request_ids import explain_silent_refusal, stamp_request_id
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
+from gateway.tags import request_tags
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
 from gateway.upstream import UpstreamPools, UpstreamResponse
@@ -122,6 +123,7 @@ async def handle_inference(
         settlement.caller = authenticated[1] if authenticated is not None else authenticate(policy, headers)
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
+        settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
                                            model, exchange.response_headers, exchange.trace)
         model = settlement.admission.model if settlement.admission else model

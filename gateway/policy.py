@@ -46,6 +46,7 @@ from gateway.policy_schema import (
 from gateway.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
 from gateway.response_store.rules import TeamResponseRules, build_response_rules
 from gateway.routing import RoutePlan, build_plan, routing_problems
+from gateway.tags import EMPTY_TAG_PLAN, TagPlan, build_tag_plan, tag_problems
 from gateway.telemetry import telemetry_problems
 from gateway.webhooks import Webhook, build_webhooks
 from providers import adapter_for
@@ -183,6 +184,8 @@ class Policy:
     # Webhooks budget alerts are posted to, secrets read (gateway/alerts.py, gateway/webhooks.py).
     webhooks: Mapping[str, Webhook] = field(default_factory=dict)
     alerts: AlertsPolicy = field(default_factory=AlertsPolicy)  # queue settings, read at startup
+    # Cost attribution tags per team (gateway/tags.py); header None: attribution off.
+    tags: TagPlan = EMPTY_TAG_PLAN
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -237,7 +240,7 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
                                  keys_stamp=keys_stamp, responses=build_response_rules(document),
-                                 response_store=document.response_store)
+                                 response_store=document.response_store, tags=build_tag_plan(document))
     policy = _with_accounting(policy, document, root)
     webhooks, problems = build_webhooks(document.alerts, _base_dir(policy.source), environ)
     if problems:
@@ -298,7 +301,8 @@ def _at(loc: tuple[Any, ...], root: yaml.Node, message: str) -> str:
 def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
     problems: list[str] = [_at(loc, root, message) for loc, message in (*price_problems(document),
                                                                         *telemetry_problems(document),
-                                                                        *cache_problems(document))]
+                                                                        *cache_problems(document),
+                                                                        *tag_problems(document))]
     for name, provider in document.providers.items():
         adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
         if provider.base_url is None and adapter.capabilities.default_base_url is None:

@@ -418,6 +418,46 @@ class TeamResponsesPolicy(Strict):
                                           "this team may use.")
 
 
+_TAG_WORD = r"^[A-Za-z0-9_]{1,64}$"
+_TAG_VALUE = r"^[A-Za-z0-9_.:/-]{1,64}$"
+
+
+def _tag_allow_list(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    import re
+
+    for key, values in value.items():
+        if not re.fullmatch(_TAG_WORD, key):
+            raise ValueError(f"tag key {key!r}: use letters, digits and _ (at most 64)")
+        for item in values:
+            if not re.fullmatch(_TAG_VALUE, item):
+                raise ValueError(f"tag {key}: value {item!r}: use letters, digits and _ . : / - (at most 64)")
+            if item == "other":
+                raise ValueError(f"tag {key}: `other` is what unlisted values become; it cannot be listed")
+    return value
+
+
+# Tag key -> its allowed values (gateway/tags.py).
+TagAllowList = Annotated[dict[str, list[str]], AfterValidator(_tag_allow_list)]
+
+
+class TagsPolicy(Strict):
+    """Cost attribution by request tags (gateway/tags.py): which keys and values a request may carry."""
+
+    header: str = Field("x-switchboard-tags", pattern=r"^[A-Za-z0-9-]+$", description="Request header of "
+                        "`key=value` pairs separated by commas, e.g. `feature=search, env=prod`.")
+    allowed: TagAllowList = Field(default_factory=dict, description="Tag key -> its allowed values, for every "
+                                  "team. An unlisted value is recorded as `other`; an unlisted key is dropped.")
+    strict: bool = Field(False, description="Refuse a request carrying an unlisted key or value (400 "
+                         "invalid_tags) instead of recording `other` or dropping it.")
+
+
+class TeamTagsPolicy(Strict):
+    """A team's own tags, added to the policy's `tags.allowed`."""
+
+    allowed: TagAllowList = Field(default_factory=dict, description="More tag keys and values for this team.")
+    strict: bool | None = Field(None, description="Overrides `tags.strict` for this team.")
+
+
 class TeamPolicy(Strict):
     keys: list[KeyPolicy] = Field(default_factory=list)
     models: list[str] = Field(
@@ -436,6 +476,8 @@ class TeamPolicy(Strict):
                                       "team's requests.")
     responses: TeamResponsesPolicy = Field(default_factory=TeamResponsesPolicy,
                                            description="Stored Responses API state and upstream resources.")
+    tags: TeamTagsPolicy | None = Field(None, description="Tag keys and values this team may send, on top of "
+                                        "`tags.allowed` (cost attribution).")
 
 
 class ReloadPolicy(Strict):
@@ -680,6 +722,8 @@ class PolicyDocument(Strict):
     response_store: ResponseStorePolicy = Field(default_factory=ResponseStorePolicy)
     alerts: AlertsPolicy = Field(default_factory=AlertsPolicy, description="Webhooks that budget alerts are "
                                  "posted to (gateway/alerts.py).")
+    tags: TagsPolicy | None = Field(None, description="Cost attribution by request tags (header, allowed keys and "
+                                    "values); off when unset and no team has `tags`.")
 
     @model_validator(mode="after")
     def _response_store_url(self) -> PolicyDocument:

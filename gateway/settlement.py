@@ -30,6 +30,7 @@ from gateway.budgets import MICROS
 from gateway.cache import cache_overhead, hit_tokens, usage_fields
 from gateway.errors import ErrorKind, GatewayError
 from gateway.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
+from gateway.tags import Tags
 from gateway.usage import UsageRecord
 from providers.base import Endpoint, StreamChunk, Usage
 
@@ -88,7 +89,7 @@ class Settlement:
 
     __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
                  "cache", "caller", "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request",
-                 "status", "stream", "target", "usage")
+                 "status", "stream", "tags", "target", "usage")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -104,6 +105,7 @@ class Settlement:
         self.target: Target | None = None
         self.stream: _Stream | None = None
         self.usage: Usage | None = None
+        self.tags: Tags = ()  # cost attribution (gateway/tags.py), read once from the request's header
         self.status = 200
         self.outcome: str | None = None  # None until known: a stream that never saw its end was cut short
         self.error: GatewayError | None = None
@@ -298,6 +300,7 @@ class Settlement:
             trace_id=exchange.trace.trace_id,
             failed_attempt_tokens=wasted.prompt_tokens,
             failed_attempt_cost_usd=wasted_cost,
+            tags=self.tags,
             **usage_fields(self.cache),
         )
         if self.stream is not None:

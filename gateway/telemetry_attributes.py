@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.tags import tag_attributes
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["switchboard.cache.overhead_tokens"] = record.cache_overhead_tokens
             if record.cache_overhead_cost_usd is not None:
                 attributes["switchboard.cache.overhead_cost_usd"] = record.cache_overhead_cost_usd
+    if record.tags:  # allow-listed by the policy (gateway/tags.py), so bounded
+        attributes.update(tag_attributes(record.tags))
     return attributes
 
 

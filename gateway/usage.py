@@ -66,6 +66,8 @@ class UsageRecord:
     # tokens and cost. Included in `cost_usd` and in the limits, like failed attempts.
     cache_overhead_tokens: int = 0
     cache_overhead_cost_usd: float | None = None
+    # Cost attribution tags (gateway/tags.py): allow-listed (key, value) pairs sorted by key, or ().
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 class UsageSink(Protocol):
@@ -210,6 +212,7 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
         "cache_overhead_tokens": record.cache_overhead_tokens,
         "cache_overhead_cost_usd": record.cache_overhead_cost_usd,
+        "tags": record.tags,
     }
 
 

@@ -408,6 +408,8 @@ RELOADED = {
     "telemetry.traces.**": _TRACES,
     # Looked up in the live policy for each alert fired (gateway/alerts.py).
     "alerts.webhooks.**": "tests/test_alerts.py::test_a_webhook_changed_by_a_reload_gets_the_next_alert",
+    "teams.*.tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
+    "tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
 }
 # Fields a valid file cannot change.
 FIXED = {"version"}
