@@ -3,8 +3,10 @@
 Two implementations of the same kind, started once per module on free ports (tests/real_servers.py):
 `llama-server` (llama.cpp's C++ server, from the xllamacpp wheel) and `llama-cpp-python` (its FastAPI server).
 Through the gateway with the openai SDK: every call had failed on llama-cpp-python (the gateway's request id
-was not a UUID), `max_completion_tokens: 5` had produced 2,032 tokens, and `include_usage` had got no usage
-chunk. The tiny model never emits its end token, so a reply runs exactly to the cap, one token per chunk.
+was not a UUID), `max_completion_tokens: 5` had produced 2,032 tokens, `include_usage` had got no usage chunk,
+a streamed context overflow had ended in a 502 (the server drops the connection after it), an unknown role in a
+500 carrying the server's file paths, and a stream interrupted by another request looked complete. The tiny
+model never emits its end token, so a reply runs exactly to the cap, one token per chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -51,6 +54,9 @@ models:
     fallbacks: {{context_window: [tiny-fallback]}}
     targets: [{{provider: local, model: tiny}}]
   tiny-fallback:
+    targets: [{{provider: local, model: tiny}}]
+  tiny-strict:
+    circuit_breaker: {{consecutive_failures: 1, cooldown_s: 600, min_callers: 1}}
     targets: [{{provider: local, model: tiny}}]
 """
     with serving(tmp_path_factory.mktemp("gateway") / "policy.yaml", policy) as running:
@@ -171,16 +177,8 @@ def test_completions_take_a_null_prompt(sent: RunningGateway) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(sent: RunningGateway, server_name: str,
                                                                              stream: bool) -> None:
+    """llama-cpp-python ends a streamed overflow right after its headers (its 400 comes only without `stream`)."""
     long = [{"role": "user", "content": "hello world " * 400}]  # ~4,800 tokens; the servers' window is 512
-    if stream and server_name == "llama-cpp-python":
-        # Found here, only partly handled: llama-cpp-python 0.3.36 ends a streamed overflow either after its
-        # headers with nothing (a context error, handled) or by dropping the connection before any response,
-        # which the gateway can only see as a connection failure (502).
-        with pytest.raises(openai.APIStatusError) as dropped:
-            sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
-                                                  stream=True)
-        assert dropped.value.code in ("context_length_exceeded", "upstream_unreachable")
-        return
     with pytest.raises(openai.BadRequestError) as caught:
         sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
                                               stream=stream)
@@ -195,15 +193,57 @@ def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(se
     assert route.startswith("tiny-small-window@local:400,tiny-fallback@local:400"), route
 
 
-def test_a_request_the_server_refuses_gets_an_openai_400(sent: RunningGateway, server_name: str) -> None:
-    """A role the gateway passes on (it checks only that roles are strings) and llama-cpp-python's schema refuses."""
-    messages = [{"role": "robot", "content": "beep"}]
-    if server_name == "llama-server":  # llama.cpp takes any role into its template
-        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+def test_an_unknown_role_is_refused_by_the_gateway_itself(sent: RunningGateway) -> None:
+    """llama-cpp-python had answered it with a 500 naming its own source file (llama-server takes any role)."""
+    raw = httpx.post(sent.v1 + "/chat/completions", headers={"authorization": "Bearer sk-alpha"},
+                     json={"model": "tiny", "max_tokens": 3, "messages": [{"role": "robot", "content": "beep"}]})
+    assert raw.status_code == 400
+    error = raw.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("messages[0].role", "invalid_value",
+                                                             "invalid_request_error")
+    assert "x-switchboard-route" not in raw.headers  # no upstream was tried
+
+
+def test_a_request_the_server_refuses_is_an_openai_400_that_trips_no_breaker(sent: RunningGateway,
+                                                                             server_name: str) -> None:
+    """A tool message without `tool_call_id`: llama-server takes it; llama-cpp-python answers a 500 whose message is
+    pydantic's report and its source file. `tiny-strict` ejects its target on any one failure counted against it."""
+    client = sent.client()
+    messages = [{"role": "tool", "content": "beep"}]
+    if server_name == "llama-server":
+        assert client.chat.completions.create(model="tiny-strict", max_tokens=3, messages=messages)  # type: ignore[arg-type]
         return
-    # Found here, not yet handled: llama-cpp-python 0.3.36 answers this validation failure with a 500 whose text
-    # body lists the pydantic errors (not FastAPI's 422), so the client gets a 502; the breaker does not count it
-    # against the target for other teams (circuit_breaker.min_callers).
-    with pytest.raises(openai.InternalServerError) as caught:
-        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
-    assert caught.value.status_code == 502 and "validation error" in caught.value.message
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny-strict", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+        assert caught.value.status_code == 400
+        assert caught.value.body == {"message": "messages[0].tool_call_id: Field required", "code": "invalid_request",
+                                     "type": "invalid_request_error", "param": "messages[0].tool_call_id"}
+    reply = client.chat.completions.create(model="tiny-strict", max_tokens=3,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content
+
+
+def test_a_stream_another_request_interrupts_is_reported_not_passed_off_as_complete(sent: RunningGateway,
+                                                                                   server_name: str) -> None:
+    """llama-cpp-python stops a running stream when a second request arrives (`interrupt_requests`), and ends it with
+    `[DONE]` but no finish reason: a short answer that looked complete. llama-server queues the second request."""
+    client = sent.client()
+    stream = client.chat.completions.create(model="tiny", max_tokens=450, stream=True,
+                                            messages=[{"role": "user", "content": "hello"}])
+    chunks = iter(stream)
+    text = ""
+    while not text:  # the stream is under way: the server is generating when the second request arrives
+        text += "".join(c.delta.content or "" for c in next(chunks).choices)
+    second = client.chat.completions.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert second.choices[0].finish_reason == "length"
+    finish: list[str] = []
+    if server_name == "llama-server":
+        for chunk in chunks:
+            finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        assert finish == ["length"]
+        return
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in chunks:
+            finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
+    assert finish == [] and "stopped the stream before the answer's end" in caught.value.message
