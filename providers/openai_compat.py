@@ -37,6 +37,7 @@ from providers.base import (
     Usage,
 )
 from providers.canonical import dump_object, error_object, load_object, stream_cut
+from providers.embedding_vectors import as_requested_base64
 from providers.sse import DONE
 from providers.validation_errors import validation_failure_from
 
@@ -145,6 +146,9 @@ class OpenAICompatAdapter:
                     choice.get("finish_reason"), choice.get("finish_reason")
                 )
             reasons = tuple(self.spec.finish_reasons.get(r, r) for r in reasons)
+            body = orjson.dumps(payload)
+        if (call.endpoint is Endpoint.EMBEDDINGS and call.body.get("encoding_format") == "base64"
+                and as_requested_base64(payload)):
             body = orjson.dumps(payload)
         return ParsedResponse(
             body=body,

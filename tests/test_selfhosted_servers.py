@@ -11,8 +11,11 @@ model never emits its end token, so a reply runs exactly to the cap, one token p
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -247,3 +250,43 @@ def test_a_stream_another_request_interrupts_is_reported_not_passed_off_as_compl
         for chunk in chunks:
             finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
     assert finish == [] and "stopped the stream before the answer's end" in caught.value.message
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def embedding_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[RunningGateway]:
+    """Each server in embeddings mode (llama-server serves nothing else then), on a model that declares pooling."""
+    workdir = tmp_path_factory.mktemp(f"{request.param}-embed")
+    model = real_servers.write_tiny_model(workdir / "tiny-embed.gguf", pooled=True)
+    with _STARTERS[request.param](model, workdir, embedding=True) as running:
+        policy = f"""
+providers:
+  local: {{kind: llamacpp, base_url: {running.base_url}}}
+models:
+  tiny-embed: {{targets: [{{provider: local, model: tiny}}]}}
+"""
+        with serving(workdir / "policy.yaml", policy) as gateway:
+            yield gateway
+
+
+@pytest.mark.conformance(provider={s: s for s in SERVERS}, endpoint="embeddings", feature="text", stream=False,
+                         by="embedding_gateway")
+@pytest.mark.parametrize("encoding_format", ["float", "base64", None])
+def test_embeddings_are_one_vector_per_input_in_the_encoding_asked_for(embedding_gateway: RunningGateway,
+                                                                      encoding_format: str | None) -> None:
+    """llama-cpp-python sends floats when asked for base64: a client decoding base64 itself could not read them.
+    Without `encoding_format` the openai SDK asks for base64 and decodes it."""
+    reply = embedding_gateway.client().embeddings.create(
+        model="tiny-embed", input=["hello world", "the cat sat"],
+        **({"encoding_format": encoding_format} if encoding_format else {}))  # type: ignore[arg-type]
+    assert [d.index for d in reply.data] == [0, 1]
+    vectors: list[Any] = [d.embedding for d in reply.data]
+    if encoding_format == "base64":
+        assert all(isinstance(v, str) for v in vectors)
+        vectors = [list(struct.unpack(f"<{real_servers.N_EMBD}f", base64.b64decode(v))) for v in vectors]
+    assert all(len(v) == real_servers.N_EMBD and all(isinstance(x, float) for x in v) for v in vectors)
+    assert vectors[0] != vectors[1]
+    assert reply.usage.prompt_tokens > 0
+    record = embedding_gateway.usage.wait_for(1)[0]
+    embedding_gateway.usage.records.clear()
+    assert record.usage is not None and record.usage.prompt_tokens == reply.usage.prompt_tokens
