@@ -290,3 +290,28 @@ def test_embeddings_are_one_vector_per_input_in_the_encoding_asked_for(embedding
     record = embedding_gateway.usage.wait_for(1)[0]
     embedding_gateway.usage.records.clear()
     assert record.usage is not None and record.usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+@pytest.mark.conformance(provider={"llama-server": "llama-server"}, endpoint="chat", feature="cached_usage",
+                         by="server")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_repeated_prompt_reports_the_servers_cached_tokens(sent: RunningGateway, server_name: str,
+                                                             stream: bool) -> None:
+    """llama-server reuses its KV cache for a prompt it has just seen and says so; llama-cpp-python reports none."""
+    client = sent.client()
+    messages = [{"role": "user", "content": f"the quick cat sat on the big mat {stream} " * 8}]
+    for _ in range(2):
+        if stream:
+            *_, last = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                                      stream=True, stream_options={"include_usage": True})
+            usage = last.usage
+        else:
+            usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).usage  # type: ignore[arg-type]
+    assert usage is not None
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    record = sent.usage.wait_for(2)[1]
+    assert record.usage is not None and record.usage.cached_tokens == cached
+    if server_name == "llama-server":
+        assert 0 < (cached or 0) < usage.prompt_tokens
+    else:
+        assert not cached
