@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import openai
 import pytest
 
 from tests import real_servers
-from tests.conftest import RunningGateway, serving
+from tests.conftest import RunningGateway, key_hash, serving
 
 SERVERS = ["llama-server", "llama-cpp-python"]
 _STARTERS = {"llama-server": real_servers.llama_server, "llama-cpp-python": real_servers.llama_cpp_python}
@@ -315,3 +316,42 @@ def test_a_repeated_prompt_reports_the_servers_cached_tokens(sent: RunningGatewa
         assert 0 < (cached or 0) < usage.prompt_tokens
     else:
         assert not cached
+
+
+def test_each_server_has_its_own_health_path(server: real_servers.RunningServer, server_name: str,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`health_check.path` defaults to `/health`, which llama-server serves and llama-cpp-python does not (404). Its
+    `/v1/models` takes the model's lock, so a check there would cut running streams (`interrupt_requests`);
+    `/openapi.json` answers without it: a stream runs to its end while checks go on twenty times a second."""
+    check = "interval_s: 0.05, timeout_s: 2, unhealthy_after: 1"
+    policy = f"""
+providers:
+  at-health: {{kind: llamacpp, base_url: {server.base_url}, health_check: {{path: /health, {check}}}}}
+  at-openapi: {{kind: llamacpp, base_url: {server.base_url}, health_check: {{path: /openapi.json, {check}}}}}
+models:
+  via-health: {{targets: [{{provider: at-health, model: tiny}}]}}
+  via-openapi: {{targets: [{{provider: at-openapi, model: tiny}}]}}
+admin:
+  keys: [{{id: ops, hash: "{key_hash('sk-ops')}"}}]
+"""
+    works, fails = ("via-health", "via-openapi") if server_name == "llama-server" else ("via-openapi", "via-health")
+    with serving(tmp_path_factory.mktemp("health") / "policy.yaml", policy) as gateway:
+        client = gateway.client()
+
+        def healthy() -> dict[str, bool]:
+            rows = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": "Bearer sk-ops"}).json()
+            return {row["provider"]: row["healthy"] for row in rows["data"]}
+
+        ticker = threading.Event()
+        for _ in range(200):
+            if healthy().get("at-" + fails.removeprefix("via-")) is False:
+                break
+            ticker.wait(0.02)  # polling the gateway's view of a background check: no event to wait on
+        assert healthy() == {"at-" + works.removeprefix("via-"): True, "at-" + fails.removeprefix("via-"): False}
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model=fails, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.code == "no_healthy_target"
+        chunks = list(client.chat.completions.create(model=works, max_tokens=300, stream=True,
+                                                     messages=[{"role": "user", "content": "hello"}]))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 300
