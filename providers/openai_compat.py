@@ -85,6 +85,9 @@ class CompatSpec:
     # a stream that failed (a context overflow), a moment after the answer's end, when the pool already holds it
     # for the next request (the next call, e.g. the context-window fallback, then got a dropped connection).
     stream_closes_connection: bool = False
+    # OpenAI's `response_format: {type: json_schema, json_schema: {schema}}` sent as `{type: json_object, schema}`:
+    # llama-cpp-python knows only the latter (a 400 otherwise); llama-server takes both.
+    json_schema_as_json_object: bool = False
     # Where the request id goes upstream (Capabilities.request_id_header, request_id_uuid).
     request_id_header: str | None = "x-request-id"
     request_id_uuid: bool = True
@@ -120,6 +123,8 @@ class OpenAICompatAdapter:
             cap_field = token_cap_field(self.spec, call.upstream_model)
             if cap_field is not None:
                 move_token_cap(body, cap_field)
+            if self.spec.json_schema_as_json_object and "response_format" in body:
+                body["response_format"] = json_object_format(body["response_format"])
         for old, new in self.spec.renames.items():
             if old in body:
                 body[new] = body.pop(old)
@@ -272,6 +277,15 @@ def move_token_cap(body: dict[str, Any], name: str) -> None:
 
 
 
+def json_object_format(response_format: Any) -> Any:
+    """`{type: json_schema, json_schema: {schema}}` as `{type: json_object, schema}`; any other value as it is."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return response_format
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return {"type": "json_object", "schema": schema} if isinstance(schema, dict) else {"type": "json_object"}
+
+
 def usage_from_openai(raw: Any) -> Usage | None:
     """Canonical usage from an OpenAI-shaped `usage` object."""
     if not isinstance(raw, dict):
@@ -400,6 +414,7 @@ TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLE
 # llama-cpp-python's server reads only `max_tokens` (2,032 tokens generated under max_completion_tokens: 5)
 # and validates `x-request-id` as a UUID.
 LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens",
-                      empty_stream_is_overflow=True, done_needs_finish_reason=True, stream_closes_connection=True)
+                      empty_stream_is_overflow=True, done_needs_finish_reason=True, stream_closes_connection=True,
+                      json_schema_as_json_object=True)
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)

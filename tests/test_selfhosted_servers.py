@@ -22,6 +22,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests import real_servers
 from tests.conftest import RunningGateway, key_hash, serving
@@ -355,3 +356,55 @@ admin:
                                                      messages=[{"role": "user", "content": "hello"}]))
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 300
+
+
+class Reading(BaseModel):
+    """Bounded, so a random model under the servers' grammar reaches the closing brace well within its cap."""
+
+    word: str = Field(max_length=6)
+    count: int = Field(ge=0, le=99)
+
+
+@_cells(feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_chat_front_door(sent: RunningGateway, stream: bool) -> None:
+    """llama-cpp-python refuses `response_format.type: json_schema` (400): it is sent as `json_object` + `schema`."""
+    client, ask = sent.client(), [{"role": "user", "content": "hello"}]
+    if stream:
+        with client.chat.completions.stream(model="tiny", messages=ask, response_format=Reading,  # type: ignore[arg-type]
+                                            max_tokens=80) as events:
+            final = events.get_final_completion()
+    else:
+        final = client.chat.completions.parse(model="tiny", messages=ask, response_format=Reading,  # type: ignore[arg-type]
+                                              max_tokens=80)
+    assert final.choices[0].finish_reason == "stop"
+    assert isinstance(final.choices[0].message.parsed, Reading)
+
+
+@_cells(endpoint="responses", feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_responses_front_door(sent: RunningGateway, stream: bool) -> None:
+    client = sent.client()
+    if stream:
+        with client.responses.stream(model="tiny", input="hello", text_format=Reading, max_output_tokens=80) as events:
+            parsed = events.get_final_response().output_parsed
+    else:
+        parsed = client.responses.parse(model="tiny", input="hello", text_format=Reading,
+                                        max_output_tokens=80).output_parsed
+    assert isinstance(parsed, Reading)
+
+
+@_cells(endpoint="messages", feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_messages_front_door(sent: RunningGateway, stream: bool) -> None:
+    client = anthropic.Anthropic(base_url=sent.base_url, api_key="sk-alpha", max_retries=0)
+    schema = Reading.model_json_schema() | {"additionalProperties": False}
+    ask: dict[str, Any] = {"model": "tiny", "max_tokens": 80, "messages": [{"role": "user", "content": "hello"}],
+                           "extra_body": {"output_config": {"format": {"type": "json_schema", "schema": schema}}}}
+    if stream:
+        with client.messages.stream(**ask) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**ask)
+    assert message.stop_reason == "end_turn" and message.content[0].type == "text"
+    Reading.model_validate_json(message.content[0].text)

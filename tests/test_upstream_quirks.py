@@ -202,3 +202,17 @@ models:
                 seen += [c.delta.content or "" for c in chunk.choices]
         assert "".join(seen) == "half an"
         assert "stopped the stream before the answer's end" in caught.value.message
+
+
+def test_a_json_schema_response_format_reaches_llamacpp_as_json_object_with_its_schema(
+        gateway: RunningGateway, upstream: FakeOpenAIUpstream) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}],
+                                             response_format={"type": "json_schema",
+                                                              "json_schema": {"name": "n", "schema": schema}})
+    assert upstream.last_request is not None
+    assert upstream.last_request.json["response_format"] == {"type": "json_object", "schema": schema}
+    for kept in ({"type": "json_object"}, {"type": "text"}):
+        gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}],
+                                                 response_format=kept)  # type: ignore[arg-type]
+        assert upstream.last_request.json["response_format"] == kept
