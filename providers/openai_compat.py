@@ -276,7 +276,6 @@ def move_token_cap(body: dict[str, Any], name: str) -> None:
         body[name] = cap
 
 
-
 def json_object_format(response_format: Any) -> Any:
     """`{type: json_schema, json_schema: {schema}}` as `{type: json_object, schema}`; any other value as it is."""
     if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
@@ -321,8 +320,8 @@ _CODE_KINDS = {
 }
 
 
-# Where a Python server's error text turns into a traceback or a source location.
-_TRACEBACK = re.compile(r'Traceback \(most recent call last\)|\s*File "')
+# Where a Python server's error text turns into a traceback or a source location (a frame on a line of its own).
+_TRACEBACK = re.compile(r'Traceback \(most recent call last\)|\n\s*File "[^"\n]*", line \d+')
 # llama.cpp's server reports a prompt longer than its context as `type: exceed_context_size_error` (code 400).
 _OVERFLOW_TYPES = frozenset({"exceed_context_size_error"})
 
