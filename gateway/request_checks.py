@@ -135,8 +135,9 @@ def _check_messages(messages: Any) -> None:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise invalid(where, f"Invalid type for '{where}': expected an object, but got {_kind(message)}.")
-        if not isinstance(message.get("role"), str):
-            raise invalid(f"{where}.role", f"Invalid value for '{where}.role': expected a string.")
+        role = message.get("role")
+        if role.__class__ is not str or role not in _ROLES:  # the frozenset lookup is the common case's only cost
+            _refuse_role(where, role)
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             if not isinstance(content, list):
@@ -163,6 +164,20 @@ def _check_messages(messages: Any) -> None:
         for name in ("name", "tool_call_id"):
             if message.get(name) is not None and not isinstance(message[name], str):
                 raise invalid(f"{where}.{name}", f"Invalid type for '{where}.{name}': expected a string.")
+
+
+# OpenAI's chat roles. A role outside them reached upstreams that refuse it in their own way (llama-cpp-python
+# answered a 500 carrying its file paths, and every such answer counted against the target's breaker).
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_ROLE_LIST = "'system', 'developer', 'user', 'assistant', 'tool', and 'function'"
+
+
+def _refuse_role(where: str, role: Any) -> None:
+    if not isinstance(role, str):
+        raise invalid(f"{where}.role", f"Invalid type for '{where}.role': expected a string, but got {_kind(role)}.")
+    shown = role if len(role) <= 40 else role[:40] + "..."
+    raise invalid(f"{where}.role", f"Invalid value: '{shown}'. Supported values are: {_ROLE_LIST}.",
+                  code="invalid_value")
 
 
 def _check_tools(tools: Any) -> None:

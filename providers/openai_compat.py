@@ -10,6 +10,7 @@ unless a spec needs to rewrite them.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ from providers.base import (
     Usage,
 )
 from providers.canonical import dump_object, error_object, load_object, stream_cut
+from providers.embedding_vectors import as_requested_base64
 from providers.sse import DONE
+from providers.validation_errors import validation_failure_from
 
 PATHS = {
     Endpoint.CHAT: "/chat/completions",
@@ -75,6 +78,16 @@ class CompatSpec:
     # A stream that ends before any content and without a finish reason means the prompt did not fit the
     # context window (llama-cpp-python fails that way once the stream has started), not a dropped connection.
     empty_stream_is_overflow: bool = False
+    # `[DONE]` with no finish reason before it means the server stopped the answer early: llama-cpp-python ends a
+    # running stream that way when another request arrives (`interrupt_requests`, on by default).
+    done_needs_finish_reason: bool = False
+    # Streams go on a connection of their own (`connection: close`): llama-cpp-python closes the connection after
+    # a stream that failed (a context overflow), a moment after the answer's end, when the pool already holds it
+    # for the next request (the next call, e.g. the context-window fallback, then got a dropped connection).
+    stream_closes_connection: bool = False
+    # OpenAI's `response_format: {type: json_schema, json_schema: {schema}}` sent as `{type: json_object, schema}`:
+    # llama-cpp-python knows only the latter (a 400 otherwise); llama-server takes both.
+    json_schema_as_json_object: bool = False
     # Where the request id goes upstream (Capabilities.request_id_header, request_id_uuid).
     request_id_header: str | None = "x-request-id"
     request_id_uuid: bool = True
@@ -110,6 +123,8 @@ class OpenAICompatAdapter:
             cap_field = token_cap_field(self.spec, call.upstream_model)
             if cap_field is not None:
                 move_token_cap(body, cap_field)
+            if self.spec.json_schema_as_json_object and "response_format" in body:
+                body["response_format"] = json_object_format(body["response_format"])
         for old, new in self.spec.renames.items():
             if old in body:
                 body[new] = body.pop(old)
@@ -120,6 +135,8 @@ class OpenAICompatAdapter:
             headers["authorization"] = "Bearer " + provider.api_key
         if call.stream:
             headers["accept"] = "text/event-stream"
+            if self.spec.stream_closes_connection:
+                headers["connection"] = "close"
         return UpstreamRequest("POST", provider.base_url + PATHS[call.endpoint], headers, dump_object(body))
 
     def parse_response(self, call: Call, body: bytes) -> ParsedResponse:
@@ -135,6 +152,9 @@ class OpenAICompatAdapter:
                 )
             reasons = tuple(self.spec.finish_reasons.get(r, r) for r in reasons)
             body = orjson.dumps(payload)
+        if (call.endpoint is Endpoint.EMBEDDINGS and call.body.get("encoding_format") == "base64"
+                and as_requested_base64(payload)):
+            body = orjson.dumps(payload)
         return ParsedResponse(
             body=body,
             usage=usage_from_openai(payload.get("usage")),
@@ -145,7 +165,8 @@ class OpenAICompatAdapter:
     def stream_translator(self, call: Call) -> StreamTranslator:
         if call.endpoint is Endpoint.RESPONSES:
             return responses_api.ResponsesStream()
-        return _CompatStream(self.spec.finish_reasons, self.spec.empty_stream_is_overflow)
+        return _CompatStream(self.spec.finish_reasons, self.spec.empty_stream_is_overflow,
+                             self.spec.done_needs_finish_reason)
 
     def classify_error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         return failure_from_openai_error(status, error_object(body), headers)
@@ -158,17 +179,25 @@ class _CompatStream(PayloadTranslator):
     carry usage, a finish reason or an error are decoded (found by byte search).
     """
 
-    __slots__ = ("_events", "_finish_reasons", "_overflow_if_empty", "finished")
+    __slots__ = ("_answered", "_events", "_finish_reasons", "_overflow_if_empty", "_unanswered_done_is_cut",
+                 "finished")
 
-    def __init__(self, finish_reasons: Mapping[str, str], overflow_if_empty: bool = False) -> None:
+    def __init__(self, finish_reasons: Mapping[str, str], overflow_if_empty: bool = False,
+                 done_needs_finish_reason: bool = False) -> None:
         self._finish_reasons = finish_reasons
         self._overflow_if_empty = overflow_if_empty
+        self._unanswered_done_is_cut = done_needs_finish_reason
+        self._answered = False  # a finish reason was seen
         self._events = 0
         self.finished = False
 
     def feed(self, data: bytes) -> Sequence[StreamChunk]:
         self._events += 1
         if data == DONE:
+            if self._unanswered_done_is_cut and not self._answered:
+                raise UpstreamFailed(UpstreamFailure(
+                    FailureKind.OVERLOADED, 503, "the upstream stopped the stream before the answer's end (`[DONE]` "
+                    "without a finish reason), as llama-cpp-python does when another request arrives"))
             self.finished = True
             return ()
         if _nothing_to_read(data):
@@ -208,6 +237,7 @@ class _CompatStream(PayloadTranslator):
                     choice["finish_reason"] = mapped
                     data = orjson.dumps(payload)
                 finish_reason = mapped
+                self._answered = True
         usage = usage_from_openai(payload.get("usage"))
         return StreamChunk(data, usage=usage, usage_only=usage is not None and not choices,
                            finish_reason=finish_reason)
@@ -246,6 +276,14 @@ def move_token_cap(body: dict[str, Any], name: str) -> None:
         body[name] = cap
 
 
+def json_object_format(response_format: Any) -> Any:
+    """`{type: json_schema, json_schema: {schema}}` as `{type: json_object, schema}`; any other value as it is."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return response_format
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return {"type": "json_object", "schema": schema} if isinstance(schema, dict) else {"type": "json_object"}
+
 
 def usage_from_openai(raw: Any) -> Usage | None:
     """Canonical usage from an OpenAI-shaped `usage` object."""
@@ -282,20 +320,24 @@ _CODE_KINDS = {
 }
 
 
+# Where a Python server's error text turns into a traceback or a source location (a frame on a line of its own).
+_TRACEBACK = re.compile(r'Traceback \(most recent call last\)|\n\s*File "[^"\n]*", line \d+')
 # llama.cpp's server reports a prompt longer than its context as `type: exceed_context_size_error` (code 400).
 _OVERFLOW_TYPES = frozenset({"exceed_context_size_error"})
 
 
 def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> UpstreamFailure:
     """Classify an OpenAI-shaped error body (`{"error": {message, type, code, param}}`)."""
-    if status == 422 and isinstance(payload.get("detail"), list):
-        return _validation_failure(payload["detail"], headers)
     error = payload.get("error")
     if isinstance(error, str):
         # vLLM and llama.cpp sometimes answer `{"error": "..."}` or `{"message": ...}`.
         error = {"message": error}
     elif not isinstance(error, dict):
         error = {"message": payload.get("message") or payload.get("detail")}
+    message = error.get("message")
+    refused = validation_failure_from(status, payload, message, retry_after_seconds(headers))
+    if refused is not None:
+        return refused
     code = error.get("code")
     code = str(code) if code is not None and code != status else None  # llama.cpp repeats the status as `code`
     if error.get("type") in _OVERFLOW_TYPES:
@@ -303,7 +345,8 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
     kind = _CODE_KINDS.get(code or "") or _STATUS_KINDS.get(status)
     if kind is None:
         kind = FailureKind.UPSTREAM_ERROR if status >= 500 else FailureKind.BAD_REQUEST
-    message = error.get("message")
+    if message and status >= 500:
+        message = _TRACEBACK.split(str(message), 1)[0].rstrip()  # the server's files are none of the client's business
     return UpstreamFailure(
         kind=kind,
         status=status,
@@ -313,22 +356,6 @@ def failure_from_openai_error(status: int, payload: Mapping[str, Any], headers: 
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         retry_after=retry_after_seconds(headers),
     )
-
-
-def _validation_failure(detail: list[Any], headers: Mapping[str, str]) -> UpstreamFailure:
-    """FastAPI's 422 (`{"detail": [{"loc": ["body", "messages", 0], "msg": ...}]}`, llama-cpp-python, TGI's
-    router...) as OpenAI reports a malformed request: a 400 naming the parameter, e.g. `messages.[0].role`."""
-    first = next((d for d in detail if isinstance(d, dict)), {})
-    loc = [part for part in first.get("loc") or () if part != "body"]
-    param = ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc) or None
-    message = str(first.get("msg") or "the request failed validation")
-    extra = len(detail) - 1
-    if param:
-        message = f"{param}: {message}"
-    if extra > 0:
-        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
-    return UpstreamFailure(kind=FailureKind.BAD_REQUEST, status=400, message=message, code="invalid_request",
-                           param=param, error_type="invalid_request_error", retry_after=retry_after_seconds(headers))
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -386,6 +413,7 @@ TGI = CompatSpec(kind="tgi", endpoints=frozenset({Endpoint.CHAT, Endpoint.COMPLE
 # llama-cpp-python's server reads only `max_tokens` (2,032 tokens generated under max_completion_tokens: 5)
 # and validates `x-request-id` as a UUID.
 LLAMACPP = CompatSpec(kind="llamacpp", tokenizer="open_weights", token_cap="max_tokens",
-                      empty_stream_is_overflow=True)
+                      empty_stream_is_overflow=True, done_needs_finish_reason=True, stream_closes_connection=True,
+                      json_schema_as_json_object=True)
 
 SPECS = (OPENAI, OPENAI_COMPATIBLE, GROQ, MISTRAL, TOGETHER, VLLM, SGLANG, TGI, LLAMACPP)

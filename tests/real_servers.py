@@ -37,8 +37,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def write_tiny_model(path: Path, seed: int = 7) -> Path:
-    """A random-weight llama GGUF with a small built-in vocabulary; returns `path`."""
+def write_tiny_model(path: Path, seed: int = 7, *, pooled: bool = False) -> Path:
+    """A random-weight llama GGUF with a small built-in vocabulary; returns `path`. `pooled`: it declares mean
+    pooling, as embedding models do (without it the servers return one vector per token, not per input)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -75,6 +76,8 @@ def write_tiny_model(path: Path, seed: int = 7) -> Path:
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if pooled:
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
 
     def weights(*shape: int, scale: float = 0.05) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -158,12 +161,13 @@ def _serving(name: str, command: list[str], port: int, log: Path) -> Iterator[Ru
         server.stop()
 
 
-def llama_cpp_python(model: Path, workdir: Path, *, n_ctx: int = N_CTX) -> contextlib.AbstractContextManager[
-        RunningServer]:
-    """llama-cpp-python's OpenAI-compatible server on a free port."""
+def llama_cpp_python(model: Path, workdir: Path, *, n_ctx: int = N_CTX, embedding: bool = False
+                     ) -> contextlib.AbstractContextManager[RunningServer]:
+    """llama-cpp-python's OpenAI-compatible server on a free port; `embedding` serves /v1/embeddings too."""
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "1", "--model_alias", "tiny"]
+               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "1", "--model_alias", "tiny",
+               "--embedding", str(embedding).lower()]
     return _serving("llama-cpp-python", command, port, workdir / "llama-cpp-python.log")
 
 
@@ -180,6 +184,7 @@ params.cpuparams.n_threads = 1
 params.cpuparams_batch.n_threads = 1
 params.model_alias = {"tiny"}
 params.warmup = False
+params.embedding = sys.argv[4] == "1"
 server = xllamacpp.Server(params)
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -187,9 +192,10 @@ stop.wait()
 """
 
 
-def llama_server(model: Path, workdir: Path, *, n_ctx: int = N_CTX) -> contextlib.AbstractContextManager[
-        RunningServer]:
-    """llama.cpp's own `llama-server` (the xllamacpp wheel) on a free port."""
+def llama_server(model: Path, workdir: Path, *, n_ctx: int = N_CTX, embedding: bool = False
+                 ) -> contextlib.AbstractContextManager[RunningServer]:
+    """llama.cpp's own `llama-server` (the xllamacpp wheel) on a free port; `embedding` makes it an embeddings
+    server (it then refuses completions)."""
     port = free_port()
-    command = [sys.executable, "-c", _LLAMA_SERVER, str(model), str(port), str(n_ctx)]
+    command = [sys.executable, "-c", _LLAMA_SERVER, str(model), str(port), str(n_ctx), "1" if embedding else "0"]
     return _serving("llama-server", command, port, workdir / "llama-server.log")

@@ -7,14 +7,17 @@ to overrun caps and to leave usage out, so the gateway's own guard and usage chu
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.trace import SpanKind
 
 from gateway.tokens import TokenCounter
-from tests.conftest import RunningGateway, serving
+from tests.conftest import ALPHA_TEAM_ALL_MODELS, RunningGateway, run_gateway, serving
 from tests.fakes import Behaviour, FakeOpenAIUpstream
+from tests.fakes.otlp_receiver import WaitingSpanExporter
 
 WORDS = " ".join(f"w{i}" for i in range(40))
 
@@ -127,3 +130,31 @@ def test_a_whole_answer_without_usage_gets_an_estimated_one(gateway: RunningGate
     assert (reply.model_extra or {})["switchboard"] == {"usage_estimated": True}
     record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and record.usage.estimated
+
+
+def test_an_estimated_usage_is_marked_on_the_ledger_row_and_the_span(upstream: FakeOpenAIUpstream,
+                                                                     tmp_path: Path) -> None:
+    exporter = WaitingSpanExporter()
+    path = tmp_path / "policy.yaml"
+    path.write_text(_policy(upstream.base_url) + "ledger: {path: ledger.sqlite, flush_interval_s: 0.05}\n"
+                    + ALPHA_TEAM_ALL_MODELS)
+    gateway = run_gateway(path, span_exporter=exporter)
+    try:
+        upstream.script(Behaviour(no_usage=True))  # the first stream gets no usage from the upstream; the second does
+        for _ in range(2):
+            list(gateway.client().chat.completions.create(
+                model="vllm", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "hello there"}]))
+        records = gateway.usage.wait_for(2)
+        servers = [s for s in exporter.wait_for_servers(2) if s.kind is SpanKind.SERVER]
+    finally:
+        gateway.stop()  # flushes the ledger
+    marks = {r.request_id: r.usage is not None and r.usage.estimated for r in records}
+    assert sorted(marks.values()) == [False, True]
+    first, second = sorted(servers, key=lambda span: span.start_time or 0)
+    spans = [(span.attributes or {})["switchboard.usage_estimated"] for span in (first, second)]
+    connection = sqlite3.connect(tmp_path / "ledger.sqlite")
+    rows = dict(connection.execute("SELECT request_id, usage_estimated FROM usage").fetchall())
+    connection.close()
+    assert spans == [True, False] and [marks[r.request_id] for r in records] == [True, False]
+    assert {request_id: bool(mark) for request_id, mark in rows.items()} == marks

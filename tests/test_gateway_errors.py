@@ -159,3 +159,24 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_and_settles_usage(
     record = gateway.usage.wait_for(1)[0]
     assert record.outcome == "client_disconnected"
     assert record.usage is not None and record.usage.estimated and record.usage.prompt_tokens > 0
+
+
+def test_an_unknown_message_role_is_refused_before_any_upstream_call(gateway: RunningGateway,
+                                                                     upstream: FakeOpenAIUpstream) -> None:
+    """llama-cpp-python had answered a role outside OpenAI's with a 500 carrying its file paths."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]
+    response = _post(gateway, {**CHAT, "messages": turns})
+    assert response.status_code == 400
+    assert _error(response) == {"message": "Invalid value: 'robot'. Supported values are: 'system', 'developer', "
+                                "'user', 'assistant', 'tool', and 'function'.", "type": "invalid_request_error",
+                                "param": "messages[1].role", "code": "invalid_value"}
+    for role in (5, ["user"], {"user": 1}, None):
+        response = _post(gateway, {**CHAT, "messages": [{"role": role, "content": "x"}]})
+        assert response.status_code == 400 and _error(response)["param"] == "messages[0].role", response.text
+    assert upstream.request_count == 0
+    every_role = [{"role": "system", "content": "s"}, {"role": "developer", "content": "d"},
+                  {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                  {"role": "tool", "content": "t", "tool_call_id": "call_1"},
+                  {"role": "function", "content": "f", "name": "lookup"}]
+    assert _post(gateway, {**CHAT, "messages": every_role}).status_code == 200
+    assert upstream.request_count == 1

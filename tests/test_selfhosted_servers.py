@@ -3,21 +3,29 @@
 Two implementations of the same kind, started once per module on free ports (tests/real_servers.py):
 `llama-server` (llama.cpp's C++ server, from the xllamacpp wheel) and `llama-cpp-python` (its FastAPI server).
 Through the gateway with the openai SDK: every call had failed on llama-cpp-python (the gateway's request id
-was not a UUID), `max_completion_tokens: 5` had produced 2,032 tokens, and `include_usage` had got no usage
-chunk. The tiny model never emits its end token, so a reply runs exactly to the cap, one token per chunk.
+was not a UUID), `max_completion_tokens: 5` had produced 2,032 tokens, `include_usage` had got no usage chunk,
+a streamed context overflow had ended in a 502 (the server drops the connection after it), an unknown role in a
+500 carrying the server's file paths, and a stream interrupted by another request looked complete. The tiny
+model never emits its end token, so a reply runs exactly to the cap, one token per chunk.
 """
 
 from __future__ import annotations
 
+import base64
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests import real_servers
-from tests.conftest import RunningGateway, serving
+from tests.conftest import RunningGateway, key_hash, serving
 
 SERVERS = ["llama-server", "llama-cpp-python"]
 _STARTERS = {"llama-server": real_servers.llama_server, "llama-cpp-python": real_servers.llama_cpp_python}
@@ -51,6 +59,9 @@ models:
     fallbacks: {{context_window: [tiny-fallback]}}
     targets: [{{provider: local, model: tiny}}]
   tiny-fallback:
+    targets: [{{provider: local, model: tiny}}]
+  tiny-strict:
+    circuit_breaker: {{consecutive_failures: 1, cooldown_s: 600, min_callers: 1}}
     targets: [{{provider: local, model: tiny}}]
 """
     with serving(tmp_path_factory.mktemp("gateway") / "policy.yaml", policy) as running:
@@ -171,16 +182,8 @@ def test_completions_take_a_null_prompt(sent: RunningGateway) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(sent: RunningGateway, server_name: str,
                                                                              stream: bool) -> None:
+    """llama-cpp-python ends a streamed overflow right after its headers (its 400 comes only without `stream`)."""
     long = [{"role": "user", "content": "hello world " * 400}]  # ~4,800 tokens; the servers' window is 512
-    if stream and server_name == "llama-cpp-python":
-        # Found here, only partly handled: llama-cpp-python 0.3.36 ends a streamed overflow either after its
-        # headers with nothing (a context error, handled) or by dropping the connection before any response,
-        # which the gateway can only see as a connection failure (502).
-        with pytest.raises(openai.APIStatusError) as dropped:
-            sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
-                                                  stream=True)
-        assert dropped.value.code in ("context_length_exceeded", "upstream_unreachable")
-        return
     with pytest.raises(openai.BadRequestError) as caught:
         sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
                                               stream=stream)
@@ -195,15 +198,213 @@ def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(se
     assert route.startswith("tiny-small-window@local:400,tiny-fallback@local:400"), route
 
 
-def test_a_request_the_server_refuses_gets_an_openai_400(sent: RunningGateway, server_name: str) -> None:
-    """A role the gateway passes on (it checks only that roles are strings) and llama-cpp-python's schema refuses."""
-    messages = [{"role": "robot", "content": "beep"}]
-    if server_name == "llama-server":  # llama.cpp takes any role into its template
-        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+def test_an_unknown_role_is_refused_by_the_gateway_itself(sent: RunningGateway) -> None:
+    """llama-cpp-python had answered it with a 500 naming its own source file (llama-server takes any role)."""
+    raw = httpx.post(sent.v1 + "/chat/completions", headers={"authorization": "Bearer sk-alpha"},
+                     json={"model": "tiny", "max_tokens": 3, "messages": [{"role": "robot", "content": "beep"}]})
+    assert raw.status_code == 400
+    error = raw.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("messages[0].role", "invalid_value",
+                                                             "invalid_request_error")
+    assert "x-switchboard-route" not in raw.headers  # no upstream was tried
+
+
+def test_a_request_the_server_refuses_is_an_openai_400_that_trips_no_breaker(sent: RunningGateway,
+                                                                             server_name: str) -> None:
+    """A tool message without `tool_call_id`: llama-server takes it; llama-cpp-python answers a 500 whose message is
+    pydantic's report and its source file. `tiny-strict` ejects its target on any one failure counted against it."""
+    client = sent.client()
+    messages = [{"role": "tool", "content": "beep"}]
+    if server_name == "llama-server":
+        assert client.chat.completions.create(model="tiny-strict", max_tokens=3, messages=messages)  # type: ignore[arg-type]
         return
-    # Found here, not yet handled: llama-cpp-python 0.3.36 answers this validation failure with a 500 whose text
-    # body lists the pydantic errors (not FastAPI's 422), so the client gets a 502; the breaker does not count it
-    # against the target for other teams (circuit_breaker.min_callers).
-    with pytest.raises(openai.InternalServerError) as caught:
-        sent.client().chat.completions.create(model="tiny", max_tokens=3, messages=messages)  # type: ignore[arg-type]
-    assert caught.value.status_code == 502 and "validation error" in caught.value.message
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny-strict", max_tokens=3, messages=messages)  # type: ignore[arg-type]
+        assert caught.value.status_code == 400
+        assert caught.value.body == {"message": "messages[0].tool_call_id: Field required", "code": "invalid_request",
+                                     "type": "invalid_request_error", "param": "messages[0].tool_call_id"}
+    reply = client.chat.completions.create(model="tiny-strict", max_tokens=3,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content
+
+
+def test_a_stream_another_request_interrupts_is_reported_not_passed_off_as_complete(sent: RunningGateway,
+                                                                                   server_name: str) -> None:
+    """llama-cpp-python stops a running stream when a second request arrives (`interrupt_requests`), and ends it with
+    `[DONE]` but no finish reason: a short answer that looked complete. llama-server queues the second request."""
+    client = sent.client()
+    stream = client.chat.completions.create(model="tiny", max_tokens=450, stream=True,
+                                            messages=[{"role": "user", "content": "hello"}])
+    chunks = iter(stream)
+    text = ""
+    while not text:  # the stream is under way: the server is generating when the second request arrives
+        text += "".join(c.delta.content or "" for c in next(chunks).choices)
+    second = client.chat.completions.create(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert second.choices[0].finish_reason == "length"
+    finish: list[str] = []
+    if server_name == "llama-server":
+        for chunk in chunks:
+            finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        assert finish == ["length"]
+        return
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in chunks:
+            finish += [c.finish_reason for c in chunk.choices if c.finish_reason]
+    assert finish == [] and "stopped the stream before the answer's end" in caught.value.message
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def embedding_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[RunningGateway]:
+    """Each server in embeddings mode (llama-server serves nothing else then), on a model that declares pooling."""
+    workdir = tmp_path_factory.mktemp(f"{request.param}-embed")
+    model = real_servers.write_tiny_model(workdir / "tiny-embed.gguf", pooled=True)
+    with _STARTERS[request.param](model, workdir, embedding=True) as running:
+        policy = f"""
+providers:
+  local: {{kind: llamacpp, base_url: {running.base_url}}}
+models:
+  tiny-embed: {{targets: [{{provider: local, model: tiny}}]}}
+"""
+        with serving(workdir / "policy.yaml", policy) as gateway:
+            yield gateway
+
+
+@pytest.mark.conformance(provider={s: s for s in SERVERS}, endpoint="embeddings", feature="text", stream=False,
+                         by="embedding_gateway")
+@pytest.mark.parametrize("encoding_format", ["float", "base64", None])
+def test_embeddings_are_one_vector_per_input_in_the_encoding_asked_for(embedding_gateway: RunningGateway,
+                                                                      encoding_format: str | None) -> None:
+    """llama-cpp-python sends floats when asked for base64: a client decoding base64 itself could not read them.
+    Without `encoding_format` the openai SDK asks for base64 and decodes it."""
+    reply = embedding_gateway.client().embeddings.create(
+        model="tiny-embed", input=["hello world", "the cat sat"],
+        **({"encoding_format": encoding_format} if encoding_format else {}))  # type: ignore[arg-type]
+    assert [d.index for d in reply.data] == [0, 1]
+    vectors: list[Any] = [d.embedding for d in reply.data]
+    if encoding_format == "base64":
+        assert all(isinstance(v, str) for v in vectors)
+        vectors = [list(struct.unpack(f"<{real_servers.N_EMBD}f", base64.b64decode(v))) for v in vectors]
+    assert all(len(v) == real_servers.N_EMBD and all(isinstance(x, float) for x in v) for v in vectors)
+    assert vectors[0] != vectors[1]
+    assert reply.usage.prompt_tokens > 0
+    record = embedding_gateway.usage.wait_for(1)[0]
+    embedding_gateway.usage.records.clear()
+    assert record.usage is not None and record.usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+@pytest.mark.conformance(provider={"llama-server": "llama-server"}, endpoint="chat", feature="cached_usage",
+                         by="server")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_repeated_prompt_reports_the_servers_cached_tokens(sent: RunningGateway, server_name: str,
+                                                             stream: bool) -> None:
+    """llama-server reuses its KV cache for a prompt it has just seen and says so; llama-cpp-python reports none."""
+    client = sent.client()
+    messages = [{"role": "user", "content": f"the quick cat sat on the big mat {stream} " * 8}]
+    for _ in range(2):
+        if stream:
+            *_, last = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                                      stream=True, stream_options={"include_usage": True})
+            usage = last.usage
+        else:
+            usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).usage  # type: ignore[arg-type]
+    assert usage is not None
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    record = sent.usage.wait_for(2)[1]
+    assert record.usage is not None and record.usage.cached_tokens == cached
+    if server_name == "llama-server":
+        assert 0 < (cached or 0) < usage.prompt_tokens
+    else:
+        assert not cached
+
+
+def test_each_server_has_its_own_health_path(server: real_servers.RunningServer, server_name: str,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`health_check.path` defaults to `/health`, which llama-server serves and llama-cpp-python does not (404). Its
+    `/v1/models` takes the model's lock, so a check there would cut running streams (`interrupt_requests`);
+    `/openapi.json` answers without it: a stream runs to its end while checks go on twenty times a second."""
+    check = "interval_s: 0.05, timeout_s: 2, unhealthy_after: 1"
+    policy = f"""
+providers:
+  at-health: {{kind: llamacpp, base_url: {server.base_url}, health_check: {{path: /health, {check}}}}}
+  at-openapi: {{kind: llamacpp, base_url: {server.base_url}, health_check: {{path: /openapi.json, {check}}}}}
+models:
+  via-health: {{targets: [{{provider: at-health, model: tiny}}]}}
+  via-openapi: {{targets: [{{provider: at-openapi, model: tiny}}]}}
+admin:
+  keys: [{{id: ops, hash: "{key_hash('sk-ops')}"}}]
+"""
+    works, fails = ("via-health", "via-openapi") if server_name == "llama-server" else ("via-openapi", "via-health")
+    with serving(tmp_path_factory.mktemp("health") / "policy.yaml", policy) as gateway:
+        client = gateway.client()
+
+        def healthy() -> dict[str, bool]:
+            rows = httpx.get(gateway.base_url + "/admin/targets", headers={"authorization": "Bearer sk-ops"}).json()
+            return {row["provider"]: row["healthy"] for row in rows["data"]}
+
+        ticker = threading.Event()
+        for _ in range(200):
+            if healthy().get("at-" + fails.removeprefix("via-")) is False:
+                break
+            ticker.wait(0.02)  # polling the gateway's view of a background check: no event to wait on
+        assert healthy() == {"at-" + works.removeprefix("via-"): True, "at-" + fails.removeprefix("via-"): False}
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model=fails, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.code == "no_healthy_target"
+        chunks = list(client.chat.completions.create(model=works, max_tokens=300, stream=True,
+                                                     messages=[{"role": "user", "content": "hello"}]))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 300
+
+
+class Reading(BaseModel):
+    """Bounded, so a random model under the servers' grammar reaches the closing brace well within its cap."""
+
+    word: str = Field(max_length=6)
+    count: int = Field(ge=0, le=99)
+
+
+@_cells(feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_chat_front_door(sent: RunningGateway, stream: bool) -> None:
+    """llama-cpp-python refuses `response_format.type: json_schema` (400): it is sent as `json_object` + `schema`."""
+    client, ask = sent.client(), [{"role": "user", "content": "hello"}]
+    if stream:
+        with client.chat.completions.stream(model="tiny", messages=ask, response_format=Reading,  # type: ignore[arg-type]
+                                            max_tokens=80) as events:
+            final = events.get_final_completion()
+    else:
+        final = client.chat.completions.parse(model="tiny", messages=ask, response_format=Reading,  # type: ignore[arg-type]
+                                              max_tokens=80)
+    assert final.choices[0].finish_reason == "stop"
+    assert isinstance(final.choices[0].message.parsed, Reading)
+
+
+@_cells(endpoint="responses", feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_responses_front_door(sent: RunningGateway, stream: bool) -> None:
+    client = sent.client()
+    if stream:
+        with client.responses.stream(model="tiny", input="hello", text_format=Reading, max_output_tokens=80) as events:
+            parsed = events.get_final_response().output_parsed
+    else:
+        parsed = client.responses.parse(model="tiny", input="hello", text_format=Reading,
+                                        max_output_tokens=80).output_parsed
+    assert isinstance(parsed, Reading)
+
+
+@_cells(endpoint="messages", feature="json_schema")
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_parses_on_the_messages_front_door(sent: RunningGateway, stream: bool) -> None:
+    client = anthropic.Anthropic(base_url=sent.base_url, api_key="sk-alpha", max_retries=0)
+    schema = Reading.model_json_schema() | {"additionalProperties": False}
+    ask: dict[str, Any] = {"model": "tiny", "max_tokens": 80, "messages": [{"role": "user", "content": "hello"}],
+                           "extra_body": {"output_config": {"format": {"type": "json_schema", "schema": schema}}}}
+    if stream:
+        with client.messages.stream(**ask) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**ask)
+    assert message.stop_reason == "end_turn" and message.content[0].type == "text"
+    Reading.model_validate_json(message.content[0].text)

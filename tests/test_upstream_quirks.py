@@ -1,7 +1,8 @@
 """Behaviours of real servers that fakes written from OpenAI's documentation never show.
 
-FastAPI-shaped 422s (llama-cpp-python, TGI), integers beyond 64 bits, `prompt: null`. The real servers
-themselves are exercised in tests/test_selfhosted_servers.py.
+FastAPI-shaped 422s (llama-cpp-python, TGI), validation reports sent as a 500 (llama-cpp-python), streams that
+end with `[DONE]` but no finish reason (llama-cpp-python's interrupted ones), integers beyond 64 bits,
+`prompt: null`. The real servers themselves are exercised in tests/test_selfhosted_servers.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import RunningGateway, serving
@@ -40,9 +42,9 @@ def test_a_fastapi_422_becomes_an_openai_400_naming_the_parameter(gateway: Runni
     assert caught.value.status_code == 400
     error = caught.value.body
     assert isinstance(error, dict)
-    assert error["param"] == "messages.[0].role"
+    assert error["param"] == "messages[0].role"
     assert error["type"] == "invalid_request_error"
-    assert error["message"] == ("messages.[0].role: Input should be 'system', 'user' or 'assistant' "
+    assert error["message"] == ("messages[0].role: Input should be 'system', 'user' or 'assistant' "
                                 "(and 1 more problem)")
 
 
@@ -104,3 +106,113 @@ models:
             list(gateway.client().chat.completions.create(model="only", stream=True,
                                                           messages=[{"role": "user", "content": "x y z"}]))
         assert not isinstance(cut.value, openai.BadRequestError)
+
+
+# llama-cpp-python 0.3.36's answer to a tool message without `tool_call_id`, as the suite's real server sent it
+# (tests/test_selfhosted_servers.py), shortened to three of its six errors.
+_REPORT_500 = {"error": {"message": (
+    "3 validation errors:\n"
+    "  {'type': 'literal_error', 'loc': ('body', 'messages', 0, 'ChatCompletionRequestUserMessage', 'role'), "
+    "'msg': \"Input should be 'user'\", 'input': 'tool', 'ctx': {'expected': \"'user'\"}}\n"
+    "  {'type': 'missing', 'loc': ('body', 'messages', 0, 'ChatCompletionRequestToolMessage', 'tool_call_id'), "
+    "'msg': 'Field required', 'input': {'role': 'tool', 'content': 'sk-secret-in-the-input'}}\n"
+    "  {'type': 'literal_error', 'loc': ('body', 'messages', 0, 'ChatCompletionRequestFunctionMessage', 'role'), "
+    "'msg': \"Input should be 'function'\", 'input': 'tool', 'ctx': {'expected': \"'function'\"}}\n\n"
+    "  File \"/opt/llama/site-packages/llama_cpp/server/app.py\", line 376, in create_chat_completion\n"
+    "    POST /v1/chat/completions"), "type": "internal_server_error", "param": None, "code": None}}
+
+
+def test_a_validation_report_sent_as_a_500_is_a_400_that_leaks_nothing_and_trips_no_breaker(
+        upstream: FakeOpenAIUpstream, tmp_path: Path) -> None:
+    """Any one failure counted against this target would eject it (`consecutive_failures: 1`, one team enough)."""
+    policy = f"""
+providers:
+  llama: {{kind: llamacpp, base_url: {upstream.base_url}}}
+models:
+  llama:
+    circuit_breaker: {{consecutive_failures: 1, cooldown_s: 60, min_callers: 1}}
+    targets: [{{provider: llama, model: tiny}}]
+"""
+    with serving(tmp_path / "policy.yaml", policy) as gateway:
+        upstream.script(*[Behaviour(status=500, body=_REPORT_500)] * 3)
+        for _ in range(3):
+            response = httpx.post(gateway.v1 + "/chat/completions", headers={"authorization": "Bearer sk-alpha"},
+                                  json={"model": "llama", "messages": [{"role": "tool", "content": "x"}]})
+            assert response.status_code == 400, response.text
+            assert response.json() == {"error": {
+                "message": "messages[0].tool_call_id: Field required", "type": "invalid_request_error",
+                "param": "messages[0].tool_call_id", "code": "invalid_request"}}
+        reply = gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "echo: hi"
+
+
+def test_other_500s_keep_their_message_but_not_the_servers_source_locations(gateway: RunningGateway,
+                                                                           upstream: FakeOpenAIUpstream) -> None:
+    message = ("Llama model must be created with embedding=True to call this method\n"
+               "Traceback (most recent call last):\n  File \"/opt/llama/llama_cpp/llama.py\", line 9, in embed")
+    upstream.script(Behaviour.error(500, message))
+    with pytest.raises(openai.InternalServerError) as caught:
+        gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert "embedding=True" in caught.value.message
+    assert "/opt/llama" not in caught.value.message and "Traceback" not in caught.value.message
+
+
+def _sse(*events: dict[str, object]) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _chunk(delta: dict[str, object], finish_reason: str | None = None) -> dict[str, object]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def _interrupted(*deltas: dict[str, object]) -> Behaviour:
+    """What llama-cpp-python sends when another request arrives mid-stream: `[DONE]` with no finish reason."""
+    return Behaviour(status=200, body=_sse(*(_chunk(d) for d in deltas)), headers={"Content-Type": "text/event-stream"})
+
+
+def test_a_stream_stopped_with_done_but_no_finish_reason_is_retried_or_reported(upstream: FakeOpenAIUpstream,
+                                                                                tmp_path: Path) -> None:
+    policy = f"""
+providers:
+  llama: {{kind: llamacpp, base_url: {upstream.base_url}}}
+models:
+  llama:
+    retries: 1
+    backoff: {{initial_s: 0, max_s: 0}}
+    targets: [{{provider: llama, model: tiny}}]
+"""
+    with serving(tmp_path / "policy.yaml", policy) as gateway:
+        # Before any content: invisible to the client, retried.
+        upstream.script(_interrupted({"role": "assistant", "content": ""}))
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="llama", stream=True, messages=[{"role": "user", "content": "again"}])
+        chunks = list(raw.parse())
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: again"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert raw.headers["x-switchboard-route"] == "llama@llama:503,llama@llama:ok"
+        assert upstream.requests[-1].header("connection") == "close"  # see test_selfhosted_servers' overflow
+        # After content: the client is told, instead of getting a short answer that looks complete.
+        upstream.script(_interrupted({"role": "assistant", "content": ""}, {"content": "half an"}))
+        seen: list[str] = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in gateway.client().chat.completions.create(
+                    model="llama", stream=True, messages=[{"role": "user", "content": "x"}]):
+                seen += [c.delta.content or "" for c in chunk.choices]
+        assert "".join(seen) == "half an"
+        assert "stopped the stream before the answer's end" in caught.value.message
+
+
+def test_a_json_schema_response_format_reaches_llamacpp_as_json_object_with_its_schema(
+        gateway: RunningGateway, upstream: FakeOpenAIUpstream) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}],
+                                             response_format={"type": "json_schema",
+                                                              "json_schema": {"name": "n", "schema": schema}})
+    assert upstream.last_request is not None
+    assert upstream.last_request.json["response_format"] == {"type": "json_object", "schema": schema}
+    for kept in ({"type": "json_object"}, {"type": "text"}):
+        gateway.client().chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}],
+                                                 response_format=kept)  # type: ignore[arg-type]
+        assert upstream.last_request.json["response_format"] == kept
