@@ -181,7 +181,9 @@ def test_rate_limits_budgets_downgrades_reroutes_and_access_exactly(tmp_path: Pa
     assert (pairs[("gamma", "beta-model")]["key_refused"], pairs[("gamma", "beta-model")]["cost_after_usd"]) == (1, 0)
     assert report["totals"]["cost_delta_usd"] == pytest.approx(
         sum(row["cost_after_usd"] - row["cost_before_usd"] for row in pairs.values()), abs=1e-12)
-    assert [(a["team"], a["unit"], a["threshold"]) for a in report["budget_alerts"]] == [("beta", "tokens", 0.5)]
+    # The soft threshold, then the budget's exhaustion (its first downgrade), as the alerts would report them.
+    assert [(a["team"], a["unit"], a["threshold"]) for a in report["budget_alerts"]] == [
+        ("beta", "tokens", 0.5), ("beta", "tokens", 1.0)]
 
     # A hard budget instead of the downgrade: the beta requests past it are refused.
     hard = tmp_path / "hard.yaml"
