@@ -295,6 +295,7 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
     seen = settlement.streaming(call)
     allowance = stream_allowance(settlement.admission)
     recording = recording_stream(settlement.cache)
+    first = True  # the first batch's time is the stream's time to first token; later batches skip the clock
     try:
         async for batch in guard_stream(stream, call, target, services.counter):
             out: list[bytes] = []
@@ -317,7 +318,9 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
                 out.append(DONE_EVENT)
                 settlement.completed()
             if out:
-                settlement.first_token(clock())
+                if first:
+                    settlement.first_token(clock())
+                    first = False
                 yield b"".join(out)
         if settlement.outcome is None:
             settlement.completed()

@@ -193,7 +193,15 @@ def start_gateway(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Ta
     return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp)
 
 
-def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path) -> Target | None:
+def checkout_starter(checkout: Path) -> Starter:
+    """The gateway of another checkout (a commit before a change) under the demo-like policy, in the same run."""
+    def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+        return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp, checkout)
+    return start
+
+
+def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path, checkout: Path = REPO
+                        ) -> Target | None:
     port = free_port()
     policy = tmp / f"policy-{port}.yaml"
     policy.write_text(policy_text)
@@ -201,7 +209,7 @@ def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path) -
     if args.gateway_workers > 1:
         argv += ["--workers", str(args.gateway_workers)]
     argv += shlex.split(args.gateway_args)
-    child = Child(f"gateway-{port}", argv, tmp, SUT_CORE, REPO)
+    child = Child(f"gateway-{port}", argv, tmp, SUT_CORE, checkout)  # `-m gateway` imports the checkout's own
     try:
         child.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
     except RuntimeError as exc:  # a half-built gateway must not sink the baseline figures
@@ -222,6 +230,8 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
     elif gateway_available():
         chosen["gateway"] = start_gateway
         chosen["gateway-full"] = start_gateway_full
+    for checkout in args.compare_checkout or ():
+        chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
@@ -369,6 +379,9 @@ def parse_args() -> argparse.Namespace:
                         help="baselines' garbage-collector settings: the gateway's (default) or CPython's")
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
+    parser.add_argument("--compare-checkout", type=Path, nargs="+", metavar="DIR",
+                        help="also run the gateway of these checkouts (e.g. a git worktree of an older commit), "
+                             "demo-like policy, as systems 'gateway@<dir name>' in the same run")
     parser.add_argument("--only", nargs="+", metavar="SYSTEM", help="subset, e.g. direct baseline-aiohttp")
     parser.add_argument("--loops", nargs="+", choices=["closed", "open"], default=["closed", "open"],
                         help="which halves of the matrix to run (default both)")
