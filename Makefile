@@ -16,7 +16,7 @@ PHOENIX_VENV ?= .venv-phoenix
 STACK_DIR ?= .stack
 
 .PHONY: run test test-slow conformance lint bench redis install install-dev clean screenshots stack stack-down \
-	stack-tools image
+	stack-tools image soak
 
 # pip prints one line per package it collects and installs (no --quiet), so a first `make run` shows its
 # progress instead of ~30 s of silence; later runs skip these steps.
@@ -70,6 +70,11 @@ lint: install-dev
 
 bench: install-dev
 	$(PY) loadtests/bench.py
+
+# Memory soak (issue 17): 1M mixed requests on 3 replicas sharing a private Redis, 30-60 min; niced so a
+# shared machine stays usable. SOAK_ARGS passes options, e.g. SOAK_ARGS="--requests 50000".
+soak: install-dev
+	nice -n 10 $(PY) loadtests/soak.py $(SOAK_ARGS)
 
 # --- deploy/: the multi-replica stack as processes, and the container image ---------------------
 # `make stack`: HAProxy on 127.0.0.1:8180 over three replicas, a private Redis (6399), Prometheus

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,36 @@ def test_recent_activity_windows_and_percentiles() -> None:
     now[0] += 31  # out of the last minute, still in the last five
     assert activity.summary()["requests_per_s"] == 0 and activity.summary()["requests"] == 100
     assert RecentActivity().summary()["overhead_ms"] == {"p50": None, "p99": None}
+
+
+def test_recent_activity_keeps_the_newest_requests_in_fixed_memory() -> None:
+    now = [1000.0]
+    activity = RecentActivity(clock=lambda: now[0], capacity=1000)
+
+    def record(status: int, overhead: float) -> None:
+        activity.record(UsageRecord("r", "t", "k", "chat", "m", None, None, False, status, None, 1.0, overhead))
+
+    for _ in range(1000):
+        record(500, 1.0)
+    for _ in range(1500):  # overwrite every older slot, half of them twice
+        record(404, 2.0)
+    summary = activity.summary()
+    assert summary["requests"] == 1000 and summary["error_rate"] == 0 and summary["client_error_rate"] == 1
+    assert summary["overhead_ms"] == {"p50": 2.0, "p99": 2.0}
+
+    # What the soak found (loadtests/soak.py): a deque of tuples grew ~120 bytes per request kept until it was
+    # full. The ring's memory is all allocated up front: filling it keeps nothing more.
+    tracemalloc.start()
+    try:
+        activity = RecentActivity(clock=lambda: now[0], capacity=20_000)
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(20_000):
+            record(200, index / 7)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert activity.summary()["requests"] == 20_000
+    assert grown < 4096, f"recording 20,000 requests kept {grown} bytes"
 
 
 def test_requests_feed_lists_the_newest_ledger_rows_with_trace_links(
