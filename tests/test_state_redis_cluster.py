@@ -176,6 +176,40 @@ def test_a_slot_mid_migration_is_followed_through_ask(cluster: RedisCluster) -> 
     assert int(cluster.command(target, "GET", f"{prefix}{{asked}}:b")) == 460
 
 
+@pytest.mark.slow
+def test_a_master_that_stops_answering_is_replaced_by_its_replica_without_coming_back(tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    with redis_cluster(tmp_path / "cluster") as cluster:
+        key = f"{prefix}{{hung}}:n"
+        master = cluster.master_of(key)
+        replica = cluster.replicas_of(master)[0]
+
+        async def main() -> None:
+            store = RedisStore(cluster.seeds[0], key_prefix=prefix, timeout_s=0.2, retry_interval_s=0.05,
+                               failure_mode="fail_closed", cluster_nodes=cluster.seeds)
+            await store.start()
+            check = [Check(("{hung}:n",), 5, 1, in_a_day())]
+            for _ in range(3):
+                assert (await store.admit(check)).admitted
+            cluster.pause(master)  # connections stay open, nothing answers: no refusal tells the store
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.admit(check)
+            assert time.monotonic() - started < 0.7  # nobody waits past timeout_s on a hung master
+            # The cluster promotes the replica; the store's probe finds the new owner while the old one hangs.
+            async with asyncio.timeout(30):
+                await store.wait_until_healthy()
+            assert cluster.master_of(key) == replica
+            verdicts = [await store.admit(check) for _ in range(3)]
+            # The refused admission gave its reservation back; the count replicated before the pause is kept.
+            assert [v.used[0] for v in verdicts] == [3, 4, 5]
+            assert [v.admitted for v in verdicts] == [True, True, False]
+            await store.close()
+
+        asyncio.run(main())
+        assert int(cluster.command(replica, "GET", key)) == 5
+
+
 # --- through the gateway ---------------------------------------------------------------------------
 
 

@@ -98,6 +98,7 @@ class ClusterClient:
         self._asking: dict[Address, tuple[RespClient, asyncio.Lock]] = {}
         self._slots: dict[str, int] = {}  # hash tag (or untagged key) -> slot
         self._loading: asyncio.Task[None] | None = None
+        self._turn = 0  # where the next keyless command starts in the list of masters
 
     async def call(self, *args: Any) -> Any:
         """Send one command to the node that owns its key and await its reply."""
@@ -161,7 +162,11 @@ class ClusterClient:
                 else:
                     raise
             except (ConnectionLost, TimeoutError):
-                raise  # the command was written: it may have run, so only its caller may send it again
+                # Written, so it may have run: only its caller may send it again. A master that stopped
+                # answering may have been replaced meanwhile (the cluster promotes its replica): reload the
+                # map so that the caller's next try goes to whoever owns the slot now.
+                self._reload_soon()
+                raise
             except OSError:
                 # Not connected, so not sent: a failover may have given the slot to another node.
                 await self._load_slots(deadline)
@@ -181,11 +186,15 @@ class ClusterClient:
         if not any(self._owners):
             await self._load_slots(deadline)
         masters = list(dict.fromkeys(owner for owner in self._owners if owner is not None))
+        # Each call starts at the next master, so one that hangs does not fail every keyless call (the
+        # store's recovery probe is one).
+        self._turn = (self._turn + 1) % max(len(masters), 1)
         failure: OSError | None = None
-        for address in masters:
+        for address in masters[self._turn:] + masters[:self._turn]:
             try:
                 return await _call(self._node(address), deadline, args)
             except (ConnectionLost, TimeoutError):
+                self._reload_soon()
                 raise
             except OSError as exc:  # refused: try the next master
                 failure = exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ class RedisCluster:
         self.ports, self._bus_ports = ports[:count], ports[count:]
         self._replicas_per_master = replicas_per_master
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.paused: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -84,11 +86,22 @@ class RedisCluster:
         wait_until(answers, f"redis-server on {port}")
 
     def stop(self) -> None:
+        for port in list(self.paused):
+            self.resume(port)
         for process in self.processes.values():
             process.kill()
         for process in self.processes.values():
             process.wait(timeout=10)
         self.processes.clear()
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP: the node keeps its connections open and answers nothing (a hung host, a partition)."""
+        self.processes[port].send_signal(signal.SIGSTOP)
+        self.paused.add(port)
+
+    def resume(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGCONT)
+        self.paused.discard(port)
 
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
@@ -115,7 +128,7 @@ class RedisCluster:
         return int(self.command(self.live_port(), "CLUSTER", "KEYSLOT", key))
 
     def live_port(self) -> int:
-        return next(iter(self.processes))
+        return next(port for port in self.processes if port not in self.paused)
 
     def shards(self, port: int | None = None) -> list[tuple[int, list[tuple[int, int]]]]:
         """(master port, slot ranges) per shard, as node `port` sees them (CLUSTER SLOTS)."""
