@@ -273,6 +273,10 @@ class RedisStore:
             denied = int(result[-1])
             used = tuple(int(value) for value in result[:-1])
             self._remember(checks, used, denied == 0)
+            if denied == 0 and not self._healthy:
+                # Redis reserved it, but another call's failure took the store down while this reply was on
+                # its way (another cluster node, or a timeout): the local counters started without it.
+                self._local.settle([Delta(c.slices[-1], c.amount, c.expires_at) for c in checks])
             return Verdict(denied == 0, used, denied - 1 if denied else None)
         if not self._fail_open:
             raise StoreUnavailable("the rate-limit state store (Redis) is unreachable")
