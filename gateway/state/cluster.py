@@ -92,6 +92,7 @@ class ClusterClient:
         self._seeds = [(urlparse(seed).hostname or "127.0.0.1", urlparse(seed).port or 6379) for seed in seeds]
         self._connect_timeout = connect_timeout_s
         self._owners: list[Address | None] = [None] * SLOTS
+        self._masters: list[Address] = []  # the distinct owners in `_owners`
         self._replicas: set[Address] = set()
         self._nodes: dict[Address, RespClient] = {}
         # A second connection per node for ASK redirections: ASKING must be the command right before.
@@ -183,9 +184,9 @@ class ClusterClient:
             return await _call(client, deadline, args)
 
     async def _keyless(self, deadline: float | None, args: tuple[Any, ...]) -> Any:
-        if not any(self._owners):
+        if not self._masters:
             await self._load_slots(deadline)
-        masters = list(dict.fromkeys(owner for owner in self._owners if owner is not None))
+        masters = self._masters
         # Each call starts at the next master, so one that hangs does not fail every keyless call (the
         # store's recovery probe is one).
         self._turn = (self._turn + 1) % max(len(masters), 1)
@@ -251,8 +252,7 @@ class ClusterClient:
             await asyncio.shield(self._loading)
 
     async def _reload(self) -> None:
-        known = [owner for owner in self._owners if owner is not None]
-        candidates = list(dict.fromkeys([*known, *self._replicas, *self._seeds]))
+        candidates = list(dict.fromkeys([*self._masters, *self._replicas, *self._seeds]))
         failure: BaseException | None = None
         for address in candidates:
             try:
@@ -275,6 +275,7 @@ class ClusterClient:
             log.info("Redis Cluster slot map loaded from %s:%d: %d masters", *answered_by,
                      len(set(owners) - {None}))
         self._owners, self._replicas = owners, replicas
+        self._masters = list(dict.fromkeys(owner for owner in owners if owner is not None))
         # Connections to nodes that left the map are closed; a node that comes back gets a new one.
         listed = set(owners) | replicas | set(self._seeds)
         for address in [address for address in self._nodes if address not in listed]:
