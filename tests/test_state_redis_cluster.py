@@ -399,7 +399,7 @@ def test_a_master_killed_during_traffic_fails_over_and_the_accounting_holds(
     # (fail_closed) or counts locally from the last values it saw (fail_open: with one gateway process that
     # never passes a budget, docs/accounting.md); then it replays its journal on the promoted replica.
     unavailable = fail_over_during_traffic(tmp_path / "cluster", upstream, start_gateway,
-                                           lambda cluster, master, _replica: cluster.kill(master),
+                                           lambda cluster, master, _replica: cluster.kill_in_sync(master),
                                            failure_mode=failure_mode)
     assert unavailable > 0 if failure_mode == "fail_closed" else unavailable == 0
     # Both ran through an outage, and said so: down, then back once the journal was replayed.

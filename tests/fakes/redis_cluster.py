@@ -103,6 +103,21 @@ class RedisCluster:
         self.processes[port].send_signal(signal.SIGCONT)
         self.paused.discard(port)
 
+    def kill_in_sync(self, master: int) -> None:
+        """SIGKILL a master once its replicas hold every write it acknowledged.
+
+        Redis replicates asynchronously: a master killed at random can take acknowledged writes with it
+        (docs/operations.md says so). To test the gateway's own accounting through a failover, writes are
+        paused (`CLIENT PAUSE WRITE`: commands in flight wait, then die with the master) until every replica
+        has the master's replication offset; then the kill.
+        """
+        self.command(master, "CLIENT", "PAUSE", 10_000, "WRITE")
+        offset = self.admin(master).info("replication")["master_repl_offset"]
+        replicas = self.replicas_of(master)
+        wait_until(lambda: all(self.admin(replica).info("replication")["master_repl_offset"] >= offset
+                               for replica in replicas), f"the replicas of {master} to catch up")
+        self.kill(master)
+
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
         process.kill()
