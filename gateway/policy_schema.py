@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -539,6 +540,34 @@ class AdminPolicy(Strict):
     console: ConsolePolicy = Field(default_factory=ConsolePolicy)
 
 
+def _cluster_node_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError("must start with redis:// or rediss:// (a cluster node is reached over TCP)")
+    if parsed.path.strip("/") not in ("", "0"):
+        raise ValueError("must not name a database other than 0 (Redis Cluster has only database 0)")
+    return value
+
+
+class RedisClusterPolicy(Strict):
+    """A Redis Cluster with several shards: the state store sends each team's calls to its slot's master."""
+
+    nodes: list[Annotated[str, AfterValidator(_cluster_node_url)]] = Field(
+        min_length=1, description="redis:// or rediss:// URLs of some of the cluster's nodes (any role; list "
+        "more than one so that one being down does not stop a start). The other nodes are discovered with "
+        "CLUSTER SLOTS and reached with the first URL's scheme and credentials.")
+
+    @field_validator("nodes")
+    @classmethod
+    def _same_credentials(cls, nodes: list[str]) -> list[str]:
+        first = urlparse(nodes[0])
+        for node in nodes[1:]:
+            parsed = urlparse(node)
+            if (parsed.scheme, parsed.username, parsed.password) != (first.scheme, first.username, first.password):
+                raise ValueError(f"every node needs the same scheme and credentials as the first ({node!r} differs)")
+        return nodes
+
+
 class StatePolicy(Strict):
     """Where rate-limit and budget counters live (gateway/state/). Changes apply on restart."""
 
@@ -550,6 +579,7 @@ class StatePolicy(Strict):
     flush_interval_s: float = Field(1.0, gt=0, le=60, description="Durable store: snapshot period, the most "
                                     "spend a kill -9 can lose.")
     url: RedisUrl | None = Field(None, description="redis:// or rediss:// URL (with /db index); shared by replicas.")
+    cluster: RedisClusterPolicy | None = Field(None, description="A multi-shard Redis Cluster instead of `url`.")
     key_prefix: str = Field("switchboard:", pattern=r"^[^{}]*$", description="Prefix of every Redis key.")
     failure_mode: Literal["fail_open", "fail_closed"] = Field(
         "fail_open", description="When Redis is unreachable: serve counting locally and reconcile later, or "
@@ -559,8 +589,12 @@ class StatePolicy(Strict):
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StatePolicy:
-        if self.backend == "redis" and not self.url:
-            raise ValueError("backend: redis needs `url`")
+        if self.url and self.cluster:
+            raise ValueError("set `url` (one Redis) or `cluster` (a Redis Cluster's nodes), not both")
+        if self.backend == "redis" and not (self.url or self.cluster):
+            raise ValueError("backend: redis needs `url` (or `cluster`)")
+        if self.cluster and self.backend in ("memory", "durable"):
+            raise ValueError(f"`cluster` is only used by backend: redis (this is backend: {self.backend})")
         return self
 
 

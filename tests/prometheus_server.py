@@ -33,16 +33,16 @@ def binary(name: str) -> str:
 
 
 def render_config(directory: Path, targets: list[str], interval_s: float, admin_key: str | None = None) -> Path:
-    """The shipped prometheus.yml with these targets, a faster scrape and rule evaluation, and the admin key the
-    tenant port asks for on /metrics."""
+    """The shipped prometheus.yml with these targets and a faster scrape and rule evaluation; the admin key the
+    tenant port asks for on /metrics goes in the file the shipped job reads it from (its `credentials_file`)."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     interval = f"{int(interval_s * 1000)}ms"
     config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
     (job,) = config["scrape_configs"]
     job["scrape_interval"] = interval
     job["static_configs"] = [{"targets": targets}]
-    if admin_key is not None:
-        job["authorization"] = {"type": "Bearer", "credentials": admin_key}
+    # Relative to the config file, as shipped; without a key, an empty file (the scrape then gets 401).
+    (directory / job["authorization"]["credentials_file"]).write_text(admin_key or "")
     shutil.copy(SHIPPED_ALERTS, directory / "alerts.yaml")
     path = directory / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))

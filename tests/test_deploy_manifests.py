@@ -8,17 +8,20 @@ test in test_deploy_image.py builds and runs it where podman can.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
 from gateway.policy import parse_policy
+from tests.conftest import RunningGateway, key_hash, run_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -104,6 +107,59 @@ def test_admin_surface_has_its_own_service(overlay: tuple[str, list[dict[str, An
     tenant, admin = one(objects, "Service", "switchboard"), one(objects, "Service", "switchboard-admin")
     assert [p["name"] for p in tenant["spec"]["ports"]] == ["http"]
     assert [p["name"] for p in admin["spec"]["ports"]] == ["admin"]
+
+
+PROMETHEUS_ON_KUBERNETES = ROOT / "deploy" / "prometheus" / "kubernetes.yml"
+# Where the Prometheus Operator mounts `spec.secrets: [switchboard-metrics]`: /etc/prometheus/secrets/<name>/<key>.
+METRICS_KEY_FILE = "/etc/prometheus/secrets/switchboard-metrics/key"
+NO_KEY_HASH = "sha256:" + "0" * 64
+
+
+def test_prometheus_scrapes_every_pod_with_the_admin_key_metrics_asks_for(
+        overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objects = overlay
+    template = one(objects, "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    # Annotation-driven scrape jobs cannot send a key: they would only collect 401s.
+    assert not any(k.startswith("prometheus.io/") for k in template["metadata"].get("annotations", {}))
+    (job,) = yaml.safe_load(PROMETHEUS_ON_KUBERNETES.read_text())["scrape_configs"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": METRICS_KEY_FILE}
+    # Every ready pod, through a headless Service over the gateway pods, on the tenant port.
+    (discovery,) = job["dns_sd_configs"]
+    service = one(objects, "Service", discovery["names"][0])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    http = next(p for p in container["ports"] if p["name"] == port["targetPort"])
+    assert http["name"] == "http" and discovery["port"] == port["port"] == http["containerPort"]
+    # The pods read the key's hash from the same Secret; the policy makes it an admin key.
+    (variable,) = [e for e in container["env"] if e["name"] == "SWITCHBOARD_METRICS_KEY_HASH"]
+    assert variable["valueFrom"]["secretKeyRef"] == {"name": "switchboard-metrics", "key": "hash", "optional": True}
+    text = one(objects, "ConfigMap", "switchboard-policy")["data"]["policy.yaml"]
+    environ = {"REDIS_URL": "redis://redis:6379/0", "SWITCHBOARD_METRICS_KEY_HASH": key_hash("sk-scraper")}
+    assert parse_policy(text, environ=environ).admin_keys == {hashlib.sha256(b"sk-scraper").digest()}
+    # Without the Secret no admin key works (no key hashes to zeros), rather than the policy failing to load.
+    assert parse_policy(text, environ={"REDIS_URL": "redis://redis:6379/0"}).admin_keys == {bytes(32)}
+
+
+def test_the_shipped_policy_serves_metrics_to_the_secrets_key_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = render(KUBERNETES / "overlays" / "single")
+    text = one(objects, "ConfigMap", "switchboard-policy")["data"]["policy.yaml"]
+    path = tmp_path / "policy.yaml"
+    path.write_text(text.replace("/var/lib/switchboard/", str(tmp_path) + "/"))
+
+    def scrape(gateway: RunningGateway, key: str | None) -> int:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(gateway.base_url + "/metrics", headers=headers).status_code
+
+    monkeypatch.setenv("SWITCHBOARD_METRICS_KEY_HASH", key_hash("sk-scraper"))
+    gateway = run_gateway(path)
+    try:
+        assert scrape(gateway, "sk-scraper") == 200
+        assert scrape(gateway, None) == 401 and scrape(gateway, "sk-switchboard-demo") == 401
+    finally:
+        gateway.stop()
 
 
 def test_ha_runs_three_replicas_on_redis_scaled_spread_and_protected() -> None:

@@ -29,6 +29,8 @@ def promtool(*args: str) -> str:
 def test_alert_rules_and_scrape_config_pass_promtool() -> None:
     assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yaml")
     assert "is valid prometheus config file syntax" in promtool("check", "config", "prometheus.yml")
+    # The in-cluster config names the Secret's mount path, which exists only inside the Prometheus pod.
+    assert "is valid prometheus config file syntax" in promtool("check", "config", "--syntax-only", "kubernetes.yml")
 
 
 def test_alert_scenarios_fire_and_near_misses_stay_quiet() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -60,6 +61,20 @@ def test_compose_runs_three_replicas_behind_haproxy_with_redis_prometheus_and_ph
     # The shipped scrape config scrapes exactly these replicas.
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"{name}:8080" for name in gateways]
+
+
+def test_compose_prometheus_sends_an_admin_key_the_replicas_accept(compose: dict[str, Any]) -> None:
+    # /metrics needs an admin key on the tenant port; the job reads it from a file beside its config.
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    key_file = job["authorization"]["credentials_file"]
+    assert job["authorization"]["type"] == "Bearer" and "/" not in key_file  # relative: beside prometheus.yml
+    mounts = dict(volume.rsplit(":", 1)[0].split(":") for volume in compose["services"]["prometheus"]["volumes"])
+    config_dir = Path(mounts["./prometheus/prometheus.yml"]).parent
+    assert mounts[f"./prometheus/{key_file}"] == str(config_dir / key_file)
+    # The key is one the replicas' policy lists under admin.keys.
+    key = (DEPLOY / "prometheus" / key_file).read_text().strip()
+    policy = load_policy(DEPLOY / "stack" / "policy.yaml", environ={"REDIS_URL": "redis://redis:6379/0"})
+    assert hashlib.sha256(key.encode()).digest() in policy.admin_keys
 
 
 def test_haproxy_config_is_valid_and_compose_uses_the_same_one() -> None:

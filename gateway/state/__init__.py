@@ -115,16 +115,18 @@ def open_store(config: StatePolicy, *, policy_path: str | Path | None = None, ne
                             clock=clock, read_only=read_only)
     from gateway.state.redis import RedisStore
 
-    assert config.url is not None
-    return RedisStore(config.url, key_prefix=config.key_prefix, timeout_s=config.timeout_s,
-                      failure_mode=config.failure_mode, retry_interval_s=config.retry_interval_s, clock=clock)
+    seeds = config.cluster.nodes if config.cluster is not None else ()
+    url = config.url or seeds[0]
+    return RedisStore(url, key_prefix=config.key_prefix, timeout_s=config.timeout_s,
+                      failure_mode=config.failure_mode, retry_interval_s=config.retry_interval_s, clock=clock,
+                      cluster_nodes=seeds)
 
 
 def backend_for(config: StatePolicy, needed: bool) -> str:
     """The backend `state.backend` names, with `auto` resolved."""
     if config.backend != "auto":
         return config.backend
-    return "redis" if config.url else ("durable" if needed else "memory")
+    return "redis" if config.url or config.cluster else ("durable" if needed else "memory")
 
 
 def durable_path(config: StatePolicy, policy_path: str | Path | None) -> Path:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
+from gateway.state.cluster import ClusterClient
 from gateway.state.memory import MemoryStore
 from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient
 
@@ -153,18 +154,23 @@ class _Op:
 class RedisStore:
     def __init__(self, url: str, *, key_prefix: str = "switchboard:", timeout_s: float = 0.25,
                  failure_mode: str = "fail_open", retry_interval_s: float = 0.5,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, cluster_nodes: Sequence[str] = ()) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain { or } (the team is the Redis Cluster hash tag)")
         self.url = url
+        self._where = "Redis Cluster " + ", ".join(map(_safe_url, cluster_nodes)) if cluster_nodes else \
+            "Redis " + _safe_url(url)  # for logs
         self._prefix = key_prefix
         self._timeout = timeout_s
         self._fail_open = failure_mode == "fail_open"
         self._retry_interval = retry_interval_s
         self._clock = clock
-        # One pipelined connection (gateway/state/resp.py); no client-side
-        # retries: a failed call is answered by the failure policy at once.
-        self._client = RespClient(url, connect_timeout_s=timeout_s)
+        # One pipelined connection (gateway/state/resp.py), or one per master of a Redis Cluster
+        # (`cluster_nodes`, the seeds; gateway/state/cluster.py: same calls, routed by the team's slot). No
+        # retries of a call that may have run: a failed call is answered by the failure policy at once.
+        self._client: RespClient | ClusterClient = (
+            ClusterClient(cluster_nodes, connect_timeout_s=timeout_s) if cluster_nodes
+            else RespClient(url, connect_timeout_s=timeout_s))
         self._local = MemoryStore(clock=clock)
         self._outbox: dict[str, _Amounts] = {}  # settlements not yet sent, by team tag
         self._journal: _Amounts = {}  # increments never sent: made while Redis was known to be down
@@ -267,6 +273,10 @@ class RedisStore:
             denied = int(result[-1])
             used = tuple(int(value) for value in result[:-1])
             self._remember(checks, used, denied == 0)
+            if denied == 0 and not self._healthy:
+                # Redis reserved it, but another call's failure took the store down while this reply was on
+                # its way (another cluster node, or a timeout): the local counters started without it.
+                self._local.settle([Delta(c.slices[-1], c.amount, c.expires_at) for c in checks])
             return Verdict(denied == 0, used, denied - 1 if denied else None)
         if not self._fail_open:
             raise StoreUnavailable("the rate-limit state store (Redis) is unreachable")
@@ -409,8 +419,8 @@ class RedisStore:
             self._local.load([(key, value, expires) for key, (value, expires) in self._seen.items() if expires > now])
             mode = "serving with local per-process counters (fail_open)" if self._fail_open else \
                 "refusing requests with 503 (fail_closed)"
-            log.error("RATE-LIMIT STATE STORE DOWN: Redis %s unreachable (%s: %s); %s until it returns",
-                      _safe_url(self.url), type(exc).__name__, exc, mode)
+            log.error("RATE-LIMIT STATE STORE DOWN: %s unreachable (%s: %s); %s until it returns",
+                      self._where, type(exc).__name__, exc, mode)
         self._journal_outbox()
         if not self._closing and (self._probe is None or self._probe.done()):
             with contextlib.suppress(RuntimeError):
@@ -434,8 +444,8 @@ class RedisStore:
         for key, value, expires in self._local.rows():
             self._seen[key] = [value, expires]
         self._local = MemoryStore(clock=self._clock)
-        log.warning("rate-limit state store back: Redis %s reachable again after %.1fs; local counts reconciled",
-                    _safe_url(self.url), self._clock() - self._outage_started)
+        log.warning("rate-limit state store back: %s reachable again after %.1fs; local counts reconciled",
+                    self._where, self._clock() - self._outage_started)
 
     async def _replay(self) -> None:
         """Send the journal and the unconfirmed calls, each under its own id, oldest first."""
