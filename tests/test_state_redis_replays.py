@@ -310,9 +310,11 @@ prices:
     assert 95 * DOLLAR < spent <= 99 * DOLLAR
 
     def budget_counter() -> int:
+        """The USD budget's counters (one per time slice), not the once-per-period alert claims beside them."""
         client = redis.Redis(port=server.port)
+        base = (prefix + "{alpha}:b:team:usd:").encode()
         try:
-            return sum(int(client.get(key) or 0) for key in client.keys(prefix + "{alpha}:b:team:usd:*"))
+            return sum(int(client.get(key) or 0) for key in client.keys(base + b"*") if b":" not in key[len(base):])
         finally:
             client.close()
 
