@@ -435,7 +435,9 @@ def _counters(store: PrivateRedis) -> dict[tuple[str, str], int]:
     totals: dict[tuple[str, str], int] = {}
     for team in TEAMS:
         for unit in ("tok", "usd"):
-            keys = list(client.scan_iter(match=f"{PREFIX}{{{team}}}:b:team:{unit}:*"))
+            base = f"{PREFIX}{{{team}}}:b:team:{unit}:"
+            # The slices' counters, not the once-per-period alert claims (`...:exhausted:<slice>`) beside them.
+            keys = [key for key in client.scan_iter(match=base + "*") if ":" not in key[len(base):]]
             totals[(team, unit)] = sum(int(client.get(key) or 0) for key in keys)
     client.close()
     return totals
