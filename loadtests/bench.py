@@ -79,7 +79,7 @@ def start_upstream(name: str, latency_ms: float, args: argparse.Namespace, tmp: 
         "--stream-chunks",
         str(args.stream_chunks),
         "--chunk-delay-ms",
-        str(args.chunk_delay_ms),
+        str(getattr(args, "chunk_delay_ms", 0.0)),  # the other benchmarks' parsers have no such option
     ]
     child = Child(name, argv, tmp, HARNESS_CORE, REPO)
     child.wait_http_ok(f"http://127.0.0.1:{port}/health")
