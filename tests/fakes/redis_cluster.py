@@ -112,11 +112,15 @@ class RedisCluster:
         has the master's replication offset; then the kill.
         """
         self.command(master, "CLIENT", "PAUSE", 10_000, "WRITE")
+        self.wait_in_sync(master)
+        self.kill(master)
+
+    def wait_in_sync(self, master: int) -> None:
+        """Wait until every replica of `master` holds the master's replication offset (replication is async)."""
         offset = self.admin(master).info("replication")["master_repl_offset"]
         replicas = self.replicas_of(master)
         wait_until(lambda: all(self.admin(replica).info("replication")["master_repl_offset"] >= offset
                                for replica in replicas), f"the replicas of {master} to catch up")
-        self.kill(master)
 
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
