@@ -182,7 +182,7 @@ def test_a_master_that_stops_answering_is_replaced_by_its_replica_without_coming
     with redis_cluster(tmp_path / "cluster") as cluster:
         key = f"{prefix}{{hung}}:n"
         master = cluster.master_of(key)
-        replica = cluster.replicas_of(master)[0]
+        replica = cluster.a_replica_of(master)
 
         async def main() -> None:
             store = RedisStore(cluster.seeds[0], key_prefix=prefix, timeout_s=0.2, retry_interval_s=0.05,
@@ -372,7 +372,7 @@ def fail_over_during_traffic(workdir: Path, upstream: FakeOpenAIUpstream,
                                                timeout_s=timeout_s,
                                                team_limits=f"budget: {{tokens: {BUDGET_TOKENS}}}"))
         master = cluster.master_of(f"{prefix}{{{teams[0]}}}:x")
-        replica = cluster.replicas_of(master)[0]
+        replica = cluster.a_replica_of(master)
         tokens, served, unavailable = run_until_budgets_are_spent(
             gateway, teams, lambda: fail(cluster, master, replica))
         # Traffic can end before the promotion (fail_open serves throughout): then the store is still down.

@@ -179,6 +179,12 @@ class RedisCluster:
                 replicas.append(int(address.split("@")[0].rpartition(":")[2]))
         return sorted(replicas)
 
+    def a_replica_of(self, master: int) -> int:
+        """A live replica of `master`, waiting for CLUSTER NODES to list one (it can lag a fresh cluster's links:
+        CI once saw none right after the cluster settled)."""
+        wait_until(lambda: bool(self.replicas_of(master)), f"a replica of {master} in CLUSTER NODES")
+        return self.replicas_of(master)[0]
+
     def node_id(self, port: int) -> str:
         reply = self.command(port, "CLUSTER", "MYID")
         return reply.decode() if isinstance(reply, bytes) else str(reply)
