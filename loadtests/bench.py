@@ -167,20 +167,17 @@ def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path) 
                                           "--save", "", "--appendonly", "no"], tmp, HARNESS_CORE, REPO)
     collector = Child(f"collector-{collector_port}", [PY, "-m", "tests.fakes.otlp_receiver", "--port",
                                                       str(collector_port)], tmp, HARNESS_CORE, REPO)
-    helpers = [redis, collector]
+    target = None
     try:
         collector.wait_http_ok(f"http://127.0.0.1:{collector_port}/health")
         target = _start_gateway_with(full_policy_yaml(upstream.base_url, redis_port, collector_port,
                                                       tmp / f"ledger-{redis_port}.sqlite"), args, tmp)
-    except BaseException:
-        for helper in helpers:
-            helper.stop()
-        raise
-    if target is None:
-        for helper in helpers:
-            helper.stop()
-        return None
-    target.helpers = helpers
+    finally:
+        if target is None:  # the gateway did not come up (or raised): its helpers go with it
+            redis.stop()
+            collector.stop()
+    if target is not None:
+        target.helpers = [redis, collector]
     return target
 
 
@@ -230,10 +227,10 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
     elif gateway_available():
         chosen["gateway"] = start_gateway
         chosen["gateway-full"] = start_gateway_full
-    for checkout in args.compare_checkout or ():
-        chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
+    for checkout in args.compare_checkout or ():
+        chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
 
 
