@@ -168,8 +168,9 @@ def _check_messages(messages: Any) -> None:
 
 # OpenAI's chat roles. A role outside them reached upstreams that refuse it in their own way (llama-cpp-python
 # answered a 500 carrying its file paths, and every such answer counted against the target's breaker).
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_ROLE_LIST = "'system', 'developer', 'user', 'assistant', 'tool', and 'function'"
+_ROLE_NAMES = ("system", "developer", "user", "assistant", "tool", "function")
+_ROLES = frozenset(_ROLE_NAMES)
+_ROLE_LIST = ", ".join(f"'{name}'" for name in _ROLE_NAMES[:-1]) + f", and '{_ROLE_NAMES[-1]}'"
 
 
 def _refuse_role(where: str, role: Any) -> None:
