@@ -170,6 +170,7 @@ def create_app(
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
                         limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:
+        services.shadows.metrics = metrics.variants  # shadow calls dropped when saturated
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
         metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
     responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
@@ -216,6 +217,7 @@ def create_app(
             # forever: a process that will not stop is killed, and then loses everything.
             await _shut_down(store.current.server.shutdown_grace_s, [
                 ("health monitor", lambda left: monitor.close()),
+                ("shadow calls", services.shadows.close),  # settled before the sinks they write to close
                 ("upstream pools", lambda left: pools.close()),
                 ("state store (settlements)", limiter.close),
                 ("response store", lambda left: responses.close()),

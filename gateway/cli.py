@@ -1,5 +1,5 @@
 """The `switchboard` command: serve, policy validate|schema|explain|diff|simulate, keys list|new|revoke|rotate,
-usage, spend."""
+usage, spend, experiments report."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--until", default=None, help="same forms as --since; default: now")
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
     spend.set_defaults(run=_spend)
+
+    experiments = commands.add_parser("experiments", help="canary and shadow traffic (gateway/experiments.py)"
+                                      ).add_subparsers(required=True, metavar="ACTION")
+    compare = experiments.add_parser("report", help="compare each experimenting model's variants from a usage "
+                                     "ledger, with 95% confidence intervals")
+    compare.add_argument("--ledger", required=True, help="a usage ledger file (ledger.path of the policy)")
+    compare.add_argument("--model", default=None, help="only this public model")
+    compare.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d")
+    compare.add_argument("--until", default=None, help="same forms as --since; default: now")
+    compare.add_argument("--format", default="table", choices=["table", "json"])
+    compare.set_defaults(run=_experiments_report)
     return parser
 
 
@@ -342,6 +353,12 @@ def _keys_edit(policy_path: str, edit: Callable[[KeyBook], str]) -> int:
         sys.stderr.write(f"warning: the policy does not load:\n{exc}\n")
         return 1
     return 0
+
+
+def _experiments_report(args: argparse.Namespace) -> int:
+    from gateway.experiments_report import print_experiments
+
+    return print_experiments(args.ledger, args.model, args.since, args.until, args.format)
 
 
 def _spend(args: argparse.Namespace) -> int:

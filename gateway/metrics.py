@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from gateway.experiments_metrics import VariantMetrics
 from gateway.usage import UsageRecord
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Metrics:
         self._stream_outcomes: dict[tuple[str, str, str], int] = {}
         # (team, tag key, tag value) -> [requests, input tokens, output tokens, cost]: values are allow-listed.
         self._tagged: dict[tuple[str, str, str], list[float]] = {}
+        self.variants = VariantMetrics(registry)  # models with experiments (gateway/experiments_metrics.py)
         registry.register(_UsageCollector(self))
         self.cache_requests = Counter("switchboard_cache_requests", "Requests to models with caching on, by "
                                       "result: hit, miss or bypass.", ("team", "model", "result"), registry=registry)
@@ -124,6 +126,10 @@ class Metrics:
         """The usage sink: everything about a settled request, in one place."""
         self._finished += 1
         model = self.model_label(record.public_model)
+        if record.variant is not None:
+            self.variants.record(record, model)
+            if record.variant == "shadow":  # a mirrored call, not a client's request: its own series only
+                return
         # team, provider and upstream model come from the policy the request was served on.
         key = (record.team, model, record.provider or "none", str(record.status),
                record.upstream_model or "", record.endpoint)

@@ -23,6 +23,7 @@ from gateway.answer_contract import fill_usage, guard_stream
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
+from gateway.experiments import choose_variant
 from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.request_checks import check_request
@@ -30,6 +31,7 @@ from gateway.request_ids import explain_silent_refusal, stamp_request_id
 from gateway.resilience import PrimedStream, route_and_call
 from gateway.routing import RouteState
 from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
+from gateway.shadow_traffic import ShadowTraffic
 from gateway.tags import request_tags
 from gateway.telemetry import NO_TRACE, Telemetry, Trace
 from gateway.tokens import TokenCounter
@@ -62,6 +64,8 @@ class Services:
     limiter: Limiter | None = None
     # Response caching (gateway/cache/): stores and in-flight requests, across policy reloads.
     cache: ResponseCache = field(default_factory=ResponseCache)
+    # Shadow calls in flight (gateway/shadow_traffic.py), bounded per model, across policy reloads.
+    shadows: ShadowTraffic = field(default_factory=ShadowTraffic)
 
 
 @dataclass(slots=True)
@@ -127,13 +131,17 @@ async def handle_inference(
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
                                            model, exchange.response_headers, exchange.trace)
         model = settlement.admission.model if settlement.admission else model
-        settlement.cache = await services.cache.lookup(services, policy, settlement.caller, model, request, headers,
-                                                       exchange, call_upstream)
-        if settlement.cache is not None and settlement.cache.hit:
-            return _cached_reply(services, exchange, settlement)
-        call = Call(endpoint, request.body, model.targets[0].upstream_model, request.stream,
+        served = await choose_variant(services, exchange, model) if policy.experiments else model
+        if served is model:  # a canary neither reads nor fills the cache (gateway/experiments.py)
+            settlement.cache = await services.cache.lookup(services, policy, settlement.caller, model, request,
+                                                           headers, exchange, call_upstream)
+            if settlement.cache is not None and settlement.cache.hit:
+                return _cached_reply(services, exchange, settlement)
+        if policy.experiments:
+            services.shadows.mirror(services, exchange, model)  # off the client's path: returns at once
+        call = Call(endpoint, request.body, served.targets[0].upstream_model, request.stream,
                     request.client_wants_usage)
-        routed = await route_and_call(services, policy, model, call, exchange, headers, call_upstream,
+        routed = await route_and_call(services, policy, served, call, exchange, headers, call_upstream,
                                       settlement.admission.prompt_count if settlement.admission else None,
                                       settlement.caller.team)
         settlement.target, call, response = routed.target, routed.call, routed.response

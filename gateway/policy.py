@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from gateway.alert_schema import AlertsPolicy
 from gateway.alerts import alert_problems
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.experiments import ModelExperiments, build_experiments, experiment_problems
 from gateway.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_diagnosis import file_path, line_of, stand_in_document, suggestion
@@ -186,6 +187,8 @@ class Policy:
     alerts: AlertsPolicy = field(default_factory=AlertsPolicy)  # queue settings, read at startup
     # Cost attribution tags per team (gateway/tags.py); header None: attribution off.
     tags: TagPlan = EMPTY_TAG_PLAN
+    # Canary and shadow traffic of the models that have them (gateway/experiments.py).
+    experiments: Mapping[str, ModelExperiments] = field(default_factory=dict)
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -240,7 +243,8 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
     policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
                                  keys_stamp=keys_stamp, responses=build_response_rules(document),
-                                 response_store=document.response_store, tags=build_tag_plan(document))
+                                 response_store=document.response_store, tags=build_tag_plan(document),
+                                 experiments=build_experiments(document, policy.models, policy.providers))
     policy = _with_accounting(policy, document, root)
     webhooks, problems = build_webhooks(document.alerts, _base_dir(policy.source), environ)
     if problems:
@@ -302,7 +306,8 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
     problems: list[str] = [_at(loc, root, message) for loc, message in (*price_problems(document),
                                                                         *telemetry_problems(document),
                                                                         *cache_problems(document),
-                                                                        *tag_problems(document))]
+                                                                        *tag_problems(document),
+                                                                        *experiment_problems(document))]
     for name, provider in document.providers.items():
         adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
         if provider.base_url is None and adapter.capabilities.default_base_url is None:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from gateway.alert_schema import AlertsPolicy
+from gateway.experiment_schema import CanaryPolicy, ShadowTrafficPolicy
 from providers import ADAPTERS
 from providers.anthropic import PromptCaching
 
@@ -301,6 +302,11 @@ class ModelPolicy(Strict):
     prompt_caching: PromptCaching | None = Field(None, description="Anthropic's automatic cache breakpoints for "
                                                  "this model's `kind: anthropic` targets, over the provider's "
                                                  "options.prompt_caching.")
+    # Experiments (gateway/experiments.py): a sticky canary split and mirrored shadow traffic.
+    canary: CanaryPolicy | None = Field(None, description="Serve a sticky share of callers from a candidate "
+                                        "model or deployment (x-switchboard-variant: canary).")
+    shadow: ShadowTrafficPolicy | None = Field(None, description="Mirror a sampled share of requests to a "
+                                               "candidate off the client's path, billed as shadow spend.")
 
 
 # Shadow rules (gateway/shadow.py): a limit or budget that is counted, traced and reported but never refuses.

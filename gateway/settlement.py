@@ -89,7 +89,7 @@ class Settlement:
 
     __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
                  "cache", "caller", "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request",
-                 "status", "stream", "tags", "target", "usage")
+                 "status", "stream", "tags", "target", "usage", "variant")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -106,6 +106,7 @@ class Settlement:
         self.stream: _Stream | None = None
         self.usage: Usage | None = None
         self.tags: Tags = ()  # cost attribution (gateway/tags.py), read once from the request's header
+        self.variant: str | None = None  # control, canary or shadow on a model with experiments (experiments.py)
         self.status = 200
         self.outcome: str | None = None  # None until known: a stream that never saw its end was cut short
         self.error: GatewayError | None = None
@@ -301,6 +302,7 @@ class Settlement:
             failed_attempt_tokens=wasted.prompt_tokens,
             failed_attempt_cost_usd=wasted_cost,
             tags=self.tags,
+            variant=self.variant,
             **usage_fields(self.cache),
         )
         if self.stream is not None:

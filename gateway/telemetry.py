@@ -321,6 +321,10 @@ class RequestTrace:
                 self._metrics.finished_unsettled()
             self.finish(None)
 
+    def traceparent(self) -> str:
+        """A W3C traceparent naming this request's SERVER span, for a call made on its behalf (a shadow call)."""
+        return f"00-{self.trace_id}-{self._span_id:016x}-{'01' if self._sampled else '00'}"
+
     def finish(self, record: UsageRecord | None) -> None:
         """End the trace: build every attribute once, from the settled usage record, and export."""
         if self._finished:

@@ -123,6 +123,8 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             attributes["switchboard.cache.overhead_tokens"] = record.cache_overhead_tokens
             if record.cache_overhead_cost_usd is not None:
                 attributes["switchboard.cache.overhead_cost_usd"] = record.cache_overhead_cost_usd
+    if record.variant is not None:  # control, canary or shadow (gateway/experiments.py)
+        attributes["switchboard.variant"] = record.variant
     if record.tags:  # allow-listed by the policy (gateway/tags.py), so bounded
         attributes.update(tag_attributes(record.tags))
     return attributes

@@ -68,6 +68,9 @@ class UsageRecord:
     cache_overhead_cost_usd: float | None = None
     # Cost attribution tags (gateway/tags.py): allow-listed (key, value) pairs sorted by key, or ().
     tags: tuple[tuple[str, str], ...] = ()
+    # On a model with experiments (gateway/experiments.py): "control", "canary" or "shadow" (a mirrored call,
+    # not the client's request); None otherwise.
+    variant: str | None = None
 
 
 class UsageSink(Protocol):
@@ -212,7 +215,7 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
         "cache_overhead_tokens": record.cache_overhead_tokens,
         "cache_overhead_cost_usd": record.cache_overhead_cost_usd,
-        "tags": record.tags,
+        "tags": record.tags, "variant": record.variant,
     }
 
 

@@ -68,7 +68,12 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         if row["unit"] == "usd":
             for field in ("limit", "used", "remaining"):
                 row[field] = row[field] / MICROS
-    return {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
+    report = {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
+    if any(plan.shadow is not None for plan in policy.experiments.values()):
+        from gateway.shadow_traffic import shadow_spend  # imports the pipeline's modules; this one is imported early
+
+        report["shadow_spend"] = await shadow_spend(store, team, period, now)  # not in any budget's `used`
+    return report
 
 
 def _iso(timestamp: float, zone: dt.tzinfo) -> str:

@@ -1,0 +1,214 @@
+"""Shadow traffic: a sampled share of a model's requests mirrored to a candidate, off the client's path.
+
+`ShadowTraffic.mirror` is the pipeline's hook, called once a request is
+admitted and about to go upstream. It samples, and when the model's shadow
+calls are below `max_concurrent` starts a task and returns: the client's
+request never awaits it, so a shadow upstream that hangs or fails cannot
+delay or change the client's answer (a saturated model's sampled request is
+dropped and counted, `switchboard_shadow_dropped`, instead of queueing).
+
+The mirrored call is a request of its own, through the same steps as the
+client's (route with the candidate's retries, relay, settle) but with its own
+`Exchange` and `Settlement`: its own gateway id (the client's request id is
+kept, to correlate the two), its own ledger row marked `variant: shadow`,
+its own trace (a child of the client's when that is traced) and its own
+per-variant metrics. Its cost is the team's **shadow spend**: on the ledger,
+and in a per-team, per-UTC-day counter in the state store that
+`/admin/usage` reports (`shadow_spend`). It is not charged to the team's
+enforced limits or budgets: the team did not choose the experiment, and a
+shadow call that spent its budget would change the answers of its real
+requests, which shadow traffic must never do.
+
+At shutdown the calls still running are cancelled, and each is settled (its
+row says `client_disconnected`: nobody waited for it any longer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from gateway.budgets import MICROS
+from gateway.errors import GatewayError
+from gateway.experiments import SHADOW, Shadow
+from gateway.settlement import Settlement
+
+if TYPE_CHECKING:
+    from gateway.experiments_metrics import VariantMetrics
+    from gateway.pipeline import Exchange, InferenceRequest, Services
+    from gateway.policy import Model
+    from gateway.state import StateStore
+
+log = logging.getLogger("switchboard.shadow_traffic")
+
+_DAY_S = 86_400
+# How long a day's shadow-spend counters outlive their day: /admin/usage reads today's and yesterday's.
+_KEEP_DAYS = 3
+
+
+class ShadowTraffic:
+    """The app's shadow calls in flight: bounded per model, each settled on its own, cancelled at shutdown."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, int] = {}
+        self._closing = False
+        self.dropped: dict[str, int] = {}
+        self.metrics: VariantMetrics | None = None
+
+    def in_flight(self, model: str) -> int:
+        return self._in_flight.get(model, 0)
+
+    def mirror(self, services: Services, exchange: Exchange, model: Model) -> None:
+        """Maybe mirror the request to `model`'s shadow candidate; returns at once, never raises."""
+        policy = exchange.settlement.policy
+        plan = policy.experiments.get(model.name) if policy is not None else None
+        shadow = plan.shadow if plan is not None else None
+        if shadow is None or self._closing or shadow.share <= 0:
+            return
+        if shadow.share < 1 and self._rng.random() >= shadow.share:
+            return
+        name = model.name
+        try:
+            if self._in_flight.get(name, 0) >= shadow.max_concurrent:
+                self.dropped[name] = self.dropped.get(name, 0) + 1
+                if self.metrics is not None:
+                    self.metrics.dropped(name)
+                return
+            mirrored = _mirrored_exchange(services, exchange, shadow)
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+            task = asyncio.get_running_loop().create_task(self._run(services, mirrored, shadow, name))
+        except Exception:  # the client's request goes on whatever happens here
+            log.exception("could not start a shadow call for request %s", exchange.request_id)
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, services: Services, exchange: Exchange, shadow: Shadow, name: str) -> None:
+        try:
+            await serve_shadow(services, exchange, shadow.model)
+        finally:
+            self._in_flight[name] -= 1
+
+    async def drain(self) -> None:
+        """Wait for the shadow calls running now (tests; they never hold a client)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop mirroring; cancel the calls still running and wait (within `timeout_s`) for their settlements."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
+def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> Exchange:
+    """The shadow call's own exchange and settlement: the client's caller, request and policy snapshot."""
+    from gateway.pipeline import Exchange  # the pipeline calls this module: imported when first used
+
+    exchange = Exchange(parent.request_id, services.clock())
+    settlement = exchange.settlement = Settlement(services, exchange)
+    source = parent.settlement
+    settlement.policy, settlement.caller, settlement.tags = source.policy, source.caller, source.tags
+    settlement.variant = SHADOW
+    request = source.request
+    assert request is not None
+    if request.stream and not shadow.stream:
+        request = _unstreamed(request)
+    settlement.request = request
+    parent_span = parent.trace.traceparent() if parent.trace.recording else None  # type: ignore[attr-defined]
+    exchange.trace = services.telemetry.start(request.endpoint.value,
+                                              {"traceparent": parent_span} if parent_span else {}, exchange)
+    return exchange
+
+
+def _unstreamed(request: InferenceRequest) -> InferenceRequest:
+    from gateway.pipeline import InferenceRequest
+
+    body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
+    return InferenceRequest(request.endpoint, body, request.model, False, False)
+
+
+async def serve_shadow(services: Services, exchange: Exchange, model: Model) -> None:
+    """Route the mirrored call to `model` and read its answer to the end, then settle it; raises nothing but
+    cancellation."""
+    from gateway.pipeline import _complete_reply, _relay_stream, call_upstream, internal_error
+    from gateway.resilience import PrimedStream, route_and_call
+    from providers.base import Call
+
+    settlement = exchange.settlement
+    request, policy, caller = settlement.request, settlement.policy, settlement.caller
+    assert request is not None and policy is not None and caller is not None
+    try:
+        call = Call(request.endpoint, request.body, model.targets[0].upstream_model, request.stream,
+                    request.client_wants_usage)
+        routed = await route_and_call(services, policy, model, call, exchange, {}, call_upstream, None, caller.team)
+        settlement.target = routed.target
+        if isinstance(routed.response, PrimedStream):
+            settlement.holds(routed.response)
+            async for _ in _relay_stream(services, exchange, routed.call, routed.response):
+                pass  # read to the end, as a client would: usage, TTFT and completion are recorded on the way
+        else:
+            await _complete_reply(services, exchange, routed.call, routed.response)
+    except GatewayError as error:
+        settlement.failed(error)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("shadow call for request %s failed", exchange.request_id)
+        settlement.failed(internal_error(exchange.request_id))
+    finally:
+        settlement.close()
+        _count_spend(services, settlement)
+
+
+# --- shadow spend in the state store ----------------------------------------------------------------------
+
+
+def spend_keys(team: str, day: int) -> tuple[str, str, str]:
+    """The team's shadow-spend counters of one UTC day (days since the epoch): USD micros, tokens, calls."""
+    from gateway.limits import _safe  # escaped as the team's limit counters are: same hash tag, same slot
+
+    base = "{" + _safe(team) + "}:shadow"
+    return f"{base}:usd:{day}", f"{base}:tok:{day}", f"{base}:req:{day}"
+
+
+def _count_spend(services: Services, settlement: Settlement) -> None:
+    limiter, caller = services.limiter, settlement.caller
+    if limiter is None or caller is None:
+        return
+    from gateway.state import Delta
+
+    try:
+        day = int(time.time() // _DAY_S)
+        expires = (day + _KEEP_DAYS) * _DAY_S
+        usd, tokens, calls = spend_keys(caller.team.name, day)
+        micros = math.ceil(settlement.cost_usd * MICROS) if settlement.cost_usd else 0
+        used = settlement.usage.total_tokens if settlement.usage is not None else 0
+        deltas = [Delta(calls, 1, expires)]
+        if micros:
+            deltas.append(Delta(usd, micros, expires))
+        if used:
+            deltas.append(Delta(tokens, used, expires))
+        limiter.store.settle(deltas)
+    except Exception:  # spend reporting must never fail the gateway
+        log.exception("could not count the shadow spend of request %s", settlement.exchange.request_id)
+
+
+async def shadow_spend(store: StateStore, team: str, period: str, now: float) -> dict[str, Any]:
+    """The team's shadow spend of the current (or previous) UTC day, as `/admin/usage` reports it."""
+    day = int(now // _DAY_S) - (1 if period == "previous" else 0)
+    values = await store.read([(key,) for key in spend_keys(team, day)])
+    start = dt.datetime.fromtimestamp(day * _DAY_S, dt.UTC)
+    return {"window": "UTC day", "from": start.isoformat(timespec="seconds"),
+            "resets_at": (start + dt.timedelta(days=1)).isoformat(timespec="seconds"),
+            "usd": values[0] / MICROS, "tokens": values[1], "calls": values[2]}
