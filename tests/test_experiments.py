@@ -12,6 +12,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,8 @@ def policy(control: FakeOpenAIUpstream, lab: FakeOpenAIUpstream, *, canary: str 
     keys = "".join(f'      - {{id: {kid}, hash: "{key_hash(secret)}"}}\n' for kid, secret in KEYS)
     return f"""
 version: 1
+server:
+  reload: {{watch: true, poll_interval_s: 0.05}}
 providers:
   upstream:
     kind: openai_compatible
@@ -261,6 +264,37 @@ def test_a_model_without_experiments_carries_no_variant(upstream: FakeOpenAIUpst
     assert ask(gateway, KEYS[0][1])[0] is None
     assert gateway.usage.wait_for(1)[0].variant is None
     assert ledger_rows(gateway)[0]["variant"] is None
+
+
+def test_every_experiment_setting_applies_on_reload(upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream,
+                                                    start_gateway: Start) -> None:
+    gateway = start_gateway(policy(upstream, lab, canary="{target: {provider: lab, model: lab-canary}, share: 1.0}",
+                                   shadow="{model: next-model, share: 1.0, stream: as_client}"))
+    assert ask(gateway, KEYS[0][1], stream=True)[0] == "canary"
+    gateway.usage.wait_for(2)
+    assert sorted((r.json["model"], bool(r.json.get("stream"))) for r in lab.requests) == [
+        ("lab-canary", True), ("lab-next", True)]
+    lab.reset()
+    applied = threading.Event()
+    gateway.store.on_change(lambda _: applied.set())
+    gateway.policy_path.write_text(policy(
+        upstream, lab, canary="{model: next-model, share: 0.5, sticky_by: end_user, seed: t2}",
+        shadow="{target: {provider: lab, model: lab-shadow2}, share: 1.0, max_concurrent: 1, stream: never}"))
+    assert applied.wait(5), "the edited policy was not applied"
+    users = [f"reloaded-{i}" for i in range(20)]
+    for user in users:
+        expected = "canary" if in_canary("u:" + user, seed="t2") else "control"
+        assert ask(gateway, KEYS[0][1], user=user, stream=True)[0] == expected, user
+    gateway.usage.wait_for(2 + 2 * len(users))
+    shadows = [r.json for r in lab.requests if r.json["model"] == "lab-shadow2"]
+    assert len(shadows) == len(users) and not any(body.get("stream") for body in shadows)
+    canaries = sum(in_canary("u:" + u, seed="t2") for u in users)
+    assert sum(r.json["model"] == "lab-next" for r in lab.requests) == canaries
+    control_user = next(u for u in users if not in_canary("u:" + u, seed="t2"))
+    lab.script(Behaviour.hanging())  # the next shadow call holds the only slot (max_concurrent: 1)
+    ask(gateway, KEYS[0][1], user=control_user)
+    ask(gateway, KEYS[0][1], user=control_user)
+    assert 'switchboard_shadow_dropped_total{model="chat-model"} 1.0' in metrics_text(gateway)
 
 
 # --- shadow ---------------------------------------------------------------------------------------------------

@@ -385,6 +385,8 @@ RELOADED = {
     "models.*.prompt_caching.**": _ROUTING,
     "models.*.cache.**": _CACHE,
     "models.*.price": _PRICES,
+    "models.*.canary.**": "tests/test_experiments.py::test_every_experiment_setting_applies_on_reload",
+    "models.*.shadow.**": "tests/test_experiments.py::test_every_experiment_setting_applies_on_reload",
     "prices.**": _PRICES,
     "teams.*.models": _TEAMS,
     "teams.*.keys[].id": _TEAMS,
