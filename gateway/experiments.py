@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.experiment_schema import CanaryPolicy, CandidateTarget, ShadowTrafficPolicy
 from gateway.fallback_limits import admit_fallback
-from gateway.policy_schema import FallbackPolicy
+from gateway.policy_schema import FallbackPolicy, TargetPolicy
 from gateway.routing import build_plan
 
 if TYPE_CHECKING:
@@ -165,8 +165,7 @@ def _candidate(model: Model, config: ModelPolicy, other: str | None, target: Can
     """The model a candidate is served as: another public model, or `target` under this model's settings."""
     if other is not None:
         return models[other]
-    from gateway.policy import Target
-    from gateway.policy_schema import TargetPolicy
+    from gateway.policy import Target  # gateway.policy builds experiments while it loads: imported here
 
     assert target is not None
     provider = providers[target.provider]

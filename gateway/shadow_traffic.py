@@ -125,7 +125,7 @@ def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> 
     if request.stream and not shadow.stream:
         request = _unstreamed(request)
     settlement.request = request
-    parent_span = parent.trace.traceparent() if parent.trace.recording else None  # type: ignore[attr-defined]
+    parent_span = parent.trace.traceparent()  # the client's SERVER span, when it is traced
     exchange.trace = services.telemetry.start(request.endpoint.value,
                                               {"traceparent": parent_span} if parent_span else {}, exchange)
     return exchange
@@ -141,6 +141,9 @@ def _unstreamed(request: InferenceRequest) -> InferenceRequest:
 async def serve_shadow(services: Services, exchange: Exchange, model: Model) -> None:
     """Route the mirrored call to `model` and read its answer to the end, then settle it; raises nothing but
     cancellation."""
+    # The very steps a client's request takes after routing (reading a body, relaying a stream), so the
+    # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are. Imported here:
+    # the pipeline imports this module.
     from gateway.pipeline import _complete_reply, _relay_stream, call_upstream, internal_error
     from gateway.resilience import PrimedStream, route_and_call
     from providers.base import Call

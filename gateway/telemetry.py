@@ -124,6 +124,9 @@ class _NoTrace:
     def failed(self, error: GatewayError, *, settled: bool) -> None:
         pass
 
+    def traceparent(self) -> str | None:
+        return None
+
     def finish(self, record: UsageRecord | None) -> None:
         pass
 

@@ -512,6 +512,7 @@ def test_the_report_matches_the_ledger_built_by_real_requests(
 # --- three replicas ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # three gateway processes loading tiktoken: ~30-60 s on a busy 2-core machine
 def test_three_replicas_agree_on_every_callers_variant_and_ledger_every_request_once(
         tmp_path: Path, upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream) -> None:
     with private_redis(tmp_path) as redis_server:
@@ -555,3 +556,68 @@ def test_three_replicas_agree_on_every_callers_variant_and_ledger_every_request_
         mirrored = sorted(r[0] for r in rows if r[1] == "shadow")
         assert mirrored == sorted(a[2] for a in answers)  # share 1.0: each request mirrored once, ledgered once
         assert len({r[2] for r in rows}) == len(rows) == 2 * len(jobs)
+
+
+def test_the_report_finds_known_effects_on_a_synthetic_ledger(tmp_path: Path) -> None:
+    """Lognormal latencies (the canary's 5% faster) and error rates 1% against 3%: the differences' intervals
+    exclude zero on the right side, and the same ledger gives the same report (a fixed seed)."""
+    import random
+
+    from gateway.ledger import _INSERT, _row, open_ledger
+    from providers.base import Usage
+
+    rng = random.Random(7)
+    truth = {"control": (6.0, 0.01), "canary": (5.95, 0.03)}
+    rows = []
+    for i in range(30_000):
+        variant = "canary" if i % 5 == 0 else "control"
+        mu, error_rate = truth[variant]
+        record = UsageRecord(request_id=str(i), gateway_id=f"g{i}", team="t", key_id="k", endpoint="chat",
+                             public_model="chat", provider="p", upstream_model="u", stream=False,
+                             status=502 if rng.random() < error_rate else 200,
+                             usage=Usage(prompt_tokens=100, completion_tokens=50),
+                             duration_ms=rng.lognormvariate(mu, 0.5), overhead_ms=0.1, cost_usd=1e-4, variant=variant)
+        rows.append(_row(record, 1_800_000_000 + i))
+    connection = open_ledger(tmp_path / "synthetic.sqlite")
+    with connection:
+        connection.executemany(_INSERT, rows)
+    connection.close()
+    report = experiments_report(tmp_path / "synthetic.sqlite")
+    canary = report["models"][0]["variants"]["canary"]
+    assert canary["requests"] == 6000
+    for figure in ("latency_ms_p50_diff", "latency_ms_p95_diff", "latency_ms_mean_diff"):
+        assert canary[figure]["ci"][1] < 0, figure  # faster, and the interval says so
+    assert canary["error_rate_diff"]["ci"][0] > 0
+    assert canary["cost_usd_per_request_diff"]["value"] == pytest.approx(0, abs=1e-12)
+    assert experiments_report(tmp_path / "synthetic.sqlite") == report
+
+
+def test_the_intervals_cover_the_truth_about_95_percent_of_the_time() -> None:
+    """Calibration over 300 seeded replications: each interval kind holds the true value in 90-99% of them."""
+    import random
+
+    from gateway.experiments_report import _mean, _mean_diff, _quantile, _quantile_diff, _quantile_draws, _rate_diff
+
+    rng = random.Random(11)
+    held = {"p50": 0, "p95": 0, "mean": 0, "wilson": 0, "p50_diff": 0, "mean_diff": 0, "rate_diff": 0}
+    replications = 300
+    for _ in range(replications):
+        a = sorted(rng.lognormvariate(6.0, 0.5) for _ in range(400))
+        b = sorted(rng.lognormvariate(5.9, 0.5) for _ in range(300))
+        errors_a = sum(rng.random() < 0.05 for _ in range(400))
+        errors_b = sum(rng.random() < 0.08 for _ in range(300))
+        draws_a50, draws_b50 = _quantile_draws(a, 0.5, rng), _quantile_draws(b, 0.5, rng)
+        checks = {
+            "p50": (_quantile(a, 0.5, draws_a50), math.exp(6.0)),
+            "p95": (_quantile(a, 0.95, _quantile_draws(a, 0.95, rng)), math.exp(6.0 + 1.6448536 * 0.5)),
+            "mean": (_mean(a), math.exp(6.0 + 0.125)),
+            "wilson": ({"ci": wilson(errors_a, 400)}, 0.05),
+            "p50_diff": (_quantile_diff(b, a, 0.5, draws_b50, draws_a50), math.exp(5.9) - math.exp(6.0)),
+            "mean_diff": (_mean_diff(b, a), math.exp(5.9 + 0.125) - math.exp(6.0 + 0.125)),
+            "rate_diff": (_rate_diff(errors_b, 300, errors_a, 400), 0.03),
+        }
+        for name, (figure, true) in checks.items():
+            low, high = figure["ci"]  # type: ignore[index]
+            held[name] += low <= true <= high
+    coverage = {name: count / replications for name, count in held.items()}
+    assert all(0.90 <= share <= 0.99 for share in coverage.values()), coverage

@@ -36,6 +36,8 @@ class RecentActivity:
         self._written = 0
 
     def record(self, record: UsageRecord) -> None:
+        if record.variant == "shadow":  # a mirrored call (gateway/shadow_traffic.py), not a client's request
+            return
         slot = self._written % self._capacity  # the oldest slot once the ring is full
         self._times[slot] = self._clock()
         self._statuses[slot] = record.status
