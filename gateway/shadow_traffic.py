@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from gateway.pipeline import Exchange, InferenceRequest, Services
     from gateway.policy import Model
     from gateway.state import StateStore
+    from gateway.tokens import PromptCount
 
 log = logging.getLogger("switchboard.shadow_traffic")
 
@@ -82,17 +83,20 @@ class ShadowTraffic:
                     self.metrics.dropped(name)
                 return
             mirrored = _mirrored_exchange(services, exchange, shadow)
+            admission = exchange.settlement.admission
+            prompt = admission.prompt_count if admission is not None else None
             self._in_flight[name] = self._in_flight.get(name, 0) + 1
-            task = asyncio.get_running_loop().create_task(self._run(services, mirrored, shadow, name))
+            task = asyncio.get_running_loop().create_task(self._run(services, mirrored, shadow, name, prompt))
         except Exception:  # the client's request goes on whatever happens here
             log.exception("could not start a shadow call for request %s", exchange.request_id)
             return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, services: Services, exchange: Exchange, shadow: Shadow, name: str) -> None:
+    async def _run(self, services: Services, exchange: Exchange, shadow: Shadow, name: str,
+                   prompt: PromptCount | None) -> None:
         try:
-            await serve_shadow(services, exchange, shadow.model)
+            await serve_shadow(services, exchange, shadow.model, prompt)
         finally:
             self._in_flight[name] -= 1
 
@@ -138,9 +142,11 @@ def _unstreamed(request: InferenceRequest) -> InferenceRequest:
     return InferenceRequest(request.endpoint, body, request.model, False, False)
 
 
-async def serve_shadow(services: Services, exchange: Exchange, model: Model) -> None:
+async def serve_shadow(services: Services, exchange: Exchange, model: Model, prompt: PromptCount | None = None
+                       ) -> None:
     """Route the mirrored call to `model` and read its answer to the end, then settle it; raises nothing but
-    cancellation."""
+    cancellation. `prompt`: the client's prompt as admission counted it (a context-window check reuses it where
+    the candidate counts alike, instead of counting again on the event loop)."""
     # The very steps a client's request takes after routing (reading a body, relaying a stream), so the
     # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are. Imported here:
     # the pipeline imports this module.
@@ -154,7 +160,7 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model) -> 
     try:
         call = Call(request.endpoint, request.body, model.targets[0].upstream_model, request.stream,
                     request.client_wants_usage)
-        routed = await route_and_call(services, policy, model, call, exchange, {}, call_upstream, None, caller.team)
+        routed = await route_and_call(services, policy, model, call, exchange, {}, call_upstream, prompt, caller.team)
         settlement.target = routed.target
         if isinstance(routed.response, PrimedStream):
             settlement.holds(routed.response)

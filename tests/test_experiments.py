@@ -548,14 +548,25 @@ def test_three_replicas_agree_on_every_callers_variant_and_ledger_every_request_
             for gateway in gateways:
                 gateway.terminate()
         connection = sqlite3.connect(tmp_path / "ledger.sqlite")
-        rows = connection.execute("SELECT request_id, variant, gateway_id, key_id FROM usage").fetchall()
+        rows = connection.execute("SELECT request_id, variant, gateway_id, key_id, cost_usd FROM usage").fetchall()
         connection.close()
+        usage = subprocess.run([sys.executable, "-m", "gateway", "usage", "--policy", str(path), "--team", "alpha"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert usage.returncode == 0, usage.stderr
+        report = json.loads(usage.stdout)
         served = [(r[0], r[1]) for r in rows if r[1] != "shadow"]
         assert sorted(request_id for request_id, _ in served) == sorted(a[2] for a in answers)
         assert dict(served) == {a[2]: a[1] for a in answers}
         mirrored = sorted(r[0] for r in rows if r[1] == "shadow")
         assert mirrored == sorted(a[2] for a in answers)  # share 1.0: each request mirrored once, ledgered once
         assert len({r[2] for r in rows}) == len(rows) == 2 * len(jobs)
+        # In Redis, shared by the three: the budget holds exactly the clients' rows, the shadow spend the rest.
+        budget = next(r for r in report["usage"] if r["scope"] == "team" and r["unit"] == "usd")
+        clients_micros = sum(math.ceil(r[4] * 1e6) for r in rows if r[1] != "shadow")  # all priced
+        shadow_micros = sum(math.ceil((r[4] or 0) * 1e6) for r in rows if r[1] == "shadow")  # none if cut at exit
+        assert round(budget["used"] * 1e6) == clients_micros
+        assert report["shadow_spend"]["calls"] == len(jobs)
+        assert round(report["shadow_spend"]["usd"] * 1e6) == shadow_micros
 
 
 def test_the_report_finds_known_effects_on_a_synthetic_ledger(tmp_path: Path) -> None:
