@@ -324,6 +324,7 @@ def test_a_hanging_shadow_never_delays_the_client_and_is_settled_when_released(
     assert [(r.status, r.outcome, r.stream) for r in shadows] == [(200, "completed", False), (200, "completed", True)]
     assert shadows[1].time_to_first_token_ms is not None  # the streamed shadow's TTFT is measured
     assert shadows[0].duration_ms > client_rows[0].duration_ms
+    assert "\nswitchboard_requests_in_flight 0.0\n" in metrics_text(gateway)  # every shadow call ended and settled
 
 
 def test_a_shadow_call_is_traced_as_a_child_of_the_clients_request_and_may_be_mirrored_unstreamed(
