@@ -344,6 +344,26 @@ def test_a_shadow_call_is_traced_as_a_child_of_the_clients_request_and_may_be_mi
     assert shadow.attributes["switchboard.request_id"] == client.attributes["switchboard.request_id"]
 
 
+def test_front_doors_have_variants_and_a_client_that_leaves_does_not_take_the_shadow_with_it(
+        upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    gateway = start_gateway(policy(upstream, lab, canary=CANARY, shadow=SHADOW))
+    canary = next(s for k, s in KEYS if in_canary("k:" + k))
+    control = next(s for k, s in KEYS if not in_canary("k:" + k))
+    reply = httpx.post(gateway.v1 + "/messages", headers={"x-api-key": canary, "anthropic-version": "2023-06-01"},
+                       json={"model": "chat-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200 and reply.json()["type"] == "message"
+    assert reply.headers["x-switchboard-variant"] == "canary"
+    assert sorted(r.variant for r in gateway.usage.wait_for(2)) == ["canary", "shadow"]
+    upstream.script(Behaviour.slow_stream(chunks=200, chunk_delay_ms=20))
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"authorization": f"Bearer {control}"},
+                      json={"model": "chat-model", "messages": MESSAGES, "stream": True}) as response:
+        assert response.headers["x-switchboard-variant"] == "control"
+        next(response.iter_bytes())  # the first content, then the client goes away
+    records = gateway.usage.wait_for(4)[2:]
+    assert sorted((r.variant, r.outcome) for r in records) == [("control", "client_disconnected"),
+                                                               ("shadow", "completed")]
+
+
 @pytest.mark.parametrize("failure", [Behaviour.error(500), Behaviour.abrupt_close(), Behaviour.die_mid_stream(2)],
                          ids=["500", "connection-closed", "died-mid-stream"])
 def test_a_failing_shadow_is_invisible_to_the_client(upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream,
