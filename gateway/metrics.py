@@ -80,7 +80,8 @@ class Metrics:
         self._stream_outcomes: dict[tuple[str, str, str], int] = {}
         # (team, tag key, tag value) -> [requests, input tokens, output tokens, cost]: values are allow-listed.
         self._tagged: dict[tuple[str, str, str], list[float]] = {}
-        self.variants = VariantMetrics(registry)  # models with experiments (gateway/experiments_metrics.py)
+        self.variants = VariantMetrics()  # models with experiments (gateway/experiments_metrics.py)
+        registry.register(self.variants)
         registry.register(_UsageCollector(self))
         self.cache_requests = Counter("switchboard_cache_requests", "Requests to models with caching on, by "
                                       "result: hit, miss or bypass.", ("team", "model", "result"), registry=registry)
