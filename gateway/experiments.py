@@ -41,7 +41,7 @@ from gateway.routing import build_plan
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange, Services
-    from gateway.policy import KeyEntry, Model, Provider
+    from gateway.policy import KeyEntry, Model, Policy, Provider
     from gateway.policy_schema import ModelPolicy, PolicyDocument
 
 VARIANT_HEADER = "x-switchboard-variant"
@@ -175,6 +175,32 @@ def _candidate(model: Model, config: ModelPolicy, other: str | None, target: Can
     candidate = config.model_copy(update={"targets": [TargetPolicy(provider=target.provider, model=target.model)],
                                           "canary": None, "shadow": None})
     return replace(model, targets=(served,), plan=build_plan(model.name, candidate))
+
+
+def explain_experiments(policy: Policy, model: str) -> list[str]:
+    """The model's canary and shadow in words (`switchboard policy explain`)."""
+    plan = policy.experiments.get(model)
+    if plan is None:
+        return []
+    lines = []
+    canary, shadow = plan.canary, plan.shadow
+    if canary is not None:
+        who = "end users (the `user` field; the key without one)" if canary.sticky_by == "end_user" else "keys"
+        lines.append(f"  canary: {canary.share * 100:g}% of {who}, sticky, served by "
+                     f"{_served_by(canary.model, model)}; x-switchboard-variant: canary")
+    if shadow is not None:
+        how = "streamed like the client's" if shadow.stream else "non-streamed"
+        lines.append(f"  shadow: {shadow.share * 100:g}% of requests mirrored ({how}) to "
+                     f"{_served_by(shadow.model, model)}, at most {shadow.max_concurrent} at once per process; "
+                     "billed as the team's shadow spend")
+    return lines
+
+
+def _served_by(candidate: Model, model: str) -> str:
+    if candidate.name != model:
+        return f"model {candidate.name}"
+    target = candidate.targets[0]
+    return f"target {target.provider.name}/{target.upstream_model}"
 
 
 # --- the request path ---------------------------------------------------------------------------------------

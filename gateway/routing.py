@@ -428,6 +428,9 @@ def explain_route(policy: Policy, model_name: str, *, team: str | None = None, b
     lines: list[str] = []
     seen: set[str] = set()
     _explain_model(policy, model, body or {}, count_prompt, lines, seen, "")
+    from gateway.experiments import explain_experiments  # experiments build on this module's plans
+
+    lines.extend(explain_experiments(policy, model_name))
     if team is not None:
         lines.extend(_explain_team(policy, team, model_name))
     return lines

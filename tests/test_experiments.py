@@ -653,3 +653,14 @@ def test_the_intervals_cover_the_truth_about_95_percent_of_the_time() -> None:
             held[name] += low <= true <= high
     coverage = {name: count / replications for name, count in held.items()}
     assert all(0.90 <= share <= 0.99 for share in coverage.values()), coverage
+
+
+def test_policy_explain_says_what_the_experiments_do() -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway", "policy", "explain",
+                             str(ROOT / "policies" / "examples" / "experiments.yaml"), "--model", "chat"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "canary: 5% of end users (the `user` field; the key without one), sticky, served by target " \
+           "lab/gpt-4.1-mini" in result.stdout
+    assert "shadow: 10% of requests mirrored (streamed like the client's) to model chat-next, at most 8 at once " \
+           "per process" in result.stdout
