@@ -38,6 +38,7 @@ from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_infe
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
 from gateway.response_store import ResponseStore, open_response_store
+from gateway.shadow_traffic import ShadowSpend
 from gateway.state import open_store
 from gateway.telemetry import SpanExporter, Telemetry
 from gateway.tokens import TokenCounter
@@ -157,10 +158,13 @@ def create_app(
     telemetry.configure(observed)
     front_sinks = sinks if sinks is not None else [AccessLogSink()]
     activity = RecentActivity()  # the console's overview: recent request rate, errors, overhead
-    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None), activity])
+    shadow_spend = ShadowSpend()  # teams' shadow spend (gateway/shadow_traffic.py), counted in the state store
+    recorder = UsageRecorder([shadow_spend, *front_sinks, *(sink for sink in (metrics, ledger) if sink is not None),
+                              activity])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
+    shadow_spend.store = limiter.store
     webhooks = WebhookDispatcher(observed.alerts)
     limiter.send_alerts_to(Alerts(webhooks, lambda: store.current))
     if metrics is not None:

@@ -31,12 +31,14 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.budgets import MICROS
 from gateway.errors import GatewayError
 from gateway.experiments import SHADOW, Shadow
 from gateway.settlement import Settlement
+from gateway.state import Delta
 
 if TYPE_CHECKING:
     from gateway.experiments_metrics import VariantMetrics
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from gateway.policy import Model
     from gateway.state import StateStore
     from gateway.tokens import PromptCount
+    from gateway.usage import UsageRecord
 
 log = logging.getLogger("switchboard.shadow_traffic")
 
@@ -60,11 +63,7 @@ class ShadowTraffic:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self._closing = False
-        self.dropped: dict[str, int] = {}
-        self.metrics: VariantMetrics | None = None
-
-    def in_flight(self, model: str) -> int:
-        return self._in_flight.get(model, 0)
+        self.metrics: VariantMetrics | None = None  # where dropped calls are counted, when metrics are on
 
     def mirror(self, services: Services, exchange: Exchange, model: Model) -> None:
         """Maybe mirror the request to `model`'s shadow candidate; returns at once, never raises."""
@@ -78,7 +77,6 @@ class ShadowTraffic:
         name = model.name
         try:
             if self._in_flight.get(name, 0) >= shadow.max_concurrent:
-                self.dropped[name] = self.dropped.get(name, 0) + 1
                 if self.metrics is not None:
                     self.metrics.dropped(name)
                 return
@@ -99,11 +97,6 @@ class ShadowTraffic:
             await serve_shadow(services, exchange, shadow.model, prompt)
         finally:
             self._in_flight[name] -= 1
-
-    async def drain(self) -> None:
-        """Wait for the shadow calls running now (tests; they never hold a client)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop mirroring; cancel the calls still running and wait (within `timeout_s`) for their settlements."""
@@ -176,8 +169,7 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
         log.exception("shadow call for request %s failed", exchange.request_id)
         settlement.failed(internal_error(exchange.request_id))
     finally:
-        settlement.close()
-        _count_spend(services, settlement)
+        settlement.close()  # its record reaches `ShadowSpend` with the other usage sinks
 
 
 # --- shadow spend in the state store ----------------------------------------------------------------------
@@ -191,26 +183,31 @@ def spend_keys(team: str, day: int) -> tuple[str, str, str]:
     return f"{base}:usd:{day}", f"{base}:tok:{day}", f"{base}:req:{day}"
 
 
-def _count_spend(services: Services, settlement: Settlement) -> None:
-    limiter, caller = services.limiter, settlement.caller
-    if limiter is None or caller is None:
-        return
-    from gateway.state import Delta
+class ShadowSpend:
+    """A usage sink: each shadow call's record adds one call, its tokens and its cost (rounded up to the
+    micro-dollar, as admission rounds) to its team's shadow-spend counters of the UTC day.
 
-    try:
-        day = int(time.time() // _DAY_S)
+    Fed the very record the ledger row is made of, so the counters and the ledger's shadow rows agree (an
+    estimated stream's tokens included). `store` is set once the app has its state store; settling never blocks.
+    """
+
+    def __init__(self, store: StateStore | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._clock = clock
+
+    def record(self, record: UsageRecord) -> None:
+        store = self.store
+        if record.variant != SHADOW or store is None:
+            return
+        day = int(self._clock() // _DAY_S)
         expires = (day + _KEEP_DAYS) * _DAY_S
-        usd, tokens, calls = spend_keys(caller.team.name, day)
-        micros = math.ceil(settlement.cost_usd * MICROS) if settlement.cost_usd else 0
-        used = settlement.usage.total_tokens if settlement.usage is not None else 0
+        usd, tokens, calls = spend_keys(record.team, day)
         deltas = [Delta(calls, 1, expires)]
-        if micros:
-            deltas.append(Delta(usd, micros, expires))
-        if used:
-            deltas.append(Delta(tokens, used, expires))
-        limiter.store.settle(deltas)
-    except Exception:  # spend reporting must never fail the gateway
-        log.exception("could not count the shadow spend of request %s", settlement.exchange.request_id)
+        if record.cost_usd:
+            deltas.append(Delta(usd, math.ceil(record.cost_usd * MICROS), expires))
+        if record.usage is not None and record.usage.total_tokens:
+            deltas.append(Delta(tokens, record.usage.total_tokens, expires))
+        store.settle(deltas)
 
 
 async def shadow_spend(store: StateStore, team: str, period: str, now: float) -> dict[str, Any]:
