@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 
 from gateway.errors import ErrorKind, GatewayError
-from gateway.policy import KeyEntry, Policy
+from gateway.compiled.policy import KeyEntry, Policy
 
 KEY_PREFIX = "sk-sb-"
 

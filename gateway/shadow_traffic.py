@@ -34,19 +34,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.budgets import MICROS
+from gateway.accounting.budgets import MICROS
 from gateway.errors import GatewayError
-from gateway.experiments import SHADOW, Shadow
-from gateway.settlement import Settlement
+from gateway.routing.experiments import SHADOW, Shadow
+from gateway.accounting.settlement import Settlement
 from gateway.state import Delta
 
 if TYPE_CHECKING:
-    from gateway.experiments_metrics import VariantMetrics
-    from gateway.pipeline import Exchange, InferenceRequest, Services
-    from gateway.policy import Model
+    from gateway.telemetry.experiments_metrics import VariantMetrics
+    from gateway.exchange import Exchange, InferenceRequest, Services
+    from gateway.compiled.policy import Model
     from gateway.state import StateStore
-    from gateway.tokens import PromptCount
-    from gateway.usage import UsageRecord
+    from gateway.tokens.counter import PromptCount
+    from gateway.accounting.usage import UsageRecord
 
 log = logging.getLogger("switchboard.shadow_traffic")
 
@@ -129,7 +129,7 @@ def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> 
 
 
 def _unstreamed(request: InferenceRequest) -> InferenceRequest:
-    from gateway.pipeline import InferenceRequest
+    from gateway.exchange import InferenceRequest
 
     body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
     return InferenceRequest(request.endpoint, body, request.model, False, False)
@@ -144,7 +144,8 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
     # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are. Imported here:
     # the pipeline imports this module.
     from gateway.pipeline import _complete_reply, _relay_stream, call_upstream, internal_error
-    from gateway.resilience import PrimedStream, route_and_call
+    from gateway.routing.streams import PrimedStream
+    from gateway.routing.resilience import route_and_call
     from providers.base import Call
 
     settlement = exchange.settlement
@@ -177,7 +178,7 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
 
 def spend_keys(team: str, day: int) -> tuple[str, str, str]:
     """The team's shadow-spend counters of one UTC day (days since the epoch): USD micros, tokens, calls."""
-    from gateway.limits import _safe  # escaped as the team's limit counters are: same hash tag, same slot
+    from gateway.accounting.limits import _safe  # escaped as the team's limit counters are: same hash tag, same slot
 
     base = "{" + _safe(team) + "}:shadow"
     return f"{base}:usd:{day}", f"{base}:tok:{day}", f"{base}:req:{day}"

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError
-from gateway.policy import KeyEntry
+from gateway.compiled.policy import KeyEntry
 from gateway.response_store import (
     ResponseStore,
     ResponseStoreUnavailable,
