@@ -16,37 +16,37 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.http.admin_surface import AdminSurfaces
 from gateway.accounting.alerts import Alerts, AlertsRoute
-from gateway.http.asgi import GatewayApp, request_headers, respond, send_json, send_reply
+from gateway.accounting.ledger import Ledger, SpendRoute
+from gateway.accounting.limits import Limiter
+from gateway.accounting.usage import AccessLogSink, UsageRecorder, UsageSink
+from gateway.accounting.usage_report import UsageRoute
+from gateway.accounting.webhooks import WebhookDispatcher
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
-from gateway.http.console import RecentActivity, console_routes
+from gateway.compiled.policy import Policy
+from gateway.compiled.store import PolicyStore
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply
 from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anthropic_path
 from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
+from gateway.http.admin_surface import AdminSurfaces
+from gateway.http.asgi import GatewayApp, request_headers, respond, send_json, send_reply
+from gateway.http.console import RecentActivity, console_routes
 from gateway.http.gate import Gate
-from gateway.routing.health import Monitor, TargetsRoute
-from gateway.telemetry.health_metrics import HealthCollector
 from gateway.http.heap import settle_for_serving
-from gateway.accounting.ledger import Ledger, SpendRoute
-from gateway.accounting.limits import Limiter
-from gateway.telemetry.metrics import Metrics, MetricsRoute
-from gateway.exchange import Exchange, Reply, Services, StreamReply
 from gateway.pipeline import handle_inference
-from gateway.compiled.policy import Policy
-from gateway.compiled.store import PolicyStore
 from gateway.response_store import ResponseStore, open_response_store
+from gateway.routing.health import Monitor, TargetsRoute
 from gateway.shadow_traffic import ShadowSpend
 from gateway.state import open_store
+from gateway.telemetry.health_metrics import HealthCollector
+from gateway.telemetry.metrics import Metrics, MetricsRoute
 from gateway.telemetry.traces import SpanExporter, Telemetry
 from gateway.tokens.counter import TokenCounter
 from gateway.upstream.pools import UpstreamPools
-from gateway.accounting.usage import AccessLogSink, UsageRecorder, UsageSink
-from gateway.accounting.usage_report import UsageRoute
-from gateway.accounting.webhooks import WebhookDispatcher
 from providers.base import Endpoint
 
 log = logging.getLogger("switchboard.server")

@@ -19,26 +19,26 @@ from typing import Any
 
 import orjson
 
-from gateway.upstream.answer_contract import fill_usage, guard_stream
+from gateway.accounting.limits import Limiter, admit, stream_allowance
+from gateway.accounting.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement
+from gateway.accounting.tags import request_tags
+from gateway.accounting.usage import UsageRecorder
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, recording_stream, remember
-from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.routing.experiments import choose_variant
-from gateway.accounting.limits import Limiter, admit, stream_allowance
 from gateway.compiled.policy import KeyEntry, Model, Policy, Target
+from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
+from gateway.exchange import new_gateway_id
 from gateway.request_checks import check_request
-from gateway.upstream.request_ids import explain_silent_refusal, stamp_request_id
-from gateway.routing.streams import PrimedStream
+from gateway.routing.experiments import choose_variant
 from gateway.routing.resilience import route_and_call
 from gateway.routing.strategies import RouteState
-from gateway.exchange import new_gateway_id
-from gateway.accounting.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement
+from gateway.routing.streams import PrimedStream
 from gateway.shadow_traffic import ShadowTraffic
-from gateway.accounting.tags import request_tags
 from gateway.telemetry.traces import NO_TRACE, Telemetry, Trace
 from gateway.tokens.counter import TokenCounter
+from gateway.upstream.answer_contract import fill_usage, guard_stream
 from gateway.upstream.pools import UpstreamPools, UpstreamResponse
-from gateway.accounting.usage import UsageRecorder
+from gateway.upstream.request_ids import explain_silent_refusal, stamp_request_id
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 from providers.canonical import load_exact, lost_integers
 from providers.sse import DONE_EVENT, encode_event

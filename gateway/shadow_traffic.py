@@ -35,18 +35,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.budgets import MICROS
+from gateway.accounting.settlement import Settlement
 from gateway.errors import GatewayError
 from gateway.routing.experiments import SHADOW, Shadow
-from gateway.accounting.settlement import Settlement
 from gateway.state import Delta
 
 if TYPE_CHECKING:
-    from gateway.telemetry.experiments_metrics import VariantMetrics
-    from gateway.exchange import Exchange, InferenceRequest, Services
-    from gateway.compiled.policy import Model
-    from gateway.state import StateStore
-    from gateway.tokens.counter import PromptCount
     from gateway.accounting.usage import UsageRecord
+    from gateway.compiled.policy import Model
+    from gateway.exchange import Exchange, InferenceRequest, Services
+    from gateway.state import StateStore
+    from gateway.telemetry.experiments_metrics import VariantMetrics
+    from gateway.tokens.counter import PromptCount
 
 log = logging.getLogger("switchboard.shadow_traffic")
 
@@ -144,8 +144,8 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
     # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are. Imported here:
     # the pipeline imports this module.
     from gateway.pipeline import _complete_reply, _relay_stream, call_upstream, internal_error
-    from gateway.routing.streams import PrimedStream
     from gateway.routing.resilience import route_and_call
+    from gateway.routing.streams import PrimedStream
     from providers.base import Call
 
     settlement = exchange.settlement

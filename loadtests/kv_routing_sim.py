@@ -47,8 +47,8 @@ import msgpack
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway.routing.kv_events import ReplicaBlocks, chain_keys  # noqa: E402
 from gateway.compiled.policy import Policy, Target, parse_policy  # noqa: E402
+from gateway.routing.kv_events import ReplicaBlocks, chain_keys  # noqa: E402
 from gateway.routing.strategies import RouteRequest, RouteState  # noqa: E402
 
 STRATEGIES = {

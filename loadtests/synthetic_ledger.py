@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.accounting.ledger import Ledger
-from gateway.compiled.policy import load_policy
 from gateway.accounting.pricing import charge
-from gateway.cli.simulate import replay
 from gateway.accounting.usage import UsageRecord
+from gateway.cli.simulate import replay
+from gateway.compiled.policy import load_policy
 from providers.base import Usage
 
 

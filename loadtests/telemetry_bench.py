@@ -53,17 +53,17 @@ def micro(iterations: int) -> None:
     import asyncio
     import time
 
+    from gateway.exchange import Exchange
     from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from gateway.telemetry.metrics import Metrics
-    from gateway.telemetry.otlp import encode_request
-    from gateway.exchange import Exchange
+    from gateway.accounting.usage import UsageRecord
     from gateway.compiled.policy import parse_policy
     from gateway.routing.strategies import RouteState
-    from gateway.telemetry.traces import Telemetry
     from gateway.telemetry.decisions import route_event
-    from gateway.accounting.usage import UsageRecord
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.otlp import encode_request
+    from gateway.telemetry.traces import Telemetry
     from providers.base import Call, Endpoint, UpstreamRequest, Usage
 
     policy = parse_policy(bench.policy_yaml("http://127.0.0.1:9/v1"))

@@ -17,12 +17,12 @@ import openai
 import pytest
 import uvicorn
 
-from gateway.http.admin_surface import AdminListener
-from gateway.app import create_app
-from gateway.http.connections import GuardedHttpToolsProtocol
-from gateway.compiled.store import PolicyStore
-from gateway.tokens.counter import TokenCounter
 from gateway.accounting.usage import UsageRecord, UsageSink
+from gateway.app import create_app
+from gateway.compiled.store import PolicyStore
+from gateway.http.admin_surface import AdminListener
+from gateway.http.connections import GuardedHttpToolsProtocol
+from gateway.tokens.counter import TokenCounter
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.embeddings_upstream import WordEmbeddingsUpstream
 

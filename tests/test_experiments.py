@@ -21,11 +21,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.routing.experiments import canary_salt, sticky_hash
-from gateway.cli.experiments_report import experiments_report, wilson
 from gateway.accounting.ledger import _SCHEMA, Ledger
-from gateway.compiled.policy import PolicyError, parse_policy
 from gateway.accounting.usage import UsageRecord
+from gateway.cli.experiments_report import experiments_report, wilson
+from gateway.compiled.policy import PolicyError, parse_policy
+from gateway.routing.experiments import canary_salt, sticky_hash
 from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, key_hash, metrics_text
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.openai_upstream import Behaviour

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from gateway.accounting.budgets import ThresholdEvent
-from gateway.errors import GatewayError
 from gateway.accounting.limits import Admission, Limiter, go_duration
 from gateway.compiled.policy import Policy, parse_policy
+from gateway.errors import GatewayError
 from gateway.state import StateStore
 from gateway.state.durable import DurableStore
 from gateway.state.memory import MemoryStore

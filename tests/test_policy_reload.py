@@ -17,8 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from gateway.policy.schema import PolicyDocument
 from gateway.compiled.store import RESTART_ONLY
+from gateway.policy.schema import PolicyDocument
 from tests.conftest import RunningGateway, free_port, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.compiled.policy import PolicyError, parse_policy
 from gateway.accounting.pricing import SHIPPED_TABLE, Price, format_usd, load_price_table, with_cost
+from gateway.compiled.policy import PolicyError, parse_policy
 from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream

@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.accounting.limits import Limiter
+from gateway.accounting.usage import access_line
 from gateway.cache import ResponseCache
 from gateway.http.connections import GuardedHttpToolsProtocol
-from gateway.accounting.limits import Limiter
 from gateway.state.memory import MemoryStore
 from gateway.telemetry.attributes import record_attributes
 from gateway.tokens.counter import TokenCounter
-from gateway.accounting.usage import access_line
 from providers.openai_compat import OpenAICompatAdapter
 from tests.conftest import ADMIN_KEY, RunningGateway, key_hash, metrics_text, run_gateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from gateway.accounting.ledger import _SCHEMA, Ledger, spend
-from gateway.compiled.policy import PolicyError, parse_policy
 from gateway.accounting.usage import UsageRecord
+from gateway.compiled.policy import PolicyError, parse_policy
 from providers.base import Usage
 from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream

@@ -8,10 +8,10 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+from gateway.exchange import Exchange
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.exchange import Exchange
 from gateway.compiled.policy import parse_policy
 from gateway.telemetry.traces import NO_TRACE, Telemetry, redact_content
 from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy

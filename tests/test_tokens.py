@@ -13,8 +13,8 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
-
 from gateway.tokens.framing import TOOL_CALL_OVERHEAD, audio_tokens, image_tokens
+
 from gateway.tokens.counter import CHARS_PER_TOKEN, TokenCounter, estimate_tokens
 
 SHARED_CACHE = "/work/shared/tiktoken"

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.accounting.budgets import EXHAUSTED, MICROS, ThresholdEvent
-from gateway.errors import GatewayError, render
 from gateway.accounting.webhooks import Webhook, WebhookDispatcher
+from gateway.errors import GatewayError, render
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
@@ -128,9 +128,9 @@ class AlertsRoute:
         self._dispatcher = dispatcher
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.http.asgi import request_headers, send_json, send_reply
         from gateway.auth import authenticate_admin
         from gateway.exchange import Reply
+        from gateway.http.asgi import request_headers, send_json, send_reply
 
         policy = scope["app"].state.services.policy()
         try:

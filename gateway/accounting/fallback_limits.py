@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from gateway.errors import ErrorKind, GatewayError
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Services
     from gateway.compiled.policy import Model
+    from gateway.exchange import Exchange, Services
 
 # Refusals that make a fallback skipped; anything else (a fail-closed store that is down) ends the request.
 _SKIPPED = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.BUDGET_EXCEEDED})

@@ -37,11 +37,11 @@ from typing import Any
 
 import orjson
 
-from gateway.auth import authenticate_admin
-from gateway.errors import ErrorKind, GatewayError
 from gateway.accounting.spill import Spill
 from gateway.accounting.tags import tags_json
 from gateway.accounting.usage import UsageRecord
+from gateway.auth import authenticate_admin
+from gateway.errors import ErrorKind, GatewayError
 
 log = logging.getLogger("switchboard.ledger")
 
@@ -458,9 +458,9 @@ class SpendRoute:
         import asyncio
         from urllib.parse import parse_qs
 
-        from gateway.http.asgi import request_headers, send_reply
         from gateway.errors import render
         from gateway.exchange import Reply
+        from gateway.http.asgi import request_headers, send_reply
 
         policy = scope["app"].state.services.policy()
         try:

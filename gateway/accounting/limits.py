@@ -43,12 +43,12 @@ from gateway.accounting.budgets import (
     log_threshold,
     policy_cost,
 )
+from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
-from gateway.telemetry.traces import NO_TRACE, Trace
 from gateway.telemetry.decisions import admission_event, settlement_event
+from gateway.telemetry.traces import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount
-from gateway.accounting.usage_report import usage_report
 from providers.base import Endpoint, Usage
 
 if TYPE_CHECKING:

@@ -27,19 +27,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.budgets import MICROS
-from gateway.cache import cache_overhead, hit_tokens, usage_fields
-from gateway.errors import ErrorKind, GatewayError
 from gateway.accounting.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.accounting.tags import Tags
 from gateway.accounting.usage import UsageRecord
+from gateway.cache import cache_overhead, hit_tokens, usage_fields
+from gateway.errors import ErrorKind, GatewayError
 from providers.base import Endpoint, StreamChunk, Usage
 
 if TYPE_CHECKING:
+    from gateway.accounting.limits import Admission, Limiter
     from gateway.cache import Ticket
     from gateway.cache.semantic import Embedded
-    from gateway.accounting.limits import Admission, Limiter
-    from gateway.exchange import Exchange, InferenceRequest, Services
     from gateway.compiled.policy import KeyEntry, Policy, Target
+    from gateway.exchange import Exchange, InferenceRequest, Services
     from gateway.tokens.counter import TokenCounter
     from providers.base import Call
 

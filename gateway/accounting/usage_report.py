@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from gateway.accounting.budgets import MICROS
-from gateway.errors import ErrorKind, GatewayError
 from gateway.accounting.shadow import tally_slices
+from gateway.errors import ErrorKind, GatewayError
 from gateway.state import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -84,10 +84,10 @@ class UsageRoute:
     """GET /admin/usage?team=T[&period=current|previous] with an admin key (`admin.keys`)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.http.asgi import request_headers, send_json, send_reply
         from gateway.auth import authenticate_admin  # auth needs gateway.compiled.policy, which imports this module
         from gateway.errors import render
         from gateway.exchange import Reply
+        from gateway.http.asgi import request_headers, send_json, send_reply
 
         services = scope["app"].state.services
         policy = services.policy()

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from gateway.errors import GatewayError, redact
 from gateway.accounting.pricing import charge
+from gateway.errors import GatewayError, redact
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Services
     from gateway.compiled.policy import Policy
+    from gateway.exchange import Exchange, Services
     from gateway.routing.resilience import Attempt
 
 log = logging.getLogger("switchboard.cache")

@@ -32,8 +32,8 @@ from typing import Any
 
 import orjson
 
-from gateway.routing.experiments import CONTROL, VARIANTS
 from gateway.accounting.ledger import open_ledger
+from gateway.routing.experiments import CONTROL, VARIANTS
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000

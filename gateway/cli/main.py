@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.auth import new_key
-from gateway.policy.key_files import KeyBook, KeysFileError
 from gateway.compiled.policy import PolicyError, load_policy
+from gateway.policy.key_files import KeyBook, KeysFileError
 from gateway.policy.schema import json_schema
 
 DEFAULT_PORT = 8080
@@ -137,10 +137,10 @@ def _version() -> str:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.http.admin_surface import AdminListener
+    from gateway.accounting.usage import AccessLogSink
     from gateway.app import ACCESS_LOG_ENV, POLICY_ENV, create_app
     from gateway.compiled.store import PolicyStore
-    from gateway.accounting.usage import AccessLogSink
+    from gateway.http.admin_surface import AdminListener
 
     configure_logging(args.log_level)
     try:

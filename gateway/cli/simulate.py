@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import usable_key
 from gateway.accounting.budgets import MICROS, ThresholdEvent
-from gateway.errors import ErrorKind, GatewayError
 from gateway.accounting.ledger import open_ledger
 from gateway.accounting.limits import Limiter
-from gateway.pipeline import resolve_model
-from gateway.compiled.policy import KeyEntry, Model, Policy, Target
 from gateway.accounting.pricing import charge
+from gateway.auth import usable_key
+from gateway.compiled.policy import KeyEntry, Model, Policy, Target
+from gateway.errors import ErrorKind, GatewayError
+from gateway.pipeline import resolve_model
 from gateway.state.memory import MemoryStore
 from providers.base import Endpoint, Usage
 

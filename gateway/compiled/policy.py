@@ -22,13 +22,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.policy.alert_schema import AlertsPolicy
 from gateway.accounting.alerts import alert_problems
-from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
-from gateway.routing.experiments import ModelExperiments, build_experiments, experiment_problems
-from gateway.policy.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.accounting.limits import Rules, build_rules, rules_problems
+from gateway.accounting.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
+from gateway.accounting.tags import EMPTY_TAG_PLAN, TagPlan, build_tag_plan, tag_problems
+from gateway.accounting.webhooks import Webhook, build_webhooks
+from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.policy.alert_schema import AlertsPolicy
 from gateway.policy.diagnosis import file_path, line_of, stand_in_document, suggestion
+from gateway.policy.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.policy.schema import (
     ConsolePolicy,
     HealthCheckPolicy,
@@ -44,12 +46,10 @@ from gateway.policy.schema import (
     TargetPolicy,
     TelemetryPolicy,
 )
-from gateway.accounting.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
 from gateway.response_store.rules import TeamResponseRules, build_response_rules
+from gateway.routing.experiments import ModelExperiments, build_experiments, experiment_problems
 from gateway.routing.plan import RoutePlan, build_plan, routing_problems
-from gateway.accounting.tags import EMPTY_TAG_PLAN, TagPlan, build_tag_plan, tag_problems
 from gateway.telemetry.traces import telemetry_problems
-from gateway.accounting.webhooks import Webhook, build_webhooks
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
 

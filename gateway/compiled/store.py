@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.policy.key_files import Stamp, file_stamp
 from gateway.compiled.policy import Policy, PolicyError, load_policy
+from gateway.policy.key_files import Stamp, file_stamp
 
 log = logging.getLogger("switchboard.policy")
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import orjson
 
-from gateway.http.asgi import read_body, request_headers, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError
-from gateway.front_doors.messages import TranslationError, anthropic_reply, chat_request
 from gateway.exchange import Reply, Services
+from gateway.front_doors.messages import TranslationError, anthropic_reply, chat_request
+from gateway.http.asgi import read_body, request_headers, send_reply
 from gateway.pipeline import decode_object, resolve_model
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.http.asgi import request_headers, send_reply
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Reply
+from gateway.http.asgi import request_headers, send_reply
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy

@@ -16,10 +16,9 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ErrorKind, GatewayError, render
-from gateway.exchange import Exchange, Reply, Services, StreamReply
-from gateway.exchange import new_gateway_id
 from gateway.accounting.settlement import Settlement
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply, new_gateway_id
 
 Scope = dict[str, Any]
 log = logging.getLogger("switchboard.server")

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.http.asgi import AUTHENTICATED, request_headers, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Exchange, Reply
+from gateway.http.asgi import AUTHENTICATED, request_headers, send_reply
 from gateway.tokens.counter import LARGE_TEXT_CHARS, TokenCounter
 
 if TYPE_CHECKING:
-    from gateway.telemetry.metrics import Metrics
     from gateway.compiled.policy import KeyEntry, Policy
+    from gateway.telemetry.metrics import Metrics
     from gateway.telemetry.traces import Telemetry
 
 # Renders a gateway error in the endpoint's own error shape (e.g. Anthropic's under /v1/messages).

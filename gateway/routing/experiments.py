@@ -34,14 +34,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from gateway.policy.experiment_schema import CanaryPolicy, CandidateTarget, ShadowTrafficPolicy
 from gateway.accounting.fallback_limits import admit_fallback
+from gateway.policy.experiment_schema import CanaryPolicy, CandidateTarget, ShadowTrafficPolicy
 from gateway.policy.schema import FallbackPolicy, TargetPolicy
 from gateway.routing.plan import build_plan
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Services
     from gateway.compiled.policy import KeyEntry, Model, Policy, Provider
+    from gateway.exchange import Exchange, Services
     from gateway.policy.schema import ModelPolicy, PolicyDocument
 
 VARIANT_HEADER = "x-switchboard-variant"
@@ -165,7 +165,9 @@ def _candidate(model: Model, config: ModelPolicy, other: str | None, target: Can
     """The model a candidate is served as: another public model, or `target` under this model's settings."""
     if other is not None:
         return models[other]
-    from gateway.compiled.policy import Target  # gateway.compiled.policy builds experiments while it loads: imported here
+    from gateway.compiled.policy import (
+        Target,  # gateway.compiled.policy builds experiments while it loads: imported here
+    )
 
     assert target is not None
     provider = providers[target.provider]

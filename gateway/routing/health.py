@@ -20,9 +20,9 @@ from typing import Any
 
 import aiohttp
 
+from gateway.compiled.policy import Policy, Provider
 from gateway.errors import GatewayError, render
 from gateway.routing.kv_events import KVEventSubscriber, ReplicaBlocks
-from gateway.compiled.policy import Policy, Provider
 from gateway.routing.prefix_sharing import SHARE_KEY, SharedOwnership, wanted_url
 from gateway.routing.strategies import RouteState, TargetState, target_key
 
@@ -172,9 +172,9 @@ class TargetsRoute:
     """GET /admin/targets: every target's breaker state, in-flight count, latency EWMA and errors (admin key)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.http.asgi import request_headers, send_json, send_reply
         from gateway.auth import authenticate_admin
         from gateway.exchange import Reply
+        from gateway.http.asgi import request_headers, send_json, send_reply
 
         services = scope["app"].state.services
         policy: Policy = services.policy()

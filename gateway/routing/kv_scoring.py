@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.routing.kv_events import ReplicaBlocks, replica_blocks, request_block_keys
 from gateway.policy.schema import KVAwarePolicy, PolicyDocument
+from gateway.routing.kv_events import ReplicaBlocks, replica_blocks, request_block_keys
 from gateway.routing.prefix_sharing import SHARE_KEY
 from gateway.routing.strategies import RouteRequest, RouteState, TargetKey, rendezvous
 

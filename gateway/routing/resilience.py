@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
 from gateway.accounting.fallback_limits import admit_fallback
 from gateway.compiled.policy import Model, Policy, Target, Team
+from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
 from gateway.policy.schema import ModelPolicy
 from gateway.routing.plan import pinned_targets
 from gateway.routing.strategies import RouteRequest, RouteState, TargetState

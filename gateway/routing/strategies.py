@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from gateway.routing.breaker import CircuitBreaker
 from gateway.policy.schema import ModelPolicy, PolicyDocument
+from gateway.routing.breaker import CircuitBreaker
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Model, Policy, Target

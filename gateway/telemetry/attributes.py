@@ -16,8 +16,8 @@ from gateway.accounting.tags import tag_attributes
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
-    from gateway.policy.schema import TracesPolicy
     from gateway.accounting.usage import UsageRecord
+    from gateway.policy.schema import TracesPolicy
 
 OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat"}
 # gen_ai.provider.name values from the GenAI conventions; self-hosted kinds use their own name.

@@ -29,14 +29,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.telemetry.experiments_metrics import VariantMetrics
 from gateway.accounting.usage import UsageRecord
+from gateway.telemetry.experiments_metrics import VariantMetrics
 
 if TYPE_CHECKING:
     from gateway.accounting.ledger import Ledger
+    from gateway.accounting.usage import AccessLogSink
     from gateway.compiled.policy import Policy
     from gateway.routing.strategies import RouteState
-    from gateway.accounting.usage import AccessLogSink
 
 # The one label value for anything a client named that the policy does not know.
 OTHER = "other"

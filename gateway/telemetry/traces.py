@@ -72,11 +72,11 @@ from gateway.telemetry.export import LoggedExporter, build_exporter, telemetry_p
 from providers.base import Call, StreamChunk, UpstreamRequest, Usage
 
 if TYPE_CHECKING:
+    from gateway.accounting.usage import UsageRecord
+    from gateway.compiled.policy import Policy, Target
     from gateway.errors import GatewayError
     from gateway.telemetry.metrics import Metrics
-    from gateway.compiled.policy import Policy, Target
     from gateway.upstream.pools import UpstreamClient, UpstreamResponse
-    from gateway.accounting.usage import UsageRecord
 
 log = logging.getLogger("switchboard.telemetry")
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.compiled.policy import Target
 from gateway.accounting.settlement import prompt_tokens
+from gateway.compiled.policy import Target
 from gateway.tokens.counter import TokenCounter
 from providers.base import Call, Endpoint, ParsedResponse, StreamChunk, Usage
 

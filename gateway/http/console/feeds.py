@@ -17,13 +17,13 @@ import datetime as dt
 from typing import Any
 from urllib.parse import parse_qs
 
-from gateway.http.asgi import request_headers, send_json, send_reply
-from gateway.auth import authenticate_admin
-from gateway.http.console.activity import RecentActivity
-from gateway.errors import ErrorKind, GatewayError, render
 from gateway.accounting.ledger import Ledger, open_ledger
-from gateway.exchange import Reply, Services
+from gateway.auth import authenticate_admin
 from gateway.compiled.policy import Policy
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Reply, Services
+from gateway.http.asgi import request_headers, send_json, send_reply
+from gateway.http.console.activity import RecentActivity
 from gateway.state import StoreUnavailable
 
 _REQUEST_COLUMNS = ("request_id", "ts", "team", "key_id", "endpoint", "public_model", "provider", "upstream_model",
