@@ -4,9 +4,9 @@
     .venv/bin/python loadtests/kv_routing_sim.py --quick    # fewer requests
 
 What is real: the routing code. Each simulated gateway replica is a `RouteState` plus the strategy objects
-`gateway.routing.build_plan` makes from a policy, ranking the same request bodies (chat messages) the
-gateway would see, with `in_flight` counted as gateway/resilience.py counts it and `/metrics` numbers
-scraped every `--scrape-s` as gateway/health.py does. The precise index is gateway/kv_events.py's
+`gateway.routing.plan.build_plan` makes from a policy, ranking the same request bodies (chat messages) the
+gateway would see, with `in_flight` counted as gateway/routing/resilience.py counts it and `/metrics` numbers
+scraped every `--scrape-s` as gateway/routing/health.py does. The precise index is gateway/routing/kv_events.py's
 `ReplicaBlocks`, fed msgpack-encoded `KVEventBatch`es in vLLM's wire format after `--event-delay-s`.
 `random` is the only strategy that is not gateway code (a uniform pick, the baseline).
 
@@ -47,9 +47,9 @@ import msgpack
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway.kv_events import ReplicaBlocks, chain_keys  # noqa: E402
-from gateway.policy import Policy, Target, parse_policy  # noqa: E402
-from gateway.routing import RouteRequest, RouteState  # noqa: E402
+from gateway.compiled.policy import Policy, Target, parse_policy  # noqa: E402
+from gateway.routing.kv_events import ReplicaBlocks, chain_keys  # noqa: E402
+from gateway.routing.strategies import RouteRequest, RouteState  # noqa: E402
 
 STRATEGIES = {
     "random": None,

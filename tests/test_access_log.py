@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.usage import AccessLogSink, UsageRecord, access_line
+from gateway.accounting.usage import AccessLogSink, UsageRecord, access_line
 from providers.base import Usage
 from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream

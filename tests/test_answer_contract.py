@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from tests.conftest import ALPHA_TEAM_ALL_MODELS, RunningGateway, run_gateway, serving
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter

@@ -20,10 +20,10 @@ import openai
 import pytest
 from opentelemetry.trace import SpanKind
 
+from gateway.accounting.ledger import _SCHEMA, Ledger, spend
+from gateway.accounting.usage import UsageRecord
 from gateway.cache import ResponseCache
-from gateway.cli import main
-from gateway.ledger import _SCHEMA, Ledger, spend
-from gateway.usage import UsageRecord
+from gateway.cli.main import main
 from providers.base import Usage
 from tests.conftest import RunningGateway, key_hash
 from tests.fakes import Behaviour

@@ -1,4 +1,4 @@
-"""A fallback model's own limits and budgets apply (issue 14, item 8): gateway/fallback_limits.py.
+"""A fallback model's own limits and budgets apply (issue 14, item 8): gateway/accounting/fallback_limits.py.
 
 Each test runs a real gateway in front of the fake OpenAI upstream: the requested model fails (a scripted 500)
 and the gateway falls back. A fallback whose team x model limit or USD budget refuses the request is skipped

@@ -1,7 +1,7 @@
 """Hostile tenants: team beta attacks the gateway; team alpha's answers, limits and data stay its own.
 
 Each test runs one class of attack from issue 14 against a real gateway (uvicorn with the guarded protocol,
-gateway/connections.py) over real sockets and the openai SDK, and checks what a user or operator would.
+gateway/http/connections.py) over real sockets and the openai SDK, and checks what a user or operator would.
 """
 
 from __future__ import annotations

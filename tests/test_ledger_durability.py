@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.ledger import Ledger, spend
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import Ledger, spend
+from gateway.accounting.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import FakeOpenAIUpstream

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 

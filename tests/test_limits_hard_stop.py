@@ -9,11 +9,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.budgets import StreamAllowance
-from gateway.limits import Limiter
-from gateway.policy import PolicyError, parse_policy
+from gateway.accounting.budgets import StreamAllowance
+from gateway.accounting.limits import Limiter
+from gateway.compiled.policy import PolicyError, parse_policy
 from gateway.state.memory import MemoryStore
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream

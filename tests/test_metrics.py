@@ -168,10 +168,10 @@ def test_circuit_breaker_state_is_read_at_scrape_time(upstream: FakeOpenAIUpstre
 def test_breaker_collector_follows_the_routing_clock() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gateway.metrics import Metrics
-    from gateway.policy import parse_policy
-    from gateway.policy_schema import CircuitBreakerPolicy
-    from gateway.routing import RouteState
+    from gateway.compiled.policy import parse_policy
+    from gateway.policy.schema import CircuitBreakerPolicy
+    from gateway.routing.strategies import RouteState
+    from gateway.telemetry.metrics import Metrics
 
     now = [100.0]
     routes = RouteState(clock=lambda: now[0])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from tests.conftest import RunningGateway, serving
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream

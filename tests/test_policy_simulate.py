@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.ledger import Ledger
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import FakeOpenAIUpstream

@@ -205,7 +205,7 @@ def test_a_content_policy_refusal_uses_its_own_fallback_list(fakes, start_gatewa
 
 
 def test_fallbacks_to_unknown_models_are_refused_at_load(tmp_path) -> None:
-    from gateway.policy import PolicyError, parse_policy
+    from gateway.compiled.policy import PolicyError, parse_policy
 
     text = multi_policy({"p0": "http://127.0.0.1:9/v1"},
                         "  m:\n    fallbacks: {default: [nope, m]}\n    targets: [{provider: p0, model: x}]")

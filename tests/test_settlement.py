@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.accounting.limits import Limiter
+from gateway.accounting.usage import access_line
 from gateway.cache import ResponseCache
-from gateway.connections import GuardedHttpToolsProtocol
-from gateway.limits import Limiter
+from gateway.http.connections import GuardedHttpToolsProtocol
 from gateway.state.memory import MemoryStore
-from gateway.telemetry_attributes import record_attributes
-from gateway.tokens import TokenCounter
-from gateway.usage import access_line
+from gateway.telemetry.attributes import record_attributes
+from gateway.tokens.counter import TokenCounter
 from providers.openai_compat import OpenAICompatAdapter
 from tests.conftest import ADMIN_KEY, RunningGateway, key_hash, metrics_text, run_gateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream

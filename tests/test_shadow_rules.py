@@ -12,7 +12,7 @@ import openai
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter

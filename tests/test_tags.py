@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from gateway.ledger import _SCHEMA, Ledger, spend
-from gateway.policy import PolicyError, parse_policy
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import _SCHEMA, Ledger, spend
+from gateway.accounting.usage import UsageRecord
+from gateway.compiled.policy import PolicyError, parse_policy
 from providers.base import Usage
 from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream

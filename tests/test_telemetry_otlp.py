@@ -120,7 +120,7 @@ def test_encoder_output_decodes_with_the_official_protobuf_classes() -> None:
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-    from gateway.otlp import encode_request
+    from gateway.telemetry.otlp import encode_request
     from tests.fakes.otlp_receiver import decode
 
     parent = SpanContext(0xABC, 0x123, True, TraceFlags(1))

@@ -11,9 +11,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.pipeline import Exchange
-from gateway.policy import parse_policy
-from gateway.telemetry import NO_TRACE, Telemetry, redact_content
+from gateway.compiled.policy import parse_policy
+from gateway.exchange import Exchange
+from gateway.telemetry.traces import NO_TRACE, Telemetry, redact_content
 from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter

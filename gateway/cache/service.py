@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounting.pricing import charge
 from gateway.cache.backends import Backend, RedisBackend, open_backend
 from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.flight import COMPLETED, RUNNING, Flight
@@ -29,17 +30,16 @@ from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
 from gateway.cache.semantic import Embedded, SemanticIndex, embed
 from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
-from gateway.pricing import charge
-from gateway.telemetry_decisions import cache_event
+from gateway.telemetry.decisions import cache_event
 from providers.base import Endpoint, ParsedResponse, StreamChunk, Usage
 from providers.sse import DONE_EVENT, encode_event
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange, InferenceRequest, Reply, Services, StreamReply
-    from gateway.policy import KeyEntry, Model, Policy, Target
-    from gateway.pricing import PriceBook
-    from gateway.resilience import Attempt
-    from gateway.settlement import Settlement
+    from gateway.accounting.pricing import PriceBook
+    from gateway.accounting.settlement import Settlement
+    from gateway.compiled.policy import KeyEntry, Model, Policy, Target
+    from gateway.exchange import Exchange, InferenceRequest, Reply, Services, StreamReply
+    from gateway.routing.resilience import Attempt
 
 CACHE_HEADER = "x-switchboard-cache"
 SIMILARITY_HEADER = "x-switchboard-cache-similarity"
@@ -233,6 +233,12 @@ class Ticket:
         # The semantic lookup's embedding call when an upstream billed it: this request pays for it.
         self.overhead: Embedded | None = None
 
+    def counted_hit_usage(self) -> Usage | None:
+        """The usage of a hit that counts against token limits (`hits_count_tokens`), else None."""
+        if not self.hit or not self.rule.hits_count_tokens:
+            return None
+        return self.entry.usage if self.entry is not None else None
+
     # -- outcomes of the lookup --
 
     def answer(self, entry: Entry, exchange: Exchange) -> Ticket:
@@ -405,7 +411,7 @@ def _reply_types() -> tuple[type[Reply], type[StreamReply]]:
     since an import statement on every hit costs more than the rest of `Ticket.reply`."""
     global _REPLY_TYPES
     if _REPLY_TYPES is None:
-        from gateway.pipeline import Reply, StreamReply
+        from gateway.exchange import Reply, StreamReply
 
         _REPLY_TYPES = (Reply, StreamReply)
     return _REPLY_TYPES
@@ -422,7 +428,6 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-_NOTHING: dict[str, Any] = {}
 
 
 def remember(ticket: Ticket | None, parsed: ParsedResponse) -> None:
@@ -437,20 +442,3 @@ def recording_stream(ticket: Ticket | None) -> Ticket | None:
         return None
     ticket.recording = True
     return ticket
-
-
-def hit_tokens(ticket: Ticket | None) -> Usage | None:
-    """Pipeline hook: the usage of a hit that counts against token limits (`hits_count_tokens`), else None."""
-    if ticket is None or not ticket.hit or not ticket.rule.hits_count_tokens:
-        return None
-    return ticket.entry.usage if ticket.entry is not None else None
-
-
-def cache_overhead(ticket: Ticket | None) -> Embedded | None:
-    """Pipeline hook: the semantic lookup's billed embedding, which the request pays for (tokens and USD)."""
-    return ticket.overhead if ticket is not None else None
-
-
-def usage_fields(ticket: Ticket | None) -> dict[str, Any]:
-    """Pipeline hook: extra `UsageRecord` fields."""
-    return _NOTHING if ticket is None else ticket.usage_fields()
