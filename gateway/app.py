@@ -16,11 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.accounting.alerts import Alerts, AlertsRoute
-from gateway.accounting.ledger import Ledger, SpendRoute
+from gateway.accounting.alerts import Alerts
+from gateway.accounting.ledger import Ledger
 from gateway.accounting.limits import Limiter
+from gateway.accounting.shadow_spend import ShadowSpend
 from gateway.accounting.usage import AccessLogSink, UsageRecorder, UsageSink
-from gateway.accounting.usage_report import UsageRoute
 from gateway.accounting.webhooks import WebhookDispatcher
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
@@ -32,6 +32,7 @@ from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anth
 from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
+from gateway.http.admin_routes import AlertsRoute, MetricsRoute, SpendRoute, TargetsRoute, UsageRoute
 from gateway.http.admin_surface import AdminSurfaces
 from gateway.http.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.http.console import RecentActivity, console_routes
@@ -39,11 +40,12 @@ from gateway.http.gate import Gate
 from gateway.http.heap import settle_for_serving
 from gateway.pipeline import handle_inference
 from gateway.response_store import ResponseStore, open_response_store
-from gateway.routing.health import Monitor, TargetsRoute
-from gateway.shadow_traffic import ShadowSpend
+from gateway.routing.health import Monitor
+from gateway.routing.strategies import RouteState
+from gateway.shadow_traffic import ShadowTraffic
 from gateway.state import open_store
 from gateway.telemetry.health_metrics import HealthCollector
-from gateway.telemetry.metrics import Metrics, MetricsRoute
+from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.traces import SpanExporter, Telemetry
 from gateway.tokens.counter import TokenCounter
 from gateway.upstream.pools import UpstreamPools
@@ -159,7 +161,7 @@ def create_app(
     telemetry.configure(observed)
     front_sinks = sinks if sinks is not None else [AccessLogSink()]
     activity = RecentActivity()  # the console's overview: recent request rate, errors, overhead
-    shadow_spend = ShadowSpend()  # teams' shadow spend (gateway/shadow_traffic.py), counted in the state store
+    shadow_spend = ShadowSpend()  # teams' shadow spend (gateway/accounting/shadow_spend.py), counted in the state store
     recorder = UsageRecorder([shadow_spend, *front_sinks, *(sink for sink in (metrics, ledger) if sink is not None),
                               activity])
     if limiter is None:
@@ -173,7 +175,8 @@ def create_app(
         webhooks.attach_metrics(metrics)
         metrics.registry.register(HealthCollector(lambda: store.current, limiter.store))
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
-                        limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
+                        routes=RouteState(), limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache(),
+                        shadows=ShadowTraffic())
     if metrics is not None:
         services.shadows.metrics = metrics.variants  # shadow calls dropped when saturated
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time

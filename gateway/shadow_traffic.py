@@ -26,33 +26,28 @@ row says `client_disconnected`: nobody waited for it any longer).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import math
 import random
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from gateway.accounting.budgets import MICROS
 from gateway.accounting.settlement import Settlement
 from gateway.errors import GatewayError
-from gateway.routing.experiments import SHADOW, Shadow
-from gateway.state import Delta
+from gateway.exchange import Exchange, InferenceRequest
+from gateway.pipeline import call_upstream, complete_reply, internal_error, relay_stream
+from gateway.policy.experiment_schema import SHADOW
+from gateway.routing.experiments import Shadow
+from gateway.routing.resilience import route_and_call
+from gateway.routing.streams import PrimedStream
+from providers.base import Call
 
 if TYPE_CHECKING:
-    from gateway.accounting.usage import UsageRecord
     from gateway.compiled.policy import Model
     from gateway.exchange import Exchange, InferenceRequest, Services
-    from gateway.state import StateStore
     from gateway.telemetry.experiments_metrics import VariantMetrics
     from gateway.tokens.counter import PromptCount
 
 log = logging.getLogger("switchboard.shadow_traffic")
 
-_DAY_S = 86_400
-# How long a day's shadow-spend counters outlive their day: /admin/usage reads today's and yesterday's.
-_KEEP_DAYS = 3
 
 
 class ShadowTraffic:
@@ -110,8 +105,6 @@ class ShadowTraffic:
 
 def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> Exchange:
     """The shadow call's own exchange and settlement: the client's caller, request and policy snapshot."""
-    from gateway.pipeline import Exchange  # the pipeline calls this module: imported when first used
-
     exchange = Exchange(parent.request_id, services.clock())
     settlement = exchange.settlement = Settlement(services, exchange)
     source = parent.settlement
@@ -129,8 +122,6 @@ def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> 
 
 
 def _unstreamed(request: InferenceRequest) -> InferenceRequest:
-    from gateway.exchange import InferenceRequest
-
     body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
     return InferenceRequest(request.endpoint, body, request.model, False, False)
 
@@ -141,13 +132,7 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
     cancellation. `prompt`: the client's prompt as admission counted it (a context-window check reuses it where
     the candidate counts alike, instead of counting again on the event loop)."""
     # The very steps a client's request takes after routing (reading a body, relaying a stream), so the
-    # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are. Imported here:
-    # the pipeline imports this module.
-    from gateway.pipeline import _complete_reply, _relay_stream, call_upstream, internal_error
-    from gateway.routing.resilience import route_and_call
-    from gateway.routing.streams import PrimedStream
-    from providers.base import Call
-
+    # shadow's usage, TTFT, estimates and completion are recorded exactly as the client's are.
     settlement = exchange.settlement
     request, policy, caller = settlement.request, settlement.policy, settlement.caller
     assert request is not None and policy is not None and caller is not None
@@ -158,10 +143,10 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
         settlement.target = routed.target
         if isinstance(routed.response, PrimedStream):
             settlement.holds(routed.response)
-            async for _ in _relay_stream(services, exchange, routed.call, routed.response):
+            async for _ in relay_stream(services, exchange, routed.call, routed.response):
                 pass  # read to the end, as a client would: usage, TTFT and completion are recorded on the way
         else:
-            await _complete_reply(services, exchange, routed.call, routed.response)
+            await complete_reply(services, exchange, routed.call, routed.response)
     except GatewayError as error:
         settlement.failed(error)
     except asyncio.CancelledError:
@@ -171,51 +156,3 @@ async def serve_shadow(services: Services, exchange: Exchange, model: Model, pro
         settlement.failed(internal_error(exchange.request_id))
     finally:
         settlement.close()  # its record reaches `ShadowSpend` with the other usage sinks
-
-
-# --- shadow spend in the state store ----------------------------------------------------------------------
-
-
-def spend_keys(team: str, day: int) -> tuple[str, str, str]:
-    """The team's shadow-spend counters of one UTC day (days since the epoch): USD micros, tokens, calls."""
-    from gateway.accounting.limits import _safe  # escaped as the team's limit counters are: same hash tag, same slot
-
-    base = "{" + _safe(team) + "}:shadow"
-    return f"{base}:usd:{day}", f"{base}:tok:{day}", f"{base}:req:{day}"
-
-
-class ShadowSpend:
-    """A usage sink: each shadow call's record adds one call, its tokens and its cost (rounded up to the
-    micro-dollar, as admission rounds) to its team's shadow-spend counters of the UTC day.
-
-    Fed the very record the ledger row is made of, so the counters and the ledger's shadow rows agree (an
-    estimated stream's tokens included). `store` is set once the app has its state store; settling never blocks.
-    """
-
-    def __init__(self, store: StateStore | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.store = store
-        self._clock = clock
-
-    def record(self, record: UsageRecord) -> None:
-        store = self.store
-        if record.variant != SHADOW or store is None:
-            return
-        day = int(self._clock() // _DAY_S)
-        expires = (day + _KEEP_DAYS) * _DAY_S
-        usd, tokens, calls = spend_keys(record.team, day)
-        deltas = [Delta(calls, 1, expires)]
-        if record.cost_usd:
-            deltas.append(Delta(usd, math.ceil(record.cost_usd * MICROS), expires))
-        if record.usage is not None and record.usage.total_tokens:
-            deltas.append(Delta(tokens, record.usage.total_tokens, expires))
-        store.settle(deltas)
-
-
-async def shadow_spend(store: StateStore, team: str, period: str, now: float) -> dict[str, Any]:
-    """The team's shadow spend of the current (or previous) UTC day, as `/admin/usage` reports it."""
-    day = int(now // _DAY_S) - (1 if period == "previous" else 0)
-    values = await store.read([(key,) for key in spend_keys(team, day)])
-    start = dt.datetime.fromtimestamp(day * _DAY_S, dt.UTC)
-    return {"window": "UTC day", "from": start.isoformat(timespec="seconds"),
-            "resets_at": (start + dt.timedelta(days=1)).isoformat(timespec="seconds"),
-            "usd": values[0] / MICROS, "tokens": values[1], "calls": values[2]}

@@ -126,7 +126,7 @@ def ledger_rows(gateway: RunningGateway) -> list[sqlite3.Row]:
             rows = connection.execute("SELECT * FROM usage ORDER BY ts").fetchall()
         finally:
             connection.close()
-        if len(rows) >= len(gateway.accounting.usage.records) or time.monotonic() > deadline:
+        if len(rows) >= len(gateway.usage.records) or time.monotonic() > deadline:
             return rows
         time.sleep(0.02)
 
@@ -221,7 +221,7 @@ def test_a_canary_model_answers_with_its_own_price_and_neither_reads_nor_fills_t
     ask(gateway, control)  # a hit for control
     for _ in range(3):
         assert ask(gateway, canary)[0] == "canary"  # the control answer in the cache is not the canary's
-    records = gateway.accounting.usage.wait_for(5)
+    records = gateway.usage.wait_for(5)
     assert [r.cache for r in records] == ["miss", "hit", None, None, None]
     assert [r.variant for r in records] == ["control", "control", "canary", "canary", "canary"]
     assert {r.upstream_model for r in records[2:]} == {"lab-next"} and lab.request_count == 3
@@ -241,7 +241,7 @@ def test_the_variant_is_on_the_header_ledger_span_access_log_and_metrics(
     with pytest.raises(openai.InternalServerError) as failed:
         ask(gateway, canary)
     assert failed.value.response.headers["x-switchboard-variant"] == "canary"  # errors say it too
-    records = gateway.accounting.usage.wait_for(3)
+    records = gateway.usage.wait_for(3)
     assert [r.variant for r in records] == ["canary", "control", "canary"]
     rows = ledger_rows(gateway)
     assert [(r["variant"], r["provider"], r["status"]) for r in rows] == [
@@ -262,7 +262,7 @@ def test_a_model_without_experiments_carries_no_variant(upstream: FakeOpenAIUpst
                                                         start_gateway: Start) -> None:
     gateway = start_gateway(policy(upstream, lab))
     assert ask(gateway, KEYS[0][1])[0] is None
-    assert gateway.accounting.usage.wait_for(1)[0].variant is None
+    assert gateway.usage.wait_for(1)[0].variant is None
     assert ledger_rows(gateway)[0]["variant"] is None
 
 
@@ -271,7 +271,7 @@ def test_every_experiment_setting_applies_on_reload(upstream: FakeOpenAIUpstream
     gateway = start_gateway(policy(upstream, lab, canary="{target: {provider: lab, model: lab-canary}, share: 1.0}",
                                    shadow="{model: next-model, share: 1.0, stream: as_client}"))
     assert ask(gateway, KEYS[0][1], stream=True)[0] == "canary"
-    gateway.accounting.usage.wait_for(2)
+    gateway.usage.wait_for(2)
     assert sorted((r.json["model"], bool(r.json.get("stream"))) for r in lab.requests) == [
         ("lab-canary", True), ("lab-next", True)]
     lab.reset()
@@ -285,7 +285,7 @@ def test_every_experiment_setting_applies_on_reload(upstream: FakeOpenAIUpstream
     for user in users:
         expected = "canary" if in_canary("u:" + user, seed="t2") else "control"
         assert ask(gateway, KEYS[0][1], user=user, stream=True)[0] == expected, user
-    gateway.accounting.usage.wait_for(2 + 2 * len(users))
+    gateway.usage.wait_for(2 + 2 * len(users))
     shadows = [r.json for r in lab.requests if r.json["model"] == "lab-shadow2"]
     assert len(shadows) == len(users) and not any(body.get("stream") for body in shadows)
     canaries = sum(in_canary("u:" + u, seed="t2") for u in users)
@@ -307,7 +307,7 @@ def test_a_hanging_shadow_never_delays_the_client_and_is_settled_when_released(
     gateway = start_gateway(policy(upstream, lab, shadow=SHADOW))
     secret = KEYS[0][1]
     ask(gateway, secret)  # warm up: connection pools, tokenizer
-    assert gateway.accounting.usage.wait_for(2) and lab.wait_for_requests(1)
+    assert gateway.usage.wait_for(2) and lab.wait_for_requests(1)
     lab.reset()
     lab.script(*[Behaviour.hanging()] * 4)
     started = time.perf_counter()
@@ -317,10 +317,10 @@ def test_a_hanging_shadow_never_delays_the_client_and_is_settled_when_released(
     assert lab.wait_for_requests(2) and lab.pending_behaviours == 2
     assert [variant for variant, _ in answers] == ["control", "control"] and all(text for _, text in answers)
     assert elapsed < 5.0, elapsed  # normal time: the fake answers at once; the hang would last forever
-    client_rows = gateway.accounting.usage.wait_for(4)[2:]
+    client_rows = gateway.usage.wait_for(4)[2:]
     assert [(r.variant, r.status) for r in client_rows] == [("control", 200), ("control", 200)]
     lab.release()
-    shadows = sorted([r for r in gateway.accounting.usage.wait_for(6) if r.variant == "shadow"][1:], key=lambda r: r.stream)
+    shadows = sorted([r for r in gateway.usage.wait_for(6) if r.variant == "shadow"][1:], key=lambda r: r.stream)
     assert [(r.status, r.outcome, r.stream) for r in shadows] == [(200, "completed", False), (200, "completed", True)]
     assert shadows[1].time_to_first_token_ms is not None  # the streamed shadow's TTFT is measured
     assert shadows[0].duration_ms > client_rows[0].duration_ms
@@ -333,7 +333,7 @@ def test_a_shadow_call_is_traced_as_a_child_of_the_clients_request_and_may_be_mi
     gateway = start_gateway(policy(upstream, lab, shadow=SHADOW.replace("share: 1.0", "share: 1.0, stream: never")),
                             span_exporter=exporter)
     ask(gateway, KEYS[0][1], stream=True)
-    records = gateway.accounting.usage.wait_for(2)  # in either order: the shadow may finish first
+    records = gateway.usage.wait_for(2)  # in either order: the shadow may finish first
     assert sorted((r.variant, r.stream) for r in records) == [("control", True), ("shadow", False)]
     assert "stream" not in lab.requests[0].json and lab.requests[0].json["model"] == "lab-shadow"
     servers = {s.attributes["switchboard.variant"]: s for s in exporter.wait_for_servers(2)
@@ -353,13 +353,13 @@ def test_front_doors_have_variants_and_a_client_that_leaves_does_not_take_the_sh
                        json={"model": "chat-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 200 and reply.json()["type"] == "message"
     assert reply.headers["x-switchboard-variant"] == "canary"
-    assert sorted(r.variant for r in gateway.accounting.usage.wait_for(2)) == ["canary", "shadow"]
+    assert sorted(r.variant for r in gateway.usage.wait_for(2)) == ["canary", "shadow"]
     upstream.script(Behaviour.slow_stream(chunks=200, chunk_delay_ms=20))
     with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"authorization": f"Bearer {control}"},
                       json={"model": "chat-model", "messages": MESSAGES, "stream": True}) as response:
         assert response.headers["x-switchboard-variant"] == "control"
         next(response.iter_bytes())  # the first content, then the client goes away
-    records = gateway.accounting.usage.wait_for(4)[2:]
+    records = gateway.usage.wait_for(4)[2:]
     assert sorted((r.variant, r.outcome) for r in records) == [("control", "client_disconnected"),
                                                                ("shadow", "completed")]
 
@@ -371,10 +371,10 @@ def test_a_failing_shadow_is_invisible_to_the_client(upstream: FakeOpenAIUpstrea
     gateway = start_gateway(policy(upstream, lab, shadow=SHADOW))
     secret = KEYS[0][1]
     expected = ask(gateway, secret, stream=True)
-    gateway.accounting.usage.wait_for(2)
+    gateway.usage.wait_for(2)
     lab.script(failure)
     assert ask(gateway, secret, stream=True) == expected  # same variant, same answer as with a healthy shadow
-    records = gateway.accounting.usage.wait_for(4)
+    records = gateway.usage.wait_for(4)
     client = [r for r in records if r.variant == "control"]
     shadow = [r for r in records if r.variant == "shadow"]
     assert [(r.status, r.outcome) for r in client] == [(200, "completed"), (200, "completed")]
@@ -391,12 +391,12 @@ def test_a_saturated_shadow_drops_and_counts_instead_of_queueing(
     for _ in range(3):
         ask(gateway, secret)
     assert lab.wait_for_requests(1)
-    assert [r.variant for r in gateway.accounting.usage.wait_for(3)] == ["control"] * 3
+    assert [r.variant for r in gateway.usage.wait_for(3)] == ["control"] * 3
     assert 'switchboard_shadow_dropped_total{model="chat-model"} 2.0' in metrics_text(gateway)
     lab.release()
-    gateway.accounting.usage.wait_for(4)
+    gateway.usage.wait_for(4)
     ask(gateway, secret)  # the slot is free again: mirrored
-    assert [r.variant for r in gateway.accounting.usage.wait_for(6)].count("shadow") == 2
+    assert [r.variant for r in gateway.usage.wait_for(6)].count("shadow") == 2
 
 
 def test_a_shadow_running_at_shutdown_is_settled(upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream,
@@ -406,7 +406,7 @@ def test_a_shadow_running_at_shutdown_is_settled(upstream: FakeOpenAIUpstream, l
     ask(gateway, KEYS[0][1])
     assert lab.wait_for_requests(1)
     gateway.stop()
-    records = gateway.accounting.usage.wait_for(2)
+    records = gateway.usage.wait_for(2)
     assert [(r.variant, r.outcome) for r in records] == [("control", "completed"),
                                                          ("shadow", "client_disconnected")]
 
@@ -420,7 +420,7 @@ def test_shadow_spend_is_the_teams_on_the_ledger_and_admin_usage_and_outside_its
             assert lab.wait_for_requests(1)
             lab.script(Behaviour(no_usage=True))
         ask(gateway, secrets[i % 3], stream=i % 2 == 1)
-    records = gateway.accounting.usage.wait_for(18)
+    records = gateway.usage.wait_for(18)
     rows = ledger_rows(gateway)
     assert [(r["stream"], r["usage_estimated"]) for r in rows if r["variant"] == "shadow"].count((1, 1)) == 1
     assert len(rows) == 18 and len({r["gateway_id"] for r in rows}) == 18
@@ -485,7 +485,7 @@ def test_the_report_matches_the_ledger_built_by_real_requests(
             with contextlib.suppress(openai.APIStatusError):  # the scripted failures: counted as errors
                 ask(gateway, group[i % len(group)], stream=i % 3 == 0)
             sent += 1
-    records = gateway.accounting.usage.wait_for(2 * sent)  # every request mirrored once (share 1.0), each settled
+    records = gateway.usage.wait_for(2 * sent)  # every request mirrored once (share 1.0), each settled
     rows = ledger_rows(gateway)
     assert len(rows) == 2 * sent
     report = experiments_report(gateway.policy_path.parent / "ledger.sqlite", model="chat-model")

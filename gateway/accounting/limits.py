@@ -26,8 +26,6 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from gateway.accounting import shadow
 from gateway.accounting.budgets import (
     EXHAUSTED,
@@ -45,10 +43,12 @@ from gateway.accounting.budgets import (
 )
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
-from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
+from gateway.policy.parts import PolicyPart, Problem
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, safe_key
 from gateway.telemetry.decisions import admission_event, settlement_event
 from gateway.telemetry.traces import NO_TRACE, Trace
-from gateway.tokens.counter import PromptCount
+from gateway.timestamps import iso_time
+from gateway.tokens.counter import PromptCount, requested_completion
 from providers.base import Endpoint, Usage
 
 if TYPE_CHECKING:
@@ -145,12 +145,12 @@ def build_rules(document: PolicyDocument) -> Rules:
     rules.default_completion_tokens = document.admission.default_completion_tokens
     rules.shadow_header = document.admission.shadow_reject_header
     for team, config in document.teams.items():
-        tag = "{" + _safe(team) + "}"
+        tag = "{" + safe_key(team) + "}"
         rules.team_keys[team] = tuple(k.id for k in config.keys)
         if config.limits is not None:
             rules.team_rates[team] = _rates(config.limits, "team", team, team, f"{tag}:r:team")
         for model, limits in config.model_limits.items():
-            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{_safe(model)}")
+            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{safe_key(model)}")
         if config.budget is not None:
             rules.team_budgets[team] = build_budget(config.budget, "team", team, team, f"{tag}:b:team")
         for key in config.keys:
@@ -161,26 +161,26 @@ def build_rules(document: PolicyDocument) -> Rules:
     return rules
 
 
-def rules_problems(document: PolicyDocument, at: Callable[[tuple[Any, ...], str], str]) -> list[str]:
+def rules_problems(document: PolicyDocument) -> list[Problem]:
     """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
     problems = []
     for team, config in document.teams.items():
         allowed = set(config.models)
         for model in config.model_limits:
             if model not in document.models:
-                problems.append(at(("teams", team, "model_limits", model), f"unknown model {model!r}"))
+                problems.append((("teams", team, "model_limits", model), f"unknown model {model!r}"))
         budgets = [(("teams", team, "budget"), config.budget)]
         budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
         for path, budget in budgets:
             target = budget.downgrade_to if budget is not None else None
             if target is not None and target not in document.models:
-                problems.append(at((*path, "downgrade_to"), f"unknown model {target!r}"))
+                problems.append(((*path, "downgrade_to"), f"unknown model {target!r}"))
             elif target is not None and "*" not in allowed and target not in allowed:
-                problems.append(at((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
-                                   f"to teams.{team}.models"))
+                problems.append(((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
+                                 f"to teams.{team}.models"))
     for index, key in enumerate(document.admin.keys):
         if key.limits is not None or key.budget is not None:
-            problems.append(at(("admin", "keys", index), "admin keys take no limits or budget"))
+            problems.append((("admin", "keys", index), "admin keys take no limits or budget"))
     return problems
 
 
@@ -191,11 +191,6 @@ def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: st
         if limit is not None:
             rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}", config.mode == "shadow"))
     return tuple(rules)
-
-
-def _safe(name: str) -> str:
-    # Braces would change the Redis Cluster hash tag; colons the key structure.
-    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
 
 
 # --- admission -----------------------------------------------------------------------------
@@ -500,17 +495,9 @@ class Limiter:
         upstream = model.targets[0].upstream_model
         # The provider family decides the counting method: exact for OpenAI, a documented estimate elsewhere.
         family = model.targets[0].provider.adapter.capabilities.tokenizer
-        counter = self._counter
-        if endpoint is Endpoint.CHAT:
-            prompt = counter.count_chat_prompt(body, upstream, family)
-        elif endpoint is Endpoint.COMPLETIONS:
-            prompt = counter.count_completion_prompt(body, upstream, family)
-        elif endpoint is Endpoint.EMBEDDINGS:
-            return counter.count_embedding_input(body, upstream, family), 0
-        else:  # Responses API and anything newer: the input as JSON text, a deliberate overestimate
-            value = body.get("input")
-            text = value if isinstance(value, str) else orjson.dumps(value).decode() if value is not None else ""
-            prompt = counter.count_text(text + str(body.get("instructions") or ""), upstream, family)
+        prompt = self._counter.count_prompt(endpoint, body, upstream, family)
+        if endpoint is Endpoint.EMBEDDINGS:
+            return prompt, 0
         return prompt, completion_reservation(body, default)
 
     def _allowance(self, policy: Policy, model: Model, meters: tuple[_Meter, ...], verdict: Verdict, prompt: int,
@@ -644,9 +631,7 @@ def _state_wanted(policy: Policy) -> tuple[Any, str]:
 
 def completion_reservation(body: Mapping[str, Any], default: int) -> int:
     """Completion tokens to reserve: the request's own cap times `n`, else the policy default."""
-    value = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        value = default
+    value = requested_completion(body) or default
     choices = body.get("n")
     if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
         value *= choices
@@ -690,7 +675,7 @@ def _refusal(meter: _Meter, check: Check, used: int, now: float) -> GatewayError
                             code="rate_limit_exceeded", retry_after=wait, headers={"x-should-retry": "false"})
     return GatewayError(ErrorKind.RATE_LIMITED, f"Rate limit reached for {rule.who} on {rule.label}: limit "
                         f"{rule.limit}, used {used}, requested {check.amount}. Resets in {go_duration(wait)} "
-                        f"(at {_iso(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
+                        f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
 
 
 def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
@@ -728,9 +713,6 @@ def go_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _iso(timestamp: float, zone: dt.tzinfo) -> str:
-    return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
-
 
 def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
     """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
@@ -744,3 +726,7 @@ async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpo
     if limiter is None:
         return None
     return await limiter.admit(policy, caller, endpoint, body, model, headers, trace)
+
+
+# Rate limits and budgets as the request path reads them: `Policy.rules`.
+RULES = PolicyPart("rules", check=rules_problems, build=lambda compiling: build_rules(compiling.document))

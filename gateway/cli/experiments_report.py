@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from gateway.accounting.ledger import open_ledger
-from gateway.routing.experiments import CONTROL, VARIANTS
+from gateway.policy.experiment_schema import CONTROL, VARIANTS
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000

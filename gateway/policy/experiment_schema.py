@@ -10,6 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Which arm of a model's experiment served a request (the `x-switchboard-variant` header, ledger column,
+# span attribute and metric label): the model's own targets, its canary, or a shadow call.
+CONTROL = "control"
+CANARY = "canary"
+SHADOW = "shadow"
+VARIANTS = (CONTROL, CANARY, SHADOW)
 
 class _Strict(BaseModel):
     # policy_schema.Strict restated: policy_schema imports this module, so this one cannot import it.

@@ -35,7 +35,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.fallback_limits import admit_fallback
-from gateway.policy.experiment_schema import CanaryPolicy, CandidateTarget, ShadowTrafficPolicy
+from gateway.policy.experiment_schema import (
+    CANARY,
+    CONTROL,
+    CanaryPolicy,
+    CandidateTarget,
+    ShadowTrafficPolicy,
+)
+from gateway.policy.parts import PolicyPart
 from gateway.policy.schema import FallbackPolicy, TargetPolicy
 from gateway.routing.plan import build_plan
 
@@ -45,10 +52,6 @@ if TYPE_CHECKING:
     from gateway.policy.schema import ModelPolicy, PolicyDocument
 
 VARIANT_HEADER = "x-switchboard-variant"
-CONTROL = "control"
-CANARY = "canary"
-SHADOW = "shadow"
-VARIANTS = (CONTROL, CANARY, SHADOW)
 EVENT = "switchboard.experiment"
 # The hash is read as a 64-bit fraction: a caller is in the canary when it falls below share x 2**64.
 _SCALE = 1 << 64
@@ -165,15 +168,12 @@ def _candidate(model: Model, config: ModelPolicy, other: str | None, target: Can
     """The model a candidate is served as: another public model, or `target` under this model's settings."""
     if other is not None:
         return models[other]
-    from gateway.compiled.policy import (
-        Target,  # gateway.compiled.policy builds experiments while it loads: imported here
-    )
-
     assert target is not None
     provider = providers[target.provider]
     # The model's own per-provider settings (e.g. Anthropic prompt caching) when it has a target there.
     settings = next((t.settings for t in model.targets if t.provider is provider), None)
-    served = Target(provider, target.model, public_model=model.name, settings=settings)
+    served = replace(model.targets[0], provider=provider, upstream_model=target.model, weight=1.0, tags=frozenset(),
+                     cost=None, public_model=model.name, settings=settings)
     candidate = config.model_copy(update={"targets": [TargetPolicy(provider=target.provider, model=target.model)],
                                           "canary": None, "shadow": None})
     return replace(model, targets=(served,), plan=build_plan(model.name, candidate))
@@ -243,3 +243,8 @@ async def choose_variant(services: Services, exchange: Exchange, model: Model) -
             event["switchboard.experiment.canary_refused"] = refused
         trace.decision(EVENT, event)
     return served
+
+
+# Canary and shadow settings that name other models, providers or each other (built with the models:
+# gateway/compiled/policy.py `_build`).
+EXPERIMENTS = PolicyPart("experiments", check=experiment_problems)

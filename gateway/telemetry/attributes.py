@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.accounting.tags import tag_attributes
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
     if record.variant is not None:  # control, canary or shadow (gateway/routing/experiments.py)
         attributes["switchboard.variant"] = record.variant
     if record.tags:  # allow-listed by the policy (gateway/accounting/tags.py), so bounded
-        attributes.update(tag_attributes(record.tags))
+        attributes.update({f"switchboard.tag.{key}": value for key, value in record.tags})
     return attributes
 
 

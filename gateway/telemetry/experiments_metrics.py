@@ -18,11 +18,14 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.accounting.usage import UsageRecord
+if TYPE_CHECKING:
+    from gateway.accounting.usage import UsageRecord
+
 
 _LABELS = ("model", "variant")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
