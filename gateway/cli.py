@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
     spend = commands.add_parser("spend", help="report spend from the usage ledger (gateway/ledger.py)")
     spend.add_argument("--policy", required=True, help="policy YAML file (its ledger.path says where to read)")
-    spend.add_argument("--by", default="team", help="team, model, key, day, or tag:<key> (e.g. tag:feature)")
+    spend.add_argument("--by", default="team", help="team, model, key, day, organization, end_user, or tag:<key> "
+                       "(e.g. tag:feature)")
     spend.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d, 4w")
     spend.add_argument("--until", default=None, help="same forms as --since; default: now")
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])

@@ -78,7 +78,9 @@ CREATE TABLE IF NOT EXISTS usage (
     failed_attempt_cost_usd REAL,
     cache_overhead_tokens INTEGER NOT NULL DEFAULT 0,
     cache_overhead_cost_usd REAL,
-    tags TEXT
+    tags TEXT,
+    organization TEXT,
+    end_user TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
@@ -87,18 +89,20 @@ CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 _ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
                   ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"),
                   ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"),
-                  ("tags", "TEXT"))
+                  ("tags", "TEXT"), ("organization", "TEXT"), ("end_user", "TEXT"))
 _COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
             "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
             "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
-            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags")
+            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags", "organization",
+            "end_user")
 # A row spilled by an older gateway has fewer columns: the newer ones take these values.
-_LATER_DEFAULTS = (0, None, 0, None, None)
+_LATER_DEFAULTS = (0, None, 0, None, None, None, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_id"), "day": ("day",)}
+_GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_id"), "day": ("day",),
+           "organization": ("organization",), "end_user": ("team", "end_user")}
 _TAG_GROUP = re.compile(r"^tag:([A-Za-z0-9_]{1,64})$")
-GROUPINGS = "team, model, key, day or tag:<key>"
+GROUPINGS = "team, model, key, day, organization, end_user or tag:<key>"
 _MAX_BATCH = 2000
 # How long one write waits for another connection's lock before the batch is spilled and retried later.
 _BUSY_TIMEOUT_S = 2.0
@@ -359,7 +363,7 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
         record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
         record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
-        tags_json(record.tags),
+        tags_json(record.tags), record.organization, record.end_user,
     )
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import shadow
+from gateway import hierarchy, shadow
 from gateway.budgets import (
     EXHAUSTED,
     MICROS,
@@ -112,13 +112,16 @@ class Rules:
         self.team_budgets: dict[str, Budget] = {}
         self.key_budgets: dict[str, Budget] = {}
         self.team_keys: dict[str, tuple[str, ...]] = {}
+        # Organisations and end users (gateway/hierarchy.py): the levels above and beside team and key.
+        self.hierarchy: hierarchy.Hierarchy = hierarchy.EMPTY
         self.default_completion_tokens = 1024
         self.shadow_header = True
         self._plans: dict[tuple[str, str], Plan | None] = {}
 
     @property
     def any(self) -> bool:
-        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets)
+        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets
+                    or self.hierarchy.any)
 
     def plan(self, team: str, key_id: str, model: str) -> Plan | None:
         memo = (key_id, model)
@@ -128,7 +131,8 @@ class Rules:
             pass
         rates = (*self.team_rates.get(team, ()), *self.key_rates.get(key_id, ()),
                  *self.model_rates.get((team, model), ()))
-        budgets = tuple(b for b in (self.team_budgets.get(team), self.key_budgets.get(key_id)) if b is not None)
+        budgets = tuple(b for b in (self.hierarchy.org_budgets.get(team), self.team_budgets.get(team),
+                                    self.key_budgets.get(key_id)) if b is not None)
         plan = None
         if rates or budgets:
             plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
@@ -158,6 +162,7 @@ def build_rules(document: PolicyDocument) -> Rules:
                 rules.key_rates[key.id] = _rates(key.limits, "key", key.id, team, f"{tag}:r:key:{key.id}")
             if key.budget is not None:
                 rules.key_budgets[key.id] = build_budget(key.budget, "key", key.id, team, f"{tag}:b:key:{key.id}")
+    rules.hierarchy = hierarchy.build_hierarchy(document, lambda team: "{" + _safe(team) + "}")
     return rules
 
 
@@ -265,6 +270,7 @@ class Limiter:
         self._threshold_metric: Any = None
         self._shadow_metric: Any = None
         self._marks: set[str] = set()
+        self._end_users = hierarchy.EndUserTracker()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state = _state_wanted(started_with) if started_with is not None else None
 
@@ -279,6 +285,7 @@ class Limiter:
         self._shadow_metric = Counter(
             "switchboard_shadow_rejections", "Requests a shadow-mode limit or budget would have refused (they were "
             "served).", ("team", "scope", "rule"), registry=metrics.registry)
+        self._end_users.attach_metrics(metrics)
 
     def send_alerts_to(self, alert: Callable[[ThresholdEvent], None]) -> None:
         """Hand each budget threshold and exhaustion, once fired (claimed in the store), to `alert`."""
@@ -307,7 +314,8 @@ class Limiter:
         await self.store.flush()
 
     async def admit(self, policy: Policy, caller: KeyEntry, endpoint: Endpoint, body: Mapping[str, Any],
-                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE) -> Admission | None:
+                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE,
+                    end_user: str | None = None) -> Admission | None:
         """Reserve this request against every limit and budget that applies; raise 429/503 if refused.
 
         A budget with `on_exhaust: downgrade` that refuses switches the request
@@ -318,10 +326,11 @@ class Limiter:
         if rules is None:
             return None
         team = caller.team.name
-        plan = rules.plan(team, caller.key_id, model.name)
+        now = self._clock()
+        user_budget = await self._end_user_budget(rules, team, end_user, now)
+        plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget)
         if plan is None:
             return None
-        now = self._clock()
         prompt = completion = 0
         counted = None
         if plan.needs_tokens:
@@ -337,6 +346,7 @@ class Limiter:
             checks, meters = _checks(plan, now, prompt + completion, usd, relaxed)
             verdict = await self._reserve(checks)
             headers.update(_rate_headers(meters, checks, verdict, now))
+            headers.update(hierarchy.budget_headers(meters, checks, verdict, now, end_user))
             if verdict.admitted:
                 unreserved = ()
                 if plan.shadowed:
@@ -367,7 +377,7 @@ class Limiter:
                     downgraded_from = downgraded_from or model.name
                     relaxed.add(id(budget))
                     model = cheaper
-                    plan = rules.plan(team, caller.key_id, model.name) or plan
+                    plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget) or plan
                     headers["x-switchboard-downgraded-from"] = downgraded_from
                     continue
             if trace.recording:
@@ -433,9 +443,22 @@ class Limiter:
         admission.allowance = self._allowance(admission.policy, fallback, admission.meters,
                                               Verdict(True, admission.used), admission.prompt_tokens, relaxed)
 
+    async def _end_user_budget(self, rules: Rules, team: str, end_user: str | None, now: float) -> Budget | None:
+        """The end user's budget (its own or the shared `other` one), when the team gives end users one."""
+        users = rules.hierarchy.end_users.get(team) if end_user is not None else None
+        if users is None or users.template is None:
+            return None
+        assert end_user is not None
+        try:
+            return await self._end_users.budget(self.store, users, end_user, now)
+        except StoreUnavailable as exc:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                               "the state store is unreachable and the policy says to fail closed. Retry "
+                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+
     async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
         try:
-            return await self.store.admit(checks)
+            return await hierarchy.reserve(self.store, checks)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
                                "the state store is unreachable and the policy says to fail closed. Retry "
@@ -624,17 +647,20 @@ class Limiter:
         if self._alert is not None:
             self._alert(event)
         if self._threshold_metric is not None:
-            self._threshold_metric.labels(event.team, event.scope, event.owner, event.unit,
+            # An end user's id is the client's: never a label (the team and the level say enough).
+            owner = event.owner if event.scope != "user" or event.owner == hierarchy.OTHER else "end_user"
+            self._threshold_metric.labels(event.team, event.scope, owner, event.unit,
                                           f"{event.threshold:g}" if event.kind == THRESHOLD else event.kind).inc()
 
-    async def report(self, policy: Policy, team: str, period: str = "current") -> dict[str, Any]:
+    async def report(self, policy: Policy, team: str, period: str = "current",
+                     end_user: str | None = None) -> dict[str, Any]:
         """Usage, limits and what remains for a team, its keys and its models (gateway/usage_report.py).
 
         Settlements this process has made are sent to the store first, so the report includes them (Redis
         otherwise receives them within 20 ms, with the team's next admission).
         """
         await self.store.flush()
-        return await usage_report(self.store, policy, team, period, self._clock())
+        return await usage_report(self.store, policy, team, period, self._clock(), end_user)
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:
     from gateway.state import backend_for
@@ -739,8 +765,8 @@ def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
 
 async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
                 body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str],
-                trace: Trace = NO_TRACE) -> Admission | None:
+                trace: Trace = NO_TRACE, end_user: str | None = None) -> Admission | None:
     """The pipeline's admission step: None when this gateway or request has no limits."""
     if limiter is None:
         return None
-    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace)
+    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace, end_user)

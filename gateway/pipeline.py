@@ -23,6 +23,8 @@ from gateway.answer_contract import fill_usage, guard_stream
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, recording_stream, remember
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
+from gateway.hierarchy import EMPTY as EMPTY_HIERARCHY
+from gateway.hierarchy import request_end_user
 from gateway.limits import Limiter, admit, stream_allowance
 from gateway.policy import KeyEntry, Model, Policy, Target
 from gateway.request_checks import check_request
@@ -124,8 +126,10 @@ async def handle_inference(
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
         settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
+        settlement.end_user = request_end_user(policy.rules.hierarchy if policy.rules else EMPTY_HIERARCHY,
+                                               settlement.caller.team.name, headers, request.body)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
-                                           model, exchange.response_headers, exchange.trace)
+                                           model, exchange.response_headers, exchange.trace, settlement.end_user)
         model = settlement.admission.model if settlement.admission else model
         settlement.cache = await services.cache.lookup(services, policy, settlement.caller, model, request, headers,
                                                        exchange, call_upstream)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from gateway.alert_schema import AlertsPolicy
 from gateway.alerts import alert_problems
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.hierarchy import hierarchy_problems
 from gateway.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
 from gateway.limits import Rules, build_rules, rules_problems
 from gateway.policy_diagnosis import file_path, line_of, stand_in_document, suggestion
@@ -324,6 +325,7 @@ def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list
     problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
     problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
     problems.extend(_at(loc, root, message) for loc, message in alert_problems(document))
+    problems.extend(_at(loc, root, message) for loc, message in hierarchy_problems(document))
     problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
                         "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
                     if key.expires_at is not None)

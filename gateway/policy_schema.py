@@ -459,6 +459,32 @@ class TeamTagsPolicy(Strict):
     strict: bool | None = Field(None, description="Overrides `tags.strict` for this team.")
 
 
+END_USER_ID = r"^[A-Za-z0-9._@+=/-]{1,64}$"
+
+
+class EndUsersPolicy(Strict):
+    """The team's end users (gateway/hierarchy.py): who a request is for, and a budget for each of them."""
+
+    header: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$", description=(
+        "A request header naming the end user, e.g. x-end-user; when a request has none, its OpenAI `user` body "
+        "field is used. Unset: only the `user` field."))
+    required: bool = Field(False, description="Refuse (400 `invalid_end_user`) a request that names no end user; "
+                           "otherwise such a request counts against no end-user budget.")
+    max_tracked: int = Field(1000, ge=1, le=1_000_000, description="Distinct end users per team per budget period "
+                             "that get a budget of their own; later ones share one `other` bucket (with the same "
+                             "limits), and the requests so folded are counted.")
+    budget: BudgetPolicy | None = Field(None, description="The budget each end user gets separately (a template; "
+                                        "the team's and key's budgets also apply).")
+
+
+class OrganizationPolicy(Strict):
+    """An organisation: a group of teams with a budget over the spend of all of them (gateway/hierarchy.py)."""
+
+    teams: list[str] = Field(min_length=1, description="Names of teams under `teams`; a team belongs to at most "
+                             "one organisation.")
+    budget: BudgetPolicy | None = Field(None, description="The budget all the organisation's teams spend together.")
+
+
 class TeamPolicy(Strict):
     keys: list[KeyPolicy] = Field(default_factory=list)
     models: list[str] = Field(
@@ -479,6 +505,8 @@ class TeamPolicy(Strict):
                                            description="Stored Responses API state and upstream resources.")
     tags: TeamTagsPolicy | None = Field(None, description="Tag keys and values this team may send, on top of "
                                         "`tags.allowed` (cost attribution).")
+    end_users: EndUsersPolicy | None = Field(None, description="End users of this team's requests and their "
+                                             "budget (the `user` body field or a header).")
 
 
 class ReloadPolicy(Strict):
@@ -745,6 +773,8 @@ class PolicyDocument(Strict):
     providers: dict[str, ProviderPolicy] = Field(min_length=1)
     models: dict[str, ModelPolicy] = Field(min_length=1)
     teams: dict[str, TeamPolicy] = Field(min_length=1)
+    organizations: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], OrganizationPolicy] = Field(
+        default_factory=dict, description="Organisations over teams, each with a budget of their joint spend.")
     admin: AdminPolicy = Field(default_factory=AdminPolicy)
     keys_file: str | None = Field(None, description="A YAML file of more team keys (`teams: {team: [key, ...]}`), "
                                   "relative to this file; written by `switchboard keys`, watched like this file.")

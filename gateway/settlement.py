@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.budgets import MICROS
 from gateway.cache import cache_overhead, hit_tokens, usage_fields
 from gateway.errors import ErrorKind, GatewayError
+from gateway.hierarchy import organization_of
 from gateway.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.tags import Tags
 from gateway.usage import UsageRecord
@@ -88,8 +89,8 @@ class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
     __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
-                 "cache", "caller", "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request",
-                 "status", "stream", "tags", "target", "usage")
+                 "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy", "price_version",
+                 "request", "status", "stream", "tags", "target", "usage")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -106,6 +107,7 @@ class Settlement:
         self.stream: _Stream | None = None
         self.usage: Usage | None = None
         self.tags: Tags = ()  # cost attribution (gateway/tags.py), read once from the request's header
+        self.end_user: str | None = None  # the end user the request named (gateway/hierarchy.py), validated
         self.status = 200
         self.outcome: str | None = None  # None until known: a stream that never saw its end was cut short
         self.error: GatewayError | None = None
@@ -301,6 +303,8 @@ class Settlement:
             failed_attempt_tokens=wasted.prompt_tokens,
             failed_attempt_cost_usd=wasted_cost,
             tags=self.tags,
+            organization=organization_of(self.policy.rules if self.policy else None, self.caller.team.name),
+            end_user=self.end_user,
             **usage_fields(self.cache),
         )
         if self.stream is not None:

@@ -68,6 +68,10 @@ class UsageRecord:
     cache_overhead_cost_usd: float | None = None
     # Cost attribution tags (gateway/tags.py): allow-listed (key, value) pairs sorted by key, or ().
     tags: tuple[tuple[str, str], ...] = ()
+    # The budget hierarchy (gateway/hierarchy.py): the team's organisation, and the end user the request named
+    # (validated; the id itself, even when its budget was the shared `other` bucket), or None.
+    organization: str | None = None
+    end_user: str | None = None
 
 
 class UsageSink(Protocol):

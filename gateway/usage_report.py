@@ -13,6 +13,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from gateway import hierarchy
 from gateway.budgets import MICROS
 from gateway.errors import ErrorKind, GatewayError
 from gateway.shadow import tally_slices
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
     from gateway.policy import Policy
 
 
-async def usage_report(store: StateStore, policy: Policy, team: str, period: str, now: float) -> dict[str, Any]:
-    """Usage, limits and what remains for a team, its keys and its models; KeyError for an unknown team."""
+async def usage_report(store: StateStore, policy: Policy, team: str, period: str, now: float,
+                       end_user: str | None = None) -> dict[str, Any]:
+    """Usage, limits and what remains for a team, its keys and its models, its organisation, its `other`
+    end-user bucket and, when `end_user` is given, that end user; KeyError for an unknown team."""
     rules = policy.rules
     if rules is None or team not in policy.teams:
         raise KeyError(team)
@@ -44,13 +47,14 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         if rule.shadow:
             tallied.append(len(rows) - 1)
     budgets = [rules.team_budgets.get(team)] + [rules.key_budgets.get(k) for k in rules.team_keys.get(team, ())]
+    budgets += hierarchy.report_budgets(rules.hierarchy, team, end_user)
     for budget in (b for b in budgets if b is not None):
         window = budget.period.previous(now) if period == "previous" else budget.period.window(now)
         for unit, limit in (("tokens", budget.tokens), ("usd", budget.usd_micros)):
             if limit is None:
                 continue
             slices.append(budget.slices("tok" if unit == "tokens" else "usd", window))
-            rows.append({"scope": budget.scope, "owner": budget.owner,
+            rows.append({"scope": budget.scope, "owner": budget.owner,  # scope: org, team, user or key
                          "limit_type": f"{budget.period.describe()} budget", "unit": unit, "limit": limit,
                          "resets_at": _iso(window.resets_at, budget.period.zone),
                          "on_exhaust": budget.on_exhaust, "mode": "shadow" if budget.shadow else "enforce"})
@@ -68,7 +72,13 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         if row["unit"] == "usd":
             for field in ("limit", "used", "remaining"):
                 row[field] = row[field] / MICROS
-    return {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
+    report = {"team": team, "period": period, "at": _iso(now, dt.UTC), "usage": rows}
+    if (org := rules.hierarchy.organizations.get(team)) is not None:
+        report["organization"] = org
+    users = await hierarchy.end_user_summary(store, rules.hierarchy, team, now, period == "previous")
+    if users is not None:
+        report["end_users"] = users
+    return report
 
 
 def _iso(timestamp: float, zone: dt.tzinfo) -> str:
@@ -96,11 +106,15 @@ class UsageRoute:
             if team not in policy.teams:
                 raise GatewayError(ErrorKind.NOT_FOUND, f"Unknown team {team!r}.", param="team",
                                    code="team_not_found")
+            end_user = (query.get("end_user") or [None])[0]
+            if end_user is not None and (hierarchy.valid_end_user(end_user) is None):
+                raise GatewayError(ErrorKind.BAD_REQUEST, "end_user must be 1-64 characters of letters, digits "
+                                   "and ._@+=/-.", param="end_user")
             limiter: Limiter | None = getattr(services, "limiter", None)
             if limiter is None:
                 raise GatewayError(ErrorKind.NOT_FOUND, "Limits are not enabled on this gateway.")
             try:
-                report = await limiter.report(policy, team, period)
+                report = await limiter.report(policy, team, period, end_user)
             except StoreUnavailable as exc:
                 raise GatewayError(ErrorKind.UNAVAILABLE, f"The state store is unreachable: {exc}",
                                    code="state_store_unavailable", retry_after=1.0) from exc

@@ -1,0 +1,522 @@
+"""The budget hierarchy (gateway/hierarchy.py): organisation -> team -> end user -> key, through a running gateway.
+
+Each level refuses on its own and the most restrictive wins; end users are bounded per team (a hostile tenant's
+10,000 ids fold into one `other` bucket, with bounded Redis keys and metric labels); every level is in the
+response headers, /admin/usage and the ledger; shadow mode, downgrade, calendar windows in an IANA zone and
+rolling windows work on the new levels; and three replicas sharing Redis hold an organisation budget together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import re
+import sqlite3
+import zoneinfo
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from gateway.ledger import _SCHEMA, Ledger, spend
+from gateway.limits import Limiter
+from gateway.policy import PolicyError, parse_policy
+from gateway.state.memory import MemoryStore
+from gateway.tokens import TokenCounter
+from gateway.usage import UsageRecord
+from providers.base import Usage
+from tests.conftest import ADMIN_KEY, RunningGateway, key_hash, metrics_text, standard_policy
+from tests.fakes import Behaviour, FakeOpenAIUpstream
+from tests.fakes.state_stores import (
+    SHARED_REDIS,
+    FakeClock,
+    GatewayProcess,
+    drop_prefix,
+    private_redis,
+    shared_redis_available,
+    unique_prefix,
+)
+
+ALPHA = "    models: [chat-model, embed-model, cheap-model]\n"
+BETA = "    models: [beta-model]\n"
+CHEAP_MODEL = "  cheap-model:\n    targets:\n      - provider: upstream\n        model: upstream-cheap\n"
+
+
+def policy(upstream: FakeOpenAIUpstream, *, alpha: str = "", beta: str = "", organizations: str = "",
+           extra: str = "") -> str:
+    """The standard two-team policy with an admin key, a cheap model for alpha, and the given lines added."""
+    admin = f"admin:\n  keys:\n    - id: ops\n      hash: \"{key_hash(ADMIN_KEY)}\"\n"
+    text = standard_policy(upstream.base_url, extra=admin + organizations + extra)
+    text = text.replace("models:\n  chat-model:\n", "models:\n" + CHEAP_MODEL + "  chat-model:\n", 1)
+    text = text.replace("    models: [chat-model, embed-model]\n", ALPHA + alpha, 1)
+    return text.replace(BETA, BETA + beta, 1)
+
+
+def org(budget: str, teams: str = "[alpha, beta]") -> str:
+    return f"organizations:\n  acme:\n    teams: {teams}\n    budget: {budget}\n"
+
+
+def users(budget: str, *, max_tracked: int = 1000, header: str | None = None, required: bool = False) -> str:
+    lines = f"    end_users:\n      max_tracked: {max_tracked}\n      required: {str(required).lower()}\n"
+    if header:
+        lines += f"      header: {header}\n"
+    return lines + f"      budget: {budget}\n"
+
+
+
+
+def with_key_budget(text: str, budget: str) -> str:
+    """Give alpha's key a budget (its key entry is the standard policy's)."""
+    entry = f"      - id: alpha-key\n        hash: \"{key_hash('sk-alpha')}\"\n"
+    assert entry in text
+    return text.replace(entry, entry + f"        budget: {budget}\n", 1)
+
+
+def ask(gateway: RunningGateway, key: str = "sk-alpha", user: str | None = None, model: str = "chat-model",
+        headers: dict[str, str] | None = None, content: str = "hi there") -> httpx.Response:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 5}
+    if user is not None:
+        body["user"] = user
+    return httpx.post(gateway.v1 + "/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {key}", **(headers or {})}, timeout=10)
+
+
+def usage_report(gateway: RunningGateway, team: str = "alpha", **params: str) -> dict[str, Any]:
+    response = httpx.get(gateway.base_url + "/admin/usage", params={"team": team, **params},
+                         headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def rows_by_scope(report: dict[str, Any], unit: str = "tokens") -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["scope"], r["owner"]): r for r in report["usage"] if r["unit"] == unit and "budget" in r["limit_type"]}
+
+
+def spend_until_refused(gateway: RunningGateway, limit: int = 50, **kwargs: Any) -> httpx.Response:
+    for _ in range(limit):
+        response = ask(gateway, **kwargs)
+        if response.status_code != 200:
+            return response
+    raise AssertionError("never refused")
+
+
+def assert_budget_refusal(response: httpx.Response, who: str) -> None:
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert error["code"] == "budget_exceeded", error
+    assert f"Budget exceeded for {who}:" in error["message"], error["message"]
+    assert response.headers["x-should-retry"] == "false"
+
+
+# --- policy validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("yaml_text", "problem"), [
+    ("organizations: {acme: {teams: [alpha, nobody], budget: {tokens: 5}}}",
+     "organizations.acme.teams.1: unknown team 'nobody'; defined: alpha, beta"),
+    ("organizations: {acme: {teams: [alpha]}, globex: {teams: [beta, alpha]}}",
+     "organizations.globex.teams.1: team 'alpha' is already listed in organisation 'acme'; a team belongs to at "
+     "most one organisation"),
+    ("organizations: {acme: {teams: [alpha, alpha]}}",
+     "organizations.acme.teams.1: team 'alpha' is already listed in this organisation"),
+    ("organizations: {acme: {teams: []}}", "organizations.acme.teams: List should have at least 1 item"),
+    ("organizations: {'bad name': {teams: [alpha]}}", "organizations.bad name"),
+    ("organizations: {acme: {teams: [alpha, beta], budget: {tokens: 5, on_exhaust: downgrade, "
+     "downgrade_to: chat-model}}}",
+     "organizations.acme.budget.downgrade_to: team 'beta' may not use model 'chat-model'; add it to "
+     "teams.beta.models"),
+    ("organizations: {acme: {teams: [alpha], budget: {tokens: 5, notify: [pager]}}}",
+     "organizations.acme.budget.notify.0: unknown webhook 'pager'"),
+])
+def test_organisations_are_validated_with_precise_messages(upstream: FakeOpenAIUpstream, yaml_text: str,
+                                                           problem: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(policy(upstream, organizations=yaml_text + "\n"))
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize(("lines", "problem"), [
+    ("    end_users: {header: authorization}\n",
+     "teams.alpha.end_users.header: authorization carries the API key"),
+    ("    end_users: {max_tracked: 0}\n", "teams.alpha.end_users.max_tracked: Input should be greater than or equal"),
+    ("    end_users: {header: 'x end user'}\n", "teams.alpha.end_users.header: String should match pattern"),
+    ("    end_users: {budget: {tokens: 5, on_exhaust: downgrade, downgrade_to: beta-model}}\n",
+     "teams.alpha.end_users.budget.downgrade_to: team 'alpha' may not use model 'beta-model'"),
+    ("    end_users: {budget: {usd: 1, period: rolling}}\n",
+     "teams.alpha.end_users.budget: `window_s` is required with period: rolling"),
+])
+def test_end_user_settings_are_validated(upstream: FakeOpenAIUpstream, lines: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(policy(upstream, alpha=lines))
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+# --- each level refuses; the most restrictive wins ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("level", "who"), [
+    ("org", "organization acme"), ("team", "team alpha"), ("user", "end user u-1 (team alpha)"),
+    ("key", "key alpha-key (team alpha)")])
+def test_each_level_refuses_and_the_refusal_names_it(upstream: FakeOpenAIUpstream,
+                                                     start_gateway: Callable[..., RunningGateway],
+                                                     level: str, who: str) -> None:
+    small, big = "{tokens: 60}", "{tokens: 100000}"
+    text = policy(upstream, organizations=org(small if level == "org" else big),
+                  alpha=f"    budget: {small if level == 'team' else big}\n"
+                        + users(small if level == "user" else big))
+    gateway = start_gateway(with_key_budget(text, small if level == "key" else big))
+    refused = spend_until_refused(gateway, user="u-1")
+    assert_budget_refusal(refused, who)
+    assert refused.headers[f"x-switchboard-budget-{level}-remaining-tokens"] is not None
+    assert 2 <= upstream.request_count <= 12  # 60 tokens hold a few 5-token answers to a short prompt
+    if level == "user":  # another end user of the same team and key is not refused
+        assert ask(gateway, user="u-2").status_code == 200
+
+
+def test_an_organisation_budget_counts_the_spend_of_all_its_teams(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    gateway = start_gateway(policy(upstream, organizations=org("{tokens: 80}")))
+    spend_until_refused(gateway)  # alpha spends the organisation's budget
+    refused = ask(gateway, key="sk-beta", model="beta-model")  # beta never sent a request, yet is refused
+    assert_budget_refusal(refused, "organization acme")
+    spent = sum(r.usage.total_tokens for r in gateway.usage.wait_for(upstream.request_count + 2)
+                if r.usage is not None)
+    beta_report = rows_by_scope(usage_report(gateway, "beta"))
+    assert beta_report[("org", "acme")]["used"] == spent <= 80
+    assert usage_report(gateway, "beta")["organization"] == "acme"
+
+
+def test_the_most_restrictive_level_wins_and_every_level_is_in_the_headers(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 100000, usd: 50}"),
+                  alpha="    budget: {tokens: 90000, period: weekly}\n" + users("{tokens: 70, period: daily}"))
+    gateway = start_gateway(with_key_budget(text, "{tokens: 80000, period: rolling, window_s: 3600}"))
+    served = ask(gateway, user="u-1")
+    assert served.status_code == 200
+    headers = served.headers
+    reserved = set()  # the first request's reservation (prompt estimate + max_tokens) on every level
+    for level, limit in (("org", 100000), ("team", 90000), ("user", 70), ("key", 80000)):
+        assert headers[f"x-switchboard-budget-{level}-limit-tokens"] == str(limit)
+        reserved.add(limit - int(headers[f"x-switchboard-budget-{level}-remaining-tokens"]))
+        assert re.fullmatch(r"(\d+h)?(\d+m)?[\d.]+m?s", headers[f"x-switchboard-budget-{level}-reset"])
+    assert len(reserved) == 1 and 5 < reserved.pop() < 30
+    assert headers["x-switchboard-budget-org-limit-usd"] == "50"
+    assert headers["x-switchboard-end-user-bucket"] == "u-1"
+    refused = spend_until_refused(gateway, user="u-1")
+    assert_budget_refusal(refused, "end user u-1 (team alpha)")  # the tightest level refuses, not the others
+    assert int(refused.headers["x-switchboard-budget-user-remaining-tokens"]) < 30
+    assert int(refused.headers["x-switchboard-budget-team-remaining-tokens"]) > 80000
+    assert ask(gateway, user="u-2").status_code == 200
+    assert ask(gateway).status_code == 200  # a request naming no end user has no end-user budget
+
+
+def test_admin_usage_shows_every_level(upstream: FakeOpenAIUpstream,
+                                       start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 100000}"),
+                  alpha="    budget: {tokens: 90000}\n" + users("{tokens: 5000}", max_tracked=1))
+    gateway = start_gateway(with_key_budget(text, "{tokens: 80000}"))
+    assert ask(gateway, user="u-1").status_code == 200
+    assert ask(gateway, user="u-2").status_code == 200  # beyond max_tracked: the `other` bucket
+    assert ask(gateway, user="u-2").headers["x-switchboard-end-user-bucket"] == "other"
+    records = gateway.usage.wait_for(3)
+    tokens = [r.usage.total_tokens for r in records if r.usage is not None]
+    report = usage_report(gateway, end_user="u-1")
+    rows = rows_by_scope(report)
+    assert rows[("org", "acme")]["used"] == rows[("team", "alpha")]["used"] == rows[("key", "alpha-key")]["used"] \
+        == sum(tokens)
+    assert rows[("user", "u-1")]["used"] == tokens[0]
+    assert rows[("user", "other")]["used"] == tokens[1] + tokens[2]
+    assert rows[("user", "u-1")]["limit_type"] == "monthly budget"
+    assert report["organization"] == "acme"
+    assert report["end_users"] | {"period": None} == {"period": None, "tracked": 1, "max_tracked": 1,
+                                                      "folded_requests": 2, "header": None, "required": False}
+    bad = httpx.get(gateway.base_url + "/admin/usage", params={"team": "alpha", "end_user": "a b"},
+                    headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "end_user"
+
+
+# --- end users: where they come from, what is accepted, how many are tracked ------------------------------
+
+
+def test_the_end_user_comes_from_the_header_or_the_user_field_and_is_validated(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    gateway = start_gateway(policy(upstream, alpha=users("{tokens: 100000}", header="x-end-user", required=True)))
+    by_header = ask(gateway, user="from-body", headers={"x-end-user": "from-header"})
+    assert by_header.headers["x-switchboard-end-user-bucket"] == "from-header"
+    assert ask(gateway, user="from-body").headers["x-switchboard-end-user-bucket"] == "from-body"
+    for bad, where in (("a" * 65, "user"), ("x y", "user"), ("{beta}:b", "user"), ("other", "user"),
+                       ("a{b}", "x-end-user")):
+        response = ask(gateway, user=bad) if where == "user" else ask(gateway, headers={"x-end-user": bad})
+        assert response.status_code == 400, (bad, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_end_user" and error["type"] == "invalid_request_error", error
+    missing = ask(gateway)
+    assert missing.status_code == 400 and "must name their end user" in missing.json()["error"]["message"]
+    assert upstream.request_count == 2
+
+
+def test_the_same_user_id_in_another_team_is_another_bucket(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    gateway = start_gateway(policy(upstream, alpha=users("{tokens: 60}"), beta=users("{tokens: 60}")))
+    assert_budget_refusal(spend_until_refused(gateway, user="shared-id"), "end user shared-id (team alpha)")
+    assert ask(gateway, key="sk-beta", model="beta-model", user="shared-id").status_code == 200
+    beta = rows_by_scope(usage_report(gateway, "beta", end_user="shared-id"))
+    alpha = rows_by_scope(usage_report(gateway, "alpha", end_user="shared-id"))
+    assert 0 < beta[("user", "shared-id")]["used"] < alpha[("user", "shared-id")]["used"]
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    if not shared_redis_available():
+        pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
+    prefix = unique_prefix()
+    yield prefix
+    drop_prefix(SHARED_REDIS, prefix)
+
+
+def test_a_hostile_tenants_10000_user_ids_fold_into_other_with_bounded_keys_and_labels(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway], redis_prefix: str) -> None:
+    state = f"state: {{url: '{SHARED_REDIS}', key_prefix: '{redis_prefix}', timeout_s: 5}}\n"
+    text = policy(upstream, alpha=users("{tokens: 100000000, soft_thresholds: [0.000001]}", max_tracked=5),
+                  beta=users("{tokens: 100000000}", max_tracked=5),
+                  extra=state + "telemetry: {metrics: {enabled: true}}\n")
+    gateway = start_gateway(text)
+    hostile = 10_000
+
+    async def flood() -> list[int]:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=gateway.v1, limits=limits, timeout=30,
+                                     headers={"authorization": "Bearer sk-alpha"}) as client:
+            semaphore = asyncio.Semaphore(16)
+
+            async def one(index: int) -> int:
+                async with semaphore:
+                    response = await client.post("/chat/completions", json={
+                        "model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                        "user": f"hostile-{index}"})
+                    return response.status_code
+            return await asyncio.gather(*(one(i) for i in range(hostile)))
+
+    statuses = asyncio.run(flood())
+    assert set(statuses) == {200}
+    report = usage_report(gateway, end_user="hostile-0")
+    assert report["end_users"]["tracked"] == 5
+    assert report["end_users"]["folded_requests"] == hostile - 5
+    # The other team's users are its own: beta's first user is tracked although alpha's cap is full.
+    assert ask(gateway, key="sk-beta", model="beta-model", user="hostile-9999").headers[
+        "x-switchboard-end-user-bucket"] == "hostile-9999"
+    client = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        keys = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}*", count=1000)]
+    finally:
+        client.close()
+    user_counters = {k for k in keys if ":b:user:" in k and "{alpha}" in k}
+    assert len({k.split(":b:user:")[1].split(":")[0] for k in user_counters}) <= 5
+    assert len(keys) < 60, sorted(keys)  # not one per hostile id
+    metrics = metrics_text(gateway)
+    assert "hostile-" not in metrics  # no user id became a label
+    assert f'switchboard_end_users_folded_total{{team="alpha"}} {float(hostile - 5)}' in metrics
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+def test_ledger_rows_carry_the_organisation_and_the_end_user(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 100000}", "[alpha]"), alpha=users("{tokens: 60}"),
+                  extra="ledger: {path: ledger.sqlite, flush_interval_s: 0.05}\n")
+    gateway = start_gateway(text)
+    assert ask(gateway, user="u-1").status_code == 200
+    refused = spend_until_refused(gateway, user="u-1")
+    assert refused.status_code == 429
+    assert ask(gateway, key="sk-beta", model="beta-model").status_code == 200
+    gateway.stop()  # closes the ledger: every row is written
+    path = gateway.policy_path.parent / "ledger.sqlite"
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute("SELECT team, organization, end_user, status FROM usage").fetchall()
+    assert ("alpha", "acme", "u-1", 429) in rows
+    assert {(t, o, u) for t, o, u, _ in rows} == {("alpha", "acme", "u-1"), ("beta", None, None)}
+    by_org = {row["organization"]: row["requests"] for row in spend(path, "organization")}
+    assert by_org == {"acme": len(rows) - 1, None: 1}
+    assert {(row["team"], row["end_user"]) for row in spend(path, "end_user")} == {("alpha", "u-1"),
+                                                                                  ("beta", None)}
+
+
+def test_an_older_ledger_gets_the_organisation_and_end_user_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:  # the ledger as the gateway wrote it before the hierarchy
+        connection.executescript(_SCHEMA.replace(",\n    organization TEXT,\n    end_user TEXT", ""))
+        connection.execute("INSERT INTO usage (gateway_id, request_id, ts, day, team, key_id, endpoint, public_model, "
+                           "stream, status, outcome, prompt_tokens, completion_tokens, cached_tokens, "
+                           "cache_write_tokens, reasoning_tokens, usage_estimated, cost_usd, duration_ms) VALUES "
+                           "('g1', 'r1', 1.0, '1970-01-01', 'alpha', 'k', 'chat', 'm', 0, 200, 'completed', 10, 5, 0, "
+                           "0, 0, 0, 0.5, 1.0)")
+        assert "end_user" not in {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    ledger = Ledger(path)
+    ledger.record(UsageRecord(request_id="r2", team="alpha", key_id="k", endpoint="chat", public_model="m",
+                              provider="p", upstream_model="u", stream=False, status=200, usage=Usage(10, 5),
+                              duration_ms=1.0, overhead_ms=0.1, cost_usd=0.25, organization="acme", end_user="u-1"),
+                  at=2.0)
+    ledger.close()
+    assert {row["organization"]: row["cost_usd"] for row in spend(path, "organization")} == {None: 0.5, "acme": 0.25}
+
+
+# --- shadow mode and downgrade on the new levels --------------------------------------------------------
+
+
+def test_shadow_budgets_on_the_new_levels_report_but_never_refuse(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 30, mode: shadow}"),
+                  alpha=users("{tokens: 30, mode: shadow}"))
+    gateway = start_gateway(text)
+    shadowed = None
+    for _ in range(8):
+        response = ask(gateway, user="u-1")
+        assert response.status_code == 200
+        assert "x-switchboard-budget-org-limit-tokens" not in response.headers  # shadow: not for clients
+        shadowed = response.headers.get("x-switchboard-shadow-reject") or shadowed
+    assert shadowed is not None and "org:budget_tokens" in shadowed and "user:budget_tokens" in shadowed
+    gateway.usage.wait_for(8)
+    rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
+    for scope, owner in (("org", "acme"), ("user", "u-1")):
+        assert rows[(scope, owner)]["mode"] == "shadow"
+        assert rows[(scope, owner)]["would_reject"] > 0
+        assert rows[(scope, owner)]["used"] <= 30  # what an enforcing budget would have let through
+
+
+def test_an_exhausted_end_user_is_downgraded(upstream: FakeOpenAIUpstream,
+                                             start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, alpha=users("{tokens: 40, on_exhaust: downgrade, downgrade_to: cheap-model}"))
+    gateway = start_gateway(text)
+    for _ in range(10):
+        response = ask(gateway, user="u-1")
+        assert response.status_code == 200
+        if "x-switchboard-downgraded-from" in response.headers:
+            break
+    else:
+        raise AssertionError("never downgraded")
+    assert response.headers["x-switchboard-downgraded-from"] == "chat-model"
+    assert ask(gateway, user="u-2").headers.get("x-switchboard-downgraded-from") is None
+
+
+# --- windows: a monthly one in an IANA zone, a rolling one -----------------------------------------------
+
+
+def test_a_monthly_organisation_budget_turns_at_midnight_in_its_zone(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    zone = zoneinfo.ZoneInfo("America/New_York")
+    # 2027-01-31 20:00 in New York is already February 1st in UTC.
+    clock = FakeClock(dt.datetime(2027, 1, 31, 20, 0, tzinfo=zone).timestamp())
+    counter = TokenCounter()
+    limiter = Limiter(MemoryStore(clock=clock), counter, clock=clock)
+    text = policy(upstream, organizations=org("{tokens: 60, period: monthly, timezone: America/New_York}"),
+                  alpha=users("{tokens: 40, period: rolling, window_s: 3600}"))
+    gateway = start_gateway(text, limiter=limiter, counter=counter)
+    assert_budget_refusal(spend_until_refused(gateway, user="u-1"), "end user u-1 (team alpha)")
+    assert_budget_refusal(spend_until_refused(gateway, user="u-2"), "organization acme")
+    refusal = ask(gateway, user="u-3").json()["error"]["message"]
+    assert "It resets at 2027-02-01T00:00:00-05:00." in refusal
+    clock.advance(3 * 3600 + 59 * 60)  # 23:59 in New York: still January there
+    assert ask(gateway, user="u-3").status_code == 429
+    clock.advance(61)  # 00:00:01 on February 1st in New York: a new month, and u-1's rolling hour has passed
+    assert ask(gateway, user="u-3").status_code == 200
+    assert ask(gateway, user="u-1").status_code == 200
+
+
+# --- settlement: reserve, settle to actual once, refund on failure ----------------------------------------
+
+
+def test_every_level_settles_to_actual_usage_and_refunds_failures(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 100000}"),
+                  alpha="    budget: {tokens: 100000}\n" + users("{tokens: 100000}"))
+    gateway = start_gateway(with_key_budget(text, "{tokens: 100000}"))
+    upstream.script(Behaviour.error(400))
+    assert ask(gateway, user="u-1").status_code == 400
+    gateway.usage.wait_for(1)
+    rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
+    assert {key: row["used"] for key, row in rows.items()} == {
+        ("org", "acme"): 0, ("team", "alpha"): 0, ("user", "u-1"): 0, ("key", "alpha-key"): 0, ("user", "other"): 0}
+    for _ in range(3):
+        assert ask(gateway, user="u-1", content="a longer question " * 5).status_code == 200
+    spent = sum(r.usage.total_tokens for r in gateway.usage.wait_for(4) if r.usage is not None)
+    rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
+    assert {key: row["used"] for key, row in rows.items()} == {
+        ("org", "acme"): spent, ("team", "alpha"): spent, ("user", "u-1"): spent, ("key", "alpha-key"): spent,
+        ("user", "other"): 0}
+
+
+# --- three replicas sharing Redis ------------------------------------------------------------------
+
+
+ORG_BUDGET = 3000
+MAX_TOKENS = 20
+WORKERS = 12
+
+
+def test_three_replicas_hold_an_organisation_budget_and_counters_equal_the_ledger(
+        tmp_path: Path, upstream: FakeOpenAIUpstream) -> None:
+    with private_redis(tmp_path) as server:
+        state = f"state: {{url: '{server.url}', timeout_s: 5}}\n"
+        text = policy(upstream, organizations=org(f"{{tokens: {ORG_BUDGET}}}"), alpha=users("{tokens: 100000}"),
+                      extra=state + "ledger: {path: ledger.sqlite, flush_interval_s: 0.05}\n")
+        path = tmp_path / "shared.yaml"
+        path.write_text(text)
+        gateways = [GatewayProcess(path, tmp_path / f"gateway-{i}.log") for i in range(3)]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                list(pool.map(lambda gateway: gateway.start(timeout=120), gateways))
+
+            def hammer(worker: int) -> tuple[int, int]:
+                gateway = gateways[worker % 3]
+                key, model = ("sk-alpha", "chat-model") if worker % 2 else ("sk-beta", "beta-model")
+                client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=key, max_retries=0)
+                served = tokens = 0
+                while True:
+                    try:
+                        reply = client.chat.completions.create(
+                            model=model, messages=[{"role": "user", "content": f"worker {worker} says hello"}],
+                            max_tokens=MAX_TOKENS, user=f"user-{worker % 4}")
+                    except openai.RateLimitError as error:
+                        assert error.code == "budget_exceeded" and "organization acme" in error.message
+                        return served, tokens
+                    assert reply.usage is not None
+                    served += 1
+                    tokens += reply.usage.total_tokens
+
+            with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+                results = list(pool.map(hammer, range(WORKERS)))
+        finally:
+            for gateway in gateways:
+                gateway.terminate()  # a graceful stop: settlements sent, ledger rows written
+        spent = sum(t for _, t in results)
+        assert sum(s for s, _ in results) > 30
+        # Reservations are prompt + max_tokens and the upstream honours max_tokens, so only a prompt the
+        # upstream counts higher than the gateway's estimate can pass the budget, by at most that difference
+        # per request in flight (policies/README.md, "The budget hierarchy").
+        in_flight_bound = WORKERS * 10
+        assert spent <= ORG_BUDGET + in_flight_bound
+        assert spent >= ORG_BUDGET - WORKERS * (MAX_TOKENS + 30)  # the budget was used, not refused early
+        client = redis.Redis.from_url(server.url)
+        try:
+            def counted(pattern: str) -> int:
+                return sum(int(client.get(k) or 0) for k in client.scan_iter(match=pattern))
+            org_used = counted("switchboard:{org:acme}:b:org:tok:*")
+            alpha_users = counted("switchboard:{alpha}:b:user:*:tok:*")
+        finally:
+            client.close()
+        with sqlite3.connect(tmp_path / "ledger.sqlite") as connection:
+            by_team = dict(connection.execute(
+                "SELECT team, SUM(prompt_tokens + completion_tokens) FROM usage GROUP BY team").fetchall())
+            by_org = connection.execute("SELECT SUM(prompt_tokens + completion_tokens) FROM usage "
+                                        "WHERE organization = 'acme'").fetchone()[0]
+            end_users = connection.execute("SELECT COUNT(DISTINCT end_user) FROM usage WHERE team = 'alpha'"
+                                           ).fetchone()[0]
+        assert by_org == spent == org_used  # counter == ledger == what clients were told, refusals rolled back
+        assert alpha_users == by_team["alpha"]
+        assert end_users == 2  # odd workers: users 1 and 3
