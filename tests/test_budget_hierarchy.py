@@ -13,6 +13,7 @@ import concurrent.futures
 import datetime as dt
 import re
 import sqlite3
+import time
 import zoneinfo
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -520,3 +521,106 @@ def test_three_replicas_hold_an_organisation_budget_and_counters_equal_the_ledge
         assert by_org == spent == org_used  # counter == ledger == what clients were told, refusals rolled back
         assert alpha_users == by_team["alpha"]
         assert end_users == 2  # odd workers: users 1 and 3
+
+
+# --- policy simulate ------------------------------------------------------------------------------
+
+
+def test_simulate_replays_the_new_levels_and_keeps_an_organisations_teams_together(
+        upstream: FakeOpenAIUpstream, tmp_path: Path) -> None:
+    from gateway.simulate import replay
+
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(ledger_path)
+    start = dt.datetime(2027, 3, 10, 12, tzinfo=dt.UTC).timestamp()
+    for index in range(20):
+        team, key, model, user = (("alpha", "alpha-key", "chat-model", f"u-{index // 2 % 4}") if index % 2 == 0
+                                  else ("beta", "beta-key", "beta-model", None))
+        ledger.record(UsageRecord(request_id=f"r{index}", team=team, key_id=key, endpoint="chat", public_model=model,
+                                  provider="upstream", upstream_model="upstream-" + model.split("-")[0],
+                                  stream=False, status=200, usage=Usage(50, 50), duration_ms=1.0, overhead_ms=0.1,
+                                  end_user=user), at=start + index)
+    ledger.close()
+    path = tmp_path / "tighter.yaml"
+    # Each request reserves and uses 100 tokens. The organisation has 1,700 for both teams' 20 requests; each of
+    # alpha's 4 end users 200 (u-0 and u-1 send 3 requests, u-2 and u-3 send 2).
+    path.write_text(policy(upstream, organizations=org("{tokens: 1700}"), alpha=users("{tokens: 200}")))
+    alone = {row["team"]: row for row in replay(str(path), ledger_path).rows()}
+    split = {row["team"]: row for row in replay(str(path), ledger_path, workers=2).rows()}
+    assert alone == split  # the two teams were replayed together, against one organisation budget
+    # The first 16 pass (1,600 tokens). The 17th, u-0's third, is refused by u-0's budget; the 18th (beta) takes
+    # the organisation's last 100; the 19th (u-1's third) and the 20th (beta) find the organisation's spent.
+    # Replayed apart, beta would have been refused nothing.
+    assert (alone["alpha"]["over_budget"], alone["beta"]["over_budget"]) == (2, 1)
+
+
+# --- alerts on the new levels ---------------------------------------------------------------------
+
+
+def test_the_new_levels_alert_once_per_threshold_naming_their_level(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    from gateway.alerts import describe
+    from gateway.budgets import ThresholdEvent
+
+    events: list[ThresholdEvent] = []
+    counter = TokenCounter()
+    limiter = Limiter(MemoryStore(), counter, on_threshold=events.append)
+    text = policy(upstream, organizations=org("{tokens: 200, soft_thresholds: [0.05]}"),
+                  alpha=users("{tokens: 60, soft_thresholds: [0.1]}"))
+    gateway = start_gateway(text, limiter=limiter, counter=counter)
+    spend_until_refused(gateway, user="u-1")
+    until = time.monotonic() + 5
+    while {(e.scope, e.kind) for e in events} != {("org", "threshold"), ("user", "threshold"), ("user", "exhausted")}:
+        assert time.monotonic() < until, events
+        time.sleep(0.01)
+    by_kind = {(e.scope, e.kind): e for e in events}
+    assert len(events) == 3  # once each per period, though many requests crossed them
+    assert by_kind[("org", "threshold")].owner == "acme"
+    assert describe(by_kind[("org", "threshold")]).startswith("Organization acme has used 5% of its token budget")
+    assert describe(by_kind[("user", "exhausted")]).startswith("End user u-1 (team alpha) has exhausted its token")
+
+
+# --- admission across hash tags --------------------------------------------------------------------
+
+
+class _GatedStore(MemoryStore):
+    """A memory store whose admissions of one hash tag wait for `gate` (a slow Redis shard)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+        self.gate = asyncio.Event()
+
+    async def admit(self, checks: Any) -> Any:
+        if checks[0].slices[0].startswith(self.tag):
+            await self.gate.wait()
+        return await super().admit(checks)
+
+
+def test_a_refusal_or_cancellation_under_one_tag_gives_back_the_other_tags_reservation() -> None:
+    from gateway.hierarchy import reserve
+    from gateway.state import Check
+
+    team = Check(("{alpha}:b:team:tok:m",), 1000, 10, 2_000_000_000)
+    organisation = Check(("{org:acme}:b:org:tok:m",), 15, 10, 2_000_000_000)
+
+    async def scenario() -> None:
+        store = _GatedStore("{org:")
+        store.gate.set()
+        assert (await reserve(store, [team, organisation])).admitted
+        refused = await reserve(store, [team, organisation])  # the organisation has 5 left
+        assert not refused.admitted and refused.denied == 1 and refused.used == (10, 10)
+        assert store.read_now([team.slices, organisation.slices]) == [10, 10]  # the team's 10 given back
+        store.gate.clear()
+        waiting = asyncio.ensure_future(reserve(store, [team, organisation]))
+        for _ in range(100):  # let the team's admission complete; the organisation's waits at the gate
+            if store.read_now([team.slices])[0] == 20:
+                break
+            await asyncio.sleep(0)
+        assert store.read_now([team.slices])[0] == 20 and not waiting.done()
+        waiting.cancel()  # the client went away mid-admission
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert store.read_now([team.slices, organisation.slices]) == [10, 10]
+
+    asyncio.run(scenario())
