@@ -45,8 +45,6 @@ _USER_ID = re.compile(END_USER_ID)
 # Users this process remembers as folded, per team, before it forgets them all and asks the store again: a
 # tenant sending endless new ids costs the store one call each, never this process's memory.
 _FOLDED_MEMORY = 10_000
-# Header names of each level in the budget response headers (`x-switchboard-budget-<level>-...`).
-LEVELS = {"org": "org", "team": "team", "user": "user", "key": "key"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +378,7 @@ def budget_headers(meters: Sequence[_Meter], checks: Sequence[Check], verdict: V
         budget = meter.budget
         if budget is None or budget.shadow:
             continue
-        level = LEVELS.get(budget.scope, budget.scope)
+        level = budget.scope  # org, team, user or key
         taken = checks[index].amount if verdict.admitted else 0
         remaining = max(0, meter.limit - verdict.used[index] - taken)
         unit = "tokens" if meter.unit == "tokens" else "usd"
