@@ -45,6 +45,7 @@ _USER_ID = re.compile(END_USER_ID)
 # Users this process remembers as folded, per team, before it forgets them all and asks the store again: a
 # tenant sending endless new ids costs the store one call each, never this process's memory.
 _FOLDED_MEMORY = 10_000
+_BUDGETS_MEMORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +58,20 @@ class EndUserRules:
     required: bool
     max_tracked: int
     template: Budget | None  # owner "" and the base of all users' counters; `for_user` makes each one's
+    # Budgets made by `for_user`, reused by later requests of the same user (bounded: `_BUDGETS_MEMORY`).
+    _made: dict[str, Budget] = field(default_factory=dict, compare=False, repr=False)
 
     def for_user(self, user: str) -> Budget:
         """The budget of one tracked user, or of the shared `other` bucket."""
-        assert self.template is not None
-        base = f"{self.tag}:b:user-other" if user == OTHER else f"{self.tag}:b:user:{user}"
-        return dataclasses.replace(self.template, owner=user, base=base)
+        budget = self._made.get(user)
+        if budget is None:
+            assert self.template is not None
+            base = f"{self.tag}:b:user-other" if user == OTHER else f"{self.tag}:b:user:{user}"
+            budget = dataclasses.replace(self.template, owner=user, base=base)
+            if len(self._made) >= _BUDGETS_MEMORY:
+                self._made.clear()
+            self._made[user] = budget
+        return budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,30 +180,28 @@ def request_end_user(hierarchy: Hierarchy, team: str, headers: Mapping[str, str]
     rules = hierarchy.end_users.get(team)
     if rules is None:
         return None
-    where = "the `user` field"
-    value: Any = None
-    if rules.header is not None:
-        value = headers.get(rules.header)
-        where = f"the {rules.header} header"
+    value: Any = headers.get(rules.header) if rules.header is not None else None
+    param = rules.header
     if not value:
-        value, where = body.get("user"), "the `user` field"
+        value, param = body.get("user"), "user"
+    where = "the `user` field" if param == "user" else f"the {param} header"
     if value is None or value == "":
         if rules.required:
             named = f"the {rules.header} header or " if rules.header else ""
-            raise _invalid(f"This team's requests must name their end user in {named}the `user` field.", rules)
+            raise _invalid(f"This team's requests must name their end user in {named}the `user` field.", "user")
         return None
-    if not isinstance(value, str) or _USER_ID.match(value) is None:
+    if not isinstance(value, str) or _USER_ID.fullmatch(value) is None:
         shown = repr(value[:64]) if isinstance(value, str) else f"a {type(value).__name__}"
         raise _invalid(f"Invalid end user in {where}: {shown}. Use 1-64 characters of letters, digits and "
-                       "._@+=/- (for example a hash of your user's id).", rules)
+                       "._@+=/- (for example a hash of your user's id).", param)
     if value == OTHER:
         raise _invalid(f"Invalid end user in {where}: {OTHER!r} names the gateway's shared bucket of untracked "
-                       "end users; use another id.", rules)
+                       "end users; use another id.", param)
     return value
 
 
-def _invalid(message: str, rules: EndUserRules) -> GatewayError:
-    return GatewayError(ErrorKind.BAD_REQUEST, message, param=rules.header or "user", code="invalid_end_user")
+def _invalid(message: str, param: str | None) -> GatewayError:
+    return GatewayError(ErrorKind.BAD_REQUEST, message, param=param, code="invalid_end_user")
 
 
 # --- which counter an end user gets -----------------------------------------------------------------
@@ -292,13 +299,10 @@ def with_end_user(plan: Plan | None, budget: Budget | None) -> Plan | None:
 
     if plan is None:
         return Plan((), (budget,), True, budget.usd_micros is not None, budget.shadow)
-    budgets = list(plan.budgets)
-    at = next((i + 1 for i, b in enumerate(budgets) if b.scope == "team"), next(
-        (i for i, b in enumerate(budgets) if b.scope == "key"), len(budgets)))
-    budgets.insert(at, budget)
-    return dataclasses.replace(plan, budgets=tuple(budgets), needs_tokens=True,
-                               needs_usd=plan.needs_usd or budget.usd_micros is not None,
-                               shadowed=plan.shadowed or budget.shadow)
+    budgets = plan.budgets
+    at = len(budgets) - 1 if budgets and budgets[-1].scope == "key" else len(budgets)  # before the key's
+    return Plan(plan.rates, (*budgets[:at], budget, *budgets[at:]), True,
+                plan.needs_usd or budget.usd_micros is not None, plan.shadowed or budget.shadow)
 
 
 # --- admission across hash tags -----------------------------------------------------------------
@@ -319,6 +323,8 @@ async def reserve(store: StateStore, checks: Sequence[Check]) -> Verdict:
     reservation too few. A caller cancelled meanwhile gives back what was
     reserved too.
     """
+    if getattr(store, "atomic_across_tags", False):
+        return await store.admit(checks)
     groups: dict[str, list[int]] = {}
     for index, check in enumerate(checks):
         groups.setdefault(_tag(check.slices[0]), []).append(index)
@@ -378,23 +384,28 @@ def budget_headers(meters: Sequence[_Meter], checks: Sequence[Check], verdict: V
         budget = meter.budget
         if budget is None or budget.shadow:
             continue
-        level = budget.scope  # org, team, user or key
         taken = checks[index].amount if verdict.admitted else 0
         remaining = max(0, meter.limit - verdict.used[index] - taken)
-        unit = "tokens" if meter.unit == "tokens" else "usd"
-        prefix = f"x-switchboard-budget-{level}"
-        headers[f"{prefix}-limit-{unit}"] = _amount(meter.limit, unit)
-        headers[f"{prefix}-remaining-{unit}"] = _amount(remaining, unit)
-        headers[f"{prefix}-reset"] = go_duration(meter.resets_at - now)
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[(budget.scope, meter.unit)]
+        if meter.unit == "tokens":
+            headers[limit_name], headers[remaining_name] = str(meter.limit), str(remaining)
+        else:
+            headers[limit_name], headers[remaining_name] = _dollars(meter.limit), _dollars(remaining)
+        headers[reset_name] = go_duration(meter.resets_at - now)
         if budget.scope == "user" and end_user is not None:
             headers["x-switchboard-end-user-bucket"] = budget.owner
     return headers
 
 
-def _amount(value: int, unit: str) -> str:
-    if unit == "tokens":
-        return str(value)
-    return f"{value / MICROS:.6f}".rstrip("0").rstrip(".")
+# Header names per (level, unit), made once: org, team, user, key x tokens, usd.
+_HEADER_NAMES = {(level, unit): (f"x-switchboard-budget-{level}-limit-{unit}",
+                                 f"x-switchboard-budget-{level}-remaining-{unit}",
+                                 f"x-switchboard-budget-{level}-reset")
+                 for level in ("org", "team", "user", "key") for unit in ("tokens", "usd")}
+
+
+def _dollars(micros: int) -> str:
+    return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".")
 
 
 def organization_of(rules: Any, team: str) -> str | None:
@@ -436,4 +447,4 @@ async def end_user_summary(store: StateStore, hierarchy: Hierarchy, team: str, n
 
 def valid_end_user(value: str) -> str | None:
     """`value` when it is a well-formed end-user id (an admin's query), else None."""
-    return value if _USER_ID.match(value) is not None else None
+    return value if _USER_ID.fullmatch(value) is not None else None

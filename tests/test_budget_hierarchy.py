@@ -251,11 +251,12 @@ def test_the_end_user_comes_from_the_header_or_the_user_field_and_is_validated(
     assert by_header.headers["x-switchboard-end-user-bucket"] == "from-header"
     assert ask(gateway, user="from-body").headers["x-switchboard-end-user-bucket"] == "from-body"
     for bad, where in (("a" * 65, "user"), ("x y", "user"), ("{beta}:b", "user"), ("other", "user"),
-                       ("a{b}", "x-end-user")):
+                       ("u-1\n", "user"), ("a{b}", "x-end-user")):
         response = ask(gateway, user=bad) if where == "user" else ask(gateway, headers={"x-end-user": bad})
         assert response.status_code == 400, (bad, response.text)
         error = response.json()["error"]
         assert error["code"] == "invalid_end_user" and error["type"] == "invalid_request_error", error
+        assert error["param"] == where
     missing = ask(gateway)
     assert missing.status_code == 400 and "must name their end user" in missing.json()["error"]["message"]
     assert upstream.request_count == 2
@@ -585,6 +586,8 @@ def test_the_new_levels_alert_once_per_threshold_naming_their_level(
 
 class _GatedStore(MemoryStore):
     """A memory store whose admissions of one hash tag wait for `gate` (a slow Redis shard)."""
+
+    atomic_across_tags = False  # like a Redis Cluster: one call per hash tag
 
     def __init__(self, tag: str) -> None:
         super().__init__()
