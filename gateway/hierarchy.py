@@ -357,6 +357,25 @@ async def reserve(store: StateStore, checks: Sequence[Check]) -> Verdict:
     return Verdict(denied is None, tuple(used), denied)
 
 
+async def read(store: StateStore, slices: Sequence[Sequence[str]]) -> list[int]:
+    """`store.read(slices)` for counters under several hash tags: one read per tag (concurrent), as a Redis
+    Cluster node refuses a multi-key read across slots even when it owns them all."""
+    if getattr(store, "atomic_across_tags", False):
+        return await store.read(slices)
+    groups: dict[str, list[int]] = {}
+    for index, group in enumerate(slices):
+        groups.setdefault(_tag(group[0]) if group else "", []).append(index)
+    if len(groups) <= 1:
+        return await store.read(slices)
+    parts = list(groups.values())
+    results = await asyncio.gather(*(store.read([slices[i] for i in part]) for part in parts))
+    values = [0] * len(slices)
+    for part, result in zip(parts, results, strict=True):
+        for index, value in zip(part, result, strict=True):
+            values[index] = value
+    return values
+
+
 def _give_back(store: StateStore, checks: Sequence[Check], parts: Sequence[Sequence[int]],
                tasks: Sequence[asyncio.Future[Verdict]]) -> None:
     deltas = []

@@ -62,7 +62,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
                 tallied.append(len(rows) - 1)
     counted = len(slices)
     slices += [tally_slices(slices[index]) for index in tallied]
-    values = await store.read(slices)
+    values = await hierarchy.read(store, slices)  # an organisation's counters are under another hash tag
     for index, refusals in zip(tallied, values[counted:], strict=True):
         # Requests this shadow rule would have refused in the window: served, but not in `used` (see shadow.py).
         rows[index]["would_reject"] = refusals
