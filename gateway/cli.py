@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--policy", required=True, help="policy YAML file (its state: block says where to read)")
     usage.add_argument("--team", required=True)
     usage.add_argument("--period", default="current", choices=["current", "previous"])
+    usage.add_argument("--end-user", default=None, help="also report this end user's budget (teams.<t>.end_users)")
     usage.set_defaults(run=_usage)
 
     spend = commands.add_parser("spend", help="report spend from the usage ledger (gateway/ledger.py)")
@@ -354,7 +355,7 @@ def _spend(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     from gateway.usage_report import print_usage
 
-    return print_usage(args.policy, args.team, args.period)
+    return print_usage(args.policy, args.team, args.period, args.end_user)
 
 
 def configure_logging(level: str) -> None:

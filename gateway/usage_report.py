@@ -124,7 +124,7 @@ class UsageRoute:
         await send_json(send, 200, report)
 
 
-def print_usage(policy_path: str, team: str, period: str = "current") -> int:
+def print_usage(policy_path: str, team: str, period: str = "current", end_user: str | None = None) -> int:
     """`switchboard usage`: read the counters the policy's `state:` block points at and print the report."""
     import json
     import sys
@@ -141,6 +141,9 @@ def print_usage(policy_path: str, team: str, period: str = "current") -> int:
     if team not in policy.teams:
         sys.stderr.write(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}\n")
         return 1
+    if end_user is not None and hierarchy.valid_end_user(end_user) is None:
+        sys.stderr.write("--end-user must be 1-64 characters of letters, digits and ._@+=/-\n")
+        return 1
     needed = bool(policy.rules and policy.rules.any)
     store = open_store(policy.state, policy_path=policy_path, needed=needed, read_only=True)
     if type(store).__name__ == "MemoryStore":
@@ -150,7 +153,7 @@ def print_usage(policy_path: str, team: str, period: str = "current") -> int:
     async def read() -> dict[str, Any]:
         await store.start()
         try:
-            return await usage_report(store, policy, team, period, time.time())
+            return await usage_report(store, policy, team, period, time.time(), end_user)
         finally:
             await store.close()
 

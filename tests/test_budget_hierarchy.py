@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import json
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import zoneinfo
 from collections.abc import Callable, Iterator
@@ -517,11 +520,17 @@ def test_three_replicas_hold_an_organisation_budget_and_counters_equal_the_ledge
                 "SELECT team, SUM(prompt_tokens + completion_tokens) FROM usage GROUP BY team").fetchall())
             by_org = connection.execute("SELECT SUM(prompt_tokens + completion_tokens) FROM usage "
                                         "WHERE organization = 'acme'").fetchone()[0]
-            end_users = connection.execute("SELECT COUNT(DISTINCT end_user) FROM usage WHERE team = 'alpha'"
-                                           ).fetchone()[0]
+            by_user = dict(connection.execute("SELECT end_user, SUM(prompt_tokens + completion_tokens) FROM usage "
+                                              "WHERE team = 'alpha' GROUP BY end_user").fetchall())
         assert by_org == spent == org_used  # counter == ledger == what clients were told, refusals rolled back
         assert alpha_users == by_team["alpha"]
-        assert end_users == 2  # odd workers: users 1 and 3
+        assert set(by_user) == {"user-1", "user-3"}  # alpha's workers are the odd ones
+        out = subprocess.run([sys.executable, "-m", "gateway", "usage", "--policy", str(path), "--team", "alpha",
+                              "--end-user", "user-1"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        report = rows_by_scope(json.loads(out.stdout))
+        assert report[("org", "acme")]["used"] == spent
+        assert report[("user", "user-1")]["used"] == by_user["user-1"] > 0
 
 
 # --- policy simulate ------------------------------------------------------------------------------
