@@ -54,7 +54,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
             if limit is None:
                 continue
             slices.append(budget.slices("tok" if unit == "tokens" else "usd", window))
-            rows.append({"scope": budget.scope, "owner": budget.owner,  # scope: org, team, user or key
+            rows.append({"scope": budget.scope, "owner": budget.owner,
                          "limit_type": f"{budget.period.describe()} budget", "unit": unit, "limit": limit,
                          "resets_at": _iso(window.resets_at, budget.period.zone),
                          "on_exhaust": budget.on_exhaust, "mode": "shadow" if budget.shadow else "enforce"})
