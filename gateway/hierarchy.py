@@ -86,6 +86,11 @@ class Hierarchy:
     def any(self) -> bool:
         return bool(self.org_budgets) or any(r.template is not None for r in self.end_users.values())
 
+    def policy_budgets(self) -> list[Budget]:
+        """Each organisation's budget once, and each team's end-user template (owner ""), for policy gauges."""
+        distinct = {id(b): b for b in self.org_budgets.values()}
+        return [*distinct.values(), *(r.template for r in self.end_users.values() if r.template is not None)]
+
 
 EMPTY = Hierarchy()
 

@@ -668,3 +668,19 @@ def test_the_hierarchy_runs_on_a_cluster_mode_redis_that_refuses_cross_slot_call
         assert rows[("org", "acme")]["used"] == rows[("user", "u-1")]["used"] == rows[("key", "alpha-key")][
             "used"] == spent  # the refusal's reservation on the team's tag was given back
         admin.close()
+
+
+def test_the_console_and_policy_gauges_show_the_new_levels(upstream: FakeOpenAIUpstream,
+                                                           start_gateway: Callable[..., RunningGateway]) -> None:
+    text = policy(upstream, organizations=org("{tokens: 100000}"), alpha=users("{usd: 2}"),
+                  extra="telemetry: {metrics: {enabled: true}}\n")
+    gateway = start_gateway(text)
+    assert ask(gateway, key="sk-beta", model="beta-model").status_code == 200
+    gateway.usage.wait_for(1)
+    metrics = metrics_text(gateway)
+    assert 'switchboard_budget_limit_tokens{owner="acme",scope="org",team=""} 100000.0' in metrics
+    assert 'switchboard_budget_limit_usd{owner="",scope="user",team="alpha"} 2.0' in metrics
+    feed = httpx.get(gateway.base_url + "/admin/budgets", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert feed.status_code == 200, feed.text
+    rows = {(row["team"], row["scope"], row["owner"]) for row in feed.json()["data"]}
+    assert {("alpha", "org", "acme"), ("beta", "org", "acme"), ("alpha", "user", "other")} <= rows
