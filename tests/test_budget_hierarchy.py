@@ -684,3 +684,17 @@ def test_the_console_and_policy_gauges_show_the_new_levels(upstream: FakeOpenAIU
     assert feed.status_code == 200, feed.text
     rows = {(row["team"], row["scope"], row["owner"]) for row in feed.json()["data"]}
     assert {("alpha", "org", "acme"), ("beta", "org", "acme"), ("alpha", "user", "other")} <= rows
+
+
+def test_policy_diff_says_what_changes_at_the_new_levels(upstream: FakeOpenAIUpstream, tmp_path: Path) -> None:
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(policy(upstream))
+    new.write_text(policy(upstream, organizations=org("{usd: 500}", "[alpha]"),
+                          alpha=users("{tokens: 1000, period: daily}", header="x-end-user", max_tracked=50)))
+    out = subprocess.run([sys.executable, "-m", "gateway", "policy", "diff", str(old), str(new)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert out.returncode in (0, 1), out.stderr
+    text = out.stdout
+    assert "organization" in text and "acme" in text and "$500 per month (UTC)" in text, text
+    assert "from header x-end-user, else the user field; up to 50 per period, each with budget 1000 tokens per " \
+        "day (UTC)" in text, text
