@@ -125,6 +125,10 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
                 attributes["switchboard.cache.overhead_cost_usd"] = record.cache_overhead_cost_usd
     if record.tags:  # allow-listed by the policy (gateway/tags.py), so bounded
         attributes.update(tag_attributes(record.tags))
+    if record.organization is not None:  # the budget hierarchy (gateway/hierarchy.py)
+        attributes["switchboard.organization"] = record.organization
+    if record.end_user is not None:  # validated: 1-64 characters of a safe set
+        attributes["switchboard.end_user"] = record.end_user
     return attributes
 
 

@@ -698,3 +698,16 @@ def test_policy_diff_says_what_changes_at_the_new_levels(upstream: FakeOpenAIUps
     assert "organization" in text and "acme" in text and "$500 per month (UTC)" in text, text
     assert "from header x-end-user, else the user field; up to 50 per period, each with budget 1000 tokens per " \
         "day (UTC)" in text, text
+
+
+def test_the_server_span_names_the_organisation_and_the_end_user(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    from tests.fakes.otlp_receiver import WaitingSpanExporter
+
+    exporter = WaitingSpanExporter()
+    gateway = start_gateway(policy(upstream, organizations=org("{tokens: 100000}", "[alpha]"),
+                                   alpha=users("{tokens: 100000}")), span_exporter=exporter)
+    assert ask(gateway, user="u-1").status_code == 200
+    (server,) = [s for s in exporter.wait_for_servers(1) if s.kind.name == "SERVER"]
+    attributes = dict(server.attributes or {})
+    assert attributes["switchboard.organization"] == "acme" and attributes["switchboard.end_user"] == "u-1"
