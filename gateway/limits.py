@@ -3,8 +3,10 @@
 Every request of a team with limits is admitted in one store operation: the
 request and its token estimate (prompt counted with tiktoken, plus
 `max_tokens`) are reserved against every scope that applies — team, key,
-team x model rate limits, team and key budgets — all or nothing. When the
-response or stream ends the reservation is settled to actual usage.
+team x model rate limits, organisation, team, end-user and key budgets — all
+or nothing (an organisation's counters are under their own hash tag: see
+gateway/hierarchy.py). When the response or stream ends the reservation is
+settled to actual usage.
 
 Rate limits use fixed windows aligned to the clock (minute, UTC day).
 Boundaries are exact for every scope: `used + requested <= limit` is admitted.
