@@ -16,35 +16,36 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.admin_surface import AdminSurfaces
-from gateway.alerts import Alerts, AlertsRoute
-from gateway.asgi import GatewayApp, request_headers, respond, send_json, send_reply
+from gateway.accounting.alerts import Alerts, AlertsRoute
+from gateway.accounting.ledger import Ledger, SpendRoute
+from gateway.accounting.limits import Limiter
+from gateway.accounting.usage import AccessLogSink, UsageRecorder, UsageSink
+from gateway.accounting.usage_report import UsageRoute
+from gateway.accounting.webhooks import WebhookDispatcher
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
-from gateway.console import RecentActivity, console_routes
+from gateway.compiled.policy import Policy
+from gateway.compiled.store import PolicyStore
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply
 from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anthropic_path
 from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
-from gateway.gate import Gate
-from gateway.health import Monitor, TargetsRoute
-from gateway.health_metrics import HealthCollector
-from gateway.heap import settle_for_serving
-from gateway.ledger import Ledger, SpendRoute
-from gateway.limits import Limiter
-from gateway.metrics import Metrics, MetricsRoute
-from gateway.pipeline import Exchange, Reply, Services, StreamReply, handle_inference
-from gateway.policy import Policy
-from gateway.policy_store import PolicyStore
+from gateway.http.admin_surface import AdminSurfaces
+from gateway.http.asgi import GatewayApp, request_headers, respond, send_json, send_reply
+from gateway.http.console import RecentActivity, console_routes
+from gateway.http.gate import Gate
+from gateway.http.heap import settle_for_serving
+from gateway.pipeline import handle_inference
 from gateway.response_store import ResponseStore, open_response_store
+from gateway.routing.health import Monitor, TargetsRoute
 from gateway.state import open_store
-from gateway.telemetry import SpanExporter, Telemetry
-from gateway.tokens import TokenCounter
-from gateway.upstream import UpstreamPools
-from gateway.usage import AccessLogSink, UsageRecorder, UsageSink
-from gateway.usage_report import UsageRoute
-from gateway.webhooks import WebhookDispatcher
+from gateway.telemetry.health_metrics import HealthCollector
+from gateway.telemetry.metrics import Metrics, MetricsRoute
+from gateway.telemetry.traces import SpanExporter, Telemetry
+from gateway.tokens.counter import TokenCounter
+from gateway.upstream.pools import UpstreamPools
 from providers.base import Endpoint
 
 log = logging.getLogger("switchboard.server")
@@ -145,7 +146,7 @@ def create_app(
     """Build the gateway around a policy store; everything that talks to the world is injected here.
 
     `serving_process`: this app owns its process (the CLI), so it may tune process-wide settings such
-    as the garbage collector (gateway/heap.py); apps embedded in another process leave them alone.
+    as the garbage collector (gateway/http/heap.py); apps embedded in another process leave them alone.
     """
     counter = counter or TokenCounter()
     pools = UpstreamPools(counter)

@@ -10,8 +10,8 @@ import secrets
 import time
 from collections.abc import Mapping
 
+from gateway.compiled.policy import KeyEntry, Policy
 from gateway.errors import ErrorKind, GatewayError
-from gateway.policy import KeyEntry, Policy
 
 KEY_PREFIX = "sk-sb-"
 

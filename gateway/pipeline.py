@@ -19,24 +19,26 @@ from typing import Any
 
 import orjson
 
-from gateway.answer_contract import fill_usage, guard_stream
+from gateway.accounting.hierarchy import EMPTY as EMPTY_HIERARCHY
+from gateway.accounting.hierarchy import request_end_user
+from gateway.accounting.limits import Limiter, admit, stream_allowance
+from gateway.accounting.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement
+from gateway.accounting.tags import request_tags
+from gateway.accounting.usage import UsageRecorder
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache, recording_stream, remember
+from gateway.compiled.policy import KeyEntry, Model, Policy, Target
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.hierarchy import EMPTY as EMPTY_HIERARCHY
-from gateway.hierarchy import request_end_user
-from gateway.limits import Limiter, admit, stream_allowance
-from gateway.policy import KeyEntry, Model, Policy, Target
+from gateway.exchange import new_gateway_id
 from gateway.request_checks import check_request
-from gateway.request_ids import explain_silent_refusal, stamp_request_id
-from gateway.resilience import PrimedStream, route_and_call
-from gateway.routing import RouteState
-from gateway.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement, new_gateway_id
-from gateway.tags import request_tags
-from gateway.telemetry import NO_TRACE, Telemetry, Trace
-from gateway.tokens import TokenCounter
-from gateway.upstream import UpstreamPools, UpstreamResponse
-from gateway.usage import UsageRecorder
+from gateway.routing.resilience import route_and_call
+from gateway.routing.strategies import RouteState
+from gateway.routing.streams import PrimedStream
+from gateway.telemetry.traces import NO_TRACE, Telemetry, Trace
+from gateway.tokens.counter import TokenCounter
+from gateway.upstream.answer_contract import fill_usage, guard_stream
+from gateway.upstream.pools import UpstreamPools, UpstreamResponse
+from gateway.upstream.request_ids import explain_silent_refusal, stamp_request_id
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 from providers.canonical import load_exact, lost_integers
 from providers.sse import DONE_EVENT, encode_event
@@ -58,9 +60,9 @@ class Services:
     clock: Callable[[], float] = time.perf_counter
     # Target state (in-flight, latency, breakers) for the app's lifetime, across policy reloads.
     routes: RouteState = field(default_factory=RouteState)
-    # Traces (gateway/telemetry.py); off unless the policy or the app factory turns them on.
+    # Traces (gateway/telemetry/traces.py); off unless the policy or the app factory turns them on.
     telemetry: Telemetry = field(default_factory=Telemetry)
-    # Rate limits and budgets (gateway/limits.py); None when the app runs without a state store.
+    # Rate limits and budgets (gateway/accounting/limits.py); None when the app runs without a state store.
     limiter: Limiter | None = None
     # Response caching (gateway/cache/): stores and in-flight requests, across policy reloads.
     cache: ResponseCache = field(default_factory=ResponseCache)
@@ -74,11 +76,11 @@ class Exchange:
     started: float
     upstream_wait_s: float = 0.0
     response_headers: dict[str, str] = field(default_factory=dict)
-    # The request's spans (gateway/telemetry.py); NO_TRACE when tracing is off.
+    # The request's spans (gateway/telemetry/traces.py); NO_TRACE when tracing is off.
     trace: Trace = NO_TRACE
-    # The gateway's own id for the request: unguessable, the ledger's key (gateway/settlement.py).
+    # The gateway's own id for the request: unguessable, the ledger's key (gateway/accounting/settlement.py).
     gateway_id: str = field(default_factory=new_gateway_id)
-    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/gate.py).
+    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/http/gate.py).
     authenticated: tuple[Policy, KeyEntry] | None = None
     settlement: Settlement = field(init=False)
 
@@ -114,7 +116,7 @@ async def handle_inference(
     """Serve one chat, completions, embeddings or natively passed-through Responses API request.
 
     Every step records what it learns on the exchange's settlement, which the
-    code sending the response closes exactly once (gateway/settlement.py); no
+    code sending the response closes exactly once (gateway/accounting/settlement.py); no
     failure, expected or not, leaves this function as anything but a reply.
     """
     settlement = exchange.settlement
@@ -335,7 +337,7 @@ async def _relay_stream(services: Services, exchange: Exchange, call: Call,
         error = from_upstream(exc.failure, (target.provider.settings.api_key or "",))
         settlement.failed(error, UPSTREAM_ERROR)
         yield encode_event(render_stream_error(error))
-    except GatewayError as error:  # a hard budget crossed mid-stream (gateway/budgets.py `StreamAllowance`)
+    except GatewayError as error:  # a hard budget crossed mid-stream (gateway/accounting/budgets.py `StreamAllowance`)
         settlement.failed(error)
         yield encode_event(render_stream_error(error))
     finally:

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.heap import settle_for_serving
+from gateway.http.heap import settle_for_serving
 
 # Both clients get the same large pool so the comparison is about the client, not pool sizing
 # (httpx's default keeps only 20 idle connections, which would reconnect under c=32).

@@ -57,7 +57,7 @@ async def _request(app: Any, body: bytes) -> int:
              "headers": [(b"authorization", b"Bearer sk-switchboard-demo"), (b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080), "scheme": "http",
-             # As `switchboard serve`'s protocol offers it (gateway/connections.py): the request is told of a
+             # As `switchboard serve`'s protocol offers it (gateway/http/connections.py): the request is told of a
              # disconnect instead of watching receive() with a task of its own. Older checkouts ignore it.
              "switchboard.on_disconnect": None}
     sent = asyncio.Event()
@@ -85,7 +85,7 @@ async def _request(app: Any, body: bytes) -> int:
 
 async def _run(requests: int, stream: bool) -> None:
     from gateway.app import create_app
-    from gateway.policy_store import PolicyStore
+    from gateway.compiled.store import PolicyStore
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "policy.yaml"

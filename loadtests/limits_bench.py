@@ -105,9 +105,9 @@ teams:
 
 
 async def micro_one(store: Any, iterations: int) -> dict[str, float]:
-    from gateway.limits import Limiter
-    from gateway.policy import parse_policy
-    from gateway.tokens import TokenCounter
+    from gateway.accounting.limits import Limiter
+    from gateway.compiled.policy import parse_policy
+    from gateway.tokens.counter import TokenCounter
     from providers.base import Endpoint, Usage
 
     await store.start()

@@ -236,13 +236,13 @@ def traced_serve(snap_dir: Path, mode: str, gateway_argv: list[str]) -> int:
     import gc
     import tracemalloc
 
-    from gateway.cli import main as gateway_main
+    from gateway.cli.main import main as gateway_main
 
     if mode == "tracemalloc":
         tracemalloc.start(12)
 
     def census(path: Path) -> None:
-        # gateway/heap.py froze the startup heap (the app, its policy, module globals): thaw it so they are seen,
+        # gateway/http/heap.py froze the startup heap (the app, its policy, module globals): thaw it so they are seen,
         # and freeze what lives afterwards, as the gateway does at startup.
         gc.unfreeze()
         objects = gc.get_objects()

@@ -3,10 +3,10 @@
     .venv/bin/python loadtests/synthetic_ledger.py --policy policies/examples/limits.yaml --requests 300000 \\
         --days 30 --out /tmp/month.sqlite --simulate policies/examples/limits.yaml
 
-Rows go through the ledger's own writer (gateway/ledger.py, `record(..., at=)`), spread uniformly over
+Rows go through the ledger's own writer (gateway/accounting/ledger.py, `record(..., at=)`), spread uniformly over
 `--days` ending now, for random (team, key, model) triples the policy allows, with prompts of 50-4000 and
 completions of 10-1000 tokens, priced on the model's first route. With `--simulate NEW` the ledger is then
-replayed against NEW (gateway/simulate.py `replay`, `--workers N` processes) and the rate is printed.
+replayed against NEW (gateway/cli/simulate.py `replay`, `--workers N` processes) and the rate is printed.
 """
 
 # ruff: noqa: T201 - a benchmark script: prints its report.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.ledger import Ledger
-from gateway.policy import load_policy
-from gateway.pricing import charge
-from gateway.simulate import replay
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.pricing import charge
+from gateway.accounting.usage import UsageRecord
+from gateway.cli.simulate import replay
+from gateway.compiled.policy import load_policy
 from providers.base import Usage
 
 

@@ -53,17 +53,17 @@ def micro(iterations: int) -> None:
     import asyncio
     import time
 
+    from gateway.exchange import Exchange
     from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from gateway.metrics import Metrics
-    from gateway.otlp import encode_request
-    from gateway.pipeline import Exchange
-    from gateway.policy import parse_policy
-    from gateway.routing import RouteState
-    from gateway.telemetry import Telemetry
-    from gateway.telemetry_decisions import route_event
-    from gateway.usage import UsageRecord
+    from gateway.accounting.usage import UsageRecord
+    from gateway.compiled.policy import parse_policy
+    from gateway.routing.strategies import RouteState
+    from gateway.telemetry.decisions import route_event
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.otlp import encode_request
+    from gateway.telemetry.traces import Telemetry
     from providers.base import Call, Endpoint, UpstreamRequest, Usage
 
     policy = parse_policy(bench.policy_yaml("http://127.0.0.1:9/v1"))
@@ -93,7 +93,7 @@ def micro(iterations: int) -> None:
         for _ in range(count):
             exchange = Exchange("req_1", time.perf_counter())
             trace = telemetry.start("chat", {}, exchange)
-            if trace.recording:  # as gateway/resilience.py records each attempt's route
+            if trace.recording:  # as gateway/routing/resilience.py records each attempt's route
                 trace.decision("switchboard.route", route_event(model, model.targets, model.targets, routes,
                                                                 routes.clock(), 1, None))
             await trace.send(client, UpstreamRequest("POST", "http://x/v1", {}, b""), target, call)  # type: ignore[arg-type]

@@ -169,7 +169,7 @@ class Capabilities:
     # Served by an engine inside the gateway process (the mock) instead of over HTTP;
     # such an adapter also provides `engine(options, token_counter)`.
     in_process: bool = False
-    # The tokenizer family that limits and budgets count prompts with (gateway/tokens.py
+    # The tokenizer family that limits and budgets count prompts with (gateway/tokens/counter.py
     # FAMILIES): "openai" counts exactly with tiktoken; the others are documented estimates.
     tokenizer: str = "openai"
     # The header that carries the request id upstream (None: the kind takes none, so none is sent), and

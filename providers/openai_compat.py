@@ -67,7 +67,7 @@ class CompatSpec:
     # Non-standard finish reasons mapped to OpenAI's.
     finish_reasons: Mapping[str, str] = field(default_factory=dict)
     options_model: type[BaseModel] = NoOptions
-    # How limits count prompts for it (gateway/tokens.py FAMILIES).
+    # How limits count prompts for it (gateway/tokens/counter.py FAMILIES).
     tokenizer: str = "openai"
     # The one chat field the upstream reads as the completion cap: a client's `max_tokens` or
     # `max_completion_tokens` is sent under this name (None: forwarded as sent). llama.cpp reads only

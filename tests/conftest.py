@@ -17,12 +17,12 @@ import openai
 import pytest
 import uvicorn
 
-from gateway.admin_surface import AdminListener
+from gateway.accounting.usage import UsageRecord, UsageSink
 from gateway.app import create_app
-from gateway.connections import GuardedHttpToolsProtocol
-from gateway.policy_store import PolicyStore
-from gateway.tokens import TokenCounter
-from gateway.usage import UsageRecord, UsageSink
+from gateway.compiled.store import PolicyStore
+from gateway.http.admin_surface import AdminListener
+from gateway.http.connections import GuardedHttpToolsProtocol
+from gateway.tokens.counter import TokenCounter
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.embeddings_upstream import WordEmbeddingsUpstream
 
@@ -78,7 +78,7 @@ teams:
 """
 
 
-# An admin key for tests that read /metrics on the tenant port, where it needs one (gateway/admin_surface.py).
+# An admin key for tests that read /metrics on the tenant port, where it needs one (gateway/http/admin_surface.py).
 ADMIN_KEY = "sk-admin-metrics"
 ADMIN_POLICY = f"""
 admin:
@@ -120,7 +120,7 @@ class RunningGateway:
     usage: RecordingSink
     _server: uvicorn.Server = field(repr=False)
     _thread: threading.Thread = field(repr=False)
-    # The admin listener's URL when the policy has `server.admin` (gateway/admin_surface.py).
+    # The admin listener's URL when the policy has `server.admin` (gateway/http/admin_surface.py).
     admin_url: str | None = None
     _admin: tuple[uvicorn.Server, threading.Thread] | None = field(default=None, repr=False)
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from tests.conftest import ADMIN_KEY, ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.webhook_receiver import WebhookReceiver

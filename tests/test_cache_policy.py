@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cache.plan import StoreSpec
-from gateway.policy import PolicyError, load_policy, parse_policy
+from gateway.compiled.policy import PolicyError, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH = "sha256:" + "1" * 64

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.policy import load_policy
+from gateway.compiled.policy import load_policy
 from tests.demo_policy import ADMIN_KEY, demo_text
 from tests.fakes.state_stores import free_port
 
@@ -139,7 +139,7 @@ def test_sigterm_drains_an_in_flight_stream(served: Served) -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
@@ -169,7 +169,7 @@ teams:
 
 def test_validate_reports_types_references_and_typos_in_one_pass(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     policy = tmp_path / "broken.yaml"
     policy.write_text(BROKEN)
@@ -187,7 +187,7 @@ def test_validate_reports_types_references_and_typos_in_one_pass(tmp_path: Path,
 
 def test_validate_suggests_nothing_for_a_name_unlike_any_field(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     policy = tmp_path / "odd.yaml"
     policy.write_text(DEMO.read_text() + "\nzzqx: 1\n")

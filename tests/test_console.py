@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.console.activity import RecentActivity
-from gateway.usage import UsageRecord
+from gateway.accounting.usage import UsageRecord
+from gateway.http.console.activity import RecentActivity
 from tests.conftest import RunningGateway
 from tests.demo_policy import ADMIN_KEY, DEMO_KEY, INTERN_KEY, demo_text
 from tests.fakes.otlp_receiver import WaitingSpanExporter

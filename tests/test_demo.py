@@ -16,8 +16,8 @@ import openai
 import orjson
 import pytest
 
-from gateway.cli import main
-from gateway.policy import load_policy
+from gateway.cli.main import main
+from gateway.compiled.policy import load_policy
 from tests.conftest import RunningGateway
 from tests.demo_policy import ADMIN_KEY, DEMO, DEMO_KEY, INTERN_KEY, demo_text
 

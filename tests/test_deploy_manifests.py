@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.policy import parse_policy
+from gateway.compiled.policy import parse_policy
 from tests.conftest import RunningGateway, key_hash, run_gateway
 
 ROOT = Path(__file__).resolve().parents[1]

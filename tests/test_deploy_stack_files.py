@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.policy import load_policy
+from gateway.compiled.policy import load_policy
 from tests.prometheus_server import binary
 
 ROOT = Path(__file__).resolve().parents[1]

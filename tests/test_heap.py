@@ -1,4 +1,4 @@
-"""Garbage-collector settings of a serving process (gateway/heap.py), checked in a child process."""
+"""Garbage-collector settings of a serving process (gateway/http/heap.py), checked in a child process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import gc
-from gateway.heap import GEN0_THRESHOLD, settle_for_serving
+from gateway.http.heap import GEN0_THRESHOLD, settle_for_serving
 kept = [{"startup": n} for n in range(1000)]  # alive at startup: frozen
 settle_for_serving()
 cycle = []

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from gateway.cli import main
-from gateway.policy import PolicyError, load_policy
+from gateway.cli.main import main
+from gateway.compiled.policy import PolicyError, load_policy
 from tests.conftest import RunningGateway
 from tests.demo_policy import ADMIN_KEY, DEMO_KEY, INTERN_KEY, demo_text
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.cli import main
-from gateway.ledger import _SCHEMA, Ledger, parse_since, render_report, spend
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import _SCHEMA, Ledger, parse_since, render_report, spend
+from gateway.accounting.usage import UsageRecord
+from gateway.cli.main import main
 from providers.base import Usage
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import FakeOpenAIUpstream

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from gateway.budgets import ThresholdEvent
+from gateway.accounting.budgets import ThresholdEvent
+from gateway.accounting.limits import Admission, Limiter, go_duration
+from gateway.compiled.policy import Policy, parse_policy
 from gateway.errors import GatewayError
-from gateway.limits import Admission, Limiter, go_duration
-from gateway.policy import Policy, parse_policy
 from gateway.state import StateStore
 from gateway.state.durable import DurableStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import key_hash
 from tests.fakes.state_stores import SHARED_REDIS, FakeClock, drop_prefix, shared_redis_available, unique_prefix

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from tests.test_limits_admission import policy_text
 
 

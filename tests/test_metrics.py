@@ -125,7 +125,7 @@ def test_cache_hits_tokens_and_saved_cost(upstream: FakeOpenAIUpstream,
     for _ in range(2):
         client.chat.completions.create(model="chat-model", messages=ask)
     client.chat.completions.create(model="chat-model", messages=ask, extra_headers={"x-switchboard-cache": "bypass"})
-    records = gateway.usage.wait_for(4)
+    records = gateway.accounting.usage.wait_for(4)
     assert first.usage is not None
     samples = scrape(gateway)
     where = {"team": "alpha", "model": "chat-model"}
@@ -168,10 +168,10 @@ def test_circuit_breaker_state_is_read_at_scrape_time(upstream: FakeOpenAIUpstre
 def test_breaker_collector_follows_the_routing_clock() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gateway.metrics import Metrics
-    from gateway.policy import parse_policy
-    from gateway.policy_schema import CircuitBreakerPolicy
-    from gateway.routing import RouteState
+    from gateway.compiled.policy import parse_policy
+    from gateway.policy.schema import CircuitBreakerPolicy
+    from gateway.routing.strategies import RouteState
+    from gateway.telemetry.metrics import Metrics
 
     now = [100.0]
     routes = RouteState(clock=lambda: now[0])
@@ -205,7 +205,7 @@ def test_attempts_that_fail_after_they_began_are_counted_without_tracing(
     chunks = list(gateway.client().chat.completions.create(
         model="chat-model", messages=[{"role": "user", "content": "x"}], stream=True))
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
-    gateway.usage.wait_for(1)
+    gateway.accounting.usage.wait_for(1)
     samples = scrape(gateway)
     assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="timeout") == 1
     assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="connection") == 1

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from pydantic import BaseModel
 
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from tests.conftest import RunningGateway
 from tests.demo_policy import demo_text
 

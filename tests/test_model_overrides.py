@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from tests.conftest import RunningGateway, serving
 from tests.fakes import FakeOpenAIUpstream
 from tests.fakes.anthropic_upstream import FakeAnthropicUpstream
@@ -43,7 +43,7 @@ prices:
             cost, prompt, completion = _cost(gateway, model)
             expected = (Decimal(prompt) * input_price + Decimal(completion) * output_price) / 1_000_000
             assert abs(cost - expected) < Decimal("1e-10"), model
-        records = gateway.usage.wait_for(3)
+        records = gateway.accounting.usage.wait_for(3)
         assert [r.price_version for r in records] == ["policy"] * 3
 
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.policy import PolicyError, load_policy, parse_policy
+from gateway.compiled.policy import PolicyError, load_policy, parse_policy
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 
@@ -131,7 +131,7 @@ def test_policy_swap_is_atomic_under_concurrent_requests(
 
 
 def _schema_fields() -> set[str]:
-    from gateway.policy_schema import json_schema
+    from gateway.policy.schema import json_schema
 
     schema = json_schema()
     names: set[str] = set()

@@ -1,4 +1,4 @@
-"""Reloads apply everything they can, and refuse, saying so, what needs a restart (gateway/policy_store.py)."""
+"""Reloads apply everything they can, and refuse, saying so, what needs a restart (gateway/compiled/store.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from gateway.policy_schema import PolicyDocument
-from gateway.policy_store import RESTART_ONLY
+from gateway.compiled.store import RESTART_ONLY
+from gateway.policy.schema import PolicyDocument
 from tests.conftest import RunningGateway, free_port, key_hash, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 
@@ -345,7 +345,7 @@ _TEAMS = "tests/test_policy.py::test_reload_applies_a_valid_edit_without_restart
 
 # Field patterns (`*` one key or name, `**` a whole subtree) -> the test that changes them by a reload and sees the
 # effect. A subtree maps to one test where one object, rebuilt from every reloaded policy, holds all of it: the
-# model's route plan (gateway/routing.py `build_plan`), the provider and its pool (`Provider.pool_identity`), the
+# model's route plan (gateway/routing/strategies.py `build_plan`), the provider and its pool (`Provider.pool_identity`), the
 # limit rules (`build_rules`), the cache plan, the price book, the tracing settings (`Telemetry.configure`),
 # the health monitor (`Monitor.apply`, which also subscribes KV events). A new field matching no pattern here and
 # no RESTART_ONLY entry fails `test_every_policy_field_takes_effect_on_reload_or_is_refused`.
@@ -353,7 +353,7 @@ RELOADED = {
     "server.max_body_bytes": _BOUNDS,
     "server.max_header_bytes": _CONNECTIONS,
     "server.header_timeout_s": _CONNECTIONS,
-    # Read through the same live accessor as the two above (gateway/connections.py).
+    # Read through the same live accessor as the two above (gateway/http/connections.py).
     "server.body_timeout_s": _CONNECTIONS,
     "server.max_connections": _CONNECTIONS,
     "server.reload.**": "tests/test_cli.py::test_sighup_reloads_the_policy",
@@ -406,7 +406,7 @@ RELOADED = {
     "admin.console.**": _ADMIN,
     "keys_file": "tests/test_keys.py::test_a_new_key_is_shown_once_and_works_after_the_reload",
     "telemetry.traces.**": _TRACES,
-    # Looked up in the live policy for each alert fired (gateway/alerts.py).
+    # Looked up in the live policy for each alert fired (gateway/accounting/alerts.py).
     "alerts.webhooks.**": "tests/test_alerts.py::test_a_webhook_changed_by_a_reload_gets_the_next_alert",
     "teams.*.tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
     "tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
@@ -455,7 +455,7 @@ def test_every_policy_field_takes_effect_on_reload_or_is_refused() -> None:
     reloaded = [f for f in fields if any(_matches(pattern, f) for pattern in RELOADED)]
     neither = sorted(set(fields) - set(restart_only) - set(reloaded) - FIXED)
     assert not neither, ("policy fields with neither a reload test (RELOADED) nor a restart refusal "
-                         f"(gateway/policy_store.py RESTART_ONLY): {neither}")
+                         f"(gateway/compiled/store.py RESTART_ONLY): {neither}")
     assert not set(restart_only) & set(reloaded), "a field cannot both apply on reload and need a restart"
     for pattern in RELOADED:  # no stale entries
         assert any(_matches(pattern, f) for f in fields), f"{pattern} matches no field of the schema"

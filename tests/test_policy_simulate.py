@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.ledger import Ledger
-from gateway.usage import UsageRecord
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, key_hash, standard_policy
 from tests.fakes import FakeOpenAIUpstream
@@ -66,7 +66,7 @@ admin:
     for index in range(3):
         gateway.client("sk-beta").chat.completions.create(
             model="beta-model", messages=[{"role": "user", "content": "other " * (index + 2)}])
-    gateway.usage.wait_for(9)
+    gateway.accounting.usage.wait_for(9)
     spent = httpx.get(gateway.base_url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert spent.status_code == 200 and sum(row["requests"] for row in spent.json()) == 9  # flushed to the file
     gateway.stop()

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.policy import PolicyError, parse_policy
-from gateway.pricing import SHIPPED_TABLE, Price, format_usd, load_price_table, with_cost
+from gateway.accounting.pricing import SHIPPED_TABLE, Price, format_usd, load_price_table, with_cost
+from gateway.compiled.policy import PolicyError, parse_policy
 from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
@@ -218,12 +218,12 @@ def test_unpriced_model_has_no_cost_header(gateway: RunningGateway) -> None:
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="chat-model", messages=[{"role": "user", "content": "hi"}])
     assert "x-switchboard-cost-usd" not in raw.headers
-    assert gateway.usage.wait_for(1)[0].cost_usd is None
+    assert gateway.accounting.usage.wait_for(1)[0].cost_usd is None
 
 
 def test_shipped_example_policies_price_their_models(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "policies" / "examples" / "telemetry.yaml"
-    from gateway.policy import load_policy
+    from gateway.compiled.policy import load_policy
 
     policy = load_policy(example, environ={})
     assert any(policy.prices.price_for(t.provider.name, t.upstream_model) is not None

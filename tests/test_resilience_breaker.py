@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.breaker import BreakerState, CircuitBreaker
-from gateway.policy_schema import CircuitBreakerPolicy
+from gateway.policy.schema import CircuitBreakerPolicy
+from gateway.routing.breaker import BreakerState, CircuitBreaker
 from tests.conftest import RunningGateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.routing_policy import ADMIN_KEY, chat, key_hash, multi_policy

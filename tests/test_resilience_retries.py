@@ -142,7 +142,7 @@ def test_fallbacks_are_tried_in_order_and_the_answer_names_its_model(fakes, star
     assert completion.parse().model == "up-2"
     assert completion.headers["x-switchboard-model"] == "third"
     assert completion.headers["x-switchboard-route"] == "first@p0:500,second@p1:503,third@p2:ok"
-    record = gateway.usage.wait_for(1)[0]
+    record = gateway.accounting.usage.wait_for(1)[0]
     assert (record.public_model, record.provider) == ("first", "p2")
 
 
@@ -205,7 +205,7 @@ def test_a_content_policy_refusal_uses_its_own_fallback_list(fakes, start_gatewa
 
 
 def test_fallbacks_to_unknown_models_are_refused_at_load(tmp_path) -> None:
-    from gateway.policy import PolicyError, parse_policy
+    from gateway.compiled.policy import PolicyError, parse_policy
 
     text = multi_policy({"p0": "http://127.0.0.1:9/v1"},
                         "  m:\n    fallbacks: {default: [nope, m]}\n    targets: [{provider: p0, model: x}]")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli.main import main
 
 POLICY = Path(__file__).resolve().parents[1] / "policies" / "examples" / "routing.yaml"
 

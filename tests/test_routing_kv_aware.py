@@ -15,7 +15,7 @@ import pytest
 import redis
 from opentelemetry.trace import SpanKind
 
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.conftest import RunningGateway
 from tests.fakes.otlp_receiver import WaitingSpanExporter
 from tests.fakes.routing_policy import ADMIN_KEY, multi_policy
@@ -319,7 +319,7 @@ def _shared_received(gateway: RunningGateway) -> int:
 
 
 def test_shared_table_needs_a_redis(replicas, tmp_path) -> None:
-    from gateway.policy import PolicyError, parse_policy
+    from gateway.compiled.policy import PolicyError, parse_policy
 
     with pytest.raises(PolicyError) as raised:
         parse_policy(_policy(replicas, "{strategy: kv-aware, kv_aware: {shared_table: true}}"))

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from gateway.routing import prefix_hashes
+from gateway.routing.strategies import prefix_hashes
 from tests.conftest import RunningGateway
 from tests.fakes.routing_policy import ADMIN_KEY, multi_policy
 from tests.fakes.vllm_replica import FakeVLLMReplica

@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from gateway.routing.plan import build_plan
 
-from gateway.policy import Target, parse_policy
-from gateway.routing import RouteRequest, RouteState, build_plan
+from gateway.compiled.policy import Target, parse_policy
+from gateway.routing.strategies import RouteRequest, RouteState
 from tests.conftest import RunningGateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.routing_policy import ADMIN_KEY, chat, multi_policy

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.limits import Limiter
-from gateway.policy import parse_policy
+from gateway.accounting.limits import Limiter
+from gateway.compiled.policy import parse_policy
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
 from gateway.state.redis import RedisStore
 from gateway.state.resp import RedisReplyError, RespClient
-from gateway.tokens import TokenCounter
+from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import key_hash
 from tests.fakes.state_stores import FakeClock, free_port

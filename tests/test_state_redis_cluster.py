@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.policy import PolicyError, parse_policy
+from gateway.compiled.policy import PolicyError, parse_policy
 from gateway.state import Check, Delta, StoreUnavailable
 from gateway.state.cluster import ClusterClient, key_slot
 from gateway.state.redis import RedisStore

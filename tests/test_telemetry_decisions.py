@@ -253,10 +253,10 @@ def test_uncacheable_request_is_a_bypass_with_its_reason(
 
 
 def test_route_event_shows_live_scores_and_ejected_targets() -> None:
-    from gateway.policy import parse_policy
-    from gateway.policy_schema import CircuitBreakerPolicy
-    from gateway.routing import RouteRequest, RouteState
-    from gateway.telemetry_decisions import route_event
+    from gateway.compiled.policy import parse_policy
+    from gateway.policy.schema import CircuitBreakerPolicy
+    from gateway.routing.strategies import RouteRequest, RouteState
+    from gateway.telemetry.decisions import route_event
 
     parsed = parse_policy("""
 providers: {p: {kind: openai_compatible, base_url: "http://127.0.0.1:9/v1"}}

@@ -1,4 +1,4 @@
-"""Tests for gateway.tokens: exact counts, estimates and the offline fallback."""
+"""Tests for gateway.tokens.counter: exact counts, estimates and the offline fallback."""
 
 from __future__ import annotations
 
@@ -13,15 +13,9 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
+from gateway.tokens.framing import TOOL_CALL_OVERHEAD, audio_tokens, image_tokens
 
-from gateway.tokens import (
-    CHARS_PER_TOKEN,
-    TOOL_CALL_OVERHEAD,
-    TokenCounter,
-    audio_tokens,
-    estimate_tokens,
-    image_tokens,
-)
+from gateway.tokens.counter import CHARS_PER_TOKEN, TokenCounter, estimate_tokens
 
 SHARED_CACHE = "/work/shared/tiktoken"
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import tiktoken
 
-from gateway.limits import Limiter
-from gateway.policy import parse_policy
+from gateway.accounting.limits import Limiter
+from gateway.compiled.policy import parse_policy
 from gateway.state.memory import MemoryStore
-from gateway.tokens import FAMILIES, TokenCounter
+from gateway.tokens.counter import FAMILIES, TokenCounter
 from providers import ADAPTERS
 from providers.base import Endpoint
 from tests.conftest import key_hash

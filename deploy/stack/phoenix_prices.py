@@ -17,7 +17,7 @@ import sys
 import urllib.request
 from typing import Any
 
-from gateway.policy import Policy, load_policy
+from gateway.compiled.policy import Policy, load_policy
 
 _CREATE = """mutation($input: CreateModelMutationInput!) { createModel(input: $input) { model { id name } } }"""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.policy import load_policy
+from gateway.compiled.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from phoenix_prices import load_prices  # a sibling script, not a package

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.policy_schema import CachePolicy, PolicyDocument, SemanticCachePolicy
+from gateway.policy.schema import CachePolicy, PolicyDocument, SemanticCachePolicy
 
 
 @dataclass(frozen=True, slots=True)

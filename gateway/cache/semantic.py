@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from gateway.accounting.pricing import charge
 from gateway.errors import GatewayError, redact
-from gateway.pricing import charge
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange, Services
-    from gateway.policy import Policy
-    from gateway.resilience import Attempt
+    from gateway.compiled.policy import Policy
+    from gateway.exchange import Exchange, Services
+    from gateway.routing.resilience import Attempt
 
 log = logging.getLogger("switchboard.cache")
 

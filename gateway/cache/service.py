@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounting.pricing import charge
 from gateway.cache.backends import Backend, RedisBackend, open_backend
 from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.flight import COMPLETED, RUNNING, Flight
@@ -29,17 +30,16 @@ from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
 from gateway.cache.semantic import Embedded, SemanticIndex, embed
 from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
-from gateway.pricing import charge
-from gateway.telemetry_decisions import cache_event
+from gateway.telemetry.decisions import cache_event
 from providers.base import Endpoint, ParsedResponse, StreamChunk, Usage
 from providers.sse import DONE_EVENT, encode_event
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange, InferenceRequest, Reply, Services, StreamReply
-    from gateway.policy import KeyEntry, Model, Policy, Target
-    from gateway.pricing import PriceBook
-    from gateway.resilience import Attempt
-    from gateway.settlement import Settlement
+    from gateway.accounting.pricing import PriceBook
+    from gateway.accounting.settlement import Settlement
+    from gateway.compiled.policy import KeyEntry, Model, Policy, Target
+    from gateway.exchange import Exchange, InferenceRequest, Reply, Services, StreamReply
+    from gateway.routing.resilience import Attempt
 
 CACHE_HEADER = "x-switchboard-cache"
 SIMILARITY_HEADER = "x-switchboard-cache-similarity"
@@ -405,7 +405,7 @@ def _reply_types() -> tuple[type[Reply], type[StreamReply]]:
     since an import statement on every hit costs more than the rest of `Ticket.reply`."""
     global _REPLY_TYPES
     if _REPLY_TYPES is None:
-        from gateway.pipeline import Reply, StreamReply
+        from gateway.exchange import Reply, StreamReply
 
         _REPLY_TYPES = (Reply, StreamReply)
     return _REPLY_TYPES

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.compiled.policy import KeyEntry
 from gateway.errors import ErrorKind, GatewayError
-from gateway.policy import KeyEntry
 from gateway.response_store import (
     ResponseStore,
     ResponseStoreUnavailable,

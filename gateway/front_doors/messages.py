@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import request_headers, respond
 from gateway.auth import authenticate
 from gateway.errors import GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply
 from gateway.front_doors.reframing import ChatStream, reframed
-from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
+from gateway.http.asgi import request_headers, respond
+from gateway.pipeline import decode_object, handle_inference
 from providers.base import Endpoint
 from providers.sse import encode_named_event
 

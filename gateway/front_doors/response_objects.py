@@ -12,11 +12,11 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from gateway.asgi import request_headers, send_json, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Reply, Services
 from gateway.front_doors.conversation import not_found, rules_for, unavailable
-from gateway.pipeline import Reply, Services
+from gateway.http.asgi import request_headers, send_json, send_reply
 from gateway.response_store import ResponseStore, ResponseStoreUnavailable, StoredResponse, is_response_id
 
 _MAX_PAGE = 100

@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import request_headers, respond
 from gateway.auth import authenticate
+from gateway.compiled.policy import KeyEntry, Policy
 from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply
 from gateway.front_doors.conversation import (
     Turn,
     keep,
@@ -41,8 +42,8 @@ from gateway.front_doors.responses_passthrough import (
     serves_natively,
 )
 from gateway.front_doors.responses_translation import ResponseStream, chat_request, response
-from gateway.pipeline import Exchange, Reply, Services, StreamReply, decode_object, handle_inference
-from gateway.policy import KeyEntry, Policy
+from gateway.http.asgi import request_headers, respond
+from gateway.pipeline import decode_object, handle_inference
 from gateway.response_store import ResponseStore
 from providers.base import Endpoint
 

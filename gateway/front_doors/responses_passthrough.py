@@ -22,9 +22,9 @@ from typing import Any
 
 import orjson
 
+from gateway.compiled.policy import Policy, Target
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
 from gateway.front_doors.reframing import reframed
-from gateway.policy import Policy, Target
 from providers.base import Endpoint
 from providers.sse import DONE, encode_named_event
 

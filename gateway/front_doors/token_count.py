@@ -3,7 +3,7 @@
 Anthropic SDK clients and coding agents call it to size a conversation before they send it. The
 count is the gateway's own, the one admission reserves against: the Messages request translated to
 chat, counted by the tokenizer family of the model's first target (exact for OpenAI models, the
-documented estimate elsewhere, see gateway/tokens.py). Counting calls no upstream and costs
+documented estimate elsewhere, see gateway/tokens/counter.py). Counting calls no upstream and costs
 nothing, so it is neither rate-limited nor ledgered; it still needs a key whose team may use the model.
 """
 
@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import read_body, request_headers, send_reply
 from gateway.auth import authenticate
 from gateway.errors import ErrorKind, GatewayError
+from gateway.exchange import Reply, Services
 from gateway.front_doors.messages import TranslationError, anthropic_reply, chat_request
-from gateway.pipeline import Reply, Services, decode_object, resolve_model
+from gateway.http.asgi import read_body, request_headers, send_reply
+from gateway.pipeline import decode_object, resolve_model
 
 
 class CountTokensRoute:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from gateway.policy_schema import ResponseStorePolicy, StatePolicy
+    from gateway.policy.schema import ResponseStorePolicy, StatePolicy
 
 _ID = re.compile(r"^resp_[0-9a-f]{48}$")
 

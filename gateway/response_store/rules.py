@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.policy_schema import TeamResponsesPolicy
+from gateway.policy.schema import TeamResponsesPolicy
 
 if TYPE_CHECKING:
-    from gateway.policy_schema import PolicyDocument
+    from gateway.policy.schema import PolicyDocument
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from gateway.policy_schema import StatePolicy
+    from gateway.policy.schema import StatePolicy
 
 UNLIMITED = -1
 

@@ -40,7 +40,7 @@ import tiktoken
 import zmq
 from aiohttp import web
 
-from gateway.kv_events import render_prompt
+from gateway.routing.kv_events import render_prompt
 
 
 # vLLM 0.11's event types (vllm/distributed/kv_events.py): array-like, tagged msgspec structs.

@@ -1,0 +1,525 @@
+"""The durable usage ledger: one SQLite row per request, and spend reports from it.
+
+`Ledger` is a usage sink. The event loop only puts a tuple on a queue; a
+writer thread batches rows into one transaction every `flush_interval_s`
+(WAL journal), so the request path never touches the disk. Rows are keyed by
+the gateway's own id for the request (`gateway_id`, unguessable: no client can
+name, and so overwrite or suppress, another request's row) and inserted with
+`INSERT OR IGNORE`: a retried or replayed write never counts twice. The
+client's `x-request-id` is data in its own column. A `kill -9` loses at most
+the rows of the last interval.
+
+A batch SQLite refuses (a lock held by another process, a disk error) is not
+dropped: it goes to a bounded spill file beside the ledger
+(`<ledger>.spill.jsonl`, gateway/accounting/spill.py) and is retried with backoff,
+before newer rows, until it is stored; a restart replays it too. `waiting`
+and `lost` (rows the full spill could not take) are exported as metrics.
+
+Reports (`switchboard spend`, `GET /admin/spend`) group the rows by team,
+model, key or UTC day and sum tokens and cost.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.accounting.spill import Spill
+from gateway.accounting.tags import tags_json
+from gateway.accounting.usage import UsageRecord
+from gateway.auth import authenticate_admin
+from gateway.errors import ErrorKind, GatewayError
+
+log = logging.getLogger("switchboard.ledger")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    gateway_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    day TEXT NOT NULL,
+    team TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    public_model TEXT NOT NULL,
+    provider TEXT,
+    upstream_model TEXT,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    usage_estimated INTEGER NOT NULL,
+    cost_usd REAL,
+    price_version TEXT,
+    duration_ms REAL NOT NULL,
+    ttft_ms REAL,
+    trace_id TEXT,
+    cache TEXT,
+    cache_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_saved_usd REAL,
+    failed_attempt_tokens INTEGER NOT NULL DEFAULT 0,
+    failed_attempt_cost_usd REAL,
+    cache_overhead_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_overhead_cost_usd REAL,
+    tags TEXT,
+    organization TEXT,
+    end_user TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
+"""
+# Columns added after the first release: a ledger file written by an older gateway gets them on open.
+_ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
+                  ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"),
+                  ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"),
+                  ("tags", "TEXT"), ("organization", "TEXT"), ("end_user", "TEXT"))
+_COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
+            "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
+            "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
+            "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
+            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags", "organization",
+            "end_user")
+# A row spilled by an older gateway has fewer columns: the newer ones take these values.
+_LATER_DEFAULTS = (0, None, 0, None, None, None, None)
+_INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_id"), "day": ("day",),
+           "organization": ("organization",), "end_user": ("team", "end_user")}
+_TAG_GROUP = re.compile(r"^tag:([A-Za-z0-9_]{1,64})$")
+GROUPINGS = "team, model, key, day, organization, end_user or tag:<key>"
+_MAX_BATCH = 2000
+# How long one write waits for another connection's lock before the batch is spilled and retried later.
+_BUSY_TIMEOUT_S = 2.0
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 2.0
+
+
+class _Flush:
+    __slots__ = ("done", "stored")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.stored = False
+
+
+def _sort(item: tuple[Any, ...] | _Flush | None, batch: list[tuple[Any, ...]], markers: list[_Flush]) -> bool:
+    """File one queued item: a row into `batch`, a flush request into `markers`; True for the stop signal."""
+    if item is None:
+        return True
+    if isinstance(item, _Flush):
+        markers.append(item)
+    else:
+        batch.append(item)
+    return False
+
+
+class Ledger:
+    """A usage sink that appends every settled request to a SQLite file, off the event loop."""
+
+    def __init__(self, path: str | Path, flush_interval_s: float = 0.5) -> None:
+        self.path = Path(path)
+        self._interval = flush_interval_s
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | _Flush | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._spill = Spill(self.path.with_name(self.path.name + ".spill.jsonl"))
+        self._held = 0  # rows the writer has taken off the queue and not yet stored or spilled
+        self._stop_by = float("inf")  # monotonic time by which close() wants the writer gone
+        self.written = 0
+        self.lost = 0  # rows neither SQLite nor the spill file took (logged; a metric that should stay 0)
+
+    @property
+    def waiting(self) -> int:
+        """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
+        return self._queue.qsize() + self._held + self._spill.rows
+
+    def record(self, record: UsageRecord, at: float | None = None) -> None:
+        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests); never blocks."""
+        if self._writer is None:
+            self._start()
+        self._queue.put(_row(record, time.time() if at is None else at))
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Block until everything recorded so far is committed (call it off the event loop).
+
+        False when that did not happen within `timeout_s`, or SQLite refused the rows (they wait in the spill).
+        """
+        if self._writer is None:
+            if not self._spill.rows:
+                return True
+            self._start()  # rows spilled before a restart: write them now, not at the first request
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout_s) and marker.stored
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Commit what is queued and stop the writer within `timeout_s` (blocking: call it off the loop).
+
+        Rows SQLite will not take in time stay in the spill file for the next start; the log says how many,
+        and how many could not even be spilled.
+        """
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._stop_by = time.monotonic() + timeout_s
+        self._queue.put(None)
+        writer.join(timeout=timeout_s)
+        if writer.is_alive():
+            log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
+                      self.path, timeout_s, self.waiting)
+        elif self._spill.rows:
+            log.error("usage ledger %s: %d rows could not be written before shutdown; they are kept in %s and "
+                      "written at the next start", self.path, self._spill.rows, self._spill.path)
+        if self.lost:
+            log.error("usage ledger %s: %d rows were lost (the spill file was full or unwritable)",
+                      self.path, self.lost)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. the demo's .switchboard/
+                open_ledger(self.path).close()  # create the file and table up front, so a bad path fails loudly
+                self._writer = threading.Thread(target=self._write, name="switchboard-ledger", daemon=True)
+                self._writer.start()
+
+    def _write(self) -> None:
+        connection = open_ledger(self.path, busy_timeout_s=_BUSY_TIMEOUT_S)
+        retry = _Retry()
+        try:
+            self._store(connection, [], retry)  # rows spilled before the last shutdown
+            stopping = False
+            while not stopping:
+                batch: list[tuple[Any, ...]] = []
+                markers: list[_Flush] = []
+                try:
+                    # With rows spilled, wake up to retry them even when nothing new comes.
+                    wait = max(0.01, retry.at - time.monotonic()) if self._spill.rows else None
+                    stopping = _sort(self._queue.get(timeout=wait), batch, markers)
+                except queue.Empty:
+                    self._store(connection, [], retry)
+                    continue
+                deadline = time.monotonic() + self._interval
+                while not (stopping or markers or len(batch) >= _MAX_BATCH):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        stopping = _sort(self._queue.get(timeout=remaining), batch, markers)
+                    except queue.Empty:
+                        break
+                if stopping or markers:  # take whatever else is already queued
+                    while True:
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        stopping = _sort(item, batch, markers) or stopping
+                self._held = len(batch)
+                if stopping:
+                    # One last try within the grace close() gave; what SQLite refuses stays spilled.
+                    retry.at = 0.0
+                    # Leave a fifth of the grace for spilling what SQLite will not take.
+                    wait_s = max(0.0, min(_BUSY_TIMEOUT_S, (self._stop_by - time.monotonic()) * 0.8))
+                    connection.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                stored = self._store(connection, batch, retry) if batch or self._spill.rows else True
+                for marker in markers:
+                    marker.stored = stored
+                    marker.done.set()
+        finally:
+            connection.close()
+
+    def _store(self, connection: sqlite3.Connection, batch: list[tuple[Any, ...]], retry: _Retry) -> bool:
+        """Commit the spilled rows and `batch`, or spill `batch`; True when nothing is left waiting."""
+        spilled = self._spill.rows
+        if spilled and time.monotonic() < retry.at:
+            self._to_spill(batch)
+            return False
+        rows = [*map(_complete, self._spill.read()), *batch] if spilled else batch
+        if not rows:
+            return True
+        try:
+            with connection:
+                connection.executemany(_INSERT, rows)
+        except sqlite3.Error as exc:
+            retry.failed()
+            if retry.failures == 1:
+                log.error("usage ledger %s: could not write %d rows (%s); keeping them in %s and retrying",
+                          self.path, len(rows), exc, self._spill.path)
+            self._to_spill(batch)
+            return False
+        if spilled:
+            self._spill.clear()
+            if retry.failures:
+                log.warning("usage ledger %s: writing again; %d held-back rows stored", self.path, spilled)
+        retry.reset()
+        self.written += len(rows)
+        self._held = 0
+        return True
+
+    def _to_spill(self, batch: list[tuple[Any, ...]]) -> None:
+        lost = self._spill.append(batch)
+        self._held = 0
+        if lost:
+            self.lost += lost
+            log.error("usage ledger %s: %d rows lost: the spill file %s is full (%d bytes) or unwritable",
+                      self.path, lost, self._spill.path, self._spill.size)
+
+
+class _Retry:
+    """When the writer may next try SQLite after a failure (exponential backoff, capped)."""
+
+    __slots__ = ("at", "delay", "failures")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.at = 0.0
+        self.delay = _FIRST_BACKOFF_S
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, _MAX_BACKOFF_S)
+
+
+def open_ledger(path: str | Path, busy_timeout_s: float = 10.0) -> sqlite3.Connection:
+    """A connection to the ledger file, creating it (and its table) if needed, upgrading an older one."""
+    connection = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    if present and "gateway_id" not in present:
+        _rekey(connection, present)
+    connection.executescript(_SCHEMA)
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    for name, declaration in _ADDED_COLUMNS:
+        if name not in present:
+            with connection:
+                connection.execute(f"ALTER TABLE usage ADD COLUMN {name} {declaration}")
+    return connection
+
+
+def _rekey(connection: sqlite3.Connection, present: set[str]) -> None:
+    """Rebuild a ledger keyed by the client's request id into one keyed by `gateway_id`, in one transaction.
+
+    Old rows keep their request id as their gateway id (it was their key, so it is unique among them).
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+        if "gateway_id" not in present:  # another process may have upgraded it while we waited for the lock
+            connection.execute("ALTER TABLE usage RENAME TO usage_before_gateway_id")
+            connection.execute("DROP INDEX IF EXISTS usage_ts")
+            for statement in _SCHEMA.split(";"):  # not executescript: it would commit the open transaction
+                if statement.strip():
+                    connection.execute(statement)
+            copied = [c for c in _COLUMNS[1:] if c in present]
+            connection.execute(f"INSERT INTO usage (gateway_id, {', '.join(copied)}) "
+                               f"SELECT request_id, {', '.join(copied)} FROM usage_before_gateway_id")
+            connection.execute("DROP TABLE usage_before_gateway_id")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    log.warning("usage ledger upgraded: rows are now keyed by the gateway's own request id (gateway_id)")
+
+
+def _complete(row: Any) -> tuple[Any, ...]:
+    missing = len(_COLUMNS) - len(row)
+    return (*row, *_LATER_DEFAULTS[len(_LATER_DEFAULTS) - missing:]) if 0 < missing <= len(_LATER_DEFAULTS) \
+        else tuple(row)
+
+
+def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
+    """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
+    the client's request id is never a key."""
+    usage = record.usage
+    return (
+        record.gateway_id or uuid.uuid4().hex, record.request_id, now,
+        dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat(), record.team,
+        record.key_id, record.endpoint, record.public_model, record.provider, record.upstream_model,
+        int(record.stream), record.status, record.outcome,
+        usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+        usage.cached_tokens if usage else 0, usage.cache_write_tokens if usage else 0,
+        usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
+        record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
+        record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
+        record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
+        tags_json(record.tags), record.organization, record.end_user,
+    )
+
+
+# --- reports ----------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+)([hdw])$")
+
+
+def parse_since(text: str | None, now: float | None = None) -> float:
+    """A start time: an ISO date or datetime (UTC unless it has an offset), or relative like 24h, 7d, 4w."""
+    now = time.time() if now is None else now
+    if not text:
+        return 0.0
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2)
+        return now - amount * {"h": 3600, "d": 86400, "w": 604800}[unit]
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a time: use 2026-11-01, 2026-11-01T12:00, 24h, 7d or 4w") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
+    """Spend per group (`team`, `model`, `key`, `day` or `tag:<key>`) between two unix times, most expensive first.
+
+    By tag, requests without that tag form the group `(untagged)`."""
+    groups, columns, bound = _grouping(by)
+    query = (f"SELECT {columns}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+             f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400), "
+             f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)), "
+             f"SUM(cache_overhead_tokens), SUM(COALESCE(cache_overhead_cost_usd, 0)) "
+             f"FROM usage WHERE ts >= ? AND ts < ? GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))} "
+             f"ORDER BY {5 + len(groups)} DESC")
+    connection = open_ledger(path)
+    try:
+        rows = connection.execute(query, (*bound, since, until if until is not None else float("inf"))).fetchall()
+    finally:
+        connection.close()
+    keys = [*groups, "requests", "input_tokens", "cached_input_tokens",
+            "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd",
+            "cache_overhead_tokens", "cache_overhead_cost_usd"]
+    report = [dict(zip(keys, row, strict=True)) for row in rows]
+    for entry in report:
+        for money in ("cost_usd", "cost_saved_usd", "cache_overhead_cost_usd"):
+            entry[money] = round(entry[money], 10)
+    return report
+
+
+def _grouping(by: str) -> tuple[list[str], str, tuple[str, ...]]:
+    """The report's group names, their SELECT expressions (aliased g0, g1, ...) and the values they bind."""
+    columns = _GROUPS.get(by)
+    if columns is not None:
+        return ([c.replace("public_model", "model") for c in columns],
+                ", ".join(f"{c} AS g{i}" for i, c in enumerate(columns)), ())
+    tag = _TAG_GROUP.match(by)
+    if tag is None:
+        raise ValueError(f"--by must be one of {GROUPINGS}")
+    return [by], "COALESCE(json_extract(tags, ?), '(untagged)') AS g0", (f"$.{tag.group(1)}",)
+
+
+def render_report(report: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    """A report as `json`, `csv` or an aligned `table`."""
+    if fmt == "json":
+        return orjson.dumps(list(report), option=orjson.OPT_INDENT_2).decode() + "\n"
+    if not report:
+        return "" if fmt == "csv" else "(no usage in this period)\n"
+    columns = list(report[0])
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report)
+        return out.getvalue()
+    cells = [[str(entry[c]) for c in columns] for entry in report]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+# --- GET /admin/spend -------------------------------------------------------------------------
+
+
+class SpendRoute:
+    """GET /admin/spend?by=team|model|key|day|tag:<key>&since=...&until=...&format=json|csv (admin key)."""
+
+    def __init__(self, ledger: Ledger | None) -> None:
+        self._ledger = ledger
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import asyncio
+        from urllib.parse import parse_qs
+
+        from gateway.errors import render
+        from gateway.exchange import Reply
+        from gateway.http.asgi import request_headers, send_reply
+
+        policy = scope["app"].state.services.policy()
+        try:
+            authenticate_admin(policy, request_headers(scope))
+            ledger = self._ledger
+            if ledger is None:
+                raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
+                                   code="ledger_not_configured")
+            query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+            by, fmt = query.get("by", "team"), query.get("format", "json")
+            if fmt not in ("json", "csv"):
+                raise GatewayError(ErrorKind.BAD_REQUEST, "format must be json or csv.", param="format")
+            try:
+                since = parse_since(query.get("since"))
+                until = parse_since(query["until"]) if query.get("until") else None
+            except ValueError as exc:
+                raise GatewayError(ErrorKind.BAD_REQUEST, str(exc), param="since") from exc
+            if by not in _GROUPS and _TAG_GROUP.match(by) is None:
+                raise GatewayError(ErrorKind.BAD_REQUEST, f"by must be one of {GROUPINGS}.", param="by")
+
+            def report() -> list[dict[str, Any]]:
+                ledger.flush()
+                return spend(ledger.path, by, since, until)
+
+            rows = await asyncio.to_thread(report)
+        except GatewayError as error:
+            await send_reply(send, Reply(*render(error)))
+            return
+        body = render_report(rows, fmt).encode()
+        content_type = b"text/csv; charset=utf-8" if fmt == "csv" else b"application/json"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def print_spend(policy_path: str, by: str, since: str | None, until: str | None, fmt: str) -> int:
+    """`switchboard spend`: report from the ledger file the policy's `ledger.path` names."""
+    import sys
+
+    from gateway.compiled.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    if policy.ledger_path is None:
+        sys.stderr.write(f"{policy_path}: no usage ledger configured (set ledger.path)\n")
+        return 1
+    if not policy.ledger_path.exists():
+        sys.stderr.write(f"{policy.ledger_path}: no ledger file yet (the gateway creates it on the first request)\n")
+        return 1
+    try:
+        report = spend(policy.ledger_path, by, parse_since(since), parse_since(until) if until else None)
+    except ValueError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    sys.stdout.write(render_report(report, fmt))
+    return 0

@@ -1,0 +1,774 @@
+"""Admission: rate limits and budgets, checked and reserved before a request runs.
+
+Every request of a team with limits is admitted in one store operation: the
+request and its token estimate (prompt counted with tiktoken, plus
+`max_tokens`) are reserved against every scope that applies — team, key,
+team x model rate limits, organisation, team, end-user and key budgets — all
+or nothing (an organisation's counters are under their own hash tag: see
+gateway/accounting/hierarchy.py). When the response or stream ends the reservation is
+settled to actual usage.
+
+Rate limits use fixed windows aligned to the clock (minute, UTC day).
+Boundaries are exact for every scope: `used + requested <= limit` is admitted.
+Successful responses and 429s carry OpenAI's `x-ratelimit-*` headers for the
+tightest request and token limit that applied. A stream under a budget with
+`hard_stop_streams` gets an allowance at admission and is cut by `hard_stop`
+when it runs out; usage reports live in gateway/accounting/usage_report.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway import hierarchy, shadow
+from gateway.accounting.budgets import (
+    EXHAUSTED,
+    MICROS,
+    THRESHOLD,
+    Budget,
+    CostFunction,
+    StreamAllowance,
+    ThresholdEvent,
+    Window,
+    build_budget,
+    exceeded,
+    log_threshold,
+    policy_cost,
+)
+from gateway.accounting.usage_report import usage_report
+from gateway.errors import ErrorKind, GatewayError
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
+from gateway.telemetry.decisions import admission_event, settlement_event
+from gateway.telemetry.traces import NO_TRACE, Trace
+from gateway.tokens.counter import PromptCount
+from providers.base import Endpoint, Usage
+
+if TYPE_CHECKING:
+    from gateway.compiled.policy import KeyEntry, Model, Policy, Target
+    from gateway.policy.schema import PolicyDocument, RateLimitsPolicy
+
+log = logging.getLogger("switchboard.limits")
+
+_WINDOWS = (("rpm", "requests", 60), ("tpm", "tokens", 60), ("rpd", "requests", 86_400), ("tpd", "tokens", 86_400))
+_LABELS = {("requests", 60): "requests per minute", ("tokens", 60): "tokens per minute",
+           ("requests", 86_400): "requests per day", ("tokens", 86_400): "tokens per day"}
+
+
+# --- rules, built once per policy ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """One rate limit of one scope: `limit` requests or tokens per fixed window."""
+
+    scope: str  # "team", "key" or "model"
+    owner: str  # team name, key id or model name
+    team: str
+    unit: str  # "requests" or "tokens"
+    window_s: int
+    limit: int
+    base: str  # counter key prefix, hash-tagged by team
+    shadow: bool = False  # mode: shadow: counted and reported, never refusing (gateway/accounting/shadow.py)
+
+    @property
+    def label(self) -> str:
+        return _LABELS[(self.unit, self.window_s)]
+
+    @property
+    def who(self) -> str:
+        if self.scope == "team":
+            return f"team {self.team}"
+        if self.scope == "key":
+            return f"key {self.owner} (team {self.team})"
+        return f"model {self.owner} for team {self.team}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything that applies to one (key, model): what admission checks."""
+
+    rates: tuple[RateRule, ...]
+    budgets: tuple[Budget, ...]
+    needs_tokens: bool
+    needs_usd: bool
+    shadowed: bool = False  # some rule is in shadow mode: admission looks for what it would refuse
+
+
+class Rules:
+    """A policy's limits and budgets by scope; `plan` is memoised per (key, model)."""
+
+    def __init__(self) -> None:
+        self.team_rates: dict[str, tuple[RateRule, ...]] = {}
+        self.key_rates: dict[str, tuple[RateRule, ...]] = {}
+        self.model_rates: dict[tuple[str, str], tuple[RateRule, ...]] = {}
+        self.team_budgets: dict[str, Budget] = {}
+        self.key_budgets: dict[str, Budget] = {}
+        self.team_keys: dict[str, tuple[str, ...]] = {}
+        # Organisations and end users (gateway/accounting/hierarchy.py): the levels above and beside team and key.
+        self.hierarchy: hierarchy.Hierarchy = hierarchy.EMPTY
+        self.default_completion_tokens = 1024
+        self.shadow_header = True
+        self._plans: dict[tuple[str, str], Plan | None] = {}
+
+    @property
+    def any(self) -> bool:
+        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets
+                    or self.hierarchy.any)
+
+    def plan(self, team: str, key_id: str, model: str) -> Plan | None:
+        memo = (key_id, model)
+        try:
+            return self._plans[memo]
+        except KeyError:
+            pass
+        rates = (*self.team_rates.get(team, ()), *self.key_rates.get(key_id, ()),
+                 *self.model_rates.get((team, model), ()))
+        budgets = tuple(b for b in (self.hierarchy.org_budgets.get(team), self.team_budgets.get(team),
+                                    self.key_budgets.get(key_id)) if b is not None)
+        plan = None
+        if rates or budgets:
+            plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
+                b.tokens is not None or b.usd_micros is not None for b in budgets),
+                any(b.usd_micros is not None for b in budgets),
+                any(r.shadow for r in rates) or any(b.shadow for b in budgets))
+        self._plans[memo] = plan
+        return plan
+
+
+def build_rules(document: PolicyDocument) -> Rules:
+    """The runtime limits of a validated policy document."""
+    rules = Rules()
+    rules.default_completion_tokens = document.admission.default_completion_tokens
+    rules.shadow_header = document.admission.shadow_reject_header
+    for team, config in document.teams.items():
+        tag = "{" + _safe(team) + "}"
+        rules.team_keys[team] = tuple(k.id for k in config.keys)
+        if config.limits is not None:
+            rules.team_rates[team] = _rates(config.limits, "team", team, team, f"{tag}:r:team")
+        for model, limits in config.model_limits.items():
+            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{_safe(model)}")
+        if config.budget is not None:
+            rules.team_budgets[team] = build_budget(config.budget, "team", team, team, f"{tag}:b:team")
+        for key in config.keys:
+            if key.limits is not None:
+                rules.key_rates[key.id] = _rates(key.limits, "key", key.id, team, f"{tag}:r:key:{key.id}")
+            if key.budget is not None:
+                rules.key_budgets[key.id] = build_budget(key.budget, "key", key.id, team, f"{tag}:b:key:{key.id}")
+    rules.hierarchy = hierarchy.build_hierarchy(document, lambda team: "{" + _safe(team) + "}")
+    return rules
+
+
+def rules_problems(document: PolicyDocument, at: Callable[[tuple[Any, ...], str], str]) -> list[str]:
+    """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
+    problems = []
+    for team, config in document.teams.items():
+        allowed = set(config.models)
+        for model in config.model_limits:
+            if model not in document.models:
+                problems.append(at(("teams", team, "model_limits", model), f"unknown model {model!r}"))
+        budgets = [(("teams", team, "budget"), config.budget)]
+        budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
+        for path, budget in budgets:
+            target = budget.downgrade_to if budget is not None else None
+            if target is not None and target not in document.models:
+                problems.append(at((*path, "downgrade_to"), f"unknown model {target!r}"))
+            elif target is not None and "*" not in allowed and target not in allowed:
+                problems.append(at((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
+                                   f"to teams.{team}.models"))
+    for index, key in enumerate(document.admin.keys):
+        if key.limits is not None or key.budget is not None:
+            problems.append(at(("admin", "keys", index), "admin keys take no limits or budget"))
+    return problems
+
+
+def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: str) -> tuple[RateRule, ...]:
+    rules = []
+    for name, unit, window in _WINDOWS:
+        limit = getattr(config, name)
+        if limit is not None:
+            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}", config.mode == "shadow"))
+    return tuple(rules)
+
+
+def _safe(name: str) -> str:
+    # Braces would change the Redis Cluster hash tag; colons the key structure.
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
+
+
+# --- admission -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Meter:
+    """What one check of an admission measures."""
+
+    unit: str  # "requests", "tokens" or "usd"
+    limit: int
+    resets_at: float
+    rule: RateRule | None = None
+    budget: Budget | None = None
+    window: Window | None = None
+
+    @property
+    def shadow(self) -> bool:
+        owner = self.rule if self.rule is not None else self.budget
+        return owner is not None and owner.shadow
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's reservation, settled once when it ends."""
+
+    model: Model
+    policy: Policy
+    checks: tuple[Check, ...]
+    meters: tuple[_Meter, ...]
+    used: tuple[int, ...]
+    prompt_tokens: int
+    reserved_tokens: int
+    reserved_usd: int
+    downgraded_from: str | None = None
+    settled: bool = False
+    # Set for a stream under a `hard_stop_streams` budget: what it may generate before the relay cuts it.
+    allowance: StreamAllowance | None = None
+    # The request's trace when it is recording, for the reconciliation event at settlement.
+    trace: Trace | None = None
+    # The prompt as admission counted it, for the context-window check to reuse (None: not counted that way).
+    prompt_count: PromptCount | None = None
+    # Checks of shadow rules that would have refused this request: their reservations were taken back at
+    # admission, as enforcement would never have made them, so settlement leaves them alone.
+    unreserved: tuple[int, ...] = ()
+
+
+# Endpoints whose prompt `_estimate` counts exactly as the context-window check does (not the Responses API,
+# whose input admission deliberately overestimates).
+_EXACT_PROMPT_COUNT = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+
+
+class Limiter:
+    """Admits and settles requests against a `StateStore`; owned by the app lifespan."""
+
+    def __init__(self, store: StateStore, counter: Any, *, clock: Callable[[], float] = time.time,
+                 cost: CostFunction = policy_cost,
+                 on_threshold: Callable[[ThresholdEvent], None] = log_threshold,
+                 started_with: Policy | None = None) -> None:
+        self.store = store
+        self._counter = counter
+        self._clock = clock
+        self._cost = cost
+        self._on_threshold = on_threshold
+        self._on_reject: Callable[[str, str, str], None] | None = None
+        self._alert: Callable[[ThresholdEvent], None] | None = None
+        self._threshold_metric: Any = None
+        self._shadow_metric: Any = None
+        self._marks: set[str] = set()
+        self._end_users = hierarchy.EndUserTracker()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state = _state_wanted(started_with) if started_with is not None else None
+
+    def attach_metrics(self, metrics: Any) -> None:
+        """Count refusals and soft thresholds in the gateway's Prometheus registry (gateway/telemetry/metrics.py)."""
+        from prometheus_client import Counter
+
+        self._on_reject = metrics.rejected
+        self._threshold_metric = Counter(
+            "switchboard_budget_thresholds", "Budget soft thresholds crossed (once per period and budget).",
+            ("team", "scope", "owner", "unit", "threshold"), registry=metrics.registry)
+        self._shadow_metric = Counter(
+            "switchboard_shadow_rejections", "Requests a shadow-mode limit or budget would have refused (they were "
+            "served).", ("team", "scope", "rule"), registry=metrics.registry)
+        self._end_users.attach_metrics(metrics)
+
+    def send_alerts_to(self, alert: Callable[[ThresholdEvent], None]) -> None:
+        """Hand each budget threshold and exhaustion, once fired (claimed in the store), to `alert`."""
+        self._alert = alert
+
+    def policy_applied(self, policy: Policy) -> None:
+        """Warn when a reloaded policy wants another state store: the store is chosen at startup."""
+        wanted = _state_wanted(policy)
+        if self._state is not None and wanted != self._state:
+            log.warning("the reloaded policy's state store (%s) differs from the one in use (%s); limits keep "
+                        "counting in the one in use until the gateway restarts", wanted[1], self._state[1])
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is pending to the store and close it, within `timeout_s` (the store logs what is left)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.store.close(timeout_s)
+
+    async def flush(self) -> None:
+        """Wait for pending threshold checks and settlements (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.store.flush()
+
+    async def admit(self, policy: Policy, caller: KeyEntry, endpoint: Endpoint, body: Mapping[str, Any],
+                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE,
+                    end_user: str | None = None) -> Admission | None:
+        """Reserve this request against every limit and budget that applies; raise 429/503 if refused.
+
+        A budget with `on_exhaust: downgrade` that refuses switches the request
+        to its cheaper model, which still counts against (but is not refused by)
+        that budget.
+        """
+        rules = policy.rules
+        if rules is None:
+            return None
+        team = caller.team.name
+        now = self._clock()
+        user_budget = await self._end_user_budget(rules, team, end_user, now)
+        plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget)
+        if plan is None:
+            return None
+        prompt = completion = 0
+        counted = None
+        if plan.needs_tokens:
+            prompt, completion = self._estimate(endpoint, body, model, rules.default_completion_tokens)
+            if endpoint in _EXACT_PROMPT_COUNT:
+                first = model.targets[0]
+                counted = PromptCount(prompt, endpoint.value, first.upstream_model,
+                                      first.provider.adapter.capabilities.tokenizer)
+        relaxed: set[int] = set()
+        downgraded_from = None
+        while True:
+            usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
+            checks, meters = _checks(plan, now, prompt + completion, usd, relaxed)
+            verdict = await self._reserve(checks)
+            headers.update(_rate_headers(meters, checks, verdict, now))
+            headers.update(hierarchy.budget_headers(meters, checks, verdict, now, end_user))
+            if verdict.admitted:
+                unreserved = ()
+                if plan.shadowed:
+                    unreserved = self._shadow_refusals(meters, checks, verdict, team, headers, trace,
+                                                       rules.shadow_header)
+                if trace.recording:
+                    trace.decision("switchboard.admission", admission_event(
+                        "admitted", model.name, meters, checks, verdict, prompt + completion, usd))
+                allowance = None
+                if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
+                    allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
+                return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
+                                 downgraded_from, allowance=allowance, trace=trace if trace.recording else None,
+                                 prompt_count=counted, unreserved=unreserved)
+            assert verdict.denied is not None
+            meter = meters[verdict.denied]
+            budget = meter.budget
+            if budget is not None:
+                self._exhausted(meter, checks[verdict.denied], verdict.used[verdict.denied])
+            if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
+                cheaper = policy.models.get(budget.downgrade_to or "")
+                if cheaper is not None:
+                    if trace.recording:
+                        trace.decision("switchboard.admission", {**admission_event(
+                            "downgraded", model.name, meters, checks, verdict, prompt + completion, usd),
+                            "switchboard.admission.downgraded_to": cheaper.name})
+                    log.info("budget of %s spent: %s downgraded to %s", budget.who, model.name, cheaper.name)
+                    downgraded_from = downgraded_from or model.name
+                    relaxed.add(id(budget))
+                    model = cheaper
+                    plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget) or plan
+                    headers["x-switchboard-downgraded-from"] = downgraded_from
+                    continue
+            if trace.recording:
+                trace.decision("switchboard.admission", admission_event(
+                    "refused", model.name, meters, checks, verdict, prompt + completion, usd))
+            self._rejected(team, meter)
+            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+
+    async def extend(self, admission: Admission, team: str, fallback: Model, trace: Trace = NO_TRACE) -> None:
+        """A fallback to `fallback`: reserve what it adds to the admission, or raise its refusal (reserving nothing).
+
+        It adds the team's own rate limits of that model (`model_limits`) and,
+        when it costs more than the reservation so far, the difference against
+        every USD budget. The request's token estimate is the admission's (the
+        first model's tokenizer): counting a big prompt again costs more than
+        the difference is worth. Team and key limits already hold this request.
+        """
+        policy = admission.policy
+        rules = policy.rules
+        rates = rules.model_rates.get((team, fallback.name), ()) if rules is not None else ()
+        now = self._clock()
+        tokens = admission.reserved_tokens
+        checks, meters = _checks(Plan(rates, (), True, False), now, tokens, 0, set()) if rates else ((), ())
+        extra, topped = 0, []
+        if any(meter.unit == "usd" for meter in admission.meters):
+            prompt = admission.prompt_tokens
+            extra = self._usd(policy, fallback, prompt, tokens - prompt) - admission.reserved_usd
+            if extra > 0:
+                topped = [i for i, meter in enumerate(admission.meters) if meter.unit == "usd"]
+                checks += tuple(dataclasses.replace(admission.checks[i], amount=extra) for i in topped)
+                meters += tuple(admission.meters[i] for i in topped)
+        if not checks:
+            self._reallow(admission, fallback)
+            return
+        verdict = await self._reserve(checks)
+        if trace.recording:
+            trace.decision("switchboard.admission", {**admission_event(
+                "admitted" if verdict.admitted else "refused", fallback.name, meters, checks, verdict, tokens,
+                max(0, extra)), "switchboard.admission.fallback": True})
+        if not verdict.admitted:
+            assert verdict.denied is not None
+            meter = meters[verdict.denied]
+            self._rejected(team, meter)
+            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+        # A top-up joins its budget's reservation, so settlement reconciles one amount per counter.
+        merged = list(admission.checks)
+        for i in topped:
+            merged[i] = dataclasses.replace(merged[i], amount=merged[i].amount + extra)
+        count = len(rates)
+        admission.checks = (*merged, *checks[:count])
+        admission.meters = (*admission.meters, *meters[:count])
+        admission.used = (*admission.used, *verdict.used[:count])
+        if topped:
+            admission.reserved_usd += extra
+        self._reallow(admission, fallback)
+
+    def _reallow(self, admission: Admission, fallback: Model) -> None:
+        """A hard-stopped stream's allowance at the price of the model that will produce it."""
+        if admission.allowance is None:
+            return
+        relaxed = {id(meter.budget) for meter, check in zip(admission.meters, admission.checks, strict=True)
+                   if meter.budget is not None and check.limit == UNLIMITED}
+        admission.allowance = self._allowance(admission.policy, fallback, admission.meters,
+                                              Verdict(True, admission.used), admission.prompt_tokens, relaxed)
+
+    async def _end_user_budget(self, rules: Rules, team: str, end_user: str | None, now: float) -> Budget | None:
+        """The end user's budget (its own or the shared `other` one), when the team gives end users one."""
+        users = rules.hierarchy.end_users.get(team) if end_user is not None else None
+        if users is None or users.template is None:
+            return None
+        assert end_user is not None
+        try:
+            return await self._end_users.budget(self.store, users, end_user, now)
+        except StoreUnavailable as exc:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                               "the state store is unreachable and the policy says to fail closed. Retry "
+                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+
+    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+        try:
+            return await hierarchy.reserve(self.store, checks)
+        except StoreUnavailable as exc:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                               "the state store is unreachable and the policy says to fail closed. Retry "
+                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+
+    def _rejected(self, team: str, meter: _Meter) -> None:
+        if self._on_reject is not None:
+            self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
+                            "budget_exceeded" if meter.budget else "rate_limited")
+
+    def settle(self, admission: Admission | None, usage: Usage | None, status: int,
+               target: Target | None = None, *, served: Usage | None = None, usd_micros: int | None = None,
+               model_tokens: Mapping[str, int] | None = None) -> None:
+        """Reconcile the reservation with what the request used: refund or charge the difference.
+
+        `target` is the deployment that actually served the request (it may
+        differ from the model's first after a fallback); USD is priced on it,
+        unless `usd_micros` says what the request was billed (the settlement
+        passes the figure it puts on the ledger, so the two cannot disagree).
+        `served` is a cache hit's usage when its tokens count (gateway/cache/):
+        tokens, and the USD of `usd_micros` (a semantic lookup's embedding).
+        `model_tokens` splits the tokens by public model for the team x model
+        limits: after a fallback, each model's counters get what was used on it
+        (a model that only failed gets its reservation back); None: all of it
+        is the admitted model's.
+        """
+        if admission is None or admission.settled:
+            return
+        admission.settled = True
+        if served is not None:
+            tokens, usd = served.total_tokens, usd_micros or 0
+        elif usage is not None:
+            tokens = usage.total_tokens
+            if usd_micros is not None:
+                usd = usd_micros
+            else:
+                priced = any(m.unit == "usd" for m in admission.meters)
+                cost = self._cost(admission.policy, target or admission.model.targets[0], usage) if priced else None
+                usd = math.ceil(cost * MICROS) if cost else 0
+        elif status >= 400:
+            tokens = usd = 0  # refused or failed before anything was generated: full refund
+        else:
+            tokens, usd = admission.prompt_tokens, admission.reserved_usd
+        deltas = []
+        for index, (check, meter) in enumerate(zip(admission.checks, admission.meters, strict=True)):
+            if meter.unit == "requests" or index in admission.unreserved:
+                continue
+            actual = tokens if meter.unit == "tokens" else usd
+            if model_tokens is not None and meter.rule is not None and meter.rule.scope == "model":
+                actual = model_tokens.get(meter.rule.owner, 0)
+            if actual != check.amount:
+                deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
+            if meter.budget is not None and meter.budget.soft_thresholds:
+                self._thresholds(meter, admission.used[index] + actual)
+        if deltas:
+            self.store.settle(deltas)
+        if admission.trace is not None:
+            admission.trace.decision("switchboard.admission.settled", settlement_event(
+                admission.reserved_tokens, tokens, admission.reserved_usd, usd))
+
+    def _estimate(self, endpoint: Endpoint, body: Mapping[str, Any], model: Model, default: int) -> tuple[int, int]:
+        upstream = model.targets[0].upstream_model
+        # The provider family decides the counting method: exact for OpenAI, a documented estimate elsewhere.
+        family = model.targets[0].provider.adapter.capabilities.tokenizer
+        counter = self._counter
+        if endpoint is Endpoint.CHAT:
+            prompt = counter.count_chat_prompt(body, upstream, family)
+        elif endpoint is Endpoint.COMPLETIONS:
+            prompt = counter.count_completion_prompt(body, upstream, family)
+        elif endpoint is Endpoint.EMBEDDINGS:
+            return counter.count_embedding_input(body, upstream, family), 0
+        else:  # Responses API and anything newer: the input as JSON text, a deliberate overestimate
+            value = body.get("input")
+            text = value if isinstance(value, str) else orjson.dumps(value).decode() if value is not None else ""
+            prompt = counter.count_text(text + str(body.get("instructions") or ""), upstream, family)
+        return prompt, completion_reservation(body, default)
+
+    def _allowance(self, policy: Policy, model: Model, meters: tuple[_Meter, ...], verdict: Verdict, prompt: int,
+                   relaxed: set[int]) -> StreamAllowance | None:
+        """The tightest room left under the plan's hard-stop budgets, in completion tokens.
+
+        Room = limit - counted before this request (other requests' reservations
+        included) - this request's prompt: the stream may always use its own
+        completion reservation, and beyond it what nobody else has reserved.
+        USD room is turned into tokens at the model's output price.
+        """
+        tightest = None
+        for index, meter in enumerate(meters):
+            budget = meter.budget
+            if budget is None or not budget.hard_stop_streams or budget.shadow or id(budget) in relaxed:
+                continue
+            room = meter.limit - verdict.used[index]
+            if meter.unit == "tokens":
+                tokens = room - prompt
+            else:
+                # Micro-USD per output token equals USD per 1M output tokens.
+                per_token = self._cost(policy, model.targets[0], Usage(completion_tokens=1_000_000))
+                if not per_token:
+                    continue  # unpriced: USD spend is not counted, so it cannot cut a stream
+                tokens = math.floor((room - self._usd(policy, model, prompt, 0)) / per_token)
+            if tightest is None or tokens < tightest.tokens:
+                tightest = StreamAllowance(max(0, tokens), budget, meter.unit, meter.limit, meter.resets_at)
+        return tightest
+
+    def _usd(self, policy: Policy, model: Model, prompt: int, completion: int) -> int:
+        cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
+        return math.ceil(cost * MICROS) if cost else 0
+
+    def _shadow_refusals(self, meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
+                         headers: MutableMapping[str, str], trace: Trace, header: bool) -> tuple[int, ...]:
+        """Report what this admitted request's shadow rules would have done (refuse it, or nothing), and undo
+        their reservations for it; returns the indexes of the checks that would have refused."""
+        refused = shadow.would_refuse(meters, checks, verdict)
+        if not refused:
+            return ()
+        if header:
+            headers[shadow.HEADER] = ", ".join(shadow.rule_id(meters[i]) for i in refused)
+        if trace.recording:
+            trace.decision(shadow.EVENT, shadow.shadow_event(meters, checks, verdict, refused))
+        self.store.settle(shadow.unreserve(checks, refused))
+        for index in refused:
+            meter = meters[index]
+            if self._shadow_metric is not None:
+                scope = meter.rule.scope if meter.rule is not None else meter.budget.scope  # type: ignore[union-attr]
+                self._shadow_metric.labels(team, scope, shadow.rule_name(meter)).inc()
+            if meter.budget is not None:
+                self._exhausted(meter, checks[index], verdict.used[index])
+        log.info("shadow rules would have refused a request of team %s: %s", team,
+                 ", ".join(shadow.rule_id(meters[i]) for i in refused))
+        return refused
+
+    def _thresholds(self, meter: _Meter, after: int) -> None:
+        budget, window = meter.budget, meter.window
+        assert budget is not None and window is not None
+        for threshold in budget.soft_thresholds:
+            if after < math.ceil(threshold * meter.limit):
+                break
+            mark = f"{budget.base}:{meter.unit}:soft{threshold:g}:{window.slices[-1]}"
+            if self._first_here(mark):
+                self._fire_once(window.expires_at, ThresholdEvent(
+                    budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit, after,
+                    window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
+
+    def _exhausted(self, meter: _Meter, check: Check, used: int) -> None:
+        """A budget refused (or, in shadow mode, would have refused) a request: report it once per period.
+
+        Not for a request larger than the whole budget: that one says nothing about what is left, and reporting
+        it would use up the period's one exhaustion alert before the budget is spent.
+        """
+        budget, window = meter.budget, meter.window
+        assert budget is not None and window is not None
+        if check.amount > meter.limit:
+            return
+        mark = f"{budget.base}:{meter.unit}:exhausted:{window.slices[-1]}"
+        if self._first_here(mark):
+            self._fire_once(window.expires_at, ThresholdEvent(
+                budget.scope, budget.owner, budget.team, meter.unit, 1.0, meter.limit, used, window.start,
+                window.resets_at, EXHAUSTED, budget.shadow, budget.notify, mark))
+
+    def _first_here(self, mark: str) -> bool:
+        """True the first time this process sees `mark`: only then is the store asked whether to report it."""
+        if mark in self._marks:
+            return False
+        if len(self._marks) > 100_000:  # marks of past periods; the store still answers once per period
+            self._marks.clear()
+        self._marks.add(mark)
+        return True
+
+    def _fire_once(self, expires_at: int, event: ThresholdEvent) -> None:
+        """Report `event` unless another replica already did (the store decides), off the request path."""
+        task = asyncio.get_running_loop().create_task(self._claim(event.mark, expires_at, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim(self, mark: str, expires_at: int, event: ThresholdEvent) -> None:
+        # The store decides (one atomic reservation of a 1-limit counter), so replicas report an event once
+        # between them. A store that cannot answer lets every replica report it: an alert twice rather than never.
+        try:
+            verdict = await self.store.admit([Check((mark,), 1, 1, expires_at)])
+        except StoreUnavailable:
+            verdict = Verdict(True, (0,))
+        if not verdict.admitted:
+            log.info("budget %s %s of %s already reported by another replica", event.kind, event.threshold, mark)
+            return
+        self._on_threshold(event)
+        if self._alert is not None:
+            self._alert(event)
+        if self._threshold_metric is not None:
+            # An end user's id is the client's: never a label (the team and the level say enough).
+            owner = event.owner if event.scope != "user" or event.owner == hierarchy.OTHER else "end_user"
+            self._threshold_metric.labels(event.team, event.scope, owner, event.unit,
+                                          f"{event.threshold:g}" if event.kind == THRESHOLD else event.kind).inc()
+
+    async def report(self, policy: Policy, team: str, period: str = "current",
+                     end_user: str | None = None) -> dict[str, Any]:
+        """Usage, limits and what remains for a team, its keys and its models (gateway/accounting/usage_report.py).
+
+        Settlements this process has made are sent to the store first, so the report includes them (Redis
+        otherwise receives them within 20 ms, with the team's next admission).
+        """
+        await self.store.flush()
+        return await usage_report(self.store, policy, team, period, self._clock(), end_user)
+
+def _state_wanted(policy: Policy) -> tuple[Any, str]:
+    from gateway.state import backend_for
+
+    return policy.state, backend_for(policy.state, bool(policy.rules and policy.rules.any))
+
+
+def completion_reservation(body: Mapping[str, Any], default: int) -> int:
+    """Completion tokens to reserve: the request's own cap times `n`, else the policy default."""
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        value = default
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        value *= choices
+    return value
+
+
+def _checks(plan: Plan, now: float, tokens: int, usd: int,
+            relaxed: set[int]) -> tuple[tuple[Check, ...], tuple[_Meter, ...]]:
+    checks: list[Check] = []
+    meters: list[_Meter] = []
+    for rule in plan.rates:
+        index = int(now // rule.window_s)
+        end = (index + 1) * rule.window_s
+        checks.append(Check((f"{rule.base}:{index}",), UNLIMITED if rule.shadow else rule.limit,
+                            1 if rule.unit == "requests" else tokens, end + rule.window_s))
+        meters.append(_Meter(rule.unit, rule.limit, end, rule=rule))
+    for budget in plan.budgets:
+        window = budget.period.window(now)
+        for unit, limit, amount, short in (("tokens", budget.tokens, tokens, "tok"),
+                                           ("usd", budget.usd_micros, usd, "usd")):
+            if limit is None:
+                continue
+            checks.append(Check(budget.slices(short, window),
+                                UNLIMITED if budget.shadow or id(budget) in relaxed else limit, amount,
+                                window.expires_at))
+            meters.append(_Meter(unit, limit, window.resets_at, budget=budget, window=window))
+    return tuple(checks), tuple(meters)
+
+
+def _refusal(meter: _Meter, check: Check, used: int, now: float) -> GatewayError:
+    if meter.budget is not None:
+        assert meter.window is not None
+        return exceeded(meter.budget, meter.unit, meter.limit, used, check.amount, meter.window, now)
+    rule = meter.rule
+    assert rule is not None
+    wait = max(0.001, meter.resets_at - now)
+    if check.amount > rule.limit:
+        # Never admissible, however long the client waits.
+        return GatewayError(ErrorKind.RATE_LIMITED, f"Request too large for {rule.who} on {rule.label}: limit "
+                            f"{rule.limit}, requested {check.amount}. Lower max_tokens or the prompt.",
+                            code="rate_limit_exceeded", retry_after=wait, headers={"x-should-retry": "false"})
+    return GatewayError(ErrorKind.RATE_LIMITED, f"Rate limit reached for {rule.who} on {rule.label}: limit "
+                        f"{rule.limit}, used {used}, requested {check.amount}. Resets in {go_duration(wait)} "
+                        f"(at {_iso(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
+
+
+def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
+                  now: float) -> dict[str, str]:
+    """`x-ratelimit-*` for the request and token rate limits with the least room left."""
+    headers: dict[str, str] = {}
+    for unit, suffix in (("requests", "requests"), ("tokens", "tokens")):
+        tightest: tuple[int, int, float] | None = None
+        for index, meter in enumerate(meters):
+            if meter.rule is None or meter.unit != unit or meter.rule.shadow:
+                continue  # a shadow limit must not make clients slow down
+            taken = checks[index].amount if verdict.admitted else 0
+            remaining = max(0, meter.limit - verdict.used[index] - taken)
+            if tightest is None or remaining < tightest[1]:
+                tightest = (meter.limit, remaining, meter.resets_at)
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest[0])
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest[1])
+            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest[2] - now)
+    return headers
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go prints it, the format of OpenAI's reset headers: `6m0s`, `1.5s`, `12ms`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    millis = math.ceil(seconds * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _iso(timestamp: float, zone: dt.tzinfo) -> str:
+    return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
+
+
+def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
+    """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
+    return admission.allowance if admission is not None else None
+
+
+async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
+                body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str],
+                trace: Trace = NO_TRACE, end_user: str | None = None) -> Admission | None:
+    """The pipeline's admission step: None when this gateway or request has no limits."""
+    if limiter is None:
+        return None
+    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace, end_user)

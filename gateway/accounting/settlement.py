@@ -1,0 +1,352 @@
+"""Settling a request: its one usage record, its limits reconciled, its trace ended — exactly once.
+
+A `Settlement` is made for every inference request before anything can fail,
+and owned by the code that sends the response (`gateway/http/asgi.py:respond`),
+which closes it in a `finally`. Everything else only records facts on it as
+they become known: who called, what was admitted, which target answered,
+what usage the upstream reported, which chunks a stream relayed, whether the
+stream's terminal event was seen. So settlement does not depend on any
+generator being run to its end, on any consumer noticing a disconnect, or on
+the kind of exception that ended the request: `close` runs once, and a
+second call is a no-op.
+
+    settlement.caller = ...            # the pipeline's steps record facts
+    settlement.completed()             # the terminal event ([DONE], or a whole body) was seen
+    settlement.failed(error)           # the reply is an error
+    settlement.close()                 # the owner, once: limits, cost, usage record, metrics, trace
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.accounting.budgets import MICROS
+from gateway.accounting.hierarchy import organization_of
+from gateway.accounting.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
+from gateway.accounting.tags import Tags
+from gateway.accounting.usage import UsageRecord
+from gateway.cache import cache_overhead, hit_tokens, usage_fields
+from gateway.errors import ErrorKind, GatewayError
+from providers.base import Endpoint, StreamChunk, Usage
+
+if TYPE_CHECKING:
+    from gateway.accounting.limits import Admission, Limiter
+    from gateway.cache import Ticket
+    from gateway.cache.semantic import Embedded
+    from gateway.compiled.policy import KeyEntry, Policy, Target
+    from gateway.exchange import Exchange, InferenceRequest, Services
+    from gateway.tokens.counter import TokenCounter
+    from providers.base import Call
+
+log = logging.getLogger("switchboard.settlement")
+
+# What the trace of a request that never authenticated is ended with, when no error was recorded on it.
+_UNSETTLED = GatewayError(ErrorKind.INTERNAL, "request ended before it was settled", code="internal_error")
+
+# Shared until an attempt is billed (never written to): no dict per request.
+_NONE_WASTED: dict[str, int] = {}
+
+# Outcomes a record can carry besides an error's code.
+COMPLETED = "completed"
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_ERROR = "upstream_error"
+CACHE_HIT = "cache_hit"
+INTERNAL_ERROR = "internal_error"
+# A client that went away before its answer: nginx's 499, the de facto status for it.
+CLIENT_CLOSED_STATUS = 499
+
+
+def new_gateway_id() -> str:
+    """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits.
+
+    The ledger's key for the request. Made here, never taken from a client, so
+    no tenant can name (and so erase or shadow) another tenant's row; time-ordered,
+    so ledger inserts append to the index instead of landing all over it.
+    """
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What the relay saw of a stream: enough to estimate usage when the upstream never reported it."""
+
+    call: Call
+    seen: list[StreamChunk]
+    first_token_at: float | None = None
+
+
+class Settlement:
+    """One request's accounting, closed exactly once by the code that sends its response."""
+
+    __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
+                 "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy", "price_version",
+                 "request", "status", "stream", "tags", "target", "usage")
+
+    def __init__(self, services: Services, exchange: Exchange) -> None:
+        self._services = services
+        self.exchange = exchange
+        self._closed = False
+        self._held: Any = None  # an upstream stream to release at close, whether or not its relay ran
+        # The policy snapshot the request started on: its prices bill the request even if a reload lands midway.
+        self.policy: Policy | None = None
+        self.caller: KeyEntry | None = None
+        self.request: InferenceRequest | None = None
+        self.admission: Admission | None = None
+        self.cache: Ticket | None = None
+        self.target: Target | None = None
+        self.stream: _Stream | None = None
+        self.usage: Usage | None = None
+        self.tags: Tags = ()  # cost attribution (gateway/accounting/tags.py), read once from the request's header
+        self.end_user: str | None = None  # the end user the request named (gateway/accounting/hierarchy.py), validated
+        self.status = 200
+        self.outcome: str | None = None  # None until known: a stream that never saw its end was cut short
+        self.error: GatewayError | None = None
+        self.cost_usd: float | None = None
+        self.price_version: str | None = None
+        # Attempts that failed after the upstream had started answering: it billed at least their prompt.
+        self._billed_attempts: list[tuple[Target, Call]] = []
+        self._wasted: tuple[Usage, float | None] | None = None
+        self._wasted_by_model: dict[str, int] = _NONE_WASTED  # the same prompts by the model that failed them
+
+    # -- facts, recorded by the pipeline's steps --
+
+    def completed(self, usage: Usage | None = None) -> None:
+        """The answer is whole: a body was read, or a stream's terminal event was seen."""
+        if usage is not None:
+            self.usage = usage
+        if self.outcome is None:
+            self.outcome = COMPLETED
+
+    def failed(self, error: GatewayError, outcome: str | None = None) -> None:
+        """The request ends in `error`: a refused or failed request, or a stream cut by an in-band error."""
+        self.error = error
+        if self.outcome is None:
+            self.outcome = outcome or error.code or error.kind.name.lower()
+
+    def streaming(self, call: Call) -> list[StreamChunk]:
+        """A stream's relay begins; returns the list the relay appends each relayed chunk to."""
+        self.stream = _Stream(call, [])
+        return self.stream.seen
+
+    def holds(self, stream: Any) -> None:
+        """`stream` (with a `close()`) is released at settlement: a relay that never started cannot leak it."""
+        self._held = stream
+
+    def first_token(self, now: float) -> None:
+        if self.stream is not None and self.stream.first_token_at is None:
+            self.stream.first_token_at = now
+
+    def attempt_billed(self, target: Target, call: Call) -> None:
+        """An attempt failed after `target` had answered (a stream that died or stalled before its first
+        content, a body cut short): the upstream bills its prompt, so the request is charged for it too."""
+        self._billed_attempts.append((target, call))
+        self._wasted = None
+
+    def priced(self, usage: Usage) -> str | None:
+        """Price `usage` now (for a header); the same figure, failed attempts included, is billed at close."""
+        self._price(usage)
+        if self.cost_usd is None:
+            return None
+        text = format_usd(self.cost_usd)
+        self.exchange.response_headers[COST_HEADER] = text
+        return text
+
+    def stamped(self, data: bytes, usage: Usage) -> bytes:
+        """A stream's usage chunk with the cost the request is billed, failed attempts included."""
+        self._price(usage)
+        if self.cost_usd is None or self.price_version is None:
+            return mark_estimated(data) if usage.estimated else data
+        return with_cost(data, self.cost_usd, self.price_version, estimated=usage.estimated)
+
+    def _price(self, usage: Usage) -> None:
+        if self.policy is None:
+            return
+        cost, self.price_version = charge(self.policy.prices, self.target, usage)
+        _, wasted_cost = self._failed_attempts()
+        if wasted_cost is not None:
+            cost = (cost or 0.0) + wasted_cost
+        overhead = cache_overhead(self.cache)
+        if overhead is not None and overhead.cost_usd is not None:
+            cost = (cost or 0.0) + overhead.cost_usd
+        self.cost_usd = cost
+
+    def _settle_limits(self, limiter: Limiter, usage: Usage | None, wasted: Usage, overhead: Embedded | None) -> None:
+        """Reconcile the admission: the limits count what the upstreams billed (failed attempts and the cache's
+        embedding included), and each model's own limits what was used on it."""
+        admission = self.admission
+        assert admission is not None
+        micros = math.ceil(self.cost_usd * MICROS) if self.cost_usd else 0
+        served = hit_tokens(self.cache)
+        billed = usage
+        if wasted.prompt_tokens:
+            billed = _plus(usage, wasted)
+        by_model = None
+        target = self.target
+        if self._billed_attempts or (target is not None and target.public_model != admission.model.name) or \
+                overhead is not None:
+            by_model = self._tokens_by_model(usage, served, admission.model.name)
+        if overhead is not None and overhead.usage is not None and (billed is not None or self.status >= 400):
+            billed = _plus(billed, overhead.usage)  # the team's and key's limits; not the requested model's
+            served = _plus(served, overhead.usage) if served is not None else None
+        limiter.settle(admission, billed, self.status, target, served=served, usd_micros=micros, model_tokens=by_model)
+
+    def _tokens_by_model(self, usage: Usage | None, served: Usage | None, admitted: str) -> dict[str, int] | None:
+        """Tokens per public model for its team x model limits; None when the limiter's own estimate applies."""
+        if served is not None or (self.cache is not None and self.cache.hit):
+            return {admitted: served.total_tokens if served is not None else 0}
+        if usage is None and not self._billed_attempts and self.status < 400:
+            return None  # no usage known for an answered request: the limiter charges its estimate
+        tokens: dict[str, int] = {}
+        if usage is not None:
+            name = self.target.public_model if self.target is not None else admitted
+            tokens[name] = usage.total_tokens
+        self._failed_attempts()
+        for name, prompt in self._wasted_by_model.items():
+            tokens[name] = tokens.get(name, 0) + prompt
+        return tokens
+
+    def _failed_attempts(self) -> tuple[Usage, float | None]:
+        """Prompt tokens and cost of the attempts the upstreams billed without giving an answer (estimated)."""
+        if self._wasted is None:
+            prompt, cost = 0, None
+            self._wasted_by_model = {}
+            for target, call in self._billed_attempts:
+                tokens = prompt_tokens(self._services.counter, call, target)
+                prompt += tokens
+                self._wasted_by_model[target.public_model] = self._wasted_by_model.get(target.public_model, 0) + tokens
+                if self.policy is not None:
+                    priced, _ = charge(self.policy.prices, target, Usage(prompt_tokens=tokens))
+                    if priced is not None:
+                        cost = (cost or 0.0) + priced
+            self._wasted = (Usage(prompt_tokens=prompt, estimated=True), cost)
+        return self._wasted
+
+    # -- the one close --
+
+    def close(self, crashed: BaseException | None = None) -> None:
+        """Settle: reconcile limits, bill, write the usage record, end the trace. Runs once; later calls return.
+
+        `crashed`: the unexpected exception that ended the request, if one did (a 500, logged by the caller).
+        A request that never authenticated has no team to bill: only the metrics and trace hear of it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close(crashed)
+        except Exception:  # settlement must never turn an answered request into a failure
+            log.exception("settling request %s failed", self.exchange.request_id)
+
+    def _close(self, crashed: BaseException | None) -> None:
+        services, exchange = self._services, self.exchange
+        if self._held is not None:
+            self._held.close()
+        if crashed is not None and self.error is None:
+            # Whatever the upstream finished, the client did not get it whole; usage is still what was produced.
+            self.outcome = INTERNAL_ERROR
+            if self.stream is None:
+                self.status = 500
+        if self.error is not None and self.stream is None:
+            self.status = self.error.http_status
+        if self.caller is None:
+            exchange.trace.failed(self.error or _UNSETTLED, settled=False)
+            return
+        outcome = self.outcome or CLIENT_DISCONNECTED
+        if outcome == CLIENT_DISCONNECTED and self.stream is None and self.target is None and self.error is None:
+            self.status = CLIENT_CLOSED_STATUS  # gone before any upstream answered: nothing was produced
+        usage = self.usage
+        if usage is None and self.stream is not None and self.target is not None:
+            usage = _estimate_stream_usage(services, self.stream, self.target)
+        wasted, wasted_cost = self._failed_attempts()
+        overhead = cache_overhead(self.cache)
+        if self.cost_usd is None and (usage is not None or wasted_cost is not None or overhead is not None):
+            self._price(usage or Usage())
+        cost_usd, price_version = self.cost_usd, self.price_version
+        if services.limiter is not None and self.admission is not None:
+            self._settle_limits(services.limiter, usage, wasted, overhead)
+        if self.cache is not None:
+            self.cache.settled(outcome == COMPLETED)
+        now = services.clock()
+        request, target = self.request, self.target
+        ttft = None
+        if self.stream is not None and self.stream.first_token_at is not None:
+            ttft = (self.stream.first_token_at - exchange.started) * 1000
+        record = UsageRecord(
+            request_id=exchange.request_id,
+            gateway_id=exchange.gateway_id,
+            team=self.caller.team.name,
+            key_id=self.caller.key_id,
+            endpoint=request.endpoint.value if request else "unknown",
+            public_model=_bounded_model_name(request.model, self.policy) if request else "",
+            provider=target.provider.name if target else None,
+            upstream_model=target.upstream_model if target else None,
+            stream=request.stream if request else False,
+            status=self.status,
+            usage=usage,
+            duration_ms=(now - exchange.started) * 1000,
+            overhead_ms=exchange.overhead_ms(now),
+            time_to_first_token_ms=ttft,
+            outcome=outcome,
+            cost_usd=cost_usd,
+            price_version=price_version,
+            trace_id=exchange.trace.trace_id,
+            failed_attempt_tokens=wasted.prompt_tokens,
+            failed_attempt_cost_usd=wasted_cost,
+            tags=self.tags,
+            organization=organization_of(self.policy.rules if self.policy else None, self.caller.team.name),
+            end_user=self.end_user,
+            **usage_fields(self.cache),
+        )
+        if self.stream is not None:
+            exchange.trace.streamed(self.stream.seen)
+        if self.error is not None:
+            exchange.trace.failed(self.error, settled=True)
+        services.recorder.settle(record)
+        exchange.trace.finish(record)
+
+
+def _estimate_stream_usage(services: Services, stream: _Stream, target: Target) -> Usage:
+    """What a stream used when the upstream never said: its prompt, and the completion text relayed."""
+    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
+    prompt = prompt_tokens(services.counter, stream.call, target)
+    completion = services.counter.count_stream_output([c.data for c in stream.seen], model, family)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+
+def prompt_tokens(counter: TokenCounter, call: Call, target: Target) -> int:
+    """The prompt of `call` as `target`'s tokenizer family counts it."""
+    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
+    if call.endpoint is Endpoint.CHAT:
+        return counter.count_chat_prompt(call.body, model, family)
+    if call.endpoint is Endpoint.RESPONSES:
+        return counter.count_responses_input(call.body, model, family)
+    if call.endpoint is Endpoint.EMBEDDINGS:
+        return counter.count_embedding_input(call.body, model, family)
+    return counter.count_completion_prompt(call.body, model, family)
+
+
+# A model name the policy does not define is the client's text: kept for the operator (a typo, a probe), but
+# bounded, since it lands in every sink (access log, ledger, spans) once per request.
+_UNKNOWN_MODEL_CHARS = 64
+
+
+def _bounded_model_name(name: str, policy: Policy | None) -> str:
+    if (policy is not None and name in policy.models) or len(name) <= _UNKNOWN_MODEL_CHARS:
+        return name
+    return name[:_UNKNOWN_MODEL_CHARS] + "…"
+
+
+def _plus(usage: Usage | None, wasted: Usage) -> Usage:
+    if usage is None:
+        return wasted
+    return dataclasses.replace(usage, prompt_tokens=usage.prompt_tokens + wasted.prompt_tokens)

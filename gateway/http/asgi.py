@@ -1,0 +1,253 @@
+"""ASGI plumbing: request ids, reading bodies, sending replies, noticing disconnects.
+
+Written as plain ASGI rather than Starlette's Request/Response classes because
+this is the hot path: streams in particular need prompt cancellation on
+disconnect without a task group per response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+
+from gateway.accounting.settlement import Settlement
+from gateway.errors import ErrorKind, GatewayError, render
+from gateway.exchange import Exchange, Reply, Services, StreamReply, new_gateway_id
+
+Scope = dict[str, Any]
+log = logging.getLogger("switchboard.server")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+# Set when the client sent no usable x-request-id and the request id is the gateway's own id.
+OWN_ID = "switchboard.own_id"
+
+# The gate's (policy, caller), authenticated from the headers (gateway/http/gate.py): the request starts from them.
+AUTHENTICATED = "switchboard.authenticated"
+
+# A scope key a server sets (to None) when it can report a lost connection to the request it serves: the app
+# puts a callable there, and the server calls it if the client goes away before the response is complete
+# (gateway/http/connections.py). Without it, `respond` watches `receive()` with a task of its own.
+DISCONNECT_HOOK = "switchboard.on_disconnect"
+
+
+class GatewayApp:
+    """The ASGI entry point: request ids, hot-route dispatch, and an OpenAI-shaped body for any failure.
+
+    Every request gets an id (a well-formed incoming `x-request-id` is honoured) echoed on its response.
+    The inference endpoints are dispatched by exact (method, path) straight from here: Starlette's
+    error middleware and regex router cost a few percent of a proxied request's CPU and they need
+    neither, as they render their own errors. Everything else, lifespan included, goes to `app`. An
+    unexpected exception is logged with its stack and answered with a 500 carrying only the request id.
+    """
+
+    def __init__(self, app: Any, hot_routes: Mapping[tuple[str, str], Any], gate: Any = None,
+                 surfaces: Any = None) -> None:
+        self.app = app
+        self.state = app.state
+        self._hot = dict(hot_routes)
+        # Request side (gateway/http/gate.py, gateway/http/admin_surface.py): who may reach a route, decided from the
+        # headers before any body is read.
+        self._gate = gate
+        self._surfaces = surfaces
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope["switchboard.started"] = time.perf_counter()
+        incoming = request_headers(scope).get("x-request-id")
+        if incoming and _REQUEST_ID.match(incoming):
+            request_id = incoming
+        else:
+            # The gateway's own id (a UUIDv7) serves as the request id too: one id to quote, already in the
+            # form every upstream accepts (gateway/upstream/request_ids.py), and nothing derived from it per request.
+            request_id = scope[OWN_ID] = new_gateway_id()
+        scope["switchboard.request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
+        started = False
+
+        # A plain function returning the server's awaitable: no coroutine of its own per message, which
+        # matters for streams (one message per upstream read).
+        def send_with_id(message: dict[str, Any]) -> Awaitable[None]:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), id_header]
+            return send(message)
+
+        route = self._hot.get((scope["method"], scope["path"]))
+        if route is not None:
+            scope["app"] = self.app  # where routes find the app's services, as under Starlette
+        try:
+            refusal = self._surfaces.refusal(scope) if self._surfaces is not None else None
+            if refusal is not None:
+                await self._surfaces.refuse(send_with_id, refusal)
+            elif route is not None and self._gate is not None:
+                await self._gate(scope, receive, send_with_id, route)
+            else:
+                await (route or self.app)(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error serving request %s", request_id)
+            if not started:
+                error = GatewayError(ErrorKind.INTERNAL,
+                                     f"The gateway failed to process the request (request id {request_id}).",
+                                     code="internal_error")
+                await send_reply(send_with_id, Reply(*render(error)))
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """Header names lowercased (ASGI already does), values decoded; decoded once per request."""
+    headers = scope.get("switchboard.headers")
+    if headers is None:
+        headers = scope["switchboard.headers"] = {key.decode("latin-1"): value.decode("latin-1")
+                                                  for key, value in scope["headers"]}
+    return headers
+
+
+async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
+    """The request body, refusing anything over `limit` bytes with a 413."""
+    declared = request_headers(scope).get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(ErrorKind.PAYLOAD_TOO_LARGE, f"The request body exceeds the limit of {limit} bytes.",
+                        code="request_too_large")
+
+
+def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def send_reply(send: Any, reply: Reply) -> None:
+    headers = _encoded(reply.headers)
+    headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(reply.body)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def send_json(send: Any, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+    await send_reply(send, Reply(status, orjson.dumps(payload), headers or {}))
+
+
+def _as_sent(reply: Reply) -> Reply:
+    return reply
+
+
+async def respond(scope: Scope, receive: Any, send: Any,
+                  serve: Callable[[Exchange, bytes], Awaitable[Reply | StreamReply]],
+                  refused: Callable[[Reply], Reply] = _as_sent) -> None:
+    """Serve one inference request and send its reply; the one owner of the request's settlement.
+
+    Reads the body (within `server.max_body_bytes`; a refusal goes out through
+    `refused`, so a front door can reshape it), then runs `serve` watching for
+    a disconnect (`_DisconnectWatch`): uvicorn drops writes to a closed
+    connection silently and a stalled upstream would never reach a write, so a
+    client that goes away cancels this task at whatever step it is in. Whatever
+    ends the request (a reply, a stream's end, a disconnect, an exception),
+    the settlement closes exactly once, here: before the last byte of a
+    whole reply goes out, after the last event of a stream.
+    """
+    services: Services = scope["app"].state.services
+    exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
+                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=scope.get(AUTHENTICATED))
+    settlement = exchange.settlement = Settlement(services, exchange)
+    try:
+        body = await read_body(scope, receive, services.policy().server.max_body_bytes)
+    except GatewayError as error:
+        settlement.close()
+        await send_reply(send, refused(Reply(*render(error))))
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    watch = _DisconnectWatch(scope, receive, task)
+    events: AsyncIterator[bytes] | None = None
+    try:
+        reply = await serve(exchange, body)
+        if isinstance(reply, StreamReply):
+            events = reply.events
+            await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers)})
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await events.aclose()  # type: ignore[attr-defined]
+            settlement.close()
+            watch.answered()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            settlement.close()
+            watch.answered()
+            await send_reply(send, reply)
+    except asyncio.CancelledError:
+        if not watch.disconnected:
+            raise
+        task.uncancel()  # the client left: nothing more to send, and nothing to propagate
+    except Exception as exc:
+        settlement.close(crashed=exc)
+        raise  # GatewayApp answers a 500 with the request id, if the response has not started
+    finally:
+        watch.stop()
+        if events is not None:
+            await events.aclose()  # type: ignore[attr-defined]
+        settlement.close()
+
+
+class _DisconnectWatch:
+    """Cancels the serving task when the client disconnects before its answer is complete.
+
+    Told by the server through `DISCONNECT_HOOK` where it offers that (no task, no coroutine per request);
+    otherwise a task waits on `receive()`.
+    """
+
+    __slots__ = ("_answered", "_scope", "_task", "_watcher", "disconnected")
+
+    def __init__(self, scope: Scope, receive: Any, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._answered = False  # uvicorn also reports a disconnect once the response is complete
+        self.disconnected = False
+        self._scope = scope
+        self._watcher: asyncio.Future[None] | None = None
+        if DISCONNECT_HOOK in scope:
+            scope[DISCONNECT_HOOK] = self._lost
+        else:
+            self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self._answered and not self.disconnected:
+            self.disconnected = True
+            self._task.cancel()
+
+    def answered(self) -> None:
+        self._answered = True
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        else:
+            self._scope[DISCONNECT_HOOK] = None

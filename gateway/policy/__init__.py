@@ -1,0 +1,1 @@
+"""The policy: its schema, loading, compiling into the runtime Policy, the live store."""

@@ -1,0 +1,1 @@
+"""Choosing and calling a target: strategies, breakers, retries and fallbacks, health."""

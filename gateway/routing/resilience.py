@@ -1,0 +1,615 @@
+"""Resilience: retries, fallbacks, deadlines and the streaming contract.
+
+`route_and_call` is the pipeline's route step. For the requested model it
+ranks the targets (gateway/routing/strategies.py), sends one attempt at a time through
+the pipeline's single-attempt function, and on a retryable failure backs off
+(exponential, full jitter, at least an upstream's Retry-After when only the
+same target is left) and tries again, up to the model's `retries`. When the
+model cannot answer it moves along the requested model's fallback list for
+that kind of failure: `default`, `context_window` or `content_policy`. Every
+attempt is kept in the trail sent back as `x-switchboard-route`.
+
+An attempt only succeeds once nothing can go wrong that another target could
+fix: a whole body has been read, or a stream has produced its first content
+chunk (the role-only preamble does not count) within `ttft_timeout_s`. Until
+then nothing has reached the client, so a stream that opens and dies or stalls
+is retried invisibly. After that, the relay owns the stream; a failure there
+ends it with an in-band error and no `[DONE]` (see gateway/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway.accounting.fallback_limits import admit_fallback
+from gateway.compiled.policy import Model, Policy, Target, Team
+from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
+from gateway.policy.schema import ModelPolicy
+from gateway.routing.plan import pinned_targets
+from gateway.routing.strategies import RouteRequest, RouteState, TargetState
+from gateway.telemetry.decisions import fallback_event, no_route_event, retry_event, route_event
+from gateway.tokens.counter import PromptCount
+from gateway.upstream.pools import UpstreamResponse
+from providers.base import Call, Endpoint, FailureKind, StreamChunk, StreamTranslator, UpstreamFailed, UpstreamFailure
+from providers.sse import SseDecoder
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange, Services
+
+ROUTE_HEADER = "x-switchboard-route"
+MODEL_HEADER = "x-switchboard-model"
+
+Attempt = Callable[["Services", Target, Call, "Exchange"], Awaitable[UpstreamResponse]]
+
+
+@dataclasses.dataclass(slots=True)
+class Routed:
+    """The attempt that succeeded: its response (body read, or stream primed), target and call."""
+
+    response: UpstreamResponse | PrimedStream
+    target: Target
+    call: Call
+    model: Model
+
+
+class _ModelFailed(Exception):
+    """Every allowed attempt at one model failed; `reason` picks the fallback list."""
+
+    def __init__(self, reason: str, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.reason = reason
+        self.error = error
+
+
+async def route_and_call(services: Services, policy: Policy, model: Model, call: Call, exchange: Exchange,
+                         headers: Mapping[str, str], attempt: Attempt, prompt: PromptCount | None = None,
+                         team: Team | None = None) -> Routed:
+    """Serve `call` from `model` or its fallbacks; raises the last `GatewayError` when nothing could.
+
+    `prompt` is the prompt as admission counted it; the context-window check reuses it where it applies.
+    A fallback the caller's `team` may not use (nor is allowed as a fallback) is skipped.
+    `team` is also who an answered 5xx is counted against in the breakers (gateway/routing/breaker.py).
+    """
+    run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
+    run.prompt = prompt
+    run.caller = team.name if team is not None else None
+    tried = {model.name}
+    current = model
+    try:
+        while True:
+            try:
+                return await run.serve(current, call)
+            except _ModelFailed as failed:
+                if run.expired():
+                    raise failed.error from None
+                following = await _next_fallback(run, policy, model, current, failed, tried, team)
+                if following is None:
+                    raise failed.error from None
+                current = following
+    finally:
+        exchange.response_headers[ROUTE_HEADER] = ",".join(run.trail)
+
+
+async def _next_fallback(run: _Run, policy: Policy, model: Model, current: Model, failed: _ModelFailed,
+                         tried: set[str], team: Team | None) -> Model | None:
+    """The next fallback the caller may be served, its own limits reserved; None when there is none.
+
+    A fallback the team may not use is passed over silently (its name is not the caller's to learn); one whose
+    limits or budgets refuse the request is skipped and recorded in the route trail as `<model>:<code>`.
+    """
+    trace = run.exchange.trace
+    cause = failed.error.code or failed.error.kind.name.lower()
+    for name in _fallbacks(model, failed.reason):
+        if name in tried or name not in policy.models or (team is not None and not team.may_fall_back_to(name)):
+            continue
+        tried.add(name)
+        fallback = policy.models[name]
+        refusal = await admit_fallback(run.services, run.exchange, fallback)
+        if trace.recording:
+            event = fallback_event(current.name, name, failed.reason, cause)
+            if refusal is not None:
+                event["switchboard.fallback.skipped"] = refusal.code or refusal.kind.name.lower()
+            trace.decision("switchboard.fallback", event)
+        if refusal is None:
+            return fallback
+        run.trail.append(f"{name}:{refusal.code}")
+    return None
+
+
+def _fallbacks(model: Model, reason: str) -> list[str]:
+    """The requested model's fallback list for this kind of failure."""
+    fallbacks = model.plan.config.fallbacks
+    if reason == "context_window":
+        return fallbacks.context_window
+    return fallbacks.content_policy if reason == "content_policy" else fallbacks.default
+
+
+class _Run:
+    """One request's attempts across models and targets."""
+
+    def __init__(self, services: Services, exchange: Exchange, headers: Mapping[str, str], attempt: Attempt,
+                 deadline_s: float | None) -> None:
+        self.services = services
+        self.states: RouteState = services.routes
+        self.exchange = exchange
+        self.headers = headers
+        self.attempt = attempt
+        self.clock = services.clock
+        self.deadline = None if deadline_s is None else self.clock() + deadline_s
+        self.trail: list[str] = []
+        self.prompt: PromptCount | None = None
+        self.caller: str | None = None
+        # Targets whose answered 5xx this request may have caused; confirmed theirs if another target serves it.
+        self.suspects: list[Target] = []
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def expired(self) -> bool:
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+    async def serve(self, model: Model, call: Call) -> Routed:
+        config = model.plan.config
+        if config.context_window is not None and not self._fits(model, call):
+            self.trail.append(f"{model.name}:context_window")
+            raise _ModelFailed("context_window", GatewayError(
+                ErrorKind.CONTEXT_LENGTH, f"This model's maximum context length is {config.context_window} tokens; "
+                "the request is longer.", param="messages", code="context_length_exceeded"))
+        targets = pinned_targets(model.plan, model.targets, self.headers)
+        if not targets:
+            raise GatewayError(ErrorKind.BAD_REQUEST, f"No deployment of `{model.name}` matches the "
+                               f"{self.headers.get('x-switchboard-tags')!r} tags.", code="no_matching_target")
+        request = RouteRequest(call.body)
+        error: GatewayError | None = None
+        previous: Target | None = None
+        for number in range(config.retries + 1):
+            now = self.states.clock()
+            available = [t for t in targets if self.states.available(t, now)]
+            if not available:
+                if self.exchange.trace.recording:
+                    self.exchange.trace.decision("switchboard.route", no_route_event(model, targets, self.states,
+                                                                                     now, number + 1))
+                self.trail.append(f"{model.name}:no_healthy_target")
+                wait = min(self.states.state(t).breaker.reopens_in(now) for t in targets)
+                raise _ModelFailed("default", error or GatewayError(
+                    ErrorKind.UNAVAILABLE, f"Every deployment of `{model.name}` is failing; retry later.",
+                    code="no_healthy_target", retry_after=wait or None))
+            # Held targets (Retry-After) go last; a retry prefers a target other than the one that just failed.
+            # A lone target needs no ranking (no strategy's ranking changes anything for one).
+            ranked = available if len(available) == 1 else sorted(
+                model.plan.strategy.rank(available, self.states, request),
+                key=lambda t: (self.states.state(t).hold_until > now, t is previous))
+            target = ranked[0]
+            if self.exchange.trace.recording:
+                self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
+                                                                              now, number + 1, previous))
+            model.plan.strategy.on_attempt(target, self.states, request)
+            sent = call if call.upstream_model == target.upstream_model else dataclasses.replace(
+                call, upstream_model=target.upstream_model)
+            try:
+                response = await self._attempt(model, target, sent)
+            except _AttemptFailed as failed:
+                error, previous = failed.error, target
+                reason = _FALLBACK_REASON.get(failed.failure.kind)
+                if reason is not None:
+                    raise _ModelFailed(reason, failed.error) from None
+                if not failed.failure.retryable:
+                    raise failed.error from None
+                if number == config.retries or not await self._back_off(model, number, failed.failure, ranked):
+                    break
+                continue
+            self.exchange.response_headers[MODEL_HEADER] = model.name
+            self._confirm_suspects(target, config)
+            return Routed(response, target, sent, model)
+        assert error is not None
+        raise _ModelFailed("default", error)
+
+    def _confirm_suspects(self, served: Target, config: ModelPolicy) -> None:
+        now = self.states.clock()
+        for suspect in self.suspects:
+            if suspect.key != served.key and config.circuit_breaker.enabled:
+                self.states.state(suspect).breaker.confirm(now, config.circuit_breaker)
+
+    async def _back_off(self, model: Model, number: int, failure: UpstreamFailure, ranked: list[Target]) -> bool:
+        """Wait before the next attempt; False when the deadline leaves no room for it."""
+        backoff = model.plan.config.backoff
+        delay = self.states.rng.uniform(0, min(backoff.max_s, backoff.initial_s * 2 ** number))
+        if failure.retry_after is not None and len(ranked) == 1:
+            # Only the target that asked us to wait is left: honour it, but never past the longest backoff. A
+            # request waiting holds its reservation and a connection; the client can wait as well as we can.
+            if failure.retry_after > backoff.max_s:
+                return False
+            delay = max(delay, failure.retry_after)
+        remaining = self.remaining()
+        if remaining is not None and delay + _MIN_ATTEMPT_S >= remaining:
+            return False
+        if self.exchange.trace.recording:
+            self.exchange.trace.decision("switchboard.retry", retry_event(model, ranked[0], number + 1, failure, delay))
+        if delay > 0:
+            await asyncio.sleep(delay)
+            self.exchange.upstream_wait_s += delay
+        return True
+
+    def _fits(self, model: Model, call: Call) -> bool:
+        counter = self.services.counter
+        body = call.body
+        name = model.targets[0].upstream_model
+        family = model.targets[0].provider.adapter.capabilities.tokenizer
+        known = self.prompt
+        if (known is not None and known.endpoint == call.endpoint.value and known.upstream_model == name
+                and known.family == family):
+            tokens = known.tokens
+        elif call.endpoint is Endpoint.CHAT:
+            tokens = counter.count_chat_prompt(body, name, family)
+        elif call.endpoint is Endpoint.COMPLETIONS:
+            tokens = counter.count_completion_prompt(body, name, family)
+        elif call.endpoint is Endpoint.RESPONSES:
+            tokens = counter.count_responses_input(body, name, family)
+        else:
+            tokens = counter.count_embedding_input(body, name, family)
+        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
+        window = model.plan.config.context_window
+        assert window is not None
+        return tokens + (reserve if isinstance(reserve, int) else 0) <= window
+
+    async def _attempt(self, model: Model, target: Target, call: Call) -> UpstreamResponse | PrimedStream:
+        """One try at one target with `call` already aimed at it; raises `_AttemptFailed`."""
+        config = model.plan.config
+        states, clock = self.states, self.clock
+        state = states.state(target)
+        timeout = self.remaining()
+        if call.stream and config.ttft_timeout_s is not None:
+            timeout = config.ttft_timeout_s if timeout is None else min(timeout, config.ttft_timeout_s)
+        started = clock()
+        state.in_flight += 1
+        state.requests += 1
+        state.breaker.on_attempt(states.clock())
+        response: UpstreamResponse | PrimedStream | None = None
+        try:
+            if timeout is None:  # no timer at all: even asyncio.timeout(None) costs a handle per request
+                response = await self.attempt(self.services, target, call, self.exchange)
+                response = await self._read(response, target, call, config)
+            else:
+                with _Expiry(max(timeout, 0.0)):
+                    response = await self.attempt(self.services, target, call, self.exchange)
+                    response = await self._read(response, target, call, config)
+        except BaseException as exc:
+            state.in_flight -= 1
+            if response is not None:
+                response.close()
+            failure, error = _classify(exc, target, timeout)
+            if failure is None:
+                state.breaker.on_abandon()
+                raise
+            if response is not None or isinstance(exc, TimeoutError):
+                # Failed after the upstream answered (or the TTFT timeout cut the call): the trace's attempt
+                # span and the upstream-error metric learn why here.
+                self.exchange.trace.attempt_failed(failure.kind.value, target.provider.name)
+            if response is not None:  # it had started answering: it bills the prompt whatever happens next
+                self.exchange.settlement.attempt_billed(target, call)
+            if failure.retryable:
+                caller = self.caller if _maybe_the_requests_fault(failure) else None
+                if caller is not None:
+                    self.suspects.append(target)
+                _record_failure(states, target, config, failure, caller)
+            else:
+                # The upstream answered: it is alive, whatever it thought of the request.
+                state.breaker.on_success(states.clock(), config.circuit_breaker)
+            outcome = failure.status if failure.kind is not FailureKind.TIMEOUT else "timeout"
+            self.trail.append(f"{model.name}@{target.provider.name}:{outcome}")
+            raise _AttemptFailed(failure, error) from exc
+        states.observe_latency(target, clock() - started, config.routing.latency_alpha)
+        state.breaker.on_success(states.clock(), config.circuit_breaker)
+        if not call.stream:
+            state.in_flight -= 1  # a stream stays in flight until the relay closes it
+        self.trail.append(f"{model.name}@{target.provider.name}:ok")
+        return response
+
+    async def _read(self, response: UpstreamResponse, target: Target, call: Call, config: ModelPolicy
+                    ) -> UpstreamResponse | PrimedStream:
+        """The whole body, or a stream primed up to its first content; time spent waiting is the upstream's."""
+        clock = self.clock
+        read_from = clock()
+        try:
+            if call.stream:
+                return await _prime(response, target, call, config.stream_idle_timeout_s,
+                                    _Outcome(self.states, target, config), self.exchange, clock)
+            return _ReadResponse(response.status, response.headers, await response.read())
+        finally:
+            self.exchange.upstream_wait_s += clock() - read_from
+
+
+class _Expiry:
+    """`asyncio.timeout` for one attempt as a plain context manager: one timer handle, no coroutines of its own.
+
+    Every attempt runs under the request's deadline (`deadline_s`, 300 s by default), so this is on the hot
+    path; asyncio's version makes an object and two coroutines per use besides the handle. Same semantics:
+    on expiry the task is cancelled, and that cancellation (only that one: a client's disconnect cancelling
+    the task too is left to propagate) comes out as `TimeoutError`.
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
+
+    def __init__(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._expired = False
+        self._handle = loop.call_at(loop.time() + seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+    def __enter__(self) -> _Expiry:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._handle.cancel()
+        if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
+            raise TimeoutError from exc
+
+
+# No retry is started with less time than this left before the deadline: it could not get an answer, and the
+# event loop's timers fire up to a millisecond early, so a deadline-bounded attempt can end just short of it.
+_MIN_ATTEMPT_S = 0.01
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, failure: UpstreamFailure, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.failure = failure
+        self.error = error
+
+
+_FALLBACK_REASON = {FailureKind.CONTEXT_LENGTH: "context_window", FailureKind.CONTENT_FILTER: "content_policy"}
+
+
+def _classify(exc: BaseException, target: Target, timeout: float | None
+              ) -> tuple[UpstreamFailure, GatewayError] | tuple[None, None]:
+    secrets = (target.provider.settings.api_key or "",)
+    if isinstance(exc, UpstreamFailed):
+        return exc.failure, from_upstream(exc.failure, secrets)
+    if isinstance(exc, GatewayError):
+        cause = exc.__cause__
+        if isinstance(cause, UpstreamFailed):
+            return cause.failure, exc
+        # Refused by the gateway before sending (e.g. unsupported endpoint): not the target's fault.
+        return UpstreamFailure(FailureKind.BAD_REQUEST, exc.http_status, exc.message), exc
+    if isinstance(exc, TimeoutError):
+        failure = UpstreamFailure(FailureKind.TIMEOUT, 504, f"the upstream sent no content within {timeout:.3g}s")
+        return failure, from_upstream(failure)
+    return None, None
+
+
+def _maybe_the_requests_fault(failure: UpstreamFailure) -> bool:
+    """An answered 5xx: some servers answer a request they cannot parse that way (not overload, not a timeout)."""
+    return failure.kind is FailureKind.UPSTREAM_ERROR and failure.status >= 500
+
+
+def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure,
+                    caller: str | None = None) -> None:
+    state = states.state(target)
+    now = states.clock()
+    state.failures += 1
+    # Shown on /admin/targets: scrubbed like a client's copy (credentials, the operator's account).
+    secrets = (target.provider.settings.api_key or "",)
+    state.last_error = redact(f"{failure.kind.value}: {failure.message}", secrets)[:200]
+    if failure.retry_after:
+        state.hold_until = now + failure.retry_after
+    breaker = config.circuit_breaker
+    if breaker.enabled:
+        state.breaker.on_failure(now, breaker, caller)
+
+
+class _Outcome:
+    """How a primed stream reports its end: in-flight released once, a mid-stream failure recorded."""
+
+    __slots__ = ("config", "done", "states", "target")
+
+    def __init__(self, states: RouteState, target: Target, config: ModelPolicy) -> None:
+        self.states, self.target, self.config, self.done = states, target, config, False
+
+    def finish(self, failure: UpstreamFailure | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        state: TargetState = self.states.state(self.target)
+        state.in_flight -= 1
+        if failure is not None and failure.retryable:
+            _record_failure(self.states, self.target, self.config, failure)
+
+
+class _ReadResponse:
+    """A non-streamed response whose body was already read (so a cut-short body could be retried)."""
+
+    __slots__ = ("_body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self._body = status, headers, body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def close(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s: float | None,
+                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> PrimedStream:
+    """Read and translate the stream until its first content chunk; return it ready to relay the rest.
+
+    The adapter's own translator judges the events, so this works for every
+    wire format; the chunks translated while priming are relayed first, and
+    whatever the network delivered with them goes out in the same batch.
+    """
+    stream = PrimedStream(response, target.provider.adapter.stream_translator(call), idle_s, outcome, exchange,
+                          clock)
+    raw = stream.raw  # on failure the attempt closes `response`, which ends `raw` too
+    while not stream.finished:
+        try:
+            chunk = await raw.__anext__()
+        except StopAsyncIteration:
+            stream.pending.extend(stream.drain())
+            break
+        except UpstreamFailed as exc:
+            if exc.failure.kind is FailureKind.CONNECTION:
+                # Cut before any content: the adapter may know what that means (llama-cpp-python ends a stream
+                # this way on a context overflow); its `end` raises the failure it sees, if any.
+                stream.drain()
+            raise
+        if stream.prime(chunk):
+            break
+    return stream
+
+
+# Responses events before the first delta: nothing a client could mistake for an answer yet.
+_RESPONSES_PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued",
+                                 "response.output_item.added", "response.content_part.added"})
+
+
+def _is_preamble(data: bytes) -> bool:
+    """A canonical chunk that carries no content yet: the role announcement, empty deltas, filter results."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(payload, dict):
+        return False
+    if isinstance(kind := payload.get("type"), str):  # a Responses API event (native pass-through)
+        return kind in _RESPONSES_PREAMBLE
+    choices = payload.get("choices")
+    if not choices:
+        return payload.get("usage") is None
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") or choice.get("text"):
+            return False
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(v not in ("", None, [], {}) for k, v in delta.items() if k != "role"):
+            return False
+    return True
+
+
+class PrimedStream:
+    """A stream that has shown content, relayed as batches of canonical chunks: one batch per network read.
+
+    Every event of one read is translated in a plain loop and handed on as one
+    batch, which the relay writes to the client in one send; nothing waits for
+    more bytes than the upstream already delivered. Enforces the stream idle
+    timeout, reports the stream's end to the target's state, and counts the
+    time spent waiting on the upstream (not gateway overhead) where the bytes
+    are read.
+    """
+
+    __slots__ = ("_clock", "_closed", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response",
+                 "_translator", "pending", "raw")
+
+    def __init__(self, response: UpstreamResponse, translator: StreamTranslator, idle_s: float | None,
+                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
+        self._response, self._translator, self._idle_s, self._outcome = response, translator, idle_s, outcome
+        self._exchange, self._clock = exchange, clock
+        self._closed = False
+        self._decoder = SseDecoder()
+        self.raw = response.chunks().__aiter__()
+        # Chunks translated while priming, relayed as the first batch.
+        self.pending: list[StreamChunk] = []
+        # Payloads that arrived with the first content chunk, translated when the relay starts: a failure
+        # among them comes after content, so it is the relay's in-band error, not a retry.
+        self._leftover: list[bytes] = []
+
+    @property
+    def finished(self) -> bool:
+        """The upstream has said everything: the batch that made this true is the stream's last."""
+        return self._translator.finished
+
+    def prime(self, chunk: bytes) -> bool:
+        """Translate `chunk` up to its first content chunk; True once content (or the end) was seen."""
+        payloads = self._decoder.feed(chunk)
+        translator, pending = self._translator, self.pending
+        for position, data in enumerate(payloads):
+            translated = translator.feed(data)
+            pending.extend(translated)
+            if translator.finished:
+                return True
+            if any(not _is_preamble(c.data) for c in translated):
+                self._leftover = payloads[position + 1:]
+                return True
+        return False
+
+    def translate(self, chunk: bytes) -> list[StreamChunk]:
+        return self._translator.feed_all(self._decoder.feed(chunk))
+
+    def drain(self) -> list[StreamChunk]:
+        """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
+        out = self._translator.feed_all(self._decoder.end())
+        if not self._translator.finished:
+            out.extend(self._translator.end())
+        return out
+
+    async def batches(self) -> AsyncIterator[list[StreamChunk]]:
+        """What priming translated, then one batch per network read until the upstream has finished."""
+        failure = None
+        try:
+            batch, self.pending = self.pending, []
+            if self._leftover:
+                try:
+                    batch += self._translator.feed_all(self._leftover)
+                except UpstreamFailed:
+                    yield batch  # the content before the failure, then the failure
+                    raise
+            if batch:
+                yield batch
+            raw, idle_s, exchange, clock = self.raw, self._idle_s, self._exchange, self._clock
+            while not self._translator.finished:
+                waited_from = clock()
+                try:
+                    if idle_s is None:
+                        chunk = await raw.__anext__()
+                    else:
+                        async with asyncio.timeout(idle_s):
+                            chunk = await raw.__anext__()
+                except StopAsyncIteration:
+                    batch = self.drain()
+                    if batch:
+                        yield batch
+                    return
+                except TimeoutError:
+                    failure = UpstreamFailure(FailureKind.TIMEOUT, 504,
+                                              f"the upstream stream stalled for more than {idle_s:g}s")
+                    raise UpstreamFailed(failure) from None
+                finally:
+                    exchange.upstream_wait_s += clock() - waited_from
+                batch = self.translate(chunk)
+                if batch:
+                    yield batch
+        except UpstreamFailed as exc:
+            failure = exc.failure
+            raise
+        finally:
+            self._outcome.finish(failure)
+
+    def close(self) -> None:
+        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped. Idempotent:
+        the relay closes it when it ends, and the request's settlement again in case the relay never ran."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.finished:
+            self._response.finish()
+        else:
+            self._response.close()
+        self._outcome.finish(None)

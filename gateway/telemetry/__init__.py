@@ -1,0 +1,1 @@
+"""Traces, their export, and metrics."""

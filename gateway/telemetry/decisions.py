@@ -1,0 +1,259 @@
+"""Decision provenance: the attributes of the span events that say why a request went where it did.
+
+Each decision point calls one builder here and hands the result to
+`exchange.trace.decision(name, attributes)`, guarded by `trace.recording`, so
+with tracing off nothing is built::
+
+    if trace.recording:
+        trace.decision("switchboard.route", route_event(...))
+
+Events (all on the SERVER span; policies/README.md lists their attributes):
+
+- `switchboard.admission` — one per store verdict: `admitted`, `refused` or
+  `downgraded` (a budget refused and the request moved to its cheaper model),
+  with every limit checked, its limit, use before this request, the amount
+  asked for and what remains; `switchboard.admission.settled` reconciles the
+  reservation with what the request actually used.
+- `switchboard.cache` — hit, miss or bypass, the scope of the key, the mode,
+  and for semantic hits the similarity.
+- `switchboard.route` — one per attempt: the strategy, every candidate with its
+  weight, breaker state and the strategy's score, the one chosen and why.
+- `switchboard.retry` / `switchboard.fallback` — each hop and its cause.
+
+Attribute values follow OpenTelemetry's rules: scalars or homogeneous tuples.
+Scores appear for strategies that rank by live numbers (least-busy, latency, cost, prefix-affinity;
+-1.0 when there is no number yet); the order of retries only when it differs from the candidates'.
+The candidates' labels and weights are built once per target list, so a request pays for its states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.cache.service import Ticket
+    from gateway.compiled.policy import Model, Target
+    from gateway.routing.strategies import RouteState, TargetState
+    from gateway.state import Check, Verdict
+    from providers.base import UpstreamFailure
+
+_MICROS = 1_000_000
+_REASONS = {
+    "priority": "first available target in listed order",
+    "weighted": "its turn in smooth weighted round-robin",
+    "least-busy": "fewest requests in flight",
+    "latency": "lowest latency EWMA",
+    "cost": "cheapest target",
+    "prefix-affinity": "holds the conversation's prefix, or least loaded",
+    "kv-aware": "highest weighted score (prefix, queue, KV-cache usage, in flight)",
+}
+
+
+def target_label(target: Target) -> str:
+    """How events name a target: `provider/upstream-model`."""
+    return f"{target.provider.name}/{target.upstream_model}"
+
+
+# --- routing -----------------------------------------------------------------------------------
+
+
+def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Target], states: RouteState,
+                now: float, attempt: int, previous: Target | None) -> dict[str, Any]:
+    """The route decision of one attempt: every candidate, its standing, the choice and why."""
+    strategy = model.plan.strategy.name
+    labels, weights, by_id = _candidates(considered)
+    chosen = ranked[0]
+    standing = []
+    scores = [] if strategy in _DYNAMIC else None
+    for target in considered:
+        state = states.state(target)
+        if not state.healthy:
+            standing.append("unhealthy")
+        elif state.hold_until > now and any(t is target for t in ranked):
+            standing.append("held")  # asked to wait (Retry-After): ranked last
+        else:
+            standing.append(state.breaker.state(now).value)
+        if scores is not None:
+            scores.append(_score(strategy, target, state, now))
+    attributes: dict[str, Any] = {
+        "switchboard.route.model": model.name,
+        "switchboard.route.strategy": strategy,
+        "switchboard.route.attempt": attempt,
+        "switchboard.route.candidates": labels,
+        "switchboard.route.weights": weights,
+        "switchboard.route.states": tuple(standing),
+        "switchboard.route.chosen": by_id.get(id(chosen)) or target_label(chosen),
+        "switchboard.route.reason": _reason(strategy, chosen, ranked, states, now, previous),
+    }
+    if scores is not None:
+        attributes["switchboard.route.scores"] = tuple(scores)
+    per_scorer = getattr(model.plan.strategy, "score_attributes", None)
+    if per_scorer is not None:  # kv-aware: each scorer's value per candidate (gateway/routing/kv_scoring.py)
+        attributes.update(per_scorer(considered))
+        attributes["switchboard.route.scores"] = tuple(model.plan.strategy.total(t) for t in considered)
+    if len(ranked) > 1 and any(a is not b for a, b in zip(ranked, considered, strict=False)):
+        attributes["switchboard.route.order"] = tuple([by_id.get(id(t)) or target_label(t) for t in ranked])
+    return attributes
+
+
+# Strategies whose ranking depends on live numbers (shown as `scores`); the others rank by the policy alone.
+_DYNAMIC = frozenset({"least-busy", "latency", "cost", "prefix-affinity", "kv-aware"})
+_CANDIDATES: dict[int, tuple[Sequence[Target], tuple[str, ...], tuple[float, ...], dict[int, str]]] = {}
+
+
+def _candidates(considered: Sequence[Target]) -> tuple[tuple[str, ...], tuple[float, ...], dict[int, str]]:
+    """Labels and weights of a model's targets, built once per target list (a policy's tuples are reused)."""
+    cached = _CANDIDATES.get(id(considered))
+    if cached is not None and cached[0] is considered:
+        return cached[1], cached[2], cached[3]
+    labels = tuple(target_label(t) for t in considered)
+    weights = tuple(float(t.weight) for t in considered)
+    by_id = {id(t): label for t, label in zip(considered, labels, strict=True)}
+    if len(_CANDIDATES) > 1024:  # target lists of policies since replaced
+        _CANDIDATES.clear()
+    _CANDIDATES[id(considered)] = (considered, labels, weights, by_id)
+    return labels, weights, by_id
+
+
+def _reason(strategy: str, chosen: Target, ranked: Sequence[Target], states: RouteState, now: float,
+            previous: Target | None) -> str:
+    reason = _REASONS.get(strategy, strategy)
+    if len(ranked) == 1:
+        reason = "the only target available"
+    elif strategy == "latency":
+        ewma = states.state(chosen).ewma_s
+        if ewma is not None and any((states.state(t).ewma_s or 0.0) < ewma for t in ranked[1:]):
+            reason = "exploration: re-measuring a slower target"
+    if previous is not None:
+        reason = f"retry, preferring a target other than the one that failed; {reason}"
+    if states.state(chosen).hold_until > now:
+        reason = f"only held targets left; {reason}"
+    return reason
+
+
+def no_route_event(model: Model, considered: Sequence[Target], states: RouteState, now: float,
+                   attempt: int) -> dict[str, Any]:
+    """No candidate may be tried: every target is ejected by its breaker or failing health checks."""
+    return {
+        "switchboard.route.model": model.name,
+        "switchboard.route.strategy": model.plan.strategy.name,
+        "switchboard.route.attempt": attempt,
+        "switchboard.route.candidates": tuple(target_label(t) for t in considered),
+        "switchboard.route.states": tuple(
+            "unhealthy" if not states.state(t).healthy else states.state(t).breaker.state(now).value
+            for t in considered),
+        "switchboard.route.chosen": "",
+        "switchboard.route.reason": "no healthy target",
+    }
+
+
+def _score(strategy: str, target: Target, state: TargetState, now: float) -> float:
+    """The live number a dynamic strategy ranks by (lower is better)."""
+    if strategy == "latency":
+        return -1.0 if state.ewma_s is None else round(state.ewma_s * 1000, 3)
+    if strategy == "cost":
+        return -1.0 if target.cost is None else float(target.cost)
+    return state.load(now)  # least-busy, prefix-affinity
+
+
+def retry_event(model: Model, failed: Target, attempt: int, failure: UpstreamFailure, delay_s: float) -> dict[str, Any]:
+    """A retry within one model: which attempt failed, why, and how long the gateway waits."""
+    attributes: dict[str, Any] = {
+        "switchboard.retry.model": model.name,
+        "switchboard.retry.failed_target": target_label(failed),
+        "switchboard.retry.failed_attempt": attempt,
+        "switchboard.retry.cause": failure.kind.value,
+        "switchboard.retry.status": failure.status,
+        "switchboard.retry.backoff_s": round(delay_s, 6),
+    }
+    if failure.retry_after is not None:
+        attributes["switchboard.retry.retry_after_s"] = failure.retry_after
+    return attributes
+
+
+def fallback_event(from_model: str, to_model: str, reason: str, cause: str) -> dict[str, Any]:
+    """A hop to another model: the fallback list used (`default`, `context_window`, `content_policy`) and why."""
+    return {"switchboard.fallback.from": from_model, "switchboard.fallback.to": to_model,
+            "switchboard.fallback.reason": reason, "switchboard.fallback.cause": cause}
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks: Sequence[Check],
+                    verdict: Verdict, reserved_tokens: int, reserved_usd_micros: int) -> dict[str, Any]:
+    """One admission verdict: every limit and budget checked, with its numbers (USD in dollars)."""
+    labels, limits, used, requested, remaining = [], [], [], [], []
+    for index, (meter, check) in enumerate(zip(meters, checks, strict=True)):
+        scale = _MICROS if meter.unit == "usd" else 1
+        taken = check.amount if verdict.admitted else 0
+        labels.append(meter_label(meter))
+        limits.append(meter.limit / scale)
+        used.append(verdict.used[index] / scale)
+        requested.append(check.amount / scale)
+        remaining.append(max(0, meter.limit - verdict.used[index] - taken) / scale)
+    attributes: dict[str, Any] = {
+        "switchboard.admission.verdict": verdict_name,
+        "switchboard.admission.model": model,
+        "switchboard.admission.checks": tuple(labels),
+        "switchboard.admission.limits": tuple(limits),
+        "switchboard.admission.used": tuple(used),
+        "switchboard.admission.requested": tuple(requested),
+        "switchboard.admission.remaining": tuple(remaining),
+        "switchboard.admission.reserved_tokens": reserved_tokens,
+        "switchboard.admission.reserved_usd": reserved_usd_micros / _MICROS,
+    }
+    if verdict.denied is not None:
+        attributes["switchboard.admission.denied"] = labels[verdict.denied]
+    return attributes
+
+
+def meter_label(meter: Any) -> str:
+    """How events name a limit or budget: `team alpha: requests per minute`, `(shadow)` when it never refuses."""
+    shadow = " (shadow)" if meter.shadow else ""
+    if meter.rule is not None:
+        return f"{meter.rule.who}: {meter.rule.label}{shadow}"
+    budget = meter.budget
+    return f"{budget.who}: {budget.period.kind} {meter.unit} budget{shadow}"
+
+
+def settlement_event(reserved_tokens: int, actual_tokens: int, reserved_usd_micros: int,
+                     actual_usd_micros: int) -> dict[str, Any]:
+    """The reservation reconciled with actual use: positive `refunded` values were given back."""
+    return {
+        "switchboard.admission.reserved_tokens": reserved_tokens,
+        "switchboard.admission.actual_tokens": actual_tokens,
+        "switchboard.admission.refunded_tokens": reserved_tokens - actual_tokens,
+        "switchboard.admission.reserved_usd": reserved_usd_micros / _MICROS,
+        "switchboard.admission.actual_usd": actual_usd_micros / _MICROS,
+    }
+
+
+# --- cache -------------------------------------------------------------------------------------
+
+
+def cache_event(ticket: Ticket | None, *, reason: str | None = None, directive: str | None = None,
+                similarity: str | None = None) -> dict[str, Any]:
+    """The cache decision: `hit` (from the store, a semantic neighbour or a coalesced flight), `miss` or `bypass`."""
+    if ticket is None:
+        return {"switchboard.cache.result": "bypass", "switchboard.cache.reason": reason or "not cacheable"}
+    rule = ticket.rule
+    attributes: dict[str, Any] = {"switchboard.cache.result": ticket.status, "switchboard.cache.mode": rule.mode,
+                                  "switchboard.cache.scope": rule.scope, "switchboard.cache.backend": rule.store.kind}
+    if ticket.hit:
+        if similarity is not None:
+            attributes["switchboard.cache.source"] = "semantic"
+            attributes["switchboard.cache.similarity"] = float(similarity)
+            attributes["switchboard.cache.threshold"] = rule.semantic.threshold if rule.semantic else 0.0
+        elif ticket.entry is None:
+            attributes["switchboard.cache.source"] = "coalesced"  # following an identical request in flight
+        else:
+            attributes["switchboard.cache.source"] = "exact"
+        if ticket.entry is not None:
+            attributes["switchboard.cache.age_s"] = round(max(0.0, ticket.cache.clock() - ticket.entry.created), 3)
+    elif directive is not None:
+        attributes["switchboard.cache.directive"] = directive
+    elif ticket.status == "miss" and ticket.flight is not None:
+        attributes["switchboard.cache.coalescing"] = ticket.cache._flights.get(ticket.key) is ticket.flight
+    return attributes

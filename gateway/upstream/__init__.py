@@ -1,0 +1,1 @@
+"""The pooled upstream clients and what the gateway checks of and adds to an upstream call."""
