@@ -67,6 +67,7 @@ screenshots: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache  # the layers of docs/architecture.md (pyproject.toml [tool.importlinter])
 
 bench: install-dev
 	$(PY) loadtests/bench.py

@@ -16,11 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.accounting.alerts import Alerts, AlertsRoute
-from gateway.accounting.ledger import Ledger, SpendRoute
+from gateway.accounting.alerts import Alerts
+from gateway.accounting.ledger import Ledger
 from gateway.accounting.limits import Limiter
 from gateway.accounting.usage import AccessLogSink, UsageRecorder, UsageSink
-from gateway.accounting.usage_report import UsageRoute
 from gateway.accounting.webhooks import WebhookDispatcher
 from gateway.auth import authenticate
 from gateway.cache import ResponseCache
@@ -32,6 +31,7 @@ from gateway.front_doors.messages import MessagesRoute, anthropic_reply, is_anth
 from gateway.front_doors.response_objects import InputItemsRoute, ResponseObjectRoute
 from gateway.front_doors.responses import ResponsesRoute
 from gateway.front_doors.token_count import CountTokensRoute
+from gateway.http.admin_routes import AlertsRoute, MetricsRoute, SpendRoute, TargetsRoute, UsageRoute
 from gateway.http.admin_surface import AdminSurfaces
 from gateway.http.asgi import GatewayApp, request_headers, respond, send_json, send_reply
 from gateway.http.console import RecentActivity, console_routes
@@ -39,10 +39,11 @@ from gateway.http.gate import Gate
 from gateway.http.heap import settle_for_serving
 from gateway.pipeline import handle_inference
 from gateway.response_store import ResponseStore, open_response_store
-from gateway.routing.health import Monitor, TargetsRoute
+from gateway.routing.health import Monitor
+from gateway.routing.strategies import RouteState
 from gateway.state import open_store
 from gateway.telemetry.health_metrics import HealthCollector
-from gateway.telemetry.metrics import Metrics, MetricsRoute
+from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.traces import SpanExporter, Telemetry
 from gateway.tokens.counter import TokenCounter
 from gateway.upstream.pools import UpstreamPools
@@ -169,7 +170,7 @@ def create_app(
         webhooks.attach_metrics(metrics)
         metrics.registry.register(HealthCollector(lambda: store.current, limiter.store))
     services = Services(policy=lambda: store.current, pools=pools, counter=counter, recorder=recorder,
-                        limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
+                        routes=RouteState(), limiter=limiter, telemetry=telemetry, cache=cache or ResponseCache())
     if metrics is not None:
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
         metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])

@@ -12,32 +12,26 @@ request uses, so a reload never changes a request halfway.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 
 from gateway.accounting.hierarchy import EMPTY as EMPTY_HIERARCHY
 from gateway.accounting.hierarchy import request_end_user
-from gateway.accounting.limits import Limiter, admit, stream_allowance
+from gateway.accounting.limits import admit, stream_allowance
 from gateway.accounting.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement
 from gateway.accounting.tags import request_tags
-from gateway.accounting.usage import UsageRecorder
 from gateway.auth import authenticate
-from gateway.cache import ResponseCache, recording_stream, remember
+from gateway.cache import recording_stream, remember
 from gateway.compiled.policy import KeyEntry, Model, Policy, Target
 from gateway.errors import ErrorKind, GatewayError, from_upstream, render, render_stream_error
-from gateway.exchange import new_gateway_id
+from gateway.exchange import Exchange, InferenceRequest, Reply, Services, StreamReply
 from gateway.request_checks import check_request
 from gateway.routing.resilience import route_and_call
-from gateway.routing.strategies import RouteState
 from gateway.routing.streams import PrimedStream
-from gateway.telemetry.traces import NO_TRACE, Telemetry, Trace
-from gateway.tokens.counter import TokenCounter
 from gateway.upstream.answer_contract import fill_usage, guard_stream
-from gateway.upstream.pools import UpstreamPools, UpstreamResponse
+from gateway.upstream.pools import UpstreamResponse
 from gateway.upstream.request_ids import explain_silent_refusal, stamp_request_id
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 from providers.canonical import load_exact, lost_integers
@@ -47,67 +41,6 @@ log = logging.getLogger("switchboard.server")
 
 _REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input",
                    Endpoint.RESPONSES: "input"}
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the pipeline needs from the app, injected once at startup."""
-
-    policy: Callable[[], Policy]
-    pools: UpstreamPools
-    counter: TokenCounter
-    recorder: UsageRecorder
-    clock: Callable[[], float] = time.perf_counter
-    # Target state (in-flight, latency, breakers) for the app's lifetime, across policy reloads.
-    routes: RouteState = field(default_factory=RouteState)
-    # Traces (gateway/telemetry/traces.py); off unless the policy or the app factory turns them on.
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    # Rate limits and budgets (gateway/accounting/limits.py); None when the app runs without a state store.
-    limiter: Limiter | None = None
-    # Response caching (gateway/cache/): stores and in-flight requests, across policy reloads.
-    cache: ResponseCache = field(default_factory=ResponseCache)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """Per-request bookkeeping: identity, where the time went, and the settlement its owner closes."""
-
-    request_id: str  # the client's x-request-id when it sent a well-formed one: echoed and forwarded, never a key
-    started: float
-    upstream_wait_s: float = 0.0
-    response_headers: dict[str, str] = field(default_factory=dict)
-    # The request's spans (gateway/telemetry/traces.py); NO_TRACE when tracing is off.
-    trace: Trace = NO_TRACE
-    # The gateway's own id for the request: unguessable, the ledger's key (gateway/accounting/settlement.py).
-    gateway_id: str = field(default_factory=new_gateway_id)
-    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/http/gate.py).
-    authenticated: tuple[Policy, KeyEntry] | None = None
-    settlement: Settlement = field(init=False)
-
-    def overhead_ms(self, now: float) -> float:
-        return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
-
-
-@dataclass(slots=True)
-class Reply:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReply:
-    headers: Mapping[str, str]
-    events: AsyncIterator[bytes]
-
-
-@dataclass(slots=True)
-class InferenceRequest:
-    endpoint: Endpoint
-    body: Mapping[str, Any]
-    model: str
-    stream: bool
-    client_wants_usage: bool
 
 
 async def handle_inference(

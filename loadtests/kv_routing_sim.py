@@ -4,7 +4,7 @@
     .venv/bin/python loadtests/kv_routing_sim.py --quick    # fewer requests
 
 What is real: the routing code. Each simulated gateway replica is a `RouteState` plus the strategy objects
-`gateway.routing.strategies.build_plan` makes from a policy, ranking the same request bodies (chat messages) the
+`gateway.routing.plan.build_plan` makes from a policy, ranking the same request bodies (chat messages) the
 gateway would see, with `in_flight` counted as gateway/routing/resilience.py counts it and `/metrics` numbers
 scraped every `--scrape-s` as gateway/routing/health.py does. The precise index is gateway/routing/kv_events.py's
 `ReplicaBlocks`, fed msgpack-encoded `KVEventBatch`es in vLLM's wire format after `--event-delay-s`.
@@ -286,7 +286,7 @@ class Simulation:
     def _route(self, request: Request) -> None:
         request.gateway = self.rng.randrange(len(self.gateways))
         gateway = self.gateways[request.gateway]
-        model = gateway.compiled.policy.models["chat"]
+        model = gateway.policy.models["chat"]
         targets = list(model.targets)
         if self.strategy == "random":
             target = self.rng.choice(targets)
@@ -305,7 +305,7 @@ class Simulation:
 
     def _scrape(self) -> None:
         for gateway in self.gateways:
-            for target, replica in zip(gateway.compiled.policy.models["chat"].targets, self.replicas, strict=True):
+            for target, replica in zip(gateway.policy.models["chat"].targets, self.replicas, strict=True):
                 state = gateway.states.state(target)
                 state.scraped_load = float(replica.running + len(replica.queue) + replica.busy)
                 state.scraped_waiting = float(len(replica.queue))

@@ -53,12 +53,12 @@ def micro(iterations: int) -> None:
     import asyncio
     import time
 
-    from gateway.exchange import Exchange
     from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from gateway.accounting.usage import UsageRecord
     from gateway.compiled.policy import parse_policy
+    from gateway.exchange import Exchange
     from gateway.routing.strategies import RouteState
     from gateway.telemetry.decisions import route_event
     from gateway.telemetry.metrics import Metrics

@@ -157,6 +157,36 @@ RETRYABLE_FAILURES = frozenset(
 )
 
 
+class TokenCounting(Protocol):
+    """What an in-process engine counts its usage with (the gateway's TokenCounter)."""
+
+    def count_text(self, text: str, model: str) -> int: ...
+    def count_chat_prompt(self, body: Mapping[str, Any], model: str) -> int: ...
+    def count_completion_prompt(self, body: Mapping[str, Any], model: str) -> int: ...
+    def count_embedding_input(self, body: Mapping[str, Any], model: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReply:
+    """What an in-process engine answers: one body, or a list of SSE events, with pacing."""
+
+    status: int
+    body: bytes = b""
+    events: tuple[bytes, ...] = ()
+    first_delay_s: float = 0.0
+    event_interval_s: float = 0.0
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.events)
+
+
+class InProcessEngine(Protocol):
+    """An upstream played inside the gateway process (`Capabilities.in_process`; the mock)."""
+
+    def respond(self, request: UpstreamRequest) -> EngineReply: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What an adapter can do, declared as data rather than methods that raise."""

@@ -18,12 +18,12 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from providers.base import Endpoint, UpstreamRequest
+from providers.base import Endpoint, EngineReply, TokenCounting, UpstreamRequest
 from providers.openai_compat import CompatSpec, OpenAICompatAdapter
 
 MOCK_BASE_URL = "mock://switchboard/v1"
@@ -47,28 +47,6 @@ class MockOptions(BaseModel):
     embedding_dimensions: int = Field(256, ge=1, le=8192, description="Default embedding size.")
 
 
-class TokenCounting(Protocol):
-    def count_text(self, text: str, model: str) -> int: ...
-    def count_chat_prompt(self, body: Mapping[str, Any], model: str) -> int: ...
-    def count_completion_prompt(self, body: Mapping[str, Any], model: str) -> int: ...
-    def count_embedding_input(self, body: Mapping[str, Any], model: str) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class MockReply:
-    """What the engine answers: one body, or a list of SSE events, with pacing."""
-
-    status: int
-    body: bytes = b""
-    events: tuple[bytes, ...] = ()
-    first_delay_s: float = 0.0
-    event_interval_s: float = 0.0
-
-    @property
-    def streamed(self) -> bool:
-        return bool(self.events)
-
-
 class MockEngine:
     """Answers OpenAI-format requests deterministically, in process."""
 
@@ -76,7 +54,7 @@ class MockEngine:
         self._options = options
         self._counter = counter
 
-    def respond(self, request: UpstreamRequest) -> MockReply:
+    def respond(self, request: UpstreamRequest) -> EngineReply:
         try:
             body = orjson.loads(request.body or b"{}")
         except orjson.JSONDecodeError:
@@ -109,11 +87,11 @@ class MockEngine:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             events = _stream_events(endpoint, response_id, model, choices, usage if include_usage else None)
-            return MockReply(200, events=events, first_delay_s=first_delay,
+            return EngineReply(200, events=events, first_delay_s=first_delay,
                              event_interval_s=self._options.token_interval_ms / 1000)
         payload = _response(endpoint, response_id, model, choices, usage)
         delay = first_delay + completion_tokens * self._options.token_interval_ms / 1000
-        return MockReply(200, body=orjson.dumps(payload), first_delay_s=delay)
+        return EngineReply(200, body=orjson.dumps(payload), first_delay_s=delay)
 
     def _choice(self, body: Mapping[str, Any], model: str, prompt_text: str, index: int) -> _Choice:
         tool = _forced_tool(body)
@@ -152,7 +130,7 @@ class MockEngine:
         words = [_VOCABULARY[(seed + i * 7) % len(_VOCABULARY)] for i in range(self._options.reply_words)]
         return "Mock reply: " + " ".join(words) + "."
 
-    def _embeddings(self, body: Mapping[str, Any], model: str) -> MockReply:
+    def _embeddings(self, body: Mapping[str, Any], model: str) -> EngineReply:
         inputs = body.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
@@ -168,7 +146,7 @@ class MockEngine:
         tokens = self._counter.count_embedding_input(body, model)
         payload = {"object": "list", "data": data, "model": model,
                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        return MockReply(200, body=orjson.dumps(payload), first_delay_s=self._options.first_token_ms / 1000)
+        return EngineReply(200, body=orjson.dumps(payload), first_delay_s=self._options.first_token_ms / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,9 +324,9 @@ def _endpoint_of(url: str) -> Endpoint | None:
     return None
 
 
-def _error(status: int, message: str) -> MockReply:
+def _error(status: int, message: str) -> EngineReply:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return MockReply(status, body=orjson.dumps(body))
+    return EngineReply(status, body=orjson.dumps(body))
 
 
 def _digest(data: bytes) -> str:

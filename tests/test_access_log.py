@@ -71,7 +71,7 @@ def test_records_waiting_for_their_batch_are_written_at_shutdown(
     gateway = start_gateway(standard_policy(upstream.base_url), sinks=[AccessLogSink(capture, flush_interval_s=3600)])
     for n in range(5):
         assert _chat(gateway, f"late-{n}").status_code == 200
-    gateway.accounting.usage.wait_for(5)
+    gateway.usage.wait_for(5)
     assert capture.data == b""
 
     gateway.stop()

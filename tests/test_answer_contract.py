@@ -76,7 +76,7 @@ def test_a_stream_past_the_cap_is_cut_at_it_and_billed_as_relayed(gateway: Runni
     assert usage_chunks[0].usage is not None and usage_chunks[0].usage.completion_tokens == expected
     assert (usage_chunks[0].model_extra or {})["switchboard"]["usage_estimated"] is True
     assert upstream.wait_for_disconnect(), "the overrunning upstream was not told to stop"
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and record.usage.estimated
     assert record.usage.completion_tokens == expected
     assert record.outcome == "completed"
@@ -103,7 +103,7 @@ def test_a_missing_usage_chunk_is_supplied_once_and_marked(gateway: RunningGatew
     assert usage.completion_tokens == TokenCounter().count_text(text, "m", "open_weights")
     assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert (usage_chunks[0].model_extra or {})["switchboard"] == {"usage_estimated": True}
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and record.usage.estimated
     assert record.usage.completion_tokens == usage.completion_tokens
 
@@ -115,7 +115,7 @@ def test_an_upstreams_own_usage_chunk_is_not_doubled(gateway: RunningGateway) ->
     usage_chunks = [c for c in chunks if c.usage is not None]
     assert len(usage_chunks) == 1
     assert "usage_estimated" not in ((usage_chunks[0].model_extra or {}).get("switchboard") or {})
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and not record.usage.estimated
 
 
@@ -128,7 +128,7 @@ def test_a_whole_answer_without_usage_gets_an_estimated_one(gateway: RunningGate
     assert reply.usage.completion_tokens == TokenCounter().count_text(text, "tiny", "open_weights")
     assert reply.usage.prompt_tokens > 0
     assert (reply.model_extra or {})["switchboard"] == {"usage_estimated": True}
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and record.usage.estimated
 
 
@@ -145,7 +145,7 @@ def test_an_estimated_usage_is_marked_on_the_ledger_row_and_the_span(upstream: F
             list(gateway.client().chat.completions.create(
                 model="vllm", stream=True, stream_options={"include_usage": True},
                 messages=[{"role": "user", "content": "hello there"}]))
-        records = gateway.accounting.usage.wait_for(2)
+        records = gateway.usage.wait_for(2)
         servers = [s for s in exporter.wait_for_servers(2) if s.kind is SpanKind.SERVER]
     finally:
         gateway.stop()  # flushes the ledger

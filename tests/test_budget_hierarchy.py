@@ -1,4 +1,4 @@
-"""The budget hierarchy (gateway/accounting/hierarchy.py): organisation -> team -> end user -> key, through a running gateway.
+"""The budget hierarchy (accounting/hierarchy.py): organisation -> team -> end user -> key, through a running gateway.
 
 Each level refuses on its own and the most restrictive wins; end users are bounded per team (a hostile tenant's
 10,000 ids fold into one `other` bucket, with bounded Redis keys and metric labels); every level is in the
@@ -186,7 +186,7 @@ def test_an_organisation_budget_counts_the_spend_of_all_its_teams(
     spend_until_refused(gateway)  # alpha spends the organisation's budget
     refused = ask(gateway, key="sk-beta", model="beta-model")  # beta never sent a request, yet is refused
     assert_budget_refusal(refused, "organization acme")
-    spent = sum(r.usage.total_tokens for r in gateway.accounting.usage.wait_for(upstream.request_count + 2)
+    spent = sum(r.usage.total_tokens for r in gateway.usage.wait_for(upstream.request_count + 2)
                 if r.usage is not None)
     beta_report = rows_by_scope(usage_report(gateway, "beta"))
     assert beta_report[("org", "acme")]["used"] == spent <= 80
@@ -225,7 +225,7 @@ def test_admin_usage_shows_every_level(upstream: FakeOpenAIUpstream,
     assert ask(gateway, user="u-1").status_code == 200
     assert ask(gateway, user="u-2").status_code == 200  # beyond max_tracked: the `other` bucket
     assert ask(gateway, user="u-2").headers["x-switchboard-end-user-bucket"] == "other"
-    records = gateway.accounting.usage.wait_for(3)
+    records = gateway.usage.wait_for(3)
     tokens = [r.usage.total_tokens for r in records if r.usage is not None]
     report = usage_report(gateway, end_user="u-1")
     rows = rows_by_scope(report)
@@ -386,7 +386,7 @@ def test_shadow_budgets_on_the_new_levels_report_but_never_refuse(
         assert "x-switchboard-budget-org-limit-tokens" not in response.headers  # shadow: not for clients
         shadowed = response.headers.get("x-switchboard-shadow-reject") or shadowed
     assert shadowed is not None and "org:budget_tokens" in shadowed and "user:budget_tokens" in shadowed
-    gateway.accounting.usage.wait_for(8)
+    gateway.usage.wait_for(8)
     rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
     for scope, owner in (("org", "acme"), ("user", "u-1")):
         assert rows[(scope, owner)]["mode"] == "shadow"
@@ -443,13 +443,13 @@ def test_every_level_settles_to_actual_usage_and_refunds_failures(
     gateway = start_gateway(with_key_budget(text, "{tokens: 100000}"))
     upstream.script(Behaviour.error(400))
     assert ask(gateway, user="u-1").status_code == 400
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
     assert {key: row["used"] for key, row in rows.items()} == {
         ("org", "acme"): 0, ("team", "alpha"): 0, ("user", "u-1"): 0, ("key", "alpha-key"): 0, ("user", "other"): 0}
     for _ in range(3):
         assert ask(gateway, user="u-1", content="a longer question " * 5).status_code == 200
-    spent = sum(r.usage.total_tokens for r in gateway.accounting.usage.wait_for(4) if r.usage is not None)
+    spent = sum(r.usage.total_tokens for r in gateway.usage.wait_for(4) if r.usage is not None)
     rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
     assert {key: row["used"] for key, row in rows.items()} == {
         ("org", "acme"): spent, ("team", "alpha"): spent, ("user", "u-1"): spent, ("key", "alpha-key"): spent,
@@ -660,8 +660,8 @@ def test_the_hierarchy_runs_on_a_cluster_mode_redis_that_refuses_cross_slot_call
         assert_budget_refusal(spend_until_refused(gateway, user="u-1"), "organization acme")
         served = upstream.request_count
         assert served >= 2
-        gateway.accounting.usage.wait_for(served + 1)
-        spent = sum(r.usage.total_tokens for r in gateway.accounting.usage.records if r.usage is not None)
+        gateway.usage.wait_for(served + 1)
+        spent = sum(r.usage.total_tokens for r in gateway.usage.records if r.usage is not None)
         rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
         assert rows[("org", "acme")]["used"] == rows[("user", "u-1")]["used"] == rows[("key", "alpha-key")][
             "used"] == spent  # the refusal's reservation on the team's tag was given back
@@ -674,7 +674,7 @@ def test_the_console_and_policy_gauges_show_the_new_levels(upstream: FakeOpenAIU
                   extra="telemetry: {metrics: {enabled: true}}\n")
     gateway = start_gateway(text)
     assert ask(gateway, key="sk-beta", model="beta-model").status_code == 200
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     metrics = metrics_text(gateway)
     assert 'switchboard_budget_limit_tokens{owner="acme",scope="org",team=""} 100000.0' in metrics
     assert 'switchboard_budget_limit_usd{owner="",scope="user",team="alpha"} 2.0' in metrics

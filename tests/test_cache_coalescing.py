@@ -65,7 +65,7 @@ def test_hundred_identical_requests_make_one_upstream_call(upstream: FakeOpenAIU
     answers = asyncio.run(burst())
     assert answers == [f"echo: {question[0]['content']}"] * 100
     assert upstream.request_count == 1
-    records = gateway.accounting.usage.wait_for(100)
+    records = gateway.usage.wait_for(100)
     assert sorted(r.cache for r in records).count("hit") == 99
 
 

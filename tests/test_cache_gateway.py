@@ -321,7 +321,7 @@ def test_a_hit_bills_nothing_and_records_what_it_saved(upstream: FakeOpenAIUpstr
     gateway = _gateway(upstream, start_gateway, f"mode: exact\n      {backend}")
     _, miss_headers = ask(gateway)
     _, hit_headers = ask(gateway)
-    miss, hit = gateway.accounting.usage.wait_for(2)
+    miss, hit = gateway.usage.wait_for(2)
     assert miss.cache == "miss" and miss.usage is not None and miss.cost_usd is not None
     assert hit.cache == "hit"
     assert hit.usage is not None and hit.usage.total_tokens == 0
@@ -337,7 +337,7 @@ def test_models_without_a_cache_behave_as_before(upstream: FakeOpenAIUpstream, s
         _, headers = ask(gateway)
         assert "x-switchboard-cache" not in headers
     assert upstream.request_count == 2
-    assert gateway.accounting.usage.wait_for(2)[1].cache is None
+    assert gateway.usage.wait_for(2)[1].cache is None
 
 
 def test_completions_and_embeddings_are_cached_too(upstream: FakeOpenAIUpstream, start_gateway: Start,

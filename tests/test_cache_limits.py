@@ -63,7 +63,7 @@ def test_a_hit_counts_as_a_request_and_its_tokens_only_when_configured(
 
     tokens, status = ask()
     assert status == "miss" and tokens > 0
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     after_miss = usage_rows(gateway)
     assert after_miss["requests per minute (requests)"] == 1
     assert after_miss["tokens per minute (tokens)"] == after_miss["monthly budget (tokens)"] == tokens
@@ -71,7 +71,7 @@ def test_a_hit_counts_as_a_request_and_its_tokens_only_when_configured(
 
     for _ in range(3):
         assert ask()[1] == "hit"
-    gateway.accounting.usage.wait_for(4)
+    gateway.usage.wait_for(4)
     after_hits = usage_rows(gateway)
     assert after_hits["requests per minute (requests)"] == 4
     counted = tokens * 4 if hits_count_tokens else tokens

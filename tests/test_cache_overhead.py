@@ -105,7 +105,7 @@ def test_a_miss_and_a_hit_each_bill_their_embedding_to_the_team_that_asked(
     beta = ask(gateway, ASKED, key="sk-beta")  # beta's cache is its own: a miss, and its own embedding
     assert (missed["x-switchboard-cache"], hit["x-switchboard-cache"], beta["x-switchboard-cache"]) == \
         ("miss", "hit", "miss")
-    miss_record, hit_record, beta_record = gateway.accounting.usage.wait_for(3)
+    miss_record, hit_record, beta_record = gateway.usage.wait_for(3)
     assert [r.team for r in (miss_record, hit_record, beta_record)] == ["alpha", "alpha", "beta"]
 
     # The miss: its answer plus the embedding, in the record and in the cost the client was told.
@@ -162,7 +162,7 @@ def test_a_request_that_fails_after_its_lookup_still_pays_for_the_embedding(
     words.script(Behaviour.error(500, path="/v1/chat/completions"))
     with pytest.raises(openai.APIStatusError):
         ask(gateway, ASKED)
-    (record,) = gateway.accounting.usage.wait_for(1)
+    (record,) = gateway.usage.wait_for(1)
     assert record.status == 502 and record.cache_overhead_tokens == 7
     assert record.cost_usd == pytest.approx(embedding_cost(7))
     assert budget(gateway, "alpha")["tokens"] == 7
@@ -173,7 +173,7 @@ def test_a_failed_embedding_bills_nothing(words: WordEmbeddingsUpstream, start_g
     gateway = start_gateway(overhead_policy(words.base_url), cache=ResponseCache())
     words.script(Behaviour.error(500, path="/v1/embeddings"))
     ask(gateway, ASKED)
-    (record,) = gateway.accounting.usage.wait_for(1)
+    (record,) = gateway.usage.wait_for(1)
     assert (record.cache, record.cache_overhead_tokens, record.cache_overhead_cost_usd) == ("miss", 0, None)
     assert record.cost_usd == pytest.approx(chat_cost(record))
 

@@ -63,7 +63,7 @@ def traffic(start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
                        (DEMO_KEY, "gemini-2.5-flash"), (INTERN_KEY, "gpt-4o-mini"), (INTERN_KEY, "gpt-4o-mini")):
         httpx.post(gateway.v1 + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=10,
                    json={"model": model, "messages": [{"role": "user", "content": "What does a gateway do?"}]})
-    gateway.accounting.usage.wait_for(6)
+    gateway.usage.wait_for(6)
     return gateway
 
 

@@ -67,7 +67,7 @@ def test_a_fallback_over_its_own_rate_limit_is_skipped_and_the_client_gets_the_f
     assert error.response.headers["x-switchboard-route"] == \
         "shared-model@upstream:500,premium-model:rate_limit_exceeded"
     assert upstream_models(upstream) == ["upstream-shared"]  # the skipped fallback was never called
-    records = gateway.accounting.usage.wait_for(2)
+    records = gateway.usage.wait_for(2)
     assert records[1].status == 502 and records[1].upstream_model is None
     rows = usage_rows(gateway)
     assert rows[("model", "premium-model", "requests per minute")]["used"] == 1  # the refusal reserved nothing
@@ -84,7 +84,7 @@ def test_a_skipped_fallback_gives_way_to_the_next_one_within_its_limits(
     assert answer.headers["x-switchboard-route"] == \
         "shared-model@upstream:500,premium-model:rate_limit_exceeded,cheap-model@upstream:ok"
     assert upstream_models(upstream) == ["upstream-shared", "upstream-cheap"]
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     rows = usage_rows(gateway)
     assert rows[("model", "cheap-model", "requests per minute")]["used"] == 1
     assert rows[("model", "premium-model", "requests per minute")]["used"] == 0
@@ -103,7 +103,7 @@ def test_the_fallback_that_serves_is_counted_against_its_own_limits(
     answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK,
                                                                         max_tokens=50)
     assert answer.headers["x-switchboard-model"] == "premium-model"
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.upstream_model == "upstream-premium" and record.usage is not None
     used = record.usage.total_tokens
     rows = usage_rows(gateway)
@@ -136,7 +136,7 @@ def _priced_fallback(upstream: FakeOpenAIUpstream, start_gateway: Start, usd: fl
     upstream.script(Behaviour.error(500))
     answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK,
                                                                         max_tokens=1000)
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.usage is not None and record.cost_usd is not None
     assert usage_rows(gateway)[("team", "alpha", "daily budget")]["used"] == pytest.approx(record.cost_usd, abs=1e-6)
     return dict(answer.headers), record
@@ -170,5 +170,5 @@ def test_a_hard_stopped_stream_served_by_a_dearer_fallback_is_cut_at_the_fallbac
         assert response.headers["x-switchboard-model"] == "premium-model"
         events = [line for line in response.iter_lines() if line]
     assert "budget_exceeded" in events[-1] and "data: [DONE]" not in events
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.cost_usd is not None and record.cost_usd <= 0.05 + 1e-6  # cut before it passed the budget

@@ -76,7 +76,7 @@ def test_cookies_an_upstream_sets_are_neither_kept_nor_passed_on(
 
 def test_usage_is_settled_for_every_request(gateway: RunningGateway) -> None:
     gateway.client().chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "a b c"}])
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert (record.team, record.key_id, record.public_model) == ("alpha", "alpha-key", "chat-model")
     assert (record.provider, record.upstream_model, record.status) == ("upstream", "upstream-chat", 200)
     assert record.usage is not None and not record.usage.estimated
@@ -97,7 +97,7 @@ def test_stream_relays_chunks_and_strips_the_usage_chunk_nobody_asked_for(
     # The gateway asked the upstream for usage anyway, so it can settle the stream.
     assert upstream.last_request is not None
     assert upstream.last_request.json["stream_options"] == {"include_usage": True}
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.stream and record.usage is not None and not record.usage.estimated
     assert record.time_to_first_token_ms is not None
 

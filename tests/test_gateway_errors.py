@@ -156,7 +156,7 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_and_settles_usage(
         assert next(lines).startswith("data: ")
     assert upstream.wait_for_disconnect(timeout=5), "the gateway kept the upstream stream open"
     assert upstream.disconnects[0].chunks_sent < 200
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.outcome == "client_disconnected"
     assert record.usage is not None and record.usage.estimated and record.usage.prompt_tokens > 0
 

@@ -64,7 +64,7 @@ def test_invented_model_names_never_become_metric_labels(upstream: FakeOpenAIUps
     for name in invented:
         with pytest.raises(openai.NotFoundError):
             beta.chat.completions.create(model=name, messages=ASK)
-    gateway.accounting.usage.wait_for(41)
+    gateway.usage.wait_for(41)
 
     text = metrics_text(gateway)
     assert not any(name[:40] in text for name in invented)
@@ -82,7 +82,7 @@ def test_failed_requests_create_no_token_or_cost_series(upstream: FakeOpenAIUpst
     upstream.script(Behaviour.error(500))
     with pytest.raises(openai.InternalServerError):
         gateway.client("sk-beta").chat.completions.create(model="beta-model", messages=ASK)
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     series = _series(metrics_text(gateway))
     assert ("switchboard_requests_total", {"team": "beta", "model": "beta-model", "provider": "none",
                                            "status": "502"}) in series

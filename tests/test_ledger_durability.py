@@ -61,7 +61,7 @@ def test_a_team_reusing_another_teams_request_id_does_not_erase_its_row(
         assert reply.status_code == 200
         assert reply.headers["x-request-id"] == "req-shared-1"  # still echoed to the client
         sent.append(reply)
-    gateway.accounting.usage.wait_for(3)
+    gateway.usage.wait_for(3)
     rows = {row["team"]: row["requests"] for row in admin_spend(gateway, by="team").json()}
     assert rows == {"alpha": 1, "beta": 2}
     assert sorted(_rows(gateway.policy_path.parent / "ledger.sqlite")) == [
@@ -204,7 +204,7 @@ def test_the_ledger_backlog_and_losses_are_metrics(upstream: FakeOpenAIUpstream,
     gateway = start_gateway(standard_policy(upstream.base_url, extra=EXTRA))
     client = gateway.client()
     client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "hi"}])
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     assert admin_spend(gateway).status_code == 200  # flushes the writer
     text = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "switchboard_ledger_rows_waiting 0.0" in text

@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 
 from gateway.accounting.budgets import ThresholdEvent
-from gateway.accounting.limits import Admission, Limiter, go_duration
+from gateway.accounting.limits import Admission, Limiter
 from gateway.compiled.policy import Policy, parse_policy
 from gateway.errors import GatewayError
 from gateway.state import StateStore
 from gateway.state.durable import DurableStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
+from gateway.timestamps import go_duration
 from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import key_hash

@@ -53,14 +53,14 @@ def test_rate_limited_requests_get_openai_429_with_retry_headers(
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert "x-should-retry" not in headers
     assert upstream.request_count == 2  # the refused request never reached the upstream
-    gateway.accounting.usage.wait_for(3)
+    gateway.usage.wait_for(3)
 
 
 def test_budget_exhaustion_is_a_non_retryable_429_budget_exceeded(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> None:
     gateway = start_gateway(limited_policy(upstream, "    budget: {tokens: 30, period: daily}\n"))
     chat(gateway)  # settles its actual usage, well under 30
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     client = openai.OpenAI(base_url=gateway.v1, api_key="sk-alpha", max_retries=2)
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x " * 40}],
@@ -80,7 +80,7 @@ def test_streams_and_cancelled_streams_settle_their_usage(
                                             max_tokens=500, stream=True)
     for _ in stream:
         pass
-    records = gateway.accounting.usage.wait_for(1)
+    records = gateway.usage.wait_for(1)
     spent = records[0].usage.total_tokens  # type: ignore[union-attr]
     report = admin_usage(gateway)
     budget = next(r for r in report["usage"] if r["limit_type"] == "monthly budget")
@@ -90,7 +90,7 @@ def test_streams_and_cancelled_streams_settle_their_usage(
     with client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "go"}],
                                         max_tokens=1000, stream=True) as cut:
         next(iter(cut))
-    records = gateway.accounting.usage.wait_for(2)
+    records = gateway.usage.wait_for(2)
     assert records[1].outcome == "client_disconnected"
     report = admin_usage(gateway)
     budget = next(r for r in report["usage"] if r["limit_type"] == "monthly budget")
@@ -110,7 +110,7 @@ def test_admin_usage_reports_every_scope_and_needs_an_admin_key(
             "    budget: {tokens: 1000, period: weekly}\n")
     gateway = start_gateway(limited_policy(upstream, team))
     chat(gateway)
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     report = admin_usage(gateway)
     assert report["team"] == "alpha"
     rows = {(r["scope"], r["limit_type"]): r for r in report["usage"]}

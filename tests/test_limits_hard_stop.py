@@ -65,7 +65,7 @@ def test_a_stream_crossing_the_budget_is_cut_with_an_in_band_error_and_settled(
     assert 0 < len(text) < len(LONG_ANSWER) // 2  # part of the answer arrived, then the cut
     assert upstream.wait_for_disconnect()  # the upstream call was abandoned, not drained
 
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.outcome == "budget_exceeded" and record.usage is not None and record.usage.estimated
     spent = record.usage.total_tokens
     # Never past the budget; the relay's byte-based count may stop up to ~25% early on English text.
@@ -90,7 +90,7 @@ def test_legacy_completion_streams_are_cut_too(
             received.append(chunk.choices[0].text)
     assert caught.value.code == "budget_exceeded"
     assert 0 < len("".join(received)) < len(LONG_ANSWER) // 2
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.outcome == "budget_exceeded" and record.usage.total_tokens <= BUDGET  # type: ignore[union-attr]
 
 
@@ -99,7 +99,7 @@ def test_a_stream_inside_the_budget_finishes_normally(
     gateway = start_gateway(hard_stop_policy(upstream, "{tokens: 5000, period: daily, hard_stop_streams: true}"))
     upstream.script(Behaviour(content=LONG_ANSWER, stream_chunks=100))
     assert stream_text(gateway.client()) == LONG_ANSWER  # ended with [DONE]: the SDK raised nothing
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert record.outcome == "completed"
     assert budget_used(gateway) == record.usage.total_tokens  # type: ignore[union-attr]
 
@@ -109,7 +109,7 @@ def test_without_hard_stop_a_stream_may_pass_the_budget(
     gateway = start_gateway(hard_stop_policy(upstream, f"{{tokens: {BUDGET}, period: daily}}"))
     upstream.script(Behaviour(content=LONG_ANSWER, stream_chunks=100))
     assert stream_text(gateway.client()) == LONG_ANSWER
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     assert budget_used(gateway) > BUDGET  # what hard_stop_streams exists to prevent
 
 

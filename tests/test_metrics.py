@@ -125,7 +125,7 @@ def test_cache_hits_tokens_and_saved_cost(upstream: FakeOpenAIUpstream,
     for _ in range(2):
         client.chat.completions.create(model="chat-model", messages=ask)
     client.chat.completions.create(model="chat-model", messages=ask, extra_headers={"x-switchboard-cache": "bypass"})
-    records = gateway.accounting.usage.wait_for(4)
+    records = gateway.usage.wait_for(4)
     assert first.usage is not None
     samples = scrape(gateway)
     where = {"team": "alpha", "model": "chat-model"}
@@ -205,7 +205,7 @@ def test_attempts_that_fail_after_they_began_are_counted_without_tracing(
     chunks = list(gateway.client().chat.completions.create(
         model="chat-model", messages=[{"role": "user", "content": "x"}], stream=True))
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
-    gateway.accounting.usage.wait_for(1)
+    gateway.usage.wait_for(1)
     samples = scrape(gateway)
     assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="timeout") == 1
     assert value(samples, "switchboard_upstream_errors_total", provider="upstream", type="connection") == 1

@@ -43,7 +43,7 @@ prices:
             cost, prompt, completion = _cost(gateway, model)
             expected = (Decimal(prompt) * input_price + Decimal(completion) * output_price) / 1_000_000
             assert abs(cost - expected) < Decimal("1e-10"), model
-        records = gateway.accounting.usage.wait_for(3)
+        records = gateway.usage.wait_for(3)
         assert [r.price_version for r in records] == ["policy"] * 3
 
 

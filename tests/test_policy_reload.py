@@ -345,7 +345,8 @@ _TEAMS = "tests/test_policy.py::test_reload_applies_a_valid_edit_without_restart
 
 # Field patterns (`*` one key or name, `**` a whole subtree) -> the test that changes them by a reload and sees the
 # effect. A subtree maps to one test where one object, rebuilt from every reloaded policy, holds all of it: the
-# model's route plan (gateway/routing/strategies.py `build_plan`), the provider and its pool (`Provider.pool_identity`), the
+# model's route plan (gateway/routing/strategies.py `build_plan`), the provider and its pool
+# (`Provider.pool_identity`), the
 # limit rules (`build_rules`), the cache plan, the price book, the tracing settings (`Telemetry.configure`),
 # the health monitor (`Monitor.apply`, which also subscribes KV events). A new field matching no pattern here and
 # no RESTART_ONLY entry fails `test_every_policy_field_takes_effect_on_reload_or_is_refused`.

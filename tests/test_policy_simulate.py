@@ -66,7 +66,7 @@ admin:
     for index in range(3):
         gateway.client("sk-beta").chat.completions.create(
             model="beta-model", messages=[{"role": "user", "content": "other " * (index + 2)}])
-    gateway.accounting.usage.wait_for(9)
+    gateway.usage.wait_for(9)
     spent = httpx.get(gateway.base_url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert spent.status_code == 200 and sum(row["requests"] for row in spent.json()) == 9  # flushed to the file
     gateway.stop()

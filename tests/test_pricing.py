@@ -218,7 +218,7 @@ def test_unpriced_model_has_no_cost_header(gateway: RunningGateway) -> None:
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="chat-model", messages=[{"role": "user", "content": "hi"}])
     assert "x-switchboard-cost-usd" not in raw.headers
-    assert gateway.accounting.usage.wait_for(1)[0].cost_usd is None
+    assert gateway.usage.wait_for(1)[0].cost_usd is None
 
 
 def test_shipped_example_policies_price_their_models(tmp_path: Path) -> None:

@@ -126,14 +126,14 @@ def gateway(module_gateway: RunningGateway, fakes: Fakes) -> RunningGateway:
 
 
 def _settled_cached(gateway: RunningGateway) -> int:
-    record = gateway.accounting.usage.wait_for(1)[-1]
+    record = gateway.usage.wait_for(1)[-1]
     assert record.usage is not None and not record.usage.estimated
     return record.usage.cached_tokens
 
 
 def _image_arrived(fakes: Fakes, gateway: RunningGateway, provider: str) -> bool:
     if provider == "mock":  # no wire to inspect: the image was counted into the prompt instead
-        record = gateway.accounting.usage.wait_for(1)[-1]
+        record = gateway.usage.wait_for(1)[-1]
         return record.usage is not None and record.usage.prompt_tokens > 85
     return fakes.received_image(provider)
 

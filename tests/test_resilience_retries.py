@@ -142,7 +142,7 @@ def test_fallbacks_are_tried_in_order_and_the_answer_names_its_model(fakes, star
     assert completion.parse().model == "up-2"
     assert completion.headers["x-switchboard-model"] == "third"
     assert completion.headers["x-switchboard-route"] == "first@p0:500,second@p1:503,third@p2:ok"
-    record = gateway.accounting.usage.wait_for(1)[0]
+    record = gateway.usage.wait_for(1)[0]
     assert (record.public_model, record.provider) == ("first", "p2")
 
 

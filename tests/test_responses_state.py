@@ -172,7 +172,7 @@ def test_a_fallback_in_the_middle_of_a_chain_continues_the_conversation_elsewher
     oai.script(Behaviour.error(500))
     second = client.responses.create(model="gpt-or-claude", previous_response_id=first.id, input="which word?")
     assert second.output_text == "echo: which word?"
-    assert gateway.accounting.usage.wait_for(2)[-1].provider == "claude"
+    assert gateway.usage.wait_for(2)[-1].provider == "claude"
     sent = claude.last_request.json["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "user"]
     assert "teapot" in orjson.dumps(sent[0]).decode() and "echo: remember the word teapot" in orjson.dumps(
@@ -308,7 +308,7 @@ def test_chained_turns_count_their_context_and_steer_prompt_caches(
     long_input = " ".join(f"word{i}" for i in range(200))
     first = client.responses.create(model="claude", input=long_input)
     second = client.responses.create(model="claude", previous_response_id=first.id, input="short")
-    records = gateway.accounting.usage.wait_for(2)
+    records = gateway.usage.wait_for(2)
     # The context re-sent (the first prompt and its answer) is billed as prompt tokens of the second turn.
     assert records[1].usage.prompt_tokens > records[0].usage.prompt_tokens + records[0].usage.completion_tokens
     assert records[1].cost_usd is not None and records[1].endpoint == "chat"

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from gateway.routing.plan import build_plan
 
 from gateway.compiled.policy import Target, parse_policy
+from gateway.routing.plan import build_plan
 from gateway.routing.strategies import RouteRequest, RouteState
 from tests.conftest import RunningGateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream

@@ -79,7 +79,7 @@ def server_name(server: real_servers.RunningServer) -> str:
 
 @pytest.fixture
 def sent(gateway: RunningGateway) -> RunningGateway:
-    gateway.accounting.usage.records.clear()
+    gateway.usage.records.clear()
     return gateway
 
 

@@ -352,8 +352,8 @@ def test_a_fallbacks_answer_is_cached_as_the_fallbacks_and_never_replayed_for_th
         assert upstream.request_count == 2
         headers = ask("backup")  # the fallback's answer was stored as the backup model's
         assert headers["x-switchboard-cache"] == "hit" and second.request_count == 1
-        hit = gateway.accounting.usage.wait_for(3)[-1]
-        original = gateway.accounting.usage.records[0]
+        hit = gateway.usage.wait_for(3)[-1]
+        original = gateway.usage.records[0]
         assert hit.cost_saved_usd == pytest.approx(original.cost_usd)  # priced where it was produced
 
 
@@ -412,7 +412,7 @@ def test_a_client_that_leaves_during_a_stalled_call_cancels_it_on_any_server(
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(gateway.v1 + "/chat/completions", headers=AUTH, json=body, timeout=0.3)
-        [record] = gateway.accounting.usage.wait_for(1, timeout=10)
+        [record] = gateway.usage.wait_for(1, timeout=10)
         assert time.monotonic() - started < 10  # settled when the client left, not when the upstream answered
         assert record.outcome == "client_disconnected" and record.status == 499
         assert harness.held_tokens() == 0  # the reservation was refunded

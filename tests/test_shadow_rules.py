@@ -85,7 +85,7 @@ def test_a_shadow_rpm_limit_lets_the_third_request_through_and_reports_it(
     # A shadow limit must not make clients back off: it is not in OpenAI's rate-limit headers.
     assert not any(name.startswith("x-ratelimit-") for name in third)
     assert upstream.request_count == 3
-    gateway.accounting.usage.wait_for(3)
+    gateway.usage.wait_for(3)
     row = usage_rows(gateway)[("team", "requests per minute", "requests")]
     assert row["mode"] == "shadow" and row["limit"] == 2
     # Counted as enforcement would have counted: the third request was served, but it is not in `used`.
@@ -100,10 +100,10 @@ def test_a_shadow_budget_serves_what_it_would_refuse_and_reports_it(
         upstream: FakeOpenAIUpstream, start_gateway: Start, state: str) -> None:
     gateway = start_gateway(policy(upstream, "    budget: {tokens: 30, period: daily, mode: shadow}\n", state=state))
     assert HEADER not in ask(gateway)
-    (first,) = gateway.accounting.usage.wait_for(1)
+    (first,) = gateway.usage.wait_for(1)
     served = ask(gateway, "x " * 40)  # an enforced 30-token budget refuses this (tests/test_limits_gateway.py)
     assert served[HEADER] == "team:budget_tokens"
-    gateway.accounting.usage.wait_for(2)
+    gateway.usage.wait_for(2)
     assert upstream.request_count == 2
     row = usage_rows(gateway)[("team", "daily budget", "tokens")]
     assert row["mode"] == "shadow" and row["on_exhaust"] == "reject"
@@ -129,7 +129,7 @@ def test_an_enforced_rule_beside_a_shadow_one_still_refuses(
     # The enforced key limit is the one in OpenAI's headers.
     assert refused.value.response.headers["x-ratelimit-limit-requests"] == "2"
     assert upstream.request_count == 2
-    gateway.accounting.usage.wait_for(3)
+    gateway.usage.wait_for(3)
     rows = usage_rows(gateway)
     # The shadow limit counts the first request only: it would have refused the second, and the enforced
     # rule refused the third, so no rule counted it.

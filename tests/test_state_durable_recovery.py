@@ -58,11 +58,11 @@ def test_a_clean_restart_loses_nothing(gateway: GatewayProcess) -> None:
     gateway.start()
     total = sum(call(gateway) for _ in range(10))
     gateway.terminate()
-    assert spent(gateway.compiled.policy) == total
+    assert spent(gateway.policy) == total
     gateway.start()
     total += call(gateway)
     gateway.terminate()
-    assert spent(gateway.compiled.policy) == total
+    assert spent(gateway.policy) == total
 
 
 def test_kill_9_mid_load_loses_at_most_one_flush_interval(gateway: GatewayProcess) -> None:
@@ -87,7 +87,7 @@ def test_kill_9_mid_load_loses_at_most_one_flush_interval(gateway: GatewayProces
     total = sum(tokens for _, tokens in finished)
     # The bound: one flush interval, plus slack for a loaded test machine delaying the flusher thread.
     durable_before = sum(tokens for at, tokens in finished if at < killed_at - 2 * FLUSH_S)
-    recovered = spent(gateway.compiled.policy)
+    recovered = spent(gateway.policy)
     assert len(finished) > 20
     # In flight when killed: reserved in memory but never answered, so it may count too (reservations).
     assert durable_before <= recovered <= total + 4 * (20 + 50)

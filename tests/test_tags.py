@@ -73,7 +73,7 @@ def test_tags_land_on_ledger_rows_metrics_and_spend_by_tag(
         "chat": [_ask(gateway, "bogus=1, feature=chat, feature=search")],  # unlisted key dropped; first wins
         "(untagged)": [_ask(gateway, None), _ask(gateway, "")],
     }
-    records = gateway.accounting.usage.wait_for(6)
+    records = gateway.usage.wait_for(6)
     assert sorted(r.tags for r in records) == sorted([
         (("env", "prod"), ("feature", "search")), (("feature", "search"),), (("env", "prod"), ("feature", "other")),
         (("feature", "chat"),), (), ()])
@@ -124,7 +124,7 @@ def test_a_strict_team_is_refused_for_unlisted_tags_and_team_values_stay_its_own
     assert upstream.request_count == 0  # refused before any upstream call
     _ask(gateway, "feature=batch", key="sk-beta", model="beta-model")
     _ask(gateway, "feature=batch")  # beta's own value is not alpha's: `other` there
-    records = gateway.accounting.usage.wait_for(5)
+    records = gateway.usage.wait_for(5)
     assert [(r.team, r.status, r.tags) for r in records if r.status == 200] == [
         ("beta", 200, (("feature", "batch"),)), ("alpha", 200, (("feature", "other"),))]
 
@@ -144,7 +144,7 @@ def test_attribution_off_reads_no_header(upstream: FakeOpenAIUpstream,
                                          start_gateway: Callable[..., RunningGateway]) -> None:
     gateway = start_gateway(standard_policy(upstream.base_url, extra=PRICES))
     _ask(gateway, "feature=search")
-    assert gateway.accounting.usage.wait_for(1)[0].tags == ()
+    assert gateway.usage.wait_for(1)[0].tags == ()
 
 
 def test_an_older_ledger_gets_the_tags_column_and_its_rows_count_as_untagged(tmp_path: Path) -> None:
@@ -219,6 +219,6 @@ def test_tag_rules_apply_on_reload(upstream: FakeOpenAIUpstream,
             model="chat-model", messages=[{"role": "user", "content": "hi"}])
     beta = gateway.client("sk-beta", default_headers={"x-team-tags": "feature=nope"})
     beta.chat.completions.create(model="beta-model", messages=[{"role": "user", "content": "hi"}])  # its own: not
-    records = gateway.accounting.usage.wait_for(5)
+    records = gateway.usage.wait_for(5)
     assert [r.tags for r in records] == [(("feature", "other"),), (), (("feature", "summarize"), ("region", "eu")),
                                          (), (("feature", "other"),)]

@@ -45,7 +45,7 @@ def test_spans_reach_a_real_otlp_collector(upstream: FakeOpenAIUpstream, collect
                                                            messages=[{"role": "user", "content": "a b c"}])
     list(client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "d e"}],
                                         stream=True))
-    records = gateway.accounting.usage.wait_for(2)
+    records = gateway.usage.wait_for(2)
     spans = collector.wait_for(lambda s: sum(x.kind == "SERVER" for x in s) >= 2)
     servers = {s.trace_id: s for s in spans if s.kind == "SERVER"}
     assert set(servers) == {r.trace_id for r in records}
@@ -108,7 +108,7 @@ def test_dead_collector_drops_spans_with_one_log_line(upstream: FakeOpenAIUpstre
         assert watch.seen.wait(10), watch.messages
         for _ in range(10):
             client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "y"}])
-        gateway.accounting.usage.wait_for(20)
+        gateway.usage.wait_for(20)
         assert sum("failing" in m for m in watch.messages) == 1
     finally:
         telemetry_log.removeHandler(watch)

@@ -8,11 +8,11 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
-from gateway.exchange import Exchange
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.compiled.policy import parse_policy
+from gateway.exchange import Exchange
 from gateway.telemetry.traces import NO_TRACE, Telemetry, redact_content
 from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
@@ -210,7 +210,7 @@ def test_unsampled_traces_are_dropped_but_errors_are_kept(upstream: FakeOpenAIUp
     upstream.script(Behaviour.error(503))
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "fails"}])
-    gateway.accounting.usage.wait_for(4)
+    gateway.usage.wait_for(4)
     server, (attempt,) = tree(exporter.wait_for_servers(1))
     assert (attempt.attributes or {})["error.type"] == "503"
     assert server.context is not None and server.context.trace_flags.sampled
@@ -223,7 +223,7 @@ def test_tracing_off_sends_no_trace_context_and_records_no_trace_id(gateway: Run
                                                                    upstream: FakeOpenAIUpstream) -> None:
     gateway.client().chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])
     assert upstream.last_request.header("traceparent") is None
-    assert gateway.accounting.usage.wait_for(1)[0].trace_id is None
+    assert gateway.usage.wait_for(1)[0].trace_id is None
 
 
 def test_content_is_recorded_only_for_listed_teams_and_redacted(
@@ -336,7 +336,7 @@ def test_fallback_attempts_are_siblings_and_the_answering_target_is_billed(
     # Summed the way Phoenix and LangSmith sum a project, the trace costs what the ledger says, once.
     totals = summed_as_tools_do([server, failed, answered])
     assert totals["phoenix_tokens"] == totals["langsmith_tokens"] == usage.total_tokens
-    assert Decimal(str(totals["phoenix_cost"])) == pytest.approx(Decimal(str(gateway.accounting.usage.wait_for(1)[0].cost_usd)))
+    assert Decimal(str(totals["phoenix_cost"])) == pytest.approx(Decimal(str(gateway.usage.wait_for(1)[0].cost_usd)))
 
 
 def test_chain_attempts_leave_the_llm_call_to_the_client_trace(

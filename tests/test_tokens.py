@@ -13,9 +13,9 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
-from gateway.tokens.framing import TOOL_CALL_OVERHEAD, audio_tokens, image_tokens
 
 from gateway.tokens.counter import CHARS_PER_TOKEN, TokenCounter, estimate_tokens
+from gateway.tokens.framing import TOOL_CALL_OVERHEAD, audio_tokens, image_tokens
 
 SHARED_CACHE = "/work/shared/tiktoken"
 

@@ -16,7 +16,6 @@ same key.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 from collections.abc import Callable
@@ -26,7 +25,8 @@ import orjson
 
 from gateway.accounting.budgets import EXHAUSTED, MICROS, ThresholdEvent, owner_words
 from gateway.accounting.webhooks import Webhook, WebhookDispatcher
-from gateway.errors import GatewayError, render
+from gateway.policy.parts import PolicyPart
+from gateway.timestamps import iso_time
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
@@ -72,9 +72,9 @@ def describe(event: ThresholdEvent) -> str:
     if event.kind == EXHAUSTED:
         verb = "would have been refused" if event.shadow else "was refused"
         return (f"{who} has exhausted its {budget} ({numbers} used); a request {verb}. "
-                f"It resets at {_iso(event.period_end)}.{shadow}")
+                f"It resets at {iso_time(event.period_end)}.{shadow}")
     return (f"{who} has used {event.threshold:.0%} of its {budget} ({numbers}). "
-            f"It resets at {_iso(event.period_end)}.{shadow}")
+            f"It resets at {iso_time(event.period_end)}.{shadow}")
 
 
 def payload(event: ThresholdEvent, webhook: Webhook, key: str) -> bytes:
@@ -90,7 +90,7 @@ def payload(event: ThresholdEvent, webhook: Webhook, key: str) -> bytes:
         "unit": event.unit, "threshold": event.threshold,
         "limit": _number(event, event.limit), "used": _number(event, event.used),
         "mode": "shadow" if event.shadow else "enforce",
-        "period": {"start": _iso(event.period_start), "end": _iso(event.period_end)}, "text": text,
+        "period": {"start": iso_time(event.period_start), "end": iso_time(event.period_end)}, "text": text,
     }
     return orjson.dumps(body)
 
@@ -102,9 +102,6 @@ def _number(event: ThresholdEvent, value: int) -> float | int:
 def _amount(event: ThresholdEvent, value: int) -> str:
     return f"${value / MICROS:,.2f}" if event.unit == "usd" else f"{value:,} tokens"
 
-
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
 
 
 def alert_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
@@ -122,21 +119,5 @@ def alert_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]
     return problems
 
 
-class AlertsRoute:
-    """GET /admin/alerts with an admin key: the delivery queue, drops, and recent deliveries with their failures."""
-
-    def __init__(self, dispatcher: WebhookDispatcher) -> None:
-        self._dispatcher = dispatcher
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.auth import authenticate_admin
-        from gateway.exchange import Reply
-        from gateway.http.asgi import request_headers, send_json, send_reply
-
-        policy = scope["app"].state.services.policy()
-        try:
-            authenticate_admin(policy, request_headers(scope))
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        await send_json(send, 200, self._dispatcher.recent())
+# Budgets' `notify` lists name webhooks that exist (the webhooks themselves: webhooks.py `WEBHOOKS`).
+ALERT_TARGETS = PolicyPart("alerts", check=alert_problems, build=lambda compiling: compiling.document.alerts)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import zoneinfo
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -210,18 +209,6 @@ class ThresholdEvent:
 
 def log_threshold(event: ThresholdEvent) -> None:
     log.warning(orjson.dumps(event.as_log()).decode())
-
-
-def crossed(budget: Budget, limit: int, before: int, after: int) -> list[float]:
-    """Soft thresholds passed going from `before` to `after`."""
-    return [t for t in budget.soft_thresholds if before < math.ceil(t * limit) <= after]
-
-
-@dataclass(slots=True)
-class ThresholdMarks:
-    """In-process memory of thresholds already reported, so the store is asked at most once each."""
-
-    seen: set[str] = field(default_factory=set)
 
 
 def _duration_words(seconds: int) -> str:

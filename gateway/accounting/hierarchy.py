@@ -32,12 +32,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.budgets import MICROS, Budget, build_budget
+from gateway.accounting.plans import Plan
 from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.parts import PolicyPart
 from gateway.policy.schema import END_USER_ID
 from gateway.state import Check, Delta, StateStore, Verdict
+from gateway.timestamps import go_duration
 
 if TYPE_CHECKING:
-    from gateway.accounting.limits import Plan, _Meter
+    from gateway.accounting.limits import _Meter
     from gateway.policy.schema import BudgetPolicy, PolicyDocument
 
 OTHER = "other"  # the shared bucket of end users beyond `max_tracked`; reserved, never a user's id
@@ -96,7 +99,7 @@ EMPTY = Hierarchy()
 
 
 def org_tag(org: str) -> str:
-    # "org:" cannot begin a team's tag: a team name's colons are escaped in its tag (limits._safe).
+    # "org:" cannot begin a team's tag: a team name's colons are escaped in its tag (gateway/state `safe_key`).
     return "{org:" + org + "}"
 
 
@@ -300,8 +303,6 @@ def with_end_user(plan: Plan | None, budget: Budget | None) -> Plan | None:
     """The plan of (key, model) with the request's end-user budget added after the team's."""
     if budget is None:
         return plan
-    from gateway.accounting.limits import Plan
-
     if plan is None:
         return Plan((), (budget,), True, budget.usd_micros is not None, budget.shadow)
     budgets = plan.budgets
@@ -401,8 +402,6 @@ def budget_headers(meters: Sequence[_Meter], checks: Sequence[Check], verdict: V
     Levels: org, team, user (the end user's own budget or the `other` bucket), key. USD in dollars; the reset
     as a duration, like `x-ratelimit-reset-*`. Shadow budgets are left out: they must not slow clients down.
     """
-    from gateway.accounting.limits import go_duration
-
     headers: dict[str, str] = {}
     for index, meter in enumerate(meters):
         budget = meter.budget
@@ -472,3 +471,7 @@ async def end_user_summary(store: StateStore, hierarchy: Hierarchy, team: str, n
 def valid_end_user(value: str) -> str | None:
     """`value` when it is a well-formed end-user id (an admin's query), else None."""
     return value if _USER_ID.fullmatch(value) is not None else None
+
+
+# Organisations and end-user settings that name teams, models and webhooks (compiled into `Rules.hierarchy`).
+HIERARCHY = PolicyPart("hierarchy", check=hierarchy_problems)

@@ -40,8 +40,6 @@ import orjson
 from gateway.accounting.spill import Spill
 from gateway.accounting.tags import tags_json
 from gateway.accounting.usage import UsageRecord
-from gateway.auth import authenticate_admin
-from gateway.errors import ErrorKind, GatewayError
 
 log = logging.getLogger("switchboard.ledger")
 
@@ -103,6 +101,11 @@ _GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_i
            "organization": ("organization",), "end_user": ("team", "end_user")}
 _TAG_GROUP = re.compile(r"^tag:([A-Za-z0-9_]{1,64})$")
 GROUPINGS = "team, model, key, day, organization, end_user or tag:<key>"
+
+
+def is_grouping(by: str) -> bool:
+    """Whether `by` names a way `spend` can group the ledger."""
+    return by in _GROUPS or _TAG_GROUP.match(by) is not None
 _MAX_BATCH = 2000
 # How long one write waits for another connection's lock before the batch is spilled and retried later.
 _BUSY_TIMEOUT_S = 2.0
@@ -446,80 +449,3 @@ def render_report(report: Sequence[Mapping[str, Any]], fmt: str) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines) + "\n"
-
-
-# --- GET /admin/spend -------------------------------------------------------------------------
-
-
-class SpendRoute:
-    """GET /admin/spend?by=team|model|key|day|tag:<key>&since=...&until=...&format=json|csv (admin key)."""
-
-    def __init__(self, ledger: Ledger | None) -> None:
-        self._ledger = ledger
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        import asyncio
-        from urllib.parse import parse_qs
-
-        from gateway.errors import render
-        from gateway.exchange import Reply
-        from gateway.http.asgi import request_headers, send_reply
-
-        policy = scope["app"].state.services.policy()
-        try:
-            authenticate_admin(policy, request_headers(scope))
-            ledger = self._ledger
-            if ledger is None:
-                raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
-                                   code="ledger_not_configured")
-            query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-            by, fmt = query.get("by", "team"), query.get("format", "json")
-            if fmt not in ("json", "csv"):
-                raise GatewayError(ErrorKind.BAD_REQUEST, "format must be json or csv.", param="format")
-            try:
-                since = parse_since(query.get("since"))
-                until = parse_since(query["until"]) if query.get("until") else None
-            except ValueError as exc:
-                raise GatewayError(ErrorKind.BAD_REQUEST, str(exc), param="since") from exc
-            if by not in _GROUPS and _TAG_GROUP.match(by) is None:
-                raise GatewayError(ErrorKind.BAD_REQUEST, f"by must be one of {GROUPINGS}.", param="by")
-
-            def report() -> list[dict[str, Any]]:
-                ledger.flush()
-                return spend(ledger.path, by, since, until)
-
-            rows = await asyncio.to_thread(report)
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        body = render_report(rows, fmt).encode()
-        content_type = b"text/csv; charset=utf-8" if fmt == "csv" else b"application/json"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def print_spend(policy_path: str, by: str, since: str | None, until: str | None, fmt: str) -> int:
-    """`switchboard spend`: report from the ledger file the policy's `ledger.path` names."""
-    import sys
-
-    from gateway.compiled.policy import PolicyError, load_policy
-
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 1
-    if policy.ledger_path is None:
-        sys.stderr.write(f"{policy_path}: no usage ledger configured (set ledger.path)\n")
-        return 1
-    if not policy.ledger_path.exists():
-        sys.stderr.write(f"{policy.ledger_path}: no ledger file yet (the gateway creates it on the first request)\n")
-        return 1
-    try:
-        report = spend(policy.ledger_path, by, parse_since(since), parse_since(until) if until else None)
-    except ValueError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 2
-    sys.stdout.write(render_report(report, fmt))
-    return 0

@@ -28,9 +28,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from gateway import hierarchy, shadow
+from gateway.accounting import hierarchy, shadow
 from gateway.accounting.budgets import (
     EXHAUSTED,
     MICROS,
@@ -40,170 +38,25 @@ from gateway.accounting.budgets import (
     StreamAllowance,
     ThresholdEvent,
     Window,
-    build_budget,
     exceeded,
     log_threshold,
     policy_cost,
 )
+from gateway.accounting.plans import Plan, RateRule
+from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
 from gateway.telemetry.decisions import admission_event, settlement_event
 from gateway.telemetry.traces import NO_TRACE, Trace
-from gateway.tokens.counter import PromptCount
+from gateway.timestamps import go_duration, iso_time
+from gateway.tokens.counter import PromptCount, requested_completion
 from providers.base import Endpoint, Usage
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import KeyEntry, Model, Policy, Target
-    from gateway.policy.schema import PolicyDocument, RateLimitsPolicy
 
 log = logging.getLogger("switchboard.limits")
-
-_WINDOWS = (("rpm", "requests", 60), ("tpm", "tokens", 60), ("rpd", "requests", 86_400), ("tpd", "tokens", 86_400))
-_LABELS = {("requests", 60): "requests per minute", ("tokens", 60): "tokens per minute",
-           ("requests", 86_400): "requests per day", ("tokens", 86_400): "tokens per day"}
-
-
-# --- rules, built once per policy ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    """One rate limit of one scope: `limit` requests or tokens per fixed window."""
-
-    scope: str  # "team", "key" or "model"
-    owner: str  # team name, key id or model name
-    team: str
-    unit: str  # "requests" or "tokens"
-    window_s: int
-    limit: int
-    base: str  # counter key prefix, hash-tagged by team
-    shadow: bool = False  # mode: shadow: counted and reported, never refusing (gateway/accounting/shadow.py)
-
-    @property
-    def label(self) -> str:
-        return _LABELS[(self.unit, self.window_s)]
-
-    @property
-    def who(self) -> str:
-        if self.scope == "team":
-            return f"team {self.team}"
-        if self.scope == "key":
-            return f"key {self.owner} (team {self.team})"
-        return f"model {self.owner} for team {self.team}"
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything that applies to one (key, model): what admission checks."""
-
-    rates: tuple[RateRule, ...]
-    budgets: tuple[Budget, ...]
-    needs_tokens: bool
-    needs_usd: bool
-    shadowed: bool = False  # some rule is in shadow mode: admission looks for what it would refuse
-
-
-class Rules:
-    """A policy's limits and budgets by scope; `plan` is memoised per (key, model)."""
-
-    def __init__(self) -> None:
-        self.team_rates: dict[str, tuple[RateRule, ...]] = {}
-        self.key_rates: dict[str, tuple[RateRule, ...]] = {}
-        self.model_rates: dict[tuple[str, str], tuple[RateRule, ...]] = {}
-        self.team_budgets: dict[str, Budget] = {}
-        self.key_budgets: dict[str, Budget] = {}
-        self.team_keys: dict[str, tuple[str, ...]] = {}
-        # Organisations and end users (gateway/accounting/hierarchy.py): the levels above and beside team and key.
-        self.hierarchy: hierarchy.Hierarchy = hierarchy.EMPTY
-        self.default_completion_tokens = 1024
-        self.shadow_header = True
-        self._plans: dict[tuple[str, str], Plan | None] = {}
-
-    @property
-    def any(self) -> bool:
-        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets
-                    or self.hierarchy.any)
-
-    def plan(self, team: str, key_id: str, model: str) -> Plan | None:
-        memo = (key_id, model)
-        try:
-            return self._plans[memo]
-        except KeyError:
-            pass
-        rates = (*self.team_rates.get(team, ()), *self.key_rates.get(key_id, ()),
-                 *self.model_rates.get((team, model), ()))
-        budgets = tuple(b for b in (self.hierarchy.org_budgets.get(team), self.team_budgets.get(team),
-                                    self.key_budgets.get(key_id)) if b is not None)
-        plan = None
-        if rates or budgets:
-            plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
-                b.tokens is not None or b.usd_micros is not None for b in budgets),
-                any(b.usd_micros is not None for b in budgets),
-                any(r.shadow for r in rates) or any(b.shadow for b in budgets))
-        self._plans[memo] = plan
-        return plan
-
-
-def build_rules(document: PolicyDocument) -> Rules:
-    """The runtime limits of a validated policy document."""
-    rules = Rules()
-    rules.default_completion_tokens = document.admission.default_completion_tokens
-    rules.shadow_header = document.admission.shadow_reject_header
-    for team, config in document.teams.items():
-        tag = "{" + _safe(team) + "}"
-        rules.team_keys[team] = tuple(k.id for k in config.keys)
-        if config.limits is not None:
-            rules.team_rates[team] = _rates(config.limits, "team", team, team, f"{tag}:r:team")
-        for model, limits in config.model_limits.items():
-            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{_safe(model)}")
-        if config.budget is not None:
-            rules.team_budgets[team] = build_budget(config.budget, "team", team, team, f"{tag}:b:team")
-        for key in config.keys:
-            if key.limits is not None:
-                rules.key_rates[key.id] = _rates(key.limits, "key", key.id, team, f"{tag}:r:key:{key.id}")
-            if key.budget is not None:
-                rules.key_budgets[key.id] = build_budget(key.budget, "key", key.id, team, f"{tag}:b:key:{key.id}")
-    rules.hierarchy = hierarchy.build_hierarchy(document, lambda team: "{" + _safe(team) + "}")
-    return rules
-
-
-def rules_problems(document: PolicyDocument, at: Callable[[tuple[Any, ...], str], str]) -> list[str]:
-    """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
-    problems = []
-    for team, config in document.teams.items():
-        allowed = set(config.models)
-        for model in config.model_limits:
-            if model not in document.models:
-                problems.append(at(("teams", team, "model_limits", model), f"unknown model {model!r}"))
-        budgets = [(("teams", team, "budget"), config.budget)]
-        budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
-        for path, budget in budgets:
-            target = budget.downgrade_to if budget is not None else None
-            if target is not None and target not in document.models:
-                problems.append(at((*path, "downgrade_to"), f"unknown model {target!r}"))
-            elif target is not None and "*" not in allowed and target not in allowed:
-                problems.append(at((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
-                                   f"to teams.{team}.models"))
-    for index, key in enumerate(document.admin.keys):
-        if key.limits is not None or key.budget is not None:
-            problems.append(at(("admin", "keys", index), "admin keys take no limits or budget"))
-    return problems
-
-
-def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: str) -> tuple[RateRule, ...]:
-    rules = []
-    for name, unit, window in _WINDOWS:
-        limit = getattr(config, name)
-        if limit is not None:
-            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}", config.mode == "shadow"))
-    return tuple(rules)
-
-
-def _safe(name: str) -> str:
-    # Braces would change the Redis Cluster hash tag; colons the key structure.
-    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
-
 
 # --- admission -----------------------------------------------------------------------------
 
@@ -525,17 +378,9 @@ class Limiter:
         upstream = model.targets[0].upstream_model
         # The provider family decides the counting method: exact for OpenAI, a documented estimate elsewhere.
         family = model.targets[0].provider.adapter.capabilities.tokenizer
-        counter = self._counter
-        if endpoint is Endpoint.CHAT:
-            prompt = counter.count_chat_prompt(body, upstream, family)
-        elif endpoint is Endpoint.COMPLETIONS:
-            prompt = counter.count_completion_prompt(body, upstream, family)
-        elif endpoint is Endpoint.EMBEDDINGS:
-            return counter.count_embedding_input(body, upstream, family), 0
-        else:  # Responses API and anything newer: the input as JSON text, a deliberate overestimate
-            value = body.get("input")
-            text = value if isinstance(value, str) else orjson.dumps(value).decode() if value is not None else ""
-            prompt = counter.count_text(text + str(body.get("instructions") or ""), upstream, family)
+        prompt = self._counter.count_prompt(endpoint, body, upstream, family)
+        if endpoint is Endpoint.EMBEDDINGS:
+            return prompt, 0
         return prompt, completion_reservation(body, default)
 
     def _allowance(self, policy: Policy, model: Model, meters: tuple[_Meter, ...], verdict: Verdict, prompt: int,
@@ -672,9 +517,7 @@ def _state_wanted(policy: Policy) -> tuple[Any, str]:
 
 def completion_reservation(body: Mapping[str, Any], default: int) -> int:
     """Completion tokens to reserve: the request's own cap times `n`, else the policy default."""
-    value = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        value = default
+    value = requested_completion(body) or default
     choices = body.get("n")
     if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
         value *= choices
@@ -718,7 +561,7 @@ def _refusal(meter: _Meter, check: Check, used: int, now: float) -> GatewayError
                             code="rate_limit_exceeded", retry_after=wait, headers={"x-should-retry": "false"})
     return GatewayError(ErrorKind.RATE_LIMITED, f"Rate limit reached for {rule.who} on {rule.label}: limit "
                         f"{rule.limit}, used {used}, requested {check.amount}. Resets in {go_duration(wait)} "
-                        f"(at {_iso(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
+                        f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
 
 
 def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
@@ -741,24 +584,6 @@ def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict
     return headers
 
 
-def go_duration(seconds: float) -> str:
-    """A duration as Go prints it, the format of OpenAI's reset headers: `6m0s`, `1.5s`, `12ms`."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    millis = math.ceil(seconds * 1000)
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-def _iso(timestamp: float, zone: dt.tzinfo) -> str:
-    return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec="seconds")
-
 
 def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
     """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
@@ -772,3 +597,4 @@ async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpo
     if limiter is None:
         return None
     return await limiter.admit(policy, caller, endpoint, body, model, headers, trace, end_user)
+

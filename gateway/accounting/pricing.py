@@ -28,13 +28,14 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
+from gateway.policy.parts import Compiling, PartProblems, PolicyPart
 from gateway.policy.schema import PolicyDocument, PriceSpec, PricesPolicy
 from providers.base import Usage
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Target
 
-SHIPPED_TABLE = Path(__file__).resolve().parents[1] / "policies" / "prices.yaml"
+SHIPPED_TABLE = Path(__file__).resolve().parents[2] / "policies" / "prices.yaml"
 COST_HEADER = "x-switchboard-cost-usd"
 
 # Provider kinds billed from another kind's price list (e.g. Azure OpenAI bills
@@ -264,3 +265,18 @@ def price_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...]
             if provider not in document.providers:
                 problems.append((("prices", section, provider), f"unknown provider {provider!r}; defined: {defined}"))
     return problems
+
+
+def _compile_prices(compiling: Compiling) -> PriceBook:
+    document = compiling.document
+    try:
+        prices = build_price_book(document.prices, compiling.provider_kinds, compiling.base_dir,
+                                  {name: model.price for name, model in document.models.items() if model.price})
+    except ValueError as exc:
+        raise PartProblems([(("prices", "table"), str(exc))]) from exc
+    prices.warm([(target.provider, target.model) for model in document.models.values() for target in model.targets])
+    return prices
+
+
+# The price book every request is billed by: `Policy.prices`.
+PRICES = PolicyPart("prices", check=price_problems, build=_compile_prices)

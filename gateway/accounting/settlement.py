@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +29,8 @@ from gateway.accounting.hierarchy import organization_of
 from gateway.accounting.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.accounting.tags import Tags
 from gateway.accounting.usage import UsageRecord
-from gateway.cache import cache_overhead, hit_tokens, usage_fields
 from gateway.errors import ErrorKind, GatewayError
-from providers.base import Endpoint, StreamChunk, Usage
+from providers.base import StreamChunk, Usage
 
 if TYPE_CHECKING:
     from gateway.accounting.limits import Admission, Limiter
@@ -41,7 +38,6 @@ if TYPE_CHECKING:
     from gateway.cache.semantic import Embedded
     from gateway.compiled.policy import KeyEntry, Policy, Target
     from gateway.exchange import Exchange, InferenceRequest, Services
-    from gateway.tokens.counter import TokenCounter
     from providers.base import Call
 
 log = logging.getLogger("switchboard.settlement")
@@ -60,20 +56,6 @@ CACHE_HIT = "cache_hit"
 INTERNAL_ERROR = "internal_error"
 # A client that went away before its answer: nginx's 499, the de facto status for it.
 CLIENT_CLOSED_STATUS = 499
-
-
-def new_gateway_id() -> str:
-    """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits.
-
-    The ledger's key for the request. Made here, never taken from a client, so
-    no tenant can name (and so erase or shadow) another tenant's row; time-ordered,
-    so ledger inserts append to the index instead of landing all over it.
-    """
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10))
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(slots=True)
@@ -175,7 +157,7 @@ class Settlement:
         _, wasted_cost = self._failed_attempts()
         if wasted_cost is not None:
             cost = (cost or 0.0) + wasted_cost
-        overhead = cache_overhead(self.cache)
+        overhead = self.cache.overhead if self.cache is not None else None
         if overhead is not None and overhead.cost_usd is not None:
             cost = (cost or 0.0) + overhead.cost_usd
         self.cost_usd = cost
@@ -186,7 +168,7 @@ class Settlement:
         admission = self.admission
         assert admission is not None
         micros = math.ceil(self.cost_usd * MICROS) if self.cost_usd else 0
-        served = hit_tokens(self.cache)
+        served = self.cache.counted_hit_usage() if self.cache is not None else None
         billed = usage
         if wasted.prompt_tokens:
             billed = _plus(usage, wasted)
@@ -221,7 +203,8 @@ class Settlement:
             prompt, cost = 0, None
             self._wasted_by_model = {}
             for target, call in self._billed_attempts:
-                tokens = prompt_tokens(self._services.counter, call, target)
+                tokens = self._services.counter.count_prompt(call.endpoint, call.body, target.upstream_model,
+                                                             target.provider.adapter.capabilities.tokenizer)
                 prompt += tokens
                 self._wasted_by_model[target.public_model] = self._wasted_by_model.get(target.public_model, 0) + tokens
                 if self.policy is not None:
@@ -266,9 +249,11 @@ class Settlement:
             self.status = CLIENT_CLOSED_STATUS  # gone before any upstream answered: nothing was produced
         usage = self.usage
         if usage is None and self.stream is not None and self.target is not None:
-            usage = _estimate_stream_usage(services, self.stream, self.target)
+            usage = services.counter.estimate_usage(
+                self.stream.call.endpoint, self.stream.call.body, [c.data for c in self.stream.seen],
+                self.target.upstream_model, self.target.provider.adapter.capabilities.tokenizer)
         wasted, wasted_cost = self._failed_attempts()
-        overhead = cache_overhead(self.cache)
+        overhead = self.cache.overhead if self.cache is not None else None
         if self.cost_usd is None and (usage is not None or wasted_cost is not None or overhead is not None):
             self._price(usage or Usage())
         cost_usd, price_version = self.cost_usd, self.price_version
@@ -305,7 +290,7 @@ class Settlement:
             tags=self.tags,
             organization=organization_of(self.policy.rules if self.policy else None, self.caller.team.name),
             end_user=self.end_user,
-            **usage_fields(self.cache),
+            **(self.cache.usage_fields() if self.cache is not None else {}),
         )
         if self.stream is not None:
             exchange.trace.streamed(self.stream.seen)
@@ -313,26 +298,6 @@ class Settlement:
             exchange.trace.failed(self.error, settled=True)
         services.recorder.settle(record)
         exchange.trace.finish(record)
-
-
-def _estimate_stream_usage(services: Services, stream: _Stream, target: Target) -> Usage:
-    """What a stream used when the upstream never said: its prompt, and the completion text relayed."""
-    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
-    prompt = prompt_tokens(services.counter, stream.call, target)
-    completion = services.counter.count_stream_output([c.data for c in stream.seen], model, family)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
-
-
-def prompt_tokens(counter: TokenCounter, call: Call, target: Target) -> int:
-    """The prompt of `call` as `target`'s tokenizer family counts it."""
-    model, family = target.upstream_model, target.provider.adapter.capabilities.tokenizer
-    if call.endpoint is Endpoint.CHAT:
-        return counter.count_chat_prompt(call.body, model, family)
-    if call.endpoint is Endpoint.RESPONSES:
-        return counter.count_responses_input(call.body, model, family)
-    if call.endpoint is Endpoint.EMBEDDINGS:
-        return counter.count_embedding_input(call.body, model, family)
-    return counter.count_completion_prompt(call.body, model, family)
 
 
 # A model name the policy does not define is the client's text: kept for the operator (a typo, a probe), but

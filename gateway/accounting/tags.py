@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.parts import PolicyPart
+from gateway.policy.schema import ROUTE_PIN_HEADER
 
 if TYPE_CHECKING:
     from gateway.policy.schema import PolicyDocument
@@ -73,10 +75,8 @@ def build_tag_plan(document: PolicyDocument) -> TagPlan:
 
 def tag_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...], str]]:
     """The tag header must not be the routing pin header of a model that honours pins (both read k=v pairs)."""
-    from gateway.routing.strategies import TAGS_HEADER
-
     header = document.tags.header.lower() if document.tags else DEFAULT_HEADER
-    if build_tag_plan(document).header is None or header != TAGS_HEADER:
+    if build_tag_plan(document).header is None or header != ROUTE_PIN_HEADER:
         return []
     pinning = [name for name, model in document.models.items() if model.routing.allow_tag_pinning]
     if not pinning:
@@ -127,6 +127,5 @@ def tags_json(tags: Tags) -> str | None:
     return orjson.dumps(dict(tags)).decode() if tags else None
 
 
-def tag_attributes(tags: Tags) -> dict[str, Any]:
-    """Span attributes: `switchboard.tag.<key>`."""
-    return {f"switchboard.tag.{key}": value for key, value in tags}
+# Which cost-attribution tags each team may send: `Policy.tags`.
+TAGS = PolicyPart("tags", check=tag_problems, build=lambda compiling: build_tag_plan(compiling.document))

@@ -55,7 +55,7 @@ class UsageRecord:
     cache: str | None = None
     cache_tokens: int = 0
     cost_saved_usd: float | None = None
-    # The gateway's own id for the request (a UUIDv7, gateway/accounting/settlement.py): the ledger's key. `request_id` is
+    # The gateway's own id for the request (a UUIDv7, gateway/exchange.py): the ledger's key. `request_id` is
     # the client's when it sent one, so it identifies nothing on its own.
     gateway_id: str = ""
     # Attempts that failed after an upstream had started answering (a stream cut before its first content, a
@@ -68,8 +68,8 @@ class UsageRecord:
     cache_overhead_cost_usd: float | None = None
     # Cost attribution tags (gateway/accounting/tags.py): allow-listed (key, value) pairs sorted by key, or ().
     tags: tuple[tuple[str, str], ...] = ()
-    # The budget hierarchy (gateway/accounting/hierarchy.py): the team's organisation, and the end user the request named
-    # (validated; the id itself, even when its budget was the shared `other` bucket), or None.
+    # The budget hierarchy (gateway/accounting/hierarchy.py): the team's organisation, and the end user the request
+    # named (validated; the id itself, even when its budget was the shared `other` bucket), or None.
     organization: str | None = None
     end_user: str | None = None
 

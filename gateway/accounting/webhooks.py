@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+from gateway.policy.parts import Compiling, PartProblems, PolicyPart
+from gateway.timestamps import iso_time
 
 if TYPE_CHECKING:
     from gateway.policy.alert_schema import AlertsPolicy, WebhookPolicy
@@ -127,8 +129,9 @@ class Delivery:
         return {"idempotency_key": self.key, "webhook": self.webhook.name, "event": self.event,
                 "summary": self.summary, "status": self.status, "attempts": self.attempts,
                 "last_http_status": self.last_status, "last_error": self.last_error,
-                "created_at": _iso(self.created_at),
-                "finished_at": _iso(self.finished_at) if self.finished_at is not None else None}
+                "created_at": iso_time(self.created_at, timespec="milliseconds"),
+                "finished_at": None if self.finished_at is None else iso_time(self.finished_at,
+                                                                               timespec="milliseconds")}
 
 
 class WebhookDispatcher:
@@ -283,6 +286,12 @@ class WebhookDispatcher:
         return self._session
 
 
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
+def _compile_webhooks(compiling: Compiling) -> dict[str, Webhook]:
+    webhooks, problems = build_webhooks(compiling.document.alerts, compiling.base_dir, compiling.environ)
+    if problems:
+        raise PartProblems(problems)
+    return webhooks
 
+
+# The webhooks budget alerts are posted to, their secrets read: `Policy.webhooks`.
+WEBHOOKS = PolicyPart("webhooks", build=_compile_webhooks)

@@ -14,11 +14,8 @@ from gateway.cache.service import (
     CACHE_HEADER,
     ResponseCache,
     Ticket,
-    cache_overhead,
-    hit_tokens,
     recording_stream,
     remember,
-    usage_fields,
 )
 
 __all__ = [
@@ -29,10 +26,7 @@ __all__ = [
     "ResponseCache",
     "Ticket",
     "build_cache_plan",
-    "cache_overhead",
     "cache_problems",
-    "hit_tokens",
     "recording_stream",
     "remember",
-    "usage_fields",
 ]

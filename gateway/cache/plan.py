@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.policy.parts import PolicyPart
 from gateway.policy.schema import CachePolicy, PolicyDocument, SemanticCachePolicy
 
 
@@ -111,3 +112,7 @@ def cache_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...]
                              "cache settings for it must be identical; use scope: team, or give them the same "
                              "settings"))
     return problems
+
+
+# Caching rules per team and model: `Policy.cache`.
+CACHE = PolicyPart("cache", check=cache_problems, build=lambda compiling: build_cache_plan(compiling.document))

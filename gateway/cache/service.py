@@ -233,6 +233,12 @@ class Ticket:
         # The semantic lookup's embedding call when an upstream billed it: this request pays for it.
         self.overhead: Embedded | None = None
 
+    def counted_hit_usage(self) -> Usage | None:
+        """The usage of a hit that counts against token limits (`hits_count_tokens`), else None."""
+        if not self.hit or not self.rule.hits_count_tokens:
+            return None
+        return self.entry.usage if self.entry is not None else None
+
     # -- outcomes of the lookup --
 
     def answer(self, entry: Entry, exchange: Exchange) -> Ticket:
@@ -422,7 +428,6 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-_NOTHING: dict[str, Any] = {}
 
 
 def remember(ticket: Ticket | None, parsed: ParsedResponse) -> None:
@@ -437,20 +442,3 @@ def recording_stream(ticket: Ticket | None) -> Ticket | None:
         return None
     ticket.recording = True
     return ticket
-
-
-def hit_tokens(ticket: Ticket | None) -> Usage | None:
-    """Pipeline hook: the usage of a hit that counts against token limits (`hits_count_tokens`), else None."""
-    if ticket is None or not ticket.hit or not ticket.rule.hits_count_tokens:
-        return None
-    return ticket.entry.usage if ticket.entry is not None else None
-
-
-def cache_overhead(ticket: Ticket | None) -> Embedded | None:
-    """Pipeline hook: the semantic lookup's billed embedding, which the request pays for (tokens and USD)."""
-    return ticket.overhead if ticket is not None else None
-
-
-def usage_fields(ticket: Ticket | None) -> dict[str, Any]:
-    """Pipeline hook: extra `UsageRecord` fields."""
-    return _NOTHING if ticket is None else ticket.usage_fields()

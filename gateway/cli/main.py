@@ -215,15 +215,8 @@ def _explain(args: argparse.Namespace) -> int:
             body = None
         if not isinstance(body, dict):
             body = {"messages": [{"role": "user", "content": text}]}
-    counter = TokenCounter()
-
-    def count(request: dict, model: str) -> int:
-        if "messages" in request:
-            return counter.count_chat_prompt(request, model)
-        return counter.count_completion_prompt(request, model)
-
     try:
-        lines = explain_route(policy, args.model, team=args.team, body=body, count_prompt=count)
+        lines = explain_route(policy, args.model, team=args.team, body=body, counter=TokenCounter())
     except KeyError as exc:
         sys.stderr.write(f"{exc.args[0]}\n")
         return 1
@@ -347,13 +340,13 @@ def _keys_edit(policy_path: str, edit: Callable[[KeyBook], str]) -> int:
 
 
 def _spend(args: argparse.Namespace) -> int:
-    from gateway.accounting.ledger import print_spend
+    from gateway.cli.reports import print_spend
 
     return print_spend(args.policy, args.by, args.since, args.until, args.format)
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from gateway.accounting.usage_report import print_usage
+    from gateway.cli.reports import print_usage
 
     return print_usage(args.policy, args.team, args.period, args.end_user)
 

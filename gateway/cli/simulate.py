@@ -240,7 +240,7 @@ class _RecordedPrompt:
     def count(self, *_: Any) -> int:
         return self.prompt_tokens
 
-    count_chat_prompt = count_completion_prompt = count_embedding_input = count_text = count
+    count_prompt = count_chat_prompt = count_completion_prompt = count_embedding_input = count_text = count
 
 
 async def simulate(policy: Policy, requests: Iterator[_Recorded]) -> Simulation:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from gateway.accounting.budgets import MICROS, Budget
 from gateway.accounting.hierarchy import EndUserRules
-from gateway.accounting.limits import RateRule
+from gateway.accounting.plans import RateRule
 from gateway.compiled.policy import Model, Policy, Provider
 
 # Field names whose values may be credentials: compared, never printed.

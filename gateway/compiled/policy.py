@@ -22,16 +22,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.accounting.alerts import alert_problems
-from gateway.accounting.hierarchy import hierarchy_problems
-from gateway.accounting.limits import Rules, build_rules, rules_problems
-from gateway.accounting.pricing import EMPTY_PRICE_BOOK, PriceBook, build_price_book, price_problems
-from gateway.accounting.tags import EMPTY_TAG_PLAN, TagPlan, build_tag_plan, tag_problems
-from gateway.accounting.webhooks import Webhook, build_webhooks
-from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan, build_cache_plan, cache_problems
+from gateway.accounting.pricing import EMPTY_PRICE_BOOK, PriceBook
+from gateway.accounting.rules import Rules
+from gateway.accounting.tags import EMPTY_TAG_PLAN, TagPlan
+from gateway.accounting.webhooks import Webhook
+from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan
+from gateway.compiled.parts import POLICY_PARTS
 from gateway.policy.alert_schema import AlertsPolicy
 from gateway.policy.diagnosis import file_path, line_of, stand_in_document, suggestion
 from gateway.policy.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
+from gateway.policy.parts import Compiling, PartProblems, Problem
 from gateway.policy.schema import (
     ConsolePolicy,
     HealthCheckPolicy,
@@ -44,16 +44,12 @@ from gateway.policy.schema import (
     ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,
-    TargetPolicy,
     TelemetryPolicy,
 )
-from gateway.response_store.rules import TeamResponseRules, build_response_rules
-from gateway.routing.plan import RoutePlan, build_plan, routing_problems
-from gateway.telemetry.traces import telemetry_problems
+from gateway.response_store.rules import TeamResponseRules
+from gateway.routing.plan import RoutePlan
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
-
-_NO_TARGET = TargetPolicy(provider="", model="-")
 
 
 class PolicyError(Exception):
@@ -121,9 +117,8 @@ class Model:
     name: str
     targets: tuple[Target, ...]
     owned_by: str
-    # Strategy and resilience settings (gateway/routing/strategies.py); the default is plain failover.
-    plan: RoutePlan = field(default_factory=lambda: build_plan("", ModelPolicy(targets=[_NO_TARGET])),
-                            repr=False, compare=False)
+    # Strategy and resilience settings (gateway/routing/plan.py).
+    plan: RoutePlan = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,15 +233,17 @@ def parse_policy(text: str, source: str = "<policy>", environ: Mapping[str, str]
     problems = _cross_reference_problems(document, root)
     if problems:
         raise PolicyError(source, problems)
-    policy = _build(document, source, hashlib.sha256((text + keys_text).encode()).hexdigest()[:16])
-    policy = dataclasses.replace(policy, rules=build_rules(document), state=document.state, keys_path=keys_path,
-                                 keys_stamp=keys_stamp, responses=build_response_rules(document),
-                                 response_store=document.response_store, tags=build_tag_plan(document))
-    policy = _with_accounting(policy, document, root)
-    webhooks, problems = build_webhooks(document.alerts, _base_dir(policy.source), environ)
-    if problems:
-        raise PolicyError(source, [_at(loc, root, message) for loc, message in problems])
-    return dataclasses.replace(policy, webhooks=webhooks, alerts=document.alerts)
+    compiling = Compiling(document, _base_dir(source), environ,
+                          {name: provider.kind for name, provider in document.providers.items()})  # type: ignore[attr-defined]
+    parts: dict[str, Any] = {}
+    for part in POLICY_PARTS:
+        if part.build is not None:
+            try:
+                parts[part.name] = part.build(compiling)
+            except PartProblems as exc:
+                raise PolicyError(source, [_at(loc, root, message) for loc, message in exc.problems]) from exc
+    fingerprint = hashlib.sha256((text + keys_text).encode()).hexdigest()[:16]
+    return _build(document, source, fingerprint, parts, compiling.base_dir, keys_path, keys_stamp)
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -300,57 +297,63 @@ def _at(loc: tuple[Any, ...], root: yaml.Node, message: str) -> str:
 
 
 def _cross_reference_problems(document: PolicyDocument, root: yaml.Node) -> list[str]:
-    problems: list[str] = [_at(loc, root, message) for loc, message in (*price_problems(document),
-                                                                        *telemetry_problems(document),
-                                                                        *cache_problems(document),
-                                                                        *tag_problems(document))]
+    """What the schema cannot check: the providers and models first, then each concern's part, then the teams."""
+    found = [*_provider_problems(document), *(problem for part in POLICY_PARTS for problem in part.check(document)),
+             *_team_problems(document)]
+    return [_at(loc, root, message) for loc, message in found]
+
+
+def _provider_problems(document: PolicyDocument) -> list[Problem]:
+    problems: list[Problem] = []
     for name, provider in document.providers.items():
-        adapter = adapter_for(provider.kind)  # type: ignore[attr-defined]
-        if provider.base_url is None and adapter.capabilities.default_base_url is None:
-            problems.append(_at(("providers", name, "base_url"), root,
-                                f"required for kind {provider.kind!r}"))  # type: ignore[attr-defined]
-        if adapter.capabilities.requires_api_key and not provider.api_key:
-            problems.append(_at(("providers", name, "api_key"), root,
-                                f"required for kind {provider.kind!r} (e.g. api_key: ${{OPENAI_API_KEY}})"))  # type: ignore[attr-defined]
+        kind: str = provider.kind  # type: ignore[attr-defined]
+        capabilities = adapter_for(kind).capabilities
+        if provider.base_url is None and capabilities.default_base_url is None:
+            problems.append((("providers", name, "base_url"), f"required for kind {kind!r}"))
+        if capabilities.requires_api_key and not provider.api_key:
+            problems.append((("providers", name, "api_key"),
+                             f"required for kind {kind!r} (e.g. api_key: ${{OPENAI_API_KEY}})"))
     for model_name, model in document.models.items():
         kinds = {getattr(document.providers.get(t.provider), "kind", None) for t in model.targets}
         if model.prompt_caching is not None and "anthropic" not in kinds:
-            problems.append(_at(("models", model_name, "prompt_caching"), root,
-                                "applies to kind anthropic targets only, and this model has none"))
+            problems.append((("models", model_name, "prompt_caching"),
+                             "applies to kind anthropic targets only, and this model has none"))
         for index, target in enumerate(model.targets):
             if target.provider not in document.providers:
-                problems.append(_at(("models", model_name, "targets", index, "provider"), root,
-                                    f"unknown provider {target.provider!r}; defined: "
-                                    + ", ".join(sorted(document.providers))))
-    problems.extend(_at(loc, root, message) for loc, message in routing_problems(document))
-    problems.extend(rules_problems(document, lambda loc, message: _at(loc, root, message)))
-    problems.extend(_at(loc, root, message) for loc, message in alert_problems(document))
-    problems.extend(_at(loc, root, message) for loc, message in hierarchy_problems(document))
-    problems.extend(_at(("admin", "keys", index, "expires_at"), root, "admin keys do not expire; add a new admin "
-                        "key, then remove or disable the old one") for index, key in enumerate(document.admin.keys)
-                    if key.expires_at is not None)
+                problems.append((("models", model_name, "targets", index, "provider"),
+                                 f"unknown provider {target.provider!r}; defined: "
+                                 + ", ".join(sorted(document.providers))))
+    return problems
+
+
+def _team_problems(document: PolicyDocument) -> list[Problem]:
+    problems: list[Problem] = [
+        (("admin", "keys", index, "expires_at"), "admin keys do not expire; add a new admin key, then remove or "
+         "disable the old one") for index, key in enumerate(document.admin.keys) if key.expires_at is not None]
     key_owner: dict[str, str] = {}
     for team_name, team in document.teams.items():
         for field_name, names in (("models", team.models), ("fallback_models", team.fallback_models)):
             for index, model_name in enumerate(names):
                 if model_name != "*" and model_name not in document.models:
-                    problems.append(_at(("teams", team_name, field_name, index), root, f"unknown model "
-                                        f"{model_name!r}; defined: " + ", ".join(sorted(document.models))))
+                    problems.append((("teams", team_name, field_name, index),
+                                     f"unknown model {model_name!r}; defined: " + ", ".join(sorted(document.models))))
         for index, key in enumerate(team.keys):
             for field_name, value in (("id", "id:" + key.id), ("hash", key.hash)):
                 if value in key_owner:
-                    problems.append(_at(("teams", team_name, "keys", index, field_name), root,
-                                        f"duplicate key {field_name}; already used by team {key_owner[value]!r}"))
+                    problems.append((("teams", team_name, "keys", index, field_name),
+                                     f"duplicate key {field_name}; already used by team {key_owner[value]!r}"))
                 key_owner[value] = team_name
     return problems
 
 
-def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
+def _build(document: PolicyDocument, source: str, fingerprint: str, parts: dict[str, Any], base_dir: Path,
+           keys_path: Path | None, keys_stamp: tuple[str, int, int, int] | None) -> Policy:
+    plans = parts.pop("route_plans")
     providers = {name: _build_provider(name, config) for name, config in document.providers.items()}
     models = {
         name: Model(name, tuple(Target(providers[t.provider], t.model, t.weight, frozenset(t.tags.items()), t.cost,
                                        name, _model_settings(providers[t.provider], model))
-                                for t in model.targets), model.owned_by, build_plan(name, model))
+                                for t in model.targets), model.owned_by, plans[name])
         for name, model in document.models.items()
     }
     teams: dict[str, Team] = {}
@@ -367,8 +370,11 @@ def _build(document: PolicyDocument, source: str, fingerprint: str) -> Policy:
             keys[digest] = KeyEntry(key.id, team, digest, key.disabled,
                                     expires.timestamp() if expires is not None else None, key.max_concurrent)
     admin_keys = frozenset(bytes.fromhex(k.hash.removeprefix("sha256:")) for k in document.admin.keys if not k.disabled)
+    ledger_path = base_dir / document.ledger.path if document.ledger.path else None
     return Policy(source, fingerprint, document.server, providers, models, teams, keys, admin_keys,
-                  console=document.admin.console, cache=build_cache_plan(document))
+                  console=document.admin.console, ledger=document.ledger, ledger_path=ledger_path,
+                  state=document.state, keys_path=keys_path, keys_stamp=keys_stamp,
+                  response_store=document.response_store, **parts)
 
 
 def _model_settings(provider: Provider, model: ModelPolicy) -> ProviderSettings | None:
@@ -378,21 +384,6 @@ def _model_settings(provider: Provider, model: ModelPolicy) -> ProviderSettings 
         return None
     return dataclasses.replace(provider.settings,
                                options=options.model_copy(update={"prompt_caching": model.prompt_caching}))
-
-
-def _with_accounting(policy: Policy, document: PolicyDocument, root: yaml.Node) -> Policy:
-    """The policy with its price book, telemetry and ledger settings (paths relative to the policy file)."""
-    base_dir = _base_dir(policy.source)
-    kinds = {name: provider.settings.kind for name, provider in policy.providers.items()}
-    try:
-        prices = build_price_book(document.prices, kinds, base_dir,
-                                  {name: model.price for name, model in document.models.items() if model.price})
-    except ValueError as exc:
-        raise PolicyError(policy.source, [_at(("prices", "table"), root, str(exc))]) from exc
-    prices.warm([(t.provider.name, t.upstream_model) for m in policy.models.values() for t in m.targets])
-    ledger_path = base_dir / document.ledger.path if document.ledger.path else None
-    return dataclasses.replace(policy, prices=prices, telemetry=document.telemetry, ledger=document.ledger,
-                               ledger_path=ledger_path)
 
 
 def _base_dir(source: str) -> Path:

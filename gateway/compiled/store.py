@@ -35,7 +35,7 @@ RESTART_ONLY: dict[str, Callable[[Policy], object]] = {
     "ledger.flush_interval_s": lambda policy: policy.ledger.flush_interval_s,
     "response_store": lambda policy: policy.response_store,
     "telemetry.metrics.enabled": lambda policy: policy.telemetry.metrics.enabled,
-    # The alert dispatcher's queue and workers are made once (gateway/accounting/webhooks.py); the webhooks themselves reload.
+    # The alert dispatcher's queue and workers are made once (accounting/webhooks.py); the webhooks themselves reload.
     "alerts.queue_size": lambda policy: policy.alerts.queue_size,
     "alerts.concurrent_deliveries": lambda policy: policy.alerts.concurrent_deliveries,
     "alerts.history": lambda policy: policy.alerts.history,

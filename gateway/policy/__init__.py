@@ -1,1 +1,1 @@
-"""The policy: its schema, loading, compiling into the runtime Policy, the live store."""
+"""The policy document: its schema, how a problem in it is pointed at, and the key files it names."""

@@ -1,4 +1,4 @@
-"""The policy's `alerts:` section: webhooks that budget alerts are posted to (gateway/accounting/alerts.py, webhooks.py).
+"""The policy's `alerts:` section: webhooks that budget alerts are posted to (accounting/alerts.py, webhooks.py).
 
 Kept apart from gateway/policy/schema.py, which includes it as `PolicyDocument.alerts`; budgets name the
 webhooks they notify in `notify`.

@@ -31,6 +31,9 @@ def _redis_url(value: str) -> str:
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
+# The request header that pins a route to tagged targets (models.<m>.routing.allow_tag_pinning).
+ROUTE_PIN_HEADER = "x-switchboard-tags"
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,7 +74,7 @@ class MetricsScrapePolicy(Strict):
 
 
 class RequestIdPolicy(Strict):
-    """How the request id travels to the upstream (gateway/upstream/request_ids.py); unset fields take the kind's default."""
+    """How the request id travels to the upstream (upstream/request_ids.py); unset fields take the kind's default."""
 
     send: bool = Field(True, description="Send the request id upstream at all.")
     header: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9-]+$", description="Header name "
@@ -103,7 +106,7 @@ class ProviderBase(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     pool: Pool = Field(default_factory=Pool)
     health_check: HealthCheckPolicy | None = Field(None, description="Probe the provider in the background; "
-                                                   "its targets are skipped while it fails (gateway/routing/health.py).")
+                                                   "its targets are skipped while it fails (routing/health.py).")
     metrics: MetricsScrapePolicy | None = Field(None, description="Scrape a vLLM/SGLang Prometheus endpoint for "
                                                 "load, used by `prefix-affinity` and `least-busy`.")
     request_id: RequestIdPolicy = Field(default_factory=RequestIdPolicy,
@@ -194,7 +197,7 @@ class RoutingPolicy(Strict):
 
     strategy: Literal["priority", "weighted", "least-busy", "latency", "cost", "prefix-affinity", "kv-aware"] = Field(
         "priority", description="priority = targets in listed order (failover only).")
-    allow_tag_pinning: bool = Field(False, description="Honour `x-switchboard-tags: k=v,...` request headers.")
+    allow_tag_pinning: bool = Field(False, description=f"Honour `{ROUTE_PIN_HEADER}: k=v,...` request headers.")
     latency_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest latency sample.")
     exploration: float = Field(0.05, ge=0, le=1, description="Share of `latency` requests sent to a random "
                                "target so a recovered one is noticed.")
@@ -478,7 +481,7 @@ class EndUsersPolicy(Strict):
 
 
 class OrganizationPolicy(Strict):
-    """An organisation: a group of teams with a budget over the spend of all of them (gateway/accounting/hierarchy.py)."""
+    """An organisation: a group of teams with a budget over the spend of all of them (accounting/hierarchy.py)."""
 
     teams: list[str] = Field(min_length=1, description="Names of teams under `teams`; a team belongs to at most "
                              "one organisation.")
@@ -720,7 +723,7 @@ class BatchExportPolicy(Strict):
 
 
 class TracesPolicy(Strict):
-    """OpenTelemetry traces (gateway/telemetry/traces.py): a SERVER span per request, a CLIENT span per upstream attempt."""
+    """OpenTelemetry traces (telemetry/traces.py): a SERVER span per request, a CLIENT span per upstream attempt."""
 
     exporter: Literal["none", "console", "otlp_http", "otlp_grpc"] = Field(
         "none", description="none records nothing (and costs nothing); console prints spans (debugging).")

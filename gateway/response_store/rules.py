@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway.policy.parts import PolicyPart
 from gateway.policy.schema import TeamResponsesPolicy
 
 if TYPE_CHECKING:
@@ -44,3 +45,7 @@ DEFAULT_RULES = team_rules(TeamResponsesPolicy())
 
 def build_response_rules(document: PolicyDocument) -> Mapping[str, TeamResponseRules]:
     return {name: team_rules(team.responses) for name, team in document.teams.items()}
+
+
+# Stored Responses API state per team: `Policy.responses`.
+RESPONSES = PolicyPart("responses", build=lambda compiling: build_response_rules(compiling.document))

@@ -1,4 +1,4 @@
-"""Target health: active health checks, Prometheus load scrapes, and GET /admin/targets.
+"""Target health: active health checks, Prometheus load scrapes, and what GET /admin/targets reports.
 
 `Monitor` runs one background task per provider that has `health_check` or
 `metrics` configured, never on the request path. Results land in the app's
@@ -16,15 +16,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.compiled.policy import Policy, Provider
-from gateway.errors import GatewayError, render
 from gateway.routing.kv_events import KVEventSubscriber, ReplicaBlocks
 from gateway.routing.prefix_sharing import SHARE_KEY, SharedOwnership, wanted_url
 from gateway.routing.strategies import RouteState, TargetState, target_key
+
+if TYPE_CHECKING:
+    from gateway.compiled.policy import Policy, Provider
 
 log = logging.getLogger("switchboard.health")
 
@@ -168,38 +169,24 @@ class Monitor:
             await asyncio.sleep(scrape.interval_s)
 
 
-class TargetsRoute:
-    """GET /admin/targets: every target's breaker state, in-flight count, latency EWMA and errors (admin key)."""
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        from gateway.auth import authenticate_admin
-        from gateway.exchange import Reply
-        from gateway.http.asgi import request_headers, send_json, send_reply
-
-        services = scope["app"].state.services
-        policy: Policy = services.policy()
-        try:
-            authenticate_admin(policy, request_headers(scope))
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        states: RouteState = services.routes
-        models: dict[Any, list[str]] = {}
-        for model in policy.models.values():
-            for target in model.targets:
-                states.state(target)  # list configured targets even before their first request
-                models.setdefault(target_key(target), []).append(model.name)
-        rows = states.snapshot()
-        now = states.clock()
-        for row in rows:
-            row["models"] = models.get((row["provider"], row["base_url"], row["model"]), [])
-            blocks = states.tables.get(("kv-blocks", row["provider"], row["base_url"]))
-            if isinstance(blocks, ReplicaBlocks):  # KV-cache events: blocks held, seconds since the last batch
-                row["kv_blocks"] = len(blocks)
-                row["kv_events_age_s"] = None if blocks.last_event_at < 0 else round(now - blocks.last_event_at, 3)
-                row["kv_events_gaps"] = blocks.gaps
-        body: dict[str, Any] = {"object": "list", "data": rows}
-        sharer = states.tables.get(SHARE_KEY)
-        if isinstance(sharer, SharedOwnership):
-            body["shared_ownership"] = {"received": sharer.received}
-        await send_json(send, 200, body)
+def targets_report(policy: Policy, states: RouteState) -> dict[str, Any]:
+    """What GET /admin/targets shows: every target's breaker state, in-flight count, latency EWMA and errors."""
+    models: dict[Any, list[str]] = {}
+    for model in policy.models.values():
+        for target in model.targets:
+            states.state(target)  # list configured targets even before their first request
+            models.setdefault(target_key(target), []).append(model.name)
+    rows = states.snapshot()
+    now = states.clock()
+    for row in rows:
+        row["models"] = models.get((row["provider"], row["base_url"], row["model"]), [])
+        blocks = states.tables.get(("kv-blocks", row["provider"], row["base_url"]))
+        if isinstance(blocks, ReplicaBlocks):  # KV-cache events: blocks held, seconds since the last batch
+            row["kv_blocks"] = len(blocks)
+            row["kv_events_age_s"] = None if blocks.last_event_at < 0 else round(now - blocks.last_event_at, 3)
+            row["kv_events_gaps"] = blocks.gaps
+    body: dict[str, Any] = {"object": "list", "data": rows}
+    sharer = states.tables.get(SHARE_KEY)
+    if isinstance(sharer, SharedOwnership):
+        body["shared_ownership"] = {"received": sharer.received}
+    return body

@@ -26,6 +26,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.routing.holders import holder_table
+
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
     from gateway.routing.strategies import RouteState, TargetKey
@@ -84,8 +86,6 @@ class SharedOwnership:
                 await asyncio.sleep(_RETRY_S)
 
     async def _receive(self) -> None:
-        from gateway.routing.kv_scoring import holder_table  # the tables belong to the strategy's module
-
         last = b"0-0"
         while True:
             try:

@@ -24,27 +24,25 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
-import orjson
-
 from gateway.accounting.fallback_limits import admit_fallback
-from gateway.compiled.policy import Model, Policy, Target, Team
-from gateway.errors import ErrorKind, GatewayError, from_upstream, redact
+from gateway.errors import ErrorKind, GatewayError, from_upstream
 from gateway.policy.schema import ModelPolicy
 from gateway.routing.plan import pinned_targets
-from gateway.routing.strategies import RouteRequest, RouteState, TargetState
+from gateway.routing.strategies import RouteRequest, RouteState, record_failure
+from gateway.routing.streams import PrimedStream, TargetOutcome, prime_stream
 from gateway.telemetry.decisions import fallback_event, no_route_event, retry_event, route_event
-from gateway.tokens.counter import PromptCount
+from gateway.tokens.counter import PromptCount, requested_completion
 from gateway.upstream.pools import UpstreamResponse
-from providers.base import Call, Endpoint, FailureKind, StreamChunk, StreamTranslator, UpstreamFailed, UpstreamFailure
-from providers.sse import SseDecoder
+from providers.base import Call, FailureKind, UpstreamFailed, UpstreamFailure
 
 if TYPE_CHECKING:
+    from gateway.compiled.policy import Model, Policy, Target, Team
     from gateway.exchange import Exchange, Services
 
 ROUTE_HEADER = "x-switchboard-route"
 MODEL_HEADER = "x-switchboard-model"
 
-Attempt = Callable[["Services", Target, Call, "Exchange"], Awaitable[UpstreamResponse]]
+Attempt = Callable[["Services", "Target", Call, "Exchange"], Awaitable[UpstreamResponse]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -245,18 +243,11 @@ class _Run:
         if (known is not None and known.endpoint == call.endpoint.value and known.upstream_model == name
                 and known.family == family):
             tokens = known.tokens
-        elif call.endpoint is Endpoint.CHAT:
-            tokens = counter.count_chat_prompt(body, name, family)
-        elif call.endpoint is Endpoint.COMPLETIONS:
-            tokens = counter.count_completion_prompt(body, name, family)
-        elif call.endpoint is Endpoint.RESPONSES:
-            tokens = counter.count_responses_input(body, name, family)
         else:
-            tokens = counter.count_embedding_input(body, name, family)
-        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
+            tokens = counter.count_prompt(call.endpoint, body, name, family)
         window = model.plan.config.context_window
         assert window is not None
-        return tokens + (reserve if isinstance(reserve, int) else 0) <= window
+        return tokens + (requested_completion(body) or 0) <= window
 
     async def _attempt(self, model: Model, target: Target, call: Call) -> UpstreamResponse | PrimedStream:
         """One try at one target with `call` already aimed at it; raises `_AttemptFailed`."""
@@ -297,7 +288,7 @@ class _Run:
                 caller = self.caller if _maybe_the_requests_fault(failure) else None
                 if caller is not None:
                     self.suspects.append(target)
-                _record_failure(states, target, config, failure, caller)
+                record_failure(states, target, config, failure, caller)
             else:
                 # The upstream answered: it is alive, whatever it thought of the request.
                 state.breaker.on_success(states.clock(), config.circuit_breaker)
@@ -318,8 +309,8 @@ class _Run:
         read_from = clock()
         try:
             if call.stream:
-                return await _prime(response, target, call, config.stream_idle_timeout_s,
-                                    _Outcome(self.states, target, config), self.exchange, clock)
+                return await prime_stream(response, target, call, config.stream_idle_timeout_s,
+                                    TargetOutcome(self.states, target, config), self.exchange, clock)
             return _ReadResponse(response.status, response.headers, await response.read())
         finally:
             self.exchange.upstream_wait_s += clock() - read_from
@@ -395,39 +386,6 @@ def _maybe_the_requests_fault(failure: UpstreamFailure) -> bool:
     return failure.kind is FailureKind.UPSTREAM_ERROR and failure.status >= 500
 
 
-def _record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure,
-                    caller: str | None = None) -> None:
-    state = states.state(target)
-    now = states.clock()
-    state.failures += 1
-    # Shown on /admin/targets: scrubbed like a client's copy (credentials, the operator's account).
-    secrets = (target.provider.settings.api_key or "",)
-    state.last_error = redact(f"{failure.kind.value}: {failure.message}", secrets)[:200]
-    if failure.retry_after:
-        state.hold_until = now + failure.retry_after
-    breaker = config.circuit_breaker
-    if breaker.enabled:
-        state.breaker.on_failure(now, breaker, caller)
-
-
-class _Outcome:
-    """How a primed stream reports its end: in-flight released once, a mid-stream failure recorded."""
-
-    __slots__ = ("config", "done", "states", "target")
-
-    def __init__(self, states: RouteState, target: Target, config: ModelPolicy) -> None:
-        self.states, self.target, self.config, self.done = states, target, config, False
-
-    def finish(self, failure: UpstreamFailure | None) -> None:
-        if self.done:
-            return
-        self.done = True
-        state: TargetState = self.states.state(self.target)
-        state.in_flight -= 1
-        if failure is not None and failure.retryable:
-            _record_failure(self.states, self.target, self.config, failure)
-
-
 class _ReadResponse:
     """A non-streamed response whose body was already read (so a cut-short body could be retried)."""
 
@@ -447,169 +405,3 @@ class _ReadResponse:
 
     def finish(self) -> None:
         pass
-
-
-async def _prime(response: UpstreamResponse, target: Target, call: Call, idle_s: float | None,
-                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> PrimedStream:
-    """Read and translate the stream until its first content chunk; return it ready to relay the rest.
-
-    The adapter's own translator judges the events, so this works for every
-    wire format; the chunks translated while priming are relayed first, and
-    whatever the network delivered with them goes out in the same batch.
-    """
-    stream = PrimedStream(response, target.provider.adapter.stream_translator(call), idle_s, outcome, exchange,
-                          clock)
-    raw = stream.raw  # on failure the attempt closes `response`, which ends `raw` too
-    while not stream.finished:
-        try:
-            chunk = await raw.__anext__()
-        except StopAsyncIteration:
-            stream.pending.extend(stream.drain())
-            break
-        except UpstreamFailed as exc:
-            if exc.failure.kind is FailureKind.CONNECTION:
-                # Cut before any content: the adapter may know what that means (llama-cpp-python ends a stream
-                # this way on a context overflow); its `end` raises the failure it sees, if any.
-                stream.drain()
-            raise
-        if stream.prime(chunk):
-            break
-    return stream
-
-
-# Responses events before the first delta: nothing a client could mistake for an answer yet.
-_RESPONSES_PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued",
-                                 "response.output_item.added", "response.content_part.added"})
-
-
-def _is_preamble(data: bytes) -> bool:
-    """A canonical chunk that carries no content yet: the role announcement, empty deltas, filter results."""
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(payload, dict):
-        return False
-    if isinstance(kind := payload.get("type"), str):  # a Responses API event (native pass-through)
-        return kind in _RESPONSES_PREAMBLE
-    choices = payload.get("choices")
-    if not choices:
-        return payload.get("usage") is None
-    for choice in choices:
-        if not isinstance(choice, dict) or choice.get("finish_reason") or choice.get("text"):
-            return False
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and any(v not in ("", None, [], {}) for k, v in delta.items() if k != "role"):
-            return False
-    return True
-
-
-class PrimedStream:
-    """A stream that has shown content, relayed as batches of canonical chunks: one batch per network read.
-
-    Every event of one read is translated in a plain loop and handed on as one
-    batch, which the relay writes to the client in one send; nothing waits for
-    more bytes than the upstream already delivered. Enforces the stream idle
-    timeout, reports the stream's end to the target's state, and counts the
-    time spent waiting on the upstream (not gateway overhead) where the bytes
-    are read.
-    """
-
-    __slots__ = ("_clock", "_closed", "_decoder", "_exchange", "_idle_s", "_leftover", "_outcome", "_response",
-                 "_translator", "pending", "raw")
-
-    def __init__(self, response: UpstreamResponse, translator: StreamTranslator, idle_s: float | None,
-                 outcome: _Outcome, exchange: Exchange, clock: Callable[[], float]) -> None:
-        self._response, self._translator, self._idle_s, self._outcome = response, translator, idle_s, outcome
-        self._exchange, self._clock = exchange, clock
-        self._closed = False
-        self._decoder = SseDecoder()
-        self.raw = response.chunks().__aiter__()
-        # Chunks translated while priming, relayed as the first batch.
-        self.pending: list[StreamChunk] = []
-        # Payloads that arrived with the first content chunk, translated when the relay starts: a failure
-        # among them comes after content, so it is the relay's in-band error, not a retry.
-        self._leftover: list[bytes] = []
-
-    @property
-    def finished(self) -> bool:
-        """The upstream has said everything: the batch that made this true is the stream's last."""
-        return self._translator.finished
-
-    def prime(self, chunk: bytes) -> bool:
-        """Translate `chunk` up to its first content chunk; True once content (or the end) was seen."""
-        payloads = self._decoder.feed(chunk)
-        translator, pending = self._translator, self.pending
-        for position, data in enumerate(payloads):
-            translated = translator.feed(data)
-            pending.extend(translated)
-            if translator.finished:
-                return True
-            if any(not _is_preamble(c.data) for c in translated):
-                self._leftover = payloads[position + 1:]
-                return True
-        return False
-
-    def translate(self, chunk: bytes) -> list[StreamChunk]:
-        return self._translator.feed_all(self._decoder.feed(chunk))
-
-    def drain(self) -> list[StreamChunk]:
-        """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
-        out = self._translator.feed_all(self._decoder.end())
-        if not self._translator.finished:
-            out.extend(self._translator.end())
-        return out
-
-    async def batches(self) -> AsyncIterator[list[StreamChunk]]:
-        """What priming translated, then one batch per network read until the upstream has finished."""
-        failure = None
-        try:
-            batch, self.pending = self.pending, []
-            if self._leftover:
-                try:
-                    batch += self._translator.feed_all(self._leftover)
-                except UpstreamFailed:
-                    yield batch  # the content before the failure, then the failure
-                    raise
-            if batch:
-                yield batch
-            raw, idle_s, exchange, clock = self.raw, self._idle_s, self._exchange, self._clock
-            while not self._translator.finished:
-                waited_from = clock()
-                try:
-                    if idle_s is None:
-                        chunk = await raw.__anext__()
-                    else:
-                        async with asyncio.timeout(idle_s):
-                            chunk = await raw.__anext__()
-                except StopAsyncIteration:
-                    batch = self.drain()
-                    if batch:
-                        yield batch
-                    return
-                except TimeoutError:
-                    failure = UpstreamFailure(FailureKind.TIMEOUT, 504,
-                                              f"the upstream stream stalled for more than {idle_s:g}s")
-                    raise UpstreamFailed(failure) from None
-                finally:
-                    exchange.upstream_wait_s += clock() - waited_from
-                batch = self.translate(chunk)
-                if batch:
-                    yield batch
-        except UpstreamFailed as exc:
-            failure = exc.failure
-            raise
-        finally:
-            self._outcome.finish(failure)
-
-    def close(self) -> None:
-        """Done with the stream: a finished one keeps its connection for reuse, any other is dropped. Idempotent:
-        the relay closes it when it ends, and the request's settlement again in case the relay never ran."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.finished:
-            self._response.finish()
-        else:
-            self._response.close()
-        self._outcome.finish(None)

@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from gateway.policy.schema import ModelPolicy, PolicyDocument
+from gateway.errors import redact
 from gateway.routing.breaker import CircuitBreaker
 
 if TYPE_CHECKING:
-    from gateway.compiled.policy import Model, Policy, Target
+    from gateway.compiled.policy import Target
+    from gateway.policy.schema import ModelPolicy
+    from providers.base import UpstreamFailure
 
 TargetKey = tuple[str, str, str]
-TAGS_HEADER = "x-switchboard-tags"
 # Scraped load older than this many scrape intervals is ignored (the scraper died or the replica did).
 _SCRAPE_FRESHNESS = 3.0
 
@@ -353,159 +354,16 @@ def rendezvous(seed: bytes, target: Target) -> bytes:
     return hashlib.blake2b(seed + repr(target_key(target)).encode(), digest_size=8).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class RoutePlan:
-    """A model's routing and resilience, built once per policy load."""
-
-    strategy: Strategy
-    config: ModelPolicy
-
-
-def build_plan(name: str, config: ModelPolicy) -> RoutePlan:
-    """The runtime routing of one model (called by gateway.compiled.policy while building a policy)."""
-    routing = config.routing
-    strategy: Strategy
-    if routing.strategy == "weighted":
-        strategy = WeightedStrategy()
-    elif routing.strategy == "least-busy":
-        strategy = LeastBusyStrategy()
-    elif routing.strategy == "latency":
-        strategy = LatencyStrategy(routing.exploration)
-    elif routing.strategy == "cost":
-        strategy = CostStrategy()
-    elif routing.strategy == "kv-aware":
-        from gateway.routing.kv_scoring import KVAwareStrategy  # the scorers build on this module's state
-
-        strategy = KVAwareStrategy(name, routing.kv_aware)
-    elif routing.strategy == "prefix-affinity":
-        affinity = routing.prefix_affinity
-        strategy = PrefixAffinityStrategy(name, affinity.spill_margin, affinity.table_size, affinity.block_chars,
-                                          affinity.min_blocks)
-    else:
-        strategy = PriorityStrategy()
-    return RoutePlan(strategy, config)
-
-
-def pinned_targets(plan: RoutePlan, targets: Sequence[Target], headers: Mapping[str, str]) -> Sequence[Target]:
-    """The targets matching `x-switchboard-tags: k=v,...` when the model allows pinning; all of them otherwise."""
-    raw = headers.get(TAGS_HEADER)
-    if not raw or not plan.config.routing.allow_tag_pinning:
-        return targets
-    wanted = set()
-    for part in raw.split(","):
-        name, sep, value = part.partition("=")
-        if sep and name.strip():
-            wanted.add((name.strip(), value.strip()))
-    return [t for t in targets if wanted <= t.tags]
-
-
-def routing_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
-    """Fallback lists naming unknown models or the model itself, and strategy settings needing other
-    sections, as (YAML path, message)."""
-    from gateway.routing.kv_scoring import kv_problems  # the scorers build on this module's state
-
-    problems = kv_problems(document)
-    for name, model in document.models.items():
-        for kind in ("default", "context_window", "content_policy"):
-            for index, other in enumerate(getattr(model.fallbacks, kind)):
-                where = ("models", name, "fallbacks", kind, index)
-                if other == name:
-                    problems.append((where, "a model cannot fall back to itself"))
-                elif other not in document.models:
-                    problems.append((where, f"unknown model {other!r}; defined: " + ", ".join(sorted(document.models))))
-    return problems
-
-
-def explain_route(policy: Policy, model_name: str, *, team: str | None = None, body: Mapping[str, Any] | None = None,
-                  count_prompt: Callable[[Mapping[str, Any], str], int] | None = None) -> list[str]:
-    """The route a request would take, as lines of text (`switchboard policy explain`).
-
-    Ranks the targets as a freshly started gateway would (no traffic seen yet).
-    """
-    model = policy.models.get(model_name)
-    if model is None:
-        raise KeyError(f"unknown model {model_name!r}; defined: " + ", ".join(sorted(policy.models)))
-    lines: list[str] = []
-    seen: set[str] = set()
-    _explain_model(policy, model, body or {}, count_prompt, lines, seen, "")
-    if team is not None:
-        lines.extend(_explain_team(policy, team, model_name))
-    return lines
-
-
-def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
-                   count_prompt: Callable[[Mapping[str, Any], str], int] | None, lines: list[str], seen: set[str],
-                   indent: str) -> None:
-    seen.add(model.name)
-    config: ModelPolicy = model.plan.config
-    timing = ", ".join(f"{label} {value:g}s" for label, value in (
-        ("deadline", config.deadline_s), ("ttft timeout", config.ttft_timeout_s),
-        ("stream idle timeout", config.stream_idle_timeout_s)) if value is not None) or "no deadline"
-    lines.append(f"{indent}model {model.name}: strategy {config.routing.strategy}, retries {config.retries}, {timing}")
-    describe = getattr(model.plan.strategy, "describe", None)
-    if describe is not None:
-        lines.extend(f"{indent}  {line}" for line in describe())
-    if config.routing.strategy == "weighted":
-        # Which target goes first rotates from request to request; the shares are what is stable.
-        ranked = sorted(model.targets, key=lambda t: -t.weight)
-        total = sum(t.weight for t in ranked)
-        lines.append(f"{indent}  targets, by share of traffic (the first pick rotates by weight):")
-    else:
-        ranked = model.plan.strategy.rank(list(model.targets), RouteState(rng=random.Random(0)), RouteRequest(body))
-        lines.append(f"{indent}  targets, in the order a request would try them:")
-    for number, target in enumerate(ranked, 1):
-        extras = [f"weight {target.weight:g}"]
-        if target.tags:
-            extras.append("tags " + ",".join(f"{k}={v}" for k, v in sorted(target.tags)))
-        if target.cost is not None:
-            extras.append(f"cost {target.cost:g}")
-        if config.routing.strategy == "weighted":
-            extras.append(f"share {target.weight / total:.0%}")
-        if describe is not None:
-            extras.append(f"score {model.plan.strategy.total(target):g}")  # type: ignore[attr-defined]
-        lines.append(f"{indent}    {number}. {target.provider.name} ({target.provider.settings.kind}) "
-                     f"model {target.upstream_model}; " + ", ".join(extras))
+def record_failure(states: RouteState, target: Target, config: ModelPolicy, failure: UpstreamFailure,
+                    caller: str | None = None) -> None:
+    state = states.state(target)
+    now = states.clock()
+    state.failures += 1
+    # Shown on /admin/targets: scrubbed like a client's copy (credentials, the operator's account).
+    secrets = (target.provider.settings.api_key or "",)
+    state.last_error = redact(f"{failure.kind.value}: {failure.message}", secrets)[:200]
+    if failure.retry_after:
+        state.hold_until = now + failure.retry_after
     breaker = config.circuit_breaker
-    lines.append(f"{indent}  circuit breaker: " + (
-        f"{breaker.consecutive_failures} failures in a row or {breaker.failure_rate:.0%} of >= {breaker.min_requests} "
-        f"in {breaker.window_s:g}s; cooldown {breaker.cooldown_s:g}s doubling to {breaker.max_cooldown_s:g}s"
-        if breaker.enabled else "off"))
-    if config.context_window is not None:
-        verdict = ""
-        if body and count_prompt is not None:
-            # The gateway's own rule (resilience.py `_fits`): the prompt plus the completion it may ask for.
-            tokens = count_prompt(body, model.targets[0].upstream_model)
-            cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
-            reserve = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0
-            fits = tokens + reserve <= config.context_window
-            asked = f" + max_tokens {reserve} = {tokens + reserve}" if reserve else ""
-            verdict = f"; this request: {tokens} prompt tokens{asked}, " + (
-                "fits" if fits else "too long -> context_window fallbacks")
-        lines.append(f"{indent}  context window: {config.context_window} tokens{verdict}")
-    for kind in ("default", "context_window", "content_policy"):
-        names = getattr(config.fallbacks, kind)
-        if names:
-            lines.append(f"{indent}  fallbacks ({kind}): " + " -> ".join(names))
-            for name in names:
-                if name not in seen and name in policy.models:
-                    _explain_model(policy, policy.models[name], body, count_prompt, lines, seen, indent + "    ")
-
-
-def _explain_team(policy: Policy, team: str, model: str) -> list[str]:
-    if team not in policy.teams:
-        return [f"team {team}: unknown team"]
-    if not policy.teams[team].may_use(model):
-        return [f"team {team}: may NOT use {model} (requests get 404 model_not_found)"]
-    lines = [f"team {team}: may use {model}"]
-    rules = getattr(policy, "rules", None)
-    if rules is not None:  # limits are gateway/accounting/limits.py's; shown when that module built them
-        rates = (*getattr(rules, "team_rates", {}).get(team, ()),
-                 *getattr(rules, "model_rates", {}).get((team, model), ()))
-        lines.extend(f"  limit: {rule.limit} {rule.label} for {rule.who}" for rule in rates)
-        budget = getattr(rules, "team_budgets", {}).get(team)
-        if budget is not None:
-            lines.append(f"  budget: {budget}")
-        keys = getattr(rules, "key_rates", {})
-        lines.extend(f"  limit: {rule.limit} {rule.label} for {rule.who}"
-                     for key_id in getattr(rules, "team_keys", {}).get(team, ()) for rule in keys.get(key_id, ()))
-    return lines
+    if breaker.enabled:
+        state.breaker.on_failure(now, breaker, caller)

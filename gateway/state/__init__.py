@@ -87,6 +87,12 @@ class StateStore(Protocol):
         ...
 
 
+def safe_key(name: str) -> str:
+    """`name` as a part of a state-store key (team, model and key names are the operator's text)."""
+    # Braces would change the Redis Cluster hash tag; colons the key structure.
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
+
+
 def decide(checks: Sequence[Check], used: Sequence[int]) -> int | None:
     """Index of the first check that refuses, given each counter's current value."""
     for index, check in enumerate(checks):

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.accounting.tags import tag_attributes
 from providers.base import UpstreamFailed
 
 if TYPE_CHECKING:
@@ -124,7 +123,7 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
             if record.cache_overhead_cost_usd is not None:
                 attributes["switchboard.cache.overhead_cost_usd"] = record.cache_overhead_cost_usd
     if record.tags:  # allow-listed by the policy (gateway/accounting/tags.py), so bounded
-        attributes.update(tag_attributes(record.tags))
+        attributes.update({f"switchboard.tag.{key}": value for key, value in record.tags})
     if record.organization is not None:  # the budget hierarchy (gateway/accounting/hierarchy.py)
         attributes["switchboard.organization"] = record.organization
     if record.end_user is not None:  # validated: 1-64 characters of a safe set

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 
+from gateway.policy.parts import PolicyPart
 from gateway.policy.schema import PolicyDocument, TracesPolicy
 
 log = logging.getLogger("switchboard.telemetry")
@@ -100,3 +101,7 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+# Trace export settings that need other sections (the settings themselves are `Policy.telemetry`).
+TRACES = PolicyPart("telemetry", check=telemetry_problems, build=lambda compiling: compiling.document.telemetry)

@@ -29,11 +29,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.accounting.usage import UsageRecord
-
 if TYPE_CHECKING:
     from gateway.accounting.ledger import Ledger
-    from gateway.accounting.usage import AccessLogSink
+    from gateway.accounting.usage import AccessLogSink, UsageRecord
     from gateway.compiled.policy import Policy
     from gateway.routing.strategies import RouteState
 
@@ -408,24 +406,3 @@ class _WriterCollector(Collector):
             yield CounterMetricFamily("switchboard_access_log_lines_dropped", "Access-log lines dropped: the "
                                       "stream failed (e.g. a closed pipe) or too many lines waited.",
                                       value=sum(sink.dropped for sink in self._access_logs))
-
-
-class MetricsRoute:
-    """GET /metrics: the Prometheus text format (404 when disabled); who may read it: gateway/http/admin_surface.py."""
-
-    def __init__(self, metrics: Metrics | None) -> None:
-        self._metrics = metrics
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        import asyncio
-
-        metrics = self._metrics
-        if metrics is None:
-            status, body, content_type = 404, b'{"error":{"message":"Metrics are disabled.","type":' \
-                b'"invalid_request_error","param":null,"code":"metrics_disabled"}}', "application/json"
-        else:
-            status, body, content_type = 200, await asyncio.to_thread(metrics.render), metrics.content_type
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type.encode()),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})

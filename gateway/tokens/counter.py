@@ -9,8 +9,6 @@ offline) falls back to ~4 chars/token, with one warning per encoding.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import math
 import threading
@@ -18,9 +16,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import tiktoken
 from tiktoken.model import encoding_name_for_model
+
+from gateway.tokens.framing import (
+    FUNC_END,
+    FUNC_INIT,
+    FUNC_INIT_DEFAULT,
+    REPLY_PRIMING,
+    ROLES,
+    compact,
+    count_message,
+    count_prompt_value,
+    count_tool,
+)
+from gateway.tokens.stream import StreamUsageEstimator
+from providers.base import Endpoint, Usage
 
 logger = logging.getLogger("switchboard.tokens")
 
@@ -31,22 +42,7 @@ PRELOAD_ENCODINGS = ("o200k_base", "cl100k_base")
 _ENCODING_ALIASES = {"o200k_harmony": "o200k_base"}
 CHARS_PER_TOKEN = 4  # offline fallback: OpenAI's rule of thumb for English text
 
-# OpenAI cookbook "How to count tokens with tiktoken" (gpt-3.5-turbo-0613+, gpt-4*, gpt-4o*).
-TOKENS_PER_MESSAGE, TOKENS_PER_NAME, REPLY_PRIMING = 3, 1, 3
-FUNC_INIT = {"cl100k_base": 10}  # per tool definition; 7 for o200k_base and the rest
-FUNC_INIT_DEFAULT = 7
-PROP_INIT, PROP_KEY, ENUM_INIT, ENUM_ITEM, FUNC_END = 3, 3, -3, 3, 12
-TOOL_CALL_OVERHEAD = 3  # per assistant tool call: our estimate, the framing is unpublished
-# OpenAI vision rules (gpt-4o family): 85 base + 170 per 512px tile; low detail = 85.
-IMAGE_BASE_TOKENS, IMAGE_TILE_TOKENS, IMAGE_TILE = 85, 170, 512
-IMAGE_DEFAULT_SIDE = 1024  # size unknown (remote URL): 1024x1024 -> 765 tokens
-AUDIO_TOKENS_PER_SECOND = 10  # OpenAI: user audio ~1 token per 100 ms
-AUDIO_DEFAULT_BYTES_PER_SECOND = 16_000  # 128 kbit/s mp3 unless a WAV header says otherwise
-FILE_DEFAULT_TOKENS = 1_000  # file_id alone, and the floor for file_data
-FILE_BYTES_PER_TOKEN = 50  # file_data: rough density of a PDF (extracted text + page images)
 _MODEL_CACHE_MAX = 4096
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_PLAIN_PROP_KEYS = frozenset({"type", "description", "enum"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +121,7 @@ class _Codec:
             self._count = lambda text: len(encode(text))
         self._memo: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
-        self.roles = {role: self.count(role) for role in _ROLES}  # one per message
+        self.roles = {role: self.count(role) for role in ROLES}  # one per message
 
     def count(self, text: str) -> int:
         if len(text) < LARGE_TEXT_CHARS:
@@ -139,6 +135,14 @@ class _Codec:
                     del self._memo[next(iter(self._memo))]
                 self._memo[key] = found
         return found
+
+
+def requested_completion(body: Mapping[str, Any]) -> int | None:
+    """The completion cap a request asks for (`max_completion_tokens`, `max_tokens` or `max_output_tokens`)."""
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,23 +264,23 @@ class TokenCounter:
         total = REPLY_PRIMING
         messages = body.get("messages")
         if isinstance(messages, list):
-            total += sum(_count_message(codec, m) for m in messages if isinstance(m, Mapping))
+            total += sum(count_message(codec, m) for m in messages if isinstance(m, Mapping))
         tools = body.get("tools") or body.get("functions")
         if isinstance(tools, list) and tools:
             func_init = FUNC_INIT.get(self.encoding_for(model), FUNC_INIT_DEFAULT)
-            total += FUNC_END + sum(_count_tool(codec, tool, func_init) for tool in tools)
+            total += FUNC_END + sum(count_tool(codec, tool, func_init) for tool in tools)
         response_format = body.get("response_format")
         if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
-            total += codec.count(_compact(response_format.get("json_schema")))
+            total += codec.count(compact(response_format.get("json_schema")))
         return _scaled(total, family)
 
     def count_completion_prompt(self, body: Mapping[str, Any], model: str, family: str = "openai") -> int:
         """Prompt tokens of a legacy /v1/completions ``prompt``: str, [str], [int] or [[int]]."""
-        return _scaled(_count_prompt_value(self._codec(model, family), body.get("prompt")), family)
+        return _scaled(count_prompt_value(self._codec(model, family), body.get("prompt")), family)
 
     def count_embedding_input(self, body: Mapping[str, Any], model: str, family: str = "openai") -> int:
         """Input tokens of a /v1/embeddings ``input``: str, [str], [int] or [[int]]."""
-        return _scaled(_count_prompt_value(self._codec(model, family), body.get("input")), family)
+        return _scaled(count_prompt_value(self._codec(model, family), body.get("input")), family)
 
     def count_responses_input(self, body: Mapping[str, Any], model: str, family: str = "openai") -> int:
         """Input tokens of a /v1/responses body: ``instructions`` and ``input`` (string or items).
@@ -287,13 +291,35 @@ class TokenCounter:
         codec = self._codec(model, family)
         total = REPLY_PRIMING
         if isinstance(instructions := body.get("instructions"), str):
-            total += _count_message(codec, {"role": "system", "content": instructions})
+            total += count_message(codec, {"role": "system", "content": instructions})
         source = body.get("input")
         items = [{"role": "user", "content": source}] if isinstance(source, str) else source
         for item in items if isinstance(items, list) else ():
             if isinstance(item, Mapping):
-                total += _count_message(codec, {k: v for k, v in item.items() if k not in ("type", "id", "status")})
+                total += count_message(codec, {k: v for k, v in item.items() if k not in ("type", "id", "status")})
         return _scaled(total, family)
+
+    def count_prompt(self, endpoint: Endpoint, body: Mapping[str, Any], model: str, family: str = "openai") -> int:
+        """The prompt of one request, by its endpoint family.
+
+        The one rule that admission (gateway/accounting/limits.py), the context-window
+        check (gateway/routing/resilience.py) and usage estimates for answers that came
+        without one (gateway/upstream/answer_contract.py) share, so a request is never
+        admitted by one count and fitted or billed by another.
+        """
+        if endpoint is Endpoint.CHAT:
+            return self.count_chat_prompt(body, model, family)
+        if endpoint is Endpoint.COMPLETIONS:
+            return self.count_completion_prompt(body, model, family)
+        if endpoint is Endpoint.EMBEDDINGS:
+            return self.count_embedding_input(body, model, family)
+        return self.count_responses_input(body, model, family)
+
+    def estimate_usage(self, endpoint: Endpoint, body: Mapping[str, Any],
+                       relayed: Iterable[bytes | str | Mapping[str, Any]], model: str, family: str = "openai") -> Usage:
+        """Usage of an answer the upstream reported none for: the prompt, and the completion relayed so far."""
+        return Usage(prompt_tokens=self.count_prompt(endpoint, body, model, family),
+                     completion_tokens=self.count_stream_output(relayed, model, family), estimated=True)
 
     def count_stream_output(self, chunks: Iterable[bytes | str | Mapping[str, Any]], model: str,
                             family: str = "openai") -> int:
@@ -302,89 +328,6 @@ class TokenCounter:
         for chunk in chunks:
             estimator.feed(chunk)
         return estimator.completion_tokens()
-
-
-class StreamUsageEstimator:
-    """Accumulates one streamed response so its usage can be estimated if it is cut.
-
-    Feed it each ``data:`` payload of a chat or legacy completions stream (JSON bytes/str
-    or the parsed dict); anything malformed is ignored. Only generated text is kept, and
-    it is encoded once per choice at the end since chunk boundaries split tokens.
-    """
-
-    __slots__ = ("_counter", "_family", "_model", "_reported", "_text", "_tools")
-
-    def __init__(self, counter: TokenCounter, model: str, family: str = "openai") -> None:
-        self._counter, self._model, self._family = counter, model, family
-        self._text: dict[int, list[str]] = {}
-        self._tools: dict[tuple[int, int], list[str]] = {}
-        self._reported: int | None = None
-
-    def feed(self, chunk: bytes | str | Mapping[str, Any]) -> None:
-        """Record one chunk. Never raises."""
-        if isinstance(chunk, bytes | str):
-            data = chunk.strip()
-            if data[:5] in (b"data:", "data:"):
-                data = data[5:].lstrip()
-            if not data or data in (b"[DONE]", "[DONE]"):
-                return
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return
-        if not isinstance(chunk, Mapping):
-            return
-        usage = chunk.get("usage")
-        if isinstance(usage, Mapping) and isinstance(usage.get("completion_tokens"), int):
-            self._reported = usage["completion_tokens"]
-        if isinstance(kind := chunk.get("type"), str):  # a Responses API stream event
-            self._feed_event(kind, chunk)
-            return
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if isinstance(choice, Mapping):
-                self._feed_choice(choice)
-
-    def _feed_event(self, kind: str, event: Mapping[str, Any]) -> None:
-        if kind in ("response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
-                    "response.reasoning_summary_text.delta") and isinstance(event.get("delta"), str):
-            index = event.get("output_index")
-            self._text.setdefault(index if isinstance(index, int) else 0, []).append(event["delta"])
-        elif kind in ("response.completed", "response.incomplete") and isinstance(event.get("response"), Mapping):
-            usage = event["response"].get("usage")
-            if isinstance(usage, Mapping) and isinstance(usage.get("output_tokens"), int):
-                self._reported = usage["output_tokens"]
-
-    def _feed_choice(self, choice: Mapping[str, Any]) -> None:
-        index = choice.get("index")
-        index = index if isinstance(index, int) else 0
-        pieces = self._text.setdefault(index, [])
-        if isinstance(choice.get("text"), str):  # legacy /v1/completions
-            pieces.append(choice["text"])
-        delta = choice.get("delta")
-        if not isinstance(delta, Mapping):
-            return
-        # reasoning_content/reasoning: vLLM, SGLang, DeepSeek; billed as completion tokens.
-        for key in ("content", "refusal", "reasoning_content", "reasoning"):
-            if isinstance(value := delta.get(key), str):
-                pieces.append(value)
-        calls = delta.get("tool_calls")
-        calls = list(calls) if isinstance(calls, list) else []
-        if "function_call" in delta:  # legacy functions API
-            calls.append({"index": -1, "function": delta["function_call"]})
-        for call in calls:
-            if isinstance(call, Mapping) and isinstance(fn := call.get("function"), Mapping):
-                slot = call.get("index")
-                key = (index, slot if isinstance(slot, int) else 0)
-                self._tools.setdefault(key, []).extend(_call_strings(fn))
-
-    def completion_tokens(self) -> int:
-        """The upstream-reported completion tokens if a usage chunk was seen, else the estimate."""
-        if self._reported is not None:
-            return self._reported
-        count, model, family = self._counter.count_text, self._model, self._family
-        total = sum(count("".join(pieces), model, family) for pieces in self._text.values() if pieces)
-        return total + sum(TOOL_CALL_OVERHEAD + count("".join(p), model, family) for p in self._tools.values())
 
 
 def _long_strings(value: Any) -> Iterator[str]:
@@ -404,151 +347,3 @@ def _scaled(count: int, family: str) -> int:
     spec = FAMILIES.get(family)
     factor = spec.factor if spec is not None else 1.0
     return count if factor == 1.0 else math.ceil(count * factor)
-
-
-def _compact(value: Any) -> str:
-    try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-    except (orjson.JSONEncodeError, TypeError):  # e.g. >64-bit ints from a stdlib-json body
-        return str(value)
-
-
-def _call_strings(function: Mapping[str, Any]) -> list[str]:
-    return [v for k in ("name", "arguments") if isinstance(v := function.get(k), str)]
-
-
-def _count_message(codec: _Codec, message: Mapping[str, Any]) -> int:
-    n = TOKENS_PER_MESSAGE
-    for key, value in message.items():
-        if isinstance(value, str):
-            cached = codec.roles.get(value) if key == "role" else None
-            n += codec.count(value) if cached is None else cached
-            n += TOKENS_PER_NAME if key == "name" else 0
-        elif key == "content" and isinstance(value, list):
-            n += sum(_count_part(codec, part) for part in value)
-        elif key in ("tool_calls", "function_call"):  # function_call: legacy functions API
-            for call in value if isinstance(value, list) else [{"function": value}]:
-                if isinstance(call, Mapping) and isinstance(fn := call.get("function"), Mapping):
-                    n += TOOL_CALL_OVERHEAD + sum(map(codec.count, _call_strings(fn)))
-    return n
-
-
-def _count_part(codec: _Codec, part: Any) -> int:
-    kind = part.get("type") if isinstance(part, Mapping) else None
-    if kind in ("text", "refusal"):
-        return codec.count(part[kind]) if isinstance(part.get(kind), str) else 0
-    if kind in ("input_text", "output_text"):  # Responses API parts
-        return codec.count(part["text"]) if isinstance(part.get("text"), str) else 0
-    if kind == "input_image":
-        url = part.get("image_url")
-        return image_tokens(url if isinstance(url, str) else "", part.get("detail", "auto"))
-    payload = part.get(kind) if isinstance(kind, str) else None
-    if not isinstance(payload, Mapping):
-        return 0
-    if kind == "image_url":
-        url = payload.get("url")
-        return image_tokens(url if isinstance(url, str) else "", payload.get("detail", "auto"))
-    if kind == "input_audio":
-        return audio_tokens(payload.get("data"))
-    if kind == "file":
-        data, filename = payload.get("file_data"), payload.get("filename")
-        n = codec.count(filename) if isinstance(filename, str) else 0
-        size = _b64_size(data) if isinstance(data, str) else 0
-        return n + max(FILE_DEFAULT_TOKENS, size // FILE_BYTES_PER_TOKEN)
-    return 0
-
-
-def _count_tool(codec: _Codec, tool: Any, func_init: int) -> int:
-    """Cookbook function-definition estimate, extended to nested schemas and custom tools.
-
-    func_init + "name:description" (one trailing '.' dropped); with properties, PROP_INIT +
-    per property PROP_KEY + "key:type:description" + enum items (ENUM_INIT, ENUM_ITEM each).
-    Keys the cookbook ignores (items, nested properties, anyOf, a custom tool's format...)
-    add their compact JSON.
-    """
-    # {"type":"function","function":{...}}, {"type":"custom","custom":{...}} or legacy functions[].
-    fn = (tool.get("function") or tool.get("custom") or tool) if isinstance(tool, Mapping) else None
-    if not isinstance(fn, Mapping):
-        return 0
-    n = func_init + codec.count(f"{fn.get('name', '')}:{_strip_dot(fn.get('description'))}")
-    if "format" in fn:
-        n += codec.count(_compact(fn["format"]))
-    params = fn.get("parameters")
-    props = params.get("properties") if isinstance(params, Mapping) else None
-    if not isinstance(props, Mapping) or not props:
-        return n
-    n += PROP_INIT
-    for key, schema in props.items():
-        n += PROP_KEY
-        if not isinstance(schema, Mapping):
-            continue
-        if isinstance(enum := schema.get("enum"), list):
-            n += ENUM_INIT + sum(ENUM_ITEM + codec.count(str(item)) for item in enum)
-        ptype = schema.get("type", "")
-        ptype = ptype if isinstance(ptype, str) else _compact(ptype)
-        n += codec.count(f"{key}:{ptype}:{_strip_dot(schema.get('description'))}")
-        if extra := {k: v for k, v in schema.items() if k not in _PLAIN_PROP_KEYS}:
-            n += codec.count(_compact(extra))
-    return n
-
-
-def _strip_dot(text: Any) -> str:
-    return text.removesuffix(".") if isinstance(text, str) else ""
-
-
-def _count_prompt_value(codec: _Codec, value: Any) -> int:
-    if isinstance(value, str):
-        return codec.count(value)
-    # [str]: a batch of prompts; [int]: one prompt of token ids; [[int]]: a batch of those.
-    items = value if isinstance(value, list) else ()
-    return sum(codec.count(v) if isinstance(v, str) else len(v) if isinstance(v, list) else 1 for v in items)
-
-
-def image_tokens(url: str, detail: Any = "auto") -> int:
-    """OpenAI image input tokens (gpt-4o tiling; an estimate for other models).
-
-    ``low``: 85. Else fit into 2048x2048, shrink the shortest side to 768 (never upscale),
-    and charge 85 + 170 per 512px tile; ``original`` counts as ``high``. The size is read
-    from a base64 PNG data URL, else 1024x1024 (765 tokens) is assumed.
-    """
-    if detail == "low":
-        return IMAGE_BASE_TOKENS
-    width = height = IMAGE_DEFAULT_SIDE
-    # A PNG's size is in its first 24 bytes. JPEG's sits after EXIF, up to 64 KiB in, and is
-    # not parsed: the default already gives the right 765 for 4:3 photos of any size.
-    comma = url.find(",", 0, 256) if url.startswith("data:") else -1
-    head = _b64_prefix(url[comma + 1 :], 32) if comma > 0 and ";base64" in url[:comma] else b""
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-        size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        width, height = size if min(size) > 0 else (width, height)
-    if (longest := max(width, height)) > 2048:
-        width, height = width * 2048 // longest, height * 2048 // longest
-    if (shortest := min(width, height)) > 768:
-        width, height = width * 768 // shortest, height * 768 // shortest
-    tiles = max(1, -(-width // IMAGE_TILE) * -(-height // IMAGE_TILE))
-    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
-
-
-def audio_tokens(data: Any) -> int:
-    """Estimate for base64 ``input_audio``: duration x 10 tokens/s.
-
-    Duration = decoded bytes / byte rate, read from a WAV header, else 128 kbit/s mp3.
-    """
-    if not isinstance(data, str):
-        return 0
-    header, byte_rate = _b64_prefix(data, 44), AUDIO_DEFAULT_BYTES_PER_SECOND
-    if header[:4] == b"RIFF" and header[8:12] == b"WAVE":
-        byte_rate = int.from_bytes(header[28:32], "little") or byte_rate
-    return math.ceil(_b64_size(data) / byte_rate * AUDIO_TOKENS_PER_SECOND)
-
-
-def _b64_size(data: str) -> int:
-    return (len(data) - data[-2:].count("=")) * 3 // 4
-
-
-def _b64_prefix(data: str, chars: int) -> bytes:
-    chunk = data[:chars]
-    try:
-        return base64.b64decode(chunk[: len(chunk) // 4 * 4])
-    except (binascii.Error, ValueError):
-        return b""

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.accounting.settlement import prompt_tokens
-from gateway.compiled.policy import Target
 from gateway.tokens.counter import TokenCounter
 from providers.base import Call, Endpoint, ParsedResponse, StreamChunk, Usage
 
 if TYPE_CHECKING:
+    from gateway.compiled.policy import Target
     from gateway.routing.streams import PrimedStream
 
 _CAPPED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
@@ -146,9 +145,8 @@ def usage_object(usage: Usage) -> dict[str, int]:
 
 def estimate_stream_usage(counter: TokenCounter, call: Call, target: Target, relayed: Sequence[bytes]) -> Usage:
     """Usage of a stream the upstream reported none for: the prompt, and the completion relayed so far."""
-    completion = counter.count_stream_output(relayed, target.upstream_model,
-                                             target.provider.adapter.capabilities.tokenizer)
-    return Usage(prompt_tokens=prompt_tokens(counter, call, target), completion_tokens=completion, estimated=True)
+    return counter.estimate_usage(call.endpoint, call.body, relayed, target.upstream_model,
+                                  target.provider.adapter.capabilities.tokenizer)
 
 
 def fill_usage(parsed: ParsedResponse, call: Call, target: Target, counter: TokenCounter) -> ParsedResponse:
@@ -161,12 +159,10 @@ def fill_usage(parsed: ParsedResponse, call: Call, target: Target, counter: Toke
         return parsed
     if not isinstance(payload, dict):
         return parsed
-    completion = 0
-    if call.endpoint is not Endpoint.EMBEDDINGS:
-        completion = counter.count_stream_output([{"choices": [_as_delta(c) for c in payload.get("choices") or ()
-                                                                if isinstance(c, dict)]}],
-                                                 target.upstream_model, target.provider.adapter.capabilities.tokenizer)
-    usage = Usage(prompt_tokens=prompt_tokens(counter, call, target), completion_tokens=completion, estimated=True)
+    relayed = [] if call.endpoint is Endpoint.EMBEDDINGS else [
+        {"choices": [_as_delta(c) for c in payload.get("choices") or () if isinstance(c, dict)]}]
+    usage = counter.estimate_usage(call.endpoint, call.body, relayed, target.upstream_model,
+                                   target.provider.adapter.capabilities.tokenizer)
     payload["usage"] = usage_object(usage)
     payload["switchboard"] = {"usage_estimated": True}
     parsed.body = orjson.dumps(payload)

@@ -15,15 +15,24 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from yarl import URL
 
-from gateway.compiled.policy import Policy, Provider
-from providers.base import FailureKind, UpstreamFailed, UpstreamFailure, UpstreamRequest
-from providers.mock import MockEngine, MockReply, TokenCounting
+from providers.base import (
+    EngineReply,
+    FailureKind,
+    InProcessEngine,
+    TokenCounting,
+    UpstreamFailed,
+    UpstreamFailure,
+    UpstreamRequest,
+)
 from providers.sse import encode_event
+
+if TYPE_CHECKING:
+    from gateway.compiled.policy import Policy, Provider
 
 log = logging.getLogger("switchboard.upstream")
 
@@ -201,7 +210,7 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
 
 
 class _InProcessResponse:
-    def __init__(self, reply: MockReply) -> None:
+    def __init__(self, reply: EngineReply) -> None:
         self.status = reply.status
         self.headers: Mapping[str, str] = {
             "content-type": "text/event-stream" if reply.streamed else "application/json"
@@ -229,7 +238,7 @@ class _InProcessResponse:
 class InProcessClient:
     """Serves a provider whose engine runs inside the gateway (the mock)."""
 
-    def __init__(self, engine: MockEngine) -> None:
+    def __init__(self, engine: InProcessEngine) -> None:
         self._engine = engine
 
     async def open(self, request: UpstreamRequest) -> UpstreamResponse:

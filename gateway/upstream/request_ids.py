@@ -16,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
-from gateway.compiled.policy import Provider
 from providers.base import Call, UpstreamFailure
+
+if TYPE_CHECKING:
+    from gateway.compiled.policy import Provider
 
 _PREFIX = "switchboard:"
 

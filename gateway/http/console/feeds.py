@@ -14,48 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs
 
 from gateway.accounting.ledger import Ledger, open_ledger
-from gateway.auth import authenticate_admin
 from gateway.compiled.policy import Policy
-from gateway.errors import ErrorKind, GatewayError, render
-from gateway.exchange import Reply, Services
-from gateway.http.asgi import request_headers, send_json, send_reply
+from gateway.errors import ErrorKind, GatewayError
+from gateway.exchange import Services
+from gateway.http.admin_routes import AdminRoute
 from gateway.http.console.activity import RecentActivity
 from gateway.state import StoreUnavailable
+from gateway.timestamps import iso_time
 
 _REQUEST_COLUMNS = ("request_id", "ts", "team", "key_id", "endpoint", "public_model", "provider", "upstream_model",
                     "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cost_usd", "duration_ms",
                     "ttft_ms", "trace_id", "cache")
 
 
-class AdminFeed:
-    """An admin-key-guarded GET answering JSON; subclasses say what."""
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        services: Services = scope["app"].state.services
-        policy = services.policy()
-        try:
-            authenticate_admin(policy, request_headers(scope))
-            query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-            payload = await self.build(scope, policy, query)
-        except GatewayError as error:
-            await send_reply(send, Reply(*render(error)))
-            return
-        await send_json(send, 200, payload)
-
-    async def build(self, scope: dict[str, Any], policy: Policy, query: dict[str, str]) -> Any:
-        raise NotImplementedError
-
-
-class OverviewFeed(AdminFeed):
+class OverviewFeed(AdminRoute):
     def __init__(self, activity: RecentActivity, ledger: Ledger | None) -> None:
         self._activity = activity
         self._ledger = ledger
 
-    async def build(self, scope: dict[str, Any], policy: Policy, query: dict[str, str]) -> Any:
+    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
+                     query: Mapping[str, str]) -> Any:
         overview = self._activity.summary()
         overview["day"] = dt.datetime.now(dt.UTC).date().isoformat()
         ledger = self._ledger
@@ -65,11 +47,12 @@ class OverviewFeed(AdminFeed):
         return overview
 
 
-class RequestsFeed(AdminFeed):
+class RequestsFeed(AdminRoute):
     def __init__(self, ledger: Ledger | None) -> None:
         self._ledger = ledger
 
-    async def build(self, scope: dict[str, Any], policy: Policy, query: dict[str, str]) -> Any:
+    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
+                     query: Mapping[str, str]) -> Any:
         ledger = self._ledger
         if ledger is None:
             raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
@@ -85,9 +68,10 @@ class RequestsFeed(AdminFeed):
         return {"object": "list", "data": rows}
 
 
-class BudgetsFeed(AdminFeed):
-    async def build(self, scope: dict[str, Any], policy: Policy, query: dict[str, str]) -> Any:
-        limiter = scope["app"].state.services.limiter
+class BudgetsFeed(AdminRoute):
+    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
+                     query: Mapping[str, str]) -> Any:
+        limiter = services.limiter
         rules = policy.rules
         budgets: list[dict[str, Any]] = []
         teams = [t for t in policy.teams if rules is not None and (
@@ -106,20 +90,18 @@ class BudgetsFeed(AdminFeed):
         return {"object": "list", "data": budgets}
 
 
-class PolicyFeed(AdminFeed):
-    async def build(self, scope: dict[str, Any], policy: Policy, query: dict[str, str]) -> Any:
+class PolicyFeed(AdminRoute):
+    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
+                     query: Mapping[str, str]) -> Any:
         last = scope["app"].state.policy_store.last_reload
         return {
             "fingerprint": policy.fingerprint, "source": policy.source,
-            "last_reload": {"at": _iso(last.at), "result": last.result, "fingerprint": last.fingerprint,
+            "last_reload": {"at": iso_time(last.at), "result": last.result, "fingerprint": last.fingerprint,
                             "problems": list(last.problems)},
             "providers": len(policy.providers), "models": len(policy.models), "teams": len(policy.teams),
             "keys": len(policy.keys), "trace_url": policy.console.trace_url,
         }
 
-
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
 
 
 def _day_cost(ledger: Ledger, day: str) -> float:
@@ -144,4 +126,4 @@ def _newest_rows(ledger: Ledger, limit: int) -> list[dict[str, Any]]:
                                   "LIMIT ?", (limit,)).fetchall()
     finally:
         connection.close()
-    return [{**dict(zip(_REQUEST_COLUMNS, row, strict=True)), "at": _iso(row[1])} for row in rows]
+    return [{**dict(zip(_REQUEST_COLUMNS, row, strict=True)), "at": iso_time(row[1])} for row in rows]

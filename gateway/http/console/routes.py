@@ -15,15 +15,14 @@ from typing import Any
 
 from starlette.routing import Route
 
-from gateway.accounting.ledger import Ledger, SpendRoute
-from gateway.accounting.usage_report import UsageRoute
+from gateway.accounting.ledger import Ledger
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Reply
+from gateway.http.admin_routes import SpendRoute, TargetsRoute, UsageRoute
 from gateway.http.asgi import request_headers, send_reply
 from gateway.http.console.activity import RecentActivity
 from gateway.http.console.feeds import BudgetsFeed, OverviewFeed, PolicyFeed, RequestsFeed
-from gateway.routing.health import TargetsRoute
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}

@@ -1,0 +1,105 @@
+"""The records a request's steps share: what the app provides, and what one request has learned so far.
+
+Every step of the journey (gateway/pipeline.py) reads and writes these; they
+hold each concern's handle but none of its logic, so any step can take them
+without importing the steps it does not call. The types they name from the
+layers above are for annotations only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.telemetry.traces import NO_TRACE, Trace
+from providers.base import Endpoint
+
+if TYPE_CHECKING:
+    from gateway.accounting.limits import Limiter
+    from gateway.accounting.settlement import Settlement
+    from gateway.accounting.usage import UsageRecorder
+    from gateway.cache import ResponseCache
+    from gateway.compiled.policy import KeyEntry, Policy
+    from gateway.routing.strategies import RouteState
+    from gateway.telemetry.traces import Telemetry
+    from gateway.tokens.counter import TokenCounter
+    from gateway.upstream.pools import UpstreamPools
+
+
+def new_gateway_id() -> str:
+    """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits.
+
+    The ledger's key for the request. Made here, never taken from a client, so
+    no tenant can name (and so erase or shadow) another tenant's row; time-ordered,
+    so ledger inserts append to the index instead of landing all over it.
+    """
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the pipeline needs from the app, injected once at startup."""
+
+    policy: Callable[[], Policy]
+    pools: UpstreamPools
+    counter: TokenCounter
+    recorder: UsageRecorder
+    # Target state (in-flight, latency, breakers) for the app's lifetime, across policy reloads.
+    routes: RouteState
+    # Traces (gateway/telemetry/traces.py); off unless the policy or the app factory turns them on.
+    telemetry: Telemetry
+    # Rate limits and budgets (gateway/accounting/limits.py); None when the app runs without a state store.
+    limiter: Limiter | None
+    # Response caching (gateway/cache/): stores and in-flight requests, across policy reloads.
+    cache: ResponseCache
+    clock: Callable[[], float] = time.perf_counter
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request bookkeeping: identity, where the time went, and the settlement its owner closes."""
+
+    request_id: str  # the client's x-request-id when it sent a well-formed one: echoed and forwarded, never a key
+    started: float
+    upstream_wait_s: float = 0.0
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # The request's spans (gateway/telemetry/traces.py); NO_TRACE when tracing is off.
+    trace: Trace = NO_TRACE
+    # The gateway's own id for the request: unguessable, the ledger's key (gateway/accounting/settlement.py).
+    gateway_id: str = field(default_factory=new_gateway_id)
+    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/http/gate.py).
+    authenticated: tuple[Policy, KeyEntry] | None = None
+    settlement: Settlement = field(init=False)
+
+    def overhead_ms(self, now: float) -> float:
+        return max(0.0, (now - self.started - self.upstream_wait_s) * 1000)
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    headers: Mapping[str, str]
+    events: AsyncIterator[bytes]
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    endpoint: Endpoint
+    body: Mapping[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool

@@ -1,0 +1,1 @@
+"""Token counting: prompts by endpoint family, chat framing rules, cut streams."""
