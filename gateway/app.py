@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -46,7 +47,7 @@ from gateway.shadow_traffic import ShadowTraffic
 from gateway.state import open_store
 from gateway.telemetry.health_metrics import HealthCollector
 from gateway.telemetry.metrics import Metrics
-from gateway.telemetry.traces import SpanExporter, Telemetry
+from gateway.telemetry.traces import Telemetry
 from gateway.tokens.counter import TokenCounter
 from gateway.upstream.pools import UpstreamPools
 from providers.base import Endpoint

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.telemetry.traces import NO_TRACE, Trace
+from gateway.telemetry.request_trace import NO_TRACE, Trace
 from providers.base import Endpoint
 
 if TYPE_CHECKING:

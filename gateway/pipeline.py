@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from gateway.accounting.hierarchy import EMPTY as EMPTY_HIERARCHY
+from gateway.accounting.hierarchy import request_end_user
 from gateway.accounting.limits import admit, stream_allowance
 from gateway.accounting.settlement import CACHE_HIT, UPSTREAM_ERROR, Settlement
 from gateway.accounting.tags import request_tags
@@ -60,8 +62,10 @@ async def handle_inference(
         request = settlement.request = parse_request(endpoint, body)
         model = resolve_model(policy, settlement.caller, request.model)
         settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
+        settlement.end_user = request_end_user(policy.rules.hierarchy if policy.rules else EMPTY_HIERARCHY,
+                                               settlement.caller.team.name, headers, request.body)
         settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
-                                           model, exchange.response_headers, exchange.trace)
+                                           model, exchange.response_headers, exchange.trace, settlement.end_user)
         model = settlement.admission.model if settlement.admission else model
         served = await choose_variant(services, exchange, model) if policy.experiments else model
         if served is model:  # a canary neither reads nor fills the cache (gateway/routing/experiments.py)

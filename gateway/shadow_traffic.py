@@ -109,6 +109,7 @@ def _mirrored_exchange(services: Services, parent: Exchange, shadow: Shadow) -> 
     settlement = exchange.settlement = Settlement(services, exchange)
     source = parent.settlement
     settlement.policy, settlement.caller, settlement.tags = source.policy, source.caller, source.tags
+    settlement.end_user = source.end_user  # attributed to the same end user; never charged to its budget
     settlement.variant = SHADOW
     request = source.request
     assert request is not None

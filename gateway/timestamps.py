@@ -1,10 +1,26 @@
-"""Unix times as ISO 8601 text, the one way every report, header and payload of the gateway writes them."""
+"""Times as text: Unix times as ISO 8601 for reports and payloads, durations as Go prints them for headers."""
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 
 def iso_time(timestamp: float, zone: dt.tzinfo = dt.UTC, timespec: str = "seconds") -> str:
     """`timestamp` in `zone` with its UTC offset, e.g. 2026-12-04T00:00:00+01:00."""
     return dt.datetime.fromtimestamp(timestamp, zone).isoformat(timespec=timespec)
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go prints it, the format of OpenAI's reset headers: `6m0s`, `1.5s`, `12ms`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    millis = math.ceil(seconds * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

@@ -20,7 +20,8 @@ import openai
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.accounting.ledger import _SCHEMA, Ledger, spend
+from gateway.accounting.ledger import _SCHEMA, Ledger
+from gateway.accounting.spend import spend
 from gateway.accounting.usage import UsageRecord
 from gateway.cache import ResponseCache
 from gateway.cli.main import main

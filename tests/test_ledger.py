@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.accounting.ledger import _SCHEMA, Ledger, parse_since, render_report, spend
+from gateway.accounting.ledger import _SCHEMA, Ledger
+from gateway.accounting.spend import parse_since, render_report, spend
 from gateway.accounting.usage import UsageRecord
 from gateway.cli.main import main
 from providers.base import Usage

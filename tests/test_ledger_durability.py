@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.accounting.ledger import Ledger, spend
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.spend import spend
 from gateway.accounting.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy

@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 
 from gateway.accounting.budgets import ThresholdEvent
-from gateway.accounting.limits import Admission, Limiter, go_duration
+from gateway.accounting.limits import Admission, Limiter
 from gateway.compiled.policy import Policy, parse_policy
 from gateway.errors import GatewayError
 from gateway.state import StateStore
 from gateway.state.durable import DurableStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
+from gateway.timestamps import go_duration
 from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import key_hash
@@ -263,7 +264,7 @@ def test_soft_thresholds_fire_once_per_period_across_replicas(harness: Callable[
     h = harness(text)
     other = Harness(h.runner, h.store, h.clock, text)  # a second replica on the same store
     other.events = h.events
-    other.limiter._on_threshold = h.events.append
+    other.limiter._events._on_event = h.events.append  # both replicas report into one list
     for replica in (h, other, h, other):
         admission, _ = replica.admit(max_tokens=10)
         replica.settle(admission, prompt, 250 - prompt)

@@ -169,7 +169,7 @@ def test_breaker_collector_follows_the_routing_clock() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from gateway.compiled.policy import parse_policy
-    from gateway.policy.schema import CircuitBreakerPolicy
+    from gateway.policy.model_schema import CircuitBreakerPolicy
     from gateway.routing.strategies import RouteState
     from gateway.telemetry.metrics import Metrics
 

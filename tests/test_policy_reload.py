@@ -342,6 +342,7 @@ _CACHE = "tests/test_policy_reload.py::test_caching_changed_by_a_reload_takes_ef
 _TRACES = "tests/test_policy_reload.py::test_trace_settings_changed_by_a_reload_take_effect"
 _ADMIN = "tests/test_policy_reload.py::test_admin_keys_and_the_console_changed_by_a_reload_take_effect"
 _TEAMS = "tests/test_policy.py::test_reload_applies_a_valid_edit_without_restart"
+_HIERARCHY = "tests/test_budget_hierarchy.py::test_organisation_and_end_user_settings_apply_on_reload"
 
 # Field patterns (`*` one key or name, `**` a whole subtree) -> the test that changes them by a reload and sees the
 # effect. A subtree maps to one test where one object, rebuilt from every reloaded policy, holds all of it: the
@@ -385,7 +386,7 @@ RELOADED = {
     "models.*.circuit_breaker.**": _ROUTING,
     "models.*.prompt_caching.**": _ROUTING,
     "models.*.cache.**": _CACHE,
-    "models.*.price": _PRICES,
+    "models.*.price.**": _PRICES,
     "models.*.canary.**": "tests/test_experiments.py::test_every_experiment_setting_applies_on_reload",
     "models.*.shadow.**": "tests/test_experiments.py::test_every_experiment_setting_applies_on_reload",
     "prices.**": _PRICES,
@@ -412,6 +413,8 @@ RELOADED = {
     # Looked up in the live policy for each alert fired (gateway/accounting/alerts.py).
     "alerts.webhooks.**": "tests/test_alerts.py::test_a_webhook_changed_by_a_reload_gets_the_next_alert",
     "teams.*.tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
+    "organizations.**": _HIERARCHY,
+    "teams.*.end_users.**": _HIERARCHY,
     "tags.**": "tests/test_tags.py::test_tag_rules_apply_on_reload",
 }
 # Fields a valid file cannot change.

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.policy.schema import CircuitBreakerPolicy
+from gateway.policy.model_schema import CircuitBreakerPolicy
 from gateway.routing.breaker import BreakerState, CircuitBreaker
 from tests.conftest import RunningGateway
 from tests.fakes import Behaviour, FakeOpenAIUpstream

@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.accounting.ledger import _SCHEMA, Ledger, spend
+from gateway.accounting.ledger import _SCHEMA, Ledger
+from gateway.accounting.spend import spend
 from gateway.accounting.usage import UsageRecord
 from gateway.compiled.policy import PolicyError, parse_policy
 from providers.base import Usage
@@ -85,7 +86,8 @@ def test_tags_land_on_ledger_rows_metrics_and_spend_by_tag(
     bad = httpx.get(gateway.base_url + "/admin/spend", params={"by": "tag:env') --"},
                     headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert (bad.status_code, bad.json()["error"]["param"]) == (400, "by")
-    assert bad.json()["error"]["message"] == "by must be one of team, model, key, day or tag:<key>."
+    assert bad.json()["error"]["message"] == ("by must be one of team, model, key, day, organization, end_user or "
+                                              "tag:<key>.")
     by_feature = {row["tag:feature"]: row for row in _spend_cli(gateway.policy_path, "tag:feature")}
     assert {name: row["requests"] for name, row in by_feature.items()} == {name: len(c) for name, c in told.items()}
     for name, costs in told.items():
@@ -163,7 +165,8 @@ def test_an_older_ledger_gets_the_tags_column_and_its_rows_count_as_untagged(tmp
     ledger.close()
     assert {row["tag:feature"]: row["cost_usd"] for row in spend(path, "tag:feature")} == {
         "(untagged)": 0.5, "search": 0.25}
-    with pytest.raises(ValueError, match="--by must be one of team, model, key, day or tag:<key>"):
+    with pytest.raises(ValueError, match="--by must be one of team, model, key, day, organization, end_user or "
+                                         "tag:<key>"):
         spend(path, "tag:no spaces")
 
 

@@ -254,7 +254,7 @@ def test_uncacheable_request_is_a_bypass_with_its_reason(
 
 def test_route_event_shows_live_scores_and_ejected_targets() -> None:
     from gateway.compiled.policy import parse_policy
-    from gateway.policy.schema import CircuitBreakerPolicy
+    from gateway.policy.model_schema import CircuitBreakerPolicy
     from gateway.routing.strategies import RouteRequest, RouteState
     from gateway.telemetry.decisions import route_event
 

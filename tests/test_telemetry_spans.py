@@ -13,7 +13,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.compiled.policy import parse_policy
 from gateway.exchange import Exchange
-from gateway.telemetry.traces import NO_TRACE, Telemetry, redact_content
+from gateway.telemetry.content import redact_content
+from gateway.telemetry.request_trace import NO_TRACE
+from gateway.telemetry.traces import Telemetry
 from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import Behaviour, FakeOpenAIUpstream
 from tests.fakes.otlp_receiver import WaitingSpanExporter

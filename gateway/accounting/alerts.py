@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.accounting.budgets import EXHAUSTED, MICROS, ThresholdEvent
+from gateway.accounting.budgets import EXHAUSTED, MICROS, ThresholdEvent, owner_words
 from gateway.accounting.webhooks import Webhook, WebhookDispatcher
 from gateway.policy.parts import PolicyPart
 from gateway.timestamps import iso_time
@@ -64,7 +64,8 @@ def event_type(event: ThresholdEvent) -> str:
 
 def describe(event: ThresholdEvent) -> str:
     """One sentence a person reads in a chat channel."""
-    who = f"Team {event.team}" if event.scope == "team" else f"Key {event.owner} (team {event.team})"
+    words = owner_words(event.scope, event.owner, event.team)
+    who = words[0].upper() + words[1:]
     budget = "USD budget" if event.unit == "usd" else "token budget"
     numbers = f"{_amount(event, event.used)} of {_amount(event, event.limit)}"
     shadow = " [shadow budget: nothing was refused]" if event.shadow else ""

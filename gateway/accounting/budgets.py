@@ -27,7 +27,7 @@ from gateway.errors import ErrorKind, GatewayError
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy, Target
-    from gateway.policy.schema import BudgetPolicy
+    from gateway.policy.team_schema import BudgetPolicy
     from providers.base import Usage
 
 log = logging.getLogger("switchboard.budget")
@@ -123,10 +123,23 @@ class Budget:
 
     @property
     def who(self) -> str:
-        return f"team {self.team}" if self.scope == "team" else f"key {self.owner} (team {self.team})"
+        return owner_words(self.scope, self.owner, self.team)
 
     def slices(self, unit: str, window: Window) -> tuple[str, ...]:
         return tuple(f"{self.base}:{unit}:{name}" for name in window.slices)
+
+
+def owner_words(scope: str, owner: str, team: str) -> str:
+    """How messages name a budget's owner at each level of the hierarchy (gateway/accounting/hierarchy.py)."""
+    if scope == "team":
+        return f"team {team}"
+    if scope == "org":
+        return f"organization {owner}"
+    if scope == "user":
+        if owner == "other":  # gateway.accounting.hierarchy.OTHER: a reserved id, so no user is ever named so
+            return f"the end users of team {team} beyond end_users.max_tracked (shared bucket `other`)"
+        return f"end user {owner} (team {team})"
+    return f"key {owner} (team {team})"
 
 
 def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: str) -> Budget:

@@ -34,7 +34,7 @@ async def admit_fallback(services: Services, exchange: Exchange, fallback: Model
             # describe a limit of a model the client never asked for.
             headers: dict[str, str] = {}
             settlement.admission = await limiter.admit(policy, caller, request.endpoint, request.body, fallback,
-                                                       headers, exchange.trace)
+                                                       headers, exchange.trace, settlement.end_user)
             exchange.response_headers.update(headers)
         else:
             await limiter.extend(settlement.admission, caller.team.name, fallback, exchange.trace)

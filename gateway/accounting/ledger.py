@@ -21,21 +21,15 @@ model, key or UTC day and sum tokens and cost.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import logging
 import queue
-import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from gateway.accounting.spill import Spill
 from gateway.accounting.tags import tags_json
@@ -77,7 +71,9 @@ CREATE TABLE IF NOT EXISTS usage (
     cache_overhead_tokens INTEGER NOT NULL DEFAULT 0,
     cache_overhead_cost_usd REAL,
     tags TEXT,
-    variant TEXT
+    variant TEXT,
+    organization TEXT,
+    end_user TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
@@ -86,23 +82,17 @@ CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 _ADDED_COLUMNS = (("cache", "TEXT"), ("cache_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cost_saved_usd", "REAL"),
                   ("failed_attempt_tokens", "INTEGER NOT NULL DEFAULT 0"), ("failed_attempt_cost_usd", "REAL"),
                   ("cache_overhead_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cache_overhead_cost_usd", "REAL"),
-                  ("tags", "TEXT"), ("variant", "TEXT"))
+                  ("tags", "TEXT"), ("variant", "TEXT"), ("organization", "TEXT"),
+                  ("end_user", "TEXT"))
 _COLUMNS = ("gateway_id", "request_id", "ts", "day", "team", "key_id", "endpoint", "public_model", "provider",
             "upstream_model", "stream", "status", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
             "cache_write_tokens", "reasoning_tokens", "usage_estimated", "cost_usd", "price_version", "duration_ms",
             "ttft_ms", "trace_id", "cache", "cache_tokens", "cost_saved_usd", "failed_attempt_tokens",
-            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags", "variant")
+            "failed_attempt_cost_usd", "cache_overhead_tokens", "cache_overhead_cost_usd", "tags", "variant",
+            "organization", "end_user")
 # A row spilled by an older gateway has fewer columns: the newer ones take these values.
-_LATER_DEFAULTS = (0, None, 0, None, None, None)
+_LATER_DEFAULTS = (0, None, 0, None, None, None, None, None)
 _INSERT = f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_GROUPS = {"team": ("team",), "model": ("public_model",), "key": ("team", "key_id"), "day": ("day",)}
-_TAG_GROUP = re.compile(r"^tag:([A-Za-z0-9_]{1,64})$")
-GROUPINGS = "team, model, key, day or tag:<key>"
-
-
-def is_grouping(by: str) -> bool:
-    """Whether `by` names a way `spend` can group the ledger."""
-    return by in _GROUPS or _TAG_GROUP.match(by) is not None
 _MAX_BATCH = 2000
 # How long one write waits for another connection's lock before the batch is spilled and retried later.
 _BUSY_TIMEOUT_S = 2.0
@@ -363,86 +353,5 @@ def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
         record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
         record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
         record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
-        tags_json(record.tags), record.variant,
+        tags_json(record.tags), record.variant, record.organization, record.end_user,
     )
-
-
-# --- reports ----------------------------------------------------------------------------------
-
-_RELATIVE = re.compile(r"^(\d+)([hdw])$")
-
-
-def parse_since(text: str | None, now: float | None = None) -> float:
-    """A start time: an ISO date or datetime (UTC unless it has an offset), or relative like 24h, 7d, 4w."""
-    now = time.time() if now is None else now
-    if not text:
-        return 0.0
-    relative = _RELATIVE.match(text.strip())
-    if relative:
-        amount, unit = int(relative.group(1)), relative.group(2)
-        return now - amount * {"h": 3600, "d": 86400, "w": 604800}[unit]
-    try:
-        moment = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a time: use 2026-11-01, 2026-11-01T12:00, 24h, 7d or 4w") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
-
-
-def spend(path: str | Path, by: str, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
-    """Spend per group (`team`, `model`, `key`, `day` or `tag:<key>`) between two unix times, most expensive first.
-
-    By tag, requests without that tag form the group `(untagged)`."""
-    groups, columns, bound = _grouping(by)
-    query = (f"SELECT {columns}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
-             f"SUM(COALESCE(cost_usd, 0)), SUM(cost_usd IS NULL AND status < 400), "
-             f"COUNT(CASE WHEN cache = 'hit' THEN 1 END), SUM(cache_tokens), SUM(COALESCE(cost_saved_usd, 0)), "
-             f"SUM(cache_overhead_tokens), SUM(COALESCE(cache_overhead_cost_usd, 0)) "
-             f"FROM usage WHERE ts >= ? AND ts < ? GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))} "
-             f"ORDER BY {5 + len(groups)} DESC")
-    connection = open_ledger(path)
-    try:
-        rows = connection.execute(query, (*bound, since, until if until is not None else float("inf"))).fetchall()
-    finally:
-        connection.close()
-    keys = [*groups, "requests", "input_tokens", "cached_input_tokens",
-            "output_tokens", "cost_usd", "unpriced_requests", "cache_hits", "cache_tokens", "cost_saved_usd",
-            "cache_overhead_tokens", "cache_overhead_cost_usd"]
-    report = [dict(zip(keys, row, strict=True)) for row in rows]
-    for entry in report:
-        for money in ("cost_usd", "cost_saved_usd", "cache_overhead_cost_usd"):
-            entry[money] = round(entry[money], 10)
-    return report
-
-
-def _grouping(by: str) -> tuple[list[str], str, tuple[str, ...]]:
-    """The report's group names, their SELECT expressions (aliased g0, g1, ...) and the values they bind."""
-    columns = _GROUPS.get(by)
-    if columns is not None:
-        return ([c.replace("public_model", "model") for c in columns],
-                ", ".join(f"{c} AS g{i}" for i, c in enumerate(columns)), ())
-    tag = _TAG_GROUP.match(by)
-    if tag is None:
-        raise ValueError(f"--by must be one of {GROUPINGS}")
-    return [by], "COALESCE(json_extract(tags, ?), '(untagged)') AS g0", (f"$.{tag.group(1)}",)
-
-
-def render_report(report: Sequence[Mapping[str, Any]], fmt: str) -> str:
-    """A report as `json`, `csv` or an aligned `table`."""
-    if fmt == "json":
-        return orjson.dumps(list(report), option=orjson.OPT_INDENT_2).decode() + "\n"
-    if not report:
-        return "" if fmt == "csv" else "(no usage in this period)\n"
-    columns = list(report[0])
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(report)
-        return out.getvalue()
-    cells = [[str(entry[c]) for c in columns] for entry in report]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines) + "\n"

@@ -3,8 +3,10 @@
 Every request of a team with limits is admitted in one store operation: the
 request and its token estimate (prompt counted with tiktoken, plus
 `max_tokens`) are reserved against every scope that applies — team, key,
-team x model rate limits, team and key budgets — all or nothing. When the
-response or stream ends the reservation is settled to actual usage.
+team x model rate limits, organisation, team, end-user and key budgets — all
+or nothing (an organisation's counters are under their own hash tag: see
+gateway/accounting/hierarchy.py). When the response or stream ends the reservation is
+settled to actual usage.
 
 Rate limits use fixed windows aligned to the clock (minute, UTC day).
 Boundaries are exact for every scope: `used + requested <= limit` is admitted.
@@ -16,9 +18,7 @@ when it runs out; usage reports live in gateway/accounting/usage_report.py.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import datetime as dt
 import logging
 import math
 import time
@@ -26,191 +26,33 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounting import shadow
+from gateway.accounting import hierarchy, shadow
+from gateway.accounting.budget_events import BudgetEvents
 from gateway.accounting.budgets import (
-    EXHAUSTED,
     MICROS,
-    THRESHOLD,
     Budget,
     CostFunction,
     StreamAllowance,
     ThresholdEvent,
-    Window,
-    build_budget,
-    exceeded,
     log_threshold,
     policy_cost,
 )
+from gateway.accounting.plans import Meter, Plan, checks_for, rate_headers, refusal
+from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
-from gateway.policy.parts import PolicyPart, Problem
-from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, safe_key
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
 from gateway.telemetry.decisions import admission_event, settlement_event
-from gateway.telemetry.traces import NO_TRACE, Trace
-from gateway.timestamps import iso_time
+from gateway.telemetry.request_trace import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount, requested_completion
 from providers.base import Endpoint, Usage
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import KeyEntry, Model, Policy, Target
-    from gateway.policy.schema import PolicyDocument, RateLimitsPolicy
 
 log = logging.getLogger("switchboard.limits")
 
-_WINDOWS = (("rpm", "requests", 60), ("tpm", "tokens", 60), ("rpd", "requests", 86_400), ("tpd", "tokens", 86_400))
-_LABELS = {("requests", 60): "requests per minute", ("tokens", 60): "tokens per minute",
-           ("requests", 86_400): "requests per day", ("tokens", 86_400): "tokens per day"}
-
-
-# --- rules, built once per policy ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    """One rate limit of one scope: `limit` requests or tokens per fixed window."""
-
-    scope: str  # "team", "key" or "model"
-    owner: str  # team name, key id or model name
-    team: str
-    unit: str  # "requests" or "tokens"
-    window_s: int
-    limit: int
-    base: str  # counter key prefix, hash-tagged by team
-    shadow: bool = False  # mode: shadow: counted and reported, never refusing (gateway/accounting/shadow.py)
-
-    @property
-    def label(self) -> str:
-        return _LABELS[(self.unit, self.window_s)]
-
-    @property
-    def who(self) -> str:
-        if self.scope == "team":
-            return f"team {self.team}"
-        if self.scope == "key":
-            return f"key {self.owner} (team {self.team})"
-        return f"model {self.owner} for team {self.team}"
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything that applies to one (key, model): what admission checks."""
-
-    rates: tuple[RateRule, ...]
-    budgets: tuple[Budget, ...]
-    needs_tokens: bool
-    needs_usd: bool
-    shadowed: bool = False  # some rule is in shadow mode: admission looks for what it would refuse
-
-
-class Rules:
-    """A policy's limits and budgets by scope; `plan` is memoised per (key, model)."""
-
-    def __init__(self) -> None:
-        self.team_rates: dict[str, tuple[RateRule, ...]] = {}
-        self.key_rates: dict[str, tuple[RateRule, ...]] = {}
-        self.model_rates: dict[tuple[str, str], tuple[RateRule, ...]] = {}
-        self.team_budgets: dict[str, Budget] = {}
-        self.key_budgets: dict[str, Budget] = {}
-        self.team_keys: dict[str, tuple[str, ...]] = {}
-        self.default_completion_tokens = 1024
-        self.shadow_header = True
-        self._plans: dict[tuple[str, str], Plan | None] = {}
-
-    @property
-    def any(self) -> bool:
-        return bool(self.team_rates or self.key_rates or self.model_rates or self.team_budgets or self.key_budgets)
-
-    def plan(self, team: str, key_id: str, model: str) -> Plan | None:
-        memo = (key_id, model)
-        try:
-            return self._plans[memo]
-        except KeyError:
-            pass
-        rates = (*self.team_rates.get(team, ()), *self.key_rates.get(key_id, ()),
-                 *self.model_rates.get((team, model), ()))
-        budgets = tuple(b for b in (self.team_budgets.get(team), self.key_budgets.get(key_id)) if b is not None)
-        plan = None
-        if rates or budgets:
-            plan = Plan(rates, budgets, any(r.unit == "tokens" for r in rates) or any(
-                b.tokens is not None or b.usd_micros is not None for b in budgets),
-                any(b.usd_micros is not None for b in budgets),
-                any(r.shadow for r in rates) or any(b.shadow for b in budgets))
-        self._plans[memo] = plan
-        return plan
-
-
-def build_rules(document: PolicyDocument) -> Rules:
-    """The runtime limits of a validated policy document."""
-    rules = Rules()
-    rules.default_completion_tokens = document.admission.default_completion_tokens
-    rules.shadow_header = document.admission.shadow_reject_header
-    for team, config in document.teams.items():
-        tag = "{" + safe_key(team) + "}"
-        rules.team_keys[team] = tuple(k.id for k in config.keys)
-        if config.limits is not None:
-            rules.team_rates[team] = _rates(config.limits, "team", team, team, f"{tag}:r:team")
-        for model, limits in config.model_limits.items():
-            rules.model_rates[(team, model)] = _rates(limits, "model", model, team, f"{tag}:r:model:{safe_key(model)}")
-        if config.budget is not None:
-            rules.team_budgets[team] = build_budget(config.budget, "team", team, team, f"{tag}:b:team")
-        for key in config.keys:
-            if key.limits is not None:
-                rules.key_rates[key.id] = _rates(key.limits, "key", key.id, team, f"{tag}:r:key:{key.id}")
-            if key.budget is not None:
-                rules.key_budgets[key.id] = build_budget(key.budget, "key", key.id, team, f"{tag}:b:key:{key.id}")
-    return rules
-
-
-def rules_problems(document: PolicyDocument) -> list[Problem]:
-    """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
-    problems = []
-    for team, config in document.teams.items():
-        allowed = set(config.models)
-        for model in config.model_limits:
-            if model not in document.models:
-                problems.append((("teams", team, "model_limits", model), f"unknown model {model!r}"))
-        budgets = [(("teams", team, "budget"), config.budget)]
-        budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
-        for path, budget in budgets:
-            target = budget.downgrade_to if budget is not None else None
-            if target is not None and target not in document.models:
-                problems.append(((*path, "downgrade_to"), f"unknown model {target!r}"))
-            elif target is not None and "*" not in allowed and target not in allowed:
-                problems.append(((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
-                                 f"to teams.{team}.models"))
-    for index, key in enumerate(document.admin.keys):
-        if key.limits is not None or key.budget is not None:
-            problems.append((("admin", "keys", index), "admin keys take no limits or budget"))
-    return problems
-
-
-def _rates(config: RateLimitsPolicy, scope: str, owner: str, team: str, base: str) -> tuple[RateRule, ...]:
-    rules = []
-    for name, unit, window in _WINDOWS:
-        limit = getattr(config, name)
-        if limit is not None:
-            rules.append(RateRule(scope, owner, team, unit, window, limit, f"{base}:{name}", config.mode == "shadow"))
-    return tuple(rules)
-
-
 # --- admission -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Meter:
-    """What one check of an admission measures."""
-
-    unit: str  # "requests", "tokens" or "usd"
-    limit: int
-    resets_at: float
-    rule: RateRule | None = None
-    budget: Budget | None = None
-    window: Window | None = None
-
-    @property
-    def shadow(self) -> bool:
-        owner = self.rule if self.rule is not None else self.budget
-        return owner is not None and owner.shadow
 
 
 @dataclass(slots=True)
@@ -220,7 +62,7 @@ class Admission:
     model: Model
     policy: Policy
     checks: tuple[Check, ...]
-    meters: tuple[_Meter, ...]
+    meters: tuple[Meter, ...]
     used: tuple[int, ...]
     prompt_tokens: int
     reserved_tokens: int
@@ -254,13 +96,11 @@ class Limiter:
         self._counter = counter
         self._clock = clock
         self._cost = cost
-        self._on_threshold = on_threshold
         self._on_reject: Callable[[str, str, str], None] | None = None
-        self._alert: Callable[[ThresholdEvent], None] | None = None
-        self._threshold_metric: Any = None
         self._shadow_metric: Any = None
-        self._marks: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Soft thresholds and exhaustion, reported once per period across replicas (budget_events.py).
+        self._events = BudgetEvents(store, on_threshold)
+        self._end_users = hierarchy.EndUserTracker()
         self._state = _state_wanted(started_with) if started_with is not None else None
 
     def attach_metrics(self, metrics: Any) -> None:
@@ -268,16 +108,15 @@ class Limiter:
         from prometheus_client import Counter
 
         self._on_reject = metrics.rejected
-        self._threshold_metric = Counter(
-            "switchboard_budget_thresholds", "Budget soft thresholds crossed (once per period and budget).",
-            ("team", "scope", "owner", "unit", "threshold"), registry=metrics.registry)
+        self._events.count_in(metrics.registry)
         self._shadow_metric = Counter(
             "switchboard_shadow_rejections", "Requests a shadow-mode limit or budget would have refused (they were "
             "served).", ("team", "scope", "rule"), registry=metrics.registry)
+        self._end_users.attach_metrics(metrics)
 
     def send_alerts_to(self, alert: Callable[[ThresholdEvent], None]) -> None:
         """Hand each budget threshold and exhaustion, once fired (claimed in the store), to `alert`."""
-        self._alert = alert
+        self._events.alert = alert
 
     def policy_applied(self, policy: Policy) -> None:
         """Warn when a reloaded policy wants another state store: the store is chosen at startup."""
@@ -291,18 +130,17 @@ class Limiter:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Send what is pending to the store and close it, within `timeout_s` (the store logs what is left)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._events.drain()
         await self.store.close(timeout_s)
 
     async def flush(self) -> None:
         """Wait for pending threshold checks and settlements (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._events.drain()
         await self.store.flush()
 
     async def admit(self, policy: Policy, caller: KeyEntry, endpoint: Endpoint, body: Mapping[str, Any],
-                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE) -> Admission | None:
+                    model: Model, headers: MutableMapping[str, str], trace: Trace = NO_TRACE,
+                    end_user: str | None = None) -> Admission | None:
         """Reserve this request against every limit and budget that applies; raise 429/503 if refused.
 
         A budget with `on_exhaust: downgrade` that refuses switches the request
@@ -313,10 +151,11 @@ class Limiter:
         if rules is None:
             return None
         team = caller.team.name
-        plan = rules.plan(team, caller.key_id, model.name)
+        now = self._clock()
+        user_budget = await self._end_user_budget(rules, team, end_user, now)
+        plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget)
         if plan is None:
             return None
-        now = self._clock()
         prompt = completion = 0
         counted = None
         if plan.needs_tokens:
@@ -329,9 +168,10 @@ class Limiter:
         downgraded_from = None
         while True:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
-            checks, meters = _checks(plan, now, prompt + completion, usd, relaxed)
+            checks, meters = checks_for(plan, now, prompt + completion, usd, relaxed)
             verdict = await self._reserve(checks)
-            headers.update(_rate_headers(meters, checks, verdict, now))
+            headers.update(rate_headers(meters, checks, verdict, now))
+            headers.update(hierarchy.budget_headers(meters, checks, verdict, now, end_user))
             if verdict.admitted:
                 unreserved = ()
                 if plan.shadowed:
@@ -350,7 +190,8 @@ class Limiter:
             meter = meters[verdict.denied]
             budget = meter.budget
             if budget is not None:
-                self._exhausted(meter, checks[verdict.denied], verdict.used[verdict.denied])
+                self._events.exhausted(meter.budget, meter.window, meter.unit, meter.limit,
+                                      checks[verdict.denied].amount, verdict.used[verdict.denied])
             if budget is not None and budget.on_exhaust == "downgrade" and id(budget) not in relaxed:
                 cheaper = policy.models.get(budget.downgrade_to or "")
                 if cheaper is not None:
@@ -362,14 +203,14 @@ class Limiter:
                     downgraded_from = downgraded_from or model.name
                     relaxed.add(id(budget))
                     model = cheaper
-                    plan = rules.plan(team, caller.key_id, model.name) or plan
+                    plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget) or plan
                     headers["x-switchboard-downgraded-from"] = downgraded_from
                     continue
             if trace.recording:
                 trace.decision("switchboard.admission", admission_event(
                     "refused", model.name, meters, checks, verdict, prompt + completion, usd))
             self._rejected(team, meter)
-            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+            raise refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
 
     async def extend(self, admission: Admission, team: str, fallback: Model, trace: Trace = NO_TRACE) -> None:
         """A fallback to `fallback`: reserve what it adds to the admission, or raise its refusal (reserving nothing).
@@ -385,7 +226,7 @@ class Limiter:
         rates = rules.model_rates.get((team, fallback.name), ()) if rules is not None else ()
         now = self._clock()
         tokens = admission.reserved_tokens
-        checks, meters = _checks(Plan(rates, (), True, False), now, tokens, 0, set()) if rates else ((), ())
+        checks, meters = checks_for(Plan(rates, (), True, False), now, tokens, 0, set()) if rates else ((), ())
         extra, topped = 0, []
         if any(meter.unit == "usd" for meter in admission.meters):
             prompt = admission.prompt_tokens
@@ -406,7 +247,7 @@ class Limiter:
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             self._rejected(team, meter)
-            raise _refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
+            raise refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
         # A top-up joins its budget's reservation, so settlement reconciles one amount per counter.
         merged = list(admission.checks)
         for i in topped:
@@ -428,15 +269,28 @@ class Limiter:
         admission.allowance = self._allowance(admission.policy, fallback, admission.meters,
                                               Verdict(True, admission.used), admission.prompt_tokens, relaxed)
 
-    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+    async def _end_user_budget(self, rules: Rules, team: str, end_user: str | None, now: float) -> Budget | None:
+        """The end user's budget (its own or the shared `other` one), when the team gives end users one."""
+        users = rules.hierarchy.end_users.get(team) if end_user is not None else None
+        if users is None or users.template is None:
+            return None
+        assert end_user is not None
         try:
-            return await self.store.admit(checks)
+            return await self._end_users.budget(self.store, users, end_user, now)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
                                "the state store is unreachable and the policy says to fail closed. Retry "
                                "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
 
-    def _rejected(self, team: str, meter: _Meter) -> None:
+    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+        try:
+            return await hierarchy.reserve(self.store, checks)
+        except StoreUnavailable as exc:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
+                               "the state store is unreachable and the policy says to fail closed. Retry "
+                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+
+    def _rejected(self, team: str, meter: Meter) -> None:
         if self._on_reject is not None:
             self._on_reject(team, meter.rule.scope if meter.rule else meter.budget.scope,  # type: ignore[union-attr]
                             "budget_exceeded" if meter.budget else "rate_limited")
@@ -484,7 +338,8 @@ class Limiter:
             if actual != check.amount:
                 deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
             if meter.budget is not None and meter.budget.soft_thresholds:
-                self._thresholds(meter, admission.used[index] + actual)
+                self._events.crossed(meter.budget, meter.window, meter.unit, meter.limit,
+                                     admission.used[index] + actual)
         if deltas:
             self.store.settle(deltas)
         if admission.trace is not None:
@@ -500,7 +355,7 @@ class Limiter:
             return prompt, 0
         return prompt, completion_reservation(body, default)
 
-    def _allowance(self, policy: Policy, model: Model, meters: tuple[_Meter, ...], verdict: Verdict, prompt: int,
+    def _allowance(self, policy: Policy, model: Model, meters: tuple[Meter, ...], verdict: Verdict, prompt: int,
                    relaxed: set[int]) -> StreamAllowance | None:
         """The tightest room left under the plan's hard-stop budgets, in completion tokens.
 
@@ -531,7 +386,7 @@ class Limiter:
         cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
         return math.ceil(cost * MICROS) if cost else 0
 
-    def _shadow_refusals(self, meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
+    def _shadow_refusals(self, meters: tuple[Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
                          headers: MutableMapping[str, str], trace: Trace, header: bool) -> tuple[int, ...]:
         """Report what this admitted request's shadow rules would have done (refuse it, or nothing), and undo
         their reservations for it; returns the indexes of the checks that would have refused."""
@@ -549,79 +404,21 @@ class Limiter:
                 scope = meter.rule.scope if meter.rule is not None else meter.budget.scope  # type: ignore[union-attr]
                 self._shadow_metric.labels(team, scope, shadow.rule_name(meter)).inc()
             if meter.budget is not None:
-                self._exhausted(meter, checks[index], verdict.used[index])
+                self._events.exhausted(meter.budget, meter.window, meter.unit, meter.limit, checks[index].amount,
+                                      verdict.used[index])
         log.info("shadow rules would have refused a request of team %s: %s", team,
                  ", ".join(shadow.rule_id(meters[i]) for i in refused))
         return refused
 
-    def _thresholds(self, meter: _Meter, after: int) -> None:
-        budget, window = meter.budget, meter.window
-        assert budget is not None and window is not None
-        for threshold in budget.soft_thresholds:
-            if after < math.ceil(threshold * meter.limit):
-                break
-            mark = f"{budget.base}:{meter.unit}:soft{threshold:g}:{window.slices[-1]}"
-            if self._first_here(mark):
-                self._fire_once(window.expires_at, ThresholdEvent(
-                    budget.scope, budget.owner, budget.team, meter.unit, threshold, meter.limit, after,
-                    window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
-
-    def _exhausted(self, meter: _Meter, check: Check, used: int) -> None:
-        """A budget refused (or, in shadow mode, would have refused) a request: report it once per period.
-
-        Not for a request larger than the whole budget: that one says nothing about what is left, and reporting
-        it would use up the period's one exhaustion alert before the budget is spent.
-        """
-        budget, window = meter.budget, meter.window
-        assert budget is not None and window is not None
-        if check.amount > meter.limit:
-            return
-        mark = f"{budget.base}:{meter.unit}:exhausted:{window.slices[-1]}"
-        if self._first_here(mark):
-            self._fire_once(window.expires_at, ThresholdEvent(
-                budget.scope, budget.owner, budget.team, meter.unit, 1.0, meter.limit, used, window.start,
-                window.resets_at, EXHAUSTED, budget.shadow, budget.notify, mark))
-
-    def _first_here(self, mark: str) -> bool:
-        """True the first time this process sees `mark`: only then is the store asked whether to report it."""
-        if mark in self._marks:
-            return False
-        if len(self._marks) > 100_000:  # marks of past periods; the store still answers once per period
-            self._marks.clear()
-        self._marks.add(mark)
-        return True
-
-    def _fire_once(self, expires_at: int, event: ThresholdEvent) -> None:
-        """Report `event` unless another replica already did (the store decides), off the request path."""
-        task = asyncio.get_running_loop().create_task(self._claim(event.mark, expires_at, event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _claim(self, mark: str, expires_at: int, event: ThresholdEvent) -> None:
-        # The store decides (one atomic reservation of a 1-limit counter), so replicas report an event once
-        # between them. A store that cannot answer lets every replica report it: an alert twice rather than never.
-        try:
-            verdict = await self.store.admit([Check((mark,), 1, 1, expires_at)])
-        except StoreUnavailable:
-            verdict = Verdict(True, (0,))
-        if not verdict.admitted:
-            log.info("budget %s %s of %s already reported by another replica", event.kind, event.threshold, mark)
-            return
-        self._on_threshold(event)
-        if self._alert is not None:
-            self._alert(event)
-        if self._threshold_metric is not None:
-            self._threshold_metric.labels(event.team, event.scope, event.owner, event.unit,
-                                          f"{event.threshold:g}" if event.kind == THRESHOLD else event.kind).inc()
-
-    async def report(self, policy: Policy, team: str, period: str = "current") -> dict[str, Any]:
+    async def report(self, policy: Policy, team: str, period: str = "current",
+                     end_user: str | None = None) -> dict[str, Any]:
         """Usage, limits and what remains for a team, its keys and its models (gateway/accounting/usage_report.py).
 
         Settlements this process has made are sent to the store first, so the report includes them (Redis
         otherwise receives them within 20 ms, with the team's next admission).
         """
         await self.store.flush()
-        return await usage_report(self.store, policy, team, period, self._clock())
+        return await usage_report(self.store, policy, team, period, self._clock(), end_user)
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:
     from gateway.state import backend_for
@@ -638,82 +435,6 @@ def completion_reservation(body: Mapping[str, Any], default: int) -> int:
     return value
 
 
-def _checks(plan: Plan, now: float, tokens: int, usd: int,
-            relaxed: set[int]) -> tuple[tuple[Check, ...], tuple[_Meter, ...]]:
-    checks: list[Check] = []
-    meters: list[_Meter] = []
-    for rule in plan.rates:
-        index = int(now // rule.window_s)
-        end = (index + 1) * rule.window_s
-        checks.append(Check((f"{rule.base}:{index}",), UNLIMITED if rule.shadow else rule.limit,
-                            1 if rule.unit == "requests" else tokens, end + rule.window_s))
-        meters.append(_Meter(rule.unit, rule.limit, end, rule=rule))
-    for budget in plan.budgets:
-        window = budget.period.window(now)
-        for unit, limit, amount, short in (("tokens", budget.tokens, tokens, "tok"),
-                                           ("usd", budget.usd_micros, usd, "usd")):
-            if limit is None:
-                continue
-            checks.append(Check(budget.slices(short, window),
-                                UNLIMITED if budget.shadow or id(budget) in relaxed else limit, amount,
-                                window.expires_at))
-            meters.append(_Meter(unit, limit, window.resets_at, budget=budget, window=window))
-    return tuple(checks), tuple(meters)
-
-
-def _refusal(meter: _Meter, check: Check, used: int, now: float) -> GatewayError:
-    if meter.budget is not None:
-        assert meter.window is not None
-        return exceeded(meter.budget, meter.unit, meter.limit, used, check.amount, meter.window, now)
-    rule = meter.rule
-    assert rule is not None
-    wait = max(0.001, meter.resets_at - now)
-    if check.amount > rule.limit:
-        # Never admissible, however long the client waits.
-        return GatewayError(ErrorKind.RATE_LIMITED, f"Request too large for {rule.who} on {rule.label}: limit "
-                            f"{rule.limit}, requested {check.amount}. Lower max_tokens or the prompt.",
-                            code="rate_limit_exceeded", retry_after=wait, headers={"x-should-retry": "false"})
-    return GatewayError(ErrorKind.RATE_LIMITED, f"Rate limit reached for {rule.who} on {rule.label}: limit "
-                        f"{rule.limit}, used {used}, requested {check.amount}. Resets in {go_duration(wait)} "
-                        f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
-
-
-def _rate_headers(meters: tuple[_Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
-                  now: float) -> dict[str, str]:
-    """`x-ratelimit-*` for the request and token rate limits with the least room left."""
-    headers: dict[str, str] = {}
-    for unit, suffix in (("requests", "requests"), ("tokens", "tokens")):
-        tightest: tuple[int, int, float] | None = None
-        for index, meter in enumerate(meters):
-            if meter.rule is None or meter.unit != unit or meter.rule.shadow:
-                continue  # a shadow limit must not make clients slow down
-            taken = checks[index].amount if verdict.admitted else 0
-            remaining = max(0, meter.limit - verdict.used[index] - taken)
-            if tightest is None or remaining < tightest[1]:
-                tightest = (meter.limit, remaining, meter.resets_at)
-        if tightest is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest[0])
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest[1])
-            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest[2] - now)
-    return headers
-
-
-def go_duration(seconds: float) -> str:
-    """A duration as Go prints it, the format of OpenAI's reset headers: `6m0s`, `1.5s`, `12ms`."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    millis = math.ceil(seconds * 1000)
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-
 def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
     """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
     return admission.allowance if admission is not None else None
@@ -721,12 +442,9 @@ def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
 
 async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
                 body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str],
-                trace: Trace = NO_TRACE) -> Admission | None:
+                trace: Trace = NO_TRACE, end_user: str | None = None) -> Admission | None:
     """The pipeline's admission step: None when this gateway or request has no limits."""
     if limiter is None:
         return None
-    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace)
+    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace, end_user)
 
-
-# Rate limits and budgets as the request path reads them: `Policy.rules`.
-RULES = PolicyPart("rules", check=rules_problems, build=lambda compiling: build_rules(compiling.document))

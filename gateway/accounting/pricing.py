@@ -28,8 +28,9 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
+from gateway.policy.model_schema import PriceSpec
 from gateway.policy.parts import Compiling, PartProblems, PolicyPart
-from gateway.policy.schema import PolicyDocument, PriceSpec, PricesPolicy
+from gateway.policy.schema import PolicyDocument, PricesPolicy
 from providers.base import Usage
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting.budgets import MICROS
+from gateway.accounting.hierarchy import organization_of
 from gateway.accounting.pricing import COST_HEADER, charge, format_usd, mark_estimated, with_cost
 from gateway.accounting.tags import Tags
 from gateway.accounting.usage import UsageRecord
@@ -70,8 +71,8 @@ class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
     __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
-                 "cache", "caller", "cost_usd", "error", "exchange", "outcome", "policy", "price_version", "request",
-                 "status", "stream", "tags", "target", "usage", "variant")
+                 "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy", "price_version",
+                 "request", "status", "stream", "tags", "target", "usage", "variant")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -89,6 +90,7 @@ class Settlement:
         self.usage: Usage | None = None
         self.tags: Tags = ()  # cost attribution (gateway/accounting/tags.py), read once from the request's header
         self.variant: str | None = None  # control, canary or shadow on a model with experiments (experiments.py)
+        self.end_user: str | None = None  # the end user the request named (gateway/accounting/hierarchy.py), validated
         self.status = 200
         self.outcome: str | None = None  # None until known: a stream that never saw its end was cut short
         self.error: GatewayError | None = None
@@ -288,6 +290,8 @@ class Settlement:
             failed_attempt_cost_usd=wasted_cost,
             tags=self.tags,
             variant=self.variant,
+            organization=organization_of(self.policy.rules if self.policy else None, self.caller.team.name),
+            end_user=self.end_user,
             **(self.cache.usage_fields() if self.cache is not None else {}),
         )
         if self.stream is not None:

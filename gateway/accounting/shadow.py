@@ -31,7 +31,7 @@ from gateway.state import Check, Delta, Verdict
 from gateway.telemetry.decisions import meter_label
 
 if TYPE_CHECKING:
-    from gateway.accounting.limits import _Meter
+    from gateway.accounting.plans import Meter
 
 HEADER = "x-switchboard-shadow-reject"
 EVENT = "switchboard.shadow"
@@ -41,20 +41,20 @@ _WINDOW_NAMES = {("requests", 60): "rpm", ("tokens", 60): "tpm", ("requests", 86
                  ("tokens", 86_400): "tpd"}
 
 
-def would_refuse(meters: Sequence[_Meter], checks: Sequence[Check], verdict: Verdict) -> tuple[int, ...]:
+def would_refuse(meters: Sequence[Meter], checks: Sequence[Check], verdict: Verdict) -> tuple[int, ...]:
     """Indexes of the shadow checks an enforcing store would have refused this request on."""
     return tuple(index for index, meter in enumerate(meters)
                  if meter.shadow and verdict.used[index] + checks[index].amount > meter.limit)
 
 
-def rule_name(meter: _Meter) -> str:
+def rule_name(meter: Meter) -> str:
     """The short kind of rule a meter measures: rpm, tpm, rpd, tpd, budget_tokens or budget_usd."""
     if meter.rule is not None:
         return _WINDOW_NAMES[(meter.rule.unit, meter.rule.window_s)]
     return f"budget_{meter.unit}"
 
 
-def rule_id(meter: _Meter) -> str:
+def rule_id(meter: Meter) -> str:
     """How the response header names a rule to its own caller: `team:rpm`, `key:budget_usd`, `model:tpm`."""
     scope = meter.rule.scope if meter.rule is not None else meter.budget.scope  # type: ignore[union-attr]
     return f"{scope}:{rule_name(meter)}"
@@ -76,7 +76,7 @@ def unreserve(checks: Sequence[Check], refused: Sequence[int]) -> list[Delta]:
     return deltas
 
 
-def shadow_event(meters: Sequence[_Meter], checks: Sequence[Check], verdict: Verdict,
+def shadow_event(meters: Sequence[Meter], checks: Sequence[Check], verdict: Verdict,
                  refused: Sequence[int]) -> dict[str, Any]:
     """The trace event of a request that shadow rules would have refused: which rules, their numbers."""
     scale = [1_000_000 if meters[i].unit == "usd" else 1 for i in refused]

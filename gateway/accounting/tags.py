@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.model_schema import ROUTE_PIN_HEADER
 from gateway.policy.parts import PolicyPart
-from gateway.policy.schema import ROUTE_PIN_HEADER
 
 if TYPE_CHECKING:
     from gateway.policy.schema import PolicyDocument

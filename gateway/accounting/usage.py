@@ -71,6 +71,10 @@ class UsageRecord:
     # On a model with experiments (gateway/routing/experiments.py): "control", "canary" or "shadow" (a mirrored call,
     # not the client's request); None otherwise.
     variant: str | None = None
+    # The budget hierarchy (gateway/accounting/hierarchy.py): the team's organisation, and the end user the request
+    # named (validated; the id itself, even when its budget was the shared `other` bucket), or None.
+    organization: str | None = None
+    end_user: str | None = None
 
 
 class UsageSink(Protocol):
@@ -215,7 +219,8 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
         "failed_attempt_cost_usd": record.failed_attempt_cost_usd,
         "cache_overhead_tokens": record.cache_overhead_tokens,
         "cache_overhead_cost_usd": record.cache_overhead_cost_usd,
-        "tags": record.tags, "variant": record.variant,
+        "tags": record.tags, "variant": record.variant, "organization": record.organization,
+        "end_user": record.end_user,
     }
 
 

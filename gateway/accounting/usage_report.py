@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounting import hierarchy
 from gateway.accounting.budgets import MICROS
 from gateway.accounting.shadow import tally_slices
 from gateway.accounting.shadow_spend import shadow_spend
@@ -21,8 +22,10 @@ if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
 
 
-async def usage_report(store: StateStore, policy: Policy, team: str, period: str, now: float) -> dict[str, Any]:
-    """Usage, limits and what remains for a team, its keys and its models; KeyError for an unknown team."""
+async def usage_report(store: StateStore, policy: Policy, team: str, period: str, now: float,
+                       end_user: str | None = None) -> dict[str, Any]:
+    """Usage, limits and what remains for a team, its keys and its models, its organisation, its `other`
+    end-user bucket and, when `end_user` is given, that end user; KeyError for an unknown team."""
     rules = policy.rules
     if rules is None or team not in policy.teams:
         raise KeyError(team)
@@ -42,6 +45,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
         if rule.shadow:
             tallied.append(len(rows) - 1)
     budgets = [rules.team_budgets.get(team)] + [rules.key_budgets.get(k) for k in rules.team_keys.get(team, ())]
+    budgets += hierarchy.report_budgets(rules.hierarchy, team, end_user)
     for budget in (b for b in budgets if b is not None):
         window = budget.period.previous(now) if period == "previous" else budget.period.window(now)
         for unit, limit in (("tokens", budget.tokens), ("usd", budget.usd_micros)):
@@ -56,7 +60,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
                 tallied.append(len(rows) - 1)
     counted = len(slices)
     slices += [tally_slices(slices[index]) for index in tallied]
-    values = await store.read(slices)
+    values = await hierarchy.read(store, slices)  # an organisation's counters are under another hash tag
     for index, refusals in zip(tallied, values[counted:], strict=True):
         # Requests this shadow rule would have refused in the window: served, but not in `used` (see shadow.py).
         rows[index]["would_reject"] = refusals
@@ -69,6 +73,11 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
     report = {"team": team, "period": period, "at": iso_time(now, dt.UTC), "usage": rows}
     if any(plan.shadow is not None for plan in policy.experiments.values()):
         report["shadow_spend"] = await shadow_spend(store, team, period, now)  # not in any budget's `used`
+    if (org := rules.hierarchy.organizations.get(team)) is not None:
+        report["organization"] = org
+    users = await hierarchy.end_user_summary(store, rules.hierarchy, team, now, period == "previous")
+    if users is not None:
+        report["end_users"] = users
     return report
 
 

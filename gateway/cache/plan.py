@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.policy.model_schema import CachePolicy, SemanticCachePolicy
 from gateway.policy.parts import PolicyPart
-from gateway.policy.schema import CachePolicy, PolicyDocument, SemanticCachePolicy
+from gateway.policy.schema import PolicyDocument
 
 
 @dataclass(frozen=True, slots=True)

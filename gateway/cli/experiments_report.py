@@ -289,7 +289,7 @@ def print_experiments(ledger: str, model: str | None, since: str | None, until: 
     """`switchboard experiments report`: the comparison from a ledger file."""
     import sys
 
-    from gateway.accounting.ledger import parse_since
+    from gateway.accounting.spend import parse_since
 
     if not Path(ledger).exists():
         sys.stderr.write(f"{ledger}: no such ledger file\n")

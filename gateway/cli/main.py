@@ -102,11 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--policy", required=True, help="policy YAML file (its state: block says where to read)")
     usage.add_argument("--team", required=True)
     usage.add_argument("--period", default="current", choices=["current", "previous"])
+    usage.add_argument("--end-user", default=None, help="also report this end user's budget (teams.<t>.end_users)")
     usage.set_defaults(run=_usage)
 
     spend = commands.add_parser("spend", help="report spend from the usage ledger (gateway/accounting/ledger.py)")
     spend.add_argument("--policy", required=True, help="policy YAML file (its ledger.path says where to read)")
-    spend.add_argument("--by", default="team", help="team, model, key, day, or tag:<key> (e.g. tag:feature)")
+    spend.add_argument("--by", default="team", help="team, model, key, day, organization, end_user, or tag:<key> "
+                       "(e.g. tag:feature)")
     spend.add_argument("--since", default=None, help="2026-11-01, 2026-11-01T12:00 (UTC), or relative: 24h, 7d, 4w")
     spend.add_argument("--until", default=None, help="same forms as --since; default: now")
     spend.add_argument("--format", default="table", choices=["table", "csv", "json"])
@@ -363,7 +365,7 @@ def _spend(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     from gateway.cli.reports import print_usage
 
-    return print_usage(args.policy, args.team, args.period)
+    return print_usage(args.policy, args.team, args.period, args.end_user)
 
 
 def configure_logging(level: str) -> None:

@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-from gateway.accounting.ledger import parse_since, render_report, spend
+from gateway.accounting.hierarchy import valid_end_user
+from gateway.accounting.spend import parse_since, render_report, spend
 from gateway.accounting.usage_report import usage_report
 from gateway.compiled.policy import PolicyError, load_policy
 from gateway.state import StoreUnavailable, open_store
@@ -36,7 +37,7 @@ def print_spend(policy_path: str, by: str, since: str | None, until: str | None,
     return 0
 
 
-def print_usage(policy_path: str, team: str, period: str = "current") -> int:
+def print_usage(policy_path: str, team: str, period: str = "current", end_user: str | None = None) -> int:
     """`switchboard usage`: read the counters the policy's `state:` block points at and print the report."""
     try:
         policy = load_policy(policy_path)
@@ -45,6 +46,9 @@ def print_usage(policy_path: str, team: str, period: str = "current") -> int:
         return 1
     if team not in policy.teams:
         sys.stderr.write(f"unknown team {team!r}; teams: {', '.join(sorted(policy.teams))}\n")
+        return 1
+    if end_user is not None and valid_end_user(end_user) is None:
+        sys.stderr.write("--end-user must be 1-64 characters of letters, digits and ._@+=/-\n")
         return 1
     needed = bool(policy.rules and policy.rules.any)
     store = open_store(policy.state, policy_path=policy_path, needed=needed, read_only=True)
@@ -55,7 +59,7 @@ def print_usage(policy_path: str, team: str, period: str = "current") -> int:
     async def read() -> dict[str, Any]:
         await store.start()
         try:
-            return await usage_report(store, policy, team, period, time.time())
+            return await usage_report(store, policy, team, period, time.time(), end_user)
         finally:
             await store.close()
 

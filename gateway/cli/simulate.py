@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from gateway.state.memory import MemoryStore
 from providers.base import Endpoint, Usage
 
 _COLUMNS = ("ts, team, key_id, endpoint, public_model, provider, upstream_model, status, outcome, prompt_tokens, "
-            "completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd")
+            "completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd, end_user")
 _ENDPOINTS = {endpoint.value: endpoint for endpoint in Endpoint}
 
 
@@ -121,6 +121,7 @@ class _Recorded:
     cache_write_tokens: int
     reasoning_tokens: int
     cost_usd: float | None
+    end_user: str | None = None
 
 
 def recorded_requests(ledger: str | Path, since: float = 0.0, until: float | None = None,
@@ -146,15 +147,20 @@ def replay(policy_path: str, ledger: str | Path, since: float = 0.0, until: floa
            workers: int = 1) -> Simulation:
     """Load the policy and replay the ledger against it, split by team over `workers` processes.
 
-    Every counter a request touches belongs to its team (team, key and team x model limits, team and key
-    budgets), so teams replayed apart give exactly what one replay gives.
+    Every counter a request touches belongs to its team (team, key and team x model limits, team, end-user
+    and key budgets) or to its team's organisation, so teams replayed apart, with the teams of one
+    organisation together, give exactly what one replay gives.
     """
     if workers <= 1:
         return _replay_teams(policy_path, str(ledger), since, until, None)
+    from gateway.compiled.policy import load_policy
+
+    rules = load_policy(policy_path).rules
+    organizations = rules.hierarchy.organizations if rules is not None else {}
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    shares = _shares(ledger, since, until, workers)
+    shares = _shares(ledger, since, until, workers, organizations)
     with ProcessPoolExecutor(len(shares), mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(_replay_teams, *zip(*((policy_path, str(ledger), since, until, share)
                                                     for share in shares), strict=True)))
@@ -180,20 +186,28 @@ def _replay_teams(policy_path: str, ledger: str, since: float, until: float | No
     return result
 
 
-def _shares(ledger: str | Path, since: float, until: float | None, workers: int) -> list[list[str]]:
-    """Teams dealt to at most `workers` shares of about equal rows, busiest first."""
+def _shares(ledger: str | Path, since: float, until: float | None, workers: int,
+            organizations: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Teams dealt to at most `workers` shares of about equal rows, busiest first; the teams of one
+    organisation (`organizations`: team -> organisation) in one share, as they count against one budget."""
     if not Path(ledger).is_file():
         raise FileNotFoundError(f"{ledger}: no such ledger file")
     connection = open_ledger(ledger)
     try:
         counts = connection.execute("SELECT team, COUNT(*) FROM usage WHERE ts >= ? AND ts < ? GROUP BY team "
                                     "ORDER BY 2 DESC, 1", (since, until if until is not None else float("inf")))
+        units: dict[tuple[str, str], list[Any]] = {}  # (kind, name) -> [rows, teams]
+        for team, count in counts:
+            org = (organizations or {}).get(team)
+            unit = units.setdefault(("org", org) if org is not None else ("team", team), [0, []])
+            unit[0] += count
+            unit[1].append(team)
         rows = [0] * workers
         shares: list[list[str]] = [[] for _ in range(workers)]
-        for team, count in counts:
+        for count, teams in sorted(units.values(), key=lambda unit: (-unit[0], unit[1])):
             lightest = rows.index(min(rows))
             rows[lightest] += count
-            shares[lightest].append(team)
+            shares[lightest].extend(teams)
     finally:
         connection.close()
     return [teams for teams in shares if teams] or [[]]
@@ -270,7 +284,7 @@ async def _replay(policy: Policy, limiter: Limiter, keys: dict[str, KeyEntry], p
     body = {"max_tokens": row.completion_tokens} if row.completion_tokens > 0 else {}
     try:
         admission = await limiter.admit(policy, caller, _ENDPOINTS.get(row.endpoint, Endpoint.CHAT), body, model,
-                                        {})
+                                        {}, end_user=row.end_user)
     except GatewayError as error:
         tally.refused("over_budget" if error.kind is ErrorKind.BUDGET_EXCEEDED else "rate_limited", error.message)
         return
@@ -315,7 +329,7 @@ def print_simulation(policy_path: str, ledger: str, since: str | None, until: st
     import sys
     import time
 
-    from gateway.accounting.ledger import parse_since, render_report
+    from gateway.accounting.spend import parse_since, render_report
     from gateway.compiled.policy import PolicyError, load_policy
 
     try:

@@ -23,7 +23,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from gateway.accounting.budgets import MICROS, Budget
-from gateway.accounting.limits import RateRule
+from gateway.accounting.hierarchy import EndUserRules
+from gateway.accounting.plans import RateRule
 from gateway.compiled.policy import Model, Policy, Provider
 
 # Field names whose values may be credentials: compared, never printed.
@@ -121,6 +122,9 @@ def describe(policy: Policy) -> dict[Subject, dict[str, Value]]:
             "max concurrent": _or_none(team.max_concurrent),
             "rate limits": _rates(rules.team_rates.get(name, ()) if rules else ()),
             "budget": _budget(rules.team_budgets.get(name) if rules else None),
+            "organization": (rules.hierarchy.organizations.get(name) or "none") if rules else "none",
+            "organization budget": _budget(rules.hierarchy.org_budgets.get(name) if rules else None),
+            "end users": _end_users(rules.hierarchy.end_users.get(name) if rules else None),
             "keys": tuple(sorted(entry.key_id for entry in keys_by_team.get(name, ()))),
             "tags": tag_rules.describe() if (tag_rules := policy.tags.teams.get(name)) is not None else "off",
         }
@@ -204,6 +208,14 @@ def _team_model(policy: Policy, team: str, model: str) -> dict[str, Value]:
 
 def _rates(rules: Iterable[RateRule]) -> str:
     return ", ".join(f"{rule.limit} {rule.label}" for rule in rules) or "none"
+
+
+def _end_users(users: EndUserRules | None) -> str:
+    if users is None:
+        return "not tracked"
+    source = f"header {users.header}, else the user field" if users.header else "the user field"
+    return (f"from {source}{', required' if users.required else ''}; up to {users.max_tracked} per period, "
+            f"each with budget {_budget(users.template)}")
 
 
 def _budget(budget: Budget | None) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.accounting.limits import Rules
 from gateway.accounting.pricing import EMPTY_PRICE_BOOK, PriceBook
+from gateway.accounting.rules import Rules
 from gateway.accounting.tags import EMPTY_TAG_PLAN, TagPlan
 from gateway.accounting.webhooks import Webhook
 from gateway.cache.plan import EMPTY_CACHE_PLAN, CachePlan
@@ -31,16 +31,13 @@ from gateway.compiled.parts import POLICY_PARTS
 from gateway.policy.alert_schema import AlertsPolicy
 from gateway.policy.diagnosis import file_path, line_of, stand_in_document, suggestion
 from gateway.policy.key_files import KeysFileError, file_stamp, keys_file_path, merge_keys, read_keys_file
+from gateway.policy.model_schema import ModelPolicy
 from gateway.policy.parts import Compiling, PartProblems, Problem
+from gateway.policy.provider_schema import HealthCheckPolicy, KVEventsPolicy, MetricsScrapePolicy, ProviderBase
 from gateway.policy.schema import (
     ConsolePolicy,
-    HealthCheckPolicy,
-    KVEventsPolicy,
     LedgerPolicy,
-    MetricsScrapePolicy,
-    ModelPolicy,
     PolicyDocument,
-    ProviderBase,
     ResponseStorePolicy,
     ServerPolicy,
     StatePolicy,

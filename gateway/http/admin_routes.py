@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from gateway.accounting.ledger import GROUPINGS, Ledger, is_grouping, parse_since, render_report, spend
+from gateway.accounting.hierarchy import valid_end_user
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.spend import GROUPINGS, is_grouping, parse_since, render_report, spend
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Reply, Services
@@ -53,7 +55,8 @@ class AdminRoute:
 
 
 class UsageRoute(AdminRoute):
-    """GET /admin/usage?team=T[&period=current|previous]: a team's usage against its limits and budgets."""
+    """GET /admin/usage?team=T[&period=current|previous][&end_user=U]: a team's usage against its limits and
+    budgets, its organisation's and its end users'."""
 
     async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
                      query: Mapping[str, str]) -> Any:
@@ -62,10 +65,14 @@ class UsageRoute(AdminRoute):
             raise GatewayError(ErrorKind.BAD_REQUEST, "period must be `current` or `previous`.", param="period")
         if team not in policy.teams:
             raise GatewayError(ErrorKind.NOT_FOUND, f"Unknown team {team!r}.", param="team", code="team_not_found")
+        end_user = query.get("end_user")
+        if end_user is not None and valid_end_user(end_user) is None:
+            raise GatewayError(ErrorKind.BAD_REQUEST, "end_user must be 1-64 characters of letters, digits and "
+                               "._@+=/-.", param="end_user")
         if services.limiter is None:
             raise GatewayError(ErrorKind.NOT_FOUND, "Limits are not enabled on this gateway.")
         try:
-            return await services.limiter.report(policy, team, period)
+            return await services.limiter.report(policy, team, period, end_user)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, f"The state store is unreachable: {exc}",
                                code="state_store_unavailable", retry_after=1.0) from exc
@@ -80,7 +87,9 @@ class TargetsRoute(AdminRoute):
 
 
 class SpendRoute(AdminRoute):
-    """GET /admin/spend?by=team|model|key|day|tag:<key>&since=...&until=...&format=json|csv: from the ledger."""
+    """GET /admin/spend?by=team|model|key|day|organization|end_user|tag:<key>&since=...&until=...&format=json|csv.
+
+    From the ledger."""
 
     def __init__(self, ledger: Ledger | None) -> None:
         self._ledger = ledger

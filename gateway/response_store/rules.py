@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.policy.parts import PolicyPart
-from gateway.policy.schema import TeamResponsesPolicy
+from gateway.policy.team_schema import TeamResponsesPolicy
 
 if TYPE_CHECKING:
     from gateway.policy.schema import PolicyDocument

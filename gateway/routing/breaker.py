@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.policy.schema import CircuitBreakerPolicy
+from gateway.policy.model_schema import CircuitBreakerPolicy
 
 
 class BreakerState(StrEnum):

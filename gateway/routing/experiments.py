@@ -42,14 +42,15 @@ from gateway.policy.experiment_schema import (
     CandidateTarget,
     ShadowTrafficPolicy,
 )
+from gateway.policy.model_schema import FallbackPolicy, TargetPolicy
 from gateway.policy.parts import PolicyPart
-from gateway.policy.schema import FallbackPolicy, TargetPolicy
 from gateway.routing.plan import build_plan
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import KeyEntry, Model, Policy, Provider
     from gateway.exchange import Exchange, Services
-    from gateway.policy.schema import ModelPolicy, PolicyDocument
+    from gateway.policy.model_schema import ModelPolicy
+    from gateway.policy.schema import PolicyDocument
 
 VARIANT_HEADER = "x-switchboard-variant"
 EVENT = "switchboard.experiment"

@@ -13,7 +13,7 @@ from providers.base import Endpoint
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Model, Policy
-    from gateway.policy.schema import ModelPolicy
+    from gateway.policy.model_schema import ModelPolicy
     from gateway.tokens.counter import TokenCounter
 
 

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.policy.schema import KVAwarePolicy, PolicyDocument
+from gateway.policy.model_schema import KVAwarePolicy
+from gateway.policy.schema import PolicyDocument
 from gateway.routing.holders import HolderTable, holder_table
 from gateway.routing.kv_events import ReplicaBlocks, replica_blocks, request_block_keys
 from gateway.routing.prefix_sharing import SHARE_KEY

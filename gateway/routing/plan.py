@@ -6,8 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.policy.model_schema import ROUTE_PIN_HEADER, ModelPolicy
 from gateway.policy.parts import PolicyPart
-from gateway.policy.schema import ROUTE_PIN_HEADER, ModelPolicy, PolicyDocument
+from gateway.policy.schema import PolicyDocument
 from gateway.routing.kv_scoring import KVAwareStrategy, kv_problems
 from gateway.routing.strategies import (
     CostStrategy,

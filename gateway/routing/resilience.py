@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from gateway.accounting.fallback_limits import admit_fallback
 from gateway.errors import ErrorKind, GatewayError, from_upstream
-from gateway.policy.schema import ModelPolicy
+from gateway.policy.model_schema import ModelPolicy
 from gateway.routing.plan import pinned_targets
 from gateway.routing.strategies import RouteRequest, RouteState, record_failure
 from gateway.routing.streams import PrimedStream, TargetOutcome, prime_stream

@@ -25,7 +25,7 @@ from gateway.routing.breaker import CircuitBreaker
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Target
-    from gateway.policy.schema import ModelPolicy
+    from gateway.policy.model_schema import ModelPolicy
     from providers.base import UpstreamFailure
 
 TargetKey = tuple[str, str, str]

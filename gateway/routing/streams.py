@@ -22,7 +22,7 @@ from providers.sse import SseDecoder
 if TYPE_CHECKING:
     from gateway.compiled.policy import Target
     from gateway.exchange import Exchange
-    from gateway.policy.schema import ModelPolicy
+    from gateway.policy.model_schema import ModelPolicy
     from gateway.upstream.pools import UpstreamResponse
 
 

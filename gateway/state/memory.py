@@ -19,6 +19,10 @@ _SWEEP_EVERY = 4096  # admissions between sweeps of expired counters
 class MemoryStore:
     """Counters in a dict: `key -> [value, expires_at]`."""
 
+    # One call may test counters of several hash tags atomically (gateway/accounting/hierarchy.py `reserve`); a Redis
+    # Cluster cannot, so RedisStore does not say so.
+    atomic_across_tags = True
+
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._values: dict[str, list[int]] = {}

@@ -126,6 +126,10 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
         attributes["switchboard.variant"] = record.variant
     if record.tags:  # allow-listed by the policy (gateway/accounting/tags.py), so bounded
         attributes.update({f"switchboard.tag.{key}": value for key, value in record.tags})
+    if record.organization is not None:  # the budget hierarchy (gateway/accounting/hierarchy.py)
+        attributes["switchboard.organization"] = record.organization
+    if record.end_user is not None:  # validated: 1-64 characters of a safe set
+        attributes["switchboard.end_user"] = record.end_user
     return attributes
 
 

@@ -37,7 +37,8 @@ class HealthCollector(Collector):
         rules = self._policy().rules
         now = self._clock()
         if rules is not None:
-            for budget in (*rules.team_budgets.values(), *rules.key_budgets.values()):
+            for budget in (*rules.team_budgets.values(), *rules.key_budgets.values(),
+                           *rules.hierarchy.policy_budgets()):
                 names = (budget.team, budget.scope, budget.owner)
                 if budget.usd_micros is not None:
                     limit.add_metric(names, budget.usd_micros / 1_000_000)

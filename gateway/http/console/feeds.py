@@ -75,7 +75,8 @@ class BudgetsFeed(AdminRoute):
         rules = policy.rules
         budgets: list[dict[str, Any]] = []
         teams = [t for t in policy.teams if rules is not None and (
-            t in rules.team_budgets or any(k in rules.key_budgets for k in rules.team_keys.get(t, ())))]
+            t in rules.team_budgets or any(k in rules.key_budgets for k in rules.team_keys.get(t, ()))
+            or t in rules.hierarchy.org_budgets or t in rules.hierarchy.end_users)]
         for team in sorted(teams):
             try:
                 report = await limiter.report(policy, team, "current")
