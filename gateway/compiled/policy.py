@@ -1,7 +1,7 @@
 """Loading a policy: YAML -> validated document -> immutable runtime policy.
 
 Loading happens in two phases. The YAML is parsed, `${ENV}` references are
-interpolated and the result is validated strictly against `policy_schema`;
+interpolated and the result is validated strictly against the schema (gateway/policy/schema.py);
 then cross-references are resolved into a `Policy` the request path reads
 without any further parsing. Every problem found is reported as
 `path.to.field: message (line N)`, all of them at once.

@@ -8,24 +8,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from gateway.policy.common import Strict
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-class _Strict(BaseModel):
-    # policy_schema.Strict restated: policy_schema imports this module, so this one cannot import it.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WebhookBackoffPolicy(_Strict):
+class WebhookBackoffPolicy(Strict):
     """Exponential backoff between delivery attempts: `initial_s`, doubling, at most `max_s` (with jitter)."""
 
     initial_s: float = Field(1.0, gt=0, le=3600, description="Wait before the second attempt.")
     max_s: float = Field(300.0, gt=0, le=86_400, description="Longest wait between two attempts.")
 
 
-class WebhookPolicy(_Strict):
+class WebhookPolicy(Strict):
     """One HTTP endpoint alerts are POSTed to, signed with HMAC-SHA256 (policies/README.md, "alerts")."""
 
     url: str = Field(description="http(s) URL the alert is POSTed to; a Slack incoming-webhook URL is itself a "
@@ -59,7 +56,7 @@ class WebhookPolicy(_Strict):
         return self
 
 
-class AlertsPolicy(_Strict):
+class AlertsPolicy(Strict):
     """Budget alerts (soft thresholds, exhaustion) delivered to webhooks off the request path."""
 
     webhooks: dict[str, WebhookPolicy] = Field(default_factory=dict, description="Name -> webhook; budgets "

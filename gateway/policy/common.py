@@ -19,6 +19,7 @@ def _redis_url(value: str) -> str:
 RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
-
 class Strict(BaseModel):
+    """A section of the policy: unknown keys are refused (a typo is an error), and nothing changes once loaded."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)

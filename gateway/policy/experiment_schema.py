@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from gateway.policy.common import Strict
 
 # Which arm of a model's experiment served a request (the `x-switchboard-variant` header, ledger column,
 # span attribute and metric label): the model's own targets, its canary, or a shadow call.
@@ -17,19 +19,14 @@ CANARY = "canary"
 SHADOW = "shadow"
 VARIANTS = (CONTROL, CANARY, SHADOW)
 
-class _Strict(BaseModel):
-    # policy_schema.Strict restated: policy_schema imports this module, so this one cannot import it.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CandidateTarget(_Strict):
+class CandidateTarget(Strict):
     """One deployment to try: served under the experimenting model's own routing, retries and price."""
 
     provider: str = Field(description="Name of an entry under `providers`.")
     model: str = Field(min_length=1, description="The model name the upstream knows.")
 
 
-class _Candidate(_Strict):
+class _Candidate(Strict):
     model: str | None = Field(None, min_length=1, description="Another public model under `models` that serves "
                               "the candidate with its own targets, routing, retries, fallbacks and price.")
     target: CandidateTarget | None = Field(None, description="Or one deployment, served with this model's own "

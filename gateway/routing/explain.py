@@ -75,7 +75,7 @@ def _explain_model(policy: Policy, model: Model, body: Mapping[str, Any],
     if config.context_window is not None:
         verdict = ""
         if body and counter is not None:
-            # The gateway's own rule (resilience.py `_fits`): the prompt plus the completion it may ask for.
+            # The gateway's own rule (routing/resilience.py `_fits`): the prompt plus the completion it may ask for.
             first = model.targets[0]
             endpoint = Endpoint.CHAT if "messages" in body else Endpoint.COMPLETIONS
             tokens = counter.count_prompt(endpoint, body, first.upstream_model,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from gateway.tokens.framing import TOOL_CALL_OVERHEAD, call_strings
 
-if TYPE_CHECKING:
-    from gateway.tokens.counter import TokenCounter
+
+class TextCounter(Protocol):
+    """Counts plain text for a model and tokenizer family (the gateway's TokenCounter)."""
+
+    def count_text(self, text: str, model: str, family: str = "openai") -> int: ...
 
 
 class StreamUsageEstimator:
@@ -23,7 +26,7 @@ class StreamUsageEstimator:
 
     __slots__ = ("_counter", "_family", "_model", "_reported", "_text", "_tools")
 
-    def __init__(self, counter: TokenCounter, model: str, family: str = "openai") -> None:
+    def __init__(self, counter: TextCounter, model: str, family: str = "openai") -> None:
         self._counter, self._model, self._family = counter, model, family
         self._text: dict[int, list[str]] = {}
         self._tools: dict[tuple[int, int], list[str]] = {}
