@@ -612,8 +612,8 @@ class _GatedStore(MemoryStore):
 
 
 def test_a_refusal_or_cancellation_under_one_tag_gives_back_the_other_tags_reservation() -> None:
-    from gateway.accounting.hierarchy import reserve
     from gateway.state import Check
+    from gateway.state.across_tags import reserve
 
     team = Check(("{alpha}:b:team:tok:m",), 1000, 10, 2_000_000_000)
     organisation = Check(("{org:acme}:b:org:tok:m",), 15, 10, 2_000_000_000)

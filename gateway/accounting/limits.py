@@ -41,7 +41,7 @@ from gateway.accounting.plans import Meter, Plan, checks_for, rate_headers, refu
 from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
-from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, across_tags
 from gateway.telemetry.decisions import admission_event, settlement_event
 from gateway.telemetry.request_trace import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount, requested_completion
@@ -284,7 +284,7 @@ class Limiter:
 
     async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
         try:
-            return await hierarchy.reserve(self.store, checks)
+            return await across_tags.reserve(self.store, checks)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
                                "the state store is unreachable and the policy says to fail closed. Retry "

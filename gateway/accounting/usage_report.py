@@ -15,7 +15,7 @@ from gateway.accounting import hierarchy
 from gateway.accounting.budgets import MICROS
 from gateway.accounting.shadow import tally_slices
 from gateway.accounting.shadow_spend import shadow_spend
-from gateway.state import StateStore
+from gateway.state import StateStore, across_tags
 from gateway.timestamps import iso_time
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ async def usage_report(store: StateStore, policy: Policy, team: str, period: str
                 tallied.append(len(rows) - 1)
     counted = len(slices)
     slices += [tally_slices(slices[index]) for index in tallied]
-    values = await hierarchy.read(store, slices)  # an organisation's counters are under another hash tag
+    values = await across_tags.read(store, slices)  # an organisation's counters are under another hash tag
     for index, refusals in zip(tallied, values[counted:], strict=True):
         # Requests this shadow rule would have refused in the window: served, but not in `used` (see shadow.py).
         rows[index]["would_reject"] = refusals
