@@ -221,6 +221,28 @@ def test_unsampled_traces_are_dropped_but_errors_are_kept(upstream: FakeOpenAIUp
     assert len(exporter.get_finished_spans()) == 2
 
 
+def test_tail_sampling_keeps_slow_and_expensive_traces_outside_the_sample(
+        upstream: FakeOpenAIUpstream, exporter: WaitingSpanExporter,
+        start_gateway: Callable[..., RunningGateway]) -> None:
+    extra = PRICES + "telemetry: {traces: {sample_ratio: 0, keep_slower_than_ms: 250, keep_costlier_than_usd: 0.005}}"
+    gateway = start_gateway(standard_policy(upstream.base_url, extra=extra), span_exporter=exporter)
+    client = gateway.client()
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "fast and cheap"}])
+    upstream.script(Behaviour.slow_first_byte(400))
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "slow"}])
+    long_prompt = "word " * 4000  # ~4,000 tokens at $2.50 per million: ~$0.01
+    client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": long_prompt}])
+    cheap, slow, costly = gateway.usage.wait_for(3)
+    assert cheap.cost_usd is not None and cheap.cost_usd < 0.005 and cheap.duration_ms < 250
+    assert slow.duration_ms >= 250 and costly.cost_usd is not None and costly.cost_usd >= 0.005
+    servers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    kept = {(s.attributes or {})["switchboard.request_id"]: (s.attributes or {})["switchboard.trace.kept"]
+            for s in servers}
+    assert kept == {slow.request_id: "slow", costly.request_id: "expensive"}  # the fast, cheap one: not built
+    # Cost attribution never depends on sampling: every request is on the ledger's record, traced or not.
+    assert all(r.cost_usd is not None for r in (cheap, slow, costly))
+
+
 def test_tracing_off_sends_no_trace_context_and_records_no_trace_id(gateway: RunningGateway,
                                                                    upstream: FakeOpenAIUpstream) -> None:
     gateway.client().chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "x"}])

@@ -206,6 +206,11 @@ class TracesPolicy(Strict):
     service_name: str = Field("switchboard", min_length=1, description="The `service.name` resource attribute.")
     sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of traces kept; traces with an error are "
                                 "always kept. An incoming sampled traceparent is honoured.")
+    keep_slower_than_ms: float | None = Field(None, gt=0, description="Also keep every trace whose request took "
+                                              "at least this long, sampled or not (tail sampling).")
+    keep_costlier_than_usd: float | None = Field(None, gt=0, description="Also keep every trace whose request "
+                                                 "cost at least this much, sampled or not (tail sampling). Costs "
+                                                 "and budgets come from the ledger, never from traces.")
     batch: BatchExportPolicy = Field(default_factory=BatchExportPolicy)
     openinference: bool = Field(True, description="Also set OpenInference `llm.*` attributes (model, token counts, "
                                 "cost) on LLM-kind attempt spans, which Arize Phoenix counts and prices.")

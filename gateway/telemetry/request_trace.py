@@ -300,9 +300,12 @@ class RequestTrace:
         final = self._open_attempt
         if final is not None:
             self._close(final, error_type if error_type is not None and (server_failed or status >= 400) else None)
-        if not self._sampled and not server_failed and not any(a.error_type for a in self._attempts):
-            return  # unsampled and healthy: nothing is built
         tracing = self._tracing
+        kept = None
+        if not self._sampled and not server_failed and not any(a.error_type for a in self._attempts):
+            kept = tracing.keeps(record)
+            if kept is None:
+                return  # unsampled, healthy, fast and cheap: nothing is built
         response_id, response_model, reasons, output = self._response_facts(record)
         attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation,
                                       "switchboard.request_id": self._exchange.request_id}
@@ -317,6 +320,8 @@ class RequestTrace:
             if tracing.records_content(record.team):
                 attributes.update(content_attributes(self._body, output, tracing.redactor))
         attributes["switchboard.attempts"] = len(self._attempts)
+        if kept is not None:  # outside the sample, kept by the tail rule (its upstream was told "unsampled")
+            attributes["switchboard.trace.kept"] = kept
         attributes["http.response.status_code"] = status
         if error_type is not None:
             attributes["error.type"] = error_type

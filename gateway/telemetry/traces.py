@@ -59,6 +59,7 @@ from gateway.telemetry.export import LoggedExporter, build_exporter
 from gateway.telemetry.request_trace import NO_TRACE, NoTrace, RequestTrace, Untraced
 
 if TYPE_CHECKING:
+    from gateway.accounting.usage import UsageRecord
     from gateway.compiled.policy import Policy
     from gateway.telemetry.metrics import Metrics
 
@@ -85,6 +86,17 @@ class Tracing:
 
     def samples(self, trace_id: int) -> bool:
         return trace_id & 0xFFFFFFFFFFFFFFFF < self._bound
+
+    def keeps(self, record: UsageRecord | None) -> str | None:
+        """Why an unsampled, healthy trace is kept anyway (tail sampling): "slow", "expensive", or None."""
+        if record is None:
+            return None
+        slow, costly = self.settings.keep_slower_than_ms, self.settings.keep_costlier_than_usd
+        if slow is not None and record.duration_ms >= slow:
+            return "slow"
+        if costly is not None and record.cost_usd is not None and record.cost_usd >= costly:
+            return "expensive"
+        return None
 
     def attempt_kinds(self, model: str, provider: str) -> dict[str, Any]:
         kinds = self._attempt_kinds.get((model, provider))
