@@ -86,20 +86,27 @@ class TargetsRoute(AdminRoute):
         return targets_report(policy, services.routes)
 
 
-class SpendRoute(AdminRoute):
-    """GET /admin/spend?by=team|model|key|day|organization|end_user|tag:<key>&since=...&until=...&format=json|csv.
-
-    From the ledger."""
+class LedgerRoute(AdminRoute):
+    """An admin route over the usage ledger: 404 `ledger_not_configured` when the policy keeps none."""
 
     def __init__(self, ledger: Ledger | None) -> None:
         self._ledger = ledger
 
-    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
-                     query: Mapping[str, str]) -> Any:
-        ledger = self._ledger
-        if ledger is None:
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
             raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
                                code="ledger_not_configured")
+        return self._ledger
+
+
+class SpendRoute(LedgerRoute):
+    """GET /admin/spend?by=team|model|key|day|organization|end_user|tag:<key>&since=...&until=...&format=json|csv.
+
+    From the ledger."""
+
+    async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
+                     query: Mapping[str, str]) -> Any:
+        ledger = self.ledger()
         by, fmt = query.get("by", "team"), query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise GatewayError(ErrorKind.BAD_REQUEST, "format must be json or csv.", param="format")

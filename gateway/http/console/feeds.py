@@ -21,7 +21,7 @@ from gateway.accounting.ledger import Ledger, open_ledger
 from gateway.compiled.policy import Policy
 from gateway.errors import ErrorKind, GatewayError
 from gateway.exchange import Services
-from gateway.http.admin_routes import AdminRoute
+from gateway.http.admin_routes import AdminRoute, LedgerRoute
 from gateway.http.console.activity import RecentActivity
 from gateway.state import StoreUnavailable
 from gateway.timestamps import iso_time
@@ -47,16 +47,10 @@ class OverviewFeed(AdminRoute):
         return overview
 
 
-class RequestsFeed(AdminRoute):
-    def __init__(self, ledger: Ledger | None) -> None:
-        self._ledger = ledger
-
+class RequestsFeed(LedgerRoute):
     async def answer(self, scope: dict[str, Any], services: Services, policy: Policy,
                      query: Mapping[str, str]) -> Any:
-        ledger = self._ledger
-        if ledger is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, "No usage ledger is configured (set `ledger.path`).",
-                               code="ledger_not_configured")
+        ledger = self.ledger()
         limit = query.get("limit", str(policy.console.recent_requests))
         if not limit.isdigit() or not 1 <= int(limit) <= 1000:
             raise GatewayError(ErrorKind.BAD_REQUEST, "limit must be a number from 1 to 1000.", param="limit")
