@@ -1,0 +1,158 @@
+"""granian against uvicorn, for the gateway and for the lean relay, in one run (issue #17).
+
+    .venv/bin/python loadtests/server_bench.py            # 8 s cells, 3 rounds, ~4 minutes
+    .venv/bin/python loadtests/server_bench.py --quick    # 2.5 s cells, 1 round, ~1 minute
+
+Four systems against the same fake upstream (no latency), closed loop at c=32 from loadtests/loadgen.py,
+non-streamed chat and 20-chunk streams, laid out as bench.py does (system under test alone on core 0; the
+upstream and the load generator on core 1):
+
+- gateway under uvicorn: `python -m gateway serve` as shipped (uvloop, the project's httptools protocol with
+  its connection bounds and disconnect hook, gateway/http/connections.py), demo-like policy, no access log;
+- gateway under granian: `granian --interface asgi --loop uvloop --factory gateway.app:app_from_environment`
+  (the factory `serve --workers N` uses), one worker, one runtime thread, same policy, no access log;
+- the lean relay (loadtests/baseline_passthrough.py, aiohttp) under uvicorn (uvloop, httptools), as bench.py
+  runs it, and the same app under granian.
+
+CPU per request is the server's process tree (/proc utime+stime, granian's worker and its Rust threads
+included) over the measured window. The systems take turns cell by cell, every round, so drift in the
+shared machine's load lands on all of them; the figures are medians over rounds. Each cell also reports the
+other load on the machine (`foreign`, in cores).
+
+What the gateway does not get under granian (not ported, on purpose): the bounds of
+gateway/http/connections.py (`server.max_connections`, `header_timeout_s`, `body_timeout_s`,
+`max_header_bytes`; granian has its own header read timeout and buffer size, set by flags, not by the policy),
+the disconnect hook (the app falls back to a task per request that watches `receive()`), and `serve`'s
+admin listener and logging setup.
+
+Needs granian (the `load` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import bench  # noqa: E402
+from procs import Child, free_port, install_cleanup  # noqa: E402
+
+RELAY_UPSTREAM_ENV = "SWITCHBOARD_BENCH_RELAY_UPSTREAM"
+
+
+def relay_from_environment() -> Any:
+    """granian's factory for the lean relay (it takes an import path, not an app object)."""
+    from baseline_passthrough import build_app
+
+    return build_app(os.environ[RELAY_UPSTREAM_ENV], "aiohttp", tune_gc=True)
+
+
+def _granian(target: str) -> list[str]:
+    return [bench.PY, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--http", "1", "--no-ws",
+            "--workers", "1", "--runtime-threads", "1", "--host", "127.0.0.1", "--port", "{port}",
+            "--log-level", "warning", "--no-access-log", "--factory", target]
+
+
+def _child(name: str, argv: list[str], tmp: Path, env: dict[str, str], health: str) -> Child:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # Child passes our environment on: set it for the launch only
+    try:
+        child = Child(name, argv, tmp, bench.SUT_CORE, bench.REPO)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    child.wait_http_ok(health, timeout=60)
+    return child
+
+
+def start_systems(upstream: bench.Upstream, tmp: Path) -> dict[str, bench.Target]:
+    from gateway.app import ACCESS_LOG_ENV, POLICY_ENV
+
+    policy = tmp / "policy.yaml"
+    policy.write_text(bench.policy_yaml(upstream.base_url))
+    pythonpath = os.pathsep.join([str(HERE), str(bench.REPO), os.environ.get("PYTHONPATH", "")])
+    targets: dict[str, bench.Target] = {}
+    launches = {
+        "gateway-uvicorn": ([bench.PY, "-m", "gateway", "serve", "--policy", str(policy), "--host", "127.0.0.1",
+                             "--port", "{port}", "--no-access-log"], {}, "/healthz", "gateway"),
+        "gateway-granian": (_granian("gateway.app:app_from_environment"),
+                            {POLICY_ENV: str(policy), ACCESS_LOG_ENV: "0"}, "/healthz", "gateway"),
+        "relay-uvicorn": ([bench.PY, str(HERE / "baseline_passthrough.py"), "--upstream", upstream.base_url,
+                           "--port", "{port}", "--client", "aiohttp"], {}, "/health", "relay"),
+        "relay-granian": (_granian("server_bench:relay_from_environment"),
+                          {RELAY_UPSTREAM_ENV: upstream.base_url, "PYTHONPATH": pythonpath}, "/health", "relay"),
+    }
+    for name, (argv, env, health, kind) in launches.items():
+        port = free_port()
+        argv = [arg.replace("{port}", str(port)) for arg in argv]
+        child = _child(f"{name}-{port}", argv, tmp, env, f"http://127.0.0.1:{port}{health}")
+        key, model = (bench.BENCH_KEY, "bench-model") if kind == "gateway" else ("sk-anything", "fake-model")
+        targets[name] = bench.Target(f"http://127.0.0.1:{port}/v1/chat/completions", key, model, child)
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2.5 s cells, 1 s warm-up, 1 round")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=200.0)  # loadgen_argv passes it; closed loop ignores it
+    parser.add_argument("--stream-chunks", type=int, default=20)
+    parser.add_argument("--upstream-module", default="tests.fakes.openai_upstream")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.repeat = 2.5, 1.0, 1
+    install_cleanup()
+    modes = [bench.Mode(f"closed c={args.concurrency} chat", "closed", False),
+             bench.Mode(f"closed c={args.concurrency} stream", "closed", True)]
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="switchboard-server-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        upstream = bench.start_upstream("upstream", 0, args, tmp)
+        targets: dict[str, bench.Target] = {}
+        try:
+            targets = start_systems(upstream, tmp)
+            for round_number in range(args.repeat):
+                for mode in modes:
+                    for name, target in targets.items():
+                        cell = bench.run_cell(target, upstream, mode, args)
+                        cells.setdefault((name, mode.name), []).append(cell)
+                        print(  # noqa: T201
+                            f"round {round_number + 1} {name:16} {mode.name:20} {cell['rps']:6.0f} req/s  "
+                            f"p50 {cell['p50_ms']:6.2f} ms  server CPU {cell['sut_cpu_us']:6.0f} µs/req  "
+                            f"busy {cell['sut_busy']:.2f}  foreign {cell['foreign_busy']:.2f}  "
+                            f"errors {cell['errors']}", flush=True)
+        finally:
+            for target in targets.values():
+                assert target.child is not None
+                target.child.stop()
+            upstream.child.stop()
+    print()  # noqa: T201
+    medians: dict[tuple[str, str], float] = {}
+    for (name, mode_name), runs in cells.items():
+        medians[(name, mode_name)] = statistics.median(c["sut_cpu_us"] for c in runs)
+        print(  # noqa: T201
+            f"{name:16} {mode_name:20} server CPU {medians[(name, mode_name)]:6.0f} µs/req (median of {len(runs)}: "
+            f"{', '.join(str(round(c['sut_cpu_us'])) for c in runs)})  "
+            f"{statistics.median(c['rps'] for c in runs):6.0f} req/s  errors {sum(c['errors'] for c in runs)}")
+    for mode in modes:
+        for app in ("gateway", "relay"):
+            granian, uvicorn = medians[(f"{app}-granian", mode.name)], medians[(f"{app}-uvicorn", mode.name)]
+            print(f"ratio granian/uvicorn, {app:7} {mode.name:20} {granian / uvicorn:.2f} "  # noqa: T201
+                  f"({granian:.0f} / {uvicorn:.0f} µs CPU per request)")
+
+
+if __name__ == "__main__":
+    main()
