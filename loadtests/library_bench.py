@@ -1,7 +1,7 @@
 """The hand-written RESP client and OTLP encoder against the libraries they replace, in one run (issue #17).
 
-    .venv/bin/python loadtests/library_bench.py            # callgrind counts + timed rounds, ~10 minutes
-    .venv/bin/python loadtests/library_bench.py --quick    # smaller counts, fewer rounds, < 2 minutes
+    .venv/bin/python loadtests/library_bench.py            # callgrind counts + timed rounds, ~6 minutes
+    .venv/bin/python loadtests/library_bench.py --quick    # 3 rounds, callgrind on admissions only: < 1 minute
 
 Contenders, each doing what the gateway does:
 

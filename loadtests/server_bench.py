@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import bench  # noqa: E402
+import report  # noqa: E402
 from procs import Child, free_port, install_cleanup  # noqa: E402
 
 RELAY_UPSTREAM_ENV = "SWITCHBOARD_BENCH_RELAY_UPSTREAM"
@@ -54,10 +56,10 @@ def relay_from_environment() -> Any:
     return build_app(os.environ[RELAY_UPSTREAM_ENV], "aiohttp", tune_gc=True)
 
 
-def _granian(target: str) -> list[str]:
+def _granian(target: str, extra: str) -> list[str]:
     return [bench.PY, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--http", "1", "--no-ws",
             "--workers", "1", "--runtime-threads", "1", "--host", "127.0.0.1", "--port", "{port}",
-            "--log-level", "warning", "--no-access-log", "--factory", target]
+            "--log-level", "warning", "--no-access-log", *shlex.split(extra), "--factory", target]
 
 
 def _child(name: str, argv: list[str], tmp: Path, env: dict[str, str], health: str) -> Child:
@@ -75,7 +77,7 @@ def _child(name: str, argv: list[str], tmp: Path, env: dict[str, str], health: s
     return child
 
 
-def start_systems(upstream: bench.Upstream, tmp: Path) -> dict[str, bench.Target]:
+def start_systems(upstream: bench.Upstream, tmp: Path, granian_args: str) -> dict[str, bench.Target]:
     from gateway.app import ACCESS_LOG_ENV, POLICY_ENV
 
     policy = tmp / "policy.yaml"
@@ -85,11 +87,11 @@ def start_systems(upstream: bench.Upstream, tmp: Path) -> dict[str, bench.Target
     launches = {
         "gateway-uvicorn": ([bench.PY, "-m", "gateway", "serve", "--policy", str(policy), "--host", "127.0.0.1",
                              "--port", "{port}", "--no-access-log"], {}, "/healthz", "gateway"),
-        "gateway-granian": (_granian("gateway.app:app_from_environment"),
+        "gateway-granian": (_granian("gateway.app:app_from_environment", granian_args),
                             {POLICY_ENV: str(policy), ACCESS_LOG_ENV: "0"}, "/healthz", "gateway"),
         "relay-uvicorn": ([bench.PY, str(HERE / "baseline_passthrough.py"), "--upstream", upstream.base_url,
                            "--port", "{port}", "--client", "aiohttp"], {}, "/health", "relay"),
-        "relay-granian": (_granian("server_bench:relay_from_environment"),
+        "relay-granian": (_granian("server_bench:relay_from_environment", granian_args),
                           {RELAY_UPSTREAM_ENV: upstream.base_url, "PYTHONPATH": pythonpath}, "/health", "relay"),
     }
     for name, (argv, env, health, kind) in launches.items():
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)  # loadgen_argv passes it; closed loop ignores it
     parser.add_argument("--stream-chunks", type=int, default=20)
     parser.add_argument("--upstream-module", default="tests.fakes.openai_upstream")
+    parser.add_argument("--granian-args", default="", help="more granian flags, e.g. '--task-impl rust'")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup, args.repeat = 2.5, 1.0, 1
@@ -123,7 +126,7 @@ def main() -> None:
         upstream = bench.start_upstream("upstream", 0, args, tmp)
         targets: dict[str, bench.Target] = {}
         try:
-            targets = start_systems(upstream, tmp)
+            targets = start_systems(upstream, tmp, args.granian_args)
             for round_number in range(args.repeat):
                 for mode in modes:
                     for name, target in targets.items():
@@ -131,7 +134,7 @@ def main() -> None:
                         cells.setdefault((name, mode.name), []).append(cell)
                         print(  # noqa: T201
                             f"round {round_number + 1} {name:16} {mode.name:20} {cell['rps']:6.0f} req/s  "
-                            f"p50 {cell['p50_ms']:6.2f} ms  server CPU {cell['sut_cpu_us']:6.0f} µs/req  "
+                            f"p50 {report.fmt(cell['p50_ms'])} ms  server CPU {cell['sut_cpu_us']:6.0f} µs/req  "
                             f"busy {cell['sut_busy']:.2f}  foreign {cell['foreign_busy']:.2f}  "
                             f"errors {cell['errors']}", flush=True)
         finally:
@@ -150,8 +153,13 @@ def main() -> None:
     for mode in modes:
         for app in ("gateway", "relay"):
             granian, uvicorn = medians[(f"{app}-granian", mode.name)], medians[(f"{app}-uvicorn", mode.name)]
+            # Each round's two cells ran back to back: their ratio shares that minute's machine load.
+            paired = [g["sut_cpu_us"] / u["sut_cpu_us"] for g, u in zip(cells[(f"{app}-granian", mode.name)],
+                                                                       cells[(f"{app}-uvicorn", mode.name)],
+                                                                       strict=True)]
             print(f"ratio granian/uvicorn, {app:7} {mode.name:20} {granian / uvicorn:.2f} "  # noqa: T201
-                  f"({granian:.0f} / {uvicorn:.0f} µs CPU per request)")
+                  f"({granian:.0f} / {uvicorn:.0f} µs CPU per request); per round "
+                  f"{', '.join(f'{r:.2f}' for r in paired)}, median {statistics.median(paired):.2f}")
 
 
 if __name__ == "__main__":
