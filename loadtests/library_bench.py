@@ -415,7 +415,7 @@ def main() -> None:
     from redis.utils import HIREDIS_AVAILABLE
 
     if not HIREDIS_AVAILABLE:
-        sys.exit("hiredis is not installed: pip install -e '.[load]' (redis-py would measure its Python parser)")
+        sys.exit("hiredis is not installed: pip install -e '.[compare]' (redis-py would measure its Python parser)")
     sys.stdout.write(f"python {sys.version.split()[0]}, protobuf backend {api_implementation.Type()}, "
                      f"redis-py's asyncio parser {DefaultParser.__name__}\n")
     with tempfile.TemporaryDirectory(prefix="switchboard-library-bench-") as tmp_name:

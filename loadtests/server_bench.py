@@ -31,7 +31,7 @@ gateway/http/connections.py (`server.max_connections`, `header_timeout_s`, `body
 the disconnect hook (the app falls back to a task per request that watches `receive()`), and `serve`'s
 admin listener and logging setup.
 
-Needs granian (the `load` extra).
+Needs granian (the `compare` extra: pip install -e '.[compare]').
 """
 
 from __future__ import annotations
