@@ -296,7 +296,9 @@ def test_a_hostile_tenants_distinct_user_ids_fold_into_other_with_bounded_keys_a
     gateway = start_gateway(text)
 
     async def flood() -> list[int]:
-        limits = httpx.Limits(max_connections=16)
+        # A connection the pool left idle past the server's keep-alive (uvicorn: 5 s) may be closed just as it
+        # is reused (a ReadError on a POST, which no client retries): the pool lets go of it sooner.
+        limits = httpx.Limits(max_connections=16, keepalive_expiry=2)
         async with httpx.AsyncClient(base_url=gateway.v1, limits=limits, timeout=30,
                                      headers={"authorization": "Bearer sk-alpha"}) as client:
             semaphore = asyncio.Semaphore(16)
