@@ -41,7 +41,7 @@ from gateway.accounting.plans import Meter, Plan, checks_for, rate_headers, refu
 from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
-from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, across_tags
+from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, across_tags, backend_for
 from gateway.telemetry.decisions import admission_event, settlement_event
 from gateway.telemetry.request_trace import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount, requested_completion
@@ -420,9 +420,8 @@ class Limiter:
         await self.store.flush()
         return await usage_report(self.store, policy, team, period, self._clock(), end_user)
 
-def _state_wanted(policy: Policy) -> tuple[Any, str]:
-    from gateway.state import backend_for
 
+def _state_wanted(policy: Policy) -> tuple[Any, str]:
     return policy.state, backend_for(policy.state, bool(policy.rules and policy.rules.any))
 
 

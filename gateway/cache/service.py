@@ -30,6 +30,7 @@ from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
 from gateway.cache.semantic import Embedded, SemanticIndex, embed
 from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
+from gateway.exchange import Reply, StreamReply
 from gateway.telemetry.decisions import cache_event
 from providers.base import Endpoint, ParsedResponse, StreamChunk, Usage
 from providers.sse import DONE_EVENT, encode_event
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceBook
     from gateway.accounting.settlement import Settlement
     from gateway.compiled.policy import KeyEntry, Model, Policy, Target
-    from gateway.exchange import Exchange, InferenceRequest, Reply, Services, StreamReply
+    from gateway.exchange import Exchange, InferenceRequest, Services
     from gateway.routing.resilience import Attempt
 
 CACHE_HEADER = "x-switchboard-cache"
@@ -269,7 +270,6 @@ class Ticket:
 
     def reply(self, headers: dict[str, str], settlement: Settlement) -> Reply | StreamReply:
         """The answer to a hit; a follower's stream that fails is marked on `settlement`."""
-        Reply, StreamReply = _reply_types()
         entry = self.entry
         if not self.request.stream:
             assert entry is not None
@@ -404,20 +404,6 @@ class Ticket:
         else:
             saved, _ = charge(self.prices, self.target, usage)
         return {"cache": "hit", "cache_tokens": usage.total_tokens, "cost_saved_usd": saved}
-
-
-def _reply_types() -> tuple[type[Reply], type[StreamReply]]:
-    """The pipeline's reply classes: imported on first use (the pipeline imports this module), then remembered,
-    since an import statement on every hit costs more than the rest of `Ticket.reply`."""
-    global _REPLY_TYPES
-    if _REPLY_TYPES is None:
-        from gateway.exchange import Reply, StreamReply
-
-        _REPLY_TYPES = (Reply, StreamReply)
-    return _REPLY_TYPES
-
-
-_REPLY_TYPES: tuple[type[Reply], type[StreamReply]] | None = None
 
 
 def _finished_well(reasons: tuple[str, ...] | list[str]) -> bool:
