@@ -30,7 +30,6 @@ from gateway.timestamps import iso_time
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
-    from gateway.policy.schema import PolicyDocument
 
 log = logging.getLogger("switchboard.alerts")
 
@@ -104,20 +103,6 @@ def _amount(event: ThresholdEvent, value: int) -> str:
 
 
 
-def alert_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
-    """Budgets that notify a webhook the policy does not define."""
-    defined = document.alerts.webhooks
-    problems = []
-    for team, config in document.teams.items():
-        budgets = [(("teams", team, "budget"), config.budget)]
-        budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
-        for path, budget in budgets:
-            for index, name in enumerate(budget.notify if budget is not None else ()):
-                if name not in defined:
-                    known = ", ".join(sorted(defined)) or "none; add them under alerts.webhooks"
-                    problems.append(((*path, "notify", index), f"unknown webhook {name!r}; defined: {known}"))
-    return problems
-
-
-# Budgets' `notify` lists name webhooks that exist (the webhooks themselves: webhooks.py `WEBHOOKS`).
-ALERT_TARGETS = PolicyPart("alerts", check=alert_problems, build=lambda compiling: compiling.document.alerts)
+# The alert queue's settings (`Policy.alerts`); the webhooks are webhooks.py's `WEBHOOKS`, and what budgets'
+# `notify` lists name is checked with the budgets (budgets.py `budget_problems`).
+ALERT_TARGETS = PolicyPart("alerts", build=lambda compiling: compiling.document.alerts)

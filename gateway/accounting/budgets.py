@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from gateway.errors import ErrorKind, GatewayError
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy, Target
+    from gateway.policy.schema import PolicyDocument
     from gateway.policy.team_schema import BudgetPolicy
     from providers.base import Usage
 
@@ -140,6 +141,29 @@ def owner_words(scope: str, owner: str, team: str) -> str:
             return f"the end users of team {team} beyond end_users.max_tracked (shared bucket `other`)"
         return f"end user {owner} (team {team})"
     return f"key {owner} (team {team})"
+
+
+def budget_problems(document: PolicyDocument, path: tuple[Any, ...], budget: BudgetPolicy,
+                    teams: Sequence[str]) -> list[tuple[tuple[Any, ...], str]]:
+    """What a budget names that the schema cannot check: its `downgrade_to` model, which every team it counts
+    (`teams`) must be allowed to use, and its `notify` webhooks. One rule for team, key, organisation and end-user
+    budgets alike."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    target = budget.downgrade_to
+    if target is not None and target not in document.models:
+        problems.append(((*path, "downgrade_to"), f"unknown model {target!r}"))
+    elif target is not None:
+        for team in teams:
+            allowed = document.teams[team].models
+            if "*" not in allowed and target not in allowed:
+                problems.append(((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
+                                 f"to teams.{team}.models"))
+    defined = document.alerts.webhooks
+    for index, name in enumerate(budget.notify):
+        if name not in defined:
+            known = ", ".join(sorted(defined)) or "none; add them under alerts.webhooks"
+            problems.append(((*path, "notify", index), f"unknown webhook {name!r}; defined: {known}"))
+    return problems
 
 
 def build_budget(config: BudgetPolicy, scope: str, owner: str, team: str, base: str) -> Budget:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounting.budgets import MICROS, Budget, build_budget
+from gateway.accounting.budgets import MICROS, Budget, budget_problems, build_budget
 from gateway.accounting.plans import Plan
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.parts import PolicyPart
@@ -41,7 +41,6 @@ from gateway.timestamps import go_duration
 if TYPE_CHECKING:
     from gateway.accounting.plans import Meter
     from gateway.policy.schema import PolicyDocument
-    from gateway.policy.team_schema import BudgetPolicy
 
 OTHER = "other"  # the shared bucket of end users beyond `max_tracked`; reserved, never a user's id
 _USER_ID = re.compile(END_USER_ID)
@@ -145,7 +144,7 @@ def hierarchy_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], 
                 owner[team] = org
         if config.budget is not None:
             members = [t for t in config.teams if t in document.teams]
-            problems += _budget_problems(document, ("organizations", org, "budget"), config.budget, members)
+            problems += budget_problems(document, ("organizations", org, "budget"), config.budget, members)
     for team, config in document.teams.items():
         users = config.end_users
         if users is None:
@@ -154,27 +153,7 @@ def hierarchy_problems(document: PolicyDocument) -> list[tuple[tuple[Any, ...], 
             problems.append((("teams", team, "end_users", "header"), f"{users.header} carries the API key; name "
                              "another header for the end user, e.g. x-end-user"))
         if users.budget is not None:
-            problems += _budget_problems(document, ("teams", team, "end_users", "budget"), users.budget, [team])
-    return problems
-
-
-def _budget_problems(document: PolicyDocument, path: tuple[Any, ...], budget: BudgetPolicy,
-                     teams: Sequence[str]) -> list[tuple[tuple[Any, ...], str]]:
-    problems: list[tuple[tuple[Any, ...], str]] = []
-    target = budget.downgrade_to
-    if target is not None and target not in document.models:
-        problems.append(((*path, "downgrade_to"), f"unknown model {target!r}"))
-    elif target is not None:
-        for team in teams:
-            allowed = document.teams[team].models
-            if "*" not in allowed and target not in allowed:
-                problems.append(((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
-                                 f"to teams.{team}.models"))
-    defined = document.alerts.webhooks
-    for index, name in enumerate(budget.notify):
-        if name not in defined:
-            known = ", ".join(sorted(defined)) or "none; add them under alerts.webhooks"
-            problems.append(((*path, "notify", index), f"unknown webhook {name!r}; defined: {known}"))
+            problems += budget_problems(document, ("teams", team, "end_users", "budget"), users.budget, [team])
     return problems
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.accounting import hierarchy
-from gateway.accounting.budgets import Budget, build_budget
+from gateway.accounting.budgets import Budget, budget_problems, build_budget
 from gateway.accounting.plans import Plan, RateRule
 from gateway.policy.parts import PolicyPart, Problem
 from gateway.state import safe_key
@@ -88,22 +88,18 @@ def build_rules(document: PolicyDocument) -> Rules:
 
 
 def rules_problems(document: PolicyDocument) -> list[Problem]:
-    """Cross-references the schema cannot check: model names in model_limits and downgrade_to."""
-    problems = []
+    """Cross-references the schema cannot check: model names in model_limits, and what team and key budgets
+    name (their downgrade model and webhooks, `budget_problems`)."""
+    problems: list[Problem] = []
     for team, config in document.teams.items():
-        allowed = set(config.models)
         for model in config.model_limits:
             if model not in document.models:
                 problems.append((("teams", team, "model_limits", model), f"unknown model {model!r}"))
         budgets = [(("teams", team, "budget"), config.budget)]
         budgets += [(("teams", team, "keys", i, "budget"), k.budget) for i, k in enumerate(config.keys)]
         for path, budget in budgets:
-            target = budget.downgrade_to if budget is not None else None
-            if target is not None and target not in document.models:
-                problems.append(((*path, "downgrade_to"), f"unknown model {target!r}"))
-            elif target is not None and "*" not in allowed and target not in allowed:
-                problems.append(((*path, "downgrade_to"), f"team {team!r} may not use model {target!r}; add it "
-                                 f"to teams.{team}.models"))
+            if budget is not None:
+                problems += budget_problems(document, path, budget, [team])
     for index, key in enumerate(document.admin.keys):
         if key.limits is not None or key.budget is not None:
             problems.append((("admin", "keys", index), "admin keys take no limits or budget"))
