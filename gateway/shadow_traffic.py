@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.shadow_traffic")
 
 
-
 class ShadowTraffic:
     """The app's shadow calls in flight: bounded per model, each settled on its own, cancelled at shutdown."""
 

@@ -80,9 +80,6 @@ class Admission:
     unreserved: tuple[int, ...] = ()
 
 
-# Endpoints whose prompt `_estimate` counts exactly as the context-window check does (not the Responses API,
-# whose input admission deliberately overestimates).
-_EXACT_PROMPT_COUNT = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 
 
 class Limiter:
@@ -160,10 +157,10 @@ class Limiter:
         counted = None
         if plan.needs_tokens:
             prompt, completion = self._estimate(endpoint, body, model, rules.default_completion_tokens)
-            if endpoint in _EXACT_PROMPT_COUNT:
-                first = model.targets[0]
-                counted = PromptCount(prompt, endpoint.value, first.upstream_model,
-                                      first.provider.adapter.capabilities.tokenizer)
+            # Counted by the rule the context-window check uses (TokenCounter.count_prompt), so it reuses this.
+            first = model.targets[0]
+            counted = PromptCount(prompt, endpoint.value, first.upstream_model,
+                                  first.provider.adapter.capabilities.tokenizer)
         relaxed: set[int] = set()
         downgraded_from = None
         while True:
