@@ -15,35 +15,31 @@ here, this 0.5); the families are built when Prometheus scrapes.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.telemetry.histograms import LATENCY_BUCKETS, Histogram, cumulative_buckets
+
 if TYPE_CHECKING:
     from gateway.accounting.usage import UsageRecord
 
 
 _LABELS = ("model", "variant")
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
 class _Variant:
     """Everything counted for one (model, variant)."""
 
-    __slots__ = ("cost_usd", "duration", "duration_sum", "errors", "input_tokens", "output_tokens", "statuses",
-                 "ttft", "ttft_sum")
+    __slots__ = ("cost_usd", "duration", "errors", "input_tokens", "output_tokens", "statuses", "ttft")
 
     def __init__(self) -> None:
         self.statuses: dict[int, int] = {}
         self.errors = 0
-        self.duration = [0] * (len(_LATENCY_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.ttft = [0] * (len(_LATENCY_BUCKETS) + 1)
-        self.ttft_sum = 0.0
+        self.duration = Histogram(LATENCY_BUCKETS)
+        self.ttft = Histogram(LATENCY_BUCKETS)
         self.input_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
 
@@ -64,13 +60,9 @@ class VariantMetrics(Collector):
         series.statuses[record.status] = series.statuses.get(record.status, 0) + 1
         if record.status >= 400 or record.outcome != "completed":
             series.errors += 1
-        seconds = record.duration_ms / 1000
-        series.duration[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        series.duration_sum += seconds
+        series.duration.observe(record.duration_ms / 1000)
         if record.time_to_first_token_ms is not None:
-            seconds = record.time_to_first_token_ms / 1000
-            series.ttft[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-            series.ttft_sum += seconds
+            series.ttft.observe(record.time_to_first_token_ms / 1000)
         usage = record.usage
         if usage is not None:
             series.input_tokens += usage.prompt_tokens
@@ -101,9 +93,9 @@ class VariantMetrics(Collector):
             for status, count in list(one.statuses.items()):
                 requests.add_metric((*labels, str(status)), count)
             errors.add_metric(labels, one.errors)
-            duration.add_metric(labels, _buckets(one.duration), one.duration_sum)
-            if one.ttft_sum or any(one.ttft):
-                ttft.add_metric(labels, _buckets(one.ttft), one.ttft_sum)
+            duration.add_metric(labels, cumulative_buckets(LATENCY_BUCKETS, one.duration.counts), one.duration.total)
+            if one.ttft.total or any(one.ttft.counts):
+                ttft.add_metric(labels, cumulative_buckets(LATENCY_BUCKETS, one.ttft.counts), one.ttft.total)
             tokens.add_metric((*labels, "input"), one.input_tokens)
             tokens.add_metric((*labels, "output"), one.output_tokens)
             cost.add_metric(labels, one.cost_usd)
@@ -112,10 +104,3 @@ class VariantMetrics(Collector):
         for model, count in list(self._dropped.items()):
             dropped.add_metric((model,), count)
         yield from (requests, errors, duration, ttft, tokens, cost, dropped)
-
-
-def _buckets(counts: list[int]) -> list[tuple[str, float]]:
-    cumulative = list(itertools.accumulate(counts))
-    buckets = [(repr(float(bound)), float(count)) for bound, count in zip(_LATENCY_BUCKETS, cumulative, strict=False)]
-    buckets.append(("+Inf", float(cumulative[-1])))
-    return buckets

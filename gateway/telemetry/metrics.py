@@ -18,8 +18,6 @@ collector reads it from the routing state when Prometheus scrapes.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.telemetry.experiments_metrics import VariantMetrics
+from gateway.telemetry.histograms import LATENCY_BUCKETS, Histogram, cumulative_buckets
 
 if TYPE_CHECKING:
     from gateway.accounting.ledger import Ledger
@@ -44,7 +43,6 @@ OTHER = "other"
 _WORD = re.compile(r"^[a-z0-9_.\-]{1,48}$")
 _MAX_OUTCOMES = 64
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 # The OpenTelemetry GenAI client metrics' buckets (semantic conventions, gen-ai-metrics.md).
 _GENAI_TOKEN_BUCKETS = tuple(4.0 ** i for i in range(14))
@@ -208,26 +206,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Histogram:
-    """Bucket counts and a sum; cumulated into Prometheus' `le` buckets only when scraped."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def merge_into(self, counts: list[int], totals: list[float]) -> None:
-        for index, count in enumerate(self.counts):
-            counts[index] += count
-        totals[0] += self.total
-
-
 class _Series:
     """Everything counted for one (team, model, provider, status, upstream model, endpoint)."""
 
@@ -239,11 +217,11 @@ class _Series:
         self.billed = False  # some request of this series reported usage: only then has it token/cost series
         self.input_tokens = self.cached_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
-        self.duration = _Histogram(_LATENCY_BUCKETS)
-        self.overhead = _Histogram(_OVERHEAD_BUCKETS)
-        self.ttft = _Histogram(_LATENCY_BUCKETS)
-        self.genai_input = _Histogram(_GENAI_TOKEN_BUCKETS)
-        self.genai_output = _Histogram(_GENAI_TOKEN_BUCKETS)
+        self.duration = Histogram(LATENCY_BUCKETS)
+        self.overhead = Histogram(_OVERHEAD_BUCKETS)
+        self.ttft = Histogram(LATENCY_BUCKETS)
+        self.genai_input = Histogram(_GENAI_TOKEN_BUCKETS)
+        self.genai_output = Histogram(_GENAI_TOKEN_BUCKETS)
 
 
 class _UsageCollector(Collector):
@@ -267,11 +245,11 @@ class _UsageCollector(Collector):
         counts: dict[tuple[str, ...], float] = {}
         token_counts: dict[tuple[str, ...], float] = {}
         costs: dict[tuple[str, ...], float] = {}
-        duration: dict[tuple[str, ...], list[_Histogram]] = {}
-        ttft: dict[tuple[str, ...], list[_Histogram]] = {}
-        overhead: dict[tuple[str, ...], list[_Histogram]] = {}
-        genai_tokens: dict[tuple[str, ...], list[_Histogram]] = {}
-        genai_duration: dict[tuple[str, ...], list[_Histogram]] = {}
+        duration: dict[tuple[str, ...], list[Histogram]] = {}
+        ttft: dict[tuple[str, ...], list[Histogram]] = {}
+        overhead: dict[tuple[str, ...], list[Histogram]] = {}
+        genai_tokens: dict[tuple[str, ...], list[Histogram]] = {}
+        genai_duration: dict[tuple[str, ...], list[Histogram]] = {}
         for (team, model, provider, status, upstream_model, endpoint), one in series:
             request_labels, model_labels = (team, model, provider, status), (team, model, provider)
             counts[request_labels] = counts.get(request_labels, 0) + one.requests
@@ -338,22 +316,15 @@ def _tag_families(tagged: list[tuple[tuple[str, str, str], list[float]]]) -> Ite
 
 
 def _histogram_family(name: str, documentation: str, labels: tuple[str, ...],
-                      groups: dict[tuple[str, ...], list[_Histogram]]) -> HistogramMetricFamily:
+                      groups: dict[tuple[str, ...], list[Histogram]]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=labels)
     for label_values, histograms in groups.items():
         bounds = histograms[0].bounds
         counts, totals = [0] * (len(bounds) + 1), [0.0]
         for histogram in histograms:
             histogram.merge_into(counts, totals)
-        cumulative = list(itertools.accumulate(counts))
-        buckets = [(_le(bound), float(count)) for bound, count in zip(bounds, cumulative, strict=False)]
-        buckets.append(("+Inf", float(cumulative[-1])))
-        family.add_metric(label_values, buckets, totals[0])
+        family.add_metric(label_values, cumulative_buckets(bounds, counts), totals[0])
     return family
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
 
 
 class _BreakerCollector(Collector):
