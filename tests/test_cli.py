@@ -136,6 +136,18 @@ def test_sigterm_drains_an_in_flight_stream(served: Served) -> None:
     assert process.wait(10) in (0, -signal.SIGTERM)
 
 
+def test_a_sigterm_ends_the_log_with_the_shutdown_lines(served: Served) -> None:
+    """The log is written through a queue; the process ending by the re-raised signal must not lose its tail."""
+    process, _, _, output = served
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained, as supervisors expect
+    deadline = time.monotonic() + 5  # the reader thread may still be appending the last lines
+    while not any("Finished server process" in line for line in output) and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    assert any("Application shutdown complete" in line for line in output), output[-3:]
+    assert any("Finished server process" in line for line in output), output[-3:]
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 

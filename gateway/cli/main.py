@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -369,13 +370,27 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def configure_logging(level: str) -> None:
-    """Log through a queue so the event loop never blocks writing to a terminal or pipe."""
+    """Log through a queue so the event loop never blocks writing to a terminal or pipe.
+
+    The queue is written out however the process ends: at exit, and when SIGTERM or SIGINT ends it. uvicorn
+    restores the handlers it found and raises the signal again once its graceful shutdown is done, which skips
+    `atexit`: without the handler below the last lines ("Application shutdown complete", "Finished server
+    process") were lost and the log seemed to stop at "Waiting for application shutdown".
+    """
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     listener = logging.handlers.QueueListener(records, handler)
     listener.start()
     atexit.register(listener.stop)
+
+    def drain_then_die(signum: int, frame: object) -> None:
+        listener.stop()  # writes out what is queued, then joins the writer thread
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)  # the exit status supervisors expect (143 for SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, drain_then_die)
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level.upper())
