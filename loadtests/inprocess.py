@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,25 @@ teams:
       - id: demo
         hash: "sha256:b63e455907cf558f3526e7928ae4568399e5c142f3c34dd804152268985719aa"
     models: ["*"]
+"""
+
+# Issue #17's full policy on top (the same parts as `bench.py`'s gateway-full): a per-key RPM limit, team RPM/TPM
+# limits and a daily token + USD budget on the Redis at `--redis`, OTLP traces at 100% to a collector at
+# `--collector`, metrics, and the SQLite ledger. Set never to refuse: what is counted is their cost.
+FULL_EXTRA = """
+    limits: {{rpm: 100000000, tpm: 100000000000}}
+    budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}
+prices:
+  version: bench-2026-12
+  models:
+    mock:
+      mock-gpt-4o-mini: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
+state: {{url: "{redis}", key_prefix: "inprocess-{pid}:"}}
+telemetry:
+  traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
+  metrics: {{enabled: true}}
+ledger:
+  path: {ledger}
 """
 
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}'
@@ -83,13 +103,21 @@ async def _request(app: Any, body: bytes) -> int:
     return status
 
 
-async def _run(requests: int, stream: bool) -> None:
+def policy_text(args: argparse.Namespace, folder: Path) -> str:
+    if not args.full:
+        return POLICY
+    keyed = POLICY.replace("      - id: demo\n", "      - id: demo\n        limits: {rpm: 100000000}\n")
+    return keyed + FULL_EXTRA.format(redis=args.redis, pid=os.getpid(), collector=args.collector,
+                                     ledger=folder / "ledger.sqlite")
+
+
+async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.compiled.store import PolicyStore
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "policy.yaml"
-        path.write_text(POLICY)
+        path.write_text(policy_text(args, Path(folder)))
         app = create_app(PolicyStore(path), sinks=[])
         startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         await startup.put({"type": "lifespan.startup"})
@@ -118,8 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--full", action="store_true", help="issue #17's full policy (Redis, OTLP, metrics, ledger)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --full")
+    parser.add_argument("--collector", default="http://127.0.0.1:4318",
+                        help="with --full: an OTLP/HTTP collector (python -m tests.fakes.otlp_receiver)")
     args = parser.parse_args()
-    asyncio.run(_run(args.requests, args.stream))
+    asyncio.run(_run(args.requests, args.stream, args))
 
 
 if __name__ == "__main__":
