@@ -127,6 +127,7 @@ class Ledger:
         self._interval = flush_interval_s
         self._queue: queue.SimpleQueue[tuple[Any, ...] | _Flush | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._urgent = threading.Event()  # set when the writer should stop gathering rows and write now
         self._lock = threading.Lock()
         self._spill = Spill(self.path.with_name(self.path.name + ".spill.jsonl"))
         self._held = 0  # rows the writer has taken off the queue and not yet stored or spilled
@@ -144,6 +145,8 @@ class Ledger:
         if self._writer is None:
             self._start()
         self._queue.put(_row(record, time.time() if at is None else at))
+        if self._queue.qsize() >= _MAX_BATCH:
+            self._urgent.set()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far is committed (call it off the event loop).
@@ -156,6 +159,7 @@ class Ledger:
             self._start()  # rows spilled before a restart: write them now, not at the first request
         marker = _Flush()
         self._queue.put(marker)
+        self._urgent.set()
         return marker.done.wait(timeout_s) and marker.stored
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -169,6 +173,7 @@ class Ledger:
             return
         self._stop_by = time.monotonic() + timeout_s
         self._queue.put(None)
+        self._urgent.set()
         writer.join(timeout=timeout_s)
         if writer.is_alive():
             log.error("usage ledger %s: the writer did not stop within %.1fs; %d rows not written",
@@ -204,22 +209,18 @@ class Ledger:
                 except queue.Empty:
                     self._store(connection, [], retry)
                     continue
-                deadline = time.monotonic() + self._interval
-                while not (stopping or markers or len(batch) >= _MAX_BATCH):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
+                if not (stopping or markers):
+                    # Let rows gather for the interval without taking them one by one: each `get` would wake
+                    # this thread, and take the GIL from the event loop, once per request. A full batch, a
+                    # flush or close wakes it early.
+                    self._urgent.wait(self._interval)
+                self._urgent.clear()  # before draining: a wake-up after this finds its rows in the next batch
+                while stopping or markers or len(batch) < _MAX_BATCH:
                     try:
-                        stopping = _sort(self._queue.get(timeout=remaining), batch, markers)
+                        item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                if stopping or markers:  # take whatever else is already queued
-                    while True:
-                        try:
-                            item = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        stopping = _sort(item, batch, markers) or stopping
+                    stopping = _sort(item, batch, markers) or stopping
                 self._held = len(batch)
                 if stopping:
                     # One last try within the grace close() gave; what SQLite refuses stays spilled.
