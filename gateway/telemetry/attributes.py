@@ -133,12 +133,17 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
     return attributes
 
 
+# Exact types, so a bool (an int subclass) is not a number here. (A tuple, not `int | float`: Python 3.11 builds
+# a new union object each time that expression runs.)
+_NUMBER_TYPES = (int, float)
+
+
 def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
     """The request's sampling parameters as `gen_ai.request.*` attributes."""
     params: dict[str, Any] = {}
     for key, attribute in _REQUEST_PARAMS:
         value = body.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if value is not None and type(value) in _NUMBER_TYPES:
             params[attribute] = value
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(max_tokens, int):

@@ -79,6 +79,11 @@ _REPEATING = frozenset({
 })
 
 
+# Values an encoded pair can be cached by. (A tuple of types: Python 3.11 builds a new union object each time an
+# expression like `str | int` runs, once per attribute here.)
+_HASHABLE = (str, bool, int, float, tuple)
+
+
 def _any_value(value: Any) -> bytes:
     if isinstance(value, str):
         return _field(1, value.encode())
@@ -100,7 +105,7 @@ def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     parts = []
     for key, value in attributes.items():
-        repeating = key in _REPEATING and isinstance(value, str | bool | int | float | tuple)
+        repeating = key in _REPEATING and isinstance(value, _HASHABLE)
         if repeating:
             cached = _PAIRS.get((number, key, value))
             if cached is not None:
