@@ -160,7 +160,8 @@ def full_policy_yaml(upstream_base: str, redis_port: int, collector_port: int, l
     return text + FULL_POLICY_EXTRA.format(redis_port=redis_port, collector_port=collector_port, ledger=ledger)
 
 
-def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path, checkout: Path = REPO
+                       ) -> Target | None:
     """The gateway under the full policy, with a private Redis and an OTLP collector on the harness core."""
     redis_port, collector_port = free_port(), free_port()
     redis = Child(f"redis-{redis_port}", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -171,7 +172,7 @@ def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path) 
     try:
         collector.wait_http_ok(f"http://127.0.0.1:{collector_port}/health")
         target = _start_gateway_with(full_policy_yaml(upstream.base_url, redis_port, collector_port,
-                                                      tmp / f"ledger-{redis_port}.sqlite"), args, tmp)
+                                                      tmp / f"ledger-{redis_port}.sqlite"), args, tmp, checkout)
     finally:
         if target is None:  # the gateway did not come up (or raised): its helpers go with it
             redis.stop()
@@ -190,9 +191,12 @@ def start_gateway(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Ta
     return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp)
 
 
-def checkout_starter(checkout: Path) -> Starter:
-    """The gateway of another checkout (a commit before a change) under the demo-like policy, in the same run."""
+def checkout_starter(checkout: Path, full: bool = False) -> Starter:
+    """The gateway of another checkout (a commit before a change) under the demo-like or the full policy, in the
+    same run."""
     def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+        if full:
+            return start_gateway_full(upstream, args, tmp, checkout)
         return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp, checkout)
     return start
 
@@ -231,6 +235,7 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     for checkout in args.compare_checkout or ():
         chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
+        chosen[f"gateway-full@{checkout.name}"] = checkout_starter(checkout.resolve(), full=True)
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
 
 
@@ -377,8 +382,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
     parser.add_argument("--compare-checkout", type=Path, nargs="+", metavar="DIR",
-                        help="also run the gateway of these checkouts (e.g. a git worktree of an older commit), "
-                             "demo-like policy, as systems 'gateway@<dir name>' in the same run")
+                        help="also run the gateway of these checkouts (e.g. a git worktree of an older commit) in the "
+                             "same run: demo-like policy as 'gateway@<dir name>', full as 'gateway-full@<dir name>'")
     parser.add_argument("--only", nargs="+", metavar="SYSTEM", help="subset, e.g. direct baseline-aiohttp")
     parser.add_argument("--loops", nargs="+", choices=["closed", "open"], default=["closed", "open"],
                         help="which halves of the matrix to run (default both)")
