@@ -57,10 +57,12 @@ def _field(number: int, payload: bytes) -> bytes:
     return _TAGS[number] + (_SMALL[size] if size < 128 else _varint(size)) + payload
 
 
+# Encoded keys (`KeyValue.key` with its tag and length), by attribute name.
 _KEYS: dict[str, bytes] = {}
 # Whole encoded key-values of attributes whose values repeat from request to request (team, model,
-# provider, outcome...), so most of a span's attributes cost one dict lookup.
-_PAIRS: dict[tuple[int, str, Any], bytes] = {}
+# provider, outcome...), so most of a span's attributes cost one dict lookup: by field number, then by
+# (name, value, type of value).
+_PAIRS: tuple[dict[tuple[str, Any, type], bytes], ...] = tuple({} for _ in range(16))
 _REPEATING = frozenset({
     "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.response.finish_reasons", "gen_ai.request.stream", "server.address", "server.port",
@@ -85,6 +87,16 @@ _HASHABLE = (str, bool, int, float, tuple)
 
 
 def _any_value(value: Any) -> bytes:
+    """An `AnyValue` message."""
+    kind = type(value)
+    if kind is str:
+        return _field(1, value.encode())
+    if kind is int:
+        return b"\x18" + _varint(value)
+    if kind is float:
+        return b"\x21" + _DOUBLE.pack(value)
+    if kind is bool:
+        return b"\x10" + (b"\x01" if value else b"\x00")
     if isinstance(value, str):
         return _field(1, value.encode())
     if isinstance(value, bool):
@@ -101,13 +113,19 @@ def _any_value(value: Any) -> bytes:
 
 
 def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
+    """Repeated `KeyValue` fields numbered `number`. The hot loop of span encoding (~25 attributes a span):
+    the length-delimited framing is written inline rather than through `_field`."""
     if not attributes:
         return b""
+    tag = _TAGS[number]
+    pairs = _PAIRS[number]
     parts = []
     for key, value in attributes.items():
         repeating = key in _REPEATING and isinstance(value, _HASHABLE)
         if repeating:
-            cached = _PAIRS.get((number, key, value))
+            # By type too: 1, 1.0 and True are equal as keys but encode differently.
+            cache_key = (key, value, type(value))
+            cached = pairs.get(cache_key)
             if cached is not None:
                 parts.append(cached)
                 continue
@@ -116,9 +134,13 @@ def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
             encoded_key = _field(1, key.encode())
             if len(_KEYS) < 4096:  # a memo of a pure function, bounded against unbounded key sets
                 _KEYS[key] = encoded_key
-        encoded = _field(number, encoded_key + _field(2, _any_value(value)))
-        if repeating and len(_PAIRS) < 8192:
-            _PAIRS[(number, key, value)] = encoded
+        any_value = _any_value(value)
+        size = len(any_value)
+        key_value = encoded_key + b"\x12" + (_SMALL[size] if size < 128 else _varint(size)) + any_value
+        size = len(key_value)
+        encoded = tag + (_SMALL[size] if size < 128 else _varint(size)) + key_value
+        if repeating and len(pairs) < 8192:
+            pairs[cache_key] = encoded
         parts.append(encoded)
     return b"".join(parts)
 
