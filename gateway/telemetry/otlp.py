@@ -24,13 +24,16 @@ from urllib.parse import urlsplit
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 log = logging.getLogger("switchboard.telemetry")
 
 _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
 _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
+# The span kind field (5, varint): the SDK's INTERNAL=0 is the protocol's SPAN_KIND_INTERNAL=1, and so on.
+_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
 
 
 def _varint(value: int) -> bytes:
@@ -57,8 +60,8 @@ def _field(number: int, payload: bytes) -> bytes:
     return _TAGS[number] + (_SMALL[size] if size < 128 else _varint(size)) + payload
 
 
-# Encoded keys (`KeyValue.key` with its tag and length), by attribute name.
-_KEYS: dict[str, bytes] = {}
+# Attribute names encoded (`KeyValue.key` with its tag and length), and whether their values repeat.
+_KEYS: dict[str, tuple[bytes, bool]] = {}
 # Whole encoded key-values of attributes whose values repeat from request to request (team, model,
 # provider, outcome...), so most of a span's attributes cost one dict lookup: by field number, then by
 # (name, value, type of value).
@@ -81,9 +84,12 @@ _REPEATING = frozenset({
 })
 
 
-# Values an encoded pair can be cached by. (A tuple of types: Python 3.11 builds a new union object each time an
-# expression like `str | int` runs, once per attribute here.)
-_HASHABLE = (str, bool, int, float, tuple)
+# Types of values an encoded pair can be cached by (exactly these: a subclass may hash differently).
+_HASHABLE = frozenset({str, bool, int, float, tuple})
+
+
+# `AnyValue`s of the integers below 128 (token counts, attempts): field 3, one byte of varint.
+_SMALL_INTS = tuple(b"\x18" + bytes((n,)) for n in range(128))
 
 
 def _any_value(value: Any) -> bytes:
@@ -92,11 +98,13 @@ def _any_value(value: Any) -> bytes:
     if kind is str:
         return _field(1, value.encode())
     if kind is int:
-        return b"\x18" + _varint(value)
+        return _SMALL_INTS[value] if 0 <= value < 128 else b"\x18" + _varint(value)
     if kind is float:
         return b"\x21" + _DOUBLE.pack(value)
     if kind is bool:
         return b"\x10" + (b"\x01" if value else b"\x00")
+    if kind is tuple:
+        return _field(5, _array_values(value))
     if isinstance(value, str):
         return _field(1, value.encode())
     if isinstance(value, bool):
@@ -108,56 +116,81 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, bytes):
         return _field(7, value)
     if isinstance(value, Sequence):
-        return _field(5, b"".join(_field(1, _any_value(v)) for v in value))
+        return _field(5, _array_values(value))
     return _field(1, str(value).encode())
 
 
+# An `ArrayValue` element holding a double: field 1, 9 bytes long, then the AnyValue's double (field 4, fixed64).
+_DOUBLE_ELEMENT = b"\x0a\x09\x21"
+
+
+def _array_values(values: Sequence[Any]) -> bytes:
+    """The elements of an `ArrayValue`. Decision events carry several tuples of numbers (an admission's limits,
+    used, requested and remaining, one per check): doubles are framed here without a call each."""
+    parts = []
+    for value in values:
+        if type(value) is float:
+            parts.append(_DOUBLE_ELEMENT + _DOUBLE.pack(value))
+        else:
+            parts.append(_field(1, _any_value(value)))
+    return b"".join(parts)
+
+
 def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated `KeyValue` fields numbered `number`. The hot loop of span encoding (~25 attributes a span):
-    the length-delimited framing is written inline rather than through `_field`."""
+    """Repeated `KeyValue` fields numbered `number`. The hot loop of span encoding (~35 attributes a span with
+    its events): the length-delimited framing is written inline rather than through `_field`."""
     if not attributes:
         return b""
     tag = _TAGS[number]
     pairs = _PAIRS[number]
     parts = []
     for key, value in attributes.items():
-        repeating = key in _REPEATING and isinstance(value, _HASHABLE)
+        known = _KEYS.get(key)
+        if known is None:
+            known = _key(key)
+        encoded_key, repeating = known
         if repeating:
+            kind = type(value)
             # By type too: 1, 1.0 and True are equal as keys but encode differently.
-            cache_key = (key, value, type(value))
-            cached = pairs.get(cache_key)
+            cache_key = (key, value, kind) if kind in _HASHABLE else None
+            try:
+                cached = pairs.get(cache_key) if cache_key is not None else None
+            except TypeError:  # a tuple holding something unhashable: encoded, not cached
+                cached = cache_key = None
             if cached is not None:
                 parts.append(cached)
                 continue
-        encoded_key = _KEYS.get(key)
-        if encoded_key is None:
-            encoded_key = _field(1, key.encode())
-            if len(_KEYS) < 4096:  # a memo of a pure function, bounded against unbounded key sets
-                _KEYS[key] = encoded_key
         any_value = _any_value(value)
         size = len(any_value)
         key_value = encoded_key + b"\x12" + (_SMALL[size] if size < 128 else _varint(size)) + any_value
         size = len(key_value)
         encoded = tag + (_SMALL[size] if size < 128 else _varint(size)) + key_value
-        if repeating and len(pairs) < 8192:
+        if repeating and cache_key is not None and len(pairs) < 8192:
             pairs[cache_key] = encoded
         parts.append(encoded)
     return b"".join(parts)
 
 
+def _key(name: str) -> tuple[bytes, bool]:
+    """`name` encoded as a `KeyValue.key`, and whether its values repeat from request to request."""
+    known = (_field(1, name.encode()), name in _REPEATING)
+    if len(_KEYS) < 4096:  # a memo of a pure function, bounded against unbounded key sets
+        _KEYS[name] = known
+    return known
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.context
     assert context is not None
-    parts = [
-        _field(1, context.trace_id.to_bytes(16, "big")),
-        _field(2, context.span_id.to_bytes(8, "big")),
-    ]
+    parent = span.parent
+    # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
+    parts = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
     if context.trace_state:
         parts.append(_field(3, context.trace_state.to_header().encode()))
-    if span.parent is not None:
-        parts.append(_field(4, span.parent.span_id.to_bytes(8, "big")))
+    if parent is not None:
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))  # parent_span_id: field 4, 8 bytes
     parts.append(_field(5, span.name.encode()))
-    parts.append(b"\x30" + _varint(span.kind.value + 1))  # SDK INTERNAL=0 -> proto SPAN_KIND_INTERNAL=1
+    parts.append(_KINDS.get(span.kind) or b"\x30" + _varint(span.kind.value + 1))
     parts.append(b"\x39" + _FIXED64.pack(span.start_time or 0))
     parts.append(b"\x41" + _FIXED64.pack(span.end_time or 0))
     parts.append(_attributes(9, span.attributes))
@@ -170,8 +203,8 @@ def _span(span: ReadableSpan) -> bytes:
         parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
                             + (b"\x18" + _varint(code) if code else b"")))
     # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
-    flags = int(context.trace_flags) | 0x100 | (0x200 if span.parent is not None and span.parent.is_remote else 0)
-    parts.append(b"\x85\x01" + struct.pack("<I", flags))
+    flags = int(context.trace_flags) | 0x100 | (0x200 if parent is not None and parent.is_remote else 0)
+    parts.append(b"\x85\x01" + _FIXED32.pack(flags))
     return b"".join(parts)
 
 
