@@ -233,7 +233,7 @@ class RequestTrace:
             self._events = []
         # Attribute values are immutable in OpenTelemetry: lists become tuples, as the SDK would make them.
         # (The builders in gateway/telemetry/decisions.py already give tuples: no copy then.)
-        if attributes and any(type(v) is list for v in attributes.values()):
+        if attributes and list in map(type, attributes.values()):
             attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
         self._events.append(Event(name, attributes or None, time.time_ns()))
 
