@@ -22,6 +22,7 @@ model, key or UTC day and sum tokens and cost.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import queue
 import sqlite3
@@ -339,13 +340,19 @@ def _complete(row: Any) -> tuple[Any, ...]:
         else tuple(row)
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_day(day: int) -> str:
+    """The UTC date of a day number since the epoch: a row's `day` column, worked out once a day, not per row."""
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+
+
 def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
     """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
     the client's request id is never a key."""
     usage = record.usage
     return (
         record.gateway_id or uuid.uuid4().hex, record.request_id, now,
-        dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat(), record.team,
+        _utc_day(int(now // 86_400)), record.team,
         record.key_id, record.endpoint, record.public_model, record.provider, record.upstream_model,
         int(record.stream), record.status, record.outcome,
         usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
