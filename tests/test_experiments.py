@@ -209,6 +209,26 @@ def test_end_users_are_sticky_and_the_key_decides_without_a_user(
     assert {ask(gateway, secret)[0] for _ in range(5)} == {without}
 
 
+def test_an_end_user_named_by_the_teams_header_keeps_one_variant_whichever_key_or_field_they_come_with(
+        upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    """The canary's end user is the budget hierarchy's: the team's end-user header wins over the `user` field."""
+    users = [f"user-{i}" for i in range(24)]
+    expected = {u: "canary" if in_canary("u:" + u) else "control" for u in users}
+    assert set(expected.values()) == {"canary", "control"}
+    team = "    end_users: {header: x-end-user}\n"
+    gateway = start_gateway(policy(upstream, lab, canary=CANARY.replace("share", "sticky_by: end_user, share"),
+                                   team=team))
+    for index, user in enumerate(users):
+        for secret in (KEYS[index % len(KEYS)][1], KEYS[(index + 3) % len(KEYS)][1]):  # two keys, one user
+            client = gateway.client(secret, default_headers={"x-end-user": user})
+            for extra in ({}, {"user": "someone-else"}):  # the header names the user, not the field
+                raw = client.chat.completions.with_raw_response.create(model="chat-model", messages=MESSAGES,
+                                                                      **extra)
+                assert raw.headers.get("x-switchboard-variant") == expected[user], (user, extra)
+    rows = gateway.usage.wait_for(len(users) * 4)
+    assert {(r.end_user, r.variant) for r in rows} == set(expected.items())
+
+
 def test_a_canary_model_answers_with_its_own_price_and_neither_reads_nor_fills_the_cache(
         upstream: FakeOpenAIUpstream, lab: FakeOpenAIUpstream, start_gateway: Start) -> None:
     text = policy(upstream, lab, canary=f"{{model: next-model, share: 0.5, seed: {SEED}}}").replace(
@@ -664,7 +684,7 @@ def test_policy_explain_says_what_the_experiments_do() -> None:
                              str(ROOT / "policies" / "examples" / "experiments.yaml"), "--model", "chat"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "canary: 5% of end users (the `user` field; the key without one), sticky, served by target " \
-           "lab/gpt-4.1-mini" in result.stdout
+    assert "canary: 5% of end users (the end-user header or `user` field; the key without one), sticky, served " \
+           "by target lab/gpt-4.1-mini" in result.stdout
     assert "shadow: 10% of requests mirrored (streamed like the client's) to model chat-next, at most 8 at once " \
            "per process" in result.stdout

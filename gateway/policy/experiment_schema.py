@@ -50,8 +50,9 @@ class CanaryPolicy(_Candidate):
 
     share: float = Field(ge=0, le=1, description="Share of callers served by the canary, 0 to 1 (0: off).")
     sticky_by: Literal["key", "end_user"] = Field(
-        "key", description="key: the API key decides; end_user: the request's OpenAI `user` field (requests "
-        "without one fall back to the key).")
+        "key", description="key: the API key decides; end_user: the request's end user decides, as the team's "
+        "budget hierarchy names it (`teams.<team>.end_users.header`, else the OpenAI `user` field); requests that "
+        "name none fall back to the key.")
     seed: str = Field("", max_length=64, description="Mixed into the hash: change it to draw a new set of "
                       "canary callers at the same share.")
 

@@ -70,10 +70,10 @@ class Canary:
     salt: bytes
     threshold: int
 
-    def assigns(self, caller: KeyEntry, body: Mapping[str, Any]) -> bool:
+    def assigns(self, caller: KeyEntry, body: Mapping[str, Any], end_user: str | None = None) -> bool:
         """Whether this caller (or the request's end user) is in the canary."""
-        return self.threshold > 0 and sticky_hash(self.salt, sticky_value(self.sticky_by, caller, body)) < \
-            self.threshold
+        return self.threshold > 0 and \
+            sticky_hash(self.salt, sticky_value(self.sticky_by, caller, body, end_user)) < self.threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +92,15 @@ class ModelExperiments:
     shadow: Shadow | None = None
 
 
-def sticky_value(sticky_by: str, caller: KeyEntry, body: Mapping[str, Any]) -> str:
-    """What decides a caller's variant: its key id, or the OpenAI `user` field (the key when there is none)."""
+def sticky_value(sticky_by: str, caller: KeyEntry, body: Mapping[str, Any], end_user: str | None = None) -> str:
+    """What decides a caller's variant: its key id, or its end user (the key when the request names none).
+
+    The end user is the one the budget hierarchy settles the request under (`end_user`: the team's
+    `end_users.header`, else the `user` field, validated), so a user keeps one variant and one budget
+    whichever way the team names them; for a team that tracks no end users, the OpenAI `user` field.
+    """
     if sticky_by == "end_user":
-        user = body.get("user")
+        user = end_user or body.get("user")
         if isinstance(user, str) and user:
             return "u:" + user[:_MAX_USER_CHARS]
     return "k:" + caller.key_id
@@ -188,7 +193,8 @@ def explain_experiments(policy: Policy, model: str) -> list[str]:
     lines = []
     canary, shadow = plan.canary, plan.shadow
     if canary is not None:
-        who = "end users (the `user` field; the key without one)" if canary.sticky_by == "end_user" else "keys"
+        who = "end users (the end-user header or `user` field; the key without one)" \
+            if canary.sticky_by == "end_user" else "keys"
         lines.append(f"  canary: {canary.share * 100:g}% of {who}, sticky, served by "
                      f"{_served_by(canary.model, model)}; x-switchboard-variant: canary")
     if shadow is not None:
@@ -223,7 +229,7 @@ async def choose_variant(services: Services, exchange: Exchange, model: Model) -
         return model
     variant, served, refused = CONTROL, model, None
     canary = plan.canary
-    if canary is not None and canary.assigns(caller, request.body):
+    if canary is not None and canary.assigns(caller, request.body, settlement.end_user):
         # A canary model is another model's limits: reserved like a fallback's; refused, control serves.
         refusal = None if canary.model.name == model.name else await admit_fallback(services, exchange,
                                                                                       canary.model)
