@@ -72,7 +72,7 @@ class InferenceRoute:
         def serve(exchange: Exchange, body: bytes) -> Awaitable[Reply | StreamReply]:
             return handle_inference(services, endpoint, exchange, headers, body)
 
-        await respond(scope, receive, send, serve)
+        await respond(scope, receive, send, services, serve)
 
 
 class ModelsRoute:
