@@ -187,7 +187,8 @@ class _Run:
             if self.exchange.trace.recording:
                 self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
                                                                               now, number + 1, previous))
-            model.plan.strategy.on_attempt(target, self.states, request)
+            if model.plan.strategy.watches_attempts:
+                model.plan.strategy.on_attempt(target, self.states, request)
             sent = call if call.upstream_model == target.upstream_model else dataclasses.replace(
                 call, upstream_model=target.upstream_model)
             try:
@@ -203,7 +204,8 @@ class _Run:
                     break
                 continue
             self.exchange.response_headers[MODEL_HEADER] = model.name
-            self._confirm_suspects(target, config)
+            if self.suspects:
+                self._confirm_suspects(target, config)
             return Routed(response, target, sent, model)
         assert error is not None
         raise _ModelFailed("default", error)
@@ -295,7 +297,7 @@ class _Run:
             outcome = failure.status if failure.kind is not FailureKind.TIMEOUT else "timeout"
             self.trail.append(f"{model.name}@{target.provider.name}:{outcome}")
             raise _AttemptFailed(failure, error) from exc
-        states.observe_latency(target, clock() - started, config.routing.latency_alpha)
+        state.observe_latency(clock() - started, config.routing.latency_alpha)
         state.breaker.on_success(states.clock(), config.circuit_breaker)
         if not call.stream:
             state.in_flight -= 1  # a stream stays in flight until the relay closes it

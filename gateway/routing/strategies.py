@@ -66,6 +66,10 @@ class TargetState:
             return max(float(self.in_flight), self.scraped_load)
         return float(self.in_flight)
 
+    def observe_latency(self, seconds: float, alpha: float) -> None:
+        """A successful attempt took `seconds`: folded into the latency EWMA with weight `alpha`."""
+        self.ewma_s = seconds if self.ewma_s is None else alpha * seconds + (1 - alpha) * self.ewma_s
+
     def fresh(self, now: float) -> bool:
         """Whether the scraped numbers are recent enough to trust."""
         return self.scraped_at > 0 and now - self.scraped_at <= _SCRAPE_FRESHNESS * self.scrape_interval_s
@@ -104,8 +108,7 @@ class RouteState:
         return state.healthy and state.breaker.allows(now)
 
     def observe_latency(self, target: Target, seconds: float, alpha: float) -> None:
-        state = self.state(target)
-        state.ewma_s = seconds if state.ewma_s is None else alpha * seconds + (1 - alpha) * state.ewma_s
+        self.state(target).observe_latency(seconds, alpha)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every known target's state, for GET /admin/targets."""
@@ -233,6 +236,8 @@ class Strategy(Protocol):
     """Ranks the targets that may be tried now; the first one gets the request."""
 
     name: str
+    # Whether `on_attempt` does anything: the route step calls it only then (gateway/routing/resilience.py).
+    watches_attempts: bool
 
     def rank(self, targets: Sequence[Target], states: RouteState, request: RouteRequest) -> list[Target]: ...
 
@@ -241,6 +246,7 @@ class Strategy(Protocol):
 
 class _Base:
     name = ""
+    watches_attempts = False
 
     def on_attempt(self, target: Target, states: RouteState, request: RouteRequest) -> None:
         pass
@@ -319,6 +325,7 @@ class PrefixAffinityStrategy(_Base):
     """Send a conversation where its KV prefix lives, unless that replica is much busier than the rest."""
 
     name = "prefix-affinity"
+    watches_attempts = True
 
     def __init__(self, model: str, spill_margin: int, table_size: int, block_chars: int, min_blocks: int) -> None:
         self.model = model
