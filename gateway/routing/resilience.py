@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting.fallback_limits import admit_fallback
 from gateway.errors import ErrorKind, GatewayError, from_upstream
 from gateway.policy.model_schema import ModelPolicy
+from gateway.routing.deadlines import Expiry
 from gateway.routing.plan import pinned_targets
 from gateway.routing.strategies import RouteRequest, RouteState, record_failure
 from gateway.routing.streams import PrimedStream, TargetOutcome, prime_stream
@@ -269,7 +270,7 @@ class _Run:
                 response = await self.attempt(self.services, target, call, self.exchange)
                 response = await self._read(response, target, call, config)
             else:
-                with _Expiry(max(timeout, 0.0)):
+                with Expiry(states.deadlines, max(timeout, 0.0)):
                     response = await self.attempt(self.services, target, call, self.exchange)
                     response = await self._read(response, target, call, config)
         except BaseException as exc:
@@ -316,39 +317,6 @@ class _Run:
             return _ReadResponse(response.status, response.headers, await response.read())
         finally:
             self.exchange.upstream_wait_s += clock() - read_from
-
-
-class _Expiry:
-    """`asyncio.timeout` for one attempt as a plain context manager: one timer handle, no coroutines of its own.
-
-    Every attempt runs under the request's deadline (`deadline_s`, 300 s by default), so this is on the hot
-    path; asyncio's version makes an object and two coroutines per use besides the handle. Same semantics:
-    on expiry the task is cancelled, and that cancellation (only that one: a client's disconnect cancelling
-    the task too is left to propagate) comes out as `TimeoutError`.
-    """
-
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
-
-    def __init__(self, seconds: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = task.get_loop()
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._expired = False
-        self._handle = loop.call_at(loop.time() + seconds, self._expire)
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> _Expiry:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._handle.cancel()
-        if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
-            raise TimeoutError from exc
 
 
 # No retry is started with less time than this left before the deadline: it could not get an answer, and the

@@ -22,6 +22,7 @@ import orjson
 
 from gateway.errors import redact
 from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.deadlines import AttemptDeadlines
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Target
@@ -76,7 +77,8 @@ class TargetState:
 
 
 class RouteState:
-    """Runtime state of every target and affinity table; one per app, surviving policy reloads."""
+    """Runtime state of every target and affinity table, and the attempts' deadlines; one per app, surviving
+    policy reloads."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         self.clock = clock
@@ -85,6 +87,8 @@ class RouteState:
         self._affinity: dict[str, AffinityTable] = {}
         # Per-model tables of other strategies (gateway/routing/kv_scoring.py), kept across reloads like the above.
         self.tables: dict[tuple[str, str], Any] = {}
+        # The deadlines of the attempts in flight, under one event-loop timer (gateway/routing/deadlines.py).
+        self.deadlines = AttemptDeadlines()
 
     def state(self, target: Target) -> TargetState:
         key = target.key
