@@ -238,46 +238,46 @@ class Settlement:
             log.exception("settling request %s failed", self.exchange.request_id)
 
     def _close(self, crashed: BaseException | None) -> None:
-        services, exchange = self._services, self.exchange
+        services, exchange, stream, cache = self._services, self.exchange, self.stream, self.cache
         if self._held is not None:
             self._held.close()
         if crashed is not None and self.error is None:
             # Whatever the upstream finished, the client did not get it whole; usage is still what was produced.
             self.outcome = INTERNAL_ERROR
-            if self.stream is None:
+            if stream is None:
                 self.status = 500
-        if self.error is not None and self.stream is None:
+        if self.error is not None and stream is None:
             self.status = self.error.http_status
-        if self.caller is None:
+        caller = self.caller
+        if caller is None:
             exchange.trace.failed(self.error or _UNSETTLED, settled=False)
             return
         outcome = self.outcome or CLIENT_DISCONNECTED
-        if outcome == CLIENT_DISCONNECTED and self.stream is None and self.target is None and self.error is None:
+        request, target, policy, team = self.request, self.target, self.policy, caller.team.name
+        if outcome == CLIENT_DISCONNECTED and stream is None and target is None and self.error is None:
             self.status = CLIENT_CLOSED_STATUS  # gone before any upstream answered: nothing was produced
         usage = self.usage
-        if usage is None and self.stream is not None and self.target is not None:
+        if usage is None and stream is not None and target is not None:
             usage = services.counter.estimate_usage(
-                self.stream.call.endpoint, self.stream.call.body, [c.data for c in self.stream.seen],
-                self.target.upstream_model, self.target.provider.adapter.capabilities.tokenizer)
+                stream.call.endpoint, stream.call.body, [c.data for c in stream.seen],
+                target.upstream_model, target.provider.adapter.capabilities.tokenizer)
         wasted, wasted_cost = self._failed_attempts() if self._billed_attempts else _NO_FAILED_ATTEMPTS
-        overhead = self.cache.overhead if self.cache is not None else None
+        overhead = cache.overhead if cache is not None else None
         if self.cost_usd is None and (usage is not None or wasted_cost is not None or overhead is not None):
             self._price(usage or Usage())
-        cost_usd, price_version = self.cost_usd, self.price_version
         if services.limiter is not None and self.admission is not None:
             self._settle_limits(services.limiter, usage, wasted, overhead)
-        if self.cache is not None:
-            self.cache.settled(outcome == COMPLETED)
+        if cache is not None:
+            cache.settled(outcome == COMPLETED)
         now = services.clock()
-        request, target, policy, team = self.request, self.target, self.policy, self.caller.team.name
         ttft = None
-        if self.stream is not None and self.stream.first_token_at is not None:
-            ttft = (self.stream.first_token_at - exchange.started) * 1000
+        if stream is not None and stream.first_token_at is not None:
+            ttft = (stream.first_token_at - exchange.started) * 1000
         record = UsageRecord(
             request_id=exchange.request_id,
             gateway_id=exchange.gateway_id,
             team=team,
-            key_id=self.caller.key_id,
+            key_id=caller.key_id,
             endpoint=request.endpoint.value if request else "unknown",
             public_model=_bounded_model_name(request.model, policy) if request else "",
             provider=target.provider.name if target else None,
@@ -289,8 +289,8 @@ class Settlement:
             overhead_ms=exchange.overhead_ms(now),
             time_to_first_token_ms=ttft,
             outcome=outcome,
-            cost_usd=cost_usd,
-            price_version=price_version,
+            cost_usd=self.cost_usd,
+            price_version=self.price_version,
             trace_id=exchange.trace.trace_id,
             failed_attempt_tokens=wasted.prompt_tokens,
             failed_attempt_cost_usd=wasted_cost,
@@ -299,10 +299,12 @@ class Settlement:
             organization=organization_of(policy.rules, team) if policy is not None and policy.steps.organizations
             else None,
             end_user=self.end_user,
-            **(self.cache.usage_fields() if self.cache is not None else {}),
         )
-        if self.stream is not None:
-            exchange.trace.streamed(self.stream.seen)
+        if cache is not None:
+            for name, value in cache.usage_fields().items():
+                setattr(record, name, value)
+        if stream is not None:
+            exchange.trace.streamed(stream.seen)
         if self.error is not None:
             exchange.trace.failed(self.error, settled=True)
         services.recorder.settle(record)
