@@ -59,20 +59,26 @@ ACCESS_LOG_ENV = "SWITCHBOARD_ACCESS_LOG"
 
 
 class InferenceRoute:
-    """ASGI endpoint for one inference operation; the pipeline does the work."""
+    """ASGI endpoint for one inference operation; the pipeline does the work.
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    Given the app's services when the app is built: reading them from Starlette's `app.state` on every
+    request goes through a failed attribute lookup (an AttributeError made and dropped) before `State`'s
+    `__getattr__` finds them.
+    """
+
+    def __init__(self, endpoint: Endpoint, services: Services) -> None:
         self.endpoint = endpoint
+        self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        services: Services = scope["app"].state.services
+        services = self.services
         headers = request_headers(scope)
         endpoint = self.endpoint
 
         def serve(exchange: Exchange, body: bytes) -> Awaitable[Reply | StreamReply]:
             return handle_inference(services, endpoint, exchange, headers, body)
 
-        await respond(scope, receive, send, serve)
+        await respond(scope, receive, send, services, serve)
 
 
 class ModelsRoute:
@@ -239,9 +245,9 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", InferenceRoute(Endpoint.CHAT), methods=["POST"]),
-            Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS), methods=["POST"]),
-            Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS), methods=["POST"]),
+            Route("/v1/chat/completions", InferenceRoute(Endpoint.CHAT, services), methods=["POST"]),
+            Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS, services), methods=["POST"]),
+            Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS, services), methods=["POST"]),
             Route("/v1/messages", MessagesRoute(), methods=["POST"]),
             Route("/v1/messages/count_tokens", CountTokensRoute(), methods=["POST"]),
             Route("/v1/responses", ResponsesRoute(), methods=["POST"]),

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from gateway.upstream.pools import UpstreamPools
 
 
+# The 80 low bits of a UUIDv7 are random but for the version (4 bits at 76) and the RFC 4122 variant (2 at 62).
+_RANDOM_BITS = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_AND_VARIANT = (0x7 << 76) | (0x2 << 62)
+
+
 def new_gateway_id() -> str:
     """A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits.
 
@@ -37,9 +42,8 @@ def new_gateway_id() -> str:
     no tenant can name (and so erase or shadow) another tenant's row; time-ordered,
     so ledger inserts append to the index instead of landing all over it.
     """
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10))
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    milliseconds = time.time_ns() // 1_000_000
+    value = (milliseconds << 80) | (int.from_bytes(os.urandom(10)) & _RANDOM_BITS) | _VERSION_AND_VARIANT
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 

@@ -58,18 +58,23 @@ async def handle_inference(
     policy = settlement.policy = authenticated[0] if authenticated is not None else services.policy()
     exchange.trace = services.telemetry.start(endpoint.value, headers, exchange)
     try:
-        settlement.caller = authenticated[1] if authenticated is not None else authenticate(policy, headers)
+        caller = settlement.caller = authenticated[1] if authenticated is not None else authenticate(policy, headers)
         request = settlement.request = parse_request(endpoint, body)
-        model = resolve_model(policy, settlement.caller, request.model)
-        settlement.tags = request_tags(policy.tags, settlement.caller.team.name, headers)
-        settlement.end_user = request_end_user(policy.rules.hierarchy if policy.rules else EMPTY_HIERARCHY,
-                                               settlement.caller.team.name, headers, request.body)
-        settlement.admission = await admit(services.limiter, policy, settlement.caller, endpoint, request.body,
-                                           model, exchange.response_headers, exchange.trace, settlement.end_user)
-        model = settlement.admission.model if settlement.admission else model
+        model = resolve_model(policy, caller, request.model)
+        steps = policy.steps  # what this policy uses at all: the other steps have nothing to do
+        if steps.tags:
+            settlement.tags = request_tags(policy.tags, caller.team.name, headers)
+        if steps.end_users:
+            settlement.end_user = request_end_user(policy.rules.hierarchy if policy.rules else EMPTY_HIERARCHY,
+                                                   caller.team.name, headers, request.body)
+        if steps.admission:
+            settlement.admission = await admit(services.limiter, policy, caller, endpoint, request.body, model,
+                                               exchange.response_headers, exchange.trace, settlement.end_user)
+            model = settlement.admission.model if settlement.admission else model
         served = await choose_variant(services, exchange, model) if policy.experiments else model
-        if served is model:  # a canary neither reads nor fills the cache (gateway/routing/experiments.py)
-            settlement.cache = await services.cache.lookup(services, policy, settlement.caller, model, request,
+        # A canary neither reads nor fills the cache (gateway/routing/experiments.py).
+        if served is model and steps.response_cache:
+            settlement.cache = await services.cache.lookup(services, policy, caller, model, request,
                                                            headers, exchange, call_upstream)
             if settlement.cache is not None and settlement.cache.hit:
                 return _cached_reply(services, exchange, settlement)
@@ -79,7 +84,7 @@ async def handle_inference(
                     request.client_wants_usage)
         routed = await route_and_call(services, policy, served, call, exchange, headers, call_upstream,
                                       settlement.admission.prompt_count if settlement.admission else None,
-                                      settlement.caller.team)
+                                      caller.team)
         settlement.target, call, response = routed.target, routed.call, routed.response
         if settlement.cache is not None:
             settlement.cache.served_by(routed.model.name, routed.target)

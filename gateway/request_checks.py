@@ -113,7 +113,7 @@ _RULES: dict[Endpoint, dict[str, Rule]] = {
 
 def check_request(endpoint: Endpoint, body: bytes, payload: Mapping[str, Any]) -> None:
     """Raise a 400 naming the first field of `payload` the gateway cannot work with."""
-    if body.count(b"[") + body.count(b"{") > _ENCODABLE_BRACKETS:
+    if len(body) > _ENCODABLE_BRACKETS and body.count(b"[") + body.count(b"{") > _ENCODABLE_BRACKETS:
         _check_depth(payload)
     rules = _RULES[endpoint]
     for name, value in payload.items():  # a request names a few fields; the tables list every checked one
@@ -122,7 +122,9 @@ def check_request(endpoint: Endpoint, body: bytes, payload: Mapping[str, Any]) -
             raise invalid(name, f"Invalid type for '{name}': expected {rule[1]}, but got {_kind(value)}.")
     if endpoint is Endpoint.CHAT:
         _check_messages(payload.get("messages"))
-        _check_tools(payload.get("tools"))
+        tools = payload.get("tools")
+        if tools is not None:
+            _check_tools(tools)
 
 
 def _check_messages(messages: Any) -> None:
@@ -131,39 +133,50 @@ def _check_messages(messages: Any) -> None:
     if not messages:
         raise invalid("messages", "Invalid 'messages': empty array. Expected an array with minimum length 1.",
                       code="empty_array")
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+    for i, message in enumerate(messages):  # a message's path (`messages[i]`) is spelled out only for an error
         if not isinstance(message, dict):
-            raise invalid(where, f"Invalid type for '{where}': expected an object, but got {_kind(message)}.")
+            raise invalid(f"messages[{i}]", f"Invalid type for 'messages[{i}]': expected an object, but got "
+                          f"{_kind(message)}.")
         role = message.get("role")
         if role.__class__ is not str or role not in _ROLES:  # the frozenset lookup is the common case's only cost
-            _refuse_role(where, role)
+            _refuse_role(f"messages[{i}]", role)
         content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            if not isinstance(content, list):
-                raise invalid(f"{where}.content", f"Invalid type for '{where}.content': expected a string or an "
-                              f"array of content parts, but got {_kind(content)}.")
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise invalid(f"{where}.content[{j}]", f"Invalid content part '{where}.content[{j}]': expected "
-                                  "an object with a string 'type'.")
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise invalid(f"{where}.tool_calls", f"Invalid type for '{where}.tool_calls': expected an array, "
-                              f"but got {_kind(calls)}.")
-            for j, call in enumerate(calls):
-                function = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                    raise invalid(f"{where}.tool_calls[{j}]", f"Invalid tool call '{where}.tool_calls[{j}]': "
-                                  "expected an object with a 'function' object carrying a string 'name'.")
-                arguments = function.get("arguments")
-                if arguments is not None and not isinstance(arguments, str):
-                    raise invalid(f"{where}.tool_calls[{j}].function.arguments", "Invalid type for "
-                                  f"'{where}.tool_calls[{j}].function.arguments': expected a string of JSON.")
-        for name in ("name", "tool_call_id"):
-            if message.get(name) is not None and not isinstance(message[name], str):
-                raise invalid(f"{where}.{name}", f"Invalid type for '{where}.{name}': expected a string.")
+        if content is not None and content.__class__ is not str:
+            _check_content(f"messages[{i}]", content)
+        if "tool_calls" in message or "name" in message or "tool_call_id" in message:
+            _check_tool_fields(f"messages[{i}]", message)
+
+
+def _check_content(where: str, content: Any) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content", f"Invalid type for '{where}.content': expected a string or an "
+                      f"array of content parts, but got {_kind(content)}.")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid(f"{where}.content[{j}]", f"Invalid content part '{where}.content[{j}]': expected "
+                          "an object with a string 'type'.")
+
+
+def _check_tool_fields(where: str, message: dict[str, Any]) -> None:
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise invalid(f"{where}.tool_calls", f"Invalid type for '{where}.tool_calls': expected an array, "
+                          f"but got {_kind(calls)}.")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise invalid(f"{where}.tool_calls[{j}]", f"Invalid tool call '{where}.tool_calls[{j}]': "
+                              "expected an object with a 'function' object carrying a string 'name'.")
+            arguments = function.get("arguments")
+            if arguments is not None and not isinstance(arguments, str):
+                raise invalid(f"{where}.tool_calls[{j}].function.arguments", "Invalid type for "
+                              f"'{where}.tool_calls[{j}].function.arguments': expected a string of JSON.")
+    for name in ("name", "tool_call_id"):
+        if message.get(name) is not None and not isinstance(message[name], str):
+            raise invalid(f"{where}.{name}", f"Invalid type for '{where}.{name}': expected a string.")
 
 
 # OpenAI's chat roles. A role outside them reached upstreams that refuse it in their own way (llama-cpp-python
@@ -182,8 +195,6 @@ def _refuse_role(where: str, role: Any) -> None:
 
 
 def _check_tools(tools: Any) -> None:
-    if tools is None:
-        return
     if not isinstance(tools, list):
         raise invalid("tools", f"Invalid type for 'tools': expected an array, but got {_kind(tools)}.")
     for i, tool in enumerate(tools):

@@ -152,7 +152,13 @@ class BigInt(int):
 
 def lost_integers(payload: Mapping[str, Any]) -> bool:
     """Whether orjson may have turned an integer beyond 64 bits of this request into a float."""
-    return any(_has_huge_float(value) for key, value in payload.items() if key not in _UNCHECKED)
+    for key, value in payload.items():  # a loop, not any(): most fields are strings, and skip the call
+        if value.__class__ in _MAY_HOLD_FLOATS and key not in _UNCHECKED and _has_huge_float(value):
+            return True
+    return False
+
+
+_MAY_HOLD_FLOATS = (float, dict, list)  # what orjson decodes; the other types cannot hold a float
 
 
 def _has_huge_float(value: Any) -> bool:

@@ -47,6 +47,8 @@ _UNSETTLED = GatewayError(ErrorKind.INTERNAL, "request ended before it was settl
 
 # Shared until an attempt is billed (never written to): no dict per request.
 _NONE_WASTED: dict[str, int] = {}
+# What `_failed_attempts` finds when no attempt failed (nearly every request): nothing to count or price.
+_NO_FAILED_ATTEMPTS: tuple[Usage, float | None] = (Usage(estimated=True), None)
 
 # Outcomes a record can carry besides an error's code.
 COMPLETED = "completed"
@@ -70,9 +72,9 @@ class _Stream:
 class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
-    __slots__ = ("_billed_attempts", "_closed", "_held", "_services", "_wasted", "_wasted_by_model", "admission",
-                 "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy", "price_version",
-                 "request", "status", "stream", "tags", "target", "usage", "variant")
+    __slots__ = ("_billed_attempts", "_closed", "_held", "_priced_usage", "_services", "_wasted", "_wasted_by_model",
+                 "admission", "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy",
+                 "price_version", "request", "status", "stream", "tags", "target", "usage", "variant")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
@@ -96,9 +98,10 @@ class Settlement:
         self.error: GatewayError | None = None
         self.cost_usd: float | None = None
         self.price_version: str | None = None
+        self._priced_usage: Usage | None = None  # the usage `cost_usd` was priced for: a second pricing is skipped
         # Attempts that failed after the upstream had started answering: it billed at least their prompt.
-        self._billed_attempts: list[tuple[Target, Call]] = []
-        self._wasted: tuple[Usage, float | None] | None = None
+        self._billed_attempts: tuple[tuple[Target, Call], ...] = ()
+        self._wasted: tuple[Usage, float | None] | None = _NO_FAILED_ATTEMPTS
         self._wasted_by_model: dict[str, int] = _NONE_WASTED  # the same prompts by the model that failed them
 
     # -- facts, recorded by the pipeline's steps --
@@ -132,8 +135,9 @@ class Settlement:
     def attempt_billed(self, target: Target, call: Call) -> None:
         """An attempt failed after `target` had answered (a stream that died or stalled before its first
         content, a body cut short): the upstream bills its prompt, so the request is charged for it too."""
-        self._billed_attempts.append((target, call))
+        self._billed_attempts += ((target, call),)
         self._wasted = None
+        self._priced_usage = None  # a price figured before this attempt failed no longer includes it
 
     def priced(self, usage: Usage) -> str | None:
         """Price `usage` now (for a header); the same figure, failed attempts included, is billed at close."""
@@ -152,16 +156,18 @@ class Settlement:
         return with_cost(data, self.cost_usd, self.price_version, estimated=usage.estimated)
 
     def _price(self, usage: Usage) -> None:
-        if self.policy is None:
+        if self.policy is None or usage is self._priced_usage:  # priced already (for a header), nothing since
             return
         cost, self.price_version = charge(self.policy.prices, self.target, usage)
-        _, wasted_cost = self._failed_attempts()
-        if wasted_cost is not None:
-            cost = (cost or 0.0) + wasted_cost
+        if self._billed_attempts:
+            _, wasted_cost = self._failed_attempts()
+            if wasted_cost is not None:
+                cost = (cost or 0.0) + wasted_cost
         overhead = self.cache.overhead if self.cache is not None else None
         if overhead is not None and overhead.cost_usd is not None:
             cost = (cost or 0.0) + overhead.cost_usd
         self.cost_usd = cost
+        self._priced_usage = usage
 
     def _settle_limits(self, limiter: Limiter, usage: Usage | None, wasted: Usage, overhead: Embedded | None) -> None:
         """Reconcile the admission: the limits count what the upstreams billed (failed attempts and the cache's
@@ -232,48 +238,48 @@ class Settlement:
             log.exception("settling request %s failed", self.exchange.request_id)
 
     def _close(self, crashed: BaseException | None) -> None:
-        services, exchange = self._services, self.exchange
+        services, exchange, stream, cache = self._services, self.exchange, self.stream, self.cache
         if self._held is not None:
             self._held.close()
         if crashed is not None and self.error is None:
             # Whatever the upstream finished, the client did not get it whole; usage is still what was produced.
             self.outcome = INTERNAL_ERROR
-            if self.stream is None:
+            if stream is None:
                 self.status = 500
-        if self.error is not None and self.stream is None:
+        if self.error is not None and stream is None:
             self.status = self.error.http_status
-        if self.caller is None:
+        caller = self.caller
+        if caller is None:
             exchange.trace.failed(self.error or _UNSETTLED, settled=False)
             return
         outcome = self.outcome or CLIENT_DISCONNECTED
-        if outcome == CLIENT_DISCONNECTED and self.stream is None and self.target is None and self.error is None:
+        request, target, policy, team = self.request, self.target, self.policy, caller.team.name
+        if outcome == CLIENT_DISCONNECTED and stream is None and target is None and self.error is None:
             self.status = CLIENT_CLOSED_STATUS  # gone before any upstream answered: nothing was produced
         usage = self.usage
-        if usage is None and self.stream is not None and self.target is not None:
+        if usage is None and stream is not None and target is not None:
             usage = services.counter.estimate_usage(
-                self.stream.call.endpoint, self.stream.call.body, [c.data for c in self.stream.seen],
-                self.target.upstream_model, self.target.provider.adapter.capabilities.tokenizer)
-        wasted, wasted_cost = self._failed_attempts()
-        overhead = self.cache.overhead if self.cache is not None else None
+                stream.call.endpoint, stream.call.body, [c.data for c in stream.seen],
+                target.upstream_model, target.provider.adapter.capabilities.tokenizer)
+        wasted, wasted_cost = self._failed_attempts() if self._billed_attempts else _NO_FAILED_ATTEMPTS
+        overhead = cache.overhead if cache is not None else None
         if self.cost_usd is None and (usage is not None or wasted_cost is not None or overhead is not None):
             self._price(usage or Usage())
-        cost_usd, price_version = self.cost_usd, self.price_version
         if services.limiter is not None and self.admission is not None:
             self._settle_limits(services.limiter, usage, wasted, overhead)
-        if self.cache is not None:
-            self.cache.settled(outcome == COMPLETED)
+        if cache is not None:
+            cache.settled(outcome == COMPLETED)
         now = services.clock()
-        request, target = self.request, self.target
         ttft = None
-        if self.stream is not None and self.stream.first_token_at is not None:
-            ttft = (self.stream.first_token_at - exchange.started) * 1000
+        if stream is not None and stream.first_token_at is not None:
+            ttft = (stream.first_token_at - exchange.started) * 1000
         record = UsageRecord(
             request_id=exchange.request_id,
             gateway_id=exchange.gateway_id,
-            team=self.caller.team.name,
-            key_id=self.caller.key_id,
+            team=team,
+            key_id=caller.key_id,
             endpoint=request.endpoint.value if request else "unknown",
-            public_model=_bounded_model_name(request.model, self.policy) if request else "",
+            public_model=_bounded_model_name(request.model, policy) if request else "",
             provider=target.provider.name if target else None,
             upstream_model=target.upstream_model if target else None,
             stream=request.stream if request else False,
@@ -283,19 +289,22 @@ class Settlement:
             overhead_ms=exchange.overhead_ms(now),
             time_to_first_token_ms=ttft,
             outcome=outcome,
-            cost_usd=cost_usd,
-            price_version=price_version,
+            cost_usd=self.cost_usd,
+            price_version=self.price_version,
             trace_id=exchange.trace.trace_id,
             failed_attempt_tokens=wasted.prompt_tokens,
             failed_attempt_cost_usd=wasted_cost,
             tags=self.tags,
             variant=self.variant,
-            organization=organization_of(self.policy.rules if self.policy else None, self.caller.team.name),
+            organization=organization_of(policy.rules, team) if policy is not None and policy.steps.organizations
+            else None,
             end_user=self.end_user,
-            **(self.cache.usage_fields() if self.cache is not None else {}),
         )
-        if self.stream is not None:
-            exchange.trace.streamed(self.stream.seen)
+        if cache is not None:
+            for name, value in cache.usage_fields().items():
+                setattr(record, name, value)
+        if stream is not None:
+            exchange.trace.streamed(stream.seen)
         if self.error is not None:
             exchange.trace.failed(self.error, settled=True)
         services.recorder.settle(record)
@@ -308,7 +317,7 @@ _UNKNOWN_MODEL_CHARS = 64
 
 
 def _bounded_model_name(name: str, policy: Policy | None) -> str:
-    if (policy is not None and name in policy.models) or len(name) <= _UNKNOWN_MODEL_CHARS:
+    if len(name) <= _UNKNOWN_MODEL_CHARS or (policy is not None and name in policy.models):
         return name
     return name[:_UNKNOWN_MODEL_CHARS] + "…"
 

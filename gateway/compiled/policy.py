@@ -146,6 +146,22 @@ class KeyEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class OptionalSteps:
+    """Which optional steps of the request path a policy has any use for, decided once when it is built.
+
+    A step no team, key or rule of the policy turns on is skipped outright on every request (no call, no
+    lookup that is bound to find nothing): a request pays only for the features its policy uses.
+    """
+
+    admission: bool  # rate limits or budgets anywhere (gateway/accounting/limits.py)
+    tags: bool  # cost attribution tags (gateway/accounting/tags.py)
+    end_users: bool  # a team that names its end users (gateway/accounting/hierarchy.py)
+    organizations: bool  # a team in an organisation: the usage record names it
+    concurrency_slots: bool  # a key or team with `max_concurrent` (gateway/http/gate.py)
+    response_cache: bool  # a (team, model) pair whose responses are cached (gateway/cache/)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The runtime policy: everything a request needs, resolved and immutable."""
 
@@ -182,6 +198,21 @@ class Policy:
     tags: TagPlan = EMPTY_TAG_PLAN
     # Canary and shadow traffic of the models that have them (gateway/routing/experiments.py).
     experiments: Mapping[str, ModelExperiments] = field(default_factory=dict)
+    # Derived from the fields above (so `dataclasses.replace` keeps it true).
+    steps: OptionalSteps = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rules = self.rules
+        hierarchy = rules.hierarchy if rules is not None else None
+        object.__setattr__(self, "steps", OptionalSteps(
+            admission=rules is not None and rules.any,
+            tags=self.tags.header is not None,
+            end_users=hierarchy is not None and bool(hierarchy.end_users),
+            organizations=hierarchy is not None and bool(hierarchy.organizations),
+            concurrency_slots=any(team.max_concurrent is not None for team in self.teams.values())
+            or any(key.max_concurrent is not None for key in self.keys.values()),
+            response_cache=bool(self.cache.rules),
+        ))
 
 
 def load_policy(path: str | Path, environ: Mapping[str, str] | None = None) -> Policy:

@@ -63,7 +63,7 @@ class MessagesRoute:
                 return _anthropic_error(reply.status, reply.body, dict(reply.headers))
             return Reply(reply.status, orjson.dumps(message(orjson.loads(reply.body))), reply.headers)
 
-        await respond(scope, receive, send, serve, refused=lambda reply: _anthropic_error(
+        await respond(scope, receive, send, services, serve, refused=lambda reply: _anthropic_error(
             reply.status, reply.body, dict(reply.headers)))
 
 

@@ -87,7 +87,7 @@ class ResponsesRoute:
                 return reply
             return await _finished(reply, request, turn, store, native)
 
-        await respond(scope, receive, send, serve)
+        await respond(scope, receive, send, services, serve)
 
 
 def _may_use(policy: Policy, caller: KeyEntry, model: Any) -> bool:

@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 from gateway.auth import authenticate_admin
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Reply
-from gateway.http.asgi import request_headers, send_reply
+from gateway.http.asgi import ON_ADMIN_LISTENER, request_headers, send_reply
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Policy
 
-# Set on the scope of every request that arrived on the admin listener.
-ON_ADMIN_LISTENER = "switchboard.admin_listener"
 _PROBES = ("/healthz", "/readyz")
 
 

@@ -31,6 +31,9 @@ OWN_ID = "switchboard.own_id"
 # The gate's (policy, caller), authenticated from the headers (gateway/http/gate.py): the request starts from them.
 AUTHENTICATED = "switchboard.authenticated"
 
+# Set on the scope of every request that arrived on the admin listener (gateway/http/admin_surface.py).
+ON_ADMIN_LISTENER = "switchboard.admin_listener"
+
 # A scope key a server sets (to None) when it can report a lost connection to the request it serves: the app
 # puts a callable there, and the server calls it if the client goes away before the response is complete
 # (gateway/http/connections.py). Without it, `respond` watches `receive()` with a task of its own.
@@ -86,7 +89,9 @@ class GatewayApp:
         if route is not None:
             scope["app"] = self.app  # where routes find the app's services, as under Starlette
         try:
-            refusal = self._surfaces.refusal(scope) if self._surfaces is not None else None
+            # An inference route on the tenant listener is no operator surface: none of their rules applies.
+            tenant_inference = route is not None and ON_ADMIN_LISTENER not in scope
+            refusal = self._surfaces.refusal(scope) if self._surfaces is not None and not tenant_inference else None
             if refusal is not None:
                 await self._surfaces.refuse(send_with_id, refusal)
             elif route is not None and self._gate is not None:
@@ -156,7 +161,7 @@ def _as_sent(reply: Reply) -> Reply:
     return reply
 
 
-async def respond(scope: Scope, receive: Any, send: Any,
+async def respond(scope: Scope, receive: Any, send: Any, services: Services,
                   serve: Callable[[Exchange, bytes], Awaitable[Reply | StreamReply]],
                   refused: Callable[[Reply], Reply] = _as_sent) -> None:
     """Serve one inference request and send its reply; the one owner of the request's settlement.
@@ -170,14 +175,17 @@ async def respond(scope: Scope, receive: Any, send: Any,
     the settlement closes exactly once, here: before the last byte of a
     whole reply goes out, after the last event of a stream.
     """
-    services: Services = scope["app"].state.services
+    authenticated = scope.get(AUTHENTICATED)
     exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
-                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=scope.get(AUTHENTICATED))
+                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=authenticated)
     settlement = exchange.settlement = Settlement(services, exchange)
+    # The gate's policy snapshot when it authenticated the request: the one the whole request uses.
+    policy = authenticated[0] if authenticated is not None else services.policy()
     try:
-        body = await read_body(scope, receive, services.policy().server.max_body_bytes)
+        body = await read_body(scope, receive, policy.server.max_body_bytes)
     except GatewayError as error:
         settlement.close()
+        del exchange.settlement  # as below, once settled
         await send_reply(send, refused(Reply(*render(error))))
         return
     task = asyncio.current_task()
@@ -211,6 +219,10 @@ async def respond(scope: Scope, receive: Any, send: Any,
         if events is not None:
             await events.aclose()  # type: ignore[attr-defined]
         settlement.close()
+        # The exchange and its settlement refer to each other. Unlinked once the request is settled, the request's
+        # objects are freed as it ends, not left for the garbage collector's next pass (one every few hundred
+        # requests, which then walks them all).
+        del exchange.settlement
 
 
 class _DisconnectWatch:

@@ -121,18 +121,21 @@ class Gate:
                 error, settled=False)
             await self._refuse(scope, send, error)
             return
-        try:
-            slots = self.slots.take(caller)
-        except GatewayError as error:
-            await self._refuse(scope, send, error)
-            return
+        slots: tuple[tuple[str, str], ...] = ()
+        if policy.steps.concurrency_slots:  # else no key or team of the policy has a slot to take
+            try:
+                slots = self.slots.take(caller)
+            except GatewayError as error:
+                await self._refuse(scope, send, error)
+                return
         scope[AUTHENTICATED] = (policy, caller)  # the pipeline starts from this policy snapshot and caller
         long_body = _may_hold_long_prompts(headers)
         receive_body = self._counting_long_prompts(receive, caller) if long_body else receive
         try:
             await route(scope, receive_body, send)
         finally:
-            self.slots.give_back(slots)
+            if slots:
+                self.slots.give_back(slots)
 
     def _counting_long_prompts(self, receive: Any, caller: KeyEntry) -> Callable[[], Awaitable[dict[str, Any]]]:
         """`receive`, which counts a long body's long strings in a thread before handing over its last chunk."""

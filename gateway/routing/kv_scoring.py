@@ -58,6 +58,7 @@ class KVAwareStrategy:
     """Filter replicas past their queue / KV limits, score the rest, best total first."""
 
     name = "kv-aware"
+    watches_attempts = True
 
     def __init__(self, model: str, config: KVAwarePolicy) -> None:
         self.model = model

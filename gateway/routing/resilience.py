@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting.fallback_limits import admit_fallback
 from gateway.errors import ErrorKind, GatewayError, from_upstream
 from gateway.policy.model_schema import ModelPolicy
+from gateway.routing.deadlines import Expiry
 from gateway.routing.plan import pinned_targets
 from gateway.routing.strategies import RouteRequest, RouteState, record_failure
 from gateway.routing.streams import PrimedStream, TargetOutcome, prime_stream
@@ -187,7 +188,8 @@ class _Run:
             if self.exchange.trace.recording:
                 self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
                                                                               now, number + 1, previous))
-            model.plan.strategy.on_attempt(target, self.states, request)
+            if model.plan.strategy.watches_attempts:
+                model.plan.strategy.on_attempt(target, self.states, request)
             sent = call if call.upstream_model == target.upstream_model else dataclasses.replace(
                 call, upstream_model=target.upstream_model)
             try:
@@ -203,7 +205,8 @@ class _Run:
                     break
                 continue
             self.exchange.response_headers[MODEL_HEADER] = model.name
-            self._confirm_suspects(target, config)
+            if self.suspects:
+                self._confirm_suspects(target, config)
             return Routed(response, target, sent, model)
         assert error is not None
         raise _ModelFailed("default", error)
@@ -267,7 +270,7 @@ class _Run:
                 response = await self.attempt(self.services, target, call, self.exchange)
                 response = await self._read(response, target, call, config)
             else:
-                with _Expiry(max(timeout, 0.0)):
+                with Expiry(states.deadlines, max(timeout, 0.0)):
                     response = await self.attempt(self.services, target, call, self.exchange)
                     response = await self._read(response, target, call, config)
         except BaseException as exc:
@@ -295,7 +298,7 @@ class _Run:
             outcome = failure.status if failure.kind is not FailureKind.TIMEOUT else "timeout"
             self.trail.append(f"{model.name}@{target.provider.name}:{outcome}")
             raise _AttemptFailed(failure, error) from exc
-        states.observe_latency(target, clock() - started, config.routing.latency_alpha)
+        state.observe_latency(clock() - started, config.routing.latency_alpha)
         state.breaker.on_success(states.clock(), config.circuit_breaker)
         if not call.stream:
             state.in_flight -= 1  # a stream stays in flight until the relay closes it
@@ -314,39 +317,6 @@ class _Run:
             return _ReadResponse(response.status, response.headers, await response.read())
         finally:
             self.exchange.upstream_wait_s += clock() - read_from
-
-
-class _Expiry:
-    """`asyncio.timeout` for one attempt as a plain context manager: one timer handle, no coroutines of its own.
-
-    Every attempt runs under the request's deadline (`deadline_s`, 300 s by default), so this is on the hot
-    path; asyncio's version makes an object and two coroutines per use besides the handle. Same semantics:
-    on expiry the task is cancelled, and that cancellation (only that one: a client's disconnect cancelling
-    the task too is left to propagate) comes out as `TimeoutError`.
-    """
-
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
-
-    def __init__(self, seconds: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = task.get_loop()
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._expired = False
-        self._handle = loop.call_at(loop.time() + seconds, self._expire)
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> _Expiry:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._handle.cancel()
-        if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
-            raise TimeoutError from exc
 
 
 # No retry is started with less time than this left before the deadline: it could not get an answer, and the

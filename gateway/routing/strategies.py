@@ -22,6 +22,7 @@ import orjson
 
 from gateway.errors import redact
 from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.deadlines import AttemptDeadlines
 
 if TYPE_CHECKING:
     from gateway.compiled.policy import Target
@@ -66,13 +67,18 @@ class TargetState:
             return max(float(self.in_flight), self.scraped_load)
         return float(self.in_flight)
 
+    def observe_latency(self, seconds: float, alpha: float) -> None:
+        """A successful attempt took `seconds`: folded into the latency EWMA with weight `alpha`."""
+        self.ewma_s = seconds if self.ewma_s is None else alpha * seconds + (1 - alpha) * self.ewma_s
+
     def fresh(self, now: float) -> bool:
         """Whether the scraped numbers are recent enough to trust."""
         return self.scraped_at > 0 and now - self.scraped_at <= _SCRAPE_FRESHNESS * self.scrape_interval_s
 
 
 class RouteState:
-    """Runtime state of every target and affinity table; one per app, surviving policy reloads."""
+    """Runtime state of every target and affinity table, and the attempts' deadlines; one per app, surviving
+    policy reloads."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         self.clock = clock
@@ -81,6 +87,8 @@ class RouteState:
         self._affinity: dict[str, AffinityTable] = {}
         # Per-model tables of other strategies (gateway/routing/kv_scoring.py), kept across reloads like the above.
         self.tables: dict[tuple[str, str], Any] = {}
+        # The deadlines of the attempts in flight, under one event-loop timer (gateway/routing/deadlines.py).
+        self.deadlines = AttemptDeadlines()
 
     def state(self, target: Target) -> TargetState:
         key = target.key
@@ -104,8 +112,7 @@ class RouteState:
         return state.healthy and state.breaker.allows(now)
 
     def observe_latency(self, target: Target, seconds: float, alpha: float) -> None:
-        state = self.state(target)
-        state.ewma_s = seconds if state.ewma_s is None else alpha * seconds + (1 - alpha) * state.ewma_s
+        self.state(target).observe_latency(seconds, alpha)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every known target's state, for GET /admin/targets."""
@@ -233,6 +240,8 @@ class Strategy(Protocol):
     """Ranks the targets that may be tried now; the first one gets the request."""
 
     name: str
+    # Whether `on_attempt` does anything: the route step calls it only then (gateway/routing/resilience.py).
+    watches_attempts: bool
 
     def rank(self, targets: Sequence[Target], states: RouteState, request: RouteRequest) -> list[Target]: ...
 
@@ -241,6 +250,7 @@ class Strategy(Protocol):
 
 class _Base:
     name = ""
+    watches_attempts = False
 
     def on_attempt(self, target: Target, states: RouteState, request: RouteRequest) -> None:
         pass
@@ -319,6 +329,7 @@ class PrefixAffinityStrategy(_Base):
     """Send a conversation where its KV prefix lives, unless that replica is much busier than the rest."""
 
     name = "prefix-affinity"
+    watches_attempts = True
 
     def __init__(self, model: str, spill_margin: int, table_size: int, block_chars: int, min_blocks: int) -> None:
         self.model = model
