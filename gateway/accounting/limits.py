@@ -149,7 +149,7 @@ class Limiter:
             return None
         team = caller.team.name
         now = self._clock()
-        user_budget = await self._end_user_budget(rules, team, end_user, now)
+        user_budget = await self._end_user_budget(rules, team, end_user, now) if end_user is not None else None
         plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget)
         if plan is None:
             return None
@@ -167,7 +167,7 @@ class Limiter:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
             frame = build_frame(plan, now, relaxed) if relaxed else plan.frame(now)
             checks, meters = frame.checks_for(prompt + completion, usd), frame.meters
-            verdict = await self._reserve(checks)
+            verdict = await self._reserve(checks, frame.tag_groups)
             headers.update(rate_headers(frame, checks, verdict, now))
             headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
             if verdict.admitted:
@@ -284,9 +284,10 @@ class Limiter:
                                "the state store is unreachable and the policy says to fail closed. Retry "
                                "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
 
-    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+    async def _reserve(self, checks: tuple[Check, ...],
+                       tag_groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
         try:
-            return await across_tags.reserve(self.store, checks)
+            return await across_tags.reserve(self.store, checks, tag_groups)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
                                "the state store is unreachable and the policy says to fail closed. Retry "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from gateway.accounting.budgets import exceeded
 from gateway.errors import ErrorKind, GatewayError
-from gateway.state import UNLIMITED, Check, Verdict
+from gateway.state import UNLIMITED, Check, Verdict, across_tags
 from gateway.telemetry.decisions import limit_label
 from gateway.timestamps import go_duration, iso_time
 
@@ -112,6 +112,8 @@ class Frame:
     request_rates: tuple[int, ...]
     token_rates: tuple[int, ...]
     budgets: tuple[int, ...]
+    # The checks' indexes per hash tag (`across_tags.tag_groups`): a team's, and its organisation's if it has one.
+    tag_groups: tuple[tuple[int, ...], ...]
 
     def checks_for(self, tokens: int, usd: int) -> tuple[Check, ...]:
         """This request's checks: the frame's, with its token and USD amounts."""
@@ -155,7 +157,8 @@ def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> F
                  usd_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "usd"),
                  request_rates=tuple(i for i in rates if meters[i].unit == "requests"),
                  token_rates=tuple(i for i in rates if meters[i].unit == "tokens"),
-                 budgets=tuple(i for i, meter in enumerate(meters) if meter.budget is not None and not meter.shadow))
+                 budgets=tuple(i for i, meter in enumerate(meters) if meter.budget is not None and not meter.shadow),
+                 tag_groups=across_tags.tag_groups(checks))
 
 
 def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
