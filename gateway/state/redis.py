@@ -271,7 +271,7 @@ class RedisStore:
                     raise StoreUnavailable("the rate-limit state store (Redis) is unreachable") from exc
                 return verdict
             denied = int(result[-1])
-            used = tuple(int(value) for value in result[:-1])
+            used = tuple(map(int, result[:-1]))
             self._remember(checks, used, denied == 0)
             if denied == 0 and not self._healthy:
                 # Redis reserved it, but another call's failure took the store down while this reply was on

@@ -82,8 +82,15 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
             return None, position
         items = []
         for _ in range(count):
-            item, position = _parse(buffer, position)
-            items.append(item)
+            if buffer[position:position + 1] == b":":  # an integer, as admission's replies hold: read in place
+                end = buffer.find(b"\r\n", position)
+                if end < 0:
+                    raise _Incomplete
+                items.append(int(buffer[position + 1:end]))
+                position = end + 2
+            else:
+                item, position = _parse(buffer, position)
+                items.append(item)
         return items, position
     if kind == 43:  # '+' simple string
         return line.decode(), position
