@@ -18,7 +18,8 @@ def go_duration(seconds: float) -> str:
     millis = math.ceil(seconds * 1000)
     hours, rest = divmod(millis, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    whole, fraction = divmod(rest, 1000)  # whole milliseconds: integers print exactly, and faster than floats
+    secs = f"{whole}.{fraction:03d}".rstrip("0") if fraction else str(whole)
     if hours:
         return f"{hours}h{minutes}m{secs}s"
     if minutes:

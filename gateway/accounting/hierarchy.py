@@ -39,7 +39,7 @@ from gateway.state import Check, Delta, StateStore, Verdict
 from gateway.timestamps import go_duration
 
 if TYPE_CHECKING:
-    from gateway.accounting.plans import Meter
+    from gateway.accounting.plans import Frame
     from gateway.policy.schema import PolicyDocument
 
 OTHER = "other"  # the shared bucket of end users beyond `max_tracked`; reserved, never a user's id
@@ -293,7 +293,7 @@ def with_end_user(plan: Plan | None, budget: Budget | None) -> Plan | None:
 # --- reporting ----------------------------------------------------------------------------------
 
 
-def budget_headers(meters: Sequence[Meter], checks: Sequence[Check], verdict: Verdict, now: float,
+def budget_headers(frame: Frame, checks: Sequence[Check], verdict: Verdict, now: float,
                    end_user: str | None = None) -> dict[str, str]:
     """`x-switchboard-budget-<level>-{limit,remaining}-{tokens,usd}` and `-reset` for every enforced budget.
 
@@ -301,10 +301,10 @@ def budget_headers(meters: Sequence[Meter], checks: Sequence[Check], verdict: Ve
     as a duration, like `x-ratelimit-reset-*`. Shadow budgets are left out: they must not slow clients down.
     """
     headers: dict[str, str] = {}
-    for index, meter in enumerate(meters):
+    for index in frame.budgets:
+        meter = frame.meters[index]
         budget = meter.budget
-        if budget is None or budget.shadow:
-            continue
+        assert budget is not None
         taken = checks[index].amount if verdict.admitted else 0
         remaining = max(0, meter.limit - verdict.used[index] - taken)
         limit_name, remaining_name, reset_name = _HEADER_NAMES[(budget.scope, meter.unit)]

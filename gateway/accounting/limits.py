@@ -37,7 +37,7 @@ from gateway.accounting.budgets import (
     log_threshold,
     policy_cost,
 )
-from gateway.accounting.plans import Meter, Plan, checks_for, rate_headers, refusal
+from gateway.accounting.plans import Meter, Plan, build_frame, rate_headers, refusal
 from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
@@ -149,7 +149,7 @@ class Limiter:
             return None
         team = caller.team.name
         now = self._clock()
-        user_budget = await self._end_user_budget(rules, team, end_user, now)
+        user_budget = await self._end_user_budget(rules, team, end_user, now) if end_user is not None else None
         plan = hierarchy.with_end_user(rules.plan(team, caller.key_id, model.name), user_budget)
         if plan is None:
             return None
@@ -165,10 +165,11 @@ class Limiter:
         downgraded_from = None
         while True:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
-            checks, meters = checks_for(plan, now, prompt + completion, usd, relaxed)
-            verdict = await self._reserve(checks)
-            headers.update(rate_headers(meters, checks, verdict, now))
-            headers.update(hierarchy.budget_headers(meters, checks, verdict, now, end_user))
+            frame = build_frame(plan, now, relaxed) if relaxed else plan.frame(now)
+            checks, meters = frame.checks_for(prompt + completion, usd), frame.meters
+            verdict = await self._reserve(checks, frame.tag_groups)
+            headers.update(rate_headers(frame, checks, verdict, now))
+            headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
             if verdict.admitted:
                 unreserved = ()
                 if plan.shadowed:
@@ -223,7 +224,11 @@ class Limiter:
         rates = rules.model_rates.get((team, fallback.name), ()) if rules is not None else ()
         now = self._clock()
         tokens = admission.reserved_tokens
-        checks, meters = checks_for(Plan(rates, (), True, False), now, tokens, 0, set()) if rates else ((), ())
+        checks: tuple[Check, ...] = ()
+        meters: tuple[Meter, ...] = ()
+        if rates:
+            frame = Plan(rates, (), True, False).frame(now)
+            checks, meters = frame.checks_for(tokens, 0), frame.meters
         extra, topped = 0, []
         if any(meter.unit == "usd" for meter in admission.meters):
             prompt = admission.prompt_tokens
@@ -279,9 +284,10 @@ class Limiter:
                                "the state store is unreachable and the policy says to fail closed. Retry "
                                "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
 
-    async def _reserve(self, checks: tuple[Check, ...]) -> Verdict:
+    async def _reserve(self, checks: tuple[Check, ...],
+                       tag_groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
         try:
-            return await across_tags.reserve(self.store, checks)
+            return await across_tags.reserve(self.store, checks, tag_groups)
         except StoreUnavailable as exc:
             raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
                                "the state store is unreachable and the policy says to fail closed. Retry "

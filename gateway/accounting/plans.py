@@ -1,15 +1,22 @@
 """What admission checks for one key and model (its rate rules and its budgets, every level's), as store checks,
-and what a check tells the client: the refusal, the `x-ratelimit-*` headers."""
+and what a check tells the client: the refusal, the `x-ratelimit-*` headers.
+
+Within one set of windows (this minute, this day) everything about a plan's
+checks is fixed but their amounts: the counter keys, limits, expiries, the
+meters and their trace labels. A plan builds that once per set of windows (a
+`Frame`) and every request in it only fills in its own amounts.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.accounting.budgets import exceeded
 from gateway.errors import ErrorKind, GatewayError
-from gateway.state import UNLIMITED, Check, Verdict
+from gateway.state import UNLIMITED, Check, Verdict, across_tags
+from gateway.telemetry.decisions import limit_label
 from gateway.timestamps import go_duration, iso_time
 
 if TYPE_CHECKING:
@@ -45,15 +52,27 @@ class RateRule:
         return f"model {self.owner} for team {self.team}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Plan:
-    """Everything that applies to one (key, model): what admission checks."""
+    """Everything that applies to one (key, model): what admission checks.
+
+    Built at policy load (and per request for an end user's budget); its rules never change. `frame` caches its
+    checks for the current windows.
+    """
 
     rates: tuple[RateRule, ...]
     budgets: tuple[Budget, ...]
     needs_tokens: bool
     needs_usd: bool
     shadowed: bool = False  # some rule is in shadow mode: admission looks for what it would refuse
+    _frame: Frame | None = field(default=None, repr=False)
+
+    def frame(self, now: float) -> Frame:
+        """The plan's checks and meters for the windows `now` falls in, built when the first of them turns."""
+        frame = self._frame
+        if frame is None or not frame.start <= now < frame.end:
+            frame = self._frame = build_frame(self, now, frozenset())
+        return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +85,7 @@ class Meter:
     rule: RateRule | None = None
     budget: Budget | None = None
     window: Window | None = None
+    label: str = ""  # how trace events name it (`limit_label`), made with the meter once per window
 
     @property
     def shadow(self) -> bool:
@@ -73,27 +93,72 @@ class Meter:
         return owner is not None and owner.shadow
 
 
-def checks_for(plan: Plan, now: float, tokens: int, usd: int,
-            relaxed: set[int]) -> tuple[tuple[Check, ...], tuple[Meter, ...]]:
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A plan's checks in one set of windows (valid for `start <= now < end`): all but the amounts.
+
+    `checks` holds each check with the amount of a request-count check (1) and, for token and USD checks, 0:
+    `checks_for` fills those in per request and reuses the others as they are.
+    """
+
+    start: float
+    end: float
+    checks: tuple[Check, ...]
+    meters: tuple[Meter, ...]
+    # Indexes of the checks per amount, and of what the headers show: the enforced (not shadow) rate limits per
+    # unit and budgets.
+    token_checks: tuple[int, ...]
+    usd_checks: tuple[int, ...]
+    request_rates: tuple[int, ...]
+    token_rates: tuple[int, ...]
+    budgets: tuple[int, ...]
+    # The checks' indexes per hash tag (`across_tags.tag_groups`): a team's, and its organisation's if it has one.
+    tag_groups: tuple[tuple[int, ...], ...]
+
+    def checks_for(self, tokens: int, usd: int) -> tuple[Check, ...]:
+        """This request's checks: the frame's, with its token and USD amounts."""
+        checks = list(self.checks)
+        for index in self.token_checks:
+            check = checks[index]
+            checks[index] = Check(check.slices, check.limit, tokens, check.expires_at)
+        for index in self.usd_checks:
+            check = checks[index]
+            checks[index] = Check(check.slices, check.limit, usd, check.expires_at)
+        return tuple(checks)
+
+
+def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> Frame:
+    """The plan's checks and meters for the windows `now` falls in; a budget in `relaxed` (a downgrade's)
+    only counts."""
     checks: list[Check] = []
     meters: list[Meter] = []
+    start, end = float("-inf"), float("inf")
     for rule in plan.rates:
         index = int(now // rule.window_s)
-        end = (index + 1) * rule.window_s
+        opens, resets = index * rule.window_s, (index + 1) * rule.window_s
+        start, end = max(start, opens), min(end, resets)
         checks.append(Check((f"{rule.base}:{index}",), UNLIMITED if rule.shadow else rule.limit,
-                            1 if rule.unit == "requests" else tokens, end + rule.window_s))
-        meters.append(Meter(rule.unit, rule.limit, end, rule=rule))
+                            1 if rule.unit == "requests" else 0, resets + rule.window_s))
+        meters.append(Meter(rule.unit, rule.limit, resets, rule=rule, label=limit_label(rule, None, rule.unit)))
     for budget in plan.budgets:
         window = budget.period.window(now)
-        for unit, limit, amount, short in (("tokens", budget.tokens, tokens, "tok"),
-                                           ("usd", budget.usd_micros, usd, "usd")):
+        start, end = max(start, window.start), min(end, window.resets_at)
+        for unit, limit, short in (("tokens", budget.tokens, "tok"), ("usd", budget.usd_micros, "usd")):
             if limit is None:
                 continue
             checks.append(Check(budget.slices(short, window),
-                                UNLIMITED if budget.shadow or id(budget) in relaxed else limit, amount,
+                                UNLIMITED if budget.shadow or id(budget) in relaxed else limit, 0,
                                 window.expires_at))
-            meters.append(Meter(unit, limit, window.resets_at, budget=budget, window=window))
-    return tuple(checks), tuple(meters)
+            meters.append(Meter(unit, limit, window.resets_at, budget=budget, window=window,
+                                label=limit_label(None, budget, unit)))
+    rates = [i for i, meter in enumerate(meters) if meter.rule is not None and not meter.shadow]
+    return Frame(start, end, tuple(checks), tuple(meters),
+                 token_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "tokens"),
+                 usd_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "usd"),
+                 request_rates=tuple(i for i in rates if meters[i].unit == "requests"),
+                 token_rates=tuple(i for i in rates if meters[i].unit == "tokens"),
+                 budgets=tuple(i for i, meter in enumerate(meters) if meter.budget is not None and not meter.shadow),
+                 tag_groups=across_tags.tag_groups(checks))
 
 
 def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
@@ -113,21 +178,25 @@ def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
                         f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
 
 
-def rate_headers(meters: tuple[Meter, ...], checks: tuple[Check, ...], verdict: Verdict,
-                  now: float) -> dict[str, str]:
-    """`x-ratelimit-*` for the request and token rate limits with the least room left."""
+def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now: float) -> dict[str, str]:
+    """`x-ratelimit-*` for the request and token rate limits with the least room left (shadow limits left out:
+    they must not make clients slow down)."""
     headers: dict[str, str] = {}
-    for unit, suffix in (("requests", "requests"), ("tokens", "tokens")):
+    for indexes, names in ((frame.request_rates, _REQUEST_HEADERS), (frame.token_rates, _TOKEN_HEADERS)):
         tightest: tuple[int, int, float] | None = None
-        for index, meter in enumerate(meters):
-            if meter.rule is None or meter.unit != unit or meter.rule.shadow:
-                continue  # a shadow limit must not make clients slow down
+        for index in indexes:
+            meter = frame.meters[index]
             taken = checks[index].amount if verdict.admitted else 0
             remaining = max(0, meter.limit - verdict.used[index] - taken)
             if tightest is None or remaining < tightest[1]:
                 tightest = (meter.limit, remaining, meter.resets_at)
         if tightest is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest[0])
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest[1])
-            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest[2] - now)
+            limit_name, remaining_name, reset_name = names
+            headers[limit_name] = str(tightest[0])
+            headers[remaining_name] = str(tightest[1])
+            headers[reset_name] = go_duration(tightest[2] - now)
     return headers
+
+
+_REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+_TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")

@@ -19,7 +19,16 @@ def _tag(key: str) -> str:
     return key[:key.find("}") + 1]
 
 
-async def reserve(store: StateStore, checks: Sequence[Check]) -> Verdict:
+def tag_groups(checks: Sequence[Check]) -> tuple[tuple[int, ...], ...]:
+    """The indexes of `checks` per hash tag (in order of first appearance): what one store call may take."""
+    groups: dict[str, list[int]] = {}
+    for index, check in enumerate(checks):
+        groups.setdefault(_tag(check.slices[0]), []).append(index)
+    return tuple(tuple(group) for group in groups.values())
+
+
+async def reserve(store: StateStore, checks: Sequence[Check],
+                  groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
     """`store.admit(checks)`, all or nothing, for checks under several hash tags (a team and its organisation).
 
     A store call may only touch one tag (one Redis Cluster slot), so each
@@ -28,31 +37,30 @@ async def reserve(store: StateStore, checks: Sequence[Check]) -> Verdict:
     that settlement lands, a concurrent request can see those counters high by
     this request's amount and be refused: a refusal too many, never a
     reservation too few. A caller cancelled meanwhile gives back what was
-    reserved too.
+    reserved too. `groups` is `tag_groups(checks)` when the caller keeps it
+    (a plan's frame does: its checks' keys only change with their windows).
     """
     if getattr(store, "atomic_across_tags", False):
         return await store.admit(checks)
-    groups: dict[str, list[int]] = {}
-    for index, check in enumerate(checks):
-        groups.setdefault(_tag(check.slices[0]), []).append(index)
+    if groups is None:
+        groups = tag_groups(checks)
     if len(groups) <= 1:
         return await store.admit(checks)
-    parts = list(groups.values())
-    tasks = [asyncio.ensure_future(store.admit([checks[i] for i in part])) for part in parts]
+    tasks = [asyncio.ensure_future(store.admit([checks[i] for i in part])) for part in groups]
     try:
         await asyncio.wait(tasks)
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()  # a store admission in flight gives its own reservation back when cancelled
-        _give_back(store, checks, parts, tasks)
+        _give_back(store, checks, groups, tasks)
         raise
     failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
     if failure is not None:
-        _give_back(store, checks, parts, tasks)
+        _give_back(store, checks, groups, tasks)
         raise failure
     used = [0] * len(checks)
     denied: int | None = None
-    for part, task in zip(parts, tasks, strict=True):
+    for part, task in zip(groups, tasks, strict=True):
         verdict = task.result()
         for position, index in enumerate(part):
             used[index] = verdict.used[position]
@@ -60,7 +68,7 @@ async def reserve(store: StateStore, checks: Sequence[Check]) -> Verdict:
             index = part[verdict.denied]
             denied = index if denied is None else min(denied, index)
     if denied is not None:
-        _give_back(store, checks, parts, tasks)
+        _give_back(store, checks, groups, tasks)
     return Verdict(denied is None, tuple(used), denied)
 
 

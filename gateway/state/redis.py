@@ -271,7 +271,7 @@ class RedisStore:
                     raise StoreUnavailable("the rate-limit state store (Redis) is unreachable") from exc
                 return verdict
             denied = int(result[-1])
-            used = tuple(int(value) for value in result[:-1])
+            used = tuple(map(int, result[:-1]))
             self._remember(checks, used, denied == 0)
             if denied == 0 and not self._healthy:
                 # Redis reserved it, but another call's failure took the store down while this reply was on
@@ -298,8 +298,13 @@ class RedisStore:
             self._local.settle(deltas)
             self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
             return
+        outbox = self._outbox
         for delta in deltas:
-            self._merge(self._outbox.setdefault(_tag(delta.key), {}), [(delta.key, (delta.amount, delta.expires_at))])
+            tag = _tag(delta.key)
+            amounts = outbox.get(tag)
+            if amounts is None:
+                amounts = outbox[tag] = {}
+            _add(amounts, delta.key, delta.amount, delta.expires_at)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send_outbox)
 
@@ -326,13 +331,14 @@ class RedisStore:
         """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later."""
         timeout_s = timeout_s or self._timeout
         prefix = self._prefix
-        keys = [prefix + op.ops_key, *(prefix + key for key in op.deltas)]
+        keys = [prefix + op.ops_key]
+        keys += [prefix + key for key in op.deltas]
+        keys += [prefix + key for check in op.checks for key in check.slices]
         args: list[Any] = [op.bit, OP_MEMORY_S, len(op.checks), len(op.deltas), op.hold]
         for amount, expires in op.deltas.values():
-            args.extend((amount, expires))
+            args += (amount, expires)
         for check in op.checks:
-            keys.extend(prefix + key for key in check.slices)
-            args.extend((len(check.slices), check.limit, check.amount, check.expires_at))
+            args += (len(check.slices), check.limit, check.amount, check.expires_at)
         deadline = int((time.time() + self._skew_s + timeout_s) * 1000)
         call = self._client.call_within
         try:
@@ -392,14 +398,7 @@ class RedisStore:
     @staticmethod
     def _merge(into: _Amounts, items: Iterable[tuple[str, Sequence[int]]]) -> None:
         for key, (amount, expires) in items:
-            if not amount:
-                continue
-            entry = into.get(key)
-            if entry is None:
-                into[key] = [amount, expires]
-            else:
-                entry[0] += amount
-                entry[1] = max(entry[1], expires)
+            _add(into, key, amount, expires)
 
     def _journal_outbox(self) -> None:
         for amounts in self._outbox.values():
@@ -460,6 +459,18 @@ class RedisStore:
             op = self._uncertain[0]
             await self._run(op, self._timeout * 4)  # a failure leaves it first in line, under the same id
             self._uncertain.remove(op)
+
+
+def _add(into: _Amounts, key: str, amount: int, expires: int) -> None:
+    """Add `amount` to `key`'s pending amount, which expires with the later of the two."""
+    if not amount:
+        return
+    entry = into.get(key)
+    if entry is None:
+        into[key] = [amount, expires]
+    else:
+        entry[0] += amount
+        entry[1] = max(entry[1], expires)
 
 
 def _safe_url(url: str) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import ssl
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -80,8 +82,15 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
             return None, position
         items = []
         for _ in range(count):
-            item, position = _parse(buffer, position)
-            items.append(item)
+            if buffer[position:position + 1] == b":":  # an integer, as admission's replies hold: read in place
+                end = buffer.find(b"\r\n", position)
+                if end < 0:
+                    raise _Incomplete
+                items.append(int(buffer[position + 1:end]))
+                position = end + 2
+            else:
+                item, position = _parse(buffer, position)
+                items.append(item)
         return items, position
     if kind == 43:  # '+' simple string
         return line.decode(), position
@@ -90,9 +99,52 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
     raise ConnectionLost(f"unexpected reply type {chr(kind)!r}")
 
 
+class _Deadlines:
+    """The commands of one connection that must be answered by a deadline, watched by one timer.
+
+    A timer per command (`call_at`, cancelled by the reply) costs a push and a pop through the event loop's
+    heap, in Python comparisons, for every command. Here a command costs one push of a tuple onto a heap of
+    its own; the timer waits for the earliest deadline still pending and, when it fires, expires what is due,
+    drops what was answered, and waits for the next: about once per timeout period, however many commands.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[Any], float]] = []
+        self._order = itertools.count()  # ties on a deadline go in send order, never comparing futures
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, deadline: float, waiter: asyncio.Future[Any],
+              timeout_s: float) -> None:
+        """Fail `waiter` with a timeout after `deadline` (loop time) unless its reply comes first."""
+        heapq.heappush(self._heap, (deadline, next(self._order), waiter, timeout_s))
+        timer = self._timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire, loop, deadline)
+
+    def stop(self) -> None:
+        """The connection is gone (its waiters failed with it): nothing left to watch."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+
+    def _expire(self, loop: asyncio.AbstractEventLoop, armed_for: float) -> None:
+        # The loop may run a timer a clock tick early: what it was armed for is due all the same.
+        due = max(loop.time(), armed_for)
+        heap = self._heap
+        while heap and (heap[0][0] <= due or heap[0][2].done()):
+            _, _, waiter, timeout_s = heapq.heappop(heap)
+            if not waiter.done():
+                _expire_after_a_poll(loop, waiter, timeout_s, 2)
+        self._timer = loop.call_at(heap[0][0], self._expire, loop, heap[0][0]) if heap else None
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.deadlines = _Deadlines()
         self.buffer = bytearray()
         self.transport: Any = None
         self.closed = False
@@ -121,6 +173,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.deadlines.stop()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -178,7 +231,8 @@ class RespClient:
         the read that carries the reply, or before it (uvloop runs timers
         before polling sockets); `asyncio.timeout` would then throw the reply
         away and report a timeout for a command Redis did run. Here the timer
-        only gives up after the loop has polled its sockets once more.
+        only gives up after the loop has polled its sockets once more. One
+        timer watches all of a connection's commands (`_Deadlines`).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -190,11 +244,8 @@ class RespClient:
         protocol.waiters.append(waiter)
         assert protocol.transport is not None
         protocol.transport.write(encode(args))
-        timer = loop.call_at(deadline, _expire_after_a_poll, loop, waiter, timeout_s, 2)
-        try:
-            return await waiter  # a cancelled caller cancels it: its reply, when it comes, is skipped
-        finally:
-            timer.cancel()
+        protocol.deadlines.watch(loop, deadline, waiter, timeout_s)
+        return await waiter  # a cancelled caller cancels it: its reply, when it comes, is skipped
 
     def abort(self) -> None:
         """Reset the connection at once; waiting commands fail with `ConnectionLost`."""

@@ -188,7 +188,7 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
     for index, (meter, check) in enumerate(zip(meters, checks, strict=True)):
         scale = _MICROS if meter.unit == "usd" else 1
         taken = check.amount if verdict.admitted else 0
-        labels.append(meter_label(meter))
+        labels.append(meter.label)
         limits.append(meter.limit / scale)
         used.append(verdict.used[index] / scale)
         requested.append(check.amount / scale)
@@ -211,11 +211,15 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
 
 def meter_label(meter: Any) -> str:
     """How events name a limit or budget: `team alpha: requests per minute`, `(shadow)` when it never refuses."""
-    shadow = " (shadow)" if meter.shadow else ""
-    if meter.rule is not None:
-        return f"{meter.rule.who}: {meter.rule.label}{shadow}"
-    budget = meter.budget
-    return f"{budget.who}: {budget.period.kind} {meter.unit} budget{shadow}"
+    return limit_label(meter.rule, meter.budget, meter.unit)
+
+
+def limit_label(rule: Any, budget: Any, unit: str) -> str:
+    """`meter_label` of a meter of `rule` (a rate limit) or else of `budget` counting `unit`: made once per
+    window with the meter (gateway/accounting/plans.py), not per event."""
+    if rule is not None:
+        return f"{rule.who}: {rule.label}{' (shadow)' if rule.shadow else ''}"
+    return f"{budget.who}: {budget.period.kind} {unit} budget{' (shadow)' if budget.shadow else ''}"
 
 
 def settlement_event(reserved_tokens: int, actual_tokens: int, reserved_usd_micros: int,
