@@ -58,7 +58,9 @@ prices:
   models:
     mock:
       mock-gpt-4o-mini: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
-state: {{url: "{redis}", key_prefix: "inprocess-{pid}:"}}
+# timeout_s: under callgrind a round trip takes far longer than the default 0.25 s, and a timed-out store would
+# fall back to counting in memory (fail_open): the count would no longer be the Redis path.
+state: {{url: "{redis}", key_prefix: "inprocess-{pid}:", timeout_s: 10}}
 telemetry:
   traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
   metrics: {{enabled: true}}
