@@ -169,8 +169,8 @@ def create_app(
     front_sinks = sinks if sinks is not None else [AccessLogSink()]
     activity = RecentActivity()  # the console's overview: recent request rate, errors, overhead
     shadow_spend = ShadowSpend()  # teams' shadow spend (gateway/accounting/shadow_spend.py), counted in the state store
-    recorder = UsageRecorder([shadow_spend, *front_sinks, *(sink for sink in (metrics, ledger) if sink is not None),
-                              activity])
+    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None)],
+                             client_requests_only=[activity], shadow_calls_only=[shadow_spend])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
