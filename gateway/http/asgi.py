@@ -177,7 +177,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
     """
     authenticated = scope.get(AUTHENTICATED)
     exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
-                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=authenticated)
+                        scope.get(OWN_ID) or new_gateway_id(), authenticated)
     settlement = exchange.settlement = Settlement(services, exchange)
     # The gate's policy snapshot when it authenticated the request: the one the whole request uses.
     policy = authenticated[0] if authenticated is not None else services.policy()
