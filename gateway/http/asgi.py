@@ -85,9 +85,9 @@ class GatewayApp:
                 message["headers"] = [*message.get("headers", ()), id_header]
             return send(message)
 
+        # The hot routes hold the app's services from when it was built: unlike Starlette's routes, they need no
+        # scope["app"].
         route = self._hot.get((scope["method"], scope["path"]))
-        if route is not None:
-            scope["app"] = self.app  # where routes find the app's services, as under Starlette
         try:
             # An inference route on the tenant listener is no operator surface: none of their rules applies.
             tenant_inference = route is not None and ON_ADMIN_LISTENER not in scope
