@@ -169,8 +169,8 @@ def create_app(
     front_sinks = sinks if sinks is not None else [AccessLogSink()]
     activity = RecentActivity()  # the console's overview: recent request rate, errors, overhead
     shadow_spend = ShadowSpend()  # teams' shadow spend (gateway/accounting/shadow_spend.py), counted in the state store
-    recorder = UsageRecorder([shadow_spend, *front_sinks, *(sink for sink in (metrics, ledger) if sink is not None),
-                              activity])
+    recorder = UsageRecorder([*front_sinks, *(sink for sink in (metrics, ledger) if sink is not None)],
+                             client_requests_only=[activity], shadow_calls_only=[shadow_spend])
     if limiter is None:
         limiter = Limiter(open_store(store.current.state, policy_path=store.path, needed=bool(
             store.current.rules and store.current.rules.any)), counter, started_with=store.current)
@@ -248,9 +248,9 @@ def create_app(
             Route("/v1/chat/completions", InferenceRoute(Endpoint.CHAT, services), methods=["POST"]),
             Route("/v1/completions", InferenceRoute(Endpoint.COMPLETIONS, services), methods=["POST"]),
             Route("/v1/embeddings", InferenceRoute(Endpoint.EMBEDDINGS, services), methods=["POST"]),
-            Route("/v1/messages", MessagesRoute(), methods=["POST"]),
-            Route("/v1/messages/count_tokens", CountTokensRoute(), methods=["POST"]),
-            Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+            Route("/v1/messages", MessagesRoute(services), methods=["POST"]),
+            Route("/v1/messages/count_tokens", CountTokensRoute(services), methods=["POST"]),
+            Route("/v1/responses", ResponsesRoute(services, responses), methods=["POST"]),
             Route("/v1/responses/{response_id}/input_items", InputItemsRoute(), methods=["GET"]),
             Route("/v1/responses/{response_id}", ResponseObjectRoute(), methods=["GET", "DELETE"]),
             Route("/v1/models", ModelsRoute(), methods=["GET"]),

@@ -76,14 +76,16 @@ class Exchange:
 
     request_id: str  # the client's x-request-id when it sent a well-formed one: echoed and forwarded, never a key
     started: float
+    # The gateway's own id for the request: unguessable, the ledger's key (gateway/accounting/settlement.py).
+    gateway_id: str = field(default_factory=new_gateway_id)
+    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/http/gate.py).
+    # These two come right after `started`: `respond` passes all four by position (keywords, when calling a class,
+    # are packed into a dict and unpacked again).
+    authenticated: tuple[Policy, KeyEntry] | None = None
     upstream_wait_s: float = 0.0
     response_headers: dict[str, str] = field(default_factory=dict)
     # The request's spans (gateway/telemetry/traces.py); NO_TRACE when tracing is off.
     trace: Trace = NO_TRACE
-    # The gateway's own id for the request: unguessable, the ledger's key (gateway/accounting/settlement.py).
-    gateway_id: str = field(default_factory=new_gateway_id)
-    # The policy snapshot and caller the gate authenticated from the headers, when a gate did (gateway/http/gate.py).
-    authenticated: tuple[Policy, KeyEntry] | None = None
     settlement: Settlement = field(init=False)
 
     def overhead_ms(self, now: float) -> float:

@@ -155,12 +155,8 @@ class OpenAICompatAdapter:
         if (call.endpoint is Endpoint.EMBEDDINGS and call.body.get("encoding_format") == "base64"
                 and as_requested_base64(payload)):
             body = orjson.dumps(payload)
-        return ParsedResponse(
-            body=body,
-            usage=usage_from_openai(payload.get("usage")),
-            response_model=payload.get("model"),
-            finish_reasons=reasons,
-        )
+        # By position (body, usage, response_model, finish_reasons), as `usage_from_openai` builds its `Usage`.
+        return ParsedResponse(body, usage_from_openai(payload.get("usage")), payload.get("model"), reasons)
 
     def stream_translator(self, call: Call) -> StreamTranslator:
         if call.endpoint is Endpoint.RESPONSES:
@@ -291,12 +287,14 @@ def usage_from_openai(raw: Any) -> Usage | None:
         return None
     prompt_details = raw.get("prompt_tokens_details") or {}
     completion_details = raw.get("completion_tokens_details") or {}
+    # By position, once per response: calling a class with keywords packs them into a dict for `__init__` and
+    # unpacks them again, which costs more than the construction itself. Each line names its field.
     return Usage(
-        prompt_tokens=int(raw.get("prompt_tokens") or 0),
-        completion_tokens=int(raw.get("completion_tokens") or 0),
-        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        int(raw.get("prompt_tokens") or 0),  # prompt_tokens
+        int(raw.get("completion_tokens") or 0),  # completion_tokens
+        int(prompt_details.get("cached_tokens") or 0),  # cached_tokens
+        int(prompt_details.get("cache_write_tokens") or 0),  # cache_write_tokens
+        int(completion_details.get("reasoning_tokens") or 0),  # reasoning_tokens
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
+from gateway.policy.experiment_schema import SHADOW
 from providers.base import Usage
 
 access_log = logging.getLogger("switchboard.access")
@@ -25,7 +26,8 @@ class UsageRecord:
     """What one request used, settled once when its response (or stream) ends.
 
     Not frozen, though no sink may change it: built once per request on the hot path, and a frozen
-    dataclass of this size took 2 µs longer to construct.
+    dataclass of this size took 2 µs longer to construct. Settlement builds it with positional arguments
+    (gateway/accounting/settlement.py): a new field goes at the end, or that call changes with it.
     """
 
     request_id: str
@@ -225,10 +227,18 @@ def access_line(record: UsageRecord) -> dict[str, Any]:
 
 
 class UsageRecorder:
-    """Fans a settled record out to every sink; a failing sink never fails a request."""
+    """Fans a settled record out to every sink; a failing sink never fails a request.
 
-    def __init__(self, sinks: Sequence[UsageSink]) -> None:
-        self._sinks = tuple(sinks)
+    `sinks` hear of every record. A sink that keeps only clients' requests (`client_requests_only`) or only
+    shadow calls (`shadow_calls_only`, gateway/shadow_traffic.py) is handed only those: the choice is made once
+    per record here, not by every such sink looking at every record and returning.
+    """
+
+    def __init__(self, sinks: Sequence[UsageSink], *, client_requests_only: Sequence[UsageSink] = (),
+                 shadow_calls_only: Sequence[UsageSink] = ()) -> None:
+        self._sinks = (*shadow_calls_only, *sinks, *client_requests_only)
+        self._for_client_requests = (*sinks, *client_requests_only)
+        self._for_shadow_calls = (*shadow_calls_only, *sinks)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close every sink that has a `close`, within `timeout_s` in all (each gets what is left)."""
@@ -242,7 +252,7 @@ class UsageRecorder:
                     close()
 
     def settle(self, record: UsageRecord) -> None:
-        for sink in self._sinks:
+        for sink in self._for_shadow_calls if record.variant == SHADOW else self._for_client_requests:
             try:
                 sink.record(record)
             except Exception:

@@ -34,10 +34,17 @@ class TranslationError(Exception):
 
 
 class MessagesRoute:
-    """ASGI endpoint for POST /v1/messages."""
+    """ASGI endpoint for POST /v1/messages.
+
+    Given the app's services when the app is built, as `InferenceRoute` is: reading them from Starlette's
+    `app.state` on every request goes through a failed attribute lookup (an AttributeError made and dropped).
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        services: Services = scope["app"].state.services
+        services = self.services
         headers = request_headers(scope)
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:

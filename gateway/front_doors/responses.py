@@ -54,11 +54,19 @@ _CACHE_KEY_KINDS = frozenset({"openai"})
 
 
 class ResponsesRoute:
-    """ASGI endpoint for POST /v1/responses."""
+    """ASGI endpoint for POST /v1/responses.
+
+    Given the app's services and response store when the app is built, as `InferenceRoute` is: reading them
+    from Starlette's `app.state` on every request goes through a failed attribute lookup (an AttributeError
+    made and dropped).
+    """
+
+    def __init__(self, services: Services, store: ResponseStore) -> None:
+        self.services = services
+        self.store = store
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        services: Services = scope["app"].state.services
-        store: ResponseStore = scope["app"].state.response_store
+        services, store = self.services, self.store
         headers = request_headers(scope)
 
         async def serve(exchange: Exchange, raw: bytes) -> Reply | StreamReply:

@@ -22,10 +22,17 @@ from gateway.pipeline import decode_object, resolve_model
 
 
 class CountTokensRoute:
-    """ASGI endpoint for POST /v1/messages/count_tokens."""
+    """ASGI endpoint for POST /v1/messages/count_tokens.
+
+    Given the app's services when the app is built, as `InferenceRoute` is: reading them from Starlette's
+    `app.state` on every request goes through a failed attribute lookup (an AttributeError made and dropped).
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        services: Services = scope["app"].state.services
+        services = self.services
         policy = services.policy()
         try:
             caller = authenticate(policy, request_headers(scope))

@@ -85,9 +85,9 @@ class GatewayApp:
                 message["headers"] = [*message.get("headers", ()), id_header]
             return send(message)
 
+        # The hot routes hold the app's services from when it was built: unlike Starlette's routes, they need no
+        # scope["app"].
         route = self._hot.get((scope["method"], scope["path"]))
-        if route is not None:
-            scope["app"] = self.app  # where routes find the app's services, as under Starlette
         try:
             # An inference route on the tenant listener is no operator surface: none of their rules applies.
             tenant_inference = route is not None and ON_ADMIN_LISTENER not in scope
@@ -177,7 +177,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
     """
     authenticated = scope.get(AUTHENTICATED)
     exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
-                        gateway_id=scope.get(OWN_ID) or new_gateway_id(), authenticated=authenticated)
+                        scope.get(OWN_ID) or new_gateway_id(), authenticated)
     settlement = exchange.settlement = Settlement(services, exchange)
     # The gate's policy snapshot when it authenticated the request: the one the whole request uses.
     policy = authenticated[0] if authenticated is not None else services.policy()

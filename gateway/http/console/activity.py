@@ -25,6 +25,9 @@ class RecentActivity:
     The ring is three preallocated arrays (8 + 2 + 8 bytes a slot), so its memory is spent once at startup and
     does not grow with traffic. A deque of tuples cost ~120 bytes per request kept: filling it grew a busy
     replica's RSS by ~24 MiB over its first 200,000 requests (loadtests/README.md, "Memory soak").
+
+    Given clients' requests only (the app registers it with `UsageRecorder`'s `client_requests_only`): a shadow
+    call (gateway/shadow_traffic.py) is no traffic of the gateway's clients.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time, capacity: int = _MAX_KEPT) -> None:
@@ -36,8 +39,6 @@ class RecentActivity:
         self._written = 0
 
     def record(self, record: UsageRecord) -> None:
-        if record.variant == "shadow":  # a mirrored call (gateway/shadow_traffic.py), not a client's request
-            return
         slot = self._written % self._capacity  # the oldest slot once the ring is full
         self._times[slot] = self._clock()
         self._statuses[slot] = record.status
