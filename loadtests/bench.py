@@ -137,27 +137,38 @@ teams:
 # What a platform team runs (issue #17's "full policy"): hashed-key auth, RPM/TPM limits for the team and the
 # key, a daily token + USD budget, all on Redis; OTLP traces at 100% sampling to a collector; metrics on; the
 # SQLite ledger. Limits are set high enough never to refuse: the benchmark measures their cost, not their effect.
+# The one template: loadtests/inprocess.py --full appends the same parts to its own policy.
 FULL_POLICY_EXTRA = """\
     limits: {{rpm: 100000000, tpm: 100000000000}}
     budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}
 prices:
   version: bench-2026-12
   models:
-    upstream:
-      fake-model: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
-state: {{url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "bench-{redis_port}:"}}
+    {provider}:
+      {model}: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
+state: {{url: "{redis_url}", key_prefix: "{key_prefix}"{state_extra}}}
 telemetry:
-  traces: {{exporter: otlp_http, endpoint: "http://127.0.0.1:{collector_port}/v1/traces", sample_ratio: 1.0}}
+  traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
   metrics: {{enabled: true}}
 ledger:
   path: {ledger}
 """
 
 
-def full_policy_yaml(upstream_base: str, redis_port: int, collector_port: int, ledger: Path) -> str:
+def with_full_policy(policy: str, *, provider: str, model: str, redis_url: str, key_prefix: str, collector: str,
+                     ledger: Path, state_extra: str = "") -> str:
+    """`policy` (one team, one hashed key) with the full policy's parts: a per-key RPM limit on its key, the rest
+    appended after its team. `state_extra`: more `state` settings, e.g. `, timeout_s: 10`."""
     key_limit = '        limits: {rpm: 100000000}\n        hash: "'
-    text = policy_yaml(upstream_base).replace('        hash: "', key_limit, 1)
-    return text + FULL_POLICY_EXTRA.format(redis_port=redis_port, collector_port=collector_port, ledger=ledger)
+    text = policy.replace('        hash: "', key_limit, 1)
+    return text + FULL_POLICY_EXTRA.format(provider=provider, model=model, redis_url=redis_url, key_prefix=key_prefix,
+                                           collector=collector, ledger=ledger, state_extra=state_extra)
+
+
+def full_policy_yaml(upstream_base: str, redis_port: int, collector_port: int, ledger: Path) -> str:
+    return with_full_policy(policy_yaml(upstream_base), provider="upstream", model="fake-model",
+                            redis_url=f"redis://127.0.0.1:{redis_port}/0", key_prefix=f"bench-{redis_port}:",
+                            collector=f"http://127.0.0.1:{collector_port}", ledger=ledger)
 
 
 def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path, checkout: Path = REPO

@@ -47,27 +47,6 @@ teams:
     models: ["*"]
 """
 
-# Issue #17's full policy on top (the same parts as `bench.py`'s gateway-full): a per-key RPM limit, team RPM/TPM
-# limits and a daily token + USD budget on the Redis at `--redis`, OTLP traces at 100% to a collector at
-# `--collector`, metrics, and the SQLite ledger. Set never to refuse: what is counted is their cost.
-FULL_EXTRA = """
-    limits: {{rpm: 100000000, tpm: 100000000000}}
-    budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}
-prices:
-  version: bench-2026-12
-  models:
-    mock:
-      mock-gpt-4o-mini: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
-# timeout_s: under callgrind a round trip takes far longer than the default 0.25 s, and a timed-out store would
-# fall back to counting in memory (fail_open): the count would no longer be the Redis path.
-state: {{url: "{redis}", key_prefix: "inprocess-{pid}:", timeout_s: 10}}
-telemetry:
-  traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
-  metrics: {{enabled: true}}
-ledger:
-  path: {ledger}
-"""
-
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}'
 STREAM = (b'{"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, '
           b'"messages": [{"role": "user", "content": "Hello there, how are you?"}]}')
@@ -106,11 +85,19 @@ async def _request(app: Any, body: bytes) -> int:
 
 
 def policy_text(args: argparse.Namespace, folder: Path) -> str:
+    """The demo policy, or with --full issue #17's full policy on top (bench.py's template, the same parts as its
+    gateway-full): a per-key RPM limit, team RPM/TPM limits and a daily token + USD budget on the Redis at
+    `--redis`, OTLP traces at 100% to a collector at `--collector`, metrics, and the SQLite ledger. Set never to
+    refuse: what is counted is their cost."""
     if not args.full:
         return POLICY
-    keyed = POLICY.replace("      - id: demo\n", "      - id: demo\n        limits: {rpm: 100000000}\n")
-    return keyed + FULL_EXTRA.format(redis=args.redis, pid=os.getpid(), collector=args.collector,
-                                     ledger=folder / "ledger.sqlite")
+    from bench import with_full_policy
+
+    # timeout_s: under callgrind a round trip takes far longer than the default 0.25 s, and a timed-out store would
+    # fall back to counting in memory (fail_open): the count would no longer be the Redis path.
+    return with_full_policy(POLICY, provider="mock", model="mock-gpt-4o-mini", redis_url=args.redis,
+                            key_prefix=f"inprocess-{os.getpid()}:", collector=args.collector,
+                            ledger=folder / "ledger.sqlite", state_extra=", timeout_s: 10")
 
 
 async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
