@@ -90,6 +90,15 @@ def start_direct(upstream: Upstream, _args: argparse.Namespace, _tmp: Path) -> T
     return Target(upstream.base_url + "/chat/completions", "sk-anything", "fake-model", None)
 
 
+def wrapped(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """A system under test's command line, behind `args.wrap` when a caller sets one (serve_count.py: valgrind)."""
+    return [*getattr(args, "wrap", ()), *argv]
+
+
+def startup_timeout(args: argparse.Namespace) -> float:
+    return getattr(args, "startup_timeout_s", 60.0)
+
+
 def baseline_starter(client: str) -> Starter:
     def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target:
         port = free_port()
@@ -105,8 +114,8 @@ def baseline_starter(client: str) -> Starter:
             "--gc",
             args.baseline_gc,
         ]
-        child = Child(f"baseline-{client}-{port}", argv, tmp, SUT_CORE, REPO)
-        child.wait_http_ok(f"http://127.0.0.1:{port}/health")
+        child = Child(f"baseline-{client}-{port}", wrapped(args, argv), tmp, SUT_CORE, REPO)
+        child.wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=startup_timeout(args))
         return Target(f"http://127.0.0.1:{port}/v1/chat/completions", "sk-anything", "fake-model", child)
 
     return start
@@ -221,9 +230,9 @@ def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path, c
     if args.gateway_workers > 1:
         argv += ["--workers", str(args.gateway_workers)]
     argv += shlex.split(args.gateway_args)
-    child = Child(f"gateway-{port}", argv, tmp, SUT_CORE, checkout)  # `-m gateway` imports the checkout's own
+    child = Child(f"gateway-{port}", wrapped(args, argv), tmp, SUT_CORE, checkout)  # `-m gateway`: the checkout's own
     try:
-        child.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        child.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=startup_timeout(args))
     except RuntimeError as exc:  # a half-built gateway must not sink the baseline figures
         report.note(f"gateway skipped: {exc}")
         child.stop()
