@@ -1,0 +1,119 @@
+"""gateway/http/response_head.py writes what uvicorn's own `send` writes, byte for byte, and leaves the same state.
+
+Each case runs the same `http.response.start` message through two fresh uvicorn request cycles: one with its
+own `send`, one with `lean_send` in front of it. The bytes written, the cycle's framing state afterwards, and any
+error raised must be equal. (Serving through the real protocol is covered by every test that starts the gateway.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from gateway.http.response_head import lean_send
+
+DEFAULTS = [(b"date", b"Sat, 05 Dec 2026 04:50:00 GMT"), (b"server", b"uvicorn")]
+STATE = ("response_started", "keep_alive", "chunked_encoding", "expected_content_length", "waiting_for_100_continue")
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Flow:
+    write_paused = False
+
+
+def _cycle(method: str, keep_alive: bool, defaults: list[tuple[bytes, bytes]]) -> RequestResponseCycle:
+    scope: Any = {"type": "http", "method": method, "http_version": "1.1" if keep_alive else "1.0", "path": "/",
+                  "query_string": b"", "client": ("127.0.0.1", 1)}
+    return RequestResponseCycle(scope=scope, transport=_Transport(), flow=_Flow(), logger=logging.getLogger("t"),  # type: ignore[arg-type]
+                                access_logger=logging.getLogger("t.access"), access_log=False,
+                                default_headers=defaults, message_event=asyncio.Event(), expect_100_continue=True,
+                                keep_alive=keep_alive, on_response=lambda: None)
+
+
+def _outcome(cycle: RequestResponseCycle, send: Any, message: dict[str, Any]) -> tuple[Any, ...]:
+    async def run() -> BaseException | None:
+        try:
+            await send(message)
+        except Exception as exc:
+            return exc
+        return None
+
+    error = asyncio.run(run())
+    return (bytes(cycle.transport.written), tuple(getattr(cycle, name) for name in STATE),  # type: ignore[attr-defined]
+            type(error), str(error) if error else None)
+
+
+CASES = [
+    pytest.param("POST", True, DEFAULTS, 200, [(b"content-type", b"application/json"), (b"content-length", b"17"),
+                                             (b"x-request-id", b"0193a-req")], id="json-with-length"),
+    pytest.param("POST", True, DEFAULTS, 200,
+                 [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                 id="stream-chunked-by-default"),
+    pytest.param("HEAD", True, [], 200, [(b"content-type", b"application/json")], id="head-no-framing"),
+    pytest.param("POST", True, DEFAULTS, 204, [(b"x-a", b"1")], id="204-no-framing"),
+    pytest.param("POST", False, DEFAULTS, 200, [(b"content-length", b"2")], id="http10-connection-close-added"),
+    pytest.param("POST", True, [], 200, [(b"Connection", b"Keep-Alive, Close"), (b"Content-Length", b"5")],
+                 id="app-says-close-mixed-case"),
+    pytest.param("POST", True, [], 200, [(b"Transfer-Encoding", b"CHUNKED"), (b"X-Trace", b"a b\tc")],
+                 id="explicit-chunked"),
+    pytest.param("POST", True, [], 200, [(b"transfer-encoding", b"gzip")], id="other-coding"),
+    pytest.param("POST", True, [], 200, [(b"content-length", b"1"), (b"content-length", b"2")], id="length-twice"),
+    pytest.param("POST", True, [], 200, [(b"content-length", b"3"), (b"transfer-encoding", b"chunked")],
+                 id="length-and-chunked"),
+    pytest.param("POST", True, [], 200, [(b"content-length", b" 7")], id="length-with-space"),
+    pytest.param("POST", True, [], 200, [(b"x-content-length", b"9"), (b"x-connection", b"close")],
+                 id="lookalike-names"),
+    pytest.param("POST", True, [], 200, [(b"x-evil", b"a\r\nset-cookie: b")], id="line-break-in-value"),
+    pytest.param("POST", True, [], 200, [(b"x evil", b"a")], id="space-in-name"),
+    pytest.param("POST", True, [], 200, [("x-str", "a")], id="str-pair"),
+    pytest.param("POST", True, [], 999, [(b"x-a", b"1")], id="unknown-status"),
+    pytest.param("POST", True, DEFAULTS, 429, [(f"x-ratelimit-h{i}".encode(), str(i).encode()) for i in range(14)]
+                 + [(b"content-length", b"120")], id="many-rate-limit-headers"),
+]
+
+
+@pytest.mark.parametrize(("method", "keep_alive", "defaults", "status", "headers"), CASES)
+def test_the_lean_head_is_uvicorns_head(method: str, keep_alive: bool, defaults: list[tuple[bytes, bytes]],
+                                        status: int, headers: list[tuple[Any, Any]]) -> None:
+    message = {"type": "http.response.start", "status": status, "headers": headers}
+    plain = _cycle(method, keep_alive, defaults)
+    expected = _outcome(plain, plain.send, dict(message))
+
+    async def done() -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    lean = _cycle(method, keep_alive, defaults)
+    sent = asyncio.run(done())
+    assert _outcome(lean, lean_send(lean, lean.send, sent), dict(message)) == expected
+
+
+def test_the_lean_path_writes_the_common_heads_itself_and_hands_the_rest_to_uvicorn() -> None:
+    handed: list[dict[str, Any]] = []
+
+    async def uvicorn_send(message: dict[str, Any]) -> None:
+        handed.append(message)
+
+    cycle = _cycle("POST", True, DEFAULTS)
+    sent: Any = object()
+    send = lean_send(cycle, uvicorn_send, sent)
+    assert send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}) is sent
+    assert cycle.transport.written.startswith(b"HTTP/1.1 200 OK\r\ndate: ")  # type: ignore[attr-defined]
+    body = {"type": "http.response.body", "body": b"{}"}
+    asyncio.run(send(body))  # type: ignore[arg-type]
+    assert handed == [body]
