@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,7 +54,7 @@ from typing import Any
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
 from gateway.state.cluster import ClusterClient
 from gateway.state.memory import MemoryStore
-from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient
+from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient, bulk
 
 log = logging.getLogger("switchboard.state")
 
@@ -129,14 +130,38 @@ return result
 """
 
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+# A call's command up to its key count: EVALSHA and the script's hash, or (the script not cached) EVAL and the script.
+_EVALSHA = f"$7\r\nEVALSHA\r\n{bulk(_SHA)}"
+_EVAL = f"$4\r\nEVAL\r\n{bulk(_SCRIPT)}"
+_SHAPES_MEMORY = 4096  # distinct admissions' shapes (plans x windows) kept encoded
+_KEYS_MEMORY = 65_536  # keys kept encoded
 _FAILURES = (RedisReplyError, ConnectionLost, OSError, asyncio.TimeoutError)
 _Amounts = dict[str, list[int]]  # key -> [amount, expires_at]
 _ALREADY_APPLIED = -2
 
 
+_amount = operator.attrgetter("amount")
+
+
 def _tag(key: str) -> str:
     """The key's `{hash tag}` (its team): keys sent in one script must share it."""
     return key[:key.find("}") + 1]
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What a script call sends for a set of checks except their amounts, encoded once.
+
+    Within a plan's windows (gateway/accounting/plans.py) every admission of a key and model has the same
+    checks but for their amounts: the same keys, limits and expiries. Their ~25 of a call's ~45 arguments are
+    encoded the first time and reused; a call only encodes its amounts and the arguments of its own.
+    """
+
+    tag: str  # the first key's hash tag
+    one_tag: bool  # every check is under that tag
+    keys: str  # every check's slices, prefixed, as RESP bulk strings
+    key_count: int
+    argv: str  # per check: slice count, limit, `%s` for its amount, expires_at (no other `%`: numbers only)
 
 
 @dataclass(slots=True)
@@ -149,6 +174,7 @@ class _Op:
     deltas: _Amounts
     checks: tuple[Check, ...] = ()
     hold: int = -1  # -1 decide (live admission); 0/1 leave the reservation released/held (replay)
+    shape: _Shape | None = None  # the checks' (`RedisStore._shape`), when known
 
 
 class RedisStore:
@@ -180,6 +206,10 @@ class RedisStore:
         self._sequence: dict[str, int] = {}
         # The last value seen for each counter (key -> [value, expires_at]), to seed fail_open's local store.
         self._seen: dict[str, list[int]] = {}
+        # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
+        # keys as RESP bulk strings, prefixed. Both bounded: cleared when full.
+        self._shapes: dict[tuple[tuple[tuple[str, ...], int, int], ...], _Shape] = {}
+        self._wire: dict[str, str] = {}
         self._until_sweep = _SWEEP_EVERY
         self._healthy = True
         self._closing = False
@@ -249,9 +279,9 @@ class RedisStore:
 
     async def admit(self, checks: Sequence[Check]) -> Verdict:
         if self._healthy:
-            tag = _tag(checks[0].slices[0]) if checks else ""
-            riders = self._outbox.pop(tag, None) if all(_tag(c.slices[0]) == tag for c in checks) else None
-            op = self._new_op(tag, riders or {}, tuple(checks))
+            shape = self._shape(checks)
+            riders = self._outbox.pop(shape.tag, None) if shape.one_tag else None
+            op = self._new_op(shape.tag, riders or {}, tuple(checks), shape)
             try:
                 result = await self._run(op)
             except asyncio.CancelledError:
@@ -321,33 +351,67 @@ class RedisStore:
             index += len(group)
         return totals
 
-    def _new_op(self, tag: str, deltas: _Amounts, checks: tuple[Check, ...] = ()) -> _Op:
+    def _new_op(self, tag: str, deltas: _Amounts, checks: tuple[Check, ...] = (), shape: _Shape | None = None) -> _Op:
         sequence = self._sequence.get(tag, 0)
         self._sequence[tag] = sequence + 1
         epoch, index = divmod(sequence, EPOCH_OPS)
-        return _Op(tag, f"{tag}:ops:{self._process}:{epoch}", 2 * index, deltas, checks)
+        return _Op(tag, f"{tag}:ops:{self._process}:{epoch}", 2 * index, deltas, checks, -1, shape)
+
+    def _shape(self, checks: Sequence[Check]) -> _Shape:
+        """The checks' `_Shape`: looked up by their keys, limits and expiries, encoded on first use."""
+        key = tuple([(check.slices, check.limit, check.expires_at) for check in checks])
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= _SHAPES_MEMORY:
+                self._shapes.clear()
+            tag = _tag(checks[0].slices[0]) if checks else ""
+            prefix = self._prefix
+            shape = self._shapes[key] = _Shape(
+                tag, all(_tag(check.slices[0]) == tag for check in checks),
+                "".join([bulk(prefix + slice_key) for check in checks for slice_key in check.slices]),
+                sum(len(check.slices) for check in checks),
+                "".join([f"{bulk(str(len(check.slices)))}{bulk(str(check.limit))}%s{bulk(str(check.expires_at))}"
+                         for check in checks]))
+        return shape
+
+    def _bulk_key(self, key: str) -> str:
+        """The prefixed key as a RESP bulk string."""
+        if len(self._wire) >= _KEYS_MEMORY:
+            self._wire.clear()
+        text = self._wire[key] = bulk(self._prefix + key)
+        return text
 
     async def _run(self, op: _Op, timeout_s: float | None = None) -> Any:
-        """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later."""
+        """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later.
+
+        KEYS: the operation's bitmap, the deltas' keys, every check's slices; ARGV: the deadline, the
+        operation's bit and the rest of `_SCRIPT`'s layout. Built as one str from the checks' `_Shape` and
+        the call's own numbers, encoded once.
+        """
         timeout_s = timeout_s or self._timeout
-        prefix = self._prefix
-        keys = [prefix + op.ops_key]
-        keys += [prefix + key for key in op.deltas]
-        keys += [prefix + key for check in op.checks for key in check.slices]
-        args: list[Any] = [op.bit, OP_MEMORY_S, len(op.checks), len(op.deltas), op.hold]
-        for amount, expires in op.deltas.values():
-            args += (amount, expires)
-        for check in op.checks:
-            args += (len(check.slices), check.limit, check.amount, check.expires_at)
+        checks = op.checks
+        shape = op.shape or self._shape(checks)
+        wire = self._wire
         deadline = int((time.time() + self._skew_s + timeout_s) * 1000)
-        call = self._client.call_within
+        numbers = [deadline, op.bit, OP_MEMORY_S, len(checks), len(op.deltas), op.hold]
+        keys = [wire.get(op.ops_key) or self._bulk_key(op.ops_key)]
+        for key, (amount, expires) in op.deltas.items():
+            keys.append(wire.get(key) or self._bulk_key(key))
+            numbers += (amount, expires)
+        key_count = str(len(keys) + shape.key_count)
+        body = "".join([f"${len(key_count)}\r\n{key_count}\r\n", *keys, shape.keys,
+                        *[f"${len(text)}\r\n{text}\r\n" for text in map(str, numbers)],
+                        shape.argv % tuple([f"${len(text)}\r\n{text}\r\n" for text in map(str, map(_amount, checks))])])
+        header = f"*{3 + len(keys) + shape.key_count + len(numbers) + 4 * len(checks)}\r\n"
+        route = self._prefix + op.ops_key  # a Redis Cluster's node is chosen by the first key
+        send = self._client.send_within
         try:
-            result = await call(timeout_s, "EVALSHA", _SHA, len(keys), *keys, deadline, *args)
+            result = await send(timeout_s, route, (header + _EVALSHA + body).encode())
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # First call on this server (or after a restart or SCRIPT FLUSH): EVAL caches it.
-            result = await call(timeout_s, "EVAL", _SCRIPT, len(keys), *keys, deadline, *args)
+            result = await send(timeout_s, route, (header + _EVAL + body).encode())
         if result == -1:
             raise TimeoutError("Redis ran the call after its deadline and skipped it")
         return result
