@@ -141,6 +141,7 @@ _ALREADY_APPLIED = -2
 
 
 _amount = operator.attrgetter("amount")
+_static = operator.attrgetter("slices", "limit", "expires_at")  # what a `_Shape` is looked up by
 
 
 def _tag(key: str) -> str:
@@ -162,6 +163,8 @@ class _Shape:
     keys: str  # every check's slices, prefixed, as RESP bulk strings
     key_count: int
     argv: str  # per check: slice count, limit, `%s` for its amount, expires_at (no other `%`: numbers only)
+    lasts: tuple[str, ...]  # each check's newest slice (`_remember`)
+    expiries: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -302,7 +305,7 @@ class RedisStore:
                 return verdict
             denied = int(result[-1])
             used = tuple(map(int, result[:-1]))
-            self._remember(checks, used, denied == 0)
+            self._remember(shape, checks, used, denied == 0)
             if denied == 0 and not self._healthy:
                 # Redis reserved it, but another call's failure took the store down while this reply was on
                 # its way (another cluster node, or a timeout): the local counters started without it.
@@ -316,27 +319,44 @@ class RedisStore:
         return verdict
 
     def settle(self, deltas: Sequence[Delta]) -> None:
-        deltas = [d for d in deltas if d.amount]
-        if not deltas:
+        if not self._healthy:
+            self._settle_locally([d for d in deltas if d.amount])
             return
+        seen, outbox = self._seen, self._outbox
+        added = False
+        # `_add` and `_tag` inlined: a request settles a few deltas, each through here.
+        for delta in deltas:
+            amount = delta.amount
+            if not amount:
+                continue
+            key = delta.key
+            entry = seen.get(key)
+            if entry is not None:
+                entry[0] += amount
+            tag = key[:key.find("}") + 1]
+            amounts = outbox.get(tag)
+            if amounts is None:
+                amounts = outbox[tag] = {}
+            entry = amounts.get(key)
+            if entry is None:
+                amounts[key] = [amount, delta.expires_at]
+            else:
+                entry[0] += amount
+                if delta.expires_at > entry[1]:
+                    entry[1] = delta.expires_at
+            added = True
+        if added and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._on_timer)
+
+    def _settle_locally(self, deltas: list[Delta]) -> None:
+        """Redis is known to be down: count in the local store and journal for the replay."""
         seen = self._seen
         for delta in deltas:
             entry = seen.get(delta.key)
             if entry is not None:
                 entry[0] += delta.amount
-        if not self._healthy:
-            self._local.settle(deltas)
-            self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
-            return
-        outbox = self._outbox
-        for delta in deltas:
-            tag = _tag(delta.key)
-            amounts = outbox.get(tag)
-            if amounts is None:
-                amounts = outbox[tag] = {}
-            _add(amounts, delta.key, delta.amount, delta.expires_at)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send_outbox)
+        self._local.settle(deltas)
+        self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
 
     async def read(self, slices: Sequence[Sequence[str]]) -> list[int]:
         keys = [self._prefix + key for group in slices for key in group]
@@ -359,7 +379,7 @@ class RedisStore:
 
     def _shape(self, checks: Sequence[Check]) -> _Shape:
         """The checks' `_Shape`: looked up by their keys, limits and expiries, encoded on first use."""
-        key = tuple([(check.slices, check.limit, check.expires_at) for check in checks])
+        key = tuple(map(_static, checks))
         shape = self._shapes.get(key)
         if shape is None:
             if len(self._shapes) >= _SHAPES_MEMORY:
@@ -371,7 +391,8 @@ class RedisStore:
                 "".join([bulk(prefix + slice_key) for check in checks for slice_key in check.slices]),
                 sum(len(check.slices) for check in checks),
                 "".join([f"{bulk(str(len(check.slices)))}{bulk(str(check.limit))}%s{bulk(str(check.expires_at))}"
-                         for check in checks]))
+                         for check in checks]),
+                tuple(check.slices[-1] for check in checks), tuple(check.expires_at for check in checks))
         return shape
 
     def _bulk_key(self, key: str) -> str:
@@ -427,17 +448,24 @@ class RedisStore:
         after = time.time()
         self._skew_s = int(seconds) + int(micros) / 1e6 - after
 
-    def _remember(self, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
+    def _remember(self, shape: _Shape, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
         """Keep each counter's value as this admission left it (its newest slice holds a rolling sum)."""
         seen = self._seen
-        for check, value in zip(checks, used, strict=False):
-            seen[check.slices[-1]] = [value + check.amount if admitted else value, check.expires_at]
+        values = map(operator.add, used, map(_amount, checks)) if admitted else used
+        seen.update(zip(shape.lasts, map(list, zip(values, shape.expiries, strict=False)), strict=False))
         self._until_sweep -= 1
         if self._until_sweep <= 0:
             self._until_sweep = _SWEEP_EVERY
             now = self._clock()
             for key in [key for key, (_, expires) in seen.items() if expires <= now]:
                 del seen[key]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._outbox:  # admissions may have taken every delta along
+            outbox, self._outbox = self._outbox, {}
+            for tag, amounts in outbox.items():
+                self._send_op(self._new_op(tag, amounts))
 
     def _send_outbox(self) -> None:
         if self._timer is not None:
