@@ -119,6 +119,7 @@ class Frame:
     # enforced budget a `BudgetRow` (hierarchy.budget_headers).
     rate_rows: tuple[tuple[tuple[str, str, str], tuple[tuple[int, int, str, float], ...]], ...] = ()
     budget_rows: tuple[BudgetRow, ...] = ()
+    settle_rows: tuple[tuple[int, bool, str | None, bool], ...] = ()  # `settle_rows(meters)`
 
     def checks_for(self, tokens: int, usd: int) -> tuple[Check, ...]:
         """This request's checks: the frame's, with its token and USD amounts."""
@@ -155,6 +156,15 @@ _BUDGET_HEADERS = {(level, unit): (f"x-switchboard-budget-{level}-limit-{unit}",
 def dollars(micros: int) -> str:
     """Micro-USD as dollars for a header: `12.5`, `0.000001`."""
     return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".")
+
+
+def settle_rows(meters: tuple[Meter, ...]) -> tuple[tuple[int, bool, str | None, bool], ...]:
+    """What settlement reconciles: per token or USD check, `(index, counts tokens, model whose own tokens it
+    counts (a team x model limit) or None, budget with soft thresholds)`; request counts stay as reserved."""
+    return tuple((index, meter.unit == "tokens",
+                  meter.rule.owner if meter.rule is not None and meter.rule.scope == "model" else None,
+                  bool(meter.budget is not None and meter.budget.soft_thresholds))
+                 for index, meter in enumerate(meters) if meter.unit != "requests")
 
 
 def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> Frame:
@@ -200,7 +210,8 @@ def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> F
                  token_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "tokens"),
                  usd_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "usd"),
                  request_rates=request_rates, token_rates=token_rates, budgets=budgets,
-                 tag_groups=across_tags.tag_groups(checks), rate_rows=rate_rows, budget_rows=tuple(budget_rows))
+                 tag_groups=across_tags.tag_groups(checks), rate_rows=rate_rows, budget_rows=tuple(budget_rows),
+                 settle_rows=settle_rows(tuple(meters)))
 
 
 def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
