@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import operator
 import secrets
@@ -135,12 +136,41 @@ _EVALSHA = f"$7\r\nEVALSHA\r\n{bulk(_SHA)}"
 _EVAL = f"$4\r\nEVAL\r\n{bulk(_SCRIPT)}"
 _SHAPES_MEMORY = 4096  # distinct admissions' shapes (plans x windows) kept encoded
 _KEYS_MEMORY = 65_536  # keys kept encoded
+_INTS_MEMORY = 8192  # integers kept encoded
 _FAILURES = (RedisReplyError, ConnectionLost, OSError, asyncio.TimeoutError)
 _Amounts = dict[str, list[int]]  # key -> [amount, expires_at]
 _ALREADY_APPLIED = -2
 
 
 _amount = operator.attrgetter("amount")
+
+
+class _Keys(dict[str, str]):
+    """Keys as RESP bulk strings with the store's prefix, made on first use; bounded (cleared when full)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, key: str) -> str:
+        if len(self) >= _KEYS_MEMORY:
+            self.clear()
+        text = self[key] = bulk(self.prefix + key)
+        return text
+
+
+class _IntTexts(dict[int, str]):
+    """Integers as RESP bulk strings, made on first use; bounded (cleared when full)."""
+
+    def __missing__(self, number: int) -> str:
+        if len(self) >= _INTS_MEMORY:
+            self.clear()
+        text = str(number)
+        encoded = self[number] = f"${len(text)}\r\n{text}\r\n"
+        return encoded
+
+
+_INT_TEXTS = _IntTexts()
 _static = operator.attrgetter("slices", "limit", "expires_at")  # what a `_Shape` is looked up by
 
 
@@ -212,7 +242,7 @@ class RedisStore:
         # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
         # keys as RESP bulk strings, prefixed. Both bounded: cleared when full.
         self._shapes: dict[tuple[tuple[tuple[str, ...], int, int], ...], _Shape] = {}
-        self._wire: dict[str, str] = {}
+        self._wire = _Keys(key_prefix)
         self._until_sweep = _SWEEP_EVERY
         self._healthy = True
         self._closing = False
@@ -395,13 +425,6 @@ class RedisStore:
                 tuple(check.slices[-1] for check in checks), tuple(check.expires_at for check in checks))
         return shape
 
-    def _bulk_key(self, key: str) -> str:
-        """The prefixed key as a RESP bulk string."""
-        if len(self._wire) >= _KEYS_MEMORY:
-            self._wire.clear()
-        text = self._wire[key] = bulk(self._prefix + key)
-        return text
-
     async def _run(self, op: _Op, timeout_s: float | None = None) -> Any:
         """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later.
 
@@ -410,20 +433,19 @@ class RedisStore:
         the call's own numbers, encoded once.
         """
         timeout_s = timeout_s or self._timeout
-        checks = op.checks
+        checks, deltas = op.checks, op.deltas
         shape = op.shape or self._shape(checks)
-        wire = self._wire
-        deadline = int((time.time() + self._skew_s + timeout_s) * 1000)
-        numbers = [deadline, op.bit, OP_MEMORY_S, len(checks), len(op.deltas), op.hold]
-        keys = [wire.get(op.ops_key) or self._bulk_key(op.ops_key)]
-        for key, (amount, expires) in op.deltas.items():
-            keys.append(wire.get(key) or self._bulk_key(key))
-            numbers += (amount, expires)
+        deadline = str(int((time.time() + self._skew_s + timeout_s) * 1000))
+        bit = str(op.bit)
+        keys = [self._wire[op.ops_key], *map(self._wire.__getitem__, deltas)]
+        # The rest repeat from call to call (expiries, counts, a request check's 1): looked up in C.
+        numbers = [OP_MEMORY_S, len(checks), len(deltas), op.hold, *itertools.chain.from_iterable(deltas.values())]
+        texts = _INT_TEXTS.__getitem__
         key_count = str(len(keys) + shape.key_count)
         body = "".join([f"${len(key_count)}\r\n{key_count}\r\n", *keys, shape.keys,
-                        *[f"${len(text)}\r\n{text}\r\n" for text in map(str, numbers)],
-                        shape.argv % tuple([f"${len(text)}\r\n{text}\r\n" for text in map(str, map(_amount, checks))])])
-        header = f"*{3 + len(keys) + shape.key_count + len(numbers) + 4 * len(checks)}\r\n"
+                        f"${len(deadline)}\r\n{deadline}\r\n${len(bit)}\r\n{bit}\r\n", *map(texts, numbers),
+                        shape.argv % tuple(map(texts, map(_amount, checks)))])
+        header = f"*{5 + len(keys) + shape.key_count + len(numbers) + 4 * len(checks)}\r\n"
         route = self._prefix + op.ops_key  # a Redis Cluster's node is chosen by the first key
         send = self._client.send_within
         try:
