@@ -169,7 +169,10 @@ class Limiter:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
             frame = build_frame(plan, now, relaxed) if relaxed else plan.frame(now)
             checks, meters = frame.checks_for(prompt + completion, usd), frame.meters
-            verdict = await self._reserve(checks, frame.tag_groups)
+            try:  # not through `_reserve`: a coroutine less to enter and resume per request
+                verdict = await across_tags.reserve(self.store, checks, frame.tag_groups)
+            except StoreUnavailable as exc:
+                raise _unavailable() from exc
             headers.update(rate_headers(frame, checks, verdict, now))
             headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
             if verdict.admitted:
@@ -283,18 +286,14 @@ class Limiter:
         try:
             return await self._end_users.budget(self.store, users, end_user, now)
         except StoreUnavailable as exc:
-            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
-                               "the state store is unreachable and the policy says to fail closed. Retry "
-                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            raise _unavailable() from exc
 
     async def _reserve(self, checks: tuple[Check, ...],
                        tag_groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
         try:
             return await across_tags.reserve(self.store, checks, tag_groups)
         except StoreUnavailable as exc:
-            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
-                               "the state store is unreachable and the policy says to fail closed. Retry "
-                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            raise _unavailable() from exc
 
     def _rejected(self, team: str, meter: Meter) -> None:
         if self._on_reject is not None:
@@ -430,6 +429,13 @@ class Limiter:
         """
         await self.store.flush()
         return await usage_report(self.store, policy, team, period, self._clock(), end_user)
+
+
+def _unavailable() -> GatewayError:
+    """503: the state store is unreachable and the policy fails closed."""
+    return GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: the state "
+                        "store is unreachable and the policy says to fail closed. Retry shortly.",
+                        code="state_store_unavailable", retry_after=1.0)
 
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:
