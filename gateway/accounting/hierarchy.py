@@ -294,14 +294,16 @@ def with_end_user(plan: Plan | None, budget: Budget | None) -> Plan | None:
 
 
 def budget_headers(frame: Frame, checks: Sequence[Check], verdict: Verdict, now: float,
-                   end_user: str | None = None) -> dict[str, str]:
+                   end_user: str | None = None, into: dict[str, str] | None = None) -> dict[str, str]:
     """`x-switchboard-budget-<level>-{limit,remaining}-{tokens,usd}` and `-reset` for every enforced budget.
 
     Levels: org, team, user (the end user's own budget or the `other` bucket), key. USD in dollars; the reset
     as a duration, like `x-ratelimit-reset-*`. Shadow budgets are left out: they must not slow clients down.
+    Added to `into` (by default a new dict).
     """
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {} if into is None else into
     used, admitted = verdict.used, verdict.admitted
+    last, text = -1.0, ""
     for row in frame.budget_rows:
         index = row.index
         remaining = row.limit - used[index] - (checks[index].amount if admitted else 0)
@@ -310,7 +312,9 @@ def budget_headers(frame: Frame, checks: Sequence[Check], verdict: Verdict, now:
         limit_name, remaining_name, reset_name = row.names
         headers[limit_name] = row.limit_text
         headers[remaining_name] = dollars(remaining) if row.usd else str(remaining)
-        headers[reset_name] = go_duration(row.resets_at - now)
+        if row.resets_at != last:  # a budget's tokens and USD reset together
+            last, text = row.resets_at, go_duration(row.resets_at - now)
+        headers[reset_name] = text
         if row.bucket is not None and end_user is not None:
             headers["x-switchboard-end-user-bucket"] = row.bucket
     return headers

@@ -173,8 +173,12 @@ class Limiter:
                 verdict = await across_tags.reserve(self.store, checks, frame.tag_groups)
             except StoreUnavailable as exc:
                 raise _unavailable() from exc
-            headers.update(rate_headers(frame, checks, verdict, now))
-            headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
+            if isinstance(headers, dict):
+                rate_headers(frame, checks, verdict, now, headers)
+                hierarchy.budget_headers(frame, checks, verdict, now, end_user, headers)
+            else:
+                headers.update(rate_headers(frame, checks, verdict, now))
+                headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
             if verdict.admitted:
                 unreserved = ()
                 if plan.shadowed:

@@ -231,11 +231,13 @@ def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
                         f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
 
 
-def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now: float) -> dict[str, str]:
+def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now: float,
+                 into: dict[str, str] | None = None) -> dict[str, str]:
     """`x-ratelimit-*` for the request and token rate limits with the least room left (shadow limits left out:
-    they must not make clients slow down)."""
-    headers: dict[str, str] = {}
+    they must not make clients slow down), added to `into` (by default a new dict)."""
+    headers: dict[str, str] = {} if into is None else into
     used, admitted = verdict.used, verdict.admitted
+    last, text = -1.0, ""
     for (limit_name, remaining_name, reset_name), rows in frame.rate_rows:
         least = -1
         for index, limit, limit_text, resets_at in rows:
@@ -244,9 +246,11 @@ def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now:
                 remaining = 0
             if least < 0 or remaining < least:
                 least, shown, reset = remaining, limit_text, resets_at
+        if reset != last:  # the request and token limits of a minute reset together
+            last, text = reset, go_duration(reset - now)
         headers[limit_name] = shown
         headers[remaining_name] = str(least)
-        headers[reset_name] = go_duration(reset - now)
+        headers[reset_name] = text
     return headers
 
 
