@@ -44,6 +44,8 @@ def _direct_init(cls: _Class) -> _Class:
     scope: dict[str, object] = {}
     params, body = [], []
     for field in fields:
+        if field.default_factory is not dataclasses.MISSING or not field.init or field.kw_only:
+            raise TypeError(f"{cls.__name__}.{field.name}: only plain fields and plain defaults are supported")
         scope[f"_set_{field.name}"] = cls.__dict__[field.name].__set__
         if field.default is dataclasses.MISSING:
             params.append(field.name)
