@@ -16,6 +16,21 @@ def go_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     millis = math.ceil(seconds * 1000)
+    text = _DURATIONS.get(millis)
+    if text is None:
+        if len(_DURATIONS) >= _DURATIONS_MEMORY:
+            _DURATIONS.clear()
+        text = _DURATIONS[millis] = _go_millis(millis)
+    return text
+
+
+# Durations already printed, by millisecond: an admission's reset headers repeat a few (the rate limits' minute,
+# the budgets' day), as do requests admitted in the same millisecond.
+_DURATIONS: dict[int, str] = {}
+_DURATIONS_MEMORY = 4096
+
+
+def _go_millis(millis: int) -> str:
     hours, rest = divmod(millis, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     whole, fraction = divmod(rest, 1000)  # whole milliseconds: integers print exactly, and faster than floats

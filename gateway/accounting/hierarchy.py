@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounting.budgets import MICROS, Budget, budget_problems, build_budget
-from gateway.accounting.plans import Plan
+from gateway.accounting.budgets import Budget, budget_problems, build_budget
+from gateway.accounting.plans import Plan, dollars
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.parts import PolicyPart
 from gateway.policy.team_schema import END_USER_ID
@@ -294,39 +294,30 @@ def with_end_user(plan: Plan | None, budget: Budget | None) -> Plan | None:
 
 
 def budget_headers(frame: Frame, checks: Sequence[Check], verdict: Verdict, now: float,
-                   end_user: str | None = None) -> dict[str, str]:
+                   end_user: str | None = None, into: dict[str, str] | None = None) -> dict[str, str]:
     """`x-switchboard-budget-<level>-{limit,remaining}-{tokens,usd}` and `-reset` for every enforced budget.
 
     Levels: org, team, user (the end user's own budget or the `other` bucket), key. USD in dollars; the reset
     as a duration, like `x-ratelimit-reset-*`. Shadow budgets are left out: they must not slow clients down.
+    Added to `into` (by default a new dict).
     """
-    headers: dict[str, str] = {}
-    for index in frame.budgets:
-        meter = frame.meters[index]
-        budget = meter.budget
-        assert budget is not None
-        taken = checks[index].amount if verdict.admitted else 0
-        remaining = max(0, meter.limit - verdict.used[index] - taken)
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[(budget.scope, meter.unit)]
-        if meter.unit == "tokens":
-            headers[limit_name], headers[remaining_name] = str(meter.limit), str(remaining)
-        else:
-            headers[limit_name], headers[remaining_name] = _dollars(meter.limit), _dollars(remaining)
-        headers[reset_name] = go_duration(meter.resets_at - now)
-        if budget.scope == "user" and end_user is not None:
-            headers["x-switchboard-end-user-bucket"] = budget.owner
+    headers: dict[str, str] = {} if into is None else into
+    used, admitted = verdict.used, verdict.admitted
+    last, text = -1.0, ""
+    for row in frame.budget_rows:
+        index = row.index
+        remaining = row.limit - used[index] - (checks[index].amount if admitted else 0)
+        if remaining < 0:
+            remaining = 0
+        limit_name, remaining_name, reset_name = row.names
+        headers[limit_name] = row.limit_text
+        headers[remaining_name] = dollars(remaining) if row.usd else str(remaining)
+        if row.resets_at != last:  # a budget's tokens and USD reset together
+            last, text = row.resets_at, go_duration(row.resets_at - now)
+        headers[reset_name] = text
+        if row.bucket is not None and end_user is not None:
+            headers["x-switchboard-end-user-bucket"] = row.bucket
     return headers
-
-
-# Header names per (level, unit), made once: org, team, user, key x tokens, usd.
-_HEADER_NAMES = {(level, unit): (f"x-switchboard-budget-{level}-limit-{unit}",
-                                 f"x-switchboard-budget-{level}-remaining-{unit}",
-                                 f"x-switchboard-budget-{level}-reset")
-                 for level in ("org", "team", "user", "key") for unit in ("tokens", "usd")}
-
-
-def _dollars(micros: int) -> str:
-    return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".")
 
 
 def organization_of(rules: Any, team: str) -> str | None:

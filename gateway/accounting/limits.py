@@ -37,7 +37,7 @@ from gateway.accounting.budgets import (
     log_threshold,
     policy_cost,
 )
-from gateway.accounting.plans import Meter, Plan, build_frame, rate_headers, refusal
+from gateway.accounting.plans import Frame, Meter, Plan, build_frame, rate_headers, refusal, settle_rows
 from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
@@ -78,6 +78,8 @@ class Admission:
     # Checks of shadow rules that would have refused this request: their reservations were taken back at
     # admission, as enforcement would never have made them, so settlement leaves them alone.
     unreserved: tuple[int, ...] = ()
+    # The frame the checks came from: its `settle_rows` say what settlement reconciles while `meters` are its.
+    frame: Frame | None = None
 
 
 
@@ -167,9 +169,16 @@ class Limiter:
             usd = self._usd(policy, model, prompt, completion) if plan.needs_usd else 0
             frame = build_frame(plan, now, relaxed) if relaxed else plan.frame(now)
             checks, meters = frame.checks_for(prompt + completion, usd), frame.meters
-            verdict = await self._reserve(checks, frame.tag_groups)
-            headers.update(rate_headers(frame, checks, verdict, now))
-            headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
+            try:  # not through `_reserve`: a coroutine less to enter and resume per request
+                verdict = await across_tags.reserve(self.store, checks, frame.tag_groups)
+            except StoreUnavailable as exc:
+                raise _unavailable() from exc
+            if isinstance(headers, dict):
+                rate_headers(frame, checks, verdict, now, headers)
+                hierarchy.budget_headers(frame, checks, verdict, now, end_user, headers)
+            else:
+                headers.update(rate_headers(frame, checks, verdict, now))
+                headers.update(hierarchy.budget_headers(frame, checks, verdict, now, end_user))
             if verdict.admitted:
                 unreserved = ()
                 if plan.shadowed:
@@ -181,9 +190,10 @@ class Limiter:
                 allowance = None
                 if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
+                # Positional, in the fields' order: keywords would be packed into a dict and unpacked again.
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
-                                 downgraded_from, allowance=allowance, trace=trace if trace.recording else None,
-                                 prompt_count=counted, unreserved=unreserved)
+                                 downgraded_from, False, allowance, trace if trace.recording else None, counted,
+                                 unreserved, frame)
             assert verdict.denied is not None
             meter = meters[verdict.denied]
             budget = meter.budget
@@ -280,18 +290,14 @@ class Limiter:
         try:
             return await self._end_users.budget(self.store, users, end_user, now)
         except StoreUnavailable as exc:
-            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
-                               "the state store is unreachable and the policy says to fail closed. Retry "
-                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            raise _unavailable() from exc
 
     async def _reserve(self, checks: tuple[Check, ...],
                        tag_groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
         try:
             return await across_tags.reserve(self.store, checks, tag_groups)
         except StoreUnavailable as exc:
-            raise GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: "
-                               "the state store is unreachable and the policy says to fail closed. Retry "
-                               "shortly.", code="state_store_unavailable", retry_after=1.0) from exc
+            raise _unavailable() from exc
 
     def _rejected(self, team: str, meter: Meter) -> None:
         if self._on_reject is not None:
@@ -332,16 +338,21 @@ class Limiter:
         else:
             tokens, usd = admission.prompt_tokens, admission.reserved_usd
         deltas = []
-        for index, (check, meter) in enumerate(zip(admission.checks, admission.meters, strict=True)):
-            if meter.unit == "requests" or index in admission.unreserved:
+        checks, meters, unreserved = admission.checks, admission.meters, admission.unreserved
+        frame = admission.frame
+        rows = frame.settle_rows if frame is not None and frame.meters is meters else settle_rows(meters)
+        for index, in_tokens, model, soft in rows:
+            if unreserved and index in unreserved:
                 continue
-            actual = tokens if meter.unit == "tokens" else usd
-            if model_tokens is not None and meter.rule is not None and meter.rule.scope == "model":
-                actual = model_tokens.get(meter.rule.owner, 0)
+            actual = tokens if in_tokens else usd
+            if model is not None and model_tokens is not None:
+                actual = model_tokens.get(model, 0)
+            check = checks[index]
             if actual != check.amount:
                 deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
-            if meter.budget is not None and meter.budget.soft_thresholds:
-                self._events.crossed(meter.budget, meter.window, meter.unit, meter.limit,
+            if soft:
+                meter = meters[index]
+                self._events.crossed(meter.budget, meter.window, meter.unit, meter.limit,  # type: ignore[arg-type]
                                      admission.used[index] + actual)
         if deltas:
             self.store.settle(deltas)
@@ -386,7 +397,7 @@ class Limiter:
         return tightest
 
     def _usd(self, policy: Policy, model: Model, prompt: int, completion: int) -> int:
-        cost = self._cost(policy, model.targets[0], Usage(prompt_tokens=prompt, completion_tokens=completion))
+        cost = self._cost(policy, model.targets[0], Usage(prompt, completion))  # prompt_tokens, completion_tokens
         return math.ceil(cost * MICROS) if cost else 0
 
     def _shadow_refusals(self, meters: tuple[Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
@@ -422,6 +433,13 @@ class Limiter:
         """
         await self.store.flush()
         return await usage_report(self.store, policy, team, period, self._clock(), end_user)
+
+
+def _unavailable() -> GatewayError:
+    """503: the state store is unreachable and the policy fails closed."""
+    return GatewayError(ErrorKind.UNAVAILABLE, "Rate limits and budgets cannot be checked right now: the state "
+                        "store is unreachable and the policy says to fail closed. Retry shortly.",
+                        code="state_store_unavailable", retry_after=1.0)
 
 
 def _state_wanted(policy: Policy) -> tuple[Any, str]:

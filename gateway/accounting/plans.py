@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.accounting.budgets import exceeded
+from gateway.accounting.budgets import MICROS, exceeded
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Verdict, across_tags
 from gateway.telemetry.decisions import limit_label
@@ -114,6 +114,12 @@ class Frame:
     budgets: tuple[int, ...]
     # The checks' indexes per hash tag (`across_tags.tag_groups`): a team's, and its organisation's if it has one.
     tag_groups: tuple[tuple[int, ...], ...]
+    # What the response headers show, made with the frame: per unit of enforced rate limits (requests, then
+    # tokens) its header names and a `(index, limit, limit as text, resets_at)` per limit (`rate_headers`); per
+    # enforced budget a `BudgetRow` (hierarchy.budget_headers).
+    rate_rows: tuple[tuple[tuple[str, str, str], tuple[tuple[int, int, str, float], ...]], ...] = ()
+    budget_rows: tuple[BudgetRow, ...] = ()
+    settle_rows: tuple[tuple[int, bool, str | None, bool], ...] = ()  # `settle_rows(meters)`
 
     def checks_for(self, tokens: int, usd: int) -> tuple[Check, ...]:
         """This request's checks: the frame's, with its token and USD amounts."""
@@ -125,6 +131,40 @@ class Frame:
             check = checks[index]
             checks[index] = Check(check.slices, check.limit, usd, check.expires_at)
         return tuple(checks)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    """One enforced budget check's headers (hierarchy.budget_headers), all but what changes per request."""
+
+    index: int
+    limit: int
+    limit_text: str  # tokens, or USD in dollars
+    names: tuple[str, str, str]  # limit, remaining, reset
+    usd: bool
+    resets_at: float
+    bucket: str | None  # an end-user budget's owner (the user, or the `other` bucket); None for other levels
+
+
+# Budget header names per (level, unit), made once: org, team, user, key x tokens, usd.
+_BUDGET_HEADERS = {(level, unit): (f"x-switchboard-budget-{level}-limit-{unit}",
+                                   f"x-switchboard-budget-{level}-remaining-{unit}",
+                                   f"x-switchboard-budget-{level}-reset")
+                   for level in ("org", "team", "user", "key") for unit in ("tokens", "usd")}
+
+
+def dollars(micros: int) -> str:
+    """Micro-USD as dollars for a header: `12.5`, `0.000001`."""
+    return f"{micros / MICROS:.6f}".rstrip("0").rstrip(".")
+
+
+def settle_rows(meters: tuple[Meter, ...]) -> tuple[tuple[int, bool, str | None, bool], ...]:
+    """What settlement reconciles: per token or USD check, `(index, counts tokens, model whose own tokens it
+    counts (a team x model limit) or None, budget with soft thresholds)`; request counts stay as reserved."""
+    return tuple((index, meter.unit == "tokens",
+                  meter.rule.owner if meter.rule is not None and meter.rule.scope == "model" else None,
+                  bool(meter.budget is not None and meter.budget.soft_thresholds))
+                 for index, meter in enumerate(meters) if meter.unit != "requests")
 
 
 def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> Frame:
@@ -152,13 +192,26 @@ def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> F
             meters.append(Meter(unit, limit, window.resets_at, budget=budget, window=window,
                                 label=limit_label(None, budget, unit)))
     rates = [i for i, meter in enumerate(meters) if meter.rule is not None and not meter.shadow]
+    request_rates = tuple(i for i in rates if meters[i].unit == "requests")
+    token_rates = tuple(i for i in rates if meters[i].unit == "tokens")
+    budgets = tuple(i for i, meter in enumerate(meters) if meter.budget is not None and not meter.shadow)
+    rate_rows = tuple((names, tuple((i, meters[i].limit, str(meters[i].limit), meters[i].resets_at) for i in indexes))
+                      for indexes, names in ((request_rates, _REQUEST_HEADERS), (token_rates, _TOKEN_HEADERS))
+                      if indexes)
+    budget_rows = []
+    for i in budgets:
+        meter, budget = meters[i], meters[i].budget
+        assert budget is not None
+        usd = meter.unit == "usd"
+        budget_rows.append(BudgetRow(i, meter.limit, dollars(meter.limit) if usd else str(meter.limit),
+                                     _BUDGET_HEADERS[(budget.scope, meter.unit)], usd, meter.resets_at,
+                                     budget.owner if budget.scope == "user" else None))
     return Frame(start, end, tuple(checks), tuple(meters),
                  token_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "tokens"),
                  usd_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "usd"),
-                 request_rates=tuple(i for i in rates if meters[i].unit == "requests"),
-                 token_rates=tuple(i for i in rates if meters[i].unit == "tokens"),
-                 budgets=tuple(i for i, meter in enumerate(meters) if meter.budget is not None and not meter.shadow),
-                 tag_groups=across_tags.tag_groups(checks))
+                 request_rates=request_rates, token_rates=token_rates, budgets=budgets,
+                 tag_groups=across_tags.tag_groups(checks), rate_rows=rate_rows, budget_rows=tuple(budget_rows),
+                 settle_rows=settle_rows(tuple(meters)))
 
 
 def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
@@ -178,23 +231,26 @@ def refusal(meter: Meter, check: Check, used: int, now: float) -> GatewayError:
                         f"(at {iso_time(meter.resets_at, dt.UTC)}).", code="rate_limit_exceeded", retry_after=wait)
 
 
-def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now: float) -> dict[str, str]:
+def rate_headers(frame: Frame, checks: tuple[Check, ...], verdict: Verdict, now: float,
+                 into: dict[str, str] | None = None) -> dict[str, str]:
     """`x-ratelimit-*` for the request and token rate limits with the least room left (shadow limits left out:
-    they must not make clients slow down)."""
-    headers: dict[str, str] = {}
-    for indexes, names in ((frame.request_rates, _REQUEST_HEADERS), (frame.token_rates, _TOKEN_HEADERS)):
-        tightest: tuple[int, int, float] | None = None
-        for index in indexes:
-            meter = frame.meters[index]
-            taken = checks[index].amount if verdict.admitted else 0
-            remaining = max(0, meter.limit - verdict.used[index] - taken)
-            if tightest is None or remaining < tightest[1]:
-                tightest = (meter.limit, remaining, meter.resets_at)
-        if tightest is not None:
-            limit_name, remaining_name, reset_name = names
-            headers[limit_name] = str(tightest[0])
-            headers[remaining_name] = str(tightest[1])
-            headers[reset_name] = go_duration(tightest[2] - now)
+    they must not make clients slow down), added to `into` (by default a new dict)."""
+    headers: dict[str, str] = {} if into is None else into
+    used, admitted = verdict.used, verdict.admitted
+    last, text = -1.0, ""
+    for (limit_name, remaining_name, reset_name), rows in frame.rate_rows:
+        least = -1
+        for index, limit, limit_text, resets_at in rows:
+            remaining = limit - used[index] - (checks[index].amount if admitted else 0)
+            if remaining < 0:
+                remaining = 0
+            if least < 0 or remaining < least:
+                least, shown, reset = remaining, limit_text, resets_at
+        if reset != last:  # the request and token limits of a minute reset together
+            last, text = reset, go_duration(reset - now)
+        headers[limit_name] = shown
+        headers[remaining_name] = str(least)
+        headers[reset_name] = text
     return headers
 
 

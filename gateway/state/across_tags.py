@@ -10,7 +10,7 @@ file) take the whole call at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from gateway.state import Check, Delta, StateStore, Verdict
 
@@ -27,8 +27,8 @@ def tag_groups(checks: Sequence[Check]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(group) for group in groups.values())
 
 
-async def reserve(store: StateStore, checks: Sequence[Check],
-                  groups: tuple[tuple[int, ...], ...] | None = None) -> Verdict:
+def reserve(store: StateStore, checks: Sequence[Check],
+            groups: tuple[tuple[int, ...], ...] | None = None) -> Awaitable[Verdict]:
     """`store.admit(checks)`, all or nothing, for checks under several hash tags (a team and its organisation).
 
     A store call may only touch one tag (one Redis Cluster slot), so each
@@ -41,11 +41,16 @@ async def reserve(store: StateStore, checks: Sequence[Check],
     (a plan's frame does: its checks' keys only change with their windows).
     """
     if getattr(store, "atomic_across_tags", False):
-        return await store.admit(checks)
+        return store.admit(checks)  # not awaited here: the caller awaits the store's own coroutine
     if groups is None:
         groups = tag_groups(checks)
     if len(groups) <= 1:
-        return await store.admit(checks)
+        return store.admit(checks)
+    return _reserve_each(store, checks, groups)
+
+
+async def _reserve_each(store: StateStore, checks: Sequence[Check], groups: tuple[tuple[int, ...], ...]) -> Verdict:
+    """`reserve` for checks under several tags: each tag's at once, all given back when one refuses."""
     tasks = [asyncio.ensure_future(store.admit([checks[i] for i in part])) for part in groups]
     try:
         await asyncio.wait(tasks)

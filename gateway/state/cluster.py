@@ -109,6 +109,10 @@ class ClusterClient:
         """`call`, redirections and retries included, given up after `timeout_s` (TimeoutError)."""
         return self._send(asyncio.get_running_loop().time() + timeout_s, args)
 
+    def send_within(self, timeout_s: float, key: str, command: bytes) -> Awaitable[Any]:
+        """A command already in RESP, to the node that owns `key` (its first key), given up after `timeout_s`."""
+        return self._send_to_slot(asyncio.get_running_loop().time() + timeout_s, self._slot(key), command)
+
     def abort(self) -> None:
         """Reset every node's connections at once; waiting commands fail with `ConnectionLost`."""
         for client in self._clients():
@@ -138,7 +142,7 @@ class ClusterClient:
             return self._keyless(deadline, args)
         return self._send_to_slot(deadline, self._slot(args[first_key]), args)
 
-    async def _send_to_slot(self, deadline: float | None, slot: int, args: tuple[Any, ...]) -> Any:
+    async def _send_to_slot(self, deadline: float | None, slot: int, args: tuple[Any, ...] | bytes) -> Any:
         if self._owners[slot] is None:
             await self._load_slots(deadline)
         address, asking, pause = self._owners[slot], False, _RETRY_PAUSE_S
@@ -176,7 +180,7 @@ class ClusterClient:
                 address, asking = self._owners[slot], False
         raise RedisReplyError(f"slot {slot}: still redirected after {_MAX_HOPS} hops")
 
-    async def _ask(self, address: Address, deadline: float | None, args: tuple[Any, ...]) -> Any:
+    async def _ask(self, address: Address, deadline: float | None, args: tuple[Any, ...] | bytes) -> Any:
         client, lock = self._asking.get(address) or self._asking.setdefault(
             address, (self._new_client(address), asyncio.Lock()))
         async with lock:  # nothing else on this connection between ASKING and the command
@@ -288,13 +292,15 @@ def _node_address(entry: list[Any], answered_by: Address) -> Address:
     return (host or answered_by[0]), int(entry[1])
 
 
-def _call(client: RespClient, deadline: float | None, args: tuple[Any, ...]) -> Awaitable[Any]:
+def _call(client: RespClient, deadline: float | None, args: tuple[Any, ...] | bytes) -> Awaitable[Any]:
     # Not a coroutine itself: one frame fewer per command on the admission path.
     if deadline is None:
         return client.call(*args)
     remaining = deadline - asyncio.get_running_loop().time()
     if remaining <= 0:
         raise TimeoutError("Redis Cluster: the deadline passed while following redirections")
+    if isinstance(args, bytes):  # already in RESP (`send_within`)
+        return client.send_within(remaining, "", args)
     return client.call_within(remaining, *args)
 
 

@@ -43,7 +43,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,7 +55,7 @@ from typing import Any
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
 from gateway.state.cluster import ClusterClient
 from gateway.state.memory import MemoryStore
-from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient
+from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient, bulk
 
 log = logging.getLogger("switchboard.state")
 
@@ -129,14 +131,70 @@ return result
 """
 
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+# A call's command up to its key count: EVALSHA and the script's hash, or (the script not cached) EVAL and the script.
+_EVALSHA = f"$7\r\nEVALSHA\r\n{bulk(_SHA)}"
+_EVAL = f"$4\r\nEVAL\r\n{bulk(_SCRIPT)}"
+_SHAPES_MEMORY = 4096  # distinct admissions' shapes (plans x windows) kept encoded
+_KEYS_MEMORY = 65_536  # keys kept encoded
+_INTS_MEMORY = 8192  # integers kept encoded
 _FAILURES = (RedisReplyError, ConnectionLost, OSError, asyncio.TimeoutError)
 _Amounts = dict[str, list[int]]  # key -> [amount, expires_at]
 _ALREADY_APPLIED = -2
 
 
+_amount = operator.attrgetter("amount")
+
+
+class _Keys(dict[str, str]):
+    """Keys as RESP bulk strings with the store's prefix, made on first use; bounded (cleared when full)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, key: str) -> str:
+        if len(self) >= _KEYS_MEMORY:
+            self.clear()
+        text = self[key] = bulk(self.prefix + key)
+        return text
+
+
+class _IntTexts(dict[int, str]):
+    """Integers as RESP bulk strings, made on first use; bounded (cleared when full)."""
+
+    def __missing__(self, number: int) -> str:
+        if len(self) >= _INTS_MEMORY:
+            self.clear()
+        text = str(number)
+        encoded = self[number] = f"${len(text)}\r\n{text}\r\n"
+        return encoded
+
+
+_INT_TEXTS = _IntTexts()
+_static = operator.attrgetter("slices", "limit", "expires_at")  # what a `_Shape` is looked up by
+
+
 def _tag(key: str) -> str:
     """The key's `{hash tag}` (its team): keys sent in one script must share it."""
     return key[:key.find("}") + 1]
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What a script call sends for a set of checks except their amounts, encoded once.
+
+    Within a plan's windows (gateway/accounting/plans.py) every admission of a key and model has the same
+    checks but for their amounts: the same keys, limits and expiries. Their ~25 of a call's ~45 arguments are
+    encoded the first time and reused; a call only encodes its amounts and the arguments of its own.
+    """
+
+    tag: str  # the first key's hash tag
+    one_tag: bool  # every check is under that tag
+    keys: str  # every check's slices, prefixed, as RESP bulk strings
+    key_count: int
+    argv: str  # per check: slice count, limit, `%s` for its amount, expires_at (no other `%`: numbers only)
+    lasts: tuple[str, ...]  # each check's newest slice (`_remember`)
+    expiries: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -149,6 +207,7 @@ class _Op:
     deltas: _Amounts
     checks: tuple[Check, ...] = ()
     hold: int = -1  # -1 decide (live admission); 0/1 leave the reservation released/held (replay)
+    shape: _Shape | None = None  # the checks' (`RedisStore._shape`), when known
 
 
 class RedisStore:
@@ -180,6 +239,10 @@ class RedisStore:
         self._sequence: dict[str, int] = {}
         # The last value seen for each counter (key -> [value, expires_at]), to seed fail_open's local store.
         self._seen: dict[str, list[int]] = {}
+        # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
+        # keys as RESP bulk strings, prefixed. Both bounded: cleared when full.
+        self._shapes: dict[tuple[tuple[tuple[str, ...], int, int], ...], _Shape] = {}
+        self._wire = _Keys(key_prefix)
         self._until_sweep = _SWEEP_EVERY
         self._healthy = True
         self._closing = False
@@ -249,9 +312,9 @@ class RedisStore:
 
     async def admit(self, checks: Sequence[Check]) -> Verdict:
         if self._healthy:
-            tag = _tag(checks[0].slices[0]) if checks else ""
-            riders = self._outbox.pop(tag, None) if all(_tag(c.slices[0]) == tag for c in checks) else None
-            op = self._new_op(tag, riders or {}, tuple(checks))
+            shape = self._shape(checks)
+            riders = self._outbox.pop(shape.tag, None) if shape.one_tag else None
+            op = self._new_op(shape.tag, riders or {}, tuple(checks), shape)
             try:
                 result = await self._run(op)
             except asyncio.CancelledError:
@@ -272,7 +335,7 @@ class RedisStore:
                 return verdict
             denied = int(result[-1])
             used = tuple(map(int, result[:-1]))
-            self._remember(checks, used, denied == 0)
+            self._remember(shape, checks, used, denied == 0)
             if denied == 0 and not self._healthy:
                 # Redis reserved it, but another call's failure took the store down while this reply was on
                 # its way (another cluster node, or a timeout): the local counters started without it.
@@ -286,27 +349,44 @@ class RedisStore:
         return verdict
 
     def settle(self, deltas: Sequence[Delta]) -> None:
-        deltas = [d for d in deltas if d.amount]
-        if not deltas:
+        if not self._healthy:
+            self._settle_locally([d for d in deltas if d.amount])
             return
+        seen, outbox = self._seen, self._outbox
+        added = False
+        # `_add` and `_tag` inlined: a request settles a few deltas, each through here.
+        for delta in deltas:
+            amount = delta.amount
+            if not amount:
+                continue
+            key = delta.key
+            entry = seen.get(key)
+            if entry is not None:
+                entry[0] += amount
+            tag = key[:key.find("}") + 1]
+            amounts = outbox.get(tag)
+            if amounts is None:
+                amounts = outbox[tag] = {}
+            entry = amounts.get(key)
+            if entry is None:
+                amounts[key] = [amount, delta.expires_at]
+            else:
+                entry[0] += amount
+                if delta.expires_at > entry[1]:
+                    entry[1] = delta.expires_at
+            added = True
+        if added and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._on_timer)
+
+    def _settle_locally(self, deltas: list[Delta]) -> None:
+        """Redis is known to be down: count in the local store and journal for the replay."""
         seen = self._seen
         for delta in deltas:
             entry = seen.get(delta.key)
             if entry is not None:
                 entry[0] += delta.amount
-        if not self._healthy:
-            self._local.settle(deltas)
-            self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
-            return
-        outbox = self._outbox
-        for delta in deltas:
-            tag = _tag(delta.key)
-            amounts = outbox.get(tag)
-            if amounts is None:
-                amounts = outbox[tag] = {}
-            _add(amounts, delta.key, delta.amount, delta.expires_at)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send_outbox)
+        self._local.settle(deltas)
+        self._merge(self._journal, ((d.key, (d.amount, d.expires_at)) for d in deltas))
 
     async def read(self, slices: Sequence[Sequence[str]]) -> list[int]:
         keys = [self._prefix + key for group in slices for key in group]
@@ -321,33 +401,60 @@ class RedisStore:
             index += len(group)
         return totals
 
-    def _new_op(self, tag: str, deltas: _Amounts, checks: tuple[Check, ...] = ()) -> _Op:
+    def _new_op(self, tag: str, deltas: _Amounts, checks: tuple[Check, ...] = (), shape: _Shape | None = None) -> _Op:
         sequence = self._sequence.get(tag, 0)
         self._sequence[tag] = sequence + 1
         epoch, index = divmod(sequence, EPOCH_OPS)
-        return _Op(tag, f"{tag}:ops:{self._process}:{epoch}", 2 * index, deltas, checks)
+        return _Op(tag, f"{tag}:ops:{self._process}:{epoch}", 2 * index, deltas, checks, -1, shape)
+
+    def _shape(self, checks: Sequence[Check]) -> _Shape:
+        """The checks' `_Shape`: looked up by their keys, limits and expiries, encoded on first use."""
+        key = tuple(map(_static, checks))
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= _SHAPES_MEMORY:
+                self._shapes.clear()
+            tag = _tag(checks[0].slices[0]) if checks else ""
+            prefix = self._prefix
+            shape = self._shapes[key] = _Shape(
+                tag, all(_tag(check.slices[0]) == tag for check in checks),
+                "".join([bulk(prefix + slice_key) for check in checks for slice_key in check.slices]),
+                sum(len(check.slices) for check in checks),
+                "".join([f"{bulk(str(len(check.slices)))}{bulk(str(check.limit))}%s{bulk(str(check.expires_at))}"
+                         for check in checks]),
+                tuple(check.slices[-1] for check in checks), tuple(check.expires_at for check in checks))
+        return shape
 
     async def _run(self, op: _Op, timeout_s: float | None = None) -> Any:
-        """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later."""
+        """Run the operation's script within `timeout_s`; Redis skips it if it only gets to it later.
+
+        KEYS: the operation's bitmap, the deltas' keys, every check's slices; ARGV: the deadline, the
+        operation's bit and the rest of `_SCRIPT`'s layout. Built as one str from the checks' `_Shape` and
+        the call's own numbers, encoded once.
+        """
         timeout_s = timeout_s or self._timeout
-        prefix = self._prefix
-        keys = [prefix + op.ops_key]
-        keys += [prefix + key for key in op.deltas]
-        keys += [prefix + key for check in op.checks for key in check.slices]
-        args: list[Any] = [op.bit, OP_MEMORY_S, len(op.checks), len(op.deltas), op.hold]
-        for amount, expires in op.deltas.values():
-            args += (amount, expires)
-        for check in op.checks:
-            args += (len(check.slices), check.limit, check.amount, check.expires_at)
-        deadline = int((time.time() + self._skew_s + timeout_s) * 1000)
-        call = self._client.call_within
+        checks, deltas = op.checks, op.deltas
+        shape = op.shape or self._shape(checks)
+        deadline = str(int((time.time() + self._skew_s + timeout_s) * 1000))
+        bit = str(op.bit)
+        keys = [self._wire[op.ops_key], *map(self._wire.__getitem__, deltas)]
+        # The rest repeat from call to call (expiries, counts, a request check's 1): looked up in C.
+        numbers = [OP_MEMORY_S, len(checks), len(deltas), op.hold, *itertools.chain.from_iterable(deltas.values())]
+        texts = _INT_TEXTS.__getitem__
+        key_count = str(len(keys) + shape.key_count)
+        body = "".join([f"${len(key_count)}\r\n{key_count}\r\n", *keys, shape.keys,
+                        f"${len(deadline)}\r\n{deadline}\r\n${len(bit)}\r\n{bit}\r\n", *map(texts, numbers),
+                        shape.argv % tuple(map(texts, map(_amount, checks)))])
+        header = f"*{5 + len(keys) + shape.key_count + len(numbers) + 4 * len(checks)}\r\n"
+        route = self._prefix + op.ops_key  # a Redis Cluster's node is chosen by the first key
+        send = self._client.send_within
         try:
-            result = await call(timeout_s, "EVALSHA", _SHA, len(keys), *keys, deadline, *args)
+            result = await send(timeout_s, route, (header + _EVALSHA + body).encode())
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # First call on this server (or after a restart or SCRIPT FLUSH): EVAL caches it.
-            result = await call(timeout_s, "EVAL", _SCRIPT, len(keys), *keys, deadline, *args)
+            result = await send(timeout_s, route, (header + _EVAL + body).encode())
         if result == -1:
             raise TimeoutError("Redis ran the call after its deadline and skipped it")
         return result
@@ -363,17 +470,24 @@ class RedisStore:
         after = time.time()
         self._skew_s = int(seconds) + int(micros) / 1e6 - after
 
-    def _remember(self, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
+    def _remember(self, shape: _Shape, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
         """Keep each counter's value as this admission left it (its newest slice holds a rolling sum)."""
         seen = self._seen
-        for check, value in zip(checks, used, strict=False):
-            seen[check.slices[-1]] = [value + check.amount if admitted else value, check.expires_at]
+        values = map(operator.add, used, map(_amount, checks)) if admitted else used
+        seen.update(zip(shape.lasts, map(list, zip(values, shape.expiries, strict=False)), strict=False))
         self._until_sweep -= 1
         if self._until_sweep <= 0:
             self._until_sweep = _SWEEP_EVERY
             now = self._clock()
             for key in [key for key, (_, expires) in seen.items() if expires <= now]:
                 del seen[key]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._outbox:  # admissions may have taken every delta along
+            outbox, self._outbox = self._outbox, {}
+            for tag, amounts in outbox.items():
+                self._send_op(self._new_op(tag, amounts))
 
     def _send_outbox(self) -> None:
         if self._timer is not None:

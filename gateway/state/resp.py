@@ -16,7 +16,9 @@ import asyncio
 import collections
 import heapq
 import itertools
+import re
 import ssl
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -56,8 +58,18 @@ def _encode_bytes(args: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
+def bulk(text: str) -> str:
+    """`text` as a RESP bulk string, to be UTF-8 encoded with the rest of its command (its length in bytes)."""
+    return f"${len(text.encode())}\r\n{text}\r\n"
+
+
 class _Incomplete(Exception):
     pass
+
+
+# An array of n integers (admission's replies), matched in one step: n+1 integers for n checks. Anything else
+# (a bulk string among them, a reply not fully read yet) does not match and is parsed item by item.
+_INT_ARRAYS = [re.compile(b":(-?[0-9]+)\r\n" * count) for count in range(33)]
 
 
 def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
@@ -65,7 +77,7 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
     end = buffer.find(b"\r\n", start)
     if end < 0:
         raise _Incomplete
-    kind, line = buffer[start], bytes(buffer[start + 1:end])
+    kind, line = buffer[start], buffer[start + 1:end]
     position = end + 2
     if kind == 58:  # ':' integer
         return int(line), position
@@ -80,6 +92,10 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
         count = int(line)
         if count < 0:
             return None, position
+        if count < 33:
+            match = _INT_ARRAYS[count].match(buffer, position)
+            if match is not None:
+                return list(map(int, match.groups())), match.end()
         items = []
         for _ in range(count):
             if buffer[position:position + 1] == b":":  # an integer, as admission's replies hold: read in place
@@ -224,8 +240,13 @@ class RespClient:
         protocol.transport.write(encode(args))
         return await waiter
 
-    async def call_within(self, timeout_s: float, *args: Any) -> Any:
-        """`call`, given up after `timeout_s` (TimeoutError) unless its reply is already here by then.
+    def call_within(self, timeout_s: float, *args: Any) -> Awaitable[Any]:
+        """`call`, given up after `timeout_s` (TimeoutError) unless its reply is already here by then."""
+        return self.send_within(timeout_s, "", encode(args))
+
+    async def send_within(self, timeout_s: float, key: str, command: bytes) -> Any:
+        """Send `command`, already in RESP, and await its reply within `timeout_s`; `key` is ignored (a Redis
+        Cluster routes by it: gateway/state/cluster.py).
 
         A stalled event loop can run a timeout's callback in the same turn as
         the read that carries the reply, or before it (uvloop runs timers
@@ -243,7 +264,7 @@ class RespClient:
         waiter = loop.create_future()
         protocol.waiters.append(waiter)
         assert protocol.transport is not None
-        protocol.transport.write(encode(args))
+        protocol.transport.write(command)
         protocol.deadlines.watch(loop, deadline, waiter, timeout_s)
         return await waiter  # a cancelled caller cancels it: its reply, when it comes, is skipped
 
