@@ -142,61 +142,65 @@ def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
     ~20 more in its events, most of them repeating from request to request)."""
     if not attributes:
         return b""
-    pairs = _PAIRS[number]
-    parts = []
-    for key, value in attributes.items():
-        known = _KEYS.get(key)
-        if known is None:
-            known = _key(key)
-        if known[1]:  # its values repeat: look for the whole pair
-            kind = type(value)
-            # By type too: 1, 1.0 and True are equal as keys but encode differently.
-            try:
-                cached = pairs.get((key, value, kind)) if kind in _HASHABLE else None
-            except TypeError:  # a tuple holding something unhashable: encoded, not cached
-                cached = None
-            if cached is not None:
-                parts.append(cached)
-                continue
-        parts.append(_pair(number, key, value, known))
-    return b"".join(parts)
+    get = _PAIRS[number].get
+    try:
+        # Each attribute's cached pair, else encoded by `_pair` (which alone fills the cache). Keyed by the
+        # value's type too: 1, 1.0 and True are equal as keys but encode differently.
+        return b"".join([get((key, value, type(value))) or _pair(number, key, value)
+                         for key, value in attributes.items()])
+    except Exception:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
+        return b"".join([_pair(number, key, value) for key, value in attributes.items()])
 
 
-# Per field number, by attribute name: a `KeyValue` up to its double's 8 bytes (every double encodes to the same
-# length), so a double that varies per request (a cost, a duration) is a lookup, a pack and a concatenation.
-_DOUBLE_PREFIXES: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
+# Per field number, by attribute name: the `KeyValue` field up to the last bytes of its value, for a double
+# (8 bytes), an integer below 128 (one byte of varint) and one below 16384 (two bytes), each of a fixed length;
+# then whether the name's values repeat. Token counts, costs and durations vary per request: each of those is
+# a lookup and a concatenation.
+_PREFIXES: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
 
 
-def _pair(number: int, key: str, value: Any, known: tuple[bytes, bool]) -> bytes:
+def _prefixes(number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
+    known = _KEYS.get(key)
+    if known is None:
+        known = _key(key)
+    encoded_key, repeating = known
+    tag, size = _TAGS[number], len(encoded_key)
+    # KeyValue: the key, then the value (field 2) framed by its length, holding the double (field 4, fixed64) or
+    # the integer (field 3, varint).
+    prefixes = (tag + _SMALL[size + 11] + encoded_key + b"\x12\x09\x21" if size + 11 < 128 else b"",
+                tag + _SMALL[size + 4] + encoded_key + b"\x12\x02\x18" if size + 4 < 128 else b"",
+                tag + _SMALL[size + 5] + encoded_key + b"\x12\x03\x18" if size + 5 < 128 else b"",
+                repeating)
+    if len(_PREFIXES[number]) < 4096:
+        _PREFIXES[number][key] = prefixes
+    return prefixes
+
+
+def _pair(number: int, key: str, value: Any) -> bytes:
     """One attribute as a whole `KeyValue` field numbered `number` (cached when its values repeat)."""
     kind = type(value)
-    encoded_key, repeating = known
-    if kind is float:
-        prefix = _DOUBLE_PREFIXES[number].get(key)
-        if prefix is None:
-            # KeyValue: the key, then the value (field 2) of 9 bytes: the double's tag and 8 bytes.
-            size = len(encoded_key) + 11
-            prefix = _TAGS[number] + _SMALL[size] + encoded_key + b"\x12\x09\x21" if size < 128 else b""
-            if prefix and len(_DOUBLE_PREFIXES[number]) < 4096:
-                _DOUBLE_PREFIXES[number][key] = prefix
-        if prefix:
-            encoded = prefix + _DOUBLE.pack(value)
-            if repeating and len(_PAIRS[number]) < 8192:
-                _PAIRS[number][(key, value, kind)] = encoded
-            return encoded
-    if kind is int and 0 <= value < 16384:  # token counts: one or two bytes of varint
-        any_value = _SMALL_INTS[value] if value < 128 else bytes((0x18, value & 0x7F | 0x80, value >> 7))
+    prefixes = _PREFIXES[number].get(key)
+    if prefixes is None:
+        prefixes = _prefixes(number, key)
+    if kind is float and prefixes[0]:
+        encoded = prefixes[0] + _DOUBLE.pack(value)
+    elif kind is int and 0 <= value < 128 and prefixes[1]:
+        encoded = prefixes[1] + _SMALL[value]
+    elif kind is int and 128 <= value < 16384 and prefixes[2]:
+        encoded = prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7))
     else:
+        encoded_key = _KEYS[key][0] if key in _KEYS else _key(key)[0]
         any_value = _any_value(value)
-    size = len(any_value)
-    key_value_size = len(encoded_key) + 2 + size  # the key, the value's tag and length, the value
-    if key_value_size < 128:  # (so is the value's own size)
-        encoded = b"".join((_TAGS[number], _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size], any_value))
-    else:
-        key_value = b"".join((encoded_key, b"\x12", _SMALL[size] if size < 128 else _varint(size), any_value))
-        size = len(key_value)
-        encoded = b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), key_value))
-    if repeating and kind in _HASHABLE and len(_PAIRS[number]) < 8192:
+        size = len(any_value)
+        key_value_size = len(encoded_key) + 2 + size  # the key, the value's tag and length, the value
+        if key_value_size < 128:  # (so is the value's own size)
+            encoded = b"".join((_TAGS[number], _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size],
+                                any_value))
+        else:
+            key_value = b"".join((encoded_key, b"\x12", _SMALL[size] if size < 128 else _varint(size), any_value))
+            size = len(key_value)
+            encoded = b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), key_value))
+    if prefixes[3] and kind in _HASHABLE and len(_PAIRS[number]) < 8192:
         with contextlib.suppress(TypeError):  # a tuple holding something unhashable: encoded, not cached
             _PAIRS[number][(key, value, kind)] = encoded
     return encoded
