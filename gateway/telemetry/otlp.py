@@ -214,10 +214,6 @@ def _key(name: str) -> tuple[bytes, bool]:
     return known
 
 
-def _length(size: int) -> bytes:
-    return _SMALL[size] if size < 128 else _varint(size)
-
-
 # Span names and event names encoded as their field (span name: 5, event name: 2); they repeat per model.
 _NAMES: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
 _DEFAULT_STATE = DEFAULT_TRACE_STATE
@@ -243,18 +239,28 @@ def _name(number: int, name: str) -> bytes:
     return encoded
 
 
+def _framed(tag: int, size: int) -> bytes:
+    """A length-delimited field's tag (one byte) and length: most messages here are under 16 KiB."""
+    if size < 128:
+        return bytes((tag, size))
+    if size < 16384:
+        return bytes((tag, size & 0x7F | 0x80, size >> 7))
+    return bytes((tag,)) + _varint(size)
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.context
     assert context is not None
+    # SpanContext is a tuple: unpacked at once rather than through a property call per field.
+    trace_id, span_id, _, trace_flags, state, _ = context
     parent = span.parent
     # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
-    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
-    state = context.trace_state
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
     if state is not _DEFAULT_STATE and state:
         parts.append(_field(3, state.to_header().encode()))
     if parent is not None:
         parts.append(b"\x22\x08")  # parent_span_id: field 4, 8 bytes
-        parts.append(parent.span_id.to_bytes(8, "big"))
+        parts.append(parent[1].to_bytes(8, "big"))
     kind = span.kind
     parts.append(_name(5, span.name))
     parts.append(_KIND_FIELDS.get(id(kind)) or b"\x30" + _varint(kind.value + 1))
@@ -263,8 +269,7 @@ def _span(span: ReadableSpan) -> bytes:
     for event in span.events:
         attributes = _attributes(3, event.attributes)
         name = _name(2, event.name)
-        size = 9 + len(name) + len(attributes)
-        parts.append(b"\x5a" + _length(size))  # events: field 11
+        parts.append(_framed(0x5A, 9 + len(name) + len(attributes)))  # events: field 11
         parts.append(_EVENT_TIME.pack(0x09, event.timestamp or 0))
         parts.append(name)
         parts.append(attributes)
@@ -274,7 +279,7 @@ def _span(span: ReadableSpan) -> bytes:
         parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
                             + (b"\x18" + _varint(code) if code else b"")))
     # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
-    flags = int(context.trace_flags) | 0x100 | (0x200 if parent is not None and parent.is_remote else 0)
+    flags = int(trace_flags) | 0x100 | (0x200 if parent is not None and parent[2] else 0)
     parts.append(_FLAGS.pack(0x85, 0x01, flags))
     return b"".join(parts)
 
@@ -297,10 +302,10 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
         scope_parts = [b"", _field(1, scope)]
         for member in members:
             body = _span(member)
-            scope_parts.append(b"\x12" + _length(len(body)))  # ScopeSpans.spans: field 2
+            scope_parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
             scope_parts.append(body)
         size = sum(map(len, scope_parts))
-        scope_parts[0] = b"\x12" + _length(size)  # ResourceSpans.scope_spans: field 2
+        scope_parts[0] = _framed(0x12, size)  # ResourceSpans.scope_spans: field 2
         parts, sizes = by_resource.setdefault(resource_id, ([], [0]))
         parts.extend(scope_parts)
         sizes[0] += len(scope_parts[0]) + size
@@ -308,7 +313,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     for resource_id, (parts, sizes) in by_resource.items():
         resource = _field(1, _attributes(1, resources[resource_id].attributes))
         size = len(resource) + sizes[0]
-        out.append(b"\x0a" + _length(size))  # ExportTraceServiceRequest.resource_spans: field 1
+        out.append(_framed(0x0A, size))  # ExportTraceServiceRequest.resource_spans: field 1
         out.append(resource)
         out.extend(parts)
     return b"".join(out)
