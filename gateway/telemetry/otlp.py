@@ -167,9 +167,9 @@ def _prefixes(number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
     tag, size = _TAGS[number], len(encoded_key)
     # KeyValue: the key, then the value (field 2) framed by its length, holding the double (field 4, fixed64) or
     # the integer (field 3, varint).
-    prefixes = (tag + _SMALL[size + 11] + encoded_key + b"\x12\x09\x21" if size + 11 < 128 else b"",
-                tag + _SMALL[size + 4] + encoded_key + b"\x12\x02\x18" if size + 4 < 128 else b"",
-                tag + _SMALL[size + 5] + encoded_key + b"\x12\x03\x18" if size + 5 < 128 else b"",
+    prefixes = (tag + _varint(size + 11) + encoded_key + b"\x12\x09\x21",
+                tag + _varint(size + 4) + encoded_key + b"\x12\x02\x18",
+                tag + _varint(size + 5) + encoded_key + b"\x12\x03\x18",
                 repeating)
     if len(_PREFIXES[number]) < 4096:
         _PREFIXES[number][key] = prefixes
@@ -178,16 +178,13 @@ def _prefixes(number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
 
 def _pair(number: int, key: str, value: Any) -> bytes:
     """One attribute as a whole `KeyValue` field numbered `number` (cached when its values repeat)."""
+    prefixes = _PREFIXES[number].get(key) or _prefixes(number, key)
     kind = type(value)
-    prefixes = _PREFIXES[number].get(key)
-    if prefixes is None:
-        prefixes = _prefixes(number, key)
-    if kind is float and prefixes[0]:
+    if kind is float:
         encoded = prefixes[0] + _DOUBLE.pack(value)
-    elif kind is int and 0 <= value < 128 and prefixes[1]:
-        encoded = prefixes[1] + _SMALL[value]
-    elif kind is int and 128 <= value < 16384 and prefixes[2]:
-        encoded = prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7))
+    elif kind is int and 0 <= value < 16384:
+        encoded = (prefixes[1] + _SMALL[value] if value < 128
+                   else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
     else:
         encoded_key = _KEYS[key][0] if key in _KEYS else _key(key)[0]
         any_value = _any_value(value)
