@@ -226,9 +226,10 @@ def _admission_shape(meters: Sequence[Any]) -> tuple[Sequence[Any], tuple[str, .
     scales = tuple(_MICROS if meter.unit == "usd" else 1 for meter in meters)
     raw = tuple(meter.limit for meter in meters)
     shape = (meters, tuple(meter.label for meter in meters), tuple(map(truediv, raw, scales)), raw, scales)
-    if len(_SHAPES) > 1024:  # frames of windows and policies gone by
-        _SHAPES.clear()
-    _SHAPES[id(meters)] = shape
+    if type(meters) is tuple:  # (a list could change under the memo)
+        if len(_SHAPES) > 1024:  # frames of windows and policies gone by
+            _SHAPES.clear()
+        _SHAPES[id(meters)] = shape
     return shape
 
 
