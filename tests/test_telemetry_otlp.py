@@ -138,3 +138,41 @@ def test_encoder_output_decodes_with_the_official_protobuf_classes() -> None:
     assert decoded.attributes == {"s": "ünïcode " * 40, "i": -5, "big": 2**40, "f": 0.25, "b": False,
                                   "t": ("a", "b"), "n": (1, 2)}
     assert decoded.events == ["switchboard.route"] and decoded.resource["service.name"] == "svc"
+
+
+def test_encoder_memos_give_the_same_bytes_and_keep_value_types_apart() -> None:
+    """The encoder memoises whole pairs of repeating attributes and per-name prefixes of numbers: a batch encodes
+    to the same bytes the second time, and a repeating attribute's 1, 1.0 and True stay an int, a double and a
+    bool, whatever came first."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+    from gateway.telemetry.otlp import encode_request
+    from tests.fakes.otlp_receiver import decode
+
+    resource = Resource.create({"service.name": "svc"})
+    values = (1, 1.0, True, 300, 20000, -3, 2**40, 0.1, "x" * 200, (1.0, 2.5), (1, 2), (), ("a", 1.5))
+
+    def span(number: int, value: object) -> ReadableSpan:
+        attributes = {"switchboard.attempts": value, "gen_ai.request.temperature": value, "memo.test.value": value,
+                      "switchboard.cost_usd": 0.5 + number, "gen_ai.usage.input_tokens": 100 * number}
+        return ReadableSpan(
+            name=f"chat m{number % 2}", context=SpanContext(0xABC, 0x456 + number, False, TraceFlags(1)),
+            resource=resource, kind=SpanKind.CLIENT, attributes=attributes, start_time=10, end_time=20,
+            events=[Event("switchboard.admission", {"switchboard.admission.used": (1.0, 2.5 * number),
+                                                    "memo.test.event": value}, 5)],
+            instrumentation_scope=InstrumentationScope("switchboard"))
+
+    for order in (values, values[::-1]):
+        spans = [span(number, value) for number, value in enumerate(order)]
+        first = encode_request(spans)
+        assert encode_request(spans) == first
+        assert b"".join(encode_request([s]) for s in spans[:1]) == encode_request(spans[:1])
+        for decoded, value in zip(decode(first), order, strict=True):
+            for name in ("switchboard.attempts", "gen_ai.request.temperature", "memo.test.value"):
+                assert decoded.attributes[name] == value
+                assert type(decoded.attributes[name]) is type(value)
+                if isinstance(value, tuple):
+                    assert [type(v) for v in decoded.attributes[name]] == [type(v) for v in value]

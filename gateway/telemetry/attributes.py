@@ -138,9 +138,15 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
 _NUMBER_TYPES = (int, float)
 
 
+# Every body key `request_params` reads: most requests set none of them.
+_PARAM_KEYS = frozenset([key for key, _ in _REQUEST_PARAMS] + ["max_completion_tokens", "max_tokens", "stop", "n"])
+
+
 def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
     """The request's sampling parameters as `gen_ai.request.*` attributes."""
     params: dict[str, Any] = {}
+    if _PARAM_KEYS.isdisjoint(body):
+        return params
     for key, attribute in _REQUEST_PARAMS:
         value = body.get(key)
         if value is not None and type(value) in _NUMBER_TYPES:

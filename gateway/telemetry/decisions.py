@@ -29,6 +29,8 @@ The candidates' labels and weights are built once per target list, so a request 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter, sub, truediv
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -184,29 +186,51 @@ def fallback_event(from_model: str, to_model: str, reason: str, cause: str) -> d
 def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks: Sequence[Check],
                     verdict: Verdict, reserved_tokens: int, reserved_usd_micros: int) -> dict[str, Any]:
     """One admission verdict: every limit and budget checked, with its numbers (USD in dollars)."""
-    labels, limits, used, requested, remaining = [], [], [], [], []
-    for index, (meter, check) in enumerate(zip(meters, checks, strict=True)):
-        scale = _MICROS if meter.unit == "usd" else 1
-        taken = check.amount if verdict.admitted else 0
-        labels.append(meter.label)
-        limits.append(meter.limit / scale)
-        used.append(verdict.used[index] / scale)
-        requested.append(check.amount / scale)
-        remaining.append(max(0, meter.limit - verdict.used[index] - taken) / scale)
+    if len(meters) != len(checks):
+        raise ValueError(f"{len(meters)} meters for {len(checks)} checks")
+    _, labels, limits, raw_limits, scales = _admission_shape(meters)
+    # The per-request numbers, element by element in C (five checks for the full policy).
+    amounts = tuple(map(_AMOUNT, checks))
+    used = verdict.used
+    taken = amounts if verdict.admitted else repeat(0)
     attributes: dict[str, Any] = {
         "switchboard.admission.verdict": verdict_name,
         "switchboard.admission.model": model,
-        "switchboard.admission.checks": tuple(labels),
-        "switchboard.admission.limits": tuple(limits),
-        "switchboard.admission.used": tuple(used),
-        "switchboard.admission.requested": tuple(requested),
-        "switchboard.admission.remaining": tuple(remaining),
+        "switchboard.admission.checks": labels,
+        "switchboard.admission.limits": limits,
+        "switchboard.admission.used": tuple(map(truediv, used, scales)),
+        "switchboard.admission.requested": tuple(map(truediv, amounts, scales)),
+        # max(0, limit - used - taken) / scale
+        "switchboard.admission.remaining": tuple(map(truediv, map(max, repeat(0), map(
+            sub, map(sub, raw_limits, used), taken)), scales)),
         "switchboard.admission.reserved_tokens": reserved_tokens,
         "switchboard.admission.reserved_usd": reserved_usd_micros / _MICROS,
     }
     if verdict.denied is not None:
         attributes["switchboard.admission.denied"] = labels[verdict.denied]
     return attributes
+
+
+_AMOUNT = attrgetter("amount")
+# Per tuple of meters (a plan's frame keeps its tuple for its windows): the meters, their labels, limits (in
+# dollars for USD), raw limits and the scale of each (micro-dollars per dollar, or 1).
+_SHAPES: dict[int, tuple[Sequence[Any], tuple[str, ...], tuple[float, ...], tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _admission_shape(meters: Sequence[Any]) -> tuple[Sequence[Any], tuple[str, ...], tuple[float, ...],
+                                                     tuple[int, ...], tuple[int, ...]]:
+    """What an admission event takes from its meters alone, built once per tuple of meters."""
+    cached = _SHAPES.get(id(meters))
+    if cached is not None and cached[0] is meters:
+        return cached
+    scales = tuple(_MICROS if meter.unit == "usd" else 1 for meter in meters)
+    raw = tuple(meter.limit for meter in meters)
+    shape = (meters, tuple(meter.label for meter in meters), tuple(map(truediv, raw, scales)), raw, scales)
+    if type(meters) is tuple:  # (a list could change under the memo)
+        if len(_SHAPES) > 1024:  # frames of windows and policies gone by
+            _SHAPES.clear()
+        _SHAPES[id(meters)] = shape
+    return shape
 
 
 def meter_label(meter: Any) -> str:

@@ -14,6 +14,7 @@ best-effort, and a dead collector must cost nothing but the lost spans.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import struct
@@ -25,15 +26,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 log = logging.getLogger("switchboard.telemetry")
 
 _DOUBLE = struct.Struct("<d")
-_FIXED64 = struct.Struct("<Q")
-_FIXED32 = struct.Struct("<I")
-_STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
-# The span kind field (5, varint): the SDK's INTERNAL=0 is the protocol's SPAN_KIND_INTERNAL=1, and so on.
-_KINDS = {kind: b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
 
 
 def _varint(value: int) -> bytes:
@@ -57,7 +54,8 @@ _SMALL = tuple(bytes((n,)) for n in range(128))
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
     size = len(payload)
-    return _TAGS[number] + (_SMALL[size] if size < 128 else _varint(size)) + payload
+    # A join, not `+`: concatenating bytes goes through the buffer protocol, joining them does not.
+    return b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), payload))
 
 
 # Attribute names encoded (`KeyValue.key` with its tag and length), and whether their values repeat.
@@ -73,7 +71,7 @@ _REPEATING = frozenset({
     "switchboard.upstream_model", "switchboard.outcome", "switchboard.stream", "switchboard.price_version",
     "switchboard.route", "switchboard.attempts", "switchboard.attempt", "switchboard.usage_estimated",
     "http.response.status_code", "error.type", "gen_ai.request.temperature", "gen_ai.request.max_tokens",
-    "gen_ai.request.top_p", "openinference.span.kind", "llm.model_name", "llm.provider",
+    "gen_ai.request.top_p", "openinference.span.kind", "langsmith.span.kind", "llm.model_name", "llm.provider",
     # Decision events (gateway/telemetry/decisions.py): the same few candidates and verdicts recur.
     "switchboard.route.model", "switchboard.route.strategy", "switchboard.route.attempt",
     "switchboard.route.candidates", "switchboard.route.weights", "switchboard.route.states",
@@ -126,7 +124,10 @@ _DOUBLE_ELEMENT = b"\x0a\x09\x21"
 
 def _array_values(values: Sequence[Any]) -> bytes:
     """The elements of an `ArrayValue`. Decision events carry several tuples of numbers (an admission's limits,
-    used, requested and remaining, one per check): doubles are framed here without a call each."""
+    used, requested and remaining, one per check): a tuple of doubles only is framed in C, each element as the
+    separator of a join."""
+    if values and list(map(type, values)).count(float) == len(values):
+        return _DOUBLE_ELEMENT + _DOUBLE_ELEMENT.join(map(_DOUBLE.pack, values))
     parts = []
     for value in values:
         if type(value) is float:
@@ -137,38 +138,69 @@ def _array_values(values: Sequence[Any]) -> bytes:
 
 
 def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated `KeyValue` fields numbered `number`. The hot loop of span encoding (~35 attributes a span with
-    its events): the length-delimited framing is written inline rather than through `_field`."""
+    """Repeated `KeyValue` fields numbered `number`: the hot loop of span encoding (~25 attributes a span and
+    ~20 more in its events, most of them repeating from request to request)."""
     if not attributes:
         return b""
-    tag = _TAGS[number]
-    pairs = _PAIRS[number]
-    parts = []
-    for key, value in attributes.items():
-        known = _KEYS.get(key)
-        if known is None:
-            known = _key(key)
-        encoded_key, repeating = known
-        if repeating:
-            kind = type(value)
-            # By type too: 1, 1.0 and True are equal as keys but encode differently.
-            cache_key = (key, value, kind) if kind in _HASHABLE else None
-            try:
-                cached = pairs.get(cache_key) if cache_key is not None else None
-            except TypeError:  # a tuple holding something unhashable: encoded, not cached
-                cached = cache_key = None
-            if cached is not None:
-                parts.append(cached)
-                continue
+    get = _PAIRS[number].get
+    try:
+        # Each attribute's cached pair, else encoded by `_pair` (which alone fills the cache). Keyed by the
+        # value's type too: 1, 1.0 and True are equal as keys but encode differently.
+        return b"".join([get((key, value, type(value))) or _pair(number, key, value)
+                         for key, value in attributes.items()])
+    except Exception:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
+        return b"".join([_pair(number, key, value) for key, value in attributes.items()])
+
+
+# Per field number, by attribute name: the `KeyValue` field up to the last bytes of its value, for a double
+# (8 bytes), an integer below 128 (one byte of varint) and one below 16384 (two bytes), each of a fixed length;
+# then whether the name's values repeat. Token counts, costs and durations vary per request: each of those is
+# a lookup and a concatenation.
+_PREFIXES: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
+
+
+def _prefixes(number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
+    known = _KEYS.get(key)
+    if known is None:
+        known = _key(key)
+    encoded_key, repeating = known
+    tag, size = _TAGS[number], len(encoded_key)
+    # KeyValue: the key, then the value (field 2) framed by its length, holding the double (field 4, fixed64) or
+    # the integer (field 3, varint).
+    prefixes = (tag + _varint(size + 11) + encoded_key + b"\x12\x09\x21",
+                tag + _varint(size + 4) + encoded_key + b"\x12\x02\x18",
+                tag + _varint(size + 5) + encoded_key + b"\x12\x03\x18",
+                repeating)
+    if len(_PREFIXES[number]) < 4096:
+        _PREFIXES[number][key] = prefixes
+    return prefixes
+
+
+def _pair(number: int, key: str, value: Any) -> bytes:
+    """One attribute as a whole `KeyValue` field numbered `number` (cached when its values repeat)."""
+    prefixes = _PREFIXES[number].get(key) or _prefixes(number, key)
+    kind = type(value)
+    if kind is float:
+        encoded = prefixes[0] + _DOUBLE.pack(value)
+    elif kind is int and 0 <= value < 16384:
+        encoded = (prefixes[1] + _SMALL[value] if value < 128
+                   else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
+    else:
+        encoded_key = _KEYS[key][0] if key in _KEYS else _key(key)[0]
         any_value = _any_value(value)
         size = len(any_value)
-        key_value = encoded_key + b"\x12" + (_SMALL[size] if size < 128 else _varint(size)) + any_value
-        size = len(key_value)
-        encoded = tag + (_SMALL[size] if size < 128 else _varint(size)) + key_value
-        if repeating and cache_key is not None and len(pairs) < 8192:
-            pairs[cache_key] = encoded
-        parts.append(encoded)
-    return b"".join(parts)
+        key_value_size = len(encoded_key) + 2 + size  # the key, the value's tag and length, the value
+        if key_value_size < 128:  # (so is the value's own size)
+            encoded = b"".join((_TAGS[number], _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size],
+                                any_value))
+        else:
+            key_value = b"".join((encoded_key, b"\x12", _SMALL[size] if size < 128 else _varint(size), any_value))
+            size = len(key_value)
+            encoded = b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), key_value))
+    if prefixes[3] and kind in _HASHABLE and len(_PAIRS[number]) < 8192:
+        with contextlib.suppress(TypeError):  # a tuple holding something unhashable: encoded, not cached
+            _PAIRS[number][(key, value, kind)] = encoded
+    return encoded
 
 
 def _key(name: str) -> tuple[bytes, bool]:
@@ -179,37 +211,80 @@ def _key(name: str) -> tuple[bytes, bool]:
     return known
 
 
+# Span names and event names encoded as their field (span name: 5, event name: 2); they repeat per model.
+_NAMES: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
+_DEFAULT_STATE = DEFAULT_TRACE_STATE
+# The span kind field (5, varint): the SDK's INTERNAL=0 is the protocol's SPAN_KIND_INTERNAL=1, and so on.
+# By the members' identity: the enums' own `__hash__` is Python code.
+_KIND_FIELDS = {id(kind): b"\x30" + bytes((kind.value + 1,)) for kind in SpanKind}
+_STATUS_CODES = {id(StatusCode.UNSET): 0, id(StatusCode.OK): 1, id(StatusCode.ERROR): 2}
+# start_time_unix_nano (field 7) and end_time_unix_nano (field 8), both fixed64.
+_TIMES = struct.Struct("<BQBQ")
+# An event's time_unix_nano (field 1, fixed64).
+_EVENT_TIME = struct.Struct("<BQ")
+# flags (field 16, fixed32): a two-byte tag.
+_FLAGS = struct.Struct("<BBI")
+
+
+def _name(number: int, name: str) -> bytes:
+    names = _NAMES[number]
+    encoded = names.get(name)
+    if encoded is None:
+        encoded = _field(number, name.encode())
+        if len(names) < 4096:
+            names[name] = encoded
+    return encoded
+
+
+def _framed(tag: int, size: int) -> bytes:
+    """A length-delimited field's tag (one byte) and length: most messages here are under 16 KiB."""
+    if size < 128:
+        return bytes((tag, size))
+    if size < 16384:
+        return bytes((tag, size & 0x7F | 0x80, size >> 7))
+    return bytes((tag,)) + _varint(size)
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.context
     assert context is not None
+    # SpanContext is a tuple: unpacked at once rather than through a property call per field.
+    trace_id, span_id, _, trace_flags, state, _ = context
     parent = span.parent
     # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
-    parts = [b"\x0a\x10" + context.trace_id.to_bytes(16, "big"), b"\x12\x08" + context.span_id.to_bytes(8, "big")]
-    if context.trace_state:
-        parts.append(_field(3, context.trace_state.to_header().encode()))
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if state is not _DEFAULT_STATE and state:
+        parts.append(_field(3, state.to_header().encode()))
     if parent is not None:
-        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))  # parent_span_id: field 4, 8 bytes
-    parts.append(_field(5, span.name.encode()))
-    parts.append(_KINDS.get(span.kind) or b"\x30" + _varint(span.kind.value + 1))
-    parts.append(b"\x39" + _FIXED64.pack(span.start_time or 0))
-    parts.append(b"\x41" + _FIXED64.pack(span.end_time or 0))
+        parts.append(b"\x22\x08")  # parent_span_id: field 4, 8 bytes
+        parts.append(parent[1].to_bytes(8, "big"))
+    kind = span.kind
+    parts.append(_name(5, span.name))
+    parts.append(_KIND_FIELDS.get(id(kind)) or b"\x30" + _varint(kind.value + 1))
+    parts.append(_TIMES.pack(0x39, span.start_time or 0, 0x41, span.end_time or 0))
     parts.append(_attributes(9, span.attributes))
     for event in span.events:
-        parts.append(_field(11, b"\x09" + _FIXED64.pack(event.timestamp or 0) + _field(2, event.name.encode())
-                            + _attributes(3, event.attributes)))
+        attributes = _attributes(3, event.attributes)
+        name = _name(2, event.name)
+        parts.append(_framed(0x5A, 9 + len(name) + len(attributes)))  # events: field 11
+        parts.append(_EVENT_TIME.pack(0x09, event.timestamp or 0))
+        parts.append(name)
+        parts.append(attributes)
     status = span.status
-    code = _STATUS.get(status.status_code, 0)
+    code = _STATUS_CODES.get(id(status.status_code), 0)
     if code or status.description:
         parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
                             + (b"\x18" + _varint(code) if code else b"")))
     # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
-    flags = int(context.trace_flags) | 0x100 | (0x200 if parent is not None and parent.is_remote else 0)
-    parts.append(b"\x85\x01" + _FIXED32.pack(flags))
+    flags = int(trace_flags) | 0x100 | (0x200 if parent is not None and parent[2] else 0)
+    parts.append(_FLAGS.pack(0x85, 0x01, flags))
     return b"".join(parts)
 
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
-    """An `ExportTraceServiceRequest` for spans; grouped by resource and instrumentation scope."""
+    """An `ExportTraceServiceRequest` for spans; grouped by resource and instrumentation scope.
+
+    Each nested message is framed by its length without copying its contents: the parts are joined once."""
     groups: dict[tuple[int, str, str], list[ReadableSpan]] = {}
     resources: dict[int, Resource] = {}
     for span in spans:
@@ -217,15 +292,27 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
         key = (id(span.resource), scope.name if scope else "", (scope.version or "") if scope else "")
         resources[id(span.resource)] = span.resource
         groups.setdefault(key, []).append(span)
-    by_resource: dict[int, list[bytes]] = {}
+    # Per resource: the parts of its ScopeSpans messages (field 2 of ResourceSpans) and their size.
+    by_resource: dict[int, tuple[list[bytes], list[int]]] = {}
     for (resource_id, scope_name, scope_version), members in groups.items():
         scope = _field(1, scope_name.encode()) + (_field(2, scope_version.encode()) if scope_version else b"")
-        scope_spans = _field(1, scope) + b"".join(_field(2, _span(s)) for s in members)
-        by_resource.setdefault(resource_id, []).append(_field(2, scope_spans))
+        scope_parts = [b"", _field(1, scope)]
+        for member in members:
+            body = _span(member)
+            scope_parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
+            scope_parts.append(body)
+        size = sum(map(len, scope_parts))
+        scope_parts[0] = _framed(0x12, size)  # ResourceSpans.scope_spans: field 2
+        parts, sizes = by_resource.setdefault(resource_id, ([], [0]))
+        parts.extend(scope_parts)
+        sizes[0] += len(scope_parts[0]) + size
     out = []
-    for resource_id, scope_parts in by_resource.items():
-        resource = _attributes(1, resources[resource_id].attributes)
-        out.append(_field(1, _field(1, resource) + b"".join(scope_parts)))
+    for resource_id, (parts, sizes) in by_resource.items():
+        resource = _field(1, _attributes(1, resources[resource_id].attributes))
+        size = len(resource) + sizes[0]
+        out.append(_framed(0x0A, size))  # ExportTraceServiceRequest.resource_spans: field 1
+        out.append(resource)
+        out.extend(parts)
     return b"".join(out)
 
 

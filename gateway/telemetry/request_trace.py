@@ -306,7 +306,8 @@ class RequestTrace:
             kept = tracing.keeps(record)
             if kept is None:
                 return  # unsampled, healthy, fast and cheap: nothing is built
-        response_id, response_model, reasons, output = self._response_facts(record)
+        content = record is not None and tracing.records_content(record.team)
+        response_id, response_model, reasons, output = self._response_facts(content)
         attributes: dict[str, Any] = {"gen_ai.operation.name": self._operation,
                                       "switchboard.request_id": self._exchange.request_id}
         name = self._operation
@@ -317,7 +318,7 @@ class RequestTrace:
             route = self._exchange.response_headers.get(_ROUTE_HEADER)
             if route:
                 attributes["switchboard.route"] = route
-            if tracing.records_content(record.team):
+            if content:
                 attributes.update(content_attributes(self._body, output, tracing.redactor))
         attributes["switchboard.attempts"] = len(self._attempts)
         if kept is not None:  # outside the sample, kept by the tail rule (its upstream was told "unsampled")
@@ -364,9 +365,8 @@ class RequestTrace:
             return record.outcome
         return None
 
-    def _response_facts(self, record: UsageRecord | None) -> tuple[str | None, str | None, tuple[str, ...], Any]:
+    def _response_facts(self, wants_output: bool) -> tuple[str | None, str | None, tuple[str, ...], Any]:
         """Response id, model, finish reasons and (only when content is recorded) the output."""
-        wants_output = record is not None and self._tracing.records_content(record.team)
         if self._response_body is not None:
             found = _RESPONSE_ID.search(self._response_body, 0, 512)
             output = output_of_body(self._response_body) if wants_output else None
