@@ -280,7 +280,7 @@ class Settlement:
             exchange.request_id,  # request_id
             team,  # team
             caller.key_id,  # key_id
-            request.endpoint.value if request else "unknown",  # endpoint
+            request.endpoint._value_ if request else "unknown",  # endpoint (`.value` is a Python-level property)
             _bounded_model_name(request.model, policy) if request else "",  # public_model
             target.provider.name if target else None,  # provider
             target.upstream_model if target else None,  # upstream_model
