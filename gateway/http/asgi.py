@@ -19,6 +19,7 @@ import orjson
 from gateway.accounting.settlement import Settlement
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Exchange, Reply, Services, StreamReply, new_gateway_id
+from gateway.routing.deadlines import running_task
 
 Scope = dict[str, Any]
 log = logging.getLogger("switchboard.server")
@@ -121,8 +122,16 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     declared = request_headers(scope).get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise asyncio.CancelledError("client disconnected while sending the request")
+    chunk = message.get("body", b"")
+    if len(chunk) > limit:
+        raise _too_large(limit)
+    if not message.get("more_body", False):
+        return chunk  # nearly every body: all of it in its one message
+    chunks = [chunk]
+    size = len(chunk)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -133,7 +142,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -188,7 +197,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
         del exchange.settlement  # as below, once settled
         await send_reply(send, refused(Reply(*render(error))))
         return
-    task = asyncio.current_task()
+    task = running_task(asyncio.get_running_loop())  # asyncio.current_task(), without its Python frame on 3.11
     assert task is not None
     watch = _DisconnectWatch(scope, receive, task)
     events: AsyncIterator[bytes] | None = None

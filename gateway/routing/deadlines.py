@@ -19,16 +19,17 @@ import asyncio
 import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
 # The task a loop is running, as `asyncio.current_task(loop)` finds it: on 3.11 that is a Python function reading
-# this dict (asyncio's C module has it from 3.12), a frame of its own for every attempt.
-_running_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[object] | None]
+# this dict (asyncio's C module has it from 3.12), a frame of its own for every attempt and every request.
+running_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
 if sys.version_info < (3, 12):
     from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
 
-    _running_task = _current_tasks.get
+    running_task = _current_tasks.get
 else:
-    _running_task = asyncio.current_task
+    running_task = asyncio.current_task
 
 
 class Expiry:
@@ -43,7 +44,7 @@ class Expiry:
 
     def __init__(self, deadlines: AttemptDeadlines, seconds: float) -> None:
         loop = self.loop = asyncio.get_running_loop()
-        task = _running_task(loop)
+        task = running_task(loop)
         assert task is not None
         self.task = task
         self._cancelling = task.cancelling()
