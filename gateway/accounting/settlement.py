@@ -269,10 +269,14 @@ class Settlement:
             self._settle_limits(services.limiter, usage, wasted, overhead)
         if cache is not None:
             cache.settled(outcome == COMPLETED)
-        now = services.clock()
+        started = exchange.started
+        elapsed = services.clock() - started
         ttft = None
         if stream is not None and stream.first_token_at is not None:
-            ttft = (stream.first_token_at - exchange.started) * 1000
+            ttft = (stream.first_token_at - started) * 1000
+        model = request.model if request else ""
+        if len(model) > _UNKNOWN_MODEL_CHARS:
+            model = _bounded_model_name(model, policy)
         # Positional, in the fields' order: calling a class with keywords packs them into a dict for `__init__` and
         # unpacks them again, which for this record's 24 keywords cost three times the construction itself (19,000
         # against 6,000 instructions). Each line names its field.
@@ -280,15 +284,15 @@ class Settlement:
             exchange.request_id,  # request_id
             team,  # team
             caller.key_id,  # key_id
-            request.endpoint.value if request else "unknown",  # endpoint
-            _bounded_model_name(request.model, policy) if request else "",  # public_model
-            target.provider.name if target else None,  # provider
+            request.endpoint._value_ if request else "unknown",  # endpoint (`.value` is a Python-level property)
+            model,  # public_model
+            target.key[0] if target else None,  # provider (a target's key starts with its name: no property call)
             target.upstream_model if target else None,  # upstream_model
             request.stream if request else False,  # stream
             self.status,  # status
             usage,  # usage
-            (now - exchange.started) * 1000,  # duration_ms
-            exchange.overhead_ms(now),  # overhead_ms
+            elapsed * 1000,  # duration_ms
+            max(0.0, (elapsed - exchange.upstream_wait_s) * 1000),  # overhead_ms: `Exchange.overhead_ms`, written out
             ttft,  # time_to_first_token_ms
             outcome,  # outcome
             self.cost_usd,  # cost_usd

@@ -19,6 +19,7 @@ import orjson
 from gateway.accounting.settlement import Settlement
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.exchange import Exchange, Reply, Services, StreamReply, new_gateway_id
+from gateway.routing.deadlines import running_task
 
 Scope = dict[str, Any]
 log = logging.getLogger("switchboard.server")
@@ -107,12 +108,36 @@ class GatewayApp:
                 await send_reply(send_with_id, Reply(*render(error)))
 
 
+# Header names as text and as bytes, kept as they are first met: requests and replies repeat the same few names,
+# and a dict lookup costs a fraction of a codec call (`decode("latin-1")` is an argument parse and a codec-name
+# normalisation each time). Bounded, so a client inventing names cannot grow them: past it, names are converted
+# every time.
+_DECODED_NAMES: dict[bytes, str] = {}
+_ENCODED_NAMES: dict[str, bytes] = {}
+_MAX_NAMES = 512
+
+
 def request_headers(scope: Scope) -> dict[str, str]:
     """Header names lowercased (ASGI already does), values decoded; decoded once per request."""
     headers = scope.get("switchboard.headers")
     if headers is None:
-        headers = scope["switchboard.headers"] = {key.decode("latin-1"): value.decode("latin-1")
-                                                  for key, value in scope["headers"]}
+        headers = scope["switchboard.headers"] = _decoded(scope["headers"])
+    return headers
+
+
+def _decoded(raw: Any) -> dict[str, str]:
+    names = _DECODED_NAMES
+    headers = {}
+    try:
+        for key, value in raw:
+            name = names.get(key)
+            if name is None:
+                name = key.decode("latin-1")
+                if len(names) < _MAX_NAMES:
+                    names[key] = name
+            headers[name] = value.decode("latin-1")
+    except TypeError:  # a name that is no `bytes` (a bytearray cannot be a dict key): each one decoded as it is
+        return {key.decode("latin-1"): value.decode("latin-1") for key, value in raw}
     return headers
 
 
@@ -121,8 +146,16 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     declared = request_headers(scope).get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise asyncio.CancelledError("client disconnected while sending the request")
+    chunk = message.get("body", b"")
+    if len(chunk) > limit:
+        raise _too_large(limit)
+    if not message.get("more_body", False):
+        return chunk  # nearly every body: all of it in its one message
+    chunks = [chunk]
+    size = len(chunk)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -133,7 +166,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -142,7 +175,16 @@ def _too_large(limit: int) -> GatewayError:
 
 
 def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    names = _ENCODED_NAMES
+    encoded = []
+    for name, value in headers.items():
+        raw = names.get(name)
+        if raw is None:
+            raw = name.encode("latin-1")
+            if len(names) < _MAX_NAMES:
+                names[name] = raw
+        encoded.append((raw, value.encode("latin-1")))
+    return encoded
 
 
 async def send_reply(send: Any, reply: Reply) -> None:
@@ -188,7 +230,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
         del exchange.settlement  # as below, once settled
         await send_reply(send, refused(Reply(*render(error))))
         return
-    task = asyncio.current_task()
+    task = running_task(asyncio.get_running_loop())  # asyncio.current_task(), without its Python frame on 3.11
     assert task is not None
     watch = _DisconnectWatch(scope, receive, task)
     events: AsyncIterator[bytes] | None = None

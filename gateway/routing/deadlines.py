@@ -17,6 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# The task a loop is running, as `asyncio.current_task(loop)` finds it: on 3.11 that is a Python function reading
+# this dict (asyncio's C module has it from 3.12), a frame of its own for every attempt and every request.
+running_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+if sys.version_info < (3, 12):
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    running_task = _current_tasks.get
+else:
+    running_task = asyncio.current_task
 
 
 class Expiry:
@@ -30,21 +43,27 @@ class Expiry:
     __slots__ = ("_cancelling", "_deadlines", "at", "expired", "loop", "task")
 
     def __init__(self, deadlines: AttemptDeadlines, seconds: float) -> None:
-        task = asyncio.current_task()
+        loop = self.loop = asyncio.get_running_loop()
+        task = running_task(loop)
         assert task is not None
         self.task = task
-        self.loop = task.get_loop()
         self._cancelling = task.cancelling()
         self._deadlines = deadlines
-        self.at = self.loop.time() + seconds
+        self.at = loop.time() + seconds
         self.expired = False
 
+    # Registering with the `AttemptDeadlines` and leaving them are written out here rather than as methods of theirs:
+    # every upstream attempt enters and leaves one.
     def __enter__(self) -> Expiry:
-        self._deadlines.watch(self)
+        deadlines = self._deadlines
+        deadlines._watched[self] = at = self.at
+        # Rare: a deadline earlier than the armed one (the first attempt, a short ttft_timeout_s) or a new loop.
+        if at < deadlines._armed_at or self.loop is not deadlines._loop:
+            deadlines._arm(self.loop, at)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._deadlines.forget(self)
+        self._deadlines._watched.pop(self, None)  # already gone when its deadline fired
         if self.expired and exc_type is asyncio.CancelledError and self.task.uncancel() <= self._cancelling:
             raise TimeoutError from exc
 
@@ -63,15 +82,6 @@ class AttemptDeadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def watch(self, expiry: Expiry) -> None:
-        self._watched[expiry] = expiry.at
-        # Rare: a deadline earlier than the armed one (the first attempt, a short ttft_timeout_s) or a new loop.
-        if expiry.at < self._armed_at or expiry.loop is not self._loop:
-            self._arm(expiry.loop, expiry.at)
-
-    def forget(self, expiry: Expiry) -> None:
-        self._watched.pop(expiry, None)  # already gone when its deadline fired
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:

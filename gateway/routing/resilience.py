@@ -74,10 +74,9 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
     A fallback the caller's `team` may not use (nor is allowed as a fallback) is skipped.
     `team` is also who an answered 5xx is counted against in the breakers (gateway/routing/breaker.py).
     """
-    run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s)
-    run.prompt = prompt
-    run.caller = team.name if team is not None else None
-    tried = {model.name}
+    run = _Run(services, exchange, headers, attempt, model.plan.config.deadline_s, prompt,
+               team.name if team is not None else None)
+    tried: set[str] | None = None  # the models tried, once one failed
     current = model
     try:
         while True:
@@ -86,6 +85,8 @@ async def route_and_call(services: Services, policy: Policy, model: Model, call:
             except _ModelFailed as failed:
                 if run.expired():
                     raise failed.error from None
+                if tried is None:
+                    tried = {model.name}
                 following = await _next_fallback(run, policy, model, current, failed, tried, team)
                 if following is None:
                     raise failed.error from None
@@ -132,17 +133,18 @@ class _Run:
     """One request's attempts across models and targets."""
 
     def __init__(self, services: Services, exchange: Exchange, headers: Mapping[str, str], attempt: Attempt,
-                 deadline_s: float | None) -> None:
+                 deadline_s: float | None, prompt: PromptCount | None = None, caller: str | None = None) -> None:
         self.services = services
         self.states: RouteState = services.routes
         self.exchange = exchange
         self.headers = headers
         self.attempt = attempt
-        self.clock = services.clock
-        self.deadline = None if deadline_s is None else self.clock() + deadline_s
+        self.clock = clock = services.clock
+        self.deadline = None if deadline_s is None else clock() + deadline_s
         self.trail: list[str] = []
-        self.prompt: PromptCount | None = None
-        self.caller: str | None = None
+        # The prompt as admission counted it, and the team whose request this is (see `route_and_call`).
+        self.prompt = prompt
+        self.caller = caller
         # Targets whose answered 5xx this request may have caused; confirmed theirs if another target serves it.
         self.suspects: list[Target] = []
 
@@ -164,12 +166,14 @@ class _Run:
         if not targets:
             raise GatewayError(ErrorKind.BAD_REQUEST, f"No deployment of `{model.name}` matches the "
                                f"{self.headers.get('x-switchboard-tags')!r} tags.", code="no_matching_target")
-        request = RouteRequest(call.body)
+        request: RouteRequest | None = None  # made for a strategy that looks at the request, when one does
         error: GatewayError | None = None
         previous: Target | None = None
+        states = self.states
         for number in range(config.retries + 1):
-            now = self.states.clock()
-            available = [t for t in targets if self.states.available(t, now)]
+            now = states.clock()
+            # `RouteState.available`, spelled out: asked for every target of every request.
+            available = [t for t in targets if (state := states.state(t)).healthy and state.breaker.allows(now)]
             if not available:
                 if self.exchange.trace.recording:
                     self.exchange.trace.decision("switchboard.route", no_route_event(model, targets, self.states,
@@ -181,14 +185,20 @@ class _Run:
                     code="no_healthy_target", retry_after=wait or None))
             # Held targets (Retry-After) go last; a retry prefers a target other than the one that just failed.
             # A lone target needs no ranking (no strategy's ranking changes anything for one).
-            ranked = available if len(available) == 1 else sorted(
-                model.plan.strategy.rank(available, self.states, request),
-                key=lambda t: (self.states.state(t).hold_until > now, t is previous))
+            if len(available) == 1:
+                ranked = available
+            else:
+                if request is None:
+                    request = RouteRequest(call.body)
+                ranked = sorted(model.plan.strategy.rank(available, self.states, request),
+                                key=lambda t: (self.states.state(t).hold_until > now, t is previous))
             target = ranked[0]
             if self.exchange.trace.recording:
                 self.exchange.trace.decision("switchboard.route", route_event(model, ranked, targets, self.states,
                                                                               now, number + 1, previous))
             if model.plan.strategy.watches_attempts:
+                if request is None:
+                    request = RouteRequest(call.body)
                 model.plan.strategy.on_attempt(target, self.states, request)
             sent = call if call.upstream_model == target.upstream_model else dataclasses.replace(
                 call, upstream_model=target.upstream_model)
@@ -257,7 +267,7 @@ class _Run:
         config = model.plan.config
         states, clock = self.states, self.clock
         state = states.state(target)
-        timeout = self.remaining()
+        timeout = None if self.deadline is None else self.deadline - clock()  # `remaining()`
         if call.stream and config.ttft_timeout_s is not None:
             timeout = config.ttft_timeout_s if timeout is None else min(timeout, config.ttft_timeout_s)
         started = clock()
@@ -302,7 +312,7 @@ class _Run:
         state.breaker.on_success(states.clock(), config.circuit_breaker)
         if not call.stream:
             state.in_flight -= 1  # a stream stays in flight until the relay closes it
-        self.trail.append(f"{model.name}@{target.provider.name}:ok")
+        self.trail.append(f"{model.name}@{target.key[0]}:ok")  # the key starts with the provider's name
         return response
 
     async def _read(self, response: UpstreamResponse, target: Target, call: Call, config: ModelPolicy

@@ -19,6 +19,7 @@ collector reads it from the routing state when Prometheus scrapes.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,31 +124,50 @@ class Metrics:
     def record(self, record: UsageRecord) -> None:
         """The usage sink: everything about a settled request, in one place."""
         self._finished += 1
-        model = self.model_label(record.public_model)
+        # `model_label` and `Histogram.observe` written out in place: this runs for every request, and each Python
+        # call costs about as much as the work it does (one bisect and two additions per observation).
+        model = record.public_model
+        if model not in self._policy().models:
+            model = OTHER
         if record.variant is not None:
             self.variants.record(record, model)
             if record.variant == "shadow":  # a mirrored call, not a client's request: its own series only
                 return
-        # team, provider and upstream model come from the policy the request was served on.
-        key = (record.team, model, record.provider or "none", str(record.status),
-               record.upstream_model or "", record.endpoint)
+        # team, provider and upstream model come from the policy the request was served on. The status is kept as
+        # the int it is and made a label's text when scraped (`str()` per request cost more than the lookup).
+        key = (record.team, model, record.provider or "none", record.status, record.upstream_model or "",
+               record.endpoint)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series()
         series.requests += 1
-        duration_s = record.duration_ms / 1000
-        series.duration.observe(duration_s)
-        series.overhead.observe(record.overhead_ms / 1000)
+        value = record.duration_ms / 1000
+        histogram = series.duration
+        histogram.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        histogram.total += value
+        value = record.overhead_ms / 1000
+        histogram = series.overhead
+        histogram.counts[bisect_left(_OVERHEAD_BUCKETS, value)] += 1
+        histogram.total += value
         if record.time_to_first_token_ms is not None:
-            series.ttft.observe(record.time_to_first_token_ms / 1000)
+            value = record.time_to_first_token_ms / 1000
+            histogram = series.ttft
+            histogram.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+            histogram.total += value
         usage = record.usage
         if usage is not None:
             series.billed = True
-            series.input_tokens += usage.prompt_tokens
+            tokens = usage.prompt_tokens
+            series.input_tokens += tokens
+            histogram = series.genai_input
+            histogram.counts[bisect_left(_GENAI_TOKEN_BUCKETS, tokens)] += 1
+            histogram.total += tokens
+            tokens = usage.completion_tokens
+            series.output_tokens += tokens
+            histogram = series.genai_output
+            histogram.counts[bisect_left(_GENAI_TOKEN_BUCKETS, tokens)] += 1
+            histogram.total += tokens
             series.cached_tokens += usage.cached_tokens
-            series.output_tokens += usage.completion_tokens
-            series.genai_input.observe(usage.prompt_tokens)
-            series.genai_output.observe(usage.completion_tokens)
         if record.cost_usd:
             series.cost_usd += record.cost_usd
         if record.stream:
@@ -207,7 +227,10 @@ class Metrics:
 
 
 class _Series:
-    """Everything counted for one (team, model, provider, status, upstream model, endpoint)."""
+    """Everything counted for one (team, model, provider, status, upstream model, endpoint).
+
+    Each histogram's bounds are the module's constants `Metrics.record` bisects with: change them together.
+    """
 
     __slots__ = ("billed", "cached_tokens", "cost_usd", "duration", "genai_input", "genai_output", "input_tokens",
                  "output_tokens", "overhead", "requests", "ttft")
@@ -251,13 +274,15 @@ class _UsageCollector(Collector):
         genai_tokens: dict[tuple[str, ...], list[Histogram]] = {}
         genai_duration: dict[tuple[str, ...], list[Histogram]] = {}
         for (team, model, provider, status, upstream_model, endpoint), one in series:
-            request_labels, model_labels = (team, model, provider, status), (team, model, provider)
+            status_label = str(status)
+            request_labels, model_labels = (team, model, provider, status_label), (team, model, provider)
             counts[request_labels] = counts.get(request_labels, 0) + one.requests
             duration.setdefault(request_labels, []).append(one.duration)
             overhead.setdefault((team, model), []).append(one.overhead)
             genai = (_OPERATION.get(endpoint, endpoint), provider, upstream_model)
             if upstream_model:  # requests that reached no upstream are not GenAI client operations
-                genai_duration.setdefault((*genai, "" if int(status) < 400 else status), []).append(one.duration)
+                genai_duration.setdefault((*genai, "" if status < 400 else status_label), []).append(
+                    one.duration)
             if not one.billed:  # a failed request creates no zero-valued token, cost or token-usage series
                 continue
             for kind, value in (("input", one.input_tokens), ("cached_input", one.cached_tokens),

@@ -111,15 +111,24 @@ class UpstreamPools:
     def __init__(self, counter: TokenCounting) -> None:
         self._counter = counter
         self._clients: dict[tuple[Any, ...], UpstreamClient] = {}
+        # Each provider object's client, by the object's id (the object is held, so the id stays its own): hashing
+        # `pool_identity` per request hashes its settings' options, a pydantic model hashed in Python. Emptied
+        # whenever `_clients` loses an entry or a policy is prepared, so it only ever repeats `_clients`' answer.
+        self._by_provider: dict[int, tuple[Provider, UpstreamClient]] = {}
 
     def client_for(self, provider: Provider) -> UpstreamClient:
+        known = self._by_provider.get(id(provider))
+        if known is not None and known[0] is provider:
+            return known[1]
         client = self._clients.get(provider.pool_identity)
         if client is None:
             client = self._clients[provider.pool_identity] = self._new_client(provider)
+        self._by_provider[id(provider)] = (provider, client)
         return client
 
     def prepare(self, policy: Policy) -> None:
         """Create the pools a policy needs up front, so no request pays for it."""
+        self._by_provider = {}  # providers of earlier policies are not kept alive by it
         for provider in policy.providers.values():
             self.client_for(provider)
 
@@ -130,12 +139,14 @@ class UpstreamPools:
         for key in stale:
             del self._clients[key]
         if stale:
+            self._by_provider = {}
+        if stale:
             await asyncio.sleep(grace_s)
             for client in stale.values():
                 await client.close()
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        clients, self._clients, self._by_provider = list(self._clients.values()), {}, {}
         for client in clients:
             await client.close()
 
