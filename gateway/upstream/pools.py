@@ -140,7 +140,6 @@ class UpstreamPools:
             del self._clients[key]
         if stale:
             self._by_provider = {}
-        if stale:
             await asyncio.sleep(grace_s)
             for client in stale.values():
                 await client.close()
