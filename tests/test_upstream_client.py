@@ -85,6 +85,15 @@ async def _ok(_: int, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
+def _held_until(release: asyncio.Event) -> Callable[[int, asyncio.StreamWriter], Awaitable[None]]:
+    """An answer that waits for `release`: the call holds its connection until then."""
+    async def held(number: int, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await _ok(number, writer)
+
+    return held
+
+
 def _request(server: Server, headers: dict[str, str] | None = None) -> UpstreamRequest:
     return UpstreamRequest("POST", server.url(), {"content-type": "application/json", **(headers or {})}, b'{"a": 1}')
 
@@ -124,12 +133,7 @@ def test_with_keepalive_zero_or_connection_close_every_call_gets_its_own_connect
 def test_the_pool_never_opens_more_than_max_connections_and_waiters_get_a_freed_one() -> None:
     async def run() -> None:
         release = asyncio.Event()
-
-        async def held(_: int, writer: asyncio.StreamWriter) -> None:
-            await release.wait()
-            await _ok(_, writer)
-
-        async with Server(held) as server:
+        async with Server(_held_until(release)) as server:
             client = Http1Client(_provider(max_connections=2), "t")
 
             async def call() -> bytes:
@@ -150,12 +154,7 @@ def test_the_pool_never_opens_more_than_max_connections_and_waiters_get_a_freed_
 def test_a_call_that_waits_longer_than_connect_s_for_a_free_connection_times_out() -> None:
     async def run() -> None:
         release = asyncio.Event()
-
-        async def held(_: int, writer: asyncio.StreamWriter) -> None:
-            await release.wait()
-            await _ok(_, writer)
-
-        async with Server(held) as server:
+        async with Server(_held_until(release)) as server:
             client = Http1Client(_provider(max_connections=1, connect_timeout_s=0.2), "t")
             first = asyncio.ensure_future(client.open(_request(server)))
             await server.arrivals.get()
