@@ -122,8 +122,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         # The cycle's task has not run yet: the app will be handed this `send` (gateway/http/response_head.py).
         cycle = self.cycle
-        if cycle is not None and "send" not in vars(cycle):
-            cycle.send = lean_send(cycle, cycle.send, self._head_sent)  # type: ignore[method-assign]
+        assert cycle is not None  # uvicorn has just made it
+        cycle.send = lean_send(cycle, cycle.send, self._head_sent)  # type: ignore[method-assign]
 
     def on_message_complete(self) -> None:
         self._phase = "serving"

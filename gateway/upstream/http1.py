@@ -82,16 +82,15 @@ def _bracketed(host: str) -> str:
 class Http1Response:
     """One upstream answer: status and headers once they arrived, then its body as it arrives."""
 
-    __slots__ = ("_buffered", "_chunks", "_connection", "_decoder", "_drain_timer", "_error", "_headers",
-                 "_waiter", "complete", "deadline", "keep_alive", "status")
+    __slots__ = ("_buffered", "_chunks", "_connection", "_decoder", "_drain_timer", "_error", "_waiter", "complete",
+                 "deadline", "headers", "status")
 
     def __init__(self, connection: _Connection, deadline: float) -> None:
         self._connection = connection
         self.deadline = deadline
         self.status = 0
-        self._headers: Mapping[str, str] = _NO_HEADERS
+        self.headers: Mapping[str, str] = _NO_HEADERS
         self.complete = False
-        self.keep_alive = False
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -145,7 +144,7 @@ class Http1Response:
             return
         # A stream's end event usually comes a read before the chunked terminator: dropping the connection there
         # would cost the next call a new one (over TLS, a handshake). Whatever still comes is discarded.
-        self._drain_timer = asyncio.get_running_loop().call_later(_DRAIN_S, self._connection.drop)
+        self._drain_timer = self._connection.loop.call_later(_DRAIN_S, self._connection.drop)
 
     # -- what the connection tells it --
 
@@ -168,14 +167,10 @@ class Http1Response:
 
     def headers_arrived(self, status: int, raw: list[tuple[bytes, bytes]], encoding: bytes | None) -> None:
         self.status = status
-        self._headers = _Headers(raw)
+        self.headers = _Headers(raw)
         if encoding is not None:
             self._decoder = _decoder_for(encoding.decode("latin-1").strip().lower())
         self._wake()
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._headers
 
     def feed(self, data: bytes) -> None:
         # Called per piece of the body (httptools: per chunk of the chunked encoding); the reader is woken once
@@ -188,13 +183,12 @@ class Http1Response:
                 return
         self._chunks.append(data)
 
-    def ended(self, keep_alive: bool) -> None:
+    def ended(self) -> None:
         if self._decoder is not None and self._drain_timer is None:
             rest = self._decoder.flush()
             if rest:
                 self._chunks.append(rest)
         self.complete = True
-        self.keep_alive = keep_alive
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         self._wake()
@@ -283,11 +277,8 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            response.fail(_MALFORMED)
-            self.drop()
-            return
-        except ValueError:  # a content-encoding this client does not decode, or a body that does not decode
+        # ValueError: a content-encoding this client does not decode, or a body that does not decode.
+        except (httptools.HttpParserError, ValueError):
             response.fail(_MALFORMED)
             self.drop()
             return
@@ -301,12 +292,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.client.forget(self)
         response = self.response
-        if response is not None and not response.complete:
-            headers = response.headers if response.status else {}
-            if response.status and "content-length" not in headers and "transfer-encoding" not in headers:
-                response.ended(False)  # a body delimited by the end of the connection (HTTP/1.0 style) is whole
-            else:
-                response.fail(_CUT_SHORT if response.status else _CLOSED)
+        if response is not None and response.status and "content-length" not in response.headers and \
+                "transfer-encoding" not in response.headers:
+            response.ended()  # a body delimited by the end of the connection (HTTP/1.0 style) is whole
+        else:
+            self._fail_unanswered()
 
     # -- httptools' callbacks --
 
@@ -330,7 +320,7 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         keep_alive = self._reusable and self._parser.should_keep_alive()
-        response.ended(keep_alive)
+        response.ended()
         self.response = None
         if keep_alive and not self.closed:
             self.client.release(self)
@@ -359,7 +349,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None:
             return
-        due = min(self.last_read + self.client.first_byte_s, response.deadline)
+        due = self._due(response)
         timer = self._timer
         # A timer still armed for an earlier wait fires no later than this one's due time, and re-arms then.
         if timer is None or timer.when() > due:
@@ -374,13 +364,16 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response._waiter is None:
             return
-        now = self.loop.time()
-        due = min(self.last_read + self.client.first_byte_s, response.deadline)
-        if now >= due:
+        due = self._due(response)
+        if self.loop.time() >= due:
             response.fail(_TIMED_OUT)
             self.drop()
         else:
             self._timer = self.loop.call_at(due, self._check)
+
+    def _due(self, response: Http1Response) -> float:
+        """When a wait on `response` ends: after `first_byte_s` of silence, or at the call's total deadline."""
+        return min(self.last_read + self.client.first_byte_s, response.deadline)
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
@@ -399,9 +392,13 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.client.forget(self)
-            response = self.response
-            if response is not None and not response.complete:
-                response.fail(_CUT_SHORT if response.status else _CLOSED)
+            self._fail_unanswered()
+
+    def _fail_unanswered(self) -> None:
+        """The connection is gone: a response still under way is cut short, or was never answered."""
+        response = self.response
+        if response is not None and not response.complete:
+            response.fail(_CUT_SHORT if response.status else _CLOSED)
 
 
 class Http1Client:
