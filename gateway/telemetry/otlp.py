@@ -18,7 +18,10 @@ import contextlib
 import http.client
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from itertools import compress, count, repeat
+from operator import is_
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,12 +61,8 @@ def _field(number: int, payload: bytes) -> bytes:
     return b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), payload))
 
 
-# Attribute names encoded (`KeyValue.key` with its tag and length), and whether their values repeat.
-_KEYS: dict[str, tuple[bytes, bool]] = {}
-# Whole encoded key-values of attributes whose values repeat from request to request (team, model,
-# provider, outcome...), so most of a span's attributes cost one dict lookup: by field number, then by
-# (name, value, type of value).
-_PAIRS: tuple[dict[tuple[str, Any, type], bytes], ...] = tuple({} for _ in range(16))
+# Names whose values repeat from request to request (team, model, provider, outcome...): their whole encoded
+# key-values are memoised, so most of a span's attributes cost one dict lookup.
 _REPEATING = frozenset({
     "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.response.finish_reasons", "gen_ai.request.stream", "server.address", "server.port",
@@ -82,7 +81,7 @@ _REPEATING = frozenset({
 })
 
 
-# Types of values an encoded pair can be cached by (exactly these: a subclass may hash differently).
+# Types of values an encoded pair can be memoised by (exactly these: a subclass may hash differently).
 _HASHABLE = frozenset({str, bool, int, float, tuple})
 
 
@@ -137,82 +136,6 @@ def _array_values(values: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _attributes(number: int, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated `KeyValue` fields numbered `number`: the hot loop of span encoding (~25 attributes a span and
-    ~20 more in its events, most of them repeating from request to request)."""
-    if not attributes:
-        return b""
-    get = _PAIRS[number].get
-    try:
-        # Each attribute's cached pair, else encoded by `_pair` (which alone fills the cache). Keyed by the
-        # value's type too: 1, 1.0 and True are equal as keys but encode differently.
-        return b"".join([get((key, value, type(value))) or _pair(number, key, value)
-                         for key, value in attributes.items()])
-    except Exception:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
-        return b"".join([_pair(number, key, value) for key, value in attributes.items()])
-
-
-# Per field number, by attribute name: the `KeyValue` field up to the last bytes of its value, for a double
-# (8 bytes), an integer below 128 (one byte of varint) and one below 16384 (two bytes), each of a fixed length;
-# then whether the name's values repeat. Token counts, costs and durations vary per request: each of those is
-# a lookup and a concatenation.
-_PREFIXES: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
-
-
-def _prefixes(number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
-    known = _KEYS.get(key)
-    if known is None:
-        known = _key(key)
-    encoded_key, repeating = known
-    tag, size = _TAGS[number], len(encoded_key)
-    # KeyValue: the key, then the value (field 2) framed by its length, holding the double (field 4, fixed64) or
-    # the integer (field 3, varint).
-    prefixes = (tag + _varint(size + 11) + encoded_key + b"\x12\x09\x21",
-                tag + _varint(size + 4) + encoded_key + b"\x12\x02\x18",
-                tag + _varint(size + 5) + encoded_key + b"\x12\x03\x18",
-                repeating)
-    if len(_PREFIXES[number]) < 4096:
-        _PREFIXES[number][key] = prefixes
-    return prefixes
-
-
-def _pair(number: int, key: str, value: Any) -> bytes:
-    """One attribute as a whole `KeyValue` field numbered `number` (cached when its values repeat)."""
-    prefixes = _PREFIXES[number].get(key) or _prefixes(number, key)
-    kind = type(value)
-    if kind is float:
-        encoded = prefixes[0] + _DOUBLE.pack(value)
-    elif kind is int and 0 <= value < 16384:
-        encoded = (prefixes[1] + _SMALL[value] if value < 128
-                   else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
-    else:
-        encoded_key = _KEYS[key][0] if key in _KEYS else _key(key)[0]
-        any_value = _any_value(value)
-        size = len(any_value)
-        key_value_size = len(encoded_key) + 2 + size  # the key, the value's tag and length, the value
-        if key_value_size < 128:  # (so is the value's own size)
-            encoded = b"".join((_TAGS[number], _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size],
-                                any_value))
-        else:
-            key_value = b"".join((encoded_key, b"\x12", _SMALL[size] if size < 128 else _varint(size), any_value))
-            size = len(key_value)
-            encoded = b"".join((_TAGS[number], _SMALL[size] if size < 128 else _varint(size), key_value))
-    if prefixes[3] and kind in _HASHABLE and len(_PAIRS[number]) < 8192:
-        with contextlib.suppress(TypeError):  # a tuple holding something unhashable: encoded, not cached
-            _PAIRS[number][(key, value, kind)] = encoded
-    return encoded
-
-
-def _key(name: str) -> tuple[bytes, bool]:
-    """`name` encoded as a `KeyValue.key`, and whether its values repeat from request to request."""
-    known = (_field(1, name.encode()), name in _REPEATING)
-    if len(_KEYS) < 4096:  # a memo of a pure function, bounded against unbounded key sets
-        _KEYS[name] = known
-    return known
-
-
-# Span names and event names encoded as their field (span name: 5, event name: 2); they repeat per model.
-_NAMES: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
 _DEFAULT_STATE = DEFAULT_TRACE_STATE
 # The span kind field (5, varint): the SDK's INTERNAL=0 is the protocol's SPAN_KIND_INTERNAL=1, and so on.
 # By the members' identity: the enums' own `__hash__` is Python code.
@@ -224,16 +147,9 @@ _TIMES = struct.Struct("<BQBQ")
 _EVENT_TIME = struct.Struct("<BQ")
 # flags (field 16, fixed32): a two-byte tag.
 _FLAGS = struct.Struct("<BBI")
-
-
-def _name(number: int, name: str) -> bytes:
-    names = _NAMES[number]
-    encoded = names.get(name)
-    if encoded is None:
-        encoded = _field(number, name.encode())
-        if len(names) < 4096:
-            names[name] = encoded
-    return encoded
+# Memo bounds: a memo of a pure function, bounded against unbounded name or value sets.
+_NAMES_MEMORY = 4096
+_PAIRS_MEMORY = 8192
 
 
 def _framed(tag: int, size: int) -> bytes:
@@ -245,75 +161,199 @@ def _framed(tag: int, size: int) -> bytes:
     return bytes((tag,)) + _varint(size)
 
 
-def _span(span: ReadableSpan) -> bytes:
-    context = span.context
-    assert context is not None
-    # SpanContext is a tuple: unpacked at once rather than through a property call per field.
-    trace_id, span_id, _, trace_flags, state, _ = context
-    parent = span.parent
-    # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
-    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
-    if state is not _DEFAULT_STATE and state:
-        parts.append(_field(3, state.to_header().encode()))
-    if parent is not None:
-        parts.append(b"\x22\x08")  # parent_span_id: field 4, 8 bytes
-        parts.append(parent[1].to_bytes(8, "big"))
-    kind = span.kind
-    parts.append(_name(5, span.name))
-    parts.append(_KIND_FIELDS.get(id(kind)) or b"\x30" + _varint(kind.value + 1))
-    parts.append(_TIMES.pack(0x39, span.start_time or 0, 0x41, span.end_time or 0))
-    parts.append(_attributes(9, span.attributes))
-    for event in span.events:
-        attributes = _attributes(3, event.attributes)
-        name = _name(2, event.name)
-        parts.append(_framed(0x5A, 9 + len(name) + len(attributes)))  # events: field 11
-        parts.append(_EVENT_TIME.pack(0x09, event.timestamp or 0))
-        parts.append(name)
-        parts.append(attributes)
-    status = span.status
-    code = _STATUS_CODES.get(id(status.status_code), 0)
-    if code or status.description:
-        parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
-                            + (b"\x18" + _varint(code) if code else b"")))
-    # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
-    flags = int(trace_flags) | 0x100 | (0x200 if parent is not None and parent[2] else 0)
-    parts.append(_FLAGS.pack(0x85, 0x01, flags))
-    return b"".join(parts)
+def _value_pair(tag: bytes, encoded_key: bytes, value: Any) -> bytes:
+    """A `KeyValue` field: its tag, its length, the encoded key, then the value as an `AnyValue` (field 2)."""
+    any_value = _any_value(value)
+    size = len(any_value)
+    key_value_size = len(encoded_key) + 2 + size  # the key, the value's tag and length, the value
+    if key_value_size < 128:  # (so is the value's own size)
+        return b"".join((tag, _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size], any_value))
+    key_value = b"".join((encoded_key, b"\x12", _SMALL[size] if size < 128 else _varint(size), any_value))
+    size = len(key_value)
+    return b"".join((tag, _SMALL[size] if size < 128 else _varint(size), key_value))
+
+
+class SpanEncoder:
+    """Spans as an OTLP `ExportTraceServiceRequest`, with memos of what repeats from span to span.
+
+    One per exporter, used by its one export thread. Memoised, by field number (resource attributes 1, event
+    attributes 3, span attributes 9; event names 2, span names 5): attribute names as encoded keys; whole
+    key-values of the attributes whose values repeat; per name, the key-value up to the last bytes of a double
+    or a small integer, so a per-request number (tokens, costs, durations) is one lookup and one concatenation.
+    """
+
+    __slots__ = ("_encoders", "_keys", "_names", "_pairs", "_prefixes")
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[bytes, bool]] = {}  # name -> (encoded key, its values repeat)
+        self._pairs: tuple[dict[tuple[str, Any, type], bytes], ...] = tuple({} for _ in range(16))
+        self._prefixes: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
+        self._names: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
+        # By (name, type of value), for names whose values do not repeat: encodes a value of that name.
+        self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
+
+    def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """An `ExportTraceServiceRequest` for spans; grouped by resource and instrumentation scope.
+
+        Each nested message is framed by its length without copying its contents: the parts are joined once."""
+        groups: dict[tuple[int, str, str], list[ReadableSpan]] = {}
+        resources: dict[int, Resource] = {}
+        for span in spans:
+            scope = span.instrumentation_scope
+            key = (id(span.resource), scope.name if scope else "", (scope.version or "") if scope else "")
+            resources[id(span.resource)] = span.resource
+            groups.setdefault(key, []).append(span)
+        # Per resource: the parts of its ScopeSpans messages (field 2 of ResourceSpans) and their size.
+        by_resource: dict[int, tuple[list[bytes], list[int]]] = {}
+        encode_span = self._span
+        for (resource_id, scope_name, scope_version), members in groups.items():
+            scope = _field(1, scope_name.encode()) + (_field(2, scope_version.encode()) if scope_version else b"")
+            scope_parts = [b"", _field(1, scope)]
+            for member in members:
+                body = encode_span(member)
+                scope_parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
+                scope_parts.append(body)
+            size = sum(map(len, scope_parts))
+            scope_parts[0] = _framed(0x12, size)  # ResourceSpans.scope_spans: field 2
+            parts, sizes = by_resource.setdefault(resource_id, ([], [0]))
+            parts.extend(scope_parts)
+            sizes[0] += len(scope_parts[0]) + size
+        out = []
+        for resource_id, (parts, sizes) in by_resource.items():
+            resource = _field(1, self._attributes(1, resources[resource_id].attributes))
+            size = len(resource) + sizes[0]
+            out.append(_framed(0x0A, size))  # ExportTraceServiceRequest.resource_spans: field 1
+            out.append(resource)
+            out.extend(parts)
+        return b"".join(out)
+
+    def _span(self, span: ReadableSpan) -> bytes:
+        context = span.context
+        assert context is not None
+        # SpanContext is a tuple: unpacked at once rather than through a property call per field.
+        trace_id, span_id, _, trace_flags, state, _ = context
+        parent = span.parent
+        kind = span.kind
+        # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
+        parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+        if state is not _DEFAULT_STATE and state:
+            parts.append(_field(3, state.to_header().encode()))
+        if parent is not None:
+            parts.append(b"\x22\x08")  # parent_span_id: field 4, 8 bytes
+            parts.append(parent[1].to_bytes(8, "big"))
+        parts += (self._names[5].get(span.name) or self._name(5, span.name),
+                  _KIND_FIELDS.get(id(kind)) or b"\x30" + _varint(kind.value + 1),
+                  _TIMES.pack(0x39, span.start_time or 0, 0x41, span.end_time or 0),
+                  self._attributes(9, span.attributes))
+        for event in span.events:
+            attributes = self._attributes(3, event.attributes)
+            name = self._names[2].get(event.name) or self._name(2, event.name)
+            parts += (_framed(0x5A, 9 + len(name) + len(attributes)),  # events: field 11
+                      _EVENT_TIME.pack(0x09, event.timestamp or 0), name, attributes)
+        status = span.status
+        code = _STATUS_CODES.get(id(status.status_code), 0)
+        if code or status.description:
+            parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
+                                + (b"\x18" + _varint(code) if code else b"")))
+        # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
+        flags = int(trace_flags) | 0x100 | (0x200 if parent is not None and parent[2] else 0)
+        parts.append(_FLAGS.pack(0x85, 0x01, flags))
+        return b"".join(parts)
+
+    def _attributes(self, number: int, attributes: Mapping[str, Any] | None) -> bytes:
+        """Repeated `KeyValue` fields numbered `number`: the hot loop of span encoding (~25 attributes a span
+        and ~20 more in its events, most of them repeating from request to request).
+
+        The memoised key-values are looked up for all attributes at once, in C (keyed by the value's type too:
+        1, 1.0 and True are equal as keys but encode differently); only the misses are encoded one by one."""
+        if not attributes:
+            return b""
+        values = attributes.values()
+        try:
+            pieces = list(map(self._pairs[number].get, zip(attributes, values, map(type, values), strict=True)))
+        except TypeError:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
+            return b"".join([self._pair(number, key, value) for key, value in attributes.items()])
+        if None in pieces:
+            self._encode_misses(number, pieces, list(attributes), list(values))
+        return b"".join(pieces)
+
+    def _encode_misses(self, number: int, pieces: list[Any], keys: list[str], values: list[Any]) -> None:
+        """Fill in the pieces with no memoised key-value: mostly per-request numbers (tokens, costs, durations),
+        each encoded by its name's own encoder (looked up in C, by name and type) when it has one."""
+        missing = list(compress(count(), map(is_, pieces, repeat(None))))
+        keys, values = list(map(keys.__getitem__, missing)), list(map(values.__getitem__, missing))
+        encoders = map(self._encoders[number].get, zip(keys, map(type, values), strict=True))
+        for index, key, value, encode in zip(missing, keys, values, encoders, strict=True):
+            pieces[index] = encode(value) if encode is not None else self._pair(number, key, value)
+
+    def _small_int_pair(self, small: bytes, two_bytes: bytes, number: int, key: str, value: int) -> bytes:
+        """An integer attribute under its name's prefixes (`_prefixes_of`), as `_pair` would encode it."""
+        if 0 <= value < 128:
+            return small + _SMALL[value]
+        if 0 < value < 16384:
+            return two_bytes + bytes((value & 0x7F | 0x80, value >> 7))
+        return self._pair(number, key, value)
+
+    def _pair(self, number: int, key: str, value: Any) -> bytes:
+        """One attribute as a whole `KeyValue` field numbered `number` (memoised when its values repeat)."""
+        prefixes = self._prefixes[number].get(key) or self._prefixes_of(number, key)
+        kind = type(value)
+        if kind is float:
+            encoded = prefixes[0] + _DOUBLE.pack(value)
+        elif kind is int and 0 <= value < 16384:
+            encoded = (prefixes[1] + _SMALL[value] if value < 128
+                       else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
+        else:
+            encoded = _value_pair(_TAGS[number], (self._keys.get(key) or self._key(key))[0], value)
+        if prefixes[3]:
+            pairs = self._pairs[number]
+            if kind in _HASHABLE and len(pairs) < _PAIRS_MEMORY:
+                with contextlib.suppress(TypeError):  # a tuple holding something unhashable: not memoised
+                    pairs[(key, value, kind)] = encoded
+        elif kind in _HASHABLE:
+            encoders = self._encoders[number]
+            if len(encoders) < _NAMES_MEMORY:
+                # The name's next values: a double in C (the prefix packed with it), an integer under the name's
+                # prefixes, anything else framed under its encoded key.
+                encoders[(key, kind)] = (
+                    partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0]) if kind is float
+                    else partial(self._small_int_pair, prefixes[1], prefixes[2], number, key) if kind is int
+                    else partial(_value_pair, _TAGS[number], (self._keys.get(key) or self._key(key))[0]))
+        return encoded
+
+    def _prefixes_of(self, number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
+        """The `KeyValue` field up to the last bytes of its value, for a double (8 bytes), an integer below 128
+        (one byte of varint) and one below 16384 (two bytes); then whether the name's values repeat."""
+        encoded_key, repeating = self._keys.get(key) or self._key(key)
+        tag, size = _TAGS[number], len(encoded_key)
+        # KeyValue: the key, then the value (field 2) framed by its length, holding the double (field 4,
+        # fixed64) or the integer (field 3, varint).
+        prefixes = (tag + _varint(size + 11) + encoded_key + b"\x12\x09\x21",
+                    tag + _varint(size + 4) + encoded_key + b"\x12\x02\x18",
+                    tag + _varint(size + 5) + encoded_key + b"\x12\x03\x18",
+                    repeating)
+        if len(self._prefixes[number]) < _NAMES_MEMORY:
+            self._prefixes[number][key] = prefixes
+        return prefixes
+
+    def _key(self, name: str) -> tuple[bytes, bool]:
+        """`name` encoded as a `KeyValue.key`, and whether its values repeat from request to request."""
+        known = (_field(1, name.encode()), name in _REPEATING)
+        if len(self._keys) < _NAMES_MEMORY:
+            self._keys[name] = known
+        return known
+
+    def _name(self, number: int, name: str) -> bytes:
+        """A span name (field 5) or an event name (field 2), encoded; they repeat per model."""
+        encoded = _field(number, name.encode())
+        if len(self._names[number]) < _NAMES_MEMORY:
+            self._names[number][name] = encoded
+        return encoded
 
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
-    """An `ExportTraceServiceRequest` for spans; grouped by resource and instrumentation scope.
-
-    Each nested message is framed by its length without copying its contents: the parts are joined once."""
-    groups: dict[tuple[int, str, str], list[ReadableSpan]] = {}
-    resources: dict[int, Resource] = {}
-    for span in spans:
-        scope = span.instrumentation_scope
-        key = (id(span.resource), scope.name if scope else "", (scope.version or "") if scope else "")
-        resources[id(span.resource)] = span.resource
-        groups.setdefault(key, []).append(span)
-    # Per resource: the parts of its ScopeSpans messages (field 2 of ResourceSpans) and their size.
-    by_resource: dict[int, tuple[list[bytes], list[int]]] = {}
-    for (resource_id, scope_name, scope_version), members in groups.items():
-        scope = _field(1, scope_name.encode()) + (_field(2, scope_version.encode()) if scope_version else b"")
-        scope_parts = [b"", _field(1, scope)]
-        for member in members:
-            body = _span(member)
-            scope_parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
-            scope_parts.append(body)
-        size = sum(map(len, scope_parts))
-        scope_parts[0] = _framed(0x12, size)  # ResourceSpans.scope_spans: field 2
-        parts, sizes = by_resource.setdefault(resource_id, ([], [0]))
-        parts.extend(scope_parts)
-        sizes[0] += len(scope_parts[0]) + size
-    out = []
-    for resource_id, (parts, sizes) in by_resource.items():
-        resource = _field(1, _attributes(1, resources[resource_id].attributes))
-        size = len(resource) + sizes[0]
-        out.append(_framed(0x0A, size))  # ExportTraceServiceRequest.resource_spans: field 1
-        out.append(resource)
-        out.extend(parts)
-    return b"".join(out)
+    """`SpanEncoder().encode(spans)`, with memos of its own (for tests and one-off use)."""
+    return SpanEncoder().encode(spans)
 
 
 class OtlpHttpExporter(SpanExporter):
@@ -330,9 +370,10 @@ class OtlpHttpExporter(SpanExporter):
         self._headers = {"content-type": "application/x-protobuf", **(headers or {})}
         self._timeout = timeout_s
         self._connection: http.client.HTTPConnection | None = None
+        self._encoder = SpanEncoder()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        body = encode_request(spans)
+        body = self._encoder.encode(spans)
         for attempt in (1, 2):  # a kept-alive connection the collector closed gets one fresh retry
             connection = self._connection or self._connect()
             try:
