@@ -138,8 +138,10 @@ def record_attributes(record: UsageRecord) -> dict[str, Any]:
 _NUMBER_TYPES = (int, float)
 
 
-# Every body key `request_params` reads: most requests set none of them.
+# Every body key `request_params` reads (most requests set none of them, or only max_tokens), and the numeric
+# sampling parameters among them.
 _PARAM_KEYS = frozenset([key for key, _ in _REQUEST_PARAMS] + ["max_completion_tokens", "max_tokens", "stop", "n"])
+_SAMPLING_KEYS = frozenset(key for key, _ in _REQUEST_PARAMS)
 
 
 def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,10 +149,11 @@ def request_params(body: Mapping[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if _PARAM_KEYS.isdisjoint(body):
         return params
-    for key, attribute in _REQUEST_PARAMS:
-        value = body.get(key)
-        if value is not None and type(value) in _NUMBER_TYPES:
-            params[attribute] = value
+    if not _SAMPLING_KEYS.isdisjoint(body):
+        for key, attribute in _REQUEST_PARAMS:
+            value = body.get(key)
+            if value is not None and type(value) in _NUMBER_TYPES:
+                params[attribute] = value
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(max_tokens, int):
         params["gen_ai.request.max_tokens"] = max_tokens
