@@ -180,7 +180,7 @@ class PricesPolicy(Strict):
 
 
 class BatchExportPolicy(Strict):
-    """The batch span processor: spans are queued and exported off the request path."""
+    """Span batches: finished traces are queued and exported off the request path, on a thread of their own."""
 
     max_queue_size: int = Field(2048, ge=1, description="Spans held for export; beyond it new spans are dropped.")
     schedule_delay_ms: int = Field(2000, ge=1, description="Longest a span waits before its batch is sent.")

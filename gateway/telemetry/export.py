@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
@@ -60,8 +61,12 @@ class LoggedExporter(SpanExporter):
         self._failing = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.logged(self._inner.export, spans)
+
+    def logged(self, export: Callable[..., SpanExportResult], *batch: Any) -> SpanExportResult:
+        """Run one export of the inner exporter's (`export`, or another of its methods) and log outages."""
         try:
-            result = self._inner.export(spans)
+            result = export(*batch)
         except Exception:  # an exporter bug must not kill the export thread
             log.debug("span exporter raised", exc_info=True)
             result = SpanExportResult.FAILURE

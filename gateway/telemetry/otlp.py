@@ -7,8 +7,10 @@ encoder writes the same wire format (opentelemetry-proto `trace.proto`,
 `ExportTraceServiceRequest`) directly and costs a fraction of that; the test
 suite decodes its output with the official protobuf classes.
 
-The transport is one persistent `http.client` connection on the batch
-processor's thread. A failed export is dropped, not retried: spans are
+It encodes the SDK's `ReadableSpan`s (the `SpanExporter` interface) and the
+gateway's own traces as rows (`SpanRow`, `export_rows`), through one encoder.
+The transport is one persistent `http.client` connection on the export
+thread. A failed export is dropped, not retried: spans are
 best-effort, and a dead collector must cost nothing but the lost spans.
 """
 
@@ -18,7 +20,7 @@ import contextlib
 import http.client
 import logging
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from itertools import compress, count, repeat
 from operator import is_
@@ -29,7 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
-from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 
 log = logging.getLogger("switchboard.telemetry")
 
@@ -161,6 +163,29 @@ def _framed(tag: int, size: int) -> bytes:
     return bytes((tag,)) + _varint(size)
 
 
+# A finished span as plain values, what the encoder reads: trace id, span id, W3C trace flags, trace state (or
+# None), parent span id (or None), whether the parent is remote, name, kind, start and end (ns since the epoch),
+# attributes, events as (name, attributes or None, time in ns), status code (0 unset, 1 ok, 2 error) and its
+# description (or None). The gateway's traces give rows directly (gateway/telemetry/request_trace.py); the SDK's
+# spans are read into one by `span_row`.
+SpanRow = tuple[int, int, int, "TraceState | None", "int | None", bool, str, SpanKind, int, int,
+                "Mapping[str, Any] | None", "Sequence[tuple[str, Mapping[str, Any] | None, int]]", int, "str | None"]
+
+
+def span_row(span: ReadableSpan) -> SpanRow:
+    """An SDK span as a `SpanRow`."""
+    context = span.context
+    assert context is not None
+    # SpanContext is a tuple: unpacked at once rather than through a property call per field.
+    trace_id, span_id, _, trace_flags, state, _ = context
+    parent = span.parent
+    status = span.status
+    return (trace_id, span_id, int(trace_flags), state, parent[1] if parent is not None else None,
+            parent is not None and parent[2], span.name, span.kind, span.start_time or 0, span.end_time or 0,
+            span.attributes, [(event.name, event.attributes, event.timestamp or 0) for event in span.events],
+            _STATUS_CODES.get(id(status.status_code), 0), status.description)
+
+
 def _value_pair(tag: bytes, encoded_key: bytes, value: Any) -> bytes:
     """A `KeyValue` field: its tag, its length, the encoded key, then the value as an `AnyValue` (field 2)."""
     any_value = _any_value(value)
@@ -193,71 +218,68 @@ class SpanEncoder:
         self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
-        """An `ExportTraceServiceRequest` for spans; grouped by resource and instrumentation scope.
-
-        Each nested message is framed by its length without copying its contents: the parts are joined once."""
-        groups: dict[tuple[int, str, str], list[ReadableSpan]] = {}
+        """An `ExportTraceServiceRequest` for the SDK's spans; grouped by resource and instrumentation scope."""
+        groups: dict[tuple[int, str, str], list[SpanRow]] = {}
         resources: dict[int, Resource] = {}
         for span in spans:
             scope = span.instrumentation_scope
             key = (id(span.resource), scope.name if scope else "", (scope.version or "") if scope else "")
             resources[id(span.resource)] = span.resource
-            groups.setdefault(key, []).append(span)
-        # Per resource: the parts of its ScopeSpans messages (field 2 of ResourceSpans) and their size.
-        by_resource: dict[int, tuple[list[bytes], list[int]]] = {}
-        encode_span = self._span
-        for (resource_id, scope_name, scope_version), members in groups.items():
-            scope = _field(1, scope_name.encode()) + (_field(2, scope_version.encode()) if scope_version else b"")
-            scope_parts = [b"", _field(1, scope)]
-            for member in members:
-                body = encode_span(member)
-                scope_parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
-                scope_parts.append(body)
-            size = sum(map(len, scope_parts))
-            scope_parts[0] = _framed(0x12, size)  # ResourceSpans.scope_spans: field 2
-            parts, sizes = by_resource.setdefault(resource_id, ([], [0]))
-            parts.extend(scope_parts)
-            sizes[0] += len(scope_parts[0]) + size
-        out = []
-        for resource_id, (parts, sizes) in by_resource.items():
-            resource = _field(1, self._attributes(1, resources[resource_id].attributes))
-            size = len(resource) + sizes[0]
-            out.append(_framed(0x0A, size))  # ExportTraceServiceRequest.resource_spans: field 1
-            out.append(resource)
-            out.extend(parts)
-        return b"".join(out)
+            groups.setdefault(key, []).append(span_row(span))
+        by_resource: dict[int, list[bytes]] = {}
+        for (resource_id, scope_name, scope_version), rows in groups.items():
+            by_resource.setdefault(resource_id, []).extend(self._scope_spans(scope_name, scope_version, rows))
+        return b"".join([part for resource_id, scopes in by_resource.items()
+                         for part in self._resource_spans(resources[resource_id].attributes, scopes)])
 
-    def _span(self, span: ReadableSpan) -> bytes:
-        context = span.context
-        assert context is not None
-        # SpanContext is a tuple: unpacked at once rather than through a property call per field.
-        trace_id, span_id, _, trace_flags, state, _ = context
-        parent = span.parent
-        kind = span.kind
+    def encode_rows(self, rows: Iterable[SpanRow], resource: Mapping[str, Any], scope_name: str) -> bytes:
+        """An `ExportTraceServiceRequest` for spans as rows, all of one resource and one instrumentation scope."""
+        return b"".join(self._resource_spans(resource, self._scope_spans(scope_name, "", rows)))
+
+    def _resource_spans(self, resource: Mapping[str, Any], scopes: list[bytes]) -> list[bytes]:
+        """ResourceSpans (field 1 of the request): the resource, then its ScopeSpans, each framed already.
+
+        Each nested message is framed by its length without copying its contents: the parts are joined once."""
+        encoded = _field(1, self._attributes(1, resource))
+        return [_framed(0x0A, len(encoded) + sum(map(len, scopes))), encoded, *scopes]
+
+    def _scope_spans(self, name: str, version: str, rows: Iterable[SpanRow]) -> list[bytes]:
+        """ScopeSpans (field 2 of ResourceSpans): its framing, the scope, then each span framed."""
+        scope = _field(1, name.encode()) + (_field(2, version.encode()) if version else b"")
+        parts = [b"", _field(1, scope)]
+        encode_row = self._row
+        for row in rows:
+            body = encode_row(row)
+            parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
+            parts.append(body)
+        parts[0] = _framed(0x12, sum(map(len, parts)))  # ResourceSpans.scope_spans: field 2
+        return parts
+
+    def _row(self, row: SpanRow) -> bytes:
+        """One `Span` message."""
+        (trace_id, span_id, trace_flags, state, parent_id, parent_remote, name, kind, start, end, attributes,
+         events, code, description) = row
         # trace_id: field 1, 16 bytes; span_id: field 2, 8 bytes.
         parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
-        if state is not _DEFAULT_STATE and state:
+        if state is not None and state is not _DEFAULT_STATE and state:
             parts.append(_field(3, state.to_header().encode()))
-        if parent is not None:
+        if parent_id is not None:
             parts.append(b"\x22\x08")  # parent_span_id: field 4, 8 bytes
-            parts.append(parent[1].to_bytes(8, "big"))
-        parts += (self._names[5].get(span.name) or self._name(5, span.name),
+            parts.append(parent_id.to_bytes(8, "big"))
+        parts += (self._names[5].get(name) or self._name(5, name),
                   _KIND_FIELDS.get(id(kind)) or b"\x30" + _varint(kind.value + 1),
-                  _TIMES.pack(0x39, span.start_time or 0, 0x41, span.end_time or 0),
-                  self._attributes(9, span.attributes))
-        for event in span.events:
-            attributes = self._attributes(3, event.attributes)
-            name = self._names[2].get(event.name) or self._name(2, event.name)
-            parts += (_framed(0x5A, 9 + len(name) + len(attributes)),  # events: field 11
-                      _EVENT_TIME.pack(0x09, event.timestamp or 0), name, attributes)
-        status = span.status
-        code = _STATUS_CODES.get(id(status.status_code), 0)
-        if code or status.description:
-            parts.append(_field(15, (_field(2, status.description.encode()) if status.description else b"")
+                  _TIMES.pack(0x39, start, 0x41, end),
+                  self._attributes(9, attributes))
+        for event_name, event_attributes, timestamp in events:
+            encoded = self._attributes(3, event_attributes)
+            event_name = self._names[2].get(event_name) or self._name(2, event_name)
+            parts += (_framed(0x5A, 9 + len(event_name) + len(encoded)),  # events: field 11
+                      _EVENT_TIME.pack(0x09, timestamp), event_name, encoded)
+        if code or description:
+            parts.append(_field(15, (_field(2, description.encode()) if description else b"")
                                 + (b"\x18" + _varint(code) if code else b"")))
         # flags: the W3C trace flags in the low byte, plus "parent is remote" knowledge (bits 8-9).
-        flags = int(trace_flags) | 0x100 | (0x200 if parent is not None and parent[2] else 0)
-        parts.append(_FLAGS.pack(0x85, 0x01, flags))
+        parts.append(_FLAGS.pack(0x85, 0x01, trace_flags | 0x100 | (0x200 if parent_remote else 0)))
         return b"".join(parts)
 
     def _attributes(self, number: int, attributes: Mapping[str, Any] | None) -> bytes:
@@ -373,7 +395,13 @@ class OtlpHttpExporter(SpanExporter):
         self._encoder = SpanEncoder()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        body = self._encoder.encode(spans)
+        return self._post(self._encoder.encode(spans))
+
+    def export_rows(self, rows: Iterable[SpanRow], resource: Mapping[str, Any], scope_name: str) -> SpanExportResult:
+        """Export spans given as rows (the gateway's own traces), all of one resource and scope."""
+        return self._post(self._encoder.encode_rows(rows, resource, scope_name))
+
+    def _post(self, body: bytes) -> SpanExportResult:
         for attempt in (1, 2):  # a kept-alive connection the collector closed gets one fresh retry
             connection = self._connection or self._connect()
             try:

@@ -34,10 +34,13 @@ from gateway.telemetry.content import content_attributes, output_of_body, output
 from providers.base import Call, StreamChunk, UpstreamRequest, Usage
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+
     from gateway.accounting.usage import UsageRecord
     from gateway.compiled.policy import Target
     from gateway.errors import GatewayError
     from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.otlp import SpanRow
     from gateway.upstream.pools import UpstreamClient, UpstreamResponse
 
 
@@ -47,10 +50,12 @@ if TYPE_CHECKING:
 _ROUTE_HEADER = "x-switchboard-route"
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"]{1,128})"')
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*$")
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_SCOPE = InstrumentationScope("switchboard")
-_ERROR = Status(StatusCode.ERROR)
-_UNSET = Status(StatusCode.UNSET)
+SCOPE_NAME = "switchboard"
+_SCOPE = InstrumentationScope(SCOPE_NAME)
+_SAMPLED_FLAGS = TraceFlags.SAMPLED  # every exported span is sampled (or kept by the tail rule, as if it were)
+_UNSET_CODE, _ERROR_CODE = 0, 2  # OTLP's STATUS_CODE_UNSET and STATUS_CODE_ERROR
+_STATUSES = {_UNSET_CODE: Status(StatusCode.UNSET), _ERROR_CODE: Status(StatusCode.ERROR)}
+_CLIENT, _SERVER = SpanKind.CLIENT, SpanKind.SERVER
 
 
 # --- the request-side handles -----------------------------------------------------------------
@@ -141,9 +146,10 @@ class _Attempt:
 class RequestTrace:
     """One traced request: the facts for its SERVER span and the CLIENT span of each upstream attempt."""
 
-    __slots__ = ("_attempts", "_body", "_chunks", "_error", "_events", "_exchange", "_finish_reasons",
-                 "_finished", "_metrics", "_open_attempt", "_operation", "_params", "_parent", "_response_body",
-                 "_response_model", "_sampled", "_span_id", "_start_ns", "_trace_int", "_tracing", "trace_id")
+    __slots__ = ("_attempts", "_attributes", "_body", "_chunks", "_end_ns", "_error", "_events", "_exchange",
+                 "_finish_reasons", "_finished", "_metrics", "_name", "_open_attempt", "_operation", "_params",
+                 "_parent", "_response_body", "_response_model", "_sampled", "_span_id", "_start_ns",
+                 "_status_code", "_trace_int", "_tracing", "span_count", "trace_id")
     recording = True
 
     def __init__(self, tracing: Tracing, endpoint: str, headers: Mapping[str, str], exchange: Any,
@@ -165,7 +171,7 @@ class RequestTrace:
         self._start_ns = time.time_ns() - int((time.perf_counter() - exchange.started) * 1e9)
         self._attempts: list[_Attempt] = []
         self._open_attempt: _Attempt | None = None
-        self._events: list[Event] | None = None
+        self._events: list[tuple[str, Mapping[str, Any] | None, int]] | None = None  # (name, attributes, time)
         self._params: dict[str, Any] | None = None
         self._body: Mapping[str, Any] | None = None
         self._response_body: bytes | None = None
@@ -235,7 +241,7 @@ class RequestTrace:
         # (The builders in gateway/telemetry/decisions.py already give tuples: no copy then.)
         if attributes and list in map(type, attributes.values()):
             attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
-        self._events.append(Event(name, attributes or None, time.time_ns()))
+        self._events.append((name, attributes or None, time.time_ns()))
 
     def attempt_failed(self, error_type: str, provider: str | None = None) -> None:
         """The current attempt failed after its response began, or was cut by a timeout (resilience calls this)."""
@@ -336,26 +342,33 @@ class RequestTrace:
                 final_attributes["gen_ai.response.finish_reasons"] = reasons
             if record is not None:
                 final_attributes.update(attempt_usage_attributes(record, tracing.settings, self._params))
-        tracing.export(self, name, attributes, _ERROR if server_failed else _UNSET)
+        self._name, self._attributes = name, attributes
+        self._status_code = _ERROR_CODE if server_failed else _UNSET_CODE
+        self._end_ns = time.time_ns()
+        self.span_count = len(self._attempts) + 1  # one per attempt, and the request's: what the export queue counts
+        tracing.export(self)
 
-    def spans(self, name: str, attributes: dict[str, Any], status: Status) -> list[ReadableSpan]:
-        """The finished spans: every attempt (CLIENT), then the request (SERVER)."""
-        resource = self._tracing.resource
-        server = SpanContext(self._trace_int, self._span_id, False, _SAMPLED,
-                             self._parent.trace_state if self._parent is not None else None)
-        spans = [
-            ReadableSpan(name=f"{self._operation} {a.attributes['gen_ai.request.model']}",
-                         context=SpanContext(self._trace_int, a.span_id, False, _SAMPLED),
-                         parent=server, resource=resource, attributes=a.attributes, kind=SpanKind.CLIENT,
-                         status=_ERROR if a.error_type is not None else _UNSET, start_time=a.start_ns,
-                         end_time=a.end_ns, instrumentation_scope=_SCOPE)
+    def rows(self) -> list[SpanRow]:
+        """The finished spans as rows (gateway/telemetry/otlp.py's `SpanRow`): every attempt (CLIENT), then the
+        request (SERVER). Read on the export thread: nothing about them is built on the request path."""
+        trace_id, server_id, operation = self._trace_int, self._span_id, self._operation
+        rows: list[SpanRow] = [
+            (trace_id, a.span_id, _SAMPLED_FLAGS, None, server_id, False,
+             f"{operation} {a.attributes['gen_ai.request.model']}", _CLIENT, a.start_ns, a.end_ns, a.attributes, (),
+             _UNSET_CODE if a.error_type is None else _ERROR_CODE, None)
             for a in self._attempts
         ]
-        spans.append(ReadableSpan(name=name, context=server, parent=self._parent, resource=resource,
-                                  attributes=attributes, events=self._events or (), kind=SpanKind.SERVER,
-                                  status=status, start_time=self._start_ns, end_time=time.time_ns(),
-                                  instrumentation_scope=_SCOPE))
-        return spans
+        parent = self._parent
+        rows.append((trace_id, server_id, _SAMPLED_FLAGS, parent.trace_state if parent is not None else None,
+                     parent.span_id if parent is not None else None, parent is not None and parent.is_remote,
+                     self._name, _SERVER, self._start_ns, self._end_ns, self._attributes, self._events or (),
+                     self._status_code, None))
+        return rows
+
+    def spans(self) -> list[ReadableSpan]:
+        """The finished spans as the SDK's `ReadableSpan`s, for exporters other than the OTLP encoder (the
+        console, OTLP/gRPC, a test's in-memory exporter): the same rows."""
+        return [readable_span(row, self._tracing.resource) for row in self.rows()]
 
     def _error_type(self, record: UsageRecord | None) -> str | None:
         if self._error is not None:
@@ -406,6 +419,20 @@ def _remote_parent(headers: Mapping[str, str]) -> SpanContext | None:
     state = headers.get("tracestate")
     return SpanContext(trace_id, span_id, True, TraceFlags(int(flags, 16) & 0xFF),
                        TraceState.from_header([state]) if state else None)
+
+
+def readable_span(row: SpanRow, resource: Resource) -> ReadableSpan:
+    """A row as the SDK's `ReadableSpan` (status descriptions are not used by the gateway's rows)."""
+    (trace_id, span_id, trace_flags, state, parent_id, parent_remote, name, kind, start, end, attributes, events,
+     code, _) = row
+    parent = None
+    if parent_id is not None:
+        parent = SpanContext(trace_id, parent_id, parent_remote, TraceFlags(trace_flags),
+                             state if parent_remote else None)
+    return ReadableSpan(name=name, context=SpanContext(trace_id, span_id, False, TraceFlags(trace_flags), state),
+                        parent=parent, resource=resource, attributes=attributes,
+                        events=[Event(*event) for event in events], kind=kind, status=_STATUSES[code],
+                        start_time=start, end_time=end, instrumentation_scope=_SCOPE)
 
 
 # --- the exporting side, built from the policy --------------------------------------------------

@@ -2,9 +2,9 @@
 
 Spans follow the OpenTelemetry GenAI semantic conventions (`gen_ai.*`), plus a
 `switchboard.*` namespace for what only the gateway knows (team, key id,
-public model, route, cost; policies/README.md lists every attribute). They go
-to the SDK's batch span processor, which exports on its own thread, so a slow
-or dead collector costs dropped spans and one log line, never request latency.
+public model, route, cost; policies/README.md lists every attribute). They are
+exported in batches on a thread of their own, so a slow or dead collector costs
+dropped spans and one log line, never request latency.
 
 How the pipeline uses it (the whole surface)::
 
@@ -18,7 +18,8 @@ How the pipeline uses it (the whole surface)::
 The pieces, one job each: request_trace (the per-request handle the pipeline
 calls), attributes (span attributes from the request's facts), content (opt-in
 prompt/completion content and its redaction), decisions (the decision events'
-attributes), export (exporters and the policy's cross-checks), otlp (OTLP/HTTP).
+attributes), export (exporters and the policy's cross-checks), otlp (OTLP/HTTP),
+span_batches (the OTLP/HTTP path's queue and export thread).
 
 When tracing is off `start` returns `NO_TRACE`, a shared object whose methods
 do nothing, so the request path allocates nothing for tracing. Callers that
@@ -27,9 +28,12 @@ would build costly event attributes can check `exchange.trace.recording`.
 Why spans are not built with the SDK's `Tracer`: a request's facts are only
 known when it settles, and the SDK's live `Span` objects (attribute cleaning
 and locking per attribute, a sampler call per span) cost about twice as much
-CPU as building each span's attributes once and handing the finished
-`ReadableSpan`s to the processor. The same `ReadableSpan` type goes to every
-exporter (OTLP, console, the in-memory exporter in tests).
+CPU as building each span's attributes once. A finished trace is plain data:
+on the OTLP/HTTP path (the one production runs) it is queued as it is and
+encoded from its rows (`RequestTrace.rows`) on the export thread, so no span
+object is built at all; every other exporter (console, OTLP/gRPC, a test's
+in-memory exporter) gets the SDK's `ReadableSpan`s made of the same rows,
+through the SDK's span processors (`SdkSpans`).
 
 Sampling: `sample_ratio` of new traces (by trace id, like the SDK's
 TraceIdRatioBased) or the incoming `traceparent`'s sampled flag. A trace with
@@ -41,14 +45,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import Status
 
 from gateway.policy.schema import TracesPolicy
 from gateway.telemetry.attributes import (
@@ -56,7 +59,9 @@ from gateway.telemetry.attributes import (
 )
 from gateway.telemetry.content import redact_content
 from gateway.telemetry.export import LoggedExporter, build_exporter
-from gateway.telemetry.request_trace import NO_TRACE, NoTrace, RequestTrace, Untraced
+from gateway.telemetry.otlp import OtlpHttpExporter
+from gateway.telemetry.request_trace import NO_TRACE, SCOPE_NAME, NoTrace, RequestTrace, Untraced
+from gateway.telemetry.span_batches import SpanBatches
 
 if TYPE_CHECKING:
     from gateway.accounting.usage import UsageRecord
@@ -66,16 +71,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.telemetry")
 
 
-class Tracing:
-    """What traced requests need from one telemetry configuration: sampling, the processor, content rules."""
+class SdkSpans:
+    """Finished traces as the SDK's `ReadableSpan`s, handed to a span processor (console, OTLP/gRPC, tests)."""
 
-    def __init__(self, settings: TracesPolicy, processor: SpanProcessor, redactor: Callable[[str], str] | None) -> None:
-        self.settings = settings
+    def __init__(self, processor: SpanProcessor) -> None:
         self.processor = processor
-        resource = {"service.name": settings.service_name}
-        if settings.project:
-            resource["openinference.project.name"] = settings.project  # Phoenix's project
-        self.resource = Resource.create(resource)
+
+    def add(self, trace: RequestTrace) -> None:
+        for span in trace.spans():
+            self.processor.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.processor.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self.processor.shutdown()
+
+
+class Tracing:
+    """What traced requests need from one telemetry configuration: sampling, where spans go, content rules."""
+
+    def __init__(self, settings: TracesPolicy, resource: Resource, redactor: Callable[[str], str] | None) -> None:
+        self.settings = settings
+        self.resource = resource
+        # Where finished traces go, set by `Telemetry._build`: `SpanBatches` for OTLP/HTTP, else `SdkSpans`.
+        self.sink: SpanBatches | SdkSpans | None = None
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
         self._content_all = "*" in settings.record_content
@@ -114,9 +134,9 @@ class Tracing:
             address = self._addresses[base_url] = (parts.hostname or base_url, parts.port)
         return address
 
-    def export(self, trace: RequestTrace, name: str, attributes: dict[str, Any], status: Status) -> None:
-        for span in trace.spans(name, attributes, status):
-            self.processor.on_end(span)
+    def export(self, trace: RequestTrace) -> None:
+        assert self.sink is not None
+        self.sink.add(trace)
 
 
 class Telemetry:
@@ -149,7 +169,7 @@ class Telemetry:
         self._tracing = self._build(settings)
         # An injected exporter outlives the configurations that use it: shutting the old processor down would stop it.
         if previous is not None and self._span_exporter is None:
-            threading.Thread(target=previous.processor.shutdown, name="otel-shutdown", daemon=True).start()
+            threading.Thread(target=previous.sink.shutdown, name="otel-shutdown", daemon=True).start()
 
     def start(self, endpoint: str, headers: Mapping[str, str], exchange: Any) -> RequestTrace | NoTrace:
         """The request's trace handle: a `RequestTrace` when tracing is on, else a no-op one."""
@@ -163,26 +183,49 @@ class Telemetry:
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         tracing = self._tracing
-        return tracing.processor.force_flush(int(timeout_s * 1000)) if tracing is not None else True
+        return tracing.sink.force_flush(int(timeout_s * 1000)) if tracing is not None and tracing.sink else True
 
     def shutdown(self) -> None:
         """Flush and stop the exporter (blocking; call it off the event loop)."""
         tracing, self._tracing = self._tracing, None
-        if tracing is not None:
-            tracing.processor.shutdown()
+        if tracing is not None and tracing.sink is not None:
+            tracing.sink.shutdown()
 
     def _build(self, settings: TracesPolicy) -> Tracing | None:
-        if self._span_exporter is not None:
-            return Tracing(settings, SimpleSpanProcessor(self._span_exporter), self._redactor)
-        if settings.exporter == "none":
+        if self._span_exporter is None and settings.exporter == "none":
             return None
+        attributes = {"service.name": settings.service_name}
+        if settings.project:
+            attributes["openinference.project.name"] = settings.project  # Phoenix's project
+        tracing = Tracing(settings, Resource.create(attributes), self._redactor)
         batch = settings.batch
-        processor = BatchSpanProcessor(
-            LoggedExporter(build_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
-            schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
-            export_timeout_millis=batch.export_timeout_ms)
+        if self._span_exporter is not None:
+            tracing.sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
+        elif settings.exporter == "otlp_http":
+            tracing.sink = _otlp_batches(settings, tracing.resource)
+        else:
+            tracing.sink = SdkSpans(BatchSpanProcessor(
+                LoggedExporter(build_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
+                schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
+                export_timeout_millis=batch.export_timeout_ms))
         log.info("tracing on: exporter %s, sample ratio %s", settings.exporter, settings.sample_ratio)
-        return Tracing(settings, processor, self._redactor)
+        return tracing
+
+
+def _otlp_batches(settings: TracesPolicy, resource: Resource) -> SpanBatches:
+    """OTLP/HTTP: finished traces queued as they are, encoded from their rows on the export thread."""
+    exporter = build_exporter(settings)
+    assert isinstance(exporter, OtlpHttpExporter)
+    logged = LoggedExporter(exporter, settings.exporter)
+    attributes = dict(resource.attributes)  # read per batch: a plain dict, not the SDK's bounded mapping
+
+    def send(traces: Sequence[RequestTrace]) -> None:
+        logged.logged(exporter.export_rows, [row for trace in traces for row in trace.rows()], attributes,
+                      SCOPE_NAME)
+
+    batch = settings.batch
+    return SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
+                       delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown)
 
 
 """What `Exchange.trace` holds: a live request trace, or a no-op one."""

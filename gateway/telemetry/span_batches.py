@@ -1,0 +1,114 @@
+"""Finished traces waiting for export, sent in batches from a thread of their own.
+
+What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the gateway's
+own traces on the OTLP/HTTP path: a request hands over its finished trace in
+one deque append, so no span object is built on the event loop, and the export
+thread reads each trace's spans as rows (gateway/telemetry/otlp.py) when it
+encodes a batch. The policy's `telemetry.traces.batch` sets the same four
+things as for the SDK's processor, counted in spans: how many may wait (a
+trace that would pass the bound is dropped, and counted), how many make a
+batch, the longest one waits, and how long one export may take.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+log = logging.getLogger("switchboard.telemetry")
+
+
+class FinishedTrace(Protocol):
+    @property
+    def span_count(self) -> int: ...
+
+
+class SpanBatches:
+    """A bounded queue of finished traces and the thread that exports them, `max_batch` spans at a time."""
+
+    def __init__(self, send: Callable[[Sequence[FinishedTrace]], object], *, max_queue: int, max_batch: int,
+                 delay_s: float, close_exporter: Callable[[], None] = lambda: None) -> None:
+        self._send = send
+        self._close_exporter = close_exporter
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._delay_s = delay_s
+        self._queue: deque[FinishedTrace] = deque()  # appended on the loop, popped by the exporting thread
+        # Spans in `_queue` = added - taken (a trace has one per upstream attempt, and its own). Each counter is
+        # written by one side only, so neither loses an update to the other.
+        self._added_spans = 0
+        self._taken_spans = 0
+        self.dropped_spans = 0
+        self._warned = False
+        self._closed = False
+        self._wake = threading.Event()
+        self._exporting = threading.Lock()  # the export thread, or a caller's `force_flush`
+        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+        self._thread.start()
+
+    def add(self, trace: FinishedTrace) -> None:
+        """Queue a finished trace (from the event loop): one append, and a wake-up once a batch is full."""
+        spans = trace.span_count
+        queued = self._added_spans - self._taken_spans
+        if self._closed or queued + spans > self._max_queue:
+            self._drop(spans)
+            return
+        self._queue.append(trace)
+        self._added_spans += spans
+        if queued + spans >= self._max_batch:
+            self._wake.set()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Export everything queued now, from the calling thread (blocking: call it off the event loop)."""
+        if not self._exporting.acquire(timeout=timeout_millis / 1000):
+            return False
+        try:
+            self._export(everything=True)
+        finally:
+            self._exporting.release()
+        return True
+
+    def shutdown(self) -> None:
+        """Export what is queued, stop the thread, close the exporter (blocking: call it off the event loop)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+        self._close_exporter()
+
+    def _run(self) -> None:
+        while not self._closed:
+            full = self._wake.wait(self._delay_s)
+            # Cleared before exporting: a batch filled meanwhile sets it again, and is not left waiting.
+            self._wake.clear()
+            with self._exporting:
+                self._export(everything=not full)
+        with self._exporting:
+            self._export(everything=True)
+
+    def _export(self, *, everything: bool) -> None:
+        """Send full batches; with `everything`, the last partial one too."""
+        queue = self._queue
+        while queue and (everything or self._added_spans - self._taken_spans >= self._max_batch):
+            batch, spans = [], 0
+            while queue and spans < self._max_batch:
+                trace = queue.popleft()
+                batch.append(trace)
+                spans += trace.span_count
+            self._taken_spans += spans
+            try:
+                self._send(batch)
+            except Exception:  # a bug in encoding must not kill the export thread
+                log.exception("span export raised; %d spans dropped", spans)
+        if not queue:
+            self._warned = False  # a later overflow is a new episode, worth a line of its own
+
+    def _drop(self, spans: int) -> None:
+        self.dropped_spans += spans
+        if not self._warned:
+            self._warned = True
+            log.warning("span export queue full (%d spans): dropping new traces until it drains", self._max_queue)

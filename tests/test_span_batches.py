@@ -1,0 +1,122 @@
+"""The OTLP path's span queue (gateway/telemetry/span_batches.py) and its rows (gateway/telemetry/otlp.py).
+
+The queue is driven from this thread as the event loop would drive it; the export thread is real. Waits are on
+events the sender sets, never sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.trace import SpanKind, TraceState
+
+from gateway.telemetry.otlp import SpanEncoder, SpanRow
+from gateway.telemetry.request_trace import SCOPE_NAME, readable_span
+from gateway.telemetry.span_batches import SpanBatches
+from tests.fakes.otlp_receiver import decode
+
+
+@dataclass
+class Trace:
+    number: int
+    span_count: int = 2
+
+
+class Sender:
+    def __init__(self, fail_first: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.sent = threading.Event()
+        self.fail_first = fail_first
+        self.closed = False
+
+    def __call__(self, traces: Sequence[Trace]) -> None:
+        if self.fail_first:
+            self.fail_first = False
+            raise RuntimeError("encoder bug")
+        self.batches.append([trace.number for trace in traces])
+        self.sent.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_full_batch_is_sent_at_once_and_batches_hold_at_most_the_batch_size() -> None:
+    sender = Sender()
+    # A delay no test would wait out: only a full batch can wake the thread.
+    batches = SpanBatches(sender, max_queue=100, max_batch=6, delay_s=3600, close_exporter=sender.close)
+    try:
+        for number in range(7):  # 14 spans: two batches of 3 traces (6 spans) are full, one trace waits
+            batches.add(Trace(number))
+        assert sender.sent.wait(10)
+        assert batches.force_flush()
+        assert [n for batch in sender.batches for n in batch] == list(range(7))
+        assert all(len(batch) <= 3 for batch in sender.batches)
+    finally:
+        batches.shutdown()
+    assert sender.closed
+
+
+def test_shutdown_sends_what_is_queued_and_later_traces_are_dropped() -> None:
+    sender = Sender()
+    batches = SpanBatches(sender, max_queue=100, max_batch=50, delay_s=3600, close_exporter=sender.close)
+    for number in range(3):
+        batches.add(Trace(number))
+    batches.shutdown()
+    assert sender.batches == [[0, 1, 2]] and sender.closed
+    batches.add(Trace(3))
+    assert batches.dropped_spans == 2
+
+
+def test_a_full_queue_drops_new_traces_counts_them_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    sender = Sender()
+    batches = SpanBatches(sender, max_queue=5, max_batch=5, delay_s=3600)
+    try:
+        with caplog.at_level(logging.WARNING, logger="switchboard.telemetry"):
+            batches.add(Trace(0, span_count=3))
+            batches.add(Trace(1, span_count=3))  # 6 > 5: dropped whole, never cut
+            batches.add(Trace(2, span_count=3))
+        assert batches.dropped_spans == 6
+        assert sum("queue full" in record.message for record in caplog.records) == 1
+        assert batches.force_flush()
+        assert sender.batches == [[0]]
+    finally:
+        batches.shutdown()
+
+
+def test_an_export_that_raises_loses_its_batch_only() -> None:
+    sender = Sender(fail_first=True)
+    batches = SpanBatches(sender, max_queue=100, max_batch=2, delay_s=3600)
+    try:
+        batches.add(Trace(0))  # a full batch: sent by the thread, and its send raises
+        batches.add(Trace(1))
+        assert sender.sent.wait(10)
+        assert batches.force_flush()
+        assert sender.batches == [[1]]
+    finally:
+        batches.shutdown()
+
+
+def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
+    """The gateway's traces reach OTLP as rows and every other exporter as `ReadableSpan`s made of the same rows:
+    both encode to the same bytes, and decode to what the rows say."""
+    state = TraceState([("vendor", "x1")])
+    rows: list[SpanRow] = [
+        (0xABC, 0x2, 1, None, 0x1, False, "chat m", SpanKind.CLIENT, 10, 20,
+         {"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 7, "switchboard.cost_usd": 0.25}, (), 2, None),
+        (0xABC, 0x1, 1, state, 0x99, True, "chat public", SpanKind.SERVER, 5, 30, {"switchboard.team": "a"},
+         (("switchboard.route", {"switchboard.route.chosen": "p/m"}, 7), ("switchboard.cache", None, 8)), 0, None),
+    ]
+    resource = Resource.create({"service.name": "svc"})
+    from_rows = SpanEncoder().encode_rows(rows, resource.attributes, SCOPE_NAME)
+    assert SpanEncoder().encode([readable_span(row, resource) for row in rows]) == from_rows
+    client, server = decode(from_rows)
+    assert (client.kind, client.status, client.parent_span_id) == ("CLIENT", "ERROR", f"{0x1:016x}")
+    assert client.attributes["gen_ai.usage.input_tokens"] == 7 and client.attributes["switchboard.cost_usd"] == 0.25
+    assert (server.kind, server.parent_span_id, server.events) == ("SERVER", f"{0x99:016x}",
+                                                                   ["switchboard.route", "switchboard.cache"])
+    assert server.resource["service.name"] == "svc"
