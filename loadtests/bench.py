@@ -152,7 +152,7 @@ FULL_POLICY_EXTRA = """\
     budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}
 prices:
   version: bench-2026-12
-  models:
+  targets:  # by provider name: every request is priced (USD budget, cost header, span)
     {provider}:
       {model}: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
 state: {{url: "{redis_url}", key_prefix: "{key_prefix}"{state_extra}}}

@@ -87,7 +87,7 @@ providers:
   upstream: {{kind: openai_compatible, base_url: "{upstream_base}", api_key: sk-upstream-secret}}
 prices:
   version: soak-2026-12
-  models:
+  targets:  # by provider name: every request is priced
     upstream:
       fake-model: {{input: 0.15, output: 0.60, effective_date: 2026-12-01}}
 models:
