@@ -265,7 +265,9 @@ class TokenCounter:
         total = REPLY_PRIMING
         messages = body.get("messages")
         if isinstance(messages, list):
-            total += sum(count_message(codec, m) for m in messages if isinstance(m, Mapping))
+            for message in messages:  # a loop, not sum() over a generator: a frame less to resume per message
+                if isinstance(message, Mapping):
+                    total += count_message(codec, message)
         tools = body.get("tools") or body.get("functions")
         if isinstance(tools, list) and tools:
             func_init = FUNC_INIT.get(self.encoding_for(model), FUNC_INIT_DEFAULT)
