@@ -205,12 +205,26 @@ class _CompatStream(PayloadTranslator):
 
     def feed_all(self, payloads: Sequence[bytes]) -> list[StreamChunk]:
         # Most reads carry only content deltas: one scan of the whole read finds that, and its payloads are
-        # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event.
+        # relayed as they are. A read with the end, usage, an error or a finish reason goes event by event from
+        # its last events that have something to read, back to the first that has not: the content deltas before
+        # those (a fast upstream's whole answer can be one read) are judged by one scan too, when it finds nothing
+        # in them; else the whole read goes event by event.
         joined = b"".join(payloads)
         if DONE not in joined and _nothing_to_read(joined):
             self._events += len(payloads)
             return [StreamChunk(data) for data in payloads]
-        return super().feed_all(payloads)
+        tail = len(payloads)
+        while tail and (payloads[tail - 1] == DONE or not _nothing_to_read(payloads[tail - 1])):
+            tail -= 1
+        if tail < 2:  # nothing, or a single event, before them: no scan to save
+            return super().feed_all(payloads)
+        head = b"".join(payloads[:tail])
+        if DONE in head or not _nothing_to_read(head):
+            return super().feed_all(payloads)
+        self._events += tail
+        out = [StreamChunk(data) for data in payloads[:tail]]
+        out += super().feed_all(payloads[tail:])
+        return out
 
     def end(self) -> Sequence[StreamChunk]:
         # OpenAI-compatible streams always end with [DONE]; without it the

@@ -119,3 +119,19 @@ def test_many_single_line_events_in_one_read_keep_a_partial_event_for_the_next()
     first = decoder.feed(wire[:-10])
     assert first == [orjson.dumps(p) for p in PLAIN[:-1]]
     assert decoder.feed(wire[-10:]) == [orjson.dumps(PLAIN[-1])]
+
+
+def test_an_error_event_before_the_ending_in_one_read_is_still_a_failure() -> None:
+    """The content before a read's ending is judged by one scan: an error among it is still found."""
+    wire = _sse(*PLAIN[:3], {"error": {"message": "overloaded", "type": "server_error"}}, *PLAIN[3:], *ENDING)
+    with pytest.raises(UpstreamFailed) as error:
+        translate_bytes(ADAPTER, CALL, [wire])
+    assert "overloaded" in error.value.failure.message
+
+
+def test_content_quoting_done_before_the_ending_in_one_read_is_relayed_as_content() -> None:
+    quoting = {"choices": [_chunk(0, "say [DONE] ", None)], "usage": None}
+    wire = _sse(*PLAIN[:2], quoting, *PLAIN[2:], *ENDING)
+    chunks = translate_bytes(ADAPTER, CALL, [wire])
+    assert [c.data for c in chunks[:-1]] == [orjson.dumps(p) for p in (*PLAIN[:2], quoting, *PLAIN[2:], ENDING[0])]
+    assert chunks[-1].usage_only and chunks[-2].finish_reason == "stop"

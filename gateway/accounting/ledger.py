@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -346,20 +347,27 @@ def _utc_day(day: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
+# The record's fields in the ledger's column order, in runs between the columns that are computed: one C-level
+# `attrgetter` call per run instead of ~30 attribute reads (the row is built once per request).
+_NAMES = operator.attrgetter("team", "key_id", "endpoint", "public_model", "provider", "upstream_model")
+_OUTCOME = operator.attrgetter("status", "outcome")
+_TOKENS = operator.attrgetter("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+                              "reasoning_tokens")
+_NO_USAGE = (0, 0, 0, 0, 0, 0)  # the token columns and usage_estimated of a record without usage
+_COSTS = operator.attrgetter("cost_usd", "price_version", "duration_ms", "time_to_first_token_ms", "trace_id", "cache",
+                             "cache_tokens", "cost_saved_usd", "failed_attempt_tokens", "failed_attempt_cost_usd",
+                             "cache_overhead_tokens", "cache_overhead_cost_usd")
+_OWNERS = operator.attrgetter("variant", "organization", "end_user")
+
+
 def _row(record: UsageRecord, now: float) -> tuple[Any, ...]:
-    """The record as a ledger row. A record without a gateway id (made outside the pipeline) gets a random one:
-    the client's request id is never a key."""
+    """The record as a ledger row (`_COLUMNS`' order). A record without a gateway id (made outside the pipeline)
+    gets a random one: the client's request id is never a key."""
     usage = record.usage
+    tags = record.tags
     return (
-        record.gateway_id or uuid.uuid4().hex, record.request_id, now,
-        _utc_day(int(now // 86_400)), record.team,
-        record.key_id, record.endpoint, record.public_model, record.provider, record.upstream_model,
-        int(record.stream), record.status, record.outcome,
-        usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-        usage.cached_tokens if usage else 0, usage.cache_write_tokens if usage else 0,
-        usage.reasoning_tokens if usage else 0, int(usage.estimated) if usage else 0,
-        record.cost_usd, record.price_version, record.duration_ms, record.time_to_first_token_ms, record.trace_id,
-        record.cache, record.cache_tokens, record.cost_saved_usd, record.failed_attempt_tokens,
-        record.failed_attempt_cost_usd, record.cache_overhead_tokens, record.cache_overhead_cost_usd,
-        tags_json(record.tags), record.variant, record.organization, record.end_user,
+        record.gateway_id or uuid.uuid4().hex, record.request_id, now, _utc_day(int(now // 86_400)),
+        *_NAMES(record), int(record.stream), *_OUTCOME(record),
+        *((*_TOKENS(usage), int(usage.estimated)) if usage else _NO_USAGE),
+        *_COSTS(record), tags_json(tags) if tags else None, *_OWNERS(record),
     )

@@ -161,7 +161,7 @@ class Limiter:
             prompt, completion = self._estimate(endpoint, body, model, rules.default_completion_tokens)
             # Counted by the rule the context-window check uses (TokenCounter.count_prompt), so it reuses this.
             first = model.targets[0]
-            counted = PromptCount(prompt, endpoint.value, first.upstream_model,
+            counted = PromptCount(prompt, endpoint._value_, first.upstream_model,  # `.value`: a Python property
                                   first.provider.adapter.capabilities.tokenizer)
         relaxed: set[int] = set()
         downgraded_from = None
@@ -170,7 +170,10 @@ class Limiter:
             frame = build_frame(plan, now, relaxed) if relaxed else plan.frame(now)
             checks, meters = frame.checks_for(prompt + completion, usd), frame.meters
             try:  # not through `_reserve`: a coroutine less to enter and resume per request
-                verdict = await across_tags.reserve(self.store, checks, frame.tag_groups)
+                # One hash tag (no organisation budget): `across_tags.reserve` would hand it to the store as it is.
+                groups = frame.tag_groups
+                verdict = await (self.store.admit(checks) if len(groups) <= 1 else
+                                 across_tags.reserve(self.store, checks, groups))
             except StoreUnavailable as exc:
                 raise _unavailable() from exc
             if isinstance(headers, dict):
@@ -458,13 +461,3 @@ def completion_reservation(body: Mapping[str, Any], default: int) -> int:
 def stream_allowance(admission: Admission | None) -> StreamAllowance | None:
     """Pipeline hook: what a stream may relay before a hard budget cuts it (`hard_stop_streams`); None: no cut."""
     return admission.allowance if admission is not None else None
-
-
-async def admit(limiter: Limiter | None, policy: Policy, caller: KeyEntry, endpoint: Endpoint,
-                body: Mapping[str, Any], model: Model, headers: MutableMapping[str, str],
-                trace: Trace = NO_TRACE, end_user: str | None = None) -> Admission | None:
-    """The pipeline's admission step: None when this gateway or request has no limits."""
-    if limiter is None:
-        return None
-    return await limiter.admit(policy, caller, endpoint, body, model, headers, trace, end_user)
-

@@ -324,7 +324,7 @@ class _Run:
             if call.stream:
                 return await prime_stream(response, target, call, config.stream_idle_timeout_s,
                                     TargetOutcome(self.states, target, config), self.exchange, clock)
-            return _ReadResponse(response.status, response.headers, await response.read())
+            return ReadResponse(response.status, response.headers, await response.read())
         finally:
             self.exchange.upstream_wait_s += clock() - read_from
 
@@ -366,19 +366,22 @@ def _maybe_the_requests_fault(failure: UpstreamFailure) -> bool:
     return failure.kind is FailureKind.UPSTREAM_ERROR and failure.status >= 500
 
 
-class _ReadResponse:
-    """A non-streamed response whose body was already read (so a cut-short body could be retried)."""
+class ReadResponse:
+    """A non-streamed response whose body was already read (so a cut-short body could be retried).
 
-    __slots__ = ("_body", "headers", "status")
+    What a non-streamed call's successful attempt returns: the reply step takes `body` as it is.
+    """
+
+    __slots__ = ("body", "headers", "status")
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status, self.headers, self._body = status, headers, body
+        self.status, self.headers, self.body = status, headers, body
 
     async def read(self) -> bytes:
-        return self._body
+        return self.body
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        yield self._body
+        yield self.body
 
     def close(self) -> None:
         pass

@@ -79,16 +79,7 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
         raise _Incomplete
     kind, line = buffer[start], buffer[start + 1:end]
     position = end + 2
-    if kind == 58:  # ':' integer
-        return int(line), position
-    if kind == 36:  # '$' bulk string
-        length = int(line)
-        if length < 0:
-            return None, position
-        if len(buffer) < position + length + 2:
-            raise _Incomplete
-        return bytes(buffer[position:position + length]), position + length + 2
-    if kind == 42:  # '*' array
+    if kind == 42:  # '*' array (first: every admission's reply is one)
         count = int(line)
         if count < 0:
             return None, position
@@ -108,6 +99,15 @@ def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
                 item, position = _parse(buffer, position)
                 items.append(item)
         return items, position
+    if kind == 58:  # ':' integer
+        return int(line), position
+    if kind == 36:  # '$' bulk string
+        length = int(line)
+        if length < 0:
+            return None, position
+        if len(buffer) < position + length + 2:
+            raise _Incomplete
+        return bytes(buffer[position:position + length]), position + length + 2
     if kind == 43:  # '+' simple string
         return line.decode(), position
     if kind == 45:  # '-' error

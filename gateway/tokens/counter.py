@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import tiktoken
 from tiktoken.model import encoding_name_for_model
@@ -145,12 +145,13 @@ def requested_completion(body: Mapping[str, Any]) -> int | None:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class PromptCount:
+class PromptCount(NamedTuple):
     """A request's prompt tokens as counted for one upstream model and tokenizer family.
 
     Admission counts the prompt; the context-window check reuses the figure when it
-    would count the same way, so a request is not tokenized twice.
+    would count the same way, so a request is not tokenized twice. A named tuple, not a frozen dataclass:
+    made once per admitted request, and a frozen dataclass's `__init__` sets each field through
+    `object.__setattr__` (~4x the bytecodes).
     """
 
     tokens: int
@@ -264,7 +265,9 @@ class TokenCounter:
         total = REPLY_PRIMING
         messages = body.get("messages")
         if isinstance(messages, list):
-            total += sum(count_message(codec, m) for m in messages if isinstance(m, Mapping))
+            for message in messages:  # a loop, not sum() over a generator: a frame less to resume per message
+                if isinstance(message, Mapping):
+                    total += count_message(codec, message)
         tools = body.get("tools") or body.get("functions")
         if isinstance(tools, list) and tools:
             func_init = FUNC_INIT.get(self.encoding_for(model), FUNC_INIT_DEFAULT)

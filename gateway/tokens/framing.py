@@ -54,6 +54,11 @@ def call_strings(function: Mapping[str, Any]) -> list[str]:
 
 
 def count_message(codec: Encoder, message: Mapping[str, Any]) -> int:
+    if len(message) == 2:  # `{"role": ..., "content": ...}`, nearly every message: the loop below, spelled out
+        role, content = message.get("role"), message.get("content")
+        if role.__class__ is str and content.__class__ is str:
+            cached = codec.roles.get(role)
+            return TOKENS_PER_MESSAGE + (codec.count(role) if cached is None else cached) + codec.count(content)
     n = TOKENS_PER_MESSAGE
     for key, value in message.items():
         if isinstance(value, str):
