@@ -145,6 +145,9 @@ def test_unpriced_self_hosted_model_has_no_price() -> None:
     ("prices: {targets: {local: {x: {input: 1, output: 2, gpu: {hourly_usd: 1, input_tokens_per_s: 1, "
      "output_tokens_per_s: 1}}}}}", "prices.targets.local.x: give either"),
     ("prices: {table: missing.yaml}", "prices.table: cannot read price table"),
+    # A provider's name where a price family belongs: its requests would silently go unpriced.
+    ("prices: {models: {proxy: {gpt-4o-mini: {input: 1, output: 1}}}}",
+     "prices.models.proxy: 'proxy' is a provider, billed under the price family 'openai_compatible'"),
 ])
 def test_invalid_prices_are_refused_with_their_path(extra: str, expected: str) -> None:
     with pytest.raises(PolicyError) as caught:

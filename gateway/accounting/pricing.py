@@ -265,6 +265,16 @@ def price_problems(document: PolicyDocument) -> list[tuple[tuple[str | int, ...]
         for provider in getattr(document.prices, section):
             if provider not in document.providers:
                 problems.append((("prices", section, provider), f"unknown provider {provider!r}; defined: {defined}"))
+    # `prices.models` is keyed by price family, and a provider's name is an easy slip there: its prices would
+    # never be looked up (the provider is billed under its family), leaving its requests unpriced.
+    billed_under = {name: document.prices.families.get(name) or _KIND_FAMILY.get(provider.kind, provider.kind)
+                    for name, provider in document.providers.items()}
+    for family in document.prices.models:
+        if family in billed_under and family not in billed_under.values():
+            problems.append((("prices", "models", family),
+                             f"{family!r} is a provider, billed under the price family {billed_under[family]!r}, "
+                             f"and prices.models is keyed by price family: to price this provider's models, use "
+                             f"prices.targets.{family} (or set prices.families.{family})"))
     return problems
 
 
