@@ -23,7 +23,6 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from gateway.telemetry.attributes import (
-    GENAI_PROVIDER,
     OPERATION,
     attempt_usage_attributes,
     error_type_of,
@@ -192,21 +191,9 @@ class RequestTrace:
             self._body = call.body
             self._params = request_params(call.body)
         provider = target.provider
-        host, port = self._tracing.server_address(provider.settings.base_url)
-        attributes = {
-            "gen_ai.operation.name": self._operation,
-            "gen_ai.provider.name": GENAI_PROVIDER.get(provider.settings.kind, provider.settings.kind),
-            "gen_ai.request.model": call.upstream_model,
-            "server.address": host,
-            "switchboard.provider": provider.name,
-            "switchboard.attempt": len(self._attempts) + 1,
-            **self._tracing.attempt_kinds(call.upstream_model, provider.name),
-            **self._params,
-        }
-        if port is not None:
-            attributes["server.port"] = port
-        if call.stream:
-            attributes["gen_ai.request.stream"] = True
+        # The target's part is shared (copied here); then this attempt's number and the request's parameters.
+        attributes = {**self._tracing.attempt_base(self._operation, provider, call.upstream_model, call.stream),
+                      "switchboard.attempt": len(self._attempts) + 1, **self._params}
         attempt = _Attempt(attributes)
         self._attempts.append(attempt)
         request.headers["traceparent"] = f"00-{self.trace_id}-{attempt.span_id:016x}-{'01' if self._sampled else '00'}"

@@ -54,9 +54,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 from gateway.policy.schema import TracesPolicy
-from gateway.telemetry.attributes import (
-    attempt_kind_attributes,
-)
+from gateway.telemetry.attributes import GENAI_PROVIDER, attempt_kind_attributes
 from gateway.telemetry.content import redact_content
 from gateway.telemetry.export import LoggedExporter, build_exporter
 from gateway.telemetry.otlp import OtlpHttpExporter
@@ -65,10 +63,12 @@ from gateway.telemetry.span_batches import SpanBatches
 
 if TYPE_CHECKING:
     from gateway.accounting.usage import UsageRecord
-    from gateway.compiled.policy import Policy
+    from gateway.compiled.policy import Policy, Provider
     from gateway.telemetry.metrics import Metrics
 
 log = logging.getLogger("switchboard.telemetry")
+
+_ATTEMPT_BASES = 4096  # distinct attempt targets kept (operation x provider x upstream model x stream)
 
 
 class SdkSpans:
@@ -101,8 +101,11 @@ class Tracing:
         self._content_all = "*" in settings.record_content
         self._content_teams = frozenset(settings.record_content)
         self.redactor = redactor if settings.redact_content else None
-        self._addresses: dict[str, tuple[str, int | None]] = {}
-        self._attempt_kinds: dict[tuple[str, str], dict[str, Any]] = {}
+        # An attempt's attributes that follow from its target alone, by (operation, provider, upstream model,
+        # stream). Bounded: on pass-through routes the upstream model is the client's text.
+        # Keyed by the provider's identity (a reload makes new ones; hashing one would hash its settings), which
+        # the entry keeps alive and checks, so a recycled id never matches.
+        self._attempt_bases: dict[tuple[str, int, str, bool], tuple[Provider, dict[str, Any]]] = {}
 
     def samples(self, trace_id: int) -> bool:
         return trace_id & 0xFFFFFFFFFFFFFFFF < self._bound
@@ -118,21 +121,33 @@ class Tracing:
             return "expensive"
         return None
 
-    def attempt_kinds(self, model: str, provider: str) -> dict[str, Any]:
-        kinds = self._attempt_kinds.get((model, provider))
-        if kinds is None:
-            kinds = self._attempt_kinds[(model, provider)] = attempt_kind_attributes(self.settings, model, provider)
-        return kinds
-
     def records_content(self, team: str) -> bool:
         return self._content_all or team in self._content_teams
 
-    def server_address(self, base_url: str) -> tuple[str, int | None]:
-        address = self._addresses.get(base_url)
-        if address is None:
-            parts = urlsplit(base_url)
-            address = self._addresses[base_url] = (parts.hostname or base_url, parts.port)
-        return address
+    def attempt_base(self, operation: str, provider: Provider, upstream_model: str, stream: bool) -> dict[str, Any]:
+        """The attributes an attempt's CLIENT span takes from its target (copy before adding to them)."""
+        key = (operation, id(provider), upstream_model, stream)
+        cached = self._attempt_bases.get(key)
+        if cached is not None and cached[0] is provider:
+            return cached[1]
+        settings = provider.settings
+        parts = urlsplit(settings.base_url)
+        base = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": GENAI_PROVIDER.get(settings.kind, settings.kind),
+            "gen_ai.request.model": upstream_model,
+            "server.address": parts.hostname or settings.base_url,
+            "switchboard.provider": provider.name,
+            **attempt_kind_attributes(self.settings, upstream_model, provider.name),
+        }
+        if parts.port is not None:
+            base["server.port"] = parts.port
+        if stream:
+            base["gen_ai.request.stream"] = True
+        if len(self._attempt_bases) >= _ATTEMPT_BASES:
+            self._attempt_bases.clear()
+        self._attempt_bases[key] = (provider, base)
+        return base
 
     def export(self, trace: RequestTrace) -> None:
         assert self.sink is not None
