@@ -307,7 +307,8 @@ def test_no_limits_means_no_admission_work(harness: Callable[..., Harness]) -> N
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(360, "6m0s"), (0.012, "12ms"), (1.5, "1.5s"), (3725, "1h2m5s"),
-                                               (59.9999, "1m0s")])
+                                               (59.9999, "1m0s"), (1.39, "1.39s"), (60.001, "1m0.001s"),
+                                               (86399.999, "23h59m59.999s"), (0.9991, "1000ms"), (-2, "0ms")])
 def test_reset_durations_are_go_style(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
 

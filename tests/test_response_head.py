@@ -81,6 +81,27 @@ CASES = [
     pytest.param("POST", True, [], 200, [(b"x evil", b"a")], id="space-in-name"),
     pytest.param("POST", True, [], 200, [("x-str", "a")], id="str-pair"),
     pytest.param("POST", True, [], 999, [(b"x-a", b"1")], id="unknown-status"),
+    pytest.param("POST", True, DEFAULTS, 200, [(b"X-Upper", b"A"), (b"content-type", b"text/plain"),
+                                             (b"CONTENT-LENGTH", b"3")], id="capitals-among-lower-case-names"),
+    pytest.param("POST", True, [], 200, [(b"x:evil", b"a")], id="colon-in-name"),
+    pytest.param("POST", True, [], 200, [(b"x-del", b"a\x7fb")], id="delete-in-value"),
+    pytest.param("POST", True, [], 200, [(b"x-nul", b"a\x00b")], id="nul-in-value"),
+    pytest.param("POST", True, [], 200, [(b"x-tab", b"a\tb"), (b"x-high", b"caf\xe9")], id="tab-and-latin-1-in-value"),
+    pytest.param("POST", True, [], 200, [(b"x-a", b"1", b"extra")], id="three-items"),
+    pytest.param("POST", True, [], 200, [(b"x-a", b"1"), (b"x-b", b"2", b"extra")], id="one-header-of-three-items"),
+    pytest.param("POST", True, [], 200, [(b"x-a",)], id="one-item"),
+    pytest.param("POST", True, [], 200, [], id="no-header-at-all"),
+    pytest.param("POST", True, [], 200, [(bytearray(b"X-A"), b"1")], id="bytearray-name"),
+    pytest.param("POST", True, [], 200, [(b"x-a", bytearray(b"1"))], id="bytearray-value"),
+    pytest.param("POST", True, [], 200, [(memoryview(b"x-a"), b"1")], id="memoryview-name"),
+    pytest.param("POST", True, [], 200, [(b"content-length", memoryview(b"1"))], id="memoryview-length"),
+    pytest.param("POST", True, [], 200, [(b"content-length", b"+1")], id="length-with-sign"),
+    pytest.param("POST", True, [], 200, [(b"connection", b" keep-alive ,  CLOSE ")], id="close-among-tokens"),
+    pytest.param("POST", True, [], 200, [(b"connection", b"closed")], id="close-lookalike"),
+    pytest.param("POST", True, [], 200, [(b"connection", b"close"), (b"Connection", b"close")],
+                 id="connection-twice"),
+    pytest.param("POST", True, [], 200, [(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
+                 id="chunked-twice"),
     pytest.param("POST", True, DEFAULTS, 429, [(f"x-ratelimit-h{i}".encode(), str(i).encode()) for i in range(14)]
                  + [(b"content-length", b"120")], id="many-rate-limit-headers"),
 ]
@@ -117,3 +138,15 @@ def test_the_lean_path_writes_the_common_heads_itself_and_hands_the_rest_to_uvic
     body = {"type": "http.response.body", "body": b"{}"}
     asyncio.run(send(body))  # type: ignore[arg-type]
     assert handed == [body]
+
+
+def test_the_byte_checks_refuse_exactly_what_uvicorns_patterns_find() -> None:
+    """The translate tables stand in for uvicorn's HEADER_RE and HEADER_VALUE_RE: they must agree on every byte."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from gateway.http.response_head import _BAD_NAME, _BAD_VALUE
+
+    for table, pattern in ((_BAD_NAME, HEADER_RE), (_BAD_VALUE, HEADER_VALUE_RE)):
+        for byte in range(256):
+            text = b"ab" + bytes((byte,)) + b"cd"
+            assert (text.translate(table) != text) == (pattern.search(text) is not None), (pattern, byte)

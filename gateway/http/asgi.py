@@ -40,6 +40,9 @@ ON_ADMIN_LISTENER = "switchboard.admin_listener"
 # (gateway/http/connections.py). Without it, `respond` watches `receive()` with a task of its own.
 DISCONNECT_HOOK = "switchboard.on_disconnect"
 
+# The app's `HeaderNames`, left on the scope of each request it serves for whoever sends that request's reply.
+HEADER_NAMES = "switchboard.header_names"
+
 
 class GatewayApp:
     """The ASGI entry point: request ids, hot-route dispatch, and an OpenAI-shaped body for any failure.
@@ -60,13 +63,17 @@ class GatewayApp:
         # headers before any body is read.
         self._gate = gate
         self._surfaces = surfaces
+        # The app's own memo of header names (requests and replies repeat the same few), for its lifetime.
+        self._names = HeaderNames()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         scope["switchboard.started"] = time.perf_counter()
-        incoming = request_headers(scope).get("x-request-id")
+        names = scope[HEADER_NAMES] = self._names
+        scope["switchboard.headers"] = headers = names.decoded(scope["headers"])  # what `request_headers` returns
+        incoming = headers.get("x-request-id")
         if incoming and _REQUEST_ID.match(incoming):
             request_id = incoming
         else:
@@ -105,40 +112,68 @@ class GatewayApp:
                 error = GatewayError(ErrorKind.INTERNAL,
                                      f"The gateway failed to process the request (request id {request_id}).",
                                      code="internal_error")
-                await send_reply(send_with_id, Reply(*render(error)))
+                await send_reply(send_with_id, Reply(*render(error)), names)
 
 
-# Header names as text and as bytes, kept as they are first met: requests and replies repeat the same few names,
-# and a dict lookup costs a fraction of a codec call (`decode("latin-1")` is an argument parse and a codec-name
-# normalisation each time). Bounded, so a client inventing names cannot grow them: past it, names are converted
-# every time.
-_DECODED_NAMES: dict[bytes, str] = {}
-_ENCODED_NAMES: dict[str, bytes] = {}
-_MAX_NAMES = 512
+class HeaderNames:
+    """Header names as text and as bytes, kept as they are first met; one per app (`GatewayApp`), for its lifetime.
+
+    Requests and replies repeat the same few names, and a dict lookup costs a fraction of a codec call
+    (`decode("latin-1")` is an argument parse and a codec-name normalisation each time). Bounded, so a client
+    inventing names cannot grow them: past `size` names each way, a new one is converted every time.
+    """
+
+    __slots__ = ("_raw", "_size", "_text")
+
+    def __init__(self, size: int = 512) -> None:
+        self._text: dict[bytes, str] = {}
+        self._raw: dict[str, bytes] = {}
+        self._size = size
+
+    def decoded(self, raw: Any) -> dict[str, str]:
+        """ASGI request headers as text (names are lower-cased by the server already)."""
+        names = self._text
+        headers = {}
+        try:
+            for key, value in raw:
+                name = names.get(key)
+                if name is None:
+                    name = key.decode("latin-1")
+                    if len(names) < self._size:
+                        names[key] = name
+                headers[name] = value.decode("latin-1")
+        except TypeError:  # a name that is no `bytes` (a bytearray cannot be a dict key): each one decoded as it is
+            return _decoded(raw)
+        return headers
+
+    def encoded(self, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+        """A reply's headers as ASGI pairs."""
+        names = self._raw
+        try:
+            return [(names[name], value.encode("latin-1")) for name, value in headers.items()]
+        except KeyError:  # a name not met yet (or past the bound): learnt, or converted, one by one
+            pass
+        encoded = []
+        for name, value in headers.items():
+            raw = names.get(name)
+            if raw is None:
+                raw = name.encode("latin-1")
+                if len(names) < self._size:
+                    names[name] = raw
+            encoded.append((raw, value.encode("latin-1")))
+        return encoded
 
 
 def request_headers(scope: Scope) -> dict[str, str]:
-    """Header names lowercased (ASGI already does), values decoded; decoded once per request."""
+    """Header names lowercased (ASGI already does), values decoded; decoded once per request (by `GatewayApp`)."""
     headers = scope.get("switchboard.headers")
-    if headers is None:
+    if headers is None:  # a scope that did not come through `GatewayApp` (tests, the admin listener's own app)
         headers = scope["switchboard.headers"] = _decoded(scope["headers"])
     return headers
 
 
 def _decoded(raw: Any) -> dict[str, str]:
-    names = _DECODED_NAMES
-    headers = {}
-    try:
-        for key, value in raw:
-            name = names.get(key)
-            if name is None:
-                name = key.decode("latin-1")
-                if len(names) < _MAX_NAMES:
-                    names[key] = name
-            headers[name] = value.decode("latin-1")
-    except TypeError:  # a name that is no `bytes` (a bytearray cannot be a dict key): each one decoded as it is
-        return {key.decode("latin-1"): value.decode("latin-1") for key, value in raw}
-    return headers
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in raw}
 
 
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
@@ -174,21 +209,15 @@ def _too_large(limit: int) -> GatewayError:
                         code="request_too_large")
 
 
-def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    names = _ENCODED_NAMES
-    encoded = []
-    for name, value in headers.items():
-        raw = names.get(name)
-        if raw is None:
-            raw = name.encode("latin-1")
-            if len(names) < _MAX_NAMES:
-                names[name] = raw
-        encoded.append((raw, value.encode("latin-1")))
-    return encoded
+def _encoded(headers: Mapping[str, str], names: HeaderNames | None) -> list[tuple[bytes, bytes]]:
+    if names is not None:
+        return names.encoded(headers)
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-async def send_reply(send: Any, reply: Reply) -> None:
-    headers = _encoded(reply.headers)
+async def send_reply(send: Any, reply: Reply, names: HeaderNames | None = None) -> None:
+    """Send a whole reply; `names`: the app's memo (`HEADER_NAMES` in the scope), where the caller has it."""
+    headers = _encoded(reply.headers, names)
     headers.append((b"content-type", b"application/json"))
     headers.append((b"content-length", str(len(reply.body)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -218,6 +247,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
     whole reply goes out, after the last event of a stream.
     """
     authenticated = scope.get(AUTHENTICATED)
+    names = scope.get(HEADER_NAMES)
     exchange = Exchange(scope["switchboard.request_id"], scope["switchboard.started"],
                         scope.get(OWN_ID) or new_gateway_id(), authenticated)
     settlement = exchange.settlement = Settlement(services, exchange)
@@ -228,7 +258,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
     except GatewayError as error:
         settlement.close()
         del exchange.settlement  # as below, once settled
-        await send_reply(send, refused(Reply(*render(error))))
+        await send_reply(send, refused(Reply(*render(error))), names)
         return
     task = running_task(asyncio.get_running_loop())  # asyncio.current_task(), without its Python frame on 3.11
     assert task is not None
@@ -238,7 +268,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
         reply = await serve(exchange, body)
         if isinstance(reply, StreamReply):
             events = reply.events
-            await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers)})
+            await send({"type": "http.response.start", "status": 200, "headers": _encoded(reply.headers, names)})
             async for event in events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await events.aclose()  # type: ignore[attr-defined]
@@ -248,7 +278,7 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
         else:
             settlement.close()
             watch.answered()
-            await send_reply(send, reply)
+            await send_reply(send, reply, names)
     except asyncio.CancelledError:
         if not watch.disconnected:
             raise
