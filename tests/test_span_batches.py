@@ -120,3 +120,45 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
     assert (server.kind, server.parent_span_id, server.events) == ("SERVER", f"{0x99:016x}",
                                                                    ["switchboard.route", "switchboard.cache"])
     assert server.resource["service.name"] == "svc"
+
+
+def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
+    """A finished trace waits in the export queue for up to the schedule delay (and a queue's worth of them at
+    once): it must not hold the exchange, the request body or the reply while it waits."""
+    import gc
+    import time
+    import weakref
+
+    from gateway.policy.schema import TracesPolicy
+    from gateway.telemetry.request_trace import RequestTrace
+    from gateway.telemetry.traces import Tracing
+
+    class Exchange:
+        def __init__(self) -> None:
+            self.started = time.perf_counter()
+            self.request_id = "req-1"
+            self.response_headers: dict[str, str] = {}
+
+    class Body(dict):  # type: ignore[type-arg]  # a dict that can be weakly referenced
+        pass
+
+    queued: list[RequestTrace] = []
+
+    class Sink:
+        def add(self, trace: RequestTrace) -> None:
+            queued.append(trace)
+
+    tracing = Tracing(TracesPolicy(exporter="otlp_http"), Resource.create({"service.name": "svc"}), None)
+    tracing.sink = Sink()  # type: ignore[assignment]
+    exchange, body = Exchange(), Body(messages=[{"role": "user", "content": "x" * 100_000}])
+    trace = RequestTrace(tracing, "chat", {}, exchange)
+    trace._body = body  # as `send` keeps it, for content recording
+    trace.responded(b'{"id": "chatcmpl-1"}' + b" " * 100_000, "m", ("stop",))
+    gone = [weakref.ref(exchange), weakref.ref(body)]
+    trace.finish(None)  # no usage record: a 500, exported whatever the sampling
+    del exchange, body, trace
+    gc.collect()
+    assert len(queued) == 1 and queued[0].span_count == 1
+    assert [ref() for ref in gone] == [None, None]
+    (row,) = queued[0].rows()
+    assert row[10]["switchboard.request_id"] == "req-1"  # the attributes, built before the references went

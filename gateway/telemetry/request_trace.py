@@ -333,6 +333,9 @@ class RequestTrace:
         self._status_code = _ERROR_CODE if server_failed else _UNSET_CODE
         self._end_ns = time.time_ns()
         self.span_count = len(self._attempts) + 1  # one per attempt, and the request's: what the export queue counts
+        # The trace waits in the export queue as it is: what only building its attributes needed goes now, so a
+        # queued trace keeps no request or reply body (or the exchange, and all it holds) alive.
+        self._exchange = self._body = self._response_body = self._chunks = None
         tracing.export(self)
 
     def rows(self) -> list[SpanRow]:
