@@ -7,7 +7,8 @@
 Starts a private `redis-server` (free port), the fake OpenAI upstream, and `--replicas` `python -m gateway serve`
 processes (unpinned) on one policy: `--teams` teams with hashed keys, Redis-backed limits and budgets set never
 to refuse, an exact response cache (memory backend, 8 MiB per replica, so it fills early and then evicts),
-metrics on, the SQLite ledger on (one file per replica) and the access log on (to each replica's log file).
+OTLP traces at 100% to a fake collector, metrics on, the SQLite ledger on (one file per replica) and the access
+log on (to each replica's log file).
 
 The load generator runs in its own process (asyncio + aiohttp, closed loop, `--concurrency` in flight) and sends
 request i to replica i mod N. Traffic, in blocks of 40 requests of one team (teams take turns per block):
@@ -78,8 +79,9 @@ def _sha256(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def policy_yaml(upstream_base: str, redis_port: int, teams: int, ledger: Path) -> str:
-    """Every feature whose state could grow with traffic: limits, budgets, cache, metrics, ledger, access log."""
+def policy_yaml(upstream_base: str, redis_port: int, teams: int, ledger: Path, collector: str) -> str:
+    """Every feature whose state could grow with traffic: limits, budgets, cache, traces, metrics, ledger, access
+    log."""
     lines = [f"""version: 1
 admin:
   keys: [{{id: ops, hash: "{_sha256(ADMIN_KEY)}"}}]
@@ -96,6 +98,7 @@ models:
     cache: {{mode: exact, scope: team, backend: memory, max_bytes: 8388608, ttl_s: 86400}}
 state: {{url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "soak-{redis_port}:"}}
 telemetry:
+  traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
   metrics: {{enabled: true}}
 ledger:
   path: {ledger}
@@ -352,12 +355,13 @@ class Replica:
     ledger: Path
 
 
-def start_replicas(args: argparse.Namespace, tmp: Path, upstream_base: str, redis_port: int) -> list[Replica]:
+def start_replicas(args: argparse.Namespace, tmp: Path, upstream_base: str, redis_port: int, collector: str
+                   ) -> list[Replica]:
     replicas = []
     for index in range(args.replicas):
         port, ledger = free_port(), tmp / f"ledger-{index}.sqlite"
         policy = tmp / f"policy-{index}.yaml"
-        policy.write_text(policy_yaml(upstream_base, redis_port, args.teams, ledger))
+        policy.write_text(policy_yaml(upstream_base, redis_port, args.teams, ledger, collector))
         serve = ["serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port)]
         if args.diagnose and index == 0:
             argv = [PY, str(Path(__file__)), "--traced-serve", str(tmp / "snapshots"), "--diagnose", args.diagnose,
@@ -523,13 +527,19 @@ def soak(args: argparse.Namespace) -> int:
         upstream = Child("upstream", [PY, "-m", "tests.fakes.openai_upstream", "--host", "127.0.0.1", "--port",
                                       str(upstream_port), "--stream-chunks", str(args.stream_chunks)], tmp, None, REPO)
         upstream.wait_http_ok(f"http://127.0.0.1:{upstream_port}/health")
-        replicas = start_replicas(args, tmp, f"http://127.0.0.1:{upstream_port}/v1", redis_port)
+        collector_port = free_port()  # OTLP/HTTP traces at 100%: counts spans, keeps none
+        collector = Child("collector", [PY, "-m", "tests.fakes.otlp_receiver", "--port", str(collector_port)], tmp,
+                          None, REPO)
+        collector.wait_http_ok(f"http://127.0.0.1:{collector_port}/health")
+        replicas = start_replicas(args, tmp, f"http://127.0.0.1:{upstream_port}/v1", redis_port,
+                                  f"http://127.0.0.1:{collector_port}")
         try:
             samples, final, snapshots = run_generator(args, replicas, tmp / "snapshots", reference)
         finally:
             for replica in replicas:  # SIGTERM: each replica writes its last ledger rows before it exits
                 stop(replica.child.proc, grace=60)
             upstream.stop()
+            collector.stop()
             redis.stop()
         ledger_teams, ledger_status = ledger_ok_rows([r.ledger for r in replicas])
         spilled = [str(r.ledger) for r in replicas if r.ledger.with_name(r.ledger.name + ".spill.jsonl").exists()]
