@@ -22,8 +22,8 @@ import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from itertools import compress, count, repeat
-from operator import is_
+from itertools import compress, repeat
+from operator import call, is_
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -287,7 +287,9 @@ class SpanEncoder:
         and ~20 more in its events, most of them repeating from request to request).
 
         The memoised key-values are looked up for all attributes at once, in C (keyed by the value's type too:
-        1, 1.0 and True are equal as keys but encode differently); only the misses are encoded one by one."""
+        1, 1.0 and True are equal as keys but encode differently). The misses, mostly per-request numbers
+        (tokens, costs, durations), follow them, each encoded by its name's own encoder, also mapped in C once
+        every miss has one. (Attributes are a map in OTLP: their order carries nothing.)"""
         if not attributes:
             return b""
         values = attributes.values()
@@ -295,18 +297,17 @@ class SpanEncoder:
             pieces = list(map(self._pairs[number].get, zip(attributes, values, map(type, values), strict=True)))
         except TypeError:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
             return b"".join([self._pair(number, key, value) for key, value in attributes.items()])
-        if None in pieces:
-            self._encode_misses(number, pieces, list(attributes), list(values))
-        return b"".join(pieces)
-
-    def _encode_misses(self, number: int, pieces: list[Any], keys: list[str], values: list[Any]) -> None:
-        """Fill in the pieces with no memoised key-value: mostly per-request numbers (tokens, costs, durations),
-        each encoded by its name's own encoder (looked up in C, by name and type) when it has one."""
-        missing = list(compress(count(), map(is_, pieces, repeat(None))))
-        keys, values = list(map(keys.__getitem__, missing)), list(map(values.__getitem__, missing))
-        encoders = map(self._encoders[number].get, zip(keys, map(type, values), strict=True))
-        for index, key, value, encode in zip(missing, keys, values, encoders, strict=True):
-            pieces[index] = encode(value) if encode is not None else self._pair(number, key, value)
+        if None not in pieces:
+            return b"".join(pieces)
+        missed = list(map(is_, pieces, repeat(None)))
+        keys, values = list(compress(attributes, missed)), list(compress(values, missed))
+        encoders = list(map(self._encoders[number].get, zip(keys, map(type, values), strict=True)))
+        if None in encoders:  # a name or type met for the first time, or a repeating name's new value
+            misses = [self._pair(number, key, value) if encode is None else encode(value)
+                      for key, value, encode in zip(keys, values, encoders, strict=True)]
+        else:
+            misses = list(map(call, encoders, values))
+        return b"".join(filter(None, pieces)) + b"".join(misses)
 
     def _small_int_pair(self, small: bytes, two_bytes: bytes, number: int, key: str, value: int) -> bytes:
         """An integer attribute under its name's prefixes (`_prefixes_of`), as `_pair` would encode it."""
