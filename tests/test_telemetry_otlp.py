@@ -176,3 +176,29 @@ def test_encoder_memos_give_the_same_bytes_and_keep_value_types_apart() -> None:
                 assert type(decoded.attributes[name]) is type(value)
                 if isinstance(value, tuple):
                     assert [type(v) for v in decoded.attributes[name]] == [type(v) for v in value]
+
+
+def test_per_request_strings_and_numbers_decode_as_given_whatever_their_size() -> None:
+    """Names whose values change per request (ids, tokens, costs) are encoded by a per-name encoder after their
+    first value: strings of every length around the one-byte length limits, integers around the varint steps and
+    negative ones, doubles; each span decodes to exactly its own values."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+    from gateway.telemetry.otlp import encode_request
+    from tests.fakes.otlp_receiver import decode
+
+    texts = ["", "a", "é" * 60, *("x" * n for n in (90, 100, 105, 106, 107, 108, 125, 126, 127, 128, 300, 20000))]
+    numbers = [0, 1, 127, 128, 300, 16383, 16384, 2**40, -1, -300]
+    spans = [ReadableSpan(name="chat m", context=SpanContext(0xABC, 0x100 + i, False, TraceFlags(1)),
+                          resource=Resource.create({"service.name": "svc"}), kind=SpanKind.CLIENT,
+                          attributes={"switchboard.request_id": texts[i % len(texts)],
+                                      "gen_ai.usage.input_tokens": numbers[i % len(numbers)],
+                                      "switchboard.cost_usd": i / 7},
+                          start_time=1, end_time=2)
+             for i in range(40)]
+    for i, decoded in enumerate(decode(encode_request(spans))):
+        assert decoded.attributes == {"switchboard.request_id": texts[i % len(texts)],
+                                      "gen_ai.usage.input_tokens": numbers[i % len(numbers)],
+                                      "switchboard.cost_usd": i / 7}

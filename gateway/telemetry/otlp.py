@@ -198,6 +198,17 @@ def _value_pair(tag: bytes, encoded_key: bytes, value: Any) -> bytes:
     return b"".join((tag, _SMALL[size] if size < 128 else _varint(size), key_value))
 
 
+def _str_pair(tag: bytes, encoded_key: bytes, value: str) -> bytes:
+    """`_value_pair` for a string (request and response ids), framed in one join when it all fits in 127 bytes."""
+    data = value.encode()
+    size = len(data)
+    key_value_size = len(encoded_key) + 4 + size  # the key, the AnyValue's tag and length, its string's too
+    if key_value_size < 128:
+        return b"".join((tag, _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size + 2], b"\x0a", _SMALL[size],
+                         data))
+    return _value_pair(tag, encoded_key, value)
+
+
 class SpanEncoder:
     """Spans as an OTLP `ExportTraceServiceRequest`, with memos of what repeats from span to span.
 
@@ -341,7 +352,8 @@ class SpanEncoder:
                 encoders[(key, kind)] = (
                     partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0]) if kind is float
                     else partial(self._small_int_pair, prefixes[1], prefixes[2], number, key) if kind is int
-                    else partial(_value_pair, _TAGS[number], (self._keys.get(key) or self._key(key))[0]))
+                    else partial(_str_pair if kind is str else _value_pair, _TAGS[number],
+                                 (self._keys.get(key) or self._key(key))[0]))
         return encoded
 
     def _prefixes_of(self, number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
