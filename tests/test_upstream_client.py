@@ -288,3 +288,26 @@ def test_tls_upstreams_are_verified_against_the_trusted_certificates(tmp_path: P
             await trusting.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("with_end", [False, True], ids=["alone", "with-the-end"])
+def test_a_body_that_does_not_decode_fails_as_malformed(with_end: bool) -> None:
+    # The body's pieces are decoded when a read has been parsed, or at the message's end inside the parser's
+    # callback: either way the call fails as a malformed answer, and the connection is not reused.
+    async def answer(number: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"10\r\nthis is not gzip\r\n" + (b"0\r\n\r\n" if with_end else b""))
+        await writer.drain()
+
+    async def run() -> None:
+        async with Server(answer) as server:
+            client = Http1Client(_provider(), "t")
+            response = await client.open(_request(server))
+            with pytest.raises(UpstreamFailed) as failed:
+                await response.read()
+            assert failed.value.failure.message == "the upstream's response was not valid HTTP"
+            await client.close()
+
+    asyncio.run(run())

@@ -169,7 +169,10 @@ class PrimedStream:
             if batch:
                 yield batch
             raw, idle_s, exchange, clock = self.raw, self._idle_s, self._exchange, self._clock
-            while not self._translator.finished:
+            # `translate`'s work, with the bound methods looked up once for the stream rather than per read.
+            translator, decode = self._translator, self._decoder.feed
+            translate = translator.feed_all
+            while not translator.finished:
                 waited_from = clock()
                 try:
                     if idle_s is None:
@@ -188,7 +191,7 @@ class PrimedStream:
                     raise UpstreamFailed(failure) from None
                 finally:
                     exchange.upstream_wait_s += clock() - waited_from
-                batch = self.translate(chunk)
+                batch = translate(decode(chunk))
                 if batch:
                     yield batch
         except UpstreamFailed as exc:

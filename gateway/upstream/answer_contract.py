@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -36,6 +37,11 @@ _CAPPED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 # Module names for members read per request: on Python 3.11 `Endpoint.CHAT` is an unspecialized lookup through
 # EnumType's `__getattr__` hook, ~15 times the cost of reading a global.
 _CHAT, _EMBEDDINGS, _RESPONSES = Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.RESPONSES
+# A batch's fields read in C (`map`), not by a Python loop per chunk.
+_usage_of, _finish_of, _data_of = attrgetter("usage"), attrgetter("finish_reason"), attrgetter("data")
+# Reads of fewer chunks (a server that writes one event per read, the usual case) go chunk by chunk: judging a
+# read in one pass has a fixed cost that pays from 4 chunks on (counted in bytecodes: 3 cost more, 4 less).
+_IN_ONE_PASS = 4
 
 
 def stream_cap(call: Call) -> int | None:
@@ -60,32 +66,56 @@ def guard_stream(stream: PrimedStream, call: Call, target: Target, counter: Toke
 async def _guarded(stream: PrimedStream, call: Call, target: Target, counter: TokenCounter, cap: int | None
                    ) -> AsyncIterator[list[StreamChunk]]:
     inner = stream.batches()
-    counted = 0
+    counted = 0  # completion chunks relayed: every chunk from the first token on but for finish and usage chunks
     started = False  # chunks before the first token (the role announcement, empty deltas) are not counted
     usage_seen = False
-    relayed: list[bytes] = []
-    last: bytes | None = None
+    relayed: list[bytes] = []  # what the client got, in order: its last item is the envelope for added chunks
     try:
         async for batch in inner:
-            kept: list[StreamChunk] = []
             cut = False
-            for chunk in batch:
+            kept: list[StreamChunk] = []
+            rest: Sequence[StreamChunk] = batch
+            if not started and cap is not None:
+                lead = _first_token(batch)
+                started = lead < len(batch)
+                if lead:  # chunks before the first token (the role announcement, empty deltas): not counted
+                    kept += batch[:lead]
+                    relayed += map(_data_of, kept)
+                    usage_seen = usage_seen or list(map(_usage_of, kept)).count(None) != lead
+                    rest = batch[lead:]
+            # From here on `rest` is past the first token, if the stream is capped.
+            if len(rest) >= _IN_ONE_PASS:
+                # A read is content deltas as a rule, but for its last events (the finish reason, the usage): the
+                # chunks before those are judged by scans in C and, when the cap has room for all of them, counted
+                # at once and kept as they came. Only the rest go chunk by chunk.
+                plain = len(rest)
+                while plain and (rest[plain - 1].usage is not None or rest[plain - 1].finish_reason is not None):
+                    plain -= 1
+                head = rest[:plain]
+                if plain and (cap is None or counted + plain <= cap) and \
+                        list(map(_usage_of, head)).count(None) == plain and \
+                        list(map(_finish_of, head)).count(None) == plain:
+                    counted += plain
+                    kept += head
+                    relayed += map(_data_of, head)
+                    rest = rest[plain:]
+            for chunk in rest:
                 if chunk.usage is not None:
                     usage_seen = True
-                elif chunk.finish_reason is None and cap is not None and (started or _carries_token(chunk.data)):
-                    started = True
+                elif chunk.finish_reason is None and cap is not None:
                     counted += 1
                     if counted > cap:
                         cut = True
                         break
                 kept.append(chunk)
                 relayed.append(chunk.data)
-                last = chunk.data
-            if cut:
-                ending = _length_chunk(call, last)
+            if cut:  # after a chunk that counted: `relayed` is not empty
+                ending = _length_chunk(call, relayed[-1])
                 kept.append(ending)
                 relayed.append(ending.data)
             if (cut or stream.finished) and call.client_wants_usage and not usage_seen:
+                # The envelope comes from the upstream's last chunk relayed, not from the ending added to it.
+                last = relayed[-2] if cut else relayed[-1] if relayed else None
                 kept.append(_usage_chunk(call, target, counter, relayed, last))
                 usage_seen = True
             if kept:
@@ -93,9 +123,17 @@ async def _guarded(stream: PrimedStream, call: Call, target: Target, counter: To
             if cut:
                 return
         if call.client_wants_usage and not usage_seen:  # closed without an end event (e.g. Gemini's streams)
-            yield [_usage_chunk(call, target, counter, relayed, last)]
+            yield [_usage_chunk(call, target, counter, relayed, relayed[-1] if relayed else None)]
     finally:
         await inner.aclose()  # type: ignore[attr-defined]
+
+
+def _first_token(batch: Sequence[StreamChunk]) -> int:
+    """Where the first chunk that carries a token is in a batch (its length if none does)."""
+    for position, chunk in enumerate(batch):
+        if chunk.usage is None and chunk.finish_reason is None and _carries_token(chunk.data):
+            return position
+    return len(batch)
 
 
 def _carries_token(data: bytes) -> bool:

@@ -172,16 +172,17 @@ class Http1Response:
             self._decoder = _decoder_for(encoding.decode("latin-1").strip().lower())
         self._wake()
 
-    def feed(self, data: bytes) -> None:
-        # Called per piece of the body (httptools: per chunk of the chunked encoding); the reader is woken once
-        # per network read, by the connection, not per piece.
+    def take(self, pieces: list[bytes]) -> None:
+        """The body pieces of one network read (httptools: a chunk of the chunked encoding each), in order."""
         if self._drain_timer is not None:
             return  # finished: the rest of a stream's body is not wanted
-        if self._decoder is not None:
-            data = self._decoder.decompress(data)
-            if not data:
-                return
-        self._chunks.append(data)
+        decoder = self._decoder
+        if decoder is None:
+            self._chunks += pieces
+            return
+        for data in pieces:
+            if data := decoder.decompress(data):
+                self._chunks.append(data)
 
     def ended(self) -> None:
         if self._decoder is not None and self._drain_timer is None:
@@ -259,6 +260,10 @@ class _Connection(asyncio.Protocol):
         self.last_read = 0.0
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
+        # httptools calls `on_body` per piece of the body: a list's `append` collects them without a Python call
+        # each (an SSE event is a piece, as most servers write them), and the read hands them on together.
+        self._pieces: list[bytes] = []
+        self.on_body = self._pieces.append
         self._parser = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._encoding: bytes | None = None
@@ -275,10 +280,16 @@ class _Connection(asyncio.Protocol):
             self.drop()  # bytes nobody asked for: the connection's state is unknown
             return
         self.last_read = self.loop.time()
+        pieces = self._pieces
         try:
             self._parser.feed_data(data)
-        # ValueError: a content-encoding this client does not decode, or a body that does not decode.
-        except (httptools.HttpParserError, ValueError):
+            if pieces:  # a message that completed in this read took its own (on_message_complete)
+                response.take(pieces)
+                pieces.clear()
+        # ValueError: a content-encoding this client does not decode; zlib.error: a body that does not decode
+        # (raised inside httptools' callbacks, either comes as an HttpParserError).
+        except (httptools.HttpParserError, ValueError, zlib.error):
+            pieces.clear()
             response.fail(_MALFORMED)
             self.drop()
             return
@@ -306,19 +317,21 @@ class _Connection(asyncio.Protocol):
             self._encoding = value
 
     def on_headers_complete(self) -> None:
+        self._pieces.clear()  # a body starts: nothing before it belongs to it
         raw, self._raw_headers = self._raw_headers, []
         encoding, self._encoding = self._encoding, None
         if self.response is not None:
             self.response.headers_arrived(self._parser.get_status_code(), raw, encoding)
 
-    def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response.feed(body)
-
     def on_message_complete(self) -> None:
         response = self.response
+        pieces = self._pieces
         if response is None:
+            pieces.clear()
             return
+        if pieces:  # the body's last pieces come before its end
+            response.take(pieces)
+            pieces.clear()
         keep_alive = self._reusable and self._parser.should_keep_alive()
         response.ended()
         self.response = None
