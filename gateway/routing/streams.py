@@ -145,9 +145,6 @@ class PrimedStream:
                 return True
         return False
 
-    def translate(self, chunk: bytes) -> list[StreamChunk]:
-        return self._translator.feed_all(self._decoder.feed(chunk))
-
     def drain(self) -> list[StreamChunk]:
         """The upstream closed the stream: its last chunks, or `UpstreamFailed` if the answer was cut short."""
         out = self._translator.feed_all(self._decoder.end())
@@ -169,7 +166,7 @@ class PrimedStream:
             if batch:
                 yield batch
             raw, idle_s, exchange, clock = self.raw, self._idle_s, self._exchange, self._clock
-            # `translate`'s work, with the bound methods looked up once for the stream rather than per read.
+            # Each read decoded and translated with the bound methods looked up once for the stream.
             translator, decode = self._translator, self._decoder.feed
             translate = translator.feed_all
             while not translator.finished:
