@@ -7,9 +7,11 @@
 The systems are bench.py's, started by its own starters (same policies, same fake upstream, same private Redis
 and OTLP collector for `gateway-full`), each alone under `valgrind --tool=callgrind --trace-children=yes`. For
 each mode (non-streamed chat, 20-chunk stream) one client sends a warm-up of 30 requests on one kept-alive
-connection, the counters are zeroed, `--requests` more are sent, and the counters dumped: instructions per
-request = the dump's total over the requests, summed over the system's processes and every thread in them (the
-span export and ledger writer threads included). The fake upstream, Redis and the collector are other
+connection, the counters are zeroed once the warm-up's spans are exported, `--requests` more are sent, and the
+counters dumped once theirs are: instructions per request = the dump's total over the requests, summed over the
+system's processes and every thread in them (the span export and ledger writer threads included). The full
+policy's Redis calls get a 10 s timeout: under callgrind one can outlast the default 0.25 s, and the store would
+then count locally instead. The fake upstream, Redis and the collector are other
 processes, not counted.
 
 What this does not see: kernel time (system calls, wake-ups), cache misses, and whatever concurrency changes
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +36,7 @@ from loadgen import build_body  # noqa: E402
 from procs import descendants, install_cleanup  # noqa: E402
 
 SYSTEMS = ("baseline-aiohttp", "gateway", "gateway-full")
+EXPORT_WAIT_S = 4.0  # past the full policy's span schedule delay (2 s), with room for callgrind's slowness
 MODES = (("chat", False), ("stream", True))
 
 
@@ -50,8 +54,12 @@ def count(name: str, start: bench.Starter, args: argparse.Namespace, upstream: b
         for mode, stream in MODES:
             body = build_body(target.model, stream)
             server_bench._send(target, body, 30)
+            # The full policy exports spans on a 2 s timer: the warm-up's go before the counters are zeroed, and
+            # the counted requests' before they are dumped, so the count holds exactly those requests' spans.
+            time.sleep(EXPORT_WAIT_S)
             server_bench._callgrind_control("--zero", pids)
             server_bench._send(target, body, args.requests)
+            time.sleep(EXPORT_WAIT_S)
             server_bench._callgrind_control("--dump", pids)
             figures[mode] = server_bench._dumped(tmp, stem, pids) / args.requests
             print(f"{name:28} {mode:6} {figures[mode]:>12,.0f} instructions per request", flush=True)  # noqa: T201
@@ -73,6 +81,7 @@ def main() -> None:
     # What bench.py's starters read from its own options.
     args.upstream_module, args.chunk_delay_ms, args.baseline_gc = "tests.fakes.openai_upstream", 0.0, "serving"
     args.gateway_workers, args.gateway_args, args.startup_timeout_s = 1, "--no-access-log", 900.0
+    args.full_state_extra = ", timeout_s: 10"  # a Redis call under callgrind must not fall back to local counting
     install_cleanup()
     starters = {"baseline-aiohttp": bench.baseline_starter("aiohttp"), "gateway": bench.start_gateway,
                 "gateway-full": bench.start_gateway_full}
