@@ -148,8 +148,8 @@ def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
         def add(self, trace: RequestTrace) -> None:
             queued.append(trace)
 
-    tracing = Tracing(TracesPolicy(exporter="otlp_http"), Resource.create({"service.name": "svc"}), None)
-    tracing.sink = Sink()  # type: ignore[assignment]
+    tracing = Tracing(TracesPolicy(exporter="otlp_http"), Resource.create({"service.name": "svc"}),
+                      Sink(), None)  # type: ignore[arg-type]
     exchange, body = Exchange(), Body(messages=[{"role": "user", "content": "x" * 100_000}])
     trace = RequestTrace(tracing, "chat", {}, exchange)
     trace._body = body  # as `send` keeps it, for content recording

@@ -91,11 +91,11 @@ class SdkSpans:
 class Tracing:
     """What traced requests need from one telemetry configuration: sampling, where spans go, content rules."""
 
-    def __init__(self, settings: TracesPolicy, resource: Resource, redactor: Callable[[str], str] | None) -> None:
+    def __init__(self, settings: TracesPolicy, resource: Resource, sink: SpanBatches | SdkSpans,
+                 redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
         self.resource = resource
-        # Where finished traces go, set by `Telemetry._build`: `SpanBatches` for OTLP/HTTP, else `SdkSpans`.
-        self.sink: SpanBatches | SdkSpans | None = None
+        self.sink = sink  # where finished traces go: `SpanBatches` for OTLP/HTTP, else `SdkSpans`
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
         self._content_all = "*" in settings.record_content
@@ -150,7 +150,6 @@ class Tracing:
         return base
 
     def export(self, trace: RequestTrace) -> None:
-        assert self.sink is not None
         self.sink.add(trace)
 
 
@@ -198,12 +197,12 @@ class Telemetry:
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         tracing = self._tracing
-        return tracing.sink.force_flush(int(timeout_s * 1000)) if tracing is not None and tracing.sink else True
+        return tracing.sink.force_flush(int(timeout_s * 1000)) if tracing is not None else True
 
     def shutdown(self) -> None:
         """Flush and stop the exporter (blocking; call it off the event loop)."""
         tracing, self._tracing = self._tracing, None
-        if tracing is not None and tracing.sink is not None:
+        if tracing is not None:
             tracing.sink.shutdown()
 
     def _build(self, settings: TracesPolicy) -> Tracing | None:
@@ -212,19 +211,20 @@ class Telemetry:
         attributes = {"service.name": settings.service_name}
         if settings.project:
             attributes["openinference.project.name"] = settings.project  # Phoenix's project
-        tracing = Tracing(settings, Resource.create(attributes), self._redactor)
+        resource = Resource.create(attributes)
         batch = settings.batch
+        sink: SpanBatches | SdkSpans
         if self._span_exporter is not None:
-            tracing.sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
+            sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
         elif settings.exporter == "otlp_http":
-            tracing.sink = _otlp_batches(settings, tracing.resource)
+            sink = _otlp_batches(settings, resource)
         else:
-            tracing.sink = SdkSpans(BatchSpanProcessor(
+            sink = SdkSpans(BatchSpanProcessor(
                 LoggedExporter(build_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
                 schedule_delay_millis=batch.schedule_delay_ms, max_export_batch_size=batch.max_export_batch_size,
                 export_timeout_millis=batch.export_timeout_ms))
         log.info("tracing on: exporter %s, sample ratio %s", settings.exporter, settings.sample_ratio)
-        return tracing
+        return Tracing(settings, resource, sink, self._redactor)
 
 
 def _otlp_batches(settings: TracesPolicy, resource: Resource) -> SpanBatches:
