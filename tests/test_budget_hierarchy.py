@@ -644,19 +644,11 @@ def test_a_refusal_or_cancellation_under_one_tag_gives_back_the_other_tags_reser
 
 def test_the_hierarchy_runs_on_a_cluster_mode_redis_that_refuses_cross_slot_calls(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway], tmp_path: Path) -> None:
-    from tests.test_state_cluster_keys import REDIS_SERVER, redis_server, wait_ready
+    from tests.test_state_cluster_keys import REDIS_SERVER, cluster_mode_node
 
     if REDIS_SERVER is None:
         pytest.fail("redis-server is not installed")
-    with redis_server(tmp_path, "--port", "{port}", "--cluster-enabled", "yes",
-                      "--cluster-config-file", str(tmp_path / "nodes.conf")) as port:
-        admin = redis.Redis(port=port, socket_timeout=2)
-        wait_ready(admin)
-        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # one node serving every slot
-        until = time.monotonic() + 10
-        while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < until, "cluster did not become ready"
-            time.sleep(0.05)
+    with cluster_mode_node(tmp_path) as (port, _admin):
         # fail_closed: a call Redis refuses (CROSSSLOT) would be a 503, not a quietly local count.
         state = f"state: {{url: 'redis://127.0.0.1:{port}/0', failure_mode: fail_closed, timeout_s: 2}}\n"
         text = policy(upstream, organizations=org("{tokens: 60}"), alpha=users("{tokens: 100000}"), extra=state)
@@ -669,7 +661,6 @@ def test_the_hierarchy_runs_on_a_cluster_mode_redis_that_refuses_cross_slot_call
         rows = rows_by_scope(usage_report(gateway, end_user="u-1"))
         assert rows[("org", "acme")]["used"] == rows[("user", "u-1")]["used"] == rows[("key", "alpha-key")][
             "used"] == spent  # the refusal's reservation on the team's tag was given back
-        admin.close()
 
 
 def test_the_console_and_policy_gauges_show_the_new_levels(upstream: FakeOpenAIUpstream,

@@ -155,40 +155,68 @@ def test_every_key_of_one_operation_shares_one_cluster_slot() -> None:
 
 @contextlib.contextmanager
 def redis_server(workdir: Path, *args: str) -> Iterator[int]:
-    """A private redis-server on a free port (TLS or cluster mode as `args` say); yields the port."""
+    """A private redis-server on a free port (TLS or cluster mode as `args` say); yields the port.
+
+    `{port}` in `args` is the client port and `{bus}` a second free port. Its log goes to `redis-<port>.log` in
+    `workdir`, which `wait_ready` quotes if the server never answers.
+    """
     assert REDIS_SERVER is not None
-    port = free_port()
+    port, bus = free_port(), free_port()
+    while bus == port:
+        bus = free_port()
+    log = (workdir / f"redis-{port}.log").open("wb")
     process = subprocess.Popen([REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(workdir), *[a.replace("{port}", str(port)) for a in args]],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--dir", str(workdir),
+                                *[a.replace("{port}", str(port)).replace("{bus}", str(bus)) for a in args]],
+                               stdout=log, stderr=subprocess.STDOUT)
     try:
         yield port
     finally:
         process.kill()
         process.wait(timeout=10)
+        log.close()
 
 
-def wait_ready(client: redis.Redis, timeout: float = 10) -> None:
+def wait_ready(client: redis.Redis, workdir: Path, timeout: float = 10) -> None:
+    """Poll until the private server in `workdir` answers; on timeout, fail with the end of its log."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(redis.RedisError):
             if client.ping():
                 return
-        assert time.monotonic() < deadline, "private redis-server did not start"
+        if time.monotonic() >= deadline:
+            port = client.connection_pool.connection_kwargs["port"]
+            log = workdir / f"redis-{port}.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+            raise AssertionError(f"private redis-server on {port} did not start:\n{tail}")
         time.sleep(0.02)
 
 
-@needs_redis_server
-def test_admission_settlement_and_reports_run_on_a_cluster_mode_node(tmp_path: Path) -> None:
-    with redis_server(tmp_path, "--port", "{port}", "--cluster-enabled", "yes",
-                      "--cluster-config-file", str(tmp_path / "nodes.conf")) as port:
+@contextlib.contextmanager
+def cluster_mode_node(workdir: Path) -> Iterator[tuple[int, redis.Redis]]:
+    """One private cluster-mode redis-server serving every slot; yields its port and an admin client.
+
+    The cluster bus port is given explicitly: Redis's default, the client port + 10000, is past 65535 for a
+    fifth of Linux's ephemeral ports (32768-60999), and such a node never starts.
+    """
+    with redis_server(workdir, "--port", "{port}", "--cluster-enabled", "yes", "--cluster-port", "{bus}",
+                      "--cluster-config-file", str(workdir / "nodes.conf")) as port:
         admin = redis.Redis(port=port, socket_timeout=2)
-        wait_ready(admin)
+        wait_ready(admin, workdir)
         admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # one node serving every slot
         deadline = time.monotonic() + 10
         while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
             assert time.monotonic() < deadline, "cluster did not become ready"
             time.sleep(0.05)
+        try:
+            yield port, admin
+        finally:
+            admin.close()
+
+
+@needs_redis_server
+def test_admission_settlement_and_reports_run_on_a_cluster_mode_node(tmp_path: Path) -> None:
+    with cluster_mode_node(tmp_path) as (port, admin):
 
         async def main() -> None:
             # The node enforces the rule this test is about: a script over two slots is refused.
@@ -213,7 +241,6 @@ def test_admission_settlement_and_reports_run_on_a_cluster_mode_node(tmp_path: P
         asyncio.run(main())
         keys = admin.keys(PREFIX + "*")
         assert keys and all(admin.ttl(key) > 0 for key in keys)  # every key expires
-        admin.close()
 
 
 @pytest.fixture
@@ -235,7 +262,7 @@ def test_rediss_urls_speak_tls_and_verify_the_server(tmp_path: Path, tls_files: 
     with redis_server(tmp_path, "--port", "0", "--tls-port", "{port}", "--tls-cert-file", str(cert),
                       "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
                       "--tls-auth-clients", "no") as port:
-        wait_ready(redis.Redis(port=port, ssl=True, ssl_ca_certs=str(cert), socket_timeout=2))
+        wait_ready(redis.Redis(port=port, ssl=True, ssl_ca_certs=str(cert), socket_timeout=2), tmp_path)
         url = f"rediss://127.0.0.1:{port}/0"
         checks = [Check(("{t}:n",), 10, 3, int(time.time()) + 600)]
 
