@@ -202,3 +202,36 @@ def test_per_request_strings_and_numbers_decode_as_given_whatever_their_size() -
         assert decoded.attributes == {"switchboard.request_id": texts[i % len(texts)],
                                       "gen_ai.usage.input_tokens": numbers[i % len(numbers)],
                                       "switchboard.cost_usd": i / 7}
+
+
+def test_memos_stop_growing_at_their_bounds_and_unhashable_values_still_encode() -> None:
+    """A name's memo of encoded values keeps at most `_VALUES_MEMORY` of them and the layouts at most
+    `_LAYOUTS_MEMORY` (token counts and optional attributes are unbounded sets); past the bounds and for values
+    that cannot be memoised (a tuple holding a list), every span still decodes to exactly its own attributes."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+    from gateway.telemetry import otlp
+    from tests.fakes.otlp_receiver import decode
+
+    def span(number: int, attributes: dict[str, object]) -> ReadableSpan:
+        return ReadableSpan(name="chat m", context=SpanContext(0xABC, 0x100 + number, False, TraceFlags(1)),
+                            resource=Resource.create({"service.name": "svc"}), kind=SpanKind.CLIENT,
+                            attributes=attributes, start_time=1, end_time=2)
+
+    count = max(otlp._VALUES_MEMORY, otlp._LAYOUTS_MEMORY) + 50
+    attribute_sets: list[dict[str, object]] = [
+        {"gen_ai.usage.input_tokens": i, "switchboard.team": f"team-{i}", f"optional.{i}": i % 3 == 0}
+        for i in range(count)]
+    attribute_sets += [{"switchboard.team": ("a", [1, 2])}, {"switchboard.team": "a"}, {"gen_ai.usage.input_tokens": 7}]
+    encoder = otlp.SpanEncoder()
+    for round_ in range(2):  # the second time through, from the memos as far as they go
+        body = encoder.encode([span(i, attributes) for i, attributes in enumerate(attribute_sets)])
+        for decoded, attributes in zip(decode(body), attribute_sets, strict=True):
+            expected = {k: ("a", (1, 2)) if isinstance(v, tuple) else v for k, v in attributes.items()}
+            assert decoded.attributes == expected, round_
+    assert all(len(layouts) <= otlp._LAYOUTS_MEMORY for layouts in encoder._layouts)
+    memos = [encoder._encoders[9][(name, kind)].__self__  # type: ignore[attr-defined]
+             for name, kind in (("gen_ai.usage.input_tokens", int), ("switchboard.team", str))]
+    assert [len(memo) for memo in memos] == [otlp._VALUES_MEMORY] * 2

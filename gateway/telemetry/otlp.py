@@ -16,14 +16,12 @@ best-effort, and a dead collector must cost nothing but the lost spans.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from itertools import compress, repeat
-from operator import call, is_
+from operator import call
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -149,9 +147,10 @@ _TIMES = struct.Struct("<BQBQ")
 _EVENT_TIME = struct.Struct("<BQ")
 # flags (field 16, fixed32): a two-byte tag.
 _FLAGS = struct.Struct("<BBI")
-# Memo bounds: a memo of a pure function, bounded against unbounded name or value sets.
+# Memo bounds: a memo of a pure function, bounded against unbounded name, value or layout sets.
 _NAMES_MEMORY = 4096
-_PAIRS_MEMORY = 8192
+_LAYOUTS_MEMORY = 1024  # per field number
+_VALUES_MEMORY = 1024  # per attribute name and type
 
 
 def _framed(tag: int, size: int) -> bytes:
@@ -209,23 +208,45 @@ def _str_pair(tag: bytes, encoded_key: bytes, value: str) -> bytes:
     return _value_pair(tag, encoded_key, value)
 
 
+class _Memo(dict[Any, bytes]):
+    """Encoded key-values of one attribute name by value: a hit is a lookup in C, a miss encodes the value and keeps
+    it while the memo holds fewer than `_VALUES_MEMORY` values (then it only encodes)."""
+
+    __slots__ = ("_encode",)
+
+    def __init__(self, encode: Callable[[Any], bytes]) -> None:
+        super().__init__()
+        self._encode = encode
+
+    def __missing__(self, value: Any) -> bytes:
+        encoded = self._encode(value)
+        if len(self) < _VALUES_MEMORY:
+            self[value] = encoded
+        return encoded
+
+
 class SpanEncoder:
     """Spans as an OTLP `ExportTraceServiceRequest`, with memos of what repeats from span to span.
 
-    One per exporter, used by its one export thread. Memoised, by field number (resource attributes 1, event
-    attributes 3, span attributes 9; event names 2, span names 5): attribute names as encoded keys; whole
-    key-values of the attributes whose values repeat; per name, the key-value up to the last bytes of a double
-    or a small integer, so a per-request number (tokens, costs, durations) is one lookup and one concatenation.
+    One per exporter, used by its one export thread. A span's attributes are encoded by their layout: the names
+    and types of its attributes, in order, which repeat from span to span of the same kind (an attempt's, a
+    request's, an admission event's). A layout is a tuple of encoders, one per attribute, built once; encoding a
+    set is then one call per attribute mapped in C and one join. An encoder belongs to an attribute name and type:
+    a memo of whole key-values for names whose values repeat (team, model, outcome) and for integers and
+    booleans; a struct packing the key-value's prefix with the value for doubles; a function for strings and
+    tuples that do not repeat (ids, an admission's numbers). Memos are per field number (resource attributes 1,
+    event attributes 3, span attributes 9; event names 2, span names 5).
     """
 
-    __slots__ = ("_encoders", "_keys", "_names", "_pairs", "_prefixes")
+    __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes")
 
     def __init__(self) -> None:
         self._keys: dict[str, tuple[bytes, bool]] = {}  # name -> (encoded key, its values repeat)
-        self._pairs: tuple[dict[tuple[str, Any, type], bytes], ...] = tuple({} for _ in range(16))
         self._prefixes: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
         self._names: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
-        # By (name, type of value), for names whose values do not repeat: encodes a value of that name.
+        # (names, types of their values) -> one encoder per attribute; (name, type) -> its encoder.
+        self._layouts: tuple[dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[Callable[[Any], bytes], ...]],
+                             ...] = tuple({} for _ in range(16))
         self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
@@ -294,67 +315,56 @@ class SpanEncoder:
         return b"".join(parts)
 
     def _attributes(self, number: int, attributes: Mapping[str, Any] | None) -> bytes:
-        """Repeated `KeyValue` fields numbered `number`: the hot loop of span encoding (~25 attributes a span
-        and ~20 more in its events, most of them repeating from request to request).
-
-        The memoised key-values are looked up for all attributes at once, in C (keyed by the value's type too:
-        1, 1.0 and True are equal as keys but encode differently). The misses, mostly per-request numbers
-        (tokens, costs, durations), follow them, each encoded by its name's own encoder, also mapped in C once
-        every miss has one. (Attributes are a map in OTLP: their order carries nothing.)"""
+        """Repeated `KeyValue` fields numbered `number`: the hot loop of span encoding (~25 attributes a span and
+        ~20 more in its events), one encoder call per attribute, mapped in C over the set's layout."""
         if not attributes:
             return b""
         values = attributes.values()
+        layout = (tuple(attributes), tuple(map(type, values)))
+        encoders = self._layouts[number].get(layout) or self._layout(number, layout)
         try:
-            pieces = list(map(self._pairs[number].get, zip(attributes, values, map(type, values), strict=True)))
+            return b"".join(map(call, encoders, values))
         except TypeError:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
             return b"".join([self._pair(number, key, value) for key, value in attributes.items()])
-        if None not in pieces:
-            return b"".join(pieces)
-        missed = list(map(is_, pieces, repeat(None)))
-        keys, values = list(compress(attributes, missed)), list(compress(values, missed))
-        encoders = list(map(self._encoders[number].get, zip(keys, map(type, values), strict=True)))
-        if None in encoders:  # a name or type met for the first time, or a repeating name's new value
-            misses = [self._pair(number, key, value) if encode is None else encode(value)
-                      for key, value, encode in zip(keys, values, encoders, strict=True)]
-        else:
-            misses = list(map(call, encoders, values))
-        return b"".join(filter(None, pieces)) + b"".join(misses)
 
-    def _small_int_pair(self, small: bytes, two_bytes: bytes, number: int, key: str, value: int) -> bytes:
-        """An integer attribute under its name's prefixes (`_prefixes_of`), as `_pair` would encode it."""
-        if 0 <= value < 128:
-            return small + _SMALL[value]
-        if 0 < value < 16384:
-            return two_bytes + bytes((value & 0x7F | 0x80, value >> 7))
-        return self._pair(number, key, value)
+    def _layout(self, number: int, layout: tuple[tuple[str, ...], tuple[type, ...]]
+                ) -> tuple[Callable[[Any], bytes], ...]:
+        """The encoders of an attribute set's names and types, kept for the next set of the same layout."""
+        known = self._encoders[number]
+        encoders = tuple(known.get(name_and_type) or self._encoder(number, *name_and_type)
+                         for name_and_type in zip(*layout, strict=True))
+        if len(self._layouts[number]) < _LAYOUTS_MEMORY:
+            self._layouts[number][layout] = encoders
+        return encoders
+
+    def _encoder(self, number: int, key: str, kind: type) -> Callable[[Any], bytes]:
+        """What encodes the values of type `kind` of attribute `key` as whole `KeyValue` fields."""
+        prefixes = self._prefixes[number].get(key) or self._prefixes_of(number, key)
+        encoder: Callable[[Any], bytes]
+        if kind is float and not prefixes[3]:
+            encoder = partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0])  # the prefix and the double
+        elif kind in _HASHABLE and (prefixes[3] or kind is int or kind is bool):
+            encoder = _Memo(partial(self._pair, number, key)).__getitem__
+        elif kind is str or kind is tuple:  # (an admission's used, requested and remaining: doubles)
+            encoder = partial(_str_pair if kind is str else _value_pair, _TAGS[number],
+                              (self._keys.get(key) or self._key(key))[0])
+        else:
+            encoder = partial(self._pair, number, key)
+        if len(self._encoders[number]) < _NAMES_MEMORY:
+            self._encoders[number][(key, kind)] = encoder
+        return encoder
 
     def _pair(self, number: int, key: str, value: Any) -> bytes:
-        """One attribute as a whole `KeyValue` field numbered `number` (memoised when its values repeat)."""
-        prefixes = self._prefixes[number].get(key) or self._prefixes_of(number, key)
+        """One attribute as a whole `KeyValue` field numbered `number`."""
         kind = type(value)
         if kind is float:
-            encoded = prefixes[0] + _DOUBLE.pack(value)
-        elif kind is int and 0 <= value < 16384:
-            encoded = (prefixes[1] + _SMALL[value] if value < 128
-                       else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
-        else:
-            encoded = _value_pair(_TAGS[number], (self._keys.get(key) or self._key(key))[0], value)
-        if prefixes[3]:
-            pairs = self._pairs[number]
-            if kind in _HASHABLE and len(pairs) < _PAIRS_MEMORY:
-                with contextlib.suppress(TypeError):  # a tuple holding something unhashable: not memoised
-                    pairs[(key, value, kind)] = encoded
-        elif kind in _HASHABLE:
-            encoders = self._encoders[number]
-            if len(encoders) < _NAMES_MEMORY:
-                # The name's next values: a double in C (the prefix packed with it), an integer under the name's
-                # prefixes, anything else framed under its encoded key.
-                encoders[(key, kind)] = (
-                    partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0]) if kind is float
-                    else partial(self._small_int_pair, prefixes[1], prefixes[2], number, key) if kind is int
-                    else partial(_str_pair if kind is str else _value_pair, _TAGS[number],
-                                 (self._keys.get(key) or self._key(key))[0]))
-        return encoded
+            prefixes = self._prefixes[number].get(key) or self._prefixes_of(number, key)
+            return prefixes[0] + _DOUBLE.pack(value)
+        if kind is int and 0 <= value < 16384:
+            prefixes = self._prefixes[number].get(key) or self._prefixes_of(number, key)
+            return (prefixes[1] + _SMALL[value] if value < 128
+                    else prefixes[2] + bytes((value & 0x7F | 0x80, value >> 7)))
+        return _value_pair(_TAGS[number], (self._keys.get(key) or self._key(key))[0], value)
 
     def _prefixes_of(self, number: int, key: str) -> tuple[bytes, bytes, bytes, bool]:
         """The `KeyValue` field up to the last bytes of its value, for a double (8 bytes), an integer below 128
