@@ -23,12 +23,16 @@ Events (all on the SERVER span; policies/README.md lists their attributes):
 Attribute values follow OpenTelemetry's rules: scalars or homogeneous tuples.
 Scores appear for strategies that rank by live numbers (least-busy, latency, cost, prefix-affinity;
 -1.0 when there is no number yet); the order of retries only when it differs from the candidates'.
+
 The candidates' labels and weights are built once per target list, so a request pays for its states.
+An admission event's labels and limits come from the `AdmissionShape` of its meters, which a plan's `Frame`
+(gateway/accounting/plans.py) builds once per set of windows; a fallback's extra checks are described on the spot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, sub, truediv
 from typing import TYPE_CHECKING, Any
@@ -183,12 +187,30 @@ def fallback_event(from_model: str, to_model: str, reason: str, cause: str) -> d
 # --- admission ---------------------------------------------------------------------------------
 
 
-def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks: Sequence[Check],
+@dataclass(frozen=True, slots=True)
+class AdmissionShape:
+    """What an admission event takes from its meters alone (the checks' `Meter`s, gateway/accounting/plans.py)."""
+
+    labels: tuple[str, ...]
+    limits: tuple[float, ...]  # in dollars for USD
+    raw_limits: tuple[int, ...]  # as the store counts: micro-dollars for USD
+    scales: tuple[int, ...]  # raw units per shown unit: micro-dollars per dollar, or 1
+
+
+def admission_shape(meters: Sequence[Any]) -> AdmissionShape:
+    """The `AdmissionShape` of `meters` (a plan's `Frame` builds its own once: `Frame.admission_shape`)."""
+    scales = tuple([_MICROS if meter.unit == "usd" else 1 for meter in meters])
+    raw = tuple([meter.limit for meter in meters])
+    return AdmissionShape(tuple([meter.label for meter in meters]), tuple(map(truediv, raw, scales)), raw, scales)
+
+
+def admission_event(verdict_name: str, model: str, shape: AdmissionShape, checks: Sequence[Check],
                     verdict: Verdict, reserved_tokens: int, reserved_usd_micros: int) -> dict[str, Any]:
-    """One admission verdict: every limit and budget checked, with its numbers (USD in dollars)."""
-    if len(meters) != len(checks):
-        raise ValueError(f"{len(meters)} meters for {len(checks)} checks")
-    _, labels, limits, raw_limits, scales = _admission_shape(meters)
+    """One admission verdict: every limit and budget checked, with its numbers (USD in dollars); `shape`
+    describes the meters of `checks`, in their order."""
+    labels, scales = shape.labels, shape.scales
+    if len(labels) != len(checks):
+        raise ValueError(f"{len(labels)} meters for {len(checks)} checks")
     # The per-request numbers, element by element in C (five checks for the full policy).
     amounts = tuple(map(_AMOUNT, checks))
     used = verdict.used
@@ -197,12 +219,12 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
         "switchboard.admission.verdict": verdict_name,
         "switchboard.admission.model": model,
         "switchboard.admission.checks": labels,
-        "switchboard.admission.limits": limits,
+        "switchboard.admission.limits": shape.limits,
         "switchboard.admission.used": tuple(map(truediv, used, scales)),
         "switchboard.admission.requested": tuple(map(truediv, amounts, scales)),
         # max(0, limit - used - taken) / scale
         "switchboard.admission.remaining": tuple(map(truediv, map(max, repeat(0), map(
-            sub, map(sub, raw_limits, used), taken)), scales)),
+            sub, map(sub, shape.raw_limits, used), taken)), scales)),
         "switchboard.admission.reserved_tokens": reserved_tokens,
         "switchboard.admission.reserved_usd": reserved_usd_micros / _MICROS,
     }
@@ -212,25 +234,6 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
 
 
 _AMOUNT = attrgetter("amount")
-# Per tuple of meters (a plan's frame keeps its tuple for its windows): the meters, their labels, limits (in
-# dollars for USD), raw limits and the scale of each (micro-dollars per dollar, or 1).
-_SHAPES: dict[int, tuple[Sequence[Any], tuple[str, ...], tuple[float, ...], tuple[int, ...], tuple[int, ...]]] = {}
-
-
-def _admission_shape(meters: Sequence[Any]) -> tuple[Sequence[Any], tuple[str, ...], tuple[float, ...],
-                                                     tuple[int, ...], tuple[int, ...]]:
-    """What an admission event takes from its meters alone, built once per tuple of meters."""
-    cached = _SHAPES.get(id(meters))
-    if cached is not None and cached[0] is meters:
-        return cached
-    scales = tuple(_MICROS if meter.unit == "usd" else 1 for meter in meters)
-    raw = tuple(meter.limit for meter in meters)
-    shape = (meters, tuple(meter.label for meter in meters), tuple(map(truediv, raw, scales)), raw, scales)
-    if type(meters) is tuple:  # (a list could change under the memo)
-        if len(_SHAPES) > 1024:  # frames of windows and policies gone by
-            _SHAPES.clear()
-        _SHAPES[id(meters)] = shape
-    return shape
 
 
 def meter_label(meter: Any) -> str:
