@@ -24,9 +24,11 @@ Attribute values follow OpenTelemetry's rules: scalars or homogeneous tuples.
 Scores appear for strategies that rank by live numbers (least-busy, latency, cost, prefix-affinity;
 -1.0 when there is no number yet); the order of retries only when it differs from the candidates'.
 
-The candidates' labels and weights are built once per target list, so a request pays for its states.
-An admission event's labels and limits come from the `AdmissionShape` of its meters, which a plan's `Frame`
-(gateway/accounting/plans.py) builds once per set of windows; a fallback's extra checks are described on the spot.
+What an event takes from the policy alone is built with the policy's objects, not per event, so a request
+pays only for its own numbers: a compiled `Model` holds its targets' `Candidates` (labels, weights), and a
+plan's `Frame` (gateway/accounting/plans.py) the `AdmissionShape` of its meters (labels and limits), once per
+set of windows. Anything else (a route pinned to some of the targets by tags, a fallback's extra checks) is
+described on the spot. Nothing here keeps state between events.
 """
 
 from __future__ import annotations
@@ -64,11 +66,30 @@ def target_label(target: Target) -> str:
 # --- routing -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Candidates:
+    """What a route event says of a list of targets whatever the request: their labels and weights, in order,
+    and each target's label by `id()` (targets are compared by identity on the route path)."""
+
+    labels: tuple[str, ...]
+    weights: tuple[float, ...]
+    by_id: dict[int, str]
+
+
+def candidates(targets: Sequence[Target]) -> Candidates:
+    """The `Candidates` of `targets` (a compiled model builds its own once: `Model.candidates`)."""
+    labels = tuple([target_label(t) for t in targets])
+    return Candidates(labels, tuple([float(t.weight) for t in targets]),
+                      {id(t): label for t, label in zip(targets, labels, strict=True)})
+
+
 def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Target], states: RouteState,
                 now: float, attempt: int, previous: Target | None) -> dict[str, Any]:
     """The route decision of one attempt: every candidate, its standing, the choice and why."""
     strategy = model.plan.strategy.name
-    labels, weights, by_id = _candidates(considered)
+    # All the model's targets, unless the request pinned some by tags (gateway/routing/plan.py `pinned_targets`).
+    shown = model.candidates if considered is model.targets else candidates(considered)
+    labels, by_id = shown.labels, shown.by_id
     chosen = ranked[0]
     standing = []
     scores = [] if strategy in _DYNAMIC else None
@@ -87,7 +108,7 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
         "switchboard.route.strategy": strategy,
         "switchboard.route.attempt": attempt,
         "switchboard.route.candidates": labels,
-        "switchboard.route.weights": weights,
+        "switchboard.route.weights": shown.weights,
         "switchboard.route.states": tuple(standing),
         "switchboard.route.chosen": by_id.get(id(chosen)) or target_label(chosen),
         "switchboard.route.reason": _reason(strategy, chosen, ranked, states, now, previous),
@@ -105,21 +126,6 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
 
 # Strategies whose ranking depends on live numbers (shown as `scores`); the others rank by the policy alone.
 _DYNAMIC = frozenset({"least-busy", "latency", "cost", "prefix-affinity", "kv-aware"})
-_CANDIDATES: dict[int, tuple[Sequence[Target], tuple[str, ...], tuple[float, ...], dict[int, str]]] = {}
-
-
-def _candidates(considered: Sequence[Target]) -> tuple[tuple[str, ...], tuple[float, ...], dict[int, str]]:
-    """Labels and weights of a model's targets, built once per target list (a policy's tuples are reused)."""
-    cached = _CANDIDATES.get(id(considered))
-    if cached is not None and cached[0] is considered:
-        return cached[1], cached[2], cached[3]
-    labels = tuple(target_label(t) for t in considered)
-    weights = tuple(float(t.weight) for t in considered)
-    by_id = {id(t): label for t, label in zip(considered, labels, strict=True)}
-    if len(_CANDIDATES) > 1024:  # target lists of policies since replaced
-        _CANDIDATES.clear()
-    _CANDIDATES[id(considered)] = (considered, labels, weights, by_id)
-    return labels, weights, by_id
 
 
 def _reason(strategy: str, chosen: Target, ranked: Sequence[Target], states: RouteState, now: float,
@@ -145,7 +151,8 @@ def no_route_event(model: Model, considered: Sequence[Target], states: RouteStat
         "switchboard.route.model": model.name,
         "switchboard.route.strategy": model.plan.strategy.name,
         "switchboard.route.attempt": attempt,
-        "switchboard.route.candidates": tuple(target_label(t) for t in considered),
+        "switchboard.route.candidates": (model.candidates.labels if considered is model.targets
+                                         else tuple(target_label(t) for t in considered)),
         "switchboard.route.states": tuple(
             "unhealthy" if not states.state(t).healthy else states.state(t).breaker.state(now).value
             for t in considered),
