@@ -158,6 +158,35 @@ def test_a_dearer_fallback_within_the_budget_serves_and_is_billed_at_its_own_pri
     assert record.cost_usd == pytest.approx(record.usage.total_tokens * 1000 / 1e6)  # priced where it was served
 
 
+def test_a_fallbacks_admission_event_shows_its_own_limit_and_the_budget_top_up(
+        upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
+    # The fallback's checks are its team x model limit and the USD budget's top-up: not one frame's meters.
+    limits = "    budget: {usd: 5, period: daily}\n    model_limits:\n      premium-model: {rpm: 3}\n"
+    exporter = WaitingSpanExporter()
+    gateway = start_gateway(fallback_policy(upstream, limits, extra=PRICED, fallbacks="[premium-model]"),
+                            span_exporter=exporter)
+    upstream.script(Behaviour.error(500))
+    answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK,
+                                                                        max_tokens=1000)
+    assert answer.headers["x-switchboard-model"] == "premium-model"
+    (server,) = [s for s in exporter.wait_for_servers(1) if s.kind is SpanKind.SERVER]
+    first, fallback = (dict(e.attributes or {}) for e in server.events if e.name == "switchboard.admission")
+    assert first["switchboard.admission.checks"] == ("team alpha: daily usd budget",)
+    assert fallback["switchboard.admission.fallback"] is True
+    assert fallback["switchboard.admission.verdict"] == "admitted"
+    assert fallback["switchboard.admission.model"] == "premium-model"
+    assert fallback["switchboard.admission.checks"] == ("model premium-model for team alpha: requests per minute",
+                                                        "team alpha: daily usd budget")
+    assert fallback["switchboard.admission.limits"] == (3.0, 5.0)
+    # USD in dollars: the budget already holds the first model's reservation, and the top-up is the difference.
+    top_up = fallback["switchboard.admission.reserved_usd"]
+    assert top_up > first["switchboard.admission.reserved_usd"] > 0
+    assert fallback["switchboard.admission.used"] == (0.0, first["switchboard.admission.reserved_usd"])
+    assert fallback["switchboard.admission.requested"] == (1.0, top_up)
+    assert fallback["switchboard.admission.remaining"] == pytest.approx(
+        (2.0, 5.0 - first["switchboard.admission.reserved_usd"] - top_up))
+
+
 def test_a_hard_stopped_stream_served_by_a_dearer_fallback_is_cut_at_the_fallbacks_price(
         upstream: FakeOpenAIUpstream, start_gateway: Start) -> None:
     # $0.05 left: about 50,000 tokens on shared-model, about 40 (after the prompt) on premium-model.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,48 @@ def test_weighted_route_names_every_candidate_its_weight_and_the_choice(
         chosen.append(route["switchboard.route.chosen"])
     assert sorted(chosen) == ["upstream/upstream-alt"] + ["upstream/upstream-chat"] * 3
     assert [c.removeprefix("upstream/") for c in chosen] == answered_by
+
+
+def test_a_route_pinned_by_tags_names_only_the_pinned_candidates(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, exporter: WaitingSpanExporter) -> None:
+    pinnable = ("  chat-model:\n    routing: {strategy: weighted, allow_tag_pinning: true}\n    targets:\n"
+                "      - {provider: upstream, model: upstream-us, weight: 4, tags: {region: us}}\n"
+                "      - {provider: upstream, model: upstream-eu, weight: 2, tags: {region: eu}}\n"
+                "      - {provider: upstream, model: upstream-eu2, weight: 1, tags: {region: eu}}\n")
+    gateway = start_gateway(policy(upstream, pinnable), span_exporter=exporter)
+    client = gateway.client()
+    client.chat.completions.create(model="chat-model", messages=ASK, extra_headers={"x-switchboard-tags": "region=eu"})
+    client.chat.completions.create(model="chat-model", messages=ASK)
+
+    pinned, whole = (named(server, "switchboard.route")[0] for server in servers(exporter, 2))
+    assert pinned["switchboard.route.candidates"] == ("upstream/upstream-eu", "upstream/upstream-eu2")
+    assert pinned["switchboard.route.weights"] == (2.0, 1.0)
+    assert pinned["switchboard.route.states"] == ("closed", "closed")
+    assert pinned["switchboard.route.chosen"] in pinned["switchboard.route.candidates"]
+    assert whole["switchboard.route.candidates"] == ("upstream/upstream-us", "upstream/upstream-eu",
+                                                     "upstream/upstream-eu2")
+    assert whole["switchboard.route.weights"] == (4.0, 2.0, 1.0)
+
+
+def test_a_reload_that_changes_a_weight_shows_in_the_next_route_event(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, exporter: WaitingSpanExporter) -> None:
+    weighted = ("  chat-model:\n    routing: {strategy: weighted}\n    targets:\n"
+                "      - {provider: upstream, model: upstream-chat, weight: 3}\n"
+                "      - {provider: upstream, model: upstream-alt, weight: 1}\n")
+    text = policy(upstream, weighted)
+    gateway = start_gateway(text, span_exporter=exporter)
+    client = gateway.client()
+    client.chat.completions.create(model="chat-model", messages=ASK)
+    applied = threading.Event()
+    gateway.store.on_change(lambda _policy: applied.set())
+    gateway.policy_path.write_text(text.replace("model: upstream-alt, weight: 1}", "model: upstream-alt, weight: 5}"))
+    assert applied.wait(5)
+    client.chat.completions.create(model="chat-model", messages=ASK)
+
+    before, after = (named(server, "switchboard.route")[0] for server in servers(exporter, 2))
+    assert before["switchboard.route.weights"] == (3.0, 1.0)
+    assert after["switchboard.route.weights"] == (3.0, 5.0)
+    assert after["switchboard.route.candidates"] == ("upstream/upstream-chat", "upstream/upstream-alt")
 
 
 def test_retry_then_fallback_records_each_hop_and_its_cause(

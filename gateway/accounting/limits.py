@@ -42,7 +42,7 @@ from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, across_tags, backend_for
-from gateway.telemetry.decisions import admission_event, settlement_event
+from gateway.telemetry.decisions import admission_event, admission_shape, settlement_event
 from gateway.telemetry.request_trace import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount, requested_completion
 from providers.base import Endpoint, Usage
@@ -189,7 +189,7 @@ class Limiter:
                                                        rules.shadow_header)
                 if trace.recording:
                     trace.decision("switchboard.admission", admission_event(
-                        "admitted", model.name, meters, checks, verdict, prompt + completion, usd))
+                        "admitted", model.name, frame.admission_shape, checks, verdict, prompt + completion, usd))
                 allowance = None
                 if body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets):
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
@@ -208,7 +208,7 @@ class Limiter:
                 if cheaper is not None:
                     if trace.recording:
                         trace.decision("switchboard.admission", {**admission_event(
-                            "downgraded", model.name, meters, checks, verdict, prompt + completion, usd),
+                            "downgraded", model.name, frame.admission_shape, checks, verdict, prompt + completion, usd),
                             "switchboard.admission.downgraded_to": cheaper.name})
                     log.info("budget of %s spent: %s downgraded to %s", budget.who, model.name, cheaper.name)
                     downgraded_from = downgraded_from or model.name
@@ -219,7 +219,7 @@ class Limiter:
                     continue
             if trace.recording:
                 trace.decision("switchboard.admission", admission_event(
-                    "refused", model.name, meters, checks, verdict, prompt + completion, usd))
+                    "refused", model.name, frame.admission_shape, checks, verdict, prompt + completion, usd))
             self._rejected(team, meter)
             raise refusal(meter, checks[verdict.denied], verdict.used[verdict.denied], now)
 
@@ -256,8 +256,8 @@ class Limiter:
         verdict = await self._reserve(checks)
         if trace.recording:
             trace.decision("switchboard.admission", {**admission_event(
-                "admitted" if verdict.admitted else "refused", fallback.name, meters, checks, verdict, tokens,
-                max(0, extra)), "switchboard.admission.fallback": True})
+                "admitted" if verdict.admitted else "refused", fallback.name, admission_shape(meters), checks, verdict,
+                tokens, max(0, extra)), "switchboard.admission.fallback": True})
         if not verdict.admitted:
             assert verdict.denied is not None
             meter = meters[verdict.denied]

@@ -3,7 +3,7 @@ and what a check tells the client: the refusal, the `x-ratelimit-*` headers.
 
 Within one set of windows (this minute, this day) everything about a plan's
 checks is fixed but their amounts: the counter keys, limits, expiries, the
-meters and their trace labels. A plan builds that once per set of windows (a
+meters and what trace events show of them. A plan builds that once per set of windows (a
 `Frame`) and every request in it only fills in its own amounts.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from gateway.accounting.budgets import MICROS, exceeded
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Verdict, across_tags
-from gateway.telemetry.decisions import limit_label
+from gateway.telemetry.decisions import AdmissionShape, admission_shape, limit_label
 from gateway.timestamps import go_duration, iso_time
 
 if TYPE_CHECKING:
@@ -114,6 +114,8 @@ class Frame:
     budgets: tuple[int, ...]
     # The checks' indexes per hash tag (`across_tags.tag_groups`): a team's, and its organisation's if it has one.
     tag_groups: tuple[tuple[int, ...], ...]
+    # What the admission trace event shows of the meters (their labels and limits): `admission_shape(meters)`.
+    admission_shape: AdmissionShape
     # What the response headers show, made with the frame: per unit of enforced rate limits (requests, then
     # tokens) its header names and a `(index, limit, limit as text, resets_at)` per limit (`rate_headers`); per
     # enforced budget a `BudgetRow` (hierarchy.budget_headers).
@@ -210,7 +212,8 @@ def build_frame(plan: Plan, now: float, relaxed: frozenset[int] | set[int]) -> F
                  token_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "tokens"),
                  usd_checks=tuple(i for i, meter in enumerate(meters) if meter.unit == "usd"),
                  request_rates=request_rates, token_rates=token_rates, budgets=budgets,
-                 tag_groups=across_tags.tag_groups(checks), rate_rows=rate_rows, budget_rows=tuple(budget_rows),
+                 tag_groups=across_tags.tag_groups(checks), admission_shape=admission_shape(meters),
+                 rate_rows=rate_rows, budget_rows=tuple(budget_rows),
                  settle_rows=settle_rows(tuple(meters)))
 
 

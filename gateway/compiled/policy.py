@@ -46,6 +46,7 @@ from gateway.policy.schema import (
 from gateway.response_store.rules import TeamResponseRules
 from gateway.routing.experiments import ModelExperiments, build_experiments
 from gateway.routing.plan import RoutePlan
+from gateway.telemetry.decisions import Candidates, candidates
 from providers import adapter_for
 from providers.base import Adapter, ProviderSettings
 
@@ -117,6 +118,11 @@ class Model:
     owned_by: str
     # Strategy and resilience settings (gateway/routing/plan.py).
     plan: RoutePlan = field(repr=False, compare=False)
+    # How route events name and weigh `targets`, made with the model rather than per event.
+    candidates: Candidates = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", candidates(self.targets))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,18 @@ Events (all on the SERVER span; policies/README.md lists their attributes):
 Attribute values follow OpenTelemetry's rules: scalars or homogeneous tuples.
 Scores appear for strategies that rank by live numbers (least-busy, latency, cost, prefix-affinity;
 -1.0 when there is no number yet); the order of retries only when it differs from the candidates'.
-The candidates' labels and weights are built once per target list, so a request pays for its states.
+
+What an event takes from the policy alone is built with the policy's objects, not per event, so a request
+pays only for its own numbers: a compiled `Model` holds its targets' `Candidates` (labels, weights), and a
+plan's `Frame` (gateway/accounting/plans.py) the `AdmissionShape` of its meters (labels and limits), once per
+set of windows. Anything else (a route pinned to some of the targets by tags, a fallback's extra checks) is
+described on the spot. Nothing here keeps state between events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, sub, truediv
 from typing import TYPE_CHECKING, Any
@@ -60,11 +66,30 @@ def target_label(target: Target) -> str:
 # --- routing -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Candidates:
+    """What a route event says of a list of targets whatever the request: their labels and weights, in order,
+    and each target's label by `id()` (targets are compared by identity on the route path)."""
+
+    labels: tuple[str, ...]
+    weights: tuple[float, ...]
+    by_id: dict[int, str]
+
+
+def candidates(targets: Sequence[Target]) -> Candidates:
+    """The `Candidates` of `targets` (a compiled model builds its own once: `Model.candidates`)."""
+    labels = tuple([target_label(t) for t in targets])
+    return Candidates(labels, tuple([float(t.weight) for t in targets]),
+                      {id(t): label for t, label in zip(targets, labels, strict=True)})
+
+
 def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Target], states: RouteState,
                 now: float, attempt: int, previous: Target | None) -> dict[str, Any]:
     """The route decision of one attempt: every candidate, its standing, the choice and why."""
     strategy = model.plan.strategy.name
-    labels, weights, by_id = _candidates(considered)
+    # All the model's targets, unless the request pinned some by tags (gateway/routing/plan.py `pinned_targets`).
+    shown = model.candidates if considered is model.targets else candidates(considered)
+    labels, by_id = shown.labels, shown.by_id
     chosen = ranked[0]
     standing = []
     scores = [] if strategy in _DYNAMIC else None
@@ -83,7 +108,7 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
         "switchboard.route.strategy": strategy,
         "switchboard.route.attempt": attempt,
         "switchboard.route.candidates": labels,
-        "switchboard.route.weights": weights,
+        "switchboard.route.weights": shown.weights,
         "switchboard.route.states": tuple(standing),
         "switchboard.route.chosen": by_id.get(id(chosen)) or target_label(chosen),
         "switchboard.route.reason": _reason(strategy, chosen, ranked, states, now, previous),
@@ -101,21 +126,6 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
 
 # Strategies whose ranking depends on live numbers (shown as `scores`); the others rank by the policy alone.
 _DYNAMIC = frozenset({"least-busy", "latency", "cost", "prefix-affinity", "kv-aware"})
-_CANDIDATES: dict[int, tuple[Sequence[Target], tuple[str, ...], tuple[float, ...], dict[int, str]]] = {}
-
-
-def _candidates(considered: Sequence[Target]) -> tuple[tuple[str, ...], tuple[float, ...], dict[int, str]]:
-    """Labels and weights of a model's targets, built once per target list (a policy's tuples are reused)."""
-    cached = _CANDIDATES.get(id(considered))
-    if cached is not None and cached[0] is considered:
-        return cached[1], cached[2], cached[3]
-    labels = tuple(target_label(t) for t in considered)
-    weights = tuple(float(t.weight) for t in considered)
-    by_id = {id(t): label for t, label in zip(considered, labels, strict=True)}
-    if len(_CANDIDATES) > 1024:  # target lists of policies since replaced
-        _CANDIDATES.clear()
-    _CANDIDATES[id(considered)] = (considered, labels, weights, by_id)
-    return labels, weights, by_id
 
 
 def _reason(strategy: str, chosen: Target, ranked: Sequence[Target], states: RouteState, now: float,
@@ -141,7 +151,8 @@ def no_route_event(model: Model, considered: Sequence[Target], states: RouteStat
         "switchboard.route.model": model.name,
         "switchboard.route.strategy": model.plan.strategy.name,
         "switchboard.route.attempt": attempt,
-        "switchboard.route.candidates": tuple(target_label(t) for t in considered),
+        "switchboard.route.candidates": (model.candidates.labels if considered is model.targets
+                                         else tuple(target_label(t) for t in considered)),
         "switchboard.route.states": tuple(
             "unhealthy" if not states.state(t).healthy else states.state(t).breaker.state(now).value
             for t in considered),
@@ -183,12 +194,30 @@ def fallback_event(from_model: str, to_model: str, reason: str, cause: str) -> d
 # --- admission ---------------------------------------------------------------------------------
 
 
-def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks: Sequence[Check],
+@dataclass(frozen=True, slots=True)
+class AdmissionShape:
+    """What an admission event takes from its meters alone (the checks' `Meter`s, gateway/accounting/plans.py)."""
+
+    labels: tuple[str, ...]
+    limits: tuple[float, ...]  # in dollars for USD
+    raw_limits: tuple[int, ...]  # as the store counts: micro-dollars for USD
+    scales: tuple[int, ...]  # raw units per shown unit: micro-dollars per dollar, or 1
+
+
+def admission_shape(meters: Sequence[Any]) -> AdmissionShape:
+    """The `AdmissionShape` of `meters` (a plan's `Frame` builds its own once: `Frame.admission_shape`)."""
+    scales = tuple([_MICROS if meter.unit == "usd" else 1 for meter in meters])
+    raw = tuple([meter.limit for meter in meters])
+    return AdmissionShape(tuple([meter.label for meter in meters]), tuple(map(truediv, raw, scales)), raw, scales)
+
+
+def admission_event(verdict_name: str, model: str, shape: AdmissionShape, checks: Sequence[Check],
                     verdict: Verdict, reserved_tokens: int, reserved_usd_micros: int) -> dict[str, Any]:
-    """One admission verdict: every limit and budget checked, with its numbers (USD in dollars)."""
-    if len(meters) != len(checks):
-        raise ValueError(f"{len(meters)} meters for {len(checks)} checks")
-    _, labels, limits, raw_limits, scales = _admission_shape(meters)
+    """One admission verdict: every limit and budget checked, with its numbers (USD in dollars); `shape`
+    describes the meters of `checks`, in their order."""
+    labels, scales = shape.labels, shape.scales
+    if len(labels) != len(checks):
+        raise ValueError(f"{len(labels)} meters for {len(checks)} checks")
     # The per-request numbers, element by element in C (five checks for the full policy).
     amounts = tuple(map(_AMOUNT, checks))
     used = verdict.used
@@ -197,12 +226,12 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
         "switchboard.admission.verdict": verdict_name,
         "switchboard.admission.model": model,
         "switchboard.admission.checks": labels,
-        "switchboard.admission.limits": limits,
+        "switchboard.admission.limits": shape.limits,
         "switchboard.admission.used": tuple(map(truediv, used, scales)),
         "switchboard.admission.requested": tuple(map(truediv, amounts, scales)),
         # max(0, limit - used - taken) / scale
         "switchboard.admission.remaining": tuple(map(truediv, map(max, repeat(0), map(
-            sub, map(sub, raw_limits, used), taken)), scales)),
+            sub, map(sub, shape.raw_limits, used), taken)), scales)),
         "switchboard.admission.reserved_tokens": reserved_tokens,
         "switchboard.admission.reserved_usd": reserved_usd_micros / _MICROS,
     }
@@ -212,25 +241,6 @@ def admission_event(verdict_name: str, model: str, meters: Sequence[Any], checks
 
 
 _AMOUNT = attrgetter("amount")
-# Per tuple of meters (a plan's frame keeps its tuple for its windows): the meters, their labels, limits (in
-# dollars for USD), raw limits and the scale of each (micro-dollars per dollar, or 1).
-_SHAPES: dict[int, tuple[Sequence[Any], tuple[str, ...], tuple[float, ...], tuple[int, ...], tuple[int, ...]]] = {}
-
-
-def _admission_shape(meters: Sequence[Any]) -> tuple[Sequence[Any], tuple[str, ...], tuple[float, ...],
-                                                     tuple[int, ...], tuple[int, ...]]:
-    """What an admission event takes from its meters alone, built once per tuple of meters."""
-    cached = _SHAPES.get(id(meters))
-    if cached is not None and cached[0] is meters:
-        return cached
-    scales = tuple(_MICROS if meter.unit == "usd" else 1 for meter in meters)
-    raw = tuple(meter.limit for meter in meters)
-    shape = (meters, tuple(meter.label for meter in meters), tuple(map(truediv, raw, scales)), raw, scales)
-    if type(meters) is tuple:  # (a list could change under the memo)
-        if len(_SHAPES) > 1024:  # frames of windows and policies gone by
-            _SHAPES.clear()
-        _SHAPES[id(meters)] = shape
-    return shape
 
 
 def meter_label(meter: Any) -> str:
