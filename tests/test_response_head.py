@@ -1,8 +1,9 @@
 """gateway/http/response_head.py writes what uvicorn's own `send` writes, byte for byte, and leaves the same state.
 
-Each case runs the same `http.response.start` message through two fresh uvicorn request cycles: one with its
-own `send`, one with `lean_send` in front of it. The bytes written, the cycle's framing state afterwards, and any
-error raised must be equal. (Serving through the real protocol is covered by every test that starts the gateway.)
+Each case runs the same messages (a `http.response.start`, then body messages) through two fresh uvicorn request
+cycles: one with its own `send`, one with `lean_send` in front of it. The bytes written, the cycle's framing state
+afterwards, and any error raised must be equal. (Serving through the real protocol is covered by every test that
+starts the gateway.)
 """
 
 from __future__ import annotations
@@ -17,44 +18,68 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from gateway.http.response_head import lean_send
 
 DEFAULTS = [(b"date", b"Sat, 05 Dec 2026 04:50:00 GMT"), (b"server", b"uvicorn")]
-STATE = ("response_started", "keep_alive", "chunked_encoding", "expected_content_length", "waiting_for_100_continue")
+STATE = ("response_started", "keep_alive", "chunked_encoding", "expected_content_length", "waiting_for_100_continue",
+         "response_complete")
 
 
 class _Transport:
     def __init__(self) -> None:
-        self.written = bytearray()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    @property
+    def written(self) -> bytes:
+        return b"".join(self.writes)
 
     def write(self, data: bytes) -> None:
-        self.written += data
+        if data:
+            self.writes.append(bytes(data))
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class _Flow:
     write_paused = False
 
 
-def _cycle(method: str, keep_alive: bool, defaults: list[tuple[bytes, bytes]]) -> RequestResponseCycle:
+def _cycle(method: str, keep_alive: bool, defaults: list[tuple[bytes, bytes]],
+           completed: list[str] | None = None) -> RequestResponseCycle:
     scope: Any = {"type": "http", "method": method, "http_version": "1.1" if keep_alive else "1.0", "path": "/",
                   "query_string": b"", "client": ("127.0.0.1", 1)}
     return RequestResponseCycle(scope=scope, transport=_Transport(), flow=_Flow(), logger=logging.getLogger("t"),  # type: ignore[arg-type]
                                 access_logger=logging.getLogger("t.access"), access_log=False,
                                 default_headers=defaults, message_event=asyncio.Event(), expect_100_continue=True,
-                                keep_alive=keep_alive, on_response=lambda: None)
+                                keep_alive=keep_alive,
+                                on_response=lambda: completed.append("response") if completed is not None else None)
 
 
-def _outcome(cycle: RequestResponseCycle, send: Any, message: dict[str, Any]) -> tuple[Any, ...]:
+def _outcome(cycle: RequestResponseCycle, lean: bool, *messages: dict[str, Any]) -> tuple[Any, ...]:
+    """Send `messages` through the cycle's own `send` or through `lean_send` in front of it, in one turn of the
+    event loop, then let the turn end; what was written and the state."""
     async def run() -> BaseException | None:
+        send = cycle.send
+        if lean:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            done.set_result(None)
+            send = lean_send(cycle, cycle.send, done, loop)
         try:
-            await send(message)
+            for message in messages:
+                await send(message)
         except Exception as exc:
             return exc
+        finally:
+            await asyncio.sleep(0)  # the end of the turn: a head still held goes out
         return None
 
     error = asyncio.run(run())
-    return (bytes(cycle.transport.written), tuple(getattr(cycle, name) for name in STATE),  # type: ignore[attr-defined]
-            type(error), str(error) if error else None)
+    transport: Any = cycle.transport
+    return (transport.written, tuple(getattr(cycle, name) for name in STATE), transport.closed,
+            cycle.message_event.is_set(), type(error), str(error) if error else None)
 
 
 CASES = [
@@ -112,32 +137,88 @@ def test_the_lean_head_is_uvicorns_head(method: str, keep_alive: bool, defaults:
                                         status: int, headers: list[tuple[Any, Any]]) -> None:
     message = {"type": "http.response.start", "status": status, "headers": headers}
     plain = _cycle(method, keep_alive, defaults)
-    expected = _outcome(plain, plain.send, dict(message))
-
-    async def done() -> asyncio.Future[None]:
-        future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
+    expected = _outcome(plain, False, dict(message))
     lean = _cycle(method, keep_alive, defaults)
-    sent = asyncio.run(done())
-    assert _outcome(lean, lean_send(lean, lean.send, sent), dict(message)) == expected
+    assert _outcome(lean, True, dict(message)) == expected
 
 
-def test_the_lean_path_writes_the_common_heads_itself_and_hands_the_rest_to_uvicorn() -> None:
+def _body(body: Any, more: bool = False) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": body, "more_body": more}
+
+
+LENGTH_17 = [(b"content-type", b"application/json"), (b"content-length", b"17")]
+BODY_CASES = [
+    pytest.param("POST", True, LENGTH_17, [_body(b'{"object":"chat"}')], id="whole-reply"),
+    pytest.param("POST", False, LENGTH_17, [_body(b'{"object":"chat"}')], id="whole-reply-then-close"),
+    pytest.param("POST", True, LENGTH_17, [_body(b'{"obj'), _body(b'ect":"chat"}')], id="reply-in-two-parts"),
+    pytest.param("POST", True, LENGTH_17, [_body(b'{"obj', more=True), _body(b'ect":"chat"}')],
+                 id="reply-in-two-announced-parts"),
+    pytest.param("POST", True, LENGTH_17, [_body(b"{}")], id="shorter-than-its-length"),
+    pytest.param("POST", True, LENGTH_17, [_body(b"x" * 18)], id="longer-than-its-length"),
+    pytest.param("POST", True, LENGTH_17, [_body(b"x" * 18, more=True)], id="longer-than-its-length-announced"),
+    pytest.param("POST", True, [(b"content-length", b"70000")], [_body(b"x" * 70_000)], id="large-body"),
+    pytest.param("POST", True, [(b"content-type", b"text/event-stream")],
+                 [_body(b"data: 1\n\n", more=True), _body(b"data: 2\n\n", more=True), _body(b"")], id="stream"),
+    pytest.param("POST", True, [(b"content-type", b"text/event-stream")], [_body(b"")], id="empty-stream"),
+    pytest.param("POST", True, [(b"content-type", b"text/event-stream")], [_body(b"", more=True), _body(b"x")],
+                 id="stream-starting-empty"),
+    pytest.param("HEAD", True, LENGTH_17, [_body(b"")], id="head-request"),
+    pytest.param("POST", True, [], [_body(b"")], id="chunked-by-default-empty", marks=[]),
+    pytest.param("POST", True, [(b"content-length", b"2")], [_body(bytearray(b"{}"))], id="bytearray-body"),
+    pytest.param("POST", True, [(b"content-length", b"2")], [{"type": "http.response.start", "status": 200}],
+                 id="second-start"),
+]
+
+
+@pytest.mark.parametrize(("method", "keep_alive", "headers", "bodies"), BODY_CASES)
+def test_the_head_written_with_the_first_body_is_what_uvicorn_writes(
+        method: str, keep_alive: bool, headers: list[tuple[bytes, bytes]], bodies: list[dict[str, Any]]) -> None:
+    """The bytes, state, completion (the connection closed or kept, the protocol told) and errors are uvicorn's."""
+    messages = [{"type": "http.response.start", "status": 200, "headers": headers}, *bodies]
+    plain_completed: list[str] = []
+    plain = _cycle(method, keep_alive, DEFAULTS, plain_completed)
+    expected = _outcome(plain, False, *map(dict, messages))
+    lean_completed: list[str] = []
+    lean = _cycle(method, keep_alive, DEFAULTS, lean_completed)
+    assert _outcome(lean, True, *map(dict, messages)) == expected
+    assert lean_completed == plain_completed
+
+
+def test_a_whole_reply_is_one_write_and_a_stream_head_goes_out_at_the_end_of_the_turn() -> None:
     handed: list[dict[str, Any]] = []
 
     async def uvicorn_send(message: dict[str, Any]) -> None:
         handed.append(message)
 
-    cycle = _cycle("POST", True, DEFAULTS)
-    sent: Any = object()
-    send = lean_send(cycle, uvicorn_send, sent)
-    assert send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}) is sent
-    assert cycle.transport.written.startswith(b"HTTP/1.1 200 OK\r\ndate: ")  # type: ignore[attr-defined]
-    body = {"type": "http.response.body", "body": b"{}"}
-    asyncio.run(send(body))  # type: ignore[arg-type]
-    assert handed == [body]
+    def done() -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    async def reply() -> list[bytes]:
+        cycle = _cycle("POST", True, DEFAULTS)
+        sent = done()
+        send = lean_send(cycle, uvicorn_send, sent, asyncio.get_running_loop())
+        assert send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}) is sent
+        assert cycle.transport.writes == []  # type: ignore[attr-defined]  # held for the body
+        await send({"type": "http.response.body", "body": b"{}"})
+        assert cycle.response_complete
+        return cycle.transport.writes  # type: ignore[attr-defined, no-any-return]
+
+    async def stream() -> list[bytes]:
+        cycle = _cycle("POST", True, DEFAULTS)
+        send = lean_send(cycle, uvicorn_send, done(), asyncio.get_running_loop())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await asyncio.sleep(0)  # the turn ends with no body: an upstream that has not answered yet
+        writes = list(cycle.transport.writes)  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        return writes
+
+    (written,) = asyncio.run(reply())
+    assert written.startswith(b"HTTP/1.1 200 OK\r\ndate: ") and written.endswith(b"\r\n\r\n{}")
+    (head,) = asyncio.run(stream())
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"transfer-encoding: chunked\r\n\r\n")
+    assert [message["body"] for message in handed] == [b"data: 1\n\n"]  # after the head: uvicorn's own send
 
 
 def test_the_byte_checks_refuse_exactly_what_uvicorns_patterns_find() -> None:

@@ -123,7 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The cycle's task has not run yet: the app will be handed this `send` (gateway/http/response_head.py).
         cycle = self.cycle
         assert cycle is not None  # uvicorn has just made it
-        cycle.send = lean_send(cycle, cycle.send, self._head_sent)  # type: ignore[method-assign]
+        cycle.send = lean_send(cycle, cycle.send, self._head_sent, self.loop)  # type: ignore[method-assign]
 
     def on_message_complete(self) -> None:
         self._phase = "serving"
