@@ -208,6 +208,17 @@ def _str_pair(tag: bytes, encoded_key: bytes, value: str) -> bytes:
     return _value_pair(tag, encoded_key, value)
 
 
+def _tuple_pair(tag: bytes, encoded_key: bytes, values: tuple[Any, ...]) -> bytes:
+    """`_value_pair` for a tuple: one of doubles only (an admission's used, requested and remaining amounts),
+    framed in one join when it all fits in 127 bytes."""
+    size = 11 * len(values)  # each element: its tag and length, the AnyValue's tag, 8 bytes
+    key_value_size = len(encoded_key) + 4 + size  # the key, the AnyValue's tag and length, the array's too
+    if values and key_value_size < 128 and list(map(type, values)).count(float) == len(values):
+        return b"".join((tag, _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size + 2], b"\x2a", _SMALL[size],
+                         _DOUBLE_ELEMENT, _DOUBLE_ELEMENT.join(map(_DOUBLE.pack, values))))
+    return _value_pair(tag, encoded_key, values)
+
+
 class _Memo(dict[Any, bytes]):
     """Encoded key-values of one attribute name by value: a hit is a lookup in C, a miss encodes the value and keeps
     it while the memo holds fewer than `_VALUES_MEMORY` values (then it only encodes)."""
@@ -346,7 +357,7 @@ class SpanEncoder:
         elif kind in _HASHABLE and (prefixes[3] or kind is int or kind is bool):
             encoder = _Memo(partial(self._pair, number, key)).__getitem__
         elif kind is str or kind is tuple:  # (an admission's used, requested and remaining: doubles)
-            encoder = partial(_str_pair if kind is str else _value_pair, _TAGS[number],
+            encoder = partial(_str_pair if kind is str else _tuple_pair, _TAGS[number],
                               (self._keys.get(key) or self._key(key))[0])
         else:
             encoder = partial(self._pair, number, key)
