@@ -461,3 +461,20 @@ def test_offline_lazy_load_warns_once(offline: list[str], caplog: pytest.LogCapt
 def test_estimate_is_ceil_of_chars_per_token() -> None:
     assert CHARS_PER_TOKEN == 4
     assert [estimate_tokens("a" * n) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+
+
+def test_remembered_counts_are_each_texts_own_and_the_memory_stays_bounded(counter: TokenCounter,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short texts' counts are remembered (a conversation resends its history every turn): a remembered count is
+    the text's own, texts of one length but different content keep theirs, and the memory is cleared at its
+    bound rather than growing with every new prompt."""
+    from gateway.tokens import counter as module
+
+    monkeypatch.setattr(module, "_SHORT_MEMO_ENTRIES", 50)
+    encoding = enc(counter.encoding_for("gpt-4o-mini"))
+    codec = counter._codec("gpt-4o-mini", "openai")
+    texts = [f"turn {i}: " + "word " * (i % 7) for i in range(120)] + ["aaaa bbbb", "aaaabbbbb", "a a a a a"]
+    for _ in range(3):  # the first time counted, then (for those still remembered) from memory
+        for text in texts:
+            assert codec.count(text) == len(encoding.encode_ordinary(text)), text
+            assert len(codec._short) <= 50

@@ -86,6 +86,9 @@ def estimate_tokens(text: str) -> int:
 LARGE_TEXT_CHARS = 32 * 1024
 _PIECE_CHARS = 64 * 1024
 _MEMO_ENTRIES = 64
+# Shorter texts' counts are remembered too, by length and hash (not the text: no prompt is kept): a conversation
+# sends its history again on every turn, and system prompts repeat across requests. Cleared when full.
+_SHORT_MEMO_ENTRIES = 8192
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -111,7 +114,7 @@ class _Codec:
     pipeline counts), and the pipeline's own counts then find the figure here.
     """
 
-    __slots__ = ("_count", "_lock", "_memo", "roles")
+    __slots__ = ("_count", "_lock", "_memo", "_short", "roles")
 
     def __init__(self, encoding: tiktoken.Encoding | None) -> None:
         self._count: Callable[[str], int] = estimate_tokens
@@ -120,12 +123,21 @@ class _Codec:
             encode = encoding.encode_ordinary
             self._count = lambda text: len(encode(text))
         self._memo: dict[tuple[int, int], int] = {}
+        self._short: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self.roles = {role: self.count(role) for role in ROLES}  # one per message
 
     def count(self, text: str) -> int:
-        if len(text) < LARGE_TEXT_CHARS:
-            return self._count(text)
+        size = len(text)
+        if size < LARGE_TEXT_CHARS:
+            key = (size, hash(text))
+            found = self._short.get(key)
+            if found is None:
+                found = self._count(text)
+                if len(self._short) >= _SHORT_MEMO_ENTRIES:
+                    self._short.clear()
+                self._short[key] = found
+            return found
         key = (len(text), hash(text))
         found = self._memo.get(key)
         if found is None:
