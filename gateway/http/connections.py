@@ -133,6 +133,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self._phase == "serving":
             self._phase = "idle"
+        if self.cycle is not None:
+            # The lean `send` holds its cycle and the cycle holds it: unlinked once the response is complete, the
+            # request's objects are freed by reference counting as the app returns, not left for the collector
+            # (~24 objects a request, each generation-0 pass of which took ~4 ms under load).
+            vars(self.cycle).pop("send", None)
         super().on_response_complete()
 
     def _refuse_head(self) -> None:
