@@ -160,3 +160,20 @@ def test_upstream_errors_keep_openai_shape(client: openai.OpenAI, upstream: Fake
     # A failure after the stream started is the Responses `error` event, and no response.completed follows.
     assert events[-1].type == "error" and "mid-stream" in events[-1].message
     assert "response.completed" not in [e.type for e in events]
+
+
+@pytest.mark.parametrize(("field", "value", "param", "expected"), [
+    ("text", [1], "text", "an object"), ("text", 5, "text", "an object"),
+    ("text", {"format": "json"}, "text.format", "an object"), ("reasoning", ["high"], "reasoning", "an object"),
+    ("tools", 3, "tools", "an array"), ("tools", {"type": "function"}, "tools", "an array"),
+])
+def test_a_field_of_the_wrong_json_type_is_a_400_that_names_it(client: openai.OpenAI, upstream: FakeOpenAIUpstream,
+                                                               field: str, value: Any, param: str,
+                                                               expected: str) -> None:
+    """Found by tests/test_fuzz_endpoints.py: a `text` that was a list reached `.get` and answered 500."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="local", input="x", extra_body={field: value})
+    body = caught.value.body
+    assert (body["param"], body["code"]) == (param, "invalid_type")
+    assert f"expected {expected}" in body["message"]
+    assert upstream.request_count == 0

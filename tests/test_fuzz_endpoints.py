@@ -26,8 +26,9 @@ ENDPOINTS = {
     "/v1/chat/completions": ["messages", "tools", "tool_choice", "response_format", "n", "stop"],
     "/v1/completions": ["prompt", "suffix", "echo", "logprobs"],
     "/v1/embeddings": ["input", "encoding_format", "dimensions"],
-    "/v1/responses": ["input", "instructions", "tools", "text", "previous_response_id", "store"],
-    "/v1/messages": ["messages", "system", "tools", "max_tokens", "tool_choice"],
+    "/v1/responses": ["input", "instructions", "tools", "text", "reasoning", "tool_choice", "previous_response_id",
+                      "store"],
+    "/v1/messages": ["messages", "system", "tools", "max_tokens", "tool_choice", "metadata", "stop_sequences"],
 }
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),

@@ -112,7 +112,10 @@ def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
             chat[name] = body[name]
     if body.get("stop_sequences"):
         chat["stop"] = body["stop_sequences"]
-    user_id = (body.get("metadata") or {}).get("user_id")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TranslationError("metadata: Input should be a valid dictionary")
+    user_id = (metadata or {}).get("user_id")
     if user_id:
         chat["user"] = user_id
     if body.get("stream"):

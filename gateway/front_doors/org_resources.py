@@ -35,7 +35,8 @@ def _references(request: Mapping[str, Any]) -> Iterator[tuple[str, Any, str]]:
         yield "prompt", prompt["id"], "prompt.id"
     elif prompt is not None:
         yield "prompt", prompt, "prompt"
-    for i, tool in enumerate(request.get("tools") or ()):
+    tools = request.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):  # another type: refused where it is read
         if not isinstance(tool, Mapping):
             continue
         for store_id in tool.get("vector_store_ids") or ():

@@ -84,9 +84,6 @@ class ResponsesRoute:
             except GatewayError as error:
                 status, error_body, error_headers = render(error)
                 return Reply(status, error_body, {**exchange.response_headers, **error_headers})
-            except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
-                return Reply(*render(GatewayError(ErrorKind.BAD_REQUEST, "The request is nested too deeply.",
-                                                  param="input", code="nesting_too_deep")))
             reply = await handle_inference(services, Endpoint.RESPONSES if native else Endpoint.CHAT, exchange,
                                            headers, body)
             if isinstance(reply, StreamReply):
@@ -120,10 +117,20 @@ async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry,
             outgoing["store"] = False
         if turn.stateful and "prompt_cache_key" not in outgoing and served_only_by(policy, model, _CACHE_KEY_KINDS):
             outgoing["prompt_cache_key"] = turn.cache_key()
-        return turn, True, orjson.dumps(outgoing)
+        return turn, True, _encoded(outgoing)
     breakpoints = turn.keep and served_only_by(policy, model, _BREAKPOINT_KINDS)
     chat = chat_request(outgoing, sent_before if breakpoints else None, mark_end=breakpoints)
-    return turn, False, orjson.dumps(chat)
+    return turn, False, _encoded(chat)
+
+
+def _encoded(body: Mapping[str, Any]) -> bytes:
+    """The pipeline's request body. (Only around the encoding: orjson's error is a TypeError, and anything else
+    raising one is a bug to report as such, not a request nested too deeply.)"""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:  # more than 255 levels deep: no upstream request can carry it
+        raise GatewayError(ErrorKind.BAD_REQUEST, "The request is nested too deeply.", param="input",
+                           code="nesting_too_deep") from None
 
 
 async def _finished(reply: Reply, request: Mapping[str, Any], turn: Turn, store: ResponseStore,

@@ -28,6 +28,19 @@ def _bad(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.BAD_REQUEST, message, param=param, code="unsupported_parameter" if param else None)
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number"}
+
+
+def _typed(value: Any, expected: type, param: str) -> Any:
+    """An optional field of the request: None when absent; a 400 naming it, as OpenAI words it, when it has
+    another JSON type than `expected`."""
+    if value is None or isinstance(value, expected):
+        return value
+    raise GatewayError(ErrorKind.BAD_REQUEST, f"Invalid type for '{param}': expected {_JSON_TYPES[expected]}, but got "
+                       f"{_JSON_TYPES.get(type(value), 'another type')} instead.", param=param, code="invalid_type")
+
+
 # --- request: Responses -> chat ----------------------------------------------------------------
 
 
@@ -60,16 +73,16 @@ def chat_request(body: Mapping[str, Any], cached_items: int | None = None, *,
     for name in _PASSED:
         if body.get(name) is not None:
             chat[name] = body[name]
-    effort = (body.get("reasoning") or {}).get("effort")
+    effort = (_typed(body.get("reasoning"), dict, "reasoning") or {}).get("effort")
     if effort:
         chat["reasoning_effort"] = effort
-    fmt = (body.get("text") or {}).get("format") or {}
+    fmt = _typed((_typed(body.get("text"), dict, "text") or {}).get("format"), dict, "text.format") or {}
     if fmt.get("type") == "json_schema":
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         chat["response_format"] = {"type": "json_schema", "json_schema": spec}
     elif fmt.get("type") == "json_object":
         chat["response_format"] = {"type": "json_object"}
-    tools = body.get("tools") or []
+    tools = _typed(body.get("tools"), list, "tools") or []
     if tools:
         chat["tools"] = [_tool(t, i) for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
