@@ -7,8 +7,11 @@ POLICY ?= policies/demo.yaml
 # Offline machines: tiktoken encodings shipped beside the checkout (the gateway
 # falls back to an estimate, and says so, when none can be loaded).
 SHARED_TIKTOKEN := $(abspath ../shared/tiktoken)
+# (Set but empty counts as unset: `?=` would keep the empty value, and tiktoken would then download.)
 ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
-export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
+ifeq ($(strip $(TIKTOKEN_CACHE_DIR)),)
+export TIKTOKEN_CACHE_DIR := $(SHARED_TIKTOKEN)
+endif
 endif
 REDIS_PORT ?= 6379
 # make stack's trace UI (arize-phoenix) lives in a venv of its own: its pins are not the gateway's.
