@@ -17,6 +17,7 @@ import httpx
 
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.openai_upstream import Behaviour
 
 
 def _ours(thing: object) -> str | None:
@@ -53,4 +54,29 @@ def test_replies_and_streams_leave_no_cyclic_garbage(upstream: FakeOpenAIUpstrea
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+    assert not found, found
+
+
+def test_a_client_that_leaves_mid_stream_leaves_no_cyclic_garbage(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> None:
+    """The other way a request ends: its response never completes, the connection is lost."""
+    gateway = start_gateway(standard_policy(upstream.base_url))
+    chat = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"authorization": "Bearer sk-alpha"}
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for left in range(1, 6):
+            upstream.script(Behaviour.slow_stream(chunks=200, chunk_delay_ms=20))
+            with httpx.stream("POST", gateway.v1 + "/chat/completions", headers=headers, json=chat) as reply:
+                assert next(reply.iter_lines()).startswith("data: ")
+            # Settled as a disconnect: the request's task is ending, and with it the last reference to its objects.
+            assert gateway.usage.wait_for(left)[-1].outcome == "client_disconnected"
+        assert httpx.post(gateway.v1 + "/chat/completions", headers=headers,
+                          json={**chat, "stream": False}).status_code == 200  # the loop has moved on since
+        gc.collect()
+        found = Counter(name for name in map(_ours, gc.garbage) if name is not None)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
     assert not found, found

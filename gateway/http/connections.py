@@ -93,6 +93,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             hook = cycle.scope.get(DISCONNECT_HOOK)
             if hook is not None:
                 hook()
+            vars(cycle).pop("send", None)  # as `on_response_complete` does: no cycle left for the collector
 
     def data_received(self, data: bytes) -> None:
         if self._phase == "idle":  # a keep-alive connection starts its next request
