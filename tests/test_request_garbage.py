@@ -8,10 +8,11 @@ four"). The gateway runs in this process, so the collector's own record of what 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -31,6 +32,22 @@ def _ours(thing: object) -> str | None:
     return name if module.startswith(("gateway", "providers", "uvicorn", "starlette")) else None
 
 
+@contextlib.contextmanager
+def gateway_garbage() -> Iterator[Counter[str]]:
+    """Within the block the collector keeps what it would have freed; at its end the gateway's and its server's
+    objects among it are counted into the yielded Counter."""
+    found: Counter[str] = Counter()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield found
+        gc.collect()
+        found.update(name for name in map(_ours, gc.garbage) if name is not None)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 def test_replies_and_streams_leave_no_cyclic_garbage(upstream: FakeOpenAIUpstream,
                                                       start_gateway: Callable[[str], RunningGateway]) -> None:
     gateway = start_gateway(standard_policy(upstream.base_url))
@@ -44,16 +61,9 @@ def test_replies_and_streams_leave_no_cyclic_garbage(upstream: FakeOpenAIUpstrea
                     assert b"[DONE]" in reply.read()
 
         serve(3)  # warm-up: first-use caches and connections
-        gc.collect()
-        gc.set_debug(gc.DEBUG_SAVEALL)  # the collector keeps what it would have freed, for us to look at
-        try:
+        with gateway_garbage() as found:
             serve(20)
             serve(1)  # so the 20 before have surely ended on the server
-            gc.collect()
-            found = Counter(name for name in map(_ours, gc.garbage) if name is not None)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
     assert not found, found
 
 
@@ -63,9 +73,7 @@ def test_a_client_that_leaves_mid_stream_leaves_no_cyclic_garbage(
     gateway = start_gateway(standard_policy(upstream.base_url))
     chat = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     headers = {"authorization": "Bearer sk-alpha"}
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with gateway_garbage() as found:
         for left in range(1, 6):
             upstream.script(Behaviour.slow_stream(chunks=200, chunk_delay_ms=20))
             with httpx.stream("POST", gateway.v1 + "/chat/completions", headers=headers, json=chat) as reply:
@@ -74,9 +82,4 @@ def test_a_client_that_leaves_mid_stream_leaves_no_cyclic_garbage(
             assert gateway.usage.wait_for(left)[-1].outcome == "client_disconnected"
         assert httpx.post(gateway.v1 + "/chat/completions", headers=headers,
                           json={**chat, "stream": False}).status_code == 200  # the loop has moved on since
-        gc.collect()
-        found = Counter(name for name in map(_ours, gc.garbage) if name is not None)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
     assert not found, found
