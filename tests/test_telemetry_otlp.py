@@ -205,7 +205,8 @@ def test_per_request_strings_and_numbers_decode_as_given_whatever_their_size() -
 
 
 def test_memos_stop_growing_at_their_bounds_and_unhashable_values_still_encode() -> None:
-    """A name's memo of encoded values keeps at most `_VALUES_MEMORY` of them and the layouts at most
+    """A name's memo of encoded values keeps at most `_VALUES_MEMORY` of them, all names' together what the
+    encoder's room allows, and the layouts at most
     `_LAYOUTS_MEMORY` (token counts and optional attributes are unbounded sets); past the bounds and for values
     that cannot be memoised (a tuple holding a list), every span still decodes to exactly its own attributes."""
     from opentelemetry.sdk.resources import Resource
@@ -235,3 +236,12 @@ def test_memos_stop_growing_at_their_bounds_and_unhashable_values_still_encode()
     memos = [encoder._encoders[9][(name, kind)].__self__  # type: ignore[attr-defined]
              for name, kind in (("gen_ai.usage.input_tokens", int), ("switchboard.team", str))]
     assert [len(memo) for memo in memos] == [otlp._VALUES_MEMORY] * 2
+    # And all names' memos together: given room for 1,500 values, they keep 1,500 and every span still decodes.
+    encoder = otlp.SpanEncoder()
+    encoder._room.values = 1_500
+    for _ in range(2):
+        body = encoder.encode([span(i, attributes) for i, attributes in enumerate(attribute_sets)])
+        assert len(decode(body)) == len(attribute_sets)
+    kept = [len(e.__self__) for e in encoder._encoders[9].values()  # type: ignore[attr-defined]
+            if isinstance(getattr(e, "__self__", None), otlp._Memo)]
+    assert sum(kept) == 1_500 and encoder._room.values == 0

@@ -151,6 +151,7 @@ _FLAGS = struct.Struct("<BBI")
 _NAMES_MEMORY = 4096
 _LAYOUTS_MEMORY = 1024  # per field number
 _VALUES_MEMORY = 1024  # per attribute name and type
+_ALL_VALUES_MEMORY = 65_536  # per encoder, all names' together (~100 bytes each)
 
 
 def _framed(tag: int, size: int) -> bytes:
@@ -219,19 +220,32 @@ def _tuple_pair(tag: bytes, encoded_key: bytes, values: tuple[Any, ...]) -> byte
     return _value_pair(tag, encoded_key, values)
 
 
+class _Room:
+    """How many more values an encoder's memos may keep, between them."""
+
+    __slots__ = ("values",)
+
+    def __init__(self) -> None:
+        self.values = _ALL_VALUES_MEMORY
+
+
 class _Memo(dict[Any, bytes]):
     """Encoded key-values of one attribute name by value: a hit is a lookup in C, a miss encodes the value and keeps
-    it while the memo holds fewer than `_VALUES_MEMORY` values (then it only encodes)."""
+    it while the memo holds fewer than `_VALUES_MEMORY` values and the encoder's memos have room (then it only
+    encodes)."""
 
-    __slots__ = ("_encode",)
+    __slots__ = ("_encode", "_room")
 
-    def __init__(self, encode: Callable[[Any], bytes]) -> None:
+    def __init__(self, encode: Callable[[Any], bytes], room: _Room) -> None:
         super().__init__()
         self._encode = encode
+        self._room = room
 
     def __missing__(self, value: Any) -> bytes:
         encoded = self._encode(value)
-        if len(self) < _VALUES_MEMORY:
+        room = self._room
+        if room.values > 0 and len(self) < _VALUES_MEMORY:
+            room.values -= 1
             self[value] = encoded
         return encoded
 
@@ -249,7 +263,7 @@ class SpanEncoder:
     event attributes 3, span attributes 9; event names 2, span names 5).
     """
 
-    __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes")
+    __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes", "_room")
 
     def __init__(self) -> None:
         self._keys: dict[str, tuple[bytes, bool]] = {}  # name -> (encoded key, its values repeat)
@@ -259,6 +273,7 @@ class SpanEncoder:
         self._layouts: tuple[dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[Callable[[Any], bytes], ...]],
                              ...] = tuple({} for _ in range(16))
         self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
+        self._room = _Room()  # the memos' values, all names together
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         """An `ExportTraceServiceRequest` for the SDK's spans; grouped by resource and instrumentation scope."""
@@ -355,7 +370,7 @@ class SpanEncoder:
         if kind is float and not prefixes[3]:
             encoder = partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0])  # the prefix and the double
         elif kind in _HASHABLE and (prefixes[3] or kind is int or kind is bool):
-            encoder = _Memo(partial(self._pair, number, key)).__getitem__
+            encoder = _Memo(partial(self._pair, number, key), self._room).__getitem__
         elif kind is str or kind is tuple:  # (an admission's used, requested and remaining: doubles)
             encoder = partial(_str_pair if kind is str else _tuple_pair, _TAGS[number],
                               (self._keys.get(key) or self._key(key))[0])
