@@ -139,20 +139,20 @@ def _first_invalid(rules: Mapping[str, Rule], payload: Mapping[str, Any]) -> Gat
     for name, value in payload.items():
         rule = rules.get(name)
         if rule is not None and value is not None and not rule[0](value):
-            return invalid(name, f"Invalid type for '{name}': expected {rule[1]}, but got {_kind(value)}.")
+            return invalid(name, f"Invalid type for '{name}': expected {rule[1]}, but got {json_kind(value)}.")
     raise AssertionError("no field breaks its rule")
 
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list):
-        raise invalid("messages", f"Invalid type for 'messages': expected an array, but got {_kind(messages)}.")
+        raise invalid("messages", f"Invalid type for 'messages': expected an array, but got {json_kind(messages)}.")
     if not messages:
         raise invalid("messages", "Invalid 'messages': empty array. Expected an array with minimum length 1.",
                       code="empty_array")
     for i, message in enumerate(messages):  # a message's path (`messages[i]`) is spelled out only for an error
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}]", f"Invalid type for 'messages[{i}]': expected an object, but got "
-                          f"{_kind(message)}.")
+                          f"{json_kind(message)}.")
         role = message.get("role")
         if role.__class__ is not str or role not in _ROLES:  # the frozenset lookup is the common case's only cost
             _refuse_role(f"messages[{i}]", role)
@@ -168,7 +168,7 @@ def _check_content(where: str, content: Any) -> None:
         return
     if not isinstance(content, list):
         raise invalid(f"{where}.content", f"Invalid type for '{where}.content': expected a string or an "
-                      f"array of content parts, but got {_kind(content)}.")
+                      f"array of content parts, but got {json_kind(content)}.")
     for j, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise invalid(f"{where}.content[{j}]", f"Invalid content part '{where}.content[{j}]': expected "
@@ -180,7 +180,7 @@ def _check_tool_fields(where: str, message: dict[str, Any]) -> None:
     if calls is not None:
         if not isinstance(calls, list):
             raise invalid(f"{where}.tool_calls", f"Invalid type for '{where}.tool_calls': expected an array, "
-                          f"but got {_kind(calls)}.")
+                          f"but got {json_kind(calls)}.")
         for j, call in enumerate(calls):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -204,7 +204,8 @@ _ROLE_LIST = ", ".join(f"'{name}'" for name in _ROLE_NAMES[:-1]) + f", and '{_RO
 
 def _refuse_role(where: str, role: Any) -> None:
     if not isinstance(role, str):
-        raise invalid(f"{where}.role", f"Invalid type for '{where}.role': expected a string, but got {_kind(role)}.")
+        raise invalid(f"{where}.role",
+                      f"Invalid type for '{where}.role': expected a string, but got {json_kind(role)}.")
     shown = role if len(role) <= 40 else role[:40] + "..."
     raise invalid(f"{where}.role", f"Invalid value: '{shown}'. Supported values are: {_ROLE_LIST}.",
                   code="invalid_value")
@@ -212,7 +213,7 @@ def _refuse_role(where: str, role: Any) -> None:
 
 def _check_tools(tools: Any) -> None:
     if not isinstance(tools, list):
-        raise invalid("tools", f"Invalid type for 'tools': expected an array, but got {_kind(tools)}.")
+        raise invalid("tools", f"Invalid type for 'tools': expected an array, but got {json_kind(tools)}.")
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise invalid(f"tools[{i}]", f"Invalid tool 'tools[{i}]': expected an object with a string 'type'.")
@@ -244,7 +245,8 @@ def invalid(param: str | None, message: str, code: str = "invalid_type") -> Gate
     return GatewayError(ErrorKind.BAD_REQUEST, message, param=param, code=code)
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How a 400 names a JSON value's type: "an array", "a string", "null"..."""
     if value is None:
         return "null"
     if isinstance(value, bool):

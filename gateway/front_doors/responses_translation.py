@@ -17,6 +17,7 @@ import orjson
 
 from gateway.errors import ErrorKind, GatewayError
 from gateway.front_doors.reframing import ChatStream
+from gateway.request_checks import invalid, json_kind
 from providers.sse import encode_named_event
 
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key",
@@ -28,17 +29,15 @@ def _bad(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.BAD_REQUEST, message, param=param, code="unsupported_parameter" if param else None)
 
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-               float: "a number"}
+_EXPECTED = {dict: "an object", list: "an array"}
 
 
 def _typed(value: Any, expected: type, param: str) -> Any:
-    """An optional field of the request: None when absent; a 400 naming it, as OpenAI words it, when it has
-    another JSON type than `expected`."""
+    """An optional field of the request: None when absent; the pipeline's 400 for a field of another JSON type
+    (gateway/request_checks.py) when it is not `expected`."""
     if value is None or isinstance(value, expected):
         return value
-    raise GatewayError(ErrorKind.BAD_REQUEST, f"Invalid type for '{param}': expected {_JSON_TYPES[expected]}, but got "
-                       f"{_JSON_TYPES.get(type(value), 'another type')} instead.", param=param, code="invalid_type")
+    raise invalid(param, f"Invalid type for '{param}': expected {_EXPECTED[expected]}, but got {json_kind(value)}.")
 
 
 # --- request: Responses -> chat ----------------------------------------------------------------
