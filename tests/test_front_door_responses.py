@@ -166,11 +166,15 @@ def test_upstream_errors_keep_openai_shape(client: openai.OpenAI, upstream: Fake
     ("text", [1], "text", "an object"), ("text", 5, "text", "an object"),
     ("text", {"format": "json"}, "text.format", "an object"), ("reasoning", ["high"], "reasoning", "an object"),
     ("tools", 3, "tools", "an array"), ("tools", {"type": "function"}, "tools", "an array"),
+    # Fields the translation renames (`max_tokens`, a system message) are named as the client sent them.
+    ("max_output_tokens", "lots", "max_output_tokens", "an integer"),
+    ("instructions", ["be brief"], "instructions", "a string"), ("temperature", "hot", "temperature", "a number"),
 ])
 def test_a_field_of_the_wrong_json_type_is_a_400_that_names_it(client: openai.OpenAI, upstream: FakeOpenAIUpstream,
                                                                field: str, value: Any, param: str,
                                                                expected: str) -> None:
-    """Found by tests/test_fuzz_endpoints.py: a `text` that was a list reached `.get` and answered 500."""
+    """Found by tests/test_fuzz_endpoints.py: a `text` that was a list reached `.get` and answered 500; and a
+    `max_output_tokens` of text was refused as `max_tokens`, a field the client never sent."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="local", input="x", extra_body={field: value})
     body = caught.value.body

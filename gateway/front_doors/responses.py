@@ -44,6 +44,7 @@ from gateway.front_doors.responses_passthrough import (
 from gateway.front_doors.responses_translation import ResponseStream, chat_request, response
 from gateway.http.asgi import request_headers, respond
 from gateway.pipeline import decode_object, handle_inference
+from gateway.request_checks import check_request
 from gateway.response_store import ResponseStore
 from providers.base import Endpoint
 
@@ -80,7 +81,7 @@ class ResponsesRoute:
                 # The pipeline's own 400 (missing field) or 404, the same for an unknown and a forbidden model.
                 return await handle_inference(services, Endpoint.RESPONSES, exchange, headers, raw)
             try:
-                turn, native, body = await _prepare(policy, store, caller, request)
+                turn, native, body = await _prepare(policy, store, caller, request, raw)
             except GatewayError as error:
                 status, error_body, error_headers = render(error)
                 return Reply(status, error_body, {**exchange.response_headers, **error_headers})
@@ -99,13 +100,17 @@ def _may_use(policy: Policy, caller: KeyEntry, model: Any) -> bool:
     return isinstance(model, str) and model in policy.models and caller.team.may_use(model)
 
 
-async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry,
-                   request: Mapping[str, Any]) -> tuple[Turn, bool, bytes]:
+async def _prepare(policy: Policy, store: ResponseStore, caller: KeyEntry, request: Mapping[str, Any],
+                   raw: bytes) -> tuple[Turn, bool, bytes]:
     """The turn, whether it is served natively, and the body for the pipeline."""
     rules = rules_for(policy.responses, caller)
     refuse_stateful(request)
     refuse_unlisted(request, rules)
     native = serves_natively(policy, request)
+    if not native:
+        # The pipeline checks what it is given: for a translated request, the chat request, whose fields have other
+        # names (`max_tokens`, a system message). The client's own fields are checked here, under their names.
+        check_request(Endpoint.RESPONSES, raw, request)
     turn = await open_turn(store, rules, caller, request)
     outgoing = {k: v for k, v in request.items() if k != "previous_response_id"}
     sent_before = 0
