@@ -187,7 +187,8 @@ def create_app(
     if metrics is not None:
         services.shadows.metrics = metrics.variants  # shadow calls dropped when saturated
         metrics.watch_routes(services.routes)  # breaker states, read at scrape time
-        metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)])
+        metrics.watch_writers(ledger, [sink for sink in front_sinks if isinstance(sink, AccessLogSink)],
+                              lambda: telemetry.dropped_spans)
     responses = response_store or open_response_store(observed.response_store, observed.state, policy_path=store.path)
 
     @contextlib.asynccontextmanager

@@ -15,10 +15,10 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind, TraceState
 
-from gateway.telemetry.otlp import SpanEncoder, SpanRow
+from gateway.telemetry.otlp import SpanEncoder, SpanRow, encode_framed
 from gateway.telemetry.request_trace import SCOPE_NAME, readable_span
 from gateway.telemetry.span_batches import SpanBatches
-from tests.fakes.otlp_receiver import decode
+from tests.fakes.otlp_receiver import count_spans, decode
 
 
 @dataclass
@@ -114,7 +114,12 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
     resource = Resource.create({"service.name": "svc"})
     from_rows = SpanEncoder().encode_rows(rows, resource.attributes, SCOPE_NAME)
     assert SpanEncoder().encode([readable_span(row, resource) for row in rows]) == from_rows
+    # Encoded a trace at a time as requests end (the event loop), framed into one request by the export thread.
+    encoder = SpanEncoder()
+    assert encode_framed([encoder.framed_spans(rows[:1]), encoder.framed_spans(rows[1:])], resource.attributes,
+                         SCOPE_NAME) == from_rows
     client, server = decode(from_rows)
+    assert count_spans(from_rows) == 2  # what a load test's collector counts, without decoding
     assert (client.kind, client.status, client.parent_span_id) == ("CLIENT", "ERROR", f"{0x1:016x}")
     assert client.attributes["gen_ai.usage.input_tokens"] == 7 and client.attributes["switchboard.cost_usd"] == 0.25
     assert (server.kind, server.parent_span_id, server.events) == ("SERVER", f"{0x99:016x}",
@@ -123,8 +128,8 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
 
 
 def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
-    """A finished trace waits in the export queue for up to the schedule delay (and a queue's worth of them at
-    once): it must not hold the exchange, the request body or the reply while it waits."""
+    """A finished trace handed to a sink that keeps it (a queue of traces; the SDK's processors keep the spans
+    made of it) must not hold the exchange, the request body or the reply."""
     import gc
     import time
     import weakref

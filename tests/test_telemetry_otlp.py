@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import RunningGateway, standard_policy
+from tests.conftest import ADMIN_POLICY, RunningGateway, metrics_text, standard_policy
 from tests.fakes import FakeOpenAIUpstream
-from tests.fakes.otlp_receiver import OtlpReceiver
+from tests.fakes.otlp_receiver import OtlpReceiver, count_spans
 
 
 def otlp_policy(upstream: FakeOpenAIUpstream, endpoint: str, timeout_ms: int = 5000) -> str:
@@ -245,3 +247,68 @@ def test_memos_stop_growing_at_their_bounds_and_unhashable_values_still_encode()
     kept = [len(e.__self__) for e in encoder._encoders[9].values()  # type: ignore[attr-defined]
             if isinstance(getattr(e, "__self__", None), otlp._Memo)]
     assert sum(kept) == 1_500 and encoder._room.values == 0
+
+
+class _StalledCollector:
+    """An OTLP/HTTP collector that holds every export until released, then counts its spans."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.spans = 0
+        self._counted = threading.Condition()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                collector.released.wait(30)
+                with collector._counted:
+                    collector.spans += count_spans(body)
+                    collector._counted.notify_all()
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def wait_for_spans(self, count: int) -> int:
+        with self._counted:
+            self._counted.wait_for(lambda: self.spans >= count, timeout=15)
+            return self.spans
+
+    def close(self) -> None:
+        self.released.set()
+        self._server.shutdown()
+
+
+def test_spans_a_stalled_collector_leaves_no_room_for_are_dropped_and_counted_exactly(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    """Every span is either delivered or counted in switchboard_trace_spans_dropped_total, never lost unseen."""
+    collector = _StalledCollector()
+    try:
+        policy = otlp_policy(upstream, collector.url, timeout_ms=30_000).replace(
+            "batch: {schedule_delay_ms: 20,", "batch: {max_queue_size: 4, max_export_batch_size: 2, "
+            "schedule_delay_ms: 20,") + ADMIN_POLICY
+        gateway = start_gateway(policy)
+        client = gateway.client()
+        for _ in range(10):  # 2 spans each (the upstream attempt and the request): 20
+            raw = client.chat.completions.with_raw_response.create(
+                model="chat-model", messages=[{"role": "user", "content": "x"}])
+            assert raw.http_response.status_code == 200
+        gateway.usage.wait_for(10)
+        found = re.search(r"^switchboard_trace_spans_dropped_total (\S+)$", metrics_text(gateway), re.MULTILINE)
+        assert found is not None
+        dropped = int(float(found.group(1)))
+        # One batch (2 spans) is held by the collector, at most 4 wait in the queue: the rest are dropped.
+        assert 12 <= dropped <= 16 and dropped % 2 == 0
+        collector.released.set()
+        assert collector.wait_for_spans(20 - dropped) == 20 - dropped
+        gateway.stop()  # flushes the exporter: nothing more arrives than was kept
+        assert collector.spans == 20 - dropped
+    finally:
+        collector.close()

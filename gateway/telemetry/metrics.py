@@ -209,9 +209,10 @@ class Metrics:
         """Expose every target's circuit-breaker state, read from `routes` at scrape time."""
         self.registry.register(_BreakerCollector(routes))
 
-    def watch_writers(self, ledger: Ledger | None, access_logs: Sequence[AccessLogSink]) -> None:
+    def watch_writers(self, ledger: Ledger | None, access_logs: Sequence[AccessLogSink],
+                      dropped_spans: Callable[[], int] = lambda: 0) -> None:
         """Expose the background writers' backlog and losses, read from them at scrape time."""
-        self.registry.register(_WriterCollector(ledger, tuple(access_logs)))
+        self.registry.register(_WriterCollector(ledger, tuple(access_logs), dropped_spans))
 
     def upstream_error(self, provider: str, error_type: str) -> None:
         """One failed upstream attempt."""
@@ -386,16 +387,18 @@ class _BreakerCollector(Collector):
 
 
 class _WriterCollector(Collector):
-    """Rows the ledger has not stored yet and has lost; access-log lines waiting and dropped.
+    """Rows the ledger has not stored yet and has lost; access-log lines waiting and dropped; spans dropped.
 
     Read from the writers' own counters when scraped (plain ints, read under the GIL), so writing costs
     nothing extra. `switchboard_ledger_rows_lost_total` should stay 0: a row is only lost when the spill
     file beside the ledger is full or cannot be written.
     """
 
-    def __init__(self, ledger: Ledger | None, access_logs: tuple[AccessLogSink, ...]) -> None:
+    def __init__(self, ledger: Ledger | None, access_logs: tuple[AccessLogSink, ...],
+                 dropped_spans: Callable[[], int]) -> None:
         self._ledger = ledger
         self._access_logs = access_logs
+        self._dropped_spans = dropped_spans
 
     def collect(self) -> Iterator[Metric]:
         if self._ledger is not None:
@@ -410,3 +413,6 @@ class _WriterCollector(Collector):
             yield CounterMetricFamily("switchboard_access_log_lines_dropped", "Access-log lines dropped: the "
                                       "stream failed (e.g. a closed pipe) or too many lines waited.",
                                       value=sum(sink.dropped for sink in self._access_logs))
+        yield CounterMetricFamily("switchboard_trace_spans_dropped", "Spans the trace exporter dropped: its queue "
+                                  "was full (a slow or unreachable collector) or a trace failed to encode.",
+                                  value=self._dropped_spans())

@@ -1,10 +1,10 @@
 """Finished traces waiting for export, sent in batches from a thread of their own.
 
 What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the gateway's
-own traces on the OTLP/HTTP path: a request hands over its finished trace in
-one deque append, so no span object is built on the event loop, and the export
-thread reads each trace's spans as rows (gateway/telemetry/otlp.py) when it
-encodes a batch. The policy's `telemetry.traces.batch` sets the same four
+own traces on the OTLP/HTTP path: a request hands over its finished trace,
+already encoded (gateway/telemetry/traces.py, `EncodedSpans`), in one deque
+append, and the export thread sends them a batch at a time. The policy's
+`telemetry.traces.batch` sets the same four
 things as for the SDK's processor, counted in spans: how many may wait (a
 trace that would pass the bound is dropped, and counted), how many make a
 batch, the longest one waits, and how long one export may take.
@@ -49,12 +49,16 @@ class SpanBatches:
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
+    def room(self, spans: int) -> bool:
+        """Whether a trace of `spans` spans would be queued now (from the event loop: before building it)."""
+        return not self._closed and self._added_spans - self._taken_spans + spans <= self._max_queue
+
     def add(self, trace: FinishedTrace) -> None:
         """Queue a finished trace (from the event loop): one append, and a wake-up once a batch is full."""
         spans = trace.span_count
         queued = self._added_spans - self._taken_spans
         if self._closed or queued + spans > self._max_queue:
-            self._drop(spans)
+            self.drop(spans)
             return
         self._queue.append(trace)
         self._added_spans += spans
@@ -107,7 +111,8 @@ class SpanBatches:
         if not queue:
             self._warned = False  # a later overflow is a new episode, worth a line of its own
 
-    def _drop(self, spans: int) -> None:
+    def drop(self, spans: int) -> None:
+        """Count a trace that will not be queued (from the event loop), and say so once while the queue is full."""
         self.dropped_spans += spans
         if not self._warned:
             self._warned = True
