@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind, TraceState
 
-from gateway.telemetry.otlp import SpanEncoder, SpanRow, encode_framed
+from gateway.telemetry.otlp import SpanEncoder, SpanRow
 from gateway.telemetry.request_trace import SCOPE_NAME, readable_span
 from gateway.telemetry.span_batches import SpanBatches
 from tests.fakes.otlp_receiver import count_spans, decode
@@ -34,12 +34,13 @@ class Sender:
         self.fail_first = fail_first
         self.closed = False
 
-    def __call__(self, traces: Sequence[Trace]) -> None:
+    def __call__(self, traces: Sequence[Trace]) -> bool:
         if self.fail_first:
             self.fail_first = False
             raise RuntimeError("encoder bug")
         self.batches.append([trace.number for trace in traces])
         self.sent.set()
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -97,6 +98,7 @@ def test_an_export_that_raises_loses_its_batch_only() -> None:
         assert sender.sent.wait(10)
         assert batches.force_flush()
         assert sender.batches == [[1]]
+        assert batches.dropped_spans == 2  # the lost batch's spans are counted
     finally:
         batches.shutdown()
 
@@ -114,10 +116,6 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
     resource = Resource.create({"service.name": "svc"})
     from_rows = SpanEncoder().encode_rows(rows, resource.attributes, SCOPE_NAME)
     assert SpanEncoder().encode([readable_span(row, resource) for row in rows]) == from_rows
-    # Encoded a trace at a time as requests end (the event loop), framed into one request by the export thread.
-    encoder = SpanEncoder()
-    assert encode_framed([encoder.framed_spans(rows[:1]), encoder.framed_spans(rows[1:])], resource.attributes,
-                         SCOPE_NAME) == from_rows
     client, server = decode(from_rows)
     assert count_spans(from_rows) == 2  # what a load test's collector counts, without decoding
     assert (client.kind, client.status, client.parent_span_id) == ("CLIENT", "ERROR", f"{0x1:016x}")
@@ -128,8 +126,8 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
 
 
 def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
-    """A finished trace handed to a sink that keeps it (a queue of traces; the SDK's processors keep the spans
-    made of it) must not hold the exchange, the request body or the reply."""
+    """A finished trace waits in the export queue for up to the schedule delay (and a queue's worth of them at
+    once): it must not hold the exchange, the request body or the reply while it waits."""
     import gc
     import time
     import weakref

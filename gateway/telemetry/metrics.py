@@ -414,5 +414,5 @@ class _WriterCollector(Collector):
                                       "stream failed (e.g. a closed pipe) or too many lines waited.",
                                       value=sum(sink.dropped for sink in self._access_logs))
         yield CounterMetricFamily("switchboard_trace_spans_dropped", "Spans the trace exporter dropped: its queue "
-                                  "was full (a slow or unreachable collector) or a trace failed to encode.",
+                                  "was full (a slow collector) or their batch's export failed.",
                                   value=self._dropped_spans())

@@ -8,11 +8,9 @@ encoder writes the same wire format (opentelemetry-proto `trace.proto`,
 suite decodes its output with the official protobuf classes.
 
 It encodes the SDK's `ReadableSpan`s (the `SpanExporter` interface) and the
-gateway's own traces as rows (`SpanRow`): a batch at once (`export_rows`), or
-a trace at a time as each ends (`framed_spans`, on the event loop) and the
-batch framed around them when it is sent (`export_framed`, on the export
-thread), through one encoder. The transport is one persistent `http.client`
-connection on the export thread. A failed export is dropped, not retried: spans are
+gateway's own traces as rows (`SpanRow`, `export_rows`), through one encoder.
+The transport is one persistent `http.client` connection on the export
+thread. A failed export is dropped, not retried: spans are
 best-effort, and a dead collector must cost nothing but the lost spans.
 """
 
@@ -296,15 +294,6 @@ class SpanEncoder:
         """An `ExportTraceServiceRequest` for spans as rows, all of one resource and one instrumentation scope."""
         return b"".join(self._resource_spans(resource, self._scope_spans(scope_name, "", rows)))
 
-    def framed_spans(self, rows: Iterable[SpanRow]) -> bytes:
-        """Spans as rows, each a whole `ScopeSpans.spans` field: a part of a request `encode_framed` completes."""
-        parts = []
-        encode_row = self._row
-        for row in rows:
-            body = encode_row(row)
-            parts += (_framed(0x12, len(body)), body)
-        return b"".join(parts)
-
     def _resource_spans(self, resource: Mapping[str, Any], scopes: list[bytes]) -> list[bytes]:
         """ResourceSpans (field 1 of the request): the resource, then its ScopeSpans, each framed already.
 
@@ -433,18 +422,6 @@ class SpanEncoder:
         return encoded
 
 
-def encode_framed(framed: Sequence[bytes], resource: Mapping[str, Any], scope_name: str) -> bytes:
-    """An `ExportTraceServiceRequest` of spans framed already (`SpanEncoder.framed_spans`), all of one resource and
-    instrumentation scope. It keeps no memo, so a thread other than the encoder's may call it."""
-    attributes = b"".join([_value_pair(b"\x0a", _field(1, key.encode()), value) for key, value in resource.items()])
-    scope = _field(1, _field(1, scope_name.encode()))
-    spans_size = len(scope) + sum(map(len, framed))
-    scope_spans = _framed(0x12, spans_size)
-    resource_part = _field(1, attributes)
-    return b"".join((_framed(0x0A, len(resource_part) + len(scope_spans) + spans_size), resource_part, scope_spans,
-                     scope, *framed))
-
-
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """`SpanEncoder().encode(spans)`, with memos of its own (for tests and one-off use)."""
     return SpanEncoder().encode(spans)
@@ -472,15 +449,6 @@ class OtlpHttpExporter(SpanExporter):
     def export_rows(self, rows: Iterable[SpanRow], resource: Mapping[str, Any], scope_name: str) -> SpanExportResult:
         """Export spans given as rows (the gateway's own traces), all of one resource and scope."""
         return self._post(self._encoder.encode_rows(rows, resource, scope_name))
-
-    def framed_spans(self, rows: Iterable[SpanRow]) -> bytes:
-        """Spans as rows, encoded for a later `export_framed` (by the thread that owns this exporter's memos)."""
-        return self._encoder.framed_spans(rows)
-
-    def export_framed(self, framed: Sequence[bytes], resource: Mapping[str, Any], scope_name: str
-                      ) -> SpanExportResult:
-        """Export spans encoded by `framed_spans`, all of one resource and scope (from any thread)."""
-        return self._post(encode_framed(framed, resource, scope_name))
 
     def _post(self, body: bytes) -> SpanExportResult:
         for attempt in (1, 2):  # a kept-alive connection the collector closed gets one fresh retry

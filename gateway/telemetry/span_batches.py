@@ -1,13 +1,14 @@
 """Finished traces waiting for export, sent in batches from a thread of their own.
 
 What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the gateway's
-own traces on the OTLP/HTTP path: a request hands over its finished trace,
-already encoded (gateway/telemetry/traces.py, `EncodedSpans`), in one deque
-append, and the export thread sends them a batch at a time. The policy's
-`telemetry.traces.batch` sets the same four
+own traces on the OTLP/HTTP path: a request hands over its finished trace in
+one deque append, so no span object is built on the event loop, and the export
+thread reads each trace's spans as rows (gateway/telemetry/otlp.py) when it
+encodes a batch. The policy's `telemetry.traces.batch` sets the same four
 things as for the SDK's processor, counted in spans: how many may wait (a
 trace that would pass the bound is dropped, and counted), how many make a
-batch, the longest one waits, and how long one export may take.
+batch, the longest one waits, and how long one export may take. The spans of
+a batch whose export fails are counted as dropped too (`dropped_spans`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FinishedTrace(Protocol):
 class SpanBatches:
     """A bounded queue of finished traces and the thread that exports them, `max_batch` spans at a time."""
 
-    def __init__(self, send: Callable[[Sequence[FinishedTrace]], object], *, max_queue: int, max_batch: int,
+    def __init__(self, send: Callable[[Sequence[FinishedTrace]], bool], *, max_queue: int, max_batch: int,
                  delay_s: float, close_exporter: Callable[[], None] = lambda: None) -> None:
         self._send = send
         self._close_exporter = close_exporter
@@ -41,7 +42,9 @@ class SpanBatches:
         # written by one side only, so neither loses an update to the other.
         self._added_spans = 0
         self._taken_spans = 0
-        self.dropped_spans = 0
+        # Spans dropped: refused by a full queue (counted on the loop) and in batches that failed (on the thread).
+        self._refused_spans = 0
+        self._failed_spans = 0
         self._warned = False
         self._closed = False
         self._wake = threading.Event()
@@ -49,21 +52,22 @@ class SpanBatches:
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
-    def room(self, spans: int) -> bool:
-        """Whether a trace of `spans` spans would be queued now (from the event loop: before building it)."""
-        return not self._closed and self._added_spans - self._taken_spans + spans <= self._max_queue
-
     def add(self, trace: FinishedTrace) -> None:
         """Queue a finished trace (from the event loop): one append, and a wake-up once a batch is full."""
         spans = trace.span_count
         queued = self._added_spans - self._taken_spans
         if self._closed or queued + spans > self._max_queue:
-            self.drop(spans)
+            self._drop(spans)
             return
         self._queue.append(trace)
         self._added_spans += spans
         if queued + spans >= self._max_batch:
             self._wake.set()
+
+    @property
+    def dropped_spans(self) -> int:
+        """Spans that were not delivered: the queue was full, or their batch's export failed or raised."""
+        return self._refused_spans + self._failed_spans
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Export everything queued now, from the calling thread (blocking: call it off the event loop)."""
@@ -105,15 +109,17 @@ class SpanBatches:
                 spans += trace.span_count
             self._taken_spans += spans
             try:
-                self._send(batch)
+                delivered = self._send(batch)
             except Exception:  # a bug in encoding must not kill the export thread
                 log.exception("span export raised; %d spans dropped", spans)
+                delivered = False
+            if not delivered:
+                self._failed_spans += spans
         if not queue:
             self._warned = False  # a later overflow is a new episode, worth a line of its own
 
-    def drop(self, spans: int) -> None:
-        """Count a trace that will not be queued (from the event loop), and say so once while the queue is full."""
-        self.dropped_spans += spans
+    def _drop(self, spans: int) -> None:
+        self._refused_spans += spans
         if not self._warned:
             self._warned = True
             log.warning("span export queue full (%d spans): dropping new traces until it drains", self._max_queue)

@@ -29,9 +29,8 @@ Why spans are not built with the SDK's `Tracer`: a request's facts are only
 known when it settles, and the SDK's live `Span` objects (attribute cleaning
 and locking per attribute, a sampler call per span) cost about twice as much
 CPU as building each span's attributes once. A finished trace is plain data:
-on the OTLP/HTTP path (the one production runs) it is encoded from its rows
-(`RequestTrace.rows`) as it ends, on the event loop, and the export thread
-only frames and sends batches of encoded spans (`EncodedSpans`), so no span
+on the OTLP/HTTP path (the one production runs) it is queued as it is and
+encoded from its rows (`RequestTrace.rows`) on the export thread, so no span
 object is built at all; every other exporter (console, OTLP/gRPC, a test's
 in-memory exporter) gets the SDK's `ReadableSpan`s made of the same rows,
 through the SDK's span processors (`SdkSpans`).
@@ -47,12 +46,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from gateway.policy.schema import TracesPolicy
 from gateway.telemetry.attributes import GENAI_PROVIDER, attempt_kind_attributes
@@ -96,11 +95,11 @@ class SdkSpans:
 class Tracing:
     """What traced requests need from one telemetry configuration: sampling, where spans go, content rules."""
 
-    def __init__(self, settings: TracesPolicy, resource: Resource, sink: EncodedSpans | SdkSpans,
+    def __init__(self, settings: TracesPolicy, resource: Resource, sink: SpanBatches | SdkSpans,
                  redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
         self.resource = resource
-        self.sink = sink  # where finished traces go: `EncodedSpans` for OTLP/HTTP, else `SdkSpans`
+        self.sink = sink  # where finished traces go: `SpanBatches` for OTLP/HTTP, else `SdkSpans`
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
         self._content_all = "*" in settings.record_content
@@ -181,7 +180,7 @@ class Telemetry:
 
     @property
     def dropped_spans(self) -> int:
-        """Spans dropped since the start: the export queue was full (a slow or dead collector) or encoding failed."""
+        """Spans dropped since the start: the export queue was full (a slow or dead collector) or an export failed."""
         tracing = self._tracing
         return self._dropped_before + (tracing.sink.dropped_spans if tracing is not None else 0)
 
@@ -194,7 +193,8 @@ class Telemetry:
         self._configured = settings
         self._tracing = self._build(settings)
         if previous is not None:
-            self._dropped_before += previous.sink.dropped_spans  # (the old sink drops no more: it is only drained)
+            # What the old exporter drops while it drains, after this, is not counted: it exports what it holds.
+            self._dropped_before += previous.sink.dropped_spans
         # An injected exporter outlives the configurations that use it: shutting the old processor down would stop it.
         if previous is not None and self._span_exporter is None:
             threading.Thread(target=previous.sink.shutdown, name="otel-shutdown", daemon=True).start()
@@ -227,7 +227,7 @@ class Telemetry:
             attributes["openinference.project.name"] = settings.project  # Phoenix's project
         resource = Resource.create(attributes)
         batch = settings.batch
-        sink: EncodedSpans | SdkSpans
+        sink: SpanBatches | SdkSpans
         if self._span_exporter is not None:
             sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
         elif settings.exporter == "otlp_http":
@@ -241,67 +241,20 @@ class Telemetry:
         return Tracing(settings, resource, sink, self._redactor)
 
 
-class EncodedSpans:
-    """OTLP/HTTP: each finished trace encoded on the event loop as it ends, the batches posted from a thread.
-
-    Encoding is Python work. On the export thread it came in bursts (a batch of 512 spans at once) that competed
-    with the loop for the interpreter and for the core the process usually has to itself; on the loop it is a few
-    tens of microseconds in the turn that settles each request, after its response has gone, and the encoder's
-    memos belong to one thread. The export thread only frames a batch and sends it. A trace the queue has no
-    room for is counted as dropped before it is encoded.
-    """
-
-    def __init__(self, exporter: OtlpHttpExporter, settings: TracesPolicy, resource: Resource) -> None:
-        logged = LoggedExporter(exporter, settings.exporter)
-        attributes = dict(resource.attributes)  # a plain dict, not the SDK's bounded mapping
-
-        def send(traces: Sequence[_Encoded]) -> None:
-            logged.logged(exporter.export_framed, [trace.data for trace in traces], attributes, SCOPE_NAME)
-
-        batch = settings.batch
-        self._encode = exporter.framed_spans
-        self._failed = False
-        self.batches = SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
-                                   delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown)
-
-    def add(self, trace: RequestTrace) -> None:
-        batches, spans = self.batches, trace.span_count
-        if not batches.room(spans):  # a slow or dead collector: not encoded only to be dropped
-            batches.drop(spans)
-            return
-        try:
-            data = self._encode(trace.rows())
-        except Exception:  # a bug in encoding loses the trace, never the request
-            batches.drop(spans)
-            if not self._failed:
-                self._failed = True
-                log.exception("encoding a trace failed; its spans are dropped (and counted; said once)")
-            return
-        batches.add(_Encoded(spans, data))
-
-    @property
-    def dropped_spans(self) -> int:
-        return self.batches.dropped_spans
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.batches.force_flush(timeout_millis)
-
-    def shutdown(self) -> None:
-        self.batches.shutdown()
-
-
-class _Encoded(NamedTuple):
-    """A trace's spans, encoded: what the export queue holds and counts."""
-
-    span_count: int
-    data: bytes
-
-
-def _otlp_batches(settings: TracesPolicy, resource: Resource) -> EncodedSpans:
-    """OTLP/HTTP: finished traces encoded as they end, sent in batches from the export thread."""
+def _otlp_batches(settings: TracesPolicy, resource: Resource) -> SpanBatches:
+    """OTLP/HTTP: finished traces queued as they are, encoded from their rows on the export thread."""
     exporter = build_exporter(settings)
     assert isinstance(exporter, OtlpHttpExporter)
-    return EncodedSpans(exporter, settings, resource)
+    logged = LoggedExporter(exporter, settings.exporter)
+    attributes = dict(resource.attributes)  # read per batch: a plain dict, not the SDK's bounded mapping
+
+    def send(traces: Sequence[RequestTrace]) -> bool:
+        return logged.logged(exporter.export_rows, [row for trace in traces for row in trace.rows()], attributes,
+                             SCOPE_NAME) is SpanExportResult.SUCCESS
+
+    batch = settings.batch
+    return SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
+                       delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown)
 
 
 """What `Exchange.trace` holds: a live request trace, or a no-op one."""
