@@ -164,25 +164,44 @@ ledger:
 """
 
 
+# Where the full policy's CPU goes (`--ablate`): the full policy minus one part, each a system of its own. Each part
+# is the template's lines that turn it on, and what replaces them (Redis stays configured without limits).
+FULL_POLICY_PARTS = {
+    "traces": ('  traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}\n',
+               "  traces: {{exporter: none}}\n"),
+    "limits": ("    limits: {{rpm: 100000000, tpm: 100000000000}}\n"
+               "    budget: {{period: daily, tokens: 1000000000000, usd: 1000000000}}\n", ""),
+    "ledger": ("ledger:\n  path: {ledger}\n", ""),
+    "metrics": ("  metrics: {{enabled: true}}\n", "  metrics: {{enabled: false}}\n"),
+}
+
+
 def with_full_policy(policy: str, *, provider: str, model: str, redis_url: str, key_prefix: str, collector: str,
-                     ledger: Path, state_extra: str = "") -> str:
+                     ledger: Path, state_extra: str = "", without: str | None = None) -> str:
     """`policy` (one team, one hashed key) with the full policy's parts: a per-key RPM limit on its key, the rest
-    appended after its team. `state_extra`: more `state` settings, e.g. `, timeout_s: 10`."""
-    key_limit = '        limits: {rpm: 100000000}\n        hash: "'
-    text = policy.replace('        hash: "', key_limit, 1)
-    return text + FULL_POLICY_EXTRA.format(provider=provider, model=model, redis_url=redis_url, key_prefix=key_prefix,
-                                           collector=collector, ledger=ledger, state_extra=state_extra)
+    appended after its team. `state_extra`: more `state` settings, e.g. `, timeout_s: 10`. `without`: one of
+    `FULL_POLICY_PARTS`, left out."""
+    template = FULL_POLICY_EXTRA
+    if without is not None:
+        lines, replacement = FULL_POLICY_PARTS[without]
+        assert lines in template, without
+        template = template.replace(lines, replacement)
+    if without != "limits":
+        policy = policy.replace('        hash: "', '        limits: {rpm: 100000000}\n        hash: "', 1)
+    return policy + template.format(provider=provider, model=model, redis_url=redis_url, key_prefix=key_prefix,
+                                    collector=collector, ledger=ledger, state_extra=state_extra)
 
 
 def full_policy_yaml(upstream_base: str, redis_port: int, collector_port: int, ledger: Path,
-                     state_extra: str = "") -> str:
+                     state_extra: str = "", without: str | None = None) -> str:
     return with_full_policy(policy_yaml(upstream_base), provider="upstream", model="fake-model",
                             redis_url=f"redis://127.0.0.1:{redis_port}/0", key_prefix=f"bench-{redis_port}:",
-                            collector=f"http://127.0.0.1:{collector_port}", ledger=ledger, state_extra=state_extra)
+                            collector=f"http://127.0.0.1:{collector_port}", ledger=ledger, state_extra=state_extra,
+                            without=without)
 
 
-def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path, checkout: Path = REPO
-                       ) -> Target | None:
+def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path, checkout: Path = REPO,
+                       without: str | None = None) -> Target | None:
     """The gateway under the full policy, with a private Redis and an OTLP collector on the harness core."""
     redis_port, collector_port = free_port(), free_port()
     redis = Child(f"redis-{redis_port}", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -196,7 +215,8 @@ def start_gateway_full(upstream: Upstream, args: argparse.Namespace, tmp: Path, 
         # after which the store would count locally and the count would measure the wrong path.
         target = _start_gateway_with(full_policy_yaml(upstream.base_url, redis_port, collector_port,
                                                       tmp / f"ledger-{redis_port}.sqlite",
-                                                      getattr(args, "full_state_extra", "")), args, tmp, checkout)
+                                                      getattr(args, "full_state_extra", ""), without),
+                                     args, tmp, checkout)
     finally:
         if target is None:  # the gateway did not come up (or raised): its helpers go with it
             redis.stop()
@@ -222,6 +242,13 @@ def checkout_starter(checkout: Path, full: bool = False) -> Starter:
         if full:
             return start_gateway_full(upstream, args, tmp, checkout)
         return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp, checkout)
+    return start
+
+
+def ablated_starter(part: str) -> Starter:
+    """The gateway under the full policy without `part` (one of `FULL_POLICY_PARTS`)."""
+    def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+        return start_gateway_full(upstream, args, tmp, without=part)
     return start
 
 
@@ -255,6 +282,8 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
     elif gateway_available():
         chosen["gateway"] = start_gateway
         chosen["gateway-full"] = start_gateway_full
+        for part in FULL_POLICY_PARTS if args.ablate else ():
+            chosen[f"gateway-full-minus-{part}"] = ablated_starter(part)
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     for checkout in args.compare_checkout or ():
@@ -405,6 +434,8 @@ def parse_args() -> argparse.Namespace:
                         help="baselines' garbage-collector settings: the gateway's (default) or CPython's")
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also the full policy minus each of its parts: traces, limits, ledger, metrics")
     parser.add_argument("--compare-checkout", type=Path, nargs="+", metavar="DIR",
                         help="also run the gateway of these checkouts (e.g. a git worktree of an older commit) in the "
                              "same run: demo-like policy as 'gateway@<dir name>', full as 'gateway-full@<dir name>'")
