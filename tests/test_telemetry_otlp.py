@@ -6,6 +6,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,7 +101,7 @@ def test_dead_collector_drops_spans_with_one_log_line(upstream: FakeOpenAIUpstre
     telemetry_log.addHandler(watch)
     telemetry_log.setLevel(logging.INFO)
     try:
-        gateway = start_gateway(otlp_policy(upstream, dead, timeout_ms=200))
+        gateway = start_gateway(otlp_policy(upstream, dead, timeout_ms=200) + ADMIN_POLICY)
         client = gateway.client()
         for _ in range(10):
             raw = client.chat.completions.with_raw_response.create(
@@ -112,6 +113,13 @@ def test_dead_collector_drops_spans_with_one_log_line(upstream: FakeOpenAIUpstre
             client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "y"}])
         gateway.usage.wait_for(20)
         assert sum("failing" in m for m in watch.messages) == 1
+        # Every span was lost, and every one is counted (2 a request: the upstream attempt and the request), once
+        # the export thread has tried the last batch (a 20 ms schedule, refused at once).
+        deadline = time.monotonic() + 10
+        while (dropped := _dropped_spans(gateway)) < 40:
+            assert time.monotonic() < deadline, dropped
+            time.sleep(0.02)
+        assert dropped == 40
     finally:
         telemetry_log.removeHandler(watch)
 
@@ -286,6 +294,12 @@ class _StalledCollector:
         self._server.shutdown()
 
 
+def _dropped_spans(gateway: RunningGateway) -> int:
+    found = re.search(r"^switchboard_trace_spans_dropped_total (\S+)$", metrics_text(gateway), re.MULTILINE)
+    assert found is not None
+    return int(float(found.group(1)))
+
+
 def test_spans_a_stalled_collector_leaves_no_room_for_are_dropped_and_counted_exactly(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
     """Every span is either delivered or counted in switchboard_trace_spans_dropped_total, never lost unseen."""
@@ -301,9 +315,7 @@ def test_spans_a_stalled_collector_leaves_no_room_for_are_dropped_and_counted_ex
                 model="chat-model", messages=[{"role": "user", "content": "x"}])
             assert raw.http_response.status_code == 200
         gateway.usage.wait_for(10)
-        found = re.search(r"^switchboard_trace_spans_dropped_total (\S+)$", metrics_text(gateway), re.MULTILINE)
-        assert found is not None
-        dropped = int(float(found.group(1)))
+        dropped = _dropped_spans(gateway)
         # One batch (2 spans) is held by the collector, at most 4 wait in the queue: the rest are dropped.
         assert 12 <= dropped <= 16 and dropped % 2 == 0
         collector.released.set()
