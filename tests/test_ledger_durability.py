@@ -210,3 +210,34 @@ def test_the_ledger_backlog_and_losses_are_metrics(upstream: FakeOpenAIUpstream,
     text = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "switchboard_ledger_rows_waiting 0.0" in text
     assert "switchboard_ledger_rows_lost_total 0.0" in text
+
+
+def _replica_records_its_first_row(path: Path, start: object, name: str) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    ledger = Ledger(path)
+    try:
+        ledger.record(_record(name))
+    finally:
+        ledger.close(timeout_s=10)
+
+
+def test_replicas_opening_a_new_ledger_together_each_keep_their_first_row(tmp_path: Path) -> None:
+    """Found by the three-replica experiments test: SQLite refuses a journal-mode switch at once ("database is
+    locked", no busy wait) while another process is switching it too, and the first row was lost with it. Six
+    processes open each new file together (2 failures in 20 such rounds before the fix)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # the test's own imports, not a fresh interpreter each
+    for round_number in range(30):
+        path = tmp_path / f"ledger-{round_number}.sqlite"
+        start = context.Barrier(6)
+        replicas = [context.Process(target=_replica_records_its_first_row, args=(path, start, f"r{round_number}-{n}"))
+                    for n in range(6)]
+        for replica in replicas:
+            replica.start()
+        for replica in replicas:
+            replica.join(30)
+        assert [replica.exitcode for replica in replicas] == [0] * 6
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            stored = sorted(row[0] for row in connection.execute("SELECT request_id FROM usage"))
+        assert stored == sorted(f"r{round_number}-{n}" for n in range(6)), round_number

@@ -144,9 +144,11 @@ class Ledger:
 
     def record(self, record: UsageRecord, at: float | None = None) -> None:
         """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests); never blocks."""
+        # Queued before the writer starts: if starting fails (the file cannot be opened now), the row waits for
+        # the next record's attempt instead of being lost.
+        self._queue.put(_row(record, time.time() if at is None else at))
         if self._writer is None:
             self._start()
-        self._queue.put(_row(record, time.time() if at is None else at))
         if self._queue.qsize() >= _MAX_BATCH:
             self._urgent.set()
 
@@ -296,7 +298,7 @@ class _Retry:
 def open_ledger(path: str | Path, busy_timeout_s: float = 10.0) -> sqlite3.Connection:
     """A connection to the ledger file, creating it (and its table) if needed, upgrading an older one."""
     connection = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(connection, time.monotonic() + busy_timeout_s)
     connection.execute("PRAGMA synchronous=NORMAL")
     present = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
     if present and "gateway_id" not in present:
@@ -308,6 +310,24 @@ def open_ledger(path: str | Path, busy_timeout_s: float = 10.0) -> sqlite3.Conne
             with connection:
                 connection.execute(f"ALTER TABLE usage ADD COLUMN {name} {declaration}")
     return connection
+
+
+def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> None:
+    """Put the file in WAL mode, waiting (until `deadline`) for other processes doing the same.
+
+    Replicas sharing a new ledger file open it at once. Switching the journal mode takes an exclusive lock, and
+    SQLite answers "database is locked" at once, without its busy handler, when another connection is switching
+    it too (6 processes opening a new file together: 2 failures in 20 trials). The row that opened the ledger
+    was then lost. Once one switch has won, the mode is kept in the file and the others' switch is a no-op.
+    """
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)  # another process holds the lock for a moment: the busy handler's own back-off
 
 
 def _rekey(connection: sqlite3.Connection, present: set[str]) -> None:
