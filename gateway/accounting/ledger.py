@@ -143,7 +143,8 @@ class Ledger:
         return self._queue.qsize() + self._held + self._spill.rows
 
     def record(self, record: UsageRecord, at: float | None = None) -> None:
-        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests); never blocks."""
+        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests). Only the first call blocks: it
+        opens (or creates) the file, waiting up to the busy timeout for another process holding it."""
         # Queued before the writer starts: if starting fails (the file cannot be opened now), the row waits for
         # the next record's attempt instead of being lost.
         self._queue.put(_row(record, time.time() if at is None else at))

@@ -42,7 +42,8 @@ class SpanBatches:
         # written by one side only, so neither loses an update to the other.
         self._added_spans = 0
         self._taken_spans = 0
-        # Spans dropped: refused by a full queue (counted on the loop) and in batches that failed (on the thread).
+        # Spans dropped: refused by a full queue (counted on the loop) and in batches that failed (counted by
+        # whoever holds `_exporting`: the export thread, or a caller's `force_flush`).
         self._refused_spans = 0
         self._failed_spans = 0
         self._warned = False
