@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -195,6 +196,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         await asyncio.to_thread(counter.preload)
+        if ledger is not None:
+            await asyncio.to_thread(_open_ledger, ledger)
         await limiter.start()
         await responses.start()
         await webhooks.start()
@@ -280,6 +283,16 @@ def create_app(
     gate = Gate(services.policy, telemetry, counter, metrics,
                 {path: anthropic_reply for _, path in hot if is_anthropic_path(path)})
     return GatewayApp(app, hot, gate, AdminSurfaces(services.policy))
+
+
+def _open_ledger(ledger: Ledger) -> None:
+    """Open the usage ledger before serving: a file the gateway cannot write stops the start, since every billed
+    request goes there (failing the first request instead would serve the rest unrecorded)."""
+    try:
+        ledger.open()
+    except (OSError, sqlite3.Error) as exc:
+        log.error("usage ledger %s cannot be opened: %s", ledger.path, exc)
+        raise
 
 
 async def _shut_down(grace_s: float, steps: Sequence[tuple[str, Callable[[float], Awaitable[Any]]]]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ from gateway.accounting.usage import UsageRecord
 from providers.base import Usage
 from tests.conftest import RunningGateway, standard_policy
 from tests.fakes import FakeOpenAIUpstream
+from tests.fakes.state_stores import free_port
 from tests.test_ledger import ADMIN_KEY, EXTRA, admin_spend
 
 # The ledger as gateways before gateway_id wrote it: keyed by the client's request id.
@@ -210,6 +213,33 @@ def test_the_ledger_backlog_and_losses_are_metrics(upstream: FakeOpenAIUpstream,
     text = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "switchboard_ledger_rows_waiting 0.0" in text
     assert "switchboard_ledger_rows_lost_total 0.0" in text
+
+
+def test_the_gateway_opens_its_ledger_at_startup_and_writes_rows_spilled_before(
+        tmp_path: Path, upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    path = tmp_path / "ledger.sqlite"  # where EXTRA's policy puts it
+    ledger = _started_ledger(path)
+    with _locked(path):
+        for n in range(3):
+            ledger.record(_record(f"spilled-{n}"))
+        ledger.close(timeout_s=1.0)
+    assert len(_rows(path)) == 1
+    start_gateway(standard_policy(upstream.base_url, extra=EXTRA))
+    # Without a request or a report: the writer started with the gateway, and its first act is the spill.
+    _wait(lambda: len(_rows(path)) == 4, 20, "the spilled rows were not written when the gateway started")
+    assert not path.with_name("ledger.sqlite.spill.jsonl").exists()
+
+
+def test_a_ledger_the_gateway_cannot_create_stops_it_at_startup(tmp_path: Path, upstream: FakeOpenAIUpstream) -> None:
+    (tmp_path / "data").write_text("a file where the ledger's directory should be")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(standard_policy(upstream.base_url,
+                                      extra=EXTRA.replace("path: ledger.sqlite", "path: data/ledger.sqlite")))
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port",
+                           str(free_port()), "--no-access-log"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    assert f"usage ledger {tmp_path / 'data' / 'ledger.sqlite'} cannot be opened" in done.stderr, done.stderr[-3000:]
 
 
 def _replica_records_its_first_row(path: Path, start: object, name: str) -> None:

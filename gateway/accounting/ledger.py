@@ -142,9 +142,17 @@ class Ledger:
         """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
         return self._queue.qsize() + self._held + self._spill.rows
 
+    def open(self) -> None:
+        """Create (or open) the file and start the writer: blocking, so call it off the event loop.
+
+        The gateway calls it at startup, so a path it cannot write fails the start, rows spilled before the last
+        shutdown are written at once, and no request waits on the file. Raises OSError or sqlite3.Error.
+        """
+        self._start()
+
     def record(self, record: UsageRecord, at: float | None = None) -> None:
-        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests). Only the first call blocks: it
-        opens (or creates) the file, waiting up to the busy timeout for another process holding it."""
+        """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests). Never blocks once `open()`
+        ran; without it, the first call opens the file, waiting up to the busy timeout for another process."""
         # Queued before the writer starts: if starting fails (the file cannot be opened now), the row waits for
         # the next record's attempt instead of being lost.
         self._queue.put(_row(record, time.time() if at is None else at))

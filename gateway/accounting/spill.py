@@ -29,7 +29,8 @@ class Spill:
         self.max_bytes = max_bytes
         self.rows = 0
         self.size = 0
-        with contextlib.suppress(FileNotFoundError), self.path.open("rb") as existing:
+        # No file yet, or no directory for one (the ledger's open says so when it cannot create it).
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), self.path.open("rb") as existing:
             for line in existing:
                 self.rows += 1
                 self.size += len(line)

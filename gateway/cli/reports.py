@@ -26,7 +26,7 @@ def print_spend(policy_path: str, by: str, since: str | None, until: str | None,
         sys.stderr.write(f"{policy_path}: no usage ledger configured (set ledger.path)\n")
         return 1
     if not policy.ledger_path.exists():
-        sys.stderr.write(f"{policy.ledger_path}: no ledger file yet (the gateway creates it on the first request)\n")
+        sys.stderr.write(f"{policy.ledger_path}: no ledger file yet (the gateway creates it when it starts)\n")
         return 1
     try:
         report = spend(policy.ledger_path, by, parse_since(since), parse_since(until) if until else None)
