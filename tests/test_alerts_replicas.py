@@ -91,8 +91,8 @@ def decisions(gateway: GatewayProcess, kind: str) -> tuple[int, int]:
 def serve_until_decided(gateway: GatewayProcess, kind: str) -> int:
     """Requests `gateway` serves until it has decided whether to report the budget event `kind`.
 
-    Its first request after the crossing may still count under the threshold: the settlement that crossed it
-    counted what other requests held in flight, and those gave back what they reserved and did not use.
+    A replica decides when one of its settlements reads the budget's spend past the threshold: while the six
+    clients crossed it, or at its next request (the read is off the request path, so it may take one more).
     """
     served = 0
     deadline = time.monotonic() + 20

@@ -276,6 +276,24 @@ def test_soft_thresholds_fire_once_per_period_across_replicas(harness: Callable[
     assert [e.threshold for e in h.events] == [0.5, 0.8, 0.5]
 
 
+def test_a_soft_threshold_fires_on_what_was_spent_not_on_what_requests_in_flight_hold(
+        harness: Callable[..., Harness]) -> None:
+    prompt = prompt_tokens()
+    h = harness(policy_text(team_extra="    budget: {tokens: 1000, soft_thresholds: [0.5]}"))
+    held = [h.admit(max_tokens=150)[0] for _ in range(3)]  # ~480 tokens reserved, nothing spent yet
+    small, _ = h.admit(max_tokens=10)
+    h.settle(small, prompt, 100 - prompt)  # the counter passes 500 with the reservations; 100 tokens are spent
+    assert h.events == []
+    spent = 100
+    for admission in held:  # each uses less than it reserved; the third brings the spend to 550
+        assert h.events == []
+        h.settle(admission, prompt, 150 - prompt)
+        spent += 150
+    # The last settlement was admitted before the first settled: it never saw the spend pass 500 coming.
+    assert [(e.threshold, e.used) for e in h.events] == [(0.5, spent)] == [(0.5, 550)]
+    assert h.report()[0]["used"] == spent
+
+
 def test_usd_budget_charges_priced_usage(harness: Callable[..., Harness]) -> None:
     def cost(policy: Policy, target: Any, usage: Usage) -> float:
         return usage.total_tokens * 0.001  # $1 per 1000 tokens

@@ -1,6 +1,13 @@
 """Budget soft thresholds and exhaustion: noticed at admission and settlement, reported once per period.
 
-Each process remembers the marks it has seen, so the store is asked at most
+A threshold is about money spent, so it is checked against what requests have
+settled, not against the budget's counter: that also holds what requests in
+flight reserved, and gives back what they do not use. Each settlement of a
+budget with soft thresholds also adds what it used to a twin of the counter
+(`settled_key`); when the counter says a threshold may be crossed, the twin is
+read, off the request path, and decides.
+
+Each process remembers the marks it has reported, so the store is asked at most
 once per mark; the store then decides, with one atomic reservation of a
 1-limit counter, which replica reports it, so an event fires once between
 them. Reporting (the log line, the webhook alert, the metric) happens off the
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.limits")
 
+SETTLED = ":settled"
 _MAX_MARKS = 100_000  # marks of past periods are forgotten past this; the store still answers once per period
 
 
@@ -39,6 +47,10 @@ class BudgetEvents:
         self.alert: Callable[[ThresholdEvent], None] | None = None
         self._metric: Any = None
         self._marks: set[str] = set()
+        # Budgets whose settled spend is being read, by (base, unit, newest slice): True when a settlement came
+        # during the read, which then reads again.
+        self._looking: dict[tuple[str, str, str], bool] = {}
+        self._armed: set[tuple[str, str, str]] = set()  # budgets every settlement looks at (`_look`)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def count_in(self, registry: CollectorRegistry) -> None:
@@ -48,17 +60,28 @@ class BudgetEvents:
             "switchboard_budget_thresholds", "Budget soft thresholds crossed (once per period and budget).",
             ("team", "scope", "owner", "unit", "threshold"), registry=registry)
 
-    def crossed(self, budget: Budget | None, window: Window | None, unit: str, limit: int, after: int) -> None:
-        """A settlement brought `budget` to `after`: report each soft threshold it has reached this period."""
+    def crossed(self, budget: Budget | None, window: Window | None, unit: str, limit: int, counted: int,
+                slices: tuple[str, ...]) -> None:
+        """A request settled against `budget`, whose counter held `counted` with it (what others had settled or
+        reserved when it was admitted, plus what it used): when that reaches a soft threshold not yet reported
+        here, look at what has been settled (the twins of `slices`) and report each threshold it reached."""
         assert budget is not None and window is not None
-        for threshold in budget.soft_thresholds:
-            if after < math.ceil(threshold * limit):
-                break
-            mark = f"{budget.base}:{unit}:soft{threshold:g}:{window.slices[-1]}"
-            if self._first_here(mark):
-                self._fire_once(window.expires_at, ThresholdEvent(
-                    budget.scope, budget.owner, budget.team, unit, threshold, limit, after,
-                    window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
+        look = (budget.base, unit, window.slices[-1])
+        if look not in self._armed:
+            for threshold in budget.soft_thresholds:
+                if counted < math.ceil(threshold * limit):
+                    return
+                if self._mark(budget, unit, threshold, window) not in self._marks:
+                    break
+            else:
+                return  # every threshold it reached is reported
+        if look in self._looking:
+            self._looking[look] = True  # the look under way reads again when it is done: this one may be later
+            return
+        self._looking[look] = False
+        task = asyncio.get_running_loop().create_task(self._look(look, budget, window, unit, limit, counted, slices))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def exhausted(self, budget: Budget | None, window: Window | None, unit: str, limit: int, amount: int,
                   used: int) -> None:
@@ -80,6 +103,54 @@ class BudgetEvents:
         """Wait for the reports in flight (shutdown, tests)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _look(self, look: tuple[str, str, str], budget: Budget, window: Window, unit: str, limit: int,
+                    counted: int, slices: tuple[str, ...]) -> None:
+        """Read what the budget's requests have settled this period and report the thresholds it reached.
+
+        While the counter is at or past a threshold the settled spend has not reached, requests in flight hold
+        the difference, and the settlement that crosses it may not see it coming (it was admitted before others
+        settled): the budget stays armed, and every settlement looks, until the threshold is reported or the
+        counter falls back under it.
+        """
+        twins = [settled_key(key) for key in slices]
+        try:
+            while True:
+                self._looking[look] = False
+                try:
+                    await self._store.flush()  # this settlement's own share, which waits to ride along otherwise
+                    spent, counter = await self._store.read([twins, slices])
+                except StoreUnavailable:
+                    # A store that cannot answer: the counter's figure (an alert early rather than never).
+                    spent = counter = counted
+                armed = False
+                for threshold in budget.soft_thresholds:
+                    at = math.ceil(threshold * limit)
+                    mark = self._mark(budget, unit, threshold, window)
+                    if spent >= at:
+                        if self._first_here(mark):
+                            self._fire_once(window.expires_at, ThresholdEvent(
+                                budget.scope, budget.owner, budget.team, unit, threshold, limit, spent,
+                                window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
+                    elif counter >= at and mark not in self._marks:
+                        armed = True
+                        break
+                    else:
+                        break
+                if armed:
+                    if len(self._armed) > _MAX_MARKS:
+                        self._armed.clear()
+                    self._armed.add(look)
+                else:
+                    self._armed.discard(look)
+                if not self._looking[look]:
+                    return
+        finally:
+            del self._looking[look]
+
+    @staticmethod
+    def _mark(budget: Budget, unit: str, threshold: float, window: Window) -> str:
+        return f"{budget.base}:{unit}:soft{threshold:g}:{window.slices[-1]}"
 
     def _first_here(self, mark: str) -> bool:
         """True the first time this process sees `mark`: only then is the store asked whether to report it."""
@@ -113,3 +184,8 @@ class BudgetEvents:
             owner = event.owner if event.scope != "user" or event.owner == hierarchy.OTHER else "end_user"
             self._metric.labels(event.team, event.scope, owner, event.unit,
                                 f"{event.threshold:g}" if event.kind == THRESHOLD else event.kind).inc()
+
+
+def settled_key(key: str) -> str:
+    """The twin of a budget's counter slice `key` that holds only what requests settled (same team hash tag)."""
+    return key + SETTLED

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounting import hierarchy, shadow
-from gateway.accounting.budget_events import BudgetEvents
+from gateway.accounting.budget_events import BudgetEvents, settled_key
 from gateway.accounting.budgets import (
     MICROS,
     Budget,
@@ -354,9 +354,11 @@ class Limiter:
             if actual != check.amount:
                 deltas.append(Delta(check.slices[-1], actual - check.amount, check.expires_at))
             if soft:
+                if actual:
+                    deltas.append(Delta(settled_key(check.slices[-1]), actual, check.expires_at))
                 meter = meters[index]
                 self._events.crossed(meter.budget, meter.window, meter.unit, meter.limit,  # type: ignore[arg-type]
-                                     admission.used[index] + actual)
+                                     admission.used[index] + actual, check.slices)
         if deltas:
             self.store.settle(deltas)
         if admission.trace is not None:
