@@ -294,6 +294,36 @@ def test_a_soft_threshold_fires_on_what_was_spent_not_on_what_requests_in_flight
     assert h.report()[0]["used"] == spent
 
 
+def test_a_replica_whose_budget_is_armed_reports_the_threshold_another_replica_crossed(
+        harness: Callable[..., Harness]) -> None:
+    prompt = prompt_tokens()
+    text = policy_text(team_extra="    budget: {tokens: 1000, soft_thresholds: [0.5]}")
+    h = harness(text)
+    other = Harness(h.runner, h.store, h.clock, text)  # a second replica on the same store
+    h.limiter._events.armed_poll_s = 0.01
+    held = [other.admit(max_tokens=150)[0] for _ in range(3)]  # ~480 tokens reserved on the other replica
+    small, _ = h.admit(max_tokens=10)
+
+    async def scenario() -> None:
+        # No flush after it (a flush ends the look): h reads 100 spent against a counter past 500, and stays armed.
+        h.limiter.settle(small, Usage(prompt_tokens=prompt, completion_tokens=100 - prompt), 200)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not h.limiter._events._armed:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        for admission in held:  # 150, 309, 468 counted: none of the other replica's settlements looks
+            other.limiter.settle(admission, Usage(prompt_tokens=prompt, completion_tokens=150 - prompt), 200)
+        await other.limiter.flush()
+        while not h.events:  # h's armed look reads the spend again on its own
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        await h.limiter.flush()
+
+    h.runner.run(scenario())
+    assert other.events == []
+    assert [(e.threshold, e.used) for e in h.events] == [(0.5, 550)]
+
+
 def test_usd_budget_charges_priced_usage(harness: Callable[..., Harness]) -> None:
     def cost(policy: Policy, target: Any, usage: Usage) -> float:
         return usage.total_tokens * 0.001  # $1 per 1000 tokens

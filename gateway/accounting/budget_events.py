@@ -17,6 +17,7 @@ request path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.limits")
 
 SETTLED = ":settled"
+# While a budget is armed (its counter past a threshold its spend has not reached), how often a process reads
+# its spend again without a settlement of its own: the crossing may be settled by another replica.
+ARMED_POLL_S = 0.5
 _MAX_MARKS = 100_000  # marks of past periods are forgotten past this; the store still answers once per period
 
 
@@ -49,8 +53,13 @@ class BudgetEvents:
         self._marks: set[str] = set()
         # Budgets whose settled spend is being read, by (base, unit, newest slice): True when a settlement came
         # during the read, which then reads again.
-        self._looking: dict[tuple[str, str, str], bool] = {}
+        # Budgets whose settled spend is being read, by (base, unit, newest slice), each with the signal that
+        # another settlement came (or a drain): the read is then done again.
+        self._looking: dict[tuple[str, str, str], asyncio.Event] = {}
         self._armed: set[tuple[str, str, str]] = set()  # budgets every settlement looks at (`_look`)
+        self._polling: set[tuple[str, str, str]] = set()  # armed looks waiting to read again
+        self._draining = False
+        self.armed_poll_s = ARMED_POLL_S
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def count_in(self, registry: CollectorRegistry) -> None:
@@ -75,11 +84,13 @@ class BudgetEvents:
                     break
             else:
                 return  # every threshold it reached is reported
-        if look in self._looking:
-            self._looking[look] = True  # the look under way reads again when it is done: this one may be later
+        again = self._looking.get(look)
+        if again is not None:
+            again.set()  # the look under way reads again when it is done: this settlement may be later
             return
-        self._looking[look] = False
-        task = asyncio.get_running_loop().create_task(self._look(look, budget, window, unit, limit, counted, slices))
+        again = self._looking[look] = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._look(look, again, budget, window, unit, limit, counted, slices))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -100,23 +111,31 @@ class BudgetEvents:
                 window.resets_at, EXHAUSTED, budget.shadow, budget.notify, mark))
 
     async def drain(self) -> None:
-        """Wait for the reports in flight (shutdown, tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the reports in flight (shutdown, tests); an armed budget's look reads once more and stops
+        (the budget stays armed: its next settlement looks again)."""
+        self._draining = True
+        try:
+            while self._tasks:
+                for look in self._polling:
+                    self._looking[look].set()
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        finally:
+            self._draining = False
 
-    async def _look(self, look: tuple[str, str, str], budget: Budget, window: Window, unit: str, limit: int,
-                    counted: int, slices: tuple[str, ...]) -> None:
+    async def _look(self, look: tuple[str, str, str], again: asyncio.Event, budget: Budget, window: Window,
+                    unit: str, limit: int, counted: int, slices: tuple[str, ...]) -> None:
         """Read what the budget's requests have settled this period and report the thresholds it reached.
 
         While the counter is at or past a threshold the settled spend has not reached, requests in flight hold
         the difference, and the settlement that crosses it may not see it coming (it was admitted before others
         settled): the budget stays armed, and every settlement looks, until the threshold is reported or the
-        counter falls back under it.
+        counter falls back under it. That settlement may be another replica's, whose budget is not armed: so
+        while armed, the look also reads again every `armed_poll_s`.
         """
         twins = [settled_key(key) for key in slices]
         try:
             while True:
-                self._looking[look] = False
+                again.clear()
                 try:
                     await self._store.flush()  # this settlement's own share, which waits to ride along otherwise
                     spent, counter = await self._store.read([twins, slices])
@@ -143,8 +162,17 @@ class BudgetEvents:
                     self._armed.add(look)
                 else:
                     self._armed.discard(look)
-                if not self._looking[look]:
+                if again.is_set():
+                    continue  # a settlement came during the read: it may not be in it
+                if not armed or self._draining:
                     return
+                self._polling.add(look)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.armed_poll_s):
+                            await again.wait()
+                finally:
+                    self._polling.discard(look)
         finally:
             del self._looking[look]
 
