@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.accounting.budget_events import LOOK_EVERY_S
 from gateway.accounting.budgets import ThresholdEvent
 from gateway.accounting.limits import Admission, Limiter
 from gateway.compiled.policy import Policy, parse_policy
@@ -322,6 +323,38 @@ def test_a_replica_whose_budget_is_armed_reports_the_threshold_another_replica_c
     h.runner.run(scenario())
     assert other.events == []
     assert [(e.threshold, e.used) for e in h.events] == [(0.5, 550)]
+
+
+def test_an_armed_budget_under_load_reads_its_spend_once_per_interval_not_once_per_settlement() -> None:
+    prompt = prompt_tokens()
+    clock = FakeClock(START)
+    store = MemoryStore(clock=clock)
+    reads: list[float] = []
+    read = store.read
+
+    async def counted_read(slices: Any) -> list[int]:
+        reads.append(asyncio.get_running_loop().time())
+        return await read(slices)
+
+    store.read = counted_read  # type: ignore[method-assign]
+    with asyncio.Runner() as runner:
+        h = Harness(runner, store, clock, policy_text(team_extra="    budget: {tokens: 1000, soft_thresholds: [0.5]}"))
+        held, _ = h.admit(max_tokens=500 - prompt)  # holds the counter at 500 while nothing is spent
+        small = [h.admit(max_tokens=1)[0] for _ in range(30)]
+
+        async def load() -> tuple[float, int]:
+            started = asyncio.get_running_loop().time()
+            for admission in small:  # each settlement is counted past 500 and asks for a read
+                h.limiter.settle(admission, Usage(prompt_tokens=prompt, completion_tokens=1), 200)
+                await asyncio.sleep(0.002)  # a request every 2 ms: the looks get the loop in between
+            during = len(reads)
+            elapsed = asyncio.get_running_loop().time() - started
+            await h.limiter.flush()
+            return elapsed, during
+
+        elapsed, during = runner.run(load())
+    assert held is not None and h.events == []  # 30 x (prompt + 1) spent: under 500 all along
+    assert 1 <= during <= elapsed / LOOK_EVERY_S + 2, (during, elapsed)
 
 
 def test_usd_budget_charges_priced_usage(harness: Callable[..., Harness]) -> None:

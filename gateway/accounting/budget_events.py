@@ -38,6 +38,9 @@ SETTLED = ":settled"
 # While a budget is armed (its counter past a threshold its spend has not reached), how often a process reads
 # its spend again without a settlement of its own: the crossing may be settled by another replica.
 ARMED_POLL_S = 0.5
+# The shortest time between two reads of one budget's spend by one process: while armed under load, every
+# settlement asks for one, and each read also sends the settlements waiting to ride along with admissions.
+LOOK_EVERY_S = 0.05
 _MAX_MARKS = 100_000  # marks of past periods are forgotten past this; the store still answers once per period
 
 
@@ -133,9 +136,14 @@ class BudgetEvents:
         while armed, the look also reads again every `armed_poll_s`.
         """
         twins = [settled_key(key) for key in slices]
+        loop = asyncio.get_running_loop()
+        read_at = -math.inf
         try:
             while True:
+                if (wait := read_at + LOOK_EVERY_S - loop.time()) > 0 and not self._draining:
+                    await asyncio.sleep(wait)
                 again.clear()
+                read_at = loop.time()
                 try:
                     await self._store.flush()  # this settlement's own share, which waits to ride along otherwise
                     spent, counter = await self._store.read([twins, slices])
