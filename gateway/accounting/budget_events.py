@@ -5,7 +5,9 @@ settled, not against the budget's counter: that also holds what requests in
 flight reserved, and gives back what they do not use. Each settlement of a
 budget with soft thresholds also adds what it used to a twin of the counter
 (`settled_key`); when the counter says a threshold may be crossed, the twin is
-read, off the request path, and decides.
+read, off the request path, and decides. While the counter is past a threshold
+the spend has not reached, the budget is armed: every settlement, and a timer,
+read the twin until the threshold is reported (docs/accounting.md).
 
 Each process remembers the marks it has reported, so the store is asked at most
 once per mark; the store then decides, with one atomic reservation of a
@@ -54,8 +56,6 @@ class BudgetEvents:
         self.alert: Callable[[ThresholdEvent], None] | None = None
         self._metric: Any = None
         self._marks: set[str] = set()
-        # Budgets whose settled spend is being read, by (base, unit, newest slice): True when a settlement came
-        # during the read, which then reads again.
         # Budgets whose settled spend is being read, by (base, unit, newest slice), each with the signal that
         # another settlement came (or a drain): the read is then done again.
         self._looking: dict[tuple[str, str, str], asyncio.Event] = {}
