@@ -36,7 +36,7 @@ teams:
   alpha:
     keys: [{{id: alpha-key, hash: "{key_hash('sk-alpha')}"}}]
     models: [chat-model]
-    limits: {{rpm: 1000, tpm: 100000}}
+    limits: {{rpd: 1000, tpd: 100000}}  # daily, not per minute: a window that rolls over mid-test reads 0
     budget: {{tokens: 100000, usd: 100}}
 """
 
@@ -65,16 +65,16 @@ def test_a_hit_counts_as_a_request_and_its_tokens_only_when_configured(
     assert status == "miss" and tokens > 0
     gateway.usage.wait_for(1)
     after_miss = usage_rows(gateway)
-    assert after_miss["requests per minute (requests)"] == 1
-    assert after_miss["tokens per minute (tokens)"] == after_miss["monthly budget (tokens)"] == tokens
+    assert after_miss["requests per day (requests)"] == 1
+    assert after_miss["tokens per day (tokens)"] == after_miss["monthly budget (tokens)"] == tokens
     assert after_miss["monthly budget (usd)"] > 0
 
     for _ in range(3):
         assert ask()[1] == "hit"
     gateway.usage.wait_for(4)
     after_hits = usage_rows(gateway)
-    assert after_hits["requests per minute (requests)"] == 4
+    assert after_hits["requests per day (requests)"] == 4
     counted = tokens * 4 if hits_count_tokens else tokens
-    assert after_hits["tokens per minute (tokens)"] == after_hits["monthly budget (tokens)"] == counted
+    assert after_hits["tokens per day (tokens)"] == after_hits["monthly budget (tokens)"] == counted
     assert after_hits["monthly budget (usd)"] == after_miss["monthly budget (usd)"]  # hits never cost USD
     assert upstream.request_count == 1
