@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,11 +100,22 @@ class RecordingSink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
         self._changed = threading.Condition()
+        self._fence_ms = 0  # records of requests that started before this (Unix ms) are not kept: `clear`
 
     def record(self, record: UsageRecord) -> None:
+        # The gateway's id is a UUIDv7 made when the request arrived: its first 48 bits are Unix milliseconds.
+        if record.gateway_id and int(record.gateway_id[:13].replace("-", ""), 16) < self._fence_ms:
+            return
         with self._changed:
             self.records.append(record)
             self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Forget the records so far, and those requests already under way record later: a test sharing a
+        gateway with the one before gets only its own (a stream settles just after its client has read it)."""
+        with self._changed:
+            self.records.clear()
+            self._fence_ms = time.time_ns() // 1_000_000
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[UsageRecord]:
         with self._changed:

@@ -121,7 +121,7 @@ models:
 @pytest.fixture
 def gateway(module_gateway: RunningGateway, fakes: Fakes) -> RunningGateway:
     fakes.reset()
-    module_gateway.usage.records.clear()
+    module_gateway.usage.clear()
     return module_gateway
 
 

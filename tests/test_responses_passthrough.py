@@ -76,7 +76,7 @@ def client(module_gateway: RunningGateway, vllm: FakeResponsesUpstream, openai_f
            claude_fake: FakeAnthropicUpstream) -> openai.OpenAI:
     for fake in (vllm, openai_fake, claude_fake):
         fake.reset()
-    module_gateway.usage.records.clear()
+    module_gateway.usage.clear()
     return module_gateway.client()
 
 

@@ -95,7 +95,7 @@ def gateway(module_gateway: RunningGateway, oai: FakeResponsesUpstream,
             claude: FakeAnthropicUpstream) -> RunningGateway:
     oai.reset()
     claude.reset()
-    module_gateway.usage.records.clear()
+    module_gateway.usage.clear()
     return module_gateway
 
 

@@ -80,7 +80,7 @@ def server_name(server: real_servers.RunningServer) -> str:
 
 @pytest.fixture
 def sent(gateway: RunningGateway) -> RunningGateway:
-    gateway.usage.records.clear()
+    gateway.usage.clear()
     return gateway
 
 
