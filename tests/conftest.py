@@ -123,17 +123,6 @@ class RecordingSink:
                 raise AssertionError(f"expected {count} usage records, got {len(self.records)}")
             return list(self.records)
 
-    def wait_for_request(self, request_id: str, count: int = 1, timeout: float = 5.0) -> list[UsageRecord]:
-        """The records of the requests sent with `x-request-id: request_id`, once there are `count`: a test's own,
-        whatever an earlier test's requests still record (a stream settles just after its client has read it)."""
-        def own() -> list[UsageRecord]:
-            return [record for record in self.records if record.request_id == request_id]
-
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(own()) >= count, timeout):
-                raise AssertionError(f"expected {count} usage records of {request_id}, got {len(own())}")
-            return own()
-
 
 @dataclass
 class RunningGateway:

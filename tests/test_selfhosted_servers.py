@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import struct
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,13 +83,6 @@ def sent(gateway: RunningGateway) -> RunningGateway:
     return gateway
 
 
-@pytest.fixture
-def own() -> dict[str, str]:
-    """Headers that name this test's requests, so it reads its own usage records (`wait_for_request`): the module
-    shares one gateway, and the previous test's stream may settle after this test has started."""
-    return {"x-request-id": f"own-{uuid.uuid4().hex}"}
-
-
 @_cells()
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_answers_with_the_clients_own_request_id(sent: RunningGateway, server_name: str, stream: bool) -> None:
@@ -115,35 +107,33 @@ def test_chat_answers_with_the_clients_own_request_id(sent: RunningGateway, serv
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_max_completion_tokens_is_the_cap_the_server_applies(sent: RunningGateway, own: dict[str, str],
-                                                             stream: bool) -> None:
+def test_max_completion_tokens_is_the_cap_the_server_applies(sent: RunningGateway, stream: bool) -> None:
     """max_completion_tokens: 5 had produced 2,032 tokens on llama-cpp-python, all billed, 5 reserved."""
     client = sent.client()
     messages = [{"role": "user", "content": "hello"}]
     if stream:
         chunks = list(client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
-                                                     max_completion_tokens=5, stream=True, extra_headers=own))
+                                                     max_completion_tokens=5, stream=True))
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 5
     else:
         reply = client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
-                                               max_completion_tokens=5, extra_headers=own)
+                                               max_completion_tokens=5)
         assert reply.usage is not None and reply.usage.completion_tokens == 5
-    (record,) = sent.usage.wait_for_request(own["x-request-id"])
+    (record,) = sent.usage.wait_for(1)
     assert record.usage is not None and record.usage.completion_tokens == 5
 
 
-def test_include_usage_gets_exactly_one_usage_chunk(sent: RunningGateway, own: dict[str, str],
-                                                    server_name: str) -> None:
+def test_include_usage_gets_exactly_one_usage_chunk(sent: RunningGateway, server_name: str) -> None:
     """llama-cpp-python ignores stream_options: the gateway sends the one usage chunk, marked estimated."""
     chunks = list(sent.client().chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True}, extra_headers=own))
+        stream_options={"include_usage": True}))
     usage_chunks = [c for c in chunks if c.usage is not None]
     assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
     usage = usage_chunks[0].usage
     assert usage is not None and usage.prompt_tokens > 0
     estimated = ((usage_chunks[0].model_extra or {}).get("switchboard") or {}).get("usage_estimated", False)
-    (record,) = sent.usage.wait_for_request(own["x-request-id"])
+    (record,) = sent.usage.wait_for(1)
     assert record.usage is not None and record.usage.estimated is estimated
     if server_name == "llama-server":
         assert not estimated and usage.completion_tokens == 4  # the server's own count
@@ -190,15 +180,15 @@ def test_completions_take_a_null_prompt(sent: RunningGateway) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(sent: RunningGateway, own: dict[str, str],
-                                                                             server_name: str, stream: bool) -> None:
+def test_a_prompt_beyond_the_context_window_is_a_context_error_and_falls_back(sent: RunningGateway, server_name: str,
+                                                                             stream: bool) -> None:
     """llama-cpp-python ends a streamed overflow right after its headers (its 400 comes only without `stream`)."""
     long = [{"role": "user", "content": "hello world " * 400}]  # ~4,800 tokens; the servers' window is 512
     with pytest.raises(openai.BadRequestError) as caught:
         sent.client().chat.completions.create(model="tiny", messages=long, max_tokens=3,  # type: ignore[arg-type]
-                                              stream=stream, extra_headers=own)
+                                              stream=stream)
     assert caught.value.code == "context_length_exceeded"
-    (record,) = sent.usage.wait_for_request(own["x-request-id"])
+    (record,) = sent.usage.wait_for(1)
     assert record.outcome == "context_length_exceeded"
     # The model's context-window fallback is tried (and fails the same way here: one server behind both).
     with pytest.raises(openai.BadRequestError) as caught:
@@ -285,12 +275,12 @@ models:
                          by="embedding_gateway")
 @pytest.mark.parametrize("encoding_format", ["float", "base64", None])
 def test_embeddings_are_one_vector_per_input_in_the_encoding_asked_for(embedding_gateway: RunningGateway,
-                                                                      own: dict[str, str],
                                                                       encoding_format: str | None) -> None:
     """llama-cpp-python sends floats when asked for base64: a client decoding base64 itself could not read them.
     Without `encoding_format` the openai SDK asks for base64 and decodes it."""
+    embedding_gateway.usage.clear()
     reply = embedding_gateway.client().embeddings.create(
-        model="tiny-embed", input=["hello world", "the cat sat"], extra_headers=own,
+        model="tiny-embed", input=["hello world", "the cat sat"],
         **({"encoding_format": encoding_format} if encoding_format else {}))  # type: ignore[arg-type]
     assert [d.index for d in reply.data] == [0, 1]
     vectors: list[Any] = [d.embedding for d in reply.data]
@@ -300,30 +290,28 @@ def test_embeddings_are_one_vector_per_input_in_the_encoding_asked_for(embedding
     assert all(len(v) == real_servers.N_EMBD and all(isinstance(x, float) for x in v) for v in vectors)
     assert vectors[0] != vectors[1]
     assert reply.usage.prompt_tokens > 0
-    (record,) = embedding_gateway.usage.wait_for_request(own["x-request-id"])
+    (record,) = embedding_gateway.usage.wait_for(1)
     assert record.usage is not None and record.usage.prompt_tokens == reply.usage.prompt_tokens
 
 
 @pytest.mark.conformance(provider={"llama-server": "llama-server"}, endpoint="chat", feature="cached_usage",
                          by="server")
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_repeated_prompt_reports_the_servers_cached_tokens(sent: RunningGateway, own: dict[str, str],
-                                                             server_name: str, stream: bool) -> None:
+def test_a_repeated_prompt_reports_the_servers_cached_tokens(sent: RunningGateway, server_name: str,
+                                                             stream: bool) -> None:
     """llama-server reuses its KV cache for a prompt it has just seen and says so; llama-cpp-python reports none."""
     client = sent.client()
     messages = [{"role": "user", "content": f"the quick cat sat on the big mat {stream} " * 8}]
     for _ in range(2):
         if stream:
             *_, last = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,  # type: ignore[arg-type]
-                                                      stream=True, stream_options={"include_usage": True},
-                                                      extra_headers=own)
+                                                      stream=True, stream_options={"include_usage": True})
             usage = last.usage
         else:
-            usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,  # type: ignore[arg-type]
-                                                   extra_headers=own).usage
+            usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).usage  # type: ignore[arg-type]
     assert usage is not None
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
-    record = sent.usage.wait_for_request(own["x-request-id"], 2)[1]
+    record = sent.usage.wait_for(2)[1]
     assert record.usage is not None and record.usage.cached_tokens == cached
     if server_name == "llama-server":
         assert 0 < (cached or 0) < usage.prompt_tokens
