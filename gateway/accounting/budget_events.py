@@ -159,10 +159,8 @@ class BudgetEvents:
                             self._fire_once(window.expires_at, ThresholdEvent(
                                 budget.scope, budget.owner, budget.team, unit, threshold, limit, spent,
                                 window.start, window.resets_at, THRESHOLD, budget.shadow, budget.notify, mark))
-                    elif counter >= at and mark not in self._marks:
-                        armed = True
-                        break
-                    else:
+                    else:  # not spent yet: armed while what is held in flight could still take it there
+                        armed = counter >= at and mark not in self._marks
                         break
                 if armed:
                     if len(self._armed) > _MAX_MARKS:

@@ -142,14 +142,6 @@ class Ledger:
         """Rows recorded but not yet in the ledger file (queued, being written, or spilled)."""
         return self._queue.qsize() + self._held + self._spill.rows
 
-    def open(self) -> None:
-        """Create (or open) the file and start the writer: blocking, so call it off the event loop.
-
-        The gateway calls it at startup, so a path it cannot write fails the start, rows spilled before the last
-        shutdown are written at once, and no request waits on the file. Raises OSError or sqlite3.Error.
-        """
-        self._start()
-
     def record(self, record: UsageRecord, at: float | None = None) -> None:
         """Enqueue the record's row, stamped now (or `at`: synthetic ledgers, tests). Never blocks once `open()`
         ran; without it, the first call opens the file, waiting up to the busy timeout for another process."""
@@ -157,7 +149,7 @@ class Ledger:
         # the next record's attempt instead of being lost.
         self._queue.put(_row(record, time.time() if at is None else at))
         if self._writer is None:
-            self._start()
+            self.open()
         if self._queue.qsize() >= _MAX_BATCH:
             self._urgent.set()
 
@@ -169,7 +161,7 @@ class Ledger:
         if self._writer is None:
             if not self._spill.rows:
                 return True
-            self._start()  # rows spilled before a restart: write them now, not at the first request
+            self.open()  # rows spilled before a restart: write them now, not at the first request
         marker = _Flush()
         self._queue.put(marker)
         self._urgent.set()
@@ -198,7 +190,12 @@ class Ledger:
             log.error("usage ledger %s: %d rows were lost (the spill file was full or unwritable)",
                       self.path, self.lost)
 
-    def _start(self) -> None:
+    def open(self) -> None:
+        """Create (or open) the file and start the writer, unless started: blocking, so call it off the event loop.
+
+        The gateway calls it at startup, so a path it cannot write fails the start, rows spilled before the last
+        shutdown are written at once, and no request waits on the file. Raises OSError or sqlite3.Error.
+        """
         with self._lock:
             if self._writer is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. the demo's .switchboard/
