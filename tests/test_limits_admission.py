@@ -15,7 +15,7 @@ from gateway.accounting.budgets import ThresholdEvent
 from gateway.accounting.limits import Admission, Limiter
 from gateway.compiled.policy import Policy, parse_policy
 from gateway.errors import GatewayError
-from gateway.state import StateStore
+from gateway.state import StateStore, StoreUnavailable
 from gateway.state.durable import DurableStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
@@ -355,6 +355,24 @@ def test_an_armed_budget_under_load_reads_its_spend_once_per_interval_not_once_p
         elapsed, during = runner.run(load())
     assert held is not None and h.events == []  # 30 x (prompt + 1) spent: under 500 all along
     assert 1 <= during <= elapsed / LOOK_EVERY_S + 2, (during, elapsed)
+
+
+def test_a_store_that_cannot_say_what_was_spent_reports_the_threshold_on_the_counter() -> None:
+    prompt = prompt_tokens()
+    clock = FakeClock(START)
+    store = MemoryStore(clock=clock)
+
+    async def unreachable(slices: Any) -> list[int]:
+        raise StoreUnavailable("injected: the store does not answer reads")
+
+    store.read = unreachable  # type: ignore[method-assign]
+    with asyncio.Runner() as runner:
+        h = Harness(runner, store, clock, policy_text(team_extra="    budget: {tokens: 1000, soft_thresholds: [0.5]}"))
+        held = [h.admit(max_tokens=150)[0] for _ in range(3)]
+        small, _ = h.admit(max_tokens=10)
+        h.settle(small, prompt, 100 - prompt)  # 100 spent, but only the counter's figure can be had
+    # An alert early (on what was spent plus what is held) rather than never.
+    assert all(held) and [(e.threshold, e.used) for e in h.events] == [(0.5, 3 * (prompt + 150) + 100)]
 
 
 def test_usd_budget_charges_priced_usage(harness: Callable[..., Harness]) -> None:
