@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.state import UNLIMITED, Check, Delta, StateStore
+from gateway.state import UNLIMITED, Check, Delta, StateStore, Verdict
 from gateway.state.durable import DurableStore, StateFileBusy
+from gateway.state.leases import LeaseSettings
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 from tests.fakes.state_stores import SHARED_REDIS, FakeClock, drop_prefix, shared_redis_available, unique_prefix
 
-BACKENDS = ["memory", "durable", "redis"]
+BACKENDS = ["memory", "durable", "redis", "redis-leased"]
 Factory = Callable[[FakeClock], StateStore]
+
+
+class LeasedRedisStore(RedisStore):
+    """Redis admitting as request admission does with `state.leases`: from leases where it can."""
+
+    async def admit(self, checks: Sequence[Check], lease: bool = True) -> Verdict:
+        return await super().admit(checks, lease)
 
 
 @pytest.fixture(params=BACKENDS)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     prefix = unique_prefix()
-    if request.param == "redis" and not shared_redis_available():
+    if request.param.startswith("redis") and not shared_redis_available():
         pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
 
     def make(clock: FakeClock) -> StateStore:
@@ -30,10 +38,12 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
             return MemoryStore(clock=clock)
         if request.param == "durable":
             return DurableStore(tmp_path / "state.sqlite", clock=clock)
+        if request.param == "redis-leased":
+            return LeasedRedisStore(SHARED_REDIS, key_prefix=prefix, clock=clock, leases=LeaseSettings(8, 0.5, 60))
         return RedisStore(SHARED_REDIS, key_prefix=prefix, clock=clock)
 
     yield make
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         drop_prefix(SHARED_REDIS, prefix)
 
 

@@ -19,6 +19,7 @@ when it runs out; usage reports live in gateway/accounting/usage_report.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -101,6 +102,9 @@ class Limiter:
         self._events = BudgetEvents(store, on_threshold)
         self._end_users = hierarchy.EndUserTracker()
         self._state = _state_wanted(started_with) if started_with is not None else None
+        # Request admission may use the store's local leases (state.leases): see `_admit_one`.
+        self._admit_leased = functools.partial(store.admit, lease=True) if getattr(store, "leasing", False) \
+            else None
 
     def attach_metrics(self, metrics: Any) -> None:
         """Count refusals and soft thresholds in the gateway's Prometheus registry (gateway/telemetry/metrics.py)."""
@@ -172,7 +176,7 @@ class Limiter:
             try:  # not through `_reserve`: a coroutine less to enter and resume per request
                 # One hash tag (no organisation budget): `across_tags.reserve` would hand it to the store as it is.
                 groups = frame.tag_groups
-                verdict = await (self.store.admit(checks) if len(groups) <= 1 else
+                verdict = await (self._admit_one(plan, body)(checks) if len(groups) <= 1 else
                                  across_tags.reserve(self.store, checks, groups))
             except StoreUnavailable as exc:
                 raise _unavailable() from exc
@@ -404,6 +408,15 @@ class Limiter:
     def _usd(self, policy: Policy, model: Model, prompt: int, completion: int) -> int:
         cost = self._cost(policy, model.targets[0], Usage(prompt, completion))  # prompt_tokens, completion_tokens
         return math.ceil(cost * MICROS) if cost else 0
+
+    def _admit_one(self, plan: Plan, body: Mapping[str, Any]) -> Callable[[tuple[Check, ...]], Any]:
+        """How to admit a request under one hash tag: from leases when the store has them, except a stream a
+        budget may cut (`hard_stop_streams`), whose allowance is what Redis says is left, not this process's
+        view of it."""
+        admit = self._admit_leased
+        if admit is None or (body.get("stream") is True and any(b.hard_stop_streams for b in plan.budgets)):
+            return self.store.admit
+        return admit
 
     def _shadow_refusals(self, meters: tuple[Meter, ...], checks: tuple[Check, ...], verdict: Verdict, team: str,
                          headers: MutableMapping[str, str], trace: Trace, header: bool) -> tuple[int, ...]:

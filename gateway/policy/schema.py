@@ -108,6 +108,23 @@ class RedisClusterPolicy(Strict):
         return nodes
 
 
+class LeasePolicy(Strict):
+    """Admission from a local lease of each counter's room, for the Redis store (gateway/state/leases.py).
+
+    Without it every admission is one Redis round trip, and limits are exact across replicas. With it a
+    replica reserves a share of a limit's room in one round trip and admits the next requests from it in
+    process: limits are still never passed, but a replica may refuse while another holds an unused lease.
+    """
+
+    requests: int = Field(32, ge=2, le=10_000, description="A lease covers up to this many more requests like "
+                          "the one that takes it (its tokens and cost for token and USD limits).")
+    headroom_fraction: float = Field(0.05, gt=0, le=0.5, description="And at most this share of the room the "
+                                     "limit has left, so leases shrink to nothing as a limit fills up and the "
+                                     "last of it is admitted exactly.")
+    idle_s: float = Field(1.0, ge=0.05, le=60, description="A lease nobody admitted from for this long is given "
+                          "back; at most this long another replica may be refused for room a lease holds.")
+
+
 class StatePolicy(Strict):
     """Where rate-limit and budget counters live (gateway/state/). Changes apply on restart."""
 
@@ -126,6 +143,8 @@ class StatePolicy(Strict):
         "refuse with 503.")
     timeout_s: float = Field(0.25, gt=0, le=10, description="Longest a request waits on Redis.")
     retry_interval_s: float = Field(0.5, gt=0, le=60, description="How often an unreachable Redis is probed.")
+    leases: LeasePolicy | None = Field(None, description="Admit from local leases of each limit's room instead "
+                                       "of one Redis round trip per request (Redis only; see LeasePolicy).")
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StatePolicy:
@@ -135,6 +154,9 @@ class StatePolicy(Strict):
             raise ValueError("backend: redis needs `url` (or `cluster`)")
         if self.cluster and self.backend in ("memory", "durable"):
             raise ValueError(f"`cluster` is only used by backend: redis (this is backend: {self.backend})")
+        if self.leases is not None and (self.backend in ("memory", "durable") or not (self.url or self.cluster)):
+            raise ValueError("`leases` saves Redis round trips: it needs backend: redis (`url` or `cluster`); the "
+                             "memory and durable stores admit in process already")
         return self
 
 

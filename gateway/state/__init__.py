@@ -11,8 +11,8 @@ usage. It has three operations, each atomic:
 
 Backends: `memory` (one process, for tests and the demo), `durable` (memory
 authoritative, snapshotted to SQLite off the request path), `redis` (shared by
-replicas; one round trip per admission). `open_store` builds one from the
-policy's `state:` block.
+replicas; one round trip per admission, or per lease with `state.leases`).
+`open_store` builds one from the policy's `state:` block.
 """
 
 from __future__ import annotations
@@ -102,7 +102,11 @@ class StoreUnavailable(Exception):
 
 
 class StateStore(Protocol):
-    """The counters behind rate limits and budgets. Implementations must be safe on the event loop."""
+    """The counters behind rate limits and budgets. Implementations must be safe on the event loop.
+
+    A store that can admit from local leases (RedisStore with `state.leases`, gateway/state/leases.py) has
+    `leasing` true and takes `admit(checks, lease=True)`; only request admission asks for it.
+    """
 
     async def start(self) -> None: ...
 
@@ -157,9 +161,13 @@ def open_store(config: StatePolicy, *, policy_path: str | Path | None = None, ne
 
     seeds = config.cluster.nodes if config.cluster is not None else ()
     url = config.url or seeds[0]
+    from gateway.state.leases import LeaseSettings
+
+    leases = config.leases
     return RedisStore(url, key_prefix=config.key_prefix, timeout_s=config.timeout_s,
                       failure_mode=config.failure_mode, retry_interval_s=config.retry_interval_s, clock=clock,
-                      cluster_nodes=seeds)
+                      cluster_nodes=seeds, leases=LeaseSettings(leases.requests, leases.headroom_fraction,
+                                                                leases.idle_s) if leases is not None else None)
 
 
 def backend_for(config: StatePolicy, needed: bool) -> str:

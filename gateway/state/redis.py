@@ -1,5 +1,8 @@
 """The shared store for several workers or replicas: Redis, one round trip per request.
 
+(Or, with `state.leases`, one per lease: a request admitted from this process's share of a limit's room does not
+ask Redis at all; gateway/state/leases.py.)
+
 Admission is one Lua script (EVALSHA): it sums each check's slices, decides,
 and reserves all or nothing, atomically on the server. Settlements are not a
 round trip of their own: their deltas wait in a per-team outbox and ride along
@@ -54,6 +57,7 @@ from typing import Any
 
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
 from gateway.state.cluster import ClusterClient
+from gateway.state.leases import LeaseBook, LeaseSettings
 from gateway.state.memory import MemoryStore
 from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient, bulk
 
@@ -213,7 +217,8 @@ class _Op:
 class RedisStore:
     def __init__(self, url: str, *, key_prefix: str = "switchboard:", timeout_s: float = 0.25,
                  failure_mode: str = "fail_open", retry_interval_s: float = 0.5,
-                 clock: Callable[[], float] = time.time, cluster_nodes: Sequence[str] = ()) -> None:
+                 clock: Callable[[], float] = time.time, cluster_nodes: Sequence[str] = (),
+                 leases: LeaseSettings | None = None) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain { or } (the team is the Redis Cluster hash tag)")
         self.url = url
@@ -239,6 +244,9 @@ class RedisStore:
         self._sequence: dict[str, int] = {}
         # The last value seen for each counter (key -> [value, expires_at]), to seed fail_open's local store.
         self._seen: dict[str, list[int]] = {}
+        # Shares of counters' headroom this process admits from without a round trip (`state.leases`).
+        self._leases = LeaseBook(leases, self._seen, self.settle, clock) if leases is not None else None
+        self.leasing = leases is not None
         # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
         # keys as RESP bulk strings, prefixed. Both bounded: cleared when full.
         self._shapes: dict[tuple[tuple[tuple[str, ...], int, int], ...], _Shape] = {}
@@ -282,6 +290,8 @@ class RedisStore:
         self._closing = True  # no new probe: close replays itself, below
         if self._probe is not None:
             self._probe.cancel()
+        if self._leases is not None:
+            self._leases.give_back_all()
         try:
             with contextlib.suppress(TimeoutError, *_FAILURES):
                 async with asyncio.timeout(timeout_s):
@@ -310,7 +320,33 @@ class RedisStore:
         while self._sending:
             await asyncio.gather(*list(self._sending), return_exceptions=True)
 
-    async def admit(self, checks: Sequence[Check]) -> Verdict:
+    async def admit(self, checks: Sequence[Check], lease: bool = False) -> Verdict:
+        """Admit against Redis; with `lease` and `state.leases` set, from this process's leases when they
+        suffice (gateway/state/leases.py), else through Redis, taking new ones."""
+        book = self._leases
+        if not (lease and book is not None and self._healthy):
+            return await self._admit(checks)
+        local = book.admit_locally(checks)
+        if local is not None:
+            used, counted = local
+            if counted:
+                self.settle(counted)
+            return Verdict(True, used)
+        sizing = book.size(checks)
+        try:
+            verdict = await self._admit(sizing.sent)
+            if not verdict.admitted and sizing.asks and book.fits_without_asking(sizing, verdict.used):
+                # Refused for the new lease alone (others took the room since this process last looked).
+                book.answered(sizing, None, False)
+                sizing = book.size(checks, ask=False)
+                verdict = await self._admit(sizing.sent)
+        except BaseException:
+            book.answered(sizing, None, False)  # nothing reserved: the call is replayed as refused
+            raise
+        used = book.answered(sizing, verdict.used, verdict.admitted)
+        return Verdict(verdict.admitted, used, verdict.denied)
+
+    async def _admit(self, checks: Sequence[Check]) -> Verdict:
         if self._healthy:
             shape = self._shape(checks)
             riders = self._outbox.pop(shape.tag, None) if shape.one_tag else None

@@ -1,0 +1,206 @@
+"""Leases: a share of a counter's headroom that one process admits from without asking Redis.
+
+With `state.leases` set, an admission that goes to Redis reserves, on top of
+the request's own amount, a lease for each limited check: up to
+`leases.requests` more requests like it, and never more than
+`headroom_fraction` of what the limit has left. Later requests of this process
+are admitted from that lease, in the process, until some check's lease is too
+small; then the next admission goes to Redis, uses what is left of each lease
+as part of its own reservation, and asks for a new one.
+
+What this keeps and what it gives up (docs/accounting.md, "Leases"):
+
+- A limit is never passed: a lease is reserved in Redis before anything is
+  admitted from it, so every replica's counter holds every other's leases.
+- A refusal is exact within one process (its own unused lease counts as room),
+  but a replica can refuse while another holds an unused lease: at most
+  `headroom_fraction` of the room each, and a lease nobody used for `idle_s`
+  is given back (a negative settlement), as every lease is on shutdown.
+- Counters read by usage reports include unused leases until they are given
+  back; budget alerts read what was spent, which leases never touch.
+- Rate-limit headers on a request admitted from a lease show this process's
+  view: the counter when it last asked Redis, plus what it admitted since.
+
+A check that cannot refuse (`UNLIMITED`) takes no lease: a request admitted
+locally counts it as a settlement, which rides with the next call to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.state import UNLIMITED, Check, Delta
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    requests: int  # a lease covers this many more requests like the one that took it
+    headroom_fraction: float  # and at most this share of the room the limit had left
+    idle_s: float  # a lease unused this long is given back
+
+
+@dataclass(slots=True)
+class _Lease:
+    left: int  # reserved in Redis, not yet admitted
+    expires_at: int
+    touched: bool = True  # used since the last sweep
+
+
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    """An admission on its way to Redis: what each check takes from its lease and asks on top of its amount."""
+
+    sent: tuple[Check, ...]  # the checks as sent: amount - take + extra
+    takes: tuple[int, ...]
+    extras: tuple[int, ...]
+
+    @property
+    def asks(self) -> bool:
+        return any(self.extras)
+
+
+class LeaseBook:
+    """One process's leases, by each check's newest counter slice.
+
+    `seen` is the store's last known value of each counter (Redis's, leases
+    included); `give_back` settles amounts back to Redis.
+    """
+
+    def __init__(self, settings: LeaseSettings, seen: dict[str, list[int]],
+                 give_back: Callable[[Sequence[Delta]], None], clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._seen = seen
+        self._give_back = give_back
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def leased(self) -> int:
+        """Leases held (tests, shutdown)."""
+        return len(self._leases)
+
+    def admit_locally(self, checks: Sequence[Check]) -> tuple[tuple[int, ...], list[Delta]] | None:
+        """Admit from the leases: each check's used value and the unlimited checks' counts to settle; None
+        when some limited check's lease is missing or too small (or no check is limited): ask Redis."""
+        leases, seen = self._leases, self._seen
+        leased = False
+        for check in checks:
+            entry = seen.get(check.slices[-1])
+            if entry is None:
+                return None
+            if check.limit != UNLIMITED:
+                lease = leases.get(check.slices[-1])
+                # The second test: settlements that charged more than was reserved can have used the room up.
+                if lease is None or lease.left < check.amount or entry[0] - lease.left + check.amount > check.limit:
+                    return None
+                leased = True
+        if not leased:
+            return None
+        used: list[int] = []
+        counted: list[Delta] = []
+        for check in checks:
+            key = check.slices[-1]
+            if check.limit == UNLIMITED:
+                used.append(seen[key][0])
+                if check.amount:
+                    counted.append(Delta(key, check.amount, check.expires_at))
+            else:
+                lease = leases[key]
+                used.append(seen[key][0] - lease.left)
+                lease.left -= check.amount
+                lease.touched = True
+        return tuple(used), counted
+
+    def size(self, checks: Sequence[Check], *, ask: bool = True) -> Sizing:
+        """What to send for these checks: each takes what it can of its lease now and, if `ask`, asks for a
+        new lease sized from this process's last view of the counter (none for a counter it has not seen)."""
+        leases, seen = self._leases, self._seen
+        requests, fraction = self._settings.requests, self._settings.headroom_fraction
+        sent: list[Check] = []
+        takes: list[int] = []
+        extras: list[int] = []
+        for check in checks:
+            take = extra = 0
+            if check.limit != UNLIMITED and check.amount > 0:
+                key = check.slices[-1]
+                lease = leases.get(key)
+                left = lease.left if lease is not None else 0
+                take = min(left, check.amount)
+                if take:
+                    lease.left -= take  # type: ignore[union-attr]  # take > 0 only with a lease
+                entry = seen.get(key) if ask else None
+                if entry is not None:
+                    room = check.limit - (entry[0] - left) - check.amount
+                    extra = min(requests * check.amount - (left - take), int(room * fraction))
+                    if extra < check.amount:  # a lease that cannot admit one more request like this one
+                        extra = 0
+            takes.append(take)
+            extras.append(extra)
+            sent.append(check if take == extra else
+                        Check(check.slices, check.limit, check.amount - take + extra, check.expires_at))
+        return Sizing(tuple(sent), tuple(takes), tuple(extras))
+
+    def fits_without_asking(self, sizing: Sizing, used: Sequence[int]) -> bool:
+        """Whether Redis, refusing this sizing, would have admitted the request without the new leases."""
+        return all(check.limit == UNLIMITED or value + check.amount - extra <= check.limit
+                   for check, extra, value in zip(sizing.sent, sizing.extras, used, strict=True))
+
+    def answered(self, sizing: Sizing, used: Sequence[int] | None, admitted: bool) -> tuple[int, ...]:
+        """Book what Redis (or, Redis down, the local fallback) decided; return each check's used value as this
+        process sees it: the counter without this process's unused lease.
+
+        Admitted: the leases asked for are now held. Refused or given up (`used` None): what was taken from the
+        leases is theirs again, as it was never released in Redis.
+        """
+        leases = self._leases
+        seen_as: list[int] = []
+        for index, check in enumerate(sizing.sent):
+            take, extra = sizing.takes[index], sizing.extras[index]
+            key = check.slices[-1]
+            lease = leases.get(key)
+            if used is not None:
+                seen_as.append(used[index] - (lease.left if lease is not None else 0) - take)
+            back = extra if admitted else take
+            if not back:
+                continue
+            if lease is None:
+                lease = leases[key] = _Lease(0, check.expires_at)
+            lease.left += back
+            lease.touched = True
+        if leases and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._settings.idle_s, self._sweep)
+        return tuple(seen_as)
+
+    def give_back_all(self) -> None:
+        """Return every lease (shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        leases, self._leases = self._leases, {}
+        self._return(leases)
+
+    def _sweep(self) -> None:
+        """Give back the leases nobody admitted from since the last sweep."""
+        self._sweeper = None
+        idle: dict[str, _Lease] = {}
+        for key, lease in self._leases.items():
+            if lease.touched:
+                lease.touched = False
+            else:
+                idle[key] = lease
+        for key in idle:
+            del self._leases[key]
+        self._return(idle)
+        if self._leases:
+            self._sweeper = asyncio.get_running_loop().call_later(self._settings.idle_s, self._sweep)
+
+    def _return(self, leases: dict[str, _Lease]) -> None:
+        now = self._clock()
+        # A lease whose counter has expired is gone with it: a negative amount would only start a new counter.
+        returns = [Delta(key, -lease.left, lease.expires_at) for key, lease in leases.items()
+                   if lease.left and lease.expires_at > now]
+        if returns:
+            self._give_back(returns)

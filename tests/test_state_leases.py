@@ -1,0 +1,215 @@
+"""Leases (state.leases): admission from a local share of each limit's room, on a private redis-server.
+
+What a lease must never do: let a limit be passed, lose or double a count, or keep room after it is idle or
+the gateway stops. What it is for: no Redis round trip for most requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+
+from gateway.state import Check, Delta, Verdict
+from gateway.state.leases import LeaseSettings
+from gateway.state.redis import RedisStore
+from tests.fakes.state_stores import PrivateRedis, private_redis
+
+PREFIX = "lease:"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    with private_redis(tmp_path, persist=True) as running:
+        yield running
+
+
+def script_calls(server: PrivateRedis) -> int:
+    """EVALSHA and EVAL calls the server has run: one per admission or settlement sent."""
+    stats = redis.Redis(port=server.port).info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def counter(server: PrivateRedis, key: str) -> int:
+    return int(redis.Redis(port=server.port).get(PREFIX + key) or 0)
+
+
+def leased_store(server: PrivateRedis, *, requests: int = 16, fraction: float = 0.5, idle_s: float = 60,
+                 timeout_s: float = 0.25) -> RedisStore:
+    return RedisStore(server.url, key_prefix=PREFIX, timeout_s=timeout_s, retry_interval_s=0.05,
+                      leases=LeaseSettings(requests, fraction, idle_s))
+
+
+def rpm(limit: int) -> Check:
+    return Check(("{t}:rpm",), limit, 1, int(time.time()) + 600)
+
+
+def test_requests_after_the_first_are_admitted_from_the_lease_without_a_round_trip(server: PrivateRedis) -> None:
+    async def main() -> list[Verdict]:
+        store = leased_store(server, requests=16)
+        await store.start()
+        verdicts = [await store.admit([rpm(10_000)], lease=True) for _ in range(200)]
+        await store.close()
+        return verdicts
+
+    before = script_calls(server)
+    verdicts = asyncio.run(main())
+    assert all(v.admitted for v in verdicts)
+    # Each request sees the counter as if every one before it had gone to Redis.
+    assert [v.used for v in verdicts] == [(n,) for n in range(200)]
+    # One call per 16 requests (+1 for the first, which has no view of the counter yet, + the give-back at close).
+    assert script_calls(server) - before <= 200 // 16 + 3
+    assert counter(server, "{t}:rpm") == 200  # the unused lease was given back at close
+
+
+def test_one_process_admits_exactly_up_to_the_limit(server: PrivateRedis) -> None:
+    async def main() -> tuple[list[Verdict], list[Verdict]]:
+        store = leased_store(server, requests=32, fraction=0.5)
+        await store.start()
+        one_by_one = [await store.admit([rpm(100)], lease=True) for _ in range(60)]
+        together = list(await asyncio.gather(*(store.admit([rpm(100)], lease=True) for _ in range(90))))
+        await store.close()
+        return one_by_one, together
+
+    one_by_one, together = asyncio.run(main())
+    assert all(v.admitted for v in one_by_one)
+    assert sum(v.admitted for v in together) == 40  # its own unused lease counts as room: not one refused early
+    assert all(v.used == (100,) for v in together if not v.admitted)
+    assert counter(server, "{t}:rpm") == 100
+
+
+def test_replicas_never_pass_the_limit_and_every_count_adds_up(server: PrivateRedis) -> None:
+    """Three replicas, each with its own leases, race for one team's RPM and TPM limits, settling what each
+    request used (less than it reserved); the counters end at exactly what was admitted and used."""
+    expires = int(time.time()) + 600
+    rng = random.Random(17)
+
+    async def replica(store: RedisStore, requests: int) -> tuple[int, int]:
+        admitted = used_tokens = 0
+
+        async def one() -> None:
+            nonlocal admitted, used_tokens
+            await asyncio.sleep(rng.random() / 100)  # interleave with the other replicas
+            verdict = await store.admit([Check(("{t}:rpm",), 300, 1, expires),
+                                         Check(("{t}:tpm",), 40_000, 100, expires)], lease=True)
+            if verdict.admitted:
+                used = rng.randrange(10, 101)
+                admitted += 1
+                used_tokens += used
+                store.settle([Delta("{t}:tpm", used - 100, expires)])
+
+        await asyncio.gather(*(one() for _ in range(requests)))
+        return admitted, used_tokens
+
+    async def main() -> list[tuple[int, int]]:
+        stores = [leased_store(server, requests=32, fraction=0.2) for _ in range(3)]
+        for store in stores:
+            await store.start()
+        results = await asyncio.gather(*(replica(store, 250) for store in stores))
+        for store in stores:
+            await store.close()
+        return list(results)
+
+    results = asyncio.run(main())
+    admitted = sum(count for count, _ in results)
+    # Never past the limit; short of it by at most what the other replicas' last leases held.
+    assert 300 - 2 * 32 <= admitted <= 300
+    assert counter(server, "{t}:rpm") == admitted
+    assert counter(server, "{t}:tpm") == sum(tokens for _, tokens in results)
+
+
+def test_a_lease_nobody_uses_is_given_back(server: PrivateRedis) -> None:
+    async def main() -> None:
+        store = leased_store(server, requests=16, idle_s=0.05)
+        await store.start()
+        for _ in range(3):
+            assert (await store.admit([rpm(10_000)], lease=True)).admitted
+        assert counter(server, "{t}:rpm") == 2 + 16  # the second request took a lease of 16
+        deadline = time.monotonic() + 5
+        while counter(server, "{t}:rpm") != 3:
+            assert time.monotonic() < deadline, "the idle lease was not given back"
+            await asyncio.sleep(0.01)
+        # The next request asks Redis again, and sees the three before it.
+        assert (await store.admit([rpm(10_000)], lease=True)).used == (3,)
+        await store.close()
+        assert counter(server, "{t}:rpm") == 4
+
+    asyncio.run(main())
+
+
+def test_redis_lost_and_back_with_leases_held_loses_and_doubles_nothing(server: PrivateRedis) -> None:
+    """Redis dies with leases held and requests still coming (fail_open), then returns with its data."""
+    async def main() -> int:
+        store = leased_store(server, requests=16, timeout_s=0.2)
+        await store.start()
+        admitted = 0
+        for _ in range(10):
+            admitted += (await store.admit([rpm(10_000)], lease=True)).admitted
+        server.stop()
+        for _ in range(10):  # the first finds Redis gone; the rest are counted locally and journalled
+            admitted += (await store.admit([rpm(10_000)], lease=True)).admitted
+        assert not store.healthy
+        server.start()
+        async with asyncio.timeout(10):
+            await store.wait_until_healthy()
+        for _ in range(10):
+            admitted += (await store.admit([rpm(10_000)], lease=True)).admitted
+        await store.close()
+        return admitted
+
+    assert asyncio.run(main()) == 30
+    assert counter(server, "{t}:rpm") == 30
+
+
+def test_a_stream_a_budget_may_cut_is_admitted_by_redis_not_from_a_lease(tmp_path: Path, server: PrivateRedis,
+                                                                        upstream: object,
+                                                                        start_gateway: object) -> None:
+    """Its allowance is what Redis says the budget has left; a lease's view could be another replica's behind."""
+    from tests.conftest import standard_policy
+
+    text = standard_policy(upstream.base_url,  # type: ignore[attr-defined]
+                           extra=f"state: {{url: '{server.url}', key_prefix: '{PREFIX}', leases: {{requests: 8}}}}\n")
+    text = text.replace("    models: [chat-model, embed-model]\n",
+                        "    models: [chat-model, embed-model]\n    limits: {rpd: 1000}\n"
+                        "    budget: {tokens: 1000000, period: daily, hard_stop_streams: true}\n", 1)
+    client = start_gateway(text).client()  # type: ignore[operator]
+    messages = [{"role": "user", "content": "hi"}]
+    before = script_calls(server)
+    for _ in range(6):
+        for _chunk in client.chat.completions.create(model="chat-model", messages=messages, max_tokens=3,
+                                                     stream=True):
+            pass
+    assert script_calls(server) - before >= 6  # every stream went to Redis
+    before = script_calls(server)
+    for _ in range(20):
+        client.chat.completions.create(model="chat-model", messages=messages, max_tokens=3)
+    assert script_calls(server) - before <= 20 // 2  # the rest came from leases (settlements ride along)
+
+
+def test_through_the_gateway_a_team_gets_exactly_its_limit_and_its_headers(server: PrivateRedis, upstream: object,
+                                                                           start_gateway: object) -> None:
+    from tests.conftest import standard_policy
+
+    text = standard_policy(upstream.base_url,  # type: ignore[attr-defined]
+                           extra=f"state: {{url: '{server.url}', key_prefix: '{PREFIX}', "
+                           "leases: {requests: 8, headroom_fraction: 0.5}}\n")
+    text = text.replace("    models: [chat-model, embed-model]\n",
+                        "    models: [chat-model, embed-model]\n    limits: {rpd: 40}\n", 1)
+    client = start_gateway(text).client()  # type: ignore[operator]
+    messages = [{"role": "user", "content": "hi"}]
+    before = script_calls(server)
+    remaining = []
+    for _ in range(40):
+        raw = client.chat.completions.with_raw_response.create(model="chat-model", messages=messages, max_tokens=3)
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == list(range(39, -1, -1))
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="chat-model", messages=messages, max_tokens=3)
+    assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert script_calls(server) - before < 40 // 2
