@@ -35,7 +35,7 @@ import server_bench  # noqa: E402
 from loadgen import build_body  # noqa: E402
 from procs import descendants, install_cleanup  # noqa: E402
 
-SYSTEMS = ("baseline-aiohttp", "gateway", "gateway-full")
+SYSTEMS = ("baseline-aiohttp", "gateway", "gateway-full", "gateway-full-leased")
 EXPORT_WAIT_S = 4.0  # past the full policy's span schedule delay (2 s), with room for callgrind's slowness
 MODES = (("chat", False), ("stream", True))
 
@@ -84,7 +84,7 @@ def main() -> None:
     args.full_state_extra = ", timeout_s: 10"  # a Redis call under callgrind must not fall back to local counting
     install_cleanup()
     starters = {"baseline-aiohttp": bench.baseline_starter("aiohttp"), "gateway": bench.start_gateway,
-                "gateway-full": bench.start_gateway_full}
+                "gateway-full": bench.start_gateway_full, "gateway-full-leased": bench.start_gateway_full_leased}
     for checkout in args.compare_checkout:
         starters[f"gateway@{checkout.name}"] = bench.checkout_starter(checkout.resolve())
         starters[f"gateway-full@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True)

@@ -43,3 +43,12 @@ def test_each_ablation_turns_off_its_part_only(tmp_path: Path, part: str) -> Non
     policy = _full(tmp_path, without=part)
     assert _parts_on(policy) == set(bench.FULL_POLICY_PARTS) - {part}
     assert policy.state.url.startswith("redis://")  # the store stays configured: only its use goes
+
+
+def test_the_leased_variant_is_the_full_policy_with_leases_only(tmp_path: Path) -> None:
+    plain = _full(tmp_path)
+    leased = parse_policy(bench.full_policy_yaml("http://127.0.0.1:9/v1", 6390, 4318, tmp_path / "ledger.sqlite",
+                                                 state_extra=bench.LEASES))
+    assert _parts_on(leased) == _parts_on(plain)
+    assert plain.state.leases is None
+    assert leased.state.leases is not None and leased.state.model_copy(update={"leases": None}) == plain.state
