@@ -1,4 +1,6 @@
-"""Three gateway processes sharing Redis hold one team's budget together."""
+"""Three gateway processes sharing Redis hold one team's budget together: admitting through Redis each time, and
+admitting from leases (`state.leases`, docs/accounting.md "Leases"; that requests are admitted from them at all is
+tests/test_state_leases.py's to show)."""
 
 from __future__ import annotations
 
@@ -29,16 +31,19 @@ MAX_TOKENS = 20
 WORKERS = 12
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, upstream: FakeOpenAIUpstream) -> Iterator[tuple[list[GatewayProcess], str]]:
+@pytest.fixture(params=["exact", "leased"])
+def replicas(request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeOpenAIUpstream
+             ) -> Iterator[tuple[list[GatewayProcess], str]]:
     """Three gateways sharing Redis, and the key prefix they use there."""
     if not shared_redis_available():
         pytest.fail("no Redis on 127.0.0.1:6379 (make test starts one)")
     prefix = unique_prefix()
     # A generous Redis timeout: this test is about counting across replicas, and on a loaded 2-core CI box a
     # 250 ms round trip would take the configured failure path instead of the one under test.
+    # Leases given back after 0.2 s idle: the counters below include a lease until it is.
+    leases = ", leases: {requests: 32, headroom_fraction: 0.05, idle_s: 0.2}" if request.param == "leased" else ""
     text = standard_policy(upstream.base_url, extra=f"state: {{url: '{SHARED_REDIS}', key_prefix: '{prefix}', "
-                                                    "timeout_s: 5}\n")
+                                                    f"timeout_s: 5{leases}}}\n")
     text = text.replace("    models: [chat-model, embed-model]\n",
                         "    models: [chat-model, embed-model]\n    limits: {rpm: 1000000}\n"
                         f"    budget: {{tokens: {BUDGET}}}\n", 1)
