@@ -42,12 +42,41 @@ def new_gateway_id() -> str:
     no tenant can name (and so erase or shadow) another tenant's row; time-ordered,
     so ledger inserts append to the index instead of landing all over it.
     """
+    return _uuid7(os.urandom(10))
+
+
+def _uuid7(random: bytes) -> str:
+    """The UUIDv7 of now and 10 random bytes (74 of their bits used), as canonical text."""
     milliseconds = time.time_ns() // 1_000_000
-    value = (milliseconds << 80) | (int.from_bytes(os.urandom(10)) & _RANDOM_BITS) | _VERSION_AND_VARIANT
+    value = (milliseconds << 80) | (int.from_bytes(random) & _RANDOM_BITS) | _VERSION_AND_VARIANT
     # The 8-4-4-4-12 hex digits from the bytes' own hex with a dash every two bytes (the first one dropped) and one
     # more dash: the same text as formatting the int and slicing it five times, for ~3,000 instructions less.
     raw = value.to_bytes(16)
     return raw[:10].hex("-", 2).replace("-", "", 1) + "-" + raw[10:].hex()
+
+
+class GatewayIds:
+    """`new_gateway_id`s whose random bits are cut from 4 KiB of `os.urandom` at a time; one per app.
+
+    `os.urandom` gives up the GIL for its system call, and under load another thread (the span exporter, the
+    ledger writer) takes it while the request waits to get it back: ~46 µs a call on average in a profile of the
+    full policy at 2,000 requests (the call itself takes ~0.5 µs). Reading 409 ids' worth at once makes that one
+    wait per 409 requests. The bytes are as unguessable as before; a forked child draws its own (`_pid`).
+    """
+
+    _POOL = 4090  # 409 ids of 10 bytes
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = self._POOL
+        self._pid = 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= self._POOL or self._pid != os.getpid():
+            self._pool, self._pid, at = os.urandom(self._POOL), os.getpid(), 0
+        self._at = at + 10
+        return _uuid7(self._pool[at:at + 10])
 
 
 

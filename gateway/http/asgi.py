@@ -18,7 +18,7 @@ import orjson
 
 from gateway.accounting.settlement import Settlement
 from gateway.errors import ErrorKind, GatewayError, render
-from gateway.exchange import Exchange, Reply, Services, StreamReply, new_gateway_id
+from gateway.exchange import Exchange, GatewayIds, Reply, Services, StreamReply, new_gateway_id
 from gateway.routing.deadlines import running_task
 
 Scope = dict[str, Any]
@@ -65,6 +65,7 @@ class GatewayApp:
         self._surfaces = surfaces
         # The app's own memo of header names (requests and replies repeat the same few), for its lifetime.
         self._names = HeaderNames()
+        self._ids = GatewayIds()  # request ids (gateway/exchange.py)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -79,7 +80,7 @@ class GatewayApp:
         else:
             # The gateway's own id (a UUIDv7) serves as the request id too: one id to quote, already in the
             # form every upstream accepts (gateway/upstream/request_ids.py), and nothing derived from it per request.
-            request_id = scope[OWN_ID] = new_gateway_id()
+            request_id = scope[OWN_ID] = self._ids()
         scope["switchboard.request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         started = False
