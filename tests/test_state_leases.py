@@ -213,3 +213,27 @@ def test_through_the_gateway_a_team_gets_exactly_its_limit_and_its_headers(serve
         client.chat.completions.create(model="chat-model", messages=messages, max_tokens=3)
     assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert script_calls(server) - before < 40 // 2
+
+
+def test_a_lease_granted_while_a_request_was_on_its_way_counts_as_room_for_it(server: PrivateRedis) -> None:
+    """Two requests of one process go to Redis together. The first is granted a lease, which leaves too little
+    room in Redis for the second; its reply comes first on the connection, so when the second is refused this
+    process already holds room for it: one process must not refuse while it holds room."""
+    def tokens(amount: int) -> Check:
+        return Check(("{t}:tpm",), 20, amount, int(time.time()) + 600)
+
+    async def main() -> tuple[Verdict, Verdict]:
+        store = leased_store(server, requests=4, fraction=0.5)
+        await store.start()
+        assert (await store.admit([tokens(1)], lease=True)).admitted  # the process's first view of the counter
+        # The first asks a lease of 4 (half the room); the second, 15 tokens, asks none (too little room for one
+        # more like it), and Redis, holding 1 + 1 + 4, has 14 left.
+        first, second = await asyncio.gather(store.admit([tokens(1)], lease=True),
+                                             store.admit([tokens(15)], lease=True))
+        await store.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first.admitted and first.used == (1,)
+    assert second.admitted and second.used == (2,)  # 1 + 1 used before it; the lease is not usage
+    assert counter(server, "{t}:tpm") == 17

@@ -55,6 +55,7 @@ class Sizing:
     sent: tuple[Check, ...]  # the checks as sent: amount - take + extra
     takes: tuple[int, ...]
     extras: tuple[int, ...]
+    amounts: tuple[int, ...]  # the request's own
 
     @property
     def asks(self) -> bool:
@@ -122,6 +123,7 @@ class LeaseBook:
         sent: list[Check] = []
         takes: list[int] = []
         extras: list[int] = []
+        amounts: list[int] = []
         for check in checks:
             take = extra = 0
             if check.limit != UNLIMITED and check.amount > 0:
@@ -139,14 +141,23 @@ class LeaseBook:
                         extra = 0
             takes.append(take)
             extras.append(extra)
+            amounts.append(check.amount)
             sent.append(check if take == extra else
                         Check(check.slices, check.limit, check.amount - take + extra, check.expires_at))
-        return Sizing(tuple(sent), tuple(takes), tuple(extras))
+        return Sizing(tuple(sent), tuple(takes), tuple(extras), tuple(amounts))
 
-    def fits_without_asking(self, sizing: Sizing, used: Sequence[int]) -> bool:
-        """Whether Redis, refusing this sizing, would have admitted the request without the new leases."""
-        return all(check.limit == UNLIMITED or value + check.amount - extra <= check.limit
-                   for check, extra, value in zip(sizing.sent, sizing.extras, used, strict=True))
+    def worth_asking_again(self, sizing: Sizing, used: Sequence[int]) -> bool:
+        """Whether Redis, refusing this sizing, may admit the request asked again, exactly: the refusal was for
+        the new leases alone (others took the room since this process last looked), or a lease of this process
+        grew while the request was on its way (another admission's, whose reply came first on the connection)
+        and the request did not take all it needed from it."""
+        leases = self._leases
+        for check, take, amount in zip(sizing.sent, sizing.takes, sizing.amounts, strict=True):
+            if check.limit != UNLIMITED and take < amount and (lease := leases.get(check.slices[-1])) is not None \
+                    and lease.left > 0:
+                return True
+        return sizing.asks and all(check.limit == UNLIMITED or value + check.amount - extra <= check.limit
+                                   for check, extra, value in zip(sizing.sent, sizing.extras, used, strict=True))
 
     def answered(self, sizing: Sizing, used: Sequence[int] | None, admitted: bool) -> tuple[int, ...]:
         """Book what Redis (or, Redis down, the local fallback) decided; return each check's used value as this

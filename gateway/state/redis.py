@@ -335,10 +335,9 @@ class RedisStore:
         sizing = book.size(checks)
         try:
             verdict = await self._admit(sizing.sent)
-            if not verdict.admitted and sizing.asks and book.fits_without_asking(sizing, verdict.used):
-                # Refused for the new lease alone (others took the room since this process last looked).
+            if not verdict.admitted and book.worth_asking_again(sizing, verdict.used):
                 book.answered(sizing, None, False)
-                sizing = book.size(checks, ask=False)
+                sizing = book.size(checks, ask=False)  # takes what the leases hold now
                 verdict = await self._admit(sizing.sent)
         except BaseException:
             book.answered(sizing, None, False)  # nothing reserved: the call is replayed as refused
