@@ -78,11 +78,6 @@ class LeaseBook:
         self._leases: dict[str, _Lease] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
-    @property
-    def leased(self) -> int:
-        """Leases held (tests, shutdown)."""
-        return len(self._leases)
-
     def admit_locally(self, checks: Sequence[Check]) -> tuple[tuple[int, ...], list[Delta]] | None:
         """Admit from the leases: each check's used value and the unlimited checks' counts to settle; None
         when some limited check's lease is missing or too small (or no check is limited): ask Redis."""
