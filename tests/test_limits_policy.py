@@ -59,3 +59,24 @@ def test_state_needs_a_redis_url_for_the_redis_backend() -> None:
     assert any("backend: redis needs `url`" in p for p in problems(policy_text(top_extra="state: {backend: redis}")))
     assert any("state.url: must start with redis://" in p
                for p in problems(policy_text(top_extra="state: {url: 'http://x'}")))
+
+
+@pytest.mark.parametrize(("state", "expected"), [
+    ("state: {leases: {requests: 32}}", "state: `leases` saves Redis round trips: it needs backend: redis"),
+    ("state: {backend: durable, url: 'redis://127.0.0.1:6379/0', leases: {}}", "it needs backend: redis"),
+    ("state: {url: 'redis://127.0.0.1:6379/0', leases: {requests: 1}}",
+     "state.leases.requests: Input should be greater than or equal to 2"),
+    ("state: {url: 'redis://127.0.0.1:6379/0', leases: {headroom_fraction: 0.9}}",
+     "state.leases.headroom_fraction: Input should be less than or equal to 0.5"),
+    ("state: {url: 'redis://127.0.0.1:6379/0', leases: {idle_s: 0}}",
+     "state.leases.idle_s: Input should be greater than or equal to 0.05"),
+    ("state: {url: 'redis://127.0.0.1:6379/0', leases: {ttl_s: 5}}", "state.leases.ttl_s: unknown field"),
+])
+def test_leases_are_checked_with_their_path(state: str, expected: str) -> None:
+    found = problems(policy_text(top_extra=state))
+    assert any(expected in problem for problem in found), found
+
+
+def test_leases_take_the_schema_defaults() -> None:
+    leases = parse_policy(policy_text(top_extra="state: {url: 'redis://127.0.0.1:6379/0', leases: {}}")).state.leases
+    assert leases is not None and (leases.requests, leases.headroom_fraction, leases.idle_s) == (32, 0.05, 1.0)
