@@ -237,3 +237,20 @@ def test_a_lease_granted_while_a_request_was_on_its_way_counts_as_room_for_it(se
     assert first.admitted and first.used == (1,)
     assert second.admitted and second.used == (2,)  # 1 + 1 used before it; the lease is not usage
     assert counter(server, "{t}:tpm") == 17
+
+
+def test_a_process_that_dies_without_closing_leaves_at_most_its_unused_leases_counted(server: PrivateRedis) -> None:
+    """The documented cost of a kill -9: the dead process's unused leases stay counted until their window ends,
+    never more than `requests` requests' worth per counter."""
+    async def main() -> int:
+        store = leased_store(server, requests=16)
+        await store.start()
+        admitted = 0
+        for _ in range(21):  # the 2nd and the 19th take leases of 16; the 21st leaves 14 of them unused
+            admitted += (await store.admit([rpm(10_000)], lease=True)).admitted
+        store._client.abort()  # gone without close(): nothing is given back
+        return admitted
+
+    admitted = asyncio.run(main())
+    assert admitted == 21
+    assert counter(server, "{t}:rpm") - admitted == 14  # at most `requests` (16)
