@@ -138,11 +138,12 @@ def test_embeddings_count_against_token_limits(
 
 def test_editing_the_policy_file_keeps_counted_usage(
         upstream: FakeOpenAIUpstream, start_gateway: Callable[[str], RunningGateway]) -> None:
-    gateway = start_gateway(limited_policy(upstream, "    limits: {rpm: 3}\n"))
+    # Per day, not per minute: a minute turning over between the two requests and the reload would reset the count.
+    gateway = start_gateway(limited_policy(upstream, "    limits: {rpd: 3}\n"))
     chat(gateway)
     chat(gateway)
     fingerprint = gateway.store.current.fingerprint
-    gateway.policy_path.write_text(limited_policy(upstream, "    limits: {rpm: 2}\n"))
+    gateway.policy_path.write_text(limited_policy(upstream, "    limits: {rpd: 2}\n"))
     reloaded, waited = threading.Event(), 0.0
     while gateway.store.current.fingerprint == fingerprint and waited < 5:  # the file watcher polls every 50 ms
         reloaded.wait(0.02)
