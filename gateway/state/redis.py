@@ -246,7 +246,6 @@ class RedisStore:
         self._seen: dict[str, list[int]] = {}
         # Shares of counters' headroom this process admits from without a round trip (`state.leases`).
         self._leases = LeaseBook(leases, self._seen, self.settle, clock) if leases is not None else None
-        self.leasing = leases is not None
         # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
         # keys as RESP bulk strings, prefixed. Both bounded: cleared when full.
         self._shapes: dict[tuple[tuple[tuple[str, ...], int, int], ...], _Shape] = {}
@@ -265,6 +264,11 @@ class RedisStore:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def leasing(self) -> bool:
+        """Whether request admission may ask for leases (`admit(checks, lease=True)`; gateway/state/leases.py)."""
+        return self._leases is not None
 
     @property
     def unsent(self) -> int:
