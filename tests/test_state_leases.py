@@ -254,3 +254,25 @@ def test_a_process_that_dies_without_closing_leaves_at_most_its_unused_leases_co
     admitted = asyncio.run(main())
     assert admitted == 21
     assert counter(server, "{t}:rpm") - admitted == 14  # at most `requests` (16)
+
+
+def test_a_team_spending_its_limit_through_leases_takes_nothing_from_another_team(server: PrivateRedis) -> None:
+    """A hostile team hammering its own limit, concurrently with another team's requests on the same process and
+    Redis: each team's leases are of its own counters, so the other still gets exactly its limit."""
+    expires = int(time.time()) + 600
+
+    async def main() -> tuple[int, int]:
+        store = leased_store(server, requests=32, fraction=0.5)
+        await store.start()
+
+        async def team(name: str, limit: int, requests: int) -> int:
+            check = Check((f"{{{name}}}:rpm",), limit, 1, expires)
+            return sum([(await store.admit([check], lease=True)).admitted for _ in range(requests)])
+
+        hostile, quiet = await asyncio.gather(team("hostile", 50, 400), team("quiet", 30, 45))
+        await store.close()
+        return hostile, quiet
+
+    hostile, quiet = asyncio.run(main())
+    assert (hostile, quiet) == (50, 30)
+    assert counter(server, "{hostile}:rpm") == 50 and counter(server, "{quiet}:rpm") == 30
