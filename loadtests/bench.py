@@ -235,10 +235,13 @@ def start_gateway(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Ta
     return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp)
 
 
-def checkout_starter(checkout: Path, full: bool = False) -> Starter:
-    """The gateway of another checkout (a commit before a change) under the demo-like or the full policy, in the
-    same run."""
+def checkout_starter(checkout: Path, full: bool = False, leased: bool = False) -> Starter:
+    """The gateway of another checkout (a commit before a change) under the demo-like or the full policy (with
+    leases, if `leased`), in the same run."""
     def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+        if full and leased:
+            args = argparse.Namespace(**{**vars(args), "full_state_extra": getattr(args, "full_state_extra", "")
+                                         + LEASES})
         if full:
             return start_gateway_full(upstream, args, tmp, checkout)
         return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp, checkout)
@@ -250,17 +253,29 @@ def checkout_starter(checkout: Path, full: bool = False) -> Starter:
 LEASES = ", leases: {requests: 32, headroom_fraction: 0.05, idle_s: 1.0}"
 
 
-def start_gateway_full_leased(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+def start_gateway_full_leased(upstream: Upstream, args: argparse.Namespace, tmp: Path,
+                              without: str | None = None) -> Target | None:
     extra = getattr(args, "full_state_extra", "")
     args = argparse.Namespace(**{**vars(args), "full_state_extra": extra + LEASES})
-    return start_gateway_full(upstream, args, tmp)
+    return start_gateway_full(upstream, args, tmp, without=without)
 
 
-def ablated_starter(part: str) -> Starter:
-    """The gateway under the full policy without `part` (one of `FULL_POLICY_PARTS`)."""
+def ablated_starter(part: str, leased: bool = False) -> Starter:
+    """The gateway under the full policy (with leases, if `leased`) without `part` (one of `FULL_POLICY_PARTS`)."""
     def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+        if leased:
+            return start_gateway_full_leased(upstream, args, tmp, without=part)
         return start_gateway_full(upstream, args, tmp, without=part)
     return start
+
+
+def ablations(base: str | None) -> dict[str, Starter]:
+    """`--ablate`'s systems: `base` (gateway-full or gateway-full-leased) minus each of the full policy's parts."""
+    if base is None:
+        return {}
+    # Without limits nothing is leased: that system is the plain full policy's.
+    return {f"{base}-minus-{part}": ablated_starter(part, leased=base.endswith("-leased") and part != "limits")
+            for part in FULL_POLICY_PARTS}
 
 
 def _start_gateway_with(policy_text: str, args: argparse.Namespace, tmp: Path, checkout: Path = REPO
@@ -294,13 +309,13 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
         chosen["gateway"] = start_gateway
         chosen["gateway-full"] = start_gateway_full
         chosen["gateway-full-leased"] = start_gateway_full_leased
-        for part in FULL_POLICY_PARTS if args.ablate else ():
-            chosen[f"gateway-full-minus-{part}"] = ablated_starter(part)
+        chosen.update(ablations(args.ablate))
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     for checkout in args.compare_checkout or ():
         chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
         chosen[f"gateway-full@{checkout.name}"] = checkout_starter(checkout.resolve(), full=True)
+        chosen[f"gateway-full-leased@{checkout.name}"] = checkout_starter(checkout.resolve(), full=True, leased=True)
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
 
 
@@ -446,11 +461,13 @@ def parse_args() -> argparse.Namespace:
                         help="baselines' garbage-collector settings: the gateway's (default) or CPython's")
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
-    parser.add_argument("--ablate", action="store_true",
-                        help="also the full policy minus each of its parts: traces, limits, ledger, metrics")
+    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=["gateway-full", "gateway-full-leased"],
+                        help="also the full policy (default, or with leases) minus each of its parts: traces, limits, "
+                             "ledger, metrics")
     parser.add_argument("--compare-checkout", type=Path, nargs="+", metavar="DIR",
                         help="also run the gateway of these checkouts (e.g. a git worktree of an older commit) in the "
-                             "same run: demo-like policy as 'gateway@<dir name>', full as 'gateway-full@<dir name>'")
+                             "same run: demo-like policy as 'gateway@<dir name>', full as 'gateway-full@<dir name>', "
+                             "full with leases as 'gateway-full-leased@<dir name>'")
     parser.add_argument("--only", nargs="+", metavar="SYSTEM", help="subset, e.g. direct baseline-aiohttp")
     parser.add_argument("--loops", nargs="+", choices=["closed", "open"], default=["closed", "open"],
                         help="which halves of the matrix to run (default both)")

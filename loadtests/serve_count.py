@@ -77,6 +77,11 @@ def main() -> None:
     parser.add_argument("--compare-checkout", type=Path, nargs="+", default=[], metavar="DIR",
                         help="also count gateway@DIR and gateway-full@DIR (a worktree of another commit)")
     parser.add_argument("--stream-chunks", type=int, default=20)
+    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=["gateway-full", "gateway-full-leased"],
+                        help="also count the full policy (default, or with leases) minus each of its parts")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="write the callgrind files here and keep them (for callgrind_annotate), not in a "
+                             "temporary folder")
     args = parser.parse_args()
     # What bench.py's starters read from its own options.
     args.upstream_module, args.chunk_delay_ms, args.baseline_gc = "tests.fakes.openai_upstream", 0.0, "serving"
@@ -85,12 +90,15 @@ def main() -> None:
     install_cleanup()
     starters = {"baseline-aiohttp": bench.baseline_starter("aiohttp"), "gateway": bench.start_gateway,
                 "gateway-full": bench.start_gateway_full, "gateway-full-leased": bench.start_gateway_full_leased}
+    starters.update(bench.ablations(args.ablate))
     for checkout in args.compare_checkout:
         starters[f"gateway@{checkout.name}"] = bench.checkout_starter(checkout.resolve())
         starters[f"gateway-full@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True)
     chosen = {name: start for name, start in starters.items() if not args.only or name in args.only}
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
+        tmp = args.keep.resolve() if args.keep else Path(folder)
         upstream = bench.start_upstream("upstream", 0.0, args, tmp)
         try:
             figures = {name: count(name, start, args, upstream, tmp) for name, start in chosen.items()}
