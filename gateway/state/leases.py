@@ -4,14 +4,19 @@ With `state.leases` set, an admission that goes to Redis reserves, on top of
 the request's own amount, a lease for each limited check: up to
 `leases.requests` more requests like it, and never more than
 `headroom_fraction` of what the limit has left. Later requests of this process
-are admitted from that lease, in the process, until some check's lease is too
-small; then the next admission goes to Redis, uses what is left of each lease
-as part of its own reservation, and asks for a new one.
+are admitted from that lease, in the process. When a request admitted from a
+lease leaves it below a quarter of a full one, a top-up is asked of Redis in
+the background (one at a time per counter), so no request waits for Redis
+while its lease lasts. If a lease still runs too small, the next admission
+goes to Redis, uses what is left of each lease as part of its own
+reservation, and asks for a new one.
 
 What this keeps and what it gives up (docs/accounting.md, "Leases"):
 
 - A limit is never passed: a lease is reserved in Redis before anything is
   admitted from it, so every replica's counter holds every other's leases.
+  A top-up is an admission of no request: Redis refuses it when the room is
+  gone, and it never makes a lease larger than a new one would be.
 - A refusal is exact within one process (its own unused lease counts as room),
   but a replica can refuse while another holds an unused lease: at most
   `headroom_fraction` of the room each, and a lease nobody used for `idle_s`
@@ -76,11 +81,15 @@ class LeaseBook:
         self._give_back = give_back
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
+        # Counters with a lease asked of Redis and not yet answered: one ask at a time each, so two requests
+        # (or a request and a top-up) on their way together do not both come back with a full lease.
+        self._asking: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def admit_locally(self, checks: Sequence[Check]) -> tuple[tuple[int, ...], list[Delta]] | None:
-        """Admit from the leases: each check's used value and the unlimited checks' counts to settle; None
-        when some limited check's lease is missing or too small (or no check is limited): ask Redis."""
+    def admit_locally(self, checks: Sequence[Check]) -> tuple[tuple[int, ...], list[Delta], bool] | None:
+        """Admit from the leases: each check's used value, the unlimited checks' counts to settle and whether a
+        lease is now low (`top_up`); None when some limited check's lease is missing or too small (or no check
+        is limited): ask Redis."""
         leases, seen = self._leases, self._seen
         leased = False
         for check in checks:
@@ -97,6 +106,8 @@ class LeaseBook:
             return None
         used: list[int] = []
         counted: list[Delta] = []
+        low = False
+        quarter = self._settings.requests / 4
         for check in checks:
             key = check.slices[-1]
             if check.limit == UNLIMITED:
@@ -108,7 +119,37 @@ class LeaseBook:
                 used.append(seen[key][0] - lease.left)
                 lease.left -= check.amount
                 lease.touched = True
-        return tuple(used), counted
+                if lease.left < quarter * check.amount:
+                    low = True
+        return tuple(used), counted, low
+
+    def top_up(self, checks: Sequence[Check]) -> Sizing | None:
+        """After a local admission left a lease low: what to ask of Redis for these checks' leases, each back
+        to `requests` requests like this one and at most `headroom_fraction` of the room, lease included; None
+        when no lease needs it, its top-up is already on its way, or it could not grow by one request's worth.
+        Redis admits no request with it: the checks' amounts are the top-ups (0 for the rest)."""
+        leases, seen, asking = self._leases, self._seen, self._asking
+        requests, fraction = self._settings.requests, self._settings.headroom_fraction
+        sent: list[Check] = []
+        extras: list[int] = []
+        for check in checks:
+            extra = 0
+            key = check.slices[-1]
+            lease = leases.get(key)
+            entry = seen.get(key)
+            if (check.limit != UNLIMITED and check.amount > 0 and lease is not None and entry is not None
+                    and key not in asking and lease.left < requests * check.amount / 4):
+                room = check.limit - (entry[0] - lease.left)
+                extra = min(requests * check.amount, int(room * fraction)) - lease.left
+                if extra < check.amount:
+                    extra = 0
+            extras.append(extra)
+            sent.append(Check(check.slices, check.limit, extra, check.expires_at))
+        if not any(extras):
+            return None
+        asking.update(check.slices[-1] for check, extra in zip(checks, extras, strict=True) if extra)
+        nothing = (0,) * len(sent)
+        return Sizing(tuple(sent), nothing, tuple(extras), nothing)
 
     def size(self, checks: Sequence[Check], *, ask: bool = True) -> Sizing:
         """What to send for these checks: each takes what it can of its lease now and, if `ask`, asks for a
@@ -128,12 +169,14 @@ class LeaseBook:
                 take = min(left, check.amount)
                 if take:
                     lease.left -= take  # type: ignore[union-attr]  # take > 0 only with a lease
-                entry = seen.get(key) if ask else None
+                entry = seen.get(key) if ask and key not in self._asking else None
                 if entry is not None:
                     room = check.limit - (entry[0] - left) - check.amount
                     extra = min(requests * check.amount - (left - take), int(room * fraction))
                     if extra < check.amount:  # a lease that cannot admit one more request like this one
                         extra = 0
+                    else:
+                        self._asking.add(key)
             takes.append(take)
             extras.append(extra)
             amounts.append(check.amount)
@@ -159,13 +202,15 @@ class LeaseBook:
         process sees it: the counter without this process's unused lease.
 
         Admitted: the leases asked for are now held. Refused or given up (`used` None): what was taken from the
-        leases is theirs again, as it was never released in Redis.
+        leases is theirs again, as it was never released in Redis. Either way its counters may be asked for again.
         """
         leases = self._leases
         seen_as: list[int] = []
         for index, check in enumerate(sizing.sent):
             take, extra = sizing.takes[index], sizing.extras[index]
             key = check.slices[-1]
+            if extra:
+                self._asking.discard(key)
             lease = leases.get(key)
             if used is not None:
                 seen_as.append(used[index] - (lease.left if lease is not None else 0) - take)

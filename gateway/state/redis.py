@@ -57,7 +57,7 @@ from typing import Any
 
 from gateway.state import Check, Delta, StoreUnavailable, Verdict
 from gateway.state.cluster import ClusterClient
-from gateway.state.leases import LeaseBook, LeaseSettings
+from gateway.state.leases import LeaseBook, LeaseSettings, Sizing
 from gateway.state.memory import MemoryStore
 from gateway.state.resp import ConnectionLost, RedisReplyError, RespClient, bulk
 
@@ -257,6 +257,7 @@ class RedisStore:
         self._probe: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._topping_up: set[asyncio.Task[None]] = set()  # lease top-ups on their way (`_top_up`)
         self._skew_s = 0.0
         self._up = asyncio.Event()
         self._up.set()
@@ -291,24 +292,32 @@ class RedisStore:
 
         Also logs when the caller's own deadline cancels it first.
         """
-        self._closing = True  # no new probe: close replays itself, below
+        self._closing = True  # no new probe or lease top-up: close replays itself, below
         if self._probe is not None:
             self._probe.cancel()
-        if self._leases is not None:
-            self._leases.give_back_all()
         try:
             with contextlib.suppress(TimeoutError, *_FAILURES):
                 async with asyncio.timeout(timeout_s):
+                    # Top-ups first: a lease granted after the give-back would stay counted until its window ends.
+                    await asyncio.gather(*self._topping_up, return_exceptions=True)
+                    self._give_back_leases()
                     await self.flush()
                     if self._journal or self._uncertain:
                         await self._measure_skew()
                         await self._replay()
         finally:
+            for task in self._topping_up:
+                task.cancel()
+            self._give_back_leases()  # (if the deadline came first) journalled with the rest of the outbox
             if self._timer is not None:
                 self._timer.cancel()
             self._journal_outbox()
             self._log_unsent()
             self._client.abort()
+
+    def _give_back_leases(self) -> None:
+        if self._leases is not None:
+            self._leases.give_back_all()
 
     def _log_unsent(self) -> None:
         if not (self._journal or self._uncertain):
@@ -332,9 +341,11 @@ class RedisStore:
             return await self._admit(checks)
         local = book.admit_locally(checks)
         if local is not None:
-            used, counted = local
+            used, counted, low = local
             if counted:
                 self.settle(counted)
+            if low and not self._closing:
+                self._top_up(book, checks)
             return Verdict(True, used)
         sizing = book.size(checks)
         try:
@@ -348,6 +359,26 @@ class RedisStore:
             raise
         used = book.answered(sizing, verdict.used, verdict.admitted)
         return Verdict(verdict.admitted, used, verdict.denied)
+
+    def _top_up(self, book: LeaseBook, checks: Sequence[Check]) -> None:
+        sizing = book.top_up(checks)
+        if sizing is not None:
+            task = asyncio.get_running_loop().create_task(self._ask_top_up(book, sizing))
+            self._topping_up.add(task)
+            task.add_done_callback(self._topping_up.discard)
+
+    async def _ask_top_up(self, book: LeaseBook, sizing: Sizing) -> None:
+        """Ask Redis for a lease top-up off the request path; refused or failed, the leases stay as they are
+        (a failure is the outage `_admit` records; cancelled, the call is replayed as refused)."""
+        try:
+            verdict = await self._admit(sizing.sent)
+        except StoreUnavailable:
+            book.answered(sizing, None, False)
+            return
+        except BaseException:
+            book.answered(sizing, None, False)
+            raise
+        book.answered(sizing, verdict.used, verdict.admitted)
 
     async def _admit(self, checks: Sequence[Check]) -> Verdict:
         if self._healthy:
