@@ -130,7 +130,6 @@ class LeaseBook:
         Redis admits no request with it: the checks' amounts are the top-ups (0 for the rest)."""
         leases, seen, asking = self._leases, self._seen, self._asking
         requests, fraction = self._settings.requests, self._settings.headroom_fraction
-        sent: list[Check] = []
         extras: list[int] = []
         for check in checks:
             extra = 0
@@ -144,12 +143,13 @@ class LeaseBook:
                 if extra < check.amount:
                     extra = 0
             extras.append(extra)
-            sent.append(Check(check.slices, check.limit, extra, check.expires_at))
         if not any(extras):
             return None
         asking.update(check.slices[-1] for check, extra in zip(checks, extras, strict=True) if extra)
+        sent = tuple(Check(check.slices, check.limit, extra, check.expires_at)
+                     for check, extra in zip(checks, extras, strict=True))
         nothing = (0,) * len(sent)
-        return Sizing(tuple(sent), nothing, tuple(extras), nothing)
+        return Sizing(sent, nothing, tuple(extras), nothing)
 
     def size(self, checks: Sequence[Check], *, ask: bool = True) -> Sizing:
         """What to send for these checks: each takes what it can of its lease now and, if `ask`, asks for a

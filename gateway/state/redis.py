@@ -258,6 +258,7 @@ class RedisStore:
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._topping_up: set[asyncio.Task[None]] = set()  # lease top-ups on their way (`_top_up`)
+        self._top_up_of: dict[str, asyncio.Task[None]] = {}  # and by the counters they top up
         self._skew_s = 0.0
         self._up = asyncio.Event()
         self._up.set()
@@ -340,6 +341,12 @@ class RedisStore:
         if not (lease and book is not None and self._healthy):
             return await self._admit(checks)
         local = book.admit_locally(checks)
+        if local is None and (pending := {task for check in checks
+                                          if (task := self._top_up_of.get(check.slices[-1])) is not None}):
+            # A lease ran out while its top-up is on its way (requests that came faster than a round trip):
+            # waiting for it is the round trip this request would make anyway, without a call of its own.
+            await asyncio.wait(pending)
+            local = book.admit_locally(checks)
         if local is not None:
             used, counted, low = local
             if counted:
@@ -362,10 +369,19 @@ class RedisStore:
 
     def _top_up(self, book: LeaseBook, checks: Sequence[Check]) -> None:
         sizing = book.top_up(checks)
-        if sizing is not None:
-            task = asyncio.get_running_loop().create_task(self._ask_top_up(book, sizing))
-            self._topping_up.add(task)
-            task.add_done_callback(self._topping_up.discard)
+        if sizing is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._ask_top_up(book, sizing))
+        keys = [check.slices[-1] for check, extra in zip(sizing.sent, sizing.extras, strict=True) if extra]
+        self._topping_up.add(task)
+        self._top_up_of.update(dict.fromkeys(keys, task))
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._topping_up.discard(task)
+            for key in keys:
+                if self._top_up_of.get(key) is task:
+                    del self._top_up_of[key]
+        task.add_done_callback(done)
 
     async def _ask_top_up(self, book: LeaseBook, sizing: Sizing) -> None:
         """Ask Redis for a lease top-up off the request path; refused or failed, the leases stay as they are
