@@ -91,13 +91,15 @@ def policy_text(args: argparse.Namespace, folder: Path) -> str:
     refuse: what is counted is their cost."""
     if not args.full:
         return POLICY
-    from bench import with_full_policy
+    from bench import FULL_POLICY_PARTS, LEASES, with_full_policy
 
     # timeout_s: under callgrind a round trip takes far longer than the default 0.25 s, and a timed-out store would
     # fall back to counting in memory (fail_open): the count would no longer be the Redis path.
     return with_full_policy(POLICY, provider="mock", model="mock-gpt-4o-mini", redis_url=args.redis,
                             key_prefix=f"inprocess-{os.getpid()}:", collector=args.collector,
-                            ledger=folder / "ledger.sqlite", state_extra=", timeout_s: 10")
+                            ledger=folder / "ledger.sqlite",
+                            state_extra=", timeout_s: 10" + (LEASES if args.leased else ""),
+                            without=args.without if args.without in FULL_POLICY_PARTS else None)
 
 
 async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
@@ -136,6 +138,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--full", action="store_true", help="issue #17's full policy (Redis, OTLP, metrics, ledger)")
+    parser.add_argument("--leased", action="store_true", help="with --full: admission from leases (state.leases)")
+    parser.add_argument("--without", metavar="PART", choices=["traces", "limits", "ledger", "metrics"],
+                        help="with --full: leave one of its parts out, as bench.py --ablate does")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --full")
     parser.add_argument("--collector", default="http://127.0.0.1:4318",
                         help="with --full: an OTLP/HTTP collector (python -m tests.fakes.otlp_receiver)")
