@@ -346,6 +346,8 @@ class RedisStore:
             # A lease ran out while its top-up is on its way (requests that came faster than a round trip):
             # waiting for it is the round trip this request would make anyway, without a call of its own.
             await asyncio.wait(pending)
+            if not self._healthy:  # the top-up found Redis gone: no lease is admitted from while it is
+                return await self._admit(checks)
             local = book.admit_locally(checks)
         if local is not None:
             used, counted, low = local
