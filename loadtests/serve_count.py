@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="counted requests per mode, after 30 unmeasured")
     parser.add_argument("--only", nargs="+", metavar="SYSTEM", help=f"a subset of {', '.join(SYSTEMS)} (and @)")
     parser.add_argument("--compare-checkout", type=Path, nargs="+", default=[], metavar="DIR",
-                        help="also count gateway@DIR and gateway-full@DIR (a worktree of another commit)")
+                        help="also count gateway@DIR, gateway-full@DIR and gateway-full-leased@DIR (a worktree of "
+                             "another commit)")
     parser.add_argument("--stream-chunks", type=int, default=20)
     parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=["gateway-full", "gateway-full-leased"],
                         help="also count the full policy (default, or with leases) minus each of its parts")
@@ -94,6 +95,8 @@ def main() -> None:
     for checkout in args.compare_checkout:
         starters[f"gateway@{checkout.name}"] = bench.checkout_starter(checkout.resolve())
         starters[f"gateway-full@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True)
+        starters[f"gateway-full-leased@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True,
+                                                                               leased=True)
     chosen = {name: start for name, start in starters.items() if not args.only or name in args.only}
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
