@@ -53,7 +53,7 @@ def rpm(limit: int) -> Check:
 async def top_ups_answered(store: RedisStore) -> None:
     """Wait for the store's lease top-ups on their way: as in a server whose requests come further apart than a
     Redis round trip (the top-up is asked at a quarter of the lease left, and answered before it runs out)."""
-    await asyncio.gather(*store._topping_up)
+    await asyncio.gather(*set(store._top_up_of.values()))
 
 
 class RoundTrips:

@@ -81,6 +81,7 @@ class LeaseBook:
         self._give_back = give_back
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
+        self._quarter = settings.requests / 4  # a lease is low below a quarter of `requests` requests like this one
         # Counters with a lease asked of Redis and not yet answered: one ask at a time each, so two requests
         # (or a request and a top-up) on their way together do not both come back with a full lease.
         self._asking: set[str] = set()
@@ -107,7 +108,7 @@ class LeaseBook:
         used: list[int] = []
         counted: list[Delta] = []
         low = False
-        quarter = self._settings.requests / 4
+        quarter = self._quarter
         for check in checks:
             key = check.slices[-1]
             if check.limit == UNLIMITED:
@@ -137,7 +138,7 @@ class LeaseBook:
             lease = leases.get(key)
             entry = seen.get(key)
             if (check.limit != UNLIMITED and check.amount > 0 and lease is not None and entry is not None
-                    and key not in asking and lease.left < requests * check.amount / 4):
+                    and key not in asking and lease.left < self._quarter * check.amount):
                 room = check.limit - (entry[0] - lease.left)
                 extra = min(requests * check.amount, int(room * fraction)) - lease.left
                 if extra < check.amount:

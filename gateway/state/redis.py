@@ -257,8 +257,7 @@ class RedisStore:
         self._probe: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self._topping_up: set[asyncio.Task[None]] = set()  # lease top-ups on their way (`_top_up`)
-        self._top_up_of: dict[str, asyncio.Task[None]] = {}  # and by the counters they top up
+        self._top_up_of: dict[str, asyncio.Task[None]] = {}  # lease top-ups on their way, by counter (`_top_up`)
         self._skew_s = 0.0
         self._up = asyncio.Event()
         self._up.set()
@@ -300,14 +299,14 @@ class RedisStore:
             with contextlib.suppress(TimeoutError, *_FAILURES):
                 async with asyncio.timeout(timeout_s):
                     # Top-ups first: a lease granted after the give-back would stay counted until its window ends.
-                    await asyncio.gather(*self._topping_up, return_exceptions=True)
+                    await asyncio.gather(*set(self._top_up_of.values()), return_exceptions=True)
                     self._give_back_leases()
                     await self.flush()
                     if self._journal or self._uncertain:
                         await self._measure_skew()
                         await self._replay()
         finally:
-            for task in self._topping_up:
+            for task in self._top_up_of.values():
                 task.cancel()
             self._give_back_leases()  # (if the deadline came first) journalled with the rest of the outbox
             if self._timer is not None:
@@ -375,12 +374,10 @@ class RedisStore:
             return
         task = asyncio.get_running_loop().create_task(self._ask_top_up(book, sizing))
         keys = [check.slices[-1] for check, extra in zip(sizing.sent, sizing.extras, strict=True) if extra]
-        self._topping_up.add(task)
         self._top_up_of.update(dict.fromkeys(keys, task))
 
         def done(task: asyncio.Task[None]) -> None:
-            self._topping_up.discard(task)
-            for key in keys:
+            for key in keys:  # unless a newer top-up of the key took its place
                 if self._top_up_of.get(key) is task:
                     del self._top_up_of[key]
         task.add_done_callback(done)
