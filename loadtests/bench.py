@@ -240,12 +240,20 @@ def checkout_starter(checkout: Path, full: bool = False, leased: bool = False) -
     leases, if `leased`), in the same run."""
     def start(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
         if full and leased:
-            args = argparse.Namespace(**{**vars(args), "full_state_extra": getattr(args, "full_state_extra", "")
-                                         + LEASES})
+            return start_gateway_full_leased(upstream, args, tmp, checkout=checkout)
         if full:
             return start_gateway_full(upstream, args, tmp, checkout)
         return _start_gateway_with(policy_yaml(upstream.base_url), args, tmp, checkout)
     return start
+
+
+def checkout_systems(checkout: Path) -> dict[str, Starter]:
+    """`--compare-checkout`'s systems for one checkout: its gateway under the demo-like, full and leased full
+    policies."""
+    name, checkout = checkout.name, checkout.resolve()
+    return {f"gateway@{name}": checkout_starter(checkout),
+            f"gateway-full@{name}": checkout_starter(checkout, full=True),
+            f"gateway-full-leased@{name}": checkout_starter(checkout, full=True, leased=True)}
 
 
 # The full policy with admission from leases (`state.leases`, docs/accounting.md "Leases"): most requests admitted
@@ -254,10 +262,10 @@ LEASES = ", leases: {requests: 32, headroom_fraction: 0.05, idle_s: 1.0}"
 
 
 def start_gateway_full_leased(upstream: Upstream, args: argparse.Namespace, tmp: Path,
-                              without: str | None = None) -> Target | None:
+                              without: str | None = None, checkout: Path = REPO) -> Target | None:
     extra = getattr(args, "full_state_extra", "")
     args = argparse.Namespace(**{**vars(args), "full_state_extra": extra + LEASES})
-    return start_gateway_full(upstream, args, tmp, without=without)
+    return start_gateway_full(upstream, args, tmp, checkout, without=without)
 
 
 def ablated_starter(part: str, leased: bool = False) -> Starter:
@@ -313,9 +321,7 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
     else:
         report.note("gateway skipped: `python -m gateway` is not importable yet (no gateway/__main__.py)")
     for checkout in args.compare_checkout or ():
-        chosen[f"gateway@{checkout.name}"] = checkout_starter(checkout.resolve())
-        chosen[f"gateway-full@{checkout.name}"] = checkout_starter(checkout.resolve(), full=True)
-        chosen[f"gateway-full-leased@{checkout.name}"] = checkout_starter(checkout.resolve(), full=True, leased=True)
+        chosen.update(checkout_systems(checkout))
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
 
 

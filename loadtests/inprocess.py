@@ -91,7 +91,7 @@ def policy_text(args: argparse.Namespace, folder: Path) -> str:
     refuse: what is counted is their cost."""
     if not args.full:
         return POLICY
-    from bench import FULL_POLICY_PARTS, LEASES, with_full_policy
+    from bench import LEASES, with_full_policy
 
     # timeout_s: under callgrind a round trip takes far longer than the default 0.25 s, and a timed-out store would
     # fall back to counting in memory (fail_open): the count would no longer be the Redis path.
@@ -99,7 +99,7 @@ def policy_text(args: argparse.Namespace, folder: Path) -> str:
                             key_prefix=f"inprocess-{os.getpid()}:", collector=args.collector,
                             ledger=folder / "ledger.sqlite",
                             state_extra=", timeout_s: 10" + (LEASES if args.leased else ""),
-                            without=args.without if args.without in FULL_POLICY_PARTS else None)
+                            without=args.without)
 
 
 async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:

@@ -93,10 +93,7 @@ def main() -> None:
                 "gateway-full": bench.start_gateway_full, "gateway-full-leased": bench.start_gateway_full_leased}
     starters.update(bench.ablations(args.ablate))
     for checkout in args.compare_checkout:
-        starters[f"gateway@{checkout.name}"] = bench.checkout_starter(checkout.resolve())
-        starters[f"gateway-full@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True)
-        starters[f"gateway-full-leased@{checkout.name}"] = bench.checkout_starter(checkout.resolve(), full=True,
-                                                                               leased=True)
+        starters.update(bench.checkout_systems(checkout))
     chosen = {name: start for name, start in starters.items() if not args.only or name in args.only}
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
