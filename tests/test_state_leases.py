@@ -110,8 +110,8 @@ def test_requests_faster_than_a_top_up_wait_for_it_and_make_no_call_of_their_own
         verdicts = []
         for _ in range(200):
             verdicts.append(await store.admit([rpm(10_000)], lease=True))
-            assert store._leases._leases.get("{t}:rpm", None) is None \
-                or store._leases._leases["{t}:rpm"].left <= 16  # type: ignore[union-attr]
+            lease = store._leases._leases.get("{t}:rpm")  # type: ignore[union-attr]
+            assert lease is None or lease.left <= 16
         await store.close()
         return verdicts
 
