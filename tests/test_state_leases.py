@@ -315,6 +315,26 @@ def test_a_process_that_dies_without_closing_leaves_at_most_its_unused_leases_co
     assert counter(server, "{t}:rpm") - admitted in (3, 16)
 
 
+def test_a_clean_stop_with_a_top_up_on_its_way_leaves_only_what_was_admitted(server: PrivateRedis) -> None:
+    """Shutdown while a top-up is asked but not answered: close waits for it before giving every lease back, so
+    the grant cannot land after the give-back and stay counted."""
+    async def main() -> int:
+        store = leased_store(server, requests=16)
+        await store.start()
+        admitted = 0
+        for _ in range(14):
+            admitted += (await store.admit([rpm(10_000)], lease=True)).admitted
+            await top_ups_answered(store)
+        admitted += (await store.admit([rpm(10_000)], lease=True)).admitted  # 3 left: a top-up of 13 is asked
+        assert store._top_up_of  # not yet sent: close finds it on its way
+        await store.close()
+        return admitted
+
+    admitted = asyncio.run(main())
+    assert admitted == 15
+    assert counter(server, "{t}:rpm") == 15
+
+
 def test_a_team_spending_its_limit_through_leases_takes_nothing_from_another_team(server: PrivateRedis) -> None:
     """A hostile team hammering its own limit, concurrently with another team's requests on the same process and
     Redis: each team's leases are of its own counters, so the other still gets exactly its limit."""
