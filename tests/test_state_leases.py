@@ -123,6 +123,64 @@ def test_requests_faster_than_a_top_up_wait_for_it_and_make_no_call_of_their_own
     assert counter(server, "{t}:rpm") == 200
 
 
+def test_a_burst_of_requests_waits_for_the_top_ups_instead_of_calling_redis_each(server: PrivateRedis) -> None:
+    """64 requests at once on a lease of 16: those the lease cannot hold wait for the top-ups the requests before
+    them started (13 each), wave after wave, and none calls Redis itself; every count stays exact."""
+    async def main() -> tuple[list[Verdict], int]:
+        store = leased_store(server, requests=16)
+        await store.start()
+        for _ in range(2):  # the first has no view of the counter; the second takes the first lease
+            await store.admit([rpm(10_000)], lease=True)
+        before = script_calls(server)
+        verdicts = await asyncio.gather(*(store.admit([rpm(10_000)], lease=True) for _ in range(64)))
+        calls = script_calls(server) - before
+        await store.close()
+        return verdicts, calls
+
+    verdicts, calls = asyncio.run(main())
+    assert sorted(v.used[0] for v in verdicts) == list(range(2, 66))
+    # 16 from the lease, then four top-ups of 13: the top-ups are the only calls (37 when a request that found
+    # the lease empty again after one top-up asked Redis itself).
+    assert calls == 4
+    assert counter(server, "{t}:rpm") == 66
+
+
+def test_a_request_larger_than_any_lease_waits_for_a_few_top_ups_at_most(server: PrivateRedis) -> None:
+    """Leases sized for requests of 1 never hold 40: a request of 40 waits for a bounded number of top-ups (each a
+    round trip), then asks Redis itself, however many small requests keep the top-ups coming."""
+    big = Check(("{t}:tpm",), 10**9, 40, int(time.time()) + 600)
+
+    async def main() -> tuple[Verdict, int]:
+        store = leased_store(server, requests=16)
+        await store.start()
+        small = Check(("{t}:tpm",), 10**9, 1, int(time.time()) + 600)
+        for _ in range(2):
+            await store.admit([small], lease=True)
+        admitted_small = 0
+        done = asyncio.Event()
+
+        async def small_requests() -> None:
+            nonlocal admitted_small
+            while not done.is_set() and admitted_small < 5_000:
+                await store.admit([small], lease=True)
+                admitted_small += 1
+
+        producers = [asyncio.create_task(small_requests()) for _ in range(32)]
+        await asyncio.sleep(0)  # the small requests are on their way and their top-ups with them
+        verdict = await store.admit([big], lease=True)
+        done.set()
+        await asyncio.gather(*producers)
+        await store.close()
+        return verdict, admitted_small
+
+    verdict, admitted_small = asyncio.run(main())
+    assert verdict.admitted
+    # Four top-ups went by before it asked Redis (~130 small requests admitted meanwhile); waiting for as long as
+    # top-ups come, it would still be waiting when the small requests stop (5,000).
+    assert admitted_small < 32 + 5 * 32
+    assert counter(server, "{t}:tpm") == 2 + 40 + admitted_small
+
+
 def test_one_process_admits_exactly_up_to_the_limit(server: PrivateRedis) -> None:
     async def main() -> tuple[list[Verdict], list[Verdict]]:
         store = leased_store(server, requests=32, fraction=0.5)

@@ -144,6 +144,9 @@ _INTS_MEMORY = 8192  # integers kept encoded
 _FAILURES = (RedisReplyError, ConnectionLost, OSError, asyncio.TimeoutError)
 _Amounts = dict[str, list[int]]  # key -> [amount, expires_at]
 _ALREADY_APPLIED = -2
+# Top-ups a request whose lease ran out waits for before asking Redis itself. Bounded: a request larger than the
+# requests a lease is sized for may never fit in one (tests/test_state_leases.py, "larger than any lease").
+_TOP_UPS_WAITED = 4
 
 
 _amount = operator.attrgetter("amount")
@@ -340,14 +343,18 @@ class RedisStore:
         if not (lease and book is not None and self._healthy):
             return await self._admit(checks)
         local = book.admit_locally(checks)
-        if local is None and (pending := {task for check in checks
-                                          if (task := self._top_up_of.get(check.slices[-1])) is not None}):
+        waited = 0
+        while local is None and waited < _TOP_UPS_WAITED and (
+                pending := {task for check in checks if (task := self._top_up_of.get(check.slices[-1])) is not None}):
             # A lease ran out while its top-up is on its way (requests that came faster than a round trip):
-            # waiting for it is the round trip this request would make anyway, without a call of its own.
+            # waiting for it is the round trip this request would make anyway, without a call of its own. In a
+            # burst, the requests one top-up wakes can use it all before the last of them runs: that one waits for
+            # the next top-up (started by those before it) instead of calling Redis, up to `_TOP_UPS_WAITED` times.
             await asyncio.wait(pending)
             if not self._healthy:  # the top-up found Redis gone: no lease is admitted from while it is
                 return await self._admit(checks)
             local = book.admit_locally(checks)
+            waited += 1
         if local is not None:
             used, counted, low = local
             if counted:
