@@ -125,6 +125,69 @@ def test_rows_encode_as_the_sdk_spans_made_of_them_do() -> None:
     assert server.resource["service.name"] == "svc"
 
 
+def _rows(trace_id: int) -> list[SpanRow]:
+    """A trace of two spans, a CLIENT attempt and its SERVER request, with an event."""
+    return [
+        (trace_id, 0x2, 1, None, 0x1, False, "chat m", SpanKind.CLIENT, 10, 20,
+         {"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 7, "switchboard.cost_usd": 0.25}, (), 0, None),
+        (trace_id, 0x1, 1, None, None, False, "chat public", SpanKind.SERVER, 5, 30,
+         {"switchboard.team": "a", "switchboard.request_id": f"req-{trace_id}"},
+         (("switchboard.admission", {"switchboard.admission.used": (1.0, 2.5)}, 7),), 0, None),
+    ]
+
+
+def test_traces_encoded_one_by_one_join_into_the_request_a_batch_of_their_rows_makes() -> None:
+    """The loop encodes each trace as it ends; the export thread only joins them: the request is byte for byte the
+    one encoding all their rows at once makes, and decodes to every span."""
+    resource = {"service.name": "svc"}
+    traces = [_rows(n) for n in (0xA1, 0xB2, 0xC3)]
+    on_the_loop = SpanEncoder()
+    joined = SpanEncoder().request_of(resource, SCOPE_NAME, [on_the_loop.framed_spans(rows) for rows in traces])
+    assert joined == SpanEncoder().encode_rows([row for rows in traces for row in rows], resource, SCOPE_NAME)
+    spans = decode(joined)
+    assert [span.attributes.get("switchboard.request_id") for span in spans] == [
+        None, "req-161", None, "req-178", None, "req-195"]
+    assert count_spans(joined) == 6
+
+
+def test_a_trace_the_queue_cannot_take_is_dropped_before_it_is_encoded() -> None:
+    """A dead collector fills the queue; from then on a finished trace costs no encoding, only a count."""
+    from gateway.telemetry.traces import EncodedTrace, OtlpSpans
+
+    class CountingEncoder(SpanEncoder):
+        encoded = 0
+
+        def framed_spans(self, rows):  # type: ignore[no-untyped-def]
+            CountingEncoder.encoded += 1
+            return super().framed_spans(rows)
+
+    class Finished:
+        span_count = 2
+
+        def __init__(self, number: int) -> None:
+            self.number = number
+
+        def rows(self) -> list[SpanRow]:
+            return _rows(self.number)
+
+    sent: list[bytes] = []
+
+    def send(traces: Sequence[EncodedTrace]) -> bool:
+        sent.extend(trace.data for trace in traces)
+        return True
+
+    spans = OtlpSpans(SpanBatches(send, max_queue=5, max_batch=5, delay_s=3600), CountingEncoder())
+    try:
+        for number in range(1, 6):
+            spans.add(Finished(number))  # type: ignore[arg-type]
+        assert CountingEncoder.encoded == 2  # two traces of two spans fit in five
+        assert spans.dropped_spans == 6
+        assert spans.force_flush()
+        assert sent == [SpanEncoder().framed_spans(_rows(number)) for number in (1, 2)]
+    finally:
+        spans.shutdown()
+
+
 def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
     """A finished trace waits in the export queue for up to the schedule delay (and a queue's worth of them at
     once): it must not hold the exchange, the request body or the reply while it waits."""

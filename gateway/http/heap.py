@@ -11,13 +11,14 @@ generation-0 threshold lets short-lived objects die by reference count before
 a collection looks at them. Cyclic garbage is still collected; only
 objects alive at startup are exempt, and they live as long as the process.
 
-The span exporter and the ledger writer are threads that run Python code
-(encoding a batch of spans, building rows) on the same core as the event
-loop. A thread holding the GIL keeps it until it blocks or another thread has
-waited the switch interval (CPython's default: 5 ms), so a request that
-arrives while a batch is being encoded waits up to 5 ms before the loop runs
-again. A 0.5 ms interval bounds that wait; a forced switch costs a few
-microseconds and happens only while two threads want the interpreter.
+The ledger writer, the access log's and the span exporter's are threads that
+run some Python code (writing rows, posting a batch of spans already encoded
+on the loop) on the same core as the event loop. A thread holding the GIL
+keeps it until it blocks or another thread has waited the switch interval
+(CPython's default: 5 ms), so a request that arrives meanwhile waits up to
+5 ms before the loop runs again. A 0.5 ms interval bounds that wait; a forced
+switch costs a few microseconds and happens only while two threads want the
+interpreter.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ encoder writes the same wire format (opentelemetry-proto `trace.proto`,
 suite decodes its output with the official protobuf classes.
 
 It encodes the SDK's `ReadableSpan`s (the `SpanExporter` interface) and the
-gateway's own traces as rows (`SpanRow`, `export_rows`), through one encoder.
+gateway's own traces as rows (`SpanRow`): each finished trace into its spans'
+bytes as it ends (`framed_spans`, on the event loop), which a batch then
+joins into one request (`request_of`, `export_encoded`, on the export thread).
 The transport is one persistent `http.client` connection on the export
 thread. A failed export is dropped, not retried: spans are
 best-effort, and a dead collector must cost nothing but the lost spans.
@@ -294,6 +296,24 @@ class SpanEncoder:
         """An `ExportTraceServiceRequest` for spans as rows, all of one resource and one instrumentation scope."""
         return b"".join(self._resource_spans(resource, self._scope_spans(scope_name, "", rows)))
 
+    def framed_spans(self, rows: Iterable[SpanRow]) -> bytes:
+        """Spans as rows, encoded and framed as `ScopeSpans.spans` fields: one trace's part of a request, which
+        `request_of` joins with others' as they are."""
+        parts = []
+        encode_row = self._row
+        for row in rows:
+            body = encode_row(row)
+            parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
+            parts.append(body)
+        return b"".join(parts)
+
+    def request_of(self, resource: Mapping[str, Any], scope_name: str, encoded: Sequence[bytes]) -> bytes:
+        """An `ExportTraceServiceRequest` of spans `framed_spans` encoded (one resource, one scope): framing and a
+        join, no span encoded again."""
+        parts = [b"", _field(1, _field(1, scope_name.encode())), *encoded]
+        parts[0] = _framed(0x12, sum(map(len, parts)))  # ResourceSpans.scope_spans: field 2
+        return b"".join(self._resource_spans(resource, parts))
+
     def _resource_spans(self, resource: Mapping[str, Any], scopes: list[bytes]) -> list[bytes]:
         """ResourceSpans (field 1 of the request): the resource, then its ScopeSpans, each framed already.
 
@@ -446,9 +466,11 @@ class OtlpHttpExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         return self._post(self._encoder.encode(spans))
 
-    def export_rows(self, rows: Iterable[SpanRow], resource: Mapping[str, Any], scope_name: str) -> SpanExportResult:
-        """Export spans given as rows (the gateway's own traces), all of one resource and scope."""
-        return self._post(self._encoder.encode_rows(rows, resource, scope_name))
+    def export_encoded(self, encoded: Sequence[bytes], resource: Mapping[str, Any],
+                       scope_name: str) -> SpanExportResult:
+        """Export spans already encoded by `SpanEncoder.framed_spans` (the gateway's own traces), all of one
+        resource and scope."""
+        return self._post(self._encoder.request_of(resource, scope_name, encoded))
 
     def _post(self, body: bytes) -> SpanExportResult:
         for attempt in (1, 2):  # a kept-alive connection the collector closed gets one fresh retry

@@ -340,7 +340,7 @@ class RequestTrace:
 
     def rows(self) -> list[SpanRow]:
         """The finished spans as rows (gateway/telemetry/otlp.py's `SpanRow`): every attempt (CLIENT), then the
-        request (SERVER). Read on the export thread: nothing about them is built on the request path."""
+        request (SERVER). Read when the trace is exported, after its request's reply."""
         trace_id, server_id, operation = self._trace_int, self._span_id, self._operation
         rows: list[SpanRow] = [
             (trace_id, a.span_id, _SAMPLED_FLAGS, None, server_id, False,

@@ -1,10 +1,10 @@
 """Finished traces waiting for export, sent in batches from a thread of their own.
 
 What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the gateway's
-own traces on the OTLP/HTTP path: a request hands over its finished trace in
-one deque append, so no span object is built on the event loop, and the export
-thread reads each trace's spans as rows (gateway/telemetry/otlp.py) when it
-encodes a batch. The policy's `telemetry.traces.batch` sets the same four
+own traces on the OTLP/HTTP path: a request hands over its finished trace,
+already encoded (gateway/telemetry/traces.py `OtlpSpans`), in one deque
+append, and the export thread joins a batch of them into one request and
+posts it. The policy's `telemetry.traces.batch` sets the same four
 things as for the SDK's processor, counted in spans: how many may wait (a
 trace that would pass the bound is dropped, and counted), how many make a
 batch, the longest one waits, and how long one export may take. The spans of
@@ -64,6 +64,11 @@ class SpanBatches:
         self._added_spans += spans
         if queued + spans >= self._max_batch:
             self._wake.set()
+
+    def has_room(self, spans: int) -> bool:
+        """Whether `add` would queue a trace of `spans` spans now (from the event loop, as `add`: only the export
+        thread takes traces, which only makes room)."""
+        return not self._closed and self._added_spans - self._taken_spans + spans <= self._max_queue
 
     @property
     def dropped_spans(self) -> int:

@@ -29,8 +29,8 @@ Why spans are not built with the SDK's `Tracer`: a request's facts are only
 known when it settles, and the SDK's live `Span` objects (attribute cleaning
 and locking per attribute, a sampler call per span) cost about twice as much
 CPU as building each span's attributes once. A finished trace is plain data:
-on the OTLP/HTTP path (the one production runs) it is queued as it is and
-encoded from its rows (`RequestTrace.rows`) on the export thread, so no span
+on the OTLP/HTTP path (the one production runs) it is encoded from its rows
+(`RequestTrace.rows`) as it ends and queued as bytes (`OtlpSpans`), so no span
 object is built at all; every other exporter (console, OTLP/gRPC, a test's
 in-memory exporter) gets the SDK's `ReadableSpan`s made of the same rows,
 through the SDK's span processors (`SdkSpans`).
@@ -57,7 +57,7 @@ from gateway.policy.schema import TracesPolicy
 from gateway.telemetry.attributes import GENAI_PROVIDER, attempt_kind_attributes
 from gateway.telemetry.content import redact_content
 from gateway.telemetry.export import LoggedExporter, build_exporter
-from gateway.telemetry.otlp import OtlpHttpExporter
+from gateway.telemetry.otlp import OtlpHttpExporter, SpanEncoder
 from gateway.telemetry.request_trace import NO_TRACE, SCOPE_NAME, NoTrace, RequestTrace, Untraced
 from gateway.telemetry.span_batches import SpanBatches
 
@@ -92,14 +92,56 @@ class SdkSpans:
         self.processor.shutdown()
 
 
+class EncodedTrace:
+    """A finished trace as its spans' OTLP bytes (`SpanEncoder.framed_spans`): what the export queue holds."""
+
+    __slots__ = ("data", "span_count")
+
+    def __init__(self, span_count: int, data: bytes) -> None:
+        self.span_count = span_count
+        self.data = data
+
+
+class OtlpSpans:
+    """Finished traces for OTLP/HTTP: encoded on the event loop as each ends, queued as bytes for the export
+    thread, which only joins a batch into one request and posts it (`SpanBatches`).
+
+    Why not encode on the export thread: a batch there (~18 µs a trace, ~5 ms for a full batch of 512 spans)
+    takes the GIL from the loop every switch interval (gateway/http/heap.py) for as long, so every request in
+    that window is served at half speed or less: at 500 requests a second, the gateway's tail latency
+    (loadtests/README.md, round nine). On the loop the same work comes in slices of one trace, where it ends. A
+    trace the queue has no room for is dropped (and counted) before it is encoded: a dead collector costs no
+    encoding.
+    """
+
+    def __init__(self, batches: SpanBatches, encoder: SpanEncoder) -> None:
+        self._batches = batches
+        self._encoder = encoder  # the loop's own: the export thread's exporter has another (memos are unlocked)
+
+    def add(self, trace: RequestTrace) -> None:
+        batches, spans = self._batches, trace.span_count
+        batches.add(EncodedTrace(spans, self._encoder.framed_spans(trace.rows())) if batches.has_room(spans)
+                    else trace)  # refused as it is, and counted
+
+    @property
+    def dropped_spans(self) -> int:
+        return self._batches.dropped_spans
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._batches.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self._batches.shutdown()
+
+
 class Tracing:
     """What traced requests need from one telemetry configuration: sampling, where spans go, content rules."""
 
-    def __init__(self, settings: TracesPolicy, resource: Resource, sink: SpanBatches | SdkSpans,
+    def __init__(self, settings: TracesPolicy, resource: Resource, sink: OtlpSpans | SdkSpans,
                  redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
         self.resource = resource
-        self.sink = sink  # where finished traces go: `SpanBatches` for OTLP/HTTP, else `SdkSpans`
+        self.sink = sink  # where finished traces go: `OtlpSpans` for OTLP/HTTP, else `SdkSpans`
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
         self._content_all = "*" in settings.record_content
@@ -227,11 +269,11 @@ class Telemetry:
             attributes["openinference.project.name"] = settings.project  # Phoenix's project
         resource = Resource.create(attributes)
         batch = settings.batch
-        sink: SpanBatches | SdkSpans
+        sink: OtlpSpans | SdkSpans
         if self._span_exporter is not None:
             sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
         elif settings.exporter == "otlp_http":
-            sink = _otlp_batches(settings, resource)
+            sink = _otlp_spans(settings, resource)
         else:
             sink = SdkSpans(BatchSpanProcessor(
                 LoggedExporter(build_exporter(settings), settings.exporter), max_queue_size=batch.max_queue_size,
@@ -241,20 +283,21 @@ class Telemetry:
         return Tracing(settings, resource, sink, self._redactor)
 
 
-def _otlp_batches(settings: TracesPolicy, resource: Resource) -> SpanBatches:
-    """OTLP/HTTP: finished traces queued as they are, encoded from their rows on the export thread."""
+def _otlp_spans(settings: TracesPolicy, resource: Resource) -> OtlpSpans:
+    """OTLP/HTTP: finished traces encoded as they end, queued as bytes, joined and posted on the export thread."""
     exporter = build_exporter(settings)
     assert isinstance(exporter, OtlpHttpExporter)
     logged = LoggedExporter(exporter, settings.exporter)
     attributes = dict(resource.attributes)  # read per batch: a plain dict, not the SDK's bounded mapping
 
-    def send(traces: Sequence[RequestTrace]) -> bool:
-        return logged.logged(exporter.export_rows, [row for trace in traces for row in trace.rows()], attributes,
+    def send(traces: Sequence[EncodedTrace]) -> bool:
+        return logged.logged(exporter.export_encoded, [trace.data for trace in traces], attributes,
                              SCOPE_NAME) is SpanExportResult.SUCCESS
 
     batch = settings.batch
-    return SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
-                       delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown)
+    return OtlpSpans(SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
+                                 delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown),
+                     SpanEncoder())
 
 
 """What `Exchange.trace` holds: a live request trace, or a no-op one."""
