@@ -333,14 +333,15 @@ class RequestTrace:
         self._status_code = _ERROR_CODE if server_failed else _UNSET_CODE
         self._end_ns = time.time_ns()
         self.span_count = len(self._attempts) + 1  # one per attempt, and the request's: what the export queue counts
-        # The trace waits in the export queue as it is: what only building its attributes needed goes now, so a
-        # queued trace keeps no request or reply body (or the exchange, and all it holds) alive.
+        # A sink may keep the trace as it is (an SDK processor's queue holds its spans, a test's sink the trace):
+        # what only building its attributes needed goes now, so a kept trace holds no request or reply body (or
+        # the exchange, and all it holds) alive. The OTLP/HTTP sink encodes it at once and keeps only the bytes.
         self._exchange = self._body = self._response_body = self._chunks = None
         tracing.export(self)
 
     def rows(self) -> list[SpanRow]:
         """The finished spans as rows (gateway/telemetry/otlp.py's `SpanRow`): every attempt (CLIENT), then the
-        request (SERVER). Read when the trace is exported, after its request's reply."""
+        request (SERVER). Read when the trace is exported (`Tracing.export`), after it is finished."""
         trace_id, server_id, operation = self._trace_int, self._span_id, self._operation
         rows: list[SpanRow] = [
             (trace_id, a.span_id, _SAMPLED_FLAGS, None, server_id, False,
