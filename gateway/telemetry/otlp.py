@@ -288,13 +288,14 @@ class SpanEncoder:
             groups.setdefault(key, []).append(span_row(span))
         by_resource: dict[int, list[bytes]] = {}
         for (resource_id, scope_name, scope_version), rows in groups.items():
-            by_resource.setdefault(resource_id, []).extend(self._scope_spans(scope_name, scope_version, rows))
+            by_resource.setdefault(resource_id, []).extend(
+                self._scope_spans(scope_name, scope_version, (self.framed_spans(rows),)))
         return b"".join([part for resource_id, scopes in by_resource.items()
                          for part in self._resource_spans(resources[resource_id].attributes, scopes)])
 
     def encode_rows(self, rows: Iterable[SpanRow], resource: Mapping[str, Any], scope_name: str) -> bytes:
         """An `ExportTraceServiceRequest` for spans as rows, all of one resource and one instrumentation scope."""
-        return b"".join(self._resource_spans(resource, self._scope_spans(scope_name, "", rows)))
+        return self.request_of(resource, scope_name, (self.framed_spans(rows),))
 
     def framed_spans(self, rows: Iterable[SpanRow]) -> bytes:
         """Spans as rows, encoded and framed as `ScopeSpans.spans` fields: one trace's part of a request, which
@@ -310,9 +311,7 @@ class SpanEncoder:
     def request_of(self, resource: Mapping[str, Any], scope_name: str, encoded: Sequence[bytes]) -> bytes:
         """An `ExportTraceServiceRequest` of spans `framed_spans` encoded (one resource, one scope): framing and a
         join, no span encoded again."""
-        parts = [b"", _field(1, _field(1, scope_name.encode())), *encoded]
-        parts[0] = _framed(0x12, sum(map(len, parts)))  # ResourceSpans.scope_spans: field 2
-        return b"".join(self._resource_spans(resource, parts))
+        return b"".join(self._resource_spans(resource, self._scope_spans(scope_name, "", encoded)))
 
     def _resource_spans(self, resource: Mapping[str, Any], scopes: list[bytes]) -> list[bytes]:
         """ResourceSpans (field 1 of the request): the resource, then its ScopeSpans, each framed already.
@@ -321,15 +320,10 @@ class SpanEncoder:
         encoded = _field(1, self._attributes(1, resource))
         return [_framed(0x0A, len(encoded) + sum(map(len, scopes))), encoded, *scopes]
 
-    def _scope_spans(self, name: str, version: str, rows: Iterable[SpanRow]) -> list[bytes]:
-        """ScopeSpans (field 2 of ResourceSpans): its framing, the scope, then each span framed."""
+    def _scope_spans(self, name: str, version: str, encoded: Sequence[bytes]) -> list[bytes]:
+        """ScopeSpans (field 2 of ResourceSpans): its framing, the scope, then the spans `framed_spans` encoded."""
         scope = _field(1, name.encode()) + (_field(2, version.encode()) if version else b"")
-        parts = [b"", _field(1, scope)]
-        encode_row = self._row
-        for row in rows:
-            body = encode_row(row)
-            parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
-            parts.append(body)
+        parts = [b"", _field(1, scope), *encoded]
         parts[0] = _framed(0x12, sum(map(len, parts)))  # ResourceSpans.scope_spans: field 2
         return parts
 
