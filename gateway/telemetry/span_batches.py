@@ -1,14 +1,15 @@
 """Finished traces waiting for export, sent in batches from a thread of their own.
 
-What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the gateway's
-own traces on the OTLP/HTTP path: a request hands over its finished trace,
-already encoded (gateway/telemetry/traces.py `OtlpSpans`), in one deque
-append, and the export thread joins a batch of them into one request and
-posts it. The policy's `telemetry.traces.batch` sets the same four
-things as for the SDK's processor, counted in spans: how many may wait (a
-trace that would pass the bound is dropped, and counted), how many make a
-batch, the longest one waits, and how long one export may take. The spans of
-a batch whose export fails are counted as dropped too (`dropped_spans`).
+What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the
+gateway's own traces on the OTLP/HTTP path: a request hands over its finished
+trace, queued in one deque append as what `queued_as` makes of it (its encoded
+spans, gateway/telemetry/traces.py), and the export thread joins a batch of
+them into one request and posts it. The policy's `telemetry.traces.batch` sets
+the same four things as for the SDK's processor, counted in spans: how many
+may wait (a trace that would pass the bound is dropped, and counted), how many
+make a batch, the longest one waits, and how long one export may take. The
+spans of a batch whose export fails are counted as dropped too
+(`dropped_spans`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ class SpanBatches:
     """A bounded queue of finished traces and the thread that exports them, `max_batch` spans at a time."""
 
     def __init__(self, send: Callable[[Sequence[FinishedTrace]], bool], *, max_queue: int, max_batch: int,
-                 delay_s: float, close_exporter: Callable[[], None] = lambda: None) -> None:
+                 delay_s: float, close_exporter: Callable[[], None] = lambda: None,
+                 queued_as: Callable[[FinishedTrace], FinishedTrace] | None = None) -> None:
         self._send = send
+        # What a trace is queued as (the OTLP path: its encoded spans, gateway/telemetry/traces.py), made only for a
+        # trace the queue takes; None: the trace itself.
+        self._queued_as = queued_as
         self._close_exporter = close_exporter
         self._max_queue = max_queue
         self._max_batch = max_batch
@@ -60,15 +65,10 @@ class SpanBatches:
         if self._closed or queued + spans > self._max_queue:
             self._drop(spans)
             return
-        self._queue.append(trace)
+        self._queue.append(trace if self._queued_as is None else self._queued_as(trace))
         self._added_spans += spans
         if queued + spans >= self._max_batch:
             self._wake.set()
-
-    def has_room(self, spans: int) -> bool:
-        """Whether `add` would queue a trace of `spans` spans now (from the event loop, as `add`: only the export
-        thread takes traces, which only makes room)."""
-        return not self._closed and self._added_spans - self._taken_spans + spans <= self._max_queue
 
     @property
     def dropped_spans(self) -> int:

@@ -30,7 +30,7 @@ known when it settles, and the SDK's live `Span` objects (attribute cleaning
 and locking per attribute, a sampler call per span) cost about twice as much
 CPU as building each span's attributes once. A finished trace is plain data:
 on the OTLP/HTTP path (the one production runs) it is encoded from its rows
-(`RequestTrace.rows`) as it ends and queued as bytes (`OtlpSpans`), so no span
+(`RequestTrace.rows`) as it ends and queued as bytes (`_otlp_spans`), so no span
 object is built at all; every other exporter (console, OTLP/gRPC, a test's
 in-memory exporter) gets the SDK's `ReadableSpan`s made of the same rows,
 through the SDK's span processors (`SdkSpans`).
@@ -102,46 +102,14 @@ class EncodedTrace:
         self.data = data
 
 
-class OtlpSpans:
-    """Finished traces for OTLP/HTTP: encoded on the event loop as each ends, queued as bytes for the export
-    thread, which only joins a batch into one request and posts it (`SpanBatches`).
-
-    Why not encode on the export thread: a batch there (~18 µs a trace, ~5 ms for a full batch of 512 spans)
-    takes the GIL from the loop every switch interval (gateway/http/heap.py) for as long, so every request in
-    that window is served at half speed or less: at 500 requests a second, the gateway's tail latency
-    (loadtests/README.md, round nine). On the loop the same work comes in slices of one trace, where it ends. A
-    trace the queue has no room for is dropped (and counted) before it is encoded: a dead collector costs no
-    encoding.
-    """
-
-    def __init__(self, batches: SpanBatches, encoder: SpanEncoder) -> None:
-        self._batches = batches
-        self._encoder = encoder  # the loop's own: the export thread's exporter has another (memos are unlocked)
-
-    def add(self, trace: RequestTrace) -> None:
-        batches, spans = self._batches, trace.span_count
-        batches.add(EncodedTrace(spans, self._encoder.framed_spans(trace.rows())) if batches.has_room(spans)
-                    else trace)  # refused as it is, and counted
-
-    @property
-    def dropped_spans(self) -> int:
-        return self._batches.dropped_spans
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self._batches.force_flush(timeout_millis)
-
-    def shutdown(self) -> None:
-        self._batches.shutdown()
-
-
 class Tracing:
     """What traced requests need from one telemetry configuration: sampling, where spans go, content rules."""
 
-    def __init__(self, settings: TracesPolicy, resource: Resource, sink: OtlpSpans | SdkSpans,
+    def __init__(self, settings: TracesPolicy, resource: Resource, sink: SpanBatches | SdkSpans,
                  redactor: Callable[[str], str] | None) -> None:
         self.settings = settings
         self.resource = resource
-        self.sink = sink  # where finished traces go: `OtlpSpans` for OTLP/HTTP, else `SdkSpans`
+        self.sink = sink  # where finished traces go: `SpanBatches` for OTLP/HTTP, else `SdkSpans`
         # Like the SDK's TraceIdRatioBased: keep a trace when its low 64 bits fall under the bound.
         self._bound = round(settings.sample_ratio * (1 << 64))
         self._content_all = "*" in settings.record_content
@@ -269,7 +237,7 @@ class Telemetry:
             attributes["openinference.project.name"] = settings.project  # Phoenix's project
         resource = Resource.create(attributes)
         batch = settings.batch
-        sink: OtlpSpans | SdkSpans
+        sink: SpanBatches | SdkSpans
         if self._span_exporter is not None:
             sink = SdkSpans(SimpleSpanProcessor(self._span_exporter))
         elif settings.exporter == "otlp_http":
@@ -283,21 +251,34 @@ class Telemetry:
         return Tracing(settings, resource, sink, self._redactor)
 
 
-def _otlp_spans(settings: TracesPolicy, resource: Resource) -> OtlpSpans:
-    """OTLP/HTTP: finished traces encoded as they end, queued as bytes, joined and posted on the export thread."""
+def _otlp_spans(settings: TracesPolicy, resource: Resource) -> SpanBatches:
+    """OTLP/HTTP: finished traces encoded on the event loop as each ends, queued as bytes for the export thread,
+    which only joins a batch into one request and posts it.
+
+    Why not encode on the export thread: a batch there (~18 µs a trace, ~5 ms for a full batch of 512 spans)
+    takes the GIL from the loop every switch interval (gateway/http/heap.py) for as long, so every request in
+    that window is served at half speed or less: at 500 requests a second, the gateway's tail latency
+    (loadtests/README.md, round nine). On the loop the same work comes in slices of one trace, where it ends. A
+    trace the queue has no room for is dropped (and counted) before it is encoded: a dead collector costs no
+    encoding.
+    """
     exporter = build_exporter(settings)
     assert isinstance(exporter, OtlpHttpExporter)
     logged = LoggedExporter(exporter, settings.exporter)
     attributes = dict(resource.attributes)  # read per batch: a plain dict, not the SDK's bounded mapping
+    encoder = SpanEncoder()  # the loop's own: the exporter's, on the export thread, is another (memos are unlocked)
+
+    def encoded(trace: RequestTrace) -> EncodedTrace:
+        return EncodedTrace(trace.span_count, encoder.framed_spans(trace.rows()))
 
     def send(traces: Sequence[EncodedTrace]) -> bool:
         return logged.logged(exporter.export_encoded, [trace.data for trace in traces], attributes,
                              SCOPE_NAME) is SpanExportResult.SUCCESS
 
     batch = settings.batch
-    return OtlpSpans(SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
-                                 delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown),
-                     SpanEncoder())
+    return SpanBatches(send, max_queue=batch.max_queue_size, max_batch=batch.max_export_batch_size,
+                       delay_s=batch.schedule_delay_ms / 1000, close_exporter=exporter.shutdown,
+                       queued_as=encoded)  # type: ignore[arg-type]
 
 
 """What `Exchange.trace` holds: a live request trace, or a no-op one."""
