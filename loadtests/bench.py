@@ -277,6 +277,10 @@ def ablated_starter(part: str, leased: bool = False) -> Starter:
     return start
 
 
+# What `--ablate` takes apart (bench.py and serve_count.py): the full policy, or the full policy with leases.
+ABLATABLE = ("gateway-full", "gateway-full-leased")
+
+
 def ablations(base: str | None) -> dict[str, Starter]:
     """`--ablate`'s systems: `base` (gateway-full or gateway-full-leased) minus each of the full policy's parts."""
     if base is None:
@@ -467,7 +471,7 @@ def parse_args() -> argparse.Namespace:
                         help="baselines' garbage-collector settings: the gateway's (default) or CPython's")
     parser.add_argument("--gateway-args", default="", help="extra serve flags, e.g. '--no-access-log'")
     parser.add_argument("--no-gateway", action="store_true")
-    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=["gateway-full", "gateway-full-leased"],
+    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=ABLATABLE,
                         help="also the full policy (default, or with leases) minus each of its parts: traces, limits, "
                              "ledger, metrics")
     parser.add_argument("--compare-checkout", type=Path, nargs="+", metavar="DIR",

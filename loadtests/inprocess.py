@@ -134,12 +134,14 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from bench import FULL_POLICY_PARTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--full", action="store_true", help="issue #17's full policy (Redis, OTLP, metrics, ledger)")
     parser.add_argument("--leased", action="store_true", help="with --full: admission from leases (state.leases)")
-    parser.add_argument("--without", metavar="PART", choices=["traces", "limits", "ledger", "metrics"],
+    parser.add_argument("--without", metavar="PART", choices=list(FULL_POLICY_PARTS),
                         help="with --full: leave one of its parts out, as bench.py --ablate does")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --full")
     parser.add_argument("--collector", default="http://127.0.0.1:4318",

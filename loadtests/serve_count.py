@@ -78,7 +78,7 @@ def main() -> None:
                         help="also count gateway@DIR, gateway-full@DIR and gateway-full-leased@DIR (a worktree of "
                              "another commit)")
     parser.add_argument("--stream-chunks", type=int, default=20)
-    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=["gateway-full", "gateway-full-leased"],
+    parser.add_argument("--ablate", nargs="?", const="gateway-full", choices=bench.ABLATABLE,
                         help="also count the full policy (default, or with leases) minus each of its parts")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="write the callgrind files here and keep them (for callgrind_annotate), not in a "
