@@ -280,6 +280,36 @@ def test_redis_lost_and_back_with_leases_held_loses_and_doubles_nothing(server: 
     assert counter(server, "{t}:rpm") == 30
 
 
+def test_when_redis_goes_away_an_unused_lease_is_room_again_for_the_local_counters(server: PrivateRedis) -> None:
+    """fail_open counts locally from the last values this process saw, which hold its own unused lease: the lease
+    goes back to the local counters at once (and through the journal to Redis), so the local refusal comes at the
+    limit, not a lease early. (idle_s 60: no idle sweep gives it back meanwhile.)"""
+    async def main() -> int:
+        store = leased_store(server, requests=16, timeout_s=0.2)
+        await store.start()
+        admitted = 0
+        for _ in range(3):  # the second takes a lease of 16
+            admitted += (await store.admit([rpm(40)], lease=True)).admitted
+        await top_ups_answered(store)
+        assert counter(server, "{t}:rpm") == 2 + 16
+        server.stop()
+        # From the lease until a top-up finds Redis gone, then from the local counters, up to the limit.
+        for _ in range(100):
+            if not (await store.admit([rpm(40)], lease=True)).admitted:
+                break
+            admitted += 1
+        assert not store.healthy
+        server.start()
+        async with asyncio.timeout(10):
+            await store.wait_until_healthy()
+        assert not (await store.admit([rpm(40)], lease=True)).admitted  # Redis agrees: the limit is reached
+        await store.close()
+        return admitted
+
+    assert asyncio.run(main()) == 40
+    assert counter(server, "{t}:rpm") == 40
+
+
 def test_a_stream_a_budget_may_cut_is_admitted_by_redis_not_from_a_lease(tmp_path: Path, server: PrivateRedis,
                                                                         upstream: object,
                                                                         start_gateway: object) -> None:

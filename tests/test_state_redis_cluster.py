@@ -406,8 +406,8 @@ def test_a_master_killed_during_traffic_fails_over_and_the_accounting_holds(
     # While the shard has no master (about cluster-node-timeout plus an election) the store refuses
     # (fail_closed) or counts locally from the last values it saw (fail_open: with one gateway process that
     # never passes a budget, docs/accounting.md); then it replays its journal on the promoted replica. With
-    # leases (state.leases), the master dies with leases held and handed out: they count as used locally, and
-    # are given back through the journal.
+    # leases (state.leases), the master dies with leases held and handed out: they are given back at once, to
+    # the local counters (so the team still gets its whole budget) and through the journal to Redis.
     unavailable = fail_over_during_traffic(tmp_path / "cluster", upstream, start_gateway,
                                            lambda cluster, master, _replica: cluster.kill_in_sync(master),
                                            failure_mode=failure_mode, leases=leases)

@@ -322,6 +322,13 @@ class RedisStore:
         if self._leases is not None:
             self._leases.give_back_all()
 
+    def _give_back_leases_if_down(self) -> None:
+        """While Redis is away nothing is admitted from a lease, and the local counters hold every lease this
+        process had: give them back, to the local counters at once (their room is this process's own) and through
+        the journal to Redis. Kept, they would make the local refusal come a lease early until they idled out."""
+        if not self._healthy:
+            self._give_back_leases()
+
     def _log_unsent(self) -> None:
         if not (self._journal or self._uncertain):
             return
@@ -371,8 +378,10 @@ class RedisStore:
                 verdict = await self._admit(sizing.sent)
         except BaseException:
             book.answered(sizing, None, False)  # nothing reserved: the call is replayed as refused
+            self._give_back_leases_if_down()
             raise
         used = book.answered(sizing, verdict.used, verdict.admitted)
+        self._give_back_leases_if_down()
         return Verdict(verdict.admitted, used, verdict.denied)
 
     def _top_up(self, book: LeaseBook, checks: Sequence[Check]) -> None:
@@ -401,6 +410,7 @@ class RedisStore:
             book.answered(sizing, None, False)
             raise
         book.answered(sizing, verdict.used, verdict.admitted)
+        self._give_back_leases_if_down()  # granted by the local counters as Redis went away
 
     async def _admit(self, checks: Sequence[Check]) -> Verdict:
         if self._healthy:
@@ -622,6 +632,7 @@ class RedisStore:
             # Start from what this process last saw, not from zero (docs/accounting.md states the bound).
             now = self._clock()
             self._local.load([(key, value, expires) for key, (value, expires) in self._seen.items() if expires > now])
+            self._give_back_leases_if_down()
             mode = "serving with local per-process counters (fail_open)" if self._fail_open else \
                 "refusing requests with 503 (fail_closed)"
             log.error("RATE-LIMIT STATE STORE DOWN: %s unreachable (%s: %s); %s until it returns",
