@@ -120,6 +120,8 @@ async def _healthz(request: Request) -> Response:
 
 async def _readyz(request: Request) -> Response:
     state = request.app.state
+    if state.draining:  # SIGTERM arrived: a load balancer should stop sending (gateway/http/draining.py)
+        return Response(b'{"status":"draining"}', status_code=503, media_type="application/json")
     if not state.ready:
         return Response(b'{"status":"starting"}', status_code=503, media_type="application/json")
     policy: Policy = state.services.policy()
@@ -276,6 +278,7 @@ def create_app(
     app.state.policy_store = store  # the console shows the last reload's result
     app.state.response_store = responses
     app.state.ready = False
+    app.state.draining = False
     app.state.started_at = int(time.time())
     hot = {("POST", route.path): route.app for route in app.routes
            if isinstance(route, Route) and "{" not in route.path and route.path.startswith("/v1/")

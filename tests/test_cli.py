@@ -148,6 +148,106 @@ def test_a_sigterm_ends_the_log_with_the_shutdown_lines(served: Served) -> None:
     assert any("Finished server process" in line for line in output), output[-3:]
 
 
+def _serve_draining(tmp_path: Path, drain_s: float, *extra: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`switchboard serve` on the demo policy with `server.drain_s`, its output collected as it comes."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(demo_text().replace("version: 1\n", f"version: 1\nserver:\n  drain_s: {drain_s}\n", 1))
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port",
+                                str(port), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    output: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            output.append(line)
+            if "Application startup complete" in line:
+                started.set()
+        started.set()  # the process ended (a refused start) before it served
+
+    threading.Thread(target=read, daemon=True).start()
+    started.wait(60)
+    return process, f"http://127.0.0.1:{port}", output
+
+
+def _readiness(client: httpx.Client, base: str) -> tuple[int, str]:
+    reply = client.get(base + "/readyz")
+    return reply.status_code, reply.json()["status"]
+
+
+def test_sigterm_with_a_drain_reports_draining_and_serves_until_the_drain_ends(tmp_path: Path) -> None:
+    """A load balancer polling /readyz sees 503 `draining` while requests routed to the replica in the meantime
+    are still answered; the listener closes (and the process ends) only once the drain is over."""
+    drain_s = 3.0
+    process, base, output = _serve_draining(tmp_path, drain_s)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sk-switchboard-demo", max_retries=0)
+        with httpx.Client(timeout=5) as http:
+            assert _readiness(http, base) == (200, "ready")
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)  # as a supervisor signalling the process group may: still drains
+            while _readiness(http, base) != (503, "draining"):
+                assert time.monotonic() - signalled < drain_s, "never reported draining"
+            # Served during the drain: a new connection, a plain and a streamed request.
+            reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content.startswith("Mock reply:")
+            chunks = list(client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                         messages=[{"role": "user", "content": "hi"}]))
+            assert chunks[-1].choices[0].finish_reason == "stop"
+            assert time.monotonic() - signalled < drain_s, "too slow to show the drain serving"
+        assert process.wait(30) == -signal.SIGTERM
+        assert time.monotonic() - signalled >= drain_s
+    finally:
+        process.kill()
+    assert any("draining for" in line for line in output), output
+    assert any("Finished server process" in line for line in output)
+
+
+def test_sigint_during_a_drain_stops_at_once(tmp_path: Path) -> None:
+    """An operator's Ctrl-C must not wait out a long drain."""
+    process, base, _ = _serve_draining(tmp_path, 120)
+    try:
+        process.send_signal(signal.SIGTERM)
+        with httpx.Client(timeout=5) as http:
+            while _readiness(http, base) != (503, "draining"):
+                pass
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) in (0, -signal.SIGINT, -signal.SIGTERM)
+    finally:
+        process.kill()
+
+
+def test_a_drain_set_by_a_reload_applies_to_the_next_sigterm(tmp_path: Path) -> None:
+    process, base, _ = _serve_draining(tmp_path, 0)
+    try:
+        with httpx.Client(timeout=5) as http:
+            fingerprint = http.get(base + "/readyz").json()["policy"]
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(policy.read_text().replace("drain_s: 0", "drain_s: 120"))
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while http.get(base + "/readyz").json()["policy"] == fingerprint:
+                assert time.monotonic() < deadline, "the policy was not reloaded"
+            process.send_signal(signal.SIGTERM)
+            while _readiness(http, base) != (503, "draining"):  # (a process that stopped fails to connect)
+                pass
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+    finally:
+        process.kill()
+
+
+def test_a_drain_with_several_workers_is_refused_at_start(tmp_path: Path) -> None:
+    process, _, output = _serve_draining(tmp_path, 2, "--workers", "2")
+    try:
+        assert process.wait(30) == 1
+    finally:
+        process.kill()
+    assert any("server.drain_s: draining after SIGTERM needs --workers 1" in line for line in output), output
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 

@@ -78,9 +78,9 @@ def test_pods_drain_before_they_are_killed(overlay: tuple[str, list[dict[str, An
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    grace = shipped_policy(objects).server.shutdown_grace_s
+    server = shipped_policy(objects).server
     # kubelet's SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts.
-    assert pod["terminationGracePeriodSeconds"] > pause + grace
+    assert pod["terminationGracePeriodSeconds"] > pause + server.drain_s + server.shutdown_grace_s
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["securityContext"]["runAsNonRoot"] is True

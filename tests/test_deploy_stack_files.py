@@ -55,7 +55,7 @@ def test_compose_runs_three_replicas_behind_haproxy_with_redis_prometheus_and_ph
     # The replicas' drain fits in compose's grace period before SIGKILL.
     policy = load_policy(DEPLOY / "stack" / "policy.yaml", environ={"REDIS_URL": "redis://redis:6379/0"})
     grace = int(services["gateway-1"]["stop_grace_period"].removesuffix("s"))
-    assert grace > policy.server.shutdown_grace_s
+    assert grace > policy.server.drain_s + policy.server.shutdown_grace_s
     # Limits and budgets live in the shared Redis, and refuse rather than count per replica.
     assert policy.state.url == "redis://redis:6379/0" and policy.state.failure_mode == "fail_closed"
     # The shipped scrape config scrapes exactly these replicas.

@@ -359,6 +359,7 @@ RELOADED = {
     "server.body_timeout_s": _CONNECTIONS,
     "server.max_connections": _CONNECTIONS,
     "server.reload.**": "tests/test_cli.py::test_sighup_reloads_the_policy",
+    "server.drain_s": "tests/test_cli.py::test_a_drain_set_by_a_reload_applies_to_the_next_sigterm",
     "providers.*.timeouts.first_byte_s": _FIRST_BYTE,
     "providers.*.timeouts.total_s": _TOTAL,
     "providers.*.timeouts.connect_s": _POOL,

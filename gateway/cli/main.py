@@ -139,11 +139,13 @@ def _version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from gateway.accounting.usage import AccessLogSink
     from gateway.app import ACCESS_LOG_ENV, POLICY_ENV, create_app
     from gateway.compiled.store import PolicyStore
     from gateway.http.admin_surface import AdminListener
+    from gateway.http.draining import DrainingServer
 
     configure_logging(args.log_level)
     try:
@@ -158,6 +160,12 @@ def _serve(args: argparse.Namespace) -> int:
             "server.admin: the admin listener needs --workers 1 (one process serves both ports); run one gateway "
             "per core behind a load balancer, or leave server.admin out and scrape /metrics with the admin key")
         return 1
+    if policy.server.drain_s > 0 and args.workers > 1:
+        # uvicorn's supervisor runs its own server in each worker; a drain there would be a fork of it.
+        logging.getLogger("switchboard").error(
+            "server.drain_s: draining after SIGTERM needs --workers 1; run one gateway per core behind the load "
+            "balancer, or set drain_s to 0 and let the orchestrator pause before SIGTERM (a Kubernetes preStop)")
+        return 1
     # proxy_headers off: nothing in the gateway reads the client address, and uvicorn's
     # X-Forwarded-For middleware measured ~2.5% of a proxied request's CPU.
     common = dict(log_config=None, access_log=False, server_header=False, proxy_headers=False,
@@ -169,19 +177,26 @@ def _serve(args: argparse.Namespace) -> int:
                     port=port, **common)
         return 0
     sinks = [] if args.no_access_log else [AccessLogSink()]
-    app = create_app(PolicyStore(args.policy, policy), sinks=sinks, serving_process=True)
+    store = PolicyStore(args.policy, policy)
+    app = create_app(store, sinks=sinks, serving_process=True)
+
+    def draining() -> None:
+        app.state.draining = True
+
+    tenant = DrainingServer(uvicorn.Config(app, host=args.host, port=port, **common),
+                            drain_s=lambda: store.current.server.drain_s, on_drain=draining)
     if admin is None:
-        uvicorn.run(app, host=args.host, port=port, **common)
-        return 0
-    tenant = uvicorn.Config(app, host=args.host, port=port, **common)
+        tenant.run()
+        return 0 if tenant.started else STARTUP_FAILURE  # as uvicorn.run exits
     admin_side = uvicorn.Config(AdminListener(app), host=admin.host, port=admin.port, lifespan="off", **common)
-    with asyncio.Runner(loop_factory=tenant.get_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=tenant.config.get_loop_factory()) as runner:
         runner.run(serve_with_admin_listener(tenant, admin_side))
     return 0
 
 
 async def serve_with_admin_listener(tenant: Any, admin: Any) -> None:
-    """The tenant and admin listeners (uvicorn configs; gateway/http/admin_surface.py) in one event loop.
+    """The tenant server (a `uvicorn.Server`) and the admin listener (a uvicorn config;
+    gateway/http/admin_surface.py) in one event loop.
 
     The admin server starts first and runs no lifespan (the tenant server's runs the app's); the tenant
     server installs its signal handlers last, so SIGTERM drains it, and the admin server stops with it.
@@ -191,7 +206,7 @@ async def serve_with_admin_listener(tenant: Any, admin: Any) -> None:
     admin_server = uvicorn.Server(admin)
     admin_task = asyncio.create_task(admin_server.serve())
     try:
-        await uvicorn.Server(tenant).serve()
+        await tenant.serve()
     finally:
         admin_server.should_exit = True
         await admin_task

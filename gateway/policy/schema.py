@@ -54,6 +54,10 @@ class ServerPolicy(Strict):
     admin: AdminListenerPolicy | None = Field(None, description="Serve /metrics, /admin/* and /ui* on a separate "
                                               "listener only (default: on the tenant port, admin key required).")
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
+    drain_s: float = Field(0.0, ge=0, le=300, description="After SIGTERM, keep serving this long with /readyz "
+                           "answering 503, so a load balancer takes the replica out of rotation before its "
+                           "listener closes; then the shutdown_grace_s wait begins. SIGINT skips it. Needs "
+                           "--workers 1.")
     reload: ReloadPolicy = Field(default_factory=ReloadPolicy)
 
 
