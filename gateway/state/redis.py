@@ -38,7 +38,8 @@ merged per team into one fresh operation.
 
 `fail_open` does not start from zero: the last value this process saw for
 each counter (admission replies, its own settlements since) seeds the local
-store when Redis goes away.
+store when Redis goes away, and the leases this process held are given back
+from it at once (nothing is admitted from a lease while Redis is away).
 """
 
 from __future__ import annotations
