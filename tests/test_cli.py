@@ -148,10 +148,12 @@ def test_a_sigterm_ends_the_log_with_the_shutdown_lines(served: Served) -> None:
     assert any("Finished server process" in line for line in output), output[-3:]
 
 
-def _serve_draining(tmp_path: Path, drain_s: float, *extra: str) -> tuple[subprocess.Popen[str], str, list[str]]:
-    """`switchboard serve` on the demo policy with `server.drain_s`, its output collected as it comes."""
+def _serve_draining(tmp_path: Path, drain_s: float, *extra: str, server: str = "",
+                    ) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`switchboard serve` on the demo policy with `server.drain_s` (and `server`, more of that block's lines), its
+    output collected as it comes."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(demo_text().replace("version: 1\n", f"version: 1\nserver:\n  drain_s: {drain_s}\n", 1))
+    policy.write_text(demo_text().replace("version: 1\n", f"version: 1\nserver:\n  drain_s: {drain_s}\n{server}", 1))
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port",
                                 str(port), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -215,6 +217,29 @@ def test_sigint_during_a_drain_stops_at_once(tmp_path: Path) -> None:
                 pass
         process.send_signal(signal.SIGINT)
         assert process.wait(30) in (0, -signal.SIGINT, -signal.SIGTERM)
+    finally:
+        process.kill()
+
+
+def test_with_an_admin_listener_both_ports_report_the_drain_and_the_tenant_port_serves_through_it(
+        tmp_path: Path) -> None:
+    admin_port = free_port()
+    process, base, _ = _serve_draining(tmp_path, 120, server=f"  admin: {{host: 127.0.0.1, port: {admin_port}}}\n")
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        with httpx.Client(timeout=5) as http:
+            assert _readiness(http, admin) == (200, "ready")
+            process.send_signal(signal.SIGTERM)
+            while _readiness(http, base) != (503, "draining"):
+                pass
+            assert _readiness(http, admin) == (503, "draining")
+            reply = http.post(base + "/v1/chat/completions", headers={"authorization": "Bearer sk-switchboard-demo"},
+                              json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+        with pytest.raises(httpx.ConnectError):  # the admin listener stopped with the tenant's
+            httpx.get(admin + "/healthz", timeout=5)
     finally:
         process.kill()
 

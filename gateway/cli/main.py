@@ -198,12 +198,13 @@ async def serve_with_admin_listener(tenant: Any, admin: Any) -> None:
     """The tenant server (a `uvicorn.Server`) and the admin listener (a uvicorn config;
     gateway/http/admin_surface.py) in one event loop.
 
-    The admin server starts first and runs no lifespan (the tenant server's runs the app's); the tenant
-    server installs its signal handlers last, so SIGTERM drains it, and the admin server stops with it.
+    The admin server runs no lifespan (the tenant server's runs the app's) and takes no signals: the tenant
+    server takes them, so SIGTERM drains it (the admin listener keeps answering meanwhile), and the admin server
+    stops with it.
     """
-    import uvicorn
+    from gateway.http.draining import FollowingServer
 
-    admin_server = uvicorn.Server(admin)
+    admin_server = FollowingServer(admin)
     admin_task = asyncio.create_task(admin_server.serve())
     try:
         await tenant.serve()

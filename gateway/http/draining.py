@@ -12,10 +12,11 @@ not (a supervisor that signals a whole process group sends it twice).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -61,3 +62,15 @@ class DrainingServer(uvicorn.Server):
                 # As if SIGTERM came now: uvicorn stops, and raises the signal again once it has (exit status 143).
                 super().handle_exit(signal.SIGTERM, None)
         return await super().on_tick(counter)
+
+
+class FollowingServer(uvicorn.Server):
+    """`uvicorn.Server` that leaves the process's signals alone: another server in the same loop takes them and
+    stops this one when it stops (the admin listener beside the tenant's `DrainingServer`, gateway/cli/main.py).
+
+    Each uvicorn server installs its own handlers as it starts, and the last one installed gets every signal:
+    the admin listener, started second, would close at SIGTERM while the tenant port drained."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
