@@ -59,6 +59,7 @@ if SHARED_TIKTOKEN.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
 
 import loadgen  # noqa: E402
+from bench import LEASES  # noqa: E402
 from procs import Child, cpu_seconds, descendants, free_port, install_cleanup, stop, track  # noqa: E402
 
 PY = sys.executable
@@ -79,9 +80,11 @@ def _sha256(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def policy_yaml(upstream_base: str, redis_port: int, teams: int, ledger: Path, collector: str) -> str:
+def policy_yaml(upstream_base: str, redis_port: int, teams: int, ledger: Path, collector: str,
+                leases: bool = False) -> str:
     """Every feature whose state could grow with traffic: limits, budgets, cache, traces, metrics, ledger, access
-    log."""
+    log; with `leases`, admission from leases (state.leases, as bench.py's leased full policy)."""
+    state_extra = LEASES if leases else ""
     lines = [f"""version: 1
 admin:
   keys: [{{id: ops, hash: "{_sha256(ADMIN_KEY)}"}}]
@@ -96,7 +99,7 @@ models:
   {MODEL}:
     targets: [{{provider: upstream, model: fake-model}}]
     cache: {{mode: exact, scope: team, backend: memory, max_bytes: 8388608, ttl_s: 86400}}
-state: {{url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "soak-{redis_port}:"}}
+state: {{url: "redis://127.0.0.1:{redis_port}/0", key_prefix: "soak-{redis_port}:"{state_extra}}}
 telemetry:
   traces: {{exporter: otlp_http, endpoint: "{collector}/v1/traces", sample_ratio: 1.0}}
   metrics: {{enabled: true}}
@@ -361,7 +364,7 @@ def start_replicas(args: argparse.Namespace, tmp: Path, upstream_base: str, redi
     for index in range(args.replicas):
         port, ledger = free_port(), tmp / f"ledger-{index}.sqlite"
         policy = tmp / f"policy-{index}.yaml"
-        policy.write_text(policy_yaml(upstream_base, redis_port, args.teams, ledger, collector))
+        policy.write_text(policy_yaml(upstream_base, redis_port, args.teams, ledger, collector, args.leases))
         serve = ["serve", "--policy", str(policy), "--host", "127.0.0.1", "--port", str(port)]
         if args.diagnose and index == 0:
             argv = [PY, str(Path(__file__)), "--traced-serve", str(tmp / "snapshots"), "--diagnose", args.diagnose,
@@ -578,6 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RSS growth is measured from the sample after this many requests (default: a tenth)")
     parser.add_argument("--max-growth", type=float, default=10.0, help="percent")
     parser.add_argument("--stream-chunks", type=int, default=10)
+    parser.add_argument("--leases", action="store_true", help="admit from leases (state.leases), as bench.py's "
+                        "gateway-full-leased does")
     parser.add_argument("--diagnose", choices=["census", "tracemalloc"],
                         help="snapshot replica 0's heap at the reference point and the end, report the growth "
                              "(census: object counts by type, free; tracemalloc: allocation sites, slow)")
