@@ -187,14 +187,19 @@ def test_sigterm_with_a_drain_reports_draining_and_serves_until_the_drain_ends(t
         client = openai.OpenAI(base_url=base + "/v1", api_key="sk-switchboard-demo", max_retries=0)
         with httpx.Client(timeout=5) as http:
             assert _readiness(http, base) == (200, "ready")
+            assert http.get(base + "/healthz").headers.get("connection") != "close"  # kept alive
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)  # as a supervisor signalling the process group may: still drains
             while _readiness(http, base) != (503, "draining"):
                 assert time.monotonic() - signalled < drain_s, "never reported draining"
+            # Keep-alive clients are told to reconnect (behind a balancer: to another replica).
+            assert http.get(base + "/healthz").headers["connection"] == "close"
             # Served during the drain: a new connection, a plain and a streamed request.
-            reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-            assert reply.choices[0].message.content.startswith("Mock reply:")
+            raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                                   messages=[{"role": "user", "content": "hi"}])
+            assert raw.headers["connection"] == "close"
+            assert raw.parse().choices[0].message.content.startswith("Mock reply:")
             chunks = list(client.chat.completions.create(model="gpt-4o-mini", stream=True,
                                                          messages=[{"role": "user", "content": "hi"}]))
             assert chunks[-1].choices[0].finish_reason == "stop"

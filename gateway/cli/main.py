@@ -179,12 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
     sinks = [] if args.no_access_log else [AccessLogSink()]
     store = PolicyStore(args.policy, policy)
     app = create_app(store, sinks=sinks, serving_process=True)
-
-    def draining() -> None:
-        app.state.draining = True
-
     tenant = DrainingServer(uvicorn.Config(app, host=args.host, port=port, **common),
-                            drain_s=lambda: store.current.server.drain_s, on_drain=draining)
+                            drain_s=lambda: store.current.server.drain_s, on_drain=app.begin_draining)
     if admin is None:
         tenant.run()
         return 0 if tenant.started else STARTUP_FAILURE  # as uvicorn.run exits

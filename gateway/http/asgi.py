@@ -66,6 +66,15 @@ class GatewayApp:
         # The app's own memo of header names (requests and replies repeat the same few), for its lifetime.
         self._names = HeaderNames()
         self._ids = GatewayIds()  # request ids (gateway/exchange.py)
+        # What every response carries after its request id: nothing, or during a drain `connection: close`.
+        self._closing: tuple[tuple[bytes, bytes], ...] = ()
+
+    def begin_draining(self) -> None:
+        """SIGTERM with a drain (gateway/http/draining.py): /readyz answers 503, and every response from now on
+        closes its connection, so a keep-alive client reconnects (to another replica) before the listener closes.
+        Only sets flags: it runs in a signal handler."""
+        self.state.draining = True
+        self._closing = ((b"connection", b"close"),)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -83,6 +92,7 @@ class GatewayApp:
             request_id = scope[OWN_ID] = self._ids()
         scope["switchboard.request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
+        closing = self._closing
         started = False
 
         # A plain function returning the server's awaitable: no coroutine of its own per message, which
@@ -91,7 +101,7 @@ class GatewayApp:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), id_header]
+                message["headers"] = [*message.get("headers", ()), id_header, *closing]
             return send(message)
 
         # The hot routes hold the app's services from when it was built: unlike Starlette's routes, they need no

@@ -3,8 +3,9 @@
 A load balancer learns that a replica is going away from its health check, which runs every so often. If
 the replica closed its listener at SIGTERM, as uvicorn does, a request the balancer routed to it in the
 meantime would be refused, or worse, reset after it was written (a POST the balancer may not retry: it could
-be billed twice). So for `server.drain_s` after SIGTERM the gateway keeps serving as before while `/readyz`
-answers 503 (`draining`); the balancer takes it out of rotation, and only then does uvicorn's own shutdown
+be billed twice). So for `server.drain_s` after SIGTERM the gateway keeps serving while `/readyz` answers 503
+(`draining`) and every response closes its connection (a keep-alive client reconnects, through the balancer, to
+another replica); the balancer takes it out of rotation, and only then does uvicorn's own shutdown
 begin: close the listener, wait up to `server.shutdown_grace_s` for in-flight requests, run the lifespan's
 shutdown. SIGINT (Ctrl-C) skips the drain, and a SIGINT during one ends it at once; a repeated SIGTERM does
 not (a supervisor that signals a whole process group sends it twice).
@@ -28,7 +29,7 @@ class DrainingServer(uvicorn.Server):
     """`uvicorn.Server` that drains for `drain_s()` seconds after SIGTERM, with `on_drain()` called as it begins.
 
     `drain_s` is read when the signal arrives, so a policy reload changes it; `on_drain` runs in the signal
-    handler and must only set flags (it marks the app not ready).
+    handler and must only set flags (`GatewayApp.begin_draining`).
     """
 
     def __init__(self, config: uvicorn.Config, drain_s: Callable[[], float], on_drain: Callable[[], None]) -> None:
