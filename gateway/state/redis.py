@@ -248,6 +248,9 @@ class RedisStore:
         self._sequence: dict[str, int] = {}
         # The last value seen for each counter (key -> [value, expires_at]), to seed fail_open's local store.
         self._seen: dict[str, list[int]] = {}
+        # Settlements counted in `_seen` that Redis has not confirmed applying (key -> amount): in the outbox, or
+        # in a call not answered yet. A reply to an admission sent before them does not include them (`_remember`).
+        self._unconfirmed: dict[str, int] = {}
         # Shares of counters' headroom this process admits from without a round trip (`state.leases`).
         self._leases = LeaseBook(leases, self._seen, self.settle, clock) if leases is not None else None
         # Encoded once and reused (`_run`): admissions' shapes by their checks' keys, limits and expiries, and
@@ -438,6 +441,8 @@ class RedisStore:
                 return verdict
             denied = int(result[-1])
             used = tuple(map(int, result[:-1]))
+            if riders and self._healthy:
+                self._confirm(riders)  # applied before the checks: in `used`
             self._remember(shape, checks, used, denied == 0)
             if denied == 0 and not self._healthy:
                 # Redis reserved it, but another call's failure took the store down while this reply was on
@@ -455,7 +460,7 @@ class RedisStore:
         if not self._healthy:
             self._settle_locally([d for d in deltas if d.amount])
             return
-        seen, outbox = self._seen, self._outbox
+        seen, outbox, unconfirmed = self._seen, self._outbox, self._unconfirmed
         added = False
         # `_add` and `_tag` inlined: a request settles a few deltas, each through here.
         for delta in deltas:
@@ -466,6 +471,7 @@ class RedisStore:
             entry = seen.get(key)
             if entry is not None:
                 entry[0] += amount
+            unconfirmed[key] = unconfirmed.get(key, 0) + amount
             tag = key[:key.find("}") + 1]
             amounts = outbox.get(tag)
             if amounts is None:
@@ -574,9 +580,14 @@ class RedisStore:
         self._skew_s = int(seconds) + int(micros) / 1e6 - after
 
     def _remember(self, shape: _Shape, checks: Sequence[Check], used: Sequence[int], admitted: bool) -> None:
-        """Keep each counter's value as this admission left it (its newest slice holds a rolling sum)."""
+        """Keep each counter's value as this admission left it (its newest slice holds a rolling sum), plus the
+        settlements this process made that Redis had not applied when it ran: they are in `_seen` already, and
+        dropping them would leave it high until the key's next reply (seeding fail_open's counters high, so a
+        team would be refused early through an outage)."""
         seen = self._seen
-        values = map(operator.add, used, map(_amount, checks)) if admitted else used
+        values: Iterable[int] = map(operator.add, used, map(_amount, checks)) if admitted else used
+        if unconfirmed := self._unconfirmed:
+            values = [value + unconfirmed.get(key, 0) for value, key in zip(values, shape.lasts, strict=False)]
         seen.update(zip(shape.lasts, map(list, zip(values, shape.expiries, strict=False)), strict=False))
         self._until_sweep -= 1
         if self._until_sweep <= 0:
@@ -611,6 +622,19 @@ class RedisStore:
         except _FAILURES as exc:
             self._uncertain.append(op)
             self._went_down(exc)
+        else:
+            if self._healthy:
+                self._confirm(op.deltas)
+
+    def _confirm(self, deltas: _Amounts) -> None:
+        """Redis has applied these settlements: later replies include them."""
+        unconfirmed = self._unconfirmed
+        for key, (amount, _) in deltas.items():
+            left = unconfirmed.get(key, 0) - amount
+            if left:
+                unconfirmed[key] = left
+            else:
+                unconfirmed.pop(key, None)
 
     @staticmethod
     def _merge(into: _Amounts, items: Iterable[tuple[str, Sequence[int]]]) -> None:
@@ -630,6 +654,9 @@ class RedisStore:
             self._healthy = False
             self._up.clear()
             self._outage_started = self._clock()
+            # Every settlement not confirmed is journalled or in an unanswered call, replayed when Redis is back;
+            # until then `_seen` is not used (the local store is), and it is rebuilt from the local store after.
+            self._unconfirmed.clear()
             # Start from what this process last saw, not from zero (docs/accounting.md states the bound).
             now = self._clock()
             self._local.load([(key, value, expires) for key, (value, expires) in self._seen.items() if expires > now])
