@@ -9,8 +9,9 @@ suite decodes its output with the official protobuf classes.
 
 It encodes the SDK's `ReadableSpan`s (the `SpanExporter` interface) and the
 gateway's own traces as rows (`SpanRow`): each finished trace into its spans'
-bytes as it ends (`framed_spans`, on the event loop), which a batch then
-joins into one request (`request_of`, `export_encoded`, on the export thread).
+bytes at the end of the loop turn it ends in (`framed_spans`, on the event
+loop), which a batch then joins into one request (`request_of`,
+`export_encoded`, on the export thread).
 The transport is one persistent `http.client` connection on the export
 thread. A failed export is dropped, not retried: spans are
 best-effort, and a dead collector must cost nothing but the lost spans.

@@ -335,7 +335,8 @@ class RequestTrace:
         self.span_count = len(self._attempts) + 1  # one per attempt, and the request's: what the export queue counts
         # A sink may keep the trace as it is (an SDK processor's queue holds its spans, a test's sink the trace):
         # what only building its attributes needed goes now, so a kept trace holds no request or reply body (or
-        # the exchange, and all it holds) alive. The OTLP/HTTP sink encodes it at once and keeps only the bytes.
+        # the exchange, and all it holds) alive. The OTLP/HTTP sink encodes it at the end of this loop turn and keeps
+        # only the bytes.
         self._exchange = self._body = self._response_body = self._chunks = None
         tracing.export(self)
 

@@ -2,9 +2,16 @@
 
 What the SDK's `BatchSpanProcessor` does for `ReadableSpan`s, for the
 gateway's own traces on the OTLP/HTTP path: a request hands over its finished
-trace, queued in one deque append as what `queued_as` makes of it (its encoded
-spans, gateway/telemetry/traces.py), and the export thread joins a batch of
-them into one request and posts it. The policy's `telemetry.traces.batch` sets
+trace, queued as what `queued_as` makes of it (its encoded spans,
+gateway/telemetry/traces.py), and the export thread joins a batch of them into
+one request and posts it.
+
+On the event loop, `queued_as` runs once per loop turn for every trace that
+ended in it, not as each one ends. Under load several requests end per turn
+(a median of about seven at 32 in flight), and encoding them one after another
+finds the encoder's memos and code still in the CPU's caches: a trace encoded
+between two requests' work cost about twice what it costs in a run of them
+(loadtests/README.md, round eleven). The policy's `telemetry.traces.batch` sets
 the same four things as for the SDK's processor, counted in spans: how many
 may wait (a trace that would pass the bound is dropped, and counted), how many
 make a batch, the longest one waits, and how long one export may take. The
@@ -14,6 +21,7 @@ spans of a batch whose export fails are counted as dropped too
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import deque
@@ -43,6 +51,12 @@ class SpanBatches:
         self._max_batch = max_batch
         self._delay_s = delay_s
         self._queue: deque[FinishedTrace] = deque()  # appended on the loop, popped by the exporting thread
+        # Traces that ended in this loop turn, made into what is queued at its end (`_queue_ended`), and their spans.
+        self._ended: deque[FinishedTrace] = deque()
+        self._ended_spans = 0
+        # Held while ended traces are moved to `_queue`, so `shutdown` (on another thread) never closes the queue
+        # with a trace halfway there.
+        self._queueing = threading.Lock()
         # Spans in `_queue` = added - taken (a trace has one per upstream attempt, and its own). Each counter is
         # written by one side only, so neither loses an update to the other.
         self._added_spans = 0
@@ -59,13 +73,43 @@ class SpanBatches:
         self._thread.start()
 
     def add(self, trace: FinishedTrace) -> None:
-        """Queue a finished trace (from the event loop): one append, and a wake-up once a batch is full."""
+        """Take a finished trace: queued at the end of this loop turn (at once off a loop, or with no
+        `queued_as`), or dropped now when the queue has no room for it."""
         spans = trace.span_count
-        queued = self._added_spans - self._taken_spans
-        if self._closed or queued + spans > self._max_queue:
+        if self._closed or self._added_spans - self._taken_spans + self._ended_spans + spans > self._max_queue:
             self._drop(spans)
             return
-        self._queue.append(trace if self._queued_as is None else self._queued_as(trace))
+        if self._queued_as is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on a loop (a test, a tool): queued now
+                loop = None
+            if loop is not None:
+                if not self._ended:
+                    loop.call_soon(self._queue_ended)
+                self._ended.append(trace)
+                self._ended_spans += spans
+                return
+        with self._queueing:
+            self._enqueue(trace if self._queued_as is None else self._queued_as(trace), spans)
+
+    def _queue_ended(self) -> None:
+        """Queue the traces that ended in the loop turn just run, as `queued_as` makes them."""
+        ended, make = self._ended, self._queued_as
+        assert make is not None
+        with self._queueing:
+            while ended:
+                trace = ended.popleft()
+                spans = trace.span_count
+                self._ended_spans -= spans
+                if self._closed:  # shut down meanwhile (`shutdown` queues what it finds first)
+                    self._drop(spans)
+                else:
+                    self._enqueue(make(trace), spans)
+
+    def _enqueue(self, item: FinishedTrace, spans: int) -> None:
+        queued = self._added_spans - self._taken_spans
+        self._queue.append(item)
         self._added_spans += spans
         if queued + spans >= self._max_batch:
             self._wake.set()
@@ -77,6 +121,8 @@ class SpanBatches:
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Export everything queued now, from the calling thread (blocking: call it off the event loop)."""
+        if self._ended:  # traces of a loop turn not yet over
+            self._queue_ended()
         if not self._exporting.acquire(timeout=timeout_millis / 1000):
             return False
         try:
@@ -89,7 +135,10 @@ class SpanBatches:
         """Export what is queued, stop the thread, close the exporter (blocking: call it off the event loop)."""
         if self._closed:
             return
-        self._closed = True
+        if self._ended:  # traces of a loop turn not yet over: queued here, to be sent with the rest
+            self._queue_ended()
+        with self._queueing:
+            self._closed = True
         self._wake.set()
         self._thread.join()
         self._close_exporter()

@@ -30,7 +30,7 @@ known when it settles, and the SDK's live `Span` objects (attribute cleaning
 and locking per attribute, a sampler call per span) cost about twice as much
 CPU as building each span's attributes once. A finished trace is plain data:
 on the OTLP/HTTP path (the one production runs) it is encoded from its rows
-(`RequestTrace.rows`) as it ends and queued as bytes (`_otlp_spans`), so no span
+(`RequestTrace.rows`) at the end of the loop turn it ends in, and queued as bytes (`_otlp_spans`), so no span
 object is built at all; every other exporter (console, OTLP/gRPC, a test's
 in-memory exporter) gets the SDK's `ReadableSpan`s made of the same rows,
 through the SDK's span processors (`SdkSpans`).
@@ -252,13 +252,14 @@ class Telemetry:
 
 
 def _otlp_spans(settings: TracesPolicy, resource: Resource) -> SpanBatches:
-    """OTLP/HTTP: finished traces encoded on the event loop as each ends, queued as bytes for the export thread,
-    which only joins a batch into one request and posts it.
+    """OTLP/HTTP: finished traces encoded on the event loop, those of a loop turn together at its end
+    (gateway/telemetry/span_batches.py), queued as bytes for the export thread, which only joins a batch into one
+    request and posts it.
 
     Why not encode on the export thread: a batch there (~18 µs a trace, ~5 ms for a full batch of 512 spans)
     takes the GIL from the loop every switch interval (gateway/http/heap.py) for as long, so every request in
     that window is served at half speed or less: at 500 requests a second, the gateway's tail latency
-    (loadtests/README.md, round nine). On the loop the same work comes in slices of one trace, where it ends. A
+    (loadtests/README.md, round nine). On the loop the same work comes in slices of one loop turn's traces. A
     trace the queue has no room for is dropped (and counted) before it is encoded: a dead collector costs no
     encoding.
     """
