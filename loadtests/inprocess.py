@@ -125,8 +125,17 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
         for _ in range(min(50, requests)):  # warm up: first-use caches, the policy's plans, pools
             assert await _request(app, body) == 200
         started = time.process_time()
-        for _ in range(requests):
-            assert await _request(app, body) == 200
+        if args.concurrency == 1:
+            for _ in range(requests):
+                assert await _request(app, body) == 200
+        else:  # requests in flight together, as under load: several end in one loop turn
+
+            async def worker(count: int) -> None:
+                for _ in range(count):
+                    assert await _request(app, body) == 200
+
+            share, extra = divmod(requests, args.concurrency)
+            await asyncio.gather(*(worker(share + (i < extra)) for i in range(args.concurrency)))
         spent = time.process_time() - started
         sys.stdout.write(f"{spent / requests * 1e6:.1f} us of CPU per request ({requests} requests)\n")
         await startup.put({"type": "lifespan.shutdown"})
@@ -139,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight together (1: one after another, as the instruction counts assume)")
     parser.add_argument("--full", action="store_true", help="issue #17's full policy (Redis, OTLP, metrics, ledger)")
     parser.add_argument("--leased", action="store_true", help="with --full: admission from leases (state.leases)")
     parser.add_argument("--without", metavar="PART", choices=list(FULL_POLICY_PARTS),

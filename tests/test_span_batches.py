@@ -137,8 +137,8 @@ def _rows(trace_id: int) -> list[SpanRow]:
 
 
 def test_traces_encoded_one_by_one_join_into_the_request_a_batch_of_their_rows_makes() -> None:
-    """The loop encodes each trace as it ends; the export thread only joins them: the request is byte for byte the
-    one encoding all their rows at once makes, and decodes to every span."""
+    """The loop encodes the traces that end in a turn at its end; the export thread only joins them: the request is
+    byte for byte the one encoding all their rows at once makes, and decodes to every span."""
     resource = {"service.name": "svc"}
     traces = [_rows(n) for n in (0xA1, 0xB2, 0xC3)]
     on_the_loop = SpanEncoder()
@@ -188,6 +188,62 @@ def test_a_trace_the_queue_cannot_take_is_dropped_before_it_is_encoded() -> None
         assert sent == [SpanEncoder().framed_spans(_rows(number)) for number in (1, 2)]
     finally:
         spans.shutdown()
+
+
+def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_none_is_lost() -> None:
+    """On the event loop, traces are encoded once per loop turn, all that ended in it, in the order they ended;
+    the queue's bound counts them from the moment they end; shutdown sends those of a turn not yet over, and a
+    trace whose turn ends after the shutdown is counted as dropped, never lost silently."""
+    import asyncio
+
+    from gateway.telemetry.traces import EncodedTrace
+
+    made: list[int] = []
+    sent: list[bytes] = []
+
+    class Finished:
+        span_count = 2
+
+        def __init__(self, number: int) -> None:
+            self.number = number
+
+        def rows(self) -> list[SpanRow]:
+            return _rows(self.number)
+
+    def queued_as(trace: Finished) -> EncodedTrace:
+        made.append(trace.number)
+        return EncodedTrace(trace.span_count, SpanEncoder().framed_spans(trace.rows()))
+
+    def send(traces: Sequence[EncodedTrace]) -> bool:
+        sent.extend(trace.data for trace in traces)
+        return True
+
+    spans = SpanBatches(send, max_queue=10, max_batch=100, delay_s=3600,
+                        queued_as=queued_as)  # type: ignore[arg-type]
+
+    async def requests_ending() -> None:
+        for number in (1, 2, 3):
+            spans.add(Finished(number))  # type: ignore[arg-type]
+        assert made == []  # the turn is not over
+        await asyncio.sleep(0)  # the loop turns
+        assert made == [1, 2, 3]
+        for number in (4, 5, 6):  # 12 spans with those queued: the last does not fit, whether encoded yet or not
+            spans.add(Finished(number))  # type: ignore[arg-type]
+        assert spans.dropped_spans == 2
+        await asyncio.sleep(0)
+        assert made == [1, 2, 3, 4, 5]
+        spans.add(Finished(7))  # type: ignore[arg-type]  # no room until the queue is sent
+        assert spans.dropped_spans == 4
+        assert spans.force_flush()  # (from the loop here: a caller off the loop does the same)
+        spans.add(Finished(8))  # type: ignore[arg-type]
+        spans.shutdown()  # mid-turn: trace 8 is encoded and sent by the shutdown itself
+        assert made == [1, 2, 3, 4, 5, 8]
+        spans.add(Finished(9))  # type: ignore[arg-type]  # after the shutdown: dropped and counted
+        await asyncio.sleep(0)
+
+    asyncio.run(requests_ending())
+    assert sent == [SpanEncoder().framed_spans(_rows(number)) for number in (1, 2, 3, 4, 5, 8)]
+    assert spans.dropped_spans == 6
 
 
 def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
