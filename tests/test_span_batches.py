@@ -136,6 +136,18 @@ def _rows(trace_id: int) -> list[SpanRow]:
     ]
 
 
+class Finished:
+    """A finished trace of two spans, numbered, as the queue sees one."""
+
+    span_count = 2
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def rows(self) -> list[SpanRow]:
+        return _rows(self.number)
+
+
 def test_traces_encoded_one_by_one_join_into_the_request_a_batch_of_their_rows_makes() -> None:
     """The loop encodes the traces that end in a turn at its end; the export thread only joins them: the request is
     byte for byte the one encoding all their rows at once makes, and decodes to every span."""
@@ -160,15 +172,6 @@ def test_a_trace_the_queue_cannot_take_is_dropped_before_it_is_encoded() -> None
         def framed_spans(self, rows):  # type: ignore[no-untyped-def]
             CountingEncoder.encoded += 1
             return super().framed_spans(rows)
-
-    class Finished:
-        span_count = 2
-
-        def __init__(self, number: int) -> None:
-            self.number = number
-
-        def rows(self) -> list[SpanRow]:
-            return _rows(self.number)
 
     sent: list[bytes] = []
 
@@ -200,15 +203,6 @@ def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_no
 
     made: list[int] = []
     sent: list[bytes] = []
-
-    class Finished:
-        span_count = 2
-
-        def __init__(self, number: int) -> None:
-            self.number = number
-
-        def rows(self) -> list[SpanRow]:
-            return _rows(self.number)
 
     def queued_as(trace: Finished) -> EncodedTrace:
         made.append(trace.number)
