@@ -240,6 +240,45 @@ def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_no
     assert spans.dropped_spans == 6
 
 
+def test_a_trace_that_fails_to_encode_is_dropped_and_counted_and_the_turn_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An encoding bug costs that trace's spans (counted, logged), not its loop turn's other traces, nor later ones."""
+    import asyncio
+
+    from gateway.telemetry.traces import EncodedTrace
+
+    made: list[int] = []
+    sent: list[bytes] = []
+
+    def queued_as(trace: Finished) -> EncodedTrace:
+        if trace.number == 2:
+            raise ValueError("encoder bug")
+        made.append(trace.number)
+        return EncodedTrace(trace.span_count, SpanEncoder().framed_spans(trace.rows()))
+
+    def send(traces: Sequence[EncodedTrace]) -> bool:
+        sent.extend(trace.data for trace in traces)
+        return True
+
+    spans = SpanBatches(send, max_queue=100, max_batch=100, delay_s=3600,
+                        queued_as=queued_as)  # type: ignore[arg-type]
+
+    async def requests_ending() -> None:
+        for number in (1, 2, 3):
+            spans.add(Finished(number))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        spans.add(Finished(4))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert made == [1, 3, 4]  # in their turns, not left for the shutdown to find
+
+    with caplog.at_level(logging.ERROR, logger="switchboard.telemetry"):
+        asyncio.run(requests_ending())
+    spans.shutdown()
+    assert sent == [SpanEncoder().framed_spans(_rows(number)) for number in (1, 3, 4)]
+    assert spans.dropped_spans == 2
+    assert sum("encoding a finished trace failed" in record.message for record in caplog.records) == 1
+
+
 def test_a_queued_trace_keeps_no_request_or_reply_alive() -> None:
     """A finished trace waits in the export queue for up to the schedule delay (and a queue's worth of them at
     once): it must not hold the exchange, the request body or the reply while it waits."""

@@ -61,8 +61,8 @@ class SpanBatches:
         # written by one side only, so neither loses an update to the other.
         self._added_spans = 0
         self._taken_spans = 0
-        # Spans dropped: refused by a full queue (counted on the loop) and in batches that failed (counted by
-        # whoever holds `_exporting`: the export thread, or a caller's `force_flush`).
+        # Spans dropped: refused by a full queue or lost to an encoding error (counted on the loop) and in batches
+        # that failed (counted by whoever holds `_exporting`: the export thread, or a caller's `force_flush`).
         self._refused_spans = 0
         self._failed_spans = 0
         self._warned = False
@@ -104,8 +104,14 @@ class SpanBatches:
                 self._ended_spans -= spans
                 if self._closed:  # shut down meanwhile (`shutdown` queues what it finds first)
                     self._drop(spans)
-                else:
-                    self._enqueue(make(trace), spans)
+                    continue
+                try:
+                    item = make(trace)
+                except Exception:  # a bug in encoding loses that trace, never the turn's others or later ones
+                    log.exception("encoding a finished trace failed; its %d spans are dropped", spans)
+                    self._refused_spans += spans
+                    continue
+                self._enqueue(item, spans)
 
     def _enqueue(self, item: FinishedTrace, spans: int) -> None:
         queued = self._added_spans - self._taken_spans
