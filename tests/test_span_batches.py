@@ -193,18 +193,17 @@ def test_a_trace_the_queue_cannot_take_is_dropped_before_it_is_encoded() -> None
         spans.shutdown()
 
 
-def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_none_is_lost() -> None:
-    """On the event loop, traces are encoded once per loop turn, all that ended in it, in the order they ended;
-    the queue's bound counts them from the moment they end; shutdown sends those of a turn not yet over, and a
-    trace whose turn ends after the shutdown is counted as dropped, never lost silently."""
-    import asyncio
-
+def _queue_on_the_loop(max_queue: int, failing: int | None = None) -> tuple[SpanBatches, list[int], list[bytes]]:
+    """The OTLP path's queue as gateway/telemetry/traces.py makes it, with a delay no test waits out; the numbers of
+    the traces it encoded (the one numbered `failing` raises instead), and what it sent."""
     from gateway.telemetry.traces import EncodedTrace
 
     made: list[int] = []
     sent: list[bytes] = []
 
     def queued_as(trace: Finished) -> EncodedTrace:
+        if trace.number == failing:
+            raise ValueError("encoder bug")
         made.append(trace.number)
         return EncodedTrace(trace.span_count, SpanEncoder().framed_spans(trace.rows()))
 
@@ -212,8 +211,18 @@ def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_no
         sent.extend(trace.data for trace in traces)
         return True
 
-    spans = SpanBatches(send, max_queue=10, max_batch=100, delay_s=3600,
+    spans = SpanBatches(send, max_queue=max_queue, max_batch=100, delay_s=3600,
                         queued_as=queued_as)  # type: ignore[arg-type]
+    return spans, made, sent
+
+
+def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_none_is_lost() -> None:
+    """On the event loop, traces are encoded once per loop turn, all that ended in it, in the order they ended;
+    the queue's bound counts them from the moment they end; shutdown sends those of a turn not yet over, and a
+    trace whose turn ends after the shutdown is counted as dropped, never lost silently."""
+    import asyncio
+
+    spans, made, sent = _queue_on_the_loop(max_queue=10)
 
     async def requests_ending() -> None:
         for number in (1, 2, 3):
@@ -245,23 +254,7 @@ def test_a_trace_that_fails_to_encode_is_dropped_and_counted_and_the_turn_goes_o
     """An encoding bug costs that trace's spans (counted, logged), not its loop turn's other traces, nor later ones."""
     import asyncio
 
-    from gateway.telemetry.traces import EncodedTrace
-
-    made: list[int] = []
-    sent: list[bytes] = []
-
-    def queued_as(trace: Finished) -> EncodedTrace:
-        if trace.number == 2:
-            raise ValueError("encoder bug")
-        made.append(trace.number)
-        return EncodedTrace(trace.span_count, SpanEncoder().framed_spans(trace.rows()))
-
-    def send(traces: Sequence[EncodedTrace]) -> bool:
-        sent.extend(trace.data for trace in traces)
-        return True
-
-    spans = SpanBatches(send, max_queue=100, max_batch=100, delay_s=3600,
-                        queued_as=queued_as)  # type: ignore[arg-type]
+    spans, made, sent = _queue_on_the_loop(max_queue=100, failing=2)
 
     async def requests_ending() -> None:
         for number in (1, 2, 3):

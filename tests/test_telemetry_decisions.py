@@ -329,6 +329,59 @@ teams: {t: {models: ["*"]}}
     assert event["switchboard.route.reason"] == "fewest requests in flight"
 
 
+def test_a_route_decided_by_the_policy_alone_is_one_shared_event_per_standing_and_encodes_as_a_fresh_one() -> None:
+    """A priority route's event follows from its targets' standing alone: requests that meet the same standing share
+    one event (built and encoded once), and a breaker that opens, a retry or a target that comes back each give the
+    event their own standing at once."""
+    from gateway.compiled.policy import parse_policy
+    from gateway.policy.model_schema import CircuitBreakerPolicy
+    from gateway.routing.strategies import RouteRequest, RouteState
+    from gateway.telemetry.decisions import route_event
+    from gateway.telemetry.otlp import SharedAttributes, SpanEncoder
+
+    model = parse_policy("""
+providers: {p: {kind: openai_compatible, base_url: "http://127.0.0.1:9/v1"}}
+models:
+  m:
+    targets:
+      - {provider: p, model: a}
+      - {provider: p, model: b}
+teams: {t: {models: ["*"]}}
+""").models["m"]
+    a = model.targets[0]
+    now = [50.0]
+    states = RouteState(clock=lambda: now[0])
+
+    def routed(attempt: int = 1, previous: Any = None) -> dict[str, Any]:
+        available = [t for t in model.targets if states.available(t, now[0])]
+        ranked = model.plan.strategy.rank(available, states, RouteRequest({}))
+        return route_event(model, ranked, model.targets, states, now[0], attempt, previous)
+
+    first, second = routed(), routed()
+    assert first is second and type(first) is SharedAttributes
+    assert first == {"switchboard.route.model": "m", "switchboard.route.strategy": "priority",
+                     "switchboard.route.attempt": 1, "switchboard.route.candidates": ("p/a", "p/b"),
+                     "switchboard.route.weights": (1.0, 1.0), "switchboard.route.states": ("closed", "closed"),
+                     "switchboard.route.chosen": "p/a",
+                     "switchboard.route.reason": "first available target in listed order"}
+    retry = routed(attempt=2, previous=a)
+    assert retry["switchboard.route.attempt"] == 2 and retry["switchboard.route.reason"].startswith("retry")
+    states.state(a).breaker.on_failure(now[0], CircuitBreakerPolicy(consecutive_failures=1, cooldown_s=30))
+    ejected = routed()
+    assert ejected["switchboard.route.states"] == ("open", "closed")
+    assert ejected["switchboard.route.chosen"] == "p/b"
+    assert ejected["switchboard.route.reason"] == "the only target available"
+    now[0] += 31  # the cooldown is over: a trial call may go to `a` again
+    assert routed()["switchboard.route.states"][0] == "half_open"
+
+    # The encoder keeps a shared event's bytes: the same as encoding the same attributes afresh, every time.
+    encoder = SpanEncoder()
+    fresh = SpanEncoder()._attributes(3, dict(first))
+    assert encoder._attributes(3, first) == fresh
+    assert encoder._attributes(3, first) == fresh
+    assert encoder._attributes(3, ejected) == SpanEncoder()._attributes(3, dict(ejected)) != fresh
+
+
 def test_semantic_hit_records_its_similarity_and_threshold(start_gateway: Start,
                                                            exporter: WaitingSpanExporter) -> None:
     from gateway.cache import ResponseCache

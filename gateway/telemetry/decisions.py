@@ -28,16 +28,21 @@ What an event takes from the policy alone is built with the policy's objects, no
 pays only for its own numbers: a compiled `Model` holds its targets' `Candidates` (labels, weights), and a
 plan's `Frame` (gateway/accounting/plans.py) the `AdmissionShape` of its meters (labels and limits), once per
 set of windows. Anything else (a route pinned to some of the targets by tags, a fallback's extra checks) is
-described on the spot. Nothing here keeps state between events.
+described on the spot. A route decided by the policy alone (no live scores) is the same event for every request
+that meets the same standing of the targets: the model's `Candidates` keep one per standing, shared
+(`SharedAttributes`, encoded once), so most requests build no route event at all. Nothing else keeps state
+between events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, sub, truediv
 from typing import TYPE_CHECKING, Any
+
+from gateway.telemetry.otlp import SharedAttributes
 
 if TYPE_CHECKING:
     from gateway.cache.service import Ticket
@@ -69,11 +74,19 @@ def target_label(target: Target) -> str:
 @dataclass(frozen=True, slots=True, eq=False)
 class Candidates:
     """What a route event says of a list of targets whatever the request: their labels and weights, in order,
-    and each target's label by `id()` (targets are compared by identity on the route path)."""
+    and each target's label by `id()` (targets are compared by identity on the route path). A model's own also
+    keeps the route events of strategies that rank by the policy alone, one per standing met (`shared`)."""
 
     labels: tuple[str, ...]
     weights: tuple[float, ...]
     by_id: dict[int, str]
+    # (attempt, each target's standing, the chosen label, the reason, the order) -> the event every request with
+    # that standing gets: built and encoded once (gateway/telemetry/otlp.py `SharedAttributes`), not per request.
+    shared: dict[tuple[Any, ...], SharedAttributes] = field(default_factory=dict)
+
+
+# Route events a model keeps (a standing is a combination of its targets' breaker states and health, so a few).
+_SHARED_EVENTS = 64
 
 
 def candidates(targets: Sequence[Target]) -> Candidates:
@@ -103,6 +116,17 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
             standing.append(state.breaker.state(now).value)
         if scores is not None:
             scores.append(_score(strategy, target, state, now))
+    chosen_label = by_id.get(id(chosen)) or target_label(chosen)
+    reason = _reason(strategy, chosen, ranked, states, now, previous)
+    order = None
+    if len(ranked) > 1 and any(a is not b for a, b in zip(ranked, considered, strict=False)):
+        order = tuple([by_id.get(id(t)) or target_label(t) for t in ranked])
+    per_scorer = getattr(model.plan.strategy, "score_attributes", None)
+    # Without live numbers the event follows from the standing alone: the model keeps one per standing.
+    key = (attempt, tuple(standing), chosen_label, reason, order) \
+        if scores is None and per_scorer is None and shown is model.candidates else None
+    if key is not None and (shared := shown.shared.get(key)) is not None:
+        return shared
     attributes: dict[str, Any] = {
         "switchboard.route.model": model.name,
         "switchboard.route.strategy": strategy,
@@ -110,17 +134,20 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
         "switchboard.route.candidates": labels,
         "switchboard.route.weights": shown.weights,
         "switchboard.route.states": tuple(standing),
-        "switchboard.route.chosen": by_id.get(id(chosen)) or target_label(chosen),
-        "switchboard.route.reason": _reason(strategy, chosen, ranked, states, now, previous),
+        "switchboard.route.chosen": chosen_label,
+        "switchboard.route.reason": reason,
     }
     if scores is not None:
         attributes["switchboard.route.scores"] = tuple(scores)
-    per_scorer = getattr(model.plan.strategy, "score_attributes", None)
     if per_scorer is not None:  # kv-aware: each scorer's value per candidate (gateway/routing/kv_scoring.py)
         attributes.update(per_scorer(considered))
         attributes["switchboard.route.scores"] = tuple(model.plan.strategy.total(t) for t in considered)
-    if len(ranked) > 1 and any(a is not b for a, b in zip(ranked, considered, strict=False)):
-        attributes["switchboard.route.order"] = tuple([by_id.get(id(t)) or target_label(t) for t in ranked])
+    if order is not None:
+        attributes["switchboard.route.order"] = order
+    if key is not None:
+        if len(shown.shared) >= _SHARED_EVENTS:
+            shown.shared.clear()
+        attributes = shown.shared[key] = SharedAttributes(attributes)
     return attributes
 
 

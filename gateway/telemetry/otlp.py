@@ -84,6 +84,14 @@ _REPEATING = frozenset({
 })
 
 
+class SharedAttributes(dict[str, Any]):
+    """Attributes made once and shared by many spans or events, never changed after they are made (a route
+    decision that is the same for every request that meets the same standing, gateway/telemetry/decisions.py):
+    an encoder encodes each such object once and keeps its bytes for as long as it keeps the object."""
+
+    __slots__ = ()
+
+
 # Types of values an encoded pair can be memoised by (exactly these: a subclass may hash differently).
 _HASHABLE = frozenset({str, bool, int, float, tuple})
 
@@ -155,6 +163,7 @@ _NAMES_MEMORY = 4096
 _LAYOUTS_MEMORY = 1024  # per field number
 _VALUES_MEMORY = 1024  # per attribute name and type
 _ALL_VALUES_MEMORY = 65_536  # per encoder, all names' together (~100 bytes each)
+_SHARED_MEMORY = 1024  # `SharedAttributes` objects whose bytes an encoder keeps
 
 
 def _framed(tag: int, size: int) -> bytes:
@@ -266,7 +275,7 @@ class SpanEncoder:
     event attributes 3, span attributes 9; event names 2, span names 5).
     """
 
-    __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes", "_room")
+    __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes", "_room", "_shared")
 
     def __init__(self) -> None:
         self._keys: dict[str, tuple[bytes, bool]] = {}  # name -> (encoded key, its values repeat)
@@ -277,6 +286,8 @@ class SpanEncoder:
                              ...] = tuple({} for _ in range(16))
         self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
         self._room = _Room()  # the memos' values, all names together
+        # (field number, id) of a `SharedAttributes` -> the object (held, so its id is not reused) and its bytes.
+        self._shared: dict[tuple[int, int], tuple[SharedAttributes, bytes]] = {}
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         """An `ExportTraceServiceRequest` for the SDK's spans; grouped by resource and instrumentation scope."""
@@ -360,6 +371,11 @@ class SpanEncoder:
         ~20 more in its events), one encoder call per attribute, mapped in C over the set's layout."""
         if not attributes:
             return b""
+        if type(attributes) is SharedAttributes:
+            known = self._shared.get((number, id(attributes)))
+            if known is not None:
+                return known[1]
+            return self._share(number, attributes)
         values = attributes.values()
         layout = (tuple(attributes), tuple(map(type, values)))
         encoders = self._layouts[number].get(layout) or self._layout(number, layout)
@@ -367,6 +383,14 @@ class SpanEncoder:
             return b"".join(map(call, encoders, values))
         except TypeError:  # a value that cannot be hashed (a tuple holding a list...): encoded, not looked up
             return b"".join([self._pair(number, key, value) for key, value in attributes.items()])
+
+    def _share(self, number: int, attributes: SharedAttributes) -> bytes:
+        """Encode a `SharedAttributes` as any other set, and keep its bytes (a bounded number of them)."""
+        encoded = self._attributes(number, dict(attributes))
+        if len(self._shared) >= _SHARED_MEMORY:
+            self._shared.clear()
+        self._shared[(number, id(attributes))] = (attributes, encoded)
+        return encoded
 
     def _layout(self, number: int, layout: tuple[tuple[str, ...], tuple[type, ...]]
                 ) -> tuple[Callable[[Any], bytes], ...]:
