@@ -116,6 +116,7 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
             standing.append(state.breaker.state(now).value)
         if scores is not None:
             scores.append(_score(strategy, target, state, now))
+    states_shown = tuple(standing)
     chosen_label = by_id.get(id(chosen)) or target_label(chosen)
     reason = _reason(strategy, chosen, ranked, states, now, previous)
     order = None
@@ -123,7 +124,7 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
         order = tuple([by_id.get(id(t)) or target_label(t) for t in ranked])
     per_scorer = getattr(model.plan.strategy, "score_attributes", None)
     # Without live numbers the event follows from the standing alone: the model keeps one per standing.
-    key = (attempt, tuple(standing), chosen_label, reason, order) \
+    key = (attempt, states_shown, chosen_label, reason, order) \
         if scores is None and per_scorer is None and shown is model.candidates else None
     if key is not None and (shared := shown.shared.get(key)) is not None:
         return shared
@@ -133,7 +134,7 @@ def route_event(model: Model, ranked: Sequence[Target], considered: Sequence[Tar
         "switchboard.route.attempt": attempt,
         "switchboard.route.candidates": labels,
         "switchboard.route.weights": shown.weights,
-        "switchboard.route.states": tuple(standing),
+        "switchboard.route.states": states_shown,
         "switchboard.route.chosen": chosen_label,
         "switchboard.route.reason": reason,
     }

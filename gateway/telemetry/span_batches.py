@@ -82,9 +82,9 @@ class SpanBatches:
         if self._queued_as is not None:
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on a loop (a test, a tool): queued now
-                loop = None
-            if loop is not None:
+            except RuntimeError:  # not on a loop (a test, a tool): queued now, below
+                pass
+            else:
                 if not self._ended:
                     loop.call_soon(self._queue_ended)
                 self._ended.append(trace)
