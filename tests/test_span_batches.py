@@ -249,6 +249,25 @@ def test_traces_that_end_in_one_loop_turn_are_encoded_together_at_its_end_and_no
     assert spans.dropped_spans == 6
 
 
+def test_a_shutdown_from_another_thread_while_a_turn_ends_sends_every_trace_once() -> None:
+    """A reload shuts the old queue down from a thread of its own while the loop goes on: the turn's traces are
+    then queued by whichever side gets to them first, each exactly once, and all of them are sent."""
+    import asyncio
+
+    spans, made, sent = _queue_on_the_loop(max_queue=1000)
+
+    async def requests_ending() -> None:
+        for number in range(1, 101):
+            spans.add(Finished(number))  # type: ignore[arg-type]
+        # The loop turns (and queues the turn's traces) while the shutdown runs on another thread.
+        await asyncio.to_thread(spans.shutdown)
+
+    asyncio.run(requests_ending())
+    assert sorted(made) == list(range(1, 101))
+    assert sorted(sent) == sorted(SpanEncoder().framed_spans(_rows(number)) for number in range(1, 101))
+    assert spans.dropped_spans == 0
+
+
 def test_a_trace_that_fails_to_encode_is_dropped_and_counted_and_the_turn_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     """An encoding bug costs that trace's spans (counted, logged), not its loop turn's other traces, nor later ones."""
