@@ -214,6 +214,34 @@ def test_per_request_strings_and_numbers_decode_as_given_whatever_their_size() -
                                       "switchboard.cost_usd": i / 7}
 
 
+def test_doubles_encode_to_the_bytes_of_the_same_tuple_of_floats() -> None:
+    """`Doubles` (an admission's used, requested and remaining amounts) skip the encoder's check of each element's
+    type: at every length, short enough for the one-join framing or not, and as span or event attributes, they
+    encode to exactly the bytes of a plain tuple holding the same floats, and decode as doubles."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+    from gateway.telemetry.otlp import Doubles, encode_request
+    from tests.fakes.otlp_receiver import decode
+
+    def span(number: int, values: tuple[float, ...]) -> ReadableSpan:
+        return ReadableSpan(name="chat m", context=SpanContext(0xABC, 0x100 + number, False, TraceFlags(1)),
+                            resource=Resource.create({"service.name": "svc"}), kind=SpanKind.SERVER,
+                            attributes={"switchboard.admission.used": values},
+                            events=[Event("switchboard.admission", {"switchboard.admission.remaining": values,
+                                                                    "switchboard.admission.requested": values}, 5)],
+                            start_time=1, end_time=2)
+
+    lengths = (0, 1, 5, 9, 10, 11, 20)  # 9 elements and more no longer fit one 127-byte key-value
+    plain = [tuple(float(n * 1000 + i) / 7 for i in range(length)) for n, length in enumerate(lengths)]
+    as_doubles = [span(n, Doubles(values)) for n, values in enumerate(plain)]
+    assert encode_request(as_doubles) == encode_request([span(n, values) for n, values in enumerate(plain)])
+    for decoded, values in zip(decode(encode_request(as_doubles)), plain, strict=True):
+        assert decoded.attributes["switchboard.admission.used"] == values
+        assert all(type(v) is float for v in decoded.attributes["switchboard.admission.used"])
+
+
 def test_memos_stop_growing_at_their_bounds_and_unhashable_values_still_encode() -> None:
     """A name's memo of encoded values keeps at most `_VALUES_MEMORY` of them, all names' together what the
     encoder's room allows, and the layouts at most

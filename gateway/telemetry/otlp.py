@@ -92,6 +92,14 @@ class SharedAttributes(dict[str, Any]):
     __slots__ = ()
 
 
+class Doubles(tuple[float, ...]):
+    """A tuple whose elements are all floats, by construction (quotients: an admission's used, requested and
+    remaining amounts, gateway/telemetry/decisions.py): encoded as an array of doubles without checking each
+    element's type, which for these per-request tuples cost more than framing them."""
+
+    __slots__ = ()
+
+
 # Types of values an encoded pair can be memoised by (exactly these: a subclass may hash differently).
 _HASHABLE = frozenset({str, bool, int, float, tuple})
 
@@ -222,11 +230,18 @@ def _str_pair(tag: bytes, encoded_key: bytes, value: str) -> bytes:
 
 
 def _tuple_pair(tag: bytes, encoded_key: bytes, values: tuple[Any, ...]) -> bytes:
-    """`_value_pair` for a tuple: one of doubles only (an admission's used, requested and remaining amounts),
-    framed in one join when it all fits in 127 bytes."""
+    """`_value_pair` for a tuple that does not repeat: `_doubles_pair` when it holds doubles only."""
+    if values and list(map(type, values)).count(float) == len(values):
+        return _doubles_pair(tag, encoded_key, values)
+    return _value_pair(tag, encoded_key, values)
+
+
+def _doubles_pair(tag: bytes, encoded_key: bytes, values: tuple[float, ...]) -> bytes:
+    """`_value_pair` for a tuple of doubles (`Doubles`, or a tuple checked to hold only floats), framed in one
+    join when it all fits in 127 bytes."""
     size = 11 * len(values)  # each element: its tag and length, the AnyValue's tag, 8 bytes
     key_value_size = len(encoded_key) + 4 + size  # the key, the AnyValue's tag and length, the array's too
-    if values and key_value_size < 128 and list(map(type, values)).count(float) == len(values):
+    if values and key_value_size < 128:
         return b"".join((tag, _SMALL[key_value_size], encoded_key, b"\x12", _SMALL[size + 2], b"\x2a", _SMALL[size],
                          _DOUBLE_ELEMENT, _DOUBLE_ELEMENT.join(map(_DOUBLE.pack, values))))
     return _value_pair(tag, encoded_key, values)
@@ -271,8 +286,8 @@ class SpanEncoder:
     set is then one call per attribute mapped in C and one join. An encoder belongs to an attribute name and type:
     a memo of whole key-values for names whose values repeat (team, model, outcome) and for integers and
     booleans; a struct packing the key-value's prefix with the value for doubles; a function for strings and
-    tuples that do not repeat (ids, an admission's numbers). Memos are per field number (resource attributes 1,
-    event attributes 3, span attributes 9; event names 2, span names 5).
+    tuples that do not repeat (ids; an admission's numbers, `Doubles`). Memos are per field number (resource
+    attributes 1, event attributes 3, span attributes 9; event names 2, span names 5).
     """
 
     __slots__ = ("_encoders", "_keys", "_layouts", "_names", "_prefixes", "_room", "_shared")
@@ -281,9 +296,9 @@ class SpanEncoder:
         self._keys: dict[str, tuple[bytes, bool]] = {}  # name -> (encoded key, its values repeat)
         self._prefixes: tuple[dict[str, tuple[bytes, bytes, bytes, bool]], ...] = tuple({} for _ in range(16))
         self._names: tuple[dict[str, bytes], ...] = tuple({} for _ in range(16))
-        # (names, types of their values) -> one encoder per attribute; (name, type) -> its encoder.
-        self._layouts: tuple[dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[Callable[[Any], bytes], ...]],
-                             ...] = tuple({} for _ in range(16))
+        # (*names, *types of their values) -> one encoder per attribute; (name, type) -> its encoder.
+        self._layouts: tuple[dict[tuple[Any, ...], tuple[Callable[[Any], bytes], ...]], ...] = tuple(
+            {} for _ in range(16))
         self._encoders: tuple[dict[tuple[str, type], Callable[[Any], bytes]], ...] = tuple({} for _ in range(16))
         self._room = _Room()  # the memos' values, all names together
         # (field number, id) of a `SharedAttributes` -> the object (held, so its id is not reused) and its bytes.
@@ -377,7 +392,8 @@ class SpanEncoder:
                 return known[1]
             return self._share(number, attributes)
         values = attributes.values()
-        layout = (tuple(attributes), tuple(map(type, values)))
+        # The names, then their values' types, in one flat tuple: one tuple built and hashed, not three.
+        layout = (*attributes, *map(type, values))
         encoders = self._layouts[number].get(layout) or self._layout(number, layout)
         try:
             return b"".join(map(call, encoders, values))
@@ -392,12 +408,13 @@ class SpanEncoder:
         self._shared[(number, id(attributes))] = (attributes, encoded)
         return encoded
 
-    def _layout(self, number: int, layout: tuple[tuple[str, ...], tuple[type, ...]]
-                ) -> tuple[Callable[[Any], bytes], ...]:
-        """The encoders of an attribute set's names and types, kept for the next set of the same layout."""
+    def _layout(self, number: int, layout: tuple[Any, ...]) -> tuple[Callable[[Any], bytes], ...]:
+        """The encoders of an attribute set's names and types (`layout`: the names, then the types), kept for the
+        next set of the same layout."""
         known = self._encoders[number]
+        half = len(layout) // 2
         encoders = tuple(known.get(name_and_type) or self._encoder(number, *name_and_type)
-                         for name_and_type in zip(*layout, strict=True))
+                         for name_and_type in zip(layout[:half], layout[half:], strict=True))
         if len(self._layouts[number]) < _LAYOUTS_MEMORY:
             self._layouts[number][layout] = encoders
         return encoders
@@ -410,9 +427,9 @@ class SpanEncoder:
             encoder = partial(struct.Struct(f"<{len(prefixes[0])}sd").pack, prefixes[0])  # the prefix and the double
         elif kind in _HASHABLE and (prefixes[3] or kind is int or kind is bool):
             encoder = _Memo(partial(self._pair, number, key), self._room).__getitem__
-        elif kind is str or kind is tuple:  # (an admission's used, requested and remaining: doubles)
-            encoder = partial(_str_pair if kind is str else _tuple_pair, _TAGS[number],
-                              (self._keys.get(key) or self._key(key))[0])
+        elif kind is str or kind is tuple or kind is Doubles:
+            encoder = partial(_str_pair if kind is str else _tuple_pair if kind is tuple else _doubles_pair,
+                              _TAGS[number], (self._keys.get(key) or self._key(key))[0])
         else:
             encoder = partial(self._pair, number, key)
         if len(self._encoders[number]) < _NAMES_MEMORY:
