@@ -619,7 +619,7 @@ def test_the_report_finds_known_effects_on_a_synthetic_ledger(tmp_path: Path) ->
     exclude zero on the right side, and the same ledger gives the same report (a fixed seed)."""
     import random
 
-    from gateway.accounting.ledger import _INSERT, _row, open_ledger
+    from gateway.accounting.ledger import _row, insert_rows, open_ledger
     from providers.base import Usage
 
     rng = random.Random(7)
@@ -636,7 +636,7 @@ def test_the_report_finds_known_effects_on_a_synthetic_ledger(tmp_path: Path) ->
         rows.append(_row(record, 1_800_000_000 + i))
     connection = open_ledger(tmp_path / "synthetic.sqlite")
     with connection:
-        connection.executemany(_INSERT, rows)
+        insert_rows(connection, rows)
     connection.close()
     report = experiments_report(tmp_path / "synthetic.sqlite")
     canary = report["models"][0]["variants"]["canary"]

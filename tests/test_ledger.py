@@ -129,6 +129,40 @@ def test_a_replayed_record_is_never_counted_twice(tmp_path: Path) -> None:
     assert (row["requests"], row["cost_usd"], row["input_tokens"], row["cached_input_tokens"]) == (2, 0.75, 20, 4)
 
 
+def test_rows_with_different_null_columns_in_one_batch_are_stored_column_for_column(tmp_path: Path) -> None:
+    """The writer inserts a batch grouped by which columns are NULL (one statement per pattern, naming only the
+    others): rows of different patterns, interleaved in one batch, each come back column for column as recorded,
+    NULL where the record had nothing, and in the order they were recorded."""
+    from gateway.accounting.ledger import _COLUMNS, _row
+
+    def varied(index: int) -> UsageRecord:
+        record = _record(f"req-{index}", 0.001 * index if index % 2 else None)  # type: ignore[arg-type]
+        if index % 3 == 0:
+            record = dataclasses.replace(record, time_to_first_token_ms=5.5 + index, cache="hit", cache_tokens=7,
+                                         cost_saved_usd=0.002)
+        if index % 4 == 1:
+            record = dataclasses.replace(record, usage=None, trace_id=None, tags=(("project", f"p{index}"),),
+                                         variant="canary", organization="acme", end_user=f"user-{index}")
+        if index % 5 == 2:
+            record = dataclasses.replace(record, failed_attempt_tokens=3, failed_attempt_cost_usd=0.0001,
+                                         price_version=None)
+        return record
+
+    records = [varied(index) for index in range(24)]
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path, flush_interval_s=60)  # nothing is written before the flush: one batch
+    for index, record in enumerate(records):
+        ledger.record(record, at=1_800_000_000 + index)
+    assert ledger.flush()
+    ledger.close()
+    expected = [_row(record, 1_800_000_000 + index) for index, record in enumerate(records)]
+    assert len({tuple(value is None for value in row) for row in expected}) >= 6  # the patterns are really mixed
+    connection = sqlite3.connect(path)
+    stored = connection.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage ORDER BY ts").fetchall()
+    connection.close()
+    assert stored == expected
+
+
 def test_since_accepts_dates_times_and_relative_periods() -> None:
     now = 1_800_000_000.0
     assert parse_since("2026-11-01") == 1_793_491_200.0
