@@ -163,6 +163,28 @@ def test_rows_with_different_null_columns_in_one_batch_are_stored_column_for_col
     assert stored == expected
 
 
+@pytest.mark.parametrize("variables", [None, 100])
+def test_a_batch_inserted_many_rows_a_statement_keeps_every_row(tmp_path: Path, variables: int | None) -> None:
+    """`insert_rows` puts up to 64 rows in one statement, then halving sizes, and fewer when SQLite allows fewer
+    variables: 150 rows of two NULL patterns (75 each: 64 + 8 + 2 + 1) all come back column for column, with
+    SQLite's own default limit and with one that fits only two rows a statement; a row inserted again is ignored."""
+    from gateway.accounting.ledger import _COLUMNS, _row, insert_rows, open_ledger
+
+    records = [dataclasses.replace(_record(f"req-{index}", 0.01), time_to_first_token_ms=float(index) if index % 2
+                                   else None) for index in range(150)]
+    rows = [_row(record, 1_800_000_000 + index) for index, record in enumerate(records)]
+    connection = open_ledger(tmp_path / "ledger.sqlite")
+    if variables is not None:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+    with connection:
+        insert_rows(connection, rows)
+    with connection:
+        insert_rows(connection, rows[:3])  # a replay: INSERT OR IGNORE
+    stored = connection.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage ORDER BY ts").fetchall()
+    connection.close()
+    assert stored == rows
+
+
 def test_since_accepts_dates_times_and_relative_periods() -> None:
     now = 1_800_000_000.0
     assert parse_since("2026-11-01") == 1_793_491_200.0

@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from itertools import compress
+from itertools import chain, compress
 from operator import is_not
 from pathlib import Path
 from typing import Any
@@ -368,8 +368,9 @@ def insert_rows(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> 
     their columns are NULL: each group names only its other columns, and the NULL ones take their default (NULL).
 
     Python's sqlite3 binds a None through its adapter lookup, which formats an AttributeError's message on the way
-    (~2,000 instructions); a request's row has a dozen, which made binding them cost more than SQLite's insert
-    itself (loadtests/README.md, "Round twelve"). The rows of a batch mostly share one pattern: one statement each.
+    (~2,000 instructions); a request's row has about nine. And it gives up the GIL for every statement it steps,
+    so `executemany` took the GIL back from the event loop once per row. Here a statement inserts up to 64 rows
+    (loadtests/README.md, "Round twelve"); the rows of a batch mostly share one NULL pattern.
     """
     groups: dict[tuple[bool, ...], list[tuple[Any, ...]]] = {}
     for row in rows:
@@ -378,15 +379,30 @@ def insert_rows(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> 
         if group is None:
             group = groups[present] = []
         group.append(tuple(compress(row, present)))
+    variables = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     for present, group in groups.items():
-        connection.executemany(_insert(present), group)
+        # Statements of 64 rows (fewer when SQLite allows fewer variables), then halving sizes for the rest: a few
+        # statement texts per pattern, which sqlite3's statement cache keeps prepared.
+        size = _ROWS_PER_STATEMENT
+        while size > 1 and size * len(group[0]) > variables:
+            size //= 2
+        at = 0
+        while at < len(group):
+            while size > len(group) - at:
+                size //= 2
+            connection.execute(_insert(present, size), list(chain.from_iterable(group[at:at + size])))
+            at += size
 
 
-@functools.lru_cache(maxsize=64)
-def _insert(present: tuple[bool, ...]) -> str:
-    """`INSERT OR IGNORE` of the columns `present` marks."""
+_ROWS_PER_STATEMENT = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _insert(present: tuple[bool, ...], rows: int) -> str:
+    """`INSERT OR IGNORE` of `rows` rows of the columns `present` marks."""
     columns = list(compress(_COLUMNS, present))
-    return f"INSERT OR IGNORE INTO usage ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    values = f"({', '.join('?' * len(columns))})"
+    return f"INSERT OR IGNORE INTO usage ({', '.join(columns)}) VALUES {', '.join([values] * rows)}"
 
 
 def _complete(row: Any) -> tuple[Any, ...]:
