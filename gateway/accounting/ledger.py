@@ -368,9 +368,9 @@ def insert_rows(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> 
     their columns are NULL: each group names only its other columns, and the NULL ones take their default (NULL).
 
     Python's sqlite3 binds a None through its adapter lookup, which formats an AttributeError's message on the way
-    (~2,000 instructions); a request's row has about nine. And it gives up the GIL for every statement it steps,
-    so `executemany` took the GIL back from the event loop once per row. Here a statement inserts up to 64 rows
-    (loadtests/README.md, "Round twelve"); the rows of a batch mostly share one NULL pattern.
+    (~2,000 instructions); a request's row has about nine. And a statement inserts up to 64 rows, not one as with
+    `executemany`: fewer instructions a row, and one release of the GIL per statement stepped instead of per row
+    (loadtests/README.md, "Round twelve"). The rows of a batch mostly share one NULL pattern.
     """
     groups: dict[tuple[bool, ...], list[tuple[Any, ...]]] = {}
     for row in rows:
