@@ -121,7 +121,9 @@ class LeasePolicy(Strict):
     """
 
     requests: int = Field(32, ge=2, le=10_000, description="A lease covers up to this many more requests like "
-                          "the one that takes it (its tokens and cost for token and USD limits).")
+                          "the one that takes it (its tokens and cost for token and USD limits); a busy process's "
+                          "leases keep pace with it, up to 8 times this: four times the requests that looked to a "
+                          "lease while its last top-up was on its way.")
     headroom_fraction: float = Field(0.05, gt=0, le=0.5, description="And at most this share of the room the "
                                      "limit has left, so leases shrink to nothing as a limit fills up and the "
                                      "last of it is admitted exactly.")

@@ -11,6 +11,18 @@ while its lease lasts. If a lease still runs too small, the next admission
 goes to Redis, uses what is left of each lease as part of its own
 reservation, and asks for a new one.
 
+A lease keeps pace with its process. The requests that looked to it for
+room while its last top-up was on its way (the top-up's round trip counted
+in requests, those it could not hold included: under load the round trip is
+mostly the wait for the event loop's next turn, not Redis) are its pace. A
+lease is topped up when less than twice its pace is left, and holds up to
+four times its pace when that is more than `requests` (never more than eight
+times `requests`). So a busy process stops running dry between top-ups (at
+4,500 requests a second on leases of 32 requests, 62% of requests waited for
+one; loadtests/README.md, round thirteen), and a quiet one keeps leases of
+`requests`. The pace decays by a quarter at each top-up that saw fewer, and
+a lease given back forgets it.
+
 What this keeps and what it gives up (docs/accounting.md, "Leases"):
 
 - A limit is never passed: a lease is reserved in Redis before anything is
@@ -38,10 +50,13 @@ from dataclasses import dataclass
 
 from gateway.state import UNLIMITED, Check, Delta
 
+# A lease's pace counts for at most twice `requests`: a busy process's leases hold up to 8 x `requests`.
+_PACE_BOUND = 2
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseSettings:
-    requests: int  # a lease covers this many more requests like the one that took it
+    requests: int  # a lease covers this many more requests like the one that took it (more at a faster pace)
     headroom_fraction: float  # and at most this share of the room the limit had left
     idle_s: float  # a lease unused this long is given back
 
@@ -50,7 +65,12 @@ class LeaseSettings:
 class _Lease:
     left: int  # reserved in Redis, not yet admitted
     expires_at: int
+    low: float  # topped up below this many requests like the one admitted (a quarter of `requests`, or 2 x pace)
+    reach: float  # and up to this many (`requests`, or 4 x pace)
     touched: bool = True  # used since the last sweep
+    wanted: int = 0  # requests that looked to it for room, admitted from it or not, all told
+    asked_at: int = 0  # `wanted` when its last top-up was asked
+    pace: float = 0.0  # the most that wanted it during a top-up's round trip, decaying
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +102,7 @@ class LeaseBook:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._quarter = settings.requests / 4  # a lease is low below a quarter of `requests` requests like this one
+        # (or, keeping pace with a busy process, below twice its pace: `_paced`)
         # Counters with a lease asked of Redis and not yet answered: one ask at a time each, so two requests
         # (or a request and a top-up) on their way together do not both come back with a full lease.
         self._asking: set[str] = set()
@@ -89,8 +110,8 @@ class LeaseBook:
 
     def admit_locally(self, checks: Sequence[Check]) -> tuple[tuple[int, ...], list[Delta], bool] | None:
         """Admit from the leases: each check's used value, the unlimited checks' counts to settle and whether a
-        lease is now low (`top_up`); None when some limited check's lease is missing or too small (or no check
-        is limited): ask Redis."""
+        lease is now low with no top-up on its way (`top_up`); None when some limited check's lease is missing or
+        too small (or no check is limited): ask Redis."""
         leases, seen = self._leases, self._seen
         leased = False
         for check in checks:
@@ -99,8 +120,11 @@ class LeaseBook:
                 return None
             if check.limit != UNLIMITED:
                 lease = leases.get(check.slices[-1])
+                if lease is None:
+                    return None
                 # The second test: settlements that charged more than was reserved can have used the room up.
-                if lease is None or lease.left < check.amount or entry[0] - lease.left + check.amount > check.limit:
+                if lease.left < check.amount or entry[0] - lease.left + check.amount > check.limit:
+                    lease.wanted += 1  # a request it could not hold is part of its pace too
                     return None
                 leased = True
         if not leased:
@@ -108,7 +132,6 @@ class LeaseBook:
         used: list[int] = []
         counted: list[Delta] = []
         low = False
-        quarter = self._quarter
         for check in checks:
             key = check.slices[-1]
             if check.limit == UNLIMITED:
@@ -120,17 +143,18 @@ class LeaseBook:
                 used.append(seen[key][0] - lease.left)
                 lease.left -= check.amount
                 lease.touched = True
-                if lease.left < quarter * check.amount:
-                    low = True
+                lease.wanted += 1
+                if lease.left < lease.low * check.amount and key not in self._asking:
+                    low = True  # (a top-up on its way is not asked again: `top_up` would find nothing to ask)
         return tuple(used), counted, low
 
     def top_up(self, checks: Sequence[Check]) -> Sizing | None:
         """After a local admission left a lease low: what to ask of Redis for these checks' leases, each back
-        to `requests` requests like this one and at most `headroom_fraction` of the room, lease included; None
+        to its reach in requests like this one and at most `headroom_fraction` of the room, lease included; None
         when no lease needs it, its top-up is already on its way, or it could not grow by one request's worth.
         Redis admits no request with it: the checks' amounts are the top-ups (0 for the rest)."""
         leases, seen, asking = self._leases, self._seen, self._asking
-        requests, fraction = self._settings.requests, self._settings.headroom_fraction
+        fraction = self._settings.headroom_fraction
         extras: list[int] = []
         for check in checks:
             extra = 0
@@ -138,11 +162,13 @@ class LeaseBook:
             lease = leases.get(key)
             entry = seen.get(key)
             if (check.limit != UNLIMITED and check.amount > 0 and lease is not None and entry is not None
-                    and key not in asking and lease.left < self._quarter * check.amount):
+                    and key not in asking and lease.left < lease.low * check.amount):
                 room = check.limit - (entry[0] - lease.left)
-                extra = min(requests * check.amount, int(room * fraction)) - lease.left
+                extra = min(int(lease.reach * check.amount), int(room * fraction)) - lease.left
                 if extra < check.amount:
                     extra = 0
+                else:
+                    lease.asked_at = lease.wanted
             extras.append(extra)
         if not any(extras):
             return None
@@ -173,11 +199,14 @@ class LeaseBook:
                 entry = seen.get(key) if ask and key not in self._asking else None
                 if entry is not None:
                     room = check.limit - (entry[0] - left) - check.amount
-                    extra = min(requests * check.amount - (left - take), int(room * fraction))
+                    reach = lease.reach if lease is not None else requests
+                    extra = min(int(reach * check.amount) - (left - take), int(room * fraction))
                     if extra < check.amount:  # a lease that cannot admit one more request like this one
                         extra = 0
                     else:
                         self._asking.add(key)
+                        if lease is not None:
+                            lease.asked_at = lease.wanted
             takes.append(take)
             extras.append(extra)
             amounts.append(check.amount)
@@ -210,21 +239,34 @@ class LeaseBook:
         for index, check in enumerate(sizing.sent):
             take, extra = sizing.takes[index], sizing.extras[index]
             key = check.slices[-1]
+            lease = leases.get(key)
             if extra:
                 self._asking.discard(key)
-            lease = leases.get(key)
+                if lease is not None:
+                    self._paced(lease, lease.wanted - lease.asked_at)
             if used is not None:
                 seen_as.append(used[index] - (lease.left if lease is not None else 0) - take)
             back = extra if admitted else take
             if not back:
                 continue
             if lease is None:
-                lease = leases[key] = _Lease(0, check.expires_at)
+                lease = leases[key] = _Lease(0, check.expires_at, self._quarter, self._settings.requests)
             lease.left += back
             lease.touched = True
         if leases and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._settings.idle_s, self._sweep)
         return tuple(seen_as)
+
+    def _paced(self, lease: _Lease, wanted: int) -> None:
+        """A top-up of `lease` came back, `wanted` requests after it was asked: its pace, low mark and reach."""
+        pace = lease.pace * 0.75
+        if wanted > pace:
+            # At most `_PACE_BOUND` x `requests`: requests that never let a top-up's answer in (a burst larger
+            # than the lease, a loop that never yields) would otherwise grow it without end.
+            pace = min(wanted, _PACE_BOUND * self._settings.requests)
+        lease.pace = pace
+        lease.low = max(self._quarter, 2 * pace)
+        lease.reach = max(self._settings.requests, 4 * pace)
 
     def give_back_all(self) -> None:
         """Return every lease (shutdown)."""
