@@ -112,41 +112,48 @@ class LeaseBook:
         """Admit from the leases: each check's used value, the unlimited checks' counts to settle and whether a
         lease is now low with no top-up on its way (`top_up`); None when some limited check's lease is missing or
         too small (or no check is limited): ask Redis."""
-        leases, seen = self._leases, self._seen
-        leased = False
-        for check in checks:
-            entry = seen.get(check.slices[-1])
-            if entry is None:
-                return None
-            if check.limit != UNLIMITED:
-                lease = leases.get(check.slices[-1])
-                if lease is None:
-                    return None
-                # The second test: settlements that charged more than was reserved can have used the room up.
-                if lease.left < check.amount or entry[0] - lease.left + check.amount > check.limit:
-                    lease.wanted += 1  # a request it could not hold is part of its pace too
-                    return None
-                leased = True
-        if not leased:
-            return None
+        # One pass, taking from each lease as it goes: a check that fails gives back what the checks before it
+        # took (rare: a request seldom finds its lease short). Two passes cost a second lookup of every lease.
+        leases, seen, asking = self._leases, self._seen, self._asking
         used: list[int] = []
         counted: list[Delta] = []
-        low = False
-        for check in checks:
+        leased = low = False
+        for index, check in enumerate(checks):
             key = check.slices[-1]
+            entry = seen.get(key)
+            if entry is None:
+                return self._untaken(checks[:index])
+            amount = check.amount
             if check.limit == UNLIMITED:
-                used.append(seen[key][0])
-                if check.amount:
-                    counted.append(Delta(key, check.amount, check.expires_at))
-            else:
-                lease = leases[key]
-                used.append(seen[key][0] - lease.left)
-                lease.left -= check.amount
-                lease.touched = True
-                lease.wanted += 1
-                if lease.left < lease.low * check.amount and key not in self._asking:
-                    low = True  # (a top-up on its way is not asked again: `top_up` would find nothing to ask)
+                used.append(entry[0])
+                if amount:
+                    counted.append(Delta(key, amount, check.expires_at))
+                continue
+            lease = leases.get(key)
+            if lease is None:
+                return self._untaken(checks[:index])
+            left = lease.left
+            lease.wanted += 1  # a request it cannot hold is part of its pace too
+            # The second test: settlements that charged more than was reserved can have used the room up.
+            if left < amount or entry[0] - left + amount > check.limit:
+                return self._untaken(checks[:index])
+            used.append(entry[0] - left)
+            left -= amount
+            lease.left = left
+            lease.touched = True
+            leased = True
+            if left < lease.low * amount and key not in asking:
+                low = True  # (a top-up on its way is not asked again: `top_up` would find nothing to ask)
+        if not leased:
+            return None
         return tuple(used), counted, low
+
+    def _untaken(self, checks: Sequence[Check]) -> None:
+        """Give back to their leases what `admit_locally` took for `checks` before a later check failed."""
+        leases = self._leases
+        for check in checks:
+            if check.limit != UNLIMITED:
+                leases[check.slices[-1]].left += check.amount
 
     def top_up(self, checks: Sequence[Check]) -> Sizing | None:
         """After a local admission left a lease low: what to ask of Redis for these checks' leases, each back
