@@ -151,6 +151,37 @@ def test_a_burst_of_requests_waits_for_the_top_ups_instead_of_calling_redis_each
     assert counter(server, "{t}:rpm") == 66
 
 
+def test_a_request_one_lease_cannot_hold_takes_nothing_from_the_others(server: PrivateRedis) -> None:
+    """A request checked against a request count and a token count, whose token lease is too small: it goes to
+    Redis, and the request-count lease it looked at first keeps all it held. Taken and not given back, the count
+    would be off by one per such request after the leases are returned."""
+    expires = int(time.time()) + 600
+
+    def checks(tokens: int) -> list[Check]:
+        return [Check(("{t}:rpm",), 10**6, 1, expires), Check(("{t}:tpm",), 10**9, tokens, expires)]
+
+    async def main() -> tuple[int, int]:
+        store = leased_store(server, requests=16)
+        await store.start()
+        for _ in range(3):  # a view of both counters, then leases of 16 requests of 10 tokens each
+            assert (await store.admit(checks(10), lease=True)).admitted
+        book = store._leases
+        assert book is not None
+        held = book._leases["{t}:rpm"].left
+        assert held > 0
+        assert book.admit_locally(checks(10_000)) is None  # more tokens than the lease holds: ask Redis
+        after_large = book._leases["{t}:rpm"].left
+        # Through the store: Redis admits it, using what the request-count lease holds as part of its reservation.
+        assert (await store.admit(checks(10_000), lease=True)).admitted
+        await store.close()
+        return held, after_large
+
+    held, after_large = asyncio.run(main())
+    assert after_large == held
+    assert counter(server, "{t}:rpm") == 4
+    assert counter(server, "{t}:tpm") == 3 * 10 + 10_000
+
+
 def test_a_request_larger_than_any_lease_waits_for_a_few_top_ups_at_most(server: PrivateRedis) -> None:
     """Leases sized for requests of 1 never hold 40: a request of 40 waits for a bounded number of top-ups (each a
     round trip), then asks Redis itself, however many small requests keep the top-ups coming."""
