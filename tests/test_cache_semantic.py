@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+import openai
 import pytest
 
 from gateway.cache import ResponseCache
 from tests.conftest import RunningGateway, key_hash
 from tests.fakes.embeddings_upstream import WordEmbeddingsUpstream, similarity
+from tests.fakes.state_stores import GatewayProcess
 
 Start = Callable[..., RunningGateway]
 ASKED = "what is the capital city of France"
@@ -110,3 +113,30 @@ def test_a_failing_embedding_model_leaves_exact_matching_working(words: WordEmbe
     assert answer == f"echo: {ASKED}" and headers["x-switchboard-cache"] == "miss"
     _, headers = ask(gateway, ASKED)
     assert headers["x-switchboard-cache"] == "hit"
+
+
+def _maps_numpy(pid: int) -> bool:
+    """Whether numpy's compiled core is mapped into the process (it is once numpy is imported)."""
+    return "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_gateway_without_a_semantic_cache_never_loads_numpy(words: WordEmbeddingsUpstream, tmp_path: Path) -> None:
+    """numpy (~15 MB of RSS, and OpenBLAS's worker thread) is the semantic index's alone: a served exact-cache
+    policy never maps it, and a semantic one does once it stores a question's vector."""
+    exact = tmp_path / "exact.yaml"
+    exact.write_text("\n".join(line for line in semantic_policy(words.base_url, 0.9).replace(
+        "mode: semantic", "mode: exact").splitlines() if not line.strip().startswith("semantic:")))
+    semantic = tmp_path / "semantic.yaml"
+    semantic.write_text(semantic_policy(words.base_url, 0.9))
+    found = {}
+    for name, policy in (("exact", exact), ("semantic", semantic)):
+        gateway = GatewayProcess(policy, tmp_path / f"{name}.log").start()
+        try:
+            assert gateway.process is not None
+            client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="sk-alpha", max_retries=0)
+            for _ in range(2):
+                client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": ASKED}])
+            found[name] = _maps_numpy(gateway.process.pid)
+        finally:
+            gateway.terminate()
+    assert found == {"exact": False, "semantic": True}

@@ -12,6 +12,9 @@ at the schema's 100,000 entries held ~4.9 GB of float objects; as float32 it
 is 0.6 GB. Partitions big enough for the product to take more than a fraction
 of a millisecond are scored in a worker thread (`find`), so a tenant's cache
 misses never stall the event loop; see loadtests/README.md, "Hostile tenants".
+
+numpy is imported where a vector is first stored or scored, not with this module: a gateway without a semantic
+cache never loads it (~15 MB of RSS per process, and OpenBLAS's worker thread, which spins ~0.1 s at import).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 
 from gateway.accounting.pricing import charge
@@ -32,6 +34,8 @@ from gateway.errors import GatewayError, redact
 from providers.base import Call, Endpoint, UpstreamFailed, Usage
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from gateway.compiled.policy import Policy
     from gateway.exchange import Exchange, Services
     from gateway.routing.resilience import Attempt
@@ -56,12 +60,16 @@ class _Partition:
     __slots__ = ("expires", "keys", "rows", "vectors")
 
     def __init__(self, dims: int) -> None:
+        import numpy as np
+
         self.keys: list[bytes] = []
         self.rows: dict[bytes, int] = {}
         self.vectors = np.empty((8, dims), dtype=np.float32)
         self.expires = np.empty(8, dtype=np.float64)
 
     def add(self, key: bytes, vector: np.ndarray, expires_at: float) -> None:
+        import numpy as np
+
         row = len(self.keys)
         if row == len(self.vectors):  # grow by doubling; a matrix being scored in a thread keeps the old one
             self.vectors = np.concatenate([self.vectors, np.empty_like(self.vectors)])
@@ -82,6 +90,8 @@ class _Partition:
 
 
 def _scores(vectors: np.ndarray, expires: np.ndarray, query: np.ndarray, now: float) -> np.ndarray:
+    import numpy as np
+
     # einsum, not `@`: `@` goes to OpenBLAS, whose worker threads, on a busy 2-core machine, made a 1,000-row
     # product take 32 ms instead of 0.3 ms; einsum's own loop is single-threaded (0.6-0.8 ms) and drops the GIL.
     scores = np.einsum("ij,j->i", vectors, query)
@@ -101,6 +111,8 @@ class SemanticIndex:
         return len(self._where)
 
     def add(self, partition: bytes, key: bytes, vector: list[float], expires_at: float) -> None:
+        import numpy as np
+
         self.discard(key)
         where = (partition, len(vector))
         self._where[key] = where
@@ -122,6 +134,8 @@ class SemanticIndex:
     def nearest(self, partition: bytes, vector: list[float], threshold: float, now: float
                 ) -> tuple[bytes, float] | None:
         """The closest live entry at or above `threshold`, with its similarity (on the calling thread)."""
+        import numpy as np
+
         members = self._partitions.get((partition, len(vector)))
         if members is None:
             return None
@@ -133,6 +147,8 @@ class SemanticIndex:
     async def find(self, partition: bytes, vector: list[float], threshold: float, now: float
                    ) -> tuple[bytes, float] | None:
         """`nearest`, scoring a big partition in a worker thread; same interface as the Redis index."""
+        import numpy as np
+
         members = self._partitions.get((partition, len(vector)))
         if members is None:
             return None
@@ -149,6 +165,8 @@ class SemanticIndex:
 
     def _choose(self, members: _Partition, keys: list[bytes], scores: np.ndarray, query: np.ndarray,
                 threshold: float, now: float) -> tuple[bytes, float] | None:
+        import numpy as np
+
         for row in np.flatnonzero(scores == -np.inf).tolist():  # expired: forget them
             if members.rows.get(keys[row]) is not None and members.expires[members.rows[keys[row]]] <= now:
                 self.discard(keys[row])
