@@ -149,7 +149,8 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, object]:
 
 INDEX_PROBE = """
 import random, statistics, sys, time
-from gateway.cache.semantic import SemanticIndex, normalized
+from gateway.cache.semantic import normalized
+from gateway.cache.vector_index import SemanticIndex
 rng = random.Random(3)
 for entries in (1000, 10000):
     index = SemanticIndex(entries)

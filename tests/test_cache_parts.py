@@ -9,7 +9,8 @@ import orjson
 from gateway.cache.backends import MemoryBackend
 from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.keys import exact_key, semantic_parts
-from gateway.cache.semantic import SemanticIndex, normalized
+from gateway.cache.semantic import normalized
+from gateway.cache.vector_index import SemanticIndex
 from providers.base import Endpoint, Usage
 
 CHAT = Endpoint.CHAT
@@ -125,7 +126,7 @@ def test_the_index_finds_the_nearest_above_the_threshold_within_its_bound() -> N
 def test_a_big_partition_is_scored_off_the_loop_with_the_same_answer() -> None:
     import random
 
-    from gateway.cache.semantic import OFF_LOOP_ELEMENTS
+    from gateway.cache.vector_index import OFF_LOOP_ELEMENTS
 
     rng = random.Random(7)
     dims, count = 1536, OFF_LOOP_ELEMENTS // 1536 + 50  # past the threshold: find() scores in a thread

@@ -27,7 +27,7 @@ from gateway.cache.entry import Entry, from_response, from_stream
 from gateway.cache.flight import COMPLETED, RUNNING, Flight
 from gateway.cache.keys import CACHEABLE_FINISH, cacheable, exact_key, scope_id, semantic_parts
 from gateway.cache.plan import CachePlan, CacheRule, StoreSpec
-from gateway.cache.semantic import Embedded, SemanticIndex, embed
+from gateway.cache.semantic import Embedded, embed
 from gateway.cache.shared_index import SharedSemanticIndex
 from gateway.errors import ErrorKind, GatewayError, render_stream_error
 from gateway.exchange import Reply, StreamReply
@@ -38,6 +38,7 @@ from providers.sse import DONE_EVENT, encode_event
 if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceBook
     from gateway.accounting.settlement import Settlement
+    from gateway.cache.vector_index import SemanticIndex
     from gateway.compiled.policy import KeyEntry, Model, Policy, Target
     from gateway.exchange import Exchange, InferenceRequest, Services
     from gateway.routing.resilience import Attempt
@@ -170,6 +171,9 @@ class ResponseCache:
                 index = SharedSemanticIndex(store.client, rule.store.key_prefix, rule.semantic.candidates,
                                             rule.store.timeout_s, self.clock)
             else:
+                # Imported here, the one place that needs it: numpy comes with it (gateway/cache/vector_index.py).
+                from gateway.cache.vector_index import SemanticIndex
+
                 index = SemanticIndex(rule.semantic.max_entries)
             self._indexes[slot] = index
         return index
