@@ -331,8 +331,7 @@ class SpanEncoder:
         encode_row = self._row
         for row in rows:
             body = encode_row(row)
-            size = len(body)  # ScopeSpans.spans: field 2, framed in place (a span is 128 bytes to 16 KiB long)
-            parts.append(bytes((0x12, size & 0x7F | 0x80, size >> 7)) if 128 <= size < 16384 else _framed(0x12, size))
+            parts.append(_framed(0x12, len(body)))  # ScopeSpans.spans: field 2
             parts.append(body)
         return b"".join(parts)
 
@@ -373,8 +372,7 @@ class SpanEncoder:
         for event_name, event_attributes, timestamp in events:
             encoded = self._attributes(3, event_attributes)
             event_name = self._names[2].get(event_name) or self._name(2, event_name)
-            size = 9 + len(event_name) + len(encoded)  # events: field 11, framed in place as spans are
-            parts += (bytes((0x5A, size & 0x7F | 0x80, size >> 7)) if 128 <= size < 16384 else _framed(0x5A, size),
+            parts += (_framed(0x5A, 9 + len(event_name) + len(encoded)),  # events: field 11
                       _EVENT_TIME.pack(0x09, timestamp), event_name, encoded)
         if code or description:
             parts.append(_field(15, (_field(2, description.encode()) if description else b"")
