@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
@@ -271,6 +272,54 @@ def test_close_gives_up_within_its_timeout_and_says_what_redis_never_got(
 
     asyncio.run(main())
     assert "closing with counter updates Redis never received" in caplog.text and KEY in caplog.text
+
+
+def test_close_counts_a_settlement_still_on_its_way_when_its_timeout_comes(
+        server: PrivateRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis hangs (stopped, not gone: the connection stays open and nothing answers): the settlement close sends
+    is still waiting for its reply when close gives up. Redis may or may not apply it, so close must count it and
+    name its key, not leave it in a task the closing loop drops without a word."""
+    async def main() -> None:
+        store = await warmed(store_at(server.url))
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            store.settle([Delta(KEY, -4, expiry())])
+            started = time.monotonic()
+            await store.close(timeout_s=0.3)  # the send's own deadline (4 x timeout_s) is later
+            assert time.monotonic() - started < 1.0
+            assert store.unsent == 1
+            # Once every task has ended, still one: the send close gave up on does not count itself again.
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others, timeout=5)
+            assert store.unsent == 1 and all(task.done() for task in others)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+    asyncio.run(main())
+    assert "closing with counter updates Redis never received or may not have applied: 0 journalled increments " \
+           "and 1 unconfirmed calls, on keys {t}:tokens" in caplog.text
+
+
+def test_a_flush_its_caller_gives_up_on_still_sends_the_settlements(server: PrivateRedis) -> None:
+    """A usage report flushes the settlements first (gateway/accounting/limits.py); its client leaving cancels the
+    flush as it starts. The settlements it began to send must still reach Redis: cancelled before they ran, they
+    were neither sent nor counted anywhere."""
+    async def main() -> None:
+        store = await warmed(store_at(server.url))
+        assert (await store.admit([reserve(10)])).admitted
+        store.settle([Delta(KEY, -4, expiry())])
+        flusher = asyncio.create_task(store.flush())
+        await asyncio.sleep(0)  # the flush has handed the settlement to a send of its own, not yet run
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await store.close()
+        assert store.unsent == 0
+
+    asyncio.run(main())
+    assert counter(server) == 6
 
 
 def test_close_replays_the_journal_when_redis_is_back_in_time(server: PrivateRedis) -> None:

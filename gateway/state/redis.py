@@ -263,7 +263,7 @@ class RedisStore:
         self._outage_started = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: dict[asyncio.Task[None], _Op] = {}  # settlements on their way to Redis (`_send_op`)
         self._top_up_of: dict[str, asyncio.Task[None]] = {}  # lease top-ups on their way, by counter (`_top_up`)
         self._skew_s = 0.0
         self._up = asyncio.Event()
@@ -315,6 +315,13 @@ class RedisStore:
         finally:
             for task in self._top_up_of.values():
                 task.cancel()
+            # Settlements still waiting for their reply (a Redis that hangs): it may or may not apply them. Counted
+            # and named with the rest, not left in tasks the closing loop would drop without a word.
+            for task, op in self._sending.items():
+                if not task.done():  # (one that is done has confirmed its settlement, or counted it uncertain)
+                    task.cancel()
+                    self._uncertain.append(op)
+            self._sending.clear()
             self._give_back_leases()  # (if the deadline came first) journalled with the rest of the outbox
             if self._timer is not None:
                 self._timer.cancel()
@@ -343,9 +350,14 @@ class RedisStore:
                   ", ".join(sorted(keys)[:20]) + (" ..." if len(keys) > 20 else ""))
 
     async def flush(self) -> None:
+        """Send the pending settlements and wait until Redis has answered every one on its way.
+
+        A caller that gives up waiting (its own timeout, its client gone) leaves the sends running: `asyncio.wait`
+        does not cancel what it waits for, as `gather` would, and a send cancelled before it ran was a settlement
+        lost without a trace."""
         self._send_outbox()
         while self._sending:
-            await asyncio.gather(*list(self._sending), return_exceptions=True)
+            await asyncio.wait(list(self._sending))
 
     async def admit(self, checks: Sequence[Check], lease: bool = False) -> Verdict:
         """Admit against Redis; with `lease` and `state.leases` set, from this process's leases when they
@@ -613,8 +625,11 @@ class RedisStore:
 
     def _send_op(self, op: _Op) -> None:
         task = asyncio.get_running_loop().create_task(self._send(op))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._sending[task] = op
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.pop(task, None)
 
     async def _send(self, op: _Op) -> None:
         try:
