@@ -163,8 +163,10 @@ def test_a_fallbacks_admission_event_shows_its_own_limit_and_the_budget_top_up(
     # The fallback's checks are its team x model limit and the USD budget's top-up: not one frame's meters.
     limits = "    budget: {usd: 5, period: daily}\n    model_limits:\n      premium-model: {rpm: 3}\n"
     exporter = WaitingSpanExporter()
-    gateway = start_gateway(fallback_policy(upstream, limits, extra=PRICED, fallbacks="[premium-model]"),
-                            span_exporter=exporter)
+    # Every admission's event, the first model's routine one included (`notable` would show only the fallback's).
+    every_admission = "telemetry:\n  traces: {admission_events: all}\n"
+    gateway = start_gateway(fallback_policy(upstream, limits, extra=PRICED + every_admission,
+                                            fallbacks="[premium-model]"), span_exporter=exporter)
     upstream.script(Behaviour.error(500))
     answer = gateway.client().chat.completions.with_raw_response.create(model="shared-model", messages=ASK,
                                                                         max_tokens=1000)

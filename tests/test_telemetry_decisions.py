@@ -222,6 +222,42 @@ def test_rate_limit_rejection_shows_the_limit_checked_and_what_remained(
     assert named(refused, "switchboard.admission.settled") == []  # nothing was reserved
 
 
+@pytest.mark.parametrize("admission_events", ["notable", "all"])
+def test_a_routine_admission_makes_an_event_only_when_every_admission_is_asked_for(
+        upstream: FakeOpenAIUpstream, start_gateway: Start, exporter: WaitingSpanExporter,
+        admission_events: str) -> None:
+    # A 1,000-token budget: the first request reserves a few dozen tokens (routine), the second 900 more, which
+    # leaves the budget under 10% of its room: news under `notable` too.
+    text = policy(upstream, alpha_lines="    budget: {tokens: 1000}\n")
+    text += f"telemetry:\n  traces: {{admission_events: {admission_events}}}\n"
+    gateway = start_gateway(text, span_exporter=exporter)
+    client = gateway.client()
+    client.chat.completions.create(model="chat-model", messages=ASK, max_tokens=10)
+    client.chat.completions.create(model="chat-model", messages=ASK, max_tokens=900)
+    routine, near = servers(exporter, 2)
+
+    if admission_events == "notable":
+        assert named(routine, "switchboard.admission") == []
+        assert named(routine, "switchboard.admission.settled") == []
+    else:
+        (verdict,) = named(routine, "switchboard.admission")
+        assert verdict["switchboard.admission.remaining"][0] > 900
+        (settled,) = named(routine, "switchboard.admission.settled")
+        assert settled["switchboard.admission.actual_tokens"] > 0
+    # Without its event the request's span still says who, where, what it used and cost.
+    attributes = routine.attributes or {}
+    assert attributes["switchboard.team"] == "alpha"
+    assert attributes["switchboard.usage.input_tokens"] > 0 and attributes["switchboard.cost_usd"] > 0
+    assert len(named(routine, "switchboard.route")) == 1
+
+    (verdict,) = named(near, "switchboard.admission")
+    assert verdict["switchboard.admission.verdict"] == "admitted"
+    assert verdict["switchboard.admission.checks"] == ("team alpha: monthly tokens budget",)
+    assert 0 <= verdict["switchboard.admission.remaining"][0] < 100
+    (settled,) = named(near, "switchboard.admission.settled")
+    assert settled["switchboard.admission.reserved_tokens"] == verdict["switchboard.admission.reserved_tokens"]
+
+
 def test_budget_downgrade_records_the_refusal_and_the_cheaper_model(
         upstream: FakeOpenAIUpstream, start_gateway: Start, exporter: WaitingSpanExporter) -> None:
     small = CHAT_BLOCK + "  small-model:\n    targets:\n      - provider: upstream\n        model: upstream-small\n"

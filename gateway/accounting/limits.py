@@ -43,7 +43,7 @@ from gateway.accounting.rules import Rules
 from gateway.accounting.usage_report import usage_report
 from gateway.errors import ErrorKind, GatewayError
 from gateway.state import UNLIMITED, Check, Delta, StateStore, StoreUnavailable, Verdict, across_tags, backend_for
-from gateway.telemetry.decisions import admission_event, admission_shape, settlement_event
+from gateway.telemetry.decisions import admission_event, admission_shape, near_limit, settlement_event
 from gateway.telemetry.request_trace import NO_TRACE, Trace
 from gateway.tokens.counter import PromptCount, requested_completion
 from providers.base import Endpoint, Usage
@@ -72,7 +72,7 @@ class Admission:
     settled: bool = False
     # Set for a stream under a `hard_stop_streams` budget: what it may generate before the relay cuts it.
     allowance: StreamAllowance | None = None
-    # The request's trace when it is recording, for the reconciliation event at settlement.
+    # The request's trace when its admission made an event, for the reconciliation event at settlement.
     trace: Trace | None = None
     # The prompt as admission counted it, for the context-window check to reuse (None: not counted that way).
     prompt_count: PromptCount | None = None
@@ -191,7 +191,12 @@ class Limiter:
                 if plan.shadowed:
                     unreserved = self._shadow_refusals(meters, checks, verdict, team, headers, trace,
                                                        rules.shadow_header)
-                if trace.recording:
+                # A routine admission makes no event under `admission_events: notable` (nor its settlement one):
+                # the request's span already says it went through.
+                noted = trace.recording and (
+                    downgraded_from is not None or policy.telemetry.traces.admission_events == "all"
+                    or near_limit(frame.admission_shape, checks, verdict))
+                if noted:
                     trace.decision("switchboard.admission", admission_event(
                         "admitted", model.name, frame.admission_shape, checks, verdict, prompt + completion, usd))
                 allowance = None
@@ -199,7 +204,7 @@ class Limiter:
                     allowance = self._allowance(policy, model, meters, verdict, prompt, relaxed)
                 # Positional, in the fields' order: keywords would be packed into a dict and unpacked again.
                 return Admission(model, policy, checks, meters, verdict.used, prompt, prompt + completion, usd,
-                                 downgraded_from, False, allowance, trace if trace.recording else None, counted,
+                                 downgraded_from, False, allowance, trace if noted else None, counted,
                                  unreserved, frame)
             assert verdict.denied is not None
             meter = meters[verdict.denied]

@@ -240,6 +240,10 @@ class TracesPolicy(Strict):
                                                  "cost at least this much, sampled or not (tail sampling). Costs "
                                                  "and budgets come from the ledger, never from traces.")
     batch: BatchExportPolicy = Field(default_factory=BatchExportPolicy)
+    admission_events: Literal["notable", "all"] = Field(
+        "notable", description="notable: a `switchboard.admission` event (and its `.settled` reconciliation) for "
+        "a refusal, a downgrade, a fallback's own limits, or an admission that leaves a limit or budget with under "
+        "10% of its room; all: for every admitted request as well.")
     openinference: bool = Field(True, description="Also set OpenInference `llm.*` attributes (model, token counts, "
                                 "cost) on LLM-kind attempt spans, which Arize Phoenix counts and prices.")
     attempt_span_kind: Literal["llm", "chain"] = Field(

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import attrgetter, sub, truediv
+from operator import add, attrgetter, gt, sub, truediv
 from typing import TYPE_CHECKING, Any
 
 from gateway.telemetry.otlp import Doubles, SharedAttributes
@@ -230,13 +230,27 @@ class AdmissionShape:
     limits: tuple[float, ...]  # in dollars for USD
     raw_limits: tuple[int, ...]  # as the store counts: micro-dollars for USD
     scales: tuple[int, ...]  # raw units per shown unit: micro-dollars per dollar, or 1
+    # What each meter may count before an admission leaves it under `NEAR_LIMIT` of its room (`near_limit`).
+    near: tuple[float, ...]
+
+
+# An admission that leaves a limit or budget with less than this share of its room is worth an event of its own
+# under `telemetry.traces.admission_events: notable` (`near_limit`).
+NEAR_LIMIT = 0.1
 
 
 def admission_shape(meters: Sequence[Any]) -> AdmissionShape:
     """The `AdmissionShape` of `meters` (a plan's `Frame` builds its own once: `Frame.admission_shape`)."""
     scales = tuple([_MICROS if meter.unit == "usd" else 1 for meter in meters])
     raw = tuple([meter.limit for meter in meters])
-    return AdmissionShape(tuple([meter.label for meter in meters]), tuple(map(truediv, raw, scales)), raw, scales)
+    return AdmissionShape(tuple([meter.label for meter in meters]), tuple(map(truediv, raw, scales)), raw, scales,
+                          tuple([limit * (1 - NEAR_LIMIT) for limit in raw]))
+
+
+def near_limit(shape: AdmissionShape, checks: Sequence[Check], verdict: Verdict) -> bool:
+    """Whether an admitted request leaves any of its limits and budgets with less than `NEAR_LIMIT` of its room:
+    counted before it plus what it reserved, past `shape.near` (compared in C, one check at a time)."""
+    return any(map(gt, map(add, verdict.used, map(_AMOUNT, checks)), shape.near))
 
 
 def admission_event(verdict_name: str, model: str, shape: AdmissionShape, checks: Sequence[Check],
