@@ -92,13 +92,32 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def derive(rows: list[dict[str, Any]]) -> None:
-    """Add ratios vs the aiohttp baseline and latency added over direct, matched by mode."""
+def paired_cpu_ratios(rounds: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """Each cell's CPU per request over the reference's in the same round and mode, by (system, mode).
+
+    Paired by round, so a machine that drifts between rounds (another VM's load, a slower phase) moves both
+    sides of a ratio together; the table's "CPU x aiohttp" divides the two systems' medians instead."""
+    reference = {(r["mode"], r.get("round")): r.get("sut_cpu_us") for r in rounds if r["system"] == REFERENCE}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in rounds:
+        ratio = _div(r.get("sut_cpu_us"), reference.get((r["mode"], r.get("round"))))
+        if ratio is not None:
+            ratios.setdefault((r["system"], r["mode"]), []).append(ratio)
+    return ratios
+
+
+def derive(rows: list[dict[str, Any]], rounds: list[dict[str, Any]] | None = None) -> None:
+    """Add ratios vs the aiohttp baseline (of the medians, and per round when `rounds` are given) and latency
+    added over direct, matched by mode."""
     by = {(r["system"], r["mode"]): r for r in rows}
+    paired = paired_cpu_ratios(rounds) if rounds else {}
     for row in rows:
         direct = by.get(("direct", row["mode"]), {})
         ref = by.get((REFERENCE, row["mode"]), {})
         row["cpu_vs_ref"] = _div(row.get("sut_cpu_us"), ref.get("sut_cpu_us"))
+        ratios = paired.get((row["system"], row["mode"]))
+        row["cpu_vs_ref_per_round"] = statistics.median(ratios) if ratios else None
+        row["cpu_vs_ref_per_round_range"] = (min(ratios), max(ratios)) if ratios else None
         row["rps_vs_direct"] = _div(row["rps"], direct.get("rps"))
         for key in ("p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"):
             row[f"added_{key}"] = _sub(row.get(key), direct.get(key)) if row["system"] != "direct" else None
@@ -139,6 +158,7 @@ def closed_table(rows: list[dict[str, Any]]) -> str:
         "x direct req/s",
         "SUT CPU µs/req",
         "CPU x aiohttp",
+        "per round",
         "SUT req/s per core",
         "SUT core busy",
         "core 0 / core 1 busy",
@@ -155,6 +175,7 @@ def closed_table(rows: list[dict[str, Any]]) -> str:
             fmt(r["rps_vs_direct"], 2),
             spread(r, "sut_cpu_us"),
             fmt(r["cpu_vs_ref"], 2),
+            spread(r, "cpu_vs_ref_per_round", 2),
             fmt(_div(1e6, r.get("sut_cpu_us")), 0),
             pct(r.get("sut_busy")),
             f"{pct(r.get('core0_busy'))} / {pct(r.get('core1_busy'))}",
@@ -176,6 +197,7 @@ def open_table(rows: list[dict[str, Any]]) -> str:
         "req/s",
         "SUT CPU µs/req",
         "CPU x aiohttp",
+        "per round",
         "p50 / p99 ms",
         "added p50 / p99 ms",
         "TTFB p50 / p99 ms",
@@ -192,6 +214,7 @@ def open_table(rows: list[dict[str, Any]]) -> str:
                 fmt(r["rps"], 0),
                 spread(r, "sut_cpu_us"),
                 fmt(r["cpu_vs_ref"], 2),
+                spread(r, "cpu_vs_ref_per_round", 2),
                 f"{fmt(r['p50_ms'])} / {fmt(r['p99_ms'])}",
                 f"{fmt(r['added_p50_ms'], 2)} / {fmt(r['added_p99_ms'], 2)}",
                 f"{fmt(r['ttfb_p50_ms'])} / {fmt(r['ttfb_p99_ms'])}" if r["stream"] else "-",
@@ -236,7 +259,7 @@ def markdown(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
 
 def write(rounds: list[dict[str, Any]], facts: dict[str, Any], out_dir: Path) -> None:
     rows = aggregate(rounds)
-    derive(rows)
+    derive(rows, rounds)
     text = markdown(rows, facts)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
@@ -252,7 +275,7 @@ def main() -> None:
     saved = orjson.loads(Path(sys.argv[1]).read_bytes())
     _notes.extend(n for n in saved["notes"] if not n.startswith("* ="))
     rows = aggregate(saved.get("rounds") or saved["rows"])  # early files had no rounds
-    derive(rows)
+    derive(rows, saved.get("rounds"))
     sys.stdout.write(markdown(rows, saved["facts"]))
 
 

@@ -1,0 +1,42 @@
+"""loadtests/report.py: the per-round CPU ratio pairs each cell with the relay's cell of the same round."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadtests"))
+import report
+
+
+def _cell(system: str, mode: str, round_: int, cpu_us: float) -> dict[str, Any]:
+    return {"system": system, "mode": mode, "loop": "closed", "stream": False, "round": round_, "rps": 1000.0,
+            "errors": 0, "sut_cpu_us": cpu_us, "p50_ms": 1.0, "p99_ms": 2.0}
+
+
+def test_each_rounds_ratio_is_to_the_relay_of_the_same_round_and_mode() -> None:
+    # The machine slows down round by round for both systems. Paired by round the gateway is 2.1x, 1.9x and 2.1x
+    # the relay; the ratio of the two medians (380 / 200) is 1.9x, round 1's alone.
+    rounds = [_cell("baseline-aiohttp", "chat", 0, 100), _cell("gateway", "chat", 0, 210),
+              _cell("baseline-aiohttp", "chat", 1, 200), _cell("gateway", "chat", 1, 380),
+              _cell("baseline-aiohttp", "chat", 2, 300), _cell("gateway", "chat", 2, 630),
+              _cell("baseline-aiohttp", "stream", 0, 400), _cell("gateway", "stream", 0, 500)]
+    assert report.paired_cpu_ratios(rounds)[("gateway", "chat")] == pytest.approx([2.1, 1.9, 2.1])
+    assert report.paired_cpu_ratios(rounds)[("gateway", "stream")] == [1.25]
+
+    rows = report.aggregate(rounds)
+    report.derive(rows, rounds)
+    gateway = next(r for r in rows if r["system"] == "gateway" and r["mode"] == "chat")
+    assert gateway["cpu_vs_ref"] == pytest.approx(1.9)
+    assert gateway["cpu_vs_ref_per_round"] == pytest.approx(2.1)
+    assert gateway["cpu_vs_ref_per_round_range"] == pytest.approx((1.9, 2.1))
+    assert "| 1.90 | 2.10 (1.90-2.10) |" in report.closed_table(rows)
+
+
+def test_a_round_whose_relay_cell_is_missing_gives_no_ratio() -> None:
+    rounds = [_cell("baseline-aiohttp", "chat", 0, 100), _cell("gateway", "chat", 0, 150),
+              _cell("gateway", "chat", 1, 900)]  # the relay's cell of round 1 failed to run
+    assert report.paired_cpu_ratios(rounds)[("gateway", "chat")] == [1.5]
