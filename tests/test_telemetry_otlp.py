@@ -352,3 +352,25 @@ def test_spans_a_stalled_collector_leaves_no_room_for_are_dropped_and_counted_ex
         assert collector.spans == 20 - dropped
     finally:
         collector.close()
+
+
+def test_the_exporter_keeps_one_connection_and_reconnects_to_a_restarted_collector(
+        upstream: FakeOpenAIUpstream, start_gateway: Callable[..., RunningGateway]) -> None:
+    first = OtlpReceiver()
+    with first:
+        gateway = start_gateway(otlp_policy(upstream, first.traces_url) + ADMIN_POLICY)
+        client = gateway.client()
+        for batch in range(1, 4):  # each request's spans in a batch of their own (a 20 ms schedule)
+            client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "a"}])
+            first.wait_for(lambda spans, batch=batch: len(spans) >= 2 * batch)
+        assert first.requests == 3
+        assert first.connections == 1  # kept alive from batch to batch, as with a real collector
+    port = int(first.traces_url.split(":")[2].split("/")[0])
+    # The exporter still holds its connection to the stopped collector: the next batch finds it closed, and is sent
+    # again on a new one, to the collector now listening on the same port.
+    with OtlpReceiver(port) as second:
+        client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "b"}])
+        spans = second.wait_for(lambda spans: len(spans) >= 2)
+        assert {span.kind for span in spans} == {"SERVER", "CLIENT"}
+        assert second.connections == 1
+    assert _dropped_spans(gateway) == 0

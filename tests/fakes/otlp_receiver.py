@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import socket
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -94,11 +95,30 @@ class OtlpReceiver:
         self.spans: list[ReceivedSpan] = []
         self.span_count = 0
         self.requests = 0
+        self.connections = 0  # accepted, all told: an exporter that keeps its connection alive opens one
         self.headers: list[dict[str, str]] = []
         self._changed = threading.Condition()
+        # Kept-alive connections, closed with the receiver: a stopped collector must not go on answering on them.
+        self._connections: set[socket.socket] = set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1 keeps the exporter's connection open between batches, as a real collector does (the
+            # OpenTelemetry Collector's Go server, Phoenix's uvicorn). The default, HTTP/1.0, closed it after every
+            # batch, so each export paid a new connection: a cost of this fake, not of exporting.
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver._changed:
+                    receiver._connections.add(self.connection)
+                    receiver.connections += 1
+
+            def finish(self) -> None:
+                with receiver._changed:
+                    receiver._connections.discard(self.connection)
+                super().finish()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 encoding = self.headers.get("content-encoding")
@@ -108,6 +128,7 @@ class OtlpReceiver:
                     body = zlib.decompress(body)
                 if self.path != "/v1/traces":
                     self.send_response(404)
+                    self.send_header("content-length", "0")
                     self.end_headers()
                     return
                 spans = decode(body) if keep else []
@@ -157,6 +178,11 @@ class OtlpReceiver:
                  tb: TracebackType | None) -> None:
         self._server.shutdown()
         self._server.server_close()
+        with self._changed:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class WaitingSpanExporter(InMemorySpanExporter):
