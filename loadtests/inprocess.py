@@ -17,17 +17,28 @@ Without valgrind it prints the CPU time per request of the measured loop (after 
 enough for an A/B of two checkouts run alternately on a quiet machine.
 
 Run it from another checkout (PYTHONPATH=that/checkout) to compare versions in one sitting.
+
+With `--bytecodes N` it counts the bytecodes the event loop's thread runs per request instead (`sys.settrace` with
+opcode events, ~50 times slower), by file and for the N functions that run the most: as repeatable as callgrind's
+count for the same code and inputs, and it says which Python function the work is in, which callgrind's count of
+the interpreter's C functions does not. (The span export and ledger threads are not counted.)
+
+    python loadtests/inprocess.py --full --leased --concurrency 8 --requests 300 --bytecodes 40
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 POLICY = """
@@ -124,22 +135,65 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
         body = STREAM if stream else CHAT
         for _ in range(min(50, requests)):  # warm up: first-use caches, the policy's plans, pools
             assert await _request(app, body) == 200
+        counted: Counter[tuple[str, int, str]] = Counter()
         started = time.process_time()
-        if args.concurrency == 1:
-            for _ in range(requests):
-                assert await _request(app, body) == 200
-        else:  # requests in flight together, as under load: several end in one loop turn
-
-            async def worker(count: int) -> None:
-                for _ in range(count):
+        with counting_bytecodes(counted) if args.bytecodes else contextlib.nullcontext():
+            if args.concurrency == 1:
+                for _ in range(requests):
                     assert await _request(app, body) == 200
+            else:  # requests in flight together, as under load: several end in one loop turn
 
-            share, extra = divmod(requests, args.concurrency)
-            await asyncio.gather(*(worker(share + (i < extra)) for i in range(args.concurrency)))
+                async def worker(count: int) -> None:
+                    for _ in range(count):
+                        assert await _request(app, body) == 200
+
+                share, extra = divmod(requests, args.concurrency)
+                await asyncio.gather(*(worker(share + (i < extra)) for i in range(args.concurrency)))
         spent = time.process_time() - started
-        sys.stdout.write(f"{spent / requests * 1e6:.1f} us of CPU per request ({requests} requests)\n")
+        if args.bytecodes:
+            sys.stdout.write(bytecode_report(counted, requests, args.bytecodes))
+        else:
+            sys.stdout.write(f"{spent / requests * 1e6:.1f} us of CPU per request ({requests} requests)\n")
         await startup.put({"type": "lifespan.shutdown"})
         await lifespan
+
+
+@contextlib.contextmanager
+def counting_bytecodes(counts: Counter[tuple[str, int, str]]) -> Iterator[None]:
+    """Count, in `counts`, the bytecodes this thread runs in each function (file, first line, qualified name)."""
+
+    def per_opcode(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            code = frame.f_code
+            counts[(code.co_filename, code.co_firstlineno, code.co_qualname)] += 1
+        return per_opcode
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return per_opcode
+
+    previous = sys.gettrace()  # a debugger's or a coverage tool's, put back after
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def bytecode_report(counts: Counter[tuple[str, int, str]], requests: int, top: int) -> str:
+    """Bytecodes per request: in all, by file, and the `top` functions."""
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    by_file: Counter[str] = Counter()
+    for (filename, _, _), count in counts.items():
+        by_file[filename.removeprefix(root)] += count
+    lines = [f"{sum(counts.values()) / requests:,.0f} bytecodes per request on the event loop's thread "
+             f"({requests} requests)", "", "by file:"]
+    lines += [f"{count / requests:9,.0f}  {name}" for name, count in by_file.most_common(30)]
+    lines += ["", "by function:"]
+    lines += [f"{count / requests:9,.0f}  {filename.removeprefix(root)}:{line} {name}"
+              for (filename, line, name), count in counts.most_common(top)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -154,6 +208,8 @@ def main() -> None:
     parser.add_argument("--leased", action="store_true", help="with --full: admission from leases (state.leases)")
     parser.add_argument("--without", metavar="PART", choices=list(FULL_POLICY_PARTS),
                         help="with --full: leave one of its parts out, as bench.py --ablate does")
+    parser.add_argument("--bytecodes", type=int, default=0, metavar="N",
+                        help="count bytecodes per request instead of CPU time, and list the N busiest functions")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --full")
     parser.add_argument("--collector", default="http://127.0.0.1:4318",
                         help="with --full: an OTLP/HTTP collector (python -m tests.fakes.otlp_receiver)")
