@@ -51,6 +51,9 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu_model,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # Which build: the same version runs several percent apart with and without PGO and LTO (README, round
+        # sixteen), and `python_version` does not tell them apart.
+        "interpreter": os.path.realpath(sys.executable),
         "loadavg_at_start": os.getloadavg(),
         "packages": {d: version(d) for d in ("aiohttp", "httpx", "uvicorn", "uvloop", "httptools", "starlette")},
         "settings": {
@@ -231,7 +234,8 @@ def markdown(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
     pkgs = ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
     parts = [
         f"# Switchboard benchmark {facts['date']}",
-        f"nproc {facts['nproc']} ({facts['cpu']}), kernel {facts['kernel']}, Python {facts['python']}, "
+        f"nproc {facts['nproc']} ({facts['cpu']}), kernel {facts['kernel']}, Python {facts['python']}"
+        f"{' (' + facts['interpreter'] + ')' if facts.get('interpreter') else ''}, "
         f"loadavg at start {facts['loadavg_at_start'][0]:.2f}; {pkgs}. "
         f"{s['duration_s']:g} s measured + {s['warmup_s']:g} s warm-up per cell; "
         f"wall {facts['wall_seconds']} s.",

@@ -1,7 +1,10 @@
-"""loadtests/report.py: the per-round CPU ratio pairs each cell with the relay's cell of the same round."""
+"""loadtests/report.py: per-round CPU ratios pair each cell with the relay's of the same round; the header names the
+interpreter."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,3 +43,18 @@ def test_a_round_whose_relay_cell_is_missing_gives_no_ratio() -> None:
     rounds = [_cell("baseline-aiohttp", "chat", 0, 100), _cell("gateway", "chat", 0, 150),
               _cell("gateway", "chat", 1, 900)]  # the relay's cell of round 1 failed to run
     assert report.paired_cpu_ratios(rounds)[("gateway", "chat")] == [1.5]
+
+
+def test_the_header_names_the_interpreter_that_ran_the_systems() -> None:
+    # Two builds of one Python version differ by several percent (profile-guided and link-time optimization):
+    # a results file says which one ran, as its path.
+    args = argparse.Namespace(duration=5.0, warmup=2.0, concurrency=32, rate=500.0, open_latency_ms=50.0,
+                              stream_chunks=20, gateway_workers=1, gateway_args="", repeat=1)
+    facts = {**report.machine_facts(args), "wall_seconds": 1.0}
+    assert facts["interpreter"] == os.path.realpath(sys.executable)
+    rows = report.aggregate([_cell("baseline-aiohttp", "chat", 0, 100)])
+    report.derive(rows)
+    assert f"Python {facts['python']} ({os.path.realpath(sys.executable)})," in report.markdown(rows, facts)
+    # Results written before the field existed still render.
+    assert f"Python {facts['python']}, " in report.markdown(rows, {k: v for k, v in facts.items()
+                                                                    if k != "interpreter"})
