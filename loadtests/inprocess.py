@@ -186,7 +186,9 @@ def counting_bytecodes(counts: Counter[tuple[str, int, str]]) -> Iterator[None]:
 
 def bytecode_report(counts: Counter[tuple[str, int, str]], requests: int, top: int) -> str:
     """Bytecodes per request: in all, by file, and the `top` functions."""
-    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    from bench import REPO
+
+    root = f"{REPO}{os.sep}"
     by_file: Counter[str] = Counter()
     for (filename, _, _), count in counts.items():
         by_file[filename.removeprefix(root)] += count
