@@ -365,10 +365,9 @@ def test_the_exporter_keeps_one_connection_and_reconnects_to_a_restarted_collect
             first.wait_for(lambda spans, batch=batch: len(spans) >= 2 * batch)
         assert first.requests == 3
         assert first.connections == 1  # kept alive from batch to batch, as with a real collector
-    port = int(first.traces_url.split(":")[2].split("/")[0])
     # The exporter still holds its connection to the stopped collector: the next batch finds it closed, and is sent
     # again on a new one, to the collector now listening on the same port.
-    with OtlpReceiver(port) as second:
+    with OtlpReceiver(first.port) as second:
         client.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "b"}])
         spans = second.wait_for(lambda spans: len(spans) >= 2)
         assert {span.kind for span in spans} == {"SERVER", "CLIENT"}

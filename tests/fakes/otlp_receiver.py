@@ -161,8 +161,12 @@ class OtlpReceiver:
         self._server.serve_forever()
 
     @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
     def traces_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        return f"http://127.0.0.1:{self.port}/v1/traces"
 
     def wait_for(self, condition: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
         with self._changed:
