@@ -7,7 +7,9 @@ the gateway stops. What it is for: no Redis round trip for most requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -459,6 +461,50 @@ def test_a_clean_stop_with_a_top_up_on_its_way_leaves_only_what_was_admitted(ser
     admitted = asyncio.run(main())
     assert admitted == 15
     assert counter(server, "{t}:rpm") == 15
+
+
+@pytest.mark.parametrize("deadline", ["close's own", "its caller's"])
+def test_a_top_up_close_gives_up_on_is_counted_in_its_log_and_not_sent_after_it(
+        server: PrivateRedis, caplog: pytest.LogCaptureFixture, deadline: str) -> None:
+    """Shutdown while a top-up waits on a Redis that hangs: a deadline cancels it. Redis may or may not have
+    reserved the lease it asked (counted until its window ends), so close counts it with the calls it leaves
+    unconfirmed and names its key; the cancelled top-up must not then replay itself on the aborted connection,
+    after close has logged, and count itself again."""
+    async def main() -> None:
+        store = leased_store(server, requests=16)
+        await store.start()
+        for _ in range(14):
+            assert (await store.admit([rpm(10_000)], lease=True)).admitted
+            await top_ups_answered(store)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert (await store.admit([rpm(10_000)], lease=True)).admitted  # from the lease: a top-up is asked
+            assert store._top_up_of
+            started = time.monotonic()
+            # The top-up's own deadline (the store's timeout_s, 2 s) is later.
+            if deadline == "close's own":
+                await store.close(timeout_s=0.3)
+            else:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(store.close(timeout_s=30), 0.3)
+            assert time.monotonic() - started < 1.0
+            # The top-up, and the lease's 3 unused requests given back (journalled: never sent).
+            assert store.unsent == 2
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others, timeout=5)
+            assert all(task.done() for task in others)
+            assert store.unsent == 2
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+    with caplog.at_level(logging.INFO, logger="switchboard"):
+        asyncio.run(main())
+    assert "closing with counter updates Redis never received or may not have applied: 1 journalled increments " \
+           "and 1 unconfirmed calls, on keys {t}:rpm" in caplog.text
+    closing = next(index for index, record in enumerate(caplog.records) if "closing with" in record.getMessage())
+    assert [record.getMessage() for record in caplog.records[closing + 1:]] == []  # nothing after it
 
 
 def test_a_team_spending_its_limit_through_leases_takes_nothing_from_another_team(server: PrivateRedis) -> None:

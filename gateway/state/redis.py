@@ -306,6 +306,8 @@ class RedisStore:
             with contextlib.suppress(TimeoutError, *_FAILURES):
                 async with asyncio.timeout(timeout_s):
                     # Top-ups first: a lease granted after the give-back would stay counted until its window ends.
+                    # `gather`, not `wait`: cut short by a deadline, it cancels them and waits while each replays
+                    # itself as refused, so the replays are among the sends counted below, not sent after the log.
                     await asyncio.gather(*set(self._top_up_of.values()), return_exceptions=True)
                     self._give_back_leases()
                     await self.flush()
