@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,14 @@ from gateway.timestamps import go_duration
 from gateway.tokens.counter import TokenCounter
 from providers.base import Endpoint, Usage
 from tests.conftest import key_hash
-from tests.fakes.state_stores import SHARED_REDIS, FakeClock, drop_prefix, shared_redis_available, unique_prefix
+from tests.fakes.state_stores import (
+    SHARED_REDIS,
+    FakeClock,
+    drop_prefix,
+    private_redis,
+    shared_redis_available,
+    unique_prefix,
+)
 
 COUNTER = TokenCounter()
 # 2027-01-15 08:00:00 UTC: the start of a minute, a day and a week-day.
@@ -425,3 +435,37 @@ def test_a_key_budget_applies_on_top_of_the_team_budget(harness: Callable[..., H
     rows = {(row["scope"], row["owner"]): row["used"] for row in h.report()}
     assert rows[("key", "alpha-key")] == prompt + 10
     assert rows[("team", "alpha")] == 2 * prompt + 20  # settled + the other key's open reservation
+
+
+def test_closing_on_a_redis_that_hangs_keeps_its_deadline_and_names_the_settlements_it_leaves(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown gives the limiter what is left of the grace period (gateway/app.py). A settlement that reaches a
+    soft threshold starts a look at the budget's spend, which waits for Redis; with Redis hung, close must still
+    end within its deadline and log the settlement it could not send, by key, instead of waiting on the look
+    past the deadline and being cut off before the store could say what it lost."""
+    prompt = prompt_tokens()
+    with private_redis(tmp_path) as server:
+        async def main() -> float:
+            store = RedisStore(server.url, key_prefix="close:", timeout_s=2)  # each hung call waits 2 s (sends 8)
+            await store.start()
+            limiter = Limiter(store, COUNTER, clock=FakeClock(time.time()))
+            policy = parse_policy(policy_text(team_extra="    budget: {tokens: 1000, soft_thresholds: [0.5]}"))
+            caller = next(k for k in policy.keys.values() if k.key_id == "alpha-key")
+            admission = await limiter.admit(policy, caller, Endpoint.CHAT, {
+                "model": "big", "max_tokens": 600, "messages": [{"role": "user", "content": "hello there"}]},
+                policy.models["big"], {})
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                limiter.settle(admission, Usage(prompt_tokens=prompt, completion_tokens=550 - prompt), 200)
+                started = time.monotonic()
+                await limiter.close(timeout_s=0.5)
+                return time.monotonic() - started
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+
+        with caplog.at_level(logging.INFO, logger="switchboard"):
+            took = asyncio.run(main())
+    assert took < 1.0
+    lost = next(record.getMessage() for record in caplog.records if "closing with" in record.getMessage())
+    assert "{alpha}:b:team:tok:" in lost, lost  # the team's token budget, its settlement never sent

@@ -18,6 +18,8 @@ when it runs out; usage reports live in gateway/accounting/usage_report.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -132,9 +134,19 @@ class Limiter:
         await self.store.start()
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is pending to the store and close it, within `timeout_s` (the store logs what is left)."""
-        await self._events.drain()
-        await self.store.close(timeout_s)
+        """Finish the budget reports in flight, then send what is pending to the store and close it, all within
+        `timeout_s`: the store logs what is left.
+
+        The reports wait for the store too: past the deadline they are cut short (a threshold's claim is given
+        back, so the next look, on any replica, reports it) and the store still gets its turn, if only to log
+        what it could not send. A caller cutting the whole close short would leave that unsaid.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._events.drain()
+        await self.store.close(max(0.0, deadline - loop.time()))
 
     async def flush(self) -> None:
         """Wait for pending threshold checks and settlements (tests, shutdown)."""
