@@ -165,11 +165,11 @@ def clear_of_the_minute_turn(seconds: float = 5.0) -> None:
 
 
 def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), http: Any = GuardedHttpToolsProtocol,
-                **app_options: Any) -> RunningGateway:
+                wrap: Callable[[Any], Any] | None = None, **app_options: Any) -> RunningGateway:
     """Start the real app under uvicorn in a thread, on an ephemeral port; `sinks` get records besides `usage`.
 
     `http`: uvicorn's protocol; `switchboard serve`'s by default, or e.g. "h11" for a server that offers the app
-    none of its hooks.
+    none of its hooks. `wrap`: an ASGI middleware around the app, to watch what it sends.
     """
     if _PER_MINUTE.search(policy_path.read_text()):
         clear_of_the_minute_turn()
@@ -178,7 +178,8 @@ def run_gateway(policy_path: Path, *, sinks: Sequence[UsageSink] = (), http: Any
     counter = app_options.pop("counter", None) or TokenCounter()
     app = create_app(store, counter=counter, sinks=[usage, *sinks], **app_options)
     server, thread, port = _serve_in_thread(uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on", http=http))
+        wrap(app) if wrap is not None else app, host="127.0.0.1", port=0, log_config=None, access_log=False,
+        lifespan="on", http=http))
     gateway = RunningGateway(f"http://127.0.0.1:{port}", policy_path, store, usage, server, thread)
     admin = store.current.server.admin
     if admin is not None:  # the admin listener, as `switchboard serve` runs it: same app, no second lifespan

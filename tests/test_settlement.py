@@ -124,6 +124,43 @@ BAD_CHAT = [
 ]
 
 
+@pytest.mark.parametrize("door", ["chat", "messages"])
+def test_a_whole_reply_goes_out_with_its_usage_already_counted_and_is_recorded_once(
+        upstream: FakeOpenAIUpstream, tmp_path: Any, door: str) -> None:
+    """When the first byte of a whole reply leaves, the team's budget holds what the request used, not the
+    reservation its admission made: a request the client sends on receiving the answer is admitted against the
+    right figure. The usage record (ledger, access log, metrics, trace) may follow the reply out: one, the same
+    usage."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.format(base_url=upstream.base_url, alpha=key_hash("sk-alpha"), admin=key_hash(ADMIN_KEY)))
+    store = MemoryStore()
+    counter = TokenCounter()
+    held_at_first_byte: list[int] = []
+
+    def watched(app: Any) -> Any:
+        async def serve(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            async def sending(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":  # in the server's loop: nothing else runs meanwhile
+                    held_at_first_byte.append(Harness(gateway, store).held_tokens())
+                await send(message)
+            inference = scope["type"] == "http" and scope["path"].endswith(("/chat/completions", "/messages"))
+            await app(scope, receive, sending if inference else send)
+        return serve
+
+    gateway = run_gateway(path, limiter=Limiter(store, counter), counter=counter, wrap=watched)
+    try:
+        path_, headers = ("/chat/completions", AUTH) if door == "chat" else ("/messages", {"x-api-key": "sk-alpha"})
+        body = {"model": "chat-model", "max_tokens": 500, "messages": HELLO}  # reserves 500 more than it uses
+        response = httpx.post(gateway.v1 + path_, headers=headers, json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        [record] = gateway.usage.wait_for(1)
+        assert record.usage is not None and record.status == 200
+        assert held_at_first_byte == [record.usage.total_tokens]
+        assert Harness(gateway, store).held_tokens() == record.usage.total_tokens
+    finally:
+        gateway.stop()
+
+
 @pytest.mark.parametrize(("body", "param"), BAD_CHAT)
 def test_bad_chat_input_is_a_400_naming_the_param_and_holds_nothing(harness: Harness, upstream: FakeOpenAIUpstream,
                                                                     body: dict[str, Any], param: str) -> None:

@@ -13,7 +13,8 @@ second call is a no-op.
     settlement.caller = ...            # the pipeline's steps record facts
     settlement.completed()             # the terminal event ([DONE], or a whole body) was seen
     settlement.failed(error)           # the reply is an error
-    settlement.close()                 # the owner, once: limits, cost, usage record, metrics, trace
+    settlement.count()                 # the owner, before a whole reply goes out: limits, budgets, cost
+    settlement.close()                 # the owner, once: (what `count` did not do,) usage record, metrics, trace
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ _NONE_WASTED: dict[str, int] = {}
 # What `_failed_attempts` finds when no attempt failed (nearly every request): nothing to count or price.
 _NO_FAILED_ATTEMPTS: tuple[Usage, float | None] = (Usage(estimated=True), None)
 
+# What `Settlement._count` leaves for `_record` when the request never authenticated: no team, nothing counted.
+_NOTHING_COUNTED: tuple[Any, ...] = ()
+
 # Outcomes a record can carry besides an error's code.
 COMPLETED = "completed"
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -72,14 +76,16 @@ class _Stream:
 class Settlement:
     """One request's accounting, closed exactly once by the code that sends its response."""
 
-    __slots__ = ("_billed_attempts", "_closed", "_held", "_priced_usage", "_services", "_wasted", "_wasted_by_model",
-                 "admission", "cache", "caller", "cost_usd", "end_user", "error", "exchange", "outcome", "policy",
-                 "price_version", "request", "status", "stream", "tags", "target", "usage", "variant")
+    __slots__ = ("_billed_attempts", "_closed", "_counted", "_held", "_priced_usage", "_services", "_wasted",
+                 "_wasted_by_model", "admission", "cache", "caller", "cost_usd", "end_user", "error", "exchange",
+                 "outcome", "policy", "price_version", "request", "status", "stream", "tags", "target", "usage",
+                 "variant")
 
     def __init__(self, services: Services, exchange: Exchange) -> None:
         self._services = services
         self.exchange = exchange
         self._closed = False
+        self._counted: tuple[Any, ...] | None = None  # what `count` settled, for `close` to record
         self._held: Any = None  # an upstream stream to release at close, whether or not its relay ran
         # The policy snapshot the request started on: its prices bill the request even if a reload lands midway.
         self.policy: Policy | None = None
@@ -223,22 +229,37 @@ class Settlement:
 
     # -- the one close --
 
-    def close(self, crashed: BaseException | None = None) -> None:
-        """Settle: reconcile limits, bill, write the usage record, end the trace. Runs once; later calls return.
+    def count(self) -> None:
+        """Reconcile limits and budgets and bill: what the client's answer waits for, so that a request it sends
+        on receiving it finds this one counted. Runs at most once, before `close`, which records the rest."""
+        if self._closed or self._counted is not None:
+            return
+        try:
+            self._counted = self._count(None)
+        except Exception:  # as in `close`: logged, and nothing more is attempted
+            self._closed = True
+            log.exception("settling request %s failed", self.exchange.request_id)
 
-        `crashed`: the unexpected exception that ended the request, if one did (a 500, logged by the caller).
-        A request that never authenticated has no team to bill: only the metrics and trace hear of it.
+    def close(self, crashed: BaseException | None = None) -> None:
+        """Settle: reconcile limits, bill (unless `count` did), write the usage record, end the trace. Runs once;
+        later calls return.
+
+        `crashed`: the unexpected exception that ended the request, if one did (a 500, logged by the caller);
+        after `count`, the request's status and outcome stand as counted. A request that never authenticated
+        has no team to bill: only the metrics and trace hear of it.
         """
         if self._closed:
             return
         self._closed = True
         try:
-            self._close(crashed)
+            self._record(self._counted if self._counted is not None else self._count(crashed))
         except Exception:  # settlement must never turn an answered request into a failure
             log.exception("settling request %s failed", self.exchange.request_id)
 
-    def _close(self, crashed: BaseException | None) -> None:
-        services, exchange, stream, cache = self._services, self.exchange, self.stream, self.cache
+    def _count(self, crashed: BaseException | None) -> tuple[Any, ...]:
+        """The request's status and outcome, its usage priced and settled with the limiter; returns what
+        `_record` needs: (outcome, usage, the failed attempts' usage and cost), or `_NOTHING_COUNTED`."""
+        services, stream, cache = self._services, self.stream, self.cache
         if self._held is not None:
             self._held.close()
         if crashed is not None and self.error is None:
@@ -248,12 +269,10 @@ class Settlement:
                 self.status = 500
         if self.error is not None and stream is None:
             self.status = self.error.http_status
-        caller = self.caller
-        if caller is None:
-            exchange.trace.failed(self.error or _UNSETTLED, settled=False)
-            return
+        if self.caller is None:
+            return _NOTHING_COUNTED
         outcome = self.outcome or CLIENT_DISCONNECTED
-        request, target, policy, team = self.request, self.target, self.policy, caller.team.name
+        target = self.target
         if outcome == CLIENT_DISCONNECTED and stream is None and target is None and self.error is None:
             self.status = CLIENT_CLOSED_STATUS  # gone before any upstream answered: nothing was produced
         usage = self.usage
@@ -269,6 +288,16 @@ class Settlement:
             self._settle_limits(services.limiter, usage, wasted, overhead)
         if cache is not None:
             cache.settled(outcome == COMPLETED)
+        return outcome, usage, wasted, wasted_cost
+
+    def _record(self, counted: tuple[Any, ...]) -> None:
+        """The usage record to the sinks (ledger, access log, metrics) and the end of the trace."""
+        services, exchange, stream, cache, caller = self._services, self.exchange, self.stream, self.cache, self.caller
+        if caller is None or not counted:
+            exchange.trace.failed(self.error or _UNSETTLED, settled=False)
+            return
+        outcome, usage, wasted, wasted_cost = counted
+        request, target, policy, team = self.request, self.target, self.policy, caller.team.name
         started = exchange.started
         elapsed = services.clock() - started
         ttft = None

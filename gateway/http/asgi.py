@@ -254,8 +254,11 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
     connection silently and a stalled upstream would never reach a write, so a
     client that goes away cancels this task at whatever step it is in. Whatever
     ends the request (a reply, a stream's end, a disconnect, an exception),
-    the settlement closes exactly once, here: before the last byte of a
-    whole reply goes out, after the last event of a stream.
+    the settlement closes exactly once, here: after the last event of a
+    stream; for a whole reply, its usage is counted (limits, budgets, cost)
+    before the reply goes out, and recorded (usage sinks, metrics, trace)
+    once it is written (the same loop turn, unless the client's connection
+    is slow to take it): off the time the client waits.
     """
     authenticated = scope.get(AUTHENTICATED)
     names = scope.get(HEADER_NAMES)
@@ -287,9 +290,10 @@ async def respond(scope: Scope, receive: Any, send: Any, services: Services,
             watch.answered()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
-            settlement.close()
+            settlement.count()
             watch.answered()
             await send_reply(send, reply, names)
+            settlement.close()
     except asyncio.CancelledError:
         if not watch.disconnected:
             raise
