@@ -329,7 +329,7 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
     return {name: start for name, start in chosen.items() if not args.only or name in args.only}
 
 
-def loadgen_argv(target: Target, mode: Mode, args: argparse.Namespace) -> list[str]:
+def loadgen_argv(target: Target, mode: Mode, args: argparse.Namespace, upstream: Upstream | None = None) -> list[str]:
     argv = [
         PY,
         str(HERE / "loadgen.py"),
@@ -350,6 +350,9 @@ def loadgen_argv(target: Target, mode: Mode, args: argparse.Namespace) -> list[s
         "--rate",
         str(args.rate),
     ]
+    if getattr(args, "paired_direct", False) and mode.loop == "open" and upstream is not None and target.child:
+        direct = start_direct(upstream, args, Path())
+        argv += ["--paired-url", direct.url, "--paired-key", direct.key, "--paired-model", direct.model]
     return ["taskset", "-c", str(HARNESS_CORE), *argv, *(["--stream"] if mode.stream else [])]
 
 
@@ -363,7 +366,8 @@ def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float]:
 
 def run_cell(target: Target, upstream: Upstream, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
     """One load-generator run; CPU counters are sampled exactly at its MARK start/end lines."""
-    proc = subprocess.Popen(loadgen_argv(target, mode, args), stdout=subprocess.PIPE, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(loadgen_argv(target, mode, args, upstream), stdout=subprocess.PIPE, cwd=REPO,
+                            start_new_session=True)
     track(proc)
     pids = {
         "sut": target.child.pid if target.child else None,
@@ -459,6 +463,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop in-flight requests")
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrivals per second")
     parser.add_argument("--open-latency-ms", type=float, default=50.0, help="upstream latency, open loop")
+    parser.add_argument("--paired-direct", action="store_true",
+                        help="open loop: each arrival also goes straight to the upstream, half an interval later, "
+                             "and each system's latency is also given over that, measured in the same window")
     parser.add_argument("--stream-chunks", type=int, default=20)
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
                         help="gap between a stream's events (0: back to back, so one read often carries several)")

@@ -11,6 +11,10 @@ Closed loop: `concurrency` workers each send back-to-back requests; a request co
 inside the window. Open loop: request i is due at t0 + i/rate whatever happened before (no
 coordinated omission); its latency is measured from that *scheduled* time, so generator lag or
 queueing shows up as latency instead of silently lowering the offered rate.
+
+`--paired-url` (open loop): each arrival also sends the same request to a second URL (the upstream itself), half
+an interval later, and the results add the system's latency over it at the same percentile, measured in the same
+window: latency added by the system without the drift between windows that a separate direct run carries.
 """
 
 # ruff: noqa: TID251 - a load generator, not gateway code: the single-upstream-client rule does not apply.
@@ -62,12 +66,26 @@ def build_body(model: str, stream: bool) -> bytes:
     return orjson.dumps(body)
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a request goes and what it carries."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def destination(url: str, key: str, model: str, stream: bool) -> Destination:
+    return Destination(url, build_body(model, stream),
+                       {"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+
 async def one_request(
-    session: aiohttp.ClientSession, args: argparse.Namespace, body: bytes, headers: dict[str, str]
+    session: aiohttp.ClientSession, args: argparse.Namespace, to: Destination
 ) -> tuple[float, float | None, str | None]:
     """Send one request, read it to the end. Returns (end time, first-body-byte time, error)."""
     first: float | None = None
-    async with session.post(args.url, data=body, headers=headers) as resp:
+    async with session.post(to.url, data=to.body, headers=to.headers) as resp:
         if resp.status != 200:
             await resp.read()
             return time.perf_counter(), None, f"HTTP {resp.status}"
@@ -86,8 +104,7 @@ async def one_request(
 async def timed(
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
-    body: bytes,
-    headers: dict[str, str],
+    to: Destination,
     start: float,
     stats: Stats,
     window: Window,
@@ -95,7 +112,7 @@ async def timed(
 ) -> None:
     """Run one request and record it if it belongs to the window (by start or by completion)."""
     try:
-        end, first, err = await one_request(session, args, body, headers)
+        end, first, err = await one_request(session, args, to)
     except (aiohttp.ClientError, TimeoutError) as exc:
         end, first, err = time.perf_counter(), None, f"{type(exc).__name__}: {exc}"
     if not window.contains(start if count_by_start else end):
@@ -111,14 +128,13 @@ async def timed(
 async def closed_loop(
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
-    body: bytes,
-    headers: dict[str, str],
+    to: Destination,
     stats: Stats,
     window: Window,
 ) -> None:
     async def worker() -> None:
         while time.perf_counter() < window.end:
-            await timed(session, args, body, headers, time.perf_counter(), stats, window, False)
+            await timed(session, args, to, time.perf_counter(), stats, window, False)
 
     tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
     await run_window(args, window)
@@ -130,24 +146,27 @@ async def closed_loop(
 async def open_loop(
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
-    body: bytes,
-    headers: dict[str, str],
+    to: Destination,
     stats: Stats,
     window: Window,
+    paired: tuple[Destination, Stats] | None = None,
 ) -> None:
     interval = 1.0 / args.rate
     tasks: set[asyncio.Task[None]] = set()
     phases = asyncio.create_task(run_window(args, window))
+    # Each arrival, then (with `paired`) its twin half an interval later: two evenly interleaved streams.
+    arrivals = [(to, stats, 0.0)] + ([(paired[0], paired[1], interval / 2)] if paired is not None else [])
     t0 = time.perf_counter()
     for i in range(int((args.warmup + args.duration) * args.rate)):
-        due = t0 + i * interval
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        stats.max_lag = max(stats.max_lag, time.perf_counter() - due)
-        task = asyncio.create_task(timed(session, args, body, headers, due, stats, window, True))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        for where, counted, offset in arrivals:
+            due = t0 + i * interval + offset
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            stats.max_lag = max(stats.max_lag, time.perf_counter() - due)
+            task = asyncio.create_task(timed(session, args, where, due, counted, window, True))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
     await phases
     # Requests scheduled inside the window still count if they complete late (that is the tail).
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=60)
@@ -176,8 +195,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def summarize(args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, stats: Stats, paired: Stats | None = None) -> dict[str, Any]:
     lat, ttfb = stats.latencies, stats.ttfbs
+    same_window: dict[str, Any] = {}
+    if paired is not None:
+        def added(ours: list[float], theirs: list[float], q: float) -> float | None:
+            mine, other = percentile(ours, q), percentile(theirs, q)
+            return None if mine is None or other is None else mine - other
+
+        same_window = {
+            "paired_completed": len(paired.latencies),
+            "paired_errors": paired.errors,
+            "same_window_added_p50_ms": added(lat, paired.latencies, 50),
+            "same_window_added_p99_ms": added(lat, paired.latencies, 99),
+            "same_window_added_ttfb_p50_ms": added(ttfb, paired.ttfbs, 50),
+            "same_window_added_ttfb_p99_ms": added(ttfb, paired.ttfbs, 99),
+        }
     return {
         "completed": len(lat),
         "errors": stats.errors,
@@ -191,19 +224,26 @@ def summarize(args: argparse.Namespace, stats: Stats) -> dict[str, Any]:
         "ttfb_p50_ms": percentile(ttfb, 50),
         "ttfb_p99_ms": percentile(ttfb, 99),
         "max_schedule_lag_ms": 1000 * stats.max_lag if args.mode == "open" else None,
+        **same_window,
     }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = build_body(args.model, args.stream)
-    headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
+    to = destination(args.url, args.key, args.model, args.stream)
     stats, window = Stats(), Window()
+    paired = None
+    if args.paired_url is not None:
+        if args.mode != "open":
+            raise SystemExit("--paired-url is for the open loop")
+        paired = (destination(args.paired_url, args.paired_key, args.paired_model, args.stream), Stats())
     connector = aiohttp.TCPConnector(limit=0)  # never let the client pool queue requests
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        loop = closed_loop if args.mode == "closed" else open_loop
-        await loop(session, args, body, headers, stats, window)
-    return summarize(args, stats)
+        if args.mode == "closed":
+            await closed_loop(session, args, to, stats, window)
+        else:
+            await open_loop(session, args, to, stats, window, paired)
+    return summarize(args, stats, paired[1] if paired is not None else None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=200.0, help="open loop arrivals per second")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--paired-url", help="open loop: also send each arrival here, half an interval later")
+    parser.add_argument("--paired-key", default="sk-anything")
+    parser.add_argument("--paired-model", default="fake-model")
     return parser.parse_args(argv)
 
 

@@ -62,6 +62,7 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "rate": args.rate,
             "open_latency_ms": args.open_latency_ms,
+            "paired_direct": getattr(args, "paired_direct", False),
             "stream_chunks": args.stream_chunks,
             "gateway_workers": args.gateway_workers,
             "gateway_args": args.gateway_args,
@@ -208,6 +209,9 @@ def open_table(rows: list[dict[str, Any]]) -> str:
         "errors",
         "max sched lag ms",
     ]
+    paired = any(r.get("same_window_added_p50_ms") is not None for r in rows)
+    if paired:
+        header[10:10] = ["same window: added p50 / p99 ms", "same window: added TTFB p50 / p99 ms"]
     lines = []
     for r in (r for r in rows if r["loop"] == "open"):
         lines.append(
@@ -226,7 +230,18 @@ def open_table(rows: list[dict[str, Any]]) -> str:
                 fmt(r["max_schedule_lag_ms"]),
             ]
         )
+        if paired:
+            lines[-1][10:10] = [_same_window(r, "p50_ms", "p99_ms"),
+                              _same_window(r, "ttfb_p50_ms", "ttfb_p99_ms") if r["stream"] else "-"]
     return table(header, lines)
+
+
+def _same_window(row: dict[str, Any], p50: str, p99: str) -> str:
+    """The system's latency over the upstream's own, both measured in one window (`--paired-direct`): the median
+    over rounds, with the rounds' range when there was more than one."""
+    if row.get(f"same_window_added_{p50}") is None:
+        return "-"
+    return f"{spread(row, f'same_window_added_{p50}', 2)} / {spread(row, f'same_window_added_{p99}', 2)}"
 
 
 def markdown(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
@@ -251,7 +266,10 @@ def markdown(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
         closed_table(rows),
         f"## Open loop: {s['rate']:g} req/s scheduled, upstream latency {s['open_latency_ms']:g} ms",
         "Latency is measured from each request's scheduled send time; added = system - direct at the same "
-        "percentile (different time windows, so small negative values are noise).",
+        "percentile (different time windows, so small negative values are noise)"
+        + ("; same window = system - the upstream called directly by the same load generator, each arrival's "
+           "twin half an interval later, in the same window (`--paired-direct`)." if s.get("paired_direct")
+           else "."),
         open_table(rows),
     ]
     if any((r.get("foreign_busy") or 0) > NOISY for r in rows):

@@ -58,3 +58,28 @@ def test_the_header_names_the_interpreter_that_ran_the_systems() -> None:
     # Results written before the field existed still render.
     assert f"Python {facts['python']}, " in report.markdown(rows, {k: v for k, v in facts.items()
                                                                     if k != "interpreter"})
+
+
+def test_the_open_table_gives_the_latency_added_in_the_same_window_when_it_was_measured() -> None:
+    def open_cell(system: str, round_: int, p50: float, same_window: float | None) -> dict[str, Any]:
+        cell = {**_cell(system, "open 500/s chat", round_, 300), "loop": "open", "p50_ms": p50,
+                "max_schedule_lag_ms": 1.0, "ttfb_p50_ms": None, "ttfb_p99_ms": None}
+        if same_window is not None:
+            cell |= {"same_window_added_p50_ms": same_window, "same_window_added_p99_ms": 2 * same_window,
+                     "same_window_added_ttfb_p50_ms": None, "same_window_added_ttfb_p99_ms": None}
+        return cell
+
+    rounds = [open_cell("direct", 0, 50.6, None), open_cell("gateway", 0, 51.4, 0.5),
+              open_cell("direct", 1, 50.9, None), open_cell("gateway", 1, 51.5, 0.7),
+              open_cell("direct", 2, 50.7, None), open_cell("gateway", 2, 51.3, 0.4)]
+    rows = report.aggregate(rounds)
+    report.derive(rows, rounds)
+    table = report.open_table(rows)
+    assert "| same window: added p50 / p99 ms |" in table
+    assert "| 0.50 (0.40-0.70) / 1.00 (0.80-1.40) |" in table  # the medians of the rounds, and their ranges
+    assert "| direct | open 500/s chat |" in table
+    # Without the paired stream (older results, or a run without --paired-direct) there is no such column.
+    plain = [{k: v for k, v in r.items() if not k.startswith("same_window")} for r in rounds]
+    rows = report.aggregate(plain)
+    report.derive(rows, plain)
+    assert "same window" not in report.open_table(rows)
