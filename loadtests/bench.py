@@ -86,8 +86,13 @@ def start_upstream(name: str, latency_ms: float, args: argparse.Namespace, tmp: 
     return Upstream(child, f"http://127.0.0.1:{port}/v1")
 
 
-def start_direct(upstream: Upstream, _args: argparse.Namespace, _tmp: Path) -> Target:
+def direct_target(upstream: Upstream) -> Target:
+    """The upstream itself, called by the load generator: nothing to start."""
     return Target(upstream.base_url + "/chat/completions", "sk-anything", "fake-model", None)
+
+
+def start_direct(upstream: Upstream, _args: argparse.Namespace, _tmp: Path) -> Target:
+    return direct_target(upstream)
 
 
 def wrapped(args: argparse.Namespace, argv: list[str]) -> list[str]:
@@ -351,7 +356,7 @@ def loadgen_argv(target: Target, mode: Mode, args: argparse.Namespace, upstream:
         str(args.rate),
     ]
     if getattr(args, "paired_direct", False) and mode.loop == "open" and upstream is not None and target.child:
-        direct = start_direct(upstream, args, Path())
+        direct = direct_target(upstream)
         argv += ["--paired-url", direct.url, "--paired-key", direct.key, "--paired-model", direct.model]
     return ["taskset", "-c", str(HARNESS_CORE), *argv, *(["--stream"] if mode.stream else [])]
 

@@ -210,8 +210,9 @@ def open_table(rows: list[dict[str, Any]]) -> str:
         "max sched lag ms",
     ]
     paired = any(r.get("same_window_added_p50_ms") is not None for r in rows)
+    at = header.index("errors")  # the same-window columns go after the other latencies
     if paired:
-        header[10:10] = ["same window: added p50 / p99 ms", "same window: added TTFB p50 / p99 ms"]
+        header[at:at] = ["same window: added p50 / p99 ms", "same window: added TTFB p50 / p99 ms"]
     lines = []
     for r in (r for r in rows if r["loop"] == "open"):
         lines.append(
@@ -231,8 +232,8 @@ def open_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
         if paired:
-            lines[-1][10:10] = [_same_window(r, "p50_ms", "p99_ms"),
-                              _same_window(r, "ttfb_p50_ms", "ttfb_p99_ms") if r["stream"] else "-"]
+            lines[-1][at:at] = [_same_window(r, "p50_ms", "p99_ms"),
+                                _same_window(r, "ttfb_p50_ms", "ttfb_p99_ms") if r["stream"] else "-"]
     return table(header, lines)
 
 
