@@ -32,6 +32,9 @@ import orjson
 import uvloop
 
 PROMPT = [{"role": "user", "content": "Say hello in five words."}]
+# Set by the gateway on every reply: its time on the request outside the upstream's (for a stream, up to the
+# response's headers).
+OVERHEAD_HEADER = "x-switchboard-overhead-ms"
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Window:
 class Stats:
     latencies: list[float] = field(default_factory=list)
     ttfbs: list[float] = field(default_factory=list)
+    # The gateway's own time on a request, from its x-switchboard-overhead-ms header (none from other systems):
+    # what of the added latency the gateway's handler accounts for, the rest being hops and waits outside it.
+    overheads: list[float] = field(default_factory=list)
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     max_lag: float = 0.0
@@ -82,23 +88,26 @@ def destination(url: str, key: str, model: str, stream: bool) -> Destination:
 
 async def one_request(
     session: aiohttp.ClientSession, args: argparse.Namespace, to: Destination
-) -> tuple[float, float | None, str | None]:
-    """Send one request, read it to the end. Returns (end time, first-body-byte time, error)."""
+) -> tuple[float, float | None, str | None, float | None]:
+    """Send one request, read it to the end. Returns (end time, first-body-byte time, error, the gateway's
+    reported overhead in seconds)."""
     first: float | None = None
     async with session.post(to.url, data=to.body, headers=to.headers) as resp:
+        reported = resp.headers.get(OVERHEAD_HEADER)
+        overhead = float(reported) / 1000 if reported is not None else None
         if resp.status != 200:
             await resp.read()
-            return time.perf_counter(), None, f"HTTP {resp.status}"
+            return time.perf_counter(), None, f"HTTP {resp.status}", overhead
         if not args.stream:
             await resp.read()
-            return time.perf_counter(), None, None
+            return time.perf_counter(), None, None, overhead
         tail = b""
         async for chunk in resp.content.iter_any():
             if first is None:
                 first = time.perf_counter()  # first SSE event: time to first byte/token
             tail = (tail + chunk)[-64:]
         end = time.perf_counter()
-        return end, first, None if b"[DONE]" in tail else "stream ended without [DONE]"
+        return end, first, None if b"[DONE]" in tail else "stream ended without [DONE]", overhead
 
 
 async def timed(
@@ -112,9 +121,9 @@ async def timed(
 ) -> None:
     """Run one request and record it if it belongs to the window (by start or by completion)."""
     try:
-        end, first, err = await one_request(session, args, to)
+        end, first, err, overhead = await one_request(session, args, to)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        end, first, err = time.perf_counter(), None, f"{type(exc).__name__}: {exc}"
+        end, first, err, overhead = time.perf_counter(), None, f"{type(exc).__name__}: {exc}", None
     if not window.contains(start if count_by_start else end):
         return
     if err:
@@ -123,6 +132,8 @@ async def timed(
     stats.latencies.append(end - start)
     if first is not None:
         stats.ttfbs.append(first - start)
+    if overhead is not None:
+        stats.overheads.append(overhead)
 
 
 async def closed_loop(
@@ -223,6 +234,8 @@ def summarize(args: argparse.Namespace, stats: Stats, paired: Stats | None = Non
         "max_ms": percentile(lat, 100),
         "ttfb_p50_ms": percentile(ttfb, 50),
         "ttfb_p99_ms": percentile(ttfb, 99),
+        "reported_overhead_p50_ms": percentile(stats.overheads, 50),
+        "reported_overhead_p99_ms": percentile(stats.overheads, 99),
         "max_schedule_lag_ms": 1000 * stats.max_lag if args.mode == "open" else None,
         **same_window,
     }

@@ -194,6 +194,9 @@ def closed_table(rows: list[dict[str, Any]]) -> str:
     return table(header, lines)
 
 
+OWN_OVERHEAD = "its own overhead p50 / p99 ms"
+
+
 def open_table(rows: list[dict[str, Any]]) -> str:
     header = [
         "system",
@@ -213,6 +216,9 @@ def open_table(rows: list[dict[str, Any]]) -> str:
     at = header.index("errors")  # the same-window columns go after the other latencies
     if paired:
         header[at:at] = ["same window: added p50 / p99 ms", "same window: added TTFB p50 / p99 ms"]
+    reported = any(r.get("reported_overhead_p50_ms") is not None for r in rows)
+    if reported:  # after the latencies, the same window's included
+        header.insert(header.index("errors"), OWN_OVERHEAD)
     lines = []
     for r in (r for r in rows if r["loop"] == "open"):
         lines.append(
@@ -234,7 +240,17 @@ def open_table(rows: list[dict[str, Any]]) -> str:
         if paired:
             lines[-1][at:at] = [_same_window(r, "p50_ms", "p99_ms"),
                                 _same_window(r, "ttfb_p50_ms", "ttfb_p99_ms") if r["stream"] else "-"]
+        if reported:
+            lines[-1].insert(header.index(OWN_OVERHEAD), _reported_overhead(r))
     return table(header, lines)
+
+
+def _reported_overhead(row: dict[str, Any]) -> str:
+    """The gateway's time on a request outside the upstream's, as its x-switchboard-overhead-ms header said (for a
+    stream, up to the response's headers): what of the added latency its handler accounts for."""
+    if row.get("reported_overhead_p50_ms") is None:
+        return "-"
+    return f"{spread(row, 'reported_overhead_p50_ms', 2)} / {spread(row, 'reported_overhead_p99_ms', 2)}"
 
 
 def _same_window(row: dict[str, Any], p50: str, p99: str) -> str:

@@ -83,3 +83,28 @@ def test_the_open_table_gives_the_latency_added_in_the_same_window_when_it_was_m
     rows = report.aggregate(plain)
     report.derive(rows, plain)
     assert "same window" not in report.open_table(rows)
+
+
+def test_the_open_table_gives_the_overhead_the_gateway_reported_beside_its_added_latency() -> None:
+    def open_cell(system: str, round_: int, overhead: float | None) -> dict[str, Any]:
+        return {**_cell(system, "open 500/s chat", round_, 300), "loop": "open", "p50_ms": 51.0,
+                "max_schedule_lag_ms": 1.0, "ttfb_p50_ms": None, "ttfb_p99_ms": None,
+                "reported_overhead_p50_ms": overhead, "reported_overhead_p99_ms": None if overhead is None
+                else 3 * overhead}
+
+    rounds = [open_cell("direct", 0, None), open_cell("gateway", 0, 0.2),
+              open_cell("direct", 1, None), open_cell("gateway", 1, 0.3)]
+    rows = report.aggregate(rounds)
+    report.derive(rows, rounds)
+    lines = report.open_table(rows).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    column = header.index("its own overhead p50 / p99 ms")
+    assert header[column + 1] == "errors"
+    by_system = {cells[0]: cells[column] for cells in
+                 ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
+    assert by_system == {"direct": "-", "gateway": "0.25 (0.20-0.30) / 0.75 (0.60-0.90)"}
+    # A system that reports nothing (the relays, or results from before the column) has no such column at all.
+    plain = [{k: v for k, v in r.items() if not k.startswith("reported_overhead")} for r in rounds]
+    rows = report.aggregate(plain)
+    report.derive(rows, plain)
+    assert "overhead" not in report.open_table(rows)
