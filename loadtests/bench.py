@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import report
@@ -124,6 +126,42 @@ def baseline_starter(client: str) -> Starter:
         return Target(f"http://127.0.0.1:{port}/v1/chat/completions", "sk-anything", "fake-model", child)
 
     return start
+
+
+# HAProxy as a relay: keep-alive on both sides, responses streamed as they come (HAProxy buffers neither way by
+# default), one thread on the system's core like every other system under test.
+HAPROXY_CONFIG = """global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    option http-no-delay
+    http-reuse always
+frontend relay
+    bind 127.0.0.1:{port}
+    default_backend upstream
+backend upstream
+    server upstream 127.0.0.1:{upstream_port}
+"""
+
+
+def start_haproxy(upstream: Upstream, args: argparse.Namespace, tmp: Path) -> Target | None:
+    """The machine's floor: a relay in C that parses little and costs the same hops as any other system, so what a
+    Python system adds beyond it is its own. Skipped where HAProxy is not installed."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        report.note("relay-haproxy skipped: no haproxy on PATH (apt-get install haproxy)")
+        return None
+    port = free_port()
+    config = tmp / f"haproxy-{port}.cfg"
+    config.write_text(HAPROXY_CONFIG.format(port=port, upstream_port=urlsplit(upstream.base_url).port))
+    child = Child(f"relay-haproxy-{port}", wrapped(args, [binary, "-db", "-f", str(config)]), tmp, SUT_CORE, REPO)
+    child.wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=startup_timeout(args))
+    return Target(f"http://127.0.0.1:{port}/v1/chat/completions", "sk-anything", "fake-model", child)
 
 
 def policy_yaml(upstream_base: str) -> str:
@@ -319,6 +357,7 @@ def systems(args: argparse.Namespace) -> dict[str, Starter]:
         "direct": start_direct,
         "baseline-aiohttp": baseline_starter("aiohttp"),
         "baseline-httpx": baseline_starter("httpx"),
+        "relay-haproxy": start_haproxy,
     }
     if args.no_gateway:
         report.note("gateway skipped: --no-gateway")
