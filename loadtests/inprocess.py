@@ -66,7 +66,15 @@ STREAM = (b'{"model": "gpt-4o-mini", "stream": true, "stream_options": {"include
           b'"messages": [{"role": "user", "content": "Hello there, how are you?"}]}')
 
 
-async def _request(app: Any, body: bytes) -> int:
+class Phase:
+    """Which side of its reply's last byte the request running now is on (`--split`): what a client waits for,
+    and what is done after it has its answer."""
+
+    def __init__(self) -> None:
+        self.answered = False
+
+
+async def _request(app: Any, body: bytes, phase: Phase | None = None) -> int:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
              "headers": [(b"authorization", b"Bearer sk-switchboard-demo"), (b"content-type", b"application/json"),
@@ -78,6 +86,8 @@ async def _request(app: Any, body: bytes) -> int:
     sent = asyncio.Event()
     received = False
     status = 0
+    if phase is not None:
+        phase.answered = False
 
     async def receive() -> dict[str, Any]:
         nonlocal received
@@ -93,8 +103,13 @@ async def _request(app: Any, body: bytes) -> int:
             status = message["status"]
         elif not message.get("more_body", False):
             sent.set()
+            if phase is not None:
+                phase.answered = True
 
     await app(scope, receive, send)
+    if phase is not None:  # what the loop runs once the request is over (callbacks of its turn) is its too
+        for _ in range(3):
+            await asyncio.sleep(0)
     return status
 
 
@@ -139,11 +154,13 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
         for _ in range(min(50, requests)):  # warm up: first-use caches, the policy's plans, pools
             assert await _request(app, body) == 200
         counted: Counter[tuple[str, int, str]] = Counter()
+        after: Counter[tuple[str, int, str]] = Counter()
+        phase = Phase() if args.split else None
         started = time.process_time()
-        with counting_bytecodes(counted) if args.bytecodes else contextlib.nullcontext():
+        with counting_bytecodes(counted, after, phase) if args.bytecodes else contextlib.nullcontext():
             if args.concurrency == 1:
                 for _ in range(requests):
-                    assert await _request(app, body) == 200
+                    assert await _request(app, body, phase) == 200
             else:  # requests in flight together, as under load: several end in one loop turn
 
                 async def worker(count: int) -> None:
@@ -153,7 +170,12 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
                 share, extra = divmod(requests, args.concurrency)
                 await asyncio.gather(*(worker(share + (i < extra)) for i in range(args.concurrency)))
         spent = time.process_time() - started
-        if args.bytecodes:
+        if args.bytecodes and phase is not None:
+            sys.stdout.write("Before the reply's last byte (what its client waits for):\n"
+                             + bytecode_report(counted, requests, args.bytecodes)
+                             + "\nAfter it (the record, the trace's end, what the loop turn runs then):\n"
+                             + bytecode_report(after, requests, args.bytecodes))
+        elif args.bytecodes:
             sys.stdout.write(bytecode_report(counted, requests, args.bytecodes))
         else:
             sys.stdout.write(f"{spent / requests * 1e6:.1f} us of CPU per request ({requests} requests)\n")
@@ -162,13 +184,16 @@ async def _run(requests: int, stream: bool, args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def counting_bytecodes(counts: Counter[tuple[str, int, str]]) -> Iterator[None]:
-    """Count, in `counts`, the bytecodes this thread runs in each function (file, first line, qualified name)."""
+def counting_bytecodes(counts: Counter[tuple[str, int, str]], after: Counter[tuple[str, int, str]] | None = None,
+                       phase: Phase | None = None) -> Iterator[None]:
+    """Count, in `counts`, the bytecodes this thread runs in each function (file, first line, qualified name);
+    with `phase`, those run once a request is answered in `after` instead."""
 
     def per_opcode(frame: FrameType, event: str, arg: Any) -> Any:
         if event == "opcode":
             code = frame.f_code
-            counts[(code.co_filename, code.co_firstlineno, code.co_qualname)] += 1
+            into = after if phase is not None and phase.answered and after is not None else counts
+            into[(code.co_filename, code.co_firstlineno, code.co_qualname)] += 1
         return per_opcode
 
     def on_call(frame: FrameType, event: str, arg: Any) -> Any:
@@ -215,10 +240,15 @@ def main() -> None:
                         help="with --full: leave one of its parts out, as bench.py --ablate does")
     parser.add_argument("--bytecodes", type=int, default=0, metavar="N",
                         help="count bytecodes per request instead of CPU time, and list the N busiest functions")
+    parser.add_argument("--split", action="store_true",
+                        help="with --bytecodes and one request at a time: count what runs before a reply's last "
+                             "byte apart from what runs after it")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="with --full")
     parser.add_argument("--collector", default="http://127.0.0.1:4318",
                         help="with --full: an OTLP/HTTP collector (python -m tests.fakes.otlp_receiver)")
     args = parser.parse_args()
+    if args.split and (not args.bytecodes or args.concurrency != 1):
+        parser.error("--split counts bytecodes (--bytecodes N) of one request at a time (--concurrency 1)")
     asyncio.run(_run(args.requests, args.stream, args))
 
 

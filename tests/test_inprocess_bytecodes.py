@@ -54,3 +54,20 @@ def test_the_report_gives_bytecodes_per_request_by_file_and_by_function() -> Non
     by_function = report[report.index("by function:") + 1:]
     assert [line.split() for line in by_function] == [
         ["1,000", "gateway/pipeline.py:57", "handle_inference"], ["400", "providers/mock.py:57", "MockEngine.respond"]]
+
+
+def test_with_a_phase_what_runs_once_a_request_is_answered_is_counted_apart() -> None:
+    phase = inprocess.Phase()
+    before: Counter[tuple[str, int, str]] = Counter()
+    after: Counter[tuple[str, int, str]] = Counter()
+    with inprocess.counting_bytecodes(before, after, phase):
+        _three_rounds()
+        phase.answered = True
+        _double(1)
+        _double(2)
+
+    inner = (__file__, _double.__code__.co_firstlineno, "_double")
+    outer = (__file__, _three_rounds.__code__.co_firstlineno, "_three_rounds")
+    assert before[outer] > 0 and after[outer] == 0
+    # Three calls before the answer, two after: each call counts on its side of it.
+    assert before[inner] % 3 == 0 and after[inner] == 2 * (before[inner] // 3)
