@@ -238,27 +238,21 @@ def open_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
         if paired:
-            lines[-1][at:at] = [_same_window(r, "p50_ms", "p99_ms"),
-                                _same_window(r, "ttfb_p50_ms", "ttfb_p99_ms") if r["stream"] else "-"]
+            lines[-1][at:at] = [_p50_p99(r, "same_window_added_"),
+                                _p50_p99(r, "same_window_added_ttfb_") if r["stream"] else "-"]
         if reported:
-            lines[-1].insert(header.index(OWN_OVERHEAD), _reported_overhead(r))
+            lines[-1].insert(header.index(OWN_OVERHEAD), _p50_p99(r, "reported_overhead_"))
     return table(header, lines)
 
 
-def _reported_overhead(row: dict[str, Any]) -> str:
-    """The gateway's time on a request outside the upstream's, as its x-switchboard-overhead-ms header said (for a
-    stream, up to the response's headers): what of the added latency its handler accounts for."""
-    if row.get("reported_overhead_p50_ms") is None:
+def _p50_p99(row: dict[str, Any], prefix: str) -> str:
+    """`{prefix}p50_ms / {prefix}p99_ms` as the median over rounds with the rounds' range, or "-" where the system
+    did not give it: the same-window latencies (`same_window_added_`, `--paired-direct`: the system's latency over
+    the upstream's own, both in one window) and the overhead the gateway reported (`reported_overhead_`: its
+    x-switchboard-overhead-ms, its time outside the upstream's; for a stream, up to the response's headers)."""
+    if row.get(f"{prefix}p50_ms") is None:
         return "-"
-    return f"{spread(row, 'reported_overhead_p50_ms', 2)} / {spread(row, 'reported_overhead_p99_ms', 2)}"
-
-
-def _same_window(row: dict[str, Any], p50: str, p99: str) -> str:
-    """The system's latency over the upstream's own, both measured in one window (`--paired-direct`): the median
-    over rounds, with the rounds' range when there was more than one."""
-    if row.get(f"same_window_added_{p50}") is None:
-        return "-"
-    return f"{spread(row, f'same_window_added_{p50}', 2)} / {spread(row, f'same_window_added_{p99}', 2)}"
+    return f"{spread(row, f'{prefix}p50_ms', 2)} / {spread(row, f'{prefix}p99_ms', 2)}"
 
 
 def markdown(rows: list[dict[str, Any]], facts: dict[str, Any]) -> str:
